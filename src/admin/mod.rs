@@ -1,0 +1,191 @@
+//! The admin API on its own listener (loopback by default).
+//!
+//! Owns: `/healthz`, `/metrics`, `/v1/routes`, `/v1/services`, `/v1/reload`.
+//! Reads are open to whoever reaches the listener; anything that changes state needs
+//! `Authorization: Bearer $BUSBAR_ADMIN_TOKEN`, and with no token configured it refuses.
+//! Must not: hold policy; it reports state and asks `snapshot` to reload.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use serde_json::{json, Value};
+
+use crate::health::state::now_ms;
+use crate::snapshot::State;
+
+/// The environment variable that holds the admin token.
+pub const TOKEN_ENV: &str = "BUSBAR_ADMIN_TOKEN";
+
+pub struct AdminApi {
+    pub state: Arc<State>,
+    /// `None`: no token configured, so state-changing calls are refused.
+    pub token: Option<String>,
+}
+
+fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(body)
+        .unwrap_or_default()
+}
+
+fn json_reply(status: StatusCode, v: Value) -> Response<Vec<u8>> {
+    let mut body = serde_json::to_vec_pretty(&v).unwrap_or_default();
+    body.push(b'\n');
+    reply(status, "application/json", body)
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Vec<u8>> {
+    json_reply(status, json!({ "error": code, "message": message }))
+}
+
+/// Compares in time independent of where the first difference is.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl AdminApi {
+    /// `None` when the caller may change state; otherwise the refusal to send.
+    fn authorize(&self, session: &ServerSession) -> Option<Response<Vec<u8>>> {
+        let Some(token) = &self.token else {
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                "admin_token_not_configured",
+                "set BUSBAR_ADMIN_TOKEN in busbar's environment to enable state-changing admin calls",
+            ));
+        };
+        let given = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        match given {
+            None => Some(error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send Authorization: Bearer <admin token>",
+            )),
+            Some(g) if same_secret(g, token.as_bytes()) => None,
+            Some(_) => Some(error(StatusCode::FORBIDDEN, "forbidden", "wrong admin token")),
+        }
+    }
+
+    fn routes(&self) -> Value {
+        let snap = self.state.load();
+        let routes: Vec<Value> = snap
+            .routes
+            .routes()
+            .iter()
+            .map(|r| {
+                let c = &r.config;
+                json!({
+                    "name": c.name,
+                    "hosts": c.hosts.iter().map(|h| match h {
+                        crate::config::HostMatch::Exact(n) => n.clone(),
+                        crate::config::HostMatch::Suffix(s) => format!("*{s}"),
+                    }).collect::<Vec<_>>(),
+                    "path": match &c.path {
+                        crate::config::PathMatch::Any => json!({"prefix": "/"}),
+                        crate::config::PathMatch::Exact(p) => json!({"exact": p}),
+                        crate::config::PathMatch::Prefix(p) => json!({"prefix": p}),
+                    },
+                    "methods": c.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+                    "headers": c.headers.iter().map(|(k, v)| (k.as_str().to_string(), json!(v.to_str().unwrap_or("")))).collect::<serde_json::Map<_, _>>(),
+                    "service": c.service,
+                    "timeout_ms": c.timeout.map(|t| t.as_millis() as u64),
+                    "max_body": c.max_body,
+                })
+            })
+            .collect();
+        json!({ "generation": snap.generation, "routes": routes })
+    }
+
+    fn services(&self) -> Value {
+        let snap = self.state.load();
+        let now = now_ms();
+        let services: Vec<Value> = snap
+            .services
+            .iter()
+            .map(|s| {
+                let set = s.instances();
+                let instances: Vec<Value> = set
+                    .instances
+                    .iter()
+                    .map(|i| {
+                        json!({
+                            "id": i.id,
+                            "addr": i.addr.to_string(),
+                            "weight": i.weight,
+                            "health": i.health.state().as_str(),
+                            "ejected_for_ms": i.health.ejection_left(now).map(|d| d.as_millis() as u64),
+                            "in_flight": i.health.in_flight(),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": s.name(),
+                    "protocol": s.config.protocol.as_str(),
+                    "balance": s.config.balance.as_str(),
+                    "panic_mode": s.panic.load(std::sync::atomic::Ordering::Relaxed),
+                    "instances": instances,
+                })
+            })
+            .collect();
+        json!({ "generation": snap.generation, "services": services })
+    }
+
+    fn reload(&self) -> Response<Vec<u8>> {
+        match self.state.reload() {
+            Ok(o) => json_reply(
+                StatusCode::OK,
+                json!({
+                    "status": "reloaded",
+                    "generation": o.generation,
+                    "not_applied": o.not_applied,
+                    "note": if o.not_applied.is_empty() { Value::Null } else {
+                        json!("these settings need a restart or a graceful upgrade to take effect")
+                    },
+                }),
+            ),
+            Err(e) => error(StatusCode::BAD_REQUEST, "config_invalid", &e),
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminApi {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        let method = req.method.clone();
+        let path = req.uri.path().to_string();
+        match (method, path.as_str()) {
+            (Method::GET, "/healthz") => json_reply(StatusCode::OK, json!({ "status": "ok" })),
+            (Method::GET, "/metrics") => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                crate::metrics::render(),
+            ),
+            (Method::GET, "/v1/routes") => json_reply(StatusCode::OK, self.routes()),
+            (Method::GET, "/v1/services") => json_reply(StatusCode::OK, self.services()),
+            (Method::POST, "/v1/reload") => match self.authorize(session) {
+                Some(refusal) => refusal,
+                None => self.reload(),
+            },
+            (_, "/healthz" | "/metrics" | "/v1/routes" | "/v1/services" | "/v1/reload") => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "see the admin API in README.md",
+            ),
+            _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The one place that wires busbar together: listeners, the proxy, the admin API and
+//! every background task, in order. Read this file to learn the system.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use pingora_core::apps::HttpServerOptions;
+use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::{Server, ShutdownWatch};
+use pingora_core::services::background::{background_service, BackgroundService};
+use pingora_core::services::listening::Service as ListeningService;
+
+use crate::accesslog::{self, AccessLog};
+use crate::admin::{AdminApi, TOKEN_ENV};
+use crate::config::Config;
+use crate::health::checker::HealthChecker;
+use crate::metrics::METRICS;
+use crate::proxy::BusbarProxy;
+use crate::snapshot::State;
+
+/// How long pingora's runtimes get to stop once busbar has drained.
+const RUNTIME_SHUTDOWN_SECONDS: u64 = 1;
+
+pub struct RunOptions {
+    /// Take the listening sockets over from a running busbar (graceful upgrade).
+    pub upgrade: bool,
+}
+
+/// Builds and runs the server; returns only on a start-up error.
+pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
+    let first_port = config
+        .listen
+        .http
+        .first()
+        .or(config.listen.tls.first().map(|t| &t.addr))
+        .map_or(0, |a| a.port());
+    let runtime_dir = &config.server.runtime_dir;
+    let server_conf = ServerConf {
+        threads: config.server.threads,
+        work_stealing: false,
+        grace_period_seconds: Some(config.server.grace_period.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(RUNTIME_SHUTDOWN_SECONDS),
+        upstream_keepalive_pool_size: config.server.upstream_keepalive_pool,
+        // busbar decides retries itself (attempts and budget); this is only pingora's loop bound.
+        max_retries: 12,
+        pid_file: runtime_dir.join(format!("busbar-{first_port}.pid")).display().to_string(),
+        upgrade_sock: runtime_dir
+            .join(format!("busbar-{first_port}.upgrade.sock"))
+            .display()
+            .to_string(),
+        ..Default::default()
+    };
+    let opt = Opt {
+        upgrade: opts.upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf);
+    server.bootstrap();
+
+    let access_log = Arc::new(
+        AccessLog::open(&config.log.access).context("opening the access log")?,
+    );
+    let listen = config.listen.clone();
+    let state = Arc::new(State::new(config));
+
+    // 1. The service endpoint: HTTP/1.1 and h2c on each plain port, TLS with ALPN h2.
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        BusbarProxy {
+            state: state.clone(),
+            access_log: access_log.clone(),
+        },
+        "busbar proxy",
+    );
+    if let Some(app) = proxy.app_logic_mut() {
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        app.server_options = Some(options);
+    }
+    for addr in &listen.http {
+        proxy.add_tcp(&addr.to_string());
+    }
+    for tls in &listen.tls {
+        let cert = tls.cert.display().to_string();
+        let key = tls.key.display().to_string();
+        let mut settings = TlsSettings::intermediate(&cert, &key)
+            .map_err(|e| anyhow::anyhow!("TLS listener {}: {e}", tls.addr))?;
+        settings.enable_h2();
+        proxy.add_tls_with_settings(&tls.addr.to_string(), None, settings);
+    }
+
+    // 2. The admin API, on its own (loopback by default) listener and thread.
+    let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
+    if token.is_none() {
+        tracing::warn!("{TOKEN_ENV} is not set: state-changing admin calls are refused");
+    }
+    let mut admin = ListeningService::new(
+        "busbar admin".to_string(),
+        AdminApi {
+            state: state.clone(),
+            token,
+        },
+    );
+    admin.threads = Some(1);
+    admin.add_tcp(&listen.admin.to_string());
+
+    // 3. Background tasks: health, reload on SIGHUP, access-log flushing, drain on shutdown.
+    let health = background_service("health checker", HealthChecker { state: state.clone() });
+    let sighup = background_service("reload on SIGHUP", ReloadOnHangup { state: state.clone() });
+    let flusher = background_service(
+        "access log flusher",
+        Drain {
+            access_log,
+            grace: state.load().config.server.grace_period,
+        },
+    );
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(health);
+    server.add_service(sighup);
+    server.add_service(flusher);
+    tracing::info!(http = ?listen.http, tls = ?listen.tls.iter().map(|t| t.addr).collect::<Vec<_>>(), admin = %listen.admin, "busbar started");
+    server.run_forever()
+}
+
+/// Reloads the configuration file on SIGHUP.
+struct ReloadOnHangup {
+    state: Arc<State>,
+}
+
+#[async_trait]
+impl BackgroundService for ReloadOnHangup {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot listen for SIGHUP, reload with POST /v1/reload: {e}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading configuration");
+                    // Errors are logged and counted by reload; the old config keeps serving.
+                    let _ = self.state.reload();
+                }
+            }
+        }
+    }
+}
+
+/// Flushes the access log while running; on shutdown waits for in-flight requests to
+/// finish (or the grace period to pass), flushes, and exits 0.
+///
+/// pingora stops accepting at once on SIGTERM but then sleeps its whole grace period;
+/// exiting as soon as the last request is done makes a drain take as long as it needs.
+struct Drain {
+    access_log: Arc<AccessLog>,
+    grace: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for Drain {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(accesslog::FLUSH_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => self.access_log.flush(),
+            }
+        }
+        let deadline = Instant::now() + self.grace;
+        tracing::info!(in_flight = METRICS.in_flight.get(), "draining: no new connections, finishing requests in flight");
+        while METRICS.in_flight.get() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Let the last responses leave the socket buffers.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.access_log.flush();
+        tracing::info!(in_flight = METRICS.in_flight.get(), "drained, exiting");
+        std::process::exit(0);
+    }
+}

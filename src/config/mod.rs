@@ -1,0 +1,33 @@
+//! Configuration: TOML file → validated [`Config`].
+//!
+//! Owns: reading, parsing and validating `busbar.toml`; every error names file:line:col.
+//! Must not: touch runtime state; building snapshots from a `Config` is `snapshot`'s job.
+
+mod error;
+mod file;
+mod model;
+mod validate;
+
+pub use error::{ConfigError, ConfigErrors};
+pub use model::*;
+
+use std::path::Path;
+
+/// Reads and validates a configuration file. All problems are reported at once.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let src = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.display().to_string(),
+            line: 0,
+            col: 0,
+            context: String::new(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    parse(path, &src)
+}
+
+/// Parses and validates configuration text; `path` names it in errors and anchors relative paths.
+pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
+    validate::validate(path, src)
+}

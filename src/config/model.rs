@@ -1,0 +1,262 @@
+//! The validated configuration the rest of busbar reads.
+//!
+//! Owns: every configuration value after validation, with its defaults.
+//! Must not: hold runtime state (health, counters) or serde types.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+
+/// Default proxy worker threads: one, so a node's cost per request is easy to read;
+/// raise it on machines with more cores than the load generator needs.
+pub const DEFAULT_THREADS: usize = 1;
+/// Default time SIGTERM leaves in-flight requests to finish before the process exits.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// Idle upstream connections kept per node, shared by all services (pingora's pool size).
+pub const DEFAULT_UPSTREAM_KEEPALIVE_POOL: usize = 1024;
+/// Admin listener: loopback only, so nothing off the host reaches it unless the operator says so.
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9901";
+/// Connect timeout to an upstream: long enough for a loaded peer on a LAN, short enough to fail over fast.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Per-read timeout on an upstream connection.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline for an upstream's response headers over all tries (Envoy's route timeout is 15 s).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Below this share of available instances a service balances over all of them (Envoy: 50%).
+pub const DEFAULT_PANIC_THRESHOLD: u8 = 50;
+/// Extra tries after the first (connect failures always, others only for idempotent requests).
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
+/// Retries allowed as a share of requests (linkerd and Envoy budgets use 20%).
+pub const DEFAULT_RETRY_BUDGET: f64 = 0.2;
+/// Retries always allowed per second whatever the traffic, so a quiet service can still fail over.
+pub const DEFAULT_MIN_RETRIES_PER_SECOND: u32 = 10;
+/// Health probe interval.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// Health probe timeout.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Successive successful probes that make an unhealthy instance healthy.
+pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
+/// Successive failed probes that make a healthy instance unhealthy.
+pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 2;
+/// Consecutive 5xx or connect failures that eject an instance (Envoy: 5).
+pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
+/// First ejection time; it grows with each ejection (Envoy: 30 s).
+pub const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(30);
+/// Longest ejection (Envoy: 300 s).
+pub const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(300);
+/// Never eject more than this share of a service's instances (Envoy: 10%; busbar services are
+/// often small, and one of two instances must still be ejectable).
+pub const DEFAULT_MAX_EJECTED_PERCENT: u8 = 50;
+/// Request body limit when a route sets none.
+pub const DEFAULT_MAX_BODY: u64 = 10 * 1024 * 1024;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, for reloads.
+    pub source: PathBuf,
+    pub server: ServerSettings,
+    pub listen: Listen,
+    pub log: LogSettings,
+    pub services: Vec<ServiceConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub threads: usize,
+    pub grace_period: Duration,
+    /// Where the pid file and the upgrade socket live.
+    pub runtime_dir: PathBuf,
+    pub upstream_keepalive_pool: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    /// HTTP/1.1 and h2c (prior knowledge) on the same port.
+    pub http: Vec<SocketAddr>,
+    pub tls: Vec<TlsListen>,
+    pub admin: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsListen {
+    pub addr: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub level: String,
+    pub access: AccessLogTarget,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Off,
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    H2c,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalancePolicy {
+    RoundRobin,
+    Weighted,
+    P2c,
+    Sticky,
+}
+
+impl Protocol {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2c => "h2c",
+        }
+    }
+}
+
+impl BalancePolicy {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BalancePolicy::RoundRobin => "round_robin",
+            BalancePolicy::Weighted => "weighted",
+            BalancePolicy::P2c => "p2c",
+            BalancePolicy::Sticky => "sticky",
+        }
+    }
+}
+
+/// What a sticky service hashes to keep a caller on one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    Header(HeaderName),
+    Cookie(String),
+    ClientIp,
+    Path,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointConfig {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub protocol: Protocol,
+    pub balance: BalancePolicy,
+    pub hash_key: HashKey,
+    pub endpoints: Vec<EndpointConfig>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub timeout: Duration,
+    /// Percent of available instances below which the service balances over all of them.
+    pub panic_threshold: u8,
+    pub retry: RetryPolicy,
+    pub health: Option<HealthCheck>,
+    pub outlier: OutlierPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub budget: f64,
+    pub min_retries_per_second: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeKind {
+    Http { path: String },
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: ProbeKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierPolicy {
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    pub max_ejected_percent: u8,
+}
+
+impl Default for OutlierPolicy {
+    fn default() -> Self {
+        OutlierPolicy {
+            consecutive_failures: DEFAULT_CONSECUTIVE_FAILURES,
+            base_ejection: DEFAULT_BASE_EJECTION,
+            max_ejection: DEFAULT_MAX_EJECTION,
+            max_ejected_percent: DEFAULT_MAX_EJECTED_PERCENT,
+        }
+    }
+}
+
+/// How a route matches the request host (the `Host` header or `:authority`, port removed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// Lower-case host name.
+    Exact(String),
+    /// `*.example.com` is stored as `.example.com`: matches `a.example.com`, not `example.com`.
+    Suffix(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Any,
+    Exact(String),
+    Prefix(String),
+}
+
+/// What a matched route does to the path before it goes upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rewrite {
+    None,
+    /// Replace the matched prefix with this value (`strip_prefix = true` is `"/"`).
+    Prefix(String),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HeaderEdit {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderEdit {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub hosts: Vec<HostMatch>,
+    pub path: PathMatch,
+    pub methods: Vec<Method>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub service: String,
+    pub rewrite: Rewrite,
+    pub timeout: Option<Duration>,
+    pub max_body: u64,
+    pub request_headers: HeaderEdit,
+    pub response_headers: HeaderEdit,
+}

@@ -1,0 +1,697 @@
+//! File types → model, collecting every problem with its location.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use toml::Spanned;
+
+use super::error::{ConfigError, ConfigErrors, Locator};
+use super::file::*;
+use super::model::*;
+
+struct Validator<'a> {
+    loc: Locator<'a>,
+    base: PathBuf,
+    errors: Vec<ConfigError>,
+}
+
+pub fn validate(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
+    let loc = Locator::new(path, src);
+    let file: FileConfig = match toml::from_str(src) {
+        Ok(f) => f,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            return Err(ConfigErrors(vec![loc.error(span, "", e.message().to_string())]));
+        }
+    };
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut v = Validator {
+        loc,
+        base,
+        errors: Vec::new(),
+    };
+    let config = v.config(path, file);
+    if v.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(v.errors))
+    }
+}
+
+impl Validator<'_> {
+    fn err(&mut self, span: Range<usize>, ctx: &str, msg: impl Into<String>) {
+        let e = self.loc.error(span, ctx, msg);
+        self.errors.push(e);
+    }
+
+    fn config(&mut self, path: &Path, f: FileConfig) -> Config {
+        let server = self.server(f.server);
+        let listen = self.listen(f.listen);
+        let log = self.log(f.log);
+        let default_max_body = match &f.limits.max_body {
+            Some(s) => self.size(s, "limits").unwrap_or(DEFAULT_MAX_BODY),
+            None => DEFAULT_MAX_BODY,
+        };
+
+        let mut names = HashSet::new();
+        let mut services = Vec::with_capacity(f.services.len());
+        for s in f.services {
+            let ctx = format!("service \"{}\"", s.name.get_ref());
+            if !names.insert(s.name.get_ref().clone()) {
+                self.err(s.name.span(), &ctx, "duplicate service name");
+            }
+            if let Some(svc) = self.service(s, &ctx) {
+                services.push(svc);
+            }
+        }
+
+        let mut route_names = HashSet::new();
+        let mut routes = Vec::with_capacity(f.routes.len());
+        for r in f.routes {
+            let ctx = format!("route \"{}\"", r.name.get_ref());
+            if !route_names.insert(r.name.get_ref().clone()) {
+                self.err(r.name.span(), &ctx, "duplicate route name");
+            }
+            if !names.contains(r.service.get_ref()) {
+                self.err(
+                    r.service.span(),
+                    &ctx,
+                    format!("unknown service \"{}\"", r.service.get_ref()),
+                );
+            }
+            if let Some(route) = self.route(r, &ctx, default_max_body) {
+                routes.push(route);
+            }
+        }
+
+        Config {
+            source: path.to_path_buf(),
+            server,
+            listen,
+            log,
+            services,
+            routes,
+        }
+    }
+
+    fn server(&mut self, s: ServerFile) -> ServerSettings {
+        let ctx = "[server]";
+        ServerSettings {
+            threads: self
+                .int(&s.threads, ctx, 1, 256)
+                .map_or(DEFAULT_THREADS, |n| n as usize),
+            grace_period: self.duration(&s.grace_period, ctx, DEFAULT_GRACE_PERIOD),
+            runtime_dir: s
+                .runtime_dir
+                .map(|d| self.path(d.get_ref()))
+                .unwrap_or_else(std::env::temp_dir),
+            upstream_keepalive_pool: self
+                .int(&s.upstream_keepalive_pool, ctx, 0, 1_000_000)
+                .map_or(DEFAULT_UPSTREAM_KEEPALIVE_POOL, |n| n as usize),
+        }
+    }
+
+    fn listen(&mut self, l: ListenFile) -> Listen {
+        let ctx = "[listen]";
+        let mut seen = HashSet::new();
+        let mut http = Vec::new();
+        for a in &l.http {
+            if let Some(addr) = self.addr(a, ctx) {
+                if !seen.insert(addr) {
+                    self.err(a.span(), ctx, format!("address {addr} is already used"));
+                }
+                http.push(addr);
+            }
+        }
+        let mut tls = Vec::new();
+        for t in &l.tls {
+            if let Some(addr) = self.addr(&t.addr, ctx) {
+                if !seen.insert(addr) {
+                    self.err(t.addr.span(), ctx, format!("address {addr} is already used"));
+                }
+                tls.push(TlsListen {
+                    addr,
+                    cert: self.path(t.cert.get_ref()),
+                    key: self.path(t.key.get_ref()),
+                });
+            }
+        }
+        if http.is_empty() && tls.is_empty() && self.errors.is_empty() {
+            self.err(0..0, ctx, "no listener: set listen.http or listen.tls");
+        }
+        let admin = match &l.admin {
+            Some(a) => self.addr(a, ctx),
+            None => DEFAULT_ADMIN_ADDR.parse().ok(),
+        };
+        let admin = admin.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901)));
+        if !seen.insert(admin) {
+            if let Some(a) = &l.admin {
+                self.err(a.span(), ctx, format!("address {admin} is already used"));
+            }
+        }
+        Listen { http, tls, admin }
+    }
+
+    fn log(&mut self, l: LogFile) -> LogSettings {
+        let level = match &l.level {
+            Some(s) => {
+                let v = s.get_ref().to_ascii_lowercase();
+                if !["error", "warn", "info", "debug", "trace"].contains(&v.as_str()) {
+                    self.err(
+                        s.span(),
+                        "[log]",
+                        "level must be one of error, warn, info, debug, trace",
+                    );
+                }
+                v
+            }
+            None => "info".to_string(),
+        };
+        let access = match l.access.as_ref().map(|s| s.get_ref().as_str()) {
+            None | Some("stdout") => AccessLogTarget::Stdout,
+            Some("off") => AccessLogTarget::Off,
+            Some(p) => AccessLogTarget::File(self.path(p)),
+        };
+        LogSettings { level, access }
+    }
+
+    fn service(&mut self, s: ServiceFile, ctx: &str) -> Option<ServiceConfig> {
+        let before = self.errors.len();
+        if !valid_identifier(s.name.get_ref()) {
+            self.err(
+                s.name.span(),
+                ctx,
+                "a service name is 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter",
+            );
+        }
+        let protocol = match s.protocol.as_ref().map(|p| p.get_ref().as_str()) {
+            None | Some("http1") => Protocol::Http1,
+            Some("h2c") => Protocol::H2c,
+            Some(_) => {
+                let span = s.protocol.as_ref().map_or(0..0, |p| p.span());
+                self.err(span, ctx, "protocol must be \"http1\" or \"h2c\"");
+                Protocol::Http1
+            }
+        };
+        let balance = match s.balance.as_ref().map(|p| p.get_ref().as_str()) {
+            None | Some("round_robin") => BalancePolicy::RoundRobin,
+            Some("weighted") => BalancePolicy::Weighted,
+            Some("p2c") => BalancePolicy::P2c,
+            Some("sticky") => BalancePolicy::Sticky,
+            Some(_) => {
+                let span = s.balance.as_ref().map_or(0..0, |p| p.span());
+                self.err(
+                    span,
+                    ctx,
+                    "balance must be one of \"round_robin\", \"weighted\", \"p2c\", \"sticky\"",
+                );
+                BalancePolicy::RoundRobin
+            }
+        };
+        let hash_key = match &s.hash_key {
+            None => HashKey::ClientIp,
+            Some(k) => {
+                if balance != BalancePolicy::Sticky {
+                    self.err(k.span(), ctx, "hash_key only applies to balance = \"sticky\"");
+                }
+                self.hash_key(k, ctx).unwrap_or(HashKey::ClientIp)
+            }
+        };
+        let listed: &[EndpointFile] = s.endpoints.as_ref().map_or(&[], |e| e.get_ref());
+        let mut endpoints = Vec::with_capacity(listed.len());
+        let mut seen = HashSet::new();
+        for e in listed {
+            let Some(addr) = self.addr(&e.addr, ctx) else {
+                continue;
+            };
+            if !seen.insert(addr) {
+                self.err(e.addr.span(), ctx, format!("endpoint {addr} is listed twice"));
+            }
+            let weight = self.int(&e.weight, ctx, 1, 10_000).unwrap_or(1) as u32;
+            endpoints.push(EndpointConfig { addr, weight });
+        }
+        if listed.is_empty() {
+            let span = s.endpoints.as_ref().map_or(s.name.span(), |e| e.span());
+            self.err(
+                span,
+                ctx,
+                "no endpoints: list at least one in `endpoints = [{ addr = \"host:port\" }]`",
+            );
+        }
+        let connect_timeout = self.duration(&s.connect_timeout, ctx, DEFAULT_CONNECT_TIMEOUT);
+        let read_timeout = self.duration(&s.read_timeout, ctx, DEFAULT_READ_TIMEOUT);
+        let timeout = self.duration(&s.timeout, ctx, DEFAULT_TIMEOUT);
+        let panic_threshold = self
+            .int(&s.panic_threshold, ctx, 0, 100)
+            .map_or(DEFAULT_PANIC_THRESHOLD, |n| n as u8);
+        let retry = match &s.retry {
+            None => RetryPolicy {
+                attempts: DEFAULT_RETRY_ATTEMPTS,
+                budget: DEFAULT_RETRY_BUDGET,
+                min_retries_per_second: DEFAULT_MIN_RETRIES_PER_SECOND,
+            },
+            Some(r) => {
+                let budget = match &r.budget {
+                    Some(b) if !(0.0..=1.0).contains(b.get_ref()) => {
+                        self.err(b.span(), ctx, "retry.budget must be between 0.0 and 1.0");
+                        DEFAULT_RETRY_BUDGET
+                    }
+                    Some(b) => *b.get_ref(),
+                    None => DEFAULT_RETRY_BUDGET,
+                };
+                RetryPolicy {
+                    attempts: self
+                        .int(&r.attempts, ctx, 0, 10)
+                        .map_or(DEFAULT_RETRY_ATTEMPTS, |n| n as u32),
+                    budget,
+                    min_retries_per_second: self
+                        .int(&r.min_retries, ctx, 0, 100_000)
+                        .map_or(DEFAULT_MIN_RETRIES_PER_SECOND, |n| n as u32),
+                }
+            }
+        };
+        let health = s.health.as_ref().map(|h| self.health(h, ctx));
+        let outlier = match &s.outlier {
+            None => OutlierPolicy::default(),
+            Some(o) => OutlierPolicy {
+                consecutive_failures: self
+                    .int(&o.consecutive_failures, ctx, 1, 1000)
+                    .map_or(DEFAULT_CONSECUTIVE_FAILURES, |n| n as u32),
+                base_ejection: self.duration(&o.base_ejection, ctx, DEFAULT_BASE_EJECTION),
+                max_ejection: self.duration(&o.max_ejection, ctx, DEFAULT_MAX_EJECTION),
+                max_ejected_percent: self
+                    .int(&o.max_ejected_percent, ctx, 0, 100)
+                    .map_or(DEFAULT_MAX_EJECTED_PERCENT, |n| n as u8),
+            },
+        };
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(ServiceConfig {
+            name: s.name.into_inner(),
+            protocol,
+            balance,
+            hash_key,
+            endpoints,
+            connect_timeout,
+            read_timeout,
+            timeout,
+            panic_threshold,
+            retry,
+            health,
+            outlier,
+        })
+    }
+
+    fn hash_key(&mut self, k: &Spanned<String>, ctx: &str) -> Option<HashKey> {
+        let v = k.get_ref().as_str();
+        let key = match v.split_once(':') {
+            None if v == "client_ip" => Some(HashKey::ClientIp),
+            None if v == "path" => Some(HashKey::Path),
+            Some(("header", name)) => HeaderName::from_bytes(name.as_bytes())
+                .ok()
+                .map(HashKey::Header),
+            Some(("cookie", name)) if !name.is_empty() => Some(HashKey::Cookie(name.to_string())),
+            _ => None,
+        };
+        if key.is_none() {
+            self.err(
+                k.span(),
+                ctx,
+                "hash_key must be \"client_ip\", \"path\", \"header:NAME\" or \"cookie:NAME\"",
+            );
+        }
+        key
+    }
+
+    fn health(&mut self, h: &HealthFile, ctx: &str) -> HealthCheck {
+        let kind = match h.kind.get_ref().as_str() {
+            "http" => {
+                let path = h
+                    .path
+                    .as_ref()
+                    .map_or_else(|| "/".to_string(), |p| p.get_ref().clone());
+                if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                    let span = h.path.as_ref().map_or(h.kind.span(), |p| p.span());
+                    self.err(span, ctx, "health.path must start with '/' and contain no spaces");
+                }
+                ProbeKind::Http { path }
+            }
+            "tcp" => {
+                if let Some(p) = &h.path {
+                    self.err(p.span(), ctx, "health.path only applies to type = \"http\"");
+                }
+                ProbeKind::Tcp
+            }
+            _ => {
+                self.err(h.kind.span(), ctx, "health.type must be \"http\" or \"tcp\"");
+                ProbeKind::Tcp
+            }
+        };
+        HealthCheck {
+            kind,
+            interval: self.duration(&h.interval, ctx, DEFAULT_HEALTH_INTERVAL),
+            timeout: self.duration(&h.timeout, ctx, DEFAULT_HEALTH_TIMEOUT),
+            healthy_threshold: self
+                .int(&h.healthy_threshold, ctx, 1, 100)
+                .map_or(DEFAULT_HEALTHY_THRESHOLD, |n| n as u32),
+            unhealthy_threshold: self
+                .int(&h.unhealthy_threshold, ctx, 1, 100)
+                .map_or(DEFAULT_UNHEALTHY_THRESHOLD, |n| n as u32),
+        }
+    }
+
+    fn route(&mut self, r: RouteFile, ctx: &str, default_max_body: u64) -> Option<RouteConfig> {
+        let before = self.errors.len();
+        let mut hosts = Vec::with_capacity(r.hosts.len());
+        for h in &r.hosts {
+            let v = h.get_ref().to_ascii_lowercase();
+            let (suffix, name) = match v.strip_prefix("*.") {
+                Some(rest) => (true, rest),
+                None => (false, v.as_str()),
+            };
+            if name.is_empty()
+                || name.contains(['*', ':', '/', ' '])
+                || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            {
+                self.err(
+                    h.span(),
+                    ctx,
+                    "a host is a name like \"api.example.com\" or a wildcard \"*.example.com\" (no port)",
+                );
+                continue;
+            }
+            hosts.push(if suffix {
+                HostMatch::Suffix(format!(".{name}"))
+            } else {
+                HostMatch::Exact(name.to_string())
+            });
+        }
+        let path = match (&r.path, &r.path_prefix) {
+            (Some(p), Some(_)) => {
+                self.err(p.span(), ctx, "set either path or path_prefix, not both");
+                PathMatch::Any
+            }
+            (Some(p), None) => {
+                self.check_path(p, ctx);
+                PathMatch::Exact(p.get_ref().clone())
+            }
+            (None, Some(p)) => {
+                self.check_path(p, ctx);
+                if p.get_ref() == "/" {
+                    PathMatch::Any
+                } else {
+                    PathMatch::Prefix(p.get_ref().clone())
+                }
+            }
+            (None, None) => PathMatch::Any,
+        };
+        let mut methods = Vec::with_capacity(r.methods.len());
+        for m in &r.methods {
+            match Method::from_bytes(m.get_ref().to_ascii_uppercase().as_bytes()) {
+                Ok(method) => methods.push(method),
+                Err(_) => self.err(m.span(), ctx, "not an HTTP method"),
+            }
+        }
+        let mut headers = Vec::with_capacity(r.headers.len());
+        for (name, value) in &r.headers {
+            if let Some(pair) = self.header_pair(name, value, ctx) {
+                headers.push(pair);
+            }
+        }
+        let rewrite = match (&r.strip_prefix, &r.prefix_rewrite) {
+            (Some(s), Some(_)) => {
+                self.err(s.span(), ctx, "set either strip_prefix or prefix_rewrite, not both");
+                Rewrite::None
+            }
+            (Some(s), None) if *s.get_ref() => {
+                if !matches!(path, PathMatch::Prefix(_)) {
+                    self.err(s.span(), ctx, "strip_prefix needs a path_prefix other than \"/\"");
+                }
+                Rewrite::Prefix("/".to_string())
+            }
+            (None, Some(p)) => {
+                if !matches!(path, PathMatch::Prefix(_) | PathMatch::Any) {
+                    self.err(p.span(), ctx, "prefix_rewrite needs a path_prefix");
+                }
+                self.check_path(p, ctx);
+                Rewrite::Prefix(p.get_ref().clone())
+            }
+            _ => Rewrite::None,
+        };
+        let timeout = r
+            .timeout
+            .as_ref()
+            .map(|t| self.duration(&Some(t.clone()), ctx, DEFAULT_TIMEOUT));
+        let max_body = match &r.max_body {
+            Some(s) => self.size(s, ctx).unwrap_or(default_max_body),
+            None => default_max_body,
+        };
+        let request_headers = self.header_edit(r.request_headers.as_ref(), ctx);
+        let response_headers = self.header_edit(r.response_headers.as_ref(), ctx);
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(RouteConfig {
+            name: r.name.into_inner(),
+            hosts,
+            path,
+            methods,
+            headers,
+            service: r.service.into_inner(),
+            rewrite,
+            timeout,
+            max_body,
+            request_headers,
+            response_headers,
+        })
+    }
+
+    fn check_path(&mut self, p: &Spanned<String>, ctx: &str) {
+        let v = p.get_ref();
+        if !v.starts_with('/') || v.bytes().any(|b| b <= b' ' || b == 0x7f || b == b'?' || b == b'#') {
+            self.err(
+                p.span(),
+                ctx,
+                "a path starts with '/' and has no spaces, '?' or '#'",
+            );
+        }
+    }
+
+    fn header_pair(
+        &mut self,
+        name: &str,
+        value: &Spanned<String>,
+        ctx: &str,
+    ) -> Option<(HeaderName, HeaderValue)> {
+        let Ok(n) = HeaderName::from_bytes(name.as_bytes()) else {
+            self.err(value.span(), ctx, format!("\"{name}\" is not a valid header name"));
+            return None;
+        };
+        let Ok(v) = HeaderValue::from_str(value.get_ref()) else {
+            self.err(value.span(), ctx, format!("the value of header \"{name}\" is not valid"));
+            return None;
+        };
+        Some((n, v))
+    }
+
+    fn header_edit(&mut self, e: Option<&HeaderEditFile>, ctx: &str) -> HeaderEdit {
+        let Some(e) = e else {
+            return HeaderEdit::default();
+        };
+        let mut out = HeaderEdit::default();
+        for (name, value) in &e.set {
+            if let Some(pair) = self.header_pair(name, value, ctx) {
+                out.set.push(pair);
+            }
+        }
+        for name in &e.remove {
+            match HeaderName::from_bytes(name.get_ref().as_bytes()) {
+                Ok(n) => out.remove.push(n),
+                Err(_) => self.err(name.span(), ctx, "not a valid header name"),
+            }
+        }
+        out
+    }
+
+    fn addr(&mut self, a: &Spanned<String>, ctx: &str) -> Option<SocketAddr> {
+        let v = a.get_ref();
+        if let Ok(addr) = v.parse::<SocketAddr>() {
+            return Some(addr);
+        }
+        // Names are resolved once, here, never on the request path.
+        match v.to_socket_addrs().map(|mut it| it.next()) {
+            Ok(Some(addr)) if v.contains(':') => Some(addr),
+            _ => {
+                self.err(a.span(), ctx, format!("\"{v}\" is not an address of the form host:port"));
+                None
+            }
+        }
+    }
+
+    fn int(&mut self, v: &Option<Spanned<i64>>, ctx: &str, min: i64, max: i64) -> Option<i64> {
+        let v = v.as_ref()?;
+        let n = *v.get_ref();
+        if n < min || n > max {
+            self.err(v.span(), ctx, format!("must be between {min} and {max}, got {n}"));
+            return None;
+        }
+        Some(n)
+    }
+
+    fn duration(&mut self, v: &Option<Spanned<String>>, ctx: &str, default: Duration) -> Duration {
+        let Some(v) = v else {
+            return default;
+        };
+        match humantime::parse_duration(v.get_ref()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.err(v.span(), ctx, "a duration must be greater than zero");
+                default
+            }
+            Err(e) => {
+                self.err(
+                    v.span(),
+                    ctx,
+                    format!("\"{}\" is not a duration like \"500ms\" or \"5s\": {e}", v.get_ref()),
+                );
+                default
+            }
+        }
+    }
+
+    fn size(&mut self, v: &Spanned<String>, ctx: &str) -> Option<u64> {
+        let parsed = parse_size(v.get_ref());
+        if parsed.is_none() {
+            self.err(
+                v.span(),
+                ctx,
+                format!("\"{}\" is not a size like \"512KiB\", \"10MiB\" or \"1000\"", v.get_ref()),
+            );
+        }
+        parsed
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+}
+
+/// A service name: what a DNS label allows, plus '_', starting with a letter.
+pub fn valid_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.as_bytes()[0].is_ascii_lowercase()
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// `"10MiB"`, `"512KiB"`, `"1GB"`, `"1000"` → bytes.
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1000,
+        "KiB" => 1024,
+        "MB" => 1000 * 1000,
+        "MiB" => 1024 * 1024,
+        "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(src: &str) -> Vec<String> {
+        match validate(Path::new("t.toml"), src) {
+            Ok(_) => vec![],
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    const OK: &str = r#"
+[listen]
+http = ["127.0.0.1:8080"]
+
+[[service]]
+name = "echo"
+endpoints = [{ addr = "127.0.0.1:9001", weight = 3 }, { addr = "127.0.0.1:9002" }]
+
+[[route]]
+name = "all"
+path_prefix = "/api"
+strip_prefix = true
+service = "echo"
+"#;
+
+    #[test]
+    fn a_good_file_validates() {
+        let c = validate(Path::new("t.toml"), OK).unwrap();
+        assert_eq!(c.services[0].endpoints[0].weight, 3);
+        assert_eq!(c.routes[0].rewrite, Rewrite::Prefix("/".into()));
+        assert_eq!(c.listen.admin.to_string(), DEFAULT_ADMIN_ADDR);
+    }
+
+    #[test]
+    fn unknown_service_names_the_route_and_position() {
+        let src = OK.replace("service = \"echo\"\n", "service = \"ech\"\n");
+        let e = errors(&src);
+        assert_eq!(e, vec!["t.toml:15:11: route \"all\": unknown service \"ech\""]);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let src = OK.replace("strip_prefix = true", "strip_prefx = true");
+        let e = errors(&src);
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("t.toml:14:1: "), "{e:?}");
+        assert!(e[0].contains("strip_prefx"), "{e:?}");
+    }
+
+    #[test]
+    fn bad_duration_and_duplicates_are_all_reported() {
+        let src = format!(
+            "{OK}\n[[service]]\nname = \"echo\"\nendpoints = [{{ addr = \"127.0.0.1:1\" }}]\nconnect_timeout = \"fast\"\n"
+        );
+        let e = errors(&src);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].contains("duplicate service name"));
+        assert!(e[1].contains("\"fast\" is not a duration"));
+    }
+
+    #[test]
+    fn empty_endpoints_are_refused() {
+        let src = OK.replace(
+            "endpoints = [{ addr = \"127.0.0.1:9001\", weight = 3 }, { addr = \"127.0.0.1:9002\" }]",
+            "endpoints = []",
+        );
+        let e = errors(&src);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("t.toml:7:13: service \"echo\": no endpoints"), "{e:?}");
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("10MiB"), Some(10 * 1024 * 1024));
+        assert_eq!(parse_size("1000"), Some(1000));
+        assert_eq!(parse_size("ten"), None);
+        assert_eq!(parse_size("99999999999999999999GiB"), None);
+    }
+}

@@ -1,0 +1,168 @@
+//! The background health checker: probes instances, ends ejections whose time is up,
+//! recomputes panic mode and the instance gauges.
+//!
+//! Owns: probe scheduling and the probes themselves (HTTP/1.1, h2c, TCP).
+//! Must not: block the request path; it only writes the atomics in `InstanceHealth`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+use crate::config::{HealthCheck, ProbeKind, Protocol};
+use crate::health::state::{now_ms, HealthState, Transition};
+use crate::metrics::METRICS;
+use crate::registry::{Instance, Service};
+use crate::snapshot::State;
+
+/// How often the checker looks at every instance (ejection expiry, due probes).
+const TICK: Duration = Duration::from_millis(100);
+/// Gauges are refreshed every this many ticks.
+const GAUGE_EVERY: u32 = 10;
+/// Probes in flight at once, whatever the number of instances.
+const MAX_PROBES: usize = 256;
+
+pub struct HealthChecker {
+    pub state: Arc<State>,
+}
+
+#[async_trait]
+impl BackgroundService for HealthChecker {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut next_due: HashMap<(String, SocketAddr), Instant> = HashMap::new();
+        let mut probes = JoinSet::new();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u32 = 0;
+        let mut generation = 0;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => {}
+            }
+            while probes.try_join_next().is_some() {}
+            let snap = self.state.load();
+            if snap.generation != generation {
+                generation = snap.generation;
+                next_due.retain(|(svc, addr), _| {
+                    snap.service(svc).is_some_and(|s| s.instances().instances.iter().any(|i| i.addr == *addr))
+                });
+            }
+            let now = now_ms();
+            let instant = Instant::now();
+            for svc in &snap.services {
+                let set = svc.instances();
+                for inst in &set.instances {
+                    if inst.health.expire_ejection(now) == Transition::Unejected {
+                        tracing::info!(service = svc.name(), instance = %inst.addr, "ejection ended");
+                    }
+                    let Some(hc) = &svc.config.health else { continue };
+                    let key = (svc.name().to_string(), inst.addr);
+                    if next_due.get(&key).is_some_and(|due| *due > instant) || probes.len() >= MAX_PROBES {
+                        continue;
+                    }
+                    next_due.insert(key, instant + hc.interval);
+                    probes.spawn(probe_and_record(svc.clone(), inst.clone(), hc.clone()));
+                }
+                svc.refresh_panic();
+                if ticks % GAUGE_EVERY == 0 {
+                    update_gauges(svc);
+                }
+            }
+            ticks = ticks.wrapping_add(1);
+        }
+        probes.abort_all();
+    }
+}
+
+fn update_gauges(svc: &Service) {
+    let set = svc.instances();
+    let mut counts = [0i64; 3];
+    for i in &set.instances {
+        counts[match i.health.state() {
+            HealthState::Healthy => 0,
+            HealthState::Unhealthy => 1,
+            HealthState::Ejected => 2,
+        }] += 1;
+    }
+    for (state, n) in ["healthy", "unhealthy", "ejected"].iter().zip(counts) {
+        METRICS.instances.with_label_values(&[svc.name(), state]).set(n);
+    }
+    METRICS
+        .panic_mode
+        .with_label_values(&[svc.name()])
+        .set(svc.panic.load(std::sync::atomic::Ordering::Relaxed) as i64);
+}
+
+async fn probe_and_record(svc: Arc<Service>, inst: Arc<Instance>, hc: HealthCheck) {
+    let ok = probe(inst.addr, &hc, svc.config.protocol).await;
+    match inst.health.record_probe(ok, hc.healthy_threshold, hc.unhealthy_threshold) {
+        Transition::BecameHealthy => {
+            tracing::info!(service = svc.name(), instance = %inst.addr, "instance passed its health checks");
+            svc.refresh_panic();
+        }
+        Transition::BecameUnhealthy => {
+            tracing::warn!(service = svc.name(), instance = %inst.addr, "instance failed its health checks");
+            svc.refresh_panic();
+        }
+        _ => {}
+    }
+}
+
+/// One probe: true if the instance answered as expected within the timeout.
+pub async fn probe(addr: SocketAddr, hc: &HealthCheck, protocol: Protocol) -> bool {
+    let attempt = async {
+        let stream = TcpStream::connect(addr).await.ok()?;
+        match (&hc.kind, protocol) {
+            (ProbeKind::Tcp, _) => Some(true),
+            (ProbeKind::Http { path }, Protocol::Http1) => http1_status(stream, addr, path).await,
+            (ProbeKind::Http { path }, Protocol::H2c) => h2c_status(stream, addr, path).await,
+        }
+    };
+    matches!(tokio::time::timeout(hc.timeout, attempt).await, Ok(Some(true)))
+}
+
+/// Sends `GET path` over HTTP/1.1 and reports whether the status is 2xx.
+async fn http1_status(mut s: TcpStream, addr: SocketAddr, path: &str) -> Option<bool> {
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: busbar-health\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = [0u8; 16];
+    let mut n = 0;
+    while n < 12 {
+        let read = s.read(&mut buf[n..]).await.ok()?;
+        if read == 0 {
+            return None;
+        }
+        n += read;
+    }
+    // "HTTP/1.1 200"
+    let status = buf.get(9..12)?;
+    Some(buf.starts_with(b"HTTP/1.") && status[0] == b'2' && status[1..].iter().all(u8::is_ascii_digit))
+}
+
+/// Sends `GET path` over HTTP/2 with prior knowledge and reports whether the status is 2xx.
+async fn h2c_status(s: TcpStream, addr: SocketAddr, path: &str) -> Option<bool> {
+    let (mut client, conn) = h2::client::handshake(s).await.ok()?;
+    let request = http::Request::get(format!("http://{addr}{path}"))
+        .header(http::header::USER_AGENT, "busbar-health")
+        .body(())
+        .ok()?;
+    let exchange = async {
+        let (resp, _) = client.send_request(request, true).ok()?;
+        let resp = resp.await.ok()?;
+        Some(resp.status().is_success())
+    };
+    tokio::select! {
+        r = exchange => r,
+        _ = conn => None,
+    }
+}

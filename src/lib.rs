@@ -1,0 +1,18 @@
+//! busbar: a centralized service bus and global proxy gateway on pingora.
+//!
+//! The request path, in order: routing → pick an instance (registry, balance, health)
+//! → proxy → log and metrics. `app.rs` wires it all; each module owns one step.
+#![forbid(unsafe_code)]
+
+pub mod accesslog;
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod health;
+pub mod metrics;
+pub mod proxy;
+pub mod registry;
+pub mod routing;
+pub mod snapshot;

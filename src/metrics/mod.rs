@@ -1,0 +1,200 @@
+//! Every Prometheus metric busbar exports, declared once.
+//!
+//! Owns: the registry, metric names and label sets, and pre-resolved handles
+//! ([`RouteMetrics`], [`ServiceMetrics`]) so the request path never formats a label.
+//! Must not: carry user ids in labels.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets in seconds: 0.5 ms to 30 s, dense where a proxy hop lives.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_duration: HistogramVec,
+    pub connect_failures: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub retry_budget_exhausted: IntCounterVec,
+    pub ejections: IntCounterVec,
+    pub instances: IntGaugeVec,
+    pub panic_mode: IntGaugeVec,
+    pub reloads: IntCounterVec,
+    pub in_flight: IntGauge,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("metric registered once");
+    h
+}
+
+/// The process-wide metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let r = Registry::new();
+    let in_flight = IntGauge::new(
+        "busbar_in_flight_requests",
+        "Requests being handled right now.",
+    )
+    .expect("valid metric");
+    r.register(Box::new(in_flight.clone()))
+        .expect("metric registered once");
+    Metrics {
+        requests: counter(
+            &r,
+            "busbar_requests_total",
+            "Requests answered, by route, service and status class.",
+            &["route", "service", "class"],
+        ),
+        request_duration: histogram(
+            &r,
+            "busbar_request_duration_seconds",
+            "Time from request start to the last byte of the response, by route.",
+            &["route"],
+        ),
+        upstream_duration: histogram(
+            &r,
+            "busbar_upstream_duration_seconds",
+            "Time from sending to the upstream to its response headers, by service.",
+            &["service"],
+        ),
+        connect_failures: counter(
+            &r,
+            "busbar_upstream_connect_failures_total",
+            "Failed connection attempts to upstream instances.",
+            &["service"],
+        ),
+        upstream_errors: counter(
+            &r,
+            "busbar_upstream_errors_total",
+            "Requests that failed at the upstream, by cause.",
+            &["service", "cause"],
+        ),
+        retries: counter(
+            &r,
+            "busbar_upstream_retries_total",
+            "Retries sent to another (or the same) instance.",
+            &["service"],
+        ),
+        retry_budget_exhausted: counter(
+            &r,
+            "busbar_retry_budget_exhausted_total",
+            "Retries not made because the service's retry budget was spent.",
+            &["service"],
+        ),
+        ejections: counter(
+            &r,
+            "busbar_outlier_ejections_total",
+            "Instances ejected by passive outlier detection.",
+            &["service"],
+        ),
+        instances: gauge(
+            &r,
+            "busbar_instances",
+            "Instances by health state.",
+            &["service", "state"],
+        ),
+        panic_mode: gauge(
+            &r,
+            "busbar_panic_mode",
+            "1 when a service balances over all instances because too few are available.",
+            &["service"],
+        ),
+        reloads: counter(
+            &r,
+            "busbar_config_reloads_total",
+            "Configuration reloads by result.",
+            &["result"],
+        ),
+        in_flight,
+        registry: r,
+    }
+});
+
+/// Renders every metric in the Prometheus text format.
+pub fn render() -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 * 1024);
+    let families = METRICS.registry.gather();
+    // Encoding into a Vec cannot fail on I/O; a bad family is skipped by the encoder's error.
+    let _ = TextEncoder::new().encode(&families, &mut out);
+    out
+}
+
+/// Status class index: 1xx → 0 … 5xx → 4.
+#[inline]
+pub fn class_index(status: u16) -> usize {
+    ((status / 100).clamp(1, 5) - 1) as usize
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Handles for one route, resolved when the snapshot is built.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    pub by_class: [IntCounter; 5],
+    pub duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn new(route: &str, service: &str) -> Self {
+        let m = &*METRICS;
+        RouteMetrics {
+            by_class: CLASSES.map(|c| m.requests.with_label_values(&[route, service, c])),
+            duration: m.request_duration.with_label_values(&[route]),
+        }
+    }
+}
+
+/// Handles for one service, resolved when the snapshot is built.
+#[derive(Debug, Clone)]
+pub struct ServiceMetrics {
+    pub upstream_duration: Histogram,
+    pub connect_failures: IntCounter,
+    pub timeouts: IntCounter,
+    pub no_instance: IntCounter,
+    pub retries: IntCounter,
+    pub budget_exhausted: IntCounter,
+    pub ejections: IntCounter,
+}
+
+impl ServiceMetrics {
+    pub fn new(service: &str) -> Self {
+        let m = &*METRICS;
+        ServiceMetrics {
+            upstream_duration: m.upstream_duration.with_label_values(&[service]),
+            connect_failures: m.connect_failures.with_label_values(&[service]),
+            timeouts: m.upstream_errors.with_label_values(&[service, "timeout"]),
+            no_instance: m
+                .upstream_errors
+                .with_label_values(&[service, "no_healthy_instance"]),
+            retries: m.retries.with_label_values(&[service]),
+            budget_exhausted: m.retry_budget_exhausted.with_label_values(&[service]),
+            ejections: m.ejections.with_label_values(&[service]),
+        }
+    }
+}

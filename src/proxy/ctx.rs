@@ -1,0 +1,107 @@
+//! The per-request context every phase shares.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::proxy::reply::Cause;
+use crate::proxy::trace::TraceContext;
+use crate::registry::{Instance, InstanceSet};
+use crate::routing::Route;
+use crate::snapshot::Snapshot;
+
+/// Instances tried by this request, as indices into its instance set.
+/// Retries are few (≤ 10), so a small array beats a set.
+#[derive(Debug, Default)]
+pub struct Tried {
+    idx: [u32; 12],
+    len: usize,
+}
+
+impl Tried {
+    pub fn contains(&self, i: usize) -> bool {
+        self.idx[..self.len].iter().any(|&t| t as usize == i)
+    }
+
+    pub fn push(&mut self, i: usize) {
+        if self.len < self.idx.len() {
+            self.idx[self.len] = i as u32;
+            self.len += 1;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+pub struct RequestCtx {
+    pub start: Instant,
+    /// Loaded once in `request_filter`; every later phase uses this version.
+    pub snapshot: Option<Arc<Snapshot>>,
+    pub route: Option<Arc<Route>>,
+    pub set: Option<Arc<InstanceSet>>,
+    /// The instance of the current try; released when the try ends.
+    pub instance: Option<Arc<Instance>>,
+    /// The last instance tried, kept for the access log.
+    pub last_addr: Option<std::net::SocketAddr>,
+    pub tried: Tried,
+    pub tries: u32,
+    pub deadline: Option<Instant>,
+    pub upstream_start: Option<Instant>,
+    pub upstream_time: Option<Duration>,
+    pub cause: Option<Cause>,
+    pub trace: TraceContext,
+    pub sticky_key: u64,
+    pub body_bytes: u64,
+    pub counted: bool,
+}
+
+impl RequestCtx {
+    pub fn new() -> Self {
+        RequestCtx {
+            start: Instant::now(),
+            snapshot: None,
+            route: None,
+            set: None,
+            instance: None,
+            last_addr: None,
+            tried: Tried::default(),
+            tries: 0,
+            deadline: None,
+            upstream_start: None,
+            upstream_time: None,
+            cause: None,
+            trace: TraceContext::default(),
+            sticky_key: 0,
+            body_bytes: 0,
+            counted: false,
+        }
+    }
+
+    /// Ends the current try's claim on its instance (in-flight count).
+    pub fn release_instance(&mut self) -> Option<Arc<Instance>> {
+        let i = self.instance.take()?;
+        i.health.end_request();
+        Some(i)
+    }
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        // A request cancelled between phases must not leave an instance looking busy.
+        self.release_instance();
+        if self.counted {
+            crate::metrics::METRICS.in_flight.dec();
+        }
+    }
+}

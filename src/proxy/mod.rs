@@ -1,0 +1,493 @@
+//! The pingora `ProxyHttp` implementation: calls the modules in request-path order.
+//!
+//! Owns: the phase wiring and the per-request context. Each phase is a short list of
+//! calls into the module that owns the policy (routing, balance, health, metrics, log).
+//! Must not: hold policy of its own beyond ordering those calls.
+
+pub mod ctx;
+pub mod headers;
+pub mod reply;
+pub mod trace;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, COOKIE, HOST};
+use pingora_core::modules::http::HttpModules;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::accesslog::{AccessLog, Entry};
+use crate::balance::hash_key;
+use crate::config::{HashKey, Protocol};
+use crate::health::state::now_ms;
+use crate::metrics::{class_index, METRICS};
+use crate::routing::{self, RequestView};
+use crate::snapshot::State;
+use ctx::RequestCtx;
+use reply::Cause;
+
+/// Most concurrent streams busbar opens on one upstream h2c connection.
+const UPSTREAM_H2_STREAMS: usize = 128;
+
+pub struct BusbarProxy {
+    pub state: Arc<State>,
+    pub access_log: Arc<AccessLog>,
+}
+
+/// Host of the request without its port: `:authority` / absolute-form first, then `Host`.
+fn request_host(req: &RequestHeader) -> &str {
+    let raw = match req.uri.authority() {
+        Some(a) => a.as_str(),
+        None => req
+            .headers
+            .get(HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+    };
+    strip_port(raw)
+}
+
+fn strip_port(h: &str) -> &str {
+    if h.starts_with('[') {
+        return match h.find(']') {
+            Some(end) => &h[..=end],
+            None => h,
+        };
+    }
+    match h.rfind(':') {
+        Some(i) if h[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &h[..i],
+        _ => h,
+    }
+}
+
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .as_downstream()
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+fn is_tls(session: &Session) -> bool {
+    session
+        .as_downstream()
+        .digest()
+        .is_some_and(|d| d.ssl_digest.is_some())
+}
+
+fn cookie<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]> {
+    req.headers.get_all(COOKIE).iter().find_map(|v| {
+        v.as_bytes().split(|&b| b == b';').find_map(|pair| {
+            let pair = pair.trim_ascii_start();
+            let (k, val) = pair.split_at(pair.iter().position(|&b| b == b'=')?);
+            (k == name.as_bytes()).then(|| &val[1..])
+        })
+    })
+}
+
+fn sticky_key(key: &HashKey, session: &Session) -> u64 {
+    let req = session.req_header();
+    match key {
+        HashKey::Header(name) => req.headers.get(name).map_or(0, |v| hash_key(v.as_bytes())),
+        HashKey::Cookie(name) => cookie(req, name).map_or(0, hash_key),
+        HashKey::Path => hash_key(req.uri.path().as_bytes()),
+        HashKey::ClientIp => match client_ip(session) {
+            Some(IpAddr::V4(ip)) => hash_key(&ip.octets()),
+            Some(IpAddr::V6(ip)) => hash_key(&ip.octets()),
+            None => 0,
+        },
+    }
+}
+
+fn upstream_error(cause: Cause, why: &'static str) -> Box<Error> {
+    let mut e = Error::explain(ErrorType::HTTPStatus(cause.status()), why);
+    e.esource = ErrorSource::Upstream;
+    e
+}
+
+impl BusbarProxy {
+    /// Counts a failure against the instance and ejects it when its streak says so,
+    /// unless that would eject more than the service allows.
+    fn record_failure(&self, ctx: &RequestCtx, instance: &crate::registry::Instance) {
+        let Some(route) = &ctx.route else { return };
+        let svc = &route.service;
+        let policy = &svc.config.outlier;
+        if !instance.health.record_failure(policy) {
+            return;
+        }
+        let set = svc.instances();
+        let total = set.instances.len();
+        let ejected = set
+            .instances
+            .iter()
+            .filter(|i| i.health.state() == crate::health::state::HealthState::Ejected)
+            .count();
+        if (ejected + 1) * 100 > total * policy.max_ejected_percent as usize {
+            return;
+        }
+        if instance.health.eject(policy, now_ms()) == crate::health::state::Transition::Ejected {
+            svc.metrics.ejections.inc();
+            svc.refresh_panic();
+            tracing::warn!(service = svc.name(), instance = %instance.addr, "instance ejected by outlier detection");
+        }
+    }
+
+    /// May this failed try be tried again? Spends a retry token if so.
+    fn may_retry(&self, ctx: &RequestCtx) -> bool {
+        let Some(route) = &ctx.route else { return false };
+        let svc = &route.service;
+        if ctx.tries > svc.config.retry.attempts {
+            return false;
+        }
+        if ctx.deadline.is_some_and(|d| d <= Instant::now()) {
+            return false;
+        }
+        if !svc.retry_budget.try_withdraw() {
+            svc.metrics.budget_exhausted.inc();
+            return false;
+        }
+        svc.metrics.retries.inc();
+        true
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for BusbarProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {
+        // No response compression module: busbar forwards bodies as they are.
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        METRICS.in_flight.inc();
+        ctx.counted = true;
+        let snapshot = self.state.load();
+        let req = session.req_header();
+        ctx.trace = trace::TraceContext::from_header(
+            req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()),
+        );
+        let view = RequestView {
+            host: request_host(req),
+            path: req.uri.path(),
+            method: &req.method,
+            headers: &req.headers,
+        };
+        let Some(route) = snapshot.routes.find(&view).cloned() else {
+            ctx.snapshot = Some(snapshot);
+            ctx.cause = Some(Cause::NoRoute);
+            reply::respond(session, Cause::NoRoute).await?;
+            return Ok(true);
+        };
+        let declared_len = req
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared_len.is_some_and(|n| n > route.config.max_body) {
+            ctx.route = Some(route);
+            ctx.snapshot = Some(snapshot);
+            ctx.cause = Some(Cause::BodyTooLarge);
+            // The body was not read: the connection can't be reused for another request.
+            session.as_downstream_mut().set_keepalive(None);
+            reply::respond(session, Cause::BodyTooLarge).await?;
+            return Ok(true);
+        }
+        let svc = &route.service;
+        svc.retry_budget.deposit();
+        ctx.deadline = Some(ctx.start + route.config.timeout.unwrap_or(svc.config.timeout));
+        if svc.config.balance == crate::config::BalancePolicy::Sticky {
+            ctx.sticky_key = sticky_key(&svc.config.hash_key, session);
+        }
+        ctx.set = Some(svc.instances());
+        ctx.route = Some(route);
+        ctx.snapshot = Some(snapshot);
+        Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(b), Some(route)) = (body.as_ref(), ctx.route.as_ref()) {
+            ctx.body_bytes += b.len() as u64;
+            if ctx.body_bytes > route.config.max_body {
+                ctx.cause = Some(Cause::BodyTooLarge);
+                return Err(Error::explain(ErrorType::HTTPStatus(413), "request body too large"));
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        ctx.cause = None;
+        let (Some(route), Some(set)) = (ctx.route.as_ref(), ctx.set.as_ref()) else {
+            return Err(Error::explain(ErrorType::InternalError, "no route in context"));
+        };
+        let svc = &route.service;
+        let now = Instant::now();
+        let remaining = ctx.deadline.map_or(svc.config.timeout, |d| d.saturating_duration_since(now));
+        if remaining.is_zero() {
+            ctx.cause = Some(Cause::UpstreamTimeout);
+            svc.metrics.timeouts.inc();
+            return Err(upstream_error(Cause::UpstreamTimeout, "deadline passed before a try"));
+        }
+        let panic = svc.panic.load(std::sync::atomic::Ordering::Relaxed);
+        let instances = &set.instances;
+        let tried = &ctx.tried;
+        let pick = |tried_ok: bool| {
+            set.balancer.pick(instances, ctx.sticky_key, |i| {
+                (tried_ok || !tried.contains(i))
+                    && (panic || instances.get(i).is_some_and(|x| x.health.is_available()))
+            })
+        };
+        // Prefer an instance not tried yet; with none left, a tried one beats failing.
+        let Some(idx) = pick(false).or_else(|| if ctx.tried.is_empty() { None } else { pick(true) }) else {
+            ctx.cause = Some(Cause::NoHealthyInstance);
+            svc.metrics.no_instance.inc();
+            return Err(upstream_error(Cause::NoHealthyInstance, "no healthy instance"));
+        };
+        let Some(instance) = instances.get(idx).cloned() else {
+            return Err(Error::explain(ErrorType::InternalError, "balancer index out of range"));
+        };
+        ctx.tried.push(idx);
+        ctx.tries += 1;
+        instance.health.begin_request();
+        let mut peer = HttpPeer::new(instance.addr, false, String::new());
+        let opts = &mut peer.options;
+        opts.connection_timeout = Some(svc.config.connect_timeout.min(remaining));
+        opts.read_timeout = Some(svc.config.read_timeout.min(remaining));
+        opts.write_timeout = Some(svc.config.read_timeout.min(remaining));
+        opts.idle_timeout = Some(Duration::from_secs(60));
+        if svc.config.protocol == Protocol::H2c {
+            opts.set_http_version(2, 2);
+            opts.max_h2_streams = UPSTREAM_H2_STREAMS;
+        }
+        ctx.last_addr = Some(instance.addr);
+        ctx.instance = Some(instance);
+        ctx.upstream_start = Some(now);
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(instance) = ctx.release_instance() {
+            if let Some(route) = &ctx.route {
+                route.service.metrics.connect_failures.inc();
+            }
+            self.record_failure(ctx, &instance);
+        }
+        ctx.cause = Some(if matches!(e.etype(), ErrorType::ConnectTimedout) {
+            Cause::UpstreamTimeout
+        } else {
+            Cause::ConnectFailed
+        });
+        // Nothing reached the upstream: any method may be retried.
+        e.set_retry(self.may_retry(ctx));
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        _peer: &HttpPeer,
+        session: &mut Session,
+        mut e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let upstream_fault = *e.esource() == ErrorSource::Upstream;
+        if let Some(instance) = ctx.release_instance() {
+            if upstream_fault {
+                self.record_failure(ctx, &instance);
+            }
+        }
+        if upstream_fault {
+            let timeout = matches!(e.etype(), ErrorType::ReadTimedout | ErrorType::WriteTimedout);
+            ctx.cause = Some(if timeout { Cause::UpstreamTimeout } else { Cause::UpstreamError });
+            if timeout {
+                if let Some(route) = &ctx.route {
+                    route.service.metrics.timeouts.inc();
+                }
+            }
+        }
+        // Only idempotent requests whose body we still hold and whose response has not
+        // started may go again; a stale reused connection is pingora's own retry case.
+        let safe = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none();
+        let stale_reuse = client_reused && e.retry();
+        let retry = safe && (upstream_fault || stale_reuse) && self.may_retry(ctx);
+        e.set_retry(retry);
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(route) = ctx.route.as_ref() else { return Ok(()) };
+        if let Some(pq) = upstream.uri.path_and_query() {
+            if let Some(new) = routing::rewrite(&route.config, pq.as_str()) {
+                let uri = http::Uri::try_from(new)
+                    .map_err(|e| Error::because(ErrorType::InternalError, "path rewrite", e))?;
+                upstream.set_uri(uri);
+            }
+        }
+        headers::set_forwarded(upstream, client_ip(session), is_tls(session))?;
+        upstream.insert_header(headers::TRACEPARENT.clone(), &ctx.trace.header_value()[..])?;
+        if !route.config.request_headers.is_empty() {
+            headers::edit_request(upstream, &route.config.request_headers)?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if resp.status.is_informational() {
+            return Ok(());
+        }
+        if let (Some(route), Some(start)) = (&ctx.route, ctx.upstream_start) {
+            let t = start.elapsed();
+            ctx.upstream_time = Some(t);
+            route.service.metrics.upstream_duration.observe(t.as_secs_f64());
+        }
+        if let Some(instance) = ctx.instance.clone() {
+            if resp.status.is_server_error() {
+                self.record_failure(ctx, &instance);
+            } else {
+                instance.health.record_success();
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(route) = &ctx.route {
+            if !route.config.response_headers.is_empty() {
+                headers::edit_response(resp, &route.config.response_headers)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let cause = match (e.esource(), e.etype()) {
+            (ErrorSource::Downstream, ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed) => None,
+            (ErrorSource::Downstream, _) => Some(Cause::BadRequest),
+            (_, ErrorType::HTTPStatus(413)) => Some(Cause::BodyTooLarge),
+            (ErrorSource::Upstream, _) => Some(ctx.cause.unwrap_or(Cause::UpstreamError)),
+            _ => ctx.cause,
+        };
+        let code = match cause {
+            Some(c) => {
+                ctx.cause = Some(c);
+                if session.response_written().is_none() {
+                    let _ = session
+                        .as_downstream_mut()
+                        .write_error_response(c.header(), c.body())
+                        .await;
+                }
+                c.status()
+            }
+            None => match e.etype() {
+                ErrorType::HTTPStatus(code) => {
+                    let _ = session.respond_error(*code).await;
+                    *code
+                }
+                _ => 0,
+            },
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        // Clients that go away are normal; upstream failures are counted and logged by us.
+        matches!(e.esource(), ErrorSource::Downstream | ErrorSource::Upstream)
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        ctx.release_instance();
+        let status = session
+            .response_written()
+            .map_or(0, |r| r.status.as_u16());
+        let total = ctx.start.elapsed();
+        if let Some(route) = &ctx.route {
+            if status > 0 {
+                route.metrics.by_class[class_index(status)].inc();
+            }
+            route.metrics.duration.observe(total.as_secs_f64());
+        } else if status > 0 {
+            METRICS
+                .requests
+                .with_label_values(&["", "", if status == 404 { "4xx" } else { "5xx" }])
+                .inc();
+        }
+        if !self.access_log.enabled() {
+            return;
+        }
+        let req = session.req_header();
+        let trace_id = ctx.trace.trace_id_hex();
+        let route = ctx.route.as_ref();
+        self.access_log.write(&Entry {
+            client: session.as_downstream().client_addr().and_then(|a| a.as_inet()).copied(),
+            method: req.method.as_str(),
+            host: request_host(req),
+            path: req.uri.path(),
+            route: route.map_or("", |r| r.name()),
+            service: route.map_or("", |r| r.service.name()),
+            instance: ctx.last_addr,
+            status,
+            bytes: session.as_downstream().body_bytes_sent(),
+            total,
+            upstream: ctx.upstream_time,
+            tries: ctx.tries,
+            trace_id: &trace_id,
+            error: ctx.cause.map(Cause::code).or(e.map(|_| "error")),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_stripped() {
+        assert_eq!(strip_port("a.example.com:8080"), "a.example.com");
+        assert_eq!(strip_port("a.example.com"), "a.example.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("h:x"), "h:x");
+    }
+}

@@ -1,0 +1,92 @@
+//! Responses busbar writes itself: short JSON bodies that name the cause.
+//!
+//! Owns: the mapping from a failure cause to status and body, and writing it.
+//! Must not: decide policy (which cause applies is the caller's business).
+
+use bytes::Bytes;
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+
+/// Why busbar answered instead of the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    NoRoute,
+    BodyTooLarge,
+    NoHealthyInstance,
+    ConnectFailed,
+    UpstreamTimeout,
+    UpstreamError,
+    BadRequest,
+}
+
+impl Cause {
+    pub fn status(self) -> u16 {
+        match self {
+            Cause::NoRoute => 404,
+            Cause::BodyTooLarge => 413,
+            Cause::NoHealthyInstance => 503,
+            Cause::ConnectFailed | Cause::UpstreamError => 502,
+            Cause::UpstreamTimeout => 504,
+            Cause::BadRequest => 400,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Cause::NoRoute => "no_route",
+            Cause::BodyTooLarge => "body_too_large",
+            Cause::NoHealthyInstance => "no_healthy_instance",
+            Cause::ConnectFailed => "connect_failed",
+            Cause::UpstreamTimeout => "upstream_timeout",
+            Cause::UpstreamError => "upstream_error",
+            Cause::BadRequest => "bad_request",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Cause::NoRoute => "no route matches this request",
+            Cause::BodyTooLarge => "the request body is larger than this route allows",
+            Cause::NoHealthyInstance => "the service has no healthy instance",
+            Cause::ConnectFailed => "could not connect to any instance of the service",
+            Cause::UpstreamTimeout => "the upstream did not answer in time",
+            Cause::UpstreamError => "the upstream connection failed before a complete response",
+            Cause::BadRequest => "the request is malformed",
+        }
+    }
+
+    /// `{"error":"…","message":"…"}`: static text only, so nothing to escape.
+    pub fn body(self) -> Bytes {
+        let mut s = String::with_capacity(96);
+        s.push_str("{\"error\":\"");
+        s.push_str(self.code());
+        s.push_str("\",\"message\":\"");
+        s.push_str(self.message());
+        s.push_str("\"}\n");
+        Bytes::from(s)
+    }
+
+    pub fn header(self) -> ResponseHeader {
+        let body_len = self.body().len();
+        json_header(self.status(), body_len)
+    }
+}
+
+pub fn json_header(status: u16, len: usize) -> ResponseHeader {
+    // 200..=599 are always valid; fall back to 500 rather than panic.
+    // Statuses come from `Cause` (all valid); 500 is the fallback that cannot fail.
+    let mut h = ResponseHeader::build(status, Some(4))
+        .unwrap_or_else(|_| ResponseHeader::build(500, Some(4)).expect("500 is a valid status"));
+    let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
+    let _ = h.insert_header(http::header::CONTENT_LENGTH, len);
+    let _ = h.insert_header(http::header::CACHE_CONTROL, "no-store");
+    h
+}
+
+/// Writes the JSON answer for `cause`, keeping the downstream connection reusable.
+pub async fn respond(session: &mut Session, cause: Cause) -> pingora_error::Result<()> {
+    session
+        .write_response_header(Box::new(cause.header()), false)
+        .await?;
+    session.write_response_body(Some(cause.body()), true).await
+}

@@ -1,0 +1,216 @@
+//! What busbar knows of each service: its instances, their health, and how to pick one.
+//!
+//! Owns: [`Service`] (runtime form of a configured service), [`Instance`], and the
+//! immutable [`InstanceSet`] the request path reads through an `ArcSwap`.
+//! Must not: do I/O. Probes live in `health`, balancing policy in `balance`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::balance::Balancer;
+use crate::config::ServiceConfig;
+use crate::health::state::{now_ms, InstanceHealth};
+use crate::metrics::ServiceMetrics;
+
+/// One place a service runs.
+#[derive(Debug)]
+pub struct Instance {
+    /// Stable id: the address for instances listed in the config file.
+    pub id: String,
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub health: Arc<InstanceHealth>,
+}
+
+/// An immutable view of a service's instances with the balancer built for them.
+#[derive(Debug)]
+pub struct InstanceSet {
+    pub instances: Vec<Arc<Instance>>,
+    pub balancer: Balancer,
+}
+
+impl InstanceSet {
+    pub fn new(service: &ServiceConfig, instances: Vec<Arc<Instance>>) -> Self {
+        let balancer = Balancer::new(service.balance, &instances);
+        InstanceSet {
+            instances,
+            balancer,
+        }
+    }
+
+    pub fn available(&self) -> usize {
+        self.instances
+            .iter()
+            .filter(|i| i.health.is_available())
+            .count()
+    }
+}
+
+/// A configured service at run time.
+#[derive(Debug)]
+pub struct Service {
+    pub config: ServiceConfig,
+    instances: ArcSwap<InstanceSet>,
+    /// Set by the health checker when fewer than `panic_threshold`% of instances are
+    /// available: the balancer then spreads over all of them.
+    pub panic: AtomicBool,
+    pub retry_budget: RetryBudget,
+    pub metrics: ServiceMetrics,
+}
+
+impl Service {
+    /// Builds a service, keeping the health of instances `previous` already knew.
+    pub fn new(config: ServiceConfig, previous: Option<&Service>) -> Self {
+        let old = previous.map(|p| p.instances());
+        let instances = config
+            .endpoints
+            .iter()
+            .map(|e| {
+                let health = old
+                    .as_ref()
+                    .and_then(|set| set.instances.iter().find(|i| i.addr == e.addr))
+                    .map(|i| i.health.clone())
+                    .unwrap_or_default();
+                Arc::new(Instance {
+                    id: e.addr.to_string(),
+                    addr: e.addr,
+                    weight: e.weight,
+                    health,
+                })
+            })
+            .collect();
+        let set = InstanceSet::new(&config, instances);
+        let retry_budget = RetryBudget::new(config.retry.budget, config.retry.min_retries_per_second);
+        let metrics = ServiceMetrics::new(&config.name);
+        Service {
+            config,
+            instances: ArcSwap::from_pointee(set),
+            panic: AtomicBool::new(false),
+            retry_budget,
+            metrics,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The current instances; load once per request.
+    #[inline]
+    pub fn instances(&self) -> Arc<InstanceSet> {
+        self.instances.load_full()
+    }
+
+    /// Replaces the instance set (used by registration).
+    pub fn set_instances(&self, instances: Vec<Arc<Instance>>) {
+        self.instances
+            .store(Arc::new(InstanceSet::new(&self.config, instances)));
+    }
+
+    /// Recomputes panic mode from the current availability.
+    pub fn refresh_panic(&self) {
+        let set = self.instances();
+        let total = set.instances.len();
+        let available = set.available();
+        let panic = total > 0 && available * 100 < total * self.config.panic_threshold as usize;
+        self.panic.store(panic, Relaxed);
+    }
+}
+
+/// Retries allowed as a share of requests, plus a floor per second (linkerd's budget idea).
+///
+/// Each request deposits `ratio` of a token, each retry withdraws one; deposits are
+/// capped at 10 s worth of the floor plus what requests deposit, so a burst of
+/// failures can't be retried more than the budget allows.
+#[derive(Debug)]
+pub struct RetryBudget {
+    /// Milli-tokens.
+    tokens: AtomicI64,
+    per_request: i64,
+    floor_per_second: i64,
+    last_refill_s: AtomicU64,
+}
+
+const TOKEN: i64 = 1000;
+
+impl RetryBudget {
+    pub fn new(ratio: f64, min_per_second: u32) -> Self {
+        let floor = min_per_second as i64 * TOKEN;
+        RetryBudget {
+            tokens: AtomicI64::new(floor),
+            per_request: (ratio * TOKEN as f64) as i64,
+            floor_per_second: floor,
+            last_refill_s: AtomicU64::new(now_ms() / 1000),
+        }
+    }
+
+    #[inline]
+    pub fn deposit(&self) {
+        if self.per_request > 0 {
+            let cap = self.cap();
+            let _ = self.tokens.fetch_update(Relaxed, Relaxed, |t| {
+                (t < cap).then_some((t + self.per_request).min(cap))
+            });
+        }
+    }
+
+    fn cap(&self) -> i64 {
+        (self.floor_per_second * 10).max(100 * TOKEN)
+    }
+
+    /// Takes one retry token if there is one.
+    pub fn try_withdraw(&self) -> bool {
+        self.refill_floor();
+        self.tokens
+            .fetch_update(Relaxed, Relaxed, |t| (t >= TOKEN).then_some(t - TOKEN))
+            .is_ok()
+    }
+
+    /// Once a second, make sure at least the floor is available.
+    fn refill_floor(&self) {
+        let now = now_ms() / 1000;
+        let last = self.last_refill_s.load(Relaxed);
+        if now > last
+            && self
+                .last_refill_s
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            let floor = self.floor_per_second;
+            let _ = self
+                .tokens
+                .fetch_update(Relaxed, Relaxed, |t| (t < floor).then_some(floor));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_allows_ratio_of_requests() {
+        let b = RetryBudget::new(0.2, 0);
+        for _ in 0..100 {
+            b.deposit();
+        }
+        let mut retries = 0;
+        while b.try_withdraw() {
+            retries += 1;
+        }
+        assert_eq!(retries, 20);
+    }
+
+    #[test]
+    fn floor_allows_some_retries_without_traffic() {
+        let b = RetryBudget::new(0.2, 3);
+        let mut retries = 0;
+        while b.try_withdraw() {
+            retries += 1;
+        }
+        assert_eq!(retries, 3);
+    }
+}

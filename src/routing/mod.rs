@@ -1,0 +1,285 @@
+//! The route table: compiled from config, matched on every request. Pure: no I/O.
+//!
+//! Owns: host/path/method/header matching and path rewriting.
+//! Precedence: the first route in file order that matches wins. Routes naming exact
+//! hosts are indexed by host, so a lookup only scans routes that could match.
+//! Must not: know about instances, health or pingora.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::{HeaderMap, Method};
+
+use crate::config::{HostMatch, PathMatch, RouteConfig, Rewrite};
+use crate::metrics::RouteMetrics;
+use crate::registry::Service;
+
+/// A route with what it resolves to at run time.
+#[derive(Debug)]
+pub struct Route {
+    pub config: RouteConfig,
+    pub service: Arc<Service>,
+    pub metrics: RouteMetrics,
+}
+
+impl Route {
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+}
+
+/// The parts of a request that routing looks at.
+pub struct RequestView<'a> {
+    /// Host without port, any case.
+    pub host: &'a str,
+    /// Path without query.
+    pub path: &'a str,
+    pub method: &'a Method,
+    pub headers: &'a HeaderMap,
+}
+
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+    /// Exact host → every route that can match it (exact, wildcard or host-less), in file order.
+    by_host: HashMap<String, Vec<u32>>,
+    /// Routes that can match a host not in `by_host` (wildcard or host-less), in file order.
+    other: Vec<u32>,
+}
+
+impl RouteTable {
+    pub fn new(routes: Vec<Arc<Route>>) -> Self {
+        let mut exact_hosts: Vec<&str> = Vec::new();
+        let mut other = Vec::new();
+        for (i, r) in routes.iter().enumerate() {
+            let mut wildcard = r.config.hosts.is_empty();
+            for h in &r.config.hosts {
+                match h {
+                    HostMatch::Exact(name) => exact_hosts.push(name),
+                    HostMatch::Suffix(_) => wildcard = true,
+                }
+            }
+            if wildcard {
+                other.push(i as u32);
+            }
+        }
+        let mut by_host = HashMap::with_capacity(exact_hosts.len());
+        for host in exact_hosts {
+            if by_host.contains_key(host) {
+                continue;
+            }
+            let candidates: Vec<u32> = routes
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| host_matches(&r.config.hosts, host))
+                .map(|(i, _)| i as u32)
+                .collect();
+            by_host.insert(host.to_string(), candidates);
+        }
+        RouteTable {
+            routes,
+            by_host,
+            other,
+        }
+    }
+
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
+    /// The first route that matches, in file order.
+    pub fn find(&self, req: &RequestView<'_>) -> Option<&Arc<Route>> {
+        let mut buf = [0u8; 255];
+        let host = lowercase(req.host, &mut buf);
+        let (candidates, host_checked) = match host.and_then(|h| self.by_host.get(h)) {
+            Some(list) => (list.as_slice(), true),
+            None => (self.other.as_slice(), false),
+        };
+        candidates
+            .iter()
+            .filter_map(|&i| self.routes.get(i as usize))
+            .find(|r| {
+                (host_checked || host_matches(&r.config.hosts, req.host))
+                    && matches_rest(&r.config, req)
+            })
+    }
+}
+
+/// Lower-cases a host into `buf` without allocating; `None` if it does not fit or isn't UTF-8.
+fn lowercase<'b>(host: &str, buf: &'b mut [u8; 255]) -> Option<&'b str> {
+    let bytes = host.as_bytes();
+    let out = buf.get_mut(..bytes.len())?;
+    for (o, b) in out.iter_mut().zip(bytes) {
+        *o = b.to_ascii_lowercase();
+    }
+    std::str::from_utf8(out).ok()
+}
+
+fn host_matches(hosts: &[HostMatch], host: &str) -> bool {
+    hosts.is_empty()
+        || hosts.iter().any(|h| match h {
+            HostMatch::Exact(name) => name.eq_ignore_ascii_case(host),
+            HostMatch::Suffix(suffix) => {
+                host.len() > suffix.len()
+                    && host
+                        .get(host.len() - suffix.len()..)
+                        .is_some_and(|tail| tail.eq_ignore_ascii_case(suffix))
+            }
+        })
+}
+
+fn matches_rest(r: &RouteConfig, req: &RequestView<'_>) -> bool {
+    let path_ok = match &r.path {
+        PathMatch::Any => true,
+        PathMatch::Exact(p) => req.path == p,
+        PathMatch::Prefix(p) => prefix_matches(p, req.path),
+    };
+    path_ok
+        && (r.methods.is_empty() || r.methods.iter().any(|m| m == req.method))
+        && r
+            .headers
+            .iter()
+            .all(|(name, value)| req.headers.get_all(name).iter().any(|v| v == value))
+}
+
+/// Segment-aware prefix: `/api` matches `/api` and `/api/x`, not `/apix`.
+/// A prefix ending in `/` is a plain prefix.
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        None => false,
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+    }
+}
+
+/// The upstream path and query for a request, or `None` when the route keeps them as they are.
+pub fn rewrite(route: &RouteConfig, path_and_query: &str) -> Option<String> {
+    let (Rewrite::Prefix(replacement), PathMatch::Prefix(prefix)) = (&route.rewrite, &route.path)
+    else {
+        return None;
+    };
+    let rest = path_and_query.strip_prefix(prefix.as_str())?;
+    let mut out = String::with_capacity(replacement.len() + rest.len() + 1);
+    out.push_str(replacement);
+    if out.ends_with('/') && rest.starts_with('/') {
+        out.pop();
+    }
+    out.push_str(rest);
+    if !out.starts_with('/') {
+        out.insert(0, '/');
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+    use std::path::Path;
+
+    fn table(routes: &str) -> RouteTable {
+        let src = format!(
+            "[listen]\nhttp=[\"127.0.0.1:1\"]\n[[service]]\nname=\"s\"\nendpoints=[{{addr=\"127.0.0.1:2\"}}]\n{routes}"
+        );
+        let c = config::parse(Path::new("t.toml"), &src).unwrap();
+        let svc = Arc::new(Service::new(c.services[0].clone(), None));
+        RouteTable::new(
+            c.routes
+                .into_iter()
+                .map(|r| {
+                    Arc::new(Route {
+                        metrics: RouteMetrics::new(&r.name, "s"),
+                        config: r,
+                        service: svc.clone(),
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    fn find<'t>(t: &'t RouteTable, host: &str, method: &str, path: &str, h: &[(&str, &str)]) -> Option<&'t str> {
+        let mut headers = HeaderMap::new();
+        for (k, v) in h {
+            headers.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let m = Method::from_bytes(method.as_bytes()).unwrap();
+        t.find(&RequestView {
+            host,
+            path,
+            method: &m,
+            headers: &headers,
+        })
+        .map(|r| r.name())
+    }
+
+    #[test]
+    fn first_match_in_file_order() {
+        let t = table(
+            r#"
+[[route]]
+name = "wild"
+hosts = ["*.example.com"]
+path_prefix = "/api"
+service = "s"
+[[route]]
+name = "exact"
+hosts = ["api.example.com"]
+service = "s"
+[[route]]
+name = "post"
+methods = ["post"]
+service = "s"
+[[route]]
+name = "canary"
+headers = { "x-canary" = "1" }
+service = "s"
+[[route]]
+name = "fallback"
+path = "/"
+service = "s"
+"#,
+        );
+        assert_eq!(find(&t, "api.example.com", "GET", "/api/x", &[]), Some("wild"));
+        assert_eq!(find(&t, "API.Example.com", "GET", "/other", &[]), Some("exact"));
+        assert_eq!(find(&t, "b.example.com", "GET", "/apix", &[]), None);
+        assert_eq!(find(&t, "example.com", "GET", "/api", &[]), None);
+        assert_eq!(find(&t, "x.org", "POST", "/p", &[]), Some("post"));
+        assert_eq!(find(&t, "x.org", "GET", "/p", &[("x-canary", "1")]), Some("canary"));
+        assert_eq!(find(&t, "x.org", "GET", "/p", &[("x-canary", "2")]), None);
+        assert_eq!(find(&t, "x.org", "GET", "/", &[]), Some("fallback"));
+    }
+
+    #[test]
+    fn prefixes_are_segment_aware() {
+        assert!(prefix_matches("/api", "/api"));
+        assert!(prefix_matches("/api", "/api/v1"));
+        assert!(!prefix_matches("/api", "/apis"));
+        assert!(prefix_matches("/api/", "/api/v1"));
+    }
+
+    #[test]
+    fn rewrites_replace_the_prefix() {
+        let t = table(
+            r#"
+[[route]]
+name = "strip"
+path_prefix = "/api"
+strip_prefix = true
+service = "s"
+[[route]]
+name = "v2"
+path_prefix = "/old"
+prefix_rewrite = "/new"
+service = "s"
+"#,
+        );
+        let strip = &t.routes()[0].config;
+        assert_eq!(rewrite(strip, "/api/users?x=1").as_deref(), Some("/users?x=1"));
+        assert_eq!(rewrite(strip, "/api").as_deref(), Some("/"));
+        assert_eq!(rewrite(strip, "/api?q").as_deref(), Some("/?q"));
+        let v2 = &t.routes()[1].config;
+        assert_eq!(rewrite(v2, "/old/a").as_deref(), Some("/new/a"));
+    }
+}

@@ -1,0 +1,136 @@
+//! The immutable view the request path reads, and the reload that replaces it.
+//!
+//! Owns: building a [`Snapshot`] from a validated `Config` (carrying instance health
+//! over from the previous snapshot), the `ArcSwap` that publishes it, and reload.
+//! Must not: parse TOML (that is `config`) or run I/O other than reading the file.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{self, Config};
+use crate::metrics::{RouteMetrics, METRICS};
+use crate::registry::Service;
+use crate::routing::{Route, RouteTable};
+
+/// One consistent version of routes and services.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub routes: RouteTable,
+    /// In file order.
+    pub services: Vec<Arc<Service>>,
+    pub generation: u64,
+    pub loaded_at: SystemTime,
+}
+
+impl Snapshot {
+    /// Builds a snapshot; instances keep the health `previous` knew of them.
+    pub fn build(config: Config, previous: Option<&Snapshot>, generation: u64) -> Snapshot {
+        let mut by_name: HashMap<&str, Arc<Service>> = HashMap::new();
+        let mut services = Vec::with_capacity(config.services.len());
+        for s in &config.services {
+            let old = previous.and_then(|p| p.service(&s.name));
+            let svc = Arc::new(Service::new(s.clone(), old.map(|o| &**o)));
+            services.push(svc);
+        }
+        for svc in &services {
+            by_name.insert(svc.name(), svc.clone());
+        }
+        let routes = config
+            .routes
+            .iter()
+            .filter_map(|r| {
+                // Validation guarantees the service exists.
+                let service = by_name.get(r.service.as_str())?.clone();
+                Some(Arc::new(Route {
+                    metrics: RouteMetrics::new(&r.name, &r.service),
+                    config: r.clone(),
+                    service,
+                }))
+            })
+            .collect();
+        Snapshot {
+            routes: RouteTable::new(routes),
+            services,
+            generation,
+            loaded_at: SystemTime::now(),
+            config: Arc::new(config),
+        }
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services.iter().find(|s| s.name() == name)
+    }
+}
+
+/// What reload reports back.
+#[derive(Debug, Clone)]
+pub struct ReloadOutcome {
+    pub generation: u64,
+    /// Settings that changed in the file but need a restart or an upgrade to apply.
+    pub not_applied: Vec<&'static str>,
+}
+
+/// Shared state: the current snapshot and what is needed to replace it.
+pub struct State {
+    current: ArcSwap<Snapshot>,
+    generation: AtomicU64,
+    reload_lock: Mutex<()>,
+}
+
+impl State {
+    pub fn new(config: Config) -> State {
+        State {
+            current: ArcSwap::from_pointee(Snapshot::build(config, None, 1)),
+            generation: AtomicU64::new(1),
+            reload_lock: Mutex::new(()),
+        }
+    }
+
+    /// The current snapshot; a request loads it once and keeps it.
+    #[inline]
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the config file, validates it in full and swaps it in; on any error the
+    /// current snapshot keeps serving. Requests in flight keep the snapshot they loaded.
+    pub fn reload(&self) -> Result<ReloadOutcome, String> {
+        let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.load();
+        let result = config::load(&old.config.source).map(|new| {
+            let mut not_applied = Vec::new();
+            if new.listen != old.config.listen {
+                not_applied.push("listen");
+            }
+            if new.server.threads != old.config.server.threads {
+                not_applied.push("server.threads");
+            }
+            if new.log.access != old.config.log.access {
+                not_applied.push("log.access");
+            }
+            let generation = self.generation.fetch_add(1, Relaxed) + 1;
+            let snapshot = Snapshot::build(new, Some(&old), generation);
+            self.current.store(Arc::new(snapshot));
+            ReloadOutcome {
+                generation,
+                not_applied,
+            }
+        });
+        match &result {
+            Ok(o) => {
+                METRICS.reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(generation = o.generation, not_applied = ?o.not_applied, "configuration reloaded");
+            }
+            Err(e) => {
+                METRICS.reloads.with_label_values(&["failed"]).inc();
+                tracing::error!("configuration reload refused, the previous one keeps serving:\n{e}");
+            }
+        }
+        result.map_err(|e| e.to_string())
+    }
+}
