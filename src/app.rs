@@ -46,7 +46,10 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         upstream_keepalive_pool_size: config.server.upstream_keepalive_pool,
         // busbar decides retries itself (attempts and budget); this is only pingora's loop bound.
         max_retries: 12,
-        pid_file: runtime_dir.join(format!("busbar-{first_port}.pid")).display().to_string(),
+        pid_file: runtime_dir
+            .join(format!("busbar-{first_port}.pid"))
+            .display()
+            .to_string(),
         upgrade_sock: runtime_dir
             .join(format!("busbar-{first_port}.upgrade.sock"))
             .display()
@@ -60,9 +63,8 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
 
-    let access_log = Arc::new(
-        AccessLog::open(&config.log.access).context("opening the access log")?,
-    );
+    let access_log =
+        Arc::new(AccessLog::open(&config.log.access).context("opening the access log")?);
     let listen = config.listen.clone();
     let state = Arc::new(State::new(config));
 
@@ -108,8 +110,18 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     admin.add_tcp(&listen.admin.to_string());
 
     // 3. Background tasks: health, reload on SIGHUP, access-log flushing, drain on shutdown.
-    let health = background_service("health checker", HealthChecker { state: state.clone() });
-    let sighup = background_service("reload on SIGHUP", ReloadOnHangup { state: state.clone() });
+    let health = background_service(
+        "health checker",
+        HealthChecker {
+            state: state.clone(),
+        },
+    );
+    let sighup = background_service(
+        "reload on SIGHUP",
+        ReloadOnHangup {
+            state: state.clone(),
+        },
+    );
     let flusher = background_service(
         "access log flusher",
         Drain {
@@ -176,7 +188,10 @@ impl BackgroundService for Drain {
             }
         }
         let deadline = Instant::now() + self.grace;
-        tracing::info!(in_flight = METRICS.in_flight.get(), "draining: no new connections, finishing requests in flight");
+        tracing::info!(
+            in_flight = METRICS.in_flight.get(),
+            "draining: no new connections, finishing requests in flight"
+        );
         while METRICS.in_flight.get() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

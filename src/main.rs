@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "busbar", version, about = "A centralized service bus and proxy gateway on pingora")]
+#[command(
+    name = "busbar",
+    version,
+    about = "A centralized service bus and proxy gateway on pingora"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,8 +45,9 @@ enum Command {
 }
 
 fn init_tracing(level: &str) {
-    let filter = EnvFilter::try_from_env("BUSBAR_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(format!("{level},pingora_core=warn,pingora_proxy=warn")));
+    let filter = EnvFilter::try_from_env("BUSBAR_LOG").unwrap_or_else(|_| {
+        EnvFilter::new(format!("{level},pingora_core=warn,pingora_proxy=warn"))
+    });
     let _ = tracing_log::LogTracer::init();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

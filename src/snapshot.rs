@@ -128,7 +128,9 @@ impl State {
             }
             Err(e) => {
                 METRICS.reloads.with_label_values(&["failed"]).inc();
-                tracing::error!("configuration reload refused, the previous one keeps serving:\n{e}");
+                tracing::error!(
+                    "configuration reload refused, the previous one keeps serving:\n{e}"
+                );
             }
         }
         result.map_err(|e| e.to_string())

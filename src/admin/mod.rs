@@ -75,7 +75,11 @@ impl AdminApi {
                 "send Authorization: Bearer <admin token>",
             )),
             Some(g) if same_secret(g, token.as_bytes()) => None,
-            Some(_) => Some(error(StatusCode::FORBIDDEN, "forbidden", "wrong admin token")),
+            Some(_) => Some(error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "wrong admin token",
+            )),
         }
     }
 

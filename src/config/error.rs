@@ -63,7 +63,12 @@ impl<'a> Locator<'a> {
         }
     }
 
-    pub fn error(&self, span: Range<usize>, context: &str, message: impl Into<String>) -> ConfigError {
+    pub fn error(
+        &self,
+        span: Range<usize>,
+        context: &str,
+        message: impl Into<String>,
+    ) -> ConfigError {
         let (line, col) = self.line_col(span.start);
         ConfigError {
             file: self.file.clone(),
@@ -79,7 +84,11 @@ impl<'a> Locator<'a> {
         let before = self.src.get(..offset).unwrap_or("");
         let line = before.matches('\n').count() + 1;
         let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-        let col = before.get(line_start..).map(|s| s.chars().count()).unwrap_or(0) + 1;
+        let col = before
+            .get(line_start..)
+            .map(|s| s.chars().count())
+            .unwrap_or(0)
+            + 1;
         (line, col)
     }
 }

@@ -25,7 +25,11 @@ pub fn validate(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
         Ok(f) => f,
         Err(e) => {
             let span = e.span().unwrap_or(0..0);
-            return Err(ConfigErrors(vec![loc.error(span, "", e.message().to_string())]));
+            return Err(ConfigErrors(vec![loc.error(
+                span,
+                "",
+                e.message().to_string(),
+            )]));
         }
     };
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -131,7 +135,11 @@ impl Validator<'_> {
         for t in &l.tls {
             if let Some(addr) = self.addr(&t.addr, ctx) {
                 if !seen.insert(addr) {
-                    self.err(t.addr.span(), ctx, format!("address {addr} is already used"));
+                    self.err(
+                        t.addr.span(),
+                        ctx,
+                        format!("address {addr} is already used"),
+                    );
                 }
                 tls.push(TlsListen {
                     addr,
@@ -216,7 +224,11 @@ impl Validator<'_> {
             None => HashKey::ClientIp,
             Some(k) => {
                 if balance != BalancePolicy::Sticky {
-                    self.err(k.span(), ctx, "hash_key only applies to balance = \"sticky\"");
+                    self.err(
+                        k.span(),
+                        ctx,
+                        "hash_key only applies to balance = \"sticky\"",
+                    );
                 }
                 self.hash_key(k, ctx).unwrap_or(HashKey::ClientIp)
             }
@@ -229,7 +241,11 @@ impl Validator<'_> {
                 continue;
             };
             if !seen.insert(addr) {
-                self.err(e.addr.span(), ctx, format!("endpoint {addr} is listed twice"));
+                self.err(
+                    e.addr.span(),
+                    ctx,
+                    format!("endpoint {addr} is listed twice"),
+                );
             }
             let weight = self.int(&e.weight, ctx, 1, 10_000).unwrap_or(1) as u32;
             endpoints.push(EndpointConfig { addr, weight });
@@ -337,7 +353,11 @@ impl Validator<'_> {
                     .map_or_else(|| "/".to_string(), |p| p.get_ref().clone());
                 if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
                     let span = h.path.as_ref().map_or(h.kind.span(), |p| p.span());
-                    self.err(span, ctx, "health.path must start with '/' and contain no spaces");
+                    self.err(
+                        span,
+                        ctx,
+                        "health.path must start with '/' and contain no spaces",
+                    );
                 }
                 ProbeKind::Http { path }
             }
@@ -348,7 +368,11 @@ impl Validator<'_> {
                 ProbeKind::Tcp
             }
             _ => {
-                self.err(h.kind.span(), ctx, "health.type must be \"http\" or \"tcp\"");
+                self.err(
+                    h.kind.span(),
+                    ctx,
+                    "health.type must be \"http\" or \"tcp\"",
+                );
                 ProbeKind::Tcp
             }
         };
@@ -376,7 +400,9 @@ impl Validator<'_> {
             };
             if name.is_empty()
                 || name.contains(['*', ':', '/', ' '])
-                || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
             {
                 self.err(
                     h.span(),
@@ -425,12 +451,20 @@ impl Validator<'_> {
         }
         let rewrite = match (&r.strip_prefix, &r.prefix_rewrite) {
             (Some(s), Some(_)) => {
-                self.err(s.span(), ctx, "set either strip_prefix or prefix_rewrite, not both");
+                self.err(
+                    s.span(),
+                    ctx,
+                    "set either strip_prefix or prefix_rewrite, not both",
+                );
                 Rewrite::None
             }
             (Some(s), None) if *s.get_ref() => {
                 if !matches!(path, PathMatch::Prefix(_)) {
-                    self.err(s.span(), ctx, "strip_prefix needs a path_prefix other than \"/\"");
+                    self.err(
+                        s.span(),
+                        ctx,
+                        "strip_prefix needs a path_prefix other than \"/\"",
+                    );
                 }
                 Rewrite::Prefix("/".to_string())
             }
@@ -473,7 +507,10 @@ impl Validator<'_> {
 
     fn check_path(&mut self, p: &Spanned<String>, ctx: &str) {
         let v = p.get_ref();
-        if !v.starts_with('/') || v.bytes().any(|b| b <= b' ' || b == 0x7f || b == b'?' || b == b'#') {
+        if !v.starts_with('/')
+            || v.bytes()
+                .any(|b| b <= b' ' || b == 0x7f || b == b'?' || b == b'#')
+        {
             self.err(
                 p.span(),
                 ctx,
@@ -489,11 +526,19 @@ impl Validator<'_> {
         ctx: &str,
     ) -> Option<(HeaderName, HeaderValue)> {
         let Ok(n) = HeaderName::from_bytes(name.as_bytes()) else {
-            self.err(value.span(), ctx, format!("\"{name}\" is not a valid header name"));
+            self.err(
+                value.span(),
+                ctx,
+                format!("\"{name}\" is not a valid header name"),
+            );
             return None;
         };
         let Ok(v) = HeaderValue::from_str(value.get_ref()) else {
-            self.err(value.span(), ctx, format!("the value of header \"{name}\" is not valid"));
+            self.err(
+                value.span(),
+                ctx,
+                format!("the value of header \"{name}\" is not valid"),
+            );
             return None;
         };
         Some((n, v))
@@ -527,7 +572,11 @@ impl Validator<'_> {
         match v.to_socket_addrs().map(|mut it| it.next()) {
             Ok(Some(addr)) if v.contains(':') => Some(addr),
             _ => {
-                self.err(a.span(), ctx, format!("\"{v}\" is not an address of the form host:port"));
+                self.err(
+                    a.span(),
+                    ctx,
+                    format!("\"{v}\" is not an address of the form host:port"),
+                );
                 None
             }
         }
@@ -537,7 +586,11 @@ impl Validator<'_> {
         let v = v.as_ref()?;
         let n = *v.get_ref();
         if n < min || n > max {
-            self.err(v.span(), ctx, format!("must be between {min} and {max}, got {n}"));
+            self.err(
+                v.span(),
+                ctx,
+                format!("must be between {min} and {max}, got {n}"),
+            );
             return None;
         }
         Some(n)
@@ -557,7 +610,10 @@ impl Validator<'_> {
                 self.err(
                     v.span(),
                     ctx,
-                    format!("\"{}\" is not a duration like \"500ms\" or \"5s\": {e}", v.get_ref()),
+                    format!(
+                        "\"{}\" is not a duration like \"500ms\" or \"5s\": {e}",
+                        v.get_ref()
+                    ),
                 );
                 default
             }
@@ -570,7 +626,10 @@ impl Validator<'_> {
             self.err(
                 v.span(),
                 ctx,
-                format!("\"{}\" is not a size like \"512KiB\", \"10MiB\" or \"1000\"", v.get_ref()),
+                format!(
+                    "\"{}\" is not a size like \"512KiB\", \"10MiB\" or \"1000\"",
+                    v.get_ref()
+                ),
             );
         }
         parsed
@@ -591,8 +650,7 @@ pub fn valid_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.as_bytes()[0].is_ascii_lowercase()
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
@@ -653,7 +711,10 @@ service = "echo"
     fn unknown_service_names_the_route_and_position() {
         let src = OK.replace("service = \"echo\"\n", "service = \"ech\"\n");
         let e = errors(&src);
-        assert_eq!(e, vec!["t.toml:15:11: route \"all\": unknown service \"ech\""]);
+        assert_eq!(
+            e,
+            vec!["t.toml:15:11: route \"all\": unknown service \"ech\""]
+        );
     }
 
     #[test]
@@ -684,7 +745,10 @@ service = "echo"
         );
         let e = errors(&src);
         assert_eq!(e.len(), 1, "{e:?}");
-        assert!(e[0].starts_with("t.toml:7:13: service \"echo\": no endpoints"), "{e:?}");
+        assert!(
+            e[0].starts_with("t.toml:7:13: service \"echo\": no endpoints"),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -52,7 +52,8 @@ impl BackgroundService for HealthChecker {
             if snap.generation != generation {
                 generation = snap.generation;
                 next_due.retain(|(svc, addr), _| {
-                    snap.service(svc).is_some_and(|s| s.instances().instances.iter().any(|i| i.addr == *addr))
+                    snap.service(svc)
+                        .is_some_and(|s| s.instances().instances.iter().any(|i| i.addr == *addr))
                 });
             }
             let now = now_ms();
@@ -63,9 +64,13 @@ impl BackgroundService for HealthChecker {
                     if inst.health.expire_ejection(now) == Transition::Unejected {
                         tracing::info!(service = svc.name(), instance = %inst.addr, "ejection ended");
                     }
-                    let Some(hc) = &svc.config.health else { continue };
+                    let Some(hc) = &svc.config.health else {
+                        continue;
+                    };
                     let key = (svc.name().to_string(), inst.addr);
-                    if next_due.get(&key).is_some_and(|due| *due > instant) || probes.len() >= MAX_PROBES {
+                    if next_due.get(&key).is_some_and(|due| *due > instant)
+                        || probes.len() >= MAX_PROBES
+                    {
                         continue;
                     }
                     next_due.insert(key, instant + hc.interval);
@@ -93,7 +98,10 @@ fn update_gauges(svc: &Service) {
         }] += 1;
     }
     for (state, n) in ["healthy", "unhealthy", "ejected"].iter().zip(counts) {
-        METRICS.instances.with_label_values(&[svc.name(), state]).set(n);
+        METRICS
+            .instances
+            .with_label_values(&[svc.name(), state])
+            .set(n);
     }
     METRICS
         .panic_mode
@@ -103,7 +111,10 @@ fn update_gauges(svc: &Service) {
 
 async fn probe_and_record(svc: Arc<Service>, inst: Arc<Instance>, hc: HealthCheck) {
     let ok = probe(inst.addr, &hc, svc.config.protocol).await;
-    match inst.health.record_probe(ok, hc.healthy_threshold, hc.unhealthy_threshold) {
+    match inst
+        .health
+        .record_probe(ok, hc.healthy_threshold, hc.unhealthy_threshold)
+    {
         Transition::BecameHealthy => {
             tracing::info!(service = svc.name(), instance = %inst.addr, "instance passed its health checks");
             svc.refresh_panic();
@@ -126,7 +137,10 @@ pub async fn probe(addr: SocketAddr, hc: &HealthCheck, protocol: Protocol) -> bo
             (ProbeKind::Http { path }, Protocol::H2c) => h2c_status(stream, addr, path).await,
         }
     };
-    matches!(tokio::time::timeout(hc.timeout, attempt).await, Ok(Some(true)))
+    matches!(
+        tokio::time::timeout(hc.timeout, attempt).await,
+        Ok(Some(true))
+    )
 }
 
 /// Sends `GET path` over HTTP/1.1 and reports whether the status is 2xx.
@@ -146,7 +160,11 @@ async fn http1_status(mut s: TcpStream, addr: SocketAddr, path: &str) -> Option<
     }
     // "HTTP/1.1 200"
     let status = buf.get(9..12)?;
-    Some(buf.starts_with(b"HTTP/1.") && status[0] == b'2' && status[1..].iter().all(u8::is_ascii_digit))
+    Some(
+        buf.starts_with(b"HTTP/1.")
+            && status[0] == b'2'
+            && status[1..].iter().all(u8::is_ascii_digit),
+    )
 }
 
 /// Sends `GET path` over HTTP/2 with prior knowledge and reports whether the status is 2xx.

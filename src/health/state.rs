@@ -163,7 +163,12 @@ impl InstanceHealth {
 
     /// Records one active probe. A probe that brings an instance back also ends its
     /// ejection: the instance answers again, so it gets traffic again.
-    pub fn record_probe(&self, ok: bool, healthy_threshold: u32, unhealthy_threshold: u32) -> Transition {
+    pub fn record_probe(
+        &self,
+        ok: bool,
+        healthy_threshold: u32,
+        unhealthy_threshold: u32,
+    ) -> Transition {
         if ok {
             self.probe_failures.store(0, Relaxed);
             let n = self.probe_successes.fetch_add(1, Relaxed) + 1;

@@ -16,7 +16,11 @@ pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Replaces `X-Forwarded-*` and `Forwarded` with what busbar itself saw.
-pub fn set_forwarded(req: &mut RequestHeader, client: Option<IpAddr>, tls: bool) -> pingora_error::Result<()> {
+pub fn set_forwarded(
+    req: &mut RequestHeader,
+    client: Option<IpAddr>,
+    tls: bool,
+) -> pingora_error::Result<()> {
     let proto = if tls { "https" } else { "http" };
     let host = req
         .headers

@@ -140,7 +140,9 @@ impl BusbarProxy {
 
     /// May this failed try be tried again? Spends a retry token if so.
     fn may_retry(&self, ctx: &RequestCtx) -> bool {
-        let Some(route) = &ctx.route else { return false };
+        let Some(route) = &ctx.route else {
+            return false;
+        };
         let svc = &route.service;
         if ctx.tries > svc.config.retry.attempts {
             return false;
@@ -226,24 +228,39 @@ impl ProxyHttp for BusbarProxy {
             ctx.body_bytes += b.len() as u64;
             if ctx.body_bytes > route.config.max_body {
                 ctx.cause = Some(Cause::BodyTooLarge);
-                return Err(Error::explain(ErrorType::HTTPStatus(413), "request body too large"));
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body too large",
+                ));
             }
         }
         Ok(())
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         ctx.cause = None;
         let (Some(route), Some(set)) = (ctx.route.as_ref(), ctx.set.as_ref()) else {
-            return Err(Error::explain(ErrorType::InternalError, "no route in context"));
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "no route in context",
+            ));
         };
         let svc = &route.service;
         let now = Instant::now();
-        let remaining = ctx.deadline.map_or(svc.config.timeout, |d| d.saturating_duration_since(now));
+        let remaining = ctx
+            .deadline
+            .map_or(svc.config.timeout, |d| d.saturating_duration_since(now));
         if remaining.is_zero() {
             ctx.cause = Some(Cause::UpstreamTimeout);
             svc.metrics.timeouts.inc();
-            return Err(upstream_error(Cause::UpstreamTimeout, "deadline passed before a try"));
+            return Err(upstream_error(
+                Cause::UpstreamTimeout,
+                "deadline passed before a try",
+            ));
         }
         let panic = svc.panic.load(std::sync::atomic::Ordering::Relaxed);
         let instances = &set.instances;
@@ -255,13 +272,25 @@ impl ProxyHttp for BusbarProxy {
             })
         };
         // Prefer an instance not tried yet; with none left, a tried one beats failing.
-        let Some(idx) = pick(false).or_else(|| if ctx.tried.is_empty() { None } else { pick(true) }) else {
+        let Some(idx) = pick(false).or_else(|| {
+            if ctx.tried.is_empty() {
+                None
+            } else {
+                pick(true)
+            }
+        }) else {
             ctx.cause = Some(Cause::NoHealthyInstance);
             svc.metrics.no_instance.inc();
-            return Err(upstream_error(Cause::NoHealthyInstance, "no healthy instance"));
+            return Err(upstream_error(
+                Cause::NoHealthyInstance,
+                "no healthy instance",
+            ));
         };
         let Some(instance) = instances.get(idx).cloned() else {
-            return Err(Error::explain(ErrorType::InternalError, "balancer index out of range"));
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "balancer index out of range",
+            ));
         };
         ctx.tried.push(idx);
         ctx.tries += 1;
@@ -320,8 +349,15 @@ impl ProxyHttp for BusbarProxy {
             }
         }
         if upstream_fault {
-            let timeout = matches!(e.etype(), ErrorType::ReadTimedout | ErrorType::WriteTimedout);
-            ctx.cause = Some(if timeout { Cause::UpstreamTimeout } else { Cause::UpstreamError });
+            let timeout = matches!(
+                e.etype(),
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            );
+            ctx.cause = Some(if timeout {
+                Cause::UpstreamTimeout
+            } else {
+                Cause::UpstreamError
+            });
             if timeout {
                 if let Some(route) = &ctx.route {
                     route.service.metrics.timeouts.inc();
@@ -345,7 +381,9 @@ impl ProxyHttp for BusbarProxy {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(route) = ctx.route.as_ref() else { return Ok(()) };
+        let Some(route) = ctx.route.as_ref() else {
+            return Ok(());
+        };
         if let Some(pq) = upstream.uri.path_and_query() {
             if let Some(new) = routing::rewrite(&route.config, pq.as_str()) {
                 let uri = http::Uri::try_from(new)
@@ -373,7 +411,11 @@ impl ProxyHttp for BusbarProxy {
         if let (Some(route), Some(start)) = (&ctx.route, ctx.upstream_start) {
             let t = start.elapsed();
             ctx.upstream_time = Some(t);
-            route.service.metrics.upstream_duration.observe(t.as_secs_f64());
+            route
+                .service
+                .metrics
+                .upstream_duration
+                .observe(t.as_secs_f64());
         }
         if let Some(instance) = ctx.instance.clone() {
             if resp.status.is_server_error() {
@@ -399,9 +441,17 @@ impl ProxyHttp for BusbarProxy {
         Ok(())
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let cause = match (e.esource(), e.etype()) {
-            (ErrorSource::Downstream, ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed) => None,
+            (
+                ErrorSource::Downstream,
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
+            ) => None,
             (ErrorSource::Downstream, _) => Some(Cause::BadRequest),
             (_, ErrorType::HTTPStatus(413)) => Some(Cause::BodyTooLarge),
             (ErrorSource::Upstream, _) => Some(ctx.cause.unwrap_or(Cause::UpstreamError)),
@@ -439,9 +489,7 @@ impl ProxyHttp for BusbarProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.release_instance();
-        let status = session
-            .response_written()
-            .map_or(0, |r| r.status.as_u16());
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let total = ctx.start.elapsed();
         if let Some(route) = &ctx.route {
             if status > 0 {
@@ -461,7 +509,11 @@ impl ProxyHttp for BusbarProxy {
         let trace_id = ctx.trace.trace_id_hex();
         let route = ctx.route.as_ref();
         self.access_log.write(&Entry {
-            client: session.as_downstream().client_addr().and_then(|a| a.as_inet()).copied(),
+            client: session
+                .as_downstream()
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .copied(),
             method: req.method.as_str(),
             host: request_host(req),
             path: req.uri.path(),

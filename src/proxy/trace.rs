@@ -80,7 +80,11 @@ fn parse(v: &[u8]) -> Option<TraceContext> {
         return None;
     }
     let version = v.get(0..2)?;
-    if version == b"ff" || v.get(2) != Some(&b'-') || v.get(35) != Some(&b'-') || v.get(52) != Some(&b'-') {
+    if version == b"ff"
+        || v.get(2) != Some(&b'-')
+        || v.get(35) != Some(&b'-')
+        || v.get(52) != Some(&b'-')
+    {
         return None;
     }
     if version == b"00" && v.len() != LEN {

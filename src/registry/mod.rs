@@ -83,7 +83,8 @@ impl Service {
             })
             .collect();
         let set = InstanceSet::new(&config, instances);
-        let retry_budget = RetryBudget::new(config.retry.budget, config.retry.min_retries_per_second);
+        let retry_budget =
+            RetryBudget::new(config.retry.budget, config.retry.min_retries_per_second);
         let metrics = ServiceMetrics::new(&config.name);
         Service {
             config,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use http::{HeaderMap, Method};
 
-use crate::config::{HostMatch, PathMatch, RouteConfig, Rewrite};
+use crate::config::{HostMatch, PathMatch, Rewrite, RouteConfig};
 use crate::metrics::RouteMetrics;
 use crate::registry::Service;
 
@@ -136,8 +136,7 @@ fn matches_rest(r: &RouteConfig, req: &RequestView<'_>) -> bool {
     };
     path_ok
         && (r.methods.is_empty() || r.methods.iter().any(|m| m == req.method))
-        && r
-            .headers
+        && r.headers
             .iter()
             .all(|(name, value)| req.headers.get_all(name).iter().any(|v| v == value))
 }
@@ -196,7 +195,13 @@ mod tests {
         )
     }
 
-    fn find<'t>(t: &'t RouteTable, host: &str, method: &str, path: &str, h: &[(&str, &str)]) -> Option<&'t str> {
+    fn find<'t>(
+        t: &'t RouteTable,
+        host: &str,
+        method: &str,
+        path: &str,
+        h: &[(&str, &str)],
+    ) -> Option<&'t str> {
         let mut headers = HeaderMap::new();
         for (k, v) in h {
             headers.append(
@@ -241,12 +246,21 @@ path = "/"
 service = "s"
 "#,
         );
-        assert_eq!(find(&t, "api.example.com", "GET", "/api/x", &[]), Some("wild"));
-        assert_eq!(find(&t, "API.Example.com", "GET", "/other", &[]), Some("exact"));
+        assert_eq!(
+            find(&t, "api.example.com", "GET", "/api/x", &[]),
+            Some("wild")
+        );
+        assert_eq!(
+            find(&t, "API.Example.com", "GET", "/other", &[]),
+            Some("exact")
+        );
         assert_eq!(find(&t, "b.example.com", "GET", "/apix", &[]), None);
         assert_eq!(find(&t, "example.com", "GET", "/api", &[]), None);
         assert_eq!(find(&t, "x.org", "POST", "/p", &[]), Some("post"));
-        assert_eq!(find(&t, "x.org", "GET", "/p", &[("x-canary", "1")]), Some("canary"));
+        assert_eq!(
+            find(&t, "x.org", "GET", "/p", &[("x-canary", "1")]),
+            Some("canary")
+        );
         assert_eq!(find(&t, "x.org", "GET", "/p", &[("x-canary", "2")]), None);
         assert_eq!(find(&t, "x.org", "GET", "/", &[]), Some("fallback"));
     }
@@ -276,7 +290,10 @@ service = "s"
 "#,
         );
         let strip = &t.routes()[0].config;
-        assert_eq!(rewrite(strip, "/api/users?x=1").as_deref(), Some("/users?x=1"));
+        assert_eq!(
+            rewrite(strip, "/api/users?x=1").as_deref(),
+            Some("/users?x=1")
+        );
         assert_eq!(rewrite(strip, "/api").as_deref(), Some("/"));
         assert_eq!(rewrite(strip, "/api?q").as_deref(), Some("/?q"));
         let v2 = &t.routes()[1].config;

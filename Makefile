@@ -1,0 +1,48 @@
+# busbar — build, run, test, bench.
+#
+#   make run     build and start busbar on conf/busbar.toml with two demo backends
+#   make test    the whole test suite (unit + integration, real processes on loopback)
+#   make bench   release build, then load-tests/bench.sh (busbar vs nginx, HAProxy, direct)
+
+CARGO ?= cargo
+CONFIG ?= conf/busbar.toml
+DEMO_BACKENDS ?= -l 127.0.0.1:9101 -l 127.0.0.1:9102
+
+.PHONY: run build release test check-conf bench fmt clippy lint
+
+build:
+	$(CARGO) build --bin busbar
+
+release:
+	$(CARGO) build --release --bin busbar
+
+# Starts the demo backends in the background (stopped, by pid, when busbar exits)
+# and busbar in the foreground. Try: curl -i http://localhost:8080/api/hello
+run: release
+	@set -e; \
+	target/release/busbar demo $(DEMO_BACKENDS) & demo=$$!; \
+	trap 'kill $$demo 2>/dev/null; wait $$demo 2>/dev/null' EXIT INT TERM; \
+	target/release/busbar run -c $(CONFIG)
+
+test:
+	$(CARGO) test --all-targets
+	$(MAKE) check-conf
+
+# Every shipped configuration must pass `busbar check`.
+check-conf: build
+	@for f in conf/*.toml conf/examples/*.toml; do \
+		[ -e "$$f" ] || continue; \
+		target/debug/busbar check "$$f" || exit 1; \
+	done
+
+bench: release
+	bash load-tests/bench.sh
+
+fmt:
+	$(CARGO) fmt --all
+
+clippy:
+	$(CARGO) clippy --all-targets -- -D warnings
+
+lint: clippy
+	$(CARGO) fmt --all -- --check

@@ -1,0 +1,250 @@
+//! Test harness: the real busbar binary and real HTTP backends on run-time ports.
+//!
+//! Everything a test starts binds to 127.0.0.1 on a port the OS picked and is stopped
+//! when its guard drops, also when the test fails.
+#![allow(dead_code)]
+
+pub mod backend;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use backend::Backend;
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_busbar")
+}
+
+/// A running busbar process.
+pub struct Busbar {
+    child: Option<Child>,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub token: String,
+}
+
+impl Busbar {
+    /// Starts busbar on `body` (services and routes; `{dir}` is replaced by the test's
+    /// temp dir), with listeners, admin and access log filled in by the harness.
+    pub async fn start(body: &str) -> Busbar {
+        Self::start_with_header(body, "").await
+    }
+
+    /// Like [`Busbar::start`], with extra `[listen]` keys (e.g. a `tls = [...]` line).
+    pub async fn start_with_header(body: &str, listen_extra: &str) -> Busbar {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = dir.path().join("busbar.toml");
+        let mut b = Busbar {
+            child: None,
+            http,
+            admin,
+            config,
+            token: format!("test-token-{}", free_port()),
+            dir,
+        };
+        b.write_config(body, listen_extra);
+        b.spawn();
+        b.wait_ready().await;
+        b
+    }
+
+    pub fn header(&self, listen_extra: &str) -> String {
+        format!(
+            "[server]\nruntime_dir = \"{dir}\"\ngrace_period = \"10s\"\n\n[listen]\nhttp = [\"{http}\"]\nadmin = \"{admin}\"\n{listen_extra}\n\n[log]\nlevel = \"info\"\naccess = \"{dir}/access.log\"\n\n",
+            dir = self.dir.path().display(),
+            http = self.http,
+            admin = self.admin,
+        )
+    }
+
+    /// Rewrites the config file (the process keeps running until told to reload).
+    pub fn write_config(&self, body: &str, listen_extra: &str) {
+        let body = body.replace("{dir}", &self.dir.path().display().to_string());
+        std::fs::write(&self.config, format!("{}{body}", self.header(listen_extra)))
+            .expect("write config");
+    }
+
+    fn spawn(&mut self) {
+        let out = std::fs::File::create(self.dir.path().join("stdout.log")).unwrap();
+        let err = std::fs::File::create(self.dir.path().join("stderr.log")).unwrap();
+        let child = Command::new(bin())
+            .args(["run", "-c"])
+            .arg(&self.config)
+            .env("BUSBAR_ADMIN_TOKEN", &self.token)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start busbar");
+        self.child = Some(child);
+    }
+
+    pub async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let client = client();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("busbar exited early with {status}:\n{}", self.stderr());
+                }
+            }
+            let ready = client
+                .get(format!("http://{}/healthz", self.admin))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ready && std::net::TcpStream::connect(self.http).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "busbar not ready:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY-free: libc::kill on our own child's pid.
+        let rc = unsafe_kill(self.pid(), sig);
+        assert_eq!(rc, 0, "kill({}, {sig}) failed", self.pid());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return status.code();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of one sample in `/metrics`, e.g. `busbar_requests_total{route="a",service="s",class="2xx"}`.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.metrics().await, sample)
+    }
+
+    pub async fn reload(&self) -> reqwest::Response {
+        client()
+            .post(self.admin_url("/v1/reload"))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("reload call")
+    }
+}
+
+/// Parses one sample's value out of Prometheus text; 0 when absent.
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+impl Drop for Busbar {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn unsafe_kill(pid: i32, sig: i32) -> i32 {
+    // The crate forbids unsafe code; the test harness shells out instead.
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+    match status {
+        Ok(s) if s.success() => 0,
+        _ => -1,
+    }
+}
+
+/// A client that never reuses a pooled connection across tests and has a sane timeout.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+pub fn h2c_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .http2_prior_knowledge()
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+/// Runs `busbar check` on a file.
+pub fn check(path: &Path) -> std::process::Output {
+    Command::new(bin())
+        .arg("check")
+        .arg(path)
+        .output()
+        .expect("busbar check")
+}
+
+pub const SIGHUP: i32 = 1;
+pub const SIGKILL: i32 = 9;
+pub const SIGTERM: i32 = 15;
