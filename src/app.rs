@@ -15,10 +15,15 @@ use pingora_core::services::listening::Service as ListeningService;
 
 use crate::accesslog::{self, AccessLog};
 use crate::admin::{AdminApi, TOKEN_ENV};
-use crate::config::Config;
+use crate::cluster::etcd::{Etcd, EtcdWatch};
+use crate::config::{Config, RegistryBackend};
 use crate::health::checker::HealthChecker;
 use crate::metrics::METRICS;
 use crate::proxy::BusbarProxy;
+use crate::registry::api::{Embedded, RegistrationApi, Writer};
+use crate::registry::persist;
+use crate::registry::store::{Store, StorePolicy};
+use crate::registry::sync::RegistrySync;
 use crate::snapshot::State;
 
 /// How long pingora's runtimes get to stop once busbar has drained.
@@ -66,7 +71,37 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let access_log =
         Arc::new(AccessLog::open(&config.log.access).context("opening the access log")?);
     let listen = config.listen.clone();
-    let state = Arc::new(State::new(config));
+    let registry_conf = config.registry.clone();
+
+    // 0. The registry's last known instances come first, so a restarted node routes at once.
+    let store = Arc::new(Store::new(StorePolicy {
+        renewal_threshold: registry_conf.renewal_threshold,
+        max_expiry_share: registry_conf.max_expiry_share,
+    }));
+    let etcd = match &registry_conf.backend {
+        RegistryBackend::Embedded => None,
+        RegistryBackend::Etcd { endpoints, prefix } => {
+            Some(Etcd::new(endpoints.clone(), prefix.clone(), store.clone()))
+        }
+    };
+    match persist::load(&registry_conf.snapshot) {
+        Ok(instances) => {
+            if !instances.is_empty() {
+                tracing::info!(n = instances.len(), path = %registry_conf.snapshot.display(), "routing to the registry snapshot's instances");
+            }
+            for r in instances {
+                // With etcd, leases live there: the snapshot's instances wait for the
+                // re-list to confirm or remove them rather than expire here.
+                if etcd.is_some() {
+                    store.upsert_external(r);
+                } else {
+                    store.restore(r);
+                }
+            }
+        }
+        Err(e) => tracing::error!("registry snapshot ignored: {e}"),
+    }
+    let state = Arc::new(State::new(config, store.clone()));
 
     // 1. The service endpoint: HTTP/1.1 and h2c on each plain port, TLS with ALPN h2.
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
@@ -109,7 +144,29 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     admin.threads = Some(1);
     admin.add_tcp(&listen.admin.to_string());
 
-    // 3. Background tasks: health, reload on SIGHUP, access-log flushing, drain on shutdown.
+    // 3. The registration API, on its own listener (other hosts must reach it; tokens guard it).
+    let writer: Arc<dyn Writer> = match &etcd {
+        Some(e) => e.clone(),
+        None => Arc::new(Embedded(store)),
+    };
+    let mut registration = ListeningService::new(
+        "busbar registration".to_string(),
+        RegistrationApi {
+            state: state.clone(),
+            writer,
+        },
+    );
+    registration.threads = Some(1);
+    registration.add_tcp(&registry_conf.listen.to_string());
+
+    // 4. Background tasks: health, registry upkeep, reload on SIGHUP, access-log
+    //    flushing, drain on shutdown.
+    let registry_sync = background_service(
+        "registry sync",
+        RegistrySync {
+            state: state.clone(),
+        },
+    );
     let health = background_service(
         "health checker",
         HealthChecker {
@@ -119,6 +176,12 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let sighup = background_service(
         "reload on SIGHUP",
         ReloadOnHangup {
+            state: state.clone(),
+        },
+    );
+    let admission_sweep = background_service(
+        "admission sweep",
+        AdmissionSweep {
             state: state.clone(),
         },
     );
@@ -132,11 +195,35 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
 
     server.add_service(proxy);
     server.add_service(admin);
+    server.add_service(registration);
+    server.add_service(registry_sync);
+    if let Some(e) = etcd {
+        server.add_service(background_service("etcd watch", EtcdWatch(e)));
+    }
     server.add_service(health);
     server.add_service(sighup);
+    server.add_service(admission_sweep);
     server.add_service(flusher);
-    tracing::info!(http = ?listen.http, tls = ?listen.tls.iter().map(|t| t.addr).collect::<Vec<_>>(), admin = %listen.admin, "busbar started");
+    tracing::info!(http = ?listen.http, tls = ?listen.tls.iter().map(|t| t.addr).collect::<Vec<_>>(), admin = %listen.admin, registration = %registry_conf.listen, "busbar started");
     server.run_forever()
+}
+
+/// Evicts idle rate-limit cells and samples queue gauges, so per-user state stays bounded.
+struct AdmissionSweep {
+    state: Arc<State>,
+}
+
+#[async_trait]
+impl BackgroundService for AdmissionSweep {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(crate::admission::SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => self.state.load().admission.stores().sweep(),
+            }
+        }
+    }
 }
 
 /// Reloads the configuration file on SIGHUP.

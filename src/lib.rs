@@ -6,8 +6,10 @@
 
 pub mod accesslog;
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod balance;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod health;

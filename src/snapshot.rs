@@ -25,16 +25,29 @@ pub struct Snapshot {
     pub services: Vec<Arc<Service>>,
     pub generation: u64,
     pub loaded_at: SystemTime,
+    /// Compiled admission policies; per-user limiter and queue state carried over.
+    pub admission: crate::admission::Admission,
 }
 
 impl Snapshot {
-    /// Builds a snapshot; instances keep the health `previous` knew of them.
-    pub fn build(config: Config, previous: Option<&Snapshot>, generation: u64) -> Snapshot {
+    /// Builds a snapshot; instances keep the health `previous` knew of them, and
+    /// services that take registrations get their registered instances from `store`.
+    pub fn build(
+        config: Config,
+        previous: Option<&Snapshot>,
+        generation: u64,
+        store: &crate::registry::store::Store,
+    ) -> Snapshot {
         let mut by_name: HashMap<&str, Arc<Service>> = HashMap::new();
         let mut services = Vec::with_capacity(config.services.len());
         for s in &config.services {
             let old = previous.and_then(|p| p.service(&s.name));
-            let svc = Arc::new(Service::new(s.clone(), old.map(|o| &**o)));
+            let registered = if s.registration {
+                store.instances(&s.name)
+            } else {
+                Vec::new()
+            };
+            let svc = Arc::new(Service::new(s.clone(), old.map(|o| &**o), &registered));
             services.push(svc);
         }
         for svc in &services {
@@ -53,7 +66,9 @@ impl Snapshot {
                 }))
             })
             .collect();
+        let admission = crate::admission::Admission::build(&config, previous.map(|p| &p.admission));
         Snapshot {
+            admission,
             routes: RouteTable::new(routes),
             services,
             generation,
@@ -78,14 +93,17 @@ pub struct ReloadOutcome {
 /// Shared state: the current snapshot and what is needed to replace it.
 pub struct State {
     current: ArcSwap<Snapshot>,
+    /// Registered instances (the embedded store, or the local view of etcd).
+    pub registry: Arc<crate::registry::store::Store>,
     generation: AtomicU64,
     reload_lock: Mutex<()>,
 }
 
 impl State {
-    pub fn new(config: Config) -> State {
+    pub fn new(config: Config, registry: Arc<crate::registry::store::Store>) -> State {
         State {
-            current: ArcSwap::from_pointee(Snapshot::build(config, None, 1)),
+            current: ArcSwap::from_pointee(Snapshot::build(config, None, 1, &registry)),
+            registry,
             generation: AtomicU64::new(1),
             reload_lock: Mutex::new(()),
         }
@@ -114,7 +132,12 @@ impl State {
                 not_applied.push("log.access");
             }
             let generation = self.generation.fetch_add(1, Relaxed) + 1;
-            let snapshot = Snapshot::build(new, Some(&old), generation);
+            self.registry
+                .set_policy(crate::registry::store::StorePolicy {
+                    renewal_threshold: new.registry.renewal_threshold,
+                    max_expiry_share: new.registry.max_expiry_share,
+                });
+            let snapshot = Snapshot::build(new, Some(&old), generation, &self.registry);
             self.current.store(Arc::new(snapshot));
             ReloadOutcome {
                 generation,

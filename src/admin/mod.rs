@@ -128,6 +128,7 @@ impl AdminApi {
                         json!({
                             "id": i.id,
                             "addr": i.addr.to_string(),
+                            "source": if i.registration.is_some() { "registered" } else { "config" },
                             "weight": i.weight,
                             "health": i.health.state().as_str(),
                             "ejected_for_ms": i.health.ejection_left(now).map(|d| d.as_millis() as u64),
@@ -145,6 +146,23 @@ impl AdminApi {
             })
             .collect();
         json!({ "generation": snap.generation, "services": services })
+    }
+
+    fn registry(&self) -> Value {
+        let snap = self.state.load();
+        let store = &self.state.registry;
+        let r = &snap.config.registry;
+        json!({
+            "backend": match &r.backend {
+                crate::config::RegistryBackend::Embedded => "embedded",
+                crate::config::RegistryBackend::Etcd { .. } => "etcd",
+            },
+            "listen": r.listen.to_string(),
+            "snapshot": r.snapshot.display().to_string(),
+            "instances": store.all().len(),
+            "degraded": store.degraded(),
+            "self_preservation": store.self_preservation(),
+        })
     }
 
     fn reload(&self) -> Response<Vec<u8>> {
@@ -172,7 +190,16 @@ impl ServeHttp for AdminApi {
         let method = req.method.clone();
         let path = req.uri.path().to_string();
         match (method, path.as_str()) {
-            (Method::GET, "/healthz") => json_reply(StatusCode::OK, json!({ "status": "ok" })),
+            (Method::GET, "/healthz") => {
+                let degraded = self.state.registry.degraded();
+                json_reply(
+                    StatusCode::OK,
+                    json!({
+                        "status": if degraded { "degraded" } else { "ok" },
+                        "registry": if degraded { "unreachable: routing from memory and snapshot" } else { "ok" },
+                    }),
+                )
+            }
             (Method::GET, "/metrics") => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
@@ -180,11 +207,16 @@ impl ServeHttp for AdminApi {
             ),
             (Method::GET, "/v1/routes") => json_reply(StatusCode::OK, self.routes()),
             (Method::GET, "/v1/services") => json_reply(StatusCode::OK, self.services()),
+            (Method::GET, "/v1/registry") => json_reply(StatusCode::OK, self.registry()),
             (Method::POST, "/v1/reload") => match self.authorize(session) {
                 Some(refusal) => refusal,
                 None => self.reload(),
             },
-            (_, "/healthz" | "/metrics" | "/v1/routes" | "/v1/services" | "/v1/reload") => error(
+            (
+                _,
+                "/healthz" | "/metrics" | "/v1/routes" | "/v1/services" | "/v1/registry"
+                | "/v1/reload",
+            ) => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 "see the admin API in README.md",

@@ -20,6 +20,8 @@ pub struct FileConfig {
     pub log: LogFile,
     #[serde(default)]
     pub limits: LimitsFile,
+    pub registry: Option<super::registry::RegistryFile>,
+    pub auth: Option<super::auth::AuthFile>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceFile>,
     #[serde(default, rename = "route")]
@@ -70,6 +72,8 @@ pub struct LimitsFile {
 #[serde(deny_unknown_fields)]
 pub struct ServiceFile {
     pub name: Spanned<String>,
+    /// Takes registrations through the registration API (then `endpoints` may be empty).
+    pub registration: Option<Spanned<bool>>,
     pub protocol: Option<Spanned<String>>,
     pub balance: Option<Spanned<String>>,
     pub hash_key: Option<Spanned<String>>,
@@ -81,6 +85,7 @@ pub struct ServiceFile {
     pub retry: Option<RetryFile>,
     pub health: Option<HealthFile>,
     pub outlier: Option<OutlierFile>,
+    pub max_in_flight: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -138,6 +143,7 @@ pub struct RouteFile {
     pub max_body: Option<Spanned<String>>,
     pub request_headers: Option<HeaderEditFile>,
     pub response_headers: Option<HeaderEditFile>,
+    pub admission: Option<super::admission::RouteAdmissionFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -3,13 +3,22 @@
 //! Owns: reading, parsing and validating `busbar.toml`; every error names file:line:col.
 //! Must not: touch runtime state; building snapshots from a `Config` is `snapshot`'s job.
 
+mod admission;
+mod auth;
 mod error;
 mod file;
 mod model;
+mod registry;
 mod validate;
 
+pub use admission::{
+    parse_rate, IdentitySource, QueuePolicy, Rate, RateLimitConfig, RouteAdmission, DEFAULT_IDENTITY_HEADER,
+};
+pub use auth::{ApiKey, AuthConfig, JwtIssuer, JwtKey};
 pub use error::{ConfigError, ConfigErrors};
 pub use model::*;
+pub use registry::{RegistryBackend, RegistryConfig, RegistryToken, MAX_TTL, MIN_TTL};
+pub use validate::valid_identifier;
 
 use std::path::Path;
 

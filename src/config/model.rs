@@ -60,6 +60,9 @@ pub struct Config {
     pub server: ServerSettings,
     pub listen: Listen,
     pub log: LogSettings,
+    pub registry: super::RegistryConfig,
+    /// JWT issuers and API keys that routes' identity lists use.
+    pub auth: super::AuthConfig,
     pub services: Vec<ServiceConfig>,
     pub routes: Vec<RouteConfig>,
 }
@@ -155,6 +158,8 @@ pub struct EndpointConfig {
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
     pub name: String,
+    /// Takes registrations: registered instances join `endpoints`.
+    pub registration: bool,
     pub protocol: Protocol,
     pub balance: BalancePolicy,
     pub hash_key: HashKey,
@@ -167,6 +172,8 @@ pub struct ServiceConfig {
     pub retry: RetryPolicy,
     pub health: Option<HealthCheck>,
     pub outlier: OutlierPolicy,
+    /// Requests in flight to the service at most; beyond, they wait in per-user fair queues.
+    pub max_in_flight: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -259,4 +266,6 @@ pub struct RouteConfig {
     pub max_body: u64,
     pub request_headers: HeaderEdit,
     pub response_headers: HeaderEdit,
+    /// ACL, identity, rate limit and queue policy.
+    pub admission: super::RouteAdmission,
 }

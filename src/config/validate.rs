@@ -9,11 +9,12 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 use toml::Spanned;
 
+use super::admission::RouteAdmission;
 use super::error::{ConfigError, ConfigErrors, Locator};
 use super::file::*;
 use super::model::*;
 
-struct Validator<'a> {
+pub(super) struct Validator<'a> {
     loc: Locator<'a>,
     base: PathBuf,
     errors: Vec<ConfigError>,
@@ -47,7 +48,7 @@ pub fn validate(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
 }
 
 impl Validator<'_> {
-    fn err(&mut self, span: Range<usize>, ctx: &str, msg: impl Into<String>) {
+    pub(super) fn err(&mut self, span: Range<usize>, ctx: &str, msg: impl Into<String>) {
         let e = self.loc.error(span, ctx, msg);
         self.errors.push(e);
     }
@@ -56,13 +57,14 @@ impl Validator<'_> {
         let server = self.server(f.server);
         let listen = self.listen(f.listen);
         let log = self.log(f.log);
+        let auth = self.auth(f.auth.as_ref());
         let default_max_body = match &f.limits.max_body {
             Some(s) => self.size(s, "limits").unwrap_or(DEFAULT_MAX_BODY),
             None => DEFAULT_MAX_BODY,
         };
 
         let mut names = HashSet::new();
-        let mut services = Vec::with_capacity(f.services.len());
+        let mut services: Vec<ServiceConfig> = Vec::with_capacity(f.services.len());
         for s in f.services {
             let ctx = format!("service \"{}\"", s.name.get_ref());
             if !names.insert(s.name.get_ref().clone()) {
@@ -87,16 +89,21 @@ impl Validator<'_> {
                     format!("unknown service \"{}\"", r.service.get_ref()),
                 );
             }
-            if let Some(route) = self.route(r, &ctx, default_max_body) {
+            let admission = self.route_admission(r.admission.as_ref(), &auth, &ctx);
+            if let Some(mut route) = self.route(r, &ctx, default_max_body) {
+                route.admission = admission;
                 routes.push(route);
             }
         }
 
+        let registry = self.registry(f.registry.as_ref(), &server, &names);
         Config {
             source: path.to_path_buf(),
             server,
             listen,
             log,
+            registry,
+            auth,
             services,
             routes,
         }
@@ -250,12 +257,13 @@ impl Validator<'_> {
             let weight = self.int(&e.weight, ctx, 1, 10_000).unwrap_or(1) as u32;
             endpoints.push(EndpointConfig { addr, weight });
         }
-        if listed.is_empty() {
+        let registration = s.registration.as_ref().is_some_and(|r| *r.get_ref());
+        if listed.is_empty() && !registration {
             let span = s.endpoints.as_ref().map_or(s.name.span(), |e| e.span());
             self.err(
                 span,
                 ctx,
-                "no endpoints: list at least one in `endpoints = [{ addr = \"host:port\" }]`",
+                "no endpoints: list at least one in `endpoints = [{ addr = \"host:port\" }]`, or set `registration = true`",
             );
         }
         let connect_timeout = self.duration(&s.connect_timeout, ctx, DEFAULT_CONNECT_TIMEOUT);
@@ -309,6 +317,7 @@ impl Validator<'_> {
         }
         Some(ServiceConfig {
             name: s.name.into_inner(),
+            registration,
             protocol,
             balance,
             hash_key,
@@ -320,6 +329,9 @@ impl Validator<'_> {
             retry,
             health,
             outlier,
+            max_in_flight: self
+                .int(&s.max_in_flight, ctx, 1, 1_000_000)
+                .map(|n| n as u32),
         })
     }
 
@@ -502,6 +514,7 @@ impl Validator<'_> {
             max_body,
             request_headers,
             response_headers,
+            admission: RouteAdmission::default(),
         })
     }
 
@@ -563,7 +576,7 @@ impl Validator<'_> {
         out
     }
 
-    fn addr(&mut self, a: &Spanned<String>, ctx: &str) -> Option<SocketAddr> {
+    pub(super) fn addr(&mut self, a: &Spanned<String>, ctx: &str) -> Option<SocketAddr> {
         let v = a.get_ref();
         if let Ok(addr) = v.parse::<SocketAddr>() {
             return Some(addr);
@@ -582,7 +595,7 @@ impl Validator<'_> {
         }
     }
 
-    fn int(&mut self, v: &Option<Spanned<i64>>, ctx: &str, min: i64, max: i64) -> Option<i64> {
+    pub(super) fn int(&mut self, v: &Option<Spanned<i64>>, ctx: &str, min: i64, max: i64) -> Option<i64> {
         let v = v.as_ref()?;
         let n = *v.get_ref();
         if n < min || n > max {
@@ -596,7 +609,7 @@ impl Validator<'_> {
         Some(n)
     }
 
-    fn duration(&mut self, v: &Option<Spanned<String>>, ctx: &str, default: Duration) -> Duration {
+    pub(super) fn duration(&mut self, v: &Option<Spanned<String>>, ctx: &str, default: Duration) -> Duration {
         let Some(v) = v else {
             return default;
         };
@@ -635,7 +648,7 @@ impl Validator<'_> {
         parsed
     }
 
-    fn path(&self, p: &str) -> PathBuf {
+    pub(super) fn path(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         if p.is_absolute() {
             p.to_path_buf()

@@ -30,6 +30,14 @@ pub struct Metrics {
     pub panic_mode: IntGaugeVec,
     pub reloads: IntCounterVec,
     pub in_flight: IntGauge,
+    pub admission: IntCounterVec,
+    pub queue_wait: HistogramVec,
+    pub service_in_flight: IntGaugeVec,
+    pub queue_waiting: IntGaugeVec,
+    pub registry_expired: IntCounter,
+    pub self_preservation: IntGauge,
+    pub registrations: IntCounterVec,
+    pub registry_degraded: IntGauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -55,6 +63,20 @@ fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Histogram
     r.register(Box::new(h.clone()))
         .expect("metric registered once");
     h
+}
+
+fn int_counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
 }
 
 /// The process-wide metrics.
@@ -135,6 +157,51 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["result"],
         ),
         in_flight,
+        admission: counter(
+            &r,
+            "busbar_admission_decisions_total",
+            "Admission decisions by route: admitted, queued (admitted after a wait), limited or rejected, with the reason.",
+            &["route", "decision", "reason"],
+        ),
+        queue_wait: histogram(
+            &r,
+            "busbar_queue_wait_seconds",
+            "Time requests waited for a service slot, by service (requests that waited only).",
+            &["service"],
+        ),
+        service_in_flight: gauge(
+            &r,
+            "busbar_service_in_flight",
+            "Requests holding a slot of a service with max_in_flight (sampled each second).",
+            &["service"],
+        ),
+        queue_waiting: gauge(
+            &r,
+            "busbar_queue_waiting",
+            "Requests waiting for a slot of a service with max_in_flight (sampled each second).",
+            &["service"],
+        ),
+        registry_expired: int_counter(
+            &r,
+            "busbar_registry_expired_total",
+            "Registered instances removed because their TTL ran out.",
+        ),
+        self_preservation: int_gauge(
+            &r,
+            "busbar_registry_self_preservation",
+            "1 while renewals are below the threshold and expiry is suspended.",
+        ),
+        registrations: counter(
+            &r,
+            "busbar_registry_requests_total",
+            "Registration API calls by operation and result.",
+            &["op", "result"],
+        ),
+        registry_degraded: int_gauge(
+            &r,
+            "busbar_registry_degraded",
+            "1 while the registry store (etcd) is unreachable and routing runs from memory.",
+        ),
         registry: r,
     }
 });
@@ -198,6 +265,40 @@ impl ServiceMetrics {
             retries: m.retries.with_label_values(&[service]),
             budget_exhausted: m.retry_budget_exhausted.with_label_values(&[service]),
             ejections: m.ejections.with_label_values(&[service]),
+        }
+    }
+}
+
+/// Admission handles for one route, resolved when the snapshot is built.
+#[derive(Debug, Clone)]
+pub struct AdmissionMetrics {
+    pub admitted: IntCounter,
+    pub queued: IntCounter,
+    pub limited_user: IntCounter,
+    pub limited_route: IntCounter,
+    pub unauthorized: IntCounter,
+    pub forbidden: IntCounter,
+    pub queue_full: IntCounter,
+    pub queue_timeout: IntCounter,
+    pub queue_wait: Histogram,
+}
+
+impl AdmissionMetrics {
+    pub fn new(route: &str, service: &str) -> Self {
+        let m = &*METRICS;
+        let c = |decision: &str, reason: &str| {
+            m.admission.with_label_values(&[route, decision, reason])
+        };
+        AdmissionMetrics {
+            admitted: c("admitted", ""),
+            queued: c("queued", ""),
+            limited_user: c("limited", "user"),
+            limited_route: c("limited", "route"),
+            unauthorized: c("rejected", "unauthorized"),
+            forbidden: c("rejected", "forbidden"),
+            queue_full: c("rejected", "queue_full"),
+            queue_timeout: c("rejected", "queue_timeout"),
+            queue_wait: m.queue_wait.with_label_values(&[service]),
         }
     }
 }

@@ -58,6 +58,8 @@ pub struct RequestCtx {
     pub sticky_key: u64,
     pub body_bytes: u64,
     pub counted: bool,
+    /// Admission's verdict; holds the service slot until the request ends.
+    pub admitted: Option<crate::admission::Admitted>,
 }
 
 impl RequestCtx {
@@ -79,6 +81,7 @@ impl RequestCtx {
             sticky_key: 0,
             body_bytes: 0,
             counted: false,
+            admitted: None,
         }
     }
 

@@ -23,6 +23,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::accesslog::{AccessLog, Entry};
+use crate::admission;
 use crate::balance::hash_key;
 use crate::config::{HashKey, Protocol};
 use crate::health::state::now_ms;
@@ -179,9 +180,14 @@ impl ProxyHttp for BusbarProxy {
         ctx.trace = trace::TraceContext::from_header(
             req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()),
         );
+        // Routing and ACLs see the normalised path: `//admin`, `/a/../admin` are `/admin`.
+        let normalized = match admission::normalize_path(req.uri.path()) {
+            std::borrow::Cow::Borrowed(_) => None,
+            std::borrow::Cow::Owned(p) => Some(p),
+        };
         let view = RequestView {
             host: request_host(req),
-            path: req.uri.path(),
+            path: normalized.as_deref().unwrap_or(req.uri.path()),
             method: &req.method,
             headers: &req.headers,
         };
@@ -204,6 +210,25 @@ impl ProxyHttp for BusbarProxy {
             session.as_downstream_mut().set_keepalive(None);
             reply::respond(session, Cause::BodyTooLarge).await?;
             return Ok(true);
+        }
+        if let Some(policy) = snapshot.admission.policy(route.name()).cloned() {
+            let client_ip = client_ip(session);
+            let req = session.req_header();
+            let parts = admission::RequestParts {
+                client_ip,
+                path: normalized.as_deref().unwrap_or(req.uri.path()),
+                headers: &req.headers,
+            };
+            match policy.admit(&parts).await {
+                Ok(admitted) => ctx.admitted = Some(admitted),
+                Err(rejection) => {
+                    ctx.route = Some(route);
+                    ctx.snapshot = Some(snapshot);
+                    ctx.cause = Some(Cause::Admission(rejection.kind));
+                    reply::reject(session, &rejection).await?;
+                    return Ok(true);
+                }
+            }
         }
         let svc = &route.service;
         svc.retry_budget.deposit();
@@ -384,6 +409,10 @@ impl ProxyHttp for BusbarProxy {
         let Some(route) = ctx.route.as_ref() else {
             return Ok(());
         };
+        match &ctx.admitted {
+            Some(a) => a.apply_upstream(upstream)?,
+            None => admission::strip_identity(upstream),
+        }
         if let Some(pq) = upstream.uri.path_and_query() {
             if let Some(new) = routing::rewrite(&route.config, pq.as_str()) {
                 let uri = http::Uri::try_from(new)
@@ -433,6 +462,9 @@ impl ProxyHttp for BusbarProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(a) = &ctx.admitted {
+            a.apply_response(resp);
+        }
         if let Some(route) = &ctx.route {
             if !route.config.response_headers.is_empty() {
                 headers::edit_response(resp, &route.config.response_headers)?;

@@ -17,6 +17,8 @@ pub enum Cause {
     UpstreamTimeout,
     UpstreamError,
     BadRequest,
+    /// Refused by admission (ACL, identity, rate limit, queue).
+    Admission(crate::admission::RejectKind),
 }
 
 impl Cause {
@@ -28,6 +30,7 @@ impl Cause {
             Cause::ConnectFailed | Cause::UpstreamError => 502,
             Cause::UpstreamTimeout => 504,
             Cause::BadRequest => 400,
+            Cause::Admission(k) => k.status(),
         }
     }
 
@@ -40,6 +43,7 @@ impl Cause {
             Cause::UpstreamTimeout => "upstream_timeout",
             Cause::UpstreamError => "upstream_error",
             Cause::BadRequest => "bad_request",
+            Cause::Admission(k) => k.code(),
         }
     }
 
@@ -52,6 +56,7 @@ impl Cause {
             Cause::UpstreamTimeout => "the upstream did not answer in time",
             Cause::UpstreamError => "the upstream connection failed before a complete response",
             Cause::BadRequest => "the request is malformed",
+            Cause::Admission(_) => "the request was not admitted",
         }
     }
 
@@ -89,4 +94,16 @@ pub async fn respond(session: &mut Session, cause: Cause) -> pingora_error::Resu
         .write_response_header(Box::new(cause.header()), false)
         .await?;
     session.write_response_body(Some(cause.body()), true).await
+}
+
+/// Writes an admission refusal (JSON body, `Retry-After`, `RateLimit-*` as it says).
+pub async fn reject(
+    session: &mut Session,
+    rejection: &crate::admission::Rejection,
+) -> pingora_error::Result<()> {
+    let body = rejection.body();
+    session
+        .write_response_header(Box::new(rejection.header(body.len())), false)
+        .await?;
+    session.write_response_body(Some(body), true).await
 }

@@ -4,6 +4,11 @@
 //! immutable [`InstanceSet`] the request path reads through an `ArcSwap`.
 //! Must not: do I/O. Probes live in `health`, balancing policy in `balance`.
 
+pub mod api;
+pub mod persist;
+pub mod store;
+pub mod sync;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -18,11 +23,14 @@ use crate::metrics::ServiceMetrics;
 /// One place a service runs.
 #[derive(Debug)]
 pub struct Instance {
-    /// Stable id: the address for instances listed in the config file.
+    /// Stable id: the address for instances listed in the config file, the registered id
+    /// for the others.
     pub id: String,
     pub addr: SocketAddr,
     pub weight: u32,
     pub health: Arc<InstanceHealth>,
+    /// What the instance registered with; `None` for instances from the config file.
+    pub registration: Option<Arc<store::Registration>>,
 }
 
 /// An immutable view of a service's instances with the balancer built for them.
@@ -62,26 +70,15 @@ pub struct Service {
 }
 
 impl Service {
-    /// Builds a service, keeping the health of instances `previous` already knew.
-    pub fn new(config: ServiceConfig, previous: Option<&Service>) -> Self {
+    /// Builds a service from its config and its registered instances, keeping the
+    /// health of instances `previous` already knew.
+    pub fn new(
+        config: ServiceConfig,
+        previous: Option<&Service>,
+        registered: &[Arc<store::Registration>],
+    ) -> Self {
         let old = previous.map(|p| p.instances());
-        let instances = config
-            .endpoints
-            .iter()
-            .map(|e| {
-                let health = old
-                    .as_ref()
-                    .and_then(|set| set.instances.iter().find(|i| i.addr == e.addr))
-                    .map(|i| i.health.clone())
-                    .unwrap_or_default();
-                Arc::new(Instance {
-                    id: e.addr.to_string(),
-                    addr: e.addr,
-                    weight: e.weight,
-                    health,
-                })
-            })
-            .collect();
+        let instances = Self::merge(&config, old.as_deref(), registered);
         let set = InstanceSet::new(&config, instances);
         let retry_budget =
             RetryBudget::new(config.retry.budget, config.retry.min_retries_per_second);
@@ -105,8 +102,51 @@ impl Service {
         self.instances.load_full()
     }
 
-    /// Replaces the instance set (used by registration).
-    pub fn set_instances(&self, instances: Vec<Arc<Instance>>) {
+    /// Static endpoints plus registered instances; an instance keeps its health when
+    /// the old set had the same id at the same address.
+    fn merge(
+        config: &ServiceConfig,
+        old: Option<&InstanceSet>,
+        registered: &[Arc<store::Registration>],
+    ) -> Vec<Arc<Instance>> {
+        let health_of = |id: &str, addr: SocketAddr| -> Arc<InstanceHealth> {
+            old.and_then(|set| set.instances.iter().find(|i| i.id == id && i.addr == addr))
+                .map(|i| i.health.clone())
+                .unwrap_or_default()
+        };
+        let mut out: Vec<Arc<Instance>> = config
+            .endpoints
+            .iter()
+            .map(|e| {
+                let id = e.addr.to_string();
+                Arc::new(Instance {
+                    health: health_of(&id, e.addr),
+                    id,
+                    addr: e.addr,
+                    weight: e.weight,
+                    registration: None,
+                })
+            })
+            .collect();
+        if config.registration {
+            out.extend(registered.iter().map(|r| {
+                Arc::new(Instance {
+                    health: health_of(&r.id, r.address),
+                    id: r.id.clone(),
+                    addr: r.address,
+                    weight: r.weight,
+                    registration: Some(r.clone()),
+                })
+            }));
+        }
+        out
+    }
+
+    /// Replaces the registered part of the instance set. Requests already sent keep
+    /// their instance; only new picks see the change.
+    pub fn set_registered(&self, registered: &[Arc<store::Registration>]) {
+        let old = self.instances();
+        let instances = Self::merge(&self.config, Some(&old), registered);
         self.instances
             .store(Arc::new(InstanceSet::new(&self.config, instances)));
     }

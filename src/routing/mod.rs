@@ -180,7 +180,7 @@ mod tests {
             "[listen]\nhttp=[\"127.0.0.1:1\"]\n[[service]]\nname=\"s\"\nendpoints=[{{addr=\"127.0.0.1:2\"}}]\n{routes}"
         );
         let c = config::parse(Path::new("t.toml"), &src).unwrap();
-        let svc = Arc::new(Service::new(c.services[0].clone(), None));
+        let svc = Arc::new(Service::new(c.services[0].clone(), None, &[]));
         RouteTable::new(
             c.routes
                 .into_iter()

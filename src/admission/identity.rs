@@ -1,0 +1,308 @@
+//! Who is calling: a trusted header, a JWT claim, an API key or the client address.
+//!
+//! Owns: [`Keyring`] (JWT issuers with their validation and API-key hashes, built from
+//! `[auth]`) and [`Resolver`] (one route's ordered identity sources).
+//! Must not: rate-limit, queue or touch the response; it only says who or why not.
+//!
+//! Sources are tried in the route's order. A source that is absent (no header, no token)
+//! passes to the next; one that is present but wrong (bad token, unknown key) is a 401:
+//! a caller who presents credentials gets them checked, never silently downgraded.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName};
+use ipnet::IpNet;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{decode, decode_header, Validation};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::config::{AuthConfig, IdentitySource, JwtIssuer, RouteAdmission};
+
+/// Longest identity busbar passes on; longer values are refused rather than cut.
+const MAX_IDENTITY_LEN: usize = 256;
+
+/// Where an identity came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Header,
+    Jwt,
+    ApiKey,
+    ClientIp,
+}
+
+/// The caller, as far as busbar could verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub kind: Kind,
+    /// The user as the upstream sees it in the identity header.
+    pub user: String,
+}
+
+impl Identity {
+    pub fn is_authenticated(&self) -> bool {
+        self.kind != Kind::ClientIp
+    }
+
+    /// The key limiters and queues use: the source is part of it, so a JWT subject
+    /// "10.0.0.1" and the client 10.0.0.1 are different users.
+    pub fn key(&self) -> String {
+        let prefix = match self.kind {
+            Kind::Header => "hdr:",
+            Kind::Jwt => "jwt:",
+            Kind::ApiKey => "key:",
+            Kind::ClientIp => "ip:",
+        };
+        let mut k = String::with_capacity(prefix.len() + self.user.len());
+        k.push_str(prefix);
+        k.push_str(&self.user);
+        k
+    }
+}
+
+/// Why a caller is not authenticated; `reason` goes into the 401 body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {message}")]
+pub struct AuthError {
+    pub reason: &'static str,
+    pub message: &'static str,
+}
+
+fn auth_error(reason: &'static str, message: &'static str) -> AuthError {
+    AuthError { reason, message }
+}
+
+struct CompiledIssuer {
+    config: JwtIssuer,
+    validation: Validation,
+}
+
+/// Everything `[auth]` configures, ready for lookups; shared by all routes of a snapshot.
+pub struct Keyring {
+    issuers: Vec<CompiledIssuer>,
+    api_key_header: HeaderName,
+    api_keys: HashMap<[u8; 32], String>,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring")
+            .field("issuers", &self.issuers.len())
+            .field("api_keys", &self.api_keys.len())
+            .finish()
+    }
+}
+
+impl Keyring {
+    pub fn new(auth: &AuthConfig) -> Self {
+        let issuers = auth
+            .jwt
+            .iter()
+            .map(|j| {
+                let mut v = Validation::new(j.algorithm);
+                v.leeway = j.leeway.as_secs();
+                v.validate_nbf = true;
+                let mut required = vec!["exp"];
+                if let Some(iss) = &j.issuer {
+                    v.set_issuer(&[iss]);
+                    required.push("iss");
+                }
+                if j.audience.is_empty() {
+                    v.validate_aud = false;
+                } else {
+                    v.set_audience(&j.audience);
+                    required.push("aud");
+                }
+                v.set_required_spec_claims(&required);
+                CompiledIssuer {
+                    config: j.clone(),
+                    validation: v,
+                }
+            })
+            .collect();
+        Keyring {
+            issuers,
+            api_key_header: auth.api_key_header.clone(),
+            api_keys: auth
+                .api_keys
+                .iter()
+                .map(|k| (k.sha256, k.user.clone()))
+                .collect(),
+        }
+    }
+
+    fn verify_jwt(&self, token: &str, issuer: Option<&str>) -> Result<String, AuthError> {
+        let header = decode_header(token)
+            .map_err(|_| auth_error("invalid_token", "the token is not a JWT"))?;
+        let mut best: Option<AuthError> = None;
+        let candidates = self.issuers.iter().filter(|i| {
+            issuer.is_none_or(|n| i.config.name == n) && i.config.algorithm == header.alg
+        });
+        for issuer in candidates {
+            let keys = issuer
+                .config
+                .keys
+                .iter()
+                .filter(|k| match (&header.kid, &k.kid) {
+                    (Some(want), Some(have)) => want == have,
+                    _ => true,
+                });
+            for key in keys {
+                match decode::<Map<String, Value>>(token, &key.key, &issuer.validation) {
+                    Ok(data) => return claim(&data.claims, &issuer.config.claim),
+                    Err(e) => {
+                        let err = jwt_error(e.kind());
+                        // Past the signature check, this issuer's complaint is the answer.
+                        if err.reason != "bad_signature" {
+                            return Err(err);
+                        }
+                        best.get_or_insert(err);
+                    }
+                }
+            }
+        }
+        Err(best.unwrap_or(auth_error(
+            "algorithm_not_accepted",
+            "no configured issuer accepts this token's algorithm or key id",
+        )))
+    }
+
+    fn api_key(&self, key: &[u8]) -> Result<String, AuthError> {
+        let hash: [u8; 32] = Sha256::digest(key).into();
+        self.api_keys
+            .get(&hash)
+            .cloned()
+            .ok_or(auth_error("unknown_api_key", "the API key is not known"))
+    }
+}
+
+fn jwt_error(kind: &ErrorKind) -> AuthError {
+    match kind {
+        ErrorKind::ExpiredSignature => auth_error("token_expired", "the token has expired"),
+        ErrorKind::ImmatureSignature => {
+            auth_error("token_not_yet_valid", "the token is not valid yet (nbf)")
+        }
+        ErrorKind::InvalidIssuer => {
+            auth_error("wrong_issuer", "the token's issuer is not accepted")
+        }
+        ErrorKind::InvalidAudience => {
+            auth_error("wrong_audience", "the token is not meant for this audience")
+        }
+        ErrorKind::MissingRequiredClaim(_) => {
+            auth_error("missing_claim", "the token lacks a required claim")
+        }
+        ErrorKind::InvalidSignature | ErrorKind::InvalidEcdsaKey | ErrorKind::InvalidRsaKey(_) => {
+            auth_error("bad_signature", "the token's signature does not verify")
+        }
+        ErrorKind::InvalidAlgorithm => auth_error(
+            "algorithm_not_accepted",
+            "the token's algorithm is not accepted",
+        ),
+        _ => auth_error("invalid_token", "the token was refused"),
+    }
+}
+
+fn clean(user: &str) -> Option<String> {
+    (!user.is_empty()
+        && user.len() <= MAX_IDENTITY_LEN
+        && user.bytes().all(|b| (b' '..0x7f).contains(&b)))
+    .then(|| user.to_string())
+}
+
+fn claim(claims: &Map<String, Value>, name: &str) -> Result<String, AuthError> {
+    let user = match claims.get(name) {
+        Some(Value::String(s)) => clean(s),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    user.ok_or(auth_error(
+        "missing_claim",
+        "the token has no usable user claim",
+    ))
+}
+
+/// One route's identity sources, in order.
+#[derive(Debug)]
+pub struct Resolver {
+    sources: Vec<IdentitySource>,
+    trusted_proxies: Vec<IpNet>,
+    require_auth: bool,
+    keyring: Arc<Keyring>,
+}
+
+impl Resolver {
+    pub fn new(c: &RouteAdmission, keyring: Arc<Keyring>) -> Self {
+        Resolver {
+            sources: c.identity.clone(),
+            trusted_proxies: c.trusted_proxies.clone(),
+            require_auth: c.require_auth,
+            keyring,
+        }
+    }
+
+    fn trusted(&self, client: Option<IpAddr>) -> bool {
+        client.is_some_and(|ip| self.trusted_proxies.iter().any(|n| n.contains(&ip)))
+    }
+
+    /// Who the caller is; with no source matching, the client address.
+    pub fn resolve(
+        &self,
+        client: Option<IpAddr>,
+        headers: &HeaderMap,
+    ) -> Result<Identity, AuthError> {
+        for source in &self.sources {
+            let found = match source {
+                IdentitySource::Header(name) if self.trusted(client) => headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(clean)
+                    .map(|user| Identity {
+                        kind: Kind::Header,
+                        user,
+                    }),
+                IdentitySource::Header(_) => None,
+                IdentitySource::Jwt(issuer) => match bearer(headers) {
+                    Some(token) => Some(Identity {
+                        kind: Kind::Jwt,
+                        user: self.keyring.verify_jwt(token, issuer.as_deref())?,
+                    }),
+                    None => None,
+                },
+                IdentitySource::ApiKey => match headers.get(&self.keyring.api_key_header) {
+                    Some(v) => Some(Identity {
+                        kind: Kind::ApiKey,
+                        user: self.keyring.api_key(v.as_bytes())?,
+                    }),
+                    None => None,
+                },
+                IdentitySource::ClientIp => None,
+            };
+            if let Some(id) = found {
+                return Ok(id);
+            }
+        }
+        if self.require_auth {
+            return Err(auth_error(
+                "authentication_required",
+                "this route needs credentials",
+            ));
+        }
+        Ok(Identity {
+            kind: Kind::ClientIp,
+            user: client.map_or_else(|| "unknown".to_string(), |ip| ip.to_string()),
+        })
+    }
+}
+
+/// The token of `Authorization: Bearer <token>` (scheme case-insensitive).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+#[cfg(test)]
+#[path = "identity_tests.rs"]
+mod tests;

@@ -1,0 +1,344 @@
+//! Admission: who may call a route, as whom, how often and how many at once.
+//!
+//! Owns: the per-route [`RoutePolicy`] compiled from config (ACL → identity → rate limit
+//! → queue, in that order) and the [`Stores`] of per-user state (rate-limit cells,
+//! service queues) that outlive a snapshot, so a reload resets nobody's limits.
+//! Must not: write responses or touch pingora sessions; the proxy asks, writes what a
+//! [`Rejection`] says, and keeps the [`Admitted`] (with its queue permit) in its context.
+//!
+//! A cluster-wide limiter (Redis) will plug in beside `rate::RouteLimiter` behind
+//! `RoutePolicy::check`, with the local limiter as its fallback.
+
+pub mod acl;
+pub mod identity;
+pub mod queue;
+pub mod rate;
+pub mod reject;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use http::{HeaderMap, HeaderName};
+use pingora_http::{RequestHeader, ResponseHeader};
+
+use crate::config::{Config, QueuePolicy, RateLimitConfig, DEFAULT_IDENTITY_HEADER};
+use crate::metrics::{AdmissionMetrics, METRICS};
+
+pub use acl::normalize_path;
+pub use identity::Identity;
+pub use queue::Permit;
+pub use rate::RateInfo;
+pub use reject::{RejectKind, Rejection};
+
+/// How often idle rate-limit cells are swept and queue gauges sampled.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Users one service queues for at most; beyond, newcomers share one overflow queue.
+pub const MAX_QUEUED_USERS: usize = 10_000;
+/// What a 429/503 from the queue tells the caller to wait, in seconds.
+const QUEUE_RETRY_AFTER_SECS: u64 = 1;
+
+/// What admission looks at in a request.
+pub struct RequestParts<'a> {
+    pub client_ip: Option<IpAddr>,
+    /// The normalised path (see [`normalize_path`]).
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// A request let through; kept in the request context until the request ends.
+#[derive(Debug, Default)]
+pub struct Admitted {
+    /// Authenticated user, sent upstream in `identity_header`; `None` for anonymous callers.
+    pub user: Option<String>,
+    pub identity_header: Option<HeaderName>,
+    pub rate: Option<RateInfo>,
+    /// The service slot; released when this is dropped.
+    pub permit: Option<Permit>,
+    /// The normalised path, when the route sends it upstream.
+    pub upstream_path: Option<String>,
+    /// The limiter and queue key of the caller.
+    key: String,
+}
+
+impl Admitted {
+    /// Sets (or removes) the identity header and applies a normalised path.
+    pub fn apply_upstream(&self, upstream: &mut RequestHeader) -> pingora_error::Result<()> {
+        let name = self
+            .identity_header
+            .clone()
+            .unwrap_or(HeaderName::from_static(DEFAULT_IDENTITY_HEADER));
+        upstream.remove_header(&name);
+        if let Some(user) = &self.user {
+            upstream.insert_header(name, user.as_str())?;
+        }
+        if let Some(path) = &self.upstream_path {
+            let pq = match upstream.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.clone(),
+            };
+            if let Ok(uri) = http::Uri::try_from(pq) {
+                upstream.set_uri(uri);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the `RateLimit-*` headers.
+    pub fn apply_response(&self, resp: &mut ResponseHeader) {
+        if let Some(r) = &self.rate {
+            reject::rate_headers(resp, r);
+        }
+    }
+}
+
+/// Removes a client-sent identity header from a request of a route without admission.
+pub fn strip_identity(upstream: &mut RequestHeader) {
+    upstream.remove_header(DEFAULT_IDENTITY_HEADER);
+}
+
+/// One route's compiled admission.
+#[derive(Debug)]
+pub struct RoutePolicy {
+    acl: acl::Acl,
+    resolver: identity::Resolver,
+    identity_header: HeaderName,
+    normalize_path: bool,
+    limiter: Option<Arc<rate::RouteLimiter>>,
+    queue: Option<Arc<queue::ServiceQueue>>,
+    queue_policy: QueuePolicy,
+    metrics: AdmissionMetrics,
+}
+
+impl RoutePolicy {
+    /// ACL, identity and rate limit: everything that needs no waiting.
+    pub fn check(&self, req: &RequestParts<'_>) -> Result<Admitted, Rejection> {
+        if let Err(denied) = self.acl.check(req.client_ip, req.path) {
+            self.metrics.forbidden.inc();
+            return Err(match denied {
+                acl::Denied::ClientAddress => Rejection::new(
+                    RejectKind::Forbidden,
+                    "client_address",
+                    "this client address may not use this route",
+                ),
+                acl::Denied::Path => {
+                    Rejection::new(RejectKind::Forbidden, "path", "this path is not allowed")
+                }
+            });
+        }
+        let who = self
+            .resolver
+            .resolve(req.client_ip, req.headers)
+            .map_err(|e| {
+                self.metrics.unauthorized.inc();
+                Rejection::new(RejectKind::Unauthorized, e.reason, e.message)
+            })?;
+        let mut admitted = Admitted {
+            identity_header: Some(self.identity_header.clone()),
+            ..Admitted::default()
+        };
+        if self.normalize_path {
+            admitted.upstream_path = Some(req.path.to_string());
+        }
+        let key = who.key();
+        if let Some(limiter) = &self.limiter {
+            match limiter.check(&key) {
+                rate::RateDecision::Allowed(info) => admitted.rate = Some(info),
+                rate::RateDecision::Limited {
+                    info,
+                    retry_after,
+                    scope,
+                } => {
+                    let reason = match scope {
+                        rate::Scope::User => {
+                            self.metrics.limited_user.inc();
+                            "user"
+                        }
+                        rate::Scope::Route => {
+                            self.metrics.limited_route.inc();
+                            "route"
+                        }
+                    };
+                    let mut r = Rejection::new(
+                        RejectKind::RateLimited,
+                        reason,
+                        "too many requests; retry after the number of seconds in Retry-After",
+                    );
+                    r.retry_after_secs =
+                        Some(retry_after.as_nanos().div_ceil(1_000_000_000).max(1) as u64);
+                    r.rate = Some(info);
+                    return Err(r);
+                }
+            }
+        }
+        admitted.key = key;
+        if who.is_authenticated() {
+            admitted.user = Some(who.user);
+        }
+        Ok(admitted)
+    }
+
+    /// The whole admission of a request: [`check`](Self::check), then a service slot.
+    /// Dropping the future (client gone) leaves the queue.
+    pub async fn admit(&self, req: &RequestParts<'_>) -> Result<Admitted, Rejection> {
+        let mut admitted = self.check(req)?;
+        self.enter(&mut admitted).await?;
+        Ok(admitted)
+    }
+
+    /// Waits for a service slot when the service has a cap.
+    pub async fn enter(&self, admitted: &mut Admitted) -> Result<(), Rejection> {
+        let Some(q) = &self.queue else {
+            self.metrics.admitted.inc();
+            return Ok(());
+        };
+        match q.acquire(&admitted.key, &self.queue_policy).await {
+            Ok((permit, waited)) => {
+                admitted.permit = Some(permit);
+                if waited.is_zero() {
+                    self.metrics.admitted.inc();
+                } else {
+                    self.metrics.queued.inc();
+                    self.metrics.queue_wait.observe(waited.as_secs_f64());
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let (kind, counter, message) = match e {
+                    queue::QueueError::Full => (
+                        RejectKind::QueueFull,
+                        &self.metrics.queue_full,
+                        "too many of your requests are waiting for this service",
+                    ),
+                    queue::QueueError::Timeout => (
+                        RejectKind::QueueTimeout,
+                        &self.metrics.queue_timeout,
+                        "the service stayed busy for longer than this route waits",
+                    ),
+                };
+                counter.inc();
+                let mut r = Rejection::new(kind, kind.code(), message);
+                r.retry_after_secs = Some(QUEUE_RETRY_AFTER_SECS);
+                r.rate = admitted.rate;
+                Err(r)
+            }
+        }
+    }
+}
+
+/// Per-user state that survives reloads: rate-limit cells by route, queues by service.
+#[derive(Debug, Default)]
+pub struct Stores {
+    limiters: DashMap<String, Arc<rate::RouteLimiter>>,
+    queues: DashMap<String, Arc<queue::ServiceQueue>>,
+}
+
+impl Stores {
+    /// The route's limiter; kept when its settings are unchanged, else started afresh.
+    fn limiter(&self, route: &str, config: &RateLimitConfig) -> Arc<rate::RouteLimiter> {
+        if let Some(l) = self.limiters.get(route) {
+            if l.config() == config {
+                return l.clone();
+            }
+        }
+        let l = Arc::new(rate::RouteLimiter::new(config.clone()));
+        self.limiters.insert(route.to_string(), l.clone());
+        l
+    }
+
+    fn queue(&self, service: &str, max_in_flight: u32) -> Arc<queue::ServiceQueue> {
+        let q = self
+            .queues
+            .entry(service.to_string())
+            .or_insert_with(|| {
+                Arc::new(queue::ServiceQueue::new(
+                    max_in_flight as usize,
+                    MAX_QUEUED_USERS,
+                ))
+            })
+            .clone();
+        q.set_max_in_flight(max_in_flight as usize);
+        q
+    }
+
+    /// Drops idle rate-limit cells and samples the queue gauges.
+    pub fn sweep(&self) {
+        for l in self.limiters.iter() {
+            l.sweep();
+        }
+        for q in self.queues.iter() {
+            let svc = q.key().as_str();
+            METRICS
+                .service_in_flight
+                .with_label_values(&[svc])
+                .set(q.in_flight() as i64);
+            METRICS
+                .queue_waiting
+                .with_label_values(&[svc])
+                .set(q.waiting() as i64);
+        }
+    }
+}
+
+/// The admission part of a snapshot: compiled policies by route name, and the stores.
+#[derive(Debug, Default)]
+pub struct Admission {
+    policies: HashMap<String, Arc<RoutePolicy>>,
+    stores: Arc<Stores>,
+}
+
+impl Admission {
+    /// Compiles every route's policy; per-user state comes over from `previous`.
+    pub fn build(config: &Config, previous: Option<&Admission>) -> Admission {
+        let stores = previous.map(|p| p.stores.clone()).unwrap_or_default();
+        let keyring = Arc::new(identity::Keyring::new(&config.auth));
+        let mut policies = HashMap::new();
+        for r in &config.routes {
+            let max_in_flight = config
+                .services
+                .iter()
+                .find(|s| s.name == r.service)
+                .and_then(|s| s.max_in_flight);
+            let a = &r.admission;
+            if !a.configured && max_in_flight.is_none() {
+                continue;
+            }
+            let policy = RoutePolicy {
+                acl: acl::Acl::new(a),
+                resolver: identity::Resolver::new(a, keyring.clone()),
+                identity_header: a.identity_header.clone(),
+                normalize_path: a.normalize_path,
+                limiter: a.rate_limit.as_ref().map(|c| stores.limiter(&r.name, c)),
+                queue: max_in_flight.map(|m| stores.queue(&r.service, m)),
+                queue_policy: a.queue.clone(),
+                metrics: AdmissionMetrics::new(&r.name, &r.service),
+            };
+            policies.insert(r.name.clone(), Arc::new(policy));
+        }
+        stores
+            .limiters
+            .retain(|name, _| policies.get(name).is_some_and(|p| p.limiter.is_some()));
+        stores.queues.retain(|name, _| {
+            config
+                .services
+                .iter()
+                .any(|s| &s.name == name && s.max_in_flight.is_some())
+        });
+        Admission { policies, stores }
+    }
+
+    /// The route's policy; `None` when the route has no admission and its service no cap.
+    #[inline]
+    pub fn policy(&self, route: &str) -> Option<&Arc<RoutePolicy>> {
+        if self.policies.is_empty() {
+            return None;
+        }
+        self.policies.get(route)
+    }
+
+    pub fn stores(&self) -> &Arc<Stores> {
+        &self.stores
+    }
+}

@@ -1,0 +1,114 @@
+//! A refused request: its status, JSON body and headers.
+//!
+//! Owns: [`Rejection`] and how it is rendered (`{"error": …, "reason": …, "message": …}`,
+//! `Retry-After`, `RateLimit-*`, `WWW-Authenticate`).
+//! Must not: decide whether to refuse; that is the other admission files.
+
+use bytes::Bytes;
+use pingora_http::ResponseHeader;
+
+use super::rate::RateInfo;
+
+/// What kind of refusal; the proxy maps it to its log/metrics cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectKind {
+    /// 401: credentials missing or wrong.
+    Unauthorized,
+    /// 403: client address or path refused by the ACL.
+    Forbidden,
+    /// 429: over the user's (or the route's) rate.
+    RateLimited,
+    /// 429: the user's queue is full.
+    QueueFull,
+    /// 503: no slot freed within the wait limit.
+    QueueTimeout,
+}
+
+impl RejectKind {
+    pub fn status(self) -> u16 {
+        match self {
+            RejectKind::Unauthorized => 401,
+            RejectKind::Forbidden => 403,
+            RejectKind::RateLimited | RejectKind::QueueFull => 429,
+            RejectKind::QueueTimeout => 503,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            RejectKind::Unauthorized => "unauthorized",
+            RejectKind::Forbidden => "forbidden",
+            RejectKind::RateLimited => "rate_limited",
+            RejectKind::QueueFull => "queue_full",
+            RejectKind::QueueTimeout => "queue_timeout",
+        }
+    }
+}
+
+/// A refusal, ready to be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub kind: RejectKind,
+    /// Finer cause, e.g. `token_expired`, `path`, `user`.
+    pub reason: &'static str,
+    pub message: &'static str,
+    pub retry_after_secs: Option<u64>,
+    pub rate: Option<RateInfo>,
+}
+
+impl Rejection {
+    pub fn new(kind: RejectKind, reason: &'static str, message: &'static str) -> Self {
+        Rejection {
+            kind,
+            reason,
+            message,
+            retry_after_secs: None,
+            rate: None,
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        self.kind.status()
+    }
+
+    pub fn body(&self) -> Bytes {
+        let mut v = serde_json::json!({
+            "error": self.kind.code(),
+            "reason": self.reason,
+            "message": self.message,
+        });
+        if let Some(s) = self.retry_after_secs {
+            v["retry_after"] = s.into();
+        }
+        let mut out = v.to_string();
+        out.push('\n');
+        Bytes::from(out)
+    }
+
+    /// Status line and headers for a body of `body_len` bytes.
+    pub fn header(&self, body_len: usize) -> ResponseHeader {
+        let mut h = ResponseHeader::build(self.status(), Some(8)).unwrap_or_else(|_| {
+            ResponseHeader::build(500, Some(4)).expect("500 is a valid status")
+        });
+        let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
+        let _ = h.insert_header(http::header::CONTENT_LENGTH, body_len);
+        let _ = h.insert_header(http::header::CACHE_CONTROL, "no-store");
+        if let Some(s) = self.retry_after_secs {
+            let _ = h.insert_header(http::header::RETRY_AFTER, s);
+        }
+        if let Some(r) = &self.rate {
+            rate_headers(&mut h, r);
+        }
+        if self.kind == RejectKind::Unauthorized {
+            let _ = h.insert_header(http::header::WWW_AUTHENTICATE, "Bearer");
+        }
+        h
+    }
+}
+
+/// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (seconds).
+pub fn rate_headers(h: &mut ResponseHeader, r: &RateInfo) {
+    let _ = h.insert_header("ratelimit-limit", r.limit);
+    let _ = h.insert_header("ratelimit-remaining", r.remaining);
+    let _ = h.insert_header("ratelimit-reset", r.reset_secs);
+}

@@ -1,0 +1,497 @@
+//! The registration API, on its own listener:
+//!
+//! - `PUT /v1/services/{service}/instances/{id}` — register or replace (JSON body)
+//! - `PUT /v1/services/{service}/instances/{id}/heartbeat` — renew; 404 means register again
+//! - `DELETE /v1/services/{service}/instances/{id}` — leave now
+//! - `GET /v1/services`, `GET /v1/services/{service}` — what the bus knows
+//!
+//! Every call needs `Authorization: Bearer <token>`; a token only touches the services
+//! it is scoped to (401 without a valid token, 403 outside its scope).
+//! Owns: parsing and validating requests, authentication, the JSON answers.
+//! Must not: store anything itself; writes go through a [`Writer`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::Digest;
+
+use crate::config::{valid_identifier, MAX_TTL, MIN_TTL};
+use crate::health::state::now_ms;
+use crate::metrics::METRICS;
+use crate::registry::store::{Registration, StoreError};
+use crate::snapshot::State;
+
+/// Largest registration body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Limits on what an instance may say about itself.
+const MAX_METADATA: usize = 64;
+const MAX_METADATA_KEY: usize = 64;
+const MAX_METADATA_VALUE: usize = 1024;
+const MAX_LABEL: usize = 128;
+
+/// Why a write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    NotFound(#[from] StoreError),
+    #[error("the registry store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Where registrations go: the embedded store, or etcd.
+#[async_trait]
+pub trait Writer: Send + Sync {
+    async fn register(&self, reg: Registration) -> Result<(), WriteError>;
+    async fn heartbeat(&self, service: &str, id: &str) -> Result<Duration, WriteError>;
+    async fn deregister(&self, service: &str, id: &str) -> Result<(), WriteError>;
+}
+
+/// The embedded backend: the node's own store.
+pub struct Embedded(pub Arc<crate::registry::store::Store>);
+
+#[async_trait]
+impl Writer for Embedded {
+    async fn register(&self, reg: Registration) -> Result<(), WriteError> {
+        self.0.register(reg);
+        Ok(())
+    }
+    async fn heartbeat(&self, service: &str, id: &str) -> Result<Duration, WriteError> {
+        Ok(self.0.heartbeat(service, id)?)
+    }
+    async fn deregister(&self, service: &str, id: &str) -> Result<(), WriteError> {
+        Ok(self.0.deregister(service, id)?)
+    }
+}
+
+/// The body of a registration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    /// The app's own address, `ip:port`.
+    address: String,
+    /// The instance's sidecar, `ip:port`, if it has one.
+    sidecar: Option<String>,
+    weight: Option<u32>,
+    zone: Option<String>,
+    version: Option<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    /// Seconds.
+    ttl: Option<u64>,
+}
+
+pub struct RegistrationApi {
+    pub state: Arc<State>,
+    pub writer: Arc<dyn Writer>,
+}
+
+fn reply(status: StatusCode, v: Value) -> Response<Vec<u8>> {
+    let mut body = serde_json::to_vec(&v).unwrap_or_default();
+    body.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(body)
+        .unwrap_or_default()
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Vec<u8>> {
+    reply(status, json!({ "error": code, "message": message.into() }))
+}
+
+fn bad_field(field: &str, message: impl Into<String>) -> Response<Vec<u8>> {
+    reply(
+        StatusCode::BAD_REQUEST,
+        json!({ "error": "invalid_field", "field": field, "message": message.into() }),
+    )
+}
+
+/// A route under `/v1/services`.
+enum Call<'a> {
+    List,
+    Service(&'a str),
+    Instance(&'a str, &'a str),
+    Heartbeat(&'a str, &'a str),
+}
+
+fn parse_path(path: &str) -> Option<Call<'_>> {
+    let rest = path.strip_prefix("/v1/services")?;
+    if rest.is_empty() || rest == "/" {
+        return Some(Call::List);
+    }
+    let parts: Vec<&str> = rest.strip_prefix('/')?.split('/').collect();
+    match parts.as_slice() {
+        [s] => Some(Call::Service(s)),
+        [s, "instances", id] => Some(Call::Instance(s, id)),
+        [s, "instances", id, "heartbeat"] => Some(Call::Heartbeat(s, id)),
+        _ => None,
+    }
+}
+
+fn valid_instance_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_LABEL
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+fn label_ok(v: &str) -> bool {
+    v.len() <= MAX_LABEL && !v.chars().any(char::is_control)
+}
+
+impl RegistrationApi {
+    /// The services the caller's token may touch, or the refusal.
+    fn authenticate(&self, session: &ServerSession) -> Result<Vec<String>, Response<Vec<u8>>> {
+        let given = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        let Some(given) = given else {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send Authorization: Bearer <registration token>",
+            ));
+        };
+        let hash: [u8; 32] = sha2::Sha256::digest(given).into();
+        let snap = self.state.load();
+        // Compare every token in time independent of where they differ.
+        let matched = snap
+            .config
+            .registry
+            .tokens
+            .iter()
+            .filter(|t| {
+                t.sha256
+                    .iter()
+                    .zip(&hash)
+                    .fold(0u8, |a, (x, y)| a | (x ^ y))
+                    == 0
+            })
+            .flat_map(|t| t.services.iter().cloned())
+            .collect::<Vec<_>>();
+        if matched.is_empty() {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "unknown registration token",
+            ));
+        }
+        Ok(matched)
+    }
+
+    fn scope_check(scope: &[String], service: &str) -> Result<(), Response<Vec<u8>>> {
+        if scope.iter().any(|s| s == "*" || s == service) {
+            Ok(())
+        } else {
+            Err(error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this token may not touch service \"{service}\""),
+            ))
+        }
+    }
+
+    fn known_service(&self, service: &str) -> Result<(), Response<Vec<u8>>> {
+        if !valid_identifier(service) {
+            return Err(bad_field(
+                "service",
+                "a service name is 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter",
+            ));
+        }
+        let snap = self.state.load();
+        match snap.service(service) {
+            Some(s) if s.config.registration => Ok(()),
+            Some(_) => Err(error(
+                StatusCode::FORBIDDEN,
+                "registration_disabled",
+                format!(
+                    "service \"{service}\" does not take registrations (set registration = true)"
+                ),
+            )),
+            None => Err(error(
+                StatusCode::NOT_FOUND,
+                "unknown_service",
+                format!("no service \"{service}\" is configured"),
+            )),
+        }
+    }
+
+    async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<u8>>> {
+        let mut body = Vec::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > MAX_BODY {
+                        return Err(error(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "body_too_large",
+                            format!("a registration body is at most {MAX_BODY} bytes"),
+                        ));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(body),
+                Err(e) => return Err(error(StatusCode::BAD_REQUEST, "bad_body", e.to_string())),
+            }
+        }
+    }
+
+    fn parse_registration(
+        &self,
+        service: &str,
+        id: &str,
+        body: &[u8],
+    ) -> Result<Registration, Response<Vec<u8>>> {
+        let de = &mut serde_json::Deserializer::from_slice(body);
+        let b: RegisterBody = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let field = if path == "." {
+                // Missing or unknown fields are named in serde's message.
+                inner
+                    .to_string()
+                    .split('`')
+                    .nth(1)
+                    .unwrap_or("body")
+                    .to_string()
+            } else {
+                path
+            };
+            bad_field(&field, inner.to_string())
+        })?;
+        let address: SocketAddr = b.address.parse().map_err(|_| {
+            bad_field(
+                "address",
+                format!("\"{}\" is not an ip:port address", b.address),
+            )
+        })?;
+        let sidecar =
+            match &b.sidecar {
+                None => None,
+                Some(s) => Some(s.parse::<SocketAddr>().map_err(|_| {
+                    bad_field("sidecar", format!("\"{s}\" is not an ip:port address"))
+                })?),
+            };
+        let weight = b.weight.unwrap_or(1);
+        if !(1..=10_000).contains(&weight) {
+            return Err(bad_field("weight", "weight must be between 1 and 10000"));
+        }
+        let default_ttl = self.state.load().config.registry.default_ttl;
+        let ttl = b.ttl.map_or(default_ttl, Duration::from_secs);
+        if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
+            return Err(bad_field(
+                "ttl",
+                format!(
+                    "ttl must be between {} and {} seconds",
+                    MIN_TTL.as_secs(),
+                    MAX_TTL.as_secs()
+                ),
+            ));
+        }
+        for (field, v) in [("zone", &b.zone), ("version", &b.version)] {
+            if v.as_deref().is_some_and(|v| !label_ok(v)) {
+                return Err(bad_field(
+                    field,
+                    format!("at most {MAX_LABEL} printable characters"),
+                ));
+            }
+        }
+        if b.metadata.len() > MAX_METADATA
+            || b.metadata.iter().any(|(k, v)| {
+                k.is_empty() || k.len() > MAX_METADATA_KEY || v.len() > MAX_METADATA_VALUE
+            })
+        {
+            return Err(bad_field(
+                "metadata",
+                format!(
+                    "at most {MAX_METADATA} entries, keys 1-{MAX_METADATA_KEY} bytes, values up to {MAX_METADATA_VALUE} bytes"
+                ),
+            ));
+        }
+        Ok(Registration {
+            service: service.to_string(),
+            id: id.to_string(),
+            address,
+            sidecar,
+            weight,
+            zone: b.zone,
+            version: b.version,
+            metadata: b.metadata,
+            ttl_secs: ttl.as_secs(),
+        })
+    }
+
+    fn describe(&self, service: &str) -> Value {
+        let snap = self.state.load();
+        let store = &self.state.registry;
+        let now = now_ms();
+        let health: Vec<Value> = snap
+            .service(service)
+            .map(|s| {
+                s.instances()
+                    .instances
+                    .iter()
+                    .map(|i| {
+                        json!({
+                            "id": i.id,
+                            "address": i.addr.to_string(),
+                            "sidecar": i.registration.as_ref().and_then(|r| r.sidecar).map(|a| a.to_string()),
+                            "weight": i.weight,
+                            "zone": i.registration.as_ref().and_then(|r| r.zone.clone()),
+                            "version": i.registration.as_ref().and_then(|r| r.version.clone()),
+                            "metadata": i.registration.as_ref().map(|r| json!(r.metadata)),
+                            "source": if i.registration.is_some() { "registered" } else { "config" },
+                            "health": i.health.state().as_str(),
+                            "ejected_for_ms": i.health.ejection_left(now).map(|d| d.as_millis() as u64),
+                            "lease_left_ms": store.lease_left(service, &i.id).map(|d| d.as_millis() as u64),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        json!({ "name": service, "instances": health })
+    }
+
+    fn write_result(op: &str, r: Result<Value, WriteError>) -> Response<Vec<u8>> {
+        let (status, body, result) = match r {
+            Ok(v) => (StatusCode::OK, v, "ok"),
+            Err(WriteError::NotFound(e)) => (
+                StatusCode::NOT_FOUND,
+                json!({ "error": "not_registered", "message": format!("{e}; register again") }),
+                "not_found",
+            ),
+            Err(WriteError::Unavailable(m)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "error": "registry_unavailable", "message": format!("the registry store is unreachable, try again: {m}") }),
+                "unavailable",
+            ),
+        };
+        METRICS.registrations.with_label_values(&[op, result]).inc();
+        reply(status, body)
+    }
+
+    async fn handle(
+        &self,
+        session: &mut ServerSession,
+    ) -> Result<Response<Vec<u8>>, Response<Vec<u8>>> {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        let call = parse_path(&path)
+            .ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"))?;
+        let scope = self.authenticate(session)?;
+        match (method, call) {
+            (Method::GET, Call::List) => {
+                let snap = self.state.load();
+                let names: Vec<&str> = snap.services.iter().map(|s| s.name()).collect();
+                let all: Vec<Value> = names.iter().map(|n| self.describe(n)).collect();
+                Ok(reply(StatusCode::OK, json!({ "services": all })))
+            }
+            (Method::GET, Call::Service(s)) => {
+                if self.state.load().service(s).is_none() {
+                    return Err(error(
+                        StatusCode::NOT_FOUND,
+                        "unknown_service",
+                        format!("no service \"{s}\""),
+                    ));
+                }
+                Ok(reply(StatusCode::OK, self.describe(s)))
+            }
+            (Method::PUT, Call::Instance(s, id)) => {
+                self.known_service(s)?;
+                Self::scope_check(&scope, s)?;
+                if !valid_instance_id(id) {
+                    return Err(bad_field(
+                        "id",
+                        "an instance id is 1-128 characters of A-Z, a-z, 0-9, '-', '_', '.', ':'",
+                    ));
+                }
+                let body = Self::read_body(session).await?;
+                let reg = self.parse_registration(s, id, &body)?;
+                let ttl = reg.ttl_secs;
+                let r = self.writer.register(reg).await.map(|()| {
+                    json!({ "status": "registered", "service": s, "id": id, "ttl": ttl, "heartbeat_every": (ttl / 3).max(1) })
+                });
+                Ok(Self::write_result("register", r))
+            }
+            (Method::PUT, Call::Heartbeat(s, id)) => {
+                self.known_service(s)?;
+                Self::scope_check(&scope, s)?;
+                let r = self
+                    .writer
+                    .heartbeat(s, id)
+                    .await
+                    .map(|ttl| json!({ "status": "renewed", "ttl": ttl.as_secs() }));
+                Ok(Self::write_result("heartbeat", r))
+            }
+            (Method::DELETE, Call::Instance(s, id)) => {
+                self.known_service(s)?;
+                Self::scope_check(&scope, s)?;
+                let r = self
+                    .writer
+                    .deregister(s, id)
+                    .await
+                    .map(|()| json!({ "status": "deregistered", "service": s, "id": id }));
+                Ok(Self::write_result("deregister", r))
+            }
+            _ => Err(error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "see the registration API in README.md",
+            )),
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for RegistrationApi {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        match self.handle(session).await {
+            Ok(r) | Err(r) => r,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_parse() {
+        assert!(matches!(parse_path("/v1/services"), Some(Call::List)));
+        assert!(matches!(
+            parse_path("/v1/services/a"),
+            Some(Call::Service("a"))
+        ));
+        assert!(matches!(
+            parse_path("/v1/services/a/instances/i1"),
+            Some(Call::Instance("a", "i1"))
+        ));
+        assert!(matches!(
+            parse_path("/v1/services/a/instances/i1/heartbeat"),
+            Some(Call::Heartbeat("a", "i1"))
+        ));
+        assert!(parse_path("/v1/services/a/instances").is_none());
+        assert!(parse_path("/v2/x").is_none());
+    }
+
+    #[test]
+    fn instance_ids() {
+        assert!(valid_instance_id("orders-1.zone:a"));
+        assert!(!valid_instance_id(""));
+        assert!(!valid_instance_id("a/b"));
+        assert!(!valid_instance_id(&"x".repeat(200)));
+    }
+}
