@@ -57,6 +57,7 @@ CLK_TCK=$(getconf CLK_TCK)
 # Temp dir, process bookkeeping, cleanup.
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/busbar-bench.XXXXXX")
 PIDS=()        # every server we started (nginx masters, haproxy, busbar)
+cd "$DIR"      # nothing we run leaves files in the caller's directory
 
 cleanup() {
   local rc=$? pid kids=() i
@@ -103,8 +104,8 @@ for _ in range(int(sys.argv[1])):
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
-read -r P_BACKEND P_NGINX P_HAPROXY P_BUSBAR P_BUSBAR_ADMIN P_BUSBARLOG P_BUSBARLOG_ADMIN \
-  <<<"$(free_ports 7)"
+read -r P_BACKEND P_NGINX P_HAPROXY P_BUSBAR P_BUSBAR_ADMIN P_BUSBAR_REG \
+  P_BUSBARLOG P_BUSBARLOG_ADMIN P_BUSBARLOG_REG <<<"$(free_ports 9)"
 
 # Wait until http://127.0.0.1:PORT/ answers 200 with "ok"; fail after 15 s or if PID died.
 wait_ready() {
@@ -215,8 +216,8 @@ HAPROXY_PID=$!
 PIDS+=("$HAPROXY_PID")
 
 # --- busbar, twice: access log off, and access log to a file.
-start_busbar() {  # name port admin-port access; sets LAST_PID
-  local name=$1 port=$2 admin=$3 access=$4 d="$DIR/$1"
+start_busbar() {  # name port admin-port registry-port access; sets LAST_PID
+  local name=$1 port=$2 admin=$3 reg=$4 access=$5 d="$DIR/$1"
   mkdir -p "$d"
   cat >"$d/busbar.toml" <<EOF
 [server]
@@ -231,6 +232,11 @@ admin = "127.0.0.1:$admin"
 [log]
 level = "warn"
 access = "$access"
+
+# The registration API listens even when nothing registers (default 127.0.0.1:9902);
+# give each instance its own port so two busbars (or a dev instance) don't collide.
+[registry]
+listen = "127.0.0.1:$reg"
 
 [[service]]
 name = "bench"
@@ -248,9 +254,9 @@ EOF
   LAST_PID=$!
   PIDS+=("$LAST_PID")
 }
-start_busbar busbar "$P_BUSBAR" "$P_BUSBAR_ADMIN" off
+start_busbar busbar "$P_BUSBAR" "$P_BUSBAR_ADMIN" "$P_BUSBAR_REG" off
 BUSBAR_PID=$LAST_PID
-start_busbar busbar+log "$P_BUSBARLOG" "$P_BUSBARLOG_ADMIN" "$DIR/busbar+log/access.log"
+start_busbar busbar+log "$P_BUSBARLOG" "$P_BUSBARLOG_ADMIN" "$P_BUSBARLOG_REG" "$DIR/busbar+log/access.log"
 BUSBARLOG_PID=$LAST_PID
 
 wait_ready nginx "$P_NGINX" "$NGINX_PID"
@@ -327,6 +333,23 @@ measure() {  # target round
     "$r" "$t" "$rps" "$p50" "$p99" "$cpu" "$errs" >&2
 }
 
+# How busy the machine is without us: % of CPU time not idle over 2 s, before the run
+# (our servers are idle then). Anything much above 0 makes the numbers noisy.
+busy_pct() {
+  local a b
+  read -r -a a < <(head -1 /proc/stat); sleep 2; read -r -a b < <(head -1 /proc/stat)
+  awk -v u1="${a[1]}" -v n1="${a[2]}" -v s1="${a[3]}" -v i1="${a[4]}" -v w1="${a[5]}" \
+      -v q1="${a[6]}" -v sq1="${a[7]}" -v st1="${a[8]}" \
+      -v u2="${b[1]}" -v n2="${b[2]}" -v s2="${b[3]}" -v i2="${b[4]}" -v w2="${b[5]}" \
+      -v q2="${b[6]}" -v sq2="${b[7]}" -v st2="${b[8]}" 'BEGIN {
+    t = (u2 + n2 + s2 + i2 + w2 + q2 + sq2 + st2) - (u1 + n1 + s1 + i1 + w1 + q1 + sq1 + st1)
+    idle = (i2 + w2) - (i1 + w1)
+    v = 0; if (t > 0) v = 100 * (t - idle) / t
+    printf "%.0f\n", v }'
+}
+BUSY=$(busy_pct)
+((BUSY <= 10)) || log "WARNING: the machine is ${BUSY}% busy before the run; numbers will be noisy"
+
 MODEL=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
 echo "# busbar bench — $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 echo
@@ -339,7 +362,7 @@ echo "- load: wrk -t1 -c$CONNS -d${DURATION}s --latency, GET / → backend nginx
 echo "- pinning: proxy under test on CPU $PROXY_CPU (taskset); backend nginx (1 worker) and wrk on CPU $LOAD_CPU"
 echo "- proxies: nginx 1 worker, upstream keepalive 64; HAProxy nbthread 1, http-reuse always; busbar threads=1, round_robin, access log off / to a file (busbar+log)"
 echo "- rounds: $ROUNDS, order rotated each round; median per target; warm-up ${WARMUP}s per target"
-echo "- loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "- machine busy before the run (2 s sample, all CPUs): ${BUSY}%; loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 
 if ((WARMUP > 0)); then
@@ -380,7 +403,9 @@ for t in "${TARGETS[@]}"; do
     "$(ratio "${M_RPS[$t]}" "$ng_rps")" "$(ratio "${M_CPU[$t]}" "$ng_cpu")"
 done
 echo
-echo "- loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+BUSY_END=$(busy_pct)
+echo "- machine busy after the run (2 s sample): ${BUSY_END}%; loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+((BUSY <= 10 && BUSY_END <= 10)) || echo "- WARNING: something else was using the CPUs; rerun on a quiet machine"
 
 total_errs=0
 for t in "${TARGETS[@]}"; do

@@ -19,6 +19,7 @@ use crate::cluster::etcd::{Etcd, EtcdWatch};
 use crate::config::{Config, RegistryBackend};
 use crate::health::checker::HealthChecker;
 use crate::metrics::METRICS;
+use crate::fallback::connect::Edge;
 use crate::proxy::BusbarProxy;
 use crate::registry::api::{Embedded, RegistrationApi, Writer};
 use crate::registry::persist;
@@ -104,19 +105,25 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let state = Arc::new(State::new(config, store.clone()));
 
     // 1. The service endpoint: HTTP/1.1 and h2c on each plain port, TLS with ALPN h2.
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+    //    The front door peeks each new plaintext connection for CONNECT (tunnels to
+    //    registered services); everything else goes to the pingora HTTP proxy.
+    let mut http_proxy = pingora_proxy::http_proxy(
         &server.configuration,
         BusbarProxy {
             state: state.clone(),
             access_log: access_log.clone(),
         },
-        "busbar proxy",
     );
-    if let Some(app) = proxy.app_logic_mut() {
-        let mut options = HttpServerOptions::default();
-        options.h2c = true;
-        app.server_options = Some(options);
-    }
+    let mut options = HttpServerOptions::default();
+    options.h2c = true;
+    http_proxy.server_options = Some(options);
+    let mut proxy = ListeningService::new(
+        "busbar proxy".to_string(),
+        Edge {
+            proxy: Arc::new(http_proxy),
+            state: state.clone(),
+        },
+    );
     for addr in &listen.http {
         proxy.add_tcp(&addr.to_string());
     }

@@ -25,6 +25,8 @@ pub struct Snapshot {
     pub services: Vec<Arc<Service>>,
     pub generation: u64,
     pub loaded_at: SystemTime,
+    /// Mesh fallback: one implicit route per service, by service name.
+    pub mesh_routes: HashMap<String, Arc<Route>>,
     /// Compiled admission policies; per-user limiter and queue state carried over.
     pub admission: crate::admission::Admission,
 }
@@ -67,7 +69,9 @@ impl Snapshot {
             })
             .collect();
         let admission = crate::admission::Admission::build(&config, previous.map(|p| &p.admission));
+        let mesh_routes = crate::fallback::mesh_routes(&config, &services);
         Snapshot {
+            mesh_routes,
             admission,
             routes: RouteTable::new(routes),
             services,

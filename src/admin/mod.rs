@@ -129,6 +129,11 @@ impl AdminApi {
                             "id": i.id,
                             "addr": i.addr.to_string(),
                             "source": if i.registration.is_some() { "registered" } else { "config" },
+                            "sidecar": i.sidecar.as_ref().map(|(a, s)| json!({
+                                "addr": a.to_string(),
+                                "up": s.is_up(),
+                                "path": s.last_path().map(|p| p.as_str()),
+                            })),
                             "weight": i.weight,
                             "health": i.health.state().as_str(),
                             "ejected_for_ms": i.health.ejection_left(now).map(|d| d.as_millis() as u64),

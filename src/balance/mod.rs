@@ -138,6 +138,8 @@ pub(crate) mod test_support {
             addr: format!("10.0.0.{i}:80").parse().unwrap(),
             weight,
             health: Default::default(),
+            registration: None,
+            sidecar: None,
         })
     }
 }

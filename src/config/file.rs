@@ -21,6 +21,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub limits: LimitsFile,
     pub registry: Option<super::registry::RegistryFile>,
+    pub mesh: Option<super::mesh::MeshFile>,
     pub auth: Option<super::auth::AuthFile>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceFile>,
@@ -86,6 +87,10 @@ pub struct ServiceFile {
     pub health: Option<HealthFile>,
     pub outlier: Option<OutlierFile>,
     pub max_in_flight: Option<Spanned<i64>>,
+    /// Mesh fallback: which path to an instance with a sidecar comes first.
+    pub prefer: Option<Spanned<String>>,
+    /// How long a recovered preferred path must stay healthy before traffic returns to it.
+    pub hold_down: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,6 +149,8 @@ pub struct RouteFile {
     pub request_headers: Option<HeaderEditFile>,
     pub response_headers: Option<HeaderEditFile>,
     pub admission: Option<super::admission::RouteAdmissionFile>,
+    /// `[route.translate]`: JSON or gRPC-Web callers of a gRPC service.
+    pub translate: Option<super::translate::RouteTranslateFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]

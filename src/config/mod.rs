@@ -8,7 +8,9 @@ mod auth;
 mod error;
 mod file;
 mod model;
+mod mesh;
 mod registry;
+mod translate;
 mod validate;
 
 pub use admission::{
@@ -18,6 +20,8 @@ pub use auth::{ApiKey, AuthConfig, JwtIssuer, JwtKey};
 pub use error::{ConfigError, ConfigErrors};
 pub use model::*;
 pub use registry::{RegistryBackend, RegistryConfig, RegistryToken, MAX_TTL, MIN_TTL};
+pub use mesh::{MeshConfig, PathPreference, DEFAULT_HOLD_DOWN};
+pub use translate::{Translations, DEFAULT_DENY_UNKNOWN_FIELDS, DEFAULT_EMIT_DEFAULTS};
 pub use validate::valid_identifier;
 
 use std::path::Path;

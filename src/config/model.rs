@@ -61,10 +61,13 @@ pub struct Config {
     pub listen: Listen,
     pub log: LogSettings,
     pub registry: super::RegistryConfig,
+    pub mesh: super::MeshConfig,
     /// JWT issuers and API keys that routes' identity lists use.
     pub auth: super::AuthConfig,
     pub services: Vec<ServiceConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Compiled protocol translations by route name (`[route.translate]`).
+    pub translations: super::Translations,
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +161,10 @@ pub struct EndpointConfig {
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
     pub name: String,
+    /// For instances registered with a sidecar: the path tried first.
+    pub prefer: super::PathPreference,
+    /// A recovered preferred path must pass probes this long before traffic returns to it.
+    pub hold_down: Duration,
     /// Takes registrations: registered instances join `endpoints`.
     pub registration: bool,
     pub protocol: Protocol,

@@ -77,6 +77,7 @@ impl Validator<'_> {
 
         let mut route_names = HashSet::new();
         let mut routes = Vec::with_capacity(f.routes.len());
+        let mut translations = super::Translations::new();
         for r in f.routes {
             let ctx = format!("route \"{}\"", r.name.get_ref());
             if !route_names.insert(r.name.get_ref().clone()) {
@@ -90,6 +91,10 @@ impl Validator<'_> {
                 );
             }
             let admission = self.route_admission(r.admission.as_ref(), &auth, &ctx);
+            let svc = services.iter().find(|s| s.name == *r.service.get_ref());
+            if let Some(t) = self.route_translate(r.translate.as_ref(), svc, &ctx) {
+                translations.insert(r.name.get_ref().clone(), t);
+            }
             if let Some(mut route) = self.route(r, &ctx, default_max_body) {
                 route.admission = admission;
                 routes.push(route);
@@ -97,15 +102,18 @@ impl Validator<'_> {
         }
 
         let registry = self.registry(f.registry.as_ref(), &server, &names);
+        let mesh = self.mesh(f.mesh.as_ref());
         Config {
             source: path.to_path_buf(),
             server,
             listen,
             log,
             registry,
+            mesh,
             auth,
             services,
             routes,
+            translations,
         }
     }
 
@@ -196,6 +204,7 @@ impl Validator<'_> {
 
     fn service(&mut self, s: ServiceFile, ctx: &str) -> Option<ServiceConfig> {
         let before = self.errors.len();
+        let (prefer, hold_down) = self.path_preference(&s.prefer, &s.hold_down, ctx);
         if !valid_identifier(s.name.get_ref()) {
             self.err(
                 s.name.span(),
@@ -316,6 +325,8 @@ impl Validator<'_> {
             return None;
         }
         Some(ServiceConfig {
+            prefer,
+            hold_down,
             name: s.name.into_inner(),
             registration,
             protocol,
@@ -726,7 +737,7 @@ service = "echo"
         let e = errors(&src);
         assert_eq!(
             e,
-            vec!["t.toml:15:11: route \"all\": unknown service \"ech\""]
+            vec!["t.toml:13:11: route \"all\": unknown service \"ech\""]
         );
     }
 
@@ -735,7 +746,7 @@ service = "echo"
         let src = OK.replace("strip_prefix = true", "strip_prefx = true");
         let e = errors(&src);
         assert_eq!(e.len(), 1);
-        assert!(e[0].starts_with("t.toml:14:1: "), "{e:?}");
+        assert!(e[0].starts_with("t.toml:12:1: "), "{e:?}");
         assert!(e[0].contains("strip_prefx"), "{e:?}");
     }
 

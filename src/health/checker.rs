@@ -64,6 +64,16 @@ impl BackgroundService for HealthChecker {
                     if inst.health.expire_ejection(now) == Transition::Unejected {
                         tracing::info!(service = svc.name(), instance = %inst.addr, "ejection ended");
                     }
+                    if let Some((sidecar, _)) = &inst.sidecar {
+                        let key = (svc.name().to_string(), *sidecar);
+                        if !next_due.get(&key).is_some_and(|due| *due > instant)
+                            && probes.len() < MAX_PROBES
+                        {
+                            let hc = sidecar_check(svc.config.health.as_ref());
+                            next_due.insert(key, instant + hc.interval);
+                            probes.spawn(probe_sidecar(svc.clone(), inst.clone(), hc));
+                        }
+                    }
                     let Some(hc) = &svc.config.health else {
                         continue;
                     };
@@ -107,6 +117,32 @@ fn update_gauges(svc: &Service) {
         .panic_mode
         .with_label_values(&[svc.name()])
         .set(svc.panic.load(std::sync::atomic::Ordering::Relaxed) as i64);
+}
+
+/// Sidecars are probed like their service's instances, or by TCP every second when the
+/// service has no health check (so a failed sidecar can come back).
+fn sidecar_check(service: Option<&HealthCheck>) -> HealthCheck {
+    service.cloned().unwrap_or(HealthCheck {
+        kind: ProbeKind::Tcp,
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_millis(500),
+        healthy_threshold: 1,
+        unhealthy_threshold: 1,
+    })
+}
+
+async fn probe_sidecar(svc: Arc<Service>, inst: Arc<Instance>, hc: HealthCheck) {
+    let Some((addr, state)) = &inst.sidecar else {
+        return;
+    };
+    let ok = probe(*addr, &hc, svc.config.protocol).await;
+    match state.record_probe(ok, hc.healthy_threshold, hc.unhealthy_threshold, now_ms()) {
+        Some(true) => tracing::info!(service = svc.name(), instance = %inst.id, sidecar = %addr,
+            hold_down = ?svc.config.hold_down, "sidecar passed its probes: back after the hold-down"),
+        Some(false) => tracing::warn!(service = svc.name(), instance = %inst.id, sidecar = %addr,
+            "sidecar failed its probes: traffic goes to the app port"),
+        None => {}
+    }
 }
 
 async fn probe_and_record(svc: Arc<Service>, inst: Arc<Instance>, hc: HealthCheck) {

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub service_in_flight: IntGaugeVec,
     pub queue_waiting: IntGaugeVec,
     pub registry_expired: IntCounter,
+    pub fallback: IntCounterVec,
+    pub path_switches: IntCounterVec,
+    pub connect_refused: IntCounter,
     pub self_preservation: IntGauge,
     pub registrations: IntCounterVec,
     pub registry_degraded: IntGauge,
@@ -181,6 +184,23 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Requests waiting for a slot of a service with max_in_flight (sampled each second).",
             &["service"],
         ),
+        fallback: counter(
+            &r,
+            "busbar_fallback_requests_total",
+            "Requests that took a mesh fallback path, by service and reason (sidecar_down, host, forward_proxy, connect).",
+            &["service", "reason"],
+        ),
+        path_switches: counter(
+            &r,
+            "busbar_instance_path_switches_total",
+            "Instances switching between sidecar and direct paths, by service and new path.",
+            &["service", "to"],
+        ),
+        connect_refused: int_counter(
+            &r,
+            "busbar_connect_refused_total",
+            "CONNECT requests refused because the target is not a configured service.",
+        ),
         registry_expired: int_counter(
             &r,
             "busbar_registry_expired_total",
@@ -243,6 +263,11 @@ impl RouteMetrics {
 /// Handles for one service, resolved when the snapshot is built.
 #[derive(Debug, Clone)]
 pub struct ServiceMetrics {
+    pub fallback_sidecar_down: IntCounter,
+    pub fallback_host: IntCounter,
+    pub fallback_forward_proxy: IntCounter,
+    pub fallback_connect: IntCounter,
+    switches: [IntCounter; 3],
     pub upstream_duration: Histogram,
     pub connect_failures: IntCounter,
     pub timeouts: IntCounter,
@@ -253,9 +278,25 @@ pub struct ServiceMetrics {
 }
 
 impl ServiceMetrics {
+    /// The switch counter for a new path.
+    pub fn path_switch(&self, to: crate::fallback::path::Path) -> &IntCounter {
+        use crate::fallback::path::Path;
+        &self.switches[match to {
+            Path::Sidecar => 0,
+            Path::Direct => 1,
+            Path::Out => 2,
+        }]
+    }
+
     pub fn new(service: &str) -> Self {
         let m = &*METRICS;
         ServiceMetrics {
+            fallback_sidecar_down: m.fallback.with_label_values(&[service, "sidecar_down"]),
+            fallback_host: m.fallback.with_label_values(&[service, "host"]),
+            fallback_forward_proxy: m.fallback.with_label_values(&[service, "forward_proxy"]),
+            fallback_connect: m.fallback.with_label_values(&[service, "connect"]),
+            switches: ["sidecar", "direct", "out"]
+                .map(|to| m.path_switches.with_label_values(&[service, to])),
             upstream_duration: m.upstream_duration.with_label_values(&[service]),
             connect_failures: m.connect_failures.with_label_values(&[service]),
             timeouts: m.upstream_errors.with_label_values(&[service, "timeout"]),

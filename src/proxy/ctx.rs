@@ -33,6 +33,11 @@ impl Tried {
         self.len == 0
     }
 
+    /// Forgets the last instance tried, so it may be picked again.
+    pub fn pop(&mut self) {
+        self.len = self.len.saturating_sub(1);
+    }
+
     pub fn clear(&mut self) {
         self.len = 0;
     }
@@ -49,6 +54,10 @@ pub struct RequestCtx {
     /// The last instance tried, kept for the access log.
     pub last_addr: Option<std::net::SocketAddr>,
     pub tried: Tried,
+    /// The path of the current try to an instance with a sidecar.
+    pub path: Option<crate::fallback::path::Path>,
+    /// A failed sidecar connect was already retried on the app port.
+    pub sidecar_failover: bool,
     pub tries: u32,
     pub deadline: Option<Instant>,
     pub upstream_start: Option<Instant>,
@@ -60,6 +69,8 @@ pub struct RequestCtx {
     pub counted: bool,
     /// Admission's verdict; holds the service slot until the request ends.
     pub admitted: Option<crate::admission::Admitted>,
+    /// gRPC-Web translation state, when the route translates and the caller speaks it.
+    pub grpc_web: Option<crate::translate::grpc_web::WebCall>,
 }
 
 impl RequestCtx {
@@ -72,6 +83,8 @@ impl RequestCtx {
             instance: None,
             last_addr: None,
             tried: Tried::default(),
+            path: None,
+            sidecar_failover: false,
             tries: 0,
             deadline: None,
             upstream_start: None,
@@ -82,6 +95,7 @@ impl RequestCtx {
             body_bytes: 0,
             counted: false,
             admitted: None,
+            grpc_web: None,
         }
     }
 

@@ -25,6 +25,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::accesslog::{AccessLog, Entry};
 use crate::admission;
 use crate::balance::hash_key;
+use crate::fallback;
 use crate::config::{HashKey, Protocol};
 use crate::health::state::now_ms;
 use crate::metrics::{class_index, METRICS};
@@ -191,7 +192,14 @@ impl ProxyHttp for BusbarProxy {
             method: &req.method,
             headers: &req.headers,
         };
-        let Some(route) = snapshot.routes.find(&view).cloned() else {
+        // TOML routes first; then, for a caller whose sidecar is down, the service its host names.
+        let route = snapshot.routes.find(&view).cloned().or_else(|| {
+            let r = fallback::route_for_host(&snapshot.mesh_routes, view.host, &snapshot.config.mesh.domains)?;
+            let m = &r.service.metrics;
+            if req.uri.scheme().is_some() { &m.fallback_forward_proxy } else { &m.fallback_host }.inc();
+            Some(r.clone())
+        });
+        let Some(route) = route else {
             ctx.snapshot = Some(snapshot);
             ctx.cause = Some(Cause::NoRoute);
             reply::respond(session, Cause::NoRoute).await?;
@@ -209,6 +217,11 @@ impl ProxyHttp for BusbarProxy {
             // The body was not read: the connection can't be reused for another request.
             session.as_downstream_mut().set_keepalive(None);
             reply::respond(session, Cause::BodyTooLarge).await?;
+            return Ok(true);
+        }
+        if crate::translate::preflight(session, &snapshot, &route).await? {
+            ctx.route = Some(route);
+            ctx.snapshot = Some(snapshot);
             return Ok(true);
         }
         if let Some(policy) = snapshot.admission.policy(route.name()).cloned() {
@@ -239,7 +252,8 @@ impl ProxyHttp for BusbarProxy {
         ctx.set = Some(svc.instances());
         ctx.route = Some(route);
         ctx.snapshot = Some(snapshot);
-        Ok(false)
+        // JSON routes are answered by their gRPC call here; gRPC-Web goes on through the proxy.
+        crate::translate::on_request(session, ctx, &|c, i| self.record_failure(c, i)).await
     }
 
     async fn request_body_filter(
@@ -259,7 +273,7 @@ impl ProxyHttp for BusbarProxy {
                 ));
             }
         }
-        Ok(())
+        crate::translate::request_body(ctx, body, _end_of_stream)
     }
 
     async fn upstream_peer(
@@ -293,7 +307,7 @@ impl ProxyHttp for BusbarProxy {
         let pick = |tried_ok: bool| {
             set.balancer.pick(instances, ctx.sticky_key, |i| {
                 (tried_ok || !tried.contains(i))
-                    && (panic || instances.get(i).is_some_and(|x| x.health.is_available()))
+                    && (panic || instances.get(i).is_some_and(|x| x.is_available()))
             })
         };
         // Prefer an instance not tried yet; with none left, a tried one beats failing.
@@ -320,7 +334,9 @@ impl ProxyHttp for BusbarProxy {
         ctx.tried.push(idx);
         ctx.tries += 1;
         instance.health.begin_request();
-        let mut peer = HttpPeer::new(instance.addr, false, String::new());
+        let (addr, path) = fallback::target(svc, &instance, now_ms());
+        ctx.path = path;
+        let mut peer = HttpPeer::new(addr, false, String::new());
         let opts = &mut peer.options;
         opts.connection_timeout = Some(svc.config.connect_timeout.min(remaining));
         opts.read_timeout = Some(svc.config.read_timeout.min(remaining));
@@ -330,7 +346,7 @@ impl ProxyHttp for BusbarProxy {
             opts.set_http_version(2, 2);
             opts.max_h2_streams = UPSTREAM_H2_STREAMS;
         }
-        ctx.last_addr = Some(instance.addr);
+        ctx.last_addr = Some(addr);
         ctx.instance = Some(instance);
         ctx.upstream_start = Some(now);
         Ok(Box::new(peer))
@@ -346,6 +362,20 @@ impl ProxyHttp for BusbarProxy {
         if let Some(instance) = ctx.release_instance() {
             if let Some(route) = &ctx.route {
                 route.service.metrics.connect_failures.inc();
+            }
+            // A dead sidecar is not a dead instance: switch it to its app port and try
+            // this same request again there (nothing was sent, so it is safe).
+            if ctx.path == Some(fallback::path::Path::Sidecar) && !ctx.sidecar_failover {
+                if let Some((_, state)) = &instance.sidecar {
+                    if state.connect_failed() {
+                        tracing::warn!(instance = %instance.id, "sidecar connect failed: switching to the app port");
+                    }
+                }
+                ctx.sidecar_failover = true;
+                ctx.tried.pop();
+                ctx.cause = Some(Cause::ConnectFailed);
+                e.set_retry(true);
+                return e;
             }
             self.record_failure(ctx, &instance);
         }
@@ -409,6 +439,13 @@ impl ProxyHttp for BusbarProxy {
         let Some(route) = ctx.route.as_ref() else {
             return Ok(());
         };
+        // A forward-proxy request (absolute-form) goes upstream in origin form.
+        if upstream.uri.authority().is_some() && upstream.uri.scheme().is_some() {
+            let pq = upstream.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+            let uri = http::Uri::try_from(pq)
+                .map_err(|e| Error::because(ErrorType::InternalError, "origin-form uri", e))?;
+            upstream.set_uri(uri);
+        }
         match &ctx.admitted {
             Some(a) => a.apply_upstream(upstream)?,
             None => admission::strip_identity(upstream),
@@ -425,7 +462,7 @@ impl ProxyHttp for BusbarProxy {
         if !route.config.request_headers.is_empty() {
             headers::edit_request(upstream, &route.config.request_headers)?;
         }
-        Ok(())
+        crate::translate::upstream_request(ctx, upstream)
     }
 
     async fn upstream_response_filter(
@@ -470,7 +507,28 @@ impl ProxyHttp for BusbarProxy {
                 headers::edit_response(resp, &route.config.response_headers)?;
             }
         }
-        Ok(())
+        crate::translate::response(ctx, resp)
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        crate::translate::response_body(ctx, body, end_of_stream);
+        Ok(None)
+    }
+
+    async fn response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Bytes>> {
+        // gRPC-Web: the trailers go downstream as the body's last frame.
+        Ok(crate::translate::trailers(ctx, trailers))
     }
 
     async fn fail_to_proxy(

@@ -348,7 +348,19 @@ impl RegistrationApi {
                         json!({
                             "id": i.id,
                             "address": i.addr.to_string(),
-                            "sidecar": i.registration.as_ref().and_then(|r| r.sidecar).map(|a| a.to_string()),
+                            "sidecar": i.sidecar.as_ref().map(|(a, s)| json!({
+                                "addr": a.to_string(),
+                                "up": s.is_up(),
+                            })),
+                            "path": i.sidecar.as_ref().map(|(_, s)| {
+                                s.choose(
+                                    snap.service(service).map_or(crate::config::PathPreference::Sidecar, |x| x.config.prefer),
+                                    snap.service(service).map_or(crate::config::DEFAULT_HOLD_DOWN, |x| x.config.hold_down),
+                                    i.health.is_available(),
+                                    now,
+                                ).as_str()
+                            }).unwrap_or("direct"),
+                            "path_reason": i.sidecar.as_ref().map(|(_, s)| if s.is_up() { "sidecar healthy or in hold-down" } else { "sidecar down" }),
                             "weight": i.weight,
                             "zone": i.registration.as_ref().and_then(|r| r.zone.clone()),
                             "version": i.registration.as_ref().and_then(|r| r.version.clone()),

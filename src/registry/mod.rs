@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 
 use crate::balance::Balancer;
 use crate::config::ServiceConfig;
+use crate::fallback::path::SidecarState;
 use crate::health::state::{now_ms, InstanceHealth};
 use crate::metrics::ServiceMetrics;
 
@@ -31,6 +32,16 @@ pub struct Instance {
     pub health: Arc<InstanceHealth>,
     /// What the instance registered with; `None` for instances from the config file.
     pub registration: Option<Arc<store::Registration>>,
+    /// Its sidecar's address and state, when it registered one.
+    pub sidecar: Option<(SocketAddr, Arc<SidecarState>)>,
+}
+
+impl Instance {
+    /// May take traffic by at least one path: its app port, or its sidecar.
+    #[inline]
+    pub fn is_available(&self) -> bool {
+        self.health.is_available() || self.sidecar.as_ref().is_some_and(|(_, s)| s.is_up())
+    }
 }
 
 /// An immutable view of a service's instances with the balancer built for them.
@@ -50,10 +61,7 @@ impl InstanceSet {
     }
 
     pub fn available(&self) -> usize {
-        self.instances
-            .iter()
-            .filter(|i| i.health.is_available())
-            .count()
+        self.instances.iter().filter(|i| i.is_available()).count()
     }
 }
 
@@ -109,10 +117,22 @@ impl Service {
         old: Option<&InstanceSet>,
         registered: &[Arc<store::Registration>],
     ) -> Vec<Arc<Instance>> {
-        let health_of = |id: &str, addr: SocketAddr| -> Arc<InstanceHealth> {
+        let previous = |id: &str, addr: SocketAddr| {
             old.and_then(|set| set.instances.iter().find(|i| i.id == id && i.addr == addr))
+        };
+        let health_of = |id: &str, addr: SocketAddr| -> Arc<InstanceHealth> {
+            previous(id, addr)
                 .map(|i| i.health.clone())
                 .unwrap_or_default()
+        };
+        let sidecar_of = |r: &store::Registration| {
+            let addr = r.sidecar?;
+            let state = previous(&r.id, r.address)
+                .and_then(|i| i.sidecar.as_ref())
+                .filter(|(a, _)| *a == addr)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default();
+            Some((addr, state))
         };
         let mut out: Vec<Arc<Instance>> = config
             .endpoints
@@ -125,6 +145,7 @@ impl Service {
                     addr: e.addr,
                     weight: e.weight,
                     registration: None,
+                    sidecar: None,
                 })
             })
             .collect();
@@ -135,6 +156,7 @@ impl Service {
                     id: r.id.clone(),
                     addr: r.address,
                     weight: r.weight,
+                    sidecar: sidecar_of(r),
                     registration: Some(r.clone()),
                 })
             }));

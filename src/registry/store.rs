@@ -329,9 +329,10 @@ impl Store {
         let missing = expected - seen as f64;
         // Below one expected renewal there is nothing to judge yet; and the silence of a
         // single instance is that instance's death, not a network partition: it expires.
+        // (1.5 instances' worth: a live instance may lag its expected count by one renewal.)
         let active = expected >= 1.0
             && (seen as f64) < threshold * expected
-            && missing > expected / instances as f64;
+            && missing > 1.5 * expected / instances as f64;
         Preservation {
             active,
             expected_per_minute: expected,

@@ -6,6 +6,8 @@
 
 pub mod backend;
 pub mod etcd;
+pub mod forwarder;
+pub mod tls;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,299 @@
+//! Mesh fallback: a provider's sidecar dies and busbar goes straight to its app port;
+//! a caller whose sidecar died reaches services through busbar by name.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::forwarder::Forwarder;
+use common::{client, sha256_hex, Backend, Busbar};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "mesh-test-token";
+
+fn config(extra_service: &str) -> String {
+    format!(
+        r#"
+[registry]
+listen = "{{registry}}"
+[[registry.token]]
+token_sha256 = "{hash}"
+services = ["*"]
+
+[mesh]
+domains = ["svc.cluster.local"]
+
+[[service]]
+name = "orders"
+registration = true
+prefer = "sidecar"
+hold_down = "2s"
+[service.health]
+type = "http"
+path = "/healthz"
+interval = "100ms"
+timeout = "500ms"
+healthy_threshold = 1
+unhealthy_threshold = 1
+{extra_service}
+
+[[route]]
+name = "api"
+path_prefix = "/api"
+service = "orders"
+"#,
+        hash = sha256_hex(TOKEN)
+    )
+}
+
+async fn register(bus: &Busbar, service: &str, id: &str, body: Value) {
+    let r = client()
+        .put(bus.registry_url(&format!("/v1/services/{service}/instances/{id}")))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_sidecar_sends_traffic_straight_to_the_app_and_back_after_hold_down() {
+    let app = Backend::start("orders-app").await;
+    let mut sidecar = Forwarder::start(app.addr, b"GET /api/work").await;
+    let bus = Busbar::start(&config("")).await;
+    register(
+        &bus,
+        "orders",
+        "o1",
+        json!({ "address": app.addr.to_string(), "sidecar": sidecar.addr.to_string(), "ttl": 60 }),
+    )
+    .await;
+
+    // A steady stream of idempotent requests, counting failures.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let stream = tokio::spawn({
+        let (stop, failures, sent, url) = (
+            stop.clone(),
+            failures.clone(),
+            sent.clone(),
+            bus.url("/api/work"),
+        );
+        async move {
+            let c = client();
+            while !stop.load(Ordering::SeqCst) {
+                match c.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {}
+                    Ok(r) => {
+                        eprintln!("failed: {}", r.status());
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => {
+                        eprintln!("failed: {e}");
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                sent.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    });
+
+    // Wait until traffic flows through the sidecar.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while sidecar.carried() < 5 {
+        assert!(Instant::now() < deadline, "no traffic through the sidecar");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Kill the sidecar: requests keep succeeding, straight to the app.
+    sidecar.stop().await;
+    let hits_at_kill = app.hits();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        app.hits() > hits_at_kill + 10,
+        "the app did not receive direct traffic"
+    );
+    let m = bus.metrics().await;
+    assert!(
+        common::metric_value(
+            &m,
+            r#"busbar_fallback_requests_total{reason="sidecar_down",service="orders"}"#
+        ) > 0.0,
+        "fallback not counted"
+    );
+    let v: Value = client()
+        .get(bus.registry_url("/v1/services/orders"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["instances"][0]["path"], "direct", "{v}");
+    assert_eq!(v["instances"][0]["sidecar"]["up"], false, "{v}");
+
+    // The sidecar comes back: traffic returns through it only after the 2 s hold-down.
+    sidecar.restart().await;
+    let back = Instant::now();
+    let carried_at_restart = sidecar.carried();
+    let deadline = back + Duration::from_secs(6);
+    while sidecar.carried() == carried_at_restart {
+        assert!(
+            Instant::now() < deadline,
+            "traffic never returned to the sidecar"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = back.elapsed();
+    assert!(
+        after >= Duration::from_millis(1900),
+        "returned after {after:?}, before the hold-down"
+    );
+
+    stop.store(true, Ordering::SeqCst);
+    stream.await.unwrap();
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "client-visible errors out of {}",
+        sent.load(Ordering::SeqCst)
+    );
+    let m = bus.metrics().await;
+    assert!(
+        common::metric_value(
+            &m,
+            r#"busbar_instance_path_switches_total{service="orders",to="direct"}"#
+        ) >= 1.0
+    );
+    assert!(
+        common::metric_value(
+            &m,
+            r#"busbar_instance_path_switches_total{service="orders",to="sidecar"}"#
+        ) >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_reach_services_by_name_and_nothing_else() {
+    let app = Backend::start("orders-app").await;
+    let bus = Busbar::start(&config("")).await;
+    register(
+        &bus,
+        "orders",
+        "o1",
+        json!({ "address": app.addr.to_string(), "ttl": 60 }),
+    )
+    .await;
+
+    // HTTP_PROXY style: absolute-form request line.
+    let proxied = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(bus.url("")).unwrap())
+        .build()
+        .unwrap();
+    let r = proxied.get("http://orders/hello?x=1").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-backend"], "orders-app");
+    let seen = app.seen();
+    assert_eq!(
+        seen.last().unwrap().path,
+        "/hello?x=1",
+        "origin form upstream"
+    );
+
+    // Host: <service>.<mesh domain>, with a port.
+    let r = client()
+        .get(bus.url("/hello"))
+        .header("host", "orders.svc.cluster.local:8080")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-backend"], "orders-app");
+
+    // h2 with :authority orders.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .resolve("orders", bus.http)
+        .build()
+        .unwrap();
+    let r = h2
+        .get(format!("http://orders:{}/grpc-ish", bus.http.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.headers()["x-backend"], "orders-app");
+
+    // Unknown names: 404 for HTTP, never a connection anywhere else.
+    let r = proxied.get("http://example.com/").send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = client()
+        .get(bus.url("/x"))
+        .header("host", "payments")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let m = bus.metrics().await;
+    assert!(
+        common::metric_value(
+            &m,
+            r#"busbar_fallback_requests_total{reason="forward_proxy",service="orders"}"#
+        ) >= 1.0
+    );
+    assert!(
+        common::metric_value(
+            &m,
+            r#"busbar_fallback_requests_total{reason="host",service="orders"}"#
+        ) >= 2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnels_only_to_registered_services() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let tls = common::tls::TlsBackend::start("orders").await;
+    let bus = Busbar::start(&config("")).await;
+    register(
+        &bus,
+        "orders",
+        "o1",
+        json!({ "address": tls.addr.to_string(), "ttl": 60 }),
+    )
+    .await;
+
+    // Not a service: 403, and busbar opened nothing.
+    let mut s = tokio::net::TcpStream::connect(bus.http).await.unwrap();
+    s.write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 512];
+    let n = s.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+
+    // A registered service: TLS end to end through the tunnel (HTTPS through HTTP_PROXY).
+    let c = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::https(bus.url("")).unwrap())
+        .add_root_certificate(reqwest::Certificate::from_pem(tls.cert_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let r = c.get("https://orders/secure").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "tls ok: /secure");
+    let m = bus.metrics().await;
+    assert!(
+        common::metric_value(
+            &m,
+            r#"busbar_fallback_requests_total{reason="connect",service="orders"}"#
+        ) >= 1.0
+    );
+    assert!(common::metric_value(&m, "busbar_connect_refused_total") >= 1.0);
+}
