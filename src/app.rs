@@ -19,7 +19,7 @@ use crate::cluster::etcd::{Etcd, EtcdWatch};
 use crate::config::{Config, RegistryBackend};
 use crate::health::checker::HealthChecker;
 use crate::metrics::METRICS;
-use crate::fallback::connect::Edge;
+use crate::edge::Edge;
 use crate::proxy::BusbarProxy;
 use crate::registry::api::{Embedded, RegistrationApi, Writer};
 use crate::registry::persist;
@@ -206,10 +206,18 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     server.add_service(registry_sync);
     if let Some(e) = etcd {
         server.add_service(background_service("etcd watch", EtcdWatch(e)));
+        // Gray-release overrides are shared through the same etcd.
+        server.add_service(background_service(
+            "release sync",
+            crate::release::sync::ReleaseSync {
+                state: state.clone(),
+            },
+        ));
     }
     server.add_service(health);
     server.add_service(sighup);
     server.add_service(admission_sweep);
+    server.add_service(background_service("redis upkeep", crate::cluster::redis::RedisUpkeep { state: state.clone() }));
     server.add_service(flusher);
     tracing::info!(http = ?listen.http, tls = ?listen.tls.iter().map(|t| t.addr).collect::<Vec<_>>(), admin = %listen.admin, registration = %registry_conf.listen, "busbar started");
     server.run_forever()

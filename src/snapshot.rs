@@ -68,8 +68,11 @@ impl Snapshot {
                 }))
             })
             .collect();
-        let admission = crate::admission::Admission::build(&config, previous.map(|p| &p.admission));
         let mesh_routes = crate::fallback::mesh_routes(&config, &services);
+        let implicit: Vec<&crate::config::RouteConfig> =
+            mesh_routes.values().map(|r| &r.config).collect();
+        let admission =
+            crate::admission::Admission::build(&config, &implicit, previous.map(|p| &p.admission));
         Snapshot {
             mesh_routes,
             admission,
@@ -101,16 +104,25 @@ pub struct State {
     pub registry: Arc<crate::registry::store::Store>,
     generation: AtomicU64,
     reload_lock: Mutex<()>,
+    /// Gray-release splits and their run-time overrides.
+    pub releases: Arc<crate::release::Releases>,
+    /// The last applied configurations, for `POST /v1/config/rollback`.
+    pub history: crate::release::history::History,
 }
 
 impl State {
     pub fn new(config: Config, registry: Arc<crate::registry::store::Store>) -> State {
-        State {
+        let releases = Arc::new(crate::release::Releases::open(&config));
+        let state = State {
             current: ArcSwap::from_pointee(Snapshot::build(config, None, 1, &registry)),
             registry,
             generation: AtomicU64::new(1),
             reload_lock: Mutex::new(()),
-        }
+            releases,
+            history: Default::default(),
+        };
+        crate::release::started(&state);
+        state
     }
 
     /// The current snapshot; a request loads it once and keeps it.
@@ -122,9 +134,25 @@ impl State {
     /// Re-reads the config file, validates it in full and swaps it in; on any error the
     /// current snapshot keeps serving. Requests in flight keep the snapshot they loaded.
     pub fn reload(&self) -> Result<ReloadOutcome, String> {
+        let path = self.load().config.source.clone();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => self.apply_text(&text, Some("reload")),
+            Err(e) => {
+                METRICS.reloads.with_label_values(&["failed"]).inc();
+                let e = format!("{}: cannot read: {e}", path.display());
+                tracing::error!("configuration reload refused, the previous one keeps serving:\n{e}");
+                Err(e)
+            }
+        }
+    }
+
+    /// Validates `text` as the config file's content and swaps it in, like a reload.
+    /// `record` names the change in the config history; `None` for a config rollback,
+    /// which rewinds the history itself.
+    pub fn apply_text(&self, text: &str, record: Option<&'static str>) -> Result<ReloadOutcome, String> {
         let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.load();
-        let result = config::load(&old.config.source).map(|new| {
+        let result = config::parse(&old.config.source, text).map(|new| {
             let mut not_applied = Vec::new();
             if new.listen != old.config.listen {
                 not_applied.push("listen");
@@ -143,6 +171,10 @@ impl State {
                 });
             let snapshot = Snapshot::build(new, Some(&old), generation, &self.registry);
             self.current.store(Arc::new(snapshot));
+            crate::release::refresh(self);
+            if let Some(source) = record {
+                self.history.record_text(source, text, self.releases.overrides());
+            }
             ReloadOutcome {
                 generation,
                 not_applied,

@@ -1,6 +1,7 @@
 //! The admin API on its own listener (loopback by default).
 //!
-//! Owns: `/healthz`, `/metrics`, `/v1/routes`, `/v1/services`, `/v1/reload`.
+//! Owns: `/healthz`, `/metrics`, `/v1/routes`, `/v1/services`, `/v1/reload`; the release
+//! and config-history calls (`/v1/releases…`, `/v1/config/…`) are `release::admin`'s.
 //! Reads are open to whoever reaches the listener; anything that changes state needs
 //! `Authorization: Bearer $BUSBAR_ADMIN_TOKEN`, and with no token configured it refuses.
 //! Must not: hold policy; it reports state and asks `snapshot` to reload.
@@ -213,6 +214,15 @@ impl ServeHttp for AdminApi {
             (Method::GET, "/v1/routes") => json_reply(StatusCode::OK, self.routes()),
             (Method::GET, "/v1/services") => json_reply(StatusCode::OK, self.services()),
             (Method::GET, "/v1/registry") => json_reply(StatusCode::OK, self.registry()),
+            (m, p) if crate::release::admin::handles(p) => {
+                if m != Method::GET {
+                    if let Some(refusal) = self.authorize(session) {
+                        return refusal;
+                    }
+                }
+                let (status, v) = crate::release::admin::serve(&self.state, session, &m, p).await;
+                json_reply(status, v)
+            }
             (Method::POST, "/v1/reload") => match self.authorize(session) {
                 Some(refusal) => refusal,
                 None => self.reload(),

@@ -6,10 +6,12 @@
 //! Must not: write responses or touch pingora sessions; the proxy asks, writes what a
 //! [`Rejection`] says, and keeps the [`Admitted`] (with its queue permit) in its context.
 //!
-//! A cluster-wide limiter (Redis) will plug in beside `rate::RouteLimiter` behind
-//! `RoutePolicy::check`, with the local limiter as its fallback.
+//! A route whose limit has `scope = "cluster"` gets a `cluster::ClusterLimiter` (Redis,
+//! with the node's share as its fallback) instead, checked in [`RoutePolicy::admit`]
+//! because it may wait on Redis.
 
 pub mod acl;
+pub mod cluster;
 pub mod identity;
 pub mod queue;
 pub mod rate;
@@ -24,7 +26,7 @@ use dashmap::DashMap;
 use http::{HeaderMap, HeaderName};
 use pingora_http::{RequestHeader, ResponseHeader};
 
-use crate::config::{Config, QueuePolicy, RateLimitConfig, DEFAULT_IDENTITY_HEADER};
+use crate::config::{Config, LimitScope, QueuePolicy, RateLimitConfig, DEFAULT_IDENTITY_HEADER};
 use crate::metrics::{AdmissionMetrics, METRICS};
 
 pub use acl::normalize_path;
@@ -107,6 +109,8 @@ pub struct RoutePolicy {
     identity_header: HeaderName,
     normalize_path: bool,
     limiter: Option<Arc<rate::RouteLimiter>>,
+    /// Set instead of `limiter` for `scope = "cluster"`.
+    cluster_limiter: Option<Arc<cluster::ClusterLimiter>>,
     queue: Option<Arc<queue::ServiceQueue>>,
     queue_policy: QueuePolicy,
     metrics: AdmissionMetrics,
@@ -144,34 +148,7 @@ impl RoutePolicy {
         }
         let key = who.key();
         if let Some(limiter) = &self.limiter {
-            match limiter.check(&key) {
-                rate::RateDecision::Allowed(info) => admitted.rate = Some(info),
-                rate::RateDecision::Limited {
-                    info,
-                    retry_after,
-                    scope,
-                } => {
-                    let reason = match scope {
-                        rate::Scope::User => {
-                            self.metrics.limited_user.inc();
-                            "user"
-                        }
-                        rate::Scope::Route => {
-                            self.metrics.limited_route.inc();
-                            "route"
-                        }
-                    };
-                    let mut r = Rejection::new(
-                        RejectKind::RateLimited,
-                        reason,
-                        "too many requests; retry after the number of seconds in Retry-After",
-                    );
-                    r.retry_after_secs =
-                        Some(retry_after.as_nanos().div_ceil(1_000_000_000).max(1) as u64);
-                    r.rate = Some(info);
-                    return Err(r);
-                }
-            }
+            admitted.rate = Some(self.rated(limiter.check(&key))?);
         }
         admitted.key = key;
         if who.is_authenticated() {
@@ -180,10 +157,44 @@ impl RoutePolicy {
         Ok(admitted)
     }
 
-    /// The whole admission of a request: [`check`](Self::check), then a service slot.
+    /// A rate decision as the request's `RateInfo`, or the 429 to send.
+    fn rated(&self, decision: rate::RateDecision) -> Result<RateInfo, Rejection> {
+        let (info, retry_after, scope) = match decision {
+            rate::RateDecision::Allowed(info) => return Ok(info),
+            rate::RateDecision::Limited {
+                info,
+                retry_after,
+                scope,
+            } => (info, retry_after, scope),
+        };
+        let reason = match scope {
+            rate::Scope::User => {
+                self.metrics.limited_user.inc();
+                "user"
+            }
+            rate::Scope::Route => {
+                self.metrics.limited_route.inc();
+                "route"
+            }
+        };
+        let mut r = Rejection::new(
+            RejectKind::RateLimited,
+            reason,
+            "too many requests; retry after the number of seconds in Retry-After",
+        );
+        r.retry_after_secs = Some(retry_after.as_nanos().div_ceil(1_000_000_000).max(1) as u64);
+        r.rate = Some(info);
+        Err(r)
+    }
+
+    /// The whole admission of a request: [`check`](Self::check), the cluster-wide rate
+    /// limit if the route has one, then a service slot.
     /// Dropping the future (client gone) leaves the queue.
     pub async fn admit(&self, req: &RequestParts<'_>) -> Result<Admitted, Rejection> {
         let mut admitted = self.check(req)?;
+        if let Some(limiter) = &self.cluster_limiter {
+            admitted.rate = Some(self.rated(limiter.check(&admitted.key).await)?);
+        }
         self.enter(&mut admitted).await?;
         Ok(admitted)
     }
@@ -232,6 +243,9 @@ impl RoutePolicy {
 #[derive(Debug, Default)]
 pub struct Stores {
     limiters: DashMap<String, Arc<rate::RouteLimiter>>,
+    cluster_limiters: DashMap<String, Arc<cluster::ClusterLimiter>>,
+    /// The `[cluster]` Redis; replaced when a reload changes `[cluster]`.
+    redis: arc_swap::ArcSwapOption<crate::cluster::redis::RedisLimits>,
     queues: DashMap<String, Arc<queue::ServiceQueue>>,
 }
 
@@ -246,6 +260,47 @@ impl Stores {
         let l = Arc::new(rate::RouteLimiter::new(config.clone()));
         self.limiters.insert(route.to_string(), l.clone());
         l
+    }
+
+    /// The route's cluster-wide limiter; kept while its settings and Redis are unchanged.
+    fn cluster_limiter(
+        &self,
+        route: &str,
+        config: &RateLimitConfig,
+        redis: &Arc<crate::cluster::redis::RedisLimits>,
+    ) -> Arc<cluster::ClusterLimiter> {
+        if let Some(l) = self.cluster_limiters.get(route) {
+            if l.config() == config && Arc::ptr_eq(l.redis(), redis) {
+                return l.clone();
+            }
+        }
+        let l = Arc::new(cluster::ClusterLimiter::new(route, config.clone(), redis.clone()));
+        self.cluster_limiters.insert(route.to_string(), l.clone());
+        l
+    }
+
+    /// The `[cluster]` Redis handle, made (not connected) when the section is new or changed.
+    fn set_redis(
+        &self,
+        config: Option<&crate::config::ClusterConfig>,
+    ) -> Option<Arc<crate::cluster::redis::RedisLimits>> {
+        let Some(config) = config else {
+            self.redis.store(None);
+            return None;
+        };
+        if let Some(r) = self.redis.load_full() {
+            if r.config() == config {
+                return Some(r);
+            }
+        }
+        let r = Arc::new(crate::cluster::redis::RedisLimits::new(config.clone()));
+        self.redis.store(Some(r.clone()));
+        Some(r)
+    }
+
+    /// The `[cluster]` Redis, for the upkeep service.
+    pub fn redis(&self) -> Option<Arc<crate::cluster::redis::RedisLimits>> {
+        self.redis.load_full()
     }
 
     fn queue(&self, service: &str, max_in_flight: u32) -> Arc<queue::ServiceQueue> {
@@ -268,7 +323,11 @@ impl Stores {
         for l in self.limiters.iter() {
             l.sweep();
         }
+        for l in self.cluster_limiters.iter() {
+            l.sweep();
+        }
         for q in self.queues.iter() {
+            q.sweep();
             let svc = q.key().as_str();
             METRICS
                 .service_in_flight
@@ -290,12 +349,18 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// Compiles every route's policy; per-user state comes over from `previous`.
-    pub fn build(config: &Config, previous: Option<&Admission>) -> Admission {
+    /// Compiles every route's policy (the file's routes and `implicit` ones, such as the
+    /// mesh fallback's per-service routes); per-user state comes over from `previous`.
+    pub fn build(
+        config: &Config,
+        implicit: &[&crate::config::RouteConfig],
+        previous: Option<&Admission>,
+    ) -> Admission {
         let stores = previous.map(|p| p.stores.clone()).unwrap_or_default();
         let keyring = Arc::new(identity::Keyring::new(&config.auth));
+        let redis = stores.set_redis(config.cluster.as_ref());
         let mut policies = HashMap::new();
-        for r in &config.routes {
+        for r in config.routes.iter().chain(implicit.iter().copied()) {
             let max_in_flight = config
                 .services
                 .iter()
@@ -310,7 +375,16 @@ impl Admission {
                 resolver: identity::Resolver::new(a, keyring.clone()),
                 identity_header: a.identity_header.clone(),
                 normalize_path: a.normalize_path,
-                limiter: a.rate_limit.as_ref().map(|c| stores.limiter(&r.name, c)),
+                limiter: a
+                    .rate_limit
+                    .as_ref()
+                    .filter(|c| c.scope == LimitScope::Node || redis.is_none())
+                    .map(|c| stores.limiter(&r.name, c)),
+                cluster_limiter: a
+                    .rate_limit
+                    .as_ref()
+                    .filter(|c| c.scope == LimitScope::Cluster)
+                    .and_then(|c| Some(stores.cluster_limiter(&r.name, c, redis.as_ref()?))),
                 queue: max_in_flight.map(|m| stores.queue(&r.service, m)),
                 queue_policy: a.queue.clone(),
                 metrics: AdmissionMetrics::new(&r.name, &r.service),
@@ -320,6 +394,11 @@ impl Admission {
         stores
             .limiters
             .retain(|name, _| policies.get(name).is_some_and(|p| p.limiter.is_some()));
+        stores.cluster_limiters.retain(|name, _| {
+            policies
+                .get(name)
+                .is_some_and(|p| p.cluster_limiter.is_some())
+        });
         stores.queues.retain(|name, _| {
             config
                 .services

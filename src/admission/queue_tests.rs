@@ -186,3 +186,124 @@ async fn raising_the_cap_on_reload_serves_waiters() {
     q.set_max_in_flight(2);
     w.await.unwrap().unwrap();
 }
+
+/// The case fair queuing alone loses: cap 2, a flood keeping its queue full, a polite
+/// user sending one request at a time, and every request taking exactly 200 ms, so the
+/// polite user's slot and a flood slot free at the same instant. Without holding the
+/// freed slot for the polite user (who is between two requests at that instant), both
+/// slots go to the flood and every polite request waits a whole request time.
+#[tokio::test(start_paused = true)]
+async fn a_polite_user_between_requests_keeps_its_share() {
+    const WORK: Duration = Duration::from_millis(200);
+    let q = Arc::new(ServiceQueue::new(2, 100));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flood = Vec::new();
+    for _ in 0..8 {
+        let (q, stop) = (q.clone(), stop.clone());
+        flood.push(tokio::spawn(async move {
+            let mut served = 0u32;
+            while !stop.load(SeqCst) {
+                match q.acquire("ip:flood", &policy(4, 60_000)).await {
+                    Ok((permit, _)) => {
+                        tokio::time::sleep(WORK).await;
+                        drop(permit);
+                        served += 1;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+            served
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        (q.in_flight(), q.waiting()),
+        (2, 4),
+        "the flood fills the service"
+    );
+    let mut waits = Vec::new();
+    for _ in 0..20 {
+        let (permit, waited) = q.acquire("ip:polite", &policy(4, 60_000)).await.unwrap();
+        waits.push(waited);
+        tokio::time::sleep(WORK).await;
+        drop(permit);
+        // The client reads the response and sends its next request.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    stop.store(true, SeqCst);
+    let flood_served: u32 = {
+        let mut n = 0;
+        for f in flood {
+            n += f.await.unwrap();
+        }
+        n
+    };
+    // The first request may wait up to one request time for a slot to free; after that
+    // the polite user's slot is held across its 1 ms turnaround.
+    assert!(waits[0] <= WORK, "{waits:?}");
+    assert!(
+        waits[1..].iter().all(|w| *w <= Duration::from_millis(1)),
+        "{waits:?}"
+    );
+    // The flood kept the other slot busy the whole time: about 20 × 201 ms / 200 ms.
+    assert!(flood_served >= 19, "flood served {flood_served}");
+    // Once everyone is gone, the held slots and lingering users are gone too.
+    tokio::time::sleep(WORK * 2).await;
+    q.sweep();
+    assert_eq!((q.in_flight(), q.waiting(), q.users()), (0, 0, 0));
+}
+
+/// A hold is bounded: when the user it was kept for does not come back, the slot goes
+/// to the next waiter after at most [`MAX_HOLD`].
+#[tokio::test(start_paused = true)]
+async fn a_hold_for_a_user_who_does_not_return_expires() {
+    const WORK: Duration = Duration::from_millis(200);
+    let q = Arc::new(ServiceQueue::new(2, 100));
+    // Two fast-path (uncounted) requests fill the service; then the polite user and three
+    // flood requests queue, so the next slots are handed out (and counted) by the queue.
+    let (a, _) = q.acquire("ip:x", &policy(4, 60_000)).await.unwrap();
+    let (b, _) = q.acquire("ip:y", &policy(4, 60_000)).await.unwrap();
+    let mut tasks = Vec::new();
+    for user in ["ip:polite", "ip:flood", "ip:flood", "ip:flood"] {
+        let q = q.clone();
+        tasks.push(tokio::spawn(async move {
+            let (p, waited) = q.acquire(user, &policy(4, 60_000)).await.unwrap();
+            tokio::time::sleep(WORK).await;
+            drop(p);
+            waited
+        }));
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(q.waiting(), 4);
+    let t0 = tokio::time::Instant::now();
+    drop(a);
+    drop(b);
+    // Polite and one flood request run from t0 to t0 + 200 ms; the polite user then
+    // leaves for good. Its slot is held (the flood is at its share of 1 of 2 slots)…
+    tokio::time::sleep_until(t0 + WORK + Duration::from_millis(5)).await;
+    assert_eq!(
+        (q.in_flight(), q.waiting()),
+        (2, 1),
+        "one slot held, one flood waiter"
+    );
+    // …until the hold ends, a quarter of the 200 ms request time capped at MAX_HOLD.
+    tokio::time::sleep_until(t0 + WORK + MAX_HOLD + Duration::from_millis(1)).await;
+    assert_eq!(
+        q.waiting(),
+        0,
+        "the hold expired and the flood got the slot"
+    );
+    let waits: Vec<Duration> = futures_join(tasks).await;
+    assert_eq!(waits[3], WORK + MAX_HOLD, "{waits:?}");
+    tokio::time::sleep(WORK).await;
+    q.sweep();
+    assert_eq!((q.in_flight(), q.users()), (0, 0));
+}
+
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<Duration>>) -> Vec<Duration> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}

@@ -218,6 +218,7 @@ mod tests {
             burst,
             global: None,
             max_users,
+            scope: Default::default(),
         })
     }
 

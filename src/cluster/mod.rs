@@ -2,3 +2,4 @@
 //! admission). Each client feeds a local view; nothing on the request path awaits them.
 
 pub mod etcd;
+pub mod redis;

@@ -57,6 +57,8 @@ pub struct RateLimitFile {
     pub global: Option<Spanned<String>>,
     pub global_burst: Option<Spanned<i64>>,
     pub max_users: Option<Spanned<i64>>,
+    /// `"node"` (default) or `"cluster"` (shared through `[cluster]` Redis).
+    pub scope: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,6 +104,18 @@ pub struct RateLimitConfig {
     /// For the whole route, all users together.
     pub global: Option<(Rate, u32)>,
     pub max_users: usize,
+    /// Where the count is kept: this node, or Redis for the whole cluster.
+    pub scope: LimitScope,
+}
+
+/// Where a rate limit is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LimitScope {
+    /// Each node counts on its own: N nodes admit up to N times the rate.
+    #[default]
+    Node,
+    /// All nodes share one count in Redis (`[cluster]`).
+    Cluster,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -337,8 +351,17 @@ impl Validator<'_> {
             let max_users = self
                 .int(&r.max_users, ctx, 1, 10_000_000)
                 .map_or(DEFAULT_RATE_LIMIT_MAX_USERS, |n| n as usize);
+            let scope = match r.scope.as_ref().map(|s| (s, s.get_ref().as_str())) {
+                None | Some((_, "node")) => LimitScope::Node,
+                Some((_, "cluster")) => LimitScope::Cluster,
+                Some((s, _)) => {
+                    self.err(s.span(), ctx, "scope is \"node\" or \"cluster\"");
+                    LimitScope::Node
+                }
+            };
             if let Some(rate) = rate {
                 out.rate_limit = Some(RateLimitConfig {
+                    scope,
                     rate,
                     burst: burst.unwrap_or(rate.count),
                     global: global.map(|g| (g, global_burst.unwrap_or(g.count))),

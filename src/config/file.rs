@@ -23,6 +23,7 @@ pub struct FileConfig {
     pub registry: Option<super::registry::RegistryFile>,
     pub mesh: Option<super::mesh::MeshFile>,
     pub auth: Option<super::auth::AuthFile>,
+    pub cluster: Option<super::cluster::ClusterFile>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceFile>,
     #[serde(default, rename = "route")]
@@ -67,6 +68,12 @@ pub struct LogFile {
 #[serde(deny_unknown_fields)]
 pub struct LimitsFile {
     pub max_body: Option<Spanned<String>>,
+    pub header_timeout: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub client_timeout: Option<Spanned<String>>,
+    pub max_request_line: Option<Spanned<String>>,
+    pub max_header_bytes: Option<Spanned<String>>,
+    pub max_headers: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +105,8 @@ pub struct ServiceFile {
 pub struct EndpointFile {
     pub addr: Spanned<String>,
     pub weight: Option<Spanned<i64>>,
+    /// The version this instance runs, for `[route.split]`.
+    pub version: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +160,8 @@ pub struct RouteFile {
     pub admission: Option<super::admission::RouteAdmissionFile>,
     /// `[route.translate]`: JSON or gRPC-Web callers of a gRPC service.
     pub translate: Option<super::translate::RouteTranslateFile>,
+    /// `[route.split]`: gray release between versions of the route's service.
+    pub split: Option<Spanned<super::release::SplitSpec>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

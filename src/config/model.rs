@@ -52,6 +52,31 @@ pub const DEFAULT_MAX_EJECTED_PERCENT: u8 = 50;
 /// Request body limit when a route sets none.
 pub const DEFAULT_MAX_BODY: u64 = 10 * 1024 * 1024;
 
+/// A request head must arrive whole within this (slowloris), else 408.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A keep-alive connection may sit idle this long between requests.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Each read of a request body and each write of a response to the client must make
+/// progress within this (slow body, slow read).
+pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest request line, else 414 (nginx's large_client_header_buffers is 8 KiB).
+pub const DEFAULT_MAX_REQUEST_LINE: usize = 8 * 1024;
+/// Largest request head, else 431.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most request header lines, else 431 (pingora itself refuses more than 256 with 400).
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+
+/// Limits on what a client may send, and how slowly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub client_timeout: Duration,
+    pub max_request_line: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -60,14 +85,19 @@ pub struct Config {
     pub server: ServerSettings,
     pub listen: Listen,
     pub log: LogSettings,
+    pub limits: Limits,
     pub registry: super::RegistryConfig,
     pub mesh: super::MeshConfig,
     /// JWT issuers and API keys that routes' identity lists use.
     pub auth: super::AuthConfig,
+    /// `[cluster]`: the Redis that cluster-wide rate limits share.
+    pub cluster: Option<super::ClusterConfig>,
     pub services: Vec<ServiceConfig>,
     pub routes: Vec<RouteConfig>,
     /// Compiled protocol translations by route name (`[route.translate]`).
     pub translations: super::Translations,
+    /// Gray-release splits by route name (`[route.split]`).
+    pub splits: super::Splits,
 }
 
 #[derive(Debug, Clone)]
@@ -156,6 +186,8 @@ pub enum HashKey {
 pub struct EndpointConfig {
     pub addr: SocketAddr,
     pub weight: u32,
+    /// The version it runs (gray release); registered instances say theirs when they register.
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -58,6 +58,7 @@ impl Validator<'_> {
         let listen = self.listen(f.listen);
         let log = self.log(f.log);
         let auth = self.auth(f.auth.as_ref());
+        let limits = self.limits(&f.limits);
         let default_max_body = match &f.limits.max_body {
             Some(s) => self.size(s, "limits").unwrap_or(DEFAULT_MAX_BODY),
             None => DEFAULT_MAX_BODY,
@@ -75,9 +76,11 @@ impl Validator<'_> {
             }
         }
 
+        let cluster = self.cluster(f.cluster.as_ref(), &f.routes);
         let mut route_names = HashSet::new();
         let mut routes = Vec::with_capacity(f.routes.len());
         let mut translations = super::Translations::new();
+        let mut splits = super::Splits::new();
         for r in f.routes {
             let ctx = format!("route \"{}\"", r.name.get_ref());
             if !route_names.insert(r.name.get_ref().clone()) {
@@ -95,6 +98,9 @@ impl Validator<'_> {
             if let Some(t) = self.route_translate(r.translate.as_ref(), svc, &ctx) {
                 translations.insert(r.name.get_ref().clone(), t);
             }
+            if let Some(s) = self.route_split(r.split.as_ref(), svc, &ctx) {
+                splits.insert(r.name.get_ref().clone(), s);
+            }
             if let Some(mut route) = self.route(r, &ctx, default_max_body) {
                 route.admission = admission;
                 routes.push(route);
@@ -108,12 +114,33 @@ impl Validator<'_> {
             server,
             listen,
             log,
+            limits,
             registry,
             mesh,
             auth,
+            cluster,
             services,
             routes,
             translations,
+            splits,
+        }
+    }
+
+    fn limits(&mut self, l: &LimitsFile) -> Limits {
+        let ctx = "[limits]";
+        let size = |v: &mut Self, s: &Option<Spanned<String>>, default: usize| match s {
+            Some(s) => v.size(s, ctx).map_or(default, |n| n as usize),
+            None => default,
+        };
+        Limits {
+            header_timeout: self.duration(&l.header_timeout, ctx, DEFAULT_HEADER_TIMEOUT),
+            idle_timeout: self.duration(&l.idle_timeout, ctx, DEFAULT_IDLE_TIMEOUT),
+            client_timeout: self.duration(&l.client_timeout, ctx, DEFAULT_CLIENT_TIMEOUT),
+            max_request_line: size(self, &l.max_request_line, DEFAULT_MAX_REQUEST_LINE),
+            max_header_bytes: size(self, &l.max_header_bytes, DEFAULT_MAX_HEADER_BYTES),
+            max_headers: self
+                .int(&l.max_headers, ctx, 1, 250)
+                .map_or(DEFAULT_MAX_HEADERS, |n| n as usize),
         }
     }
 
@@ -264,7 +291,8 @@ impl Validator<'_> {
                 );
             }
             let weight = self.int(&e.weight, ctx, 1, 10_000).unwrap_or(1) as u32;
-            endpoints.push(EndpointConfig { addr, weight });
+            let version = self.endpoint_version(&e.version, ctx);
+            endpoints.push(EndpointConfig { addr, weight, version });
         }
         let registration = s.registration.as_ref().is_some_and(|r| *r.get_ref());
         if listed.is_empty() && !registration {

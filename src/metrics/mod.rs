@@ -34,13 +34,20 @@ pub struct Metrics {
     pub queue_wait: HistogramVec,
     pub service_in_flight: IntGaugeVec,
     pub queue_waiting: IntGaugeVec,
+    pub redis_fallback: IntCounterVec,
+    pub redis_up: IntGauge,
+    pub cluster_nodes: IntGauge,
     pub registry_expired: IntCounter,
     pub fallback: IntCounterVec,
     pub path_switches: IntCounterVec,
     pub connect_refused: IntCounter,
+    pub edge_refusals: IntCounterVec,
     pub self_preservation: IntGauge,
     pub registrations: IntCounterVec,
     pub registry_degraded: IntGauge,
+    pub version_requests: IntCounterVec,
+    pub release_fallback: IntCounterVec,
+    pub release_changes: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -184,6 +191,22 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Requests waiting for a slot of a service with max_in_flight (sampled each second).",
             &["service"],
         ),
+        redis_fallback: counter(
+            &r,
+            "busbar_ratelimit_redis_fallback_total",
+            "Cluster-wide rate-limit decisions made from the node's share of the limit because Redis was unreachable or slow, by route.",
+            &["route"],
+        ),
+        redis_up: int_gauge(
+            &r,
+            "busbar_ratelimit_redis_up",
+            "1 while this node reaches the Redis of [cluster]; 0 while it limits on its own share.",
+        ),
+        cluster_nodes: int_gauge(
+            &r,
+            "busbar_cluster_live_nodes",
+            "Live busbar nodes in the [cluster] Redis as last seen (the divisor of the fallback share).",
+        ),
         fallback: counter(
             &r,
             "busbar_fallback_requests_total",
@@ -195,6 +218,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "busbar_instance_path_switches_total",
             "Instances switching between sidecar and direct paths, by service and new path.",
             &["service", "to"],
+        ),
+        edge_refusals: counter(
+            &r,
+            "busbar_edge_refusals_total",
+            "Requests refused at the front door before parsing, by reason.",
+            &["reason"],
         ),
         connect_refused: int_counter(
             &r,
@@ -221,6 +250,24 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &r,
             "busbar_registry_degraded",
             "1 while the registry store (etcd) is unreachable and routing runs from memory.",
+        ),
+        version_requests: counter(
+            &r,
+            "busbar_version_requests_total",
+            "Responses from upstream instances by service, instance version and status class (judge a canary by these).",
+            &["service", "version", "class"],
+        ),
+        release_fallback: counter(
+            &r,
+            "busbar_release_fallback_total",
+            "Requests a split sent to the stable version (or, last resort, any) because their version had no available instance, by route.",
+            &["route"],
+        ),
+        release_changes: counter(
+            &r,
+            "busbar_release_changes_total",
+            "Release overrides applied on this node, by source (release, rollback, cluster).",
+            &["source"],
         ),
         registry: r,
     }

@@ -71,6 +71,8 @@ pub struct RequestCtx {
     pub admitted: Option<crate::admission::Admitted>,
     /// gRPC-Web translation state, when the route translates and the caller speaks it.
     pub grpc_web: Option<crate::translate::grpc_web::WebCall>,
+    /// Gray release: the version chosen for this request and what it was served by.
+    pub release: crate::release::RequestRelease,
 }
 
 impl RequestCtx {
@@ -96,6 +98,7 @@ impl RequestCtx {
             counted: false,
             admitted: None,
             grpc_web: None,
+            release: Default::default(),
         }
     }
 

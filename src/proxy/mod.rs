@@ -177,6 +177,10 @@ impl ProxyHttp for BusbarProxy {
         METRICS.in_flight.inc();
         ctx.counted = true;
         let snapshot = self.state.load();
+        // Slow body, slow read: each read and write to the client must make progress.
+        let client_timeout = Some(snapshot.config.limits.client_timeout);
+        session.as_downstream_mut().set_read_timeout(client_timeout);
+        session.as_downstream_mut().set_write_timeout(client_timeout);
         let req = session.req_header();
         ctx.trace = trace::TraceContext::from_header(
             req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()),
@@ -250,6 +254,15 @@ impl ProxyHttp for BusbarProxy {
             ctx.sticky_key = sticky_key(&svc.config.hash_key, session);
         }
         ctx.set = Some(svc.instances());
+        ctx.release = self.state.releases.begin(
+            route.name(),
+            ctx.set.as_deref(),
+            &crate::release::Facts {
+                headers: &session.req_header().headers,
+                client_ip: client_ip(session),
+                user: ctx.admitted.as_ref().and_then(|a| a.user.as_deref()),
+            },
+        );
         ctx.route = Some(route);
         ctx.snapshot = Some(snapshot);
         // JSON routes are answered by their gRPC call here; gRPC-Web goes on through the proxy.
@@ -304,20 +317,23 @@ impl ProxyHttp for BusbarProxy {
         let panic = svc.panic.load(std::sync::atomic::Ordering::Relaxed);
         let instances = &set.instances;
         let tried = &ctx.tried;
-        let pick = |tried_ok: bool| {
+        let pick = |tried_ok: bool, want: crate::release::Want| {
             set.balancer.pick(instances, ctx.sticky_key, |i| {
                 (tried_ok || !tried.contains(i))
                     && (panic || instances.get(i).is_some_and(|x| x.is_available()))
+                    && set.versions.admits(i, want)
             })
         };
         // Prefer an instance not tried yet; with none left, a tried one beats failing.
-        let Some(idx) = pick(false).or_else(|| {
+        // Gray release: the request's version first, else stable (see `release`).
+        let picked = ctx.release.pick(|v| pick(false, v)).or_else(|| {
             if ctx.tried.is_empty() {
                 None
             } else {
-                pick(true)
+                ctx.release.pick(|v| pick(true, v))
             }
-        }) else {
+        });
+        let Some((idx, step)) = picked else {
             ctx.cause = Some(Cause::NoHealthyInstance);
             svc.metrics.no_instance.inc();
             return Err(upstream_error(
@@ -331,6 +347,7 @@ impl ProxyHttp for BusbarProxy {
                 "balancer index out of range",
             ));
         };
+        ctx.release.note(set, idx, step);
         ctx.tried.push(idx);
         ctx.tries += 1;
         instance.health.begin_request();
@@ -439,8 +456,12 @@ impl ProxyHttp for BusbarProxy {
         let Some(route) = ctx.route.as_ref() else {
             return Ok(());
         };
-        // A forward-proxy request (absolute-form) goes upstream in origin form.
-        if upstream.uri.authority().is_some() && upstream.uri.scheme().is_some() {
+        // A forward-proxy request (absolute-form) goes upstream in origin form. HTTP/2
+        // requests always carry :authority in the URI and have no Host to fall back on.
+        if upstream.uri.authority().is_some()
+            && upstream.uri.scheme().is_some()
+            && session.req_header().version != http::Version::HTTP_2
+        {
             let pq = upstream.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
             let uri = http::Uri::try_from(pq)
                 .map_err(|e| Error::because(ErrorType::InternalError, "origin-form uri", e))?;
@@ -580,6 +601,7 @@ impl ProxyHttp for BusbarProxy {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.release_instance();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        ctx.release.finish(ctx.set.as_deref(), status);
         let total = ctx.start.elapsed();
         if let Some(route) = &ctx.route {
             if status > 0 {

@@ -49,14 +49,18 @@ impl Instance {
 pub struct InstanceSet {
     pub instances: Vec<Arc<Instance>>,
     pub balancer: Balancer,
+    /// Which version each instance runs, for gray release and per-version metrics.
+    pub versions: crate::release::VersionIndex,
 }
 
 impl InstanceSet {
     pub fn new(service: &ServiceConfig, instances: Vec<Arc<Instance>>) -> Self {
         let balancer = Balancer::new(service.balance, &instances);
+        let versions = crate::release::VersionIndex::new(service, &instances);
         InstanceSet {
             instances,
             balancer,
+            versions,
         }
     }
 

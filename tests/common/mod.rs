@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod etcd;
 pub mod forwarder;
+pub mod redis;
 pub mod tls;
 
 use std::net::{SocketAddr, TcpListener};

@@ -1,0 +1,283 @@
+//! Cluster-wide rate limits: a route's `rate_limit` with `scope = "cluster"`.
+//!
+//! Owns: [`ClusterLimiter`] — per-user batches of tokens taken from Redis, the 429s
+//! remembered until Redis' Retry-After, and the fallback limiter at the node's share.
+//! Must not: talk to Redis itself (that is `cluster::redis`) or know HTTP.
+//!
+//! Every admitted request spends a token the shared GCRA in Redis granted, so while Redis
+//! answers the cluster never admits more than the limit. To spare most requests the
+//! round trip, a node takes up to `rate × sync_interval ÷ live nodes` tokens at once and
+//! spends them locally for one `sync_interval`; tokens it does not spend in that time are
+//! lost (the cluster then admits a little less than the limit, never more). A refusal is
+//! remembered until the Retry-After Redis computed, which is exact: no node can get a
+//! token earlier. When Redis is down or slow, the node limits on its own share of the
+//! limit (`limit ÷ live nodes`, last counted), counts each such decision in
+//! `busbar_ratelimit_redis_fallback_total`, and goes back to Redis once it answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use prometheus::IntCounter;
+use tokio::time::Instant;
+
+use super::rate::{RateDecision, RateInfo, RouteLimiter, Scope};
+use crate::cluster::redis::{Grant, RedisLimits};
+use crate::config::{Rate, RateLimitConfig};
+use crate::metrics::METRICS;
+
+/// A node's view of one limit key.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    /// Tokens taken from Redis and not spent yet.
+    tokens: u32,
+    /// Unspent tokens are dropped then.
+    until: Instant,
+    /// Refused until then (Redis' Retry-After).
+    refused_until: Option<Instant>,
+    /// Redis' last word on the burst left and its refill.
+    remaining: u32,
+    reset: Duration,
+}
+
+/// The node-local limiter at this node's share, built for a count of live nodes.
+struct Share {
+    nodes: usize,
+    limiter: RouteLimiter,
+}
+
+/// One route's cluster-wide limit; survives reloads while its settings stay the same.
+pub struct ClusterLimiter {
+    route: String,
+    config: RateLimitConfig,
+    redis: Arc<RedisLimits>,
+    leases: DashMap<Box<str>, Lease>,
+    share: ArcSwap<Share>,
+    fallbacks: IntCounter,
+}
+
+impl std::fmt::Debug for ClusterLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterLimiter")
+            .field("route", &self.route)
+            .field("leases", &self.leases.len())
+            .finish()
+    }
+}
+
+/// `rate ÷ n`, `burst ÷ n` (at least one).
+fn divided(config: &RateLimitConfig, n: usize) -> RateLimitConfig {
+    let n = n.max(1) as u32;
+    let div = |r: Rate| Rate {
+        count: r.count,
+        per: r.per.saturating_mul(n),
+    };
+    RateLimitConfig {
+        rate: div(config.rate),
+        burst: (config.burst / n).max(1),
+        global: config.global.map(|(r, b)| (div(r), (b / n).max(1))),
+        ..config.clone()
+    }
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_nanos().div_ceil(1_000_000_000) as u64
+}
+
+enum Step {
+    Allowed(RateInfo),
+    Limited(RateInfo, Duration),
+}
+
+impl ClusterLimiter {
+    pub fn new(route: &str, config: RateLimitConfig, redis: Arc<RedisLimits>) -> Self {
+        let nodes = redis.live_nodes();
+        ClusterLimiter {
+            route: route.to_string(),
+            share: ArcSwap::from_pointee(Share {
+                nodes,
+                limiter: RouteLimiter::new(divided(&config, nodes)),
+            }),
+            config,
+            redis,
+            leases: DashMap::new(),
+            fallbacks: METRICS.redis_fallback.with_label_values(&[route]),
+        }
+    }
+
+    pub fn config(&self) -> &RateLimitConfig {
+        &self.config
+    }
+
+    pub fn redis(&self) -> &Arc<RedisLimits> {
+        &self.redis
+    }
+
+    /// Takes one request from `user`'s limit, then from the route's, cluster-wide.
+    pub async fn check(&self, user: &str) -> RateDecision {
+        if !self.redis.is_up() {
+            return self.fallback(user);
+        }
+        let user_key = self.redis.key(&self.route, Some(user));
+        let info = match self
+            .step(&user_key, self.config.rate, self.config.burst)
+            .await
+        {
+            Ok(Step::Allowed(info)) => info,
+            Ok(Step::Limited(info, retry_after)) => {
+                return RateDecision::Limited {
+                    info,
+                    retry_after,
+                    scope: Scope::User,
+                }
+            }
+            Err(()) => return self.fallback(user),
+        };
+        if let Some((rate, burst)) = self.config.global {
+            let key = self.redis.key(&self.route, None);
+            match self.step(&key, rate, burst).await {
+                Ok(Step::Allowed(_)) => {}
+                Ok(Step::Limited(g, retry_after)) => {
+                    return RateDecision::Limited {
+                        info: RateInfo {
+                            remaining: 0,
+                            reset_secs: g.reset_secs,
+                            ..info
+                        },
+                        retry_after,
+                        scope: Scope::Route,
+                    }
+                }
+                Err(()) => return self.fallback(user),
+            }
+        }
+        RateDecision::Allowed(info)
+    }
+
+    /// The node's share, rebuilt when the count of live nodes changed.
+    fn fallback(&self, user: &str) -> RateDecision {
+        self.fallbacks.inc();
+        let nodes = self.redis.live_nodes();
+        if self.share.load().nodes != nodes {
+            self.share.store(Arc::new(Share {
+                nodes,
+                limiter: RouteLimiter::new(divided(&self.config, nodes)),
+            }));
+        }
+        let share = self.share.load();
+        match share.limiter.check(user) {
+            // Headers state the cluster-wide limit, not the share.
+            RateDecision::Allowed(info) => RateDecision::Allowed(RateInfo {
+                limit: self.config.burst,
+                ..info
+            }),
+            RateDecision::Limited {
+                info,
+                retry_after,
+                scope,
+            } => RateDecision::Limited {
+                info: RateInfo {
+                    limit: self.config.burst,
+                    ..info
+                },
+                retry_after,
+                scope,
+            },
+        }
+    }
+
+    fn info(&self, burst: u32, remaining: u32, reset: Duration) -> RateInfo {
+        RateInfo {
+            limit: burst,
+            remaining: remaining.min(burst),
+            reset_secs: ceil_secs(reset),
+        }
+    }
+
+    /// Tokens to take from Redis at once: this node's part of one sync interval's rate.
+    fn batch(&self, rate: Rate, burst: u32) -> u32 {
+        let per_interval =
+            self.redis.config().sync_interval.as_secs_f64() / rate.interval().as_secs_f64();
+        let mine = per_interval / self.redis.live_nodes() as f64;
+        (mine.floor() as u32).clamp(1, burst.max(1))
+    }
+
+    /// One limit key: from the local batch or refusal when it still holds, else Redis.
+    async fn step(&self, key: &str, rate: Rate, burst: u32) -> Result<Step, ()> {
+        let now = Instant::now();
+        if let Some(mut l) = self.leases.get_mut(key) {
+            if let Some(t) = l.refused_until.filter(|t| *t > now) {
+                let wait = t - now;
+                return Ok(Step::Limited(self.info(burst, 0, l.reset.max(wait)), wait));
+            }
+            if l.tokens > 0 && l.until > now {
+                l.tokens -= 1;
+                let info = self.info(burst, l.remaining + l.tokens, l.reset);
+                return Ok(Step::Allowed(info));
+            }
+        }
+        let want = self.batch(rate, burst);
+        let g: Grant = match self.redis.take(key, rate.interval(), burst, want).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::debug!(route = %self.route, "cluster rate limit from the local share: {e}");
+                return Err(());
+            }
+        };
+        let now = Instant::now();
+        let until = now + self.redis.config().sync_interval;
+        let lease = Lease {
+            tokens: g.granted.saturating_sub(1),
+            until,
+            refused_until: (g.granted == 0).then(|| now + g.retry_after),
+            remaining: g.remaining,
+            reset: g.reset,
+        };
+        // Memory stays bounded: past the cap, keys are not remembered (each request asks).
+        if self.leases.len() < self.config.max_users || self.leases.contains_key(key) {
+            self.leases.insert(key.into(), lease);
+        }
+        if g.granted == 0 {
+            let wait = g.retry_after.max(Duration::from_millis(1));
+            Ok(Step::Limited(self.info(burst, 0, g.reset.max(wait)), wait))
+        } else {
+            Ok(Step::Allowed(self.info(
+                burst,
+                g.remaining + lease.tokens,
+                g.reset,
+            )))
+        }
+    }
+
+    /// Drops spent batches and past refusals, and sweeps the fallback share.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.leases
+            .retain(|_, l| l.until > now || l.refused_until.is_some_and(|t| t > now));
+        self.share.load().limiter.sweep();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fallback_share_divides_rate_and_burst() {
+        let c = RateLimitConfig {
+            rate: crate::config::parse_rate("90/s").unwrap(),
+            burst: 30,
+            global: Some((crate::config::parse_rate("300/s").unwrap(), 2)),
+            max_users: 10,
+            scope: crate::config::LimitScope::Cluster,
+        };
+        let d = divided(&c, 3);
+        assert_eq!(d.rate.interval(), Duration::from_secs(1) / 30);
+        assert_eq!(d.burst, 10);
+        assert_eq!(
+            d.global.map(|(r, b)| (r.interval(), b)),
+            Some((Duration::from_millis(10), 1))
+        );
+    }
+}

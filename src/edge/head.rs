@@ -1,0 +1,223 @@
+//! Strict checks on a raw HTTP/1.x request head, before pingora parses it.
+//!
+//! pingora tolerates things a front proxy must refuse: with both `Content-Length` and
+//! `Transfer-Encoding` it drops the length instead of rejecting, and its size limits
+//! answer 400. Request smuggling lives in exactly these gaps, so busbar refuses
+//! ambiguous framing outright (as HAProxy and Envoy do) and answers 414/431 for size.
+//! Owns: the verdict on one head. Pure: no I/O, no allocation.
+
+/// Why a head is refused; `status` and `reason` go to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: &'static str,
+}
+
+const fn bad(reason: &'static str) -> Refusal {
+    Refusal {
+        status: 400,
+        reason,
+    }
+}
+
+/// Size limits for a head.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLimits {
+    pub max_request_line: usize,
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
+}
+
+/// Where a head ends: the index just past `\r\n\r\n`, or `None` if it is not complete.
+/// A bare `\n\n` also ends a head (so it can be refused rather than waited for).
+pub fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while let Some(off) = buf
+        .get(i..)
+        .and_then(|s| s.iter().position(|&b| b == b'\n'))
+    {
+        let nl = i + off;
+        match buf.get(nl + 1) {
+            Some(b'\n') => return Some(nl + 2),
+            Some(b'\r') if buf.get(nl + 2) == Some(&b'\n') => return Some(nl + 3),
+            _ => i = nl + 1,
+        }
+    }
+    None
+}
+
+/// True when an incomplete head is already over a limit (so waiting for more is pointless).
+pub fn too_long(buf: &[u8], limits: &HeadLimits) -> Option<Refusal> {
+    let first_line = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+    if first_line > limits.max_request_line {
+        return Some(Refusal {
+            status: 414,
+            reason: "the request line is too long",
+        });
+    }
+    if buf.len() > limits.max_head_bytes {
+        return Some(Refusal {
+            status: 431,
+            reason: "the request headers are too large",
+        });
+    }
+    None
+}
+
+fn trim_ows(v: &[u8]) -> &[u8] {
+    let start = v.iter().position(|&b| b != b' ').unwrap_or(v.len());
+    let end = v.iter().rposition(|&b| b != b' ').map_or(start, |e| e + 1);
+    &v[start..end.max(start)]
+}
+
+/// Checks a complete head (through its final empty line).
+pub fn check(head: &[u8], limits: &HeadLimits) -> Result<(), Refusal> {
+    if let Some(r) = too_long(head, limits) {
+        return Err(r);
+    }
+    if head.contains(&0) {
+        return Err(bad("NUL byte in the request head"));
+    }
+    let mut lines = head.split(|&b| b == b'\n');
+    let request_line = lines.next().unwrap_or_default();
+    let Some(request_line) = request_line.strip_suffix(b"\r") else {
+        return Err(bad("bare LF line ending"));
+    };
+    let http10 = request_line.ends_with(b" HTTP/1.0");
+    let mut headers = 0usize;
+    let mut content_length: Option<&[u8]> = None;
+    let mut transfer_encoding = false;
+    for line in lines {
+        if line.is_empty() {
+            // What follows the final `\n` (nothing) — the head ends here.
+            break;
+        }
+        let Some(line) = line.strip_suffix(b"\r") else {
+            return Err(bad("bare LF line ending"));
+        };
+        if line.is_empty() {
+            break;
+        }
+        if line[0] == b' ' || line[0] == b'\t' {
+            return Err(bad("obsolete line folding"));
+        }
+        headers += 1;
+        if headers > limits.max_headers {
+            return Err(Refusal {
+                status: 431,
+                reason: "too many request headers",
+            });
+        }
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            return Err(bad("a header line without a colon"));
+        };
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        if name.is_empty() || name.iter().any(|&b| b == b' ' || b == b'\t') {
+            return Err(bad("whitespace in or before a header name"));
+        }
+        if value
+            .iter()
+            .any(|&b| b == b'\r' || (b < 0x20 && b != b'\t') || b == 0x7f)
+        {
+            return Err(bad("control character in a header value"));
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let v = trim_ows(value);
+            if v.is_empty() || !v.iter().all(u8::is_ascii_digit) || v.len() > 19 {
+                return Err(bad("Content-Length is not a plain decimal number"));
+            }
+            if content_length.is_some() {
+                return Err(bad("more than one Content-Length"));
+            }
+            content_length = Some(v);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            if transfer_encoding {
+                return Err(bad("more than one Transfer-Encoding"));
+            }
+            if !trim_ows(value).eq_ignore_ascii_case(b"chunked") {
+                return Err(bad("Transfer-Encoding other than exactly \"chunked\""));
+            }
+            transfer_encoding = true;
+        }
+    }
+    if transfer_encoding && content_length.is_some() {
+        return Err(bad("both Content-Length and Transfer-Encoding"));
+    }
+    if transfer_encoding && http10 {
+        return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: HeadLimits = HeadLimits {
+        max_request_line: 8192,
+        max_head_bytes: 65536,
+        max_headers: 100,
+    };
+
+    fn verdict(head: &[u8]) -> Result<(), u16> {
+        check(head, &L).map_err(|r| r.status)
+    }
+
+    #[test]
+    fn ordinary_heads_pass() {
+        assert_eq!(verdict(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Ok(()));
+        assert_eq!(
+            verdict(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n"),
+            Ok(())
+        );
+        assert_eq!(
+            verdict(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n"),
+            Ok(())
+        );
+        assert_eq!(verdict(b"GET / HTTP/1.1\r\nX:\tv\r\n\r\n"), Ok(()));
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        for head in [
+            &b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 0x5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding:\tchunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\nHost: a\n\n",
+            b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\0b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+        ] {
+            assert_eq!(verdict(head), Err(400), "{}", String::from_utf8_lossy(head));
+        }
+    }
+
+    #[test]
+    fn sizes_get_414_and_431() {
+        let long_line = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(9000));
+        assert_eq!(verdict(long_line.as_bytes()), Err(414));
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(70_000));
+        assert_eq!(verdict(big.as_bytes()), Err(431));
+        let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert_eq!(
+            verdict(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes()),
+            Err(431)
+        );
+    }
+
+    #[test]
+    fn head_end_finds_crlf_and_bare_lf() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some(18));
+        assert_eq!(head_end(b"GET / HTTP/1.1\n\nbody"), Some(16));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
+    }
+}

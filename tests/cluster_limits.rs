@@ -1,0 +1,202 @@
+//! Cluster-wide rate limits: three busbar nodes sharing one real Redis.
+//!
+//! A client spreading requests over the nodes is admitted at the configured cluster-wide
+//! rate; with Redis killed each node keeps serving on its share (limit ÷ live nodes) and
+//! counts the fallback; with Redis back, shared limiting resumes.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::redis::Redis;
+use common::{client, Backend, Busbar};
+
+const RATE: f64 = 100.0;
+const BURST: f64 = 10.0;
+
+fn config(redis: &str, backend: std::net::SocketAddr) -> String {
+    format!(
+        r#"
+[cluster]
+redis = "{redis}"
+sync_interval = "100ms"
+node_ttl = "1s"
+
+[[service]]
+name = "a"
+endpoints = [{{ addr = "{backend}" }}]
+[[route]]
+name = "shared"
+service = "a"
+[route.admission]
+rate_limit = {{ rate = "100/s", burst = 10, scope = "cluster" }}
+"#
+    )
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    ok: u64,
+    limited: u64,
+    other: u64,
+}
+
+/// Sends requests for `window` from 8 tasks, each to the next of `targets` in turn,
+/// pausing 5 ms between requests (about 1,500 requests a second in all).
+async fn load(targets: &[String], window: Duration) -> Counts {
+    let (ok, limited, other) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let next = Arc::new(AtomicUsize::new(0));
+    let targets = Arc::new(targets.to_vec());
+    let until = Instant::now() + window;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (ok, limited, other, next, targets) = (
+            ok.clone(),
+            limited.clone(),
+            other.clone(),
+            next.clone(),
+            targets.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let http = client();
+            while Instant::now() < until {
+                let url = &targets[next.fetch_add(1, Relaxed) % targets.len()];
+                match http.get(url).send().await.map(|r| r.status().as_u16()) {
+                    Ok(200) => ok.fetch_add(1, Relaxed),
+                    Ok(429) => limited.fetch_add(1, Relaxed),
+                    _ => other.fetch_add(1, Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    Counts {
+        ok: ok.load(Relaxed),
+        limited: limited.load(Relaxed),
+        other: other.load(Relaxed),
+    }
+}
+
+async fn wait_for(nodes: &[Busbar], sample: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in nodes {
+        loop {
+            let v = n.metric(sample).await;
+            if v == value {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{sample} is {v}, not {value}:\n{}",
+                n.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn fallbacks(nodes: &[Busbar]) -> Vec<f64> {
+    let mut out = Vec::new();
+    for n in nodes {
+        out.push(
+            n.metric(r#"busbar_ratelimit_redis_fallback_total{route="shared"}"#)
+                .await,
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_share_one_limit_and_fall_back_to_their_share() {
+    let mut redis = Redis::start().await;
+    let backend = Backend::start("a").await;
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(Busbar::start(&config(&redis.url(), backend.addr)).await);
+    }
+    wait_for(&nodes, "busbar_ratelimit_redis_up", 1.0).await;
+    wait_for(&nodes, "busbar_cluster_live_nodes", 3.0).await;
+    let all: Vec<String> = nodes.iter().map(|n| n.url("/x")).collect();
+
+    // 1. Shared: about 1,500 requests a second over three nodes, 100/s admitted in all.
+    let window = Duration::from_secs(5);
+    let c = load(&all, window).await;
+    let expected = RATE * window.as_secs_f64() + BURST;
+    assert_eq!(c.other, 0, "{c:?}");
+    assert!(
+        (c.ok as f64 - expected).abs() <= expected * 0.10,
+        "admitted {} over {window:?}, expected {expected} ±10% ({c:?})",
+        c.ok
+    );
+    assert!(
+        c.limited > c.ok,
+        "the client sent well over the limit: {c:?}"
+    );
+    assert_eq!(
+        backend.hits() as u64,
+        c.ok,
+        "every admitted request reached the backend"
+    );
+    assert_eq!(
+        fallbacks(&nodes).await,
+        vec![0.0; 3],
+        "no fallback while Redis is up"
+    );
+
+    // 2. Redis gone: each node keeps serving, on its share of 100/s ÷ 3 nodes.
+    redis.stop();
+    let c = load(&all[..1], Duration::from_millis(300)).await;
+    assert_eq!(c.other, 0, "requests are answered without Redis: {c:?}");
+    wait_for(&nodes[..1], "busbar_ratelimit_redis_up", 0.0).await;
+    let window = Duration::from_secs(3);
+    let c = load(&all[..1], window).await;
+    let share = RATE / 3.0 * window.as_secs_f64();
+    assert_eq!(c.other, 0, "{c:?}");
+    assert!(
+        c.ok as f64 >= share * 0.8 && c.ok as f64 <= share * 1.25 + BURST,
+        "node 0 alone admitted {} over {window:?}: its share is about {share} ({c:?})",
+        c.ok
+    );
+    let during = fallbacks(&nodes).await;
+    assert!(during[0] > 0.0, "the fallback is counted: {during:?}");
+    assert!(
+        nodes[0].stderr().contains("fall back to this node's share"),
+        "and logged"
+    );
+    assert_eq!(
+        nodes[0]
+            .stderr()
+            .matches("fall back to this node's share")
+            .count(),
+        1,
+        "logged once"
+    );
+
+    // 3. Redis back (empty, on the same port): the nodes reconnect and share again.
+    redis.restart().await;
+    wait_for(&nodes, "busbar_ratelimit_redis_up", 1.0).await;
+    let before = fallbacks(&nodes).await;
+    let window = Duration::from_secs(3);
+    let c = load(&all, window).await;
+    let expected = RATE * window.as_secs_f64() + BURST;
+    assert_eq!(c.other, 0, "{c:?}");
+    assert!(
+        (c.ok as f64 - expected).abs() <= expected * 0.10,
+        "admitted {} over {window:?} after Redis came back, expected {expected} ±10% ({c:?})",
+        c.ok
+    );
+    assert_eq!(
+        fallbacks(&nodes).await,
+        before,
+        "no fallback once Redis is back"
+    );
+}
