@@ -26,11 +26,8 @@ pub fn validate(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
         Ok(f) => f,
         Err(e) => {
             let span = e.span().unwrap_or(0..0);
-            return Err(ConfigErrors(vec![loc.error(
-                span,
-                "",
-                e.message().to_string(),
-            )]));
+            let ctx = enclosing_table(src, span.start);
+            return Err(ConfigErrors(vec![loc.error(span, &ctx, e.message().to_string())]));
         }
     };
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -697,6 +694,38 @@ impl Validator<'_> {
     }
 }
 
+/// For a syntax or type error at `offset`: the `[[route]]` / `[[service]]` it sits in,
+/// named when its `name` can be found (`route "api"`), else the table header.
+fn enclosing_table(src: &str, offset: usize) -> String {
+    let before = src.get(..offset).unwrap_or(src);
+    let header_at = match before.rfind("\n[") {
+        Some(i) => i + 1,
+        None if before.starts_with('[') => 0,
+        None => return String::new(),
+    };
+    let header = src[header_at..].lines().next().unwrap_or("").trim();
+    let kind = match header {
+        h if h.starts_with("[[route") || h.starts_with("[route.") => "route",
+        h if h.starts_with("[[service") || h.starts_with("[service.") => "service",
+        h => return h.to_string(),
+    };
+    // The name of the nearest table of that kind: its `name = "…"` line.
+    let table = format!("[[{kind}]]");
+    let start = before.rfind(&table).unwrap_or(header_at);
+    let name = src[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.trim_start().starts_with("[["))
+        .find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == "name").then(|| v.trim().trim_matches('"').to_string())
+        });
+    match name {
+        Some(n) => format!("{kind} \"{n}\""),
+        None => kind.to_string(),
+    }
+}
+
 /// A service name: what a DNS label allows, plus '_', starting with a letter.
 pub fn valid_identifier(s: &str) -> bool {
     !s.is_empty()
@@ -774,7 +803,7 @@ service = "echo"
         let src = OK.replace("strip_prefix = true", "strip_prefx = true");
         let e = errors(&src);
         assert_eq!(e.len(), 1);
-        assert!(e[0].starts_with("t.toml:12:1: "), "{e:?}");
+        assert!(e[0].starts_with("t.toml:12:1: route \"all\": "), "{e:?}");
         assert!(e[0].contains("strip_prefx"), "{e:?}");
     }
 
