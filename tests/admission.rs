@@ -394,10 +394,11 @@ queue = {{ max_depth = 4, max_wait = "10s" }}
         ok += o;
         limited += l;
     }
+    let all = loaded.clone();
     let loaded = median(loaded);
     assert!(
         loaded <= unloaded * 2,
-        "polite median {loaded:?} vs unloaded {unloaded:?}"
+        "polite median {loaded:?} vs unloaded {unloaded:?}; all {all:?}"
     );
     assert!(limited > 0, "the flood got 429s (ok {ok})");
     assert!(ok > 0, "the flood still got its share");

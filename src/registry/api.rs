@@ -150,6 +150,17 @@ fn label_ok(v: &str) -> bool {
     v.len() <= MAX_LABEL && !v.chars().any(char::is_control)
 }
 
+/// Parses a registration body for instance `id` of `service` into a [`Registration`], or
+/// the 400 reply naming the bad field. Pure: the fuzz targets call it directly.
+pub fn parse_registration(
+    service: &str,
+    id: &str,
+    body: &[u8],
+    default_ttl: Duration,
+) -> Result<Registration, Response<Vec<u8>>> {
+    RegistrationApi::parse_body(service, id, body, default_ttl)
+}
+
 impl RegistrationApi {
     /// The services the caller's token may touch, or the refusal.
     fn authenticate(&self, session: &ServerSession) -> Result<Vec<String>, Response<Vec<u8>>> {
@@ -249,11 +260,12 @@ impl RegistrationApi {
         }
     }
 
-    fn parse_registration(
-        &self,
+    /// Parses and checks a registration body; the error is the 400 reply naming the field.
+    pub fn parse_body(
         service: &str,
         id: &str,
         body: &[u8],
+        default_ttl: Duration,
     ) -> Result<Registration, Response<Vec<u8>>> {
         let de = &mut serde_json::Deserializer::from_slice(body);
         let b: RegisterBody = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -289,7 +301,6 @@ impl RegistrationApi {
         if !(1..=10_000).contains(&weight) {
             return Err(bad_field("weight", "weight must be between 1 and 10000"));
         }
-        let default_ttl = self.state.load().config.registry.default_ttl;
         let ttl = b.ttl.map_or(default_ttl, Duration::from_secs);
         if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
             return Err(bad_field(
@@ -431,7 +442,8 @@ impl RegistrationApi {
                     ));
                 }
                 let body = Self::read_body(session).await?;
-                let reg = self.parse_registration(s, id, &body)?;
+                let default_ttl = self.state.load().config.registry.default_ttl;
+                let reg = parse_registration(s, id, &body, default_ttl)?;
                 let ttl = reg.ttl_secs;
                 let r = self.writer.register(reg).await.map(|()| {
                     json!({ "status": "registered", "service": s, "id": id, "ttl": ttl, "heartbeat_every": (ttl / 3).max(1) })

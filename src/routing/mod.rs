@@ -90,7 +90,15 @@ impl RouteTable {
     /// The first route that matches, in file order.
     pub fn find(&self, req: &RequestView<'_>) -> Option<&Arc<Route>> {
         let mut buf = [0u8; 255];
-        let host = lowercase(req.host, &mut buf);
+        let long;
+        // A host too long for the buffer may still name an exact-host route.
+        let host = match lowercase(req.host, &mut buf) {
+            Some(h) => Some(h),
+            None => {
+                long = req.host.to_ascii_lowercase();
+                Some(long.as_str())
+            }
+        };
         let (candidates, host_checked) = match host.and_then(|h| self.by_host.get(h)) {
             Some(list) => (list.as_slice(), true),
             None => (self.other.as_slice(), false),

@@ -1,0 +1,314 @@
+//! The fuzz harnesses: one function per target, each feeding arbitrary bytes to a busbar
+//! parser of untrusted input. A harness passes when it returns; a panic is a finding.
+//!
+//! Shared by the cargo-fuzz targets (`fuzz_targets/*.rs`) and by busbar's
+//! `tests/fuzz_corpus.rs`, which replays the checked-in corpora in CI without cargo-fuzz.
+//! Besides "no panic", some harnesses assert a property that must hold for every input
+//! (a registration that parses is within its limits; base64 text mode round-trips).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+
+use busbar::config::{self, MAX_TTL, MIN_TTL};
+use busbar::edge::head::{self, HeadLimits};
+use busbar::metrics::RouteMetrics;
+use busbar::registry::Service;
+use busbar::routing::{self, RequestView, Route, RouteTable};
+use busbar::translate::grpc_web::{self, GrpcWebSettings, WebCall};
+use busbar::translate::json_grpc::{JsonOptions, Transcoder};
+use busbar::translate::template::PathTemplate;
+
+/// The names of the targets, as in `fuzz/Cargo.toml` and `fuzz/corpus/<target>/`.
+pub const TARGETS: &[&str] = &[
+    "config",
+    "route",
+    "registration",
+    "translate",
+    "grpc_web",
+    "head",
+];
+
+/// Runs the harness of `target` on `data`.
+pub fn run(target: &str, data: &[u8]) {
+    match target {
+        "config" => config(data),
+        "route" => route(data),
+        "registration" => registration(data),
+        "translate" => translate(data),
+        "grpc_web" => grpc_web(data),
+        "head" => head(data),
+        other => panic!("no fuzz target named {other}"),
+    }
+}
+
+/// The config loader: TOML text → validated `Config` or errors, never a panic.
+pub fn config(data: &[u8]) {
+    if let Ok(src) = std::str::from_utf8(data) {
+        let _ = config::parse(Path::new("/nonexistent/fuzz.toml"), src);
+    }
+}
+
+/// Routes of every shape the matcher knows: exact and wildcard hosts, exact and
+/// segment-aware prefix paths, methods, header values, rewrites, a catch-all.
+const ROUTES: &str = r#"
+[listen]
+http = ["127.0.0.1:1"]
+[[service]]
+name = "s"
+endpoints = [{ addr = "127.0.0.1:2" }]
+[[route]]
+name = "wild-api"
+hosts = ["*.example.com"]
+path_prefix = "/api"
+strip_prefix = true
+service = "s"
+[[route]]
+name = "exact-host"
+hosts = ["api.example.com", "API2.example.com"]
+methods = ["get", "head"]
+service = "s"
+[[route]]
+name = "slash-prefix"
+path_prefix = "/static/"
+prefix_rewrite = "/assets"
+service = "s"
+[[route]]
+name = "exact-path"
+hosts = ["x.org"]
+path = "/exact"
+service = "s"
+[[route]]
+name = "canary"
+headers = { "x-canary" = "1", "x-zone" = "eu" }
+service = "s"
+[[route]]
+name = "post"
+methods = ["POST", "PATCH"]
+path_prefix = "/v1/"
+service = "s"
+[[route]]
+name = "fallback"
+path = "/"
+service = "s"
+"#;
+
+fn route_table() -> &'static RouteTable {
+    static TABLE: OnceLock<RouteTable> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let c =
+            config::parse(Path::new("fuzz-routes.toml"), ROUTES).expect("the route table parses");
+        let svc = Arc::new(Service::new(c.services[0].clone(), None, &[]));
+        RouteTable::new(
+            c.routes
+                .into_iter()
+                .map(|r| {
+                    Arc::new(Route {
+                        metrics: RouteMetrics::new(&r.name, "s"),
+                        config: r,
+                        service: svc.clone(),
+                    })
+                })
+                .collect(),
+        )
+    })
+}
+
+/// The route matcher. Input lines: host, path (with query), method, then `name: value`
+/// headers. The matched route's rewrite runs on the path too.
+pub fn route(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.split('\n');
+    let host = lines.next().unwrap_or("");
+    let path_and_query = lines.next().unwrap_or("/");
+    let method =
+        Method::from_bytes(lines.next().unwrap_or("GET").as_bytes()).unwrap_or(Method::GET);
+    let mut headers = HeaderMap::new();
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.trim().as_bytes()),
+            HeaderValue::from_str(value.trim()),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    let path = path_and_query.split('?').next().unwrap_or("");
+    let req = RequestView {
+        host,
+        path,
+        method: &method,
+        headers: &headers,
+    };
+    if let Some(r) = route_table().find(&req) {
+        let _ = routing::rewrite(&r.config, path_and_query);
+    }
+    let _ = routing::prefix_matches(host, path);
+}
+
+/// The registration API's body parser. What parses must be within the documented limits.
+pub fn registration(data: &[u8]) {
+    let default_ttl = Duration::from_secs(30).clamp(MIN_TTL, MAX_TTL);
+    if let Ok(reg) = busbar::registry::api::parse_registration("orders", "i-1", data, default_ttl) {
+        assert!((1..=10_000).contains(&reg.weight), "weight {}", reg.weight);
+        let ttl = Duration::from_secs(reg.ttl_secs);
+        assert!((MIN_TTL..=MAX_TTL).contains(&ttl), "ttl {ttl:?}");
+        assert!(reg.metadata.len() <= 64);
+    }
+}
+
+/// Where `tests/protos/bookstore.proto` is, from the busbar crate or from `fuzz/`.
+fn bookstore_proto() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    [
+        here.join("tests/protos/bookstore.proto"),
+        here.join("../tests/protos/bookstore.proto"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("tests/protos/bookstore.proto")
+}
+
+fn transcoder() -> &'static Transcoder {
+    static T: OnceLock<Transcoder> = OnceLock::new();
+    T.get_or_init(|| {
+        let pool = busbar::translate::descriptors::compile(&[bookstore_proto()], &[])
+            .expect("bookstore.proto compiles");
+        Transcoder::from_annotations(
+            pool,
+            &[],
+            JsonOptions {
+                emit_defaults: false,
+                deny_unknown_fields: true,
+            },
+        )
+        .expect("bookstore.proto has bindings")
+    })
+}
+
+/// JSON/HTTP → protobuf. Input: one byte picking the verb, then lines: path, query,
+/// and the rest is the JSON body (also decoded as a reply message of the bound method).
+/// The path line is parsed as a `google.api.http` path template too.
+pub fn translate(data: &[u8]) {
+    let Some((&verb, rest)) = data.split_first() else {
+        return;
+    };
+    let method = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+    ][usize::from(verb) % 5]
+        .clone();
+    let text = String::from_utf8_lossy(rest);
+    let mut parts = text.splitn(3, '\n');
+    let path = parts.next().unwrap_or("");
+    let query = parts.next().filter(|q| !q.is_empty());
+    let body = parts.next().unwrap_or("");
+    let t = transcoder();
+    if let Ok((b, vars)) = t.find(&method, path) {
+        let _ = t.request(b, vars, query, body.as_bytes());
+        let _ = t.response(b, body.as_bytes());
+    }
+    if let Ok(tpl) = PathTemplate::parse(path) {
+        let _ = tpl.matches(path);
+        let _ = tpl.matches(body);
+    }
+}
+
+fn web_request(content_type: &[u8]) -> Option<pingora_http::RequestHeader> {
+    let mut r = pingora_http::RequestHeader::build("POST", b"/pkg.S/M", None).ok()?;
+    r.insert_header(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_bytes(content_type).ok()?,
+    )
+    .ok()?;
+    r.insert_header(http::header::ORIGIN, "https://a.example")
+        .ok()?;
+    Some(r)
+}
+
+/// gRPC-Web: the base64 text decoder over arbitrary chunking, content-type detection,
+/// and the text-mode round trip (what busbar encodes, its decoder gives back).
+pub fn grpc_web(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let chunk = usize::from(first % 64) + 1;
+    let _ = grpc_web::decode_text(&mut rest.to_vec());
+
+    let settings = GrpcWebSettings {
+        cors_origins: vec!["*".to_string()],
+        cors_max_age: Duration::from_secs(60),
+    };
+    if let Some(req) = web_request(rest.split(|&b| b == b'\n').next().unwrap_or(b"")) {
+        let _ = WebCall::detect(&req, &settings);
+    }
+    let req = web_request(b"application/grpc-web-text+proto").expect("a request header");
+    let mut call = WebCall::detect(&req, &settings).expect("text mode is detected");
+
+    // Request body: base64 text in chunks, as a client may send it.
+    let mut pieces = rest.chunks(chunk).peekable();
+    while let Some(piece) = pieces.next() {
+        let mut body = Some(Bytes::copy_from_slice(piece));
+        if call
+            .request_body(&mut body, pieces.peek().is_none())
+            .is_err()
+        {
+            break;
+        }
+    }
+
+    // Response: bytes → base64 in chunks, then the trailers frame; decode it all back.
+    let mut text = Vec::new();
+    for piece in rest.chunks(chunk) {
+        let mut body = Some(Bytes::copy_from_slice(piece));
+        call.response_body(&mut body, false);
+        text.extend_from_slice(body.as_deref().unwrap_or(b""));
+    }
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    text.extend_from_slice(&call.trailers(&trailers));
+    let decoded = grpc_web::decode_text(&mut text).expect("busbar's own base64 decodes");
+    assert!(text.is_empty(), "busbar's base64 ends in whole quanta");
+    let frame = grpc_web::trailer_frame(&trailers);
+    assert_eq!(decoded.len(), rest.len() + frame.len());
+    assert_eq!(&decoded[..rest.len()], rest, "text mode round trip");
+    assert_eq!(&decoded[rest.len()..], &frame[..]);
+}
+
+/// The request-head checker, with busbar's default limits and with tiny ones.
+pub fn head(data: &[u8]) {
+    for limits in [
+        HeadLimits {
+            max_request_line: 8192,
+            max_head_bytes: 65536,
+            max_headers: 100,
+        },
+        HeadLimits {
+            max_request_line: 16,
+            max_head_bytes: 64,
+            max_headers: 2,
+        },
+    ] {
+        let _ = head::too_long(data, &limits);
+        match head::head_end(data) {
+            Some(end) => {
+                assert!(end <= data.len());
+                let verdict = head::check(&data[..end], &limits);
+                if let Err(r) = verdict {
+                    assert!(matches!(r.status, 400 | 414 | 431), "status {}", r.status);
+                }
+            }
+            None => {
+                let _ = head::check(data, &limits);
+            }
+        }
+    }
+}
