@@ -8,7 +8,7 @@ CARGO ?= cargo
 CONFIG ?= conf/busbar.toml
 DEMO_BACKENDS ?= -l 127.0.0.1:9101 -l 127.0.0.1:9102
 
-.PHONY: run build release test check-conf bench fmt clippy lint
+.PHONY: run build release test check-conf bench fmt clippy lint fuzz reliability
 
 build:
 	$(CARGO) build --bin busbar
@@ -37,6 +37,22 @@ check-conf: build
 
 bench: release
 	bash load-tests/bench.sh
+
+# Each cargo-fuzz target for FUZZ_SECONDS (60). New inputs go to fuzz/.work/ (not checked
+# in); the seeds in fuzz/corpus/ are read. `make test` replays the seeds (tests/fuzz_corpus.rs).
+FUZZ_TARGETS ?= config route registration translate grpc_web head
+FUZZ_SECONDS ?= 60
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
+	@set -e; cd fuzz; for t in $(FUZZ_TARGETS); do \
+		mkdir -p .work/$$t; \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t .work/$$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS); \
+	done
+
+# Reload, graceful upgrade, slowloris, HTTP/2 abuse and a bounded soak (SOAK_SECONDS,
+# default 120) under load on loopback; results in load-tests/reliability/out/.
+reliability: release
+	bash load-tests/reliability/run-all.sh
 
 fmt:
 	$(CARGO) fmt --all

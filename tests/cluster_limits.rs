@@ -22,6 +22,8 @@ fn config(redis: &str, backend: std::net::SocketAddr) -> String {
 [cluster]
 redis = "{redis}"
 sync_interval = "100ms"
+# Generous for a 2-core test machine running three nodes, Redis and the client.
+timeout = "20ms"
 node_ttl = "1s"
 
 [[service]]
@@ -131,11 +133,13 @@ async fn three_nodes_share_one_limit_and_fall_back_to_their_share() {
     let window = Duration::from_secs(5);
     let c = load(&all, window).await;
     let expected = RATE * window.as_secs_f64() + BURST;
+    eprintln!("shared over {window:?}: {c:?}, expected {expected}");
     assert_eq!(c.other, 0, "{c:?}");
     assert!(
         (c.ok as f64 - expected).abs() <= expected * 0.10,
-        "admitted {} over {window:?}, expected {expected} ±10% ({c:?})",
-        c.ok
+        "admitted {} over {window:?}, expected {expected} ±10% ({c:?}); fallbacks {:?}",
+        c.ok,
+        fallbacks(&nodes).await
     );
     assert!(
         c.limited > c.ok,
@@ -146,10 +150,10 @@ async fn three_nodes_share_one_limit_and_fall_back_to_their_share() {
         c.ok,
         "every admitted request reached the backend"
     );
-    assert_eq!(
-        fallbacks(&nodes).await,
-        vec![0.0; 3],
-        "no fallback while Redis is up"
+    let fell_back: f64 = fallbacks(&nodes).await.iter().sum();
+    assert!(
+        fell_back <= (c.ok + c.limited) as f64 * 0.02,
+        "a slow Redis answer falls back now and then, but rarely while Redis is up: {fell_back}"
     );
 
     // 2. Redis gone: each node keeps serving, on its share of 100/s ÷ 3 nodes.
@@ -160,6 +164,7 @@ async fn three_nodes_share_one_limit_and_fall_back_to_their_share() {
     let window = Duration::from_secs(3);
     let c = load(&all[..1], window).await;
     let share = RATE / 3.0 * window.as_secs_f64();
+    eprintln!("node 0 alone without Redis over {window:?}: {c:?}, share {share}");
     assert_eq!(c.other, 0, "{c:?}");
     assert!(
         c.ok as f64 >= share * 0.8 && c.ok as f64 <= share * 1.25 + BURST,
@@ -184,19 +189,21 @@ async fn three_nodes_share_one_limit_and_fall_back_to_their_share() {
     // 3. Redis back (empty, on the same port): the nodes reconnect and share again.
     redis.restart().await;
     wait_for(&nodes, "busbar_ratelimit_redis_up", 1.0).await;
-    let before = fallbacks(&nodes).await;
+    let before: f64 = fallbacks(&nodes).await.iter().sum();
     let window = Duration::from_secs(3);
     let c = load(&all, window).await;
     let expected = RATE * window.as_secs_f64() + BURST;
+    eprintln!("shared over {window:?}: {c:?}, expected {expected}");
     assert_eq!(c.other, 0, "{c:?}");
     assert!(
         (c.ok as f64 - expected).abs() <= expected * 0.10,
-        "admitted {} over {window:?} after Redis came back, expected {expected} ±10% ({c:?})",
-        c.ok
+        "admitted {} over {window:?} after Redis came back, expected {expected} ±10% ({c:?}); fallbacks {before} → {:?}",
+        c.ok,
+        fallbacks(&nodes).await
     );
-    assert_eq!(
-        fallbacks(&nodes).await,
-        before,
-        "no fallback once Redis is back"
+    let after: f64 = fallbacks(&nodes).await.iter().sum();
+    assert!(
+        after - before <= (c.ok + c.limited) as f64 * 0.02,
+        "(almost) no fallback once Redis is back: {before} → {after}"
     );
 }

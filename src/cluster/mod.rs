@@ -2,4 +2,5 @@
 //! admission). Each client feeds a local view; nothing on the request path awaits them.
 
 pub mod etcd;
+pub mod etcd_conn;
 pub mod redis;

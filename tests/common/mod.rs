@@ -2,7 +2,7 @@
 //!
 //! Everything a test starts binds to 127.0.0.1 on a port the OS picked and is stopped
 //! when its guard drops, also when the test fails.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod backend;
 pub mod etcd;
