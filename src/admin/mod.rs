@@ -6,6 +6,8 @@
 //! `Authorization: Bearer $BUSBAR_ADMIN_TOKEN`, and with no token configured it refuses.
 //! Must not: hold policy; it reports state and asks `snapshot` to reload.
 
+pub mod replies;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -16,6 +18,7 @@ use serde_json::{json, Value};
 
 use crate::health::state::now_ms;
 use crate::snapshot::State;
+use replies::{error, json_reply, reply};
 
 /// The environment variable that holds the admin token.
 pub const TOKEN_ENV: &str = "BUSBAR_ADMIN_TOKEN";
@@ -24,26 +27,6 @@ pub struct AdminApi {
     pub state: Arc<State>,
     /// `None`: no token configured, so state-changing calls are refused.
     pub token: Option<String>,
-}
-
-fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
-    Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, content_type)
-        .header(http::header::CONTENT_LENGTH, body.len())
-        .header(http::header::CACHE_CONTROL, "no-store")
-        .body(body)
-        .unwrap_or_default()
-}
-
-fn json_reply(status: StatusCode, v: Value) -> Response<Vec<u8>> {
-    let mut body = serde_json::to_vec_pretty(&v).unwrap_or_default();
-    body.push(b'\n');
-    reply(status, "application/json", body)
-}
-
-fn error(status: StatusCode, code: &str, message: &str) -> Response<Vec<u8>> {
-    json_reply(status, json!({ "error": code, "message": message }))
 }
 
 /// Compares in time independent of where the first difference is.

@@ -94,20 +94,10 @@ pub struct RegistrationApi {
 }
 
 fn reply(status: StatusCode, v: Value) -> Response<Vec<u8>> {
-    let mut body = serde_json::to_vec(&v).unwrap_or_default();
-    body.push(b'\n');
-    Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(http::header::CONTENT_LENGTH, body.len())
-        .header(http::header::CACHE_CONTROL, "no-store")
-        .body(body)
-        .unwrap_or_default()
+    crate::admin::replies::json_reply(status, v)
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Vec<u8>> {
-    reply(status, json!({ "error": code, "message": message.into() }))
-}
+use crate::admin::replies::error;
 
 fn bad_field(field: &str, message: impl Into<String>) -> Response<Vec<u8>> {
     reply(
@@ -241,23 +231,9 @@ impl RegistrationApi {
     }
 
     async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<u8>>> {
-        let mut body = Vec::new();
-        loop {
-            match session.read_request_body().await {
-                Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > MAX_BODY {
-                        return Err(error(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            "body_too_large",
-                            format!("a registration body is at most {MAX_BODY} bytes"),
-                        ));
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => return Ok(body),
-                Err(e) => return Err(error(StatusCode::BAD_REQUEST, "bad_body", e.to_string())),
-            }
-        }
+        crate::admin::replies::read_body(session, MAX_BODY, "a registration body")
+            .await
+            .map_err(|(status, code, message)| error(status, code, message))
     }
 
     /// Parses and checks a registration body; the error is the 400 reply naming the field.

@@ -82,23 +82,9 @@ pub async fn serve(
 }
 
 async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Answer> {
-    let mut body = Vec::new();
-    loop {
-        match session.read_request_body().await {
-            Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > MAX_BODY {
-                    return Err(error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "body_too_large",
-                        format!("a release body is at most {MAX_BODY} bytes"),
-                    ));
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(body),
-            Err(e) => return Err(error(StatusCode::BAD_REQUEST, "bad_body", e.to_string())),
-        }
-    }
+    crate::admin::replies::read_body(session, MAX_BODY, "a release body")
+        .await
+        .map_err(|(status, code, message)| error(status, code, message))
 }
 
 fn ms(t: std::time::SystemTime) -> u64 {

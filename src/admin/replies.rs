@@ -1,0 +1,55 @@
+//! Small HTTP helpers shared by the admin, registration and release APIs: JSON replies
+//! and a size-capped body read.
+
+use http::{Response, StatusCode};
+use pingora_core::protocols::http::ServerSession;
+use serde_json::{json, Value};
+
+pub fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(body)
+        .unwrap_or_default()
+}
+
+pub fn json_reply(status: StatusCode, v: Value) -> Response<Vec<u8>> {
+    let mut body = serde_json::to_vec_pretty(&v).unwrap_or_default();
+    body.push(b'\n');
+    reply(status, "application/json", body)
+}
+
+/// `{"error": code, "message": message}`.
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Vec<u8>> {
+    json_reply(status, json!({ "error": code, "message": message.into() }))
+}
+
+/// Why a body could not be read: status, error code and message.
+pub type BodyError = (StatusCode, &'static str, String);
+
+/// Reads a request body of at most `max` bytes; `what` names it in the 413 message.
+pub async fn read_body(
+    session: &mut ServerSession,
+    max: usize,
+    what: &str,
+) -> Result<Vec<u8>, BodyError> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > max {
+                    return Err((
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        format!("{what} is at most {max} bytes"),
+                    ));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err((StatusCode::BAD_REQUEST, "bad_body", e.to_string())),
+        }
+    }
+}
