@@ -1,4 +1,5 @@
-# busbar — build, run, test, bench.
+# busbar — build, run, test, bench. Tests run one at a time per binary: several of them
+# measure latency or timing, and a 2-core machine has no room for them to share.
 #
 #   make run     build and start busbar on conf/busbar.toml with two demo backends
 #   make test    the whole test suite (unit + integration, real processes on loopback)
@@ -25,7 +26,7 @@ run: release
 	target/release/busbar run -c $(CONFIG)
 
 test:
-	$(CARGO) test --all-targets
+	$(CARGO) test --all-targets -- --test-threads=1
 	$(MAKE) check-conf
 
 # Every shipped configuration must pass `busbar check`.

@@ -274,7 +274,11 @@ impl Stores {
                 return l.clone();
             }
         }
-        let l = Arc::new(cluster::ClusterLimiter::new(route, config.clone(), redis.clone()));
+        let l = Arc::new(cluster::ClusterLimiter::new(
+            route,
+            config.clone(),
+            redis.clone(),
+        ));
         self.cluster_limiters.insert(route.to_string(), l.clone());
         l
     }
