@@ -17,9 +17,9 @@ use crate::accesslog::{self, AccessLog};
 use crate::admin::{AdminApi, TOKEN_ENV};
 use crate::cluster::etcd::{Etcd, EtcdWatch};
 use crate::config::{Config, RegistryBackend};
+use crate::edge::Edge;
 use crate::health::checker::HealthChecker;
 use crate::metrics::METRICS;
-use crate::edge::Edge;
 use crate::proxy::BusbarProxy;
 use crate::registry::api::{Embedded, RegistrationApi, Writer};
 use crate::registry::persist;
@@ -217,7 +217,12 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     server.add_service(health);
     server.add_service(sighup);
     server.add_service(admission_sweep);
-    server.add_service(background_service("redis upkeep", crate::cluster::redis::RedisUpkeep { state: state.clone() }));
+    server.add_service(background_service(
+        "redis upkeep",
+        crate::cluster::redis::RedisUpkeep {
+            state: state.clone(),
+        },
+    ));
     server.add_service(flusher);
     tracing::info!(http = ?listen.http, tls = ?listen.tls.iter().map(|t| t.addr).collect::<Vec<_>>(), admin = %listen.admin, registration = %registry_conf.listen, "busbar started");
     server.run_forever()

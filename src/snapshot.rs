@@ -140,7 +140,9 @@ impl State {
             Err(e) => {
                 METRICS.reloads.with_label_values(&["failed"]).inc();
                 let e = format!("{}: cannot read: {e}", path.display());
-                tracing::error!("configuration reload refused, the previous one keeps serving:\n{e}");
+                tracing::error!(
+                    "configuration reload refused, the previous one keeps serving:\n{e}"
+                );
                 Err(e)
             }
         }
@@ -149,7 +151,11 @@ impl State {
     /// Validates `text` as the config file's content and swaps it in, like a reload.
     /// `record` names the change in the config history; `None` for a config rollback,
     /// which rewinds the history itself.
-    pub fn apply_text(&self, text: &str, record: Option<&'static str>) -> Result<ReloadOutcome, String> {
+    pub fn apply_text(
+        &self,
+        text: &str,
+        record: Option<&'static str>,
+    ) -> Result<ReloadOutcome, String> {
         let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.load();
         let result = config::parse(&old.config.source, text).map(|new| {
@@ -173,7 +179,8 @@ impl State {
             self.current.store(Arc::new(snapshot));
             crate::release::refresh(self);
             if let Some(source) = record {
-                self.history.record_text(source, text, self.releases.overrides());
+                self.history
+                    .record_text(source, text, self.releases.overrides());
             }
             ReloadOutcome {
                 generation,

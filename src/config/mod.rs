@@ -8,25 +8,26 @@ mod auth;
 mod cluster;
 mod error;
 mod file;
-mod model;
 mod mesh;
+mod model;
 mod registry;
 mod release;
 mod translate;
 mod validate;
 
 pub use admission::{
-    parse_rate, IdentitySource, LimitScope, QueuePolicy, Rate, RateLimitConfig, RouteAdmission, DEFAULT_IDENTITY_HEADER,
+    parse_rate, IdentitySource, LimitScope, QueuePolicy, Rate, RateLimitConfig, RouteAdmission,
+    DEFAULT_IDENTITY_HEADER,
 };
 pub use auth::{ApiKey, AuthConfig, JwtIssuer, JwtKey};
 pub use cluster::{ClusterConfig, RedisTarget};
 pub use error::{ConfigError, ConfigErrors};
+pub use mesh::{MeshConfig, PathPreference, DEFAULT_HOLD_DOWN};
 pub use model::*;
 pub use registry::{RegistryBackend, RegistryConfig, RegistryToken, MAX_TTL, MIN_TTL};
 pub use release::{
     check_version, parse_split_json, RuleMatch, SplitConfig, SplitRule, Splits, USER_BUCKETS,
 };
-pub use mesh::{MeshConfig, PathPreference, DEFAULT_HOLD_DOWN};
 pub use translate::{Translations, DEFAULT_DENY_UNKNOWN_FIELDS, DEFAULT_EMIT_DEFAULTS};
 pub use validate::valid_identifier;
 

@@ -27,7 +27,11 @@ pub fn validate(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
         Err(e) => {
             let span = e.span().unwrap_or(0..0);
             let ctx = enclosing_table(src, span.start);
-            return Err(ConfigErrors(vec![loc.error(span, &ctx, e.message().to_string())]));
+            return Err(ConfigErrors(vec![loc.error(
+                span,
+                &ctx,
+                e.message().to_string(),
+            )]));
         }
     };
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -289,7 +293,11 @@ impl Validator<'_> {
             }
             let weight = self.int(&e.weight, ctx, 1, 10_000).unwrap_or(1) as u32;
             let version = self.endpoint_version(&e.version, ctx);
-            endpoints.push(EndpointConfig { addr, weight, version });
+            endpoints.push(EndpointConfig {
+                addr,
+                weight,
+                version,
+            });
         }
         let registration = s.registration.as_ref().is_some_and(|r| *r.get_ref());
         if listed.is_empty() && !registration {
@@ -631,7 +639,13 @@ impl Validator<'_> {
         }
     }
 
-    pub(super) fn int(&mut self, v: &Option<Spanned<i64>>, ctx: &str, min: i64, max: i64) -> Option<i64> {
+    pub(super) fn int(
+        &mut self,
+        v: &Option<Spanned<i64>>,
+        ctx: &str,
+        min: i64,
+        max: i64,
+    ) -> Option<i64> {
         let v = v.as_ref()?;
         let n = *v.get_ref();
         if n < min || n > max {
@@ -645,7 +659,12 @@ impl Validator<'_> {
         Some(n)
     }
 
-    pub(super) fn duration(&mut self, v: &Option<Spanned<String>>, ctx: &str, default: Duration) -> Duration {
+    pub(super) fn duration(
+        &mut self,
+        v: &Option<Spanned<String>>,
+        ctx: &str,
+        default: Duration,
+    ) -> Duration {
         let Some(v) = v else {
             return default;
         };

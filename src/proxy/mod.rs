@@ -25,8 +25,8 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::accesslog::{AccessLog, Entry};
 use crate::admission;
 use crate::balance::hash_key;
-use crate::fallback;
 use crate::config::{HashKey, Protocol};
+use crate::fallback;
 use crate::health::state::now_ms;
 use crate::metrics::{class_index, METRICS};
 use crate::routing::{self, RequestView};
@@ -180,7 +180,9 @@ impl ProxyHttp for BusbarProxy {
         // Slow body, slow read: each read and write to the client must make progress.
         let client_timeout = Some(snapshot.config.limits.client_timeout);
         session.as_downstream_mut().set_read_timeout(client_timeout);
-        session.as_downstream_mut().set_write_timeout(client_timeout);
+        session
+            .as_downstream_mut()
+            .set_write_timeout(client_timeout);
         let req = session.req_header();
         ctx.trace = trace::TraceContext::from_header(
             req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()),
@@ -198,9 +200,18 @@ impl ProxyHttp for BusbarProxy {
         };
         // TOML routes first; then, for a caller whose sidecar is down, the service its host names.
         let route = snapshot.routes.find(&view).cloned().or_else(|| {
-            let r = fallback::route_for_host(&snapshot.mesh_routes, view.host, &snapshot.config.mesh.domains)?;
+            let r = fallback::route_for_host(
+                &snapshot.mesh_routes,
+                view.host,
+                &snapshot.config.mesh.domains,
+            )?;
             let m = &r.service.metrics;
-            if req.uri.scheme().is_some() { &m.fallback_forward_proxy } else { &m.fallback_host }.inc();
+            if req.uri.scheme().is_some() {
+                &m.fallback_forward_proxy
+            } else {
+                &m.fallback_host
+            }
+            .inc();
             Some(r.clone())
         });
         let Some(route) = route else {
@@ -462,7 +473,11 @@ impl ProxyHttp for BusbarProxy {
             && upstream.uri.scheme().is_some()
             && session.req_header().version != http::Version::HTTP_2
         {
-            let pq = upstream.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+            let pq = upstream
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
             let uri = http::Uri::try_from(pq)
                 .map_err(|e| Error::because(ErrorType::InternalError, "origin-form uri", e))?;
             upstream.set_uri(uri);

@@ -82,10 +82,7 @@ impl Bookstore for Svc {
         }))
     }
 
-    async fn create_book(
-        &self,
-        req: Request<CreateBookRequest>,
-    ) -> Result<Response<Book>, Status> {
+    async fn create_book(&self, req: Request<CreateBookRequest>) -> Result<Response<Book>, Status> {
         self.record("CreateBook", &req);
         let r = req.into_inner();
         let mut book = r.book.unwrap_or_default();
@@ -93,10 +90,7 @@ impl Bookstore for Svc {
         Ok(Response::new(book))
     }
 
-    async fn update_book(
-        &self,
-        req: Request<UpdateBookRequest>,
-    ) -> Result<Response<Book>, Status> {
+    async fn update_book(&self, req: Request<UpdateBookRequest>) -> Result<Response<Book>, Status> {
         self.record("UpdateBook", &req);
         Ok(Response::new(req.into_inner().book.unwrap_or_default()))
     }
@@ -133,10 +127,7 @@ impl Bookstore for Svc {
         Ok(Response::new(Box::pin(tokio_stream::iter(items))))
     }
 
-    async fn collect_books(
-        &self,
-        req: Request<Streaming<Book>>,
-    ) -> Result<Response<Book>, Status> {
+    async fn collect_books(&self, req: Request<Streaming<Book>>) -> Result<Response<Book>, Status> {
         let mut stream = req.into_inner();
         let mut n = 0;
         while let Some(b) = stream.message().await? {
