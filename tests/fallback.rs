@@ -161,8 +161,9 @@ async fn a_dead_sidecar_sends_traffic_straight_to_the_app_and_back_after_hold_do
     assert_eq!(
         failures.load(Ordering::SeqCst),
         0,
-        "client-visible errors out of {}",
-        sent.load(Ordering::SeqCst)
+        "client-visible errors out of {}\n{}",
+        sent.load(Ordering::SeqCst),
+        bus.stderr()
     );
     let m = bus.metrics().await;
     assert!(
@@ -296,4 +297,47 @@ async fn connect_tunnels_only_to_registered_services() {
         ) >= 1.0
     );
     assert!(common::metric_value(&m, "busbar_connect_refused_total") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_call_with_the_service_as_authority_reaches_the_provider() {
+    use busbar_testkit::pb::bookstore_client::BookstoreClient;
+    use busbar_testkit::pb::PingRequest;
+
+    let grpc = busbar_testkit::GrpcBackend::start(7).await;
+    let bus = Busbar::start(&config(
+        "[[service]]\nname = \"bookstore\"\nregistration = true\nprotocol = \"h2c\"\n",
+    ))
+    .await;
+    register(
+        &bus,
+        "bookstore",
+        "b1",
+        json!({ "address": grpc.addr.to_string(), "ttl": 60 }),
+    )
+    .await;
+
+    // The caller's sidecar is gone: it dials busbar, and its :authority names the service.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", bus.http))
+        .unwrap()
+        .origin("http://bookstore".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let reply = BookstoreClient::new(channel)
+        .ping(PingRequest {
+            text: "by name".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", bus.stderr()));
+    assert_eq!(reply.get_ref().text, "by name");
+    assert_eq!(reply.get_ref().served_by, 7);
+    assert_eq!(grpc.calls().len(), 1);
+    let m = bus.metrics().await;
+    assert!(
+        common::metric_value(
+            &m,
+            r#"busbar_fallback_requests_total{reason="host",service="bookstore"}"#
+        ) >= 1.0
+    );
 }

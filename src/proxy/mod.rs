@@ -206,7 +206,11 @@ impl ProxyHttp for BusbarProxy {
                 &snapshot.config.mesh.domains,
             )?;
             let m = &r.service.metrics;
-            if req.uri.scheme().is_some() {
+            // Absolute-form (HTTP_PROXY) is an HTTP/1 request target; h2 always has a scheme.
+            let target = req.raw_path();
+            if req.version < http::Version::HTTP_2
+                && (target.starts_with(b"http://") || target.starts_with(b"https://"))
+            {
                 &m.fallback_forward_proxy
             } else {
                 &m.fallback_host
@@ -452,6 +456,8 @@ impl ProxyHttp for BusbarProxy {
         let safe = session.req_header().method.is_idempotent()
             && !session.as_ref().retry_buffer_truncated()
             && session.response_written().is_none();
+        // `retry()` panics while the error's retry is still "only if reused": decide it first.
+        e.retry.decide_reuse(client_reused);
         let stale_reuse = client_reused && e.retry();
         let retry = safe && (upstream_fault || stale_reuse) && self.may_retry(ctx);
         e.set_retry(retry);

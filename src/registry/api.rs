@@ -364,6 +364,17 @@ impl RegistrationApi {
         json!({ "name": service, "instances": health })
     }
 
+    /// An acknowledged write is routable on this node before the reply leaves; the sync
+    /// task brings every other view (and the disk snapshot) along.
+    fn apply_now(&self, service: &str, ok: bool) {
+        if !ok {
+            return;
+        }
+        if let Some(svc) = self.state.load().service(service) {
+            svc.set_registered(&self.state.registry.instances(service));
+        }
+    }
+
     fn write_result(op: &str, r: Result<Value, WriteError>) -> Response<Vec<u8>> {
         let (status, body, result) = match r {
             Ok(v) => (StatusCode::OK, v, "ok"),
@@ -424,6 +435,7 @@ impl RegistrationApi {
                 let r = self.writer.register(reg).await.map(|()| {
                     json!({ "status": "registered", "service": s, "id": id, "ttl": ttl, "heartbeat_every": (ttl / 3).max(1) })
                 });
+                self.apply_now(s, r.is_ok());
                 Ok(Self::write_result("register", r))
             }
             (Method::PUT, Call::Heartbeat(s, id)) => {
@@ -444,6 +456,7 @@ impl RegistrationApi {
                     .deregister(s, id)
                     .await
                     .map(|()| json!({ "status": "deregistered", "service": s, "id": id }));
+                self.apply_now(s, r.is_ok());
                 Ok(Self::write_result("deregister", r))
             }
             _ => Err(error(
