@@ -424,4 +424,4 @@ for name in busbar busbar+log; do
     head -5 "$DIR/$name/stderr.log" | sed 's/^/    /'
   fi
 done
-echo "- per-run numbers: round-by-round lines above on stderr"
+echo "- per-round numbers: on stderr (and in results.tsv in the temp dir with KEEP_TMP=1)"

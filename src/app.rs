@@ -73,6 +73,20 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         Arc::new(AccessLog::open(&config.log.access).context("opening the access log")?);
     let listen = config.listen.clone();
     let registry_conf = config.registry.clone();
+    let takes_registrations = config.services.iter().any(|s| s.registration);
+    if !opts.upgrade {
+        // pingora retries a busy port forever while the rest serves; refuse to start instead.
+        let mut ports: Vec<std::net::SocketAddr> = listen.http.clone();
+        ports.extend(listen.tls.iter().map(|t| t.addr));
+        ports.push(listen.admin);
+        if takes_registrations {
+            ports.push(registry_conf.listen);
+        }
+        for addr in ports {
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on {addr}"))?;
+        }
+    }
 
     // 0. The registry's last known instances come first, so a restarted node routes at once.
     let store = Arc::new(Store::new(StorePolicy {
@@ -151,7 +165,9 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     admin.threads = Some(1);
     admin.add_tcp(&listen.admin.to_string());
 
-    // 3. The registration API, on its own listener (other hosts must reach it; tokens guard it).
+    // 3. The registration API, on its own listener (other hosts must reach it; tokens
+    //    guard it) — only when some service takes registrations: a node that has none
+    //    opens no port for them (listeners can't be added by a reload).
     let writer: Arc<dyn Writer> = match &etcd {
         Some(e) => e.clone(),
         None => Arc::new(Embedded(store)),
@@ -202,7 +218,11 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
 
     server.add_service(proxy);
     server.add_service(admin);
-    server.add_service(registration);
+    if takes_registrations {
+        server.add_service(registration);
+    } else {
+        tracing::info!("no service takes registrations: the registration API is not started");
+    }
     server.add_service(registry_sync);
     if let Some(e) = etcd {
         server.add_service(background_service("etcd watch", EtcdWatch(e)));
@@ -224,7 +244,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         },
     ));
     server.add_service(flusher);
-    tracing::info!(http = ?listen.http, tls = ?listen.tls.iter().map(|t| t.addr).collect::<Vec<_>>(), admin = %listen.admin, registration = %registry_conf.listen, "busbar started");
+    tracing::info!(http = ?listen.http, tls = ?listen.tls.iter().map(|t| t.addr).collect::<Vec<_>>(), admin = %listen.admin, registration = ?takes_registrations.then_some(registry_conf.listen), "busbar started");
     server.run_forever()
 }
 
