@@ -25,6 +25,7 @@ rel_cleanup() {
 	for p in "${PIDS[@]:-}"; do
 		[ -n "$p" ] && wait "$p" 2>/dev/null || true
 	done
+	cp "$WORK/busbar.log" "$OUT/$(basename "$0" .sh)-busbar.log" 2>/dev/null || true
 	rm -rf "$WORK"
 }
 trap rel_cleanup EXIT
@@ -72,7 +73,7 @@ admin = "127.0.0.1:$ADMIN"
 
 [log]
 level = "warn"
-access = "off"
+access = "${ACCESS_LOG:-off}"
 
 [registry]
 listen = "127.0.0.1:$REG"
@@ -140,7 +141,7 @@ rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; 
 run_wrk() {
 	local secs=$1 conns=$2 delay=$3 path=${4:-/}
 	WRK_DELAY_MS=$delay wrk -t1 -c"$conns" -d"${secs}s" --latency --timeout 10s \
-		-s "$REL_DIR/load.lua" "http://127.0.0.1:$HTTP$path" | grep '^RESULT'
+		-s "$REL_DIR/load.lua" "http://127.0.0.1:$HTTP$path" | grep "^RESULT" | tee -a "$OUT/wrk-all.txt" | grep "^RESULT "
 }
 
 # Field of a RESULT line: field NAME "$line".
@@ -154,7 +155,7 @@ measure_max() {
 	MAX_RPS=$(field rps "$r")
 	HALF_DELAY=2
 	# conns / (delay + latency) ≈ MAX/2; latency at half load is well under a millisecond.
-	HALF_CONNS=$(python3 -c "print(max(1, round($MAX_RPS / 2 * ($HALF_DELAY + 0.3) / 1000)))")
+	HALF_CONNS=$(python3 -c "print(max(1, round($MAX_RPS / 2 * ($HALF_DELAY + 1.0) / 1000)))")
 	log "max ${MAX_RPS} req/s; half load: ${HALF_CONNS} connections, ${HALF_DELAY} ms apart"
 }
 

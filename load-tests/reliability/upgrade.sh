@@ -20,14 +20,20 @@ curl -sS -o "$WORK/slow.body" -w '%{http_code} %{time_total}\n' \
 slow_pid=$!
 PIDS+=("$slow_pid")
 sleep 1
+if [ -n "${ACCESS_LOG:-}" ]; then # debugging: the new process logs to its own file
+	sed "s|^access = .*|access = \"$ACCESS_LOG.new\"|" "$CONFIG" >"$WORK/new.toml"
+	CONFIG="$WORK/new.toml"
+fi
 start_busbar --upgrade
 new=$BUS_PID
 sleep 1 # the new process is waiting on the upgrade socket
 t0=$(date +%s.%N)
 kill -QUIT "$old"
+log "SIGQUIT sent to $old"
 # The old process hands its sockets over, drains, exits.
 for _ in $(seq 1 400); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
 wait "$old" 2>/dev/null || true
+log "old process gone"
 old_exit=$(python3 -c "import time; print(round(time.time() - $t0, 1))")
 wait "$slow_pid" || true
 wait "$wrk_pid" || true

@@ -66,7 +66,7 @@ impl BackgroundService for HealthChecker {
                     }
                     if let Some((sidecar, _)) = &inst.sidecar {
                         let key = (svc.name().to_string(), *sidecar);
-                        if !next_due.get(&key).is_some_and(|due| *due > instant)
+                        if next_due.get(&key).is_none_or(|due| *due <= instant)
                             && probes.len() < MAX_PROBES
                         {
                             let hc = sidecar_check(svc.config.health.as_ref());
@@ -87,7 +87,7 @@ impl BackgroundService for HealthChecker {
                     probes.spawn(probe_and_record(svc.clone(), inst.clone(), hc.clone()));
                 }
                 svc.refresh_panic();
-                if ticks % GAUGE_EVERY == 0 {
+                if ticks.is_multiple_of(GAUGE_EVERY) {
                     update_gauges(svc);
                 }
             }

@@ -10,6 +10,10 @@
 //! Owns: parsing and validating requests, authentication, the JSON answers.
 //! Must not: store anything itself; writes go through a [`Writer`].
 
+// The `Err` of these handlers is the HTTP refusal itself, sent as it is; this is the
+// registration API (control plane), where a 136-byte error costs nothing worth boxing.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
