@@ -39,6 +39,8 @@ pub struct Busbar {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub token: String,
+    /// Extra environment for the busbar process (kept across restarts).
+    env: Vec<(String, String)>,
 }
 
 impl Busbar {
@@ -50,6 +52,16 @@ impl Busbar {
 
     /// Like [`Busbar::start`], with extra `[listen]` keys (e.g. a `tls = [...]` line).
     pub async fn start_with_header(body: &str, listen_extra: &str) -> Busbar {
+        Self::launch(body, listen_extra, &[]).await
+    }
+
+    /// Like [`Busbar::start`], with extra environment variables for the busbar process
+    /// (e.g. a JWT secret named by `secret_env`).
+    pub async fn start_with_env(body: &str, env: &[(&str, &str)]) -> Busbar {
+        Self::launch(body, "", env).await
+    }
+
+    async fn launch(body: &str, listen_extra: &str, env: &[(&str, &str)]) -> Busbar {
         let dir = tempfile::tempdir().expect("temp dir");
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -62,6 +74,10 @@ impl Busbar {
             registry,
             config,
             token: format!("test-token-{}", free_port()),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             dir,
         };
         b.write_config(body, listen_extra);
@@ -99,6 +115,7 @@ impl Busbar {
             .args(["run", "-c"])
             .arg(&self.config)
             .env("BUSBAR_ADMIN_TOKEN", &self.token)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -287,41 +304,4 @@ pub fn sha256_hex(token: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-impl Busbar {
-    /// Like [`Busbar::start`], with extra environment variables for the busbar process
-    /// (e.g. a JWT secret named by `secret_env`).
-    pub async fn start_with_env(body: &str, env: &[(&str, &str)]) -> Busbar {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let config = dir.path().join("busbar.toml");
-        let registry: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut b = Busbar {
-            child: None,
-            http,
-            admin,
-            registry,
-            config,
-            token: format!("test-token-{}", free_port()),
-            dir,
-        };
-        b.write_config(body, "");
-        let out = std::fs::File::create(b.dir.path().join("stdout.log")).unwrap();
-        let err = std::fs::File::create(b.dir.path().join("stderr.log")).unwrap();
-        let child = Command::new(bin())
-            .args(["run", "-c"])
-            .arg(&b.config)
-            .env("BUSBAR_ADMIN_TOKEN", &b.token)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("start busbar");
-        b.child = Some(child);
-        b.wait_ready().await;
-        b
-    }
 }
