@@ -12,6 +12,7 @@ pub mod balance;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod durable;
 pub mod edge;
 pub mod fallback;
 pub mod health;

@@ -5,7 +5,6 @@
 //! Must not: decide when to write (the sync task debounces) or trust what it reads:
 //! a corrupt or truncated file is reported and ignored.
 
-use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -29,20 +28,7 @@ pub fn save(path: &Path, instances: &[Registration]) -> std::io::Result<()> {
         instances: instances.to_vec(),
     };
     let bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("json.tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        // Make the rename itself durable.
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    crate::durable::write_atomically(path, &bytes)
 }
 
 /// Reads a snapshot. A missing file is `Ok(empty)`; anything unreadable is an error to

@@ -5,7 +5,6 @@
 //! Must not: trust what it reads: every split is validated; a bad one is skipped.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -33,13 +32,7 @@ pub fn save(path: &Path, overrides: &Overrides) -> std::io::Result<()> {
             .collect(),
     };
     let bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("json.tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+    crate::durable::write_atomically(path, &bytes)
 }
 
 /// Reads the overrides; a missing file is none.
