@@ -102,6 +102,37 @@ impl RequestCtx {
         }
     }
 
+    /// The next instance to try, for every caller that picks one (the proxy's
+    /// `upstream_peer`, the JSON→gRPC call): one not tried yet and available (or any, in
+    /// panic mode), of the version gray release chose for this request, else stable;
+    /// with none left untried, a tried one beats failing. Records the release step.
+    pub fn pick_instance(&mut self) -> Option<(usize, Arc<Instance>)> {
+        let route = self.route.as_ref()?;
+        let set = self.set.clone()?;
+        let panic = route
+            .service
+            .panic
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let (instances, tried, key) = (&set.instances, &self.tried, self.sticky_key);
+        let pick = |tried_ok: bool, want: crate::release::Want| {
+            set.balancer.pick(instances, key, |i| {
+                (tried_ok || !tried.contains(i))
+                    && (panic || instances.get(i).is_some_and(|x| x.is_available()))
+                    && set.versions.admits(i, want)
+            })
+        };
+        let (idx, step) = self.release.pick(|v| pick(false, v)).or_else(|| {
+            if tried.is_empty() {
+                None
+            } else {
+                self.release.pick(|v| pick(true, v))
+            }
+        })?;
+        let instance = instances.get(idx)?.clone();
+        self.release.note(&set, idx, step);
+        Some((idx, instance))
+    }
+
     /// Ends the current try's claim on its instance (in-flight count).
     pub fn release_instance(&mut self) -> Option<Arc<Instance>> {
         let i = self.instance.take()?;

@@ -310,7 +310,7 @@ impl ProxyHttp for BusbarProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         ctx.cause = None;
-        let (Some(route), Some(set)) = (ctx.route.as_ref(), ctx.set.as_ref()) else {
+        let (Some(route), Some(_)) = (ctx.route.clone(), ctx.set.as_ref()) else {
             return Err(Error::explain(
                 ErrorType::InternalError,
                 "no route in context",
@@ -329,26 +329,7 @@ impl ProxyHttp for BusbarProxy {
                 "deadline passed before a try",
             ));
         }
-        let panic = svc.panic.load(std::sync::atomic::Ordering::Relaxed);
-        let instances = &set.instances;
-        let tried = &ctx.tried;
-        let pick = |tried_ok: bool, want: crate::release::Want| {
-            set.balancer.pick(instances, ctx.sticky_key, |i| {
-                (tried_ok || !tried.contains(i))
-                    && (panic || instances.get(i).is_some_and(|x| x.is_available()))
-                    && set.versions.admits(i, want)
-            })
-        };
-        // Prefer an instance not tried yet; with none left, a tried one beats failing.
-        // Gray release: the request's version first, else stable (see `release`).
-        let picked = ctx.release.pick(|v| pick(false, v)).or_else(|| {
-            if ctx.tried.is_empty() {
-                None
-            } else {
-                ctx.release.pick(|v| pick(true, v))
-            }
-        });
-        let Some((idx, step)) = picked else {
+        let Some((idx, instance)) = ctx.pick_instance() else {
             ctx.cause = Some(Cause::NoHealthyInstance);
             svc.metrics.no_instance.inc();
             return Err(upstream_error(
@@ -356,13 +337,6 @@ impl ProxyHttp for BusbarProxy {
                 "no healthy instance",
             ));
         };
-        let Some(instance) = instances.get(idx).cloned() else {
-            return Err(Error::explain(
-                ErrorType::InternalError,
-                "balancer index out of range",
-            ));
-        };
-        ctx.release.note(set, idx, step);
         ctx.tried.push(idx);
         ctx.tries += 1;
         instance.health.begin_request();

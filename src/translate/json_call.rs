@@ -8,7 +8,6 @@
 //! upstream trailers arrive, so a status carried in trailers could not become the HTTP
 //! status there. Must not: hold policy beyond the translation.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -137,25 +136,6 @@ fn metadata(session: &Session, ctx: &RequestCtx) -> Result<HeaderMap> {
     Ok(out)
 }
 
-/// The next instance to try: untried and available first, as `upstream_peer` does.
-fn pick(ctx: &RequestCtx) -> Option<(usize, Arc<Instance>)> {
-    let route = ctx.route.as_ref()?;
-    let set = ctx.set.as_ref()?;
-    let panic = route
-        .service
-        .panic
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let instances = &set.instances;
-    let pick = |tried_ok: bool| {
-        set.balancer.pick(instances, ctx.sticky_key, |i| {
-            (tried_ok || !ctx.tried.contains(i))
-                && (panic || instances.get(i).is_some_and(|x| x.health.is_available()))
-        })
-    };
-    let idx = pick(false).or_else(|| (!ctx.tried.is_empty()).then(|| pick(true)).flatten())?;
-    Some((idx, instances.get(idx)?.clone()))
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn call(
     session: &mut Session,
@@ -180,7 +160,7 @@ async fn call(
             svc.metrics.timeouts.inc();
             return fail(session, ctx, Cause::UpstreamTimeout).await;
         }
-        let Some((idx, instance)) = pick(ctx) else {
+        let Some((idx, instance)) = ctx.pick_instance() else {
             svc.metrics.no_instance.inc();
             return fail(session, ctx, Cause::NoHealthyInstance).await;
         };
