@@ -411,3 +411,157 @@ queue = {{ max_depth = 4, max_wait = "10s" }}
         "{m}"
     );
 }
+
+/// One slot (`max_in_flight = 1`), a queue of depth 1 per user and a long `max_wait`.
+fn one_slot(backend: std::net::SocketAddr) -> String {
+    format!(
+        r#"
+[[service]]
+name = "one"
+endpoints = [{{ addr = "{backend}" }}]
+max_in_flight = 1
+[[route]]
+name = "one"
+service = "one"
+[route.admission]
+identity = ["header:x-user-id"]
+trusted_proxies = ["127.0.0.1"]
+queue = {{ max_depth = 1, max_wait = "20s" }}
+"#
+    )
+}
+
+/// Polls `sample` in `/metrics` until it equals `want`; the queue gauges are sampled
+/// once a second.
+async fn wait_metric(bus: &Busbar, sample: &str, want: f64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let m = bus.metrics().await;
+        if common::metric_value(&m, sample) == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sample} never reached {want}\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const ONE_WAITING: &str = r#"busbar_queue_waiting{service="one"}"#;
+const ONE_ABANDONED: &str =
+    r#"busbar_admission_decisions_total{decision="abandoned",reason="client_closed",route="one"}"#;
+
+/// Takes the only slot for `hold_ms` and returns once the backend has the request.
+async fn fill_the_slot(
+    bus: &Busbar,
+    a: &Backend,
+    hold_ms: u64,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    let busy = tokio::spawn(
+        client()
+            .get(bus.url(&format!("/busy?sleep_ms={hold_ms}")))
+            .header("x-user-id", "busy")
+            .send(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.hits() == 0 {
+        assert!(Instant::now() < deadline, "the slow request never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    busy
+}
+
+/// After the client left: its place is gone (gauge, counter), its user may queue again
+/// (depth 1 would refuse a second waiter), the next user gets the slot as soon as the slow
+/// request ends (not after max_wait, nor after the abandoned request's own run), and the
+/// abandoned request never reaches the backend.
+async fn the_place_was_freed(
+    bus: &Busbar,
+    a: &Backend,
+    leaver: &'static str,
+    busy: tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+    busy_ends: Instant,
+) {
+    wait_metric(bus, ONE_ABANDONED, 1.0, Duration::from_secs(3)).await;
+    wait_metric(bus, ONE_WAITING, 0.0, Duration::from_secs(3)).await;
+    assert!(
+        Instant::now() < busy_ends,
+        "the slow request ended before the checks; raise its sleep"
+    );
+    let get = |user: &'static str, path: &'static str| {
+        tokio::spawn(client().get(bus.url(path)).header("x-user-id", user).send())
+    };
+    let next = get("next", "/next");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let again = get(leaver, "/again");
+    let r = next.await.unwrap().unwrap();
+    let served = Instant::now();
+    assert_eq!(r.status(), 200);
+    assert!(
+        served < busy_ends + Duration::from_millis(1500),
+        "next user served {:?} after the slot freed",
+        served.saturating_duration_since(busy_ends)
+    );
+    assert_eq!(
+        again.await.unwrap().unwrap().status(),
+        200,
+        "the user who left may queue again"
+    );
+    assert_eq!(busy.await.unwrap().unwrap().status(), 200);
+    let paths: Vec<String> = a.seen().into_iter().map(|s| s.path).collect();
+    assert!(
+        !paths.iter().any(|p| p.starts_with("/left")),
+        "the abandoned request reached the backend: {paths:?}"
+    );
+    assert_eq!(
+        paths.iter().filter(|p| p.starts_with("/next")).count(),
+        1,
+        "{paths:?}"
+    );
+    let m = bus.metrics().await;
+    assert_eq!(common::metric_value(&m, ONE_ABANDONED), 1.0, "{m}");
+    assert!(!m.contains(leaver), "no user id in metrics");
+}
+
+/// HTTP/1: a request queued behind a full service, from a raw TCP client that then closes
+/// its socket, gives its place up at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_while_queued_frees_its_place() {
+    let a = Backend::start("a").await;
+    let bus = Busbar::start(&one_slot(a.addr)).await;
+    let hold = Duration::from_millis(4000);
+    let busy_ends = Instant::now() + hold;
+    let busy = fill_the_slot(&bus, &a, hold.as_millis() as u64).await;
+
+    let mut s = tokio::net::TcpStream::connect(bus.http).await.unwrap();
+    s.write_all(b"GET /left?sleep_ms=8000 HTTP/1.1\r\nHost: t\r\nx-user-id: leaver-h1\r\n\r\n")
+        .await
+        .unwrap();
+    wait_metric(&bus, ONE_WAITING, 1.0, Duration::from_secs(3)).await;
+    drop(s);
+    the_place_was_freed(&bus, &a, "leaver-h1", busy, busy_ends).await;
+}
+
+/// HTTP/2 (h2c): cancelling a queued request (RST_STREAM) gives its place up at once,
+/// also for a request with a body (the stream reset is watched without reading it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_stream_reset_while_queued_frees_its_place() {
+    let a = Backend::start("a").await;
+    let bus = Busbar::start(&one_slot(a.addr)).await;
+    let hold = Duration::from_millis(4000);
+    let busy_ends = Instant::now() + hold;
+    let busy = fill_the_slot(&bus, &a, hold.as_millis() as u64).await;
+
+    let leaver = tokio::spawn(
+        common::h2c_client()
+            .post(bus.url("/left?sleep_ms=8000"))
+            .header("x-user-id", "leaver-h2")
+            .body("a body busbar has not read yet")
+            .send(),
+    );
+    wait_metric(&bus, ONE_WAITING, 1.0, Duration::from_secs(3)).await;
+    leaver.abort();
+    let _ = leaver.await;
+    the_place_was_freed(&bus, &a, "leaver-h2", busy, busy_ends).await;
+}

@@ -3,11 +3,12 @@
 //! Owns: the per-route [`RoutePolicy`] compiled from config (ACL → identity → rate limit
 //! → queue, in that order) and the [`Stores`] of per-user state (rate-limit cells,
 //! service queues) that outlive a snapshot, so a reload resets nobody's limits.
-//! Must not: write responses or touch pingora sessions; the proxy asks, writes what a
-//! [`Rejection`] says, and keeps the [`Admitted`] (with its queue permit) in its context.
+//! Must not: write responses or read from pingora sessions (only [`watch`] waits on one,
+//! for the client to close); the proxy asks, writes what a [`Rejection`] says, and keeps
+//! the [`Admitted`] (with its queue permit) in its context.
 //!
 //! A route whose limit has `scope = "cluster"` gets a `cluster::ClusterLimiter` (Redis,
-//! with the node's share as its fallback) instead, checked in [`RoutePolicy::admit`]
+//! with the node's share as its fallback) instead, checked in [`RoutePolicy::wait`]
 //! because it may wait on Redis.
 
 pub mod acl;
@@ -16,6 +17,7 @@ pub mod identity;
 pub mod queue;
 pub mod rate;
 pub mod reject;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -34,6 +36,7 @@ pub use identity::Identity;
 pub use queue::Permit;
 pub use rate::RateInfo;
 pub use reject::{RejectKind, Rejection};
+pub use watch::{admit, Refused};
 
 /// How often idle rate-limit cells are swept and queue gauges sampled.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -114,6 +117,8 @@ pub struct RoutePolicy {
     queue: Option<Arc<queue::ServiceQueue>>,
     queue_policy: QueuePolicy,
     metrics: AdmissionMetrics,
+    /// Requests whose client left while they waited.
+    abandoned: watch::Abandoned,
 }
 
 impl RoutePolicy {
@@ -187,11 +192,11 @@ impl RoutePolicy {
         Err(r)
     }
 
-    /// The whole admission of a request: [`check`](Self::check), the cluster-wide rate
-    /// limit if the route has one, then a service slot.
-    /// Dropping the future (client gone) leaves the queue.
-    pub async fn admit(&self, req: &RequestParts<'_>) -> Result<Admitted, Rejection> {
-        let mut admitted = self.check(req)?;
+    /// What follows [`check`](Self::check) and may wait: the cluster-wide rate limit if
+    /// the route has one, then a service slot. Needs nothing from the request, so
+    /// [`watch::admit`] races it against the client going away; dropping the future
+    /// leaves the queue.
+    pub async fn wait(&self, mut admitted: Admitted) -> Result<Admitted, Rejection> {
         if let Some(limiter) = &self.cluster_limiter {
             admitted.rate = Some(self.rated(limiter.check(&admitted.key).await)?);
         }
@@ -392,6 +397,7 @@ impl Admission {
                 queue: max_in_flight.map(|m| stores.queue(&r.service, m)),
                 queue_policy: a.queue.clone(),
                 metrics: AdmissionMetrics::new(&r.name, &r.service),
+                abandoned: watch::Abandoned::new(&r.name),
             };
             policies.insert(r.name.clone(), Arc::new(policy));
         }

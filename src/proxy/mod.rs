@@ -245,17 +245,14 @@ impl ProxyHttp for BusbarProxy {
         }
         if let Some(policy) = snapshot.admission.policy(route.name()).cloned() {
             let client_ip = client_ip(session);
-            let req = session.req_header();
-            let parts = admission::RequestParts {
-                client_ip,
-                path: normalized.as_deref().unwrap_or(req.uri.path()),
-                headers: &req.headers,
-            };
-            match policy.admit(&parts).await {
+            let downstream = session.as_downstream_mut();
+            // Waits (queue, cluster limit) end early if the client goes away.
+            match admission::admit(&policy, downstream, client_ip, normalized.as_deref()).await {
                 Ok(admitted) => ctx.admitted = Some(admitted),
-                Err(rejection) => {
+                Err(refused) => {
                     ctx.route = Some(route);
                     ctx.snapshot = Some(snapshot);
+                    let rejection = refused.into_rejection()?;
                     ctx.cause = Some(Cause::Admission(rejection.kind));
                     reply::reject(session, &rejection).await?;
                     return Ok(true);
