@@ -207,3 +207,114 @@ async fn three_nodes_share_one_limit_and_fall_back_to_their_share() {
         "(almost) no fallback once Redis is back: {before} → {after}"
     );
 }
+
+/// Every key in Redis, by `KEYS *` over a raw socket (RESP array of bulk strings).
+async fn redis_keys(redis: &Redis) -> Vec<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", redis.port))
+        .await
+        .unwrap();
+    s.write_all(b"KEYS *\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(keys) = parse_bulk_array(&buf) {
+            return keys;
+        }
+        assert!(Instant::now() < deadline, "no full KEYS reply: {buf:?}");
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "redis closed");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// `*N\r\n($len\r\nbytes\r\n)*N`, or `None` while incomplete.
+fn parse_bulk_array(buf: &[u8]) -> Option<Vec<Vec<u8>>> {
+    fn line(buf: &[u8], at: usize) -> Option<(usize, usize)> {
+        let end = at + buf.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        let n = std::str::from_utf8(&buf[at + 1..end]).ok()?.parse().ok()?;
+        Some((n, end + 2))
+    }
+    assert_eq!(buf.first().copied().unwrap_or(b'*'), b'*', "{buf:?}");
+    let (count, mut at) = line(buf, 0)?;
+    let mut keys = Vec::new();
+    for _ in 0..count {
+        let (len, start) = line(buf, at)?;
+        keys.push(buf.get(start..start + len)?.to_vec());
+        at = start + len + 2;
+    }
+    Some(keys)
+}
+
+/// Redis keys carry a fixed-size hash of the user, never the id itself: an id of any
+/// length or bytes gives a short, printable key, and the limit still holds per user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_keys_hold_a_hash_of_the_user_not_the_id() {
+    let redis = Redis::start().await;
+    let backend = Backend::start("a").await;
+    let node = Busbar::start(&format!(
+        r#"
+[cluster]
+redis = "{redis}"
+[[service]]
+name = "a"
+endpoints = [{{ addr = "{backend}" }}]
+[[route]]
+name = "per-user"
+service = "a"
+[route.admission]
+identity = ["header:x-user-id"]
+trusted_proxies = ["127.0.0.1"]
+rate_limit = {{ rate = "1/m", burst = 2, scope = "cluster" }}
+"#,
+        redis = redis.url(),
+        backend = backend.addr
+    ))
+    .await;
+    wait_for(
+        std::slice::from_ref(&node),
+        "busbar_ratelimit_redis_up",
+        1.0,
+    )
+    .await;
+    let long_id = format!("user:{{tag}} with spaces *?[] {}", "x".repeat(2000));
+    let http = client();
+    for user in [long_id.as_str(), "bob"] {
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let r = http
+                .get(node.url("/x"))
+                .header("x-user-id", user)
+                .send()
+                .await
+                .unwrap();
+            statuses.push(r.status().as_u16());
+        }
+        assert_eq!(statuses, [200, 200, 429], "{:.20}", user);
+    }
+    assert_eq!(
+        node.metric(r#"busbar_ratelimit_redis_fallback_total{route="per-user"}"#)
+            .await,
+        0.0,
+        "decided in Redis"
+    );
+    let keys: Vec<String> = redis_keys(&redis)
+        .await
+        .into_iter()
+        .map(|k| String::from_utf8(k).expect("printable key"))
+        .filter(|k| k.starts_with("busbar:rl:"))
+        .collect();
+    assert_eq!(keys.len(), 2, "one key per user: {keys:?}");
+    for k in &keys {
+        let hash = k
+            .strip_prefix("busbar:rl:per-user:u:")
+            .unwrap_or_else(|| panic!("key shape: {k}"));
+        assert_eq!(hash.len(), 32, "{k}");
+        // Hex only: neither id (nor any part of one) is in the key.
+        assert!(hash.bytes().all(|b| b.is_ascii_hexdigit()), "{k}");
+    }
+}

@@ -102,6 +102,22 @@ pub struct Grant {
     pub retry_after: Duration,
 }
 
+/// A user's part of a Redis key: the first 128 bits of the SHA-256 of its key
+/// (`hdr:alice`, `ip:10.0.0.1` …) as 32 hex digits. Bounded and printable whatever the
+/// client sent, and no id in the clear in Redis; not a secret (a guessed id hashes the
+/// same), but every node must derive the same key without sharing anything else. 128
+/// bits keep collisions out of reach (about 2^64 users before one is likely).
+pub fn user_digest(user: &str) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write;
+    let hash = Sha256::digest(user.as_bytes());
+    let mut hex = String::with_capacity(32);
+    for b in &hash[..16] {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
+}
+
 #[derive(Clone)]
 enum Conn {
     Single(MultiplexedConnection),
@@ -176,10 +192,11 @@ impl RedisLimits {
         self.live_nodes.load(Relaxed).max(1)
     }
 
-    /// The Redis key of a limit.
+    /// The Redis key of a limit. A user appears as [`user_digest`] of its key, so ids of
+    /// any length or bytes give keys of one short size.
     pub fn key(&self, route: &str, user: Option<&str>) -> String {
         match user {
-            Some(u) => format!("{}:rl:{route}:u:{u}", self.config.key_prefix),
+            Some(u) => format!("{}:rl:{route}:u:{}", self.config.key_prefix, user_digest(u)),
             None => format!("{}:rl:{route}:all", self.config.key_prefix),
         }
     }
@@ -345,5 +362,31 @@ impl BackgroundService for RedisUpkeep {
                 _ = tokio::time::sleep(every) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::user_digest;
+
+    #[test]
+    fn user_digests_are_short_hex_whatever_the_id() {
+        let long = "hdr:".to_string() + &"x".repeat(10_000);
+        for id in [
+            "hdr:alice",
+            "ip:127.0.0.1",
+            "hdr:a b\r\n{}*:",
+            long.as_str(),
+            "",
+        ] {
+            let d = user_digest(id);
+            assert_eq!(d.len(), 32, "{id:.20}");
+            assert!(d
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        }
+        assert_ne!(user_digest("hdr:alice"), user_digest("hdr:alicf"));
+        // The first half of SHA-256(""): the same on every node, whatever its build.
+        assert_eq!(user_digest(""), "e3b0c44298fc1c149afbf4c8996fb924");
     }
 }
