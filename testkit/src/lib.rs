@@ -37,10 +37,15 @@ pub struct Call {
 struct Svc {
     name: i64,
     calls: Arc<Mutex<Vec<Call>>>,
+    /// Off for load tests: the call log would grow without bound and cost more than a call.
+    recording: bool,
 }
 
 impl Svc {
     fn record<T: std::fmt::Debug>(&self, method: &'static str, req: &Request<T>) {
+        if !self.recording {
+            return;
+        }
         let metadata = req
             .metadata()
             .iter()
@@ -160,11 +165,18 @@ impl GrpcBackend {
     /// `Ping` as `served_by`.
     pub async fn start(name: i64) -> GrpcBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::serve(listener, name, true)
+    }
+
+    /// Serves on a listener the caller bound; `recording = false` keeps no call log
+    /// ([`GrpcBackend::calls`] stays empty), for load tests.
+    pub fn serve(listener: TcpListener, name: i64, recording: bool) -> GrpcBackend {
         let addr = listener.local_addr().expect("local addr");
         let calls = Arc::new(Mutex::new(Vec::new()));
         let svc = Svc {
             name,
             calls: calls.clone(),
+            recording,
         };
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
