@@ -1,62 +1,125 @@
 #!/usr/bin/env bash
 # load-tests/bench.sh — busbar vs nginx vs HAProxy vs direct, side by side, on loopback.
 #
-# Needs: nginx, haproxy, wrk, curl, taskset, python3, and a release build of busbar
-# (`cargo build --release`, or `make bench` which does both). On a fresh Debian box:
-#   apt-get install -y nginx-light haproxy wrk curl util-linux python3
+# Needs: nginx, haproxy, wrk, curl, taskset, python3, h2load (scenario d), and a
+# release build of busbar (`cargo build --release`, or `make bench` which does both).
+# On a fresh Debian box:
+#   apt-get install -y nginx-light haproxy wrk nghttp2-client curl util-linux python3
 #
-# What it does: starts one backend (nginx answering "ok\n"), four proxies in front of it
-# (nginx, HAProxy, busbar, busbar with a file access log), then runs
-# `wrk -t1 -c64 -d${DURATION}s --latency` against each of them and against the backend
-# directly, ROUNDS times in a rotating order, and prints the median per target as a
-# markdown table. CPU per request of the proxy comes from /proc/<pid>/stat
-# (utime+stime of the proxy's processes, before and after each wrk run).
+# Scenarios (SCENARIOS="a b c d f lat mem", the default, runs them all, in that order):
+#   a    plain HTTP/1.1 proxy: direct, nginx, HAProxy, bare pingora (if built), busbar,
+#        busbar with a file access log
+#   b    the same route with everything on: identity (trusted x-user-id header), per-user
+#        rate limit, per-user fair queue (service max_in_flight), metrics, access log
+#   c    the scenario-(b) route with 10,000 distinct users (wrk Lua script)
+#   d    h2c downstream, many streams: h2load -c16 -m10 (nginx http2, HAProxy proto h2,
+#        busbar's h2c on its HTTP port)
+#   f    1,000 routes and 1,000 instances in the tables; the request hits route 999
+#   lat  latency under load: paced load at 50% of busbar's max rate (from (a) in the same
+#        run), against direct, nginx and busbar; busbar's added p99 over direct
+#   mem  busbar's RSS idle and with 10,000 idle keep-alive connections open
+# Scenario (e), JSON→gRPC vs gRPC pass-through, is load-tests/grpc-bench.sh.
 #
-# Pinning (2-core box): proxy under test on CPU 0; backend nginx and wrk on CPU 1.
+# Each table scenario runs `wrk -t1 -c${CONNS}` (h2load for d) for DURATION seconds per
+# target, ROUNDS times in a rotating order after a warm-up, and prints the median per
+# target as a markdown table with ratios to nginx in the same scenario. CPU per request of
+# the proxy comes from /proc/<pid>/stat (utime+stime of the proxy's processes, before and
+# after each run).
+#
+# Pinning (2-core box): proxy under test on CPU 0; backend nginx and the load generator
+# on CPU 1.
 #
 # Environment:
-#   DURATION=5      seconds per wrk run
+#   SCENARIOS="a b c d f lat mem"  which scenarios to run (in this order)
+#   DURATION=5      seconds per run
 #   ROUNDS=3        rounds (order rotates each round); the median is reported
 #   CONNS=64        wrk connections (-c); wrk always runs one thread (-t1)
-#   WARMUP=1        seconds of wrk against each target before the measured rounds (0: none)
+#   WARMUP=1        seconds of load against each target before the measured rounds (0: none)
+#   USERS=10000     distinct users in scenario c
+#   H2_CONNS=16 H2_STREAMS=10      h2load connections and streams per connection (d)
+#   ROUTES=1000     routes (and services, one instance each) in scenario f
+#   LAT_LOAD=50     scenario lat: percent of busbar's max rate
+#   MEM_CONNS=10000 scenario mem: idle keep-alive connections
 #   BUSBAR=target/release/busbar   the binary (relative to the repo root)
-#   PROXY_CPU=0 LOAD_CPU=1         CPUs for the proxies / for backend + wrk
-#   ONLY="nginx busbar"            measure only these targets (names as in the table)
+#   BARE=target/release/examples/bare-pingora   (skipped with a note when missing)
+#   PROXY_CPU=0 LOAD_CPU=1         CPUs for the proxies / for backend + load generator
+#   ONLY="nginx busbar"            measure only these targets (names as in the tables)
 #   KEEP_TMP=1      keep the temp dir (configs, logs) after the run
+#   ALLOW_LONG=1    allow a run estimated over 10 minutes
 #
 # Every server binds 127.0.0.1 on ports picked at run time, keeps its files in one
 # `mktemp -d` dir, and is stopped by pid when the script exits (also on error or Ctrl-C).
 set -euo pipefail
 
+SCENARIOS=${SCENARIOS:-"a b c d f lat mem"}
 DURATION=${DURATION:-5}
 ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-64}
 WARMUP=${WARMUP:-1}
+USERS=${USERS:-10000}
+H2_CONNS=${H2_CONNS:-16}
+H2_STREAMS=${H2_STREAMS:-10}
+ROUTES=${ROUTES:-1000}
+LAT_LOAD=${LAT_LOAD:-50}
+MEM_CONNS=${MEM_CONNS:-10000}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LIB="$ROOT/load-tests/bench-lib"
 BUSBAR=${BUSBAR:-target/release/busbar}
 [[ $BUSBAR = /* ]] || BUSBAR="$ROOT/$BUSBAR"
+BARE=${BARE:-target/release/examples/bare-pingora}
+[[ $BARE = /* ]] || BARE="$ROOT/$BARE"
 
 die() { echo "bench: $*" >&2; exit 1; }
 log() { echo "bench: $*" >&2; }
+
+ALL_SCENARIOS="a b c d f lat mem"
+for s in $SCENARIOS; do
+  [[ " $ALL_SCENARIOS " = *" $s "* ]] || die "SCENARIOS: unknown scenario '$s' (known: $ALL_SCENARIOS)"
+done
+has() { [[ " $SCENARIOS " = *" $1 "* ]]; }
 
 for tool in nginx haproxy wrk curl taskset python3 awk; do
   command -v "$tool" >/dev/null 2>&1 \
     || die "$tool not found (apt-get install -y nginx-light haproxy wrk curl util-linux python3)"
 done
+if has d; then
+  command -v h2load >/dev/null 2>&1 || die "h2load not found (apt-get install -y nghttp2-client)"
+fi
 [[ -x $BUSBAR ]] || die "$BUSBAR not found: run 'cargo build --release' first (or 'make bench')"
-[[ $DURATION =~ ^[0-9]+$ && $DURATION -ge 1 ]] || die "DURATION must be a whole number of seconds"
-[[ $ROUNDS =~ ^[0-9]+$ && $ROUNDS -ge 1 ]] || die "ROUNDS must be >= 1"
+for v in DURATION ROUNDS CONNS USERS H2_CONNS H2_STREAMS MEM_CONNS; do
+  [[ ${!v} =~ ^[0-9]+$ && ${!v} -ge 1 ]] || die "$v must be a whole number >= 1"
+done
 [[ $WARMUP =~ ^[0-9]+$ ]] || die "WARMUP must be a whole number of seconds"
+[[ $ROUTES =~ ^[0-9]+$ && $ROUTES -ge 2 && $ROUTES -le 9999 ]] || die "ROUTES must be 2..9999"
+[[ $LAT_LOAD =~ ^[0-9]+$ && $LAT_LOAD -ge 1 && $LAT_LOAD -le 100 ]] || die "LAT_LOAD must be 1..100"
 NCPU=$(nproc)
 (( PROXY_CPU < NCPU && LOAD_CPU < NCPU )) || die "PROXY_CPU/LOAD_CPU must be < nproc ($NCPU)"
 CLK_TCK=$(getconf CLK_TCK)
+HAVE_BARE=0
+[[ -x $BARE ]] && HAVE_BARE=1
+
+# Bounded: estimate the run before starting anything.
+estimate() {
+  local per=$((ROUNDS * DURATION + WARMUP)) t=20   # 20 s: startup, busy samples
+  has a && t=$((t + (5 + HAVE_BARE) * per))
+  has b && t=$((t + 3 * per))
+  has c && t=$((t + 2 * per))
+  has d && t=$((t + 4 * per))
+  has f && t=$((t + 3 * per))
+  if has lat; then t=$((t + 3 * ROUNDS * DURATION)); has a || t=$((t + DURATION)); fi
+  has mem && t=$((t + 25 * (1 + HAVE_BARE)))
+  echo "$t"
+}
+EST=$(estimate)
+((EST <= 600 || ${ALLOW_LONG:-0} == 1)) \
+  || die "this run would take about $EST s (> 10 min); lower DURATION/ROUNDS or pick SCENARIOS (ALLOW_LONG=1 to run anyway)"
 
 # ---------------------------------------------------------------------------------
 # Temp dir, process bookkeeping, cleanup.
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/busbar-bench.XXXXXX")
-PIDS=()        # every server we started (nginx masters, haproxy, busbar)
+PIDS=()        # every process we started (nginx masters, haproxy, busbar, helpers)
 cd "$DIR"      # nothing we run leaves files in the caller's directory
 
 cleanup() {
@@ -76,7 +139,7 @@ cleanup() {
   done
   for pid in "${PIDS[@]}" "${kids[@]}"; do
     if kill -0 "$pid" 2>/dev/null; then
-      log "pid $pid did not stop on SIGTERM; sending SIGKILL"
+      log "pid $pid ($(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-80)) did not stop on SIGTERM; sending SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
     fi
   done
@@ -92,7 +155,8 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Free loopback ports, all held open at once so none repeats.
+# Free loopback ports, all picked at once (held open together) so none repeats; handed
+# out one by one by take_port.
 free_ports() {
   python3 - "$1" <<'EOF'
 import socket, sys
@@ -104,24 +168,33 @@ for _ in range(int(sys.argv[1])):
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
-read -r P_BACKEND P_NGINX P_HAPROXY P_BUSBAR P_BUSBAR_ADMIN P_BUSBAR_REG \
-  P_BUSBARLOG P_BUSBARLOG_ADMIN P_BUSBARLOG_REG <<<"$(free_ports 9)"
+read -r -a PORT_POOL <<<"$(free_ports 48)"
+NEXT_PORT=0
+take_port() {  # VAR...: assigns a fresh port to each variable
+  local v
+  for v in "$@"; do
+    ((NEXT_PORT < ${#PORT_POOL[@]})) || die "port pool exhausted"
+    printf -v "$v" '%s' "${PORT_POOL[$NEXT_PORT]}"
+    NEXT_PORT=$((NEXT_PORT + 1))
+  done
+}
 
-# Wait until http://127.0.0.1:PORT/ answers 200 with "ok"; fail after 15 s or if PID died.
-wait_ready() {
-  local name=$1 port=$2 pid=$3 i body
+# Wait until URL answers 200 with "ok"; fail after 15 s or if PID died.
+wait_ready() {  # name pid url [curl args...]
+  local name=$1 pid=$2 url=$3 i body
+  shift 3
   for ((i = 0; i < 150; i++)); do
     kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) exited during startup; see $DIR/$name/"
-    if body=$(curl -fsS --max-time 1 "http://127.0.0.1:$port/" 2>/dev/null) && [[ $body = ok ]]; then
+    if body=$(curl -fsS --max-time 1 "$@" "$url" 2>/dev/null) && [[ $body = ok ]]; then
       return 0
     fi
     sleep 0.1
   done
-  die "$name did not answer on 127.0.0.1:$port within 15 s; see $DIR/$name/"
+  die "$name did not answer ok on $url within 15 s; see $DIR/$name/"
 }
 
 # ---------------------------------------------------------------------------------
-# nginx configs. Temp paths for the modules this nginx has, all inside $DIR.
+# nginx. Temp paths for the modules this nginx has, all inside $DIR.
 NGINX_V=$(nginx -V 2>&1)
 nginx_temp_paths() {  # $1 = per-instance dir
   local d=$1 m
@@ -160,39 +233,14 @@ EOF
   PIDS+=("$LAST_PID")
 }
 
-# --- backend: nginx answering "ok\n", on the load CPU.
-start_nginx backend "$LOAD_CPU" "
-    server {
-        listen 127.0.0.1:$P_BACKEND;
-        location / { default_type text/plain; return 200 \"ok\n\"; }
-    }"
-BACKEND_PID=$LAST_PID
-wait_ready backend "$P_BACKEND" "$BACKEND_PID"
-
-# --- nginx reverse proxy, one worker, upstream keepalive 64.
-start_nginx nginx "$PROXY_CPU" "
-    upstream backend {
-        server 127.0.0.1:$P_BACKEND;
-        keepalive 64;
-        keepalive_requests 1000000;
-    }
-    server {
-        listen 127.0.0.1:$P_NGINX;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection \"\";
-        }
-    }"
-NGINX_PID=$LAST_PID
-
-# --- HAProxy, one thread, foreground (-db: one process, no master).
-mkdir -p "$DIR/haproxy"
-cat >"$DIR/haproxy/haproxy.cfg" <<EOF
+start_haproxy() {  # name body; sets LAST_PID. One thread, foreground (-db: no master).
+  local name=$1 body=$2 d="$DIR/$1"
+  mkdir -p "$d"
+  cat >"$d/haproxy.cfg" <<EOF
 global
     nbthread 1
     maxconn 4096
-    pidfile $DIR/haproxy/haproxy.pid
+    pidfile $d/haproxy.pid
 
 defaults
     mode http
@@ -203,27 +251,28 @@ defaults
     timeout server 60s
     timeout http-keep-alive 60s
 
-frontend fe
-    bind 127.0.0.1:$P_HAPROXY
-    default_backend be
-
-backend be
-    server b1 127.0.0.1:$P_BACKEND
+$body
 EOF
-haproxy -c -q -f "$DIR/haproxy/haproxy.cfg" || die "haproxy config invalid: $DIR/haproxy/haproxy.cfg"
-taskset -c "$PROXY_CPU" haproxy -db -f "$DIR/haproxy/haproxy.cfg" >"$DIR/haproxy/stdout.log" 2>&1 &
-HAPROXY_PID=$!
-PIDS+=("$HAPROXY_PID")
+  haproxy -c -q -f "$d/haproxy.cfg" || die "haproxy config invalid: $d/haproxy.cfg"
+  taskset -c "$PROXY_CPU" haproxy -db -f "$d/haproxy.cfg" >"$d/stdout.log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+}
 
-# --- busbar, twice: access log off, and access log to a file.
-start_busbar() {  # name port admin-port registry-port access; sets LAST_PID
-  local name=$1 port=$2 admin=$3 reg=$4 access=$5 d="$DIR/$1"
-  mkdir -p "$d"
-  cat >"$d/busbar.toml" <<EOF
+# busbar: busbar_config writes $DIR/<name>/busbar.toml, the common top (one thread,
+# listeners on fresh ports, log) followed by the services and routes read from stdin;
+# start_busbar validates it with `busbar check` and starts it.
+declare -A ADMIN_PORT
+busbar_config() {  # name port access-log < services-and-routes
+  local name=$1 port=$2 access=$3 admin reg
+  take_port admin reg
+  mkdir -p "$DIR/$name"
+  {
+    cat <<EOF
 [server]
 threads = 1
 grace_period = "2s"
-runtime_dir = "$d"
+runtime_dir = "$DIR/$name"
 
 [listen]
 http = ["127.0.0.1:$port"]
@@ -238,43 +287,277 @@ access = "$access"
 [registry]
 listen = "127.0.0.1:$reg"
 
+EOF
+    cat
+  } >"$DIR/$name/busbar.toml"
+  ADMIN_PORT[$name]=$admin
+}
+start_busbar() {  # name; sets LAST_PID. Raises the open-files limit to the hard limit.
+  local name=$1 d="$DIR/$1"
+  "$BUSBAR" check "$d/busbar.toml" >"$d/check.log" 2>&1 \
+    || { cat "$d/check.log" >&2; die "busbar check failed for $d/busbar.toml"; }
+  # A throwaway admin token, so busbar doesn't warn that none is set.
+  BUSBAR_ADMIN_TOKEN="bench-$RANDOM$RANDOM" bash -c 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"' _ \
+    taskset -c "$PROXY_CPU" "$BUSBAR" run -c "$d/busbar.toml" >"$d/stdout.log" 2>"$d/stderr.log" &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+}
+
+# ---------------------------------------------------------------------------------
+# Which servers the chosen scenarios need.
+NEED_NGINX=0; NEED_HAPROXY=0; NEED_BUSBAR=0
+{ has a || has b || has c || has d || has lat; } && NEED_NGINX=1
+{ has a || has d; } && NEED_HAPROXY=1
+{ has a || has b || has d || has lat; } && NEED_BUSBAR=1
+
+# Targets. Keys are "<scenario>/<name>"; the same name (nginx, busbar) may appear in
+# several scenarios. KIND: wrk | h2 (h2load h2c) | paced (scenario lat).
+declare -A T_PORT T_PID T_KIND T_PATH T_HDR T_SCRIPT T_SCRIPT_ARGS
+declare -A SC_TARGETS SC_TITLE
+deftarget() {  # scenario name port pid kind [path]
+  local k="$1/$2"
+  T_PORT[$k]=$3; T_PID[$k]=$4; T_KIND[$k]=$5; T_PATH[$k]=${6:-/}
+  SC_TARGETS[$1]="${SC_TARGETS[$1]:-} $2"
+}
+
+# --- backend: nginx answering "ok\n", on the load CPU (an h2c listener too, for d).
+take_port P_BACKEND P_BACKEND_H2
+start_nginx backend "$LOAD_CPU" "
+    server {
+        listen 127.0.0.1:$P_BACKEND;
+        listen 127.0.0.1:$P_BACKEND_H2 http2;
+        location / { default_type text/plain; return 200 \"ok\n\"; }
+    }"
+BACKEND_PID=$LAST_PID
+wait_ready backend "$BACKEND_PID" "http://127.0.0.1:$P_BACKEND/"
+
+# --- nginx reverse proxy, one worker, upstream keepalive 64; HTTP/1.1 and h2c listeners.
+if ((NEED_NGINX)); then
+  take_port P_NGINX P_NGINX_H2
+  start_nginx nginx "$PROXY_CPU" "
+    upstream backend {
+        server 127.0.0.1:$P_BACKEND;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$P_NGINX;
+        listen 127.0.0.1:$P_NGINX_H2 http2;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }
+    }"
+  NGINX_PID=$LAST_PID
+fi
+
+# --- HAProxy, one thread; HTTP/1.1 and h2c (proto h2) frontends.
+if ((NEED_HAPROXY)); then
+  take_port P_HAPROXY P_HAPROXY_H2
+  start_haproxy haproxy "frontend fe
+    bind 127.0.0.1:$P_HAPROXY
+    default_backend be
+
+frontend fe_h2
+    bind 127.0.0.1:$P_HAPROXY_H2 proto h2
+    default_backend be
+
+backend be
+    server b1 127.0.0.1:$P_BACKEND"
+  HAPROXY_PID=$LAST_PID
+fi
+
+# --- bare pingora (load-tests/bare): the floor busbar is built on.
+if has a && ((HAVE_BARE)); then
+  take_port P_BARE
+  mkdir -p "$DIR/bare-pingora"
+  (cd "$DIR/bare-pingora" && exec taskset -c "$PROXY_CPU" "$BARE" "127.0.0.1:$P_BARE" "127.0.0.1:$P_BACKEND" 1) \
+    >"$DIR/bare-pingora/stdout.log" 2>"$DIR/bare-pingora/stderr.log" &
+  BARE_PID=$!
+  PIDS+=("$BARE_PID")
+fi
+
+# --- busbar: one route, round robin, access log off (h2c is served on the same port).
+ONE_ROUTE='[[service]]
+name = "bench"
+balance = "round_robin"
+endpoints = [{ addr = "127.0.0.1:'$P_BACKEND'" }]
+
+[[route]]
+name = "all"
+service = "bench"'
+if ((NEED_BUSBAR)); then
+  take_port P_BUSBAR
+  busbar_config busbar "$P_BUSBAR" off <<<"$ONE_ROUTE"
+  start_busbar busbar
+  BUSBAR_PID=$LAST_PID
+fi
+
+# --- busbar+log (a): the same with the access log written to a file.
+if has a; then
+  take_port P_BUSBARLOG
+  busbar_config busbar+log "$P_BUSBARLOG" "$DIR/busbar+log/access.log" <<<"$ONE_ROUTE"
+  start_busbar busbar+log
+  BUSBARLOG_PID=$LAST_PID
+fi
+
+# --- busbar+all (b, c): identity from a trusted header, per-user rate limit far above
+# the load, service max_in_flight above wrk's connections (so requests take the
+# admission fast path, the everyday case) with per-user queues behind it, metrics
+# (always on: /metrics on the admin port) and the access log to a file.
+if has b || has c; then
+  take_port P_ALL
+  busbar_config busbar+all "$P_ALL" "$DIR/busbar+all/access.log" <<EOF
 [[service]]
 name = "bench"
 balance = "round_robin"
 endpoints = [{ addr = "127.0.0.1:$P_BACKEND" }]
+max_in_flight = 1024
 
 [[route]]
 name = "all"
 service = "bench"
-EOF
-  "$BUSBAR" check "$d/busbar.toml" >"$d/check.log" 2>&1 \
-    || { cat "$d/check.log" >&2; die "busbar check failed for $d/busbar.toml"; }
-  # A throwaway admin token, so busbar doesn't warn that none is set.
-  BUSBAR_ADMIN_TOKEN="bench-$RANDOM$RANDOM" taskset -c "$PROXY_CPU" "$BUSBAR" run -c "$d/busbar.toml" >"$d/stdout.log" 2>"$d/stderr.log" &
-  LAST_PID=$!
-  PIDS+=("$LAST_PID")
-}
-start_busbar busbar "$P_BUSBAR" "$P_BUSBAR_ADMIN" "$P_BUSBAR_REG" off
-BUSBAR_PID=$LAST_PID
-start_busbar busbar+log "$P_BUSBARLOG" "$P_BUSBARLOG_ADMIN" "$P_BUSBARLOG_REG" "$DIR/busbar+log/access.log"
-BUSBARLOG_PID=$LAST_PID
 
-wait_ready nginx "$P_NGINX" "$NGINX_PID"
-wait_ready haproxy "$P_HAPROXY" "$HAPROXY_PID"
-wait_ready busbar "$P_BUSBAR" "$BUSBAR_PID"
-wait_ready busbar+log "$P_BUSBARLOG" "$BUSBARLOG_PID"
+[route.admission]
+identity = ["header:x-user-id", "client_ip"]
+trusted_proxies = ["127.0.0.1"]
+rate_limit = { rate = "1000000/s", burst = 1000000 }
+queue = { max_depth = 16, max_wait = "5s" }
+EOF
+  start_busbar busbar+all
+  ALL_PID=$LAST_PID
+fi
+
+# --- f: ROUTES routes, ROUTES services of one instance each, in nginx, HAProxy and
+# busbar. Route i matches the path prefix /rNNNN and goes to service sNNNN. Only the
+# measured route's instance is the backend; the others are distinct loopback addresses
+# on a port nothing listens on, so a request routed anywhere else fails (no silent
+# mis-route) and nothing probes them (no health checks configured).
+if has f; then
+  take_port P_NGINX1K P_HAPROXY1K P_BUSBAR1K P_DEAD
+  MEAS=$((ROUTES - 2))
+  MEAS_PATH=$(printf '/r%04d/x' "$MEAS")
+  # Built in shell variables without subshells (1,000 forks would take seconds).
+  tables=""; ng_up=""; ng_loc=""; ha_fe=""; ha_be=""
+  for ((i = 0; i < ROUTES; i++)); do
+    printf -v n '%04d' "$i"
+    if ((i == MEAS)); then a="127.0.0.1:$P_BACKEND"; else a="127.1.$((i / 250)).$((i % 250 + 1)):$P_DEAD"; fi
+    tables+="[[service]]
+name = \"s$n\"
+endpoints = [{ addr = \"$a\" }]
+
+"
+    ng_up+="    upstream u$n { server $a; keepalive 64; keepalive_requests 1000000; }
+"
+    ng_loc+="        location /r$n/ { proxy_pass http://u$n; proxy_http_version 1.1; proxy_set_header Connection \"\"; }
+"
+    ha_fe+="    use_backend b$n if { path_beg /r$n/ }
+"
+    ha_be+="backend b$n
+    server i$n $a
+"
+  done
+  for ((i = 0; i < ROUTES; i++)); do
+    printf -v n '%04d' "$i"
+    tables+="[[route]]
+name = \"r$n\"
+path_prefix = \"/r$n\"
+service = \"s$n\"
+
+"
+  done
+  busbar_config busbar-1k "$P_BUSBAR1K" off <<<"$tables"
+  start_nginx nginx-1k "$PROXY_CPU" "$ng_up
+    server {
+        listen 127.0.0.1:$P_NGINX1K;
+$ng_loc        location / { return 404; }
+    }"
+  NGINX1K_PID=$LAST_PID
+  start_haproxy haproxy-1k "frontend fe
+    bind 127.0.0.1:$P_HAPROXY1K
+$ha_fe
+$ha_be"
+  HAPROXY1K_PID=$LAST_PID
+  start_busbar busbar-1k
+  BUSBAR1K_PID=$LAST_PID
+fi
+
+# --- wait for everything, checking each listener answers "ok".
+if ((NEED_NGINX)); then
+  wait_ready nginx "$NGINX_PID" "http://127.0.0.1:$P_NGINX/"
+  has d && wait_ready nginx "$NGINX_PID" "http://127.0.0.1:$P_NGINX_H2/" --http2-prior-knowledge
+fi
+if ((NEED_HAPROXY)); then
+  wait_ready haproxy "$HAPROXY_PID" "http://127.0.0.1:$P_HAPROXY/"
+  has d && wait_ready haproxy "$HAPROXY_PID" "http://127.0.0.1:$P_HAPROXY_H2/" --http2-prior-knowledge
+fi
+[[ -n ${BARE_PID:-} ]] && wait_ready bare-pingora "$BARE_PID" "http://127.0.0.1:$P_BARE/"
+if ((NEED_BUSBAR)); then
+  wait_ready busbar "$BUSBAR_PID" "http://127.0.0.1:$P_BUSBAR/"
+  has d && wait_ready busbar "$BUSBAR_PID" "http://127.0.0.1:$P_BUSBAR/" --http2-prior-knowledge
+fi
+[[ -n ${BUSBARLOG_PID:-} ]] && wait_ready busbar+log "$BUSBARLOG_PID" "http://127.0.0.1:$P_BUSBARLOG/"
+[[ -n ${ALL_PID:-} ]] && wait_ready busbar+all "$ALL_PID" "http://127.0.0.1:$P_ALL/" -H 'x-user-id: ready'
+has d && wait_ready backend "$BACKEND_PID" "http://127.0.0.1:$P_BACKEND_H2/" --http2-prior-knowledge
+if has f; then
+  wait_ready nginx-1k "$NGINX1K_PID" "http://127.0.0.1:$P_NGINX1K$MEAS_PATH"
+  wait_ready haproxy-1k "$HAPROXY1K_PID" "http://127.0.0.1:$P_HAPROXY1K$MEAS_PATH"
+  wait_ready busbar-1k "$BUSBAR1K_PID" "http://127.0.0.1:$P_BUSBAR1K$MEAS_PATH"
+fi
 
 # ---------------------------------------------------------------------------------
-# Targets: name, port, pid of the proxy ("" for direct).
-TARGETS=(direct nginx haproxy busbar busbar+log)
-declare -A PORT=([direct]=$P_BACKEND [nginx]=$P_NGINX [haproxy]=$P_HAPROXY
-                 [busbar]=$P_BUSBAR [busbar+log]=$P_BUSBARLOG)
-declare -A PID=([direct]="" [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID
-                [busbar]=$BUSBAR_PID [busbar+log]=$BUSBARLOG_PID)
+# The targets of each scenario.
+if has a; then
+  SC_TITLE[a]="(a) plain HTTP/1.1 proxy"
+  deftarget a direct "$P_BACKEND" "" wrk
+  deftarget a nginx "$P_NGINX" "$NGINX_PID" wrk
+  deftarget a haproxy "$P_HAPROXY" "$HAPROXY_PID" wrk
+  ((HAVE_BARE)) && deftarget a bare-pingora "$P_BARE" "$BARE_PID" wrk
+  deftarget a busbar "$P_BUSBAR" "$BUSBAR_PID" wrk
+  deftarget a busbar+log "$P_BUSBARLOG" "$BUSBARLOG_PID" wrk
+fi
+if has b; then
+  SC_TITLE[b]="(b) identity + rate limit + queue + metrics + access log"
+  for t in nginx busbar busbar+all; do
+    case $t in
+      nginx) deftarget b nginx "$P_NGINX" "$NGINX_PID" wrk ;;
+      busbar) deftarget b busbar "$P_BUSBAR" "$BUSBAR_PID" wrk ;;
+      busbar+all) deftarget b busbar+all "$P_ALL" "$ALL_PID" wrk ;;
+    esac
+    T_HDR[b/$t]="x-user-id: bench-user"
+  done
+fi
+if has c; then
+  SC_TITLE[c]="(c) $USERS distinct users on the scenario-(b) route"
+  deftarget c nginx "$P_NGINX" "$NGINX_PID" wrk
+  deftarget c busbar+all "$P_ALL" "$ALL_PID" wrk
+  for t in nginx busbar+all; do T_SCRIPT[c/$t]="$LIB/users.lua"; T_SCRIPT_ARGS[c/$t]=$USERS; done
+fi
+if has d; then
+  SC_TITLE[d]="(d) h2c downstream, h2load -c$H2_CONNS -m$H2_STREAMS"
+  deftarget d direct "$P_BACKEND_H2" "" h2
+  deftarget d nginx "$P_NGINX_H2" "$NGINX_PID" h2
+  deftarget d haproxy "$P_HAPROXY_H2" "$HAPROXY_PID" h2
+  deftarget d busbar "$P_BUSBAR" "$BUSBAR_PID" h2
+fi
+if has f; then
+  SC_TITLE[f]="(f) $ROUTES routes and $ROUTES instances, request on route $((MEAS + 1))"
+  deftarget f nginx "$P_NGINX1K" "$NGINX1K_PID" wrk "$MEAS_PATH"
+  deftarget f haproxy "$P_HAPROXY1K" "$HAPROXY1K_PID" wrk "$MEAS_PATH"
+  deftarget f busbar "$P_BUSBAR1K" "$BUSBAR1K_PID" wrk "$MEAS_PATH"
+fi
 if [[ -n ${ONLY:-} ]]; then
-  sel=()
-  for t in $ONLY; do [[ -n ${PORT[$t]+x} ]] || die "ONLY: unknown target $t"; sel+=("$t"); done
-  TARGETS=("${sel[@]}")
+  for t in $ONLY; do
+    found=0
+    for k in "${!T_PORT[@]}"; do [[ ${k#*/} = "$t" ]] && found=1; done
+    ((found)) || die "ONLY: unknown target $t"
+  done
+  for s in "${!SC_TARGETS[@]}"; do
+    sel=""
+    for t in ${SC_TARGETS[$s]}; do [[ " $ONLY " = *" $t "* ]] && sel+=" $t"; done
+    SC_TARGETS[$s]=$sel
+  done
 fi
 
 # utime+stime ticks of a process and all its children (nginx master + workers).
@@ -289,6 +572,7 @@ cpu_ticks() {
   done
   echo "$total"
 }
+kib() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }  # pid field -> kB
 
 # wrk output latency like 1.23ms / 456.78us / 1.02s -> microseconds.
 to_us() {
@@ -299,38 +583,262 @@ to_us() {
     printf "%.0f\n", n * m }'
 }
 
-RAW="$DIR/results.tsv"   # target round rps p50_us p99_us requests cpu_us_per_req errors
+RAW="$DIR/results.tsv"   # scenario target round rps p50_us p99_us requests cpu_us_per_req errors
 : >"$RAW"
 
-run_wrk() {  # target seconds -> prints wrk output
-  local t=$1 secs=$2
-  timeout $((secs + 30)) taskset -c "$LOAD_CPU" \
-    wrk -t1 -c"$CONNS" -d"${secs}s" --timeout 5s --latency "http://127.0.0.1:${PORT[$t]}/"
+run_load() {  # key seconds [h2load log file] -> prints the generator's output
+  local k=$1 secs=$2 logf=${3:-} url="http://127.0.0.1:${T_PORT[$1]}${T_PATH[$1]}" args=()
+  case ${T_KIND[$k]} in
+    wrk)
+      args=(-t1 -c"$CONNS" -d"${secs}s" --timeout 5s --latency)
+      [[ -n ${T_HDR[$k]:-} ]] && args+=(-H "${T_HDR[$k]}")
+      [[ -n ${T_SCRIPT[$k]:-} ]] && args+=(-s "${T_SCRIPT[$k]}")
+      args+=("$url")
+      [[ -n ${T_SCRIPT_ARGS[$k]:-} ]] && args+=(-- ${T_SCRIPT_ARGS[$k]})
+      timeout $((secs + 30)) taskset -c "$LOAD_CPU" wrk "${args[@]}"
+      ;;
+    h2)
+      args=(-t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D "$secs")
+      [[ -n $logf ]] && args+=(--log-file="$logf")
+      timeout $((secs + 30)) taskset -c "$LOAD_CPU" h2load "${args[@]}" "$url"
+      ;;
+    paced)  # T_SCRIPT_ARGS = "RATE CONNS"
+      timeout $((secs + 30)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${secs}s" --timeout 5s \
+        -s "$LIB/paced.lua" "$url" -- ${T_SCRIPT_ARGS[$k]}
+      ;;
+  esac
 }
 
-measure() {  # target round
-  local t=$1 r=$2 pid=${PID[$1]} before after out rps p50 p99 reqs cpu errs
+# Percentiles (µs) of column 3 of an h2load log: prints "p50 p99".
+log_pcts() {
+  awk -F'\t' '{print $3}' "$1" | sort -n | awk '{v[NR] = $1}
+    function q(p,  i) {i = int(NR * p + 0.999999); if (i < 1) i = 1; return v[i]}
+    END {if (NR == 0) print "NaN NaN"; else print q(0.50), q(0.99)}'
+}
+
+measure() {  # scenario target round
+  local s=$1 t=$2 r=$3 k="$1/$2" pid=${T_PID[$1/$2]} before after out rps p50 p99 reqs cpu errs logf=""
+  [[ ${T_KIND[$k]} = h2 ]] && logf="$DIR/h2load-$s-$t-$r.log"
   before=$(cpu_ticks "$pid")
-  out=$(run_wrk "$t" "$DURATION") || die "wrk failed against $t: $out"
+  out=$(run_load "$k" "$DURATION" "$logf") || die "load generator failed against $k: $out"
   after=$(cpu_ticks "$pid")
-  echo "$out" >"$DIR/wrk-$t-$r.txt"
-  rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
-  reqs=$(awk '/ requests in / {print $1}' <<<"$out")
-  p50=$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")
-  p99=$(to_us "$(awk '$1 == "99%" {print $2}' <<<"$out")")
-  [[ -n $rps && -n $reqs && $reqs -gt 0 ]] || die "could not parse wrk output for $t: $out"
-  # Errors: non-2xx/3xx answers and socket errors (connect/read/write/timeout).
-  errs=$(awk '/Non-2xx or 3xx responses:/ {e += $NF}
-              /Socket errors:/ {for (i = 3; i <= NF; i += 2) {g = $(i + 1); gsub(/,/, "", g); e += g}}
-              END {print e + 0}' <<<"$out")
+  echo "$out" >"$DIR/out-$s-$t-$r.txt"
+  if [[ ${T_KIND[$k]} = h2 ]]; then
+    rps=$(awk '/^finished in/ {gsub(/,/, "", $4); print $4}' <<<"$out")
+    reqs=$(awk '/^requests:/ {print $8}' <<<"$out")   # "N succeeded"
+    errs=$(awk '/^requests:/ {e += $10 + $12 + $14} /^status codes:/ {e += $7 + $9} END {print e + 0}' <<<"$out")
+    read -r p50 p99 < <(log_pcts "$logf")
+    rm -f "$logf"
+  else
+    rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+    reqs=$(awk '/ requests in / {print $1}' <<<"$out")
+    p50=$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+    p99=$(to_us "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+    # Errors: non-2xx/3xx answers and socket errors (connect/read/write/timeout).
+    errs=$(awk '/Non-2xx or 3xx responses:/ {e += $NF}
+                /Socket errors:/ {for (i = 3; i <= NF; i += 2) {g = $(i + 1); gsub(/,/, "", g); e += g}}
+                END {print e + 0}' <<<"$out")
+  fi
+  [[ -n $rps && -n $reqs && $reqs -gt 0 ]] || die "could not parse load output for $k: $out"
   if [[ -n $pid ]]; then
     cpu=$(awk -v d=$((after - before)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN {printf "%.2f", d * 1e6 / hz / n}')
   else
     cpu="-"
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$rps" "$p50" "$p99" "$reqs" "$cpu" "$errs" >>"$RAW"
-  printf 'bench: round %d %-11s %10s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req  errors %s\n' \
-    "$r" "$t" "$rps" "$p50" "$p99" "$cpu" "$errs" >&2
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$t" "$r" "$rps" "$p50" "$p99" "$reqs" "$cpu" "$errs" >>"$RAW"
+  printf 'bench: (%s) round %d %-12s %10s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req  errors %s\n' \
+    "$s" "$r" "$t" "$rps" "$p50" "$p99" "$cpu" "$errs" >&2
+}
+
+median() {  # scenario target column-of-RAW
+  awk -F'\t' -v s="$1" -v t="$2" -v c="$3" '$1 == s && $2 == t && $c != "-" {print $c}' "$RAW" | sort -g \
+    | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
+}
+ratio() {  # a b -> a/b with 2 decimals, "-" if either is missing
+  awk -v a="$1" -v b="$2" 'BEGIN {if (a == "-" || b == "-" || a == "" || b == "" || b + 0 == 0) print "-"; else printf "%.2f", a / b}'
+}
+fmt_us() { awk -v v="$1" 'BEGIN {if (v == "-" || v == "") print "-"; else if (v >= 1000) printf "%.2f ms", v / 1000; else printf "%.0f µs", v}'; }
+mib() { awk -v k="$1" 'BEGIN {printf "%.1f MiB", k / 1024}'; }
+
+declare -A M_RPS M_CPU M_ERR
+run_scenario() {  # scenario: warm-up, rounds, table
+  local s=$1 targets=() n t r i ng_rps ng_cpu
+  read -r -a targets <<<"${SC_TARGETS[$s]:-}"
+  n=${#targets[@]}
+  echo "## ${SC_TITLE[$s]}"
+  echo
+  case $s in
+    a) echo "- load: wrk -t1 -c$CONNS -d${DURATION}s --latency, GET / → backend nginx \`return 200 \"ok\\n\"\`"
+       echo "- proxies: nginx 1 worker, upstream keepalive 64; HAProxy nbthread 1, http-reuse always; bare-pingora ($( ((HAVE_BARE)) && echo "load-tests/bare, 1 thread" || echo "SKIPPED: $BARE not built; cargo build --release --example bare-pingora")); busbar threads=1, round_robin, access log off / to a file (busbar+log)" ;;
+    b) echo "- load: as (a), every request with \`x-user-id: bench-user\` (one user)"
+       echo "- busbar+all: identity [\"header:x-user-id\", \"client_ip\"] trusted from 127.0.0.1; per-user rate_limit 1000000/s burst 1000000 (never refuses); service max_in_flight 1024 (> $CONNS connections: no queueing) with queue max_depth 16 / max_wait 5s; metrics (always on); access log to a file"
+       echo "- nginx and busbar: the plain proxies of (a); the ratios are to nginx's plain figure" ;;
+    c) echo "- load: wrk -t1 -c$CONNS -d${DURATION}s --latency -s users.lua: request i as \`x-user-id: u<i mod $USERS>\`, for nginx and busbar+all alike" ;;
+    d) echo "- load: h2load -t1 -c$H2_CONNS -m$H2_STREAMS -D $DURATION (h2c, prior knowledge), GET /; p50/p99 from h2load's --log-file"
+       echo "- nginx: \`listen … http2\` (h2c), upstream HTTP/1.1 keepalive; HAProxy: \`bind … proto h2\`; busbar: h2c on its HTTP port; direct: the backend's own h2c listener" ;;
+    f) echo "- tables: $ROUTES routes (path_prefix /r0000 … /r$(printf %04d $((ROUTES - 1)))), $ROUTES services of one instance each; the request GET $MEAS_PATH matches route $((MEAS + 1)) of $ROUTES"
+       echo "- nginx: $ROUTES upstream blocks + $ROUTES prefix locations; HAProxy: $ROUTES backends + $ROUTES \`use_backend … if { path_beg … }\` rules (evaluated in order); busbar: the same in its TOML (routes in file order)"
+       echo "- compare busbar here with busbar in (a) for the cost of the tables" ;;
+  esac
+  echo
+  if ((n == 0)); then echo "(no targets selected)"; echo; return; fi
+  if ((WARMUP > 0)); then
+    for t in "${targets[@]}"; do run_load "$s/$t" "$WARMUP" >/dev/null || die "warm-up against $s/$t failed"; done
+  fi
+  for ((r = 1; r <= ROUNDS; r++)); do
+    for ((i = 0; i < n; i++)); do
+      measure "$s" "${targets[$(((i + r - 1) % n))]}" "$r"
+    done
+  done
+  for t in "${targets[@]}"; do
+    M_RPS[$s/$t]=$(median "$s" "$t" 4)
+    M_CPU[$s/$t]=$(median "$s" "$t" 8)
+    M_ERR[$s/$t]=$(awk -F'\t' -v s="$s" -v t="$t" '$1 == s && $2 == t {e += $9} END {print e + 0}' "$RAW")
+  done
+  ng_rps=${M_RPS[$s/nginx]:--}; ng_cpu=${M_CPU[$s/nginx]:--}
+  echo "| proxy | req/s | p50 | p99 | CPU µs/req | req/s ratio to nginx | CPU ratio to nginx |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
+  for t in "${targets[@]}"; do
+    printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$t" \
+      "$(awk -v v="${M_RPS[$s/$t]}" 'BEGIN {printf "%.0f", v}')" \
+      "$(fmt_us "$(median "$s" "$t" 5)")" "$(fmt_us "$(median "$s" "$t" 6)")" \
+      "$(awk -v v="${M_CPU[$s/$t]}" 'BEGIN {if (v == "-") print "-"; else printf "%.1f", v}')" \
+      "$(ratio "${M_RPS[$s/$t]}" "$ng_rps")" "$(ratio "${M_CPU[$s/$t]}" "$ng_cpu")"
+  done
+  echo
+  for t in "${targets[@]}"; do
+    [[ ${M_ERR[$s/$t]} = 0 ]] || echo "- WARNING: $t had ${M_ERR[$s/$t]} errors (non-2xx/3xx, socket or stream errors) over $ROUNDS rounds"
+  done
+  case $s in
+    a) [[ -n ${M_RPS[a/busbar]:-} ]] && echo "- goal (issue 7): busbar ≥ 0.90× nginx req/s; this run: $(ratio "${M_RPS[a/busbar]}" "$ng_rps")" ;;
+    b) [[ -n ${M_RPS[b/busbar+all]:-} ]] && echo "- goal (issue 7): busbar+all ≥ 0.85× nginx's plain req/s; this run: $(ratio "${M_RPS[b/busbar+all]}" "$ng_rps")" ;;
+  esac
+  echo
+}
+
+# --- lat: paced load at LAT_LOAD% of busbar's max rate against direct, nginx, busbar.
+run_latency() {
+  local max src rate t r i out p k targets=(direct nginx busbar) n=3
+  echo "## latency under load: ${LAT_LOAD}% of busbar's max rate"
+  echo
+  if [[ -n ${M_RPS[a/busbar]:-} && ${M_RPS[a/busbar]} != - ]]; then
+    max=${M_RPS[a/busbar]}; src="busbar's median in (a) of this run"
+  else
+    deftarget lat max "$P_BUSBAR" "$BUSBAR_PID" wrk
+    out=$(run_load lat/max "$DURATION") || die "wrk failed measuring busbar's max rate: $out"
+    max=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+    src="one ${DURATION}s wrk -c$CONNS run against busbar just before"
+  fi
+  rate=$(awk -v m="$max" -v p="$LAT_LOAD" 'BEGIN {printf "%.0f", m * p / 100}')
+  ((rate >= 1)) || die "busbar's max rate ($max) is too low to pace"
+  echo "- busbar max: $(printf '%.0f' "$max") req/s ($src); paced rate: $rate req/s"
+  echo "- load: wrk -t1 -c$CONNS -d${DURATION}s -s paced.lua: each connection waits an exponential random time (mean $CONNS/$rate s) before each request, so the connections send a Poisson stream at ~$rate req/s out of phase (h2load --rps fires all clients in step and prints no percentiles); latency from wrk's histogram (exact µs, from the moment wrk writes the request)"
+  echo
+  deftarget lat direct "$P_BACKEND" "" paced
+  deftarget lat nginx "$P_NGINX" "$NGINX_PID" paced
+  deftarget lat busbar "$P_BUSBAR" "$BUSBAR_PID" paced
+  for t in "${targets[@]}"; do T_SCRIPT_ARGS[lat/$t]="$rate $CONNS"; done
+  local LRAW="$DIR/latency.tsv"   # target round achieved p50 p99 p999 max requests errors
+  : >"$LRAW"
+  for ((r = 1; r <= ROUNDS; r++)); do
+    for ((i = 0; i < n; i++)); do
+      t=${targets[$(((i + r - 1) % n))]}
+      out=$(run_load "lat/$t" "$DURATION") || die "paced wrk failed against $t: $out"
+      echo "$out" >"$DIR/out-lat-$t-$r.txt"
+      p=$(awk '/^PACED / {print $2, $3, $4, $5, $6}' <<<"$out")
+      [[ -n $p ]] || die "could not parse paced wrk output for $t: $out"
+      local achieved errs
+      achieved=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+      errs=$(awk '/Non-2xx or 3xx responses:/ {e += $NF}
+                  /Socket errors:/ {for (i = 3; i <= NF; i += 2) {g = $(i + 1); gsub(/,/, "", g); e += g}}
+                  END {print e + 0}' <<<"$out")
+      read -r p50 p99 p999 pmax reqs <<<"$p"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$reqs" "$errs" >>"$LRAW"
+      printf 'bench: (lat) round %d %-8s %8s req/s  p50 %6s us  p99 %6s us  p99.9 %6s us  max %6s us  errors %s\n' \
+        "$r" "$t" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$errs" >&2
+    done
+  done
+  lmed() { awk -F'\t' -v t="$1" -v c="$2" '$1 == t {print $c}' "$LRAW" | sort -g \
+    | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+  local d99 b99
+  d99=$(lmed direct 5)
+  echo "| target | asked req/s | achieved req/s | p50 | p99 | p99.9 | max | p99 added over direct |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+  for t in "${targets[@]}"; do
+    printf '| %s | %s | %.0f | %s | %s | %s | %s | %s |\n' "$t" "$rate" "$(lmed "$t" 3)" \
+      "$(fmt_us "$(lmed "$t" 4)")" "$(fmt_us "$(lmed "$t" 5)")" "$(fmt_us "$(lmed "$t" 6)")" \
+      "$(fmt_us "$(lmed "$t" 7)")" \
+      "$([[ $t = direct ]] && echo - || fmt_us "$(awk -v a="$(lmed "$t" 5)" -v b="$d99" 'BEGIN {print a - b}')")"
+  done
+  echo
+  b99=$(lmed busbar 5)
+  echo "- goal (issue 7): busbar's added p99 under 1 ms; this run: $(fmt_us "$(awk -v a="$b99" -v b="$d99" 'BEGIN {print a - b}')") (median of $ROUNDS rounds' p99s)"
+  awk -F'\t' '$9 > 0 {e[$1] += $9} END {for (t in e) printf "- WARNING: %s had %d errors\n", t, e[t]}' "$LRAW"
+  echo
+}
+
+# --- mem: fresh processes (busbar with the (a) config; bare pingora too when built, to
+# tell pingora's share from busbar's): RSS idle, with MEM_CONNS idle keep-alive
+# connections, and after they closed.
+mem_one() {  # name -> prints a table row; starts the server, loads it, leaves it running
+  local name=$1 port pid ready="$DIR/mem-$1/ready" opened ok failed secs i rss0 rss1 rss2 hwm fds cpid
+  take_port port
+  mkdir -p "$DIR/mem-$name"
+  if [[ $name = busbar ]]; then
+    busbar_config busbar-mem "$port" off <<<"$ONE_ROUTE"
+    start_busbar busbar-mem
+  else
+    (cd "$DIR/mem-$name" && exec taskset -c "$PROXY_CPU" "$BARE" "127.0.0.1:$port" "127.0.0.1:$P_BACKEND" 1) \
+      >"$DIR/mem-$name/stdout.log" 2>"$DIR/mem-$name/stderr.log" &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+  fi
+  pid=$LAST_PID
+  wait_ready "$name-mem" "$pid" "http://127.0.0.1:$port/"
+  sleep 1
+  rss0=$(kib "$pid" VmRSS)
+  taskset -c "$LOAD_CPU" python3 "$LIB/idle-conns.py" "$port" "$MEM_CONNS" "$ready" 120 \
+    >"$DIR/mem-$name/conns.log" 2>&1 &
+  cpid=$!
+  PIDS+=("$cpid")
+  for ((i = 0; i < 600; i++)); do
+    [[ -e $ready ]] && break
+    kill -0 "$cpid" 2>/dev/null || die "idle-conns.py exited early: $(cat "$DIR/mem-$name/conns.log")"
+    sleep 0.1
+  done
+  [[ -e $ready ]] || die "idle-conns.py did not open $MEM_CONNS connections to $name within 60 s"
+  read -r opened ok failed secs <"$ready"
+  sleep 2   # let the server settle with the connections idle
+  rss1=$(kib "$pid" VmRSS)
+  fds=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
+  kill -TERM "$cpid" 2>/dev/null || true
+  wait "$cpid" 2>/dev/null || true
+  sleep 2
+  rss2=$(kib "$pid" VmRSS); hwm=$(kib "$pid" VmHWM)
+  printf '| %s | %s | %s | %s | %s | %s | %s (%s failed; %s fds; opened in %ss) |\n' "$name" "$(mib "$rss0")" "$(mib "$rss1")" \
+    "$(awk -v a="$rss1" -v b="$rss0" -v n="$opened" 'BEGIN {if (n > 0) printf "%.1f KiB", (a - b) / n; else print "-"}')" \
+    "$(mib "$rss2")" "$(mib "$hwm")" "$opened" "$failed" "$fds" "$secs"
+  MEM_RSS1[$name]=$rss1; MEM_OPENED[$name]=$opened
+}
+declare -A MEM_RSS1 MEM_OPENED
+run_memory() {
+  local t
+  echo "## memory: RSS idle and with $MEM_CONNS idle keep-alive connections"
+  echo
+  echo "- each target started fresh: busbar with the (a) config (threads=1, one route, access log off)$( ((HAVE_BARE)) && echo "; bare-pingora (1 thread) for pingora's own share")"
+  echo "- connections from load-tests/bench-lib/idle-conns.py (asyncio, on CPU $LOAD_CPU): each sends one GET / and stays open, idle; RSS read 2 s after the last one answered; VmRSS/VmHWM from /proc/<pid>/status"
+  echo
+  echo "| target | idle VmRSS | VmRSS with the connections | per connection | VmRSS 2 s after they closed | VmHWM | connections held |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
+  mem_one busbar
+  ((HAVE_BARE)) && mem_one bare-pingora
+  echo
+  echo "- goal (issue 7): $MEM_CONNS idle keep-alive connections under 100 MiB RSS (goal stated for 10,000); busbar this run: $(mib "${MEM_RSS1[busbar]}")"
+  for t in "${!MEM_OPENED[@]}"; do
+    [[ ${MEM_OPENED[$t]} = "$MEM_CONNS" ]] || echo "- WARNING: $t: only ${MEM_OPENED[$t]} of $MEM_CONNS connections were held"
+  done
+  echo "- 100,000 users tracked by admission: load-tests/admission-bench.sh (peak RSS per target)"
+  echo
 }
 
 # How busy the machine is without us: % of CPU time not idle over 2 s, before the run
@@ -351,77 +859,47 @@ BUSY=$(busy_pct)
 ((BUSY <= 10)) || log "WARNING: the machine is ${BUSY}% busy before the run; numbers will be noisy"
 
 MODEL=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+START=$(date +%s)
 echo "# busbar bench — $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 echo
 echo "- machine: $NCPU CPUs (nproc), $MODEL; kernel $(uname -r)"
-echo "- versions: $(nginx -v 2>&1 | sed 's/^nginx version: //'), HAProxy $(haproxy -v | awk 'NR==1 {print $3}'), $(wrk -v 2>&1 | awk 'NR==1 {print $1, $2}'), $("$BUSBAR" --version 2>/dev/null || echo busbar)"
+echo "- versions: $(nginx -v 2>&1 | sed 's/^nginx version: //'), HAProxy $(haproxy -v | awk 'NR==1 {print $3}'), $(wrk -v 2>&1 | awk 'NR==1 {print $1, $2}'), $(h2load --version 2>/dev/null | head -1 || echo 'h2load: none'), $("$BUSBAR" --version 2>/dev/null || echo busbar)"
 GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 [[ -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]] && GIT_REV="$GIT_REV + uncommitted changes"
 echo "- busbar: $BUSBAR (git $GIT_REV, binary built $(date -u -r "$BUSBAR" '+%Y-%m-%d %H:%M UTC'))"
-echo "- load: wrk -t1 -c$CONNS -d${DURATION}s --latency, GET / → backend nginx \`return 200 \"ok\\n\"\`"
-echo "- pinning: proxy under test on CPU $PROXY_CPU (taskset); backend nginx (1 worker) and wrk on CPU $LOAD_CPU"
-echo "- proxies: nginx 1 worker, upstream keepalive 64; HAProxy nbthread 1, http-reuse always; busbar threads=1, round_robin, access log off / to a file (busbar+log)"
-echo "- rounds: $ROUNDS, order rotated each round; median per target; warm-up ${WARMUP}s per target"
+((HAVE_BARE)) && echo "- bare-pingora: $BARE (built $(date -u -r "$BARE" '+%Y-%m-%d %H:%M UTC'))"
+echo "- scenarios: $SCENARIOS (estimated ${EST}s)"
+echo "- pinning: proxy under test on CPU $PROXY_CPU (taskset); backend nginx (1 worker) and the load generator on CPU $LOAD_CPU"
+echo "- rounds: $ROUNDS × ${DURATION}s per target, order rotated each round; median per target; warm-up ${WARMUP}s per target"
 echo "- machine busy before the run (2 s sample, all CPUs): ${BUSY}%; loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 
-if ((WARMUP > 0)); then
-  for t in "${TARGETS[@]}"; do run_wrk "$t" "$WARMUP" >/dev/null || die "warm-up against $t failed"; done
-fi
-
-n=${#TARGETS[@]}
-for ((r = 1; r <= ROUNDS; r++)); do
-  for ((i = 0; i < n; i++)); do
-    measure "${TARGETS[$(((i + r - 1) % n))]}" "$r"
-  done
+for s in $SCENARIOS; do
+  case $s in
+    lat) run_latency ;;
+    mem) run_memory ;;
+    *) run_scenario "$s" ;;
+  esac
 done
 
-# Medians per target, then the table. Ratios are to nginx's medians.
-median() {  # column of RAW for target
-  awk -F'\t' -v t="$1" -v c="$2" '$1 == t && $c != "-" {print $c}' "$RAW" | sort -g \
-    | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
-}
-declare -A M_RPS M_P50 M_P99 M_CPU M_ERR
-for t in "${TARGETS[@]}"; do
-  M_RPS[$t]=$(median "$t" 3); M_P50[$t]=$(median "$t" 4); M_P99[$t]=$(median "$t" 5)
-  M_CPU[$t]=$(median "$t" 7)
-  M_ERR[$t]=$(awk -F'\t' -v t="$t" '$1 == t {e += $8} END {print e + 0}' "$RAW")
-done
-ratio() {  # a b -> a/b with 2 decimals, "-" if either is missing
-  awk -v a="$1" -v b="$2" 'BEGIN {if (a == "-" || b == "-" || a == "" || b == "" || b + 0 == 0) print "-"; else printf "%.2f", a / b}'
-}
-fmt_us() { awk -v v="$1" 'BEGIN {if (v == "-") print "-"; else if (v >= 1000) printf "%.2f ms", v / 1000; else printf "%.0f µs", v}'; }
-
-echo "| proxy | req/s | p50 | p99 | CPU µs/req | req/s ratio to nginx | CPU ratio to nginx |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
-for t in "${TARGETS[@]}"; do
-  ng_rps=${M_RPS[nginx]:--}; ng_cpu=${M_CPU[nginx]:--}
-  printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$t" \
-    "$(awk -v v="${M_RPS[$t]}" 'BEGIN {printf "%.0f", v}')" \
-    "$(fmt_us "${M_P50[$t]}")" "$(fmt_us "${M_P99[$t]}")" \
-    "$(awk -v v="${M_CPU[$t]}" 'BEGIN {if (v == "-") print "-"; else printf "%.1f", v}')" \
-    "$(ratio "${M_RPS[$t]}" "$ng_rps")" "$(ratio "${M_CPU[$t]}" "$ng_cpu")"
-done
-echo
 BUSY_END=$(busy_pct)
-echo "- machine busy after the run (2 s sample): ${BUSY_END}%; loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "## run"
+echo
+echo "- took $(($(date +%s) - START)) s; machine busy after the run (2 s sample): ${BUSY_END}%; loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 ((BUSY <= 10 && BUSY_END <= 10)) || echo "- WARNING: something else was using the CPUs; rerun on a quiet machine"
-
-total_errs=0
-for t in "${TARGETS[@]}"; do
-  if [[ ${M_ERR[$t]} != 0 ]]; then
-    echo "- WARNING: $t had ${M_ERR[$t]} errors (non-2xx/3xx or socket errors) over $ROUNDS rounds"
-    total_errs=$((total_errs + M_ERR[$t]))
-  fi
-done
-if [[ -n ${PORT[busbar+log]+x} && " ${TARGETS[*]} " = *" busbar+log "* ]]; then
-  lines=$(wc -l <"$DIR/busbar+log/access.log" 2>/dev/null || echo 0)
-  echo "- busbar+log wrote $lines access-log lines"
+if [[ -n ${BUSBARLOG_PID:-} && " ${SC_TARGETS[a]:-} " = *" busbar+log "* ]]; then
+  echo "- busbar+log wrote $(wc -l <"$DIR/busbar+log/access.log" 2>/dev/null || echo 0) access-log lines"
 fi
-for name in busbar busbar+log; do
+if [[ -n ${ALL_PID:-} ]]; then
+  echo "- busbar+all wrote $(wc -l <"$DIR/busbar+all/access.log" 2>/dev/null || echo 0) access-log lines; its non-zero counters over the run (warm-up included):"
+  m=$(curl -fsS --max-time 5 "http://127.0.0.1:${ADMIN_PORT[busbar+all]}/metrics" || true)
+  { grep -E '^busbar_(admission_decisions_total|requests_total)' <<<"$m" | grep -v ' 0$' || echo "(no non-zero admission/request counters in /metrics)"; } \
+    | head -12 | sed 's/^/    /'
+fi
+for name in bare-pingora busbar busbar+log busbar+all busbar-1k busbar-mem mem-bare-pingora; do
   if [[ -s $DIR/$name/stderr.log ]]; then
     echo "- $name stderr ($(wc -l <"$DIR/$name/stderr.log") lines), first lines:"
     head -5 "$DIR/$name/stderr.log" | sed 's/^/    /'
   fi
 done
-echo "- per-round numbers: on stderr (and in results.tsv in the temp dir with KEEP_TMP=1)"
+echo "- per-round numbers: on stderr (and in results.tsv / latency.tsv in the temp dir with KEEP_TMP=1)"
