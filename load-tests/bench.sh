@@ -120,6 +120,7 @@ EST=$(estimate)
 # Temp dir, process bookkeeping, cleanup.
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/busbar-bench.XXXXXX")
 PIDS=()        # every process we started (nginx masters, haproxy, busbar, helpers)
+declare -A SERVER   # pid -> name, for the servers that must stay up for the whole run
 cd "$DIR"      # nothing we run leaves files in the caller's directory
 
 cleanup() {
@@ -231,6 +232,7 @@ EOF
     -g "daemon off; pid $d/nginx.pid;" >"$d/stdout.log" 2>&1 &
   LAST_PID=$!
   PIDS+=("$LAST_PID")
+  SERVER[$LAST_PID]=$name
 }
 
 start_haproxy() {  # name body; sets LAST_PID. One thread, foreground (-db: no master).
@@ -257,6 +259,7 @@ EOF
   taskset -c "$PROXY_CPU" haproxy -db -f "$d/haproxy.cfg" >"$d/stdout.log" 2>&1 &
   LAST_PID=$!
   PIDS+=("$LAST_PID")
+  SERVER[$LAST_PID]=$name
 }
 
 # busbar: busbar_config writes $DIR/<name>/busbar.toml, the common top (one thread,
@@ -301,6 +304,7 @@ start_busbar() {  # name; sets LAST_PID. Raises the open-files limit to the hard
     taskset -c "$PROXY_CPU" "$BUSBAR" run -c "$d/busbar.toml" >"$d/stdout.log" 2>"$d/stderr.log" &
   LAST_PID=$!
   PIDS+=("$LAST_PID")
+  SERVER[$LAST_PID]=$name
 }
 
 # ---------------------------------------------------------------------------------
@@ -376,6 +380,7 @@ if has a && ((HAVE_BARE)); then
     >"$DIR/bare-pingora/stdout.log" 2>"$DIR/bare-pingora/stderr.log" &
   BARE_PID=$!
   PIDS+=("$BARE_PID")
+  SERVER[$BARE_PID]=bare-pingora
 fi
 
 # --- busbar: one route, round robin, access log off (h2c is served on the same port).
@@ -616,6 +621,15 @@ log_pcts() {
     END {if (NR == 0) print "NaN NaN"; else print q(0.50), q(0.99)}'
 }
 
+# Every server must outlive the run: a dead backend would show up as a slow or failing
+# proxy, so say which one died instead.
+check_servers() {
+  local pid
+  for pid in "${!SERVER[@]}"; do
+    kill -0 "$pid" 2>/dev/null || die "${SERVER[$pid]} (pid $pid) exited during the run; see $DIR/${SERVER[$pid]}/"
+  done
+}
+
 measure() {  # scenario target round
   local s=$1 t=$2 r=$3 k="$1/$2" pid=${T_PID[$1/$2]} before after out rps p50 p99 reqs cpu errs logf=""
   [[ ${T_KIND[$k]} = h2 ]] && logf="$DIR/h2load-$s-$t-$r.log"
@@ -623,6 +637,7 @@ measure() {  # scenario target round
   out=$(run_load "$k" "$DURATION" "$logf") || die "load generator failed against $k: $out"
   after=$(cpu_ticks "$pid")
   echo "$out" >"$DIR/out-$s-$t-$r.txt"
+  check_servers
   if [[ ${T_KIND[$k]} = h2 ]]; then
     rps=$(awk '/^finished in/ {gsub(/,/, "", $4); print $4}' <<<"$out")
     reqs=$(awk '/^requests:/ {print $8}' <<<"$out")   # "N succeeded"
@@ -639,7 +654,8 @@ measure() {  # scenario target round
                 /Socket errors:/ {for (i = 3; i <= NF; i += 2) {g = $(i + 1); gsub(/,/, "", g); e += g}}
                 END {print e + 0}' <<<"$out")
   fi
-  [[ -n $rps && -n $reqs && $reqs -gt 0 ]] || die "could not parse load output for $k: $out"
+  [[ -n $rps && -n $reqs && $reqs -gt 0 ]] \
+    || die "no requests completed against $k (or unparsable output; see $DIR/out-$s-$t-$r.txt and the server's stderr): $out"
   if [[ -n $pid ]]; then
     cpu=$(awk -v d=$((after - before)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN {printf "%.2f", d * 1e6 / hz / n}')
   else
@@ -745,6 +761,7 @@ run_latency() {
       t=${targets[$(((i + r - 1) % n))]}
       out=$(run_load "lat/$t" "$DURATION") || die "paced wrk failed against $t: $out"
       echo "$out" >"$DIR/out-lat-$t-$r.txt"
+      check_servers
       p=$(awk '/^PACED / {print $2, $3, $4, $5, $6}' <<<"$out")
       [[ -n $p ]] || die "could not parse paced wrk output for $t: $out"
       local achieved errs
@@ -792,6 +809,7 @@ mem_one() {  # name -> prints a table row; starts the server, loads it, leaves i
       >"$DIR/mem-$name/stdout.log" 2>"$DIR/mem-$name/stderr.log" &
     LAST_PID=$!
     PIDS+=("$LAST_PID")
+    SERVER[$LAST_PID]=mem-$name
   fi
   pid=$LAST_PID
   wait_ready "$name-mem" "$pid" "http://127.0.0.1:$port/"
