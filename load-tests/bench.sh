@@ -43,7 +43,7 @@
 #   BUSBAR=target/release/busbar   the binary (relative to the repo root)
 #   BARE=target/release/examples/bare-pingora   (skipped with a note when missing)
 #   PROXY_CPU=0 LOAD_CPU=1         CPUs for the proxies / for backend + load generator
-#   ONLY="nginx busbar"            measure only these targets (names as in the tables)
+#   ONLY="nginx busbar"            measure only these targets (names as in the tables; a-f)
 #   KEEP_TMP=1      keep the temp dir (configs, logs) after the run
 #   ALLOW_LONG=1    allow a run estimated over 10 minutes
 #
