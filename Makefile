@@ -4,12 +4,13 @@
 #   make run     build and start busbar on conf/busbar.toml with two demo backends
 #   make test    the whole test suite (unit + integration, real processes on loopback)
 #   make bench   release build, then load-tests/bench.sh (busbar vs nginx, HAProxy, direct)
+#   make bench-admission   release build, then 100,000 users through admission vs without
 
 CARGO ?= cargo
 CONFIG ?= conf/busbar.toml
 DEMO_BACKENDS ?= -l 127.0.0.1:9101 -l 127.0.0.1:9102
 
-.PHONY: run build release test check-conf bench fmt clippy lint fuzz reliability
+.PHONY: run build release test check-conf bench bench-admission fmt clippy lint fuzz reliability
 
 build:
 	$(CARGO) build --bin busbar
@@ -39,6 +40,11 @@ check-conf: build
 
 bench: release
 	bash load-tests/bench.sh
+
+# 100,000 distinct users through a rate-limited, queued route vs the same route without
+# admission: throughput and peak RSS (load-tests/admission-bench.sh, ~2 minutes).
+bench-admission: release
+	bash load-tests/admission-bench.sh
 
 # Each cargo-fuzz target for FUZZ_SECONDS (60). New inputs go to fuzz/.work/ (not checked
 # in); the seeds in fuzz/corpus/ are read. `make test` replays the seeds (tests/fuzz_corpus.rs).
