@@ -5,12 +5,13 @@
 #   make test    the whole test suite (unit + integration, real processes on loopback)
 #   make bench   release build, then load-tests/bench.sh (busbar vs nginx, HAProxy, direct)
 #   make bench-admission   release build, then 100,000 users through admission vs without
+#   make bench-grpc  release builds, then load-tests/grpc-bench.sh (JSON→gRPC vs gRPC vs HTTP)
 
 CARGO ?= cargo
 CONFIG ?= conf/busbar.toml
 DEMO_BACKENDS ?= -l 127.0.0.1:9101 -l 127.0.0.1:9102
 
-.PHONY: run build release test check-conf bench bench-admission fmt clippy lint fuzz reliability
+.PHONY: run build release test check-conf bench bench-admission bench-grpc fmt clippy lint fuzz reliability
 
 build:
 	$(CARGO) build --bin busbar
@@ -45,6 +46,13 @@ bench: release
 # admission: throughput and peak RSS (load-tests/admission-bench.sh, ~2 minutes).
 bench-admission: release
 	bash load-tests/admission-bench.sh
+
+# JSON→gRPC translation vs gRPC pass-through vs HTTP pass-through through one busbar,
+# against testkit's tonic backend (its `grpc-backend` bin, built here too; `--tests`
+# because testkit is a dev-dependency: without it cargo 1.95 panics resolving features).
+bench-grpc: release
+	$(CARGO) build --release -p busbar-testkit --bin grpc-backend --tests
+	bash load-tests/grpc-bench.sh
 
 # Each cargo-fuzz target for FUZZ_SECONDS (60). New inputs go to fuzz/.work/ (not checked
 # in); the seeds in fuzz/corpus/ are read. `make test` replays the seeds (tests/fuzz_corpus.rs).

@@ -1,0 +1,483 @@
+#!/usr/bin/env bash
+# load-tests/grpc-bench.sh — JSON→gRPC translation vs gRPC pass-through vs HTTP
+# pass-through through one busbar, on loopback (issue 5: JSON→gRPC throughput should be
+# at least 70% of plain gRPC pass-through for a small message).
+#
+# Needs: h2load (nghttp2-client), nginx, curl, taskset, python3, a release build of
+# busbar and of the test gRPC backend (testkit's `grpc-backend`). `make bench-grpc`
+# builds both and runs this. On a fresh Debian box:
+#   apt-get install -y nghttp2-client nginx-light curl util-linux python3
+#
+# What it does: starts the tonic `bookstore.v1` backend (h2c), an nginx answering the
+# same small JSON a Ping reply is, and one busbar (threads = 1, access log off) with three
+# routes: gRPC pass-through to the tonic backend, JSON→gRPC (`POST /ping` → `Ping`), and
+# HTTP pass-through to nginx. Each target gets the same one-field message ("hello"):
+#
+#   grpc-direct  h2load h2c → tonic, no proxy (ceiling of the load side)
+#   grpc         h2load h2c → busbar → tonic          (gRPC frame, application/grpc)
+#   json-h2c     h2load h2c → busbar /ping → tonic    (JSON in, JSON out)
+#   json-h1      h2load HTTP/1.1 → busbar /ping → tonic
+#   http-h2c     h2load h2c → busbar → nginx          (JSON body passed through)
+#   http-h1      h2load HTTP/1.1 → busbar → nginx
+#
+# h2c targets run `h2load -t1 -c$H2_CONNS -m$H2_STREAMS`, HTTP/1.1 targets
+# `h2load --h1 -t1 -c$H1_CONNS -m1`, for DURATION seconds, ROUNDS times in a rotating
+# order; the table shows the median per target. CPU per request of busbar comes from
+# /proc/<pid>/stat (utime+stime before and after each run). Every target is checked with
+# curl first (gRPC: the reply frame byte for byte); h2load's failed/errored requests and
+# non-2xx answers are counted and reported.
+#
+# Pinning (2-core box): busbar on CPU 0; backends and h2load on CPU 1.
+#
+# Environment:
+#   DURATION=5 ROUNDS=3 WARMUP=1   seconds per run, rounds, warm-up seconds per target
+#   H2_CONNS=16 H2_STREAMS=10      h2c connections and streams per connection
+#   H1_CONNS=64                    HTTP/1.1 connections
+#   BUSBAR=target/release/busbar  GRPC_BACKEND=target/release/grpc-backend
+#   PROXY_CPU=0 LOAD_CPU=1         CPUs for busbar / for backends + h2load
+#   ONLY="grpc json-h2c"           measure only these targets
+#   KEEP_TMP=1                     keep the temp dir (configs, logs, raw output)
+#   CALLGRIND=1                    instead of timing: busbar runs under valgrind's callgrind
+#                                  and each target reports instructions per request, which
+#                                  other load on the machine does not change (one round of
+#                                  CG_REQUESTS=2000 requests per target after the warm-up;
+#                                  the dumps stay in the temp dir for callgrind_annotate)
+#
+# Every server binds 127.0.0.1 on ports picked at run time, keeps its files in one
+# `mktemp -d` dir, and is stopped by pid when the script exits (also on error or Ctrl-C).
+set -euo pipefail
+
+DURATION=${DURATION:-5}
+ROUNDS=${ROUNDS:-3}
+WARMUP=${WARMUP:-1}
+CALLGRIND=${CALLGRIND:-0}
+CG_REQUESTS=${CG_REQUESTS:-2000}
+H2_CONNS=${H2_CONNS:-16}
+H2_STREAMS=${H2_STREAMS:-10}
+H1_CONNS=${H1_CONNS:-64}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BUSBAR=${BUSBAR:-target/release/busbar}
+GRPC_BACKEND=${GRPC_BACKEND:-target/release/grpc-backend}
+[[ $BUSBAR = /* ]] || BUSBAR="$ROOT/$BUSBAR"
+[[ $GRPC_BACKEND = /* ]] || GRPC_BACKEND="$ROOT/$GRPC_BACKEND"
+PROTO="$ROOT/tests/protos/bookstore.proto"
+
+die() { echo "grpc-bench: $*" >&2; exit 1; }
+log() { echo "grpc-bench: $*" >&2; }
+
+for tool in h2load nginx curl taskset python3 awk cmp; do
+  command -v "$tool" >/dev/null 2>&1 \
+    || die "$tool not found (apt-get install -y nghttp2-client nginx-light curl util-linux python3)"
+done
+[[ -x $BUSBAR ]] || die "$BUSBAR not found: run 'make bench-grpc' (or cargo build --release)"
+[[ -x $GRPC_BACKEND ]] \
+  || die "$GRPC_BACKEND not found: run 'make bench-grpc' (builds testkit's grpc-backend)"
+if [[ $CALLGRIND = 1 ]]; then
+  for tool in valgrind callgrind_control; do
+    command -v "$tool" >/dev/null 2>&1 || die "$tool not found (apt-get install -y valgrind)"
+  done
+fi
+for v in DURATION ROUNDS H2_CONNS H2_STREAMS H1_CONNS CG_REQUESTS; do
+  [[ ${!v} =~ ^[0-9]+$ && ${!v} -ge 1 ]] || die "$v must be a whole number >= 1"
+done
+[[ $WARMUP =~ ^[0-9]+$ ]] || die "WARMUP must be a whole number of seconds"
+NCPU=$(nproc)
+(( PROXY_CPU < NCPU && LOAD_CPU < NCPU )) || die "PROXY_CPU/LOAD_CPU must be < nproc ($NCPU)"
+CLK_TCK=$(getconf CLK_TCK)
+
+# ---------------------------------------------------------------------------------
+# Temp dir, process bookkeeping, cleanup.
+DIR=$(mktemp -d "${TMPDIR:-/tmp}/busbar-grpc-bench.XXXXXX")
+PIDS=()        # every server we started
+cd "$DIR"
+
+cleanup() {
+  local rc=$? pid kids=() i alive
+  trap - EXIT INT TERM
+  for pid in "${PIDS[@]}"; do   # nginx workers: note them in case the master dies hard
+    for k in $(pgrep -P "$pid" 2>/dev/null); do kids+=("$k"); done
+  done
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for ((i = 0; i < 50; i++)); do   # up to 5 s for a clean exit
+    alive=0
+    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for pid in "${PIDS[@]}" "${kids[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      log "pid $pid did not stop on SIGTERM; sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [[ ${KEEP_TMP:-0} = 1 || $rc -ne 0 ]]; then
+    log "files kept in $DIR"
+  else
+    rm -rf "$DIR"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Free loopback ports, all held open at once so none repeats.
+free_ports() {
+  python3 - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+read -r P_GRPC P_NGINX P_BUSBAR P_ADMIN P_REG <<<"$(free_ports 5)"
+
+# Until CHECK (a command) succeeds; fail after 15 s (120 s under valgrind) or if PID died.
+wait_for() {
+  local name=$1 pid=$2 i tries=150
+  [[ $CALLGRIND = 1 ]] && tries=1200
+  shift 2
+  for ((i = 0; i < tries; i++)); do
+    kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) exited during startup; see $DIR/"
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  die "$name not ready within $((tries / 10)) s; see $DIR/"
+}
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# ---------------------------------------------------------------------------------
+# The message: PingRequest { text: "hello" } as a gRPC frame and as JSON; the replies.
+printf '\x00\x00\x00\x00\x07\x0a\x05hello' >ping.grpc                  # flag, len 7, field 1
+printf '\x00\x00\x00\x00\x09\x0a\x05hello\x10\x01' >reply.grpc          # + served_by = 1
+printf '{"text":"hello"}' >ping.json
+REPLY_JSON='{"text":"hello","servedBy":"1"}'
+
+# --- the tonic backend (one worker thread) and nginx, on the load CPU.
+mkdir -p grpc-backend
+taskset -c "$LOAD_CPU" "$GRPC_BACKEND" "127.0.0.1:$P_GRPC" 1 \
+  >grpc-backend/stdout.log 2>grpc-backend/stderr.log &
+GRPC_PID=$!
+PIDS+=("$GRPC_PID")
+
+NGINX_USER=""
+[[ $(id -u) = 0 ]] && NGINX_USER="user root;"   # workers must enter the 0700 temp dir
+NGINX_V=$(nginx -V 2>&1)
+mkdir -p nginx
+{
+  echo "$NGINX_USER"
+  echo "worker_processes 1;"
+  echo "error_log $DIR/nginx/error.log warn;"
+  echo "events { worker_connections 4096; }"
+  echo "http {"
+  echo "  access_log off;"
+  echo "  client_body_temp_path $DIR/nginx/client_body;"
+  for m in proxy fastcgi uwsgi scgi; do
+    grep -q -- "--without-http_${m}_module" <<<"$NGINX_V" || echo "  ${m}_temp_path $DIR/nginx/$m;"
+  done
+  echo "  keepalive_requests 1000000;"
+  echo "  keepalive_timeout 75s;"
+  echo "  server {"
+  echo "    listen 127.0.0.1:$P_NGINX;"
+  echo "    location / { default_type application/json; return 200 '$REPLY_JSON'; }"
+  echo "  }"
+  echo "}"
+} >nginx/nginx.conf
+nginx -t -q -p "$DIR/nginx" -c "$DIR/nginx/nginx.conf" -e "$DIR/nginx/error.log" \
+  -g "daemon off; pid $DIR/nginx/nginx.pid;" || die "nginx config invalid: $DIR/nginx/nginx.conf"
+taskset -c "$LOAD_CPU" nginx -p "$DIR/nginx" -c "$DIR/nginx/nginx.conf" -e "$DIR/nginx/error.log" \
+  -g "daemon off; pid $DIR/nginx/nginx.pid;" >nginx/stdout.log 2>&1 &
+NGINX_PID=$!
+PIDS+=("$NGINX_PID")
+
+# --- busbar: one thread, access log off, three routes.
+mkdir -p busbar
+cat >busbar/busbar.toml <<EOF
+[server]
+threads = 1
+grace_period = "2s"
+runtime_dir = "$DIR/busbar"
+
+[listen]
+http = ["127.0.0.1:$P_BUSBAR"]
+admin = "127.0.0.1:$P_ADMIN"
+
+[log]
+level = "warn"
+access = "off"
+
+[registry]
+listen = "127.0.0.1:$P_REG"
+
+[[service]]
+name = "books"
+protocol = "h2c"
+endpoints = [{ addr = "127.0.0.1:$P_GRPC" }]
+
+[[service]]
+name = "web"
+endpoints = [{ addr = "127.0.0.1:$P_NGINX" }]
+
+# gRPC callers: passed through untouched.
+[[route]]
+name = "grpc"
+path_prefix = "/bookstore.v1.Bookstore/"
+service = "books"
+
+# JSON callers: POST /ping {"text": …} → bookstore.v1.Bookstore/Ping.
+[[route]]
+name = "json"
+path = "/ping"
+service = "books"
+[route.translate]
+from = "json"
+protos = ["$PROTO"]
+method = "bookstore.v1.Bookstore/Ping"
+
+# Plain HTTP: passed through to nginx.
+[[route]]
+name = "http"
+path = "/http"
+service = "web"
+EOF
+"$BUSBAR" check busbar/busbar.toml >busbar/check.log 2>&1 \
+  || { cat busbar/check.log >&2; die "busbar check failed for $DIR/busbar/busbar.toml"; }
+VALGRIND=()
+[[ $CALLGRIND = 1 ]] && VALGRIND=(valgrind --tool=callgrind --callgrind-out-file="$DIR/busbar/callgrind.out")
+BUSBAR_ADMIN_TOKEN="bench-$RANDOM$RANDOM" taskset -c "$PROXY_CPU" "${VALGRIND[@]}" "$BUSBAR" \
+  run -c busbar/busbar.toml >busbar/stdout.log 2>busbar/stderr.log &
+BUSBAR_PID=$!
+PIDS+=("$BUSBAR_PID")
+
+wait_for grpc-backend "$GRPC_PID" port_open "$P_GRPC"
+wait_for nginx "$NGINX_PID" curl -fsS --max-time 1 "http://127.0.0.1:$P_NGINX/"
+wait_for busbar "$BUSBAR_PID" curl -fsS --max-time 1 "http://127.0.0.1:$P_ADMIN/healthz"
+
+# ---------------------------------------------------------------------------------
+# Targets: URL, client kind, body file, pid of the proxy ("" for direct).
+GRPC_PATH=/bookstore.v1.Bookstore/Ping
+TARGETS=(grpc-direct grpc json-h2c json-h1 http-h2c http-h1)
+declare -A URL=([grpc-direct]="http://127.0.0.1:$P_GRPC$GRPC_PATH"
+                [grpc]="http://127.0.0.1:$P_BUSBAR$GRPC_PATH"
+                [json-h2c]="http://127.0.0.1:$P_BUSBAR/ping"
+                [json-h1]="http://127.0.0.1:$P_BUSBAR/ping"
+                [http-h2c]="http://127.0.0.1:$P_BUSBAR/http"
+                [http-h1]="http://127.0.0.1:$P_BUSBAR/http")
+declare -A KIND=([grpc-direct]=grpc [grpc]=grpc [json-h2c]=h2c [json-h1]=h1
+                 [http-h2c]=h2c [http-h1]=h1)
+declare -A PID=([grpc-direct]="" [grpc]=$BUSBAR_PID [json-h2c]=$BUSBAR_PID
+                [json-h1]=$BUSBAR_PID [http-h2c]=$BUSBAR_PID [http-h1]=$BUSBAR_PID)
+[[ $CALLGRIND = 1 ]] && TARGETS=(grpc json-h2c json-h1 http-h2c http-h1)   # busbar's only
+if [[ -n ${ONLY:-} ]]; then
+  sel=()
+  for t in $ONLY; do [[ -n ${URL[$t]+x} ]] || die "ONLY: unknown target $t"; sel+=("$t"); done
+  TARGETS=("${sel[@]}")
+fi
+
+# Each target answers what it should before anything is measured.
+check_target() {
+  local t=$1 url=${URL[$1]} got
+  case ${KIND[$t]} in
+    grpc)
+      curl -fsS --max-time 5 --http2-prior-knowledge -H 'content-type: application/grpc' \
+        -H 'te: trailers' --data-binary @ping.grpc -o "check-$t.bin" "$url" \
+        || die "$t: the gRPC call failed"
+      cmp -s "check-$t.bin" reply.grpc \
+        || die "$t: reply frame is not PingReply{text:\"hello\", served_by:1}: $(od -An -tx1 "check-$t.bin")"
+      ;;
+    h2c | h1)
+      local proto=--http1.1
+      [[ ${KIND[$t]} = h2c ]] && proto=--http2-prior-knowledge
+      got=$(curl -fsS --max-time 5 $proto -H 'content-type: application/json' \
+        --data-binary @ping.json "$url") || die "$t: the JSON call failed"
+      [[ $got = "$REPLY_JSON" ]] || die "$t: answered '$got', expected '$REPLY_JSON'"
+      ;;
+  esac
+}
+for t in "${TARGETS[@]}"; do check_target "$t"; done
+
+# utime+stime ticks of a process.
+cpu_ticks() {
+  local pid=$1 f a
+  [[ -n $pid ]] || { echo 0; return; }
+  f=$(cat "/proc/$pid/stat" 2>/dev/null) || die "process $pid is gone"
+  f=${f##*) }
+  read -r -a a <<<"$f"
+  echo $((a[11] + a[12]))
+}
+
+# a / b with 2 decimals, "-" if either is missing.
+ratio() {
+  awk -v a="$1" -v b="$2" 'BEGIN {if (a == "-" || b == "-" || a == "" || b == "" || b + 0 == 0) print "-"; else printf "%.2f", a / b}'
+}
+
+# h2load latency like 123us / 1.23ms / 1.02s -> microseconds.
+to_us() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+    if (u == "us") m = 1; else if (u == "ms") m = 1000; else if (u == "s") m = 1000000
+    else { print "NaN"; exit }
+    printf "%.0f\n", n * m }'
+}
+
+run_h2load() {  # target seconds|-nREQUESTS -> h2load output
+  local t=$1 secs=$2 args=() limit=(-D "$2")
+  [[ $secs = -n* ]] && { limit=("$secs"); secs=300; }
+  case ${KIND[$t]} in
+    grpc) args=(-c"$H2_CONNS" -m"$H2_STREAMS" -d ping.grpc
+                -H 'content-type: application/grpc' -H 'te: trailers') ;;
+    h2c) args=(-c"$H2_CONNS" -m"$H2_STREAMS" -d ping.json -H 'content-type: application/json') ;;
+    h1) args=(--h1 -c"$H1_CONNS" -m1 -d ping.json -H 'content-type: application/json') ;;
+  esac
+  timeout $((secs + 30)) taskset -c "$LOAD_CPU" h2load -t1 "${limit[@]}" "${args[@]}" "${URL[$t]}"
+}
+
+RAW="$DIR/results.tsv"   # target round rps mean_us requests cpu_us_per_req errors
+: >"$RAW"
+
+measure() {  # target round
+  local t=$1 r=$2 pid=${PID[$1]} before after out rps mean reqs cpu errs
+  before=$(cpu_ticks "$pid")
+  out=$(run_h2load "$t" "$DURATION") || die "h2load failed against $t: $out"
+  after=$(cpu_ticks "$pid")
+  echo "$out" >"$DIR/h2load-$t-$r.txt"
+  rps=$(awk '/^finished in/ {print $4}' <<<"$out")
+  reqs=$(awk '/^requests:/ {print $8}' <<<"$out")
+  mean=$(to_us "$(awk '/^time for request:/ {print $6}' <<<"$out")")
+  [[ -n $rps && -n $reqs && $reqs -gt 0 ]] || die "could not parse h2load output for $t: $out"
+  # Errors: failed + errored + timed-out requests, and answers that are not 2xx.
+  errs=$(awk '/^requests:/ {e += $10 + $12 + $14}
+              /^status codes:/ {e += $5 + $7 + $9}
+              END {print e + 0}' <<<"$out")
+  if [[ -n $pid ]]; then
+    cpu=$(awk -v d=$((after - before)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN {printf "%.2f", d * 1e6 / hz / n}')
+  else
+    cpu="-"
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$rps" "$mean" "$reqs" "$cpu" "$errs" >>"$RAW"
+  printf 'grpc-bench: round %d %-11s %10s req/s  mean %6s us  busbar cpu %6s us/req  errors %s\n' \
+    "$r" "$t" "$rps" "$mean" "$cpu" "$errs" >&2
+}
+
+# ---------------------------------------------------------------------------------
+# CALLGRIND=1: instructions per request, one round per target, then exit.
+if [[ $CALLGRIND = 1 ]]; then
+  GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+  [[ -n $(git -C "$ROOT" status --porcelain -- src testkit Cargo.toml Cargo.lock 2>/dev/null) ]] \
+    && GIT_REV="$GIT_REV + uncommitted changes"
+  echo "# busbar gRPC bench, callgrind — $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  echo
+  echo "- busbar: $BUSBAR (git $GIT_REV, binary built $(date -u -r "$BUSBAR" '+%Y-%m-%d %H:%M UTC')) under $(valgrind --version) --tool=callgrind, threads=1"
+  echo "- per target: ${WARMUP}s warm-up, zero the counters, $CG_REQUESTS requests (h2c: -c$H2_CONNS -m$H2_STREAMS, HTTP/1.1: -c$H1_CONNS), dump"
+  echo
+  echo "| target | requests | busbar instructions/req | ratio to grpc |"
+  echo "|---|---:|---:|---:|"
+  declare -A IR
+  dumps() { local f=(busbar/callgrind.out.*); [[ -e ${f[0]} ]] && echo ${#f[@]} || echo 0; }
+  for t in "${TARGETS[@]}"; do
+    ((WARMUP > 0)) && { run_h2load "$t" "$WARMUP" >/dev/null || die "warm-up against $t failed"; }
+    callgrind_control -z "$BUSBAR_PID" >/dev/null 2>&1 || die "callgrind_control -z failed"
+    out=$(run_h2load "$t" "-n$CG_REQUESTS") || die "h2load failed against $t: $out"
+    echo "$out" >"$DIR/h2load-$t-callgrind.txt"
+    before=$(dumps)
+    callgrind_control --dump="$t" "$BUSBAR_PID" >/dev/null 2>&1 || die "callgrind_control --dump failed"
+    for ((i = 0; i < 100; i++)); do   # the dump is written asynchronously
+      (($(dumps) > before)) && break
+      sleep 0.2
+    done
+    dump=$(ls -t busbar/callgrind.out.* 2>/dev/null | head -1 || true)
+    [[ -n $dump ]] || die "no callgrind dump in $DIR/busbar"
+    ok=$(awk '/^requests:/ {print $8}' <<<"$out")
+    [[ $ok = "$CG_REQUESTS" ]] || die "$t: $ok of $CG_REQUESTS requests succeeded: $out"
+    total=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
+    IR[$t]=$(awk -v a="$total" -v n="$CG_REQUESTS" 'BEGIN {printf "%.0f", a / n}')
+    cp "$dump" "$DIR/callgrind-$t.out"
+    log "$t: ${IR[$t]} instructions/request ($dump)"
+    printf '| %s | %s | %s | %s |\n' "$t" "$CG_REQUESTS" "${IR[$t]}" "$(ratio "${IR[$t]}" "${IR[grpc]:--}")"
+  done
+  echo
+  echo "- dumps: callgrind-<target>.out in $DIR (kept with KEEP_TMP=1); e.g. \`callgrind_annotate --inclusive=yes FILE | head -40\`"
+  exit 0
+fi
+
+# % of CPU time not idle over 2 s, all CPUs (our servers are idle then).
+busy_pct() {
+  local a b
+  read -r -a a < <(head -1 /proc/stat); sleep 2; read -r -a b < <(head -1 /proc/stat)
+  awk -v a="${a[*]}" -v b="${b[*]}" 'BEGIN {
+    split(a, x, " "); split(b, y, " "); t = 0
+    for (i = 2; i <= 9; i++) t += y[i] - x[i]
+    idle = (y[5] + y[6]) - (x[5] + x[6])
+    v = 0; if (t > 0) v = 100 * (t - idle) / t
+    printf "%.0f\n", v }'
+}
+BUSY=$(busy_pct)
+((BUSY <= 10)) || log "WARNING: the machine is ${BUSY}% busy before the run; numbers will be noisy"
+
+MODEL=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+[[ -n $(git -C "$ROOT" status --porcelain -- src testkit Cargo.toml Cargo.lock 2>/dev/null) ]] \
+  && GIT_REV="$GIT_REV + uncommitted changes"
+echo "# busbar gRPC bench — $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+echo
+echo "- machine: $NCPU CPUs (nproc), $MODEL; kernel $(uname -r)"
+echo "- versions: $(h2load --version | head -1), $(nginx -v 2>&1 | sed 's/^nginx version: //')"
+echo "- busbar: $BUSBAR (git $GIT_REV, binary built $(date -u -r "$BUSBAR" '+%Y-%m-%d %H:%M UTC')); threads=1, access log off"
+echo "- message: PingRequest{text:\"hello\"} (7 bytes; JSON \`{\"text\":\"hello\"}\`) → PingReply (9 bytes; JSON \`$REPLY_JSON\`)"
+echo "- load: h2c targets \`h2load -t1 -c$H2_CONNS -m$H2_STREAMS -D ${DURATION}\`, HTTP/1.1 targets \`h2load --h1 -t1 -c$H1_CONNS -m1 -D ${DURATION}\`, POST"
+echo "- pinning: busbar on CPU $PROXY_CPU; tonic backend (1 worker thread), nginx (1 worker) and h2load on CPU $LOAD_CPU"
+echo "- rounds: $ROUNDS, order rotated each round; median per target; warm-up ${WARMUP}s per target"
+echo "- machine busy before the run (2 s sample, all CPUs): ${BUSY}%; loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+
+if ((WARMUP > 0)); then
+  for t in "${TARGETS[@]}"; do run_h2load "$t" "$WARMUP" >/dev/null || die "warm-up against $t failed"; done
+fi
+n=${#TARGETS[@]}
+for ((r = 1; r <= ROUNDS; r++)); do
+  for ((i = 0; i < n; i++)); do
+    measure "${TARGETS[$(((i + r - 1) % n))]}" "$r"
+  done
+done
+
+median() {  # target column
+  awk -F'\t' -v t="$1" -v c="$2" '$1 == t && $c != "-" {print $c}' "$RAW" | sort -g \
+    | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
+}
+declare -A M_RPS M_MEAN M_CPU M_ERR
+for t in "${TARGETS[@]}"; do
+  M_RPS[$t]=$(median "$t" 3); M_MEAN[$t]=$(median "$t" 4); M_CPU[$t]=$(median "$t" 6)
+  M_ERR[$t]=$(awk -F'\t' -v t="$t" '$1 == t {e += $7} END {print e + 0}' "$RAW")
+done
+fmt_us() { awk -v v="$1" 'BEGIN {if (v == "-") print "-"; else if (v >= 1000) printf "%.2f ms", v / 1000; else printf "%.0f µs", v}'; }
+
+echo "| target | req/s | mean latency | busbar CPU µs/req | req/s ratio to grpc | CPU ratio to grpc |"
+echo "|---|---:|---:|---:|---:|---:|"
+for t in "${TARGETS[@]}"; do
+  printf '| %s | %s | %s | %s | %s | %s |\n' "$t" \
+    "$(awk -v v="${M_RPS[$t]}" 'BEGIN {printf "%.0f", v}')" \
+    "$(fmt_us "${M_MEAN[$t]}")" \
+    "$(awk -v v="${M_CPU[$t]}" 'BEGIN {if (v == "-") print "-"; else printf "%.1f", v}')" \
+    "$(ratio "${M_RPS[$t]}" "${M_RPS[grpc]:--}")" "$(ratio "${M_CPU[$t]}" "${M_CPU[grpc]:--}")"
+done
+echo
+if [[ -n ${M_RPS[grpc]:-} && -n ${M_RPS[json-h2c]:-} ]]; then
+  echo "- JSON→gRPC (json-h2c) / gRPC pass-through (grpc), same client and concurrency: $(ratio "${M_RPS[json-h2c]}" "${M_RPS[grpc]}") of the req/s (goal ≥ 0.70)"
+fi
+BUSY_END=$(busy_pct)
+echo "- machine busy after the run (2 s sample): ${BUSY_END}%; loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+((BUSY <= 10 && BUSY_END <= 10)) || echo "- WARNING: something else was using the CPUs; rerun on a quiet machine"
+for t in "${TARGETS[@]}"; do
+  [[ ${M_ERR[$t]} = 0 ]] || echo "- WARNING: $t had ${M_ERR[$t]} errors (failed, errored, timed out or non-2xx) over $ROUNDS rounds"
+done
+if [[ -s busbar/stderr.log ]]; then
+  echo "- busbar stderr ($(wc -l <busbar/stderr.log) lines), first lines:"
+  head -5 busbar/stderr.log | sed 's/^/    /'
+fi
+echo "- per-round numbers: on stderr (and in results.tsv in the temp dir with KEEP_TMP=1)"
