@@ -45,10 +45,21 @@ enum Command {
 }
 
 fn init_tracing(level: &str) {
-    let filter = EnvFilter::try_from_env("BUSBAR_LOG").unwrap_or_else(|_| {
-        EnvFilter::new(format!("{level},pingora_core=warn,pingora_proxy=warn"))
-    });
-    let _ = tracing_log::LogTracer::init();
+    let from_env = EnvFilter::try_from_env("BUSBAR_LOG").ok();
+    // pingora logs through `log`: without a max level every `debug!` on its request
+    // path would reach the bridge (about 25 calls per request) only to be dropped.
+    let log_max = match &from_env {
+        Some(_) => log::LevelFilter::Trace,
+        None => level
+            .parse::<log::LevelFilter>()
+            .unwrap_or(log::LevelFilter::Info)
+            .max(log::LevelFilter::Warn),
+    };
+    let filter = from_env
+        .unwrap_or_else(|| EnvFilter::new(format!("{level},pingora_core=warn,pingora_proxy=warn")));
+    let _ = tracing_log::LogTracer::builder()
+        .with_max_level(log_max)
+        .init();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

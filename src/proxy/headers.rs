@@ -3,7 +3,9 @@
 
 use std::net::IpAddr;
 
-use http::header::{HeaderName, HOST};
+use std::fmt::Write;
+
+use http::header::{HeaderName, HeaderValue, HOST};
 use pingora_http::{RequestHeader, ResponseHeader};
 
 use crate::config::HeaderEdit;
@@ -15,40 +17,54 @@ pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
+/// Names as busbar writes them upstream: title case, and static, so pingora's
+/// case-preserving header map takes them without copying (a `HeaderName` would be
+/// copied into a new title-case buffer on every insert).
+const XFF_NAME: &str = "X-Forwarded-For";
+const XFP_NAME: &str = "X-Forwarded-Proto";
+const XFH_NAME: &str = "X-Forwarded-Host";
+const FORWARDED_NAME: &str = "Forwarded";
+pub const TRACEPARENT_NAME: &str = "traceparent";
+
 /// Replaces `X-Forwarded-*` and `Forwarded` with what busbar itself saw.
+///
+/// Runs on every proxied request: the values are formatted on the stack, and each
+/// header costs one insert (no `format!`, no name copies).
 pub fn set_forwarded(
     req: &mut RequestHeader,
     client: Option<IpAddr>,
     tls: bool,
 ) -> pingora_error::Result<()> {
-    let proto = if tls { "https" } else { "http" };
-    let host = req
-        .headers
-        .get(HOST)
-        .cloned()
-        .or_else(|| req.uri.authority().and_then(|a| a.as_str().parse().ok()));
-    req.remove_header(&FORWARDED);
+    let proto: &'static str = if tls { "https" } else { "http" };
+    let host = match req.headers.get(HOST) {
+        Some(h) => Some(h.clone()),
+        None => req
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
     match client {
         Some(ip) => {
-            let mut buf = itoa_ip(ip);
-            req.insert_header(X_FORWARDED_FOR.clone(), buf.as_str())?;
+            let mut addr = StackBuf::new();
+            let _ = write!(addr, "{ip}");
+            let mut forwarded = StackBuf::new();
             // RFC 7239: IPv6 addresses are quoted and bracketed.
-            buf = match ip {
-                IpAddr::V4(_) => format!("for={buf};proto={proto}"),
-                IpAddr::V6(_) => format!("for=\"[{buf}]\";proto={proto}"),
+            let _ = match ip {
+                IpAddr::V4(ip) => write!(forwarded, "for={ip};proto={proto}"),
+                IpAddr::V6(ip) => write!(forwarded, "for=\"[{ip}]\";proto={proto}"),
             };
-            req.insert_header(FORWARDED.clone(), buf)?;
+            req.insert_header(XFF_NAME, value(addr.as_bytes())?)?;
+            req.insert_header(FORWARDED_NAME, value(forwarded.as_bytes())?)?;
         }
         None => {
             req.remove_header(&X_FORWARDED_FOR);
-            req.insert_header(FORWARDED.clone(), format!("proto={proto}"))?;
+            let v = if tls { "proto=https" } else { "proto=http" };
+            req.insert_header(FORWARDED_NAME, HeaderValue::from_static(v))?;
         }
     }
-    req.insert_header(X_FORWARDED_PROTO.clone(), proto)?;
+    req.insert_header(XFP_NAME, HeaderValue::from_static(proto))?;
     match host {
-        Some(h) => {
-            req.insert_header(X_FORWARDED_HOST.clone(), h)?;
-        }
+        Some(h) => req.insert_header(XFH_NAME, h)?,
         None => {
             req.remove_header(&X_FORWARDED_HOST);
         }
@@ -56,8 +72,39 @@ pub fn set_forwarded(
     Ok(())
 }
 
-fn itoa_ip(ip: IpAddr) -> String {
-    ip.to_string()
+fn value(bytes: &[u8]) -> pingora_error::Result<HeaderValue> {
+    HeaderValue::from_bytes(bytes).map_err(|e| {
+        pingora_error::Error::because(pingora_error::ErrorType::InternalError, "header value", e)
+    })
+}
+
+/// A small stack buffer for header values (the longest, an IPv6 `Forwarded`, is < 80 bytes).
+struct StackBuf {
+    buf: [u8; 96],
+    len: usize,
+}
+
+impl StackBuf {
+    fn new() -> StackBuf {
+        StackBuf {
+            buf: [0; 96],
+            len: 0,
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::fmt::Write for StackBuf {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let dst = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        dst.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
 }
 
 pub fn edit_request(req: &mut RequestHeader, edit: &HeaderEdit) -> pingora_error::Result<()> {

@@ -471,7 +471,7 @@ impl ProxyHttp for BusbarProxy {
             }
         }
         headers::set_forwarded(upstream, client_ip(session), is_tls(session))?;
-        upstream.insert_header(headers::TRACEPARENT.clone(), &ctx.trace.header_value()[..])?;
+        upstream.insert_header(headers::TRACEPARENT_NAME, &ctx.trace.header_value()[..])?;
         if !route.config.request_headers.is_empty() {
             headers::edit_request(upstream, &route.config.request_headers)?;
         }
