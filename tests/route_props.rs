@@ -275,6 +275,27 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 300,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Tables large enough (more than 16 candidates for a host) that lookups go
+    /// through the path index rather than a scan.
+    #[test]
+    fn find_agrees_with_the_reference_on_large_tables(
+        specs in prop::collection::vec(route_spec(), 17..60),
+        reqs in prop::collection::vec(request(), 1..16),
+    ) {
+        let t = table(&specs);
+        for req in &reqs {
+            prop_assert_eq!(busbar_find(&t, req), reference(&specs, req), "request {:?}", req);
+        }
+    }
+}
+
 /// Found by the property above: an exact host longer than the 255-byte lookup buffer
 /// never matched, because the lookup fell back to the wildcard-only list.
 #[test]

@@ -42,9 +42,79 @@ pub struct RequestView<'a> {
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
     /// Exact host → every route that can match it (exact, wildcard or host-less), in file order.
-    by_host: HashMap<String, Vec<u32>>,
+    by_host: HashMap<String, Candidates>,
     /// Routes that can match a host not in `by_host` (wildcard or host-less), in file order.
-    other: Vec<u32>,
+    other: Candidates,
+}
+
+/// Above this many candidates, a lookup goes through the path index instead of a scan.
+const SCAN_MAX: usize = 16;
+
+/// The routes that may match one host, in file order, indexed by path when there are many.
+#[derive(Debug, Default)]
+struct Candidates {
+    all: Vec<u32>,
+    by_path: Option<PathIndex>,
+}
+
+/// Routes by the path they match; each list in file order.
+#[derive(Debug, Default)]
+struct PathIndex {
+    exact: HashMap<Box<str>, Vec<u32>>,
+    prefix: HashMap<Box<str>, Vec<u32>>,
+    any: Vec<u32>,
+}
+
+impl Candidates {
+    fn new(all: Vec<u32>, routes: &[Arc<Route>]) -> Candidates {
+        let by_path = (all.len() > SCAN_MAX).then(|| {
+            let mut index = PathIndex::default();
+            for &i in &all {
+                match &routes[i as usize].config.path {
+                    PathMatch::Any => index.any.push(i),
+                    PathMatch::Exact(p) => {
+                        index.exact.entry(p.as_str().into()).or_default().push(i)
+                    }
+                    PathMatch::Prefix(p) => {
+                        index.prefix.entry(p.as_str().into()).or_default().push(i)
+                    }
+                }
+            }
+            index
+        });
+        Candidates { all, by_path }
+    }
+
+    /// The first route in file order for which `ok` holds, among those whose path matches.
+    fn first(&self, path: &str, ok: impl Fn(u32) -> bool) -> Option<u32> {
+        let Some(index) = &self.by_path else {
+            return self.all.iter().copied().find(|&i| ok(i));
+        };
+        // Each list is in file order: the earliest passing entry of each, then the earliest of those.
+        let mut best: Option<u32> = None;
+        let mut consider = |list: Option<&Vec<u32>>| {
+            let first = list?
+                .iter()
+                .copied()
+                .take_while(|&i| best.is_none_or(|b| i < b))
+                .find(|&i| ok(i))?;
+            best = Some(first);
+            Some(())
+        };
+        consider(Some(&index.any));
+        consider(index.exact.get(path));
+        // A prefix matches at a segment boundary: `/a` and `/a/` both match `/a/b`.
+        consider(index.prefix.get(path));
+        for (i, _) in path.match_indices('/') {
+            if i > 0 {
+                consider(index.prefix.get(&path[..i]));
+            }
+            if i + 1 < path.len() {
+                consider(index.prefix.get(&path[..=i]));
+            }
+        }
+        best
+    }
 }
 
 impl RouteTable {
@@ -74,8 +144,9 @@ impl RouteTable {
                 .filter(|(_, r)| host_matches(&r.config.hosts, host))
                 .map(|(i, _)| i as u32)
                 .collect();
-            by_host.insert(host.to_string(), candidates);
+            by_host.insert(host.to_string(), Candidates::new(candidates, &routes));
         }
+        let other = Candidates::new(other, &routes);
         RouteTable {
             routes,
             by_host,
@@ -100,16 +171,15 @@ impl RouteTable {
             }
         };
         let (candidates, host_checked) = match host.and_then(|h| self.by_host.get(h)) {
-            Some(list) => (list.as_slice(), true),
-            None => (self.other.as_slice(), false),
+            Some(c) => (c, true),
+            None => (&self.other, false),
         };
-        candidates
-            .iter()
-            .filter_map(|&i| self.routes.get(i as usize))
-            .find(|r| {
-                (host_checked || host_matches(&r.config.hosts, req.host))
-                    && matches_rest(&r.config, req)
-            })
+        let i = candidates.first(req.path, |i| {
+            let r = &self.routes[i as usize];
+            (host_checked || host_matches(&r.config.hosts, req.host))
+                && matches_rest(&r.config, req)
+        })?;
+        self.routes.get(i as usize)
     }
 }
 
