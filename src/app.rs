@@ -295,7 +295,8 @@ impl BackgroundService for ReloadOnHangup {
 }
 
 /// Flushes the access log while running; on shutdown waits for in-flight requests to
-/// finish (or the grace period to pass), flushes, and exits 0.
+/// finish and client connections to close (or the grace period to pass), flushes,
+/// and exits 0.
 ///
 /// pingora stops accepting at once on SIGTERM but then sleeps its whole grace period;
 /// exiting as soon as the last request is done makes a drain take as long as it needs.
@@ -319,7 +320,11 @@ impl BackgroundService for Drain {
             in_flight = METRICS.in_flight.get(),
             "draining: no new connections, finishing requests in flight"
         );
-        while METRICS.in_flight.get() > 0 && Instant::now() < deadline {
+        // Requests in flight, and connections the front door keeps open a moment
+        // for a request already on its way (`edge::DRAIN_LINGER`).
+        while (METRICS.in_flight.get() > 0 || METRICS.connections.get() > 0)
+            && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Let the last responses leave the socket buffers.

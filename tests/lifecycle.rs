@@ -494,6 +494,82 @@ service = "a"
     assert_eq!(a.hits(), 1);
 }
 
+/// Reads one HTTP/1.1 response with a Content-Length body; returns its head, lower-cased.
+async fn read_response(s: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while buf.len() < end + 4 + len {
+                let n = s.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return Some(head);
+        }
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Defect D2 (RELIABILITY.md): a draining node closed idle keep-alive connections at
+/// once, so a request the client sent on one at that moment met a closed socket.
+/// Now the request is answered, with `Connection: close`, and the node still exits.
+#[tokio::test]
+async fn a_request_on_an_idle_connection_during_drain_is_answered() {
+    use tokio::io::AsyncWriteExt;
+    let a = Backend::start("a").await;
+    let mut bus = Busbar::start(&format!(
+        r#"
+[[service]]
+name = "a"
+endpoints = [{{ addr = "{a}" }}]
+[[route]]
+name = "r"
+service = "a"
+"#,
+        a = a.addr
+    ))
+    .await;
+    let req = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n";
+    let mut s = tokio::net::TcpStream::connect(bus.http).await.unwrap();
+    s.write_all(req).await.unwrap();
+    let first = read_response(&mut s).await.expect("first response");
+    assert!(first.starts_with("http/1.1 200"), "{first}");
+    assert!(!first.contains("connection: close"), "{first}");
+
+    // The connection is idle when the drain starts; the next request comes just after.
+    let term = Instant::now();
+    bus.signal(SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(req).await.unwrap();
+    let second = read_response(&mut s)
+        .await
+        .expect("the request sent on the idle connection during the drain got no answer");
+    assert!(second.starts_with("http/1.1 200"), "{second}");
+    assert!(second.contains("connection: close"), "{second}");
+    assert_eq!(a.hits(), 2);
+
+    let code = bus.wait_exit(Duration::from_secs(3)).await;
+    assert_eq!(code, Some(0), "exit after drain:\n{}", bus.stderr());
+    assert!(
+        term.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        term.elapsed()
+    );
+}
+
 /// A complete configuration for `busbar check`, with `route_extra` inside route `x`.
 fn check_config(service: &str, route_extra: &str) -> String {
     format!(

@@ -31,6 +31,22 @@ use head::{HeadLimits, Refusal};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 
+/// How long a draining node keeps an idle keep-alive connection open for a request
+/// already on its way (HAProxy's `idle-close-on-response` does the same).
+pub const DRAIN_LINGER: Duration = Duration::from_secs(1);
+
+/// Initial size of a connection's head buffer; a larger head grows it.
+const HEAD_BUF: usize = 2048;
+
+/// Appends what the socket has to `buf`, growing it by at least `HEAD_BUF` free bytes
+/// when full (reads into spare capacity: no zeroing, no bounce buffer).
+async fn read_more(s: &mut L4Stream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < 512 {
+        buf.reserve(HEAD_BUF);
+    }
+    s.read_buf(buf).await
+}
+
 pub struct Edge {
     pub proxy: Arc<HttpProxy<BusbarProxy>>,
     pub state: Arc<State>,
@@ -72,42 +88,54 @@ async fn refuse(stream: &mut L4Stream, status: u16, reason: &str) {
 
 impl Edge {
     /// Reads and judges the next request head of a plaintext connection.
-    async fn front(&self, mut s: Box<L4Stream>, limits: Limits, shutdown: &ShutdownWatch) -> Next {
+    ///
+    /// `buf` is the connection's head buffer, kept across its requests (emptied here).
+    async fn front(
+        &self,
+        mut s: Box<L4Stream>,
+        buf: &mut Vec<u8>,
+        limits: Limits,
+        shutdown: &ShutdownWatch,
+    ) -> Next {
         let hl = HeadLimits {
             max_request_line: limits.max_request_line,
             max_head_bytes: limits.max_header_bytes,
             max_headers: limits.max_headers,
         };
-        let mut buf: Vec<u8> = Vec::with_capacity(1024);
-        let mut chunk = [0u8; 4096];
+        buf.clear();
+        if buf.capacity() > 8 * HEAD_BUF {
+            // One large head must not pin its buffer for the connection's life.
+            buf.shrink_to(HEAD_BUF);
+        }
         let mut watch = shutdown.clone();
         // Idle until the first byte; from then on the whole head has `header_timeout`.
         let first = tokio::select! {
-            r = tokio::time::timeout(limits.idle_timeout, s.read(&mut chunk)) => r,
-            _ = watch.changed() => return Next::Done,
+            r = tokio::time::timeout(limits.idle_timeout, read_more(&mut s, buf)) => r,
+            // Draining: closing an idle keep-alive connection now races a request the
+            // client may be sending on it. Give such a request a moment to arrive; it
+            // is answered with `Connection: close`. A quiet connection is closed after.
+            _ = watch.changed() => tokio::time::timeout(DRAIN_LINGER, read_more(&mut s, buf)).await,
         };
-        let n = match first {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return Next::Done,
-        };
-        buf.extend_from_slice(&chunk[..n]);
+        if !matches!(first, Ok(Ok(n)) if n > 0) {
+            return Next::Done;
+        }
         let deadline = tokio::time::Instant::now() + limits.header_timeout;
         let end = loop {
             if buf.starts_with(H2_PREFACE)
-                || H2_PREFACE.starts_with(&buf) && buf.len() < H2_PREFACE.len()
+                || H2_PREFACE.starts_with(buf) && buf.len() < H2_PREFACE.len()
             {
                 if buf.len() >= H2_PREFACE.len() {
-                    s.rewind(&buf);
+                    s.rewind(buf);
                     return Next::H2(s);
                 }
-            } else if let Some(end) = head::head_end(&buf) {
+            } else if let Some(end) = head::head_end(buf) {
                 break end;
-            } else if let Some(r) = head::too_long(&buf, &hl) {
+            } else if let Some(r) = head::too_long(buf, &hl) {
                 refuse(&mut s, r.status, r.reason).await;
                 return Next::Done;
             }
-            match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
-                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            match tokio::time::timeout_at(deadline, read_more(&mut s, buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return Next::Done,
                 Err(_) => {
                     refuse(&mut s, 408, "the request head did not arrive in time").await;
@@ -121,7 +149,7 @@ impl Edge {
         }
         match head::check(&buf[..end], &hl) {
             Ok(()) => {
-                s.rewind(&buf);
+                s.rewind(buf);
                 Next::Request(s)
             }
             Err(Refusal { status, reason }) => {
@@ -139,6 +167,8 @@ impl ServerApp for Edge {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        METRICS.connections.inc();
+        let _open = OpenConnection;
         if !stream.as_any().is::<L4Stream>() {
             // TLS: pingora parses it, for the connection's whole life.
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
@@ -146,12 +176,13 @@ impl ServerApp for Edge {
         let limits = self.state.load().config.limits;
         let mut stream = stream;
         let mut persistent: Option<HttpPersistentSettings> = None;
+        let mut head = Vec::with_capacity(HEAD_BUF);
         // The HTTP/1 keep-alive loop pingora would run, with the front door before each request.
         loop {
             let Ok(l4) = stream.into_any().downcast::<L4Stream>() else {
                 return None;
             };
-            let s = match self.front(l4, limits, shutdown).await {
+            let s = match self.front(l4, &mut head, limits, shutdown).await {
                 Next::Request(s) => s,
                 // The proxy sees the preface again (it was rewound) and speaks h2c.
                 Next::H2(s) => return ServerApp::process_new(&self.proxy, s, shutdown).await,
@@ -184,6 +215,16 @@ impl ServerApp for Edge {
 
     async fn cleanup(&self) {
         ServerApp::cleanup(&*self.proxy).await;
+    }
+}
+
+/// Counts a client connection in `busbar_downstream_connections` while it lives;
+/// the drain waits for the count to reach zero.
+struct OpenConnection;
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        METRICS.connections.dec();
     }
 }
 

@@ -30,6 +30,7 @@ pub struct Metrics {
     pub panic_mode: IntGaugeVec,
     pub reloads: IntCounterVec,
     pub in_flight: IntGauge,
+    pub connections: IntGauge,
     pub admission: IntCounterVec,
     pub queue_wait: HistogramVec,
     pub service_in_flight: IntGaugeVec,
@@ -99,6 +100,13 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .expect("valid metric");
     r.register(Box::new(in_flight.clone()))
         .expect("metric registered once");
+    let connections = IntGauge::new(
+        "busbar_downstream_connections",
+        "Client connections open on the service listeners.",
+    )
+    .expect("valid metric");
+    r.register(Box::new(connections.clone()))
+        .expect("metric registered once");
     Metrics {
         requests: counter(
             &r,
@@ -167,6 +175,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["result"],
         ),
         in_flight,
+        connections,
         admission: counter(
             &r,
             "busbar_admission_decisions_total",
