@@ -79,11 +79,9 @@ impl AccessLog {
 }
 
 fn write_entry(w: &mut impl Write, e: &Entry<'_>) -> io::Result<()> {
-    write!(
-        w,
-        "{{\"time\":\"{}\",\"client\":",
-        humantime::format_rfc3339_millis(SystemTime::now())
-    )?;
+    w.write_all(b"{\"time\":\"")?;
+    write_time(w, SystemTime::now())?;
+    w.write_all(b"\",\"client\":")?;
     match e.client {
         Some(c) => write!(w, "\"{c}\"")?,
         None => w.write_all(b"null")?,
@@ -105,13 +103,13 @@ fn write_entry(w: &mut impl Write, e: &Entry<'_>) -> io::Result<()> {
     }
     write!(
         w,
-        ",\"status\":{},\"bytes\":{},\"duration_ms\":{:.3},\"upstream_ms\":",
-        e.status,
-        e.bytes,
-        e.total.as_secs_f64() * 1000.0
+        ",\"status\":{},\"bytes\":{},\"duration_ms\":",
+        e.status, e.bytes
     )?;
+    write_ms(w, e.total)?;
+    w.write_all(b",\"upstream_ms\":")?;
     match e.upstream {
-        Some(u) => write!(w, "{:.3}", u.as_secs_f64() * 1000.0)?,
+        Some(u) => write_ms(w, u)?,
         None => w.write_all(b"null")?,
     }
     write!(w, ",\"tries\":{},\"trace_id\":\"", e.tries)?;
@@ -122,6 +120,40 @@ fn write_entry(w: &mut impl Write, e: &Entry<'_>) -> io::Result<()> {
         json_str(w, err)?;
     }
     w.write_all(b"}\n")
+}
+
+/// Milliseconds with three decimals, from integers (float formatting is slow).
+fn write_ms(w: &mut impl Write, d: Duration) -> io::Result<()> {
+    let micros = d.as_micros();
+    write!(w, "{}.{:03}", micros / 1000, micros % 1000)
+}
+
+/// RFC 3339 UTC with milliseconds. The date and time of day are formatted once per
+/// second (per thread); each line adds only the milliseconds.
+fn write_time(w: &mut impl Write, now: SystemTime) -> io::Result<()> {
+    use std::cell::RefCell;
+    thread_local! {
+        static SECOND: RefCell<(u64, [u8; 19])> = const { RefCell::new((u64::MAX, [0; 19])) };
+    }
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let prefix = SECOND.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            // "YYYY-MM-DDTHH:MM:SS" from humantime's "YYYY-MM-DDTHH:MM:SSZ".
+            let text = humantime::format_rfc3339_seconds(
+                SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+            )
+            .to_string();
+            c.1.copy_from_slice(&text.as_bytes()[..19]);
+            c.0 = secs;
+        }
+        c.1
+    });
+    w.write_all(&prefix)?;
+    write!(w, ".{:03}Z", since.subsec_millis())
 }
 
 /// Writes `s` as a JSON string; request-controlled text is escaped, never trusted.
@@ -158,5 +190,19 @@ mod tests {
         assert_eq!(v["status"], 200);
         assert_eq!(v["duration_ms"], 1.5);
         assert_eq!(v["instance"], serde_json::Value::Null);
+        assert_eq!(v["upstream_ms"], 1.0);
+    }
+
+    #[test]
+    fn time_is_rfc3339_with_milliseconds() {
+        let mut out = Vec::new();
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_123);
+        write_time(&mut out, t).unwrap();
+        write_time(&mut out, t + Duration::from_millis(5)).unwrap();
+        write_time(&mut out, t + Duration::from_millis(1_000)).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "2026-11-18T11:06:40.123Z2026-11-18T11:06:40.128Z2026-11-18T11:06:41.123Z"
+        );
     }
 }
