@@ -30,7 +30,7 @@ use crate::fallback;
 use crate::health::state::now_ms;
 use crate::metrics::{class_index, METRICS};
 use crate::routing::{self, RequestView};
-use crate::snapshot::State;
+use crate::snapshot::{Snapshot, State};
 use ctx::RequestCtx;
 use reply::Cause;
 
@@ -107,6 +107,55 @@ fn sticky_key(key: &HashKey, session: &Session) -> u64 {
     }
 }
 
+/// TOML routes first; then, for a caller whose sidecar is down, the service its host names.
+fn find_route(
+    snapshot: &Snapshot,
+    req: &RequestHeader,
+    normalized: Option<&str>,
+) -> Option<Arc<routing::Route>> {
+    let view = RequestView {
+        host: request_host(req),
+        path: normalized.unwrap_or(req.uri.path()),
+        method: &req.method,
+        headers: &req.headers,
+    };
+    if let Some(r) = snapshot.routes.find(&view) {
+        return Some(r.clone());
+    }
+    let r = fallback::route_for_host(
+        &snapshot.mesh_routes,
+        view.host,
+        &snapshot.config.mesh.domains,
+    )?;
+    let m = &r.service.metrics;
+    // Absolute-form (HTTP_PROXY) is an HTTP/1 request target; h2 always has a scheme.
+    let target = req.raw_path();
+    if req.version < http::Version::HTTP_2
+        && (target.starts_with(b"http://") || target.starts_with(b"https://"))
+    {
+        &m.fallback_forward_proxy
+    } else {
+        &m.fallback_host
+    }
+    .inc();
+    Some(r.clone())
+}
+
+/// The request's `Content-Length`, when it declares a valid one.
+fn declared_length(req: &RequestHeader) -> Option<u64> {
+    req.headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Answers the request with busbar's own reply for `cause`.
+async fn answer(session: &mut Session, ctx: &mut RequestCtx, cause: Cause) -> Result<bool> {
+    ctx.cause = Some(cause);
+    reply::respond(session, cause).await?;
+    Ok(true)
+}
+
 fn upstream_error(cause: Cause, why: &'static str) -> Box<Error> {
     let mut e = Error::explain(ErrorType::HTTPStatus(cause.status()), why);
     e.esource = ErrorSource::Upstream;
@@ -138,6 +187,80 @@ impl BusbarProxy {
             svc.refresh_panic();
             tracing::warn!(service = svc.name(), instance = %instance.addr, "instance ejected by outlier detection");
         }
+    }
+
+    /// Everything before proxying, in request-path order: client timeouts, trace,
+    /// route, body limit, CORS preflight, admission, then the plan for the tries.
+    /// `Ok(true)` when busbar has answered the request itself.
+    async fn prepare(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        snapshot: &Snapshot,
+    ) -> Result<bool> {
+        // Slow body, slow read: each read and write to the client must make progress.
+        let client_timeout = Some(snapshot.config.limits.client_timeout);
+        session.as_downstream_mut().set_read_timeout(client_timeout);
+        session
+            .as_downstream_mut()
+            .set_write_timeout(client_timeout);
+        let req = session.req_header();
+        ctx.trace = trace::TraceContext::from_header(
+            req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()),
+        );
+        // Routing and ACLs see the normalised path: `//admin`, `/a/../admin` are `/admin`.
+        let normalized = match admission::normalize_path(req.uri.path()) {
+            std::borrow::Cow::Borrowed(_) => None,
+            std::borrow::Cow::Owned(p) => Some(p),
+        };
+        let Some(route) = find_route(snapshot, req, normalized.as_deref()) else {
+            return answer(session, ctx, Cause::NoRoute).await;
+        };
+        ctx.route = Some(route.clone());
+        if declared_length(req).is_some_and(|n| n > route.config.max_body) {
+            // The body was not read: the connection can't be reused for another request.
+            session.as_downstream_mut().set_keepalive(None);
+            return answer(session, ctx, Cause::BodyTooLarge).await;
+        }
+        if crate::translate::preflight(session, snapshot, &route).await? {
+            return Ok(true);
+        }
+        if let Some(policy) = snapshot.admission.policy(route.name()).cloned() {
+            let client_ip = client_ip(session);
+            let downstream = session.as_downstream_mut();
+            // Waits (queue, cluster limit) end early if the client goes away.
+            match admission::admit(&policy, downstream, client_ip, normalized.as_deref()).await {
+                Ok(admitted) => ctx.admitted = Some(admitted),
+                Err(refused) => {
+                    let rejection = refused.into_rejection()?;
+                    ctx.cause = Some(Cause::Admission(rejection.kind));
+                    reply::reject(session, &rejection).await?;
+                    return Ok(true);
+                }
+            }
+        }
+        self.plan_tries(session, ctx, &route);
+        Ok(false)
+    }
+
+    /// The deadline, sticky key, instance set and gray-release version for the tries.
+    fn plan_tries(&self, session: &Session, ctx: &mut RequestCtx, route: &routing::Route) {
+        let svc = &route.service;
+        svc.retry_budget.deposit();
+        ctx.deadline = Some(ctx.start + route.config.timeout.unwrap_or(svc.config.timeout));
+        if svc.config.balance == crate::config::BalancePolicy::Sticky {
+            ctx.sticky_key = sticky_key(&svc.config.hash_key, session);
+        }
+        ctx.set = Some(svc.instances());
+        ctx.release = self.state.releases.begin(
+            route.name(),
+            ctx.set.as_deref(),
+            &crate::release::Facts {
+                headers: &session.req_header().headers,
+                client_ip: client_ip(session),
+                user: ctx.admitted.as_ref().and_then(|a| a.user.as_deref()),
+            },
+        );
     }
 
     /// May this failed try be tried again? Spends a retry token if so.
@@ -177,106 +300,11 @@ impl ProxyHttp for BusbarProxy {
         METRICS.in_flight.inc();
         ctx.counted = true;
         let snapshot = self.state.load();
-        // Slow body, slow read: each read and write to the client must make progress.
-        let client_timeout = Some(snapshot.config.limits.client_timeout);
-        session.as_downstream_mut().set_read_timeout(client_timeout);
-        session
-            .as_downstream_mut()
-            .set_write_timeout(client_timeout);
-        let req = session.req_header();
-        ctx.trace = trace::TraceContext::from_header(
-            req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()),
-        );
-        // Routing and ACLs see the normalised path: `//admin`, `/a/../admin` are `/admin`.
-        let normalized = match admission::normalize_path(req.uri.path()) {
-            std::borrow::Cow::Borrowed(_) => None,
-            std::borrow::Cow::Owned(p) => Some(p),
-        };
-        let view = RequestView {
-            host: request_host(req),
-            path: normalized.as_deref().unwrap_or(req.uri.path()),
-            method: &req.method,
-            headers: &req.headers,
-        };
-        // TOML routes first; then, for a caller whose sidecar is down, the service its host names.
-        let route = snapshot.routes.find(&view).cloned().or_else(|| {
-            let r = fallback::route_for_host(
-                &snapshot.mesh_routes,
-                view.host,
-                &snapshot.config.mesh.domains,
-            )?;
-            let m = &r.service.metrics;
-            // Absolute-form (HTTP_PROXY) is an HTTP/1 request target; h2 always has a scheme.
-            let target = req.raw_path();
-            if req.version < http::Version::HTTP_2
-                && (target.starts_with(b"http://") || target.starts_with(b"https://"))
-            {
-                &m.fallback_forward_proxy
-            } else {
-                &m.fallback_host
-            }
-            .inc();
-            Some(r.clone())
-        });
-        let Some(route) = route else {
-            ctx.snapshot = Some(snapshot);
-            ctx.cause = Some(Cause::NoRoute);
-            reply::respond(session, Cause::NoRoute).await?;
-            return Ok(true);
-        };
-        let declared_len = req
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared_len.is_some_and(|n| n > route.config.max_body) {
-            ctx.route = Some(route);
-            ctx.snapshot = Some(snapshot);
-            ctx.cause = Some(Cause::BodyTooLarge);
-            // The body was not read: the connection can't be reused for another request.
-            session.as_downstream_mut().set_keepalive(None);
-            reply::respond(session, Cause::BodyTooLarge).await?;
-            return Ok(true);
-        }
-        if crate::translate::preflight(session, &snapshot, &route).await? {
-            ctx.route = Some(route);
-            ctx.snapshot = Some(snapshot);
-            return Ok(true);
-        }
-        if let Some(policy) = snapshot.admission.policy(route.name()).cloned() {
-            let client_ip = client_ip(session);
-            let downstream = session.as_downstream_mut();
-            // Waits (queue, cluster limit) end early if the client goes away.
-            match admission::admit(&policy, downstream, client_ip, normalized.as_deref()).await {
-                Ok(admitted) => ctx.admitted = Some(admitted),
-                Err(refused) => {
-                    ctx.route = Some(route);
-                    ctx.snapshot = Some(snapshot);
-                    let rejection = refused.into_rejection()?;
-                    ctx.cause = Some(Cause::Admission(rejection.kind));
-                    reply::reject(session, &rejection).await?;
-                    return Ok(true);
-                }
-            }
-        }
-        let svc = &route.service;
-        svc.retry_budget.deposit();
-        ctx.deadline = Some(ctx.start + route.config.timeout.unwrap_or(svc.config.timeout));
-        if svc.config.balance == crate::config::BalancePolicy::Sticky {
-            ctx.sticky_key = sticky_key(&svc.config.hash_key, session);
-        }
-        ctx.set = Some(svc.instances());
-        ctx.release = self.state.releases.begin(
-            route.name(),
-            ctx.set.as_deref(),
-            &crate::release::Facts {
-                headers: &session.req_header().headers,
-                client_ip: client_ip(session),
-                user: ctx.admitted.as_ref().and_then(|a| a.user.as_deref()),
-            },
-        );
-        ctx.route = Some(route);
+        let answered = self.prepare(session, ctx, &snapshot).await;
         ctx.snapshot = Some(snapshot);
+        if answered? {
+            return Ok(true);
+        }
         // JSON routes are answered by their gRPC call here; gRPC-Web goes on through the proxy.
         crate::translate::on_request(session, ctx, &|c, i| self.record_failure(c, i)).await
     }
