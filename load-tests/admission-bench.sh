@@ -52,8 +52,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUSBAR=${BUSBAR:-target/release/busbar}
 [[ $BUSBAR = /* ]] || BUSBAR="$ROOT/$BUSBAR"
 
-die() { echo "admission-bench: $*" >&2; exit 1; }
-log() { echo "admission-bench: $*" >&2; }
+BENCH_NAME="admission-bench"   # prefix of messages and of the temp dir
+# shellcheck source-path=SCRIPTDIR source=bench-lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib/common.sh"
 
 for tool in nginx wrk curl taskset python3 awk; do
   command -v "$tool" >/dev/null 2>&1 \
@@ -70,52 +71,8 @@ NCPU=$(nproc)
 CLK_TCK=$(getconf CLK_TCK)
 
 # ---------------------------------------------------------------------------------
-DIR=$(mktemp -d "${TMPDIR:-/tmp}/busbar-admission-bench.XXXXXX")
-PIDS=()
-cd "$DIR"
+make_temp_dir
 
-cleanup() {
-  local rc=$? pid kids=() i
-  trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do
-    for k in $(pgrep -P "$pid" 2>/dev/null); do kids+=("$k"); done
-  done
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for ((i = 0; i < 50; i++)); do
-    local alive=0
-    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    ((alive)) || break
-    sleep 0.1
-  done
-  for pid in "${PIDS[@]}" "${kids[@]}"; do
-    if kill -0 "$pid" 2>/dev/null; then
-      log "pid $pid did not stop on SIGTERM; sending SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-  done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  if [[ ${KEEP_TMP:-0} = 1 || $rc -ne 0 ]]; then
-    log "files kept in $DIR"
-  else
-    rm -rf "$DIR"
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-free_ports() {
-  python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
 read -r P_BACKEND P_PLAIN P_PLAIN_ADMIN P_PLAIN_REG P_ADM P_ADM_ADMIN P_ADM_REG \
   P_Q P_Q_ADMIN P_Q_REG <<<"$(free_ports 10)"
 
@@ -223,7 +180,6 @@ if [[ -n ${ONLY:-} ]]; then
   TARGETS=("${sel[@]}")
 fi
 
-kib() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }  # pid field -> kB
 declare -A RSS0
 for t in "${TARGETS[@]}"; do RSS0[$t]=$(kib "${PID[$t]}" VmRSS); done
 
@@ -244,20 +200,6 @@ function request()
 end
 EOF
 
-cpu_ticks() {
-  local f a
-  f=$(cat "/proc/$1/stat" 2>/dev/null) || die "process $1 is gone"
-  f=${f##*) }
-  read -r -a a <<<"$f"
-  echo $((a[11] + a[12]))
-}
-to_us() {
-  awk -v v="$1" 'BEGIN {
-    n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
-    if (u == "us") m = 1; else if (u == "ms") m = 1000; else if (u == "s") m = 1000000
-    else if (u == "m") m = 60000000; else { print "NaN"; exit }
-    printf "%.0f\n", n * m }'
-}
 run_wrk() {  # target seconds
   timeout $(($2 + 60)) taskset -c "$LOAD_CPU" \
     wrk -t1 -c"$CONNS" -d"${2}s" --timeout 10s --latency -s "$DIR/users.lua" "http://127.0.0.1:${PORT[$1]}/"
@@ -284,18 +226,6 @@ measure() {
     "$r" "$t" "$rps" "$p50" "$p99" "$cpu" "$non2xx" "$sockerr" "$(kib "$pid" VmHWM)" >&2
 }
 
-busy_pct() {
-  local a b
-  read -r -a a < <(head -1 /proc/stat); sleep 2; read -r -a b < <(head -1 /proc/stat)
-  awk -v u1="${a[1]}" -v n1="${a[2]}" -v s1="${a[3]}" -v i1="${a[4]}" -v w1="${a[5]}" \
-      -v q1="${a[6]}" -v sq1="${a[7]}" -v st1="${a[8]}" \
-      -v u2="${b[1]}" -v n2="${b[2]}" -v s2="${b[3]}" -v i2="${b[4]}" -v w2="${b[5]}" \
-      -v q2="${b[6]}" -v sq2="${b[7]}" -v st2="${b[8]}" 'BEGIN {
-    t = (u2 + n2 + s2 + i2 + w2 + q2 + sq2 + st2) - (u1 + n1 + s1 + i1 + w1 + q1 + sq1 + st1)
-    idle = (i2 + w2) - (i1 + w1)
-    v = 0; if (t > 0) v = 100 * (t - idle) / t
-    printf "%.0f\n", v }'
-}
 BUSY=$(busy_pct)
 ((BUSY <= 10)) || log "WARNING: the machine is ${BUSY}% busy before the run; numbers will be noisy"
 
@@ -323,19 +253,16 @@ for ((r = 1; r <= ROUNDS; r++)); do
   done
 done
 
-median() {
-  awk -F'\t' -v t="$1" -v c="$2" '$1 == t {print $c}' "$RAW" | sort -g \
-    | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
+median() {  # target column
+  awk -F'\t' -v t="$1" -v c="$2" '$1 == t {print $c}' "$RAW" | median_of
 }
-fmt_us() { awk -v v="$1" 'BEGIN {if (v >= 1000) printf "%.2f ms", v / 1000; else printf "%.0f µs", v}'; }
-mib() { awk -v k="$1" 'BEGIN {printf "%.1f MiB", k / 1024}'; }
 PLAIN_RPS=$(median plain 3)
 echo "| target | req/s | vs plain | p50 | p99 | CPU µs/req | non-2xx | socket errors | RSS at start | peak RSS (VmHWM) |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for t in "${TARGETS[@]}"; do
   rps=$(median "$t" 3)
   printf '| %s | %.0f | %s | %s | %s | %.1f | %s | %s | %s | %s |\n' "$t" "$rps" \
-    "$(awk -v a="$rps" -v b="${PLAIN_RPS:--}" 'BEGIN {if (b == "-" || b + 0 == 0) print "-"; else printf "%.2f", a / b}')" \
+    "$(ratio "$rps" "${PLAIN_RPS:--}")" \
     "$(fmt_us "$(median "$t" 4)")" "$(fmt_us "$(median "$t" 5)")" "$(median "$t" 7)" \
     "$(awk -F'\t' -v t="$t" '$1 == t {e += $8} END {print e + 0}' "$RAW")" \
     "$(awk -F'\t' -v t="$t" '$1 == t {e += $9} END {print e + 0}' "$RAW")" \

@@ -71,8 +71,9 @@ BUSBAR=${BUSBAR:-target/release/busbar}
 BARE=${BARE:-target/release/examples/bare-pingora}
 [[ $BARE = /* ]] || BARE="$ROOT/$BARE"
 
-die() { echo "bench: $*" >&2; exit 1; }
-log() { echo "bench: $*" >&2; }
+BENCH_NAME="bench"   # prefix of messages and of the temp dir
+# shellcheck source-path=SCRIPTDIR source=bench-lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib/common.sh"
 
 ALL_SCENARIOS="a b c d f lat mem"
 for s in $SCENARIOS; do
@@ -117,58 +118,11 @@ EST=$(estimate)
   || die "this run would take about $EST s (> 10 min); lower DURATION/ROUNDS or pick SCENARIOS (ALLOW_LONG=1 to run anyway)"
 
 # ---------------------------------------------------------------------------------
-# Temp dir, process bookkeeping, cleanup.
-DIR=$(mktemp -d "${TMPDIR:-/tmp}/busbar-bench.XXXXXX")
-PIDS=()        # every process we started (nginx masters, haproxy, busbar, helpers)
+# Temp dir (cleaned up on exit), process bookkeeping.
+make_temp_dir       # PIDS: every process we start (nginx masters, haproxy, busbar, helpers)
 declare -A SERVER   # pid -> name, for the servers that must stay up for the whole run
-cd "$DIR"      # nothing we run leaves files in the caller's directory
 
-cleanup() {
-  local rc=$? pid kids=() i
-  trap - EXIT INT TERM
-  # nginx workers are children of their master: note them first, in case the master
-  # has to be killed hard and leaves them behind.
-  for pid in "${PIDS[@]}"; do
-    for k in $(pgrep -P "$pid" 2>/dev/null); do kids+=("$k"); done
-  done
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for ((i = 0; i < 50; i++)); do   # up to 5 s for a clean exit
-    local alive=0
-    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    ((alive)) || break
-    sleep 0.1
-  done
-  for pid in "${PIDS[@]}" "${kids[@]}"; do
-    if kill -0 "$pid" 2>/dev/null; then
-      log "pid $pid ($(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-80)) did not stop on SIGTERM; sending SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-  done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  if [[ ${KEEP_TMP:-0} = 1 || $rc -ne 0 ]]; then
-    log "files kept in $DIR"
-  else
-    rm -rf "$DIR"
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# Free loopback ports, all picked at once (held open together) so none repeats; handed
-# out one by one by take_port.
-free_ports() {
-  python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
+# Free loopback ports, all picked at once, handed out one by one by take_port.
 read -r -a PORT_POOL <<<"$(free_ports 48)"
 NEXT_PORT=0
 take_port() {  # VAR...: assigns a fresh port to each variable
@@ -565,29 +519,6 @@ if [[ -n ${ONLY:-} ]]; then
   done
 fi
 
-# utime+stime ticks of a process and all its children (nginx master + workers).
-cpu_ticks() {
-  local pid=$1 total=0 p f a
-  [[ -n $pid ]] || { echo 0; return; }
-  for p in "$pid" $(pgrep -P "$pid" 2>/dev/null); do
-    f=$(cat "/proc/$p/stat" 2>/dev/null) || die "process $p is gone"
-    f=${f##*) }                     # drop "pid (comm) ": field 3 (state) comes first
-    read -r -a a <<<"$f"
-    total=$((total + a[11] + a[12]))  # utime (14) + stime (15)
-  done
-  echo "$total"
-}
-kib() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }  # pid field -> kB
-
-# wrk output latency like 1.23ms / 456.78us / 1.02s -> microseconds.
-to_us() {
-  awk -v v="$1" 'BEGIN {
-    n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
-    if (u == "us") m = 1; else if (u == "ms") m = 1000; else if (u == "s") m = 1000000
-    else if (u == "m") m = 60000000; else { print "NaN"; exit }
-    printf "%.0f\n", n * m }'
-}
-
 RAW="$DIR/results.tsv"   # scenario target round rps p50_us p99_us requests cpu_us_per_req errors
 : >"$RAW"
 
@@ -667,14 +598,8 @@ measure() {  # scenario target round
 }
 
 median() {  # scenario target column-of-RAW
-  awk -F'\t' -v s="$1" -v t="$2" -v c="$3" '$1 == s && $2 == t && $c != "-" {print $c}' "$RAW" | sort -g \
-    | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
+  awk -F'\t' -v s="$1" -v t="$2" -v c="$3" '$1 == s && $2 == t && $c != "-" {print $c}' "$RAW" | median_of
 }
-ratio() {  # a b -> a/b with 2 decimals, "-" if either is missing
-  awk -v a="$1" -v b="$2" 'BEGIN {if (a == "-" || b == "-" || a == "" || b == "" || b + 0 == 0) print "-"; else printf "%.2f", a / b}'
-}
-fmt_us() { awk -v v="$1" 'BEGIN {if (v == "-" || v == "") print "-"; else if (v >= 1000) printf "%.2f ms", v / 1000; else printf "%.0f µs", v}'; }
-mib() { awk -v k="$1" 'BEGIN {printf "%.1f MiB", k / 1024}'; }
 
 declare -A M_RPS M_CPU M_ERR
 run_scenario() {  # scenario: warm-up, rounds, table
@@ -775,8 +700,7 @@ run_latency() {
         "$r" "$t" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$errs" >&2
     done
   done
-  lmed() { awk -F'\t' -v t="$1" -v c="$2" '$1 == t {print $c}' "$LRAW" | sort -g \
-    | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+  lmed() { awk -F'\t' -v t="$1" -v c="$2" '$1 == t {print $c}' "$LRAW" | median_of; }
   local d99 b99
   d99=$(lmed direct 5)
   echo "| target | asked req/s | achieved req/s | p50 | p99 | p99.9 | max | p99 added over direct |"
@@ -859,20 +783,6 @@ run_memory() {
   echo
 }
 
-# How busy the machine is without us: % of CPU time not idle over 2 s, before the run
-# (our servers are idle then). Anything much above 0 makes the numbers noisy.
-busy_pct() {
-  local a b
-  read -r -a a < <(head -1 /proc/stat); sleep 2; read -r -a b < <(head -1 /proc/stat)
-  awk -v u1="${a[1]}" -v n1="${a[2]}" -v s1="${a[3]}" -v i1="${a[4]}" -v w1="${a[5]}" \
-      -v q1="${a[6]}" -v sq1="${a[7]}" -v st1="${a[8]}" \
-      -v u2="${b[1]}" -v n2="${b[2]}" -v s2="${b[3]}" -v i2="${b[4]}" -v w2="${b[5]}" \
-      -v q2="${b[6]}" -v sq2="${b[7]}" -v st2="${b[8]}" 'BEGIN {
-    t = (u2 + n2 + s2 + i2 + w2 + q2 + sq2 + st2) - (u1 + n1 + s1 + i1 + w1 + q1 + sq1 + st1)
-    idle = (i2 + w2) - (i1 + w1)
-    v = 0; if (t > 0) v = 100 * (t - idle) / t
-    printf "%.0f\n", v }'
-}
 BUSY=$(busy_pct)
 ((BUSY <= 10)) || log "WARNING: the machine is ${BUSY}% busy before the run; numbers will be noisy"
 

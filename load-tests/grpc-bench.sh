@@ -64,8 +64,9 @@ GRPC_BACKEND=${GRPC_BACKEND:-target/release/grpc-backend}
 [[ $GRPC_BACKEND = /* ]] || GRPC_BACKEND="$ROOT/$GRPC_BACKEND"
 PROTO="$ROOT/tests/protos/bookstore.proto"
 
-die() { echo "grpc-bench: $*" >&2; exit 1; }
-log() { echo "grpc-bench: $*" >&2; }
+BENCH_NAME="grpc-bench"   # prefix of messages and of the temp dir
+# shellcheck source-path=SCRIPTDIR source=bench-lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib/common.sh"
 
 for tool in h2load nginx curl taskset python3 awk cmp; do
   command -v "$tool" >/dev/null 2>&1 \
@@ -88,54 +89,8 @@ NCPU=$(nproc)
 CLK_TCK=$(getconf CLK_TCK)
 
 # ---------------------------------------------------------------------------------
-# Temp dir, process bookkeeping, cleanup.
-DIR=$(mktemp -d "${TMPDIR:-/tmp}/busbar-grpc-bench.XXXXXX")
-PIDS=()        # every server we started
-cd "$DIR"
-
-cleanup() {
-  local rc=$? pid kids=() i alive
-  trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do   # nginx workers: note them in case the master dies hard
-    for k in $(pgrep -P "$pid" 2>/dev/null); do kids+=("$k"); done
-  done
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for ((i = 0; i < 50; i++)); do   # up to 5 s for a clean exit
-    alive=0
-    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    ((alive)) || break
-    sleep 0.1
-  done
-  for pid in "${PIDS[@]}" "${kids[@]}"; do
-    if kill -0 "$pid" 2>/dev/null; then
-      log "pid $pid did not stop on SIGTERM; sending SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-  done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  if [[ ${KEEP_TMP:-0} = 1 || $rc -ne 0 ]]; then
-    log "files kept in $DIR"
-  else
-    rm -rf "$DIR"
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# Free loopback ports, all held open at once so none repeats.
-free_ports() {
-  python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
+# Temp dir (cleaned up on exit) and ports.
+make_temp_dir
 read -r P_GRPC P_NGINX P_BUSBAR P_ADMIN P_REG <<<"$(free_ports 5)"
 
 # Until CHECK (a command) succeeds; fail after 15 s (120 s under valgrind) or if PID died.
@@ -302,30 +257,6 @@ check_target() {
 }
 for t in "${TARGETS[@]}"; do check_target "$t"; done
 
-# utime+stime ticks of a process.
-cpu_ticks() {
-  local pid=$1 f a
-  [[ -n $pid ]] || { echo 0; return; }
-  f=$(cat "/proc/$pid/stat" 2>/dev/null) || die "process $pid is gone"
-  f=${f##*) }
-  read -r -a a <<<"$f"
-  echo $((a[11] + a[12]))
-}
-
-# a / b with 2 decimals, "-" if either is missing.
-ratio() {
-  awk -v a="$1" -v b="$2" 'BEGIN {if (a == "-" || b == "-" || a == "" || b == "" || b + 0 == 0) print "-"; else printf "%.2f", a / b}'
-}
-
-# h2load latency like 123us / 1.23ms / 1.02s -> microseconds.
-to_us() {
-  awk -v v="$1" 'BEGIN {
-    n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
-    if (u == "us") m = 1; else if (u == "ms") m = 1000; else if (u == "s") m = 1000000
-    else { print "NaN"; exit }
-    printf "%.0f\n", n * m }'
-}
-
 run_h2load() {  # target seconds|-nREQUESTS -> h2load output
   local t=$1 secs=$2 args=() limit=(-D "$2")
   [[ $secs = -n* ]] && { limit=("$secs"); secs=300; }
@@ -406,17 +337,6 @@ if [[ $CALLGRIND = 1 ]]; then
   exit 0
 fi
 
-# % of CPU time not idle over 2 s, all CPUs (our servers are idle then).
-busy_pct() {
-  local a b
-  read -r -a a < <(head -1 /proc/stat); sleep 2; read -r -a b < <(head -1 /proc/stat)
-  awk -v a="${a[*]}" -v b="${b[*]}" 'BEGIN {
-    split(a, x, " "); split(b, y, " "); t = 0
-    for (i = 2; i <= 9; i++) t += y[i] - x[i]
-    idle = (y[5] + y[6]) - (x[5] + x[6])
-    v = 0; if (t > 0) v = 100 * (t - idle) / t
-    printf "%.0f\n", v }'
-}
 BUSY=$(busy_pct)
 ((BUSY <= 10)) || log "WARNING: the machine is ${BUSY}% busy before the run; numbers will be noisy"
 
@@ -447,15 +367,13 @@ for ((r = 1; r <= ROUNDS; r++)); do
 done
 
 median() {  # target column
-  awk -F'\t' -v t="$1" -v c="$2" '$1 == t && $c != "-" {print $c}' "$RAW" | sort -g \
-    | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
+  awk -F'\t' -v t="$1" -v c="$2" '$1 == t && $c != "-" {print $c}' "$RAW" | median_of
 }
 declare -A M_RPS M_MEAN M_CPU M_ERR
 for t in "${TARGETS[@]}"; do
   M_RPS[$t]=$(median "$t" 3); M_MEAN[$t]=$(median "$t" 4); M_CPU[$t]=$(median "$t" 6)
   M_ERR[$t]=$(awk -F'\t' -v t="$t" '$1 == t {e += $7} END {print e + 0}' "$RAW")
 done
-fmt_us() { awk -v v="$1" 'BEGIN {if (v == "-") print "-"; else if (v >= 1000) printf "%.2f ms", v / 1000; else printf "%.0f µs", v}'; }
 
 echo "| target | req/s | mean latency | busbar CPU µs/req | req/s ratio to grpc | CPU ratio to grpc |"
 echo "|---|---:|---:|---:|---:|---:|"

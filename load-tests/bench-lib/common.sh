@@ -1,0 +1,120 @@
+# shellcheck shell=bash
+# Shared helpers for bench.sh, admission-bench.sh and grpc-bench.sh: sourced, not run.
+#
+# The script sets BENCH_NAME (the prefix of its messages and of its temp dir) and
+# `set -euo pipefail` before sourcing this file. Sourcing only defines functions; the
+# script calls make_temp_dir once its settings are checked.
+#
+# Nothing here is shared with load-tests/reliability/lib.sh, which has its own
+# conventions (timestamped log lines, results in reliability/out/, plain SIGTERM cleanup).
+
+die() { echo "$BENCH_NAME: $*" >&2; exit 1; }
+log() { echo "$BENCH_NAME: $*" >&2; }
+
+# Creates the run's temp dir DIR, starts the list PIDS of every process the script starts
+# (it appends each pid), enters DIR (nothing we run leaves files in the caller's
+# directory) and makes cleanup run on exit, error and Ctrl-C.
+make_temp_dir() {
+  DIR=$(mktemp -d "${TMPDIR:-/tmp}/busbar-$BENCH_NAME.XXXXXX")
+  PIDS=()
+  trap cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  cd "$DIR" || die "cannot enter $DIR"
+}
+
+# Stops every pid in PIDS: SIGTERM, up to 5 s for a clean exit, then SIGKILL. Keeps DIR
+# when KEEP_TMP=1 or the script failed, removes it otherwise; exits with the script's code.
+cleanup() {
+  local rc=$? pid kids=() k i alive
+  trap - EXIT INT TERM
+  # nginx workers are children of their master: note them first, in case the master
+  # has to be killed hard and leaves them behind.
+  for pid in "${PIDS[@]}"; do
+    for k in $(pgrep -P "$pid" 2>/dev/null); do kids+=("$k"); done
+  done
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for ((i = 0; i < 50; i++)); do
+    alive=0
+    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for pid in "${PIDS[@]}" "${kids[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      log "pid $pid ($(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-80)) did not stop on SIGTERM; sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [[ ${KEEP_TMP:-0} = 1 || $rc -ne 0 ]]; then
+    log "files kept in $DIR"
+  else
+    rm -rf "$DIR"
+  fi
+  exit "$rc"
+}
+
+# N free loopback ports, all held open at once so none repeats.
+free_ports() {
+  python3 - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+# utime+stime ticks of a process and all its children (nginx master + workers); 0 for "".
+cpu_ticks() {
+  local pid=$1 total=0 p f fields
+  [[ -n $pid ]] || { echo 0; return; }
+  for p in "$pid" $(pgrep -P "$pid" 2>/dev/null); do
+    f=$(cat "/proc/$p/stat" 2>/dev/null) || die "process $p is gone"
+    f=${f##*) }                     # drop "pid (comm) ": field 3 (state) comes first
+    read -r -a fields <<<"$f"
+    total=$((total + fields[11] + fields[12]))  # utime (14) + stime (15)
+  done
+  echo "$total"
+}
+
+# wrk or h2load latency like 1.23ms / 456.78us / 1.02s -> microseconds.
+to_us() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+    if (u == "us") m = 1; else if (u == "ms") m = 1000; else if (u == "s") m = 1000000
+    else if (u == "m") m = 60000000; else { print "NaN"; exit }
+    printf "%.0f\n", n * m }'
+}
+
+kib() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }  # pid field -> kB
+mib() { awk -v k="$1" 'BEGIN {printf "%.1f MiB", k / 1024}'; }      # kB -> "12.3 MiB"
+
+# Microseconds -> "456 µs" / "1.23 ms"; "-" (or nothing) stays "-".
+fmt_us() { awk -v v="$1" 'BEGIN {if (v == "-" || v == "") print "-"; else if (v >= 1000) printf "%.2f ms", v / 1000; else printf "%.0f µs", v}'; }
+
+# The median of the numbers on stdin, one a line; "-" if there are none.
+median_of() {
+  sort -g | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
+}
+
+# a / b with 2 decimals, "-" if either is missing or b is 0.
+ratio() {
+  awk -v a="$1" -v b="$2" 'BEGIN {if (a == "-" || b == "-" || a == "" || b == "" || b + 0 == 0) print "-"; else printf "%.2f", a / b}'
+}
+
+# How busy the machine is without us: % of CPU time not idle over 2 s, all CPUs (called
+# while our servers are idle). Anything much above 0 makes the numbers noisy.
+busy_pct() {
+  local t0 t1
+  read -r -a t0 < <(head -1 /proc/stat); sleep 2; read -r -a t1 < <(head -1 /proc/stat)
+  awk -v a="${t0[*]}" -v b="${t1[*]}" 'BEGIN {
+    split(a, x, " "); split(b, y, " "); t = 0
+    for (i = 2; i <= 9; i++) t += y[i] - x[i]
+    idle = (y[5] + y[6]) - (x[5] + x[6])
+    v = 0; if (t > 0) v = 100 * (t - idle) / t
+    printf "%.0f\n", v }'
+}
