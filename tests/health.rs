@@ -570,3 +570,72 @@ service = "reset"
     assert_error(r, 502, "upstream_error").await;
     assert_eq!(reset.requests(), 3);
 }
+
+/// Issue 8, case 9: a burst of failing requests doesn't become a retry storm. With a
+/// budget of 10% and a floor of 1 retry a second, the upstream sees at most
+/// (1 + 0.1) × requests, plus the floor, although each request may try 3 times.
+#[tokio::test]
+async fn retries_under_load_stay_within_the_budget() {
+    let reset = RawUpstream::start(Misbehaviour::Reset).await;
+    let bus = Busbar::start(&format!(
+        r#"
+[[service]]
+name = "reset"
+endpoints = [{{ addr = "{reset}" }}]
+[service.retry]
+attempts = 2
+budget = 0.1
+min_retries = 1
+
+[[route]]
+name = "reset"
+service = "reset"
+"#,
+        reset = reset.addr
+    ))
+    .await;
+    let http = client();
+    const REQUESTS: usize = 400;
+    const CONCURRENCY: usize = 32;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..CONCURRENCY {
+        let (http, url) = (http.clone(), bus.url("/x"));
+        tasks.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in (w..REQUESTS).step_by(CONCURRENCY) {
+                statuses.push(http.get(&url).send().await.unwrap().status().as_u16());
+            }
+            statuses
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.extend(t.await.unwrap());
+    }
+    let secs = start.elapsed().as_secs_f64().ceil() as usize;
+    assert_eq!(statuses.len(), REQUESTS);
+    assert!(statuses.iter().all(|&s| s == 502), "{statuses:?}");
+
+    let hits = reset.requests();
+    // Requests deposit 0.1 token each; the floor tops the bucket up to 1 token a second.
+    let bound = REQUESTS + REQUESTS / 10 + secs + 1;
+    assert!(
+        hits <= bound,
+        "{hits} upstream tries for {REQUESTS} requests in {secs} s: over the budget ({bound})"
+    );
+    assert!(hits > REQUESTS, "no retry at all: {hits}");
+    let retries = bus
+        .metric(r#"busbar_upstream_retries_total{service="reset"}"#)
+        .await;
+    assert_eq!(retries as usize, hits - REQUESTS);
+    let exhausted = bus
+        .metric(r#"busbar_retry_budget_exhausted_total{service="reset"}"#)
+        .await;
+    assert!(exhausted > 0.0, "the budget never ran out");
+    eprintln!(
+        "{hits} upstream tries for {REQUESTS} requests in {secs} s ({retries} retries, \
+         budget exhausted {exhausted} times; without the budget: {})",
+        REQUESTS * 3
+    );
+}
