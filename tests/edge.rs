@@ -148,3 +148,77 @@ async fn every_request_on_a_keepalive_connection_is_checked() {
     let paths: Vec<String> = backend.seen().iter().map(|s| s.path.clone()).collect();
     assert_eq!(paths, ["/1", "/2"]);
 }
+
+/// Defect D4 (RELIABILITY.md): a client still sending a body busbar refused got a
+/// connection reset, which threw away the 413 it had already received. busbar now
+/// closes such a connection lingering (FIN, then reads and discards), so the client
+/// reads its 413 — for a declared Content-Length over the limit and for a chunked body
+/// that crosses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_body_still_being_sent_gets_its_413() {
+    let backend = Backend::start("b").await;
+    let bus = Busbar::start(&format!(
+        r#"
+[[service]]
+name = "s"
+endpoints = [{{ addr = "{}" }}]
+[[route]]
+name = "all"
+service = "s"
+max_body = "1KiB"
+"#,
+        backend.addr
+    ))
+    .await;
+    let piece = vec![b'x'; 64 * 1024];
+    for round in 0..16 {
+        // Declared lengths first: those are refused before anything goes upstream. A
+        // chunked body is streamed upstream until it crosses the limit.
+        let chunked = round >= 8;
+        if round == 8 {
+            assert_eq!(
+                backend.hits(),
+                0,
+                "a refused Content-Length reached the backend: {:?}",
+                backend.seen()
+            );
+        }
+        let mut s = TcpStream::connect(bus.http).await.unwrap();
+        let framing = if chunked {
+            "Transfer-Encoding: chunked".to_string()
+        } else {
+            format!("Content-Length: {}", 64 * piece.len())
+        };
+        let head = format!("POST /upload HTTP/1.1\r\nHost: a\r\n{framing}\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        // Keep sending, as an upload client does. Many clients (curl, Python's) give up
+        // on the answer when a write fails, so the body must never meet a reset.
+        let mut write_error = None;
+        for _ in 0..64 {
+            let sent = if chunked {
+                let mut c = b"10000\r\n".to_vec();
+                c.extend_from_slice(&piece);
+                c.extend_from_slice(b"\r\n");
+                s.write_all(&c).await
+            } else {
+                s.write_all(&piece).await
+            };
+            if let Err(e) = sent {
+                write_error = Some(e);
+                break;
+            }
+        }
+        assert!(
+            write_error.is_none(),
+            "round {round} (chunked: {chunked}): reset while sending the body: {write_error:?}"
+        );
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.starts_with("HTTP/1.1 413"),
+            "round {round} (chunked: {chunked}): the client did not get its 413 ({read:?}): {:?}",
+            &text[..text.len().min(200)]
+        );
+    }
+}

@@ -10,6 +10,7 @@
 //! Must not: interpret more than the head, or keep any state between connections.
 
 pub mod head;
+pub mod linger;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,7 +56,7 @@ pub struct Edge {
 /// What the front door decided for the next request on a connection.
 enum Next {
     /// An HTTP/1 request whose head passed: the proxy handles it.
-    Request(Stream),
+    Request(Box<L4Stream>),
     /// HTTP/2 with prior knowledge: the proxy owns the connection from here.
     H2(Stream),
     /// Closed, refused, or tunnelled: nothing left to do.
@@ -179,8 +180,14 @@ impl ServerApp for Edge {
         let mut head = Vec::with_capacity(HEAD_BUF);
         // The HTTP/1 keep-alive loop pingora would run, with the front door before each request.
         loop {
-            let Ok(l4) = stream.into_any().downcast::<L4Stream>() else {
-                return None;
+            // The first request's stream comes from the listener; later ones come back
+            // from the proxy still wrapped for a lingering close.
+            let l4 = match stream.into_any().downcast::<linger::Lingering>() {
+                Ok(l) => l.into_inner(),
+                Err(other) => match other.downcast::<L4Stream>() {
+                    Ok(l4) => l4,
+                    Err(_) => return None,
+                },
             };
             let s = match self.front(l4, &mut head, limits, shutdown).await {
                 Next::Request(s) => s,
@@ -188,7 +195,9 @@ impl ServerApp for Edge {
                 Next::H2(s) => return ServerApp::process_new(&self.proxy, s, shutdown).await,
                 Next::Done => return None,
             };
-            let mut session = ServerSession::new_http1(s);
+            // If the proxy drops the connection (an answer before the whole body was
+            // read, `Connection: close`), it is closed lingering, not reset.
+            let mut session = ServerSession::new_http1(Box::new(linger::Lingering::new(s)));
             match persistent.take() {
                 Some(p) => p.apply_to_session(&mut session),
                 None => {
