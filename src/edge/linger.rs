@@ -5,7 +5,7 @@
 //! send a reset, and the client's stack then throws away the answer it had already
 //! received. Like nginx's `lingering_close`, a connection that is closed is first shut
 //! down for writing (the answer and a FIN go out), then read and discarded until the
-//! client closes, goes quiet, or the time runs out.
+//! client closes, goes quiet, or the time or the byte allowance runs out.
 //!
 //! Owns: the wrapper pingora's HTTP/1 session reads and writes through, and the close.
 //! Must not: change a byte of what is read or written while the connection is in use.
@@ -28,6 +28,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 pub const LINGER_TIME: Duration = Duration::from_secs(5);
 /// Longest wait for the client's next bytes (nginx: `lingering_timeout`, 5 s).
 pub const LINGER_QUIET: Duration = Duration::from_secs(1);
+/// Most bytes discarded: more than the socket buffers hold in flight when the client
+/// sees the answer, and a bound on the CPU a client that ignores the answer can cost.
+pub const LINGER_MAX_BYTES: usize = 8 << 20;
 
 /// A plaintext client connection that closes lingering when dropped.
 #[derive(Debug)]
@@ -65,8 +68,10 @@ impl Drop for Lingering {
             }
             let mut sink = [0u8; 8192];
             let _ = tokio::time::timeout(LINGER_TIME, async {
+                let mut discarded = 0;
                 while let Ok(Ok(n)) = tokio::time::timeout(LINGER_QUIET, s.read(&mut sink)).await {
-                    if n == 0 {
+                    discarded += n;
+                    if n == 0 || discarded > LINGER_MAX_BYTES {
                         break;
                     }
                 }
