@@ -46,11 +46,11 @@ impl Lingering {
         self.0.take().expect("stream present until dropped")
     }
 
-    fn inner(&self) -> &L4Stream {
+    pub fn inner(&self) -> &L4Stream {
         self.0.as_deref().expect("stream present until dropped")
     }
 
-    fn inner_mut(&mut self) -> &mut L4Stream {
+    pub fn inner_mut(&mut self) -> &mut L4Stream {
         self.0.as_deref_mut().expect("stream present until dropped")
     }
 }

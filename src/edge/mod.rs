@@ -29,6 +29,7 @@ use crate::metrics::METRICS;
 use crate::proxy::BusbarProxy;
 use crate::snapshot::State;
 use head::{HeadLimits, Refusal};
+use linger::Lingering;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 
@@ -56,7 +57,7 @@ pub struct Edge {
 /// What the front door decided for the next request on a connection.
 enum Next {
     /// An HTTP/1 request whose head passed: the proxy handles it.
-    Request(Box<L4Stream>),
+    Request(Box<Lingering>),
     /// HTTP/2 with prior knowledge: the proxy owns the connection from here.
     H2(Stream),
     /// Closed, refused, or tunnelled: nothing left to do.
@@ -93,7 +94,7 @@ impl Edge {
     /// `buf` is the connection's head buffer, kept across its requests (emptied here).
     async fn front(
         &self,
-        mut s: Box<L4Stream>,
+        mut conn: Box<Lingering>,
         buf: &mut Vec<u8>,
         limits: Limits,
         shutdown: &ShutdownWatch,
@@ -103,6 +104,7 @@ impl Edge {
             max_head_bytes: limits.max_header_bytes,
             max_headers: limits.max_headers,
         };
+        let s = conn.inner_mut();
         buf.clear();
         if buf.capacity() > 8 * HEAD_BUF {
             // One large head must not pin its buffer for the connection's life.
@@ -111,11 +113,11 @@ impl Edge {
         let mut watch = shutdown.clone();
         // Idle until the first byte; from then on the whole head has `header_timeout`.
         let first = tokio::select! {
-            r = tokio::time::timeout(limits.idle_timeout, read_more(&mut s, buf)) => r,
+            r = tokio::time::timeout(limits.idle_timeout, read_more(s, buf)) => r,
             // Draining: closing an idle keep-alive connection now races a request the
             // client may be sending on it. Give such a request a moment to arrive; it
             // is answered with `Connection: close`. A quiet connection is closed after.
-            _ = watch.changed() => tokio::time::timeout(DRAIN_LINGER, read_more(&mut s, buf)).await,
+            _ = watch.changed() => tokio::time::timeout(DRAIN_LINGER, read_more(s, buf)).await,
         };
         if !matches!(first, Ok(Ok(n)) if n > 0) {
             return Next::Done;
@@ -127,34 +129,40 @@ impl Edge {
             {
                 if buf.len() >= H2_PREFACE.len() {
                     s.rewind(buf);
-                    return Next::H2(s);
+                    return Next::H2(conn.into_inner());
                 }
             } else if let Some(end) = head::head_end(buf) {
                 break end;
             } else if let Some(r) = head::too_long(buf, &hl) {
-                refuse(&mut s, r.status, r.reason).await;
+                refuse(s, r.status, r.reason).await;
                 return Next::Done;
             }
-            match tokio::time::timeout_at(deadline, read_more(&mut s, buf)).await {
+            match tokio::time::timeout_at(deadline, read_more(s, buf)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return Next::Done,
                 Err(_) => {
-                    refuse(&mut s, 408, "the request head did not arrive in time").await;
+                    refuse(s, 408, "the request head did not arrive in time").await;
                     return Next::Done;
                 }
             }
         };
         if buf.starts_with(b"CONNECT ") {
-            crate::fallback::connect::tunnel(&self.state, s, &buf[..end], &buf[end..]).await;
+            crate::fallback::connect::tunnel(
+                &self.state,
+                conn.into_inner(),
+                &buf[..end],
+                &buf[end..],
+            )
+            .await;
             return Next::Done;
         }
         match head::check(&buf[..end], &hl) {
             Ok(()) => {
                 s.rewind(buf);
-                Next::Request(s)
+                Next::Request(conn)
             }
             Err(Refusal { status, reason }) => {
-                refuse(&mut s, status, reason).await;
+                refuse(s, status, reason).await;
                 Next::Done
             }
         }
@@ -182,14 +190,14 @@ impl ServerApp for Edge {
         loop {
             // The first request's stream comes from the listener; later ones come back
             // from the proxy still wrapped for a lingering close.
-            let l4 = match stream.into_any().downcast::<linger::Lingering>() {
-                Ok(l) => l.into_inner(),
+            let conn = match stream.into_any().downcast::<Lingering>() {
+                Ok(conn) => conn,
                 Err(other) => match other.downcast::<L4Stream>() {
-                    Ok(l4) => l4,
+                    Ok(l4) => Box::new(Lingering::new(l4)),
                     Err(_) => return None,
                 },
             };
-            let s = match self.front(l4, &mut head, limits, shutdown).await {
+            let s = match self.front(conn, &mut head, limits, shutdown).await {
                 Next::Request(s) => s,
                 // The proxy sees the preface again (it was rewound) and speaks h2c.
                 Next::H2(s) => return ServerApp::process_new(&self.proxy, s, shutdown).await,
@@ -197,7 +205,7 @@ impl ServerApp for Edge {
             };
             // If the proxy drops the connection (an answer before the whole body was
             // read, `Connection: close`), it is closed lingering, not reset.
-            let mut session = ServerSession::new_http1(Box::new(linger::Lingering::new(s)));
+            let mut session = ServerSession::new_http1(s);
             match persistent.take() {
                 Some(p) => p.apply_to_session(&mut session),
                 None => {
