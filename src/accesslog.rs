@@ -142,11 +142,15 @@ fn write_time(w: &mut impl Write, now: SystemTime) -> io::Result<()> {
     let prefix = SECOND.with(|c| {
         let mut c = c.borrow_mut();
         if c.0 != secs {
-            // "YYYY-MM-DDTHH:MM:SS" from humantime's "YYYY-MM-DDTHH:MM:SSZ".
-            let text = humantime::format_rfc3339_seconds(
-                SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
-            )
-            .to_string();
+            // "YYYY-MM-DDTHH:MM:SS" from humantime's "YYYY-MM-DDTHH:MM:SSZ" (which
+            // refuses years past 9999: then the epoch stands in, never a panic).
+            use std::fmt::Write as _;
+            let mut text = String::with_capacity(20);
+            let at = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            if write!(text, "{}", humantime::format_rfc3339_seconds(at)).is_err() || text.len() < 19
+            {
+                text = "1970-01-01T00:00:00".to_string();
+            }
             c.1.copy_from_slice(&text.as_bytes()[..19]);
             c.0 = secs;
         }

@@ -50,9 +50,11 @@ fn init_tracing(level: &str) {
     // path would reach the bridge (about 25 calls per request) only to be dropped.
     let log_max = match &from_env {
         Some(_) => log::LevelFilter::Trace,
+        // A bare level caps it; a filter with directives ("warn,rustls=debug") lets
+        // everything through to the tracing filter.
         None => level
             .parse::<log::LevelFilter>()
-            .unwrap_or(log::LevelFilter::Info)
+            .unwrap_or(log::LevelFilter::Trace)
             .max(log::LevelFilter::Warn),
     };
     let filter = from_env

@@ -61,23 +61,22 @@ impl Drop for Lingering {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        rt.spawn(async move {
+        // Everything under one deadline: the flush in `shutdown` can stall on a client
+        // that stopped reading, and the task must not outlive `LINGER_TIME`.
+        rt.spawn(tokio::time::timeout(LINGER_TIME, async move {
             // Flush the answer and send FIN; then drain what the client still sends.
             if s.shutdown().await.is_err() {
                 return;
             }
             let mut sink = [0u8; 8192];
-            let _ = tokio::time::timeout(LINGER_TIME, async {
-                let mut discarded = 0;
-                while let Ok(Ok(n)) = tokio::time::timeout(LINGER_QUIET, s.read(&mut sink)).await {
-                    discarded += n;
-                    if n == 0 || discarded > LINGER_MAX_BYTES {
-                        break;
-                    }
+            let mut discarded = 0;
+            while let Ok(Ok(n)) = tokio::time::timeout(LINGER_QUIET, s.read(&mut sink)).await {
+                discarded += n;
+                if n == 0 || discarded > LINGER_MAX_BYTES {
+                    break;
                 }
-            })
-            .await;
-        });
+            }
+        }));
     }
 }
 

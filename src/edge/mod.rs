@@ -40,6 +40,16 @@ pub const DRAIN_LINGER: Duration = Duration::from_secs(1);
 /// Initial size of a connection's head buffer; a larger head grows it.
 const HEAD_BUF: usize = 2048;
 
+/// Once a head is handed on (its bytes were copied by `rewind`), a buffer grown for a
+/// large head goes back to its usual size: it must not stay pinned while the request is
+/// proxied, nor for the connection's life.
+fn release_large(buf: &mut Vec<u8>) {
+    buf.clear();
+    if buf.capacity() > 4 * HEAD_BUF {
+        buf.shrink_to(HEAD_BUF);
+    }
+}
+
 /// Appends what the socket has to `buf`, growing it by at least `HEAD_BUF` free bytes
 /// when full (reads into spare capacity: no zeroing, no bounce buffer).
 async fn read_more(s: &mut L4Stream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
@@ -106,10 +116,6 @@ impl Edge {
         };
         let s = conn.inner_mut();
         buf.clear();
-        if buf.capacity() > 8 * HEAD_BUF {
-            // One large head must not pin its buffer for the connection's life.
-            buf.shrink_to(HEAD_BUF);
-        }
         let mut watch = shutdown.clone();
         // Idle until the first byte; from then on the whole head has `header_timeout`.
         let first = tokio::select! {
@@ -159,6 +165,7 @@ impl Edge {
         match head::check(&buf[..end], &hl) {
             Ok(()) => {
                 s.rewind(buf);
+                release_large(buf);
                 Next::Request(conn)
             }
             Err(Refusal { status, reason }) => {
@@ -200,7 +207,10 @@ impl ServerApp for Edge {
             let s = match self.front(conn, &mut head, limits, shutdown).await {
                 Next::Request(s) => s,
                 // The proxy sees the preface again (it was rewound) and speaks h2c.
-                Next::H2(s) => return ServerApp::process_new(&self.proxy, s, shutdown).await,
+                Next::H2(s) => {
+                    drop(head);
+                    return ServerApp::process_new(&self.proxy, s, shutdown).await;
+                }
                 Next::Done => return None,
             };
             // If the proxy drops the connection (an answer before the whole body was

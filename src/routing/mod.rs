@@ -62,6 +62,9 @@ struct Candidates {
 struct PathIndex {
     exact: HashMap<Box<str>, Vec<u32>>,
     prefix: HashMap<Box<str>, Vec<u32>>,
+    /// The distinct lengths of the prefixes: a lookup probes only these, so its cost
+    /// is bounded by the configuration, not by the request's path.
+    prefix_lens: Vec<usize>,
     any: Vec<u32>,
 }
 
@@ -80,6 +83,9 @@ impl Candidates {
                     }
                 }
             }
+            index.prefix_lens = index.prefix.keys().map(|p| p.len()).collect();
+            index.prefix_lens.sort_unstable();
+            index.prefix_lens.dedup();
             index
         });
         Candidates { all, by_path }
@@ -104,13 +110,15 @@ impl Candidates {
         consider(Some(&index.any));
         consider(index.exact.get(path));
         // A prefix matches at a segment boundary: `/a` and `/a/` both match `/a/b`.
-        consider(index.prefix.get(path));
-        for (i, _) in path.match_indices('/') {
-            if i > 0 {
-                consider(index.prefix.get(&path[..i]));
-            }
-            if i + 1 < path.len() {
-                consider(index.prefix.get(&path[..=i]));
+        let bytes = path.as_bytes();
+        for &len in &index.prefix_lens {
+            let Some(head) = path.get(..len) else {
+                // Longer than the path, or not on a character boundary.
+                continue;
+            };
+            let boundary = len == bytes.len() || bytes[len] == b'/' || head.ends_with('/');
+            if boundary {
+                consider(index.prefix.get(head));
             }
         }
         best
@@ -341,6 +349,29 @@ service = "s"
         );
         assert_eq!(find(&t, "x.org", "GET", "/p", &[("x-canary", "2")]), None);
         assert_eq!(find(&t, "x.org", "GET", "/", &[]), Some("fallback"));
+    }
+
+    /// The path index (more than 16 candidates): multi-byte characters at a probed
+    /// length don't panic, and a long path costs one probe per configured prefix length.
+    #[test]
+    fn indexed_lookup_handles_any_path() {
+        let mut routes = String::new();
+        for i in 0..20 {
+            routes.push_str(&format!(
+                "[[route]]\nname = \"r{i}\"\npath_prefix = \"/r{i}\"\nservice = \"s\"\n"
+            ));
+        }
+        routes.push_str("[[route]]\nname = \"e\"\npath_prefix = \"/é\"\nservice = \"s\"\n");
+        let t = table(&routes);
+        assert!(t.other.by_path.is_some(), "the table is indexed");
+        assert_eq!(find(&t, "h", "GET", "/r7/x", &[]), Some("r7"));
+        assert_eq!(find(&t, "h", "GET", "/r17", &[]), Some("r17"));
+        assert_eq!(find(&t, "h", "GET", "/r1x", &[]), None);
+        assert_eq!(find(&t, "h", "GET", "/é/a", &[]), Some("e"));
+        assert_eq!(find(&t, "h", "GET", "/éx", &[]), None);
+        assert_eq!(find(&t, "h", "GET", "/€€", &[]), None);
+        let long = "/a".repeat(30_000);
+        assert_eq!(find(&t, "h", "GET", &long, &[]), None);
     }
 
     #[test]
