@@ -156,6 +156,28 @@ async fn answer(session: &mut Session, ctx: &mut RequestCtx, cause: Cause) -> Re
     Ok(true)
 }
 
+/// What busbar writes into every upstream request head, for the proxy and for the
+/// JSON→gRPC call alike: the verified identity (or the removal of a client-sent one),
+/// forwarding headers, the trace context and the route's header edits.
+pub fn upstream_headers(
+    session: &Session,
+    ctx: &RequestCtx,
+    upstream: &mut RequestHeader,
+) -> Result<()> {
+    match &ctx.admitted {
+        Some(a) => a.apply_upstream(upstream)?,
+        None => admission::strip_identity(upstream),
+    }
+    headers::set_forwarded(upstream, client_ip(session), is_tls(session))?;
+    upstream.insert_header(headers::TRACEPARENT_NAME, &ctx.trace.header_value()[..])?;
+    if let Some(route) = &ctx.route {
+        if !route.config.request_headers.is_empty() {
+            headers::edit_request(upstream, &route.config.request_headers)?;
+        }
+    }
+    Ok(())
+}
+
 fn upstream_error(cause: Cause, why: &'static str) -> Box<Error> {
     let mut e = Error::explain(ErrorType::HTTPStatus(cause.status()), why);
     e.esource = ErrorSource::Upstream;
@@ -487,21 +509,13 @@ impl ProxyHttp for BusbarProxy {
                 .map_err(|e| Error::because(ErrorType::InternalError, "origin-form uri", e))?;
             upstream.set_uri(uri);
         }
-        match &ctx.admitted {
-            Some(a) => a.apply_upstream(upstream)?,
-            None => admission::strip_identity(upstream),
-        }
+        upstream_headers(session, ctx, upstream)?;
         if let Some(pq) = upstream.uri.path_and_query() {
             if let Some(new) = routing::rewrite(&route.config, pq.as_str()) {
                 let uri = http::Uri::try_from(new)
                     .map_err(|e| Error::because(ErrorType::InternalError, "path rewrite", e))?;
                 upstream.set_uri(uri);
             }
-        }
-        headers::set_forwarded(upstream, client_ip(session), is_tls(session))?;
-        upstream.insert_header(headers::TRACEPARENT_NAME, &ctx.trace.header_value()[..])?;
-        if !route.config.request_headers.is_empty() {
-            headers::edit_request(upstream, &route.config.request_headers)?;
         }
         crate::translate::upstream_request(ctx, upstream)
     }

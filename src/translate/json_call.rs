@@ -104,29 +104,7 @@ pub async fn serve(
 /// The request's headers as gRPC metadata, after admission and the route's edits.
 fn metadata(session: &Session, ctx: &RequestCtx) -> Result<HeaderMap> {
     let mut up: RequestHeader = session.req_header().clone();
-    match &ctx.admitted {
-        Some(a) => a.apply_upstream(&mut up)?,
-        None => crate::admission::strip_identity(&mut up),
-    }
-    let client = session
-        .as_downstream()
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip());
-    let tls = session
-        .as_downstream()
-        .digest()
-        .is_some_and(|d| d.ssl_digest.is_some());
-    crate::proxy::headers::set_forwarded(&mut up, client, tls)?;
-    up.insert_header(
-        crate::proxy::headers::TRACEPARENT.clone(),
-        &ctx.trace.header_value()[..],
-    )?;
-    if let Some(route) = &ctx.route {
-        if !route.config.request_headers.is_empty() {
-            crate::proxy::headers::edit_request(&mut up, &route.config.request_headers)?;
-        }
-    }
+    crate::proxy::upstream_headers(session, ctx, &mut up)?;
     let mut out = HeaderMap::with_capacity(up.headers.len());
     for (k, v) in up.headers.iter() {
         if !NOT_METADATA.contains(&k.as_str()) {
