@@ -16,6 +16,20 @@ use serde_json::Value;
 const RELOADS_OK: &str = r#"busbar_config_reloads_total{result="ok"}"#;
 const RELOADS_FAILED: &str = r#"busbar_config_reloads_total{result="failed"}"#;
 
+/// Service `a` and route `r` to it.
+fn one_service(a: SocketAddr) -> String {
+    format!(
+        r#"
+[[service]]
+name = "a"
+endpoints = [{{ addr = "{a}" }}]
+[[route]]
+name = "r"
+service = "a"
+"#
+    )
+}
+
 /// Services `a` and `b`, and route `r` to `target`.
 fn two_services(a: SocketAddr, b: SocketAddr, target: &str) -> String {
     format!(
@@ -433,18 +447,7 @@ service = "a"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_then_exits() {
     let a = Backend::start("a").await;
-    let mut bus = Busbar::start(&format!(
-        r#"
-[[service]]
-name = "a"
-endpoints = [{{ addr = "{a}" }}]
-[[route]]
-name = "r"
-service = "a"
-"#,
-        a = a.addr
-    ))
-    .await;
+    let mut bus = Busbar::start(&one_service(a.addr)).await;
     let slow_url = bus.url("/slow?sleep_ms=1500");
     let slow = tokio::spawn(async move {
         let r = client().get(slow_url).send().await?;
@@ -530,18 +533,7 @@ async fn read_response(s: &mut tokio::net::TcpStream) -> Option<String> {
 async fn a_request_on_an_idle_connection_during_drain_is_answered() {
     use tokio::io::AsyncWriteExt;
     let a = Backend::start("a").await;
-    let mut bus = Busbar::start(&format!(
-        r#"
-[[service]]
-name = "a"
-endpoints = [{{ addr = "{a}" }}]
-[[route]]
-name = "r"
-service = "a"
-"#,
-        a = a.addr
-    ))
-    .await;
+    let mut bus = Busbar::start(&one_service(a.addr)).await;
     let req = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n";
     let mut s = tokio::net::TcpStream::connect(bus.http).await.unwrap();
     s.write_all(req).await.unwrap();
