@@ -117,8 +117,6 @@ pub struct RoutePolicy {
     queue: Option<Arc<queue::ServiceQueue>>,
     queue_policy: QueuePolicy,
     metrics: AdmissionMetrics,
-    /// Requests whose client left while they waited.
-    abandoned: watch::Abandoned,
 }
 
 impl RoutePolicy {
@@ -397,7 +395,6 @@ impl Admission {
                 queue: max_in_flight.map(|m| stores.queue(&r.service, m)),
                 queue_policy: a.queue.clone(),
                 metrics: AdmissionMetrics::new(&r.name, &r.service),
-                abandoned: watch::Abandoned::new(&r.name),
             };
             policies.insert(r.name.clone(), Arc::new(policy));
         }

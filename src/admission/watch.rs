@@ -24,10 +24,8 @@ use std::future::Future;
 
 use pingora_core::protocols::http::ServerSession;
 use pingora_error::{Error, ErrorType};
-use prometheus::IntCounter;
 
 use super::{Admitted, Rejection, RequestParts, RoutePolicy};
-use crate::metrics::METRICS;
 
 /// Why a request was not let through.
 #[derive(Debug)]
@@ -45,29 +43,6 @@ impl Refused {
         match self {
             Refused::Rejected(r) => Ok(r),
             Refused::ClientGone(e) => Err(e),
-        }
-    }
-}
-
-/// Counters of requests whose client left while they waited, by route and reason.
-#[derive(Debug, Clone)]
-pub struct Abandoned {
-    /// Closed or reset the connection (HTTP/1) or the stream (HTTP/2).
-    closed: IntCounter,
-    /// Sent bytes before its request was answered (a pipelined request).
-    protocol: IntCounter,
-}
-
-impl Abandoned {
-    pub fn new(route: &str) -> Self {
-        let c = |reason| {
-            METRICS
-                .admission
-                .with_label_values(&[route, "abandoned", reason])
-        };
-        Abandoned {
-            closed: c("client_closed"),
-            protocol: c("client_protocol"),
         }
     }
 }
@@ -94,9 +69,9 @@ pub async fn admit(
         Ok(r) => r.map_err(Refused::Rejected),
         Err(e) => {
             if matches!(e.etype(), ErrorType::ConnectionClosed) {
-                policy.abandoned.closed.inc();
+                policy.metrics.abandoned_closed.inc();
             } else {
-                policy.abandoned.protocol.inc();
+                policy.metrics.abandoned_protocol.inc();
             }
             Err(Refused::ClientGone(e))
         }

@@ -179,7 +179,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         admission: counter(
             &r,
             "busbar_admission_decisions_total",
-            "Admission decisions by route: admitted, queued (admitted after a wait), limited or rejected, with the reason.",
+            "Admission decisions by route: admitted, queued (admitted after a wait), limited, rejected, or abandoned (the client left while waiting), with the reason.",
             &["route", "decision", "reason"],
         ),
         queue_wait: histogram(
@@ -377,6 +377,10 @@ pub struct AdmissionMetrics {
     pub forbidden: IntCounter,
     pub queue_full: IntCounter,
     pub queue_timeout: IntCounter,
+    /// The client closed or reset its connection (HTTP/1) or stream (HTTP/2) while waiting.
+    pub abandoned_closed: IntCounter,
+    /// The client sent bytes before its request was answered (a pipelined request).
+    pub abandoned_protocol: IntCounter,
     pub queue_wait: Histogram,
 }
 
@@ -395,6 +399,8 @@ impl AdmissionMetrics {
             forbidden: c("rejected", "forbidden"),
             queue_full: c("rejected", "queue_full"),
             queue_timeout: c("rejected", "queue_timeout"),
+            abandoned_closed: c("abandoned", "client_closed"),
+            abandoned_protocol: c("abandoned", "client_protocol"),
             queue_wait: m.queue_wait.with_label_values(&[service]),
         }
     }
