@@ -243,15 +243,7 @@ echo "- rounds: $ROUNDS, order rotated each round; median per target; warm-up ${
 echo "- machine busy before the run (2 s sample, all CPUs): ${BUSY}%; loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 
-if ((WARMUP > 0)); then
-  for t in "${TARGETS[@]}"; do run_wrk "$t" "$WARMUP" >/dev/null || die "warm-up against $t failed"; done
-fi
-n=${#TARGETS[@]}
-for ((r = 1; r <= ROUNDS; r++)); do
-  for ((i = 0; i < n; i++)); do
-    measure "${TARGETS[$(((i + r - 1) % n))]}" "$r"
-  done
-done
+run_rounds run_wrk
 
 median() {  # target column
   awk -F'\t' -v t="$1" -v c="$2" '$1 == t {print $c}' "$RAW" | median_of

@@ -118,3 +118,18 @@ busy_pct() {
     v = 0; if (t > 0) v = 100 * (t - idle) / t
     printf "%.0f\n", v }'
 }
+
+# Warm-up (WARMUP seconds against each of TARGETS, with LOAD_CMD target seconds), then
+# ROUNDS rounds of `measure target round`, the order rotated each round so no target is
+# always first or last. Usage: run_rounds LOAD_CMD
+run_rounds() {
+  local load=$1 t r i n=${#TARGETS[@]}
+  if ((WARMUP > 0)); then
+    for t in "${TARGETS[@]}"; do "$load" "$t" "$WARMUP" >/dev/null || die "warm-up against $t failed"; done
+  fi
+  for ((r = 1; r <= ROUNDS; r++)); do
+    for ((i = 0; i < n; i++)); do
+      measure "${TARGETS[$(((i + r - 1) % n))]}" "$r"
+    done
+  done
+}
