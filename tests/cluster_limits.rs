@@ -106,6 +106,22 @@ async fn wait_for(nodes: &[Busbar], sample: &str, value: f64) {
     }
 }
 
+/// Sends over the cluster limit to every node for `window` and checks the nodes admitted
+/// the cluster-wide limit together, ±10%: the shared state in Redis is in use.
+async fn shared_load(nodes: &[Busbar], all: &[String], window: Duration, when: &str) -> Counts {
+    let c = load(all, window).await;
+    let expected = RATE * window.as_secs_f64() + BURST;
+    eprintln!("shared over {window:?} {when}: {c:?}, expected {expected}");
+    assert_eq!(c.other, 0, "{c:?}");
+    assert!(
+        (c.ok as f64 - expected).abs() <= expected * 0.10,
+        "admitted {} over {window:?} {when}, expected {expected} ±10% ({c:?}); fallbacks {:?}",
+        c.ok,
+        fallbacks(nodes).await
+    );
+    c
+}
+
 async fn fallbacks(nodes: &[Busbar]) -> Vec<f64> {
     let mut out = Vec::new();
     for n in nodes {
@@ -130,17 +146,7 @@ async fn three_nodes_share_one_limit_and_fall_back_to_their_share() {
     let all: Vec<String> = nodes.iter().map(|n| n.url("/x")).collect();
 
     // 1. Shared: about 1,500 requests a second over three nodes, 100/s admitted in all.
-    let window = Duration::from_secs(5);
-    let c = load(&all, window).await;
-    let expected = RATE * window.as_secs_f64() + BURST;
-    eprintln!("shared over {window:?}: {c:?}, expected {expected}");
-    assert_eq!(c.other, 0, "{c:?}");
-    assert!(
-        (c.ok as f64 - expected).abs() <= expected * 0.10,
-        "admitted {} over {window:?}, expected {expected} ±10% ({c:?}); fallbacks {:?}",
-        c.ok,
-        fallbacks(&nodes).await
-    );
+    let c = shared_load(&nodes, &all, Duration::from_secs(5), "with Redis").await;
     assert!(
         c.limited > c.ok,
         "the client sent well over the limit: {c:?}"
@@ -190,17 +196,13 @@ async fn three_nodes_share_one_limit_and_fall_back_to_their_share() {
     redis.restart().await;
     wait_for(&nodes, "busbar_ratelimit_redis_up", 1.0).await;
     let before: f64 = fallbacks(&nodes).await.iter().sum();
-    let window = Duration::from_secs(3);
-    let c = load(&all, window).await;
-    let expected = RATE * window.as_secs_f64() + BURST;
-    eprintln!("shared over {window:?}: {c:?}, expected {expected}");
-    assert_eq!(c.other, 0, "{c:?}");
-    assert!(
-        (c.ok as f64 - expected).abs() <= expected * 0.10,
-        "admitted {} over {window:?} after Redis came back, expected {expected} ±10% ({c:?}); fallbacks {before} → {:?}",
-        c.ok,
-        fallbacks(&nodes).await
-    );
+    let c = shared_load(
+        &nodes,
+        &all,
+        Duration::from_secs(3),
+        "after Redis came back",
+    )
+    .await;
     let after: f64 = fallbacks(&nodes).await.iter().sum();
     assert!(
         after - before <= (c.ok + c.limited) as f64 * 0.02,
