@@ -562,11 +562,11 @@ check_servers() {
 }
 
 measure() {  # scenario target round
-  local s=$1 t=$2 r=$3 k="$1/$2" pid=${T_PID[$1/$2]} before after out rps p50 p99 reqs cpu errs logf=""
+  local s=$1 t=$2 r=$3 k="$1/$2" pid=${T_PID[$1/$2]} before after f0 f1 flt out rps p50 p99 reqs cpu errs logf=""
   [[ ${T_KIND[$k]} = h2 ]] && logf="$DIR/h2load-$s-$t-$r.log"
-  before=$(cpu_ticks "$pid")
+  before=$(cpu_ticks "$pid"); f0=$(minor_faults "$pid")
   out=$(run_load "$k" "$DURATION" "$logf") || die "load generator failed against $k: $out"
-  after=$(cpu_ticks "$pid")
+  after=$(cpu_ticks "$pid"); f1=$(minor_faults "$pid")
   echo "$out" >"$DIR/out-$s-$t-$r.txt"
   check_servers
   if [[ ${T_KIND[$k]} = h2 ]]; then
@@ -589,12 +589,13 @@ measure() {  # scenario target round
     || die "no requests completed against $k (or unparsable output; see $DIR/out-$s-$t-$r.txt and the server's stderr): $out"
   if [[ -n $pid ]]; then
     cpu=$(awk -v d=$((after - before)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN {printf "%.2f", d * 1e6 / hz / n}')
+    flt=$(awk -v d=$((f1 - f0)) -v n="$reqs" 'BEGIN {printf "%.3f", d / n}')
   else
-    cpu="-"
+    cpu="-" flt="-"
   fi
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$t" "$r" "$rps" "$p50" "$p99" "$reqs" "$cpu" "$errs" >>"$RAW"
-  printf 'bench: (%s) round %d %-12s %10s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req  errors %s\n' \
-    "$s" "$r" "$t" "$rps" "$p50" "$p99" "$cpu" "$errs" >&2
+  printf 'bench: (%s) round %d %-12s %10s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req  faults %5s/req  errors %s\n' \
+    "$s" "$r" "$t" "$rps" "$p50" "$p99" "$cpu" "$flt" "$errs" >&2
 }
 
 median() {  # scenario target column-of-RAW
