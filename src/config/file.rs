@@ -71,6 +71,7 @@ pub struct LimitsFile {
     pub header_timeout: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
     pub client_timeout: Option<Spanned<String>>,
+    pub body_min_rate: Option<Spanned<String>>,
     pub max_request_line: Option<Spanned<String>>,
     pub max_header_bytes: Option<Spanned<String>>,
     pub max_headers: Option<Spanned<i64>>,

@@ -59,6 +59,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Each read of a request body and each write of a response to the client must make
 /// progress within this (slow body, slow read).
 pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes per second a request body must average once `client_timeout` has passed since its
+/// first byte (Apache mod_reqtimeout's default `MinRate=500`): a legitimate upload on the
+/// slowest mobile link is far faster, a body trickled to hold a connection is not.
+pub const DEFAULT_BODY_MIN_RATE: u64 = 500;
 /// Longest request line, else 414 (nginx's large_client_header_buffers is 8 KiB).
 pub const DEFAULT_MAX_REQUEST_LINE: usize = 8 * 1024;
 /// Largest request head, else 431.
@@ -72,6 +76,8 @@ pub struct Limits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub client_timeout: Duration,
+    /// Bytes per second a request body must average after `client_timeout`; 0: no pace.
+    pub body_min_rate: u64,
     pub max_request_line: usize,
     pub max_header_bytes: usize,
     pub max_headers: usize,

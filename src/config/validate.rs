@@ -137,6 +137,11 @@ impl Validator<'_> {
             header_timeout: self.duration(&l.header_timeout, ctx, DEFAULT_HEADER_TIMEOUT),
             idle_timeout: self.duration(&l.idle_timeout, ctx, DEFAULT_IDLE_TIMEOUT),
             client_timeout: self.duration(&l.client_timeout, ctx, DEFAULT_CLIENT_TIMEOUT),
+            body_min_rate: l
+                .body_min_rate
+                .as_ref()
+                .and_then(|r| self.size(r, ctx))
+                .unwrap_or(DEFAULT_BODY_MIN_RATE),
             max_request_line: size(self, &l.max_request_line, DEFAULT_MAX_REQUEST_LINE),
             max_header_bytes: size(self, &l.max_header_bytes, DEFAULT_MAX_HEADER_BYTES),
             max_headers: self

@@ -11,6 +11,7 @@
 
 pub mod head;
 pub mod linger;
+pub mod pace;
 
 use std::sync::Arc;
 use std::time::Duration;

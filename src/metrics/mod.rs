@@ -231,7 +231,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         edge_refusals: counter(
             &r,
             "busbar_edge_refusals_total",
-            "Requests refused at the front door before parsing, by reason.",
+            "Requests refused at the front door (bad or slow heads), or cut off for a slow body or a stalled response write, by reason.",
             &["reason"],
         ),
         connect_refused: int_counter(

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::edge::pace::BodyPace;
 use crate::proxy::reply::Cause;
 use crate::proxy::trace::TraceContext;
 use crate::registry::{Instance, InstanceSet};
@@ -66,6 +67,8 @@ pub struct RequestCtx {
     pub trace: TraceContext,
     pub sticky_key: u64,
     pub body_bytes: u64,
+    /// How slowly the request body may arrive (set in `request_filter`).
+    pub body_pace: BodyPace,
     pub counted: bool,
     /// Admission's verdict; holds the service slot until the request ends.
     pub admitted: Option<crate::admission::Admitted>,
@@ -95,6 +98,7 @@ impl RequestCtx {
             trace: TraceContext::default(),
             sticky_key: 0,
             body_bytes: 0,
+            body_pace: BodyPace::new(crate::config::DEFAULT_CLIENT_TIMEOUT, 0),
             counted: false,
             admitted: None,
             grpc_web: None,

@@ -26,6 +26,7 @@ use crate::accesslog::{AccessLog, Entry};
 use crate::admission;
 use crate::balance::hash_key;
 use crate::config::{HashKey, Protocol};
+use crate::edge::pace::BodyPace;
 use crate::fallback;
 use crate::health::state::now_ms;
 use crate::metrics::{class_index, METRICS};
@@ -220,12 +221,15 @@ impl BusbarProxy {
         ctx: &mut RequestCtx,
         snapshot: &Snapshot,
     ) -> Result<bool> {
-        // Slow body, slow read: each read and write to the client must make progress.
-        let client_timeout = Some(snapshot.config.limits.client_timeout);
+        // Slow body, slow read: each read and write to the client must make progress,
+        // and the body must keep its pace (`edge::pace`).
+        let limits = &snapshot.config.limits;
+        let client_timeout = Some(limits.client_timeout);
         session.as_downstream_mut().set_read_timeout(client_timeout);
         session
             .as_downstream_mut()
             .set_write_timeout(client_timeout);
+        ctx.body_pace = BodyPace::new(limits.client_timeout, limits.body_min_rate);
         let req = session.req_header();
         ctx.trace = trace::TraceContext::from_header(
             req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()),
@@ -333,9 +337,9 @@ impl ProxyHttp for BusbarProxy {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let (Some(b), Some(route)) = (body.as_ref(), ctx.route.as_ref()) {
@@ -347,8 +351,12 @@ impl ProxyHttp for BusbarProxy {
                     "request body too large",
                 ));
             }
+            if !end_of_stream {
+                ctx.body_pace
+                    .after_chunk(session.as_downstream_mut(), ctx.body_bytes)?;
+            }
         }
-        crate::translate::request_body(ctx, body, _end_of_stream)
+        crate::translate::request_body(ctx, body, end_of_stream)
     }
 
     async fn upstream_peer(
@@ -597,6 +605,22 @@ impl ProxyHttp for BusbarProxy {
                 ErrorSource::Downstream,
                 ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
             ) => None,
+            // Slow read: the client stopped reading its response; nothing can be answered.
+            (ErrorSource::Downstream, ErrorType::WriteTimedout) => {
+                METRICS
+                    .edge_refusals
+                    .with_label_values(&["send_timeout"])
+                    .inc();
+                None
+            }
+            // Slow body: it stalled or fell behind its pace.
+            (ErrorSource::Downstream, ErrorType::ReadTimedout) => {
+                METRICS
+                    .edge_refusals
+                    .with_label_values(&["body_timeout"])
+                    .inc();
+                Some(Cause::BodyTimeout)
+            }
             (ErrorSource::Downstream, _) => Some(Cause::BadRequest),
             (_, ErrorType::HTTPStatus(413)) => Some(Cause::BodyTooLarge),
             (ErrorSource::Upstream, _) => Some(ctx.cause.unwrap_or(Cause::UpstreamError)),

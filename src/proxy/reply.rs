@@ -17,6 +17,8 @@ pub enum Cause {
     UpstreamTimeout,
     UpstreamError,
     BadRequest,
+    /// The request body stalled or fell behind `body_min_rate`.
+    BodyTimeout,
     /// Refused by admission (ACL, identity, rate limit, queue).
     Admission(crate::admission::RejectKind),
 }
@@ -30,6 +32,7 @@ impl Cause {
             Cause::ConnectFailed | Cause::UpstreamError => 502,
             Cause::UpstreamTimeout => 504,
             Cause::BadRequest => 400,
+            Cause::BodyTimeout => 408,
             Cause::Admission(k) => k.status(),
         }
     }
@@ -43,6 +46,7 @@ impl Cause {
             Cause::UpstreamTimeout => "upstream_timeout",
             Cause::UpstreamError => "upstream_error",
             Cause::BadRequest => "bad_request",
+            Cause::BodyTimeout => "body_timeout",
             Cause::Admission(k) => k.code(),
         }
     }
@@ -56,6 +60,7 @@ impl Cause {
             Cause::UpstreamTimeout => "the upstream did not answer in time",
             Cause::UpstreamError => "the upstream connection failed before a complete response",
             Cause::BadRequest => "the request is malformed",
+            Cause::BodyTimeout => "the request body did not arrive in time",
             Cause::Admission(_) => "the request was not admitted",
         }
     }
