@@ -222,3 +222,262 @@ max_body = "1KiB"
         );
     }
 }
+
+/// What the raw upstream of the slow-client tests saw on one connection.
+#[derive(Debug, Clone)]
+struct UpstreamConn {
+    path: String,
+    /// Body bytes received (POST) or response bytes written (`GET /big`).
+    bytes: usize,
+    /// The connection ended before the declared body was in (POST), or a response write
+    /// failed because busbar closed the connection (`GET /big`).
+    cut: bool,
+    /// When that happened.
+    at: Instant,
+}
+
+/// A raw HTTP/1.1 upstream: records each connection's fate (see `UpstreamConn`), answers
+/// a complete POST body with 200, and `GET /big` with `BIG` bytes written as fast as busbar
+/// takes them. Stops when dropped.
+struct RawUpstream {
+    addr: std::net::SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<UpstreamConn>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+const BIG: usize = 256 << 20;
+
+impl RawUpstream {
+    async fn start() -> RawUpstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((s, _)) = listener.accept().await {
+                conns.spawn(Self::serve(s, log.clone()));
+            }
+        });
+        RawUpstream { addr, seen, task }
+    }
+
+    async fn serve(mut s: TcpStream, log: std::sync::Arc<std::sync::Mutex<Vec<UpstreamConn>>>) {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        let end = loop {
+            match s.read(&mut chunk).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => return,
+            }
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+        let path = head.split(' ').nth(1).unwrap_or("").to_string();
+        let (bytes, cut) = if path == "/big" {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n");
+            let mut sent = 0;
+            let mut cut = s.write_all(head.as_bytes()).await.is_err();
+            while !cut && sent < BIG {
+                cut = s.write_all(&chunk).await.is_err();
+                sent += chunk.len();
+            }
+            (sent, cut)
+        } else {
+            let declared: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            let mut got = buf.len() - end;
+            while got < declared {
+                match s.read(&mut chunk).await {
+                    Ok(n) if n > 0 => got += n,
+                    _ => break,
+                }
+            }
+            if got >= declared {
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+            }
+            (got, got < declared)
+        };
+        log.lock().unwrap().push(UpstreamConn {
+            path,
+            bytes,
+            cut,
+            at: Instant::now(),
+        });
+    }
+
+    fn seen(&self) -> Vec<UpstreamConn> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// busbar with a 1 s `client_timeout` (per read and write, and the body's grace) in front
+/// of a raw upstream.
+async fn slow_client_bus(upstream: &RawUpstream) -> Busbar {
+    Busbar::start(&format!(
+        r#"
+[limits]
+client_timeout = "1s"
+
+[[service]]
+name = "s"
+endpoints = [{{ addr = "{}" }}]
+timeout = "60s"
+read_timeout = "60s"
+[[route]]
+name = "all"
+service = "s"
+"#,
+        upstream.addr
+    ))
+    .await
+}
+
+/// Reads until busbar closes the connection (or `within` passes): what came back, and
+/// whether it was closed.
+async fn read_until_closed(s: &mut TcpStream, within: Duration) -> (String, bool) {
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(within, s.read_to_end(&mut out))
+        .await
+        .is_ok();
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+/// Case 3b, slow body: a client that sends part of a declared body and then nothing gets
+/// 408 `body_timeout` once `client_timeout` passes with no byte, its connection is closed,
+/// and the upstream connection carrying the half request is closed with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_gets_408_and_the_upstream_half_request_is_closed() {
+    let upstream = RawUpstream::start().await;
+    let bus = slow_client_bus(&upstream).await;
+    let mut s = TcpStream::connect(bus.http).await.unwrap();
+    let start = Instant::now();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let (reply, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    let took = start.elapsed();
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("body_timeout"), "{reply}");
+    assert!(closed, "the connection stayed open after the 408");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "answered after {took:?} (client_timeout 1s)"
+    );
+    // The upstream saw the head and the 10 bytes, then its connection ended.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!((seen[0].path.as_str(), seen[0].bytes), ("/upload", 10));
+    assert!(seen[0].cut, "{seen:?}");
+    assert!(seen[0].at.duration_since(start) < Duration::from_secs(4));
+    assert_eq!(
+        bus.metric(r#"busbar_edge_refusals_total{reason="body_timeout"}"#)
+            .await,
+        1.0
+    );
+}
+
+/// Case 3b, slow body (R-U-Dead-Yet): a byte every 200 ms never lets a 1 s per-read timeout
+/// fire, but the body must average `body_min_rate` (500 B/s by default) once its 1 s of
+/// grace is spent: it is cut off with 408, and the upstream's half request ends too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_body_is_cut_off_once_it_falls_behind_its_pace() {
+    let upstream = RawUpstream::start().await;
+    let bus = slow_client_bus(&upstream).await;
+    let s = TcpStream::connect(bus.http).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let start = Instant::now();
+    wr.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\nx")
+        .await
+        .unwrap();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if wr.write_all(b"x").await.is_err() {
+                break;
+            }
+        }
+        wr
+    });
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(8), rd.read_to_end(&mut out))
+        .await
+        .is_ok();
+    let took = start.elapsed();
+    let _ = trickle.await;
+    let reply = String::from_utf8_lossy(&out);
+    assert!(
+        reply.starts_with("HTTP/1.1 408"),
+        "after {took:?}, closed: {closed}: {reply:?}"
+    );
+    assert!(reply.contains("body_timeout"), "{reply}");
+    assert!(closed);
+    assert!(took < Duration::from_secs(4), "cut off after {took:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].cut && seen[0].bytes < 100, "{seen:?}");
+    assert!(seen[0].at.duration_since(start) < Duration::from_secs(4));
+}
+
+/// Case 3b, slow read: a client that asks for a large response and never reads it is
+/// disconnected once a write to it has made no progress for `client_timeout`; busbar
+/// drops the upstream connection (its writes fail) and holds no connection afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected_by_the_send_timeout() {
+    let upstream = RawUpstream::start().await;
+    let bus = slow_client_bus(&upstream).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(bus.http).await.unwrap();
+    let start = Instant::now();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    // Don't read; busbar's writes fill the socket buffers and stall.
+    let deadline = start + Duration::from_secs(6);
+    let mut held = f64::NAN;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        held = bus.metric("busbar_downstream_connections").await;
+        if held == 0.0 && !upstream.seen().is_empty() {
+            break;
+        }
+    }
+    let took = start.elapsed();
+    assert_eq!(
+        held, 0.0,
+        "busbar still holds the connection after {took:?}"
+    );
+    assert!(took >= Duration::from_millis(900), "closed after {took:?}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(
+        seen[0].cut && seen[0].bytes < BIG,
+        "the upstream was not cut off: {seen:?}"
+    );
+    assert_eq!(
+        bus.metric(r#"busbar_edge_refusals_total{reason="send_timeout"}"#)
+            .await,
+        1.0
+    );
+    // What the client can still read is what was in flight, then the connection ends.
+    let (got, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    assert!(closed, "the client's connection was never closed");
+    assert!(got.starts_with("HTTP/1.1 200"));
+    assert!(got.len() < BIG, "the whole response arrived");
+}
