@@ -1,5 +1,6 @@
 //! The front door: ambiguous framing, oversize heads and slow heads are refused before
-//! anything reaches an upstream.
+//! anything reaches an upstream; slow bodies and clients that stop reading are cut off by
+//! their timeouts.
 
 mod common;
 
