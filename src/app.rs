@@ -1,6 +1,7 @@
 //! The one place that wires busbar together: listeners, the proxy, the admin API and
 //! every background task, in order. Read this file to learn the system.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ use crate::cluster::etcd::{Etcd, EtcdWatch};
 use crate::config::{Config, RegistryBackend};
 use crate::edge::Edge;
 use crate::health::checker::HealthChecker;
+use crate::listeners::DrainedListeners;
 use crate::metrics::METRICS;
 use crate::proxy::BusbarProxy;
 use crate::registry::api::{Embedded, RegistrationApi, Writer};
@@ -132,13 +134,12 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let mut options = HttpServerOptions::default();
     options.h2c = true;
     http_proxy.server_options = Some(options);
-    let mut proxy = ListeningService::new(
-        "busbar proxy".to_string(),
-        Edge {
-            proxy: Arc::new(http_proxy),
-            state: state.clone(),
-        },
-    );
+    let http_proxy = Arc::new(http_proxy);
+    let edge = || Edge {
+        proxy: http_proxy.clone(),
+        state: state.clone(),
+    };
+    let mut proxy = ListeningService::new("busbar proxy".to_string(), edge());
     for addr in &listen.http {
         // No L4 read buffer on plaintext: pingora's default is 64 KiB per connection
         // (for TLS records), which made 10,000 idle keep-alive connections cost ~300 MiB.
@@ -155,6 +156,15 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         settings.enable_h2();
         proxy.add_tls_with_settings(&tls.addr.to_string(), None, settings);
     }
+    // busbar holds the plaintext sockets too: a drain answers what the kernel queued
+    // before closing them (pingora's close would reset those connections).
+    let listeners_closed = Arc::new(AtomicBool::new(false));
+    let proxy = DrainedListeners::new(
+        proxy,
+        Arc::new(edge()),
+        listen.http.clone(),
+        listeners_closed.clone(),
+    );
 
     // 2. The admin API, on its own (loopback by default) listener and thread.
     let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
@@ -219,6 +229,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         Drain {
             access_log,
             grace: state.load().config.server.grace_period,
+            listeners_closed,
         },
     );
 
@@ -309,6 +320,8 @@ impl BackgroundService for ReloadOnHangup {
 struct Drain {
     access_log: Arc<AccessLog>,
     grace: Duration,
+    /// Set once the last queued connections are accepted and the listeners closed.
+    listeners_closed: Arc<AtomicBool>,
 }
 
 #[async_trait]
@@ -326,9 +339,12 @@ impl BackgroundService for Drain {
             in_flight = METRICS.in_flight.get(),
             "draining: no new connections, finishing requests in flight"
         );
-        // Requests in flight, and connections the front door keeps open a moment
-        // for a request already on its way (`edge::DRAIN_LINGER`).
-        while (METRICS.in_flight.get() > 0 || METRICS.connections.get() > 0)
+        // Requests in flight, connections the front door keeps open a moment for a
+        // request already on its way (`edge::DRAIN_LINGER`), and the connections still
+        // queued on the listeners (`crate::listeners`).
+        while (METRICS.in_flight.get() > 0
+            || METRICS.connections.get() > 0
+            || !self.listeners_closed.load(Ordering::Acquire))
             && Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -16,6 +16,7 @@ pub mod durable;
 pub mod edge;
 pub mod fallback;
 pub mod health;
+pub mod listeners;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{client, Backend, Busbar, SIGHUP, SIGTERM};
+use common::{client, Backend, Busbar, SIGCONT, SIGHUP, SIGSTOP, SIGTERM};
 use serde_json::Value;
 
 const RELOADS_OK: &str = r#"busbar_config_reloads_total{result="ok"}"#;
@@ -560,6 +560,42 @@ async fn a_request_on_an_idle_connection_during_drain_is_answered() {
         "{:?}",
         term.elapsed()
     );
+}
+
+/// Defect D5 (RELIABILITY.md): connections the kernel had completed but busbar had not
+/// yet accepted when SIGTERM came were reset when the listening socket closed, so their
+/// clients (connect succeeded, request sent) got a reset instead of an answer. The
+/// process is stopped while they queue, so they are still in the kernel's accept queue
+/// when it resumes and handles SIGTERM; each must be answered.
+#[tokio::test]
+async fn connections_queued_when_the_drain_starts_are_answered() {
+    use tokio::io::AsyncWriteExt;
+    const QUEUED: usize = 200;
+    let a = Backend::start("a").await;
+    let mut bus = Busbar::start(&one_service(a.addr)).await;
+    bus.signal(SIGSTOP);
+    let mut queued = Vec::new();
+    for _ in 0..QUEUED {
+        let mut s = tokio::net::TcpStream::connect(bus.http).await.unwrap();
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        queued.push(s);
+    }
+    bus.signal(SIGTERM);
+    bus.signal(SIGCONT);
+    let mut answered = 0;
+    for mut s in queued {
+        if let Some(head) = read_response(&mut s).await {
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, QUEUED, "queued connections reset by the drain");
+    assert_eq!(a.hits(), QUEUED);
+    let code = bus.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(code, Some(0), "exit after drain:\n{}", bus.stderr());
+    assert!(tokio::net::TcpStream::connect(bus.http).await.is_err());
 }
 
 /// A complete configuration for `busbar check`, with `route_extra` inside route `x`.

@@ -279,6 +279,8 @@ pub fn check(path: &Path) -> std::process::Output {
 pub const SIGHUP: i32 = 1;
 pub const SIGKILL: i32 = 9;
 pub const SIGTERM: i32 = 15;
+pub const SIGCONT: i32 = 18;
+pub const SIGSTOP: i32 = 19;
 
 impl Busbar {
     /// Kills the process with SIGKILL (no drain, no snapshot flush) and starts it again
