@@ -307,3 +307,27 @@ pub fn sha256_hex(token: &str) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// Connects the way a client does that resolved one name to several addresses (curl, Go,
+/// Envoy with DNS A records): tries `addrs` in order from `start`, moving on to the next
+/// when a connect is refused, fails or takes over 2 s. Returns the addresses that failed
+/// (index, why) and the index and stream of the one that took the connection, if any did.
+pub async fn connect_first(
+    addrs: &[SocketAddr],
+    start: usize,
+) -> (
+    Vec<(usize, std::io::Error)>,
+    Option<(usize, tokio::net::TcpStream)>,
+) {
+    let mut failed = Vec::new();
+    for k in 0..addrs.len() {
+        let i = (start + k) % addrs.len();
+        let connect = tokio::net::TcpStream::connect(addrs[i]);
+        match tokio::time::timeout(Duration::from_secs(2), connect).await {
+            Ok(Ok(s)) => return (failed, Some((i, s))),
+            Ok(Err(e)) => failed.push((i, e)),
+            Err(_) => failed.push((i, std::io::ErrorKind::TimedOut.into())),
+        }
+    }
+    (failed, None)
+}
