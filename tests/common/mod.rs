@@ -5,6 +5,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod backend;
+pub mod daemon;
 pub mod etcd;
 pub mod forwarder;
 pub mod redis;

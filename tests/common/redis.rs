@@ -1,23 +1,41 @@
 //! A throwaway Redis (Debian's redis-server) on a run-time port, stopped when dropped.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use super::daemon::{wait_until, Daemon};
 use super::free_port;
 
 pub struct Redis {
-    child: Option<Child>,
+    daemon: Daemon,
     pub port: u16,
     pub dir: tempfile::TempDir,
 }
 
 impl Redis {
     pub async fn start() -> Redis {
-        let mut r = Redis {
-            child: None,
-            port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut args = vec!["--port".into(), port.to_string().into()];
+        args.extend(
+            [
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+            ]
+            .map(Into::into),
+        );
+        args.push(dir.path().as_os_str().to_owned());
+        let daemon = Daemon::new(
+            "redis-server",
+            args,
+            dir.path().join("redis.log"),
+            "Debian's redis-server package",
+        );
+        let mut r = Redis { daemon, port, dir };
         r.spawn().await;
         r
     }
@@ -27,26 +45,15 @@ impl Redis {
     }
 
     async fn spawn(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("redis.log")).unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("redis-server from Debian's redis-server package");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if self.ping().await {
-                return;
-            }
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.daemon.start();
+        let within = Duration::from_secs(10);
+        wait_until(
+            "redis-server start",
+            within,
+            Duration::from_millis(50),
+            || self.ping(),
+        )
+        .await;
     }
 
     /// `PING` over a raw socket: true on `+PONG`.
@@ -67,21 +74,12 @@ impl Redis {
 
     /// Kills Redis (SIGKILL, by its pid); its data is gone (no persistence).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.daemon.stop();
     }
 
     /// Starts a fresh Redis on the same port.
     pub async fn restart(&mut self) {
         self.stop();
         self.spawn().await;
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
