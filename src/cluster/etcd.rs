@@ -130,34 +130,31 @@ impl Mirror for Etcd {
 #[async_trait]
 impl Writer for Etcd {
     async fn register(&self, reg: Registration) -> Result<(), WriteError> {
-        let mut c = self.conn.client().await.map_err(unavailable)?;
-        let result = async {
-            let value = serde_json::to_vec(&reg).map_err(|e| unavailable(e.to_string()))?;
-            let lease = timed(c.lease_grant(reg.ttl_secs as i64, None))
-                .await
-                .map_err(unavailable)?;
-            let key = self.key(&reg.service, &reg.id);
-            let old = self.lease_of(&reg.service, &reg.id);
-            timed(c.put(key, value, Some(PutOptions::new().with_lease(lease.id()))))
-                .await
-                .map_err(unavailable)?;
-            // The key moved to the new lease; the old one would only expire it later.
-            if let Some(old) = old.filter(|&o| o != lease.id()) {
-                let _ = timed(c.lease_revoke(old)).await;
-            }
-            self.leases
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert((reg.service.clone(), reg.id.clone()), lease.id());
-            // Acknowledged means routable here at once; the watch confirms it everywhere.
-            self.store.upsert_external(reg);
-            Ok(())
-        }
-        .await;
-        if result.is_err() {
-            self.conn.forget().await;
-        }
-        result
+        let value = serde_json::to_vec(&reg).map_err(|e| unavailable(e.to_string()))?;
+        let key = self.key(&reg.service, &reg.id);
+        let ttl = reg.ttl_secs as i64;
+        let old = self.lease_of(&reg.service, &reg.id);
+        let lease = self
+            .conn
+            .run(|mut c| {
+                let (key, value) = (key.clone(), value.clone());
+                async move {
+                    let lease = timed(c.lease_grant(ttl, None)).await?.id();
+                    timed(c.put(key, value, Some(PutOptions::new().with_lease(lease)))).await?;
+                    // The key moved to the new lease; the old one would only expire it later.
+                    if let Some(old) = old.filter(|&o| o != lease) {
+                        let _ = timed(c.lease_revoke(old)).await;
+                    }
+                    Ok(lease)
+                }
+            })
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        self.leases()
+            .insert((reg.service.clone(), reg.id.clone()), lease);
+        // Acknowledged means routable here at once; the watch confirms it everywhere.
+        self.store.upsert_external(reg);
+        Ok(())
     }
 
     async fn heartbeat(&self, service: &str, id: &str) -> Result<Duration, WriteError> {
@@ -170,48 +167,47 @@ impl Writer for Etcd {
         let Some(lease) = self.lease_of(service, id) else {
             return Err(not_found());
         };
-        let mut c = self.conn.client().await.map_err(unavailable)?;
-        let result = async {
-            let (mut keeper, mut stream) = timed(c.lease_keep_alive(lease))
-                .await
-                .map_err(unavailable)?;
-            timed(keeper.keep_alive()).await.map_err(unavailable)?;
-            let resp = timed(stream.message()).await.map_err(unavailable)?;
-            match resp {
-                Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
-                _ => Err(not_found()),
-            }
+        let ttl = self
+            .conn
+            .run(|mut c| async move {
+                let (mut keeper, mut stream) = timed(c.lease_keep_alive(lease)).await?;
+                timed(keeper.keep_alive()).await?;
+                Ok(timed(stream.message()).await?.map_or(0, |r| r.ttl()))
+            })
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        if ttl > 0 {
+            Ok(Duration::from_secs(ttl as u64))
+        } else {
+            Err(not_found())
         }
-        .await;
-        if matches!(result, Err(WriteError::Unavailable(_))) {
-            self.conn.forget().await;
-        }
-        result
     }
 
     async fn deregister(&self, service: &str, id: &str) -> Result<(), WriteError> {
-        let mut c = self.conn.client().await.map_err(unavailable)?;
-        let result = async {
-            let resp = timed(c.delete(self.key(service, id), None))
-                .await
-                .map_err(unavailable)?;
-            if let Some(lease) = self.lease_of(service, id) {
-                let _ = timed(c.lease_revoke(lease)).await;
-            }
-            if resp.deleted() == 0 {
-                return Err(WriteError::NotFound(StoreError::NotFound {
-                    service: service.to_string(),
-                    id: id.to_string(),
-                }));
-            }
-            let _ = self.store.deregister(service, id);
-            Ok(())
+        let key = self.key(service, id);
+        let lease = self.lease_of(service, id);
+        let deleted = self
+            .conn
+            .run(|mut c| {
+                let key = key.clone();
+                async move {
+                    let resp = timed(c.delete(key, None)).await?;
+                    if let Some(lease) = lease {
+                        let _ = timed(c.lease_revoke(lease)).await;
+                    }
+                    Ok(resp.deleted())
+                }
+            })
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        if deleted == 0 {
+            return Err(WriteError::NotFound(StoreError::NotFound {
+                service: service.to_string(),
+                id: id.to_string(),
+            }));
         }
-        .await;
-        if matches!(result, Err(WriteError::Unavailable(_))) {
-            self.conn.forget().await;
-        }
-        result
+        let _ = self.store.deregister(service, id);
+        Ok(())
     }
 }
 

@@ -47,22 +47,20 @@ impl ReleaseEtcd {
         route: &str,
         split: Option<&SplitConfig>,
     ) -> Result<(), ReleaseError> {
-        let mut c = self
-            .conn
-            .client()
-            .await
-            .map_err(ReleaseError::Unavailable)?;
         let key = format!("{}{route}", self.prefix);
-        let result = match split {
-            Some(s) => timed(c.put(key, s.to_json().to_string(), None))
-                .await
-                .map(|_| ()),
-            None => timed(c.delete(key, None)).await.map(|_| ()),
-        };
-        if result.is_err() {
-            self.conn.forget().await;
-        }
-        result.map_err(ReleaseError::Unavailable)
+        let value = split.map(|s| s.to_json().to_string());
+        self.conn
+            .run(|mut c| {
+                let (key, value) = (key.clone(), value.clone());
+                async move {
+                    match value {
+                        Some(v) => timed(c.put(key, v, None)).await.map(|_| ()),
+                        None => timed(c.delete(key, None)).await.map(|_| ()),
+                    }
+                }
+            })
+            .await
+            .map_err(|e| ReleaseError::Unavailable(e.to_string()))
     }
 
     fn parse(&self, key: &[u8], value: &[u8]) -> Option<(String, SplitConfig)> {
