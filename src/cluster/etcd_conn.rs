@@ -91,10 +91,14 @@ impl EtcdConn {
         if let Some(c) = pinned.client.as_ref() {
             return Ok((pinned.at, c.clone()));
         }
+        // Leader required: a member that lost its quorum refuses calls at once (UNAVAILABLE,
+        // "no leader": the next member is tried) and cancels its watches, instead of
+        // holding them open with nothing to say, so the node notices and says degraded.
         let opts = ConnectOptions::new()
             .with_connect_timeout(CALL_TIMEOUT)
             .with_timeout(CALL_TIMEOUT)
-            .with_keep_alive(KEEPALIVE, CALL_TIMEOUT);
+            .with_keep_alive(KEEPALIVE, CALL_TIMEOUT)
+            .with_require_leader(true);
         let endpoint = &self.endpoints[pinned.at % self.endpoints.len().max(1)];
         let c = timed(Client::connect([endpoint], Some(opts))).await?;
         pinned.client = Some(c.clone());
