@@ -164,15 +164,26 @@ impl Writer for Etcd {
                 id: id.to_string(),
             })
         };
-        let Some(lease) = self.lease_of(service, id) else {
-            return Err(not_found());
-        };
+        let known = self.lease_of(service, id);
+        let key = self.key(service, id);
         let ttl = self
             .conn
-            .run(|mut c| async move {
-                let (mut keeper, mut stream) = timed(c.lease_keep_alive(lease)).await?;
-                timed(keeper.keep_alive()).await?;
-                Ok(timed(stream.message()).await?.map_or(0, |r| r.ttl()))
+            .run(|mut c| {
+                let key = key.clone();
+                async move {
+                    // A node that has not seen the key (started while etcd was away, or
+                    // its watch is behind) asks etcd: the instance may well be registered.
+                    let lease = match known {
+                        Some(lease) => lease,
+                        None => match timed(c.get(key, None)).await?.kvs().first() {
+                            Some(kv) if kv.lease() != 0 => kv.lease(),
+                            _ => return Ok(0),
+                        },
+                    };
+                    let (mut keeper, mut stream) = timed(c.lease_keep_alive(lease)).await?;
+                    timed(keeper.keep_alive()).await?;
+                    Ok(timed(stream.message()).await?.map_or(0, |r| r.ttl()))
+                }
             })
             .await
             .map_err(|e| unavailable(e.to_string()))?;
