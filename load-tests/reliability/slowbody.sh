@@ -115,22 +115,23 @@ send_to2=$(( $(metric 'busbar_edge_refusals_total{reason="send_timeout"}') - sen
 body_line=$(grep '^SLOWBODY' <<<"$clients"); read_line=$(grep '^SLOWREAD' <<<"$clients")
 got408=$(field status_408 "$body_line"); opened_body=$(field opened "$body_line")
 opened_read=$(field opened "$read_line")
-# From the timeline: the peak, what busbar held in the last sample while the clients were
-# still connected, and when (seconds after the attack started) each count reached all.
+# From the timeline: the peak, what busbar held in the last sample taken 3 s or more
+# before the clients disconnect, and when (seconds after the attack started) each count
+# reached all.
 read -r held_peak held_end rss_peak half_open_end body_first body_all send_first send_all < <(
-	python3 - "$timeline" "$BODY_CONNS" "$READ_CONNS" <<'PY'
+	python3 - "$timeline" "$BODY_CONNS" "$READ_CONNS" "$attack_len" <<'PY'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
-nb, nr = int(sys.argv[2]), int(sys.argv[3])
+nb, nr, end = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 f = lambda r, k: float(r[k] or 0)
 def when(k, n):
     first = next((r["seconds"] for r in rows if f(r, k) >= 1), "-")
     full = next((r["seconds"] for r in rows if f(r, k) >= n), "-")
     return first, full
-last = rows[-1] if rows else {}
-print(int(max((f(r, "held") for r in rows), default=0)), int(f(last, "held")) if rows else 0,
+last = ([r for r in rows if float(r["seconds"]) <= end - 3] or rows or [{}])[-1]
+print(int(max((f(r, "held") for r in rows), default=0)), int(f(last, "held")) if last else 0,
       int(max((f(r, "rss_kib") for r in rows), default=0)),
-      int(f(last, "upstream_half_requests")) if rows else 0,
+      int(f(last, "upstream_half_requests")) if last else 0,
       *when("body_timeout", nb), *when("send_timeout", nr))
 PY
 )
