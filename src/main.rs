@@ -12,7 +12,7 @@ use tracing_subscriber::EnvFilter;
 // request costs 106k instructions instead of 124k (callgrind); the price is memory:
 // idle RSS 29 MiB instead of 14 and ~1.6 KiB more per open connection (RESULTS.md).
 #[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(

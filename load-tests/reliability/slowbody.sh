@@ -44,38 +44,48 @@ open(p, "w").write(s)
 PY
 "$BUSBAR" check "$CONFIG" >/dev/null
 start_busbar; wait_ready
-measure_max
-base=$(run_wrk "$SECS" "$HALF_CONNS" "$HALF_DELAY")
-log "baseline: $base"
-
 metric() { # metric NAME{labels}: its value in /metrics, 0 when absent
 	curl -fsS "http://127.0.0.1:$ADMIN/metrics" | awk -v m="$1" '$1 == m {print $2; f=1} END {if (!f) print 0}'
 }
 up_stat() { sed -n "s/.*\b$1=\([0-9]*\).*/\1/p" "$WORK/upstream.txt"; }
 
+# sampler FILE: a line a second (seconds since start, connections busbar holds, its
+# body_timeout and send_timeout counts, RSS, the upstream's open half requests) until
+# killed. One curl a second; it runs during the baseline too, so both wrk runs share it.
+sampler() {
+	local t0 now
+	t0=$(date +%s%N)
+	echo "seconds,held,body_timeout,send_timeout,rss_kib,upstream_half_requests" >"$1"
+	while :; do
+		now=$(date +%s%N)
+		curl -fsS "http://127.0.0.1:$ADMIN/metrics" | awk -v t="$(( (now - t0) / 100000000 ))" \
+			-v rss="$(rss_kib "$BUS_PID")" -v half="$(up_stat posts_open)" '
+			$1 == "busbar_downstream_connections" {h = $2}
+			$1 == "busbar_edge_refusals_total{reason=\"body_timeout\"}" {b = $2}
+			$1 == "busbar_edge_refusals_total{reason=\"send_timeout\"}" {w = $2}
+			END {printf "%.1f,%d,%d,%d,%d,%d\n", t / 10, h, b, w, rss, half}' >>"$1"
+		sleep 1
+	done
+}
+
+measure_max
+sampler "$WORK/timeline-0.csv" &
+sampler_pid=$!
+PIDS+=("$sampler_pid")
+base=$(run_wrk "$SECS" "$HALF_CONNS" "$HALF_DELAY")
+log "baseline: $base"
+kill "$sampler_pid"
+
 ramp=$(( (BODY_CONNS + READ_CONNS + RATE - 1) / RATE ))
 attack_len=$((CLIENT_TIMEOUT + ramp + 15))
-# attack_round N: runs the slow clients for attack_len seconds with a sampler writing
-# $WORK/timeline-N.csv; sets ATTACK_PID and SAMPLER_PID (wait for both).
+# attack_round N: starts the slow clients for attack_len seconds and a sampler writing
+# $WORK/timeline-N.csv; sets ATTACK_PID and SAMPLER_PID (wait for the first, kill the second).
 attack_round() {
-	local n=$1 t0
-	t0=$(date +%s.%N)
 	python3 "$REL_DIR/slow_clients.py" attack "$HTTP" "$BODY_CONNS" "$READ_CONNS" "$attack_len" "$RATE" \
-		>"$WORK/attack-$n.txt" 2>>"$OUT/slowbody-clients.err" &
+		>"$WORK/attack-$1.txt" 2>>"$OUT/slowbody-clients.err" &
 	ATTACK_PID=$!
 	PIDS+=("$ATTACK_PID")
-	echo "seconds,held,body_timeout,send_timeout,rss_kib,upstream_half_requests" >"$WORK/timeline-$n.csv"
-	(
-		while kill -0 "$ATTACK_PID" 2>/dev/null; do
-			printf '%s,%s,%s,%s,%s,%s\n' \
-				"$(python3 -c "import time; print(round(time.time() - $t0, 1))")" \
-				"$(metric busbar_downstream_connections)" \
-				"$(metric 'busbar_edge_refusals_total{reason="body_timeout"}')" \
-				"$(metric 'busbar_edge_refusals_total{reason="send_timeout"}')" \
-				"$(rss_kib "$BUS_PID")" "$(up_stat posts_open)"
-			sleep 1
-		done
-	) >>"$WORK/timeline-$n.csv" &
+	sampler "$WORK/timeline-$1.csv" &
 	SAMPLER_PID=$!
 	PIDS+=("$SAMPLER_PID")
 }
@@ -87,7 +97,7 @@ sleep $((ramp + 2)) # the slow connections are open
 attack=$(run_wrk "$SECS" "$HALF_CONNS" "$HALF_DELAY")
 log "under attack: $attack"
 wait "$ATTACK_PID" || true
-wait "$SAMPLER_PID" || true
+kill "$SAMPLER_PID"
 sleep 2
 rss_after=$(rss_kib "$BUS_PID")
 clients=$(cat "$WORK/attack-1.txt")
@@ -103,7 +113,7 @@ send_to=$(metric 'busbar_edge_refusals_total{reason="send_timeout"}')
 log "second round, for memory reuse"
 attack_round 2
 wait "$ATTACK_PID" || true
-wait "$SAMPLER_PID" || true
+kill "$SAMPLER_PID"
 sleep 2
 rss_after2=$(rss_kib "$BUS_PID")
 rss_peak2=$(awk -F, 'NR > 1 && $5 + 0 > m {m = $5 + 0} END {print m + 0}' "$WORK/timeline-2.csv")
