@@ -5,7 +5,7 @@
 //! On SIGTERM pingora's accept loop stops and drops its listener. Closing a listening
 //! socket resets every connection still in the kernel's accept queue: a client whose
 //! connect had succeeded, and whose request was sent, got a reset instead of an answer
-//! (defect D5). With its own handle busbar keeps the socket open until pingora's loops
+//! (defect D8). With its own handle busbar keeps the socket open until pingora's loops
 //! have stopped, then accepts what is queued and hands it to the app like any connection
 //! (the front door answers it with `Connection: close`), and only then closes the socket:
 //! from there on connects are refused and clients move on to other nodes. What remains is

@@ -562,7 +562,7 @@ async fn a_request_on_an_idle_connection_during_drain_is_answered() {
     );
 }
 
-/// Defect D5 (RELIABILITY.md): connections the kernel had completed but busbar had not
+/// Defect D8 (RELIABILITY.md): connections the kernel had completed but busbar had not
 /// yet accepted when SIGTERM came were reset when the listening socket closed, so their
 /// clients (connect succeeded, request sent) got a reset instead of an answer. The
 /// process is stopped while they queue, so they are still in the kernel's accept queue
