@@ -8,7 +8,9 @@
 //! answers the cluster never admits more than the limit. To spare most requests the
 //! round trip, a node takes up to `rate × sync_interval ÷ live nodes` tokens at once and
 //! spends them locally for one `sync_interval`; tokens it does not spend in that time are
-//! lost (the cluster then admits a little less than the limit, never more). A refusal is
+//! lost (the cluster then admits a little less than the limit, never more). Requests
+//! that find the batch empty at the same moment each take a batch; the batches add up,
+//! and a token is spent at most two sync intervals after Redis granted it. A refusal is
 //! remembered until the Retry-After Redis computed, which is exact: no node can get a
 //! token earlier. When Redis is down or slow, the node limits on its own share of the
 //! limit (`limit ÷ live nodes`, last counted), counts each such decision in
@@ -18,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use prometheus::IntCounter;
 use tokio::time::Instant;
@@ -79,6 +82,27 @@ fn divided(config: &RateLimitConfig, n: usize) -> RateLimitConfig {
         global: config.global.map(|(r, b)| (div(r), (b / n).max(1))),
         ..config.clone()
     }
+}
+
+/// Folds a grant that just came back from Redis (`new`, the request that asked already
+/// counted) into the key's lease. Tokens still held are kept, and a new grant adds to
+/// them and renews their deadline: unspent tokens live at most one more sync interval.
+/// A refusal from Redis does not refuse while tokens granted to this node remain: the
+/// request takes one of them. Returns the lease as it now stands for this request.
+fn merge(held: &mut Lease, new: Lease, now: Instant) -> Lease {
+    let spendable = held.until > now && held.tokens > 0;
+    if !spendable {
+        *held = new;
+    } else if new.refused_until.is_none() {
+        held.tokens += new.tokens;
+        held.until = new.until;
+        held.remaining = new.remaining;
+        held.reset = new.reset;
+        held.refused_until = None;
+    } else {
+        held.tokens -= 1;
+    }
+    *held
 }
 
 fn ceil_secs(d: Duration) -> u64 {
@@ -226,26 +250,34 @@ impl ClusterLimiter {
             }
         };
         let now = Instant::now();
-        let until = now + self.redis.config().sync_interval;
         let lease = Lease {
             tokens: g.granted.saturating_sub(1),
-            until,
+            until: now + self.redis.config().sync_interval,
             refused_until: (g.granted == 0).then(|| now + g.retry_after),
             remaining: g.remaining,
             reset: g.reset,
         };
-        // Memory stays bounded: past the cap, keys are not remembered (each request asks).
-        if self.leases.len() < self.config.max_users || self.leases.contains_key(key) {
-            self.leases.insert(key.into(), lease);
-        }
-        if g.granted == 0 {
+        // Several requests may have found the batch empty at once, each asking Redis:
+        // their grants add up (keeping only the last one lost the others' tokens, D9).
+        // Memory stays bounded: past the cap, new keys are not remembered (each asks).
+        let under_cap = self.leases.len() < self.config.max_users;
+        let kept = match self.leases.entry(key.into()) {
+            Entry::Occupied(mut e) => merge(e.get_mut(), lease, now),
+            Entry::Vacant(e) => {
+                if under_cap {
+                    e.insert(lease);
+                }
+                lease
+            }
+        };
+        if kept.refused_until.is_some() {
             let wait = g.retry_after.max(Duration::from_millis(1));
             Ok(Step::Limited(self.info(burst, 0, g.reset.max(wait)), wait))
         } else {
             Ok(Step::Allowed(self.info(
                 burst,
-                g.remaining + lease.tokens,
-                g.reset,
+                kept.remaining + kept.tokens,
+                kept.reset,
             )))
         }
     }
@@ -262,6 +294,50 @@ impl ClusterLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lease(tokens: u32, until: Instant, refused: bool) -> Lease {
+        Lease {
+            tokens,
+            until,
+            refused_until: refused.then_some(until),
+            remaining: 7,
+            reset: Duration::from_millis(100),
+        }
+    }
+
+    #[test]
+    fn grants_that_come_back_together_add_up() {
+        let now = Instant::now();
+        let later = now + Duration::from_millis(100);
+        // Three requests found the batch empty; each was granted 10 (one spent by itself).
+        let mut held = lease(0, now, false);
+        merge(&mut held, lease(9, later, false), now);
+        merge(&mut held, lease(9, later, false), now);
+        let kept = merge(&mut held, lease(9, later, false), now);
+        assert_eq!(kept.tokens, 27, "every grant's tokens stay spendable");
+        assert_eq!(held.until, later);
+    }
+
+    #[test]
+    fn a_refusal_spends_a_held_token_first_and_replaces_a_spent_lease() {
+        let now = Instant::now();
+        let later = now + Duration::from_millis(100);
+        let mut held = lease(2, later, false);
+        let kept = merge(&mut held, lease(0, later, true), now);
+        assert!(
+            kept.refused_until.is_none(),
+            "a held token admits the request"
+        );
+        assert_eq!(held.tokens, 1);
+        // Spent (or expired): the refusal stands and is remembered.
+        let mut spent = lease(0, later, false);
+        assert!(merge(&mut spent, lease(0, later, true), now)
+            .refused_until
+            .is_some());
+        let mut expired = lease(5, now, false);
+        let kept = merge(&mut expired, lease(4, later, false), now);
+        assert_eq!(kept.tokens, 4, "an expired lease's tokens are gone");
+    }
 
     #[test]
     fn the_fallback_share_divides_rate_and_burst() {
