@@ -118,7 +118,7 @@ fn write_ip(out: &mut StackBuf, ip: IpAddr) {
                     out.push(b".");
                 }
                 let digits = [b'0' + o / 100, b'0' + o / 10 % 10, b'0' + o % 10];
-                let skip = if o >= 100 { 0 } else if o >= 10 { 1 } else { 2 };
+                let skip = usize::from(o < 100) + usize::from(o < 10);
                 out.push(&digits[skip..]);
             }
         }
