@@ -13,8 +13,8 @@
 # Pass: no answer other than 200 or 429 and no socket error; before and after, the
 # cluster admits LIMIT ±15%; during, every node admits LIMIT/3 ±25% and counts fallbacks;
 # shared limiting is back within 3 s of Redis answering. `failed=` names what did not.
-# Open defect D9 fails "before" and "after" at the default load: with more than one request
-# in flight on a node, the shared limit admits ~0.75 of LIMIT (CONNS=1 DELAY_MS=3: 1.02).
+# Defect D9 (fixed) failed "before" and "after" at the default load: with more than one
+# request in flight on a node, the shared limit admitted ~0.75 of LIMIT.
 source "$(dirname "$0")/lib.sh"
 PHASE=${PHASE_SECONDS:-10}
 LIMIT=${LIMIT:-300}
