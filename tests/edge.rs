@@ -150,6 +150,32 @@ async fn every_request_on_a_keepalive_connection_is_checked() {
     assert_eq!(paths, ["/1", "/2"]);
 }
 
+/// HTTP/1.1 pipelining: requests sent back to back before any answer are each answered,
+/// in order, and each reaches the backend whole (D11: the second was lost and the
+/// client waited for an answer that never came).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_all_answered_in_order() {
+    let backend = Backend::start("b").await;
+    let bus = bus(&backend).await;
+    let mut s = TcpStream::connect(bus.http).await.unwrap();
+    s.write_all(
+        b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n\
+          POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+          GET /3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(out.matches("HTTP/1.1 200").count(), 3, "{out}");
+    let seen = backend.seen();
+    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(paths, ["/1", "/2", "/3"]);
+    assert_eq!(seen[1].body, b"hello");
+    assert!(seen[0].body.is_empty() && seen[2].body.is_empty());
+}
+
 /// Defect D4 (RELIABILITY.md): a client still sending a body busbar refused got a
 /// connection reset, which threw away the 413 it had already received. busbar now
 /// closes such a connection lingering (FIN, then reads and discards), so the client

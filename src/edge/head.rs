@@ -71,7 +71,15 @@ fn trim_ows(v: &[u8]) -> &[u8] {
 }
 
 /// Checks a complete head (through its final empty line).
-pub fn check(head: &[u8], limits: &HeadLimits) -> Result<(), Refusal> {
+/// How the body after an accepted head is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    /// `Content-Length` bytes (0 when the head declares no body).
+    Length(u64),
+    Chunked,
+}
+
+pub fn check(head: &[u8], limits: &HeadLimits) -> Result<Body, Refusal> {
     if let Some(r) = too_long(head, limits) {
         return Err(r);
     }
@@ -146,7 +154,16 @@ pub fn check(head: &[u8], limits: &HeadLimits) -> Result<(), Refusal> {
     if transfer_encoding && http10 {
         return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
     }
-    Ok(())
+    if transfer_encoding {
+        return Ok(Body::Chunked);
+    }
+    // At most 19 digits: fits a u64.
+    let length = content_length.map_or(0, |v| {
+        v.iter().fold(0u64, |n, d| {
+            n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+        })
+    });
+    Ok(Body::Length(length))
 }
 
 #[cfg(test)]
@@ -159,22 +176,32 @@ mod tests {
         max_headers: 100,
     };
 
-    fn verdict(head: &[u8]) -> Result<(), u16> {
+    fn verdict(head: &[u8]) -> Result<Body, u16> {
         check(head, &L).map_err(|r| r.status)
     }
 
     #[test]
     fn ordinary_heads_pass() {
-        assert_eq!(verdict(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Ok(()));
+        assert_eq!(
+            verdict(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Ok(Body::Length(0))
+        );
         assert_eq!(
             verdict(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n"),
-            Ok(())
+            Ok(Body::Length(5))
         );
         assert_eq!(
             verdict(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n"),
-            Ok(())
+            Ok(Body::Chunked)
         );
-        assert_eq!(verdict(b"GET / HTTP/1.1\r\nX:\tv\r\n\r\n"), Ok(()));
+        assert_eq!(
+            verdict(b"GET / HTTP/1.1\r\nX:\tv\r\n\r\n"),
+            Ok(Body::Length(0))
+        );
+        assert_eq!(
+            verdict(b"PUT / HTTP/1.1\r\nContent-Length: 9999999999999999999\r\n\r\n"),
+            Ok(Body::Length(9_999_999_999_999_999_999))
+        );
     }
 
     #[test]

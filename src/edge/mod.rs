@@ -102,7 +102,8 @@ async fn refuse(stream: &mut L4Stream, status: u16, reason: &str) {
 impl Edge {
     /// Reads and judges the next request head of a plaintext connection.
     ///
-    /// `buf` is the connection's head buffer, kept across its requests (emptied here).
+    /// `buf` is the connection's head buffer, kept across its requests; it holds what
+    /// the client pipelined after the last request handed on, if anything.
     async fn front(
         &self,
         mut conn: Box<Lingering>,
@@ -116,18 +117,20 @@ impl Edge {
             max_headers: limits.max_headers,
         };
         let s = conn.inner_mut();
-        buf.clear();
-        let mut watch = shutdown.clone();
-        // Idle until the first byte; from then on the whole head has `header_timeout`.
-        let first = tokio::select! {
-            r = tokio::time::timeout(limits.idle_timeout, read_more(s, buf)) => r,
-            // Draining: closing an idle keep-alive connection now races a request the
-            // client may be sending on it. Give such a request a moment to arrive; it
-            // is answered with `Connection: close`. A quiet connection is closed after.
-            _ = watch.changed() => tokio::time::timeout(DRAIN_LINGER, read_more(s, buf)).await,
-        };
-        if !matches!(first, Ok(Ok(n)) if n > 0) {
-            return Next::Done;
+        // `buf` may already hold the start of a pipelined request (see below).
+        if buf.is_empty() {
+            let mut watch = shutdown.clone();
+            // Idle until the first byte; from then on the whole head has `header_timeout`.
+            let first = tokio::select! {
+                r = tokio::time::timeout(limits.idle_timeout, read_more(s, buf)) => r,
+                // Draining: closing an idle keep-alive connection now races a request the
+                // client may be sending on it. Give such a request a moment to arrive; it
+                // is answered with `Connection: close`. A quiet connection is closed after.
+                _ = watch.changed() => tokio::time::timeout(DRAIN_LINGER, read_more(s, buf)).await,
+            };
+            if !matches!(first, Ok(Ok(n)) if n > 0) {
+                return Next::Done;
+            }
         }
         let deadline = tokio::time::Instant::now() + limits.header_timeout;
         let end = loop {
@@ -164,9 +167,23 @@ impl Edge {
             return Next::Done;
         }
         match head::check(&buf[..end], &hl) {
-            Ok(()) => {
-                s.rewind(buf);
-                release_large(buf);
+            Ok(body) => {
+                // The proxy gets this request's head and the body bytes already read;
+                // bytes past them are the next, pipelined request and stay here for
+                // the next turn (pingora would drop them). A chunked body's end is not
+                // known here: everything goes, as before.
+                let take = match body {
+                    head::Body::Length(n) => {
+                        let read = (buf.len() - end) as u64;
+                        end + n.min(read) as usize
+                    }
+                    head::Body::Chunked => buf.len(),
+                };
+                s.rewind(&buf[..take]);
+                buf.drain(..take);
+                if buf.is_empty() {
+                    release_large(buf);
+                }
                 Next::Request(conn)
             }
             Err(Refusal { status, reason }) => {
