@@ -6,7 +6,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::{client, Backend, Busbar};
+use common::{client, get_json, Backend, Busbar};
 
 /// One service `s` over `backends` (with these weights) and a catch-all route `r`.
 fn config(balance: &str, extra: &str, backends: &[(&Backend, u32)]) -> String {
@@ -63,14 +63,7 @@ async fn until_hits(backends: &[&Backend], n: usize) {
 async fn until_idle(bus: &Busbar) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let v: serde_json::Value = client()
-            .get(bus.admin_url("/v1/services"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = get_json(client().get(bus.admin_url("/v1/services"))).await;
         let busy: u64 = v["services"]
             .as_array()
             .unwrap()

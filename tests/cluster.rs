@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::etcd::Etcd;
-use common::{client, connect_first, sha256_hex, Backend, Busbar, SIGKILL, SIGTERM};
+use common::etcd::{orders_on_etcd, Etcd};
+use common::{client, connect_first, get_json, Backend, Busbar, SIGKILL, SIGTERM};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -26,30 +26,7 @@ fn config(etcd: &Etcd) -> String {
 
 /// The cluster config with extra keys in service `orders` (e.g. its `balance`).
 fn config_with(etcd: &Etcd, service_extra: &str) -> String {
-    format!(
-        r#"
-[registry]
-listen = "{{registry}}"
-backend = "etcd"
-[registry.etcd]
-endpoints = ["{endpoint}"]
-prefix = "/busbar-test/services/"
-[[registry.token]]
-token_sha256 = "{hash}"
-services = ["orders"]
-
-[[service]]
-name = "orders"
-registration = true
-{service_extra}
-[[route]]
-name = "orders"
-path_prefix = "/orders"
-service = "orders"
-"#,
-        endpoint = etcd.endpoint(),
-        hash = sha256_hex(TOKEN),
-    )
+    orders_on_etcd(&[etcd.endpoint()], TOKEN, service_extra)
 }
 
 async fn put(bus: &Busbar, path: &str, body: Option<Value>) -> reqwest::Response {
@@ -140,14 +117,7 @@ async fn three_nodes_share_registrations_through_etcd() {
         assert!(Instant::now() < deadline, "node 2 never reported degraded");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let h: Value = client()
-        .get(n2.admin_url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = get_json(client().get(n2.admin_url("/healthz"))).await;
     assert_eq!(h["status"], "degraded");
 
     // etcd is back: new registrations flow to every node again.
@@ -173,22 +143,8 @@ async fn three_nodes_share_registrations_through_etcd() {
     let deadline = Instant::now() + Duration::from_secs(5);
     for n in [&n1, &n2, &n3] {
         loop {
-            let v: Value = client()
-                .get(n.registry_url("/v1/services/orders"))
-                .bearer_auth(TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let ids: Vec<&str> = v["instances"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter_map(|i| i["id"].as_str())
-                .collect();
-            if ids.contains(&"a2") {
+            let ids = listed(n).await;
+            if ids.contains("a2") {
                 break;
             }
             assert!(
@@ -783,15 +739,12 @@ fn record_renewal(out: &mut Renewals, (id, (node, r)): (String, (usize, Result<u
 
 /// The instance ids node `bus` lists for `orders`.
 async fn listed(bus: &Busbar) -> BTreeSet<String> {
-    let v: Value = client()
-        .get(bus.registry_url("/v1/services/orders"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(
+        client()
+            .get(bus.registry_url("/v1/services/orders"))
+            .bearer_auth(TOKEN),
+    )
+    .await;
     v["instances"]
         .as_array()
         .unwrap()

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::daemon::wait_until;
-use common::etcd::Etcd;
-use common::{client, metric_value, sha256_hex, Backend, Busbar};
+use common::etcd::{orders_on_etcd, Etcd};
+use common::{client, get_json, metric_value, Backend, Busbar};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "cluster-etcd-test-token";
@@ -27,30 +27,7 @@ const EXPIRY_SLACK: Duration = Duration::from_secs(4);
 
 /// The nodes' config, with the etcd endpoints in this order (a node starts on the first).
 fn config(endpoints: &[String]) -> String {
-    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-    format!(
-        r#"
-[registry]
-listen = "{{registry}}"
-backend = "etcd"
-[registry.etcd]
-endpoints = [{endpoints}]
-prefix = "/busbar-test/services/"
-[[registry.token]]
-token_sha256 = "{hash}"
-services = ["orders"]
-
-[[service]]
-name = "orders"
-registration = true
-[[route]]
-name = "orders"
-path_prefix = "/orders"
-service = "orders"
-"#,
-        endpoints = endpoints.join(", "),
-        hash = sha256_hex(TOKEN),
-    )
+    orders_on_etcd(endpoints, TOKEN, "")
 }
 
 /// A registration call: its status and JSON body (`null` when there is none).
@@ -140,14 +117,7 @@ async fn route(bus: &Busbar, n: usize, when: &str) -> Vec<String> {
 }
 
 async fn degraded(bus: &Busbar) -> (f64, String) {
-    let h: Value = client()
-        .get(bus.admin_url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = get_json(client().get(bus.admin_url("/healthz"))).await;
     let status = h["status"].as_str().unwrap_or("").to_string();
     (bus.metric("busbar_registry_degraded").await, status)
 }

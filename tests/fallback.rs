@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::forwarder::Forwarder;
-use common::{client, sha256_hex, Backend, Busbar};
+use common::{client, get_json, sha256_hex, Backend, Busbar};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "mesh-test-token";
@@ -126,15 +126,12 @@ async fn a_dead_sidecar_sends_traffic_straight_to_the_app_and_back_after_hold_do
         ) > 0.0,
         "fallback not counted"
     );
-    let v: Value = client()
-        .get(bus.registry_url("/v1/services/orders"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(
+        client()
+            .get(bus.registry_url("/v1/services/orders"))
+            .bearer_auth(TOKEN),
+    )
+    .await;
     assert_eq!(v["instances"][0]["path"], "direct", "{v}");
     assert_eq!(v["instances"][0]["sidecar"]["up"], false, "{v}");
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{client, free_port, Backend, Busbar};
+use common::{client, free_port, get_json, Backend, Busbar};
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
@@ -18,14 +18,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 /// Health of each instance of `service` in `GET /v1/services`, by address.
 async fn instance_health(bus: &Busbar, service: &str) -> BTreeMap<String, String> {
-    let v: Value = client()
-        .get(bus.admin_url("/v1/services"))
-        .send()
-        .await
-        .expect("admin /v1/services")
-        .json()
-        .await
-        .expect("admin JSON");
+    let v = get_json(client().get(bus.admin_url("/v1/services"))).await;
     let svc = v["services"]
         .as_array()
         .expect("services array")

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{client, Backend, Busbar, SIGCONT, SIGHUP, SIGSTOP, SIGTERM};
+use common::{client, get_json, Backend, Busbar, SIGCONT, SIGHUP, SIGSTOP, SIGTERM};
 use serde_json::Value;
 
 const RELOADS_OK: &str = r#"busbar_config_reloads_total{result="ok"}"#;
@@ -271,14 +271,7 @@ async fn a_bad_reload_is_refused_and_the_old_config_keeps_serving() {
     let r = http.get(bus.url("/still")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-backend"], "a");
-    let routes: Value = http
-        .get(bus.admin_url("/v1/routes"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let routes = get_json(http.get(bus.admin_url("/v1/routes"))).await;
     assert_eq!(routes["generation"], 1, "{routes}");
     assert_eq!(routes["routes"][0]["service"], "a", "{routes}");
     assert_eq!(bus.metric(RELOADS_OK).await, 0.0);
@@ -404,14 +397,7 @@ service = "a"
     assert_eq!(r.status(), 200);
     assert_eq!(bus.metric(RELOADS_OK).await, 1.0);
 
-    let routes: Value = http
-        .get(bus.admin_url("/v1/routes"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let routes = get_json(http.get(bus.admin_url("/v1/routes"))).await;
     let listed: Vec<(&str, &str)> = routes["routes"]
         .as_array()
         .expect("a routes array")

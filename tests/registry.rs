@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{client, sha256_hex, Backend, Busbar};
+use common::{client, get_json, sha256_hex, Backend, Busbar};
 use serde_json::{json, Value};
 
 const ORDERS_TOKEN: &str = "orders-secret-token";
@@ -132,15 +132,12 @@ async fn register_heartbeat_expire_and_deregister() {
     assert_eq!(r.status(), 200);
 
     // The listing shows it with its lease.
-    let v: Value = client()
-        .get(bus.registry_url("/v1/services/orders"))
-        .bearer_auth(ORDERS_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(
+        client()
+            .get(bus.registry_url("/v1/services/orders"))
+            .bearer_auth(ORDERS_TOKEN),
+    )
+    .await;
     assert_eq!(v["instances"][0]["id"], "o1");
     assert_eq!(v["instances"][0]["version"], "v1");
     assert_eq!(v["instances"][0]["source"], "registered");
@@ -268,15 +265,12 @@ async fn tokens_are_scoped_and_bad_input_is_named() {
         .unwrap();
     assert_eq!(r.status(), 413);
     // Nothing bad was stored.
-    let v: Value = client()
-        .get(bus.registry_url("/v1/services/orders"))
-        .bearer_auth(ORDERS_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(
+        client()
+            .get(bus.registry_url("/v1/services/orders"))
+            .bearer_auth(ORDERS_TOKEN),
+    )
+    .await;
     assert_eq!(v["instances"].as_array().unwrap().len(), 1);
 }
 
@@ -323,24 +317,14 @@ async fn self_preservation_keeps_instances_when_heartbeats_stop_en_masse() {
         beat(10).await;
     }
     assert_eq!(bus.metric("busbar_registry_self_preservation").await, 1.0);
-    let v: Value = client()
-        .get(bus.registry_url("/v1/services/orders"))
-        .bearer_auth(ORDERS_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(
+        client()
+            .get(bus.registry_url("/v1/services/orders"))
+            .bearer_auth(ORDERS_TOKEN),
+    )
+    .await;
     assert_eq!(v["instances"].as_array().unwrap().len(), 20, "none expired");
-    let admin: Value = client()
-        .get(bus.admin_url("/v1/registry"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin = get_json(client().get(bus.admin_url("/v1/registry"))).await;
     assert_eq!(admin["self_preservation"]["active"], true, "{admin}");
 
     // All renew again: the mode ends.

@@ -212,3 +212,34 @@ impl Etcd {
         self.members[i].daemon.log()
     }
 }
+
+/// A busbar config whose registry is etcd at `endpoints` (a node starts on the first):
+/// service `orders`, open to registration with `token`, with `service_extra` keys (e.g.
+/// its `balance`), routed at `/orders`.
+pub fn orders_on_etcd(endpoints: &[String], token: &str, service_extra: &str) -> String {
+    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        r#"
+[registry]
+listen = "{{registry}}"
+backend = "etcd"
+[registry.etcd]
+endpoints = [{endpoints}]
+prefix = "/busbar-test/services/"
+[[registry.token]]
+token_sha256 = "{hash}"
+services = ["orders"]
+
+[[service]]
+name = "orders"
+registration = true
+{service_extra}
+[[route]]
+name = "orders"
+path_prefix = "/orders"
+service = "orders"
+"#,
+        endpoints = endpoints.join(", "),
+        hash = super::sha256_hex(token),
+    )
+}

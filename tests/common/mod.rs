@@ -259,6 +259,15 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// Sends `req` and parses the answer as JSON (panics, naming the URL, on any failure).
+pub async fn get_json(req: reqwest::RequestBuilder) -> serde_json::Value {
+    let r = req.send().await.unwrap_or_else(|e| panic!("{e}"));
+    let url = r.url().clone();
+    r.json()
+        .await
+        .unwrap_or_else(|e| panic!("JSON from {url}: {e}"))
+}
+
 pub fn h2c_client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
