@@ -158,12 +158,6 @@ impl Writer for Etcd {
     }
 
     async fn heartbeat(&self, service: &str, id: &str) -> Result<Duration, WriteError> {
-        let not_found = || {
-            WriteError::NotFound(StoreError::NotFound {
-                service: service.to_string(),
-                id: id.to_string(),
-            })
-        };
         let known = self.lease_of(service, id);
         let key = self.key(service, id);
         let ttl = self
@@ -190,7 +184,7 @@ impl Writer for Etcd {
         if ttl > 0 {
             Ok(Duration::from_secs(ttl as u64))
         } else {
-            Err(not_found())
+            Err(not_found(service, id))
         }
     }
 
@@ -212,14 +206,18 @@ impl Writer for Etcd {
             .await
             .map_err(|e| unavailable(e.to_string()))?;
         if deleted == 0 {
-            return Err(WriteError::NotFound(StoreError::NotFound {
-                service: service.to_string(),
-                id: id.to_string(),
-            }));
+            return Err(not_found(service, id));
         }
         let _ = self.store.deregister(service, id);
         Ok(())
     }
+}
+
+fn not_found(service: &str, id: &str) -> WriteError {
+    WriteError::NotFound(StoreError::NotFound {
+        service: service.to_string(),
+        id: id.to_string(),
+    })
 }
 
 /// The watch loop as a background service: list, watch, resume; degraded while etcd is away.
