@@ -126,14 +126,12 @@ impl<A: ServerApp + Send + Sync + 'static> DrainedListeners<A> {
             n += 1;
             let mut stream = L4Stream::from(s);
             stream.set_socket_digest(SocketDigest::from_raw_fd(stream.as_raw_fd()));
-            let (app, shutdown) = (self.app.clone(), shutdown.clone());
-            // As pingora's accept loop does: one task per connection, reused while the app says so.
-            tokio::spawn(async move {
-                let mut next = app.process_new(Box::new(stream), &shutdown).await;
-                while let Some(s) = next {
-                    next = app.process_new(s, &shutdown).await;
-                }
-            });
+            // Served as pingora's accept loop serves a connection: its own task.
+            tokio::spawn(ListeningService::handle_event(
+                Box::new(stream),
+                self.app.clone(),
+                shutdown.clone(),
+            ));
         }
     }
 }
