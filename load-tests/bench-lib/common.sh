@@ -68,33 +68,30 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
 
-# utime+stime ticks of a process and all its children (nginx master + workers); 0 for "".
-cpu_ticks() {
-  local pid=$1 total=0 p f fields
+# The sum of /proc/<pid>/stat fields (0-based from field 3, state) over a process and its
+# children (nginx master + workers); 0 for "".
+stat_sum() {  # pid index...
+  local pid=$1 total=0 p f fields i
+  shift
   [[ -n $pid ]] || { echo 0; return; }
   for p in "$pid" $(pgrep -P "$pid" 2>/dev/null); do
     f=$(cat "/proc/$p/stat" 2>/dev/null) || die "process $p is gone"
     f=${f##*) }                     # drop "pid (comm) ": field 3 (state) comes first
     read -r -a fields <<<"$f"
-    total=$((total + fields[11] + fields[12]))  # utime (14) + stime (15)
+    for i in "$@"; do
+      total=$((total + fields[i]))
+    done
   done
   echo "$total"
 }
 
-# Minor page faults of a process and its children (field 10 of /proc/<pid>/stat): a
-# proxy whose allocator hands memory back to the kernel and takes it again pays a fault
-# per page, which shows in its system time but not in an instruction count.
-minor_faults() {
-  local pid=$1 total=0 p f fields
-  [[ -n $pid ]] || { echo 0; return; }
-  for p in "$pid" $(pgrep -P "$pid" 2>/dev/null); do
-    f=$(cat "/proc/$p/stat" 2>/dev/null) || die "process $p is gone"
-    f=${f##*) }
-    read -r -a fields <<<"$f"
-    total=$((total + fields[7]))  # minflt (10)
-  done
-  echo "$total"
-}
+# utime+stime ticks (fields 14 and 15).
+cpu_ticks() { stat_sum "$1" 11 12; }
+
+# Minor page faults (field 10): a proxy whose allocator hands memory back to the kernel
+# and takes it again pays a fault per page, which shows in its system time but not in an
+# instruction count.
+minor_faults() { stat_sum "$1" 7; }
 
 # wrk or h2load latency like 1.23ms / 456.78us / 1.02s -> microseconds.
 to_us() {
