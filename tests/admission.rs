@@ -526,8 +526,7 @@ async fn the_place_was_freed(
 
 /// HTTP/1: a request queued behind a full service, from a raw TCP client that then closes
 /// its socket, gives its place up at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_disconnects_while_queued_frees_its_place() {
+async fn h1_leaver_frees_its_place(request: &[u8], leaver: &'static str) {
     let a = Backend::start("a").await;
     let bus = Busbar::start(&one_slot(a.addr)).await;
     let hold = Duration::from_millis(4000);
@@ -535,12 +534,84 @@ async fn a_client_that_disconnects_while_queued_frees_its_place() {
     let busy = fill_the_slot(&bus, &a, hold.as_millis() as u64).await;
 
     let mut s = tokio::net::TcpStream::connect(bus.http).await.unwrap();
-    s.write_all(b"GET /left?sleep_ms=8000 HTTP/1.1\r\nHost: t\r\nx-user-id: leaver-h1\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(request).await.unwrap();
     wait_metric(&bus, ONE_WAITING, 1.0, Duration::from_secs(3)).await;
     drop(s);
-    the_place_was_freed(&bus, &a, "leaver-h1", busy, busy_ends).await;
+    the_place_was_freed(&bus, &a, leaver, busy, busy_ends).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_while_queued_frees_its_place() {
+    h1_leaver_frees_its_place(
+        b"GET /left?sleep_ms=8000 HTTP/1.1\r\nHost: t\r\nx-user-id: leaver-h1\r\n\r\n",
+        "leaver-h1",
+    )
+    .await;
+}
+
+/// The same with a body: busbar reads it while the request waits (it would otherwise not
+/// see the close behind it) and keeps it for the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_a_body_that_disconnects_while_queued_frees_its_place() {
+    h1_leaver_frees_its_place(
+        b"POST /left?sleep_ms=8000 HTTP/1.1\r\nHost: t\r\nx-user-id: leaver-body\r\n\
+          Content-Length: 11\r\n\r\nhello world",
+        "leaver-body",
+    )
+    .await;
+}
+
+/// A queued request whose body busbar read during the wait reaches the backend with that
+/// body, whole and once, when its turn comes; so does one whose body is still arriving
+/// when the slot frees, and one too long to be read ahead (64 KiB and more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_read_while_queued_reaches_the_backend_whole() {
+    let a = Backend::start("a").await;
+    let bus = Busbar::start(&one_slot(a.addr).replace("max_depth = 1", "max_depth = 4")).await;
+    let busy = fill_the_slot(&bus, &a, 1500).await;
+
+    let small: Vec<u8> = (0..20_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let large: Vec<u8> = (0..100_000u32).map(|i| b'A' + (i % 26) as u8).collect();
+    let post = |user: &'static str, path: &'static str, body: Vec<u8>| {
+        tokio::spawn(
+            client()
+                .post(bus.url(path))
+                .header("x-user-id", user)
+                .body(body)
+                .send(),
+        )
+    };
+    let whole = post("u-small", "/small", small.clone());
+    let big = post("u-large", "/large", large.clone());
+    // A body in two parts, the second sent after the slot has freed.
+    let mut s = tokio::net::TcpStream::connect(bus.http).await.unwrap();
+    s.write_all(
+        b"POST /split HTTP/1.1\r\nHost: t\r\nx-user-id: u-split\r\nContent-Length: 10\r\n\r\nfirst",
+    )
+    .await
+    .unwrap();
+    wait_metric(&bus, ONE_WAITING, 3.0, Duration::from_secs(3)).await;
+    assert_eq!(busy.await.unwrap().unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(b"-last").await.unwrap();
+    let mut head = vec![0u8; 12];
+    tokio::io::AsyncReadExt::read_exact(&mut s, &mut head)
+        .await
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    assert_eq!(whole.await.unwrap().unwrap().status(), 200);
+    assert_eq!(big.await.unwrap().unwrap().status(), 200);
+
+    let body_of = |path: &str| -> Vec<Vec<u8>> {
+        a.seen()
+            .into_iter()
+            .filter(|s| s.path == path)
+            .map(|s| s.body)
+            .collect()
+    };
+    assert_eq!(body_of("/small"), vec![small]);
+    assert_eq!(body_of("/large"), vec![large]);
+    assert_eq!(body_of("/split"), vec![b"first-last".to_vec()]);
 }
 
 /// HTTP/2 (h2c): cancelling a queued request (RST_STREAM) gives its place up at once,

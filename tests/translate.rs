@@ -576,3 +576,63 @@ async fn reload_with_a_changed_proto_swaps_the_mapping_without_dropping_requests
         200
     );
 }
+
+/// A JSON call queued behind a full service: busbar reads its body while it waits (to see
+/// the client leave) and the call made when its turn comes carries that body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_body_read_while_queued_reaches_the_grpc_backend() {
+    let backend = GrpcBackend::start(1).await;
+    let queued = config(&backend, &proto())
+        .replace(
+            "protocol = \"h2c\"\n",
+            "protocol = \"h2c\"\nmax_in_flight = 1\n",
+        )
+        .replace(
+            "cors_origins = [\"https://app.example\"]\n",
+            "cors_origins = [\"https://app.example\"]\n[route.admission]\nqueue = { max_depth = 4, max_wait = \"20s\" }\n",
+        )
+        .replace(
+            "path_prefix = \"/v1/\"\nservice = \"books\"\n",
+            "path_prefix = \"/v1/\"\nservice = \"books\"\n[route.admission]\nqueue = { max_depth = 4, max_wait = \"20s\" }\n",
+        );
+    let bus = Busbar::start(&queued).await;
+
+    // A client stream held open takes the only slot.
+    let mut grpc = BookstoreClient::connect(format!("http://{}", bus.http))
+        .await
+        .unwrap();
+    let (more, books) = tokio::sync::mpsc::channel::<busbar_testkit::pb::Book>(1);
+    let holder = tokio::spawn(async move {
+        grpc.collect_books(tokio_stream::wrappers::ReceiverStream::new(books))
+            .await
+    });
+    more.send(busbar_testkit::pb::Book {
+        id: 5,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    let echo = tokio::spawn(
+        client()
+            .post(bus.url("/v1/echo"))
+            .header("content-type", "application/json")
+            .body(r#"{"id": "9", "title": "read while queued"}"#)
+            .send(),
+    );
+    let waiting = r#"busbar_queue_waiting{service="books"}"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while common::metric_value(&bus.metrics().await, waiting) != 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the JSON call never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(backend.calls().iter().all(|c| c.method != "Echo"));
+    drop(more);
+    assert_eq!(holder.await.unwrap().unwrap().get_ref().id, 5);
+    let (status, v) = json_of(echo.await.unwrap().unwrap()).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v, json!({"id": "9", "title": "read while queued"}));
+}

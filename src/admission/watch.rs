@@ -4,16 +4,21 @@
 //!
 //! Owns: [`admit`], the one call the proxy makes, and what it returns when the client
 //! left ([`Refused::ClientGone`], counted as `decision="abandoned"`).
-//! Must not: read request body bytes or write to the client.
+//! Must not: write to the client, or read body bytes that pingora would not hand on.
 //!
 //! A close is noticed the way pingora notices it while it waits on an upstream
 //! (`pingora-proxy`'s `proxy_h1.rs` / `proxy_h2.rs`):
 //! - HTTP/1: `read_body_or_idle(true)`, a one-byte read once the request body is done.
 //!   0 bytes (FIN) or a reset is a close. Bytes are a request sent before this one was
 //!   answered; pingora (pipelining off, its default) calls that an error, and so do we.
-//!   While body bytes are still unread this would eat one, so such a request is not
-//!   watched and leaves at `max_wait`, as before. pingora's default `abort_on_close` counts
-//!   a half-close (client shut its write side and waits) as gone, as it does when proxying.
+//!   pingora's default `abort_on_close` counts a half-close (client shut its write side
+//!   and waits) as gone, as it does when proxying.
+//! - An HTTP/1 body not yet read is read first, into pingora's retry buffer: the proxy
+//!   sends that buffer upstream before reading on (as it does for a retry), and the
+//!   JSON→gRPC call starts from it. Only a body of a declared length that fits the buffer
+//!   ([`BODY_BUF_LIMIT`]) is read; a longer or chunked one would overflow it and be lost,
+//!   so such a request is not watched and leaves at `max_wait`. A read error there (a
+//!   stalled body past the read timeout) ends the request as the proxy's own read would.
 //! - HTTP/2: the stream's reset, which reads nothing (`watch_h2_stream_close`), with a
 //!   body or without.
 //!
@@ -78,6 +83,16 @@ pub async fn admit(
     }
 }
 
+/// pingora's retry buffer for an HTTP/1 body (`pingora-core`'s `BODY_BUF_LIMIT`): a body
+/// longer than this is truncated in it and would not reach the upstream.
+const BODY_BUF_LIMIT: u64 = 64 * 1024;
+
+/// Is the body's whole length declared, and does it fit the retry buffer?
+fn fits_retry_buffer(req: &pingora_http::RequestHeader) -> bool {
+    req.headers.get(http::header::TRANSFER_ENCODING).is_none()
+        && crate::proxy::declared_length(req).is_some_and(|n| n <= BODY_BUF_LIMIT)
+}
+
 /// `work`, unless `gone` finishes first; then `work` is dropped (leaving any queue).
 /// `work` is polled first, so a request that need not wait never polls `gone`.
 async fn until_gone<T>(
@@ -112,7 +127,17 @@ async fn client_gone(session: &mut ServerSession) -> Box<Error> {
     };
     if session.as_http1().is_some() {
         if !session.is_body_done() {
-            return std::future::pending().await;
+            if !fits_retry_buffer(session.req_header()) {
+                return std::future::pending().await;
+            }
+            session.enable_retry_buffering();
+            loop {
+                match session.read_request_body().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => return closed(e),
+                }
+            }
         }
         return match session.read_body_or_idle(true).await {
             Err(e) => closed(e),

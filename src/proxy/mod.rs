@@ -143,7 +143,7 @@ fn find_route(
 }
 
 /// The request's `Content-Length`, when it declares a valid one.
-fn declared_length(req: &RequestHeader) -> Option<u64> {
+pub(crate) fn declared_length(req: &RequestHeader) -> Option<u64> {
     req.headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

@@ -73,7 +73,8 @@ pub async fn serve(
     let Some(max_body) = ctx.route.as_ref().map(|r| r.config.max_body) else {
         return reply::respond(session, Cause::NoRoute).await;
     };
-    let mut body = BytesMut::new();
+    // A body read while the request was queued is in the retry buffer (admission::watch).
+    let mut body = BytesMut::from(session.as_ref().get_retry_buffer().unwrap_or_default());
     loop {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
