@@ -4,7 +4,10 @@
 //! `Retry-After`, `RateLimit-*`, `WWW-Authenticate`).
 //! Must not: decide whether to refuse; that is the other admission files.
 
+use std::sync::LazyLock;
+
 use bytes::Bytes;
+use http::HeaderValue;
 use pingora_http::ResponseHeader;
 
 use super::rate::RateInfo;
@@ -108,7 +111,33 @@ impl Rejection {
 
 /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (seconds).
 pub fn rate_headers(h: &mut ResponseHeader, r: &RateInfo) {
-    let _ = h.insert_header("ratelimit-limit", r.limit);
-    let _ = h.insert_header("ratelimit-remaining", r.remaining);
-    let _ = h.insert_header("ratelimit-reset", r.reset_secs);
+    let _ = h.insert_header("ratelimit-limit", number(u64::from(r.limit)));
+    let _ = h.insert_header("ratelimit-remaining", number(u64::from(r.remaining)));
+    let _ = h.insert_header("ratelimit-reset", number(r.reset_secs));
+}
+
+/// Numbers below this are formatted once and shared; limits, remainders and reset times
+/// are nearly always small, and these headers go on every rate-limited response.
+const SHARED_NUMBERS: u64 = 1024;
+
+/// `n` as a header value: a shared one (a reference count, no allocation) when small.
+fn number(n: u64) -> HeaderValue {
+    static SMALL: LazyLock<Box<[HeaderValue]>> =
+        LazyLock::new(|| (0..SHARED_NUMBERS).map(HeaderValue::from).collect());
+    match SMALL.get(n as usize) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_shared_or_not_read_the_same() {
+        for n in [0, 7, SHARED_NUMBERS - 1, SHARED_NUMBERS, u64::MAX] {
+            assert_eq!(number(n).to_str().unwrap(), n.to_string());
+        }
+    }
 }
