@@ -94,6 +94,74 @@ rate_limit = {{ rate = "1/m", burst = 2 }}
     );
 }
 
+/// Routes that name one rate-limit group share a user's allowance (and the group's
+/// global limit); a route outside the group counts on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_of_a_rate_limit_group_share_one_allowance() {
+    let a = Backend::start("a").await;
+    let route = |name: &str, prefix: &str, group: &str| {
+        format!(
+            r#"
+[[route]]
+name = "{name}"
+path_prefix = "{prefix}"
+service = "a"
+[route.admission]
+identity = ["header:x-user-id"]
+trusted_proxies = ["127.0.0.0/8"]
+rate_limit = {{ rate = "1/m", burst = 3{group} }}
+"#
+        )
+    };
+    let bus = Busbar::start(&format!(
+        "[[service]]\nname = \"a\"\nendpoints = [{{ addr = \"{}\" }}]\n{}{}{}",
+        a.addr,
+        route("orders", "/orders", ", group = \"shop\""),
+        route("carts", "/carts", ", group = \"shop\""),
+        route("search", "/search", ""),
+    ))
+    .await;
+    let http = client();
+    let get = |path: &'static str, user: &'static str| {
+        let r = http.get(bus.url(path)).header("x-user-id", user).send();
+        async move {
+            let r = r.await.unwrap();
+            let remaining = r.headers()["ratelimit-remaining"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            (r.status().as_u16(), remaining)
+        }
+    };
+    assert_eq!(get("/orders/1", "alice").await, (200, "2".into()));
+    assert_eq!(get("/carts/1", "alice").await, (200, "1".into()));
+    assert_eq!(get("/orders/2", "alice").await, (200, "0".into()));
+    assert_eq!(
+        get("/carts/2", "alice").await,
+        (429, "0".into()),
+        "the group's allowance is spent"
+    );
+    assert_eq!(
+        get("/search", "alice").await,
+        (200, "2".into()),
+        "another route counts alone"
+    );
+    assert_eq!(
+        get("/carts/3", "bob").await,
+        (200, "2".into()),
+        "another user"
+    );
+    let m = bus.metrics().await;
+    assert_eq!(
+        common::metric_value(
+            &m,
+            r#"busbar_admission_decisions_total{decision="limited",reason="user",route="carts"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
 fn jwt(claims: Value, secret: &str) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),

@@ -347,6 +347,7 @@ mod tests {
             global: Some((crate::config::parse_rate("300/s").unwrap(), 2)),
             max_users: 10,
             scope: crate::config::LimitScope::Cluster,
+            group: None,
         };
         let d = divided(&c, 3);
         assert_eq!(d.rate.interval(), Duration::from_secs(1) / 30);

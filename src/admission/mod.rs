@@ -19,7 +19,7 @@ pub mod rate;
 pub mod reject;
 pub mod watch;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -367,6 +367,7 @@ impl Admission {
         let keyring = Arc::new(identity::Keyring::new(&config.auth));
         let redis = stores.set_redis(config.cluster.as_ref());
         let mut policies = HashMap::new();
+        let mut used = HashSet::new();
         for r in config.routes.iter().chain(implicit.iter().copied()) {
             let max_in_flight = config
                 .services
@@ -377,35 +378,31 @@ impl Admission {
             if !a.configured && max_in_flight.is_none() {
                 continue;
             }
+            // The route's counts, or its group's: kept under one key in the stores.
+            let key = a.rate_limit.as_ref().map(|c| c.counter_key(&r.name));
+            if let Some(k) = &key {
+                used.insert(k.clone());
+            }
+            let limit = key.as_deref().zip(a.rate_limit.as_ref());
             let policy = RoutePolicy {
                 acl: acl::Acl::new(a),
                 resolver: identity::Resolver::new(a, keyring.clone()),
                 identity_header: a.identity_header.clone(),
                 normalize_path: a.normalize_path,
-                limiter: a
-                    .rate_limit
-                    .as_ref()
-                    .filter(|c| c.scope == LimitScope::Node || redis.is_none())
-                    .map(|c| stores.limiter(&r.name, c)),
-                cluster_limiter: a
-                    .rate_limit
-                    .as_ref()
-                    .filter(|c| c.scope == LimitScope::Cluster)
-                    .and_then(|c| Some(stores.cluster_limiter(&r.name, c, redis.as_ref()?))),
+                limiter: limit
+                    .filter(|(_, c)| c.scope == LimitScope::Node || redis.is_none())
+                    .map(|(key, c)| stores.limiter(key, c)),
+                cluster_limiter: limit
+                    .filter(|(_, c)| c.scope == LimitScope::Cluster)
+                    .and_then(|(key, c)| Some(stores.cluster_limiter(key, c, redis.as_ref()?))),
                 queue: max_in_flight.map(|m| stores.queue(&r.service, m)),
                 queue_policy: a.queue.clone(),
                 metrics: AdmissionMetrics::new(&r.name, &r.service),
             };
             policies.insert(r.name.clone(), Arc::new(policy));
         }
-        stores
-            .limiters
-            .retain(|name, _| policies.get(name).is_some_and(|p| p.limiter.is_some()));
-        stores.cluster_limiters.retain(|name, _| {
-            policies
-                .get(name)
-                .is_some_and(|p| p.cluster_limiter.is_some())
-        });
+        stores.limiters.retain(|key, _| used.contains(key));
+        stores.cluster_limiters.retain(|key, _| used.contains(key));
         stores.queues.retain(|name, _| {
             config
                 .services

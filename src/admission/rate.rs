@@ -219,6 +219,7 @@ mod tests {
             global: None,
             max_users,
             scope: Default::default(),
+            group: None,
         })
     }
 

@@ -59,6 +59,8 @@ pub struct RateLimitFile {
     pub max_users: Option<Spanned<i64>>,
     /// `"node"` (default) or `"cluster"` (shared through `[cluster]` Redis).
     pub scope: Option<Spanned<String>>,
+    /// Routes naming the same group share its counts.
+    pub group: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,6 +108,20 @@ pub struct RateLimitConfig {
     pub max_users: usize,
     /// Where the count is kept: this node, or Redis for the whole cluster.
     pub scope: LimitScope,
+    /// Routes of one group count together: a user's requests to any of them share one
+    /// allowance, and `global` is for the group. `None`: the route counts alone.
+    pub group: Option<String>,
+}
+
+impl RateLimitConfig {
+    /// What the counts are kept under: the route, or `group:NAME` for a group (route names
+    /// have no `:`, so the two never meet).
+    pub fn counter_key(&self, route: &str) -> String {
+        match &self.group {
+            Some(g) => format!("group:{g}"),
+            None => route.to_string(),
+        }
+    }
 }
 
 /// Where a rate limit is counted.
@@ -251,6 +267,25 @@ impl Validator<'_> {
         rate
     }
 
+    /// The first route of a group sets its limit; the others must say the same, since they
+    /// share one count.
+    fn rate_group(&mut self, g: &Spanned<String>, config: &RateLimitConfig, ctx: &str) {
+        match self.rate_groups.get(g.get_ref()) {
+            None => {
+                self.rate_groups
+                    .insert(g.get_ref().clone(), (config.clone(), ctx.to_string()));
+            }
+            Some((first, _)) if first == config => {}
+            Some((_, first_ctx)) => {
+                let msg = format!(
+                    "rate-limit group \"{}\" is set differently in {first_ctx}: the routes of a group share one limit, so rate, burst, global, max_users and scope must be the same",
+                    g.get_ref()
+                );
+                self.err(g.span(), ctx, msg);
+            }
+        }
+    }
+
     pub(super) fn route_admission(
         &mut self,
         f: Option<&RouteAdmissionFile>,
@@ -359,14 +394,28 @@ impl Validator<'_> {
                     LimitScope::Node
                 }
             };
+            if let Some(g) = &r.group {
+                if !super::validate::valid_identifier(g.get_ref()) {
+                    self.err(
+                        g.span(),
+                        ctx,
+                        "a group name is 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter",
+                    );
+                }
+            }
             if let Some(rate) = rate {
-                out.rate_limit = Some(RateLimitConfig {
+                let config = RateLimitConfig {
                     scope,
                     rate,
                     burst: burst.unwrap_or(rate.count),
                     global: global.map(|g| (g, global_burst.unwrap_or(g.count))),
                     max_users,
-                });
+                    group: r.group.as_ref().map(|g| g.get_ref().clone()),
+                };
+                if let Some(g) = &r.group {
+                    self.rate_group(g, &config, ctx);
+                }
+                out.rate_limit = Some(config);
             }
         }
         if let Some(q) = &f.queue {

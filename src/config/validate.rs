@@ -1,6 +1,6 @@
 //! File types → model, collecting every problem with its location.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 use toml::Spanned;
 
-use super::admission::RouteAdmission;
+use super::admission::{RateLimitConfig, RouteAdmission};
 use super::error::{ConfigError, ConfigErrors, Locator};
 use super::file::*;
 use super::model::*;
@@ -18,6 +18,8 @@ pub(super) struct Validator<'a> {
     loc: Locator<'a>,
     base: PathBuf,
     errors: Vec<ConfigError>,
+    /// Rate-limit groups seen so far: the first route's settings, and where they were.
+    pub(super) rate_groups: HashMap<String, (RateLimitConfig, String)>,
 }
 
 pub fn validate(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
@@ -39,6 +41,7 @@ pub fn validate(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
         loc,
         base,
         errors: Vec::new(),
+        rate_groups: HashMap::new(),
     };
     let config = v.config(path, file);
     if v.errors.is_empty() {
@@ -810,6 +813,50 @@ service = "echo"
         assert_eq!(c.services[0].endpoints[0].weight, 3);
         assert_eq!(c.routes[0].rewrite, Rewrite::Prefix("/".into()));
         assert_eq!(c.listen.admin.to_string(), DEFAULT_ADMIN_ADDR);
+    }
+
+    #[test]
+    fn a_rate_limit_group_must_say_the_same_in_every_route() {
+        let limited = |name: &str, rate: &str, group: &str| {
+            format!(
+                "[[route]]\nname = \"{name}\"\npath_prefix = \"/{name}\"\nservice = \"echo\"\n\
+                 [route.admission]\nrate_limit = {{ rate = \"{rate}\", group = \"{group}\" }}\n"
+            )
+        };
+        let same = format!(
+            "{OK}{}{}",
+            limited("a", "5/s", "shop"),
+            limited("b", "5/s", "shop")
+        );
+        let c = validate(Path::new("t.toml"), &same).unwrap();
+        let key = |i: usize| {
+            c.routes[i]
+                .admission
+                .rate_limit
+                .as_ref()
+                .unwrap()
+                .counter_key("x")
+        };
+        assert_eq!((key(1), key(2)), ("group:shop".into(), "group:shop".into()));
+        let differ = format!(
+            "{OK}{}{}",
+            limited("a", "5/s", "shop"),
+            limited("b", "6/s", "shop")
+        );
+        assert_eq!(
+            errors(&differ),
+            vec![
+                "t.toml:25:38: route \"b\": rate-limit group \"shop\" is set differently in route \"a\": \
+                 the routes of a group share one limit, so rate, burst, global, max_users and scope must be the same"
+            ]
+        );
+        let bad = format!("{OK}{}", limited("a", "5/s", "Shop!"));
+        assert_eq!(errors(&bad).len(), 1, "{:?}", errors(&bad));
+        assert!(
+            errors(&bad)[0].contains("a group name is"),
+            "{:?}",
+            errors(&bad)
+        );
     }
 
     #[test]
