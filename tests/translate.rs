@@ -612,6 +612,12 @@ async fn a_json_body_read_while_queued_reaches_the_grpc_backend() {
     })
     .await
     .unwrap();
+    wait_gauge(
+        &bus,
+        r#"busbar_service_in_flight{service="books"}"#,
+        "the stream never took the slot",
+    )
+    .await;
 
     let echo = tokio::spawn(
         client()
@@ -620,19 +626,25 @@ async fn a_json_body_read_while_queued_reaches_the_grpc_backend() {
             .body(r#"{"id": "9", "title": "read while queued"}"#)
             .send(),
     );
-    let waiting = r#"busbar_queue_waiting{service="books"}"#;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while common::metric_value(&bus.metrics().await, waiting) != 1.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the JSON call never queued"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_gauge(
+        &bus,
+        r#"busbar_queue_waiting{service="books"}"#,
+        "the JSON call never queued",
+    )
+    .await;
     assert!(backend.calls().iter().all(|c| c.method != "Echo"));
     drop(more);
     assert_eq!(holder.await.unwrap().unwrap().get_ref().id, 5);
     let (status, v) = json_of(echo.await.unwrap().unwrap()).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v, json!({"id": "9", "title": "read while queued"}));
+}
+
+/// Polls `/metrics` until `sample` reads 1 (the queue gauges are sampled once a second).
+async fn wait_gauge(bus: &Busbar, sample: &str, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while common::metric_value(&bus.metrics().await, sample) != 1.0 {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
