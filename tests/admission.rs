@@ -25,6 +25,14 @@ async fn raw_status(bus: &Busbar, path: &str) -> u16 {
         .unwrap_or_else(|| panic!("no status for {path}: {head}"))
 }
 
+/// `busbar_admission_decisions_total{decision="limited",reason="user"}` of `route`.
+async fn limited_by_user(bus: &Busbar, route: &str) -> f64 {
+    let sample = format!(
+        r#"busbar_admission_decisions_total{{decision="limited",reason="user",route="{route}"}}"#
+    );
+    common::metric_value(&bus.metrics().await, &sample)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_are_per_user_with_headers() {
     let a = Backend::start("a").await;
@@ -83,15 +91,7 @@ rate_limit = {{ rate = "1/m", burst = 2 }}
     assert_eq!(seen.len(), 3);
     assert_eq!(seen[0].headers["x-busbar-user"], "alice");
     assert_eq!(seen[2].headers["x-busbar-user"], "bob");
-    let m = bus.metrics().await;
-    assert_eq!(
-        common::metric_value(
-            &m,
-            r#"busbar_admission_decisions_total{decision="limited",reason="user",route="limited"}"#
-        ),
-        1.0,
-        "{m}"
-    );
+    assert_eq!(limited_by_user(&bus, "limited").await, 1.0);
 }
 
 /// Routes that name one rate-limit group share a user's allowance (and the group's
@@ -151,15 +151,7 @@ rate_limit = {{ rate = "1/m", burst = 3{group} }}
         (200, "2".into()),
         "another user"
     );
-    let m = bus.metrics().await;
-    assert_eq!(
-        common::metric_value(
-            &m,
-            r#"busbar_admission_decisions_total{decision="limited",reason="user",route="carts"}"#
-        ),
-        1.0,
-        "{m}"
-    );
+    assert_eq!(limited_by_user(&bus, "carts").await, 1.0);
 }
 
 fn jwt(claims: Value, secret: &str) -> String {
