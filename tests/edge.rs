@@ -176,6 +176,36 @@ async fn pipelined_requests_are_all_answered_in_order() {
     assert!(seen[0].body.is_empty() && seen[2].body.is_empty());
 }
 
+/// A keep-alive connection idle past the second in which it keeps its head buffer gives
+/// it back; its next request, arriving a byte at a time and then pipelined with a third,
+/// is read and answered as on a fresh connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_idle_past_its_buffer_still_serves_its_next_requests() {
+    let backend = Backend::start("b").await;
+    let bus = bus(&backend).await;
+    let mut s = TcpStream::connect(bus.http).await.unwrap();
+    s.write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    s.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let next: &[u8] = b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n\
+        GET /3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    s.write_all(&next[..1]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(&next[1..9]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(&next[9..]).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");
+    let paths: Vec<String> = backend.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(paths, ["/1", "/2", "/3"]);
+}
+
 /// Defect D4 (RELIABILITY.md): a client still sending a body busbar refused got a
 /// connection reset, which threw away the 413 it had already received. busbar now
 /// closes such a connection lingering (FIN, then reads and discards), so the client

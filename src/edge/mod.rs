@@ -60,6 +60,38 @@ async fn read_more(s: &mut L4Stream, buf: &mut Vec<u8>) -> std::io::Result<usize
     s.read_buf(buf).await
 }
 
+/// How long an idle keep-alive connection keeps its head buffer. Past it the buffer is
+/// freed, and the next request's first byte is read on its own before one is allocated:
+/// idle connections cost no buffer (10,000 of them, ~20 MiB), and a busy connection never
+/// pays the extra read.
+const IDLE_KEEPS_BUFFER: Duration = Duration::from_secs(1);
+
+/// Waits for the first byte of a connection's next request until `idle_until`; the
+/// buffer goes back after `IDLE_KEEPS_BUFFER`. `Ok(0)` is a close, `Err` the timeout.
+async fn read_first(
+    s: &mut L4Stream,
+    buf: &mut Vec<u8>,
+    idle_until: tokio::time::Instant,
+) -> Result<std::io::Result<usize>, tokio::time::error::Elapsed> {
+    let keep_until = tokio::time::Instant::now() + IDLE_KEEPS_BUFFER;
+    if keep_until < idle_until {
+        match tokio::time::timeout_at(keep_until, read_more(s, buf)).await {
+            Err(_) => *buf = Vec::new(),
+            read => return read,
+        }
+    }
+    if buf.capacity() > 0 {
+        return tokio::time::timeout_at(idle_until, read_more(s, buf)).await;
+    }
+    let mut first = [0u8; 1];
+    let read = tokio::time::timeout_at(idle_until, s.read(&mut first)).await;
+    if let Ok(Ok(1)) = read {
+        buf.reserve(HEAD_BUF);
+        buf.push(first[0]);
+    }
+    read
+}
+
 pub struct Edge {
     pub proxy: Arc<HttpProxy<BusbarProxy>>,
     pub state: Arc<State>,
@@ -121,8 +153,9 @@ impl Edge {
         if buf.is_empty() {
             let mut watch = shutdown.clone();
             // Idle until the first byte; from then on the whole head has `header_timeout`.
+            let idle_until = tokio::time::Instant::now() + limits.idle_timeout;
             let first = tokio::select! {
-                r = tokio::time::timeout(limits.idle_timeout, read_more(s, buf)) => r,
+                r = read_first(s, buf, idle_until) => r,
                 // Draining: closing an idle keep-alive connection now races a request the
                 // client may be sending on it. Give such a request a moment to arrive; it
                 // is answered with `Connection: close`. A quiet connection is closed after.
