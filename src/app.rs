@@ -140,14 +140,22 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         state: state.clone(),
     };
     let mut proxy = ListeningService::new("busbar proxy".to_string(), edge());
-    for addr in &listen.http {
-        // No L4 read buffer on plaintext: pingora's default is 64 KiB per connection
-        // (for TLS records), which made 10,000 idle keep-alive connections cost ~300 MiB.
-        // The front door and pingora read into their own buffers.
-        proxy.add_listener(
-            ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
-        );
-    }
+    // busbar accepts on its plaintext ports itself (`listeners`); after --upgrade their
+    // sockets arrive as descriptors only pingora can take, so pingora accepts on them.
+    let own_plaintext = if opts.upgrade {
+        for addr in &listen.http {
+            // No L4 read buffer on plaintext: pingora's default is 64 KiB per connection
+            // (for TLS records), which made 10,000 idle keep-alive connections cost
+            // ~300 MiB. The front door and pingora read into their own buffers.
+            proxy.add_listener(
+                ListenerConfig::tcp(addr.to_string())
+                    .l4_buffer(L4BufferSettings::default().read(0)),
+            );
+        }
+        Vec::new()
+    } else {
+        listen.http.clone()
+    };
     for tls in &listen.tls {
         let cert = tls.cert.display().to_string();
         let key = tls.key.display().to_string();
@@ -156,13 +164,13 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         settings.enable_h2();
         proxy.add_tls_with_settings(&tls.addr.to_string(), None, settings);
     }
-    // busbar holds the plaintext sockets too: a drain answers what the kernel queued
-    // before closing them (pingora's close would reset those connections).
+    // busbar's own accept loops: a connection costs ~100 bytes of task instead of
+    // pingora's ~8 KiB, and a drain answers what the kernel queued before the close.
     let listeners_closed = Arc::new(AtomicBool::new(false));
     let proxy = DrainedListeners::new(
         proxy,
         Arc::new(edge()),
-        listen.http.clone(),
+        own_plaintext,
         listeners_closed.clone(),
     );
 

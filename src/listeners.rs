@@ -1,29 +1,39 @@
-//! The service endpoint's plaintext listening sockets: busbar binds them and hands pingora
-//! a duplicate of each through its listen-fd table, keeping its own handle, so that a
-//! drain answers the connections the kernel had already queued.
+//! The service endpoint's plaintext listening sockets: busbar binds them, accepts on them
+//! itself, and hands pingora a duplicate of each through its listen-fd table (for a later
+//! `--upgrade` to take over).
 //!
-//! On SIGTERM pingora's accept loop stops and drops its listener. Closing a listening
-//! socket resets every connection still in the kernel's accept queue: a client whose
-//! connect had succeeded, and whose request was sent, got a reset instead of an answer
-//! (defect D8). With its own handle busbar keeps the socket open until pingora's loops
-//! have stopped, then accepts what is queued and hands it to the app like any connection
-//! (the front door answers it with `Connection: close`), and only then closes the socket:
-//! from there on connects are refused and clients move on to other nodes. What remains is
-//! the few microseconds between busbar's last, empty accept and the close.
+//! Its own accept loop, for memory: pingora's spawns each connection as a task whose
+//! state includes the TLS handshake future, ~8.3 KiB a connection for the connection's
+//! whole life even on plaintext (massif, RESULTS.md). busbar spawns pingora's own public
+//! per-connection loop (`listening::Service::handle_event`, ~100 bytes) with the bare
+//! stream, as pingora does after a handshake: TCP_NODELAY, the socket digest with the
+//! peer address, and a task on one of the service's runtimes (`current_handle`). The
+//! bare stream has no L4 write buffer; the front door's `Lingering` wrapper buffers
+//! writes instead.
 //!
-//! Not covered: TLS listeners (their handshake is pingora's), and a process started with
-//! `--upgrade`, whose sockets arrive as bare descriptors that safe code cannot hold twice.
-//! Owns: binding the plaintext sockets, the kept handles, the last accepts.
+//! And for draining: on SIGTERM the accept loops stop, and busbar then accepts what the
+//! kernel still queued and hands it to the app (the front door answers it with
+//! `Connection: close`) before it closes the sockets. Closing a listening socket resets
+//! every connection still queued on it: a client whose connect had succeeded, and whose
+//! request was sent, got a reset instead of an answer (defect D8). From the close on,
+//! connects are refused and clients move on to other nodes.
+//!
+//! A process started with `--upgrade` gets its sockets as bare descriptors that safe code
+//! cannot own; pingora accepts on those (with its larger per-connection task) and busbar
+//! keeps no handle, so such a process's drain closes the old way. TLS listeners are
+//! pingora's (their handshake is).
+//! Owns: binding the plaintext sockets, the accept loops, the last accepts.
 //! Must not: read from a connection (the app does).
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora_core::apps::ServerApp;
+use pingora_core::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::{GetSocketDigest, SocketDigest};
 use pingora_core::server::{ListenFds, RuntimeOpts, ShutdownWatch};
@@ -33,18 +43,21 @@ use pingora_core::services::Service;
 /// The listen backlog, pingora's own (`LISTENER_BACKLOG` in pingora-core).
 const BACKLOG: u32 = 65535;
 
-/// A pingora listening service whose plaintext sockets busbar also holds.
+/// A pingora listening service (TLS, and plaintext after `--upgrade`) with busbar's own
+/// accept loops on the plaintext addresses.
 pub struct DrainedListeners<A> {
     inner: ListeningService<A>,
-    /// The app again, for the connections accepted after pingora's loops stopped.
+    /// The app again, for the connections busbar accepts.
     app: Arc<A>,
+    /// Plaintext addresses busbar accepts on; `inner` has no endpoint for them.
     addrs: Vec<SocketAddr>,
     /// Set once busbar's handles are closed; the drain waits for it.
     closed: Arc<AtomicBool>,
 }
 
 impl<A> DrainedListeners<A> {
-    /// `addrs` are the plaintext addresses `inner` listens on; `app` serves like its app.
+    /// `addrs` are the plaintext addresses busbar accepts on itself (none after
+    /// `--upgrade`: `inner` has them); `app` serves like `inner`'s app.
     pub fn new(
         inner: ListeningService<A>,
         app: Arc<A>,
@@ -59,31 +72,31 @@ impl<A> DrainedListeners<A> {
         }
     }
 
-    /// Binds every address pingora has no socket for yet (none was inherited), as
-    /// pingora would, and puts a duplicate in its table; returns busbar's handles.
-    fn bind(&self, fds: &ListenFds) -> Vec<std::net::TcpListener> {
+    /// Binds every address and lends its descriptor to pingora's fd table (what an
+    /// upgrade hands on: pingora sends the table before the drain starts); busbar owns
+    /// the socket and closes it. An address that cannot be bound stops the process:
+    /// nothing else would serve it (startup checked it was free).
+    fn bind(&self, fds: Option<&ListenFds>) -> Vec<std::net::TcpListener> {
         let mut kept = Vec::new();
         for addr in &self.addrs {
-            let key = addr.to_string();
-            if fds.lock().get(&key).is_some() {
-                continue;
-            }
             match bind(*addr) {
-                Ok((mine, theirs)) => {
-                    fds.lock().add(key, theirs.into_raw_fd());
-                    kept.push(mine);
+                Ok(l) => {
+                    if let Some(fds) = fds {
+                        fds.lock().add(addr.to_string(), l.as_raw_fd());
+                    }
+                    kept.push(l);
                 }
-                Err(e) => tracing::warn!(
-                    %addr,
-                    "listening socket left to pingora; a drain may reset connections queued at its close: {e}"
-                ),
+                Err(e) => {
+                    tracing::error!(%addr, "cannot listen: {e}");
+                    std::process::exit(1);
+                }
             }
         }
         kept
     }
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<(std::net::TcpListener, std::net::TcpListener)> {
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
@@ -91,9 +104,57 @@ fn bind(addr: SocketAddr) -> std::io::Result<(std::net::TcpListener, std::net::T
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     // Non-blocking (tokio's), which `accept_queued` relies on.
-    let mine = socket.listen(BACKLOG)?.into_std()?;
-    let theirs = mine.try_clone()?;
-    Ok((mine, theirs))
+    socket.listen(BACKLOG)?.into_std()
+}
+
+/// Accepts on `l` until shutdown.
+async fn accept_loop<A: ServerApp + Send + Sync + 'static>(
+    app: Arc<A>,
+    l: tokio::net::TcpListener,
+    mut shutdown: ShutdownWatch,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = l.accept() => r,
+            changed = shutdown.changed() => match changed {
+                // The watch's first value, not a shutdown.
+                Ok(()) if !*shutdown.borrow() => continue,
+                _ => return,
+            },
+        };
+        match accepted {
+            Ok((s, peer)) => serve(&app, s, peer, &shutdown),
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                // Out of descriptors: accept would fail at once again; let some close
+                // (pingora's own loop does the same).
+                if e.raw_os_error() == Some(24) {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Hands an accepted connection to the app on its own task, as pingora's accept loop does
+/// after the (here empty) handshake.
+fn serve<A: ServerApp + Send + Sync + 'static>(
+    app: &Arc<A>,
+    s: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shutdown: &ShutdownWatch,
+) {
+    // What pingora sets on every accepted stream; a failure only costs latency.
+    let _ = s.set_nodelay(true);
+    let mut stream = L4Stream::from(s);
+    let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
+    let _ = digest.peer_addr.set(Some(PeerAddr::Inet(peer)));
+    stream.set_socket_digest(digest);
+    pingora_runtime::current_handle().spawn(ListeningService::handle_event(
+        Box::new(stream),
+        app.clone(),
+        shutdown.clone(),
+    ));
 }
 
 impl<A: ServerApp + Send + Sync + 'static> DrainedListeners<A> {
@@ -101,8 +162,8 @@ impl<A: ServerApp + Send + Sync + 'static> DrainedListeners<A> {
     fn accept_queued(&self, l: &std::net::TcpListener, shutdown: &ShutdownWatch) -> usize {
         let mut n = 0;
         loop {
-            let s = match l.accept() {
-                Ok((s, _)) => s,
+            let (s, peer) = match l.accept() {
+                Ok(accepted) => accepted,
                 Err(e) => match e.kind() {
                     ErrorKind::WouldBlock => return n,
                     // A queued connection its client gave up on, or a signal: go on.
@@ -113,25 +174,16 @@ impl<A: ServerApp + Send + Sync + 'static> DrainedListeners<A> {
                     }
                 },
             };
-            let s = match s
+            match s
                 .set_nonblocking(true)
                 .and_then(|()| tokio::net::TcpStream::from_std(s))
             {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!("drain: dropping an accepted connection: {e}");
-                    continue;
+                Ok(s) => {
+                    n += 1;
+                    serve(&self.app, s, peer, shutdown);
                 }
-            };
-            n += 1;
-            let mut stream = L4Stream::from(s);
-            stream.set_socket_digest(SocketDigest::from_raw_fd(stream.as_raw_fd()));
-            // Served as pingora's accept loop serves a connection: its own task.
-            tokio::spawn(ListeningService::handle_event(
-                Box::new(stream),
-                self.app.clone(),
-                shutdown.clone(),
-            ));
+                Err(e) => tracing::warn!("drain: dropping an accepted connection: {e}"),
+            }
         }
     }
 }
@@ -144,9 +196,37 @@ impl<A: ServerApp + Send + Sync + 'static> Service for DrainedListeners<A> {
         shutdown: ShutdownWatch,
         listeners_per_fd: usize,
     ) {
-        let kept = fds.as_ref().map(|f| self.bind(f)).unwrap_or_default();
-        // Returns once shutdown has stopped pingora's accept loops.
-        Service::start_service(&mut self.inner, fds, shutdown.clone(), listeners_per_fd).await;
+        let kept = self.bind(fds.as_ref());
+        let mut loops = Vec::new();
+        for l in &kept {
+            match l.try_clone().and_then(tokio::net::TcpListener::from_std) {
+                Ok(l) => loops.push(l),
+                Err(e) => {
+                    tracing::error!("cannot accept on a listening socket: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        let own: Vec<_> = loops
+            .into_iter()
+            .map(|l| tokio::spawn(accept_loop(self.app.clone(), l, shutdown.clone())))
+            .collect();
+        let own = async {
+            for handle in own {
+                let _ = handle.await;
+            }
+        };
+        // pingora's loops (TLS; plaintext after --upgrade) return once shutdown stopped
+        // them, and then clean the app up. With none, that cleanup is busbar's to call.
+        let pingora_listens = Service::listen_addresses(&self.inner).is_some_and(|a| !a.is_empty());
+        if pingora_listens {
+            let inner =
+                Service::start_service(&mut self.inner, fds, shutdown.clone(), listeners_per_fd);
+            tokio::join!(inner, own);
+        } else {
+            own.await;
+            self.app.cleanup().await;
+        }
         let mut accepted = 0;
         for l in kept {
             accepted += self.accept_queued(&l, &shutdown);

@@ -7,7 +7,14 @@
 //! down for writing (the answer and a FIN go out), then read and discarded until the
 //! client closes, goes quiet, or the time or the byte allowance runs out.
 //!
-//! Owns: the wrapper pingora's HTTP/1 session reads and writes through, and the close.
+//! The wrapper also buffers writes, as pingora's own accepted streams do (their 1,460-byte
+//! L4 write buffer): pingora writes a response head and a small body separately and
+//! flushes once, and this makes them one `send`. busbar's listener hands over bare
+//! streams, which have none. The buffer is given back at each flush, so an idle
+//! connection holds none.
+//!
+//! Owns: the wrapper pingora's HTTP/1 session reads and writes through, its write buffer,
+//! and the close.
 //! Must not: change a byte of what is read or written while the connection is in use.
 
 use std::pin::Pin;
@@ -32,40 +39,78 @@ pub const LINGER_QUIET: Duration = Duration::from_secs(1);
 /// sees the answer, and a bound on the CPU a client that ignores the answer can cost.
 pub const LINGER_MAX_BYTES: usize = 8 << 20;
 
-/// A plaintext client connection that closes lingering when dropped.
+/// Writes shorter than this are gathered until a flush (pingora's
+/// `DEFAULT_L4_WRITE_BUFFER_SIZE`, one TCP segment).
+const WRITE_BUFFER: usize = 1460;
+
+/// A plaintext client connection that buffers writes and closes lingering when dropped.
 #[derive(Debug)]
-pub struct Lingering(Option<Box<L4Stream>>);
+pub struct Lingering {
+    s: Option<Box<L4Stream>>,
+    /// Written, not yet sent; empty (and unallocated) after each flush.
+    out: Vec<u8>,
+}
 
 impl Lingering {
     pub fn new(s: Box<L4Stream>) -> Lingering {
-        Lingering(Some(s))
+        Lingering {
+            s: Some(s),
+            out: Vec::new(),
+        }
     }
 
-    /// The connection back, for another request: no close, no linger.
+    /// The connection back, for another request: no close, no linger. Only between
+    /// requests, when pingora has flushed what it wrote.
     pub fn into_inner(mut self) -> Box<L4Stream> {
-        self.0.take().expect("stream present until dropped")
+        debug_assert!(
+            self.out.is_empty(),
+            "unflushed bytes on a handed-back stream"
+        );
+        self.s.take().expect("stream present until dropped")
     }
 
     pub fn inner(&self) -> &L4Stream {
-        self.0.as_deref().expect("stream present until dropped")
+        self.s.as_deref().expect("stream present until dropped")
     }
 
     pub fn inner_mut(&mut self) -> &mut L4Stream {
-        self.0.as_deref_mut().expect("stream present until dropped")
+        self.s.as_deref_mut().expect("stream present until dropped")
+    }
+
+    /// Sends the buffer; its memory is given back once it is empty.
+    fn poll_send_out(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.out.is_empty() {
+            let Lingering { s, out } = self;
+            let s = s.as_deref_mut().expect("stream present until dropped");
+            match Pin::new(s).poll_write(cx, out) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => {
+                    out.drain(..n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.out = Vec::new();
+        Poll::Ready(Ok(()))
     }
 }
 
 impl Drop for Lingering {
     fn drop(&mut self) {
-        let Some(mut s) = self.0.take() else { return };
+        let Some(mut s) = self.s.take() else { return };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let unsent = std::mem::take(&mut self.out);
         // Everything under one deadline: the flush in `shutdown` can stall on a client
         // that stopped reading, and the task must not outlive `LINGER_TIME`.
         rt.spawn(tokio::time::timeout(LINGER_TIME, async move {
-            // Flush the answer and send FIN; then drain what the client still sends.
-            if s.shutdown().await.is_err() {
+            // Send what was written and not flushed, then FIN; then drain what the client
+            // still sends.
+            if s.write_all(&unsent).await.is_err() || s.shutdown().await.is_err() {
                 return;
             }
             let mut sink = [0u8; 8192];
@@ -96,34 +141,40 @@ impl AsyncWrite for Lingering {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(self.inner_mut()).poll_write(cx, buf)
+        let me = &mut *self;
+        if me.out.len() + buf.len() > WRITE_BUFFER {
+            if let Err(e) = std::task::ready!(me.poll_send_out(cx)) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        if buf.len() >= WRITE_BUFFER {
+            return Pin::new(me.inner_mut()).poll_write(cx, buf);
+        }
+        if me.out.capacity() == 0 {
+            me.out.reserve_exact(WRITE_BUFFER);
+        }
+        me.out.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_send_out(cx))?;
         Pin::new(self.inner_mut()).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_send_out(cx))?;
         Pin::new(self.inner_mut()).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(self.inner_mut()).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner().is_write_vectored()
     }
 }
 
 #[async_trait]
 impl Shutdown for Lingering {
     async fn shutdown(&mut self) {
-        Shutdown::shutdown(self.inner_mut()).await
+        // What is buffered goes first (pingora flushes before this; an error path may not).
+        if self.flush().await.is_ok() {
+            Shutdown::shutdown(self.inner_mut()).await
+        }
     }
 }
 
@@ -173,5 +224,59 @@ impl GetSocketDigest for Lingering {
 
     fn set_socket_digest(&mut self, digest: SocketDigest) {
         self.inner_mut().set_socket_digest(digest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pair() -> (Lingering, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        (Lingering::new(Box::new(L4Stream::from(server))), client)
+    }
+
+    async fn read_n(c: &mut tokio::net::TcpStream, n: usize) -> Vec<u8> {
+        let mut got = vec![0u8; n];
+        tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut got))
+            .await
+            .expect("the bytes arrived")
+            .unwrap();
+        got
+    }
+
+    /// Small writes wait for the flush and then leave in order, around a write too large
+    /// to buffer; after the flush the buffer's memory is given back.
+    #[tokio::test]
+    async fn writes_are_gathered_until_the_flush_and_keep_their_order() {
+        let (mut s, mut c) = pair().await;
+        let big = vec![b'b'; 3 * WRITE_BUFFER];
+        s.write_all(b"head;").await.unwrap();
+        s.write_all(b"small;").await.unwrap();
+        assert_eq!(s.out, b"head;small;", "not sent before a flush");
+        s.write_all(&big).await.unwrap();
+        s.write_all(b";tail").await.unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(s.out.capacity(), 0, "the buffer went back at the flush");
+        let mut want = b"head;small;".to_vec();
+        want.extend_from_slice(&big);
+        want.extend_from_slice(b";tail");
+        assert_eq!(read_n(&mut c, want.len()).await, want);
+    }
+
+    /// A connection dropped with bytes written and not flushed still sends them, then FIN.
+    #[tokio::test]
+    async fn unflushed_bytes_leave_before_the_close() {
+        let (mut s, mut c) = pair().await;
+        s.write_all(b"last answer").await.unwrap();
+        drop(s);
+        assert_eq!(read_n(&mut c, 11).await, b"last answer");
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
     }
 }
