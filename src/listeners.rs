@@ -254,7 +254,10 @@ impl<A: ServerApp + Send + Sync + 'static> Service for DrainedListeners<A> {
         Service::runtime_opts_override(&self.inner, global)
     }
 
+    /// pingora's endpoints and busbar's own.
     fn listen_addresses(&self) -> Option<Vec<String>> {
-        Service::listen_addresses(&self.inner)
+        let mut all = Service::listen_addresses(&self.inner)?;
+        all.extend(self.addrs.iter().map(SocketAddr::to_string));
+        Some(all)
     }
 }
