@@ -70,7 +70,6 @@ fn trim_ows(v: &[u8]) -> &[u8] {
     &v[start..end.max(start)]
 }
 
-/// Checks a complete head (through its final empty line).
 /// How the body after an accepted head is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Body {
@@ -79,6 +78,7 @@ pub enum Body {
     Chunked,
 }
 
+/// Checks a complete head (through its final empty line); says how its body is framed.
 pub fn check(head: &[u8], limits: &HeadLimits) -> Result<Body, Refusal> {
     if let Some(r) = too_long(head, limits) {
         return Err(r);
