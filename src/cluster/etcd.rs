@@ -32,8 +32,8 @@ pub struct Etcd {
     store: Arc<Store>,
 }
 
-fn unavailable(e: String) -> WriteError {
-    WriteError::Unavailable(e)
+fn unavailable(e: impl std::fmt::Display) -> WriteError {
+    WriteError::Unavailable(e.to_string())
 }
 
 impl Etcd {
@@ -130,7 +130,7 @@ impl Mirror for Etcd {
 #[async_trait]
 impl Writer for Etcd {
     async fn register(&self, reg: Registration) -> Result<(), WriteError> {
-        let value = serde_json::to_vec(&reg).map_err(|e| unavailable(e.to_string()))?;
+        let value = serde_json::to_vec(&reg).map_err(unavailable)?;
         let key = self.key(&reg.service, &reg.id);
         let ttl = reg.ttl_secs as i64;
         let old = self.lease_of(&reg.service, &reg.id);
@@ -149,7 +149,7 @@ impl Writer for Etcd {
                 }
             })
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
+            .map_err(unavailable)?;
         self.leases()
             .insert((reg.service.clone(), reg.id.clone()), lease);
         // Acknowledged means routable here at once; the watch confirms it everywhere.
@@ -180,7 +180,7 @@ impl Writer for Etcd {
                 }
             })
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
+            .map_err(unavailable)?;
         if ttl > 0 {
             Ok(Duration::from_secs(ttl as u64))
         } else {
@@ -204,7 +204,7 @@ impl Writer for Etcd {
                 }
             })
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
+            .map_err(unavailable)?;
         if deleted == 0 {
             return Err(not_found(service, id));
         }
