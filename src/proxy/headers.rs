@@ -100,11 +100,15 @@ impl StackBuf {
         &self.buf[..self.len]
     }
 
-    /// Appends what fits (the values written here always do).
-    fn push(&mut self, bytes: &[u8]) {
-        let n = bytes.len().min(self.buf.len() - self.len);
-        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
-        self.len += n;
+    /// Appends `bytes` if they fit (the values written here always do); says whether.
+    fn push(&mut self, bytes: &[u8]) -> bool {
+        let end = self.len + bytes.len();
+        let Some(dst) = self.buf.get_mut(self.len..end) else {
+            return false;
+        };
+        dst.copy_from_slice(bytes);
+        self.len = end;
+        true
     }
 }
 
@@ -130,11 +134,11 @@ fn write_ip(out: &mut StackBuf, ip: IpAddr) {
 
 impl std::fmt::Write for StackBuf {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        let dst = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
-        dst.copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
+        if self.push(s.as_bytes()) {
+            Ok(())
+        } else {
+            Err(std::fmt::Error)
+        }
     }
 }
 
