@@ -40,7 +40,7 @@ check-conf: build
 	done
 
 bench: release
-	$(CARGO) build --release --example bare-pingora
+	$(CARGO) build --release --example bare-pingora --example lean-proxy
 	bash load-tests/bench.sh
 
 # 100,000 distinct users through a rate-limited, queued route vs the same route without

@@ -42,6 +42,7 @@
 #   MEM_CONNS=10000 scenario mem: idle keep-alive connections
 #   BUSBAR=target/release/busbar   the binary (relative to the repo root)
 #   BARE=target/release/examples/bare-pingora   (skipped with a note when missing)
+#   LEAN=target/release/examples/lean-proxy     (skipped when missing)
 #   PROXY_CPU=0 LOAD_CPU=1         CPUs for the proxies / for backend + load generator
 #   ONLY="nginx busbar"            measure only these targets (names as in the tables; a-f)
 #   KEEP_TMP=1      keep the temp dir (configs, logs) after the run
@@ -69,7 +70,9 @@ LIB="$ROOT/load-tests/bench-lib"
 BUSBAR=${BUSBAR:-target/release/busbar}
 [[ $BUSBAR = /* ]] || BUSBAR="$ROOT/$BUSBAR"
 BARE=${BARE:-target/release/examples/bare-pingora}
+LEAN=${LEAN:-target/release/examples/lean-proxy}
 [[ $BARE = /* ]] || BARE="$ROOT/$BARE"
+[[ $LEAN = /* ]] || LEAN="$ROOT/$LEAN"
 
 BENCH_NAME="bench"   # prefix of messages and of the temp dir
 # shellcheck source-path=SCRIPTDIR source=bench-lib/common.sh
@@ -100,16 +103,18 @@ NCPU=$(nproc)
 CLK_TCK=$(getconf CLK_TCK)
 HAVE_BARE=0
 [[ -x $BARE ]] && HAVE_BARE=1
+HAVE_LEAN=0
+[[ -x $LEAN ]] && HAVE_LEAN=1
 
 # Bounded: estimate the run before starting anything.
 estimate() {
   local per=$((ROUNDS * DURATION + WARMUP)) t=20   # 20 s: startup, busy samples
-  has a && t=$((t + (5 + HAVE_BARE) * per))
+  has a && t=$((t + (5 + HAVE_BARE + HAVE_LEAN) * per))
   has b && t=$((t + 3 * per))
   has c && t=$((t + 2 * per))
   has d && t=$((t + 4 * per))
   has f && t=$((t + 3 * per))
-  if has lat; then t=$((t + 3 * ROUNDS * DURATION)); has a || t=$((t + DURATION)); fi
+  if has lat; then t=$((t + (3 + HAVE_BARE) * ROUNDS * DURATION)); has a || t=$((t + DURATION)); fi
   has mem && t=$((t + 25 * (1 + HAVE_BARE)))
   echo "$t"
 }
@@ -327,7 +332,7 @@ backend be
 fi
 
 # --- bare pingora (load-tests/bare): the floor busbar is built on.
-if has a && ((HAVE_BARE)); then
+if { has a || has lat; } && ((HAVE_BARE)); then
   take_port P_BARE
   mkdir -p "$DIR/bare-pingora"
   (cd "$DIR/bare-pingora" && exec taskset -c "$PROXY_CPU" "$BARE" "127.0.0.1:$P_BARE" "127.0.0.1:$P_BACKEND" 1) \
@@ -335,6 +340,17 @@ if has a && ((HAVE_BARE)); then
   BARE_PID=$!
   PIDS+=("$BARE_PID")
   SERVER[$BARE_PID]=bare-pingora
+fi
+
+# --- lean-proxy (load-tests/lean): a hand-written tokio HTTP/1 proxy, the ceiling of an
+# own HTTP/1 engine.
+if has a && ((HAVE_LEAN)); then
+  take_port P_LEAN
+  taskset -c "$PROXY_CPU" "$LEAN" "127.0.0.1:$P_LEAN" "127.0.0.1:$P_BACKEND" 1 \
+    >"$DIR/lean-proxy.log" 2>&1 &
+  LEAN_PID=$!
+  PIDS+=("$LEAN_PID")
+  SERVER[$LEAN_PID]=lean-proxy
 fi
 
 # --- busbar: one route, round robin, access log off (h2c is served on the same port).
@@ -452,6 +468,7 @@ if ((NEED_HAPROXY)); then
   has d && wait_ready haproxy "$HAPROXY_PID" "http://127.0.0.1:$P_HAPROXY_H2/" --http2-prior-knowledge
 fi
 [[ -n ${BARE_PID:-} ]] && wait_ready bare-pingora "$BARE_PID" "http://127.0.0.1:$P_BARE/"
+[[ -n ${LEAN_PID:-} ]] && wait_ready lean-proxy "$LEAN_PID" "http://127.0.0.1:$P_LEAN/"
 if ((NEED_BUSBAR)); then
   wait_ready busbar "$BUSBAR_PID" "http://127.0.0.1:$P_BUSBAR/"
   has d && wait_ready busbar "$BUSBAR_PID" "http://127.0.0.1:$P_BUSBAR/" --http2-prior-knowledge
@@ -473,6 +490,7 @@ if has a; then
   deftarget a nginx "$P_NGINX" "$NGINX_PID" wrk
   deftarget a haproxy "$P_HAPROXY" "$HAPROXY_PID" wrk
   ((HAVE_BARE)) && deftarget a bare-pingora "$P_BARE" "$BARE_PID" wrk
+  ((HAVE_LEAN)) && deftarget a lean-proxy "$P_LEAN" "$LEAN_PID" wrk
   deftarget a busbar "$P_BUSBAR" "$BUSBAR_PID" wrk
   deftarget a busbar+log "$P_BUSBARLOG" "$BUSBARLOG_PID" wrk
 fi
@@ -611,7 +629,7 @@ run_scenario() {  # scenario: warm-up, rounds, table
   echo
   case $s in
     a) echo "- load: wrk -t1 -c$CONNS -d${DURATION}s --latency, GET / → backend nginx \`return 200 \"ok\\n\"\`"
-       echo "- proxies: nginx 1 worker, upstream keepalive 64; HAProxy nbthread 1, http-reuse always; bare-pingora ($( ((HAVE_BARE)) && echo "load-tests/bare, 1 thread" || echo "SKIPPED: $BARE not built; cargo build --release --example bare-pingora")); busbar threads=1, round_robin, access log off / to a file (busbar+log)" ;;
+       echo "- proxies: nginx 1 worker, upstream keepalive 64; HAProxy nbthread 1, http-reuse always; bare-pingora ($( ((HAVE_BARE)) && echo "load-tests/bare, 1 thread" || echo "SKIPPED: $BARE not built; cargo build --release --example bare-pingora")); lean-proxy ($( ((HAVE_LEAN)) && echo "load-tests/lean: hand-written tokio HTTP/1, no policy, 1 thread" || echo "SKIPPED: $LEAN not built; cargo build --release --example lean-proxy")); busbar threads=1, round_robin, access log off / to a file (busbar+log)" ;;
     b) echo "- load: as (a), every request with \`x-user-id: bench-user\` (one user)"
        echo "- busbar+all: identity [\"header:x-user-id\", \"client_ip\"] trusted from 127.0.0.1; per-user rate_limit 1000000/s burst 1000000 (never refuses); service max_in_flight 1024 (> $CONNS connections: no queueing) with queue max_depth 16 / max_wait 5s; metrics (always on); access log to a file"
        echo "- nginx and busbar: the plain proxies of (a); the ratios are to nginx's plain figure" ;;
@@ -660,7 +678,10 @@ run_scenario() {  # scenario: warm-up, rounds, table
 
 # --- lat: paced load at LAT_LOAD% of busbar's max rate against direct, nginx, busbar.
 run_latency() {
-  local max src rate t r i out p k targets=(direct nginx busbar) n=3
+  local max src rate t r i out p k targets=(direct nginx busbar) n
+  # bare pingora, when built: how much of busbar's latency is pingora's own.
+  [[ -n ${BARE_PID:-} ]] && targets+=(bare-pingora)
+  n=${#targets[@]}
   echo "## latency under load: ${LAT_LOAD}% of busbar's max rate"
   echo
   if [[ -n ${M_RPS[a/busbar]:-} && ${M_RPS[a/busbar]} != - ]]; then
@@ -679,6 +700,7 @@ run_latency() {
   deftarget lat direct "$P_BACKEND" "" paced
   deftarget lat nginx "$P_NGINX" "$NGINX_PID" paced
   deftarget lat busbar "$P_BUSBAR" "$BUSBAR_PID" paced
+  [[ -n ${BARE_PID:-} ]] && deftarget lat bare-pingora "$P_BARE" "$BARE_PID" paced
   for t in "${targets[@]}"; do T_SCRIPT_ARGS[lat/$t]="$rate $CONNS"; done
   local LRAW="$DIR/latency.tsv"   # target round achieved p50 p99 p999 max requests errors
   : >"$LRAW"
@@ -797,6 +819,7 @@ GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 [[ -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]] && GIT_REV="$GIT_REV + uncommitted changes"
 echo "- busbar: $BUSBAR (git $GIT_REV, binary built $(date -u -r "$BUSBAR" '+%Y-%m-%d %H:%M UTC'))"
 ((HAVE_BARE)) && echo "- bare-pingora: $BARE (built $(date -u -r "$BARE" '+%Y-%m-%d %H:%M UTC'))"
+((HAVE_LEAN)) && echo "- lean-proxy: $LEAN (built $(date -u -r "$LEAN" '+%Y-%m-%d %H:%M UTC'))"
 echo "- scenarios: $SCENARIOS (estimated ${EST}s)"
 echo "- pinning: proxy under test on CPU $PROXY_CPU (taskset); backend nginx (1 worker) and the load generator on CPU $LOAD_CPU"
 echo "- rounds: $ROUNDS × ${DURATION}s per target, order rotated each round; median per target; warm-up ${WARMUP}s per target"
