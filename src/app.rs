@@ -124,6 +124,10 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     // 1. The service endpoint: HTTP/1.1 and h2c on each plain port, TLS with ALPN h2.
     //    The front door peeks each new plaintext connection for CONNECT (tunnels to
     //    registered services); everything else goes to the pingora HTTP proxy.
+    let phases = Arc::new(BusbarProxy {
+        state: state.clone(),
+        access_log: access_log.clone(),
+    });
     let mut http_proxy = pingora_proxy::http_proxy(
         &server.configuration,
         BusbarProxy {
@@ -137,6 +141,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let http_proxy = Arc::new(http_proxy);
     let edge = || Edge {
         proxy: http_proxy.clone(),
+        phases: phases.clone(),
         state: state.clone(),
     };
     let mut proxy = ListeningService::new("busbar proxy".to_string(), edge());

@@ -36,7 +36,7 @@ pub use identity::Identity;
 pub use queue::Permit;
 pub use rate::RateInfo;
 pub use reject::{RejectKind, Rejection};
-pub use watch::{admit, Refused};
+pub use watch::{admit, wait_watched, Refused};
 
 /// How often idle rate-limit cells are swept and queue gauges sampled.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);

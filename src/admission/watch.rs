@@ -70,7 +70,17 @@ pub async fn admit(
         };
         policy.check(&parts).map_err(Refused::Rejected)?
     };
-    match until_gone(policy.wait(admitted), client_gone(session)).await {
+    wait_watched(policy, admitted, client_gone(session)).await
+}
+
+/// The waits of a request `check` let through (cluster limit, service queue), given up
+/// as soon as `gone` says the client left: the part of [`admit`] any connection can use.
+pub async fn wait_watched(
+    policy: &RoutePolicy,
+    admitted: Admitted,
+    gone: impl Future<Output = Box<Error>>,
+) -> Result<Admitted, Refused> {
+    match until_gone(policy.wait(admitted), gone).await {
         Ok(r) => r.map_err(Refused::Rejected),
         Err(e) => {
             if matches!(e.etype(), ErrorType::ConnectionClosed) {

@@ -9,9 +9,11 @@
 //! rewound, so they get pingora's own parsing and per-read timeouts only.
 //! Must not: interpret more than the head, or keep any state between connections.
 
+pub mod h1;
 pub mod head;
 pub mod linger;
 pub mod pace;
+pub mod pool;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,6 +96,8 @@ async fn read_first(
 
 pub struct Edge {
     pub proxy: Arc<HttpProxy<BusbarProxy>>,
+    /// The same phases, for busbar's own HTTP/1 path (`h1`).
+    pub phases: Arc<BusbarProxy>,
     pub state: Arc<State>,
 }
 
@@ -101,6 +105,8 @@ pub struct Edge {
 enum Next {
     /// An HTTP/1 request whose head passed: the proxy handles it.
     Request(Box<Lingering>),
+    /// A request busbar's own HTTP/1 path serves (`h1`); its head is consumed.
+    Direct(Box<Lingering>, Box<h1::FastRequest>),
     /// HTTP/2 with prior knowledge: the proxy owns the connection from here.
     H2(Stream),
     /// Closed, refused, or tunnelled: nothing left to do.
@@ -200,6 +206,13 @@ impl Edge {
             return Next::Done;
         }
         match head::check(&buf[..end], &hl) {
+            Ok(head::Body::Length(0)) if let Some(direct) = h1::take(&self.state, &buf[..end]) => {
+                buf.drain(..end);
+                if buf.is_empty() {
+                    release_large(buf);
+                }
+                Next::Direct(conn, direct)
+            }
             Ok(body) => {
                 // The proxy gets this request's head and the body bytes already read;
                 // bytes past them are the next, pipelined request and stay here for
@@ -241,21 +254,24 @@ impl ServerApp for Edge {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }
         let limits = self.state.load().config.limits;
-        let mut stream = stream;
         let mut persistent: Option<HttpPersistentSettings> = None;
         let mut head = Vec::with_capacity(HEAD_BUF);
+        let Ok(l4) = stream.into_any().downcast::<L4Stream>() else {
+            return None;
+        };
+        let mut conn = Box::new(Lingering::new(l4));
         // The HTTP/1 keep-alive loop pingora would run, with the front door before each request.
         loop {
-            // The first request's stream comes from the listener; later ones come back
-            // from the proxy still wrapped for a lingering close.
-            let conn = match stream.into_any().downcast::<Lingering>() {
-                Ok(conn) => conn,
-                Err(other) => match other.downcast::<L4Stream>() {
-                    Ok(l4) => Box::new(Lingering::new(l4)),
-                    Err(_) => return None,
-                },
-            };
             let s = match self.front(conn, &mut head, limits, shutdown).await {
+                Next::Direct(mut c, request) => {
+                    let draining = *shutdown.borrow();
+                    let pipelined = !head.is_empty();
+                    if !h1::serve(&self.phases, c.inner_mut(), request, draining, pipelined).await {
+                        return None;
+                    }
+                    conn = c;
+                    continue;
+                }
                 Next::Request(s) => s,
                 // The proxy sees the preface again (it was rewound) and speaks h2c.
                 Next::H2(s) => {
@@ -286,7 +302,8 @@ impl ServerApp for Edge {
                 .process_new_http(session, shutdown)
                 .await?
                 .consume();
-            stream = next;
+            // The proxy gives the stream back still wrapped for a lingering close.
+            conn = next.into_any().downcast::<Lingering>().ok()?;
             persistent = settings;
         }
     }

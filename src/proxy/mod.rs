@@ -94,13 +94,12 @@ fn cookie<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]> {
     })
 }
 
-fn sticky_key(key: &HashKey, session: &Session) -> u64 {
-    let req = session.req_header();
+fn sticky_key(key: &HashKey, req: &RequestHeader, client_ip: Option<IpAddr>) -> u64 {
     match key {
         HashKey::Header(name) => req.headers.get(name).map_or(0, |v| hash_key(v.as_bytes())),
         HashKey::Cookie(name) => cookie(req, name).map_or(0, hash_key),
         HashKey::Path => hash_key(req.uri.path().as_bytes()),
-        HashKey::ClientIp => match client_ip(session) {
+        HashKey::ClientIp => match client_ip {
             Some(IpAddr::V4(ip)) => hash_key(&ip.octets()),
             Some(IpAddr::V6(ip)) => hash_key(&ip.octets()),
             None => 0,
@@ -114,6 +113,19 @@ fn find_route(
     req: &RequestHeader,
     normalized: Option<&str>,
 ) -> Option<Arc<routing::Route>> {
+    let (route, fallback) = lookup_route(snapshot, req, normalized)?;
+    if fallback {
+        count_fallback(&route, req);
+    }
+    Some(route)
+}
+
+/// [`find_route`] without counting: the route, and whether it is a mesh-fallback one.
+pub(crate) fn lookup_route(
+    snapshot: &Snapshot,
+    req: &RequestHeader,
+    normalized: Option<&str>,
+) -> Option<(Arc<routing::Route>, bool)> {
     let view = RequestView {
         host: request_host(req),
         path: normalized.unwrap_or(req.uri.path()),
@@ -121,14 +133,19 @@ fn find_route(
         headers: &req.headers,
     };
     if let Some(r) = snapshot.routes.find(&view) {
-        return Some(r.clone());
+        return Some((r.clone(), false));
     }
     let r = fallback::route_for_host(
         &snapshot.mesh_routes,
         view.host,
         &snapshot.config.mesh.domains,
     )?;
-    let m = &r.service.metrics;
+    Some((r.clone(), true))
+}
+
+/// Counts a request the mesh fallback routed, by how the caller addressed it.
+pub(crate) fn count_fallback(route: &routing::Route, req: &RequestHeader) {
+    let m = &route.service.metrics;
     // Absolute-form (HTTP_PROXY) is an HTTP/1 request target; h2 always has a scheme.
     let target = req.raw_path();
     if req.version < http::Version::HTTP_2
@@ -139,7 +156,6 @@ fn find_route(
         &m.fallback_host
     }
     .inc();
-    Some(r.clone())
 }
 
 /// The request's `Content-Length`, when it declares a valid one.
@@ -165,11 +181,21 @@ pub fn upstream_headers(
     ctx: &RequestCtx,
     upstream: &mut RequestHeader,
 ) -> Result<()> {
+    upstream_headers_for(ctx, upstream, client_ip(session), is_tls(session))
+}
+
+/// [`upstream_headers`] for a request on a connection with this client and TLS state.
+pub(crate) fn upstream_headers_for(
+    ctx: &RequestCtx,
+    upstream: &mut RequestHeader,
+    client_ip: Option<IpAddr>,
+    tls: bool,
+) -> Result<()> {
     match &ctx.admitted {
         Some(a) => a.apply_upstream(upstream)?,
         None => admission::strip_identity(upstream),
     }
-    headers::set_forwarded(upstream, client_ip(session), is_tls(session))?;
+    headers::set_forwarded(upstream, client_ip, tls)?;
     upstream.insert_header(headers::TRACEPARENT_NAME, &ctx.trace.header_value()[..])?;
     if let Some(route) = &ctx.route {
         if !route.config.request_headers.is_empty() {
@@ -183,6 +209,76 @@ fn upstream_error(cause: Cause, why: &'static str) -> Box<Error> {
     let mut e = Error::explain(ErrorType::HTTPStatus(cause.status()), why);
     e.esource = ErrorSource::Upstream;
     e
+}
+
+/// What a try needs to reach its instance (from [`BusbarProxy::begin_try`]).
+pub(crate) struct Try {
+    pub addr: std::net::SocketAddr,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+/// How a request ended, for [`BusbarProxy::finish`].
+pub(crate) struct Done<'a> {
+    pub req: &'a RequestHeader,
+    pub client: Option<std::net::SocketAddr>,
+    /// The status written to the client; 0 when none was.
+    pub status: u16,
+    pub body_bytes: usize,
+    /// The request ended in an error busbar did not name with a cause.
+    pub error: bool,
+}
+
+/// How long an idle upstream connection stays pooled.
+pub(crate) const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+
+/// The headers busbar adds to and edits in every response: admission's (`RateLimit-*`),
+/// the route's edits, and the translation's.
+pub(crate) fn response_headers(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
+    if let Some(a) = &ctx.admitted {
+        a.apply_response(resp);
+    }
+    if let Some(route) = &ctx.route {
+        if !route.config.response_headers.is_empty() {
+            headers::edit_response(resp, &route.config.response_headers)?;
+        }
+    }
+    crate::translate::response(ctx, resp)
+}
+
+/// The upstream request head from the client's: origin form, busbar's headers
+/// ([`upstream_headers_for`]), the route's path rewrite and the translation's edits.
+pub(crate) fn upstream_request(
+    ctx: &RequestCtx,
+    upstream: &mut RequestHeader,
+    client_ip: Option<IpAddr>,
+    tls: bool,
+    downstream_h2: bool,
+) -> Result<()> {
+    let Some(route) = ctx.route.as_ref() else {
+        return Ok(());
+    };
+    // A forward-proxy request (absolute-form) goes upstream in origin form. HTTP/2
+    // requests always carry :authority in the URI and have no Host to fall back on.
+    if upstream.uri.authority().is_some() && upstream.uri.scheme().is_some() && !downstream_h2 {
+        let pq = upstream
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let uri = http::Uri::try_from(pq)
+            .map_err(|e| Error::because(ErrorType::InternalError, "origin-form uri", e))?;
+        upstream.set_uri(uri);
+    }
+    upstream_headers_for(ctx, upstream, client_ip, tls)?;
+    if let Some(pq) = upstream.uri.path_and_query() {
+        if let Some(new) = routing::rewrite(&route.config, pq.as_str()) {
+            let uri = http::Uri::try_from(new)
+                .map_err(|e| Error::because(ErrorType::InternalError, "path rewrite", e))?;
+            upstream.set_uri(uri);
+        }
+    }
+    crate::translate::upstream_request(ctx, upstream)
 }
 
 impl BusbarProxy {
@@ -265,28 +361,208 @@ impl BusbarProxy {
                 }
             }
         }
-        self.plan_tries(session, ctx, &route);
+        self.plan_tries(session.req_header(), client_ip(session), ctx, &route);
         Ok(false)
     }
 
     /// The deadline, sticky key, instance set and gray-release version for the tries.
-    fn plan_tries(&self, session: &Session, ctx: &mut RequestCtx, route: &routing::Route) {
+    pub(crate) fn plan_tries(
+        &self,
+        req: &RequestHeader,
+        client_ip: Option<IpAddr>,
+        ctx: &mut RequestCtx,
+        route: &routing::Route,
+    ) {
         let svc = &route.service;
         svc.retry_budget.deposit();
         ctx.deadline = Some(ctx.start + route.config.timeout.unwrap_or(svc.config.timeout));
         if svc.config.balance == crate::config::BalancePolicy::Sticky {
-            ctx.sticky_key = sticky_key(&svc.config.hash_key, session);
+            ctx.sticky_key = sticky_key(&svc.config.hash_key, req, client_ip);
         }
         ctx.set = Some(svc.instances());
         ctx.release = self.state.releases.begin(
             route.name(),
             ctx.set.as_deref(),
             &crate::release::Facts {
-                headers: &session.req_header().headers,
-                client_ip: client_ip(session),
+                headers: &req.headers,
+                client_ip,
                 user: ctx.admitted.as_ref().and_then(|a| a.user.as_deref()),
             },
         );
+    }
+
+    /// Starts a try: picks its instance and path (sidecar or app port) and its timeouts
+    /// within the request's deadline. The error is what answers the request when no try
+    /// can start.
+    pub(crate) fn begin_try(&self, ctx: &mut RequestCtx) -> Result<Try> {
+        ctx.cause = None;
+        let (Some(route), Some(_)) = (ctx.route.clone(), ctx.set.as_ref()) else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "no route in context",
+            ));
+        };
+        let svc = &route.service;
+        let now = Instant::now();
+        let remaining = ctx
+            .deadline
+            .map_or(svc.config.timeout, |d| d.saturating_duration_since(now));
+        if remaining.is_zero() {
+            ctx.cause = Some(Cause::UpstreamTimeout);
+            svc.metrics.timeouts.inc();
+            return Err(upstream_error(
+                Cause::UpstreamTimeout,
+                "deadline passed before a try",
+            ));
+        }
+        let Some((idx, instance)) = ctx.pick_instance() else {
+            ctx.cause = Some(Cause::NoHealthyInstance);
+            svc.metrics.no_instance.inc();
+            return Err(upstream_error(
+                Cause::NoHealthyInstance,
+                "no healthy instance",
+            ));
+        };
+        ctx.tried.push(idx);
+        ctx.tries += 1;
+        instance.health.begin_request();
+        let (addr, path) = fallback::target(svc, &instance, now_ms());
+        ctx.path = path;
+        ctx.last_addr = Some(addr);
+        ctx.instance = Some(instance);
+        ctx.upstream_start = Some(now);
+        Ok(Try {
+            addr,
+            connect_timeout: svc.config.connect_timeout.min(remaining),
+            read_timeout: svc.config.read_timeout.min(remaining),
+        })
+    }
+
+    /// A try could not connect. Switches a dead sidecar to its app port, counts the
+    /// failure against the instance otherwise; says whether to try again.
+    pub(crate) fn on_connect_failure(&self, ctx: &mut RequestCtx, timed_out: bool) -> bool {
+        if let Some(instance) = ctx.release_instance() {
+            if let Some(route) = &ctx.route {
+                route.service.metrics.connect_failures.inc();
+            }
+            // A dead sidecar is not a dead instance: switch it to its app port and try
+            // this same request again there (nothing was sent, so it is safe).
+            if ctx.path == Some(fallback::path::Path::Sidecar) && !ctx.sidecar_failover {
+                if let Some((_, state)) = &instance.sidecar {
+                    if state.connect_failed() {
+                        tracing::warn!(instance = %instance.id, "sidecar connect failed: switching to the app port");
+                    }
+                }
+                ctx.sidecar_failover = true;
+                ctx.tried.pop();
+                ctx.cause = Some(Cause::ConnectFailed);
+                return true;
+            }
+            self.record_failure(ctx, &instance);
+        }
+        ctx.cause = Some(if timed_out {
+            Cause::UpstreamTimeout
+        } else {
+            Cause::ConnectFailed
+        });
+        // Nothing reached the upstream: any method may be retried.
+        self.may_retry(ctx)
+    }
+
+    /// A connected try failed before its response was complete. Counts an upstream fault
+    /// against the instance; says whether to try again: only a request that is `safe` to
+    /// send again (idempotent, body still held, no response started), after an upstream
+    /// fault or a stale reused connection, within the retry budget.
+    pub(crate) fn on_try_failure(
+        &self,
+        ctx: &mut RequestCtx,
+        upstream_fault: bool,
+        timed_out: bool,
+        safe: bool,
+        stale_reuse: bool,
+    ) -> bool {
+        if let Some(instance) = ctx.release_instance() {
+            if upstream_fault {
+                self.record_failure(ctx, &instance);
+            }
+        }
+        if upstream_fault {
+            ctx.cause = Some(if timed_out {
+                Cause::UpstreamTimeout
+            } else {
+                Cause::UpstreamError
+            });
+            if timed_out {
+                if let Some(route) = &ctx.route {
+                    route.service.metrics.timeouts.inc();
+                }
+            }
+        }
+        safe && (upstream_fault || stale_reuse) && self.may_retry(ctx)
+    }
+
+    /// The upstream's response head arrived: upstream time, and the instance's health.
+    pub(crate) fn on_response(&self, ctx: &mut RequestCtx, status: http::StatusCode) {
+        if status.is_informational() {
+            return;
+        }
+        if let (Some(route), Some(start)) = (&ctx.route, ctx.upstream_start) {
+            let t = start.elapsed();
+            ctx.upstream_time = Some(t);
+            route
+                .service
+                .metrics
+                .upstream_duration
+                .observe(t.as_secs_f64());
+        }
+        if let Some(instance) = ctx.instance.clone() {
+            if status.is_server_error() {
+                self.record_failure(ctx, &instance);
+            } else {
+                instance.health.record_success();
+            }
+        }
+    }
+
+    /// The request is over: gray-release outcome, metrics, and the access log line.
+    pub(crate) fn finish(&self, ctx: &mut RequestCtx, done: &Done<'_>) {
+        ctx.release_instance();
+        let status = done.status;
+        ctx.release.finish(ctx.set.as_deref(), status);
+        let total = ctx.start.elapsed();
+        if let Some(route) = &ctx.route {
+            if status > 0 {
+                route.metrics.by_class[class_index(status)].inc();
+            }
+            route.metrics.duration.observe(total.as_secs_f64());
+        } else if status > 0 {
+            METRICS
+                .requests
+                .with_label_values(&["", "", if status == 404 { "4xx" } else { "5xx" }])
+                .inc();
+        }
+        if !self.access_log.enabled() {
+            return;
+        }
+        let req = done.req;
+        let trace_id = ctx.trace.trace_id_hex();
+        let route = ctx.route.as_ref();
+        self.access_log.write(&Entry {
+            client: done.client,
+            method: req.method.as_str(),
+            host: request_host(req),
+            path: req.uri.path(),
+            route: route.map_or("", |r| r.name()),
+            service: route.map_or("", |r| r.service.name()),
+            instance: ctx.last_addr,
+            status,
+            bytes: done.body_bytes,
+            total,
+            upstream: ctx.upstream_time,
+            tries: ctx.tries,
+            trace_id: &trace_id,
+            error: ctx.cause.map(Cause::code).or(done.error.then_some("error")),
+        });
     }
 
     /// May this failed try be tried again? Spends a retry token if so.
@@ -364,52 +640,21 @@ impl ProxyHttp for BusbarProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        ctx.cause = None;
-        let (Some(route), Some(_)) = (ctx.route.clone(), ctx.set.as_ref()) else {
-            return Err(Error::explain(
-                ErrorType::InternalError,
-                "no route in context",
-            ));
-        };
-        let svc = &route.service;
-        let now = Instant::now();
-        let remaining = ctx
-            .deadline
-            .map_or(svc.config.timeout, |d| d.saturating_duration_since(now));
-        if remaining.is_zero() {
-            ctx.cause = Some(Cause::UpstreamTimeout);
-            svc.metrics.timeouts.inc();
-            return Err(upstream_error(
-                Cause::UpstreamTimeout,
-                "deadline passed before a try",
-            ));
-        }
-        let Some((idx, instance)) = ctx.pick_instance() else {
-            ctx.cause = Some(Cause::NoHealthyInstance);
-            svc.metrics.no_instance.inc();
-            return Err(upstream_error(
-                Cause::NoHealthyInstance,
-                "no healthy instance",
-            ));
-        };
-        ctx.tried.push(idx);
-        ctx.tries += 1;
-        instance.health.begin_request();
-        let (addr, path) = fallback::target(svc, &instance, now_ms());
-        ctx.path = path;
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        let t = self.begin_try(ctx)?;
+        let mut peer = HttpPeer::new(t.addr, false, String::new());
         let opts = &mut peer.options;
-        opts.connection_timeout = Some(svc.config.connect_timeout.min(remaining));
-        opts.read_timeout = Some(svc.config.read_timeout.min(remaining));
-        opts.write_timeout = Some(svc.config.read_timeout.min(remaining));
-        opts.idle_timeout = Some(Duration::from_secs(60));
-        if svc.config.protocol == Protocol::H2c {
+        opts.connection_timeout = Some(t.connect_timeout);
+        opts.read_timeout = Some(t.read_timeout);
+        opts.write_timeout = Some(t.read_timeout);
+        opts.idle_timeout = Some(UPSTREAM_IDLE);
+        if ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| r.service.config.protocol == Protocol::H2c)
+        {
             opts.set_http_version(2, 2);
             opts.max_h2_streams = UPSTREAM_H2_STREAMS;
         }
-        ctx.last_addr = Some(addr);
-        ctx.instance = Some(instance);
-        ctx.upstream_start = Some(now);
         Ok(Box::new(peer))
     }
 
@@ -420,33 +665,8 @@ impl ProxyHttp for BusbarProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        if let Some(instance) = ctx.release_instance() {
-            if let Some(route) = &ctx.route {
-                route.service.metrics.connect_failures.inc();
-            }
-            // A dead sidecar is not a dead instance: switch it to its app port and try
-            // this same request again there (nothing was sent, so it is safe).
-            if ctx.path == Some(fallback::path::Path::Sidecar) && !ctx.sidecar_failover {
-                if let Some((_, state)) = &instance.sidecar {
-                    if state.connect_failed() {
-                        tracing::warn!(instance = %instance.id, "sidecar connect failed: switching to the app port");
-                    }
-                }
-                ctx.sidecar_failover = true;
-                ctx.tried.pop();
-                ctx.cause = Some(Cause::ConnectFailed);
-                e.set_retry(true);
-                return e;
-            }
-            self.record_failure(ctx, &instance);
-        }
-        ctx.cause = Some(if matches!(e.etype(), ErrorType::ConnectTimedout) {
-            Cause::UpstreamTimeout
-        } else {
-            Cause::ConnectFailed
-        });
-        // Nothing reached the upstream: any method may be retried.
-        e.set_retry(self.may_retry(ctx));
+        let timed_out = matches!(e.etype(), ErrorType::ConnectTimedout);
+        e.set_retry(self.on_connect_failure(ctx, timed_out));
         e
     }
 
@@ -459,27 +679,10 @@ impl ProxyHttp for BusbarProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let upstream_fault = *e.esource() == ErrorSource::Upstream;
-        if let Some(instance) = ctx.release_instance() {
-            if upstream_fault {
-                self.record_failure(ctx, &instance);
-            }
-        }
-        if upstream_fault {
-            let timeout = matches!(
-                e.etype(),
-                ErrorType::ReadTimedout | ErrorType::WriteTimedout
-            );
-            ctx.cause = Some(if timeout {
-                Cause::UpstreamTimeout
-            } else {
-                Cause::UpstreamError
-            });
-            if timeout {
-                if let Some(route) = &ctx.route {
-                    route.service.metrics.timeouts.inc();
-                }
-            }
-        }
+        let timed_out = matches!(
+            e.etype(),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        );
         // Only idempotent requests whose body we still hold and whose response has not
         // started may go again; a stale reused connection is pingora's own retry case.
         let safe = session.req_header().method.is_idempotent()
@@ -488,7 +691,7 @@ impl ProxyHttp for BusbarProxy {
         // `retry()` panics while the error's retry is still "only if reused": decide it first.
         e.retry.decide_reuse(client_reused);
         let stale_reuse = client_reused && e.retry();
-        let retry = safe && (upstream_fault || stale_reuse) && self.may_retry(ctx);
+        let retry = self.on_try_failure(ctx, upstream_fault, timed_out, safe, stale_reuse);
         e.set_retry(retry);
         e
     }
@@ -499,33 +702,8 @@ impl ProxyHttp for BusbarProxy {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(route) = ctx.route.as_ref() else {
-            return Ok(());
-        };
-        // A forward-proxy request (absolute-form) goes upstream in origin form. HTTP/2
-        // requests always carry :authority in the URI and have no Host to fall back on.
-        if upstream.uri.authority().is_some()
-            && upstream.uri.scheme().is_some()
-            && session.req_header().version != http::Version::HTTP_2
-        {
-            let pq = upstream
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string();
-            let uri = http::Uri::try_from(pq)
-                .map_err(|e| Error::because(ErrorType::InternalError, "origin-form uri", e))?;
-            upstream.set_uri(uri);
-        }
-        upstream_headers(session, ctx, upstream)?;
-        if let Some(pq) = upstream.uri.path_and_query() {
-            if let Some(new) = routing::rewrite(&route.config, pq.as_str()) {
-                let uri = http::Uri::try_from(new)
-                    .map_err(|e| Error::because(ErrorType::InternalError, "path rewrite", e))?;
-                upstream.set_uri(uri);
-            }
-        }
-        crate::translate::upstream_request(ctx, upstream)
+        let h2 = session.req_header().version == http::Version::HTTP_2;
+        upstream_request(ctx, upstream, client_ip(session), is_tls(session), h2)
     }
 
     async fn upstream_response_filter(
@@ -534,25 +712,7 @@ impl ProxyHttp for BusbarProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if resp.status.is_informational() {
-            return Ok(());
-        }
-        if let (Some(route), Some(start)) = (&ctx.route, ctx.upstream_start) {
-            let t = start.elapsed();
-            ctx.upstream_time = Some(t);
-            route
-                .service
-                .metrics
-                .upstream_duration
-                .observe(t.as_secs_f64());
-        }
-        if let Some(instance) = ctx.instance.clone() {
-            if resp.status.is_server_error() {
-                self.record_failure(ctx, &instance);
-            } else {
-                instance.health.record_success();
-            }
-        }
+        self.on_response(ctx, resp.status);
         Ok(())
     }
 
@@ -562,15 +722,7 @@ impl ProxyHttp for BusbarProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(a) = &ctx.admitted {
-            a.apply_response(resp);
-        }
-        if let Some(route) = &ctx.route {
-            if !route.config.response_headers.is_empty() {
-                headers::edit_response(resp, &route.config.response_headers)?;
-            }
-        }
-        crate::translate::response(ctx, resp)
+        response_headers(ctx, resp)
     }
 
     fn response_body_filter(
@@ -657,47 +809,18 @@ impl ProxyHttp for BusbarProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        ctx.release_instance();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        ctx.release.finish(ctx.set.as_deref(), status);
-        let total = ctx.start.elapsed();
-        if let Some(route) = &ctx.route {
-            if status > 0 {
-                route.metrics.by_class[class_index(status)].inc();
-            }
-            route.metrics.duration.observe(total.as_secs_f64());
-        } else if status > 0 {
-            METRICS
-                .requests
-                .with_label_values(&["", "", if status == 404 { "4xx" } else { "5xx" }])
-                .inc();
-        }
-        if !self.access_log.enabled() {
-            return;
-        }
-        let req = session.req_header();
-        let trace_id = ctx.trace.trace_id_hex();
-        let route = ctx.route.as_ref();
-        self.access_log.write(&Entry {
-            client: session
-                .as_downstream()
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .copied(),
-            method: req.method.as_str(),
-            host: request_host(req),
-            path: req.uri.path(),
-            route: route.map_or("", |r| r.name()),
-            service: route.map_or("", |r| r.service.name()),
-            instance: ctx.last_addr,
-            status,
-            bytes: session.as_downstream().body_bytes_sent(),
-            total,
-            upstream: ctx.upstream_time,
-            tries: ctx.tries,
-            trace_id: &trace_id,
-            error: ctx.cause.map(Cause::code).or(e.map(|_| "error")),
-        });
+        let downstream = session.as_downstream();
+        self.finish(
+            ctx,
+            &Done {
+                req: session.req_header(),
+                client: downstream.client_addr().and_then(|a| a.as_inet()).copied(),
+                status,
+                body_bytes: downstream.body_bytes_sent(),
+                error: e.is_some(),
+            },
+        );
     }
 }
 

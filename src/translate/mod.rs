@@ -44,6 +44,11 @@ fn of<'a>(snapshot: &'a Snapshot, route: &Route) -> Option<&'a Translation> {
     snapshot.config.translations.get(route.name())
 }
 
+/// Does `route` translate anything (JSON→gRPC, gRPC-Web)?
+pub fn translates(snapshot: &Snapshot, route: &Route) -> bool {
+    of(snapshot, route).is_some()
+}
+
 /// Answers a CORS preflight for a gRPC-Web route (before admission: preflights carry
 /// no credentials). `Ok(true)`: the response is written.
 pub async fn preflight(session: &mut Session, snapshot: &Snapshot, route: &Route) -> Result<bool> {

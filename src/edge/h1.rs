@@ -1,0 +1,921 @@
+//! busbar's own HTTP/1.1 path for the everyday request: a plaintext HTTP/1.1 request
+//! without a body, on a route that proxies to an HTTP/1 service with no translation
+//! (admission included). Everything else goes to the pingora proxy, unchanged.
+//!
+//! pingora 0.9's proxy loop costs 3–4× what a plain tokio proxy costs per request here
+//! (`load-tests/RESULTS.md`, 19:13): a boxed future per phase, two channels, and a task
+//! per pooled connection. This path does the same work in one task: the head the front
+//! door has already read is parsed once (httparse), the upstream connection comes from a
+//! per-thread pool (`edge::pool`), and the response goes back as it is read.
+//!
+//! Owns: HTTP/1.1 framing on both sides for these requests: the upstream request head,
+//! the response head and the body's end (length, chunked, or close), hop-by-hop headers,
+//! `Date` and `Connection` downstream.
+//! Must not: hold policy. Route, tries, retries, outlier detection, headers, metrics and
+//! the access log are the proxy's phases (`proxy::BusbarProxy`), the same calls the
+//! pingora path makes.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BufMut;
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TE, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+use pingora_core::protocols::http::date::get_cached_date;
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
+use pingora_core::protocols::GetSocketDigest;
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_timeout::timeout;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::pool;
+use crate::admission::{normalize_path, wait_watched, Refused};
+use crate::config::Protocol;
+use crate::metrics::METRICS;
+use crate::proxy::ctx::RequestCtx;
+use crate::proxy::reply::Cause;
+use crate::proxy::trace::TraceContext;
+use crate::proxy::{self, headers, BusbarProxy, Done};
+use crate::routing::Route;
+use crate::snapshot::{Snapshot, State};
+
+/// Most header lines in a request or response head this path parses; a head with more
+/// goes to pingora (request) or is refused as a bad upstream response.
+const MAX_HEADERS: usize = 128;
+/// Largest upstream response head (pingora's `MAX_HEADER_SIZE` is 1 MiB; nginx's
+/// `proxy_buffer_size` default is 4–8 KiB).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Read buffer for the response.
+const BUF: usize = 4096;
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// A request this path serves, parsed and routed by [`take`].
+pub struct FastRequest {
+    req: RequestHeader,
+    snapshot: Arc<Snapshot>,
+    route: Option<Arc<Route>>,
+    /// The path routing and ACLs saw, when normalising changed it.
+    normalized: Option<String>,
+    /// The client said `Connection: close`.
+    close: bool,
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+fn hop_by_hop(name: &HeaderName) -> bool {
+    name == CONNECTION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+        || name == TE
+        || name == UPGRADE
+}
+
+/// Does a `Connection` value ask for anything besides `close` / `keep-alive`? Other
+/// tokens name more hop-by-hop headers (or an upgrade): pingora's path handles those.
+/// Sets `close` when it says close.
+fn connection_tokens(value: &[u8], close: &mut bool) -> bool {
+    value.split(|&b| b == b',').all(|t| {
+        let t = t.trim_ascii();
+        if t.eq_ignore_ascii_case(b"close") {
+            *close = true;
+            true
+        } else {
+            t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive")
+        }
+    })
+}
+
+/// Parses a head the front door accepted and routes it. `None`: not a request for this
+/// path (a body, an upgrade, HTTP/1.0, absolute form, a translated or admitted route, an
+/// h2c service…); the caller hands it to pingora, which sees the same bytes.
+pub fn take(state: &State, head: &[u8]) -> Option<Box<FastRequest>> {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut lines);
+    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
+        return None;
+    }
+    let path = parsed.path?;
+    if parsed.version != Some(1) || !path.starts_with('/') {
+        return None;
+    }
+    let method = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
+    if method == Method::CONNECT {
+        return None;
+    }
+    let mut req =
+        RequestHeader::build_no_case(method, path.as_bytes(), Some(parsed.headers.len())).ok()?;
+    let mut close = false;
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        if name == TRANSFER_ENCODING || name == UPGRADE || name == EXPECT {
+            return None;
+        }
+        if name == CONTENT_LENGTH && h.value != b"0" {
+            return None;
+        }
+        if name == CONNECTION && !connection_tokens(h.value, &mut close) {
+            return None;
+        }
+        if hop_by_hop(&name) {
+            continue;
+        }
+        let value = HeaderValue::from_bytes(h.value).ok()?;
+        req.append_header(name, value).ok()?;
+    }
+    let snapshot = state.load();
+    let normalized = match normalize_path(req.uri.path()) {
+        std::borrow::Cow::Borrowed(_) => None,
+        std::borrow::Cow::Owned(p) => Some(p),
+    };
+    let found = proxy::lookup_route(&snapshot, &req, normalized.as_deref());
+    let route = match found {
+        None => None,
+        Some((route, fallback)) => {
+            let plain = route.service.config.protocol == Protocol::Http1
+                && !crate::translate::translates(&snapshot, &route);
+            if !plain {
+                return None;
+            }
+            if fallback {
+                proxy::count_fallback(&route, &req);
+            }
+            Some(route)
+        }
+    };
+    Some(Box::new(FastRequest {
+        req,
+        snapshot,
+        route,
+        normalized,
+        close,
+    }))
+}
+
+/// How a response's body ends (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes: the client connection closes after it.
+    Close,
+}
+
+/// An upstream response head, parsed.
+struct Head {
+    resp: ResponseHeader,
+    framing: Framing,
+    /// Bytes of the head in the read buffer (the body starts after them).
+    len: usize,
+    /// The upstream connection may carry another request.
+    reusable: bool,
+}
+
+/// Why a try failed after it was connected.
+#[derive(Clone, Copy)]
+enum TripError {
+    /// Nothing came back on a pooled connection: the upstream had closed it. Not the
+    /// instance's fault; the same try goes again on a fresh connection.
+    Stale,
+    /// The upstream failed (error, close, timeout, or a head that is not HTTP).
+    Upstream { timed_out: bool },
+}
+
+fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Head>, ()> {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut lines);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => return Ok(None),
+        _ => return Err(()),
+    };
+    let code = parsed.code.ok_or(())?;
+    let status = StatusCode::from_u16(code).map_err(|_| ())?;
+    let mut resp =
+        ResponseHeader::build_no_case(status, Some(parsed.headers.len())).map_err(|_| ())?;
+    let mut reusable = parsed.version == Some(1);
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut encoded = false;
+    // Headers the upstream's `Connection` names: hop-by-hop too (rare; then allocated).
+    let mut nominated = Vec::new();
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| ())?;
+        if name == CONNECTION {
+            let mut close = false;
+            if !connection_tokens(h.value, &mut close) {
+                nominated.extend(
+                    h.value
+                        .split(|&b| b == b',')
+                        .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok()),
+                );
+            }
+            reusable &= !close;
+        } else if name == CONTENT_LENGTH {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or(())?;
+            // Two different lengths: which one frames the body is ambiguous (smuggling).
+            if length.is_some_and(|l| l != n) {
+                return Err(());
+            }
+            length = Some(n);
+        } else if name == TRANSFER_ENCODING {
+            encoded = true;
+            chunked = h
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        }
+        if hop_by_hop(&name) {
+            continue;
+        }
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| ())?;
+        resp.append_header(name, value).map_err(|_| ())?;
+    }
+    for name in &nominated {
+        resp.remove_header(name);
+    }
+    let framing = if head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::None
+    } else if encoded {
+        // Transfer-Encoding wins over Content-Length, which must then go (RFC 9112 §6.3).
+        resp.remove_header(&CONTENT_LENGTH);
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
+    } else {
+        match length {
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        }
+    };
+    if framing == Framing::Close {
+        reusable = false;
+    }
+    Ok(Some(Head {
+        resp,
+        framing,
+        len,
+        reusable,
+    }))
+}
+
+/// Sends the request head and reads the response head (skipping 1xx ones) into `buf`.
+async fn round_trip(
+    up: &mut TcpStream,
+    wire: &[u8],
+    read_timeout: Duration,
+    head_request: bool,
+    reused: bool,
+    buf: &mut Vec<u8>,
+) -> Result<Head, TripError> {
+    let failed = TripError::Upstream { timed_out: false };
+    let timed_out = TripError::Upstream { timed_out: true };
+    match timeout(read_timeout, up.write_all(wire)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) if reused => return Err(TripError::Stale),
+        Ok(Err(_)) => return Err(failed),
+        Err(_) => return Err(timed_out),
+    }
+    buf.clear();
+    loop {
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(BUF);
+        }
+        let n = match timeout(read_timeout, up.read_buf(buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) if reused && buf.is_empty() => return Err(TripError::Stale),
+            Ok(Err(_)) => return Err(failed),
+            Err(_) => return Err(timed_out),
+        };
+        if n == 0 {
+            return Err(if reused && buf.is_empty() {
+                TripError::Stale
+            } else {
+                TripError::Upstream { timed_out: false }
+            });
+        }
+        loop {
+            match parse_head(buf, head_request) {
+                Ok(None) => break,
+                Ok(Some(head)) if head.resp.status == StatusCode::SWITCHING_PROTOCOLS => {
+                    // Nothing asked for an upgrade.
+                    return Err(TripError::Upstream { timed_out: false });
+                }
+                Ok(Some(head)) if head.resp.status.is_informational() => {
+                    // 103 Early Hints and the like: dropped, the final response follows.
+                    buf.drain(..head.len);
+                    if buf.is_empty() {
+                        break;
+                    }
+                }
+                Ok(Some(head)) => return Ok(head),
+                Err(()) => return Err(TripError::Upstream { timed_out: false }),
+            }
+        }
+    }
+}
+
+/// Where a chunked body ends: fed the body's bytes in order, says after how many of
+/// them the last chunk and its trailers end. Passes the bytes through unchanged.
+#[derive(Debug, Default)]
+struct ChunkScan {
+    state: Chunk,
+    size: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// In the hex size (the first digit seen).
+    #[default]
+    Size,
+    /// After the size: an extension, up to LF.
+    SizeLine,
+    /// In the data; `size` bytes remain.
+    Data,
+    /// After the data: CR LF.
+    DataEnd,
+    /// In a trailer line (or at the start of the final empty line).
+    Trailer {
+        empty: bool,
+    },
+    Done,
+}
+
+impl ChunkScan {
+    /// `Ok(Some(n))`: the body ends after `bytes[..n]`. `Err`: not chunked framing.
+    fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, ()> {
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            match self.state {
+                Chunk::Size => match (b as char).to_digit(16) {
+                    Some(d) => {
+                        self.size = self
+                            .size
+                            .checked_mul(16)
+                            .and_then(|s| s.checked_add(d as u64))
+                            .ok_or(())?;
+                    }
+                    None if b == b'\r' || b == b';' || b == b' ' || b == b'\t' => {
+                        self.state = Chunk::SizeLine
+                    }
+                    None if b == b'\n' => self.end_size_line(),
+                    None => return Err(()),
+                },
+                Chunk::SizeLine => {
+                    if b == b'\n' {
+                        self.end_size_line();
+                    }
+                }
+                Chunk::Data => {
+                    let take = (self.size).min((bytes.len() - i) as u64) as usize;
+                    self.size -= take as u64;
+                    i += take;
+                    if self.size == 0 {
+                        self.state = Chunk::DataEnd;
+                    }
+                    continue;
+                }
+                Chunk::DataEnd => match b {
+                    b'\r' => {}
+                    b'\n' => {
+                        self.state = Chunk::Size;
+                        self.size = 0;
+                    }
+                    _ => return Err(()),
+                },
+                Chunk::Trailer { empty } => match b {
+                    b'\r' => {}
+                    b'\n' if empty => {
+                        self.state = Chunk::Done;
+                        return Ok(Some(i + 1));
+                    }
+                    b'\n' => self.state = Chunk::Trailer { empty: true },
+                    _ => self.state = Chunk::Trailer { empty: false },
+                },
+                Chunk::Done => return Ok(Some(i)),
+            }
+            i += 1;
+        }
+        Ok((self.state == Chunk::Done).then_some(i))
+    }
+
+    fn end_size_line(&mut self) {
+        self.state = if self.size == 0 {
+            Chunk::Trailer { empty: true }
+        } else {
+            Chunk::Data
+        };
+    }
+}
+
+/// Writes `bytes` to the client within `limit`: a client that stops reading is cut off
+/// (slow read), and counted as the pingora path counts it.
+async fn send(client: &mut L4Stream, bytes: &[u8], limit: Duration) -> bool {
+    match timeout(limit, client.write_all(bytes)).await {
+        Ok(r) => r.is_ok(),
+        Err(_) => {
+            METRICS
+                .edge_refusals
+                .with_label_values(&["send_timeout"])
+                .inc();
+            false
+        }
+    }
+}
+
+/// The status line and head of `resp`, with `Date` and `Connection`, into `out`.
+fn write_head(out: &mut Vec<u8>, resp: &mut ResponseHeader, keep_alive: bool) {
+    let _ = resp.insert_header(DATE, get_cached_date());
+    let _ = resp.insert_header(CONNECTION, if keep_alive { "keep-alive" } else { "close" });
+    out.put_slice(b"HTTP/1.1 ");
+    out.put_slice(resp.status.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(
+        resp.status
+            .canonical_reason()
+            .unwrap_or("Unknown")
+            .as_bytes(),
+    );
+    out.put_slice(b"\r\n");
+    resp.header_to_h1_wire(out);
+    out.put_slice(b"\r\n");
+}
+
+/// busbar's own answer for `cause`. Returns the status written (0 if the client was gone)
+/// and the body bytes sent.
+async fn answer(
+    client: &mut L4Stream,
+    ctx: &mut RequestCtx,
+    cause: Cause,
+    keep_alive: bool,
+    limit: Duration,
+) -> (u16, usize) {
+    ctx.cause = Some(cause);
+    let body = cause.body();
+    let mut resp = cause.header();
+    let mut out = Vec::with_capacity(256 + body.len());
+    write_head(&mut out, &mut resp, keep_alive);
+    out.put_slice(&body);
+    if send(client, &out, limit).await {
+        (cause.status(), body.len())
+    } else {
+        (0, 0)
+    }
+}
+
+/// The request's outcome for the access log and the keep-alive loop.
+struct Served {
+    status: u16,
+    body_bytes: usize,
+    keep_alive: bool,
+}
+
+/// Finishes when the client has gone away while its request waits for admission: a
+/// close, a reset, or bytes of another request sent before this one was answered (an
+/// error, as in pingora's path). Pending forever when `watch` is false (the client has
+/// pipelined already: reading on would take the next request's bytes).
+async fn client_gone(client: &mut L4Stream, watch: bool) -> Box<pingora_error::Error> {
+    use pingora_error::{Error, ErrorType};
+    if !watch {
+        return std::future::pending().await;
+    }
+    let mut byte = [0u8; 1];
+    match client.read(&mut byte).await {
+        Ok(0) | Err(_) => Error::explain(
+            ErrorType::ConnectionClosed,
+            "client went away while its request waited for admission",
+        ),
+        Ok(_) => Error::explain(
+            ErrorType::InvalidHTTPHeader,
+            "client sent another request while its request waited for admission",
+        ),
+    }
+}
+
+/// Admission on this connection: the route's policy, its waits raced against the
+/// client leaving. `Err` is the request's outcome when it is not let through.
+async fn admit(
+    policy: &crate::admission::RoutePolicy,
+    client: &mut L4Stream,
+    req: &RequestHeader,
+    path: &str,
+    client_ip: Option<IpAddr>,
+    ctx: &mut RequestCtx,
+    watch: bool,
+    keep_alive: bool,
+    limit: Duration,
+) -> Result<(), Served> {
+    let parts = crate::admission::RequestParts {
+        client_ip,
+        path,
+        headers: &req.headers,
+    };
+    let verdict = match policy.check(&parts) {
+        Ok(admitted) => wait_watched(policy, admitted, client_gone(client, watch)).await,
+        Err(rejection) => Err(Refused::Rejected(rejection)),
+    };
+    let rejection = match verdict {
+        Ok(admitted) => {
+            ctx.admitted = Some(admitted);
+            return Ok(());
+        }
+        Err(Refused::ClientGone(_)) => {
+            return Err(Served {
+                status: 0,
+                body_bytes: 0,
+                keep_alive: false,
+            })
+        }
+        Err(Refused::Rejected(r)) => r,
+    };
+    ctx.cause = Some(Cause::Admission(rejection.kind));
+    let body = rejection.body();
+    let mut resp = rejection.header(body.len());
+    let mut out = Vec::with_capacity(512 + body.len());
+    write_head(&mut out, &mut resp, keep_alive);
+    out.put_slice(&body);
+    let sent = send(client, &out, limit).await;
+    Err(Served {
+        status: if sent { resp.status.as_u16() } else { 0 },
+        body_bytes: if sent { body.len() } else { 0 },
+        keep_alive: keep_alive && sent,
+    })
+}
+
+/// Serves one request [`take`] accepted, on `client`. `draining`: the node is shutting
+/// down, so the connection closes after this response. `pipelined`: the client has
+/// already sent bytes past this request. Returns whether the client connection may carry
+/// another request.
+pub async fn serve(
+    proxy: &BusbarProxy,
+    client: &mut L4Stream,
+    request: Box<FastRequest>,
+    draining: bool,
+    pipelined: bool,
+) -> bool {
+    let FastRequest {
+        req,
+        snapshot,
+        route,
+        normalized,
+        close,
+    } = *request;
+    let mut ctx = RequestCtx::new();
+    METRICS.in_flight.inc();
+    ctx.counted = true;
+    let limit = snapshot.config.limits.client_timeout;
+    ctx.trace =
+        TraceContext::from_header(req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()));
+    let peer = client
+        .get_socket_digest()
+        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+    let keep_alive = !close && !draining;
+    let policy = route
+        .as_ref()
+        .and_then(|r| snapshot.admission.policy(r.name()).cloned());
+    ctx.snapshot = Some(snapshot);
+    let served = match route {
+        None => {
+            let (status, body_bytes) =
+                answer(client, &mut ctx, Cause::NoRoute, keep_alive, limit).await;
+            Served {
+                status,
+                body_bytes,
+                keep_alive: keep_alive && status > 0,
+            }
+        }
+        Some(route) => {
+            ctx.route = Some(route.clone());
+            let client_ip = peer.map(|a| a.ip());
+            let path = normalized.as_deref().unwrap_or(req.uri.path());
+            let admitted = match &policy {
+                None => Ok(()),
+                Some(p) => {
+                    let watch = !pipelined;
+                    admit(
+                        p, client, &req, path, client_ip, &mut ctx, watch, keep_alive, limit,
+                    )
+                    .await
+                }
+            };
+            match admitted {
+                Ok(()) => {
+                    proxy.plan_tries(&req, client_ip, &mut ctx, &route);
+                    exchange(proxy, client, &req, &mut ctx, peer, keep_alive, limit).await
+                }
+                Err(served) => served,
+            }
+        }
+    };
+    proxy.finish(
+        &mut ctx,
+        &Done {
+            req: &req,
+            client: peer,
+            status: served.status,
+            body_bytes: served.body_bytes,
+            error: false,
+        },
+    );
+    served.keep_alive
+}
+
+/// The tries, the response head and the body.
+async fn exchange(
+    proxy: &BusbarProxy,
+    client: &mut L4Stream,
+    req: &RequestHeader,
+    ctx: &mut RequestCtx,
+    peer: Option<SocketAddr>,
+    keep_alive: bool,
+    limit: Duration,
+) -> Served {
+    let failed = |status: (u16, usize)| Served {
+        status: status.0,
+        body_bytes: status.1,
+        keep_alive: false,
+    };
+    let client_ip: Option<IpAddr> = peer.map(|a| a.ip());
+    let mut upstream_req = req.clone();
+    if proxy::upstream_request(ctx, &mut upstream_req, client_ip, false, false).is_err() {
+        return failed(answer(client, ctx, Cause::BadRequest, false, limit).await);
+    }
+    let mut wire = Vec::with_capacity(512);
+    wire.put_slice(upstream_req.method.as_str().as_bytes());
+    wire.put_u8(b' ');
+    wire.put_slice(upstream_req.raw_path());
+    wire.put_slice(b" HTTP/1.1\r\n");
+    upstream_req.header_to_h1_wire(&mut wire);
+    wire.put_slice(b"\r\n");
+    let head_request = req.method == Method::HEAD;
+    let idempotent = req.method.is_idempotent();
+    let mut buf = Vec::with_capacity(BUF);
+    let (mut up, addr, mut head) = loop {
+        let t = match proxy.begin_try(ctx) {
+            Ok(t) => t,
+            Err(_) => {
+                let cause = ctx.cause.unwrap_or(Cause::UpstreamError);
+                return failed(answer(client, ctx, cause, false, limit).await);
+            }
+        };
+        let retry = match one_try(&t, &wire, head_request, idempotent, &mut buf).await {
+            Ok((up, head)) => break (up, t.addr, head),
+            Err(TryFail::Connect { timed_out }) => proxy.on_connect_failure(ctx, timed_out),
+            Err(TryFail::Trip { timed_out }) => {
+                proxy.on_try_failure(ctx, true, timed_out, idempotent, false)
+            }
+        };
+        if !retry {
+            let cause = ctx.cause.unwrap_or(Cause::UpstreamError);
+            return failed(answer(client, ctx, cause, false, limit).await);
+        }
+    };
+    proxy.on_response(ctx, head.resp.status);
+    if proxy::response_headers(ctx, &mut head.resp).is_err() {
+        return failed(answer(client, ctx, Cause::UpstreamError, false, limit).await);
+    }
+    let status = head.resp.status.as_u16();
+    let keep_alive = keep_alive && head.framing != Framing::Close;
+    // The head and what was read of the body go out in one write.
+    let mut out = Vec::with_capacity(512 + buf.len());
+    write_head(&mut out, &mut head.resp, keep_alive);
+    let body = &buf[head.len..];
+    let (end, mut scan) = match head.framing {
+        Framing::None => (Some(0), None),
+        Framing::Length(n) => ((body.len() as u64 >= n).then_some(n as usize), None),
+        Framing::Chunked => {
+            let mut scan = ChunkScan::default();
+            match scan.feed(body) {
+                Ok(end) => (end, Some(scan)),
+                Err(()) => return upstream_broke(proxy, ctx, client, limit).await,
+            }
+        }
+        Framing::Close => (None, None),
+    };
+    let first = end.unwrap_or(body.len()).min(body.len());
+    out.put_slice(&body[..first]);
+    let mut sent = first;
+    if !send(client, &out, limit).await {
+        return Served {
+            status,
+            body_bytes: 0,
+            keep_alive: false,
+        };
+    }
+    let extra = end.is_some_and(|e| e < body.len());
+    if end.is_none() {
+        let t_read = ctx
+            .route
+            .as_ref()
+            .map_or(crate::config::DEFAULT_CLIENT_TIMEOUT, |r| {
+                r.service.config.read_timeout
+            });
+        let mut remaining = match head.framing {
+            Framing::Length(n) => n - first as u64,
+            _ => u64::MAX,
+        };
+        loop {
+            buf.clear();
+            buf.reserve(BUF);
+            let n = match timeout(t_read, up.read_buf(&mut buf)).await {
+                Ok(Ok(0)) if head.framing == Framing::Close => break,
+                Ok(Ok(n)) if n > 0 => n,
+                read => {
+                    let timed_out = read.is_err();
+                    proxy.on_try_failure(ctx, true, timed_out, false, false);
+                    return Served {
+                        status,
+                        body_bytes: sent,
+                        keep_alive: false,
+                    };
+                }
+            };
+            let take = match (head.framing, scan.as_mut()) {
+                (Framing::Chunked, Some(s)) => match s.feed(&buf[..n]) {
+                    Ok(Some(e)) => {
+                        remaining = 0;
+                        e
+                    }
+                    Ok(None) => n,
+                    Err(()) => return upstream_broke(proxy, ctx, client, limit).await,
+                },
+                (Framing::Length(_), _) => {
+                    let t = (n as u64).min(remaining) as usize;
+                    remaining -= t as u64;
+                    t
+                }
+                _ => n,
+            };
+            if !send(client, &buf[..take], limit).await {
+                return Served {
+                    status,
+                    body_bytes: sent,
+                    keep_alive: false,
+                };
+            }
+            sent += take;
+            if remaining == 0 {
+                if take < n {
+                    head.reusable = false;
+                }
+                break;
+            }
+        }
+    }
+    if head.reusable && !extra {
+        pool::give_back(addr, up);
+    }
+    Served {
+        status,
+        body_bytes: sent,
+        keep_alive,
+    }
+}
+
+/// Why a try failed.
+enum TryFail {
+    Connect { timed_out: bool },
+    Trip { timed_out: bool },
+}
+
+/// One try on instance `t`: a pooled connection if there is a live one, the request, the
+/// response head. If the upstream had closed the pooled connection (nothing came back),
+/// an idempotent request goes again on a fresh one; another request fails the try, as
+/// it may have been acted on.
+async fn one_try(
+    t: &proxy::Try,
+    wire: &[u8],
+    head_request: bool,
+    idempotent: bool,
+    buf: &mut Vec<u8>,
+) -> Result<(TcpStream, Head), TryFail> {
+    let mut pooled = pool::take(t.addr);
+    loop {
+        let reused = pooled.is_some();
+        let mut up = match pooled.take() {
+            Some(up) => up,
+            None => match timeout(t.connect_timeout, TcpStream::connect(t.addr)).await {
+                Ok(Ok(up)) => {
+                    let _ = up.set_nodelay(true);
+                    up
+                }
+                Ok(Err(_)) => return Err(TryFail::Connect { timed_out: false }),
+                Err(_) => return Err(TryFail::Connect { timed_out: true }),
+            },
+        };
+        match round_trip(&mut up, wire, t.read_timeout, head_request, reused, buf).await {
+            Ok(head) => return Ok((up, head)),
+            Err(TripError::Stale) if idempotent => {}
+            Err(TripError::Stale) => return Err(TryFail::Trip { timed_out: false }),
+            Err(TripError::Upstream { timed_out }) => return Err(TryFail::Trip { timed_out }),
+        }
+    }
+}
+
+/// The upstream's response could not be framed: counted against the instance, the client
+/// gets a 502 (nothing was sent yet).
+async fn upstream_broke(
+    proxy: &BusbarProxy,
+    ctx: &mut RequestCtx,
+    client: &mut L4Stream,
+    limit: Duration,
+) -> Served {
+    proxy.on_try_failure(ctx, true, false, false, false);
+    let (status, body_bytes) = answer(client, ctx, Cause::UpstreamError, false, limit).await;
+    Served {
+        status,
+        body_bytes,
+        keep_alive: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_all(parts: &[&[u8]]) -> Option<usize> {
+        let mut s = ChunkScan::default();
+        let mut seen = 0;
+        for p in parts {
+            if let Some(end) = s.feed(p).expect("chunked") {
+                return Some(seen + end);
+            }
+            seen += p.len();
+        }
+        None
+    }
+
+    #[test]
+    fn the_end_of_a_chunked_body_is_found_across_reads() {
+        let body: &[u8] = b"5\r\nhello\r\n3;ext=1\r\nabc\r\n0\r\nx-t: 1\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        assert_eq!(scan_all(&[body]), Some(end));
+        for cut in 1..body.len() {
+            assert_eq!(
+                scan_all(&[&body[..cut], &body[cut..]]),
+                Some(end),
+                "cut at {cut}"
+            );
+        }
+        assert_eq!(scan_all(&[b"0\r\n\r\n"]), Some(5));
+        assert_eq!(scan_all(&[b"4\r\nab"]), None);
+    }
+
+    #[test]
+    fn a_chunk_size_that_is_not_hex_or_overflows_is_refused() {
+        assert!(ChunkScan::default().feed(b"zz\r\n").is_err());
+        assert!(ChunkScan::default().feed(b"fffffffffffffffff\r\n").is_err());
+    }
+
+    #[test]
+    fn response_framing() {
+        let head = |raw: &[u8], head_req| parse_head(raw, head_req).unwrap().unwrap();
+        let h = head(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", false);
+        assert_eq!((h.framing, h.reusable), (Framing::Length(3), true));
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            false,
+        );
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(h.resp.headers.get(CONTENT_LENGTH).is_none());
+        let h = head(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false);
+        assert_eq!((h.framing, h.reusable), (Framing::Close, false));
+        let h = head(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false);
+        assert!(!h.reusable);
+        let h = head(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true);
+        assert_eq!(h.framing, Framing::None);
+        let h = head(
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+            false,
+        );
+        assert_eq!(h.framing, Framing::None);
+        assert!(parse_head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            false
+        )
+        .is_err());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le", false)
+            .unwrap()
+            .is_none());
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nX-A: 1\r\n\r\n",
+            false,
+        );
+        assert!(h.resp.headers.get("keep-alive").is_none());
+        assert!(h.resp.headers.get("x-a").is_some());
+    }
+}

@@ -1,0 +1,100 @@
+//! Idle upstream HTTP/1.1 connections of busbar's own HTTP/1 path (`edge::h1`), per thread.
+//!
+//! Owns: keeping a connection whose response ended cleanly for the next request to the
+//! same address, and telling a live one from one the upstream has closed meanwhile.
+//! Must not: decide which instance to use (the proxy's phases do), or keep more than
+//! [`MAX_IDLE_PER_ADDR`] connections per address or any of them past [`IDLE`].
+//!
+//! The pool is a thread-local map: taking and giving back is a few loads and stores
+//! with no lock and no task per connection. With work stealing a request may give its
+//! connection back on another thread than it took it on; that thread's pool keeps it.
+//! A pooled connection is not watched: an upstream's close is seen when the connection is
+//! next taken (a non-blocking read that finds the EOF), and it is dropped then.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+
+/// Most idle connections kept per upstream address (per thread).
+pub const MAX_IDLE_PER_ADDR: usize = 256;
+
+/// How long a connection may stay idle in the pool.
+pub const IDLE: Duration = crate::proxy::UPSTREAM_IDLE;
+
+type Idle = VecDeque<(TcpStream, Instant)>;
+
+thread_local! {
+    static POOL: RefCell<HashMap<SocketAddr, Idle>> = RefCell::new(HashMap::new());
+}
+
+/// Is this idle connection still open, with nothing unread on it? A read that would
+/// block says yes; an EOF, stray bytes or an error say no.
+fn alive(s: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// The most recently pooled live connection to `addr`, if any.
+pub fn take(addr: SocketAddr) -> Option<TcpStream> {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let idle = p.get_mut(&addr)?;
+        let now = Instant::now();
+        while let Some((s, since)) = idle.pop_back() {
+            if now.duration_since(since) < IDLE && alive(&s) {
+                return Some(s);
+            }
+        }
+        None
+    })
+}
+
+/// Keeps `s` for the next request to `addr`; drops the oldest past the cap or the idle time.
+pub fn give_back(addr: SocketAddr, s: TcpStream) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let idle = p.entry(addr).or_default();
+        let now = Instant::now();
+        while idle
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) >= IDLE)
+        {
+            idle.pop_front();
+        }
+        if idle.len() >= MAX_IDLE_PER_ADDR {
+            idle.pop_front();
+        }
+        idle.push_back((s, now));
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_the_upstream_closed_is_not_handed_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let a = TcpStream::connect(addr).await.unwrap();
+        let (server_a, _) = listener.accept().await.unwrap();
+        let b = TcpStream::connect(addr).await.unwrap();
+        let (mut server_b, _) = listener.accept().await.unwrap();
+        give_back(addr, a);
+        give_back(addr, b);
+        // b (the newest) is closed by its server; a is still open.
+        server_b.shutdown().await.unwrap();
+        drop(server_b);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let got = take(addr).expect("the open connection");
+        assert_eq!(
+            got.local_addr().unwrap().port(),
+            server_a.peer_addr().unwrap().port()
+        );
+        assert!(take(addr).is_none(), "nothing else is pooled");
+    }
+}

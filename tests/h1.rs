@@ -1,0 +1,401 @@
+//! busbar's own HTTP/1.1 path (`src/edge/h1.rs`): bodyless HTTP/1.1 requests on plain
+//! routes. What a client and the upstream see of the framing on both sides: chunked and
+//! close-delimited responses, HEAD, 1xx, pipelining, hop-by-hop headers, and upstream
+//! connections that are pooled, closed meanwhile, or answer ambiguously.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::Busbar;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A request head as the upstream received it, and the connection it came on.
+#[derive(Debug, Clone)]
+struct Got {
+    conn: usize,
+    head: String,
+}
+
+/// An upstream that answers each request head with the bytes `script` gives for
+/// (path, the request's number on its connection); `None` closes the connection
+/// without an answer.
+struct Scripted {
+    addr: SocketAddr,
+    got: Arc<Mutex<Vec<Got>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+type Script = fn(&str, usize) -> Option<(Vec<u8>, bool)>;
+
+impl Scripted {
+    async fn start(script: Script) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let seen = got.clone();
+        let task = tokio::spawn(async move {
+            let mut conn = 0;
+            while let Ok((s, _)) = listener.accept().await {
+                conn += 1;
+                tokio::spawn(serve(s, conn, script, seen.clone()));
+            }
+        });
+        Scripted { addr, got, task }
+    }
+
+    fn got(&self) -> Vec<Got> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(mut s: TcpStream, conn: usize, script: Script, got: Arc<Mutex<Vec<Got>>>) {
+    let mut buf = Vec::new();
+    let mut n = 0;
+    loop {
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        buf.drain(..end);
+        n += 1;
+        let path = head.split(' ').nth(1).unwrap_or("").to_string();
+        got.lock().unwrap().push(Got { conn, head });
+        match script(&path, n) {
+            Some((reply, close)) => {
+                if s.write_all(&reply).await.is_err() || close {
+                    return;
+                }
+            }
+            None => return,
+        }
+    }
+}
+
+async fn bus(upstream: &Scripted) -> Busbar {
+    Busbar::start(&format!(
+        r#"
+[[service]]
+name = "s"
+endpoints = [{{ addr = "{}" }}]
+[[route]]
+name = "all"
+service = "s"
+"#,
+        upstream.addr
+    ))
+    .await
+}
+
+/// Reads one response from `s`: its head (lowercase names) and body, framed as HTTP/1.1
+/// says (length, chunked with trailers, or until close).
+async fn read_response(s: &mut TcpStream, head_request: bool) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let k = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("response head in time")
+            .unwrap();
+        assert!(k > 0, "closed before a response head: {buf:?}");
+        buf.extend_from_slice(&chunk[..k]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+    let mut body = buf[end..].to_vec();
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_string))
+    };
+    if head_request || head.starts_with("http/1.1 304") || head.starts_with("http/1.1 204") {
+        return (head, body);
+    }
+    if let Some(n) = header("content-length") {
+        let n: usize = n.trim().parse().unwrap();
+        while body.len() < n {
+            assert!(read_more(s, &mut body).await > 0, "closed inside the body");
+        }
+        assert_eq!(body.len(), n, "more than the length arrived");
+    } else if header("transfer-encoding").as_deref() == Some("chunked") {
+        while !body.ends_with(b"\r\n\r\n") || !chunked_done(&body) {
+            assert!(
+                read_more(s, &mut body).await > 0,
+                "closed inside the chunked body"
+            );
+        }
+    } else {
+        while read_more(s, &mut body).await > 0 {}
+    }
+    (head, body)
+}
+
+/// Appends what `s` has next to `body`; 0 at the close.
+async fn read_more(s: &mut TcpStream, body: &mut Vec<u8>) -> usize {
+    let mut chunk = [0u8; 4096];
+    let k = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+        .await
+        .expect("body in time")
+        .unwrap_or(0);
+    body.extend_from_slice(&chunk[..k]);
+    k
+}
+
+/// Does a chunked body end here (last chunk and trailers complete)?
+fn chunked_done(body: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(body);
+    text.starts_with("0\r\n") || text.contains("\r\n0\r\n")
+}
+
+fn ok(body: &str) -> Option<(Vec<u8>, bool)> {
+    Some((
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+        false,
+    ))
+}
+
+async fn connect(bus: &Busbar) -> TcpStream {
+    TcpStream::connect(bus.http).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_chunked_response_arrives_whole_with_its_trailers_and_both_connections_are_reused() {
+    let up = Scripted::start(|_, _| {
+        Some((
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n"
+                .to_vec(),
+            false,
+        ))
+    })
+    .await;
+    let bus = bus(&up).await;
+    let mut c = connect(&bus).await;
+    for _ in 0..3 {
+        c.write_all(b"GET /c HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut c, false).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("transfer-encoding: chunked"), "{head}");
+        assert!(head.contains("connection: keep-alive"), "{head}");
+        assert_eq!(
+            String::from_utf8_lossy(&body),
+            "5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n"
+        );
+    }
+    let got = up.got();
+    assert_eq!(got.len(), 3);
+    assert!(
+        got.iter().all(|g| g.conn == 1),
+        "one upstream connection: {got:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_response_without_a_length_ends_when_the_upstream_closes_and_so_does_the_client_connection(
+) {
+    let up = Scripted::start(|_, _| {
+        Some((
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it, until the close"
+                .to_vec(),
+            true,
+        ))
+    })
+    .await;
+    let bus = bus(&up).await;
+    let mut c = connect(&bus).await;
+    c.write_all(b"GET /eof HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut c, false).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(body, b"all of it, until the close");
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_drops_is_replaced_for_a_get_but_not_resent_for_a_post() {
+    // The upstream answers the first request on a connection and drops the connection
+    // when the second one arrives, unanswered.
+    let up = Scripted::start(|_, n| if n == 1 { ok("fresh") } else { None }).await;
+    let bus = bus(&up).await;
+    let mut c = connect(&bus).await;
+    for _ in 0..3 {
+        c.write_all(b"GET /g HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut c, false).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(body, b"fresh");
+    }
+    // Each GET after the first met the dropped connection and went again on a new one.
+    let got = up.got();
+    assert_eq!(got.len(), 5, "{got:?}");
+    assert_eq!(got.last().unwrap().conn, 3);
+    assert_eq!(
+        bus.metric(r#"busbar_requests_total{class="2xx",route="all",service="s"}"#)
+            .await,
+        3.0
+    );
+    assert_eq!(
+        bus.metric(r#"busbar_upstream_retries_total{service="s"}"#)
+            .await,
+        0.0,
+        "a dropped idle connection is not a failed try"
+    );
+
+    // A POST may have been acted on before the drop: it is not sent again.
+    c.write_all(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut c, false).await;
+    assert!(head.starts_with("http/1.1 502"), "{head}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("upstream_error"),
+        "{body:?}"
+    );
+    let posts = up
+        .got()
+        .iter()
+        .filter(|g| g.head.starts_with("POST"))
+        .count();
+    assert_eq!(posts, 1, "the POST went upstream once");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_stay_on_their_hop() {
+    let up = Scripted::start(|_, _| {
+        Some((
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nKeep-Alive: timeout=3\r\nX-Hop: 1\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok"
+                .to_vec(),
+            false,
+        ))
+    })
+    .await;
+    let bus = bus(&up).await;
+    let mut c = connect(&bus).await;
+    c.write_all(
+        b"GET /h HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nKeep-Alive: timeout=9\r\nX-Mine: 1\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, _) = read_response(&mut c, false).await;
+    assert!(!head.contains("keep-alive: timeout"), "{head}");
+    assert!(head.contains("x-kept: yes"), "{head}");
+    assert!(
+        !head.contains("x-hop"),
+        "a header Connection names is hop-by-hop: {head}"
+    );
+    assert!(head.contains("connection: keep-alive"), "{head}");
+    assert!(head.contains("date: "), "{head}");
+    let sent = up.got()[0].head.to_lowercase();
+    assert!(!sent.contains("keep-alive"), "{sent}");
+    assert!(!sent.contains("connection:"), "{sent}");
+    assert!(sent.contains("x-mine: 1"), "{sent}");
+    assert!(sent.contains("x-forwarded-for: 127.0.0.1"), "{sent}");
+
+    // `Connection: close` from the client: answered, then closed.
+    c.write_all(b"GET /h HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut c, false).await;
+    assert!(head.contains("connection: close"), "{head}");
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .unwrap();
+    assert_eq!(n, 0, "nothing after the last response");
+}
+
+#[tokio::test]
+async fn head_responses_and_early_hints_carry_no_body_and_the_connection_goes_on() {
+    let up = Scripted::start(|path, _| match path {
+        "/hints" => Some((
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"
+                .to_vec(),
+            false,
+        )),
+        _ => Some((
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n".to_vec(),
+            false,
+        )),
+    })
+    .await;
+    let bus = bus(&up).await;
+    let mut c = connect(&bus).await;
+    c.write_all(b"HEAD /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut c, true).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-length: 100"), "{head}");
+    assert!(body.is_empty(), "{body:?}");
+    c.write_all(b"GET /hints HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut c, false).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, b"final");
+    assert_eq!(up.got().len(), 2);
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let up = Scripted::start(|path, _| ok(path)).await;
+    let bus = bus(&up).await;
+    let mut c = connect(&bus).await;
+    c.write_all(
+        b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\n\r\nGET /three HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for want in ["/one", "/two", "/three"] {
+        let (head, body) = read_response(&mut c, false).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(String::from_utf8_lossy(&body), want);
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_response_with_two_lengths_is_refused_as_a_bad_gateway() {
+    let up = Scripted::start(|_, _| {
+        Some((
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 7\r\n\r\nokSMUGGLED".to_vec(),
+            false,
+        ))
+    })
+    .await;
+    let bus = bus(&up).await;
+    let mut c = connect(&bus).await;
+    c.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut c, false).await;
+    assert!(head.starts_with("http/1.1 502"), "{head}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("upstream_error"),
+        "{body:?}"
+    );
+}
