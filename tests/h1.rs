@@ -77,6 +77,9 @@ async fn serve(mut s: TcpStream, conn: usize, script: Script, got: Arc<Mutex<Vec
         n += 1;
         let path = head.split(' ').nth(1).unwrap_or("").to_string();
         got.lock().unwrap().push(Got { conn, head });
+        if path.starts_with("/slow") {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
         match script(&path, n) {
             Some((reply, close)) => {
                 if s.write_all(&reply).await.is_err() || close {
@@ -397,5 +400,54 @@ async fn an_upstream_response_with_two_lengths_is_refused_as_a_bad_gateway() {
     assert!(
         String::from_utf8_lossy(&body).contains("upstream_error"),
         "{body:?}"
+    );
+}
+
+/// One slot (`max_in_flight = 1`): a client that leaves while the upstream works on its
+/// request gives the slot up then, not when the upstream answers.
+#[tokio::test]
+async fn a_client_that_leaves_while_the_upstream_works_frees_its_slot_at_once() {
+    let up = Scripted::start(|path, _| ok(path)).await;
+    let bus = Busbar::start(&format!(
+        r#"
+[[service]]
+name = "s"
+endpoints = [{{ addr = "{}" }}]
+max_in_flight = 1
+[[route]]
+name = "all"
+service = "s"
+[route.admission]
+queue = {{ max_depth = 4, max_wait = "10s" }}
+"#,
+        up.addr
+    ))
+    .await;
+    let mut leaver = connect(&bus).await;
+    leaver
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    // The slow request is upstream, holding the one slot.
+    common::daemon::wait_until(
+        "the slow request upstream",
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async { !up.got().is_empty() },
+    )
+    .await;
+    drop(leaver);
+    let start = std::time::Instant::now();
+    let mut c = connect(&bus).await;
+    c.write_all(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut c, false).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, b"/next");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "waited {:?} for the slot the leaver held",
+        start.elapsed()
     );
 }

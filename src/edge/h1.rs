@@ -422,21 +422,6 @@ impl ChunkScan {
     }
 }
 
-/// Writes `bytes` to the client within `limit`: a client that stops reading is cut off
-/// (slow read), and counted as the pingora path counts it.
-async fn send(client: &mut L4Stream, bytes: &[u8], limit: Duration) -> bool {
-    match timeout(limit, client.write_all(bytes)).await {
-        Ok(r) => r.is_ok(),
-        Err(_) => {
-            METRICS
-                .edge_refusals
-                .with_label_values(&["send_timeout"])
-                .inc();
-            false
-        }
-    }
-}
-
 /// The status line and head of `resp`, with `Date` and `Connection`, into `out`.
 fn write_head(out: &mut Vec<u8>, resp: &mut ResponseHeader, keep_alive: bool) {
     let _ = resp.insert_header(DATE, get_cached_date());
@@ -455,28 +440,6 @@ fn write_head(out: &mut Vec<u8>, resp: &mut ResponseHeader, keep_alive: bool) {
     out.put_slice(b"\r\n");
 }
 
-/// busbar's own answer for `cause`. Returns the status written (0 if the client was gone)
-/// and the body bytes sent.
-async fn answer(
-    client: &mut L4Stream,
-    ctx: &mut RequestCtx,
-    cause: Cause,
-    keep_alive: bool,
-    limit: Duration,
-) -> (u16, usize) {
-    ctx.cause = Some(cause);
-    let body = cause.body();
-    let mut resp = cause.header();
-    let mut out = Vec::with_capacity(256 + body.len());
-    write_head(&mut out, &mut resp, keep_alive);
-    out.put_slice(&body);
-    if send(client, &out, limit).await {
-        (cause.status(), body.len())
-    } else {
-        (0, 0)
-    }
-}
-
 /// The request's outcome for the access log and the keep-alive loop.
 struct Served {
     status: u16,
@@ -484,25 +447,84 @@ struct Served {
     keep_alive: bool,
 }
 
-/// Finishes when the client has gone away while its request waits for admission: a
-/// close, a reset, or bytes of another request sent before this one was answered (an
-/// error, as in pingora's path). Pending forever when `watch` is false (the client has
-/// pipelined already: reading on would take the next request's bytes).
-async fn client_gone(client: &mut L4Stream, watch: bool) -> Box<pingora_error::Error> {
-    use pingora_error::{Error, ErrorType};
-    if !watch {
-        return std::future::pending().await;
+impl Served {
+    /// Nothing was written (the client left); the connection ends.
+    fn nothing() -> Served {
+        Served {
+            status: 0,
+            body_bytes: 0,
+            keep_alive: false,
+        }
     }
-    let mut byte = [0u8; 1];
-    match client.read(&mut byte).await {
-        Ok(0) | Err(_) => Error::explain(
-            ErrorType::ConnectionClosed,
-            "client went away while its request waited for admission",
-        ),
-        Ok(_) => Error::explain(
-            ErrorType::InvalidHTTPHeader,
-            "client sent another request while its request waited for admission",
-        ),
+}
+
+/// The client side of one request.
+struct Downstream<'a> {
+    client: &'a mut L4Stream,
+    peer: Option<SocketAddr>,
+    /// The connection may carry another request after this one.
+    keep_alive: bool,
+    /// Watch the client for leaving while the request waits (see [`Downstream::left`]).
+    watch: bool,
+    /// Longest a write to the client may take.
+    limit: Duration,
+}
+
+impl Downstream<'_> {
+    /// Writes `bytes` within `limit`: a client that stops reading is cut off (slow
+    /// read), and counted as the pingora path counts it.
+    async fn send(&mut self, bytes: &[u8]) -> bool {
+        match timeout(self.limit, self.client.write_all(bytes)).await {
+            Ok(r) => r.is_ok(),
+            Err(_) => {
+                METRICS
+                    .edge_refusals
+                    .with_label_values(&["send_timeout"])
+                    .inc();
+                false
+            }
+        }
+    }
+
+    /// Writes a whole response of busbar's own; what was written, for the access log.
+    async fn reply(&mut self, mut resp: ResponseHeader, body: &[u8], keep_alive: bool) -> Served {
+        let mut out = Vec::with_capacity(256 + body.len());
+        write_head(&mut out, &mut resp, keep_alive);
+        out.put_slice(body);
+        let sent = self.send(&out).await;
+        Served {
+            status: if sent { resp.status.as_u16() } else { 0 },
+            body_bytes: if sent { body.len() } else { 0 },
+            keep_alive: keep_alive && sent,
+        }
+    }
+
+    /// busbar's answer for `cause`, named in the context for the access log.
+    async fn answer(&mut self, ctx: &mut RequestCtx, cause: Cause, keep_alive: bool) -> Served {
+        ctx.cause = Some(cause);
+        self.reply(cause.header(), &cause.body(), keep_alive).await
+    }
+
+    /// Finishes when the client has gone away (a close or a reset) while its request
+    /// waits, for admission or for the upstream. Bytes that arrive instead are the
+    /// client's next request, pipelined: they are put back for the front door, and the
+    /// watch ends there (pending for good). Pending from the start when not `watch`ing:
+    /// the front door already holds pipelined bytes, and reading on would put these
+    /// before them.
+    async fn left(&mut self) -> Box<pingora_error::Error> {
+        if self.watch {
+            let mut byte = [0u8; 1];
+            match self.client.read(&mut byte).await {
+                Ok(0) | Err(_) => {
+                    return pingora_error::Error::explain(
+                        pingora_error::ErrorType::ConnectionClosed,
+                        "client went away before its response",
+                    )
+                }
+                Ok(_) => self.client.rewind(&byte),
+            }
+        }
+        std::future::pending().await
     }
 }
 
@@ -510,50 +532,35 @@ async fn client_gone(client: &mut L4Stream, watch: bool) -> Box<pingora_error::E
 /// client leaving. `Err` is the request's outcome when it is not let through.
 async fn admit(
     policy: &crate::admission::RoutePolicy,
-    client: &mut L4Stream,
+    down: &mut Downstream<'_>,
     req: &RequestHeader,
     path: &str,
-    client_ip: Option<IpAddr>,
     ctx: &mut RequestCtx,
-    watch: bool,
-    keep_alive: bool,
-    limit: Duration,
 ) -> Result<(), Served> {
     let parts = crate::admission::RequestParts {
-        client_ip,
+        client_ip: down.peer.map(|a| a.ip()),
         path,
         headers: &req.headers,
     };
     let verdict = match policy.check(&parts) {
-        Ok(admitted) => wait_watched(policy, admitted, client_gone(client, watch)).await,
+        Ok(admitted) => wait_watched(policy, admitted, down.left()).await,
         Err(rejection) => Err(Refused::Rejected(rejection)),
     };
-    let rejection = match verdict {
+    match verdict {
         Ok(admitted) => {
             ctx.admitted = Some(admitted);
-            return Ok(());
+            Ok(())
         }
-        Err(Refused::ClientGone(_)) => {
-            return Err(Served {
-                status: 0,
-                body_bytes: 0,
-                keep_alive: false,
-            })
+        Err(Refused::ClientGone(_)) => Err(Served::nothing()),
+        Err(Refused::Rejected(rejection)) => {
+            ctx.cause = Some(Cause::Admission(rejection.kind));
+            let body = rejection.body();
+            let keep_alive = down.keep_alive;
+            Err(down
+                .reply(rejection.header(body.len()), &body, keep_alive)
+                .await)
         }
-        Err(Refused::Rejected(r)) => r,
-    };
-    ctx.cause = Some(Cause::Admission(rejection.kind));
-    let body = rejection.body();
-    let mut resp = rejection.header(body.len());
-    let mut out = Vec::with_capacity(512 + body.len());
-    write_head(&mut out, &mut resp, keep_alive);
-    out.put_slice(&body);
-    let sent = send(client, &out, limit).await;
-    Err(Served {
-        status: if sent { resp.status.as_u16() } else { 0 },
-        body_bytes: if sent { body.len() } else { 0 },
-        keep_alive: keep_alive && sent,
-    })
+    }
 }
 
 /// Serves one request [`take`] accepted, on `client`. `draining`: the node is shutting
@@ -577,45 +584,38 @@ pub async fn serve(
     let mut ctx = RequestCtx::new();
     METRICS.in_flight.inc();
     ctx.counted = true;
-    let limit = snapshot.config.limits.client_timeout;
     ctx.trace =
         TraceContext::from_header(req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()));
     let peer = client
         .get_socket_digest()
         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
-    let keep_alive = !close && !draining;
+    let mut down = Downstream {
+        client,
+        peer,
+        keep_alive: !close && !draining,
+        watch: !pipelined,
+        limit: snapshot.config.limits.client_timeout,
+    };
     let policy = route
         .as_ref()
         .and_then(|r| snapshot.admission.policy(r.name()).cloned());
     ctx.snapshot = Some(snapshot);
     let served = match route {
         None => {
-            let (status, body_bytes) =
-                answer(client, &mut ctx, Cause::NoRoute, keep_alive, limit).await;
-            Served {
-                status,
-                body_bytes,
-                keep_alive: keep_alive && status > 0,
-            }
+            let keep_alive = down.keep_alive;
+            down.answer(&mut ctx, Cause::NoRoute, keep_alive).await
         }
         Some(route) => {
             ctx.route = Some(route.clone());
-            let client_ip = peer.map(|a| a.ip());
             let path = normalized.as_deref().unwrap_or(req.uri.path());
             let admitted = match &policy {
                 None => Ok(()),
-                Some(p) => {
-                    let watch = !pipelined;
-                    admit(
-                        p, client, &req, path, client_ip, &mut ctx, watch, keep_alive, limit,
-                    )
-                    .await
-                }
+                Some(p) => admit(p, &mut down, &req, path, &mut ctx).await,
             };
             match admitted {
                 Ok(()) => {
-                    proxy.plan_tries(&req, client_ip, &mut ctx, &route);
-                    exchange(proxy, client, &req, &mut ctx, peer, keep_alive, limit).await
+                    proxy.plan_tries(&req, peer.map(|a| a.ip()), &mut ctx, &route);
+                    exchange(proxy, &mut down, &req, &mut ctx).await
                 }
                 Err(served) => served,
             }
@@ -637,22 +637,14 @@ pub async fn serve(
 /// The tries, the response head and the body.
 async fn exchange(
     proxy: &BusbarProxy,
-    client: &mut L4Stream,
+    down: &mut Downstream<'_>,
     req: &RequestHeader,
     ctx: &mut RequestCtx,
-    peer: Option<SocketAddr>,
-    keep_alive: bool,
-    limit: Duration,
 ) -> Served {
-    let failed = |status: (u16, usize)| Served {
-        status: status.0,
-        body_bytes: status.1,
-        keep_alive: false,
-    };
-    let client_ip: Option<IpAddr> = peer.map(|a| a.ip());
+    let client_ip: Option<IpAddr> = down.peer.map(|a| a.ip());
     let mut upstream_req = req.clone();
     if proxy::upstream_request(ctx, &mut upstream_req, client_ip, false, false).is_err() {
-        return failed(answer(client, ctx, Cause::BadRequest, false, limit).await);
+        return down.answer(ctx, Cause::BadRequest, false).await;
     }
     let mut wire = Vec::with_capacity(512);
     wire.put_slice(upstream_req.method.as_str().as_bytes());
@@ -669,10 +661,20 @@ async fn exchange(
             Ok(t) => t,
             Err(_) => {
                 let cause = ctx.cause.unwrap_or(Cause::UpstreamError);
-                return failed(answer(client, ctx, cause, false, limit).await);
+                return down.answer(ctx, cause, false).await;
             }
         };
-        let retry = match one_try(&t, &wire, head_request, idempotent, &mut buf).await {
+        // A client that leaves while the upstream works ends the try (as in pingora's
+        // path): its instance, and its admission slot, are free at once.
+        let tried = tokio::select! {
+            biased;
+            r = one_try(&t, &wire, head_request, idempotent, &mut buf) => r,
+            _ = down.left() => {
+                ctx.release_instance();
+                return Served::nothing();
+            }
+        };
+        let retry = match tried {
             Ok((up, head)) => break (up, t.addr, head),
             Err(TryFail::Connect { timed_out }) => proxy.on_connect_failure(ctx, timed_out),
             Err(TryFail::Trip { timed_out }) => {
@@ -681,15 +683,15 @@ async fn exchange(
         };
         if !retry {
             let cause = ctx.cause.unwrap_or(Cause::UpstreamError);
-            return failed(answer(client, ctx, cause, false, limit).await);
+            return down.answer(ctx, cause, false).await;
         }
     };
     proxy.on_response(ctx, head.resp.status);
     if proxy::response_headers(ctx, &mut head.resp).is_err() {
-        return failed(answer(client, ctx, Cause::UpstreamError, false, limit).await);
+        return down.answer(ctx, Cause::UpstreamError, false).await;
     }
     let status = head.resp.status.as_u16();
-    let keep_alive = keep_alive && head.framing != Framing::Close;
+    let keep_alive = down.keep_alive && head.framing != Framing::Close;
     // The head and what was read of the body go out in one write.
     let mut out = Vec::with_capacity(512 + buf.len());
     write_head(&mut out, &mut head.resp, keep_alive);
@@ -701,7 +703,7 @@ async fn exchange(
             let mut scan = ChunkScan::default();
             match scan.feed(body) {
                 Ok(end) => (end, Some(scan)),
-                Err(()) => return upstream_broke(proxy, ctx, client, limit).await,
+                Err(()) => return upstream_broke(proxy, ctx, down).await,
             }
         }
         Framing::Close => (None, None),
@@ -709,7 +711,7 @@ async fn exchange(
     let first = end.unwrap_or(body.len()).min(body.len());
     out.put_slice(&body[..first]);
     let mut sent = first;
-    if !send(client, &out, limit).await {
+    if !down.send(&out).await {
         return Served {
             status,
             body_bytes: 0,
@@ -751,7 +753,7 @@ async fn exchange(
                         e
                     }
                     Ok(None) => n,
-                    Err(()) => return upstream_broke(proxy, ctx, client, limit).await,
+                    Err(()) => return upstream_broke(proxy, ctx, down).await,
                 },
                 (Framing::Length(_), _) => {
                     let t = (n as u64).min(remaining) as usize;
@@ -760,7 +762,7 @@ async fn exchange(
                 }
                 _ => n,
             };
-            if !send(client, &buf[..take], limit).await {
+            if !down.send(&buf[..take]).await {
                 return Served {
                     status,
                     body_bytes: sent,
@@ -831,16 +833,10 @@ async fn one_try(
 async fn upstream_broke(
     proxy: &BusbarProxy,
     ctx: &mut RequestCtx,
-    client: &mut L4Stream,
-    limit: Duration,
+    down: &mut Downstream<'_>,
 ) -> Served {
     proxy.on_try_failure(ctx, true, false, false, false);
-    let (status, body_bytes) = answer(client, ctx, Cause::UpstreamError, false, limit).await;
-    Served {
-        status,
-        body_bytes,
-        keep_alive: false,
-    }
+    down.answer(ctx, Cause::UpstreamError, false).await
 }
 
 #[cfg(test)]
