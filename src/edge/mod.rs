@@ -266,7 +266,11 @@ impl ServerApp for Edge {
                 Next::Direct(mut c, request) => {
                     let draining = *shutdown.borrow();
                     let pipelined = !head.is_empty();
-                    if !h1::serve(&self.phases, c.inner_mut(), request, draining, pipelined).await {
+                    // Boxed: inline, its state (a few KiB) would be part of every
+                    // connection's task for the connection's life, idle or not.
+                    let serve =
+                        h1::serve(&self.phases, c.inner_mut(), request, draining, pipelined);
+                    if !Box::pin(serve).await {
                         return None;
                     }
                     conn = c;
