@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use crate::config::AccessLogTarget;
+use crate::text::{self, Sink};
 
 /// Buffered bytes that force a flush from the request path.
 const FLUSH_AT: usize = 64 * 1024;
@@ -57,15 +58,25 @@ impl AccessLog {
     }
 
     pub fn write(&self, e: &Entry<'_>) {
+        use std::cell::RefCell;
+        thread_local! {
+            /// The line, formatted before the lock is taken; kept for the thread's next one.
+            static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        }
         let Some(out) = &self.out else {
             return;
         };
-        let mut w = out.lock().unwrap_or_else(|p| p.into_inner());
-        // A failed log write must never fail the request; the flusher will report errors.
-        let _ = write_entry(&mut *w, e);
-        if w.buffer().len() >= FLUSH_AT {
-            let _ = w.flush();
-        }
+        LINE.with(|line| {
+            let mut line = line.borrow_mut();
+            line.clear();
+            write_entry(&mut line, e);
+            let mut w = out.lock().unwrap_or_else(|p| p.into_inner());
+            // A failed log write must never fail the request; the flusher will report errors.
+            let _ = w.write_all(&line);
+            if w.buffer().len() >= FLUSH_AT {
+                let _ = w.flush();
+            }
+        });
     }
 
     pub fn flush(&self) {
@@ -78,59 +89,71 @@ impl AccessLog {
     }
 }
 
-fn write_entry(w: &mut impl Write, e: &Entry<'_>) -> io::Result<()> {
-    w.write_all(b"{\"time\":\"")?;
-    write_time(w, SystemTime::now())?;
-    w.write_all(b"\",\"client\":")?;
-    match e.client {
-        Some(c) => write!(w, "\"{c}\"")?,
-        None => w.write_all(b"null")?,
-    }
-    w.write_all(b",\"method\":")?;
-    json_str(w, e.method)?;
-    w.write_all(b",\"host\":")?;
-    json_str(w, e.host)?;
-    w.write_all(b",\"path\":")?;
-    json_str(w, e.path)?;
-    w.write_all(b",\"route\":")?;
-    json_str(w, e.route)?;
-    w.write_all(b",\"service\":")?;
-    json_str(w, e.service)?;
-    w.write_all(b",\"instance\":")?;
-    match e.instance {
-        Some(i) => write!(w, "\"{i}\"")?,
-        None => w.write_all(b"null")?,
-    }
-    write!(
-        w,
-        ",\"status\":{},\"bytes\":{},\"duration_ms\":",
-        e.status, e.bytes
-    )?;
-    write_ms(w, e.total)?;
-    w.write_all(b",\"upstream_ms\":")?;
+/// One JSON line, by hand: the formatting machinery (`write!`) cost more than the
+/// rest of the request path's own work (~6.7k instructions a line, 2.6k of them for the
+/// two socket addresses).
+fn write_entry(w: &mut Vec<u8>, e: &Entry<'_>) {
+    w.put(b"{\"time\":\"");
+    write_time(w, SystemTime::now());
+    w.put(b"\",\"client\":");
+    addr_or_null(w, e.client);
+    w.put(b",\"method\":");
+    json_str(w, e.method);
+    w.put(b",\"host\":");
+    json_str(w, e.host);
+    w.put(b",\"path\":");
+    json_str(w, e.path);
+    w.put(b",\"route\":");
+    json_str(w, e.route);
+    w.put(b",\"service\":");
+    json_str(w, e.service);
+    w.put(b",\"instance\":");
+    addr_or_null(w, e.instance);
+    w.put(b",\"status\":");
+    text::decimal(w, u64::from(e.status));
+    w.put(b",\"bytes\":");
+    text::decimal(w, e.bytes as u64);
+    w.put(b",\"duration_ms\":");
+    write_ms(w, e.total);
+    w.put(b",\"upstream_ms\":");
     match e.upstream {
-        Some(u) => write_ms(w, u)?,
-        None => w.write_all(b"null")?,
+        Some(u) => write_ms(w, u),
+        None => w.put(b"null"),
     }
-    write!(w, ",\"tries\":{},\"trace_id\":\"", e.tries)?;
-    w.write_all(e.trace_id)?;
-    w.write_all(b"\"")?;
+    w.put(b",\"tries\":");
+    text::decimal(w, u64::from(e.tries));
+    w.put(b",\"trace_id\":\"");
+    w.put(e.trace_id);
+    w.put(b"\"");
     if let Some(err) = e.error {
-        w.write_all(b",\"error\":")?;
-        json_str(w, err)?;
+        w.put(b",\"error\":");
+        json_str(w, err);
     }
-    w.write_all(b"}\n")
+    w.put(b"}\n");
+}
+
+fn addr_or_null(w: &mut Vec<u8>, a: Option<std::net::SocketAddr>) {
+    match a {
+        Some(a) => {
+            w.put(b"\"");
+            text::socket_addr(w, a);
+            w.put(b"\"");
+        }
+        None => w.put(b"null"),
+    }
 }
 
 /// Milliseconds with three decimals, from integers (float formatting is slow).
-fn write_ms(w: &mut impl Write, d: Duration) -> io::Result<()> {
-    let micros = d.as_micros();
-    write!(w, "{}.{:03}", micros / 1000, micros % 1000)
+fn write_ms(w: &mut Vec<u8>, d: Duration) {
+    let micros = d.as_micros().min(u128::from(u64::MAX)) as u64;
+    text::decimal(w, micros / 1000);
+    w.put(b".");
+    text::three_digits(w, (micros % 1000) as u32);
 }
 
 /// RFC 3339 UTC with milliseconds. The date and time of day are formatted once per
 /// second (per thread); each line adds only the milliseconds.
-fn write_time(w: &mut impl Write, now: SystemTime) -> io::Result<()> {
+fn write_time(w: &mut Vec<u8>, now: SystemTime) {
     use std::cell::RefCell;
     thread_local! {
         static SECOND: RefCell<(u64, [u8; 19])> = const { RefCell::new((u64::MAX, [0; 19])) };
@@ -156,13 +179,23 @@ fn write_time(w: &mut impl Write, now: SystemTime) -> io::Result<()> {
         }
         c.1
     });
-    w.write_all(&prefix)?;
-    write!(w, ".{:03}Z", since.subsec_millis())
+    w.put(&prefix);
+    w.put(b".");
+    text::three_digits(w, since.subsec_millis());
+    w.put(b"Z");
 }
 
-/// Writes `s` as a JSON string; request-controlled text is escaped, never trusted.
-fn json_str(w: &mut impl Write, s: &str) -> io::Result<()> {
-    serde_json::to_writer(&mut *w, s).map_err(io::Error::other)
+/// Writes `s` as a JSON string; request-controlled text is escaped, never trusted. Text
+/// with nothing to escape (the usual case) is copied as it is.
+fn json_str(w: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        w.put(b"\"");
+        w.put(s.as_bytes());
+        w.put(b"\"");
+    } else {
+        // Writing to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *w, s);
+    }
 }
 
 #[cfg(test)]
@@ -188,7 +221,7 @@ mod tests {
             trace_id: &[b'a'; 32],
             error: None,
         };
-        write_entry(&mut out, &e).unwrap();
+        write_entry(&mut out, &e);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["path"], "/a\"b\n");
         assert_eq!(v["status"], 200);
@@ -201,9 +234,9 @@ mod tests {
     fn time_is_rfc3339_with_milliseconds() {
         let mut out = Vec::new();
         let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_123);
-        write_time(&mut out, t).unwrap();
-        write_time(&mut out, t + Duration::from_millis(5)).unwrap();
-        write_time(&mut out, t + Duration::from_millis(1_000)).unwrap();
+        write_time(&mut out, t);
+        write_time(&mut out, t + Duration::from_millis(5));
+        write_time(&mut out, t + Duration::from_millis(1_000));
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "2026-11-18T11:06:40.123Z2026-11-18T11:06:40.128Z2026-11-18T11:06:41.123Z"

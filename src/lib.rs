@@ -23,4 +23,5 @@ pub mod registry;
 pub mod release;
 pub mod routing;
 pub mod snapshot;
+pub mod text;
 pub mod translate;

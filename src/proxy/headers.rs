@@ -3,8 +3,6 @@
 
 use std::net::IpAddr;
 
-use std::fmt::Write;
-
 use http::header::{HeaderName, HeaderValue, HOST};
 use pingora_http::{RequestHeader, ResponseHeader};
 
@@ -46,7 +44,7 @@ pub fn set_forwarded(
     match client {
         Some(ip) => {
             let mut addr = StackBuf::new();
-            write_ip(&mut addr, ip);
+            crate::text::ip(&mut addr, ip);
             let mut forwarded = StackBuf::new();
             // RFC 7239: IPv6 addresses are quoted and bracketed.
             let (open, close): (&[u8], &[u8]) = match ip {
@@ -112,33 +110,9 @@ impl StackBuf {
     }
 }
 
-/// The client address as text. IPv4, every request's case, is written by hand: std's
-/// `Display` for it formats into a second buffer for padding and cost ~1k instructions.
-fn write_ip(out: &mut StackBuf, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => {
-            for (i, o) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b".");
-                }
-                let digits = [b'0' + o / 100, b'0' + o / 10 % 10, b'0' + o % 10];
-                let skip = usize::from(o < 100) + usize::from(o < 10);
-                out.push(&digits[skip..]);
-            }
-        }
-        IpAddr::V6(v6) => {
-            let _ = write!(out, "{v6}");
-        }
-    }
-}
-
-impl std::fmt::Write for StackBuf {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        if self.push(s.as_bytes()) {
-            Ok(())
-        } else {
-            Err(std::fmt::Error)
-        }
+impl crate::text::Sink for StackBuf {
+    fn put(&mut self, bytes: &[u8]) {
+        self.push(bytes);
     }
 }
 
@@ -180,7 +154,7 @@ mod tests {
         ] {
             let ip: IpAddr = ip.parse().unwrap();
             let mut out = StackBuf::new();
-            write_ip(&mut out, ip);
+            crate::text::ip(&mut out, ip);
             assert_eq!(out.as_bytes(), ip.to_string().as_bytes());
         }
     }
