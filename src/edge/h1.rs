@@ -164,14 +164,31 @@ enum Framing {
     Close,
 }
 
-/// An upstream response head, parsed.
+/// An upstream response head, parsed: what framing and reuse need. Its header lines stay
+/// in the read buffer (`..len`) and go to the client from there (see [`write_head`]).
 struct Head {
-    resp: ResponseHeader,
+    status: StatusCode,
     framing: Framing,
     /// Bytes of the head in the read buffer (the body starts after them).
     len: usize,
     /// The upstream connection may carry another request.
     reusable: bool,
+    /// The upstream's `Connection` names more hop-by-hop headers (rare): they are found
+    /// by building the whole header map (see [`upstream_header`]).
+    nominates: bool,
+}
+
+/// Is `name` (as received) a hop-by-hop header (RFC 9110 §7.6.1)?
+fn hop_by_hop_name(name: &[u8]) -> bool {
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
 /// Why a try failed after it was connected.
@@ -194,27 +211,18 @@ fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Head>, ()> {
     };
     let code = parsed.code.ok_or(())?;
     let status = StatusCode::from_u16(code).map_err(|_| ())?;
-    let mut resp =
-        ResponseHeader::build_no_case(status, Some(parsed.headers.len())).map_err(|_| ())?;
     let mut reusable = parsed.version == Some(1);
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut encoded = false;
-    // Headers the upstream's `Connection` names: hop-by-hop too (rare; then allocated).
-    let mut nominated = Vec::new();
+    let mut nominates = false;
     for h in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| ())?;
-        if name == CONNECTION {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"connection") {
             let mut close = false;
-            if !connection_tokens(h.value, &mut close) {
-                nominated.extend(
-                    h.value
-                        .split(|&b| b == b',')
-                        .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok()),
-                );
-            }
+            nominates |= !connection_tokens(h.value, &mut close);
             reusable &= !close;
-        } else if name == CONTENT_LENGTH {
+        } else if name.eq_ignore_ascii_case(b"content-length") {
             let n = std::str::from_utf8(h.value)
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
@@ -224,7 +232,7 @@ fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Head>, ()> {
                 return Err(());
             }
             length = Some(n);
-        } else if name == TRANSFER_ENCODING {
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             encoded = true;
             chunked = h
                 .value
@@ -232,14 +240,6 @@ fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Head>, ()> {
                 .next()
                 .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         }
-        if hop_by_hop(&name) {
-            continue;
-        }
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| ())?;
-        resp.append_header(name, value).map_err(|_| ())?;
-    }
-    for name in &nominated {
-        resp.remove_header(name);
     }
     let framing = if head_request
         || status.is_informational()
@@ -248,8 +248,6 @@ fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Head>, ()> {
     {
         Framing::None
     } else if encoded {
-        // Transfer-Encoding wins over Content-Length, which must then go (RFC 9112 §6.3).
-        resp.remove_header(&CONTENT_LENGTH);
         if chunked {
             Framing::Chunked
         } else {
@@ -265,11 +263,50 @@ fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Head>, ()> {
         reusable = false;
     }
     Ok(Some(Head {
-        resp,
+        status,
         framing,
         len,
         reusable,
+        nominates,
     }))
+}
+
+/// The upstream's response head as a header map, less hop-by-hop headers (those its
+/// `Connection` names too): for routes that edit response headers, which need to see
+/// and change the upstream's own.
+fn upstream_header(raw: &[u8]) -> Result<ResponseHeader, ()> {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut lines);
+    parsed.parse(raw).map_err(|_| ())?;
+    let status = StatusCode::from_u16(parsed.code.ok_or(())?).map_err(|_| ())?;
+    let mut resp =
+        ResponseHeader::build_no_case(status, Some(parsed.headers.len())).map_err(|_| ())?;
+    let mut nominated = Vec::new();
+    let mut encoded = false;
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| ())?;
+        if name == CONNECTION {
+            nominated.extend(
+                h.value
+                    .split(|&b| b == b',')
+                    .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok()),
+            );
+        }
+        encoded |= name == TRANSFER_ENCODING;
+        if hop_by_hop(&name) {
+            continue;
+        }
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| ())?;
+        resp.append_header(name, value).map_err(|_| ())?;
+    }
+    for name in &nominated {
+        resp.remove_header(name);
+    }
+    if encoded {
+        // Transfer-Encoding wins over Content-Length, which must then go (RFC 9112 §6.3).
+        resp.remove_header(&CONTENT_LENGTH);
+    }
+    Ok(resp)
 }
 
 /// Sends the request head and reads the response head (skipping 1xx ones) into `buf`.
@@ -310,11 +347,11 @@ async fn round_trip(
         loop {
             match parse_head(buf, head_request) {
                 Ok(None) => break,
-                Ok(Some(head)) if head.resp.status == StatusCode::SWITCHING_PROTOCOLS => {
+                Ok(Some(head)) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
                     // Nothing asked for an upgrade.
                     return Err(TripError::Upstream { timed_out: false });
                 }
-                Ok(Some(head)) if head.resp.status.is_informational() => {
+                Ok(Some(head)) if head.status.is_informational() => {
                     // 103 Early Hints and the like: dropped, the final response follows.
                     buf.drain(..head.len);
                     if buf.is_empty() {
@@ -422,8 +459,16 @@ impl ChunkScan {
     }
 }
 
-/// The status line and head of `resp`, with `Date` and `Connection`, into `out`.
-fn write_head(out: &mut Vec<u8>, resp: &mut ResponseHeader, keep_alive: bool) {
+/// A response head into `out`: the status line; the header lines of `upstream` (a raw
+/// head from the upstream, if any) as they came, less hop-by-hop ones, `Date`, a
+/// `Content-Length` that `Transfer-Encoding` overrides, and any `resp` sets; then `resp`'s
+/// headers with `Date` and `Connection`.
+fn write_head(
+    out: &mut Vec<u8>,
+    resp: &mut ResponseHeader,
+    upstream: Option<&[u8]>,
+    keep_alive: bool,
+) {
     let _ = resp.insert_header(DATE, get_cached_date());
     let _ = resp.insert_header(CONNECTION, if keep_alive { "keep-alive" } else { "close" });
     out.put_slice(b"HTTP/1.1 ");
@@ -436,6 +481,31 @@ fn write_head(out: &mut Vec<u8>, resp: &mut ResponseHeader, keep_alive: bool) {
             .as_bytes(),
     );
     out.put_slice(b"\r\n");
+    if let Some(raw) = upstream {
+        let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut lines);
+        // `raw` parsed whole once already (`parse_head`).
+        let _ = parsed.parse(raw);
+        let encoded = parsed
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+        for h in parsed.headers.iter() {
+            let name = h.name.as_bytes();
+            let skip = hop_by_hop_name(name)
+                || (encoded && name.eq_ignore_ascii_case(b"content-length"))
+                || resp
+                    .headers
+                    .keys()
+                    .any(|k| name.eq_ignore_ascii_case(k.as_str().as_bytes()));
+            if !skip {
+                out.put_slice(name);
+                out.put_slice(b": ");
+                out.put_slice(h.value);
+                out.put_slice(b"\r\n");
+            }
+        }
+    }
     resp.header_to_h1_wire(out);
     out.put_slice(b"\r\n");
 }
@@ -489,7 +559,7 @@ impl Downstream<'_> {
     /// Writes a whole response of busbar's own; what was written, for the access log.
     async fn reply(&mut self, mut resp: ResponseHeader, body: &[u8], keep_alive: bool) -> Served {
         let mut out = Vec::with_capacity(256 + body.len());
-        write_head(&mut out, &mut resp, keep_alive);
+        write_head(&mut out, &mut resp, None, keep_alive);
         out.put_slice(body);
         let sent = self.send(&out).await;
         Served {
@@ -686,15 +756,34 @@ async fn exchange(
             return down.answer(ctx, cause, false).await;
         }
     };
-    proxy.on_response(ctx, head.resp.status);
-    if proxy::response_headers(ctx, &mut head.resp).is_err() {
+    proxy.on_response(ctx, head.status);
+    // busbar's response headers (admission's, the route's edits). A route that edits
+    // response headers gets the upstream's as a map to edit; otherwise the upstream's
+    // lines go out as they came, and only busbar's own are built.
+    let raw = &buf[..head.len];
+    let edits = ctx
+        .route
+        .as_ref()
+        .is_some_and(|r| !r.config.response_headers.is_empty());
+    let (mut resp, upstream_lines) = if edits || head.nominates {
+        (upstream_header(raw), None)
+    } else {
+        (
+            ResponseHeader::build_no_case(head.status, Some(4)).map_err(|_| ()),
+            Some(raw),
+        )
+    };
+    let Ok(resp) = resp.as_mut() else {
+        return upstream_broke(proxy, ctx, down).await;
+    };
+    if proxy::response_headers(ctx, resp).is_err() {
         return down.answer(ctx, Cause::UpstreamError, false).await;
     }
-    let status = head.resp.status.as_u16();
+    let status = head.status.as_u16();
     let keep_alive = down.keep_alive && head.framing != Framing::Close;
     // The head and what was read of the body go out in one write.
     let mut out = Vec::with_capacity(512 + buf.len());
-    write_head(&mut out, &mut head.resp, keep_alive);
+    write_head(&mut out, resp, upstream_lines, keep_alive);
     let body = &buf[head.len..];
     let (end, mut scan) = match head.framing {
         Framing::None => (Some(0), None),
@@ -887,7 +976,6 @@ mod tests {
             false,
         );
         assert_eq!(h.framing, Framing::Chunked);
-        assert!(h.resp.headers.get(CONTENT_LENGTH).is_none());
         let h = head(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false);
         assert_eq!((h.framing, h.reusable), (Framing::Close, false));
         let h = head(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false);
@@ -907,11 +995,43 @@ mod tests {
         assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le", false)
             .unwrap()
             .is_none());
-        let h = head(
-            b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nX-A: 1\r\n\r\n",
-            false,
+        let h = head(b"HTTP/1.1 200 OK\r\nConnection: x-a\r\n\r\n", false);
+        assert!(h.nominates);
+    }
+
+    /// What the client gets of an upstream head: its lines as they came, less hop-by-hop
+    /// ones, its `Date`, a `Content-Length` that `Transfer-Encoding` overrides, and what
+    /// busbar sets; then busbar's.
+    #[test]
+    fn upstream_lines_pass_through_less_what_belongs_to_the_hop() {
+        let raw: &[u8] = b"HTTP/1.1 200 OK\r\nX-A: 1\r\nDate: old\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\nRateLimit-Limit: 9\r\nConnection: keep-alive\r\n\r\n";
+        let mut resp = ResponseHeader::build_no_case(200, None).unwrap();
+        resp.insert_header("ratelimit-limit", "5").unwrap();
+        let mut out = Vec::new();
+        write_head(&mut out, &mut resp, Some(raw), true);
+        let text = String::from_utf8(out).unwrap().to_lowercase();
+        assert!(
+            text.starts_with("http/1.1 200 ok\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n"),
+            "{text}"
         );
-        assert!(h.resp.headers.get("keep-alive").is_none());
-        assert!(h.resp.headers.get("x-a").is_some());
+        for gone in [
+            "date: old",
+            "keep-alive: timeout",
+            "content-length",
+            "ratelimit-limit: 9",
+        ] {
+            assert!(!text.contains(gone), "{gone} in {text}");
+        }
+        assert!(text.contains("ratelimit-limit: 5\r\n"), "{text}");
+        assert!(text.contains("connection: keep-alive\r\n"), "{text}");
+        assert_eq!(text.matches("date: ").count(), 1, "{text}");
+        assert!(text.ends_with("\r\n\r\n"), "{text}");
+
+        // As a map (for routes that edit response headers): the same headers go.
+        let map = upstream_header(b"HTTP/1.1 200 OK\r\nConnection: x-hop\r\nX-Hop: 1\r\nX-A: 1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n").unwrap();
+        assert!(map.headers.get("x-hop").is_none());
+        assert!(map.headers.get("content-length").is_none());
+        assert!(map.headers.get("connection").is_none());
+        assert_eq!(map.headers.get("x-a").unwrap(), "1");
     }
 }
