@@ -651,6 +651,13 @@ pub async fn serve(
         normalized,
         close,
     } = *request;
+    // What the access log records of the request as it came (the request itself goes
+    // upstream, edited): cheap clones of shared bytes.
+    let (method, uri, host) = (
+        req.method.clone(),
+        req.uri.clone(),
+        req.headers.get(http::header::HOST).cloned(),
+    );
     let mut ctx = RequestCtx::new();
     METRICS.in_flight.inc();
     ctx.counted = true;
@@ -685,7 +692,7 @@ pub async fn serve(
             match admitted {
                 Ok(()) => {
                     proxy.plan_tries(&req, peer.map(|a| a.ip()), &mut ctx, &route);
-                    exchange(proxy, &mut down, &req, &mut ctx).await
+                    exchange(proxy, &mut down, req, &mut ctx).await
                 }
                 Err(served) => served,
             }
@@ -694,7 +701,9 @@ pub async fn serve(
     proxy.finish(
         &mut ctx,
         &Done {
-            req: &req,
+            method: method.as_str(),
+            host: proxy::host_of(&uri, host.as_ref()),
+            path: uri.path(),
             client: peer,
             status: served.status,
             body_bytes: served.body_bytes,
@@ -708,23 +717,20 @@ pub async fn serve(
 async fn exchange(
     proxy: &BusbarProxy,
     down: &mut Downstream<'_>,
-    req: &RequestHeader,
+    mut req: RequestHeader,
     ctx: &mut RequestCtx,
 ) -> Served {
     let client_ip: Option<IpAddr> = down.peer.map(|a| a.ip());
-    let mut upstream_req = req.clone();
-    if proxy::upstream_request(ctx, &mut upstream_req, client_ip, false, false).is_err() {
-        return down.answer(ctx, Cause::BadRequest, false).await;
-    }
-    let mut wire = Vec::with_capacity(512);
-    wire.put_slice(upstream_req.method.as_str().as_bytes());
-    wire.put_u8(b' ');
-    wire.put_slice(upstream_req.raw_path());
-    wire.put_slice(b" HTTP/1.1\r\n");
-    upstream_req.header_to_h1_wire(&mut wire);
-    wire.put_slice(b"\r\n");
     let head_request = req.method == Method::HEAD;
     let idempotent = req.method.is_idempotent();
+    let mut wire = Vec::with_capacity(512);
+    let written = match ctx.route.clone() {
+        Some(route) => proxy::upstream_request_h1(ctx, &route, &mut req, client_ip, &mut wire),
+        None => Ok(()),
+    };
+    if written.is_err() || wire.is_empty() {
+        return down.answer(ctx, Cause::BadRequest, false).await;
+    }
     let mut buf = Vec::with_capacity(BUF);
     let (mut up, addr, mut head) = loop {
         let t = match proxy.begin_try(ctx) {

@@ -24,28 +24,32 @@ const XFH_NAME: &str = "X-Forwarded-Host";
 const FORWARDED_NAME: &str = "Forwarded";
 pub const TRACEPARENT_NAME: &str = "traceparent";
 
-/// Replaces `X-Forwarded-*` and `Forwarded` with what busbar itself saw.
-///
-/// Runs on every proxied request: the values are formatted on the stack, and each
-/// header costs one insert (no `format!`, no name copies).
-pub fn set_forwarded(
-    req: &mut RequestHeader,
-    client: Option<IpAddr>,
-    tls: bool,
-) -> pingora_error::Result<()> {
-    let proto: &'static str = if tls { "https" } else { "http" };
-    let host = match req.headers.get(HOST) {
-        Some(h) => Some(h.clone()),
-        None => req
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-    };
-    match client {
-        Some(ip) => {
+/// The forwarding headers busbar sends upstream, from what it saw itself.
+pub struct Forwarding {
+    /// `X-Forwarded-For`; none when the client's address is unknown.
+    xff: Option<StackBuf>,
+    forwarded: StackBuf,
+    proto: &'static str,
+    /// `X-Forwarded-Host`: the request's `Host` (or authority).
+    host: Option<HeaderValue>,
+}
+
+impl Forwarding {
+    /// The values for a request from `client` (over TLS or not). Formatted on the stack:
+    /// no `format!`.
+    pub fn of(req: &RequestHeader, client: Option<IpAddr>, tls: bool) -> Forwarding {
+        let proto: &'static str = if tls { "https" } else { "http" };
+        let host = match req.headers.get(HOST) {
+            Some(h) => Some(h.clone()),
+            None => req
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+        let mut forwarded = StackBuf::new();
+        let xff = client.map(|ip| {
             let mut addr = StackBuf::new();
             crate::text::ip(&mut addr, ip);
-            let mut forwarded = StackBuf::new();
             // RFC 7239: IPv6 addresses are quoted and bracketed.
             let (open, close): (&[u8], &[u8]) = match ip {
                 IpAddr::V4(_) => (b"for=", b";proto="),
@@ -54,24 +58,82 @@ pub fn set_forwarded(
             forwarded.push(open);
             forwarded.push(addr.as_bytes());
             forwarded.push(close);
-            forwarded.push(proto.as_bytes());
-            req.insert_header(XFF_NAME, value(addr.as_bytes())?)?;
-            req.insert_header(FORWARDED_NAME, value(forwarded.as_bytes())?)?;
+            addr
+        });
+        if xff.is_none() {
+            forwarded.push(b"proto=");
         }
-        None => {
-            req.remove_header(&X_FORWARDED_FOR);
-            let v = if tls { "proto=https" } else { "proto=http" };
-            req.insert_header(FORWARDED_NAME, HeaderValue::from_static(v))?;
-        }
-    }
-    req.insert_header(XFP_NAME, HeaderValue::from_static(proto))?;
-    match host {
-        Some(h) => req.insert_header(XFH_NAME, h)?,
-        None => {
-            req.remove_header(&X_FORWARDED_HOST);
+        forwarded.push(proto.as_bytes());
+        Forwarding {
+            xff,
+            forwarded,
+            proto,
+            host,
         }
     }
-    Ok(())
+
+    /// Replaces the request's forwarding headers with these (one insert each).
+    pub fn apply(self, req: &mut RequestHeader) -> pingora_error::Result<()> {
+        match &self.xff {
+            Some(addr) => req.insert_header(XFF_NAME, value(addr.as_bytes())?)?,
+            None => {
+                req.remove_header(&X_FORWARDED_FOR);
+            }
+        }
+        req.insert_header(FORWARDED_NAME, value(self.forwarded.as_bytes())?)?;
+        req.insert_header(XFP_NAME, HeaderValue::from_static(self.proto))?;
+        match self.host {
+            Some(h) => req.insert_header(XFH_NAME, h)?,
+            None => {
+                req.remove_header(&X_FORWARDED_HOST);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes these as HTTP/1 header lines, for a request whose own forwarding headers
+    /// were removed ([`clear_forwarded`]): what [`Forwarding::apply`] then serialising
+    /// writes, without the inserts.
+    pub fn write(&self, wire: &mut Vec<u8>) {
+        let mut line = |name: &str, v: &[u8]| {
+            wire.extend_from_slice(name.as_bytes());
+            wire.extend_from_slice(b": ");
+            wire.extend_from_slice(v);
+            wire.extend_from_slice(b"\r\n");
+        };
+        if let Some(addr) = &self.xff {
+            line(XFF_NAME, addr.as_bytes());
+        }
+        line(FORWARDED_NAME, self.forwarded.as_bytes());
+        line(XFP_NAME, self.proto.as_bytes());
+        if let Some(h) = &self.host {
+            line(XFH_NAME, h.as_bytes());
+        }
+    }
+}
+
+/// Removes client-sent forwarding headers and trace context (busbar writes its own).
+pub fn clear_forwarded(req: &mut RequestHeader) {
+    for name in [
+        &X_FORWARDED_FOR,
+        &X_FORWARDED_PROTO,
+        &X_FORWARDED_HOST,
+        &FORWARDED,
+        &TRACEPARENT,
+    ] {
+        if req.headers.contains_key(name) {
+            req.remove_header(name);
+        }
+    }
+}
+
+/// Replaces `X-Forwarded-*` and `Forwarded` with what busbar itself saw.
+pub fn set_forwarded(
+    req: &mut RequestHeader,
+    client: Option<IpAddr>,
+    tls: bool,
+) -> pingora_error::Result<()> {
+    Forwarding::of(req, client, tls).apply(req)
 }
 
 fn value(bytes: &[u8]) -> pingora_error::Result<HeaderValue> {

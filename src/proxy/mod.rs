@@ -45,13 +45,14 @@ pub struct BusbarProxy {
 
 /// Host of the request without its port: `:authority` / absolute-form first, then `Host`.
 fn request_host(req: &RequestHeader) -> &str {
-    let raw = match req.uri.authority() {
+    host_of(&req.uri, req.headers.get(HOST))
+}
+
+/// [`request_host`] from a request's target and `Host` header.
+pub(crate) fn host_of<'a>(uri: &'a http::Uri, host: Option<&'a http::HeaderValue>) -> &'a str {
+    let raw = match uri.authority() {
         Some(a) => a.as_str(),
-        None => req
-            .headers
-            .get(HOST)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or(""),
+        None => host.and_then(|v| v.to_str().ok()).unwrap_or(""),
     };
     strip_port(raw)
 }
@@ -220,7 +221,10 @@ pub(crate) struct Try {
 
 /// How a request ended, for [`BusbarProxy::finish`].
 pub(crate) struct Done<'a> {
-    pub req: &'a RequestHeader,
+    /// The request as the client sent it: method, host (see [`host_of`]) and path.
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
     pub client: Option<std::net::SocketAddr>,
     /// The status written to the client; 0 when none was.
     pub status: u16,
@@ -271,6 +275,15 @@ pub(crate) fn upstream_request(
         upstream.set_uri(uri);
     }
     upstream_headers_for(ctx, upstream, client_ip, tls)?;
+    upstream_target(ctx, route, upstream)
+}
+
+/// The route's path rewrite and the translation's edits of the upstream request.
+fn upstream_target(
+    ctx: &RequestCtx,
+    route: &routing::Route,
+    upstream: &mut RequestHeader,
+) -> Result<()> {
     if let Some(pq) = upstream.uri.path_and_query() {
         if let Some(new) = routing::rewrite(&route.config, pq.as_str()) {
             let uri = http::Uri::try_from(new)
@@ -279,6 +292,46 @@ pub(crate) fn upstream_request(
         }
     }
     crate::translate::upstream_request(ctx, upstream)
+}
+
+/// [`upstream_request`] for busbar's own HTTP/1 path (plaintext, origin form, a route),
+/// written into `wire` as an HTTP/1.1 head. When the route edits no request headers,
+/// busbar's forwarding and trace headers are written after the request's own lines
+/// instead of being inserted into its map first: the same head, without five inserts.
+pub(crate) fn upstream_request_h1(
+    ctx: &RequestCtx,
+    route: &routing::Route,
+    upstream: &mut RequestHeader,
+    client_ip: Option<IpAddr>,
+    wire: &mut Vec<u8>,
+) -> Result<()> {
+    let added = if route.config.request_headers.is_empty() {
+        match &ctx.admitted {
+            Some(a) => a.apply_upstream(upstream)?,
+            None => admission::strip_identity(upstream),
+        }
+        let forwarding = headers::Forwarding::of(upstream, client_ip, false);
+        headers::clear_forwarded(upstream);
+        Some(forwarding)
+    } else {
+        upstream_headers_for(ctx, upstream, client_ip, false)?;
+        None
+    };
+    upstream_target(ctx, route, upstream)?;
+    wire.extend_from_slice(upstream.method.as_str().as_bytes());
+    wire.push(b' ');
+    wire.extend_from_slice(upstream.raw_path());
+    wire.extend_from_slice(b" HTTP/1.1\r\n");
+    upstream.header_to_h1_wire(wire);
+    if let Some(forwarding) = added {
+        forwarding.write(wire);
+        wire.extend_from_slice(headers::TRACEPARENT_NAME.as_bytes());
+        wire.extend_from_slice(b": ");
+        wire.extend_from_slice(&ctx.trace.header_value());
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b"\r\n");
+    Ok(())
 }
 
 impl BusbarProxy {
@@ -544,14 +597,13 @@ impl BusbarProxy {
         if !self.access_log.enabled() {
             return;
         }
-        let req = done.req;
         let trace_id = ctx.trace.trace_id_hex();
         let route = ctx.route.as_ref();
         self.access_log.write(&Entry {
             client: done.client,
-            method: req.method.as_str(),
-            host: request_host(req),
-            path: req.uri.path(),
+            method: done.method,
+            host: done.host,
+            path: done.path,
             route: route.map_or("", |r| r.name()),
             service: route.map_or("", |r| r.service.name()),
             instance: ctx.last_addr,
@@ -810,11 +862,14 @@ impl ProxyHttp for BusbarProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let req = session.req_header();
         let downstream = session.as_downstream();
         self.finish(
             ctx,
             &Done {
-                req: session.req_header(),
+                method: req.method.as_str(),
+                host: request_host(req),
+                path: req.uri.path(),
                 client: downstream.client_addr().and_then(|a| a.as_inet()).copied(),
                 status,
                 body_bytes: downstream.body_bytes_sent(),
