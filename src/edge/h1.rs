@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BufMut;
-use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use pingora_core::protocols::http::date::get_cached_date;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
@@ -50,9 +50,6 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Read buffer for the response.
 const BUF: usize = 4096;
 
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
 /// A request this path serves, parsed and routed by [`take`].
 pub struct FastRequest {
     req: RequestHeader,
@@ -64,13 +61,18 @@ pub struct FastRequest {
     close: bool,
 }
 
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
-fn hop_by_hop(name: &HeaderName) -> bool {
-    name == CONNECTION
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
-        || name == TE
-        || name == UPGRADE
+/// Is `name` (as received, any case) a header that describes one hop, never forwarded
+/// (RFC 9110 §7.6.1)?
+fn hop_by_hop(name: &[u8]) -> bool {
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
 /// Does a `Connection` value ask for anything besides `close` / `keep-alive`? Other
@@ -89,8 +91,9 @@ fn connection_tokens(value: &[u8], close: &mut bool) -> bool {
 }
 
 /// Parses a head the front door accepted and routes it. `None`: not a request for this
-/// path (a body, an upgrade, HTTP/1.0, absolute form, a translated or admitted route, an
-/// h2c service…); the caller hands it to pingora, which sees the same bytes.
+/// path (a body, an upgrade, `Expect`, HTTP/1.0, absolute form, more than
+/// [`MAX_HEADERS`] lines, a translating route, an h2c service…); the caller hands it to
+/// pingora, which sees the same bytes.
 pub fn take(state: &State, head: &[u8]) -> Option<Box<FastRequest>> {
     let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut lines);
@@ -119,7 +122,7 @@ pub fn take(state: &State, head: &[u8]) -> Option<Box<FastRequest>> {
         if name == CONNECTION && !connection_tokens(h.value, &mut close) {
             return None;
         }
-        if hop_by_hop(&name) {
+        if hop_by_hop(name.as_str().as_bytes()) {
             continue;
         }
         let value = HeaderValue::from_bytes(h.value).ok()?;
@@ -176,19 +179,6 @@ struct Head {
     /// The upstream's `Connection` names more hop-by-hop headers (rare): they are found
     /// by building the whole header map (see [`upstream_header`]).
     nominates: bool,
-}
-
-/// Is `name` (as received) a hop-by-hop header (RFC 9110 §7.6.1)?
-fn hop_by_hop_name(name: &[u8]) -> bool {
-    [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "upgrade",
-    ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
 /// Why a try failed after it was connected.
@@ -293,7 +283,7 @@ fn upstream_header(raw: &[u8]) -> Result<ResponseHeader, ()> {
             );
         }
         encoded |= name == TRANSFER_ENCODING;
-        if hop_by_hop(&name) {
+        if hop_by_hop(name.as_str().as_bytes()) {
             continue;
         }
         let value = HeaderValue::from_bytes(h.value).map_err(|_| ())?;
@@ -492,7 +482,7 @@ fn write_head(
             .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
         for h in parsed.headers.iter() {
             let name = h.name.as_bytes();
-            let skip = hop_by_hop_name(name)
+            let skip = hop_by_hop(name)
                 || (encoded && name.eq_ignore_ascii_case(b"content-length"))
                 || resp
                     .headers
