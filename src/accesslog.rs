@@ -97,16 +97,18 @@ fn write_entry(w: &mut Vec<u8>, e: &Entry<'_>) {
     write_time(w, SystemTime::now());
     w.put(b"\",\"client\":");
     addr_or_null(w, e.client);
-    w.put(b",\"method\":");
-    json_str(w, e.method);
-    w.put(b",\"host\":");
-    json_str(w, e.host);
-    w.put(b",\"path\":");
-    json_str(w, e.path);
-    w.put(b",\"route\":");
-    json_str(w, e.route);
-    w.put(b",\"service\":");
-    json_str(w, e.service);
+    for (key, value) in [
+        ("method", e.method),
+        ("host", e.host),
+        ("path", e.path),
+        ("route", e.route),
+        ("service", e.service),
+    ] {
+        w.put(b",\"");
+        w.put(key.as_bytes());
+        w.put(b"\":");
+        json_str(w, value);
+    }
     w.put(b",\"instance\":");
     addr_or_null(w, e.instance);
     w.put(b",\"status\":");

@@ -150,6 +150,12 @@ async fn read_response(s: &mut TcpStream, head_request: bool) -> (String, Vec<u8
     (head, body)
 }
 
+/// Sends one raw request on `s` and reads its response (see [`read_response`]).
+async fn ask(s: &mut TcpStream, request: &[u8], head_request: bool) -> (String, Vec<u8>) {
+    s.write_all(request).await.unwrap();
+    read_response(s, head_request).await
+}
+
 /// Appends what `s` has next to `body`; 0 at the close.
 async fn read_more(s: &mut TcpStream, body: &mut Vec<u8>) -> usize {
     let mut chunk = [0u8; 4096];
@@ -195,10 +201,7 @@ async fn a_chunked_response_arrives_whole_with_its_trailers_and_both_connections
     let bus = bus(&up).await;
     let mut c = connect(&bus).await;
     for _ in 0..3 {
-        c.write_all(b"GET /c HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
-        let (head, body) = read_response(&mut c, false).await;
+        let (head, body) = ask(&mut c, b"GET /c HTTP/1.1\r\nHost: a\r\n\r\n", false).await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
         assert!(head.contains("transfer-encoding: chunked"), "{head}");
         assert!(head.contains("connection: keep-alive"), "{head}");
@@ -228,10 +231,7 @@ async fn a_response_without_a_length_ends_when_the_upstream_closes_and_so_does_t
     .await;
     let bus = bus(&up).await;
     let mut c = connect(&bus).await;
-    c.write_all(b"GET /eof HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut c, false).await;
+    let (head, body) = ask(&mut c, b"GET /eof HTTP/1.1\r\nHost: a\r\n\r\n", false).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
     assert_eq!(body, b"all of it, until the close");
@@ -245,10 +245,7 @@ async fn a_pooled_connection_the_upstream_drops_is_replaced_for_a_get_but_not_re
     let bus = bus(&up).await;
     let mut c = connect(&bus).await;
     for _ in 0..3 {
-        c.write_all(b"GET /g HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
-        let (head, body) = read_response(&mut c, false).await;
+        let (head, body) = ask(&mut c, b"GET /g HTTP/1.1\r\nHost: a\r\n\r\n", false).await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
         assert_eq!(body, b"fresh");
     }
@@ -269,10 +266,12 @@ async fn a_pooled_connection_the_upstream_drops_is_replaced_for_a_get_but_not_re
     );
 
     // A POST may have been acted on before the drop: it is not sent again.
-    c.write_all(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut c, false).await;
+    let (head, body) = ask(
+        &mut c,
+        b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+        false,
+    )
+    .await;
     assert!(head.starts_with("http/1.1 502"), "{head}");
     assert!(
         String::from_utf8_lossy(&body).contains("upstream_error"),
@@ -319,10 +318,12 @@ async fn hop_by_hop_headers_stay_on_their_hop() {
     assert!(sent.contains("x-forwarded-for: 127.0.0.1"), "{sent}");
 
     // `Connection: close` from the client: answered, then closed.
-    c.write_all(b"GET /h HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, _) = read_response(&mut c, false).await;
+    let (head, _) = ask(
+        &mut c,
+        b"GET /h HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        false,
+    )
+    .await;
     assert!(head.contains("connection: close"), "{head}");
     let mut rest = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
@@ -348,17 +349,11 @@ async fn head_responses_and_early_hints_carry_no_body_and_the_connection_goes_on
     .await;
     let bus = bus(&up).await;
     let mut c = connect(&bus).await;
-    c.write_all(b"HEAD /big HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut c, true).await;
+    let (head, body) = ask(&mut c, b"HEAD /big HTTP/1.1\r\nHost: a\r\n\r\n", true).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("content-length: 100"), "{head}");
     assert!(body.is_empty(), "{body:?}");
-    c.write_all(b"GET /hints HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut c, false).await;
+    let (head, body) = ask(&mut c, b"GET /hints HTTP/1.1\r\nHost: a\r\n\r\n", false).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert_eq!(body, b"final");
     assert_eq!(up.got().len(), 2);
@@ -392,10 +387,7 @@ async fn an_upstream_response_with_two_lengths_is_refused_as_a_bad_gateway() {
     .await;
     let bus = bus(&up).await;
     let mut c = connect(&bus).await;
-    c.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut c, false).await;
+    let (head, body) = ask(&mut c, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", false).await;
     assert!(head.starts_with("http/1.1 502"), "{head}");
     assert!(
         String::from_utf8_lossy(&body).contains("upstream_error"),
@@ -439,10 +431,7 @@ queue = {{ max_depth = 4, max_wait = "10s" }}
     drop(leaver);
     let start = std::time::Instant::now();
     let mut c = connect(&bus).await;
-    c.write_all(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut c, false).await;
+    let (head, body) = ask(&mut c, b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n", false).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert_eq!(body, b"/next");
     assert!(
