@@ -9,7 +9,9 @@
 //! with no lock and no task per connection. With work stealing a request may give its
 //! connection back on another thread than it took it on; that thread's pool keeps it.
 //! A pooled connection is not watched: an upstream's close is seen when the connection is
-//! next taken (a non-blocking read that finds the EOF), and it is dropped then.
+//! next taken (a non-blocking read that finds the EOF), and it is dropped then. Every
+//! [`SWEEP_EVERY`] give-backs a thread also drops what has been idle past [`IDLE`] for
+//! every address, so connections to instances that left (registry churn) do not stay.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -24,10 +26,30 @@ pub const MAX_IDLE_PER_ADDR: usize = 256;
 /// How long a connection may stay idle in the pool.
 pub const IDLE: Duration = crate::proxy::UPSTREAM_IDLE;
 
+/// Give-backs between two sweeps of a thread's whole pool.
+const SWEEP_EVERY: u32 = 1024;
+
 type Idle = VecDeque<(TcpStream, Instant)>;
 
+#[derive(Default)]
+struct Pool {
+    idle: HashMap<SocketAddr, Idle>,
+    /// Give-backs since the last sweep.
+    puts: u32,
+}
+
 thread_local! {
-    static POOL: RefCell<HashMap<SocketAddr, Idle>> = RefCell::new(HashMap::new());
+    static POOL: RefCell<Pool> = RefCell::new(Pool::default());
+}
+
+/// Drops the connections idle past [`IDLE`] at the front of `idle` (the oldest).
+fn expire(idle: &mut Idle, now: Instant) {
+    while idle
+        .front()
+        .is_some_and(|(_, since)| now.duration_since(*since) >= IDLE)
+    {
+        idle.pop_front();
+    }
 }
 
 /// Is this idle connection still open, with nothing unread on it? A read that would
@@ -41,7 +63,7 @@ fn alive(s: &TcpStream) -> bool {
 pub fn take(addr: SocketAddr) -> Option<TcpStream> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
-        let idle = p.get_mut(&addr)?;
+        let idle = p.idle.get_mut(&addr)?;
         let now = Instant::now();
         while let Some((s, since)) = idle.pop_back() {
             if now.duration_since(since) < IDLE && alive(&s) {
@@ -54,21 +76,33 @@ pub fn take(addr: SocketAddr) -> Option<TcpStream> {
 
 /// Keeps `s` for the next request to `addr`; drops the oldest past the cap or the idle time.
 pub fn give_back(addr: SocketAddr, s: TcpStream) {
+    give_back_at(addr, s, Instant::now());
+}
+
+fn give_back_at(addr: SocketAddr, s: TcpStream, now: Instant) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
-        let idle = p.entry(addr).or_default();
-        let now = Instant::now();
-        while idle
-            .front()
-            .is_some_and(|(_, since)| now.duration_since(*since) >= IDLE)
-        {
-            idle.pop_front();
+        p.puts += 1;
+        if p.puts >= SWEEP_EVERY {
+            p.puts = 0;
+            p.idle.retain(|_, idle| {
+                expire(idle, now);
+                !idle.is_empty()
+            });
         }
+        let idle = p.idle.entry(addr).or_default();
+        expire(idle, now);
         if idle.len() >= MAX_IDLE_PER_ADDR {
             idle.pop_front();
         }
         idle.push_back((s, now));
     })
+}
+
+/// Addresses with idle connections in this thread's pool.
+#[cfg(test)]
+fn addresses() -> usize {
+    POOL.with(|p| p.borrow().idle.len())
 }
 
 #[cfg(test)]
@@ -96,5 +130,33 @@ mod tests {
             server_a.peer_addr().unwrap().port()
         );
         assert!(take(addr).is_none(), "nothing else is pooled");
+    }
+
+    /// An address nobody asks for again loses its idle connections at a sweep.
+    #[tokio::test(flavor = "current_thread")]
+    async fn idle_connections_to_an_address_no_longer_used_are_swept() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let a = TcpStream::connect(addr).await.unwrap();
+        let _peer_a = listener.accept().await.unwrap();
+        let b = TcpStream::connect(addr).await.unwrap();
+        let _peer_b = listener.accept().await.unwrap();
+        // Keys stand for instances; the sockets only need to be real.
+        let left: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let busy: SocketAddr = "127.0.0.1:10".parse().unwrap();
+        let now = Instant::now();
+        give_back_at(left, a, now);
+        assert_eq!(addresses(), 1);
+        // Later than IDLE: each give-back to `busy` is taken again; `left` is never asked for.
+        let later = now + IDLE + Duration::from_secs(1);
+        let mut b = b;
+        for _ in 0..SWEEP_EVERY {
+            give_back_at(busy, b, later);
+            b = take(busy).expect("the busy address's connection");
+        }
+        assert!(
+            POOL.with(|p| !p.borrow().idle.contains_key(&left)),
+            "the address no longer used is swept"
+        );
     }
 }
