@@ -1,7 +1,12 @@
-//! The pingora `ProxyHttp` implementation: calls the modules in request-path order.
+//! The request path's phases, and the pingora `ProxyHttp` implementation that calls them
+//! in request-path order.
 //!
 //! Owns: the phase wiring and the per-request context. Each phase is a short list of
-//! calls into the module that owns the policy (routing, balance, health, metrics, log).
+//! calls into the module that owns the policy (routing, balance, health, metrics, log),
+//! written as a function of the request and its context (`plan_tries`, `begin_try`,
+//! `on_connect_failure`, `on_try_failure`, `on_response`, `response_headers`,
+//! `upstream_request`, `finish`), so busbar's own HTTP/1.1 path (`edge::h1`) and
+//! pingora's path run the same ones.
 //! Must not: hold policy of its own beyond ordering those calls.
 
 pub mod ctx;
