@@ -108,8 +108,14 @@ pub fn take(state: &State, head: &[u8]) -> Option<Box<FastRequest>> {
     if method == Method::CONNECT {
         return None;
     }
-    let mut req =
-        RequestHeader::build_no_case(method, path.as_bytes(), Some(parsed.headers.len())).ok()?;
+    let uri = http::Uri::try_from(path.as_bytes()).ok()?;
+    let (mut parts, ()) = http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(())
+        .ok()?
+        .into_parts();
+    parts.headers.reserve(parsed.headers.len());
     let mut close = false;
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
@@ -126,8 +132,12 @@ pub fn take(state: &State, head: &[u8]) -> Option<Box<FastRequest>> {
             continue;
         }
         let value = HeaderValue::from_bytes(h.value).ok()?;
-        req.append_header(name, value).ok()?;
+        // Straight into the map: pingora's `append_header` would turn each name into a
+        // title-case copy and parse it back.
+        parts.headers.try_append(name, value).ok()?;
     }
+    // No case map: names go upstream in canonical form.
+    let req = RequestHeader::from(parts);
     let snapshot = state.load();
     let normalized = match normalize_path(req.uri.path()) {
         std::borrow::Cow::Borrowed(_) => None,
@@ -452,15 +462,20 @@ impl ChunkScan {
 /// A response head into `out`: the status line; the header lines of `upstream` (a raw
 /// head from the upstream, if any) as they came, less hop-by-hop ones, `Date`, a
 /// `Content-Length` that `Transfer-Encoding` overrides, and any `resp` sets; then `resp`'s
-/// headers with `Date` and `Connection`.
+/// headers less `Date` and `Connection`; then busbar's `Date` and `Connection` (written
+/// as lines: two map inserts cost more than the rest of a small head).
 fn write_head(
     out: &mut Vec<u8>,
     resp: &mut ResponseHeader,
     upstream: Option<&[u8]>,
     keep_alive: bool,
 ) {
-    let _ = resp.insert_header(DATE, get_cached_date());
-    let _ = resp.insert_header(CONNECTION, if keep_alive { "keep-alive" } else { "close" });
+    if resp.headers.contains_key(DATE) {
+        resp.remove_header(&DATE);
+    }
+    if resp.headers.contains_key(CONNECTION) {
+        resp.remove_header(&CONNECTION);
+    }
     out.put_slice(b"HTTP/1.1 ");
     out.put_slice(resp.status.as_str().as_bytes());
     out.put_u8(b' ');
@@ -483,6 +498,7 @@ fn write_head(
         for h in parsed.headers.iter() {
             let name = h.name.as_bytes();
             let skip = hop_by_hop(name)
+                || name.eq_ignore_ascii_case(b"date")
                 || (encoded && name.eq_ignore_ascii_case(b"content-length"))
                 || resp
                     .headers
@@ -497,7 +513,13 @@ fn write_head(
         }
     }
     resp.header_to_h1_wire(out);
-    out.put_slice(b"\r\n");
+    out.put_slice(b"Date: ");
+    out.put_slice(get_cached_date().as_bytes());
+    out.put_slice(if keep_alive {
+        b"\r\nConnection: keep-alive\r\n\r\n".as_slice()
+    } else {
+        b"\r\nConnection: close\r\n\r\n".as_slice()
+    });
 }
 
 /// The request's outcome for the access log and the keep-alive loop.
