@@ -31,7 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::pool;
-use crate::admission::{normalize_path, wait_watched, Refused};
+use crate::admission::{wait_watched, Refused};
 use crate::config::Protocol;
 use crate::metrics::METRICS;
 use crate::proxy::ctx::RequestCtx;
@@ -139,10 +139,7 @@ pub fn take(state: &State, head: &[u8]) -> Option<Box<FastRequest>> {
     // No case map: names go upstream in canonical form.
     let req = RequestHeader::from(parts);
     let snapshot = state.load();
-    let normalized = match normalize_path(req.uri.path()) {
-        std::borrow::Cow::Borrowed(_) => None,
-        std::borrow::Cow::Owned(p) => Some(p),
-    };
+    let normalized = proxy::normalized_path(&req);
     let found = proxy::lookup_route(&snapshot, &req, normalized.as_deref());
     let route = match found {
         None => None,

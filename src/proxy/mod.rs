@@ -126,6 +126,15 @@ fn find_route(
     Some(route)
 }
 
+/// The request's path normalised (`//admin`, `/a/../admin` are `/admin`), when that
+/// changes it: what routing and ACLs see.
+pub(crate) fn normalized_path(req: &RequestHeader) -> Option<String> {
+    match admission::normalize_path(req.uri.path()) {
+        std::borrow::Cow::Borrowed(_) => None,
+        std::borrow::Cow::Owned(p) => Some(p),
+    }
+}
+
 /// [`find_route`] without counting: the route, and whether it is a mesh-fallback one.
 pub(crate) fn lookup_route(
     snapshot: &Snapshot,
@@ -190,6 +199,17 @@ pub fn upstream_headers(
     upstream_headers_for(ctx, upstream, client_ip(session), is_tls(session))
 }
 
+/// The verified identity in the upstream request, or the removal of a client-sent one.
+fn identity(ctx: &RequestCtx, upstream: &mut RequestHeader) -> Result<()> {
+    match &ctx.admitted {
+        Some(a) => a.apply_upstream(upstream),
+        None => {
+            admission::strip_identity(upstream);
+            Ok(())
+        }
+    }
+}
+
 /// [`upstream_headers`] for a request on a connection with this client and TLS state.
 pub(crate) fn upstream_headers_for(
     ctx: &RequestCtx,
@@ -197,10 +217,7 @@ pub(crate) fn upstream_headers_for(
     client_ip: Option<IpAddr>,
     tls: bool,
 ) -> Result<()> {
-    match &ctx.admitted {
-        Some(a) => a.apply_upstream(upstream)?,
-        None => admission::strip_identity(upstream),
-    }
+    identity(ctx, upstream)?;
     headers::set_forwarded(upstream, client_ip, tls)?;
     upstream.insert_header(headers::TRACEPARENT_NAME, &ctx.trace.header_value()[..])?;
     if let Some(route) = &ctx.route {
@@ -311,10 +328,7 @@ pub(crate) fn upstream_request_h1(
     wire: &mut Vec<u8>,
 ) -> Result<()> {
     let added = if route.config.request_headers.is_empty() {
-        match &ctx.admitted {
-            Some(a) => a.apply_upstream(upstream)?,
-            None => admission::strip_identity(upstream),
-        }
+        identity(ctx, upstream)?;
         let forwarding = headers::Forwarding::of(upstream, client_ip, false);
         headers::clear_forwarded(upstream);
         Some(forwarding)
@@ -389,10 +403,7 @@ impl BusbarProxy {
             req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()),
         );
         // Routing and ACLs see the normalised path: `//admin`, `/a/../admin` are `/admin`.
-        let normalized = match admission::normalize_path(req.uri.path()) {
-            std::borrow::Cow::Borrowed(_) => None,
-            std::borrow::Cow::Owned(p) => Some(p),
-        };
+        let normalized = normalized_path(req);
         let Some(route) = find_route(snapshot, req, normalized.as_deref()) else {
             return answer(session, ctx, Cause::NoRoute).await;
         };
