@@ -529,9 +529,15 @@ struct Served {
 impl Served {
     /// Nothing was written (the client left); the connection ends.
     fn nothing() -> Served {
+        Served::cut(0, 0)
+    }
+
+    /// The response stopped after its head (`status`) and `body_bytes`: the connection
+    /// ends, as the client cannot tell where the response would have ended.
+    fn cut(status: u16, body_bytes: usize) -> Served {
         Served {
-            status: 0,
-            body_bytes: 0,
+            status,
+            body_bytes,
             keep_alive: false,
         }
     }
@@ -701,7 +707,7 @@ pub async fn serve(
             match admitted {
                 Ok(()) => {
                     proxy.plan_tries(&req, peer.map(|a| a.ip()), &mut ctx, &route);
-                    exchange(proxy, &mut down, req, &mut ctx).await
+                    exchange(proxy, &mut down, &route, req, &mut ctx).await
                 }
                 Err(served) => served,
             }
@@ -726,6 +732,7 @@ pub async fn serve(
 async fn exchange(
     proxy: &BusbarProxy,
     down: &mut Downstream<'_>,
+    route: &Route,
     mut req: RequestHeader,
     ctx: &mut RequestCtx,
 ) -> Served {
@@ -733,11 +740,7 @@ async fn exchange(
     let head_request = req.method == Method::HEAD;
     let idempotent = req.method.is_idempotent();
     let mut wire = Vec::with_capacity(512);
-    let written = match ctx.route.clone() {
-        Some(route) => proxy::upstream_request_h1(ctx, &route, &mut req, client_ip, &mut wire),
-        None => Ok(()),
-    };
-    if written.is_err() || wire.is_empty() {
+    if proxy::upstream_request_h1(ctx, route, &mut req, client_ip, &mut wire).is_err() {
         return down.answer(ctx, Cause::BadRequest, false).await;
     }
     let mut buf = Vec::with_capacity(BUF);
@@ -776,10 +779,7 @@ async fn exchange(
     // response headers gets the upstream's as a map to edit; otherwise the upstream's
     // lines go out as they came, and only busbar's own are built.
     let raw = &buf[..head.len];
-    let edits = ctx
-        .route
-        .as_ref()
-        .is_some_and(|r| !r.config.response_headers.is_empty());
+    let edits = !route.config.response_headers.is_empty();
     let (mut resp, upstream_lines) = if edits || head.nominates {
         (upstream_header(raw), None)
     } else {
@@ -816,20 +816,11 @@ async fn exchange(
     out.put_slice(&body[..first]);
     let mut sent = first;
     if !down.send(&out).await {
-        return Served {
-            status,
-            body_bytes: 0,
-            keep_alive: false,
-        };
+        return Served::cut(status, 0);
     }
     let extra = end.is_some_and(|e| e < body.len());
     if end.is_none() {
-        let t_read = ctx
-            .route
-            .as_ref()
-            .map_or(crate::config::DEFAULT_CLIENT_TIMEOUT, |r| {
-                r.service.config.read_timeout
-            });
+        let t_read = route.service.config.read_timeout;
         let mut remaining = match head.framing {
             Framing::Length(n) => n - first as u64,
             _ => u64::MAX,
@@ -843,11 +834,7 @@ async fn exchange(
                 read => {
                     let timed_out = read.is_err();
                     proxy.on_try_failure(ctx, true, timed_out, false, false);
-                    return Served {
-                        status,
-                        body_bytes: sent,
-                        keep_alive: false,
-                    };
+                    return Served::cut(status, sent);
                 }
             };
             let take = match (head.framing, scan.as_mut()) {
@@ -867,11 +854,7 @@ async fn exchange(
                 _ => n,
             };
             if !down.send(&buf[..take]).await {
-                return Served {
-                    status,
-                    body_bytes: sent,
-                    keep_alive: false,
-                };
+                return Served::cut(status, sent);
             }
             sent += take;
             if remaining == 0 {
