@@ -440,3 +440,51 @@ queue = {{ max_depth = 4, max_wait = "10s" }}
         start.elapsed()
     );
 }
+
+/// A chunked body that turns out malformed after its head went to the client: the
+/// response is cut off (the client sees its connection close), not followed by a 502.
+#[tokio::test]
+async fn a_chunked_body_that_breaks_midway_is_cut_not_answered_twice() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = [0u8; 4096];
+        let _ = s.read(&mut head).await.unwrap();
+        s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = s.write_all(b"zz\r\nnot a chunk\r\n").await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    });
+    let bus = Busbar::start(&format!(
+        r#"
+[[service]]
+name = "s"
+endpoints = [{{ addr = "{addr}" }}]
+[[route]]
+name = "all"
+service = "s"
+"#
+    ))
+    .await;
+    let mut c = connect(&bus).await;
+    c.write_all(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut got))
+        .await
+        .expect("the client connection is closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got).to_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.ends_with("5\r\nhello\r\n"), "{text}");
+    assert_eq!(
+        text.matches("http/1.1 ").count(),
+        1,
+        "one response only: {text}"
+    );
+    upstream.abort();
+}

@@ -844,7 +844,11 @@ async fn exchange(
                         e
                     }
                     Ok(None) => n,
-                    Err(()) => return upstream_broke(proxy, ctx, down).await,
+                    // The head went out already: nothing can be answered, only cut.
+                    Err(()) => {
+                        proxy.on_try_failure(ctx, true, false, false, false);
+                        return Served::cut(status, sent);
+                    }
                 },
                 (Framing::Length(_), _) => {
                     let t = (n as u64).min(remaining) as usize;
@@ -915,8 +919,8 @@ async fn one_try(
     }
 }
 
-/// The upstream's response could not be framed: counted against the instance, the client
-/// gets a 502 (nothing was sent yet).
+/// The upstream's response could not be framed before anything went to the client:
+/// counted against the instance, the client gets a 502.
 async fn upstream_broke(
     proxy: &BusbarProxy,
     ctx: &mut RequestCtx,
