@@ -7,6 +7,7 @@ use http::header::{HeaderName, HeaderValue, HOST};
 use pingora_http::{RequestHeader, ResponseHeader};
 
 use crate::config::HeaderEdit;
+use crate::text::Sink;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -55,15 +56,15 @@ impl Forwarding {
                 IpAddr::V4(_) => (b"for=", b";proto="),
                 IpAddr::V6(_) => (b"for=\"[", b"]\";proto="),
             };
-            forwarded.push(open);
-            forwarded.push(addr.as_bytes());
-            forwarded.push(close);
+            forwarded.put(open);
+            forwarded.put(addr.as_bytes());
+            forwarded.put(close);
             addr
         });
         if xff.is_none() {
-            forwarded.push(b"proto=");
+            forwarded.put(b"proto=");
         }
-        forwarded.push(proto.as_bytes());
+        forwarded.put(proto.as_bytes());
         Forwarding {
             xff,
             forwarded,
@@ -159,22 +160,16 @@ impl StackBuf {
     fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
-
-    /// Appends `bytes` if they fit (the values written here always do); says whether.
-    fn push(&mut self, bytes: &[u8]) -> bool {
-        let end = self.len + bytes.len();
-        let Some(dst) = self.buf.get_mut(self.len..end) else {
-            return false;
-        };
-        dst.copy_from_slice(bytes);
-        self.len = end;
-        true
-    }
 }
 
-impl crate::text::Sink for StackBuf {
+impl Sink for StackBuf {
+    /// Appends `bytes` if they fit (the values written here always do), else nothing.
     fn put(&mut self, bytes: &[u8]) {
-        self.push(bytes);
+        let end = self.len + bytes.len();
+        if let Some(dst) = self.buf.get_mut(self.len..end) {
+            dst.copy_from_slice(bytes);
+            self.len = end;
+        }
     }
 }
 
