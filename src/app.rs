@@ -122,19 +122,15 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let state = Arc::new(State::new(config, store.clone()));
 
     // 1. The service endpoint: HTTP/1.1 and h2c on each plain port, TLS with ALPN h2.
-    //    The front door peeks each new plaintext connection for CONNECT (tunnels to
-    //    registered services); everything else goes to the pingora HTTP proxy.
+    //    The front door reads each plaintext request head: CONNECT tunnels to registered
+    //    services, the everyday HTTP/1.1 request goes through busbar's own path
+    //    (`edge::h1`), everything else to the pingora HTTP proxy. Both run `phases`.
     let phases = Arc::new(BusbarProxy {
         state: state.clone(),
         access_log: access_log.clone(),
     });
-    let mut http_proxy = pingora_proxy::http_proxy(
-        &server.configuration,
-        BusbarProxy {
-            state: state.clone(),
-            access_log: access_log.clone(),
-        },
-    );
+    let mut http_proxy =
+        pingora_proxy::http_proxy(&server.configuration, BusbarProxy::clone(&phases));
     let mut options = HttpServerOptions::default();
     options.h2c = true;
     http_proxy.server_options = Some(options);

@@ -43,6 +43,7 @@ use reply::Cause;
 /// Most concurrent streams busbar opens on one upstream h2c connection.
 const UPSTREAM_H2_STREAMS: usize = 128;
 
+#[derive(Clone)]
 pub struct BusbarProxy {
     pub state: Arc<State>,
     pub access_log: Arc<AccessLog>,
