@@ -4,10 +4,12 @@
 //! pingora would otherwise run) it reads the request head under a total
 //! deadline (a client trickling header bytes is cut off: slowloris), refuses ambiguous
 //! framing and oversize heads itself (see `head`), sends `CONNECT` to the mesh tunnel,
-//! and hands everything else — unchanged, bytes rewound — to the pingora HTTP proxy.
+//! serves the everyday bodyless request on busbar's own HTTP/1.1 path (`h1`), and hands
+//! everything else — unchanged, bytes rewound — to the pingora HTTP proxy.
 //! h2c connections (the HTTP/2 preface) go to the proxy whole. TLS connections cannot be
 //! rewound, so they get pingora's own parsing and per-read timeouts only.
-//! Must not: interpret more than the head, or keep any state between connections.
+//! Must not: interpret more than the head (proxying is `h1`'s), or keep any state between
+//! connections.
 
 pub mod h1;
 pub mod head;
