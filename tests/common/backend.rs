@@ -159,16 +159,19 @@ async fn handle(
     s.hits.fetch_add(1, Ordering::SeqCst);
     let method = req.method().to_string();
     let version = format!("{:?}", req.version());
-    let headers: BTreeMap<String, String> = req
-        .headers()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
+    // A name sent more than once reads as its values joined (RFC 9110 §5.3), so a test
+    // sees a header busbar should have replaced but only added to.
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (k, v) in req.headers() {
+        let v = String::from_utf8_lossy(v.as_bytes());
+        headers
+            .entry(k.as_str().to_string())
+            .and_modify(|all| {
+                all.push_str(", ");
+                all.push_str(&v);
+            })
+            .or_insert_with(|| v.into_owned());
+    }
     let status: u16 = headers
         .get("x-respond-status")
         .and_then(|v| v.parse().ok())
