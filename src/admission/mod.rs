@@ -36,7 +36,7 @@ pub use identity::Identity;
 pub use queue::Permit;
 pub use rate::RateInfo;
 pub use reject::{RejectKind, Rejection};
-pub use watch::{admit, wait_watched, Refused};
+pub use watch::{admit, enter_watched, Refused};
 
 /// How often idle rate-limit cells are swept and queue gauges sampled.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -71,13 +71,20 @@ pub struct Admitted {
 impl Admitted {
     /// Sets (or removes) the identity header and applies a normalised path.
     pub fn apply_upstream(&self, upstream: &mut RequestHeader) -> pingora_error::Result<()> {
-        let name = self
-            .identity_header
-            .clone()
-            .unwrap_or(HeaderName::from_static(DEFAULT_IDENTITY_HEADER));
-        upstream.remove_header(&name);
-        if let Some(user) = &self.user {
-            upstream.insert_header(name, user.as_str())?;
+        self.clear_upstream(upstream);
+        if let Some((name, user)) = self.identity() {
+            upstream.insert_header(name.clone(), user)?;
+        }
+        Ok(())
+    }
+
+    /// [`apply_upstream`](Self::apply_upstream) but for the identity header's value: the
+    /// client's is removed, and the caller writes [`identity`](Self::identity) itself
+    /// (busbar's own HTTP/1 path writes it as a line after the request's own).
+    pub fn clear_upstream(&self, upstream: &mut RequestHeader) {
+        let name = self.identity_name();
+        if upstream.headers.contains_key(name) {
+            upstream.remove_header(name);
         }
         if let Some(path) = &self.upstream_path {
             let pq = match upstream.uri.query() {
@@ -88,7 +95,18 @@ impl Admitted {
                 upstream.set_uri(uri);
             }
         }
-        Ok(())
+    }
+
+    /// The identity header busbar sends upstream and the verified user in it; `None` for
+    /// an anonymous caller (no such header goes).
+    pub fn identity(&self) -> Option<(&HeaderName, &str)> {
+        let user = self.user.as_deref()?;
+        Some((self.identity_name(), user))
+    }
+
+    fn identity_name(&self) -> &HeaderName {
+        static DEFAULT: HeaderName = HeaderName::from_static(DEFAULT_IDENTITY_HEADER);
+        self.identity_header.as_ref().unwrap_or(&DEFAULT)
     }
 
     /// Adds the `RateLimit-*` headers.
@@ -101,7 +119,7 @@ impl Admitted {
 
 /// Removes a client-sent identity header from a request of a route without admission.
 pub fn strip_identity(upstream: &mut RequestHeader) {
-    upstream.remove_header(DEFAULT_IDENTITY_HEADER);
+    Admitted::default().clear_upstream(upstream);
 }
 
 /// One route's compiled admission.
@@ -200,6 +218,24 @@ impl RoutePolicy {
         }
         self.enter(&mut admitted).await?;
         Ok(admitted)
+    }
+
+    /// [`wait`](Self::wait) when nothing needs waiting for: no cluster-wide limit, and
+    /// no cap on the service or a slot free at once. `false`: the caller awaits `wait`.
+    /// Lets a connection skip building and polling the waits (and watching its client)
+    /// for the everyday request.
+    pub fn enter_now(&self, admitted: &mut Admitted) -> bool {
+        if self.cluster_limiter.is_some() {
+            return false;
+        }
+        if let Some(q) = &self.queue {
+            match q.acquire_now() {
+                Some(permit) => admitted.permit = Some(permit),
+                None => return false,
+            }
+        }
+        self.metrics.admitted.inc();
+        true
     }
 
     /// Waits for a service slot when the service has a cap.

@@ -343,6 +343,12 @@ impl ServiceQueue {
             .is_ok()
     }
 
+    /// A slot at once, when one is free and nobody waits for one; `None` otherwise
+    /// (then [`acquire`](Self::acquire) queues fairly).
+    pub fn acquire_now(self: &Arc<Self>) -> Option<Permit> {
+        (self.waiting.load(SeqCst) == 0 && self.try_take()).then(|| self.permit())
+    }
+
     /// Gets a slot for `user`: at once below the cap, else after a fair wait.
     /// Returns how long it waited (zero on the fast path) with the permit.
     pub async fn acquire(
@@ -350,8 +356,8 @@ impl ServiceQueue {
         user: &str,
         policy: &QueuePolicy,
     ) -> Result<(Permit, Duration), QueueError> {
-        if self.waiting.load(SeqCst) == 0 && self.try_take() {
-            return Ok((self.permit(), Duration::ZERO));
+        if let Some(permit) = self.acquire_now() {
+            return Ok((permit, Duration::ZERO));
         }
         let started = Instant::now();
         let (key, seq, rx) = {

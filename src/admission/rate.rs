@@ -69,6 +69,17 @@ pub struct RateInfo {
     pub reset_secs: u64,
 }
 
+impl RateInfo {
+    /// Limit, remaining and reset, in the order of the `RateLimit-*` headers.
+    pub fn values(&self) -> [u64; 3] {
+        [
+            u64::from(self.limit),
+            u64::from(self.remaining),
+            self.reset_secs,
+        ]
+    }
+}
+
 /// Which limit refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {

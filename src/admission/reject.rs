@@ -11,6 +11,7 @@ use http::HeaderValue;
 use pingora_http::ResponseHeader;
 
 use super::rate::RateInfo;
+use crate::text::Sink;
 
 /// What kind of refusal; the proxy maps it to its log/metrics cause.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,11 +110,24 @@ impl Rejection {
     }
 }
 
+/// The names of the `RateLimit-*` headers busbar sets (a response's own are replaced).
+pub const RATE_HEADERS: [&str; 3] = ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"];
+
 /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (seconds).
 pub fn rate_headers(h: &mut ResponseHeader, r: &RateInfo) {
-    let _ = h.insert_header("ratelimit-limit", number(u64::from(r.limit)));
-    let _ = h.insert_header("ratelimit-remaining", number(u64::from(r.remaining)));
-    let _ = h.insert_header("ratelimit-reset", number(r.reset_secs));
+    for (name, n) in RATE_HEADERS.into_iter().zip(r.values()) {
+        let _ = h.insert_header(name, number(n));
+    }
+}
+
+/// [`rate_headers`] as HTTP/1 header lines, for a head written straight onto the wire.
+pub fn rate_lines(out: &mut Vec<u8>, r: &RateInfo) {
+    for (name, n) in RATE_HEADERS.into_iter().zip(r.values()) {
+        out.put(name.as_bytes());
+        out.put(b": ");
+        crate::text::decimal(out, n);
+        out.put(b"\r\n");
+    }
 }
 
 /// Numbers below this are formatted once and shared; limits, remainders and reset times
@@ -133,6 +147,40 @@ fn number(n: u64) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_lines_say_what_rate_headers_set() {
+        let r = RateInfo {
+            limit: 10,
+            remaining: 2000,
+            reset_secs: 3,
+        };
+        let mut h = ResponseHeader::build_no_case(200, None).unwrap();
+        rate_headers(&mut h, &r);
+        let mut map = Vec::new();
+        h.header_to_h1_wire(&mut map);
+        let mut lines = Vec::new();
+        rate_lines(&mut lines, &r);
+        let sorted = |b: Vec<u8>| {
+            let mut l: Vec<String> = String::from_utf8(b)
+                .unwrap()
+                .lines()
+                .map(String::from)
+                .collect();
+            l.sort();
+            l
+        };
+        let lines = sorted(lines);
+        assert_eq!(
+            lines,
+            [
+                "ratelimit-limit: 10",
+                "ratelimit-remaining: 2000",
+                "ratelimit-reset: 3"
+            ]
+        );
+        assert_eq!(lines, sorted(map));
+    }
 
     #[test]
     fn numbers_shared_or_not_read_the_same() {

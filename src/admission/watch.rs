@@ -70,12 +70,26 @@ pub async fn admit(
         };
         policy.check(&parts).map_err(Refused::Rejected)?
     };
-    wait_watched(policy, admitted, client_gone(session)).await
+    enter_watched(policy, admitted, client_gone(session)).await
+}
+
+/// What [`RoutePolicy::check`] let through, let in: at once when nothing needs waiting
+/// for ([`RoutePolicy::enter_now`]), else after [`wait_watched`] (boxed: its state is
+/// large, and only a request that waits needs it).
+pub async fn enter_watched(
+    policy: &RoutePolicy,
+    mut admitted: Admitted,
+    gone: impl Future<Output = Box<Error>>,
+) -> Result<Admitted, Refused> {
+    if policy.enter_now(&mut admitted) {
+        return Ok(admitted);
+    }
+    Box::pin(wait_watched(policy, admitted, gone)).await
 }
 
 /// The waits of a request `check` let through (cluster limit, service queue), given up
 /// as soon as `gone` says the client left: the part of [`admit`] any connection can use.
-pub async fn wait_watched(
+async fn wait_watched(
     policy: &RoutePolicy,
     admitted: Admitted,
     gone: impl Future<Output = Box<Error>>,

@@ -31,7 +31,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::pool;
-use crate::admission::{wait_watched, Refused};
+use crate::admission::reject::{rate_lines, RATE_HEADERS};
+use crate::admission::{enter_watched, RateInfo, Refused};
 use crate::config::Protocol;
 use crate::metrics::METRICS;
 use crate::proxy::ctx::RequestCtx;
@@ -61,18 +62,43 @@ pub struct FastRequest {
     close: bool,
 }
 
-/// Is `name` (as received, any case) a header that describes one hop, never forwarded
-/// (RFC 9110 §7.6.1)?
-fn hop_by_hop(name: &[u8]) -> bool {
-    [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "upgrade",
-    ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+/// What a header name (as received, any case) is to this path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Name {
+    /// Describes one hop, never forwarded (RFC 9110 §7.6.1): `Keep-Alive`, `TE`,
+    /// `Upgrade`, `Proxy-Connection`.
+    Hop,
+    /// `Connection`: a hop-by-hop header that may name more of them.
+    Connection,
+    Date,
+    ContentLength,
+    TransferEncoding,
+    /// One of the `RateLimit-*` headers admission sets.
+    Rate,
+    Other,
+}
+
+impl Name {
+    /// Compares only names of the right length: a few instructions for most names.
+    fn of(name: &[u8]) -> Name {
+        let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+        match name.len() {
+            2 if is("te") => Name::Hop,
+            4 if is("date") => Name::Date,
+            7 if is("upgrade") => Name::Hop,
+            10 if is("connection") => Name::Connection,
+            10 if is("keep-alive") => Name::Hop,
+            14 if is("content-length") => Name::ContentLength,
+            16 if is("proxy-connection") => Name::Hop,
+            17 if is("transfer-encoding") => Name::TransferEncoding,
+            15 | 19 if RATE_HEADERS.iter().any(|h| is(h)) => Name::Rate,
+            _ => Name::Other,
+        }
+    }
+
+    fn hop_by_hop(self) -> bool {
+        matches!(self, Name::Hop | Name::Connection)
+    }
 }
 
 /// Does a `Connection` value ask for anything besides `close` / `keep-alive`? Other
@@ -128,7 +154,7 @@ pub fn take(state: &State, head: &[u8]) -> Option<Box<FastRequest>> {
         if name == CONNECTION && !connection_tokens(h.value, &mut close) {
             return None;
         }
-        if hop_by_hop(name.as_str().as_bytes()) {
+        if Name::of(name.as_str().as_bytes()).hop_by_hop() {
             continue;
         }
         let value = HeaderValue::from_bytes(h.value).ok()?;
@@ -174,8 +200,8 @@ enum Framing {
     Close,
 }
 
-/// An upstream response head, parsed: what framing and reuse need. Its header lines stay
-/// in the read buffer (`..len`) and go to the client from there (see [`write_head`]).
+/// An upstream response head, parsed: what framing and reuse need. Its lines for the
+/// client were written by [`parse_head`] (see there).
 struct Head {
     status: StatusCode,
     framing: Framing,
@@ -198,9 +224,21 @@ enum TripError {
     Upstream { timed_out: bool },
 }
 
-fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Head>, ()> {
-    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut lines);
+/// Parses the response head at the start of `buf`: `Ok(None)` while incomplete.
+///
+/// A complete head is also written into `lines` (replacing what was there) as the
+/// client gets it, up to busbar's own headers: the status line, then the upstream's
+/// header lines as they came, less hop-by-hop ones, `Date`, a `Content-Length` that
+/// `Transfer-Encoding` overrides, and `RateLimit-*` when `own_rate` (busbar sets its
+/// own). [`end_head`] finishes it. One parse serves framing and forwarding.
+fn parse_head(
+    buf: &[u8],
+    head_request: bool,
+    lines: &mut Vec<u8>,
+    own_rate: bool,
+) -> Result<Option<Head>, ()> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut slots);
     let len = match parsed.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => return Ok(None),
@@ -214,28 +252,45 @@ fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Head>, ()> {
     let mut encoded = false;
     let mut nominates = false;
     for h in parsed.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"connection") {
-            let mut close = false;
-            nominates |= !connection_tokens(h.value, &mut close);
-            reusable &= !close;
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or(())?;
-            // Two different lengths: which one frames the body is ambiguous (smuggling).
-            if length.is_some_and(|l| l != n) {
-                return Err(());
+        match Name::of(h.name.as_bytes()) {
+            Name::Connection => {
+                let mut close = false;
+                nominates |= !connection_tokens(h.value, &mut close);
+                reusable &= !close;
             }
-            length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            encoded = true;
-            chunked = h
-                .value
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            Name::ContentLength => {
+                let n = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or(())?;
+                // Two different lengths: which one frames the body is ambiguous (smuggling).
+                if length.is_some_and(|l| l != n) {
+                    return Err(());
+                }
+                length = Some(n);
+            }
+            Name::TransferEncoding => {
+                encoded = true;
+                chunked = h
+                    .value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            }
+            _ => {}
+        }
+    }
+    lines.clear();
+    status_line(lines, status);
+    for h in parsed.headers.iter() {
+        let pass = match Name::of(h.name.as_bytes()) {
+            Name::Hop | Name::Connection | Name::Date => false,
+            Name::ContentLength => !encoded,
+            Name::Rate => !own_rate,
+            Name::TransferEncoding | Name::Other => true,
+        };
+        if pass {
+            headers::line(lines, h.name.as_bytes(), h.value);
         }
     }
     let framing = if head_request
@@ -290,7 +345,7 @@ fn upstream_header(raw: &[u8]) -> Result<ResponseHeader, ()> {
             );
         }
         encoded |= name == TRANSFER_ENCODING;
-        if hop_by_hop(name.as_str().as_bytes()) {
+        if Name::of(name.as_str().as_bytes()).hop_by_hop() {
             continue;
         }
         let value = HeaderValue::from_bytes(h.value).map_err(|_| ())?;
@@ -306,18 +361,29 @@ fn upstream_header(raw: &[u8]) -> Result<ResponseHeader, ()> {
     Ok(resp)
 }
 
-/// Sends the request head and reads the response head (skipping 1xx ones) into `buf`.
+/// What every try of one request sends, and how its response is read.
+struct Ask<'a> {
+    /// The upstream request head.
+    wire: &'a [u8],
+    head_request: bool,
+    idempotent: bool,
+    /// busbar sets `RateLimit-*` on the response (see [`parse_head`]).
+    own_rate: bool,
+}
+
+/// Sends the request head and reads the response head (skipping 1xx ones) into `buf`;
+/// the head's lines for the client go into `lines` ([`parse_head`]).
 async fn round_trip(
     up: &mut TcpStream,
-    wire: &[u8],
+    ask: &Ask<'_>,
     read_timeout: Duration,
-    head_request: bool,
     reused: bool,
     buf: &mut Vec<u8>,
+    lines: &mut Vec<u8>,
 ) -> Result<Head, TripError> {
     let failed = TripError::Upstream { timed_out: false };
     let timed_out = TripError::Upstream { timed_out: true };
-    match timeout(read_timeout, up.write_all(wire)).await {
+    match timeout(read_timeout, up.write_all(ask.wire)).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) if reused => return Err(TripError::Stale),
         Ok(Err(_)) => return Err(failed),
@@ -342,7 +408,7 @@ async fn round_trip(
             });
         }
         loop {
-            match parse_head(buf, head_request) {
+            match parse_head(buf, ask.head_request, lines, ask.own_rate) {
                 Ok(None) => break,
                 Ok(Some(head)) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
                     // Nothing asked for an upgrade.
@@ -456,60 +522,27 @@ impl ChunkScan {
     }
 }
 
-/// A response head into `out`: the status line; the header lines of `upstream` (a raw
-/// head from the upstream, if any) as they came, less hop-by-hop ones, `Date`, a
-/// `Content-Length` that `Transfer-Encoding` overrides, and any `resp` sets; then `resp`'s
-/// headers less `Date` and `Connection`; then busbar's `Date` and `Connection` (written
-/// as lines: two map inserts cost more than the rest of a small head).
-fn write_head(
-    out: &mut Vec<u8>,
-    resp: &mut ResponseHeader,
-    upstream: Option<&[u8]>,
-    keep_alive: bool,
-) {
-    if resp.headers.contains_key(DATE) {
-        resp.remove_header(&DATE);
-    }
-    if resp.headers.contains_key(CONNECTION) {
-        resp.remove_header(&CONNECTION);
-    }
+/// `HTTP/1.1 <status> <canonical reason>` and CRLF.
+fn status_line(out: &mut Vec<u8>, status: StatusCode) {
     out.put_slice(b"HTTP/1.1 ");
-    out.put_slice(resp.status.as_str().as_bytes());
+    out.put_slice(status.as_str().as_bytes());
     out.put_u8(b' ');
-    out.put_slice(
-        resp.status
-            .canonical_reason()
-            .unwrap_or("Unknown")
-            .as_bytes(),
-    );
+    out.put_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
     out.put_slice(b"\r\n");
-    if let Some(raw) = upstream {
-        let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut lines);
-        // `raw` parsed whole once already (`parse_head`).
-        let _ = parsed.parse(raw);
-        let encoded = parsed
-            .headers
-            .iter()
-            .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
-        for h in parsed.headers.iter() {
-            let name = h.name.as_bytes();
-            let skip = hop_by_hop(name)
-                || name.eq_ignore_ascii_case(b"date")
-                || (encoded && name.eq_ignore_ascii_case(b"content-length"))
-                || resp
-                    .headers
-                    .keys()
-                    .any(|k| name.eq_ignore_ascii_case(k.as_str().as_bytes()));
-            if !skip {
-                out.put_slice(name);
-                out.put_slice(b": ");
-                out.put_slice(h.value);
-                out.put_slice(b"\r\n");
-            }
-        }
+}
+
+/// Finishes a head [`parse_head`] began: busbar's `RateLimit-*` lines (`rate`), then
+/// `Date` and `Connection`.
+fn finish_head(out: &mut Vec<u8>, rate: Option<&RateInfo>, keep_alive: bool) {
+    if let Some(r) = rate {
+        rate_lines(out, r);
     }
-    resp.header_to_h1_wire(out);
+    end_head(out, keep_alive);
+}
+
+/// busbar's `Date` and `Connection` lines (as lines: two map inserts cost more than the
+/// rest of a small head), and the head's end.
+fn end_head(out: &mut Vec<u8>, keep_alive: bool) {
     out.put_slice(b"Date: ");
     out.put_slice(get_cached_date().as_bytes());
     out.put_slice(if keep_alive {
@@ -517,6 +550,20 @@ fn write_head(
     } else {
         b"\r\nConnection: close\r\n\r\n".as_slice()
     });
+}
+
+/// A response head from a header map into `out`: busbar's own answers, and upstream
+/// responses of routes that edit response headers. `Date` and `Connection` are busbar's.
+fn write_head(out: &mut Vec<u8>, resp: &mut ResponseHeader, keep_alive: bool) {
+    if resp.headers.contains_key(DATE) {
+        resp.remove_header(&DATE);
+    }
+    if resp.headers.contains_key(CONNECTION) {
+        resp.remove_header(&CONNECTION);
+    }
+    status_line(out, resp.status);
+    resp.header_to_h1_wire(out);
+    end_head(out, keep_alive);
 }
 
 /// The request's outcome for the access log and the keep-alive loop.
@@ -574,7 +621,7 @@ impl Downstream<'_> {
     /// Writes a whole response of busbar's own; what was written, for the access log.
     async fn reply(&mut self, mut resp: ResponseHeader, body: &[u8], keep_alive: bool) -> Served {
         let mut out = Vec::with_capacity(256 + body.len());
-        write_head(&mut out, &mut resp, None, keep_alive);
+        write_head(&mut out, &mut resp, keep_alive);
         out.put_slice(body);
         let sent = self.send(&out).await;
         Served {
@@ -628,7 +675,7 @@ async fn admit(
         headers: &req.headers,
     };
     let verdict = match policy.check(&parts) {
-        Ok(admitted) => wait_watched(policy, admitted, down.left()).await,
+        Ok(admitted) => enter_watched(policy, admitted, down.left()).await,
         Err(rejection) => Err(Refused::Rejected(rejection)),
     };
     match verdict {
@@ -737,13 +784,24 @@ async fn exchange(
     ctx: &mut RequestCtx,
 ) -> Served {
     let client_ip: Option<IpAddr> = down.peer.map(|a| a.ip());
-    let head_request = req.method == Method::HEAD;
-    let idempotent = req.method.is_idempotent();
     let mut wire = Vec::with_capacity(512);
     if proxy::upstream_request_h1(ctx, route, &mut req, client_ip, &mut wire).is_err() {
         return down.answer(ctx, Cause::BadRequest, false).await;
     }
+    // busbar's response headers: a route that edits them gets the upstream's as a map to
+    // edit ([`proxy::response_headers`]); otherwise the upstream's lines go out as they
+    // came, and busbar's own (admission's) are written after them.
+    let edits = !route.config.response_headers.is_empty();
+    let rate = proxy::response_rate(ctx);
+    let ask = Ask {
+        wire: &wire,
+        head_request: req.method == Method::HEAD,
+        idempotent: req.method.is_idempotent(),
+        own_rate: !edits && rate.is_some(),
+    };
     let mut buf = Vec::with_capacity(BUF);
+    // The response head for the client, and the first of its body: one write.
+    let mut out = Vec::with_capacity(512);
     let (mut up, addr, mut head) = loop {
         let t = match proxy.begin_try(ctx) {
             Ok(t) => t,
@@ -756,7 +814,7 @@ async fn exchange(
         // path): its instance, and its admission slot, are free at once.
         let tried = tokio::select! {
             biased;
-            r = one_try(&t, &wire, head_request, idempotent, &mut buf) => r,
+            r = one_try(&t, &ask, &mut buf, &mut out) => r,
             _ = down.left() => {
                 ctx.release_instance();
                 return Served::nothing();
@@ -766,7 +824,7 @@ async fn exchange(
             Ok((up, head)) => break (up, t.addr, head),
             Err(TryFail::Connect { timed_out }) => proxy.on_connect_failure(ctx, timed_out),
             Err(TryFail::Trip { timed_out }) => {
-                proxy.on_try_failure(ctx, true, timed_out, idempotent, false)
+                proxy.on_try_failure(ctx, true, timed_out, ask.idempotent, false)
             }
         };
         if !retry {
@@ -775,30 +833,20 @@ async fn exchange(
         }
     };
     proxy.on_response(ctx, head.status);
-    // busbar's response headers (admission's, the route's edits). A route that edits
-    // response headers gets the upstream's as a map to edit; otherwise the upstream's
-    // lines go out as they came, and only busbar's own are built.
-    let raw = &buf[..head.len];
-    let edits = !route.config.response_headers.is_empty();
-    let (mut resp, upstream_lines) = if edits || head.nominates {
-        (upstream_header(raw), None)
-    } else {
-        (
-            ResponseHeader::build_no_case(head.status, Some(4)).map_err(|_| ()),
-            Some(raw),
-        )
-    };
-    let Ok(resp) = resp.as_mut() else {
-        return upstream_broke(proxy, ctx, down).await;
-    };
-    if proxy::response_headers(ctx, resp).is_err() {
-        return down.answer(ctx, Cause::UpstreamError, false).await;
-    }
     let status = head.status.as_u16();
     let keep_alive = down.keep_alive && head.framing != Framing::Close;
-    // The head and what was read of the body go out in one write.
-    let mut out = Vec::with_capacity(512 + buf.len());
-    write_head(&mut out, resp, upstream_lines, keep_alive);
+    if edits || head.nominates {
+        let Ok(mut resp) = upstream_header(&buf[..head.len]) else {
+            return upstream_broke(proxy, ctx, down).await;
+        };
+        if proxy::response_headers(ctx, &mut resp).is_err() {
+            return down.answer(ctx, Cause::UpstreamError, false).await;
+        }
+        out.clear();
+        write_head(&mut out, &mut resp, keep_alive);
+    } else {
+        finish_head(&mut out, rate.as_ref(), keep_alive);
+    }
     let body = &buf[head.len..];
     let (end, mut scan) = match head.framing {
         Framing::None => (Some(0), None),
@@ -813,7 +861,7 @@ async fn exchange(
         Framing::Close => (None, None),
     };
     let first = end.unwrap_or(body.len()).min(body.len());
-    out.put_slice(&body[..first]);
+    out.extend_from_slice(&body[..first]);
     let mut sent = first;
     if !down.send(&out).await {
         return Served::cut(status, 0);
@@ -891,10 +939,9 @@ enum TryFail {
 /// it may have been acted on.
 async fn one_try(
     t: &proxy::Try,
-    wire: &[u8],
-    head_request: bool,
-    idempotent: bool,
+    ask: &Ask<'_>,
     buf: &mut Vec<u8>,
+    lines: &mut Vec<u8>,
 ) -> Result<(TcpStream, Head), TryFail> {
     let mut pooled = pool::take(t.addr);
     loop {
@@ -910,9 +957,9 @@ async fn one_try(
                 Err(_) => return Err(TryFail::Connect { timed_out: true }),
             },
         };
-        match round_trip(&mut up, wire, t.read_timeout, head_request, reused, buf).await {
+        match round_trip(&mut up, ask, t.read_timeout, reused, buf, lines).await {
             Ok(head) => return Ok((up, head)),
-            Err(TripError::Stale) if idempotent => {}
+            Err(TripError::Stale) if ask.idempotent => {}
             Err(TripError::Stale) => return Err(TryFail::Trip { timed_out: false }),
             Err(TripError::Upstream { timed_out }) => return Err(TryFail::Trip { timed_out }),
         }
@@ -970,7 +1017,8 @@ mod tests {
 
     #[test]
     fn response_framing() {
-        let head = |raw: &[u8], head_req| parse_head(raw, head_req).unwrap().unwrap();
+        let parse = |raw: &[u8], head_req| parse_head(raw, head_req, &mut Vec::new(), false);
+        let head = |raw: &[u8], head_req| parse(raw, head_req).unwrap().unwrap();
         let h = head(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", false);
         assert_eq!((h.framing, h.reusable), (Framing::Length(3), true));
         let h = head(
@@ -989,12 +1037,12 @@ mod tests {
             false,
         );
         assert_eq!(h.framing, Framing::None);
-        assert!(parse_head(
+        assert!(parse(
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             false
         )
         .is_err());
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le", false)
+        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Le", false)
             .unwrap()
             .is_none());
         let h = head(b"HTTP/1.1 200 OK\r\nConnection: x-a\r\n\r\n", false);
@@ -1002,18 +1050,27 @@ mod tests {
     }
 
     /// What the client gets of an upstream head: its lines as they came, less hop-by-hop
-    /// ones, its `Date`, a `Content-Length` that `Transfer-Encoding` overrides, and what
-    /// busbar sets; then busbar's.
+    /// ones, its `Date`, a `Content-Length` that `Transfer-Encoding` overrides, and the
+    /// `RateLimit-*` busbar sets; then busbar's.
     #[test]
     fn upstream_lines_pass_through_less_what_belongs_to_the_hop() {
-        let raw: &[u8] = b"HTTP/1.1 200 OK\r\nX-A: 1\r\nDate: old\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\nRateLimit-Limit: 9\r\nConnection: keep-alive\r\n\r\n";
-        let mut resp = ResponseHeader::build_no_case(200, None).unwrap();
-        resp.insert_header("ratelimit-limit", "5").unwrap();
-        let mut out = Vec::new();
-        write_head(&mut out, &mut resp, Some(raw), true);
-        let text = String::from_utf8(out).unwrap().to_lowercase();
+        let raw: &[u8] = b"HTTP/1.1 200 OK\r\nX-A:  1 \r\nDate: old\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\nRateLimit-Limit: 9\r\nConnection: keep-alive\r\nTE: x\r\nUpgrade: y\r\nProxy-Connection: z\r\n\r\n";
+        let rate = RateInfo {
+            limit: 5,
+            remaining: 4,
+            reset_secs: 1,
+        };
+        let head = |own_rate: bool| {
+            let mut out = Vec::new();
+            parse_head(raw, false, &mut out, own_rate).unwrap().unwrap();
+            finish_head(&mut out, own_rate.then_some(&rate), true);
+            String::from_utf8(out).unwrap().to_lowercase()
+        };
+        let text = head(true);
         assert!(
-            text.starts_with("http/1.1 200 ok\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n"),
+            text.starts_with(
+                "http/1.1 200 ok\r\nx-a: 1\r\ntransfer-encoding: chunked\r\nratelimit-limit: 5\r\n"
+            ),
             "{text}"
         );
         for gone in [
@@ -1021,13 +1078,20 @@ mod tests {
             "keep-alive: timeout",
             "content-length",
             "ratelimit-limit: 9",
+            "te: x",
+            "upgrade",
+            "proxy-connection",
         ] {
             assert!(!text.contains(gone), "{gone} in {text}");
         }
-        assert!(text.contains("ratelimit-limit: 5\r\n"), "{text}");
+        assert!(text.contains("ratelimit-remaining: 4\r\n"), "{text}");
         assert!(text.contains("connection: keep-alive\r\n"), "{text}");
         assert_eq!(text.matches("date: ").count(), 1, "{text}");
         assert!(text.ends_with("\r\n\r\n"), "{text}");
+        // A route without a rate limit passes the upstream's own on.
+        let text = head(false);
+        assert!(text.contains("ratelimit-limit: 9\r\n"), "{text}");
+        assert!(!text.contains("ratelimit-remaining"), "{text}");
 
         // As a map (for routes that edit response headers): the same headers go.
         let map = upstream_header(b"HTTP/1.1 200 OK\r\nConnection: x-hop\r\nX-Hop: 1\r\nX-A: 1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n").unwrap();

@@ -96,21 +96,23 @@ impl Forwarding {
     /// were removed ([`clear_forwarded`]): what [`Forwarding::apply`] then serialising
     /// writes, without the inserts.
     pub fn write(&self, wire: &mut Vec<u8>) {
-        let mut line = |name: &str, v: &[u8]| {
-            wire.extend_from_slice(name.as_bytes());
-            wire.extend_from_slice(b": ");
-            wire.extend_from_slice(v);
-            wire.extend_from_slice(b"\r\n");
-        };
         if let Some(addr) = &self.xff {
-            line(XFF_NAME, addr.as_bytes());
+            line(wire, XFF_NAME.as_bytes(), addr.as_bytes());
         }
-        line(FORWARDED_NAME, self.forwarded.as_bytes());
-        line(XFP_NAME, self.proto.as_bytes());
+        line(wire, FORWARDED_NAME.as_bytes(), self.forwarded.as_bytes());
+        line(wire, XFP_NAME.as_bytes(), self.proto.as_bytes());
         if let Some(h) = &self.host {
-            line(XFH_NAME, h.as_bytes());
+            line(wire, XFH_NAME.as_bytes(), h.as_bytes());
         }
     }
+}
+
+/// One HTTP/1 header line: `name: value` and CRLF.
+pub fn line(wire: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    wire.extend_from_slice(name);
+    wire.extend_from_slice(b": ");
+    wire.extend_from_slice(value);
+    wire.extend_from_slice(b"\r\n");
 }
 
 /// Removes client-sent forwarding headers and trace context (busbar writes its own).

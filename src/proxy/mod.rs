@@ -273,6 +273,13 @@ pub(crate) fn response_headers(ctx: &RequestCtx, resp: &mut ResponseHeader) -> R
     crate::translate::response(ctx, resp)
 }
 
+/// What [`response_headers`] adds to the response of a route that edits no response
+/// headers and does not translate: admission's `RateLimit-*` values, if any. busbar's
+/// own HTTP/1 path writes them as lines after the upstream's own.
+pub(crate) fn response_rate(ctx: &RequestCtx) -> Option<admission::RateInfo> {
+    ctx.admitted.as_ref().and_then(|a| a.rate)
+}
+
 /// The upstream request head from the client's: origin form, busbar's headers
 /// ([`upstream_headers_for`]), the route's path rewrite and the translation's edits.
 pub(crate) fn upstream_request(
@@ -329,10 +336,14 @@ pub(crate) fn upstream_request_h1(
     wire: &mut Vec<u8>,
 ) -> Result<()> {
     let added = if route.config.request_headers.is_empty() {
-        identity(ctx, upstream)?;
+        let admitted = ctx.admitted.as_ref();
+        match admitted {
+            Some(a) => a.clear_upstream(upstream),
+            None => admission::strip_identity(upstream),
+        }
         let forwarding = headers::Forwarding::of(upstream, client_ip, false);
         headers::clear_forwarded(upstream);
-        Some(forwarding)
+        Some((forwarding, admitted.and_then(|a| a.identity())))
     } else {
         upstream_headers_for(ctx, upstream, client_ip, false)?;
         None
@@ -343,12 +354,23 @@ pub(crate) fn upstream_request_h1(
     wire.extend_from_slice(upstream.raw_path());
     wire.extend_from_slice(b" HTTP/1.1\r\n");
     upstream.header_to_h1_wire(wire);
-    if let Some(forwarding) = added {
+    if let Some((forwarding, identity)) = added {
+        if let Some((name, user)) = identity {
+            // Checked as `insert_header` would: nothing may end the line early.
+            if user.bytes().any(|b| b < b' ' && b != b'\t' || b == 0x7f) {
+                return Err(Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "identity value",
+                ));
+            }
+            headers::line(wire, name.as_str().as_bytes(), user.as_bytes());
+        }
         forwarding.write(wire);
-        wire.extend_from_slice(headers::TRACEPARENT_NAME.as_bytes());
-        wire.extend_from_slice(b": ");
-        wire.extend_from_slice(&ctx.trace.header_value());
-        wire.extend_from_slice(b"\r\n");
+        headers::line(
+            wire,
+            headers::TRACEPARENT_NAME.as_bytes(),
+            &ctx.trace.header_value(),
+        );
     }
     wire.extend_from_slice(b"\r\n");
     Ok(())
