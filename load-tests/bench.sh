@@ -620,6 +620,15 @@ median() {  # scenario target column-of-RAW
   awk -F'\t' -v s="$1" -v t="$2" -v c="$3" '$1 == s && $2 == t && $c != "-" {print $c}' "$RAW" | median_of
 }
 
+# The target's req/s over nginx's in the same round, median over the rounds: the machine's
+# slow drifts (a neighbour's load) move both halves of a pair alike, so this ratio is
+# steadier than the ratio of the two medians when runs vary from round to round.
+paired() {  # scenario target
+  awk -F'\t' -v s="$1" -v t="$2" '$1 == s && $2 == "nginx" {n[$3] = $4}
+    $1 == s && $2 == t {v[$3] = $4}
+    END {for (r in v) if ((r in n) && n[r] > 0) printf "%.4f\n", v[r] / n[r]}' "$RAW" | median_of
+}
+
 declare -A M_RPS M_CPU M_ERR
 run_scenario() {  # scenario: warm-up, rounds, table
   local s=$1 targets=() n t r i ng_rps ng_cpu
@@ -656,22 +665,25 @@ run_scenario() {  # scenario: warm-up, rounds, table
     M_ERR[$s/$t]=$(awk -F'\t' -v s="$s" -v t="$t" '$1 == s && $2 == t {e += $9} END {print e + 0}' "$RAW")
   done
   ng_rps=${M_RPS[$s/nginx]:--}; ng_cpu=${M_CPU[$s/nginx]:--}
-  echo "| proxy | req/s | p50 | p99 | CPU µs/req | req/s ratio to nginx | CPU ratio to nginx |"
-  echo "|---|---:|---:|---:|---:|---:|---:|"
+  echo "| proxy | req/s | p50 | p99 | CPU µs/req | req/s ratio to nginx | paired ratio | CPU ratio to nginx |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|"
   for t in "${targets[@]}"; do
-    printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$t" \
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$t" \
       "$(awk -v v="${M_RPS[$s/$t]}" 'BEGIN {printf "%.0f", v}')" \
       "$(fmt_us "$(median "$s" "$t" 5)")" "$(fmt_us "$(median "$s" "$t" 6)")" \
       "$(awk -v v="${M_CPU[$s/$t]}" 'BEGIN {if (v == "-") print "-"; else printf "%.1f", v}')" \
-      "$(ratio "${M_RPS[$s/$t]}" "$ng_rps")" "$(ratio "${M_CPU[$s/$t]}" "$ng_cpu")"
+      "$(ratio "${M_RPS[$s/$t]}" "$ng_rps")" "$(ratio "$(paired "$s" "$t")" 1)" \
+      "$(ratio "${M_CPU[$s/$t]}" "$ng_cpu")"
   done
+  echo
+  echo "- paired ratio: each round's req/s over nginx's in the same round, median over the $ROUNDS rounds"
   echo
   for t in "${targets[@]}"; do
     [[ ${M_ERR[$s/$t]} = 0 ]] || echo "- WARNING: $t had ${M_ERR[$s/$t]} errors (non-2xx/3xx, socket or stream errors) over $ROUNDS rounds"
   done
   case $s in
-    a) [[ -n ${M_RPS[a/busbar]:-} ]] && echo "- goal (issue 7): busbar ≥ 0.90× nginx req/s; this run: $(ratio "${M_RPS[a/busbar]}" "$ng_rps")" ;;
-    b) [[ -n ${M_RPS[b/busbar+all]:-} ]] && echo "- goal (issue 7): busbar+all ≥ 0.85× nginx's plain req/s; this run: $(ratio "${M_RPS[b/busbar+all]}" "$ng_rps")" ;;
+    a) [[ -n ${M_RPS[a/busbar]:-} ]] && echo "- goal (issue 7): busbar ≥ 0.90× nginx req/s; this run: $(ratio "${M_RPS[a/busbar]}" "$ng_rps") (paired: $(ratio "$(paired a busbar)" 1))" ;;
+    b) [[ -n ${M_RPS[b/busbar+all]:-} ]] && echo "- goal (issue 7): busbar+all ≥ 0.85× nginx's plain req/s; this run: $(ratio "${M_RPS[b/busbar+all]}" "$ng_rps") (paired: $(ratio "$(paired b busbar+all)" 1))" ;;
   esac
   echo
 }

@@ -206,6 +206,47 @@ async fn a_connection_idle_past_its_buffer_still_serves_its_next_requests() {
     assert_eq!(paths, ["/1", "/2", "/3"]);
 }
 
+/// A keep-alive connection with no next request is closed once `idle_timeout` passes
+/// (the one second it keeps its head buffer included), not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
+    let backend = Backend::start("b").await;
+    let bus = Busbar::start(&format!(
+        r#"
+[limits]
+idle_timeout = "2s"
+
+[[service]]
+name = "s"
+endpoints = [{{ addr = "{}" }}]
+[[route]]
+name = "all"
+service = "s"
+"#,
+        backend.addr
+    ))
+    .await;
+    let mut s = TcpStream::connect(bus.http).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let idle_from = Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    let idle = idle_from.elapsed();
+    assert!(
+        matches!(read, Ok(Ok(_))),
+        "the idle connection was not closed within 10 s: {read:?}"
+    );
+    assert!(
+        idle >= Duration::from_millis(1900),
+        "closed after {idle:?}, before idle_timeout"
+    );
+}
+
 /// Defect D4 (RELIABILITY.md): a client still sending a body busbar refused got a
 /// connection reset, which threw away the 413 it had already received. busbar now
 /// closes such a connection lingering (FIN, then reads and discards), so the client

@@ -18,7 +18,7 @@ pub mod pace;
 pub mod pool;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
@@ -27,6 +27,7 @@ use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
+use pingora_timeout::{timeout, Elapsed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Limits;
@@ -70,25 +71,31 @@ async fn read_more(s: &mut L4Stream, buf: &mut Vec<u8>) -> std::io::Result<usize
 /// pays the extra read.
 const IDLE_KEEPS_BUFFER: Duration = Duration::from_secs(1);
 
-/// Waits for the first byte of a connection's next request until `idle_until`; the
-/// buffer goes back after `IDLE_KEEPS_BUFFER`. `Ok(0)` is a close, `Err` the timeout.
+/// Waits up to `idle` for the first byte of a connection's next request; the buffer goes
+/// back after `IDLE_KEEPS_BUFFER`. `Ok(0)` is a close, `Err` the timeout.
+///
+/// The waits are pingora's timers (a shared 10 ms wheel on its own thread), not tokio's:
+/// a tokio timer set while the runtime's wheel is empty (every connection busy with its
+/// upstream, as under load) wakes the runtime through its eventfd, one `write` and one
+/// more `epoll_wait` per request.
 async fn read_first(
     s: &mut L4Stream,
     buf: &mut Vec<u8>,
-    idle_until: tokio::time::Instant,
-) -> Result<std::io::Result<usize>, tokio::time::error::Elapsed> {
-    let keep_until = tokio::time::Instant::now() + IDLE_KEEPS_BUFFER;
-    if keep_until < idle_until {
-        match tokio::time::timeout_at(keep_until, read_more(s, buf)).await {
+    idle: Duration,
+) -> Result<std::io::Result<usize>, Elapsed> {
+    let mut left = idle;
+    if IDLE_KEEPS_BUFFER < idle {
+        match timeout(IDLE_KEEPS_BUFFER, read_more(s, buf)).await {
             Err(_) => *buf = Vec::new(),
             read => return read,
         }
+        left = idle - IDLE_KEEPS_BUFFER;
     }
     if buf.capacity() > 0 {
-        return tokio::time::timeout_at(idle_until, read_more(s, buf)).await;
+        return timeout(left, read_more(s, buf)).await;
     }
     let mut first = [0u8; 1];
-    let read = tokio::time::timeout_at(idle_until, s.read(&mut first)).await;
+    let read = timeout(left, s.read(&mut first)).await;
     if let Ok(Ok(1)) = read {
         buf.reserve(HEAD_BUF);
         buf.push(first[0]);
@@ -161,19 +168,19 @@ impl Edge {
         if buf.is_empty() {
             let mut watch = shutdown.clone();
             // Idle until the first byte; from then on the whole head has `header_timeout`.
-            let idle_until = tokio::time::Instant::now() + limits.idle_timeout;
             let first = tokio::select! {
-                r = read_first(s, buf, idle_until) => r,
+                r = read_first(s, buf, limits.idle_timeout) => r,
                 // Draining: closing an idle keep-alive connection now races a request the
                 // client may be sending on it. Give such a request a moment to arrive; it
                 // is answered with `Connection: close`. A quiet connection is closed after.
-                _ = watch.changed() => tokio::time::timeout(DRAIN_LINGER, read_more(s, buf)).await,
+                _ = watch.changed() => timeout(DRAIN_LINGER, read_more(s, buf)).await,
             };
             if !matches!(first, Ok(Ok(n)) if n > 0) {
                 return Next::Done;
             }
         }
-        let deadline = tokio::time::Instant::now() + limits.header_timeout;
+        // Set when the head does not come whole in the first read.
+        let mut deadline: Option<Instant> = None;
         let end = loop {
             if buf.starts_with(H2_PREFACE)
                 || H2_PREFACE.starts_with(buf) && buf.len() < H2_PREFACE.len()
@@ -188,7 +195,9 @@ impl Edge {
                 refuse(s, r.status, r.reason).await;
                 return Next::Done;
             }
-            match tokio::time::timeout_at(deadline, read_more(s, buf)).await {
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + limits.header_timeout);
+            let left = deadline.saturating_duration_since(Instant::now());
+            match timeout(left, read_more(s, buf)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return Next::Done,
                 Err(_) => {
