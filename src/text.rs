@@ -48,19 +48,24 @@ pub fn three_digits(out: &mut impl Sink, n: u32) {
 pub fn ip(out: &mut impl Sink, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
-            // Into a stack buffer first: one `put` instead of seven small copies.
+            // Digit by digit into a stack buffer, then one `put`: no small copies.
             let mut text = [0u8; 15];
             let mut at = 0;
+            let mut digit = |d: u8| {
+                text[at] = d;
+                at += 1;
+            };
             for (i, o) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    text[at] = b'.';
-                    at += 1;
+                    digit(b'.');
                 }
-                let digits = [b'0' + o / 100, b'0' + o / 10 % 10, b'0' + o % 10];
-                let skip = usize::from(o < 100) + usize::from(o < 10);
-                let n = 3 - skip;
-                text[at..at + n].copy_from_slice(&digits[skip..]);
-                at += n;
+                if o >= 100 {
+                    digit(b'0' + o / 100);
+                }
+                if o >= 10 {
+                    digit(b'0' + o / 10 % 10);
+                }
+                digit(b'0' + o % 10);
             }
             out.put(&text[..at]);
         }

@@ -251,8 +251,10 @@ fn parse_head(
     let mut chunked = false;
     let mut encoded = false;
     let mut nominates = false;
-    for h in parsed.headers.iter() {
-        match Name::of(h.name.as_bytes()) {
+    let mut names = [Name::Other; MAX_HEADERS];
+    for (h, name) in parsed.headers.iter().zip(names.iter_mut()) {
+        *name = Name::of(h.name.as_bytes());
+        match *name {
             Name::Connection => {
                 let mut close = false;
                 nominates |= !connection_tokens(h.value, &mut close);
@@ -282,8 +284,8 @@ fn parse_head(
     }
     lines.clear();
     status_line(lines, status);
-    for h in parsed.headers.iter() {
-        let pass = match Name::of(h.name.as_bytes()) {
+    for (h, name) in parsed.headers.iter().zip(names) {
+        let pass = match name {
             Name::Hop | Name::Connection | Name::Date => false,
             Name::ContentLength => !encoded,
             Name::Rate => !own_rate,
