@@ -135,12 +135,10 @@ pub fn take(state: &State, head: &[u8]) -> Option<Box<FastRequest>> {
         return None;
     }
     let uri = http::Uri::try_from(path.as_bytes()).ok()?;
-    let (mut parts, ()) = http::Request::builder()
-        .method(method)
-        .uri(uri)
-        .body(())
-        .ok()?
-        .into_parts();
+    // Set field by field: the builder moves the whole head through a closure per step.
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
     parts.headers.reserve(parsed.headers.len());
     let mut close = false;
     for h in parsed.headers.iter() {
