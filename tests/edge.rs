@@ -11,10 +11,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 async fn bus(backend: &Backend) -> Busbar {
+    bus_with(backend, r#"header_timeout = "1s""#).await
+}
+
+/// One route to `backend`, with these `[limits]`.
+async fn bus_with(backend: &Backend, limits: &str) -> Busbar {
     Busbar::start(&format!(
         r#"
 [limits]
-header_timeout = "1s"
+{limits}
 
 [[service]]
 name = "s"
@@ -211,21 +216,7 @@ async fn a_connection_idle_past_its_buffer_still_serves_its_next_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
     let backend = Backend::start("b").await;
-    let bus = Busbar::start(&format!(
-        r#"
-[limits]
-idle_timeout = "2s"
-
-[[service]]
-name = "s"
-endpoints = [{{ addr = "{}" }}]
-[[route]]
-name = "all"
-service = "s"
-"#,
-        backend.addr
-    ))
-    .await;
+    let bus = bus_with(&backend, r#"idle_timeout = "2s""#).await;
     let mut s = TcpStream::connect(bus.http).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
