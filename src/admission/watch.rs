@@ -2,8 +2,10 @@
 //! going away, so a request whose client left gives up its place in the queue at once
 //! instead of holding it until `max_wait`.
 //!
-//! Owns: [`admit`], the one call the proxy makes, and what it returns when the client
-//! left ([`Refused::ClientGone`], counted as `decision="abandoned"`).
+//! Owns: [`admit`], the pingora path's one call, and [`enter_watched`], the same for a
+//! connection that watches its client itself (busbar's own HTTP/1 path); and what they
+//! return when the client left ([`Refused::ClientGone`], counted as
+//! `decision="abandoned"`).
 //! Must not: write to the client, or read body bytes that pingora would not hand on.
 //!
 //! A close is noticed the way pingora notices it while it waits on an upstream
@@ -75,7 +77,8 @@ pub async fn admit(
 
 /// What [`RoutePolicy::check`] let through, let in: at once when nothing needs waiting
 /// for ([`RoutePolicy::enter_now`]), else after [`wait_watched`] (boxed: its state is
-/// large, and only a request that waits needs it).
+/// large, and only a request that waits needs it). The part of [`admit`] any connection
+/// can use, given a `gone` that finishes when its client leaves.
 pub async fn enter_watched(
     policy: &RoutePolicy,
     mut admitted: Admitted,
@@ -88,7 +91,7 @@ pub async fn enter_watched(
 }
 
 /// The waits of a request `check` let through (cluster limit, service queue), given up
-/// as soon as `gone` says the client left: the part of [`admit`] any connection can use.
+/// as soon as `gone` says the client left.
 async fn wait_watched(
     policy: &RoutePolicy,
     admitted: Admitted,

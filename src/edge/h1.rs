@@ -228,7 +228,7 @@ enum TripError {
 /// client gets it, up to busbar's own headers: the status line, then the upstream's
 /// header lines as they came, less hop-by-hop ones, `Date`, a `Content-Length` that
 /// `Transfer-Encoding` overrides, and `RateLimit-*` when `own_rate` (busbar sets its
-/// own). [`end_head`] finishes it. One parse serves framing and forwarding.
+/// own). [`finish_head`] finishes it. One parse serves framing and forwarding.
 fn parse_head(
     buf: &[u8],
     head_request: bool,
