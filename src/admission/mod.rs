@@ -69,18 +69,9 @@ pub struct Admitted {
 }
 
 impl Admitted {
-    /// Sets (or removes) the identity header and applies a normalised path.
-    pub fn apply_upstream(&self, upstream: &mut RequestHeader) -> pingora_error::Result<()> {
-        self.clear_upstream(upstream);
-        if let Some((name, user)) = self.identity() {
-            upstream.insert_header(name.clone(), user)?;
-        }
-        Ok(())
-    }
-
-    /// [`apply_upstream`](Self::apply_upstream) but for the identity header's value: the
-    /// client's is removed, and the caller writes [`identity`](Self::identity) itself
-    /// (busbar's own HTTP/1 path writes it as a line after the request's own).
+    /// Removes a client-sent identity header and applies a normalised path; the caller
+    /// then sends [`identity`](Self::identity) (inserted into the map, or written as a
+    /// line by busbar's own HTTP/1 path).
     pub fn clear_upstream(&self, upstream: &mut RequestHeader) {
         let name = self.identity_name();
         if upstream.headers.contains_key(name) {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, COOKIE, HOST};
+use http::header::{HeaderName, CONTENT_LENGTH, COOKIE, HOST};
 use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
@@ -202,11 +202,26 @@ pub fn upstream_headers(
 
 /// The verified identity in the upstream request, or the removal of a client-sent one.
 fn identity(ctx: &RequestCtx, upstream: &mut RequestHeader) -> Result<()> {
+    if let Some((name, user)) = clear_identity(ctx, upstream) {
+        upstream.insert_header(name.clone(), user)?;
+    }
+    Ok(())
+}
+
+/// Removes a client-sent identity header (and applies admission's normalised path);
+/// returns the verified identity busbar sends instead, if there is one.
+fn clear_identity<'c>(
+    ctx: &'c RequestCtx,
+    upstream: &mut RequestHeader,
+) -> Option<(&'c HeaderName, &'c str)> {
     match &ctx.admitted {
-        Some(a) => a.apply_upstream(upstream),
+        Some(a) => {
+            a.clear_upstream(upstream);
+            a.identity()
+        }
         None => {
             admission::strip_identity(upstream);
-            Ok(())
+            None
         }
     }
 }
@@ -336,14 +351,10 @@ pub(crate) fn upstream_request_h1(
     wire: &mut Vec<u8>,
 ) -> Result<()> {
     let added = if route.config.request_headers.is_empty() {
-        let admitted = ctx.admitted.as_ref();
-        match admitted {
-            Some(a) => a.clear_upstream(upstream),
-            None => admission::strip_identity(upstream),
-        }
+        let identity = clear_identity(ctx, upstream);
         let forwarding = headers::Forwarding::of(upstream, client_ip, false);
         headers::clear_forwarded(upstream);
-        Some((forwarding, admitted.and_then(|a| a.identity())))
+        Some((forwarding, identity))
     } else {
         upstream_headers_for(ctx, upstream, client_ip, false)?;
         None
