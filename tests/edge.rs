@@ -16,19 +16,10 @@ async fn bus(backend: &Backend) -> Busbar {
 
 /// One route to `backend`, with these `[limits]`.
 async fn bus_with(backend: &Backend, limits: &str) -> Busbar {
-    Busbar::start(&format!(
-        r#"
-[limits]
-{limits}
-
-[[service]]
-name = "s"
-endpoints = [{{ addr = "{}" }}]
-[[route]]
-name = "all"
-service = "s"
-"#,
-        backend.addr
+    Busbar::start(&common::one_route(
+        backend.addr,
+        &format!("[limits]\n{limits}"),
+        "",
     ))
     .await
 }

@@ -92,18 +92,7 @@ async fn serve(mut s: TcpStream, conn: usize, script: Script, got: Arc<Mutex<Vec
 }
 
 async fn bus(upstream: &Scripted) -> Busbar {
-    Busbar::start(&format!(
-        r#"
-[[service]]
-name = "s"
-endpoints = [{{ addr = "{}" }}]
-[[route]]
-name = "all"
-service = "s"
-"#,
-        upstream.addr
-    ))
-    .await
+    Busbar::start(&common::one_route(upstream.addr, "", "")).await
 }
 
 /// Reads one response from `s`: its head (lowercase names) and body, framed as HTTP/1.1

@@ -10,17 +10,7 @@ use reqwest::Version;
 use serde_json::Value;
 
 fn one_service(addr: SocketAddr, protocol: &str) -> String {
-    format!(
-        r#"
-[[service]]
-name = "s"
-protocol = "{protocol}"
-endpoints = [{{ addr = "{addr}" }}]
-[[route]]
-name = "all"
-service = "s"
-"#
-    )
+    common::one_route(addr, "", &format!(r#"protocol = "{protocol}""#))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -309,6 +309,24 @@ impl Busbar {
     }
 }
 
+/// A config of one service `s` at `addr` and one route `all` to it: `sections` (e.g. a
+/// `[limits]` table) before them, `service_extra` (e.g. `protocol = "h2c"`) in the service.
+pub fn one_route(addr: SocketAddr, sections: &str, service_extra: &str) -> String {
+    format!(
+        r#"
+{sections}
+
+[[service]]
+name = "s"
+{service_extra}
+endpoints = [{{ addr = "{addr}" }}]
+[[route]]
+name = "all"
+service = "s"
+"#
+    )
+}
+
 /// SHA-256 of a token, hex, for `token_sha256` in a test config.
 pub fn sha256_hex(token: &str) -> String {
     use sha2::Digest;
