@@ -31,24 +31,16 @@ pub struct HeadLimits {
 /// Where a head ends: the index just past `\r\n\r\n`, or `None` if it is not complete.
 /// A bare `\n\n` also ends a head (so it can be refused rather than waited for).
 pub fn head_end(buf: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while let Some(off) = buf
-        .get(i..)
-        .and_then(|s| s.iter().position(|&b| b == b'\n'))
-    {
-        let nl = i + off;
-        match buf.get(nl + 1) {
-            Some(b'\n') => return Some(nl + 2),
-            Some(b'\r') if buf.get(nl + 2) == Some(&b'\n') => return Some(nl + 3),
-            _ => i = nl + 1,
-        }
-    }
-    None
+    memchr::memchr_iter(b'\n', buf).find_map(|nl| match buf.get(nl + 1) {
+        Some(b'\n') => Some(nl + 2),
+        Some(b'\r') if buf.get(nl + 2) == Some(&b'\n') => Some(nl + 3),
+        _ => None,
+    })
 }
 
 /// True when an incomplete head is already over a limit (so waiting for more is pointless).
 pub fn too_long(buf: &[u8], limits: &HeadLimits) -> Option<Refusal> {
-    let first_line = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+    let first_line = memchr::memchr(b'\n', buf).unwrap_or(buf.len());
     if first_line > limits.max_request_line {
         return Some(Refusal {
             status: 414,
@@ -62,6 +54,25 @@ pub fn too_long(buf: &[u8], limits: &HeadLimits) -> Option<Refusal> {
         });
     }
     None
+}
+
+/// The head's lines as `split(|&b| b == b'\n')` gives them, found with `memchr`: the
+/// byte-at-a-time splitter was a third of this file's cost per request.
+fn lines(head: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(head);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        match memchr::memchr(b'\n', r) {
+            Some(nl) => {
+                rest = Some(&r[nl + 1..]);
+                Some(&r[..nl])
+            }
+            None => {
+                rest = None;
+                Some(r)
+            }
+        }
+    })
 }
 
 fn trim_ows(v: &[u8]) -> &[u8] {
@@ -83,10 +94,10 @@ pub fn check(head: &[u8], limits: &HeadLimits) -> Result<Body, Refusal> {
     if let Some(r) = too_long(head, limits) {
         return Err(r);
     }
-    if head.contains(&0) {
+    if memchr::memchr(0, head).is_some() {
         return Err(bad("NUL byte in the request head"));
     }
-    let mut lines = head.split(|&b| b == b'\n');
+    let mut lines = lines(head);
     let request_line = lines.next().unwrap_or_default();
     let Some(request_line) = request_line.strip_suffix(b"\r") else {
         return Err(bad("bare LF line ending"));
@@ -116,7 +127,7 @@ pub fn check(head: &[u8], limits: &HeadLimits) -> Result<Body, Refusal> {
                 reason: "too many request headers",
             });
         }
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
+        let Some(colon) = memchr::memchr(b':', line) else {
             return Err(bad("a header line without a colon"));
         };
         let (name, value) = (&line[..colon], &line[colon + 1..]);

@@ -70,7 +70,9 @@ fn strip_port(h: &str) -> &str {
             None => h,
         };
     }
-    match h.rfind(':') {
+    // A plain loop from the back: `rfind(':')` (a char searcher) and `memrchr` cost
+    // several times more on a host this short.
+    match h.bytes().rposition(|b| b == b':') {
         Some(i) if h[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &h[..i],
         _ => h,
     }
