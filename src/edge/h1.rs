@@ -26,10 +26,10 @@ use pingora_core::protocols::http::date::get_cached_date;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::GetSocketDigest;
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_timeout::timeout;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::deadline::within;
 use super::pool;
 use crate::admission::reject::{rate_lines, RATE_HEADERS};
 use crate::admission::{enter_watched, RateInfo, Refused};
@@ -383,7 +383,7 @@ async fn round_trip(
 ) -> Result<Head, TripError> {
     let failed = TripError::Upstream { timed_out: false };
     let timed_out = TripError::Upstream { timed_out: true };
-    match timeout(read_timeout, up.write_all(ask.wire)).await {
+    match within(read_timeout, up.write_all(ask.wire)).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) if reused => return Err(TripError::Stale),
         Ok(Err(_)) => return Err(failed),
@@ -394,7 +394,7 @@ async fn round_trip(
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(BUF);
         }
-        let n = match timeout(read_timeout, up.read_buf(buf)).await {
+        let n = match within(read_timeout, up.read_buf(buf)).await {
             Ok(Ok(n)) => n,
             Ok(Err(_)) if reused && buf.is_empty() => return Err(TripError::Stale),
             Ok(Err(_)) => return Err(failed),
@@ -606,7 +606,7 @@ impl Downstream<'_> {
     /// Writes `bytes` within `limit`: a client that stops reading is cut off (slow
     /// read), and counted as the pingora path counts it.
     async fn send(&mut self, bytes: &[u8]) -> bool {
-        match timeout(self.limit, self.client.write_all(bytes)).await {
+        match within(self.limit, self.client.write_all(bytes)).await {
             Ok(r) => r.is_ok(),
             Err(_) => {
                 METRICS
@@ -876,7 +876,7 @@ async fn exchange(
         loop {
             buf.clear();
             buf.reserve(BUF);
-            let n = match timeout(t_read, up.read_buf(&mut buf)).await {
+            let n = match within(t_read, up.read_buf(&mut buf)).await {
                 Ok(Ok(0)) if head.framing == Framing::Close => break,
                 Ok(Ok(n)) if n > 0 => n,
                 read => {
@@ -948,7 +948,7 @@ async fn one_try(
         let reused = pooled.is_some();
         let mut up = match pooled.take() {
             Some(up) => up,
-            None => match timeout(t.connect_timeout, TcpStream::connect(t.addr)).await {
+            None => match within(t.connect_timeout, TcpStream::connect(t.addr)).await {
                 Ok(Ok(up)) => {
                     let _ = up.set_nodelay(true);
                     up

@@ -12,6 +12,7 @@
 //! connections.
 
 pub mod h1;
+pub mod deadline;
 pub mod head;
 pub mod linger;
 pub mod pace;
@@ -27,7 +28,7 @@ use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
-use pingora_timeout::{timeout, Elapsed};
+use deadline::{within, Elapsed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Limits;
@@ -74,10 +75,9 @@ const IDLE_KEEPS_BUFFER: Duration = Duration::from_secs(1);
 /// Waits up to `idle` for the first byte of a connection's next request; the buffer goes
 /// back after `IDLE_KEEPS_BUFFER`. `Ok(0)` is a close, `Err` the timeout.
 ///
-/// The waits are pingora's timers (a shared 10 ms wheel on its own thread), not tokio's:
-/// a tokio timer set while the runtime's wheel is empty (every connection busy with its
-/// upstream, as under load) wakes the runtime through its eventfd, one `write` and one
-/// more `epoll_wait` per request.
+/// The waits are [`deadline`]s, not tokio's timers: a tokio timer set while the runtime's
+/// wheel is empty (every connection busy with its upstream, as under load) wakes the
+/// runtime through its eventfd, one `write` and one more `epoll_wait` per request.
 async fn read_first(
     s: &mut L4Stream,
     buf: &mut Vec<u8>,
@@ -85,17 +85,17 @@ async fn read_first(
 ) -> Result<std::io::Result<usize>, Elapsed> {
     let mut left = idle;
     if IDLE_KEEPS_BUFFER < idle {
-        match timeout(IDLE_KEEPS_BUFFER, read_more(s, buf)).await {
+        match within(IDLE_KEEPS_BUFFER, read_more(s, buf)).await {
             Err(_) => *buf = Vec::new(),
             read => return read,
         }
         left = idle - IDLE_KEEPS_BUFFER;
     }
     if buf.capacity() > 0 {
-        return timeout(left, read_more(s, buf)).await;
+        return within(left, read_more(s, buf)).await;
     }
     let mut first = [0u8; 1];
-    let read = timeout(left, s.read(&mut first)).await;
+    let read = within(left, s.read(&mut first)).await;
     if let Ok(Ok(1)) = read {
         buf.reserve(HEAD_BUF);
         buf.push(first[0]);
@@ -173,7 +173,7 @@ impl Edge {
                 // Draining: closing an idle keep-alive connection now races a request the
                 // client may be sending on it. Give such a request a moment to arrive; it
                 // is answered with `Connection: close`. A quiet connection is closed after.
-                _ = watch.changed() => timeout(DRAIN_LINGER, read_more(s, buf)).await,
+                _ = watch.changed() => within(DRAIN_LINGER, read_more(s, buf)).await,
             };
             if !matches!(first, Ok(Ok(n)) if n > 0) {
                 return Next::Done;
@@ -197,7 +197,7 @@ impl Edge {
             }
             let deadline = *deadline.get_or_insert_with(|| Instant::now() + limits.header_timeout);
             let left = deadline.saturating_duration_since(Instant::now());
-            match timeout(left, read_more(s, buf)).await {
+            match within(left, read_more(s, buf)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return Next::Done,
                 Err(_) => {
