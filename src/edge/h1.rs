@@ -19,7 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BufMut;
+use bytes::{BufMut, Bytes};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use pingora_core::protocols::http::date::get_cached_date;
@@ -121,9 +121,12 @@ fn connection_tokens(value: &[u8], close: &mut bool) -> bool {
 /// [`MAX_HEADERS`] lines, a translating route, an h2c service…); the caller hands it to
 /// pingora, which sees the same bytes.
 pub fn take(state: &State, head: &[u8]) -> Option<Box<FastRequest>> {
+    // One copy of the head; the path and the header values are slices of it (a copy
+    // and an allocation each before).
+    let head = Bytes::copy_from_slice(head);
     let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut lines);
-    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
+    if !matches!(parsed.parse(&head), Ok(httparse::Status::Complete(_))) {
         return None;
     }
     let path = parsed.path?;
@@ -134,7 +137,7 @@ pub fn take(state: &State, head: &[u8]) -> Option<Box<FastRequest>> {
     if method == Method::CONNECT {
         return None;
     }
-    let uri = http::Uri::try_from(path.as_bytes()).ok()?;
+    let uri = http::Uri::from_maybe_shared(head.slice_ref(path.as_bytes())).ok()?;
     // Set field by field: the builder moves the whole head through a closure per step.
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
@@ -155,7 +158,7 @@ pub fn take(state: &State, head: &[u8]) -> Option<Box<FastRequest>> {
         if Name::of(name.as_str().as_bytes()).hop_by_hop() {
             continue;
         }
-        let value = HeaderValue::from_bytes(h.value).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value)).ok()?;
         // Straight into the map: pingora's `append_header` would turn each name into a
         // title-case copy and parse it back.
         parts.headers.try_append(name, value).ok()?;
