@@ -11,8 +11,8 @@
 //! Must not: interpret more than the head (proxying is `h1`'s), or keep any state between
 //! connections.
 
-pub mod h1;
 pub mod deadline;
+pub mod h1;
 pub mod head;
 pub mod linger;
 pub mod pace;
@@ -28,9 +28,9 @@ use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
-use deadline::{within, Elapsed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use self::deadline::{within, Elapsed};
 use crate::config::Limits;
 use crate::metrics::METRICS;
 use crate::proxy::BusbarProxy;
