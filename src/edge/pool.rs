@@ -34,7 +34,7 @@ type Idle = VecDeque<(TcpStream, Instant)>;
 #[derive(Default)]
 struct Pool {
     /// Keyed by upstream addresses, which come from config and registrations, not
-    /// from clients: foldhash instead of SipHash (a quarter of the map's cost).
+    /// from clients: foldhash instead of SipHash (~240 instructions a request).
     idle: HashMap<SocketAddr, Idle, foldhash::fast::RandomState>,
     /// Give-backs since the last sweep.
     puts: u32,
