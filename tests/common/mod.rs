@@ -128,6 +128,10 @@ impl Busbar {
     pub async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         let client = client();
+        // The registration API is its own listener and may come up after the others: a
+        // test that registers at once must not race it. busbar's start line says whether
+        // it listens (only when some service takes registrations).
+        let registration = format!("Some({})", self.registry);
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
@@ -139,7 +143,11 @@ impl Busbar {
                 .send()
                 .await
                 .is_ok_and(|r| r.status().is_success());
-            if ready && std::net::TcpStream::connect(self.http).is_ok() {
+            if ready
+                && std::net::TcpStream::connect(self.http).is_ok()
+                && (!self.stderr().contains(&registration)
+                    || std::net::TcpStream::connect(self.registry).is_ok())
+            {
                 return;
             }
             assert!(
