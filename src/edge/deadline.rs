@@ -142,21 +142,23 @@ impl Sweep {
         if !sweep.running.load(Ordering::Acquire) {
             let rt = tokio::runtime::Handle::try_current().ok()?;
             sweep.running.store(true, Ordering::Release);
-            rt.spawn(sweeper(sweep.clone()));
+            rt.spawn(sweeper(sweep.clone(), Running(sweep.clone())));
         }
         Some(sweep)
     }
 }
 
-async fn sweeper(sweep: Arc<Sweep>) {
-    /// Says the sweeper stopped, also when its runtime drops it mid-sleep.
-    struct Running<'a>(&'a AtomicBool);
-    impl Drop for Running<'_> {
-        fn drop(&mut self) {
-            self.0.store(false, Ordering::Release);
-        }
+/// Says the sweeper stopped when its task is dropped: mid-sleep with its runtime, or
+/// before it ever ran (spawned on a runtime that was shutting down).
+struct Running(Arc<Sweep>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Release);
     }
-    let _running = Running(&sweep.running);
+}
+
+async fn sweeper(sweep: Arc<Sweep>, _running: Running) {
     let mut due = Vec::new();
     loop {
         if sweep.lock().armed == 0 {
@@ -263,6 +265,30 @@ mod tests {
         let (short, long) = tokio::join!(short, long);
         assert_eq!(short, Err(Elapsed));
         assert_eq!(long, Ok("done"));
+    }
+
+    #[test]
+    fn a_sweeper_spawned_on_a_runtime_that_is_gone_is_started_again() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let gone = rt.handle().clone();
+        drop(rt);
+        {
+            // The spawn is dropped at once, unpolled.
+            let _in = gone.enter();
+            assert!(Sweep::here().is_some());
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let r = rt.block_on(async {
+            let wait = within(Duration::from_millis(20), std::future::pending::<()>());
+            tokio::time::timeout(Duration::from_secs(2), wait).await
+        });
+        assert_eq!(r.ok(), Some(Err(Elapsed)), "no sweeper on this thread");
     }
 
     #[test]
