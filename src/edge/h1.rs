@@ -30,6 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::deadline::within;
+use super::head::HeadLimits;
 use super::pool;
 use crate::admission::reject::{rate_lines, RATE_HEADERS};
 use crate::admission::{enter_watched, RateInfo, Refused};
@@ -144,24 +145,39 @@ fn request_name(raw: &[u8]) -> Option<HeaderName> {
     Some(known)
 }
 
-/// Parses a head the front door accepted and routes it. `None`: not a request for this
-/// path (a body, an upgrade, `Expect`, HTTP/1.0, absolute form, more than
-/// [`MAX_HEADERS`] lines, a translating route, an h2c service…); the caller hands it to
-/// pingora, which sees the same bytes.
-pub fn take(state: &State, head: &[u8]) -> Option<Box<FastRequest>> {
-    // One copy of the head; the path and the header values are slices of it (a copy
-    // and an allocation each before).
-    let head = Bytes::copy_from_slice(head);
+/// Parses a complete head for this path: the request for upstream and whether the client
+/// said `Connection: close`. `None`: not for this path, or not clean enough to be sure;
+/// [`head::check`](super::head::check) then judges the head and pingora serves it.
+///
+/// This is also the front door's check for the heads it accepts, so a head is not scanned
+/// a second time: everything accepted here is a head `head::check` accepts as a request
+/// without a body (a unit test and, in debug builds, an assertion hold it to that).
+/// httparse (strict by default) refuses NUL and other controls, whitespace in or before
+/// a name, obsolete line folding and bad request lines; what it lets through is
+/// checked here: bare LF line endings, empty lines before the request line, the size
+/// limits, and `Content-Length` other than one `0`.
+fn parse(head: &Bytes, limits: &HeadLimits) -> Option<(RequestHeader, bool)> {
+    if head.len() > limits.max_head_bytes || !head.ends_with(b"\r\n\r\n") {
+        return None;
+    }
     let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut lines);
-    if !matches!(parsed.parse(&head), Ok(httparse::Status::Complete(_))) {
+    if parsed.parse(head) != Ok(httparse::Status::Complete(head.len())) {
         return None;
     }
-    let path = parsed.path?;
-    if parsed.version != Some(1) || !path.starts_with('/') {
+    let (method, path) = (parsed.method?, parsed.path?);
+    // Strict httparse: `METHOD SP path SP HTTP/1.1`, so its line feed is at this index.
+    // The method starts the head: httparse skips empty lines before it.
+    let request_line = method.len() + path.len() + 11;
+    if method.as_ptr() != head.as_ptr()
+        || request_line > limits.max_request_line
+        || parsed.version != Some(1)
+        || parsed.headers.len() > limits.max_headers
+        || !path.starts_with('/')
+    {
         return None;
     }
-    let method = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
+    let method = Method::from_bytes(method.as_bytes()).ok()?;
     if method == Method::CONNECT {
         return None;
     }
@@ -172,13 +188,22 @@ pub fn take(state: &State, head: &[u8]) -> Option<Box<FastRequest>> {
     parts.uri = uri;
     parts.headers.reserve(parsed.headers.len());
     let mut close = false;
+    let mut length = false;
     for h in parsed.headers.iter() {
+        // Each line before this one ended in CRLF (the last one: `ends_with` above).
+        let at = h.name.as_ptr() as usize - head.as_ptr() as usize;
+        if head[at - 2] != b'\r' {
+            return None;
+        }
         let name = request_name(h.name.as_bytes())?;
         if name == TRANSFER_ENCODING || name == UPGRADE || name == EXPECT {
             return None;
         }
-        if name == CONTENT_LENGTH && h.value != b"0" {
-            return None;
+        if name == CONTENT_LENGTH {
+            if length || h.value != b"0" {
+                return None;
+            }
+            length = true;
         }
         if name == CONNECTION && !connection_tokens(h.value, &mut close) {
             return None;
@@ -192,7 +217,22 @@ pub fn take(state: &State, head: &[u8]) -> Option<Box<FastRequest>> {
         parts.headers.try_append(name, value).ok()?;
     }
     // No case map: names go upstream in canonical form.
-    let req = RequestHeader::from(parts);
+    Some((RequestHeader::from(parts), close))
+}
+
+/// Parses ([`parse`]) and routes a complete head. `None`: not a request for this path
+/// (a body, an upgrade, `Expect`, HTTP/1.0, absolute form, more than [`MAX_HEADERS`]
+/// lines, a translating route, an h2c service…), or a head the front door must judge;
+/// the caller checks it and hands it to pingora, which sees the same bytes.
+pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastRequest>> {
+    // One copy of the head; the path and the header values are slices of it.
+    let head = Bytes::copy_from_slice(head);
+    let (req, close) = parse(&head, limits)?;
+    debug_assert_eq!(
+        super::head::check(&head, limits),
+        Ok(super::head::Body::Length(0)),
+        "the own path took a head the front door refuses: {head:?}"
+    );
     let snapshot = state.load();
     let normalized = proxy::normalized_path(&req);
     let found = proxy::lookup_route(&snapshot, &req, normalized.as_deref());
@@ -1044,6 +1084,83 @@ mod tests {
         for bad in ["", "Ho st", "Host:", "Acc\x01pt"] {
             assert_eq!(request_name(bad.as_bytes()), None, "{bad:?}");
         }
+    }
+
+    const LIMITS: HeadLimits = HeadLimits {
+        max_request_line: 64,
+        max_head_bytes: 256,
+        max_headers: 4,
+    };
+
+    /// What [`parse`] takes, the front door's own check accepts as a bodiless request:
+    /// `parse` is the only check the heads it takes get.
+    fn agrees(head: &[u8]) -> bool {
+        let taken = parse(&Bytes::copy_from_slice(head), &LIMITS).is_some();
+        if taken {
+            assert_eq!(
+                super::super::head::check(head, &LIMITS),
+                Ok(super::super::head::Body::Length(0)),
+                "parse took {:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        taken
+    }
+
+    #[test]
+    fn parse_takes_only_what_the_front_door_accepts() {
+        for ok in [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            b"GET /a?b=c HTTP/1.1\r\nHost: a\r\nX:\tv \r\nContent-Length: 0\r\n\r\n",
+            b"DELETE /x HTTP/1.1\r\nConnection: close\r\nX-Empty:\r\n\r\n",
+        ] {
+            assert!(agrees(ok), "{}", String::from_utf8_lossy(ok));
+        }
+        let line = |n: usize| format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(n));
+        // The request line's LF at index 64 is within the limit; at 65 it is not.
+        assert!(agrees(line(64 - 15).as_bytes()));
+        assert!(!agrees(line(64 - 14).as_bytes()));
+        for refused in [
+            &b"GET / HTTP/1.1\nHost: a\n\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n",
+            b"GET / HTTP/1.1\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n\n",
+            b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\x7fb\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\0b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+            b"GET / HTTP/1.1\r\n Host: a\r\n\r\n",
+            b"GET  / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nContent-Length: 1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\nE: 5\r\n\r\n",
+            b"GET http://a/ HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(!agrees(refused), "{}", String::from_utf8_lossy(refused));
+        }
+    }
+
+    #[test]
+    fn parse_agrees_with_the_front_door_on_every_byte_anywhere() {
+        // Each byte value, put in at each position of (or in place of a byte of) a head
+        // the own path takes.
+        let base = b"GET /p HTTP/1.1\r\nHost: a\r\nX-Y: v w\r\n\r\n";
+        let mut taken = 0;
+        for at in 0..base.len() {
+            for b in 0..=255u8 {
+                let mut put = base.to_vec();
+                put.insert(at, b);
+                let mut swap = base.to_vec();
+                swap[at] = b;
+                taken += usize::from(agrees(&put)) + usize::from(agrees(&swap));
+            }
+        }
+        // Many variants are still clean heads (a letter in a name, a value, the path).
+        assert!(taken > 1000, "{taken}");
     }
 
     fn scan_all(parts: &[&[u8]]) -> Option<usize> {

@@ -229,14 +229,16 @@ impl Edge {
             .await;
             return Next::Done;
         }
-        match head::check(&buf[..end], &hl) {
-            Ok(head::Body::Length(0)) if let Some(direct) = h1::take(&self.state, &buf[..end]) => {
-                buf.drain(..end);
-                if buf.is_empty() {
-                    release_large(buf);
-                }
-                Next::Direct(conn, direct)
+        // The own path's parse is also the check for the heads it takes; the rest are
+        // judged by `head::check`.
+        if let Some(direct) = h1::take(&self.state, &buf[..end], &hl) {
+            buf.drain(..end);
+            if buf.is_empty() {
+                release_large(buf);
             }
+            return Next::Direct(conn, direct);
+        }
+        match head::check(&buf[..end], &hl) {
             Ok(body) => {
                 // The proxy gets this request's head and the body bytes already read;
                 // bytes past them are the next, pipelined request and stay here for
