@@ -14,24 +14,15 @@ pub trait Sink {
 }
 
 impl Sink for Vec<u8> {
+    #[inline]
     fn put(&mut self, bytes: &[u8]) {
         self.extend_from_slice(bytes);
     }
 }
 
 /// `n` in decimal.
-pub fn decimal(out: &mut impl Sink, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.put(&digits[at..]);
+pub fn decimal(out: &mut impl Sink, n: u64) {
+    out.put(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// `n` (below 1000) in three digits, zero-padded: the fraction of a milliseconds value.
@@ -44,28 +35,43 @@ pub fn three_digits(out: &mut impl Sink, n: u32) {
     ]);
 }
 
+/// Each octet's digits, padded to four bytes, and how many of them there are: an octet
+/// is one four-byte copy, not up to three divisions.
+const OCTETS: [([u8; 4], u8); 256] = {
+    let mut t = [([0u8; 4], 0u8); 256];
+    let mut o = 0;
+    while o < 256 {
+        let d = [
+            b'0' + (o / 100) as u8,
+            b'0' + (o / 10 % 10) as u8,
+            b'0' + (o % 10) as u8,
+        ];
+        t[o] = match o {
+            0..=9 => ([d[2], 0, 0, 0], 1),
+            10..=99 => ([d[1], d[2], 0, 0], 2),
+            _ => ([d[0], d[1], d[2], 0], 3),
+        };
+        o += 1;
+    }
+    t
+};
+
 /// An IP address: IPv4 (every request's usual case) by hand, IPv6 through `Display`.
 pub fn ip(out: &mut impl Sink, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
-            // Digit by digit into a stack buffer, then one `put`: no small copies.
-            let mut text = [0u8; 15];
+            // Into a stack buffer, then one `put`. Each octet copies four bytes; the
+            // next octet's dot overwrites what is past its digits.
+            let mut text = [0u8; 16];
             let mut at = 0;
-            let mut digit = |d: u8| {
-                text[at] = d;
-                at += 1;
-            };
             for (i, o) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    digit(b'.');
+                    text[at] = b'.';
+                    at += 1;
                 }
-                if o >= 100 {
-                    digit(b'0' + o / 100);
-                }
-                if o >= 10 {
-                    digit(b'0' + o / 10 % 10);
-                }
-                digit(b'0' + o % 10);
+                let (digits, len) = OCTETS[usize::from(o)];
+                text[at..at + 4].copy_from_slice(&digits);
+                at += usize::from(len);
             }
             out.put(&text[..at]);
         }
@@ -105,12 +111,18 @@ mod tests {
         for a in [
             "0.0.0.0:0",
             "127.0.0.1:8080",
+            "255.255.255.255:1",
+            "9.99.100.199:10",
             "10.20.255.9:443",
             "[::1]:80",
             "[2001:db8::7]:65535",
         ] {
             let addr: SocketAddr = a.parse().unwrap();
             assert_eq!(text(|o| socket_addr(o, addr)), addr.to_string());
+        }
+        for o in 0..=255u8 {
+            let addr = IpAddr::from([o, 0, 255 - o, o]);
+            assert_eq!(text(|out| ip(out, addr)), addr.to_string());
         }
         assert_eq!(text(|o| three_digits(o, 7)), "007");
         assert_eq!(text(|o| three_digits(o, 123)), "123");
