@@ -56,15 +56,16 @@ pub struct RequestParts<'a> {
 /// A request let through; kept in the request context until the request ends.
 #[derive(Debug, Default)]
 pub struct Admitted {
-    /// Authenticated user, sent upstream in `identity_header`; `None` for anonymous callers.
-    pub user: Option<String>,
+    /// The caller is authenticated: `key` holds a user for `identity_header`.
+    authenticated: bool,
     pub identity_header: Option<HeaderName>,
     pub rate: Option<RateInfo>,
     /// The service slot; released when this is dropped.
     pub permit: Option<Permit>,
     /// The normalised path, when the route sends it upstream.
     pub upstream_path: Option<String>,
-    /// The limiter and queue key of the caller.
+    /// The limiter and queue key of the caller (see [`identity::Identity`]): its prefix,
+    /// then the user.
     key: String,
 }
 
@@ -91,8 +92,13 @@ impl Admitted {
     /// The identity header busbar sends upstream and the verified user in it; `None` for
     /// an anonymous caller (no such header goes).
     pub fn identity(&self) -> Option<(&HeaderName, &str)> {
-        let user = self.user.as_deref()?;
-        Some((self.identity_name(), user))
+        Some((self.identity_name(), self.user()?))
+    }
+
+    /// The authenticated user; `None` for an anonymous caller.
+    pub fn user(&self) -> Option<&str> {
+        let (_, user) = self.key.split_once(':')?;
+        self.authenticated.then_some(user)
     }
 
     fn identity_name(&self) -> &HeaderName {
@@ -158,14 +164,11 @@ impl RoutePolicy {
         if self.normalize_path {
             admitted.upstream_path = Some(req.path.to_string());
         }
-        let key = who.key();
         if let Some(limiter) = &self.limiter {
-            admitted.rate = Some(self.rated(limiter.check(&key))?);
+            admitted.rate = Some(self.rated(limiter.check(who.key()))?);
         }
-        admitted.key = key;
-        if who.is_authenticated() {
-            admitted.user = Some(who.user);
-        }
+        admitted.authenticated = who.is_authenticated();
+        admitted.key = who.into_key();
         Ok(admitted)
     }
 

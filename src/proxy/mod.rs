@@ -491,7 +491,7 @@ impl BusbarProxy {
             &crate::release::Facts {
                 headers: &req.headers,
                 client_ip,
-                user: ctx.admitted.as_ref().and_then(|a| a.user.as_deref()),
+                user: ctx.admitted.as_ref().and_then(|a| a.user()),
             },
         );
     }
