@@ -39,6 +39,9 @@
 #   H2_CONNS=16 H2_STREAMS=10      h2load connections and streams per connection (d)
 #   ROUTES=1000     routes (and services, one instance each) in scenario f
 #   LAT_LOAD=50     scenario lat: percent of busbar's max rate
+#   LAT_ROUNDS=7 LAT_DURATION=3    scenario lat: its own rounds and seconds per run (a p99
+#                   is one slow moment of the machine away from doubling: more, shorter
+#                   alternating rounds make its median steadier)
 #   MEM_CONNS=10000 scenario mem: idle keep-alive connections
 #   BUSBAR=target/release/busbar   the binary (relative to the repo root)
 #   BARE=target/release/examples/bare-pingora   (skipped with a note when missing)
@@ -62,6 +65,8 @@ H2_CONNS=${H2_CONNS:-16}
 H2_STREAMS=${H2_STREAMS:-10}
 ROUTES=${ROUTES:-1000}
 LAT_LOAD=${LAT_LOAD:-50}
+LAT_ROUNDS=${LAT_ROUNDS:-7}
+LAT_DURATION=${LAT_DURATION:-3}
 MEM_CONNS=${MEM_CONNS:-10000}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
@@ -114,7 +119,7 @@ estimate() {
   has c && t=$((t + 2 * per))
   has d && t=$((t + 4 * per))
   has f && t=$((t + 3 * per))
-  if has lat; then t=$((t + (3 + HAVE_BARE) * ROUNDS * DURATION)); has a || t=$((t + DURATION)); fi
+  if has lat; then t=$((t + (3 + HAVE_BARE) * LAT_ROUNDS * LAT_DURATION)); has a || t=$((t + DURATION)); fi
   has mem && t=$((t + 25 * (1 + HAVE_BARE)))
   echo "$t"
 }
@@ -707,7 +712,8 @@ run_latency() {
   rate=$(awk -v m="$max" -v p="$LAT_LOAD" 'BEGIN {printf "%.0f", m * p / 100}')
   ((rate >= 1)) || die "busbar's max rate ($max) is too low to pace"
   echo "- busbar max: $(printf '%.0f' "$max") req/s ($src); paced rate: $rate req/s"
-  echo "- load: wrk -t1 -c$CONNS -d${DURATION}s -s paced.lua: each connection waits an exponential random time (mean $CONNS/$rate s) before each request, so the connections send a Poisson stream at ~$rate req/s out of phase (h2load --rps fires all clients in step and prints no percentiles); latency from wrk's histogram (exact µs, from the moment wrk writes the request)"
+  echo "- rounds: $LAT_ROUNDS × ${LAT_DURATION}s per target, order rotated each round; median per target"
+  echo "- load: wrk -t1 -c$CONNS -d${LAT_DURATION}s -s paced.lua: each connection waits an exponential random time (mean $CONNS/$rate s) before each request, so the connections send a Poisson stream at ~$rate req/s out of phase (h2load --rps fires all clients in step and prints no percentiles); latency from wrk's histogram (exact µs, from the moment wrk writes the request)"
   echo
   deftarget lat direct "$P_BACKEND" "" paced
   deftarget lat nginx "$P_NGINX" "$NGINX_PID" paced
@@ -716,10 +722,10 @@ run_latency() {
   for t in "${targets[@]}"; do T_SCRIPT_ARGS[lat/$t]="$rate $CONNS"; done
   local LRAW="$DIR/latency.tsv"   # target round achieved p50 p99 p999 max requests errors
   : >"$LRAW"
-  for ((r = 1; r <= ROUNDS; r++)); do
+  for ((r = 1; r <= LAT_ROUNDS; r++)); do
     for ((i = 0; i < n; i++)); do
       t=${targets[$(((i + r - 1) % n))]}
-      out=$(run_load "lat/$t" "$DURATION") || die "paced wrk failed against $t: $out"
+      out=$(run_load "lat/$t" "$LAT_DURATION") || die "paced wrk failed against $t: $out"
       echo "$out" >"$DIR/out-lat-$t-$r.txt"
       check_servers
       p=$(awk '/^PACED / {print $2, $3, $4, $5, $6}' <<<"$out")
@@ -748,7 +754,7 @@ run_latency() {
   done
   echo
   b99=$(lmed busbar 5)
-  echo "- goal (issue 7): busbar's added p99 under 1 ms; this run: $(fmt_us "$(awk -v a="$b99" -v b="$d99" 'BEGIN {print a - b}')") (median of $ROUNDS rounds' p99s)"
+  echo "- goal (issue 7): busbar's added p99 under 1 ms; this run: $(fmt_us "$(awk -v a="$b99" -v b="$d99" 'BEGIN {print a - b}')") (median of $LAT_ROUNDS rounds' p99s)"
   awk -F'\t' '$9 > 0 {e[$1] += $9} END {for (t in e) printf "- WARNING: %s had %d errors\n", t, e[t]}' "$LRAW"
   echo
 }
