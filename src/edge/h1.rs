@@ -15,7 +15,9 @@
 //! the access log are the proxy's phases (`proxy::BusbarProxy`), the same calls the
 //! pingora path makes.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -690,22 +692,38 @@ impl Downstream<'_> {
     }
 
     /// Writes a whole response of busbar's own; what was written, for the access log.
-    async fn reply(&mut self, mut resp: ResponseHeader, body: &[u8], keep_alive: bool) -> Served {
-        let mut out = Vec::with_capacity(256 + body.len());
-        write_head(&mut out, &mut resp, keep_alive);
-        out.put_slice(body);
-        let sent = self.send(&out).await;
-        Served {
-            status: if sent { resp.status.as_u16() } else { 0 },
-            body_bytes: if sent { body.len() } else { 0 },
-            keep_alive: keep_alive && sent,
-        }
+    ///
+    /// Boxed: busbar's own answers are the rare path, and inline their state (~700
+    /// bytes, with the header) would be part of every request's future, which is
+    /// copied whole when the connection boxes it.
+    fn reply(
+        &mut self,
+        mut resp: ResponseHeader,
+        body: Bytes,
+        keep_alive: bool,
+    ) -> Pin<Box<dyn Future<Output = Served> + Send + '_>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(256 + body.len());
+            write_head(&mut out, &mut resp, keep_alive);
+            out.put_slice(&body);
+            let sent = self.send(&out).await;
+            Served {
+                status: if sent { resp.status.as_u16() } else { 0 },
+                body_bytes: if sent { body.len() } else { 0 },
+                keep_alive: keep_alive && sent,
+            }
+        })
     }
 
     /// busbar's answer for `cause`, named in the context for the access log.
-    async fn answer(&mut self, ctx: &mut RequestCtx, cause: Cause, keep_alive: bool) -> Served {
+    fn answer(
+        &mut self,
+        ctx: &mut RequestCtx,
+        cause: Cause,
+        keep_alive: bool,
+    ) -> Pin<Box<dyn Future<Output = Served> + Send + '_>> {
         ctx.cause = Some(cause);
-        self.reply(cause.header(), &cause.body(), keep_alive).await
+        self.reply(cause.header(), cause.body(), keep_alive)
     }
 
     /// Finishes when the client has gone away (a close or a reset) while its request
@@ -760,7 +778,7 @@ async fn admit(
             let body = rejection.body();
             let keep_alive = down.keep_alive;
             Err(down
-                .reply(rejection.header(body.len()), &body, keep_alive)
+                .reply(rejection.header(body.len()), body, keep_alive)
                 .await)
         }
     }
@@ -777,13 +795,11 @@ pub async fn serve(
     draining: bool,
     pipelined: bool,
 ) -> bool {
-    let FastRequest {
-        req,
-        snapshot,
-        route,
-        normalized,
-        close,
-    } = *request;
+    // The request stays in its box (the snapshot and the route are moved out): inline,
+    // it would be part of this future, copied whole when the connection boxes it.
+    let mut request = request;
+    let (snapshot, route, close) = (request.snapshot, request.route, request.close);
+    let (req, normalized) = (&mut request.req, &request.normalized);
     // What the access log records of the request as it came (the request itself goes
     // upstream, edited): cheap clones of shared bytes.
     let (method, uri, host) = (
@@ -820,11 +836,11 @@ pub async fn serve(
             let path = normalized.as_deref().unwrap_or(req.uri.path());
             let admitted = match &policy {
                 None => Ok(()),
-                Some(p) => admit(p, &mut down, &req, path, &mut ctx).await,
+                Some(p) => admit(p, &mut down, req, path, &mut ctx).await,
             };
             match admitted {
                 Ok(()) => {
-                    proxy.plan_tries(&req, peer.map(|a| a.ip()), &mut ctx, &route);
+                    proxy.plan_tries(req, peer.map(|a| a.ip()), &mut ctx, &route);
                     exchange(proxy, &mut down, &route, req, &mut ctx).await
                 }
                 Err(served) => served,
@@ -851,12 +867,12 @@ async fn exchange(
     proxy: &BusbarProxy,
     down: &mut Downstream<'_>,
     route: &Route,
-    mut req: RequestHeader,
+    req: &mut RequestHeader,
     ctx: &mut RequestCtx,
 ) -> Served {
     let client_ip: Option<IpAddr> = down.peer.map(|a| a.ip());
     let mut wire = Vec::with_capacity(512);
-    if proxy::upstream_request_h1(ctx, route, &mut req, client_ip, &mut wire).is_err() {
+    if proxy::upstream_request_h1(ctx, route, req, client_ip, &mut wire).is_err() {
         return down.answer(ctx, Cause::BadRequest, false).await;
     }
     // busbar's response headers: a route that edits them gets the upstream's as a map to
