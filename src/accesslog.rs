@@ -97,19 +97,19 @@ fn write_entry(w: &mut Vec<u8>, e: &Entry<'_>) {
     write_time(w, SystemTime::now());
     w.put(b"\",\"client\":");
     addr_or_null(w, e.client);
-    // Each field's key and quotes are one constant piece (copied inline, no call).
-    w.put(b",\"method\":\"");
-    json_text(w, e.method);
-    w.put(b"\",\"host\":\"");
-    json_text(w, e.host);
-    w.put(b"\",\"path\":\"");
-    json_text(w, e.path);
-    w.put(b"\",\"route\":\"");
-    json_text(w, e.route);
-    w.put(b"\",\"service\":\"");
-    json_text(w, e.service);
-    w.put(b"\"");
-    w.put(b",\"instance\":");
+    // Each string field: one piece with the previous field's closing quote, the key and
+    // the opening quote, then the escaped text.
+    for (start, text) in [
+        (&b",\"method\":\""[..], e.method),
+        (b"\",\"host\":\"", e.host),
+        (b"\",\"path\":\"", e.path),
+        (b"\",\"route\":\"", e.route),
+        (b"\",\"service\":\"", e.service),
+    ] {
+        w.put(start);
+        json_text(w, text);
+    }
+    w.put(b"\",\"instance\":");
     addr_or_null(w, e.instance);
     w.put(b",\"status\":");
     text::decimal(w, u64::from(e.status));
