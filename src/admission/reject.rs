@@ -11,7 +11,6 @@ use http::HeaderValue;
 use pingora_http::ResponseHeader;
 
 use super::rate::RateInfo;
-use crate::text::Sink;
 
 /// What kind of refusal; the proxy maps it to its log/metrics cause.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,17 +121,9 @@ pub fn rate_headers(h: &mut ResponseHeader, r: &RateInfo) {
 
 /// [`rate_headers`] as HTTP/1 header lines, for a head written straight onto the wire.
 pub fn rate_lines(out: &mut Vec<u8>, r: &RateInfo) {
-    // [`RATE_HEADERS`], each with its `: ` (one copy each; the unit test below holds
-    // them to the names).
-    const STARTS: [&[u8]; 3] = [
-        b"ratelimit-limit: ",
-        b"ratelimit-remaining: ",
-        b"ratelimit-reset: ",
-    ];
-    for (start, n) in STARTS.into_iter().zip(r.values()) {
-        out.put(start);
-        crate::text::decimal(out, n);
-        out.put(b"\r\n");
+    for (name, n) in RATE_HEADERS.into_iter().zip(r.values()) {
+        let mut digits = itoa::Buffer::new();
+        crate::proxy::headers::line(out, name.as_bytes(), digits.format(n).as_bytes());
     }
 }
 
