@@ -77,10 +77,6 @@ impl Identity {
     pub fn key(&self) -> &str {
         &self.key
     }
-
-    pub fn into_key(self) -> String {
-        self.key
-    }
 }
 
 /// Why a caller is not authenticated; `reason` goes into the 401 body.

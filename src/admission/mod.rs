@@ -56,17 +56,15 @@ pub struct RequestParts<'a> {
 /// A request let through; kept in the request context until the request ends.
 #[derive(Debug, Default)]
 pub struct Admitted {
-    /// The caller is authenticated: `key` holds a user for `identity_header`.
-    authenticated: bool,
+    /// The caller, as admission resolved it: its key for limiters and queues, and the
+    /// user for `identity_header` when authenticated.
+    who: Option<identity::Identity>,
     pub identity_header: Option<HeaderName>,
     pub rate: Option<RateInfo>,
     /// The service slot; released when this is dropped.
     pub permit: Option<Permit>,
     /// The normalised path, when the route sends it upstream.
     pub upstream_path: Option<String>,
-    /// The limiter and queue key of the caller (see [`identity::Identity`]): its prefix,
-    /// then the user.
-    key: String,
 }
 
 impl Admitted {
@@ -97,8 +95,13 @@ impl Admitted {
 
     /// The authenticated user; `None` for an anonymous caller.
     pub fn user(&self) -> Option<&str> {
-        let (_, user) = self.key.split_once(':')?;
-        self.authenticated.then_some(user)
+        let who = self.who.as_ref()?;
+        who.is_authenticated().then(|| who.user())
+    }
+
+    /// The limiter and queue key of the caller.
+    fn key(&self) -> &str {
+        self.who.as_ref().map_or("", |w| w.key())
     }
 
     fn identity_name(&self) -> &HeaderName {
@@ -167,8 +170,7 @@ impl RoutePolicy {
         if let Some(limiter) = &self.limiter {
             admitted.rate = Some(self.rated(limiter.check(who.key()))?);
         }
-        admitted.authenticated = who.is_authenticated();
-        admitted.key = who.into_key();
+        admitted.who = Some(who);
         Ok(admitted)
     }
 
@@ -208,7 +210,7 @@ impl RoutePolicy {
     /// leaves the queue.
     pub async fn wait(&self, mut admitted: Admitted) -> Result<Admitted, Rejection> {
         if let Some(limiter) = &self.cluster_limiter {
-            admitted.rate = Some(self.rated(limiter.check(&admitted.key).await)?);
+            admitted.rate = Some(self.rated(limiter.check(admitted.key()).await)?);
         }
         self.enter(&mut admitted).await?;
         Ok(admitted)
@@ -238,7 +240,7 @@ impl RoutePolicy {
             self.metrics.admitted.inc();
             return Ok(());
         };
-        match q.acquire(&admitted.key, &self.queue_policy).await {
+        match q.acquire(admitted.key(), &self.queue_policy).await {
             Ok((permit, waited)) => {
                 admitted.permit = Some(permit);
                 if waited.is_zero() {
