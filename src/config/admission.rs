@@ -210,7 +210,7 @@ fn cidr(s: &str) -> Option<IpNet> {
 }
 
 impl Validator<'_> {
-    fn cidrs(&mut self, list: &[Spanned<String>], ctx: &str) -> Vec<IpNet> {
+    pub(super) fn cidrs(&mut self, list: &[Spanned<String>], ctx: &str) -> Vec<IpNet> {
         let mut out = Vec::with_capacity(list.len());
         for c in list {
             match cidr(c.get_ref()) {

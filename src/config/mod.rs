@@ -3,6 +3,7 @@
 //! Owns: reading, parsing and validating `busbar.toml`; every error names file:line:col.
 //! Must not: touch runtime state; building snapshots from a `Config` is `snapshot`'s job.
 
+pub mod address;
 mod admission;
 mod auth;
 mod cluster;

@@ -1,10 +1,11 @@
 //! The `[registry]` section: where services register and how long registrations live.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -55,6 +56,9 @@ pub struct TokenFile {
     /// Or the token's SHA-256, hex.
     pub token_sha256: Option<Spanned<String>>,
     pub services: Vec<Spanned<String>>,
+    /// CIDRs the token's instances (and their sidecars) may use; absent: any address the
+    /// address policy allows.
+    pub addresses: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -68,16 +72,31 @@ pub enum RegistryBackend {
     },
 }
 
-/// A registration token: its SHA-256 and the services it may touch (`*`: all).
+/// A registration token: its SHA-256, the services it may touch (`*`: all) and the
+/// networks its instances may be in (empty: any).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RegistryToken {
     pub sha256: [u8; 32],
     pub services: Vec<String>,
+    pub addresses: Vec<IpNet>,
 }
 
 impl RegistryToken {
+    /// Whether the token may touch `service`.
     pub fn allows(&self, service: &str) -> bool {
         self.services.iter().any(|s| s == "*" || s == service)
+    }
+
+    /// Whether the token may see and touch every service (`*`).
+    pub fn is_wildcard(&self) -> bool {
+        self.services.iter().any(|s| s == "*")
+    }
+
+    /// Whether an instance registered with this token may use `ip` (IPv4-mapped IPv6
+    /// addresses are judged as the IPv4 address they reach).
+    pub fn allows_address(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.addresses.is_empty() || self.addresses.iter().any(|n| n.contains(&ip))
     }
 }
 
@@ -249,9 +268,27 @@ impl Validator<'_> {
                 );
             }
         }
+        let addresses = match &t.addresses {
+            None => Vec::new(),
+            Some(list) if list.is_empty() => {
+                let span = t
+                    .token_env
+                    .as_ref()
+                    .or(t.token_sha256.as_ref())
+                    .map_or(0..0, |s| s.span());
+                self.err(
+                    span,
+                    ctx,
+                    "addresses = [] would refuse every instance: list CIDRs like \"10.20.0.0/16\", or leave addresses out",
+                );
+                Vec::new()
+            }
+            Some(list) => self.cidrs(list, ctx),
+        };
         Some(RegistryToken {
             sha256,
             services: t.services.iter().map(|s| s.get_ref().clone()).collect(),
+            addresses,
         })
     }
 }
@@ -268,4 +305,28 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
         *o = (hi * 16 + lo) as u8;
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tokens_addresses_judge_mapped_addresses_as_ipv4() {
+        let token = |nets: &[&str]| RegistryToken {
+            sha256: [0; 32],
+            services: vec!["orders".into()],
+            addresses: nets.iter().map(|n| n.parse().unwrap()).collect(),
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let any = token(&[]);
+        assert!(any.allows_address(ip("192.168.1.1")));
+        let t = token(&["10.20.0.0/16", "fd00::/8"]);
+        assert!(t.allows_address(ip("10.20.255.1")));
+        assert!(t.allows_address(ip("::ffff:10.20.0.9")));
+        assert!(t.allows_address(ip("fd12::1")));
+        assert!(!t.allows_address(ip("10.21.0.1")));
+        assert!(!t.allows_address(ip("::ffff:10.21.0.1")));
+        assert!(!t.allows_address(ip("::1")));
+    }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 use toml::Spanned;
 
+use super::address::{OwnListeners, Refused};
 use super::admission::{RateLimitConfig, RouteAdmission};
 use super::error::{ConfigError, ConfigErrors, Locator};
 use super::file::*;
@@ -20,6 +21,9 @@ pub(super) struct Validator<'a> {
     errors: Vec<ConfigError>,
     /// Rate-limit groups seen so far: the first route's settings, and where they were.
     pub(super) rate_groups: HashMap<String, (RateLimitConfig, String)>,
+    /// Static endpoints (where, whose, what) to hold against the node's own listeners
+    /// once every listener is known.
+    endpoints: Vec<(Range<usize>, String, SocketAddr)>,
 }
 
 pub fn validate(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
@@ -42,6 +46,7 @@ pub fn validate(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
         base,
         errors: Vec::new(),
         rate_groups: HashMap::new(),
+        endpoints: Vec::new(),
     };
     let config = v.config(path, file);
     if v.errors.is_empty() {
@@ -112,6 +117,17 @@ impl Validator<'_> {
         }
 
         let registry = self.registry(f.registry.as_ref(), &server, &names);
+        let takes_registrations = services.iter().any(|s| s.registration);
+        let own = OwnListeners::new(&listen, takes_registrations.then_some(registry.listen));
+        for (span, ctx, addr) in std::mem::take(&mut self.endpoints) {
+            if own.reached_by(addr) {
+                self.err(
+                    span,
+                    &ctx,
+                    format!("endpoint {addr} is refused: {}", Refused::OwnListener),
+                );
+            }
+        }
         let mesh = self.mesh(f.mesh.as_ref());
         Config {
             source: path.to_path_buf(),
@@ -292,6 +308,15 @@ impl Validator<'_> {
             let Some(addr) = self.addr(&e.addr, ctx) else {
                 continue;
             };
+            if let Err(why) = super::address::check_kind(addr) {
+                self.err(
+                    e.addr.span(),
+                    ctx,
+                    format!("endpoint {addr} is refused: {why}"),
+                );
+                continue;
+            }
+            self.endpoints.push((e.addr.span(), ctx.to_string(), addr));
             if !seen.insert(addr) {
                 self.err(
                     e.addr.span(),
