@@ -18,6 +18,7 @@ use pingora_core::services::listening::Service as ListeningService;
 use crate::accesslog::{self, AccessLog};
 use crate::admin::{AdminApi, TOKEN_ENV};
 use crate::cluster::etcd::{Etcd, EtcdWatch};
+use crate::config::address::OwnListeners;
 use crate::config::{Config, RegistryBackend};
 use crate::edge::Edge;
 use crate::health::checker::HealthChecker;
@@ -202,6 +203,10 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         RegistrationApi {
             state: state.clone(),
             writer,
+            listeners: OwnListeners::new(
+                &listen,
+                takes_registrations.then_some(registry_conf.listen),
+            ),
         },
     );
     registration.threads = Some(1);

@@ -5,8 +5,10 @@
 //! - `DELETE /v1/services/{service}/instances/{id}` — leave now
 //! - `GET /v1/services`, `GET /v1/services/{service}` — what the bus knows
 //!
-//! Every call needs `Authorization: Bearer <token>`; a token only touches the services
-//! it is scoped to (401 without a valid token, 403 outside its scope).
+//! Every call needs `Authorization: Bearer <token>`; a token only sees and touches the
+//! services it is scoped to (401 without a valid token; 403 outside its scope, whether or
+//! not the service exists). Registered addresses follow the address policy
+//! (`config::address`: 400 naming the field) and the token's `addresses` (403).
 //! Owns: parsing and validating requests, authentication, the JSON answers.
 //! Must not: store anything itself; writes go through a [`Writer`].
 
@@ -27,7 +29,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::Digest;
 
-use crate::config::{valid_identifier, MAX_TTL, MIN_TTL};
+use crate::config::address::{self, OwnListeners, Refused};
+use crate::config::{valid_identifier, RegistryToken, MAX_TTL, MIN_TTL};
 use crate::health::state::now_ms;
 use crate::metrics::METRICS;
 use crate::registry::store::{Registration, StoreError};
@@ -95,6 +98,9 @@ struct RegisterBody {
 pub struct RegistrationApi {
     pub state: Arc<State>,
     pub writer: Arc<dyn Writer>,
+    /// Where this node listens (bound at start; a reload cannot change it): no instance
+    /// may be registered there.
+    pub listeners: OwnListeners,
 }
 
 fn reply(status: StatusCode, v: Value) -> Response<Vec<u8>> {
@@ -108,6 +114,28 @@ fn bad_field(field: &str, message: impl Into<String>) -> Response<Vec<u8>> {
         StatusCode::BAD_REQUEST,
         json!({ "error": "invalid_field", "field": field, "message": message.into() }),
     )
+}
+
+/// The 400 for an address the address policy refuses.
+fn refused_address(field: &str, addr: SocketAddr, why: Refused) -> Response<Vec<u8>> {
+    bad_field(field, format!("{addr} is refused: {why}"))
+}
+
+/// The registration tokens a caller's bearer token matched (normally one).
+struct Scope(Vec<RegistryToken>);
+
+impl Scope {
+    fn allows(&self, service: &str) -> bool {
+        self.0.iter().any(|t| t.allows(service))
+    }
+
+    /// An instance of `service` may use `addr` if a token that may touch the service
+    /// allows it.
+    fn allows_address(&self, service: &str, addr: SocketAddr) -> bool {
+        self.0
+            .iter()
+            .any(|t| t.allows(service) && t.allows_address(addr.ip()))
+    }
 }
 
 /// A route under `/v1/services`.
@@ -156,8 +184,8 @@ pub fn parse_registration(
 }
 
 impl RegistrationApi {
-    /// The services the caller's token may touch, or the refusal.
-    fn authenticate(&self, session: &ServerSession) -> Result<Vec<String>, Response<Vec<u8>>> {
+    /// The tokens the caller's bearer token matches, or the refusal.
+    fn authenticate(&self, session: &ServerSession) -> Result<Scope, Response<Vec<u8>>> {
         let given = session
             .req_header()
             .headers
@@ -185,7 +213,7 @@ impl RegistrationApi {
                     .fold(0u8, |a, (x, y)| a | (x ^ y))
                     == 0
             })
-            .flat_map(|t| t.services.iter().cloned())
+            .cloned()
             .collect::<Vec<_>>();
         if matched.is_empty() {
             return Err(error(
@@ -194,11 +222,20 @@ impl RegistrationApi {
                 "unknown registration token",
             ));
         }
-        Ok(matched)
+        Ok(Scope(matched))
     }
 
-    fn scope_check(scope: &[String], service: &str) -> Result<(), Response<Vec<u8>>> {
-        if scope.iter().any(|s| s == "*" || s == service) {
+    /// A token only learns about the services it is scoped to: out of scope is 403 whether
+    /// or not the service exists, so this comes before any look-up. A malformed name is
+    /// a 400 first: it cannot exist, so saying so reveals nothing.
+    fn scope_check(scope: &Scope, service: &str) -> Result<(), Response<Vec<u8>>> {
+        if !valid_identifier(service) {
+            return Err(bad_field(
+                "service",
+                "a service name is 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter",
+            ));
+        }
+        if scope.allows(service) {
             Ok(())
         } else {
             Err(error(
@@ -209,13 +246,8 @@ impl RegistrationApi {
         }
     }
 
+    /// For a caller in scope: whether `service` is configured and takes registrations.
     fn known_service(&self, service: &str) -> Result<(), Response<Vec<u8>>> {
-        if !valid_identifier(service) {
-            return Err(bad_field(
-                "service",
-                "a service name is 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter",
-            ));
-        }
         let snap = self.state.load();
         match snap.service(service) {
             Some(s) if s.config.registration => Ok(()),
@@ -232,6 +264,34 @@ impl RegistrationApi {
                 format!("no service \"{service}\" is configured"),
             )),
         }
+    }
+
+    /// What only the running node can judge of a parsed registration: its own listeners
+    /// (400 naming the field) and the token's networks (403 naming the address).
+    fn check_addresses(&self, reg: &Registration, scope: &Scope) -> Result<(), Response<Vec<u8>>> {
+        let fields = [("address", Some(reg.address)), ("sidecar", reg.sidecar)];
+        for (field, addr) in fields {
+            let Some(addr) = addr else { continue };
+            if self.listeners.reached_by(addr) {
+                return Err(refused_address(field, addr, Refused::OwnListener));
+            }
+        }
+        for (field, addr) in fields {
+            let Some(addr) = addr else { continue };
+            if !scope.allows_address(&reg.service, addr) {
+                return Err(reply(
+                    StatusCode::FORBIDDEN,
+                    json!({
+                        "error": "forbidden_address",
+                        "field": field,
+                        "message": format!(
+                            "this token may not register {addr}: it is outside the token's addresses"
+                        ),
+                    }),
+                ));
+            }
+        }
+        Ok(())
     }
 
     async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<u8>>> {
@@ -270,6 +330,7 @@ impl RegistrationApi {
                 format!("\"{}\" is not an ip:port address", b.address),
             )
         })?;
+        address::check_kind(address).map_err(|why| refused_address("address", address, why))?;
         let sidecar =
             match &b.sidecar {
                 None => None,
@@ -277,6 +338,9 @@ impl RegistrationApi {
                     bad_field("sidecar", format!("\"{s}\" is not an ip:port address"))
                 })?),
             };
+        if let Some(s) = sidecar {
+            address::check_kind(s).map_err(|why| refused_address("sidecar", s, why))?;
+        }
         let weight = b.weight.unwrap_or(1);
         if !(1..=10_000).contains(&weight) {
             return Err(bad_field("weight", "weight must be between 1 and 10000"));
@@ -409,11 +473,17 @@ impl RegistrationApi {
         match (method, call) {
             (Method::GET, Call::List) => {
                 let snap = self.state.load();
-                let names: Vec<&str> = snap.services.iter().map(|s| s.name()).collect();
-                let all: Vec<Value> = names.iter().map(|n| self.describe(n)).collect();
+                let all: Vec<Value> = snap
+                    .services
+                    .iter()
+                    .map(|s| s.name())
+                    .filter(|n| scope.allows(n))
+                    .map(|n| self.describe(n))
+                    .collect();
                 Ok(reply(StatusCode::OK, json!({ "services": all })))
             }
             (Method::GET, Call::Service(s)) => {
+                Self::scope_check(&scope, s)?;
                 if self.state.load().service(s).is_none() {
                     return Err(error(
                         StatusCode::NOT_FOUND,
@@ -424,8 +494,8 @@ impl RegistrationApi {
                 Ok(reply(StatusCode::OK, self.describe(s)))
             }
             (Method::PUT, Call::Instance(s, id)) => {
-                self.known_service(s)?;
                 Self::scope_check(&scope, s)?;
+                self.known_service(s)?;
                 if !valid_instance_id(id) {
                     return Err(bad_field(
                         "id",
@@ -435,6 +505,7 @@ impl RegistrationApi {
                 let body = Self::read_body(session).await?;
                 let default_ttl = self.state.load().config.registry.default_ttl;
                 let reg = parse_registration(s, id, &body, default_ttl)?;
+                self.check_addresses(&reg, &scope)?;
                 let ttl = reg.ttl_secs;
                 let r = self.writer.register(reg).await.map(|()| {
                     json!({ "status": "registered", "service": s, "id": id, "ttl": ttl, "heartbeat_every": (ttl / 3).max(1) })
@@ -443,8 +514,8 @@ impl RegistrationApi {
                 Ok(Self::write_result("register", r))
             }
             (Method::PUT, Call::Heartbeat(s, id)) => {
-                self.known_service(s)?;
                 Self::scope_check(&scope, s)?;
+                self.known_service(s)?;
                 let r = self
                     .writer
                     .heartbeat(s, id)
@@ -453,8 +524,8 @@ impl RegistrationApi {
                 Ok(Self::write_result("heartbeat", r))
             }
             (Method::DELETE, Call::Instance(s, id)) => {
-                self.known_service(s)?;
                 Self::scope_check(&scope, s)?;
+                self.known_service(s)?;
                 let r = self
                     .writer
                     .deregister(s, id)
@@ -502,6 +573,31 @@ mod tests {
         ));
         assert!(parse_path("/v1/services/a/instances").is_none());
         assert!(parse_path("/v2/x").is_none());
+    }
+
+    #[test]
+    fn addresses_no_instance_can_have_name_their_field() {
+        let field = |body: &str| {
+            let r = parse_registration("s", "i", body.as_bytes(), Duration::from_secs(30))
+                .expect_err(body);
+            let v: Value = serde_json::from_slice(r.body()).unwrap();
+            (r.status(), v["field"].as_str().unwrap_or("").to_string())
+        };
+        assert_eq!(
+            field(r#"{"address":"169.254.169.254:80"}"#),
+            (StatusCode::BAD_REQUEST, "address".into())
+        );
+        assert_eq!(
+            field(r#"{"address":"10.0.0.1:80","sidecar":"[::ffff:169.254.169.254]:80"}"#),
+            (StatusCode::BAD_REQUEST, "sidecar".into())
+        );
+        assert!(parse_registration(
+            "s",
+            "i",
+            br#"{"address":"10.0.0.1:80","sidecar":"10.0.0.1:15001"}"#,
+            Duration::from_secs(30)
+        )
+        .is_ok());
     }
 
     #[test]
