@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{HeaderName, CONTENT_LENGTH, COOKIE, HOST};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, COOKIE, HOST};
 use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::authority::{is_http_family_scheme, raw_target_authority, RawTargetAuthority};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
@@ -51,7 +52,26 @@ pub struct BusbarProxy {
 
 /// Host of the request without its port: `:authority` / absolute-form first, then `Host`.
 fn request_host(req: &RequestHeader) -> &str {
-    host_of(&req.uri, req.headers.get(HOST))
+    match target_authority(req.raw_path()) {
+        Some(authority) => strip_port(authority),
+        None => host_of(&req.uri, req.headers.get(HOST)),
+    }
+}
+
+/// The authority of an absolute-form HTTP request target (`GET http://orders/x`, a
+/// client using busbar as its `HTTP_PROXY`), which names the host in place of `Host`
+/// (RFC 9112 §3.2.2). pingora keeps such a target as it came and leaves it out of the
+/// URI. One byte is looked at for the origin-form target nearly every request has.
+fn target_authority(target: &[u8]) -> Option<&str> {
+    if target.first() == Some(&b'/') {
+        return None;
+    }
+    match raw_target_authority(target) {
+        RawTargetAuthority::Absolute {
+            scheme, authority, ..
+        } if is_http_family_scheme(scheme) => std::str::from_utf8(authority).ok(),
+        _ => None,
+    }
 }
 
 /// [`request_host`] from a request's target and `Host` header.
@@ -309,20 +329,57 @@ pub(crate) fn upstream_request(
     let Some(route) = ctx.route.as_ref() else {
         return Ok(());
     };
-    // A forward-proxy request (absolute-form) goes upstream in origin form. HTTP/2
-    // requests always carry :authority in the URI and have no Host to fall back on.
-    if upstream.uri.authority().is_some() && upstream.uri.scheme().is_some() && !downstream_h2 {
-        let pq = upstream
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        let uri = http::Uri::try_from(pq)
-            .map_err(|e| Error::because(ErrorType::InternalError, "origin-form uri", e))?;
-        upstream.set_uri(uri);
+    // HTTP/2 requests always carry :authority in the URI and have no Host to fall back on.
+    if !downstream_h2 {
+        origin_form(upstream)?;
     }
     upstream_headers_for(ctx, upstream, client_ip, tls)?;
     upstream_target(ctx, route, upstream)
+}
+
+/// A forward-proxy request (absolute-form: `GET http://orders/x?q`, from a client whose
+/// `HTTP_PROXY` is busbar) goes to the instance in origin form, `GET /x?q`, with `Host`
+/// from the target's authority (RFC 9112 §3.2.1, §3.2.2): the instance is an origin
+/// server, and routes on the path it is given. Both request paths call it; an
+/// origin-form request costs one byte compare.
+fn origin_form(upstream: &mut RequestHeader) -> Result<()> {
+    let target = upstream.raw_path();
+    let (authority, path) = if target.first() == Some(&b'/') {
+        match (upstream.uri.scheme(), upstream.uri.authority()) {
+            // A URI that carries its authority (not how pingora 0.9 keeps an HTTP/1
+            // target, but a request built another way may).
+            (Some(_), Some(a)) => (a.as_str().as_bytes().to_vec(), target.to_vec()),
+            _ => return Ok(()),
+        }
+    } else {
+        match raw_target_authority(target) {
+            RawTargetAuthority::Absolute {
+                scheme,
+                authority,
+                path_and_query,
+            } if is_http_family_scheme(scheme) => {
+                // `http://orders` and `http://orders?q` ask for `/` and `/?q`.
+                let mut path = Vec::with_capacity(path_and_query.len() + 1);
+                if path_and_query.first() != Some(&b'/') {
+                    path.push(b'/');
+                }
+                path.extend_from_slice(path_and_query);
+                (authority.to_vec(), path)
+            }
+            _ => return Ok(()),
+        }
+    };
+    let bad = |why: &'static str| {
+        let mut e = Error::explain(ErrorType::InvalidHTTPHeader, why);
+        e.esource = ErrorSource::Downstream;
+        e
+    };
+    let host = HeaderValue::from_bytes(&authority).map_err(|_| bad("request-target authority"))?;
+    // The raw bytes, not a `Uri`: a path that is not UTF-8 goes on as it came.
+    upstream
+        .set_raw_path(&path)
+        .map_err(|_| bad("request-target path"))?;
+    upstream.insert_header(HOST, host)
 }
 
 /// The route's path rewrite and the translation's edits of the upstream request.
@@ -352,6 +409,7 @@ pub(crate) fn upstream_request_h1(
     client_ip: Option<IpAddr>,
     wire: &mut Vec<u8>,
 ) -> Result<()> {
+    origin_form(upstream)?;
     let added = if route.config.request_headers.is_empty() {
         let identity = clear_identity(ctx, upstream);
         let forwarding = headers::Forwarding::of(upstream, client_ip, false);
