@@ -150,6 +150,9 @@ impl Validator<'_> {
             max_headers: self
                 .int(&l.max_headers, ctx, 1, 250)
                 .map_or(DEFAULT_MAX_HEADERS, |n| n as usize),
+            max_hops: self
+                .int(&l.max_hops, ctx, 0, i64::from(MAX_MAX_HOPS))
+                .map_or(DEFAULT_MAX_HOPS, |n| n as u32),
         }
     }
 
@@ -900,6 +903,23 @@ service = "echo"
         assert!(
             e[0].starts_with("t.toml:7:13: service \"echo\": no endpoints"),
             "{e:?}"
+        );
+    }
+
+    #[test]
+    fn max_hops_defaults_to_8_and_is_bounded() {
+        let c = validate(Path::new("t.toml"), OK).unwrap();
+        assert_eq!(c.limits.max_hops, DEFAULT_MAX_HOPS);
+        let c = validate(
+            Path::new("t.toml"),
+            &format!("[limits]\nmax_hops = 0\n{OK}"),
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_hops, 0);
+        let e = errors(&format!("[limits]\nmax_hops = 65\n{OK}"));
+        assert_eq!(
+            e,
+            vec!["t.toml:2:12: [limits]: must be between 0 and 64, got 65"]
         );
     }
 

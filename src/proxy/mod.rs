@@ -257,6 +257,10 @@ pub(crate) fn upstream_headers_for(
 ) -> Result<()> {
     identity(ctx, upstream)?;
     headers::set_forwarded(upstream, client_ip, tls)?;
+    upstream.append_header(
+        crate::via::VIA_NAME,
+        crate::via::node().value(ctx.client_version).clone(),
+    )?;
     upstream.insert_header(headers::TRACEPARENT_NAME, &ctx.trace.header_value()[..])?;
     if let Some(route) = &ctx.route {
         if !route.config.request_headers.is_empty() {
@@ -398,10 +402,10 @@ fn upstream_target(
     crate::translate::upstream_request(ctx, upstream)
 }
 
-/// [`upstream_request`] for busbar's own HTTP/1 path (plaintext, origin form, a route),
+/// [`upstream_request`] for busbar's own HTTP/1 path (plaintext, a route),
 /// written into `wire` as an HTTP/1.1 head. When the route edits no request headers,
-/// busbar's forwarding and trace headers are written after the request's own lines
-/// instead of being inserted into its map first: the same head, without five inserts.
+/// busbar's forwarding, `Via` and trace headers are written after the request's own
+/// lines instead of being inserted into its map first: the same head, without six inserts.
 pub(crate) fn upstream_request_h1(
     ctx: &RequestCtx,
     route: &routing::Route,
@@ -437,6 +441,7 @@ pub(crate) fn upstream_request_h1(
             headers::line(wire, name.as_str().as_bytes(), user.as_bytes());
         }
         forwarding.write(wire);
+        wire.extend_from_slice(crate::via::node().line(ctx.client_version));
         headers::line(
             wire,
             headers::TRACEPARENT_NAME.as_bytes(),
@@ -493,6 +498,7 @@ impl BusbarProxy {
             .set_write_timeout(client_timeout);
         ctx.body_pace = BodyPace::new(limits.client_timeout, limits.body_min_rate);
         let req = session.req_header();
+        ctx.client_version = req.version;
         ctx.trace = trace::TraceContext::from_header(
             req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()),
         );
@@ -502,6 +508,10 @@ impl BusbarProxy {
             return answer(session, ctx, Cause::NoRoute).await;
         };
         ctx.route = Some(route.clone());
+        // Before admission: a looping request spends no rate-limit token or queue slot.
+        if crate::via::node().looped(&req.headers, limits.max_hops) {
+            return answer(session, ctx, Cause::LoopDetected).await;
+        }
         if declared_length(req).is_some_and(|n| n > route.config.max_body) {
             // The body was not read: the connection can't be reused for another request.
             session.as_downstream_mut().set_keepalive(None);

@@ -6,7 +6,8 @@
 //! - `GET /v1/services`, `GET /v1/services/{service}` — what the bus knows
 //!
 //! Every call needs `Authorization: Bearer <token>`; a token only touches the services
-//! it is scoped to (401 without a valid token, 403 outside its scope).
+//! it is scoped to (401 without a valid token, 403 outside its scope). A request that
+//! came through a busbar service listener (`Via`) gets 403 before anything else.
 //! Owns: parsing and validating requests, authentication, the JSON answers.
 //! Must not: store anything itself; writes go through a [`Writer`].
 
@@ -475,6 +476,9 @@ impl RegistrationApi {
 #[async_trait]
 impl ServeHttp for RegistrationApi {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        if let Some(refusal) = crate::admin::replies::forwarded_by_busbar(session) {
+            return refusal;
+        }
         match self.handle(session).await {
             Ok(r) | Err(r) => r,
         }
