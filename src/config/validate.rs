@@ -552,8 +552,8 @@ impl Validator<'_> {
             Some(s) => self.size(s, ctx).unwrap_or(default_max_body),
             None => default_max_body,
         };
-        let request_headers = self.header_edit(r.request_headers.as_ref(), ctx);
-        let response_headers = self.header_edit(r.response_headers.as_ref(), ctx);
+        let request_headers = self.header_edit(r.request_headers.as_ref(), ctx, true);
+        let response_headers = self.header_edit(r.response_headers.as_ref(), ctx, false);
         if self.errors.len() > before {
             return None;
         }
@@ -612,18 +612,28 @@ impl Validator<'_> {
         Some((n, v))
     }
 
-    fn header_edit(&mut self, e: Option<&HeaderEditFile>, ctx: &str) -> HeaderEdit {
+    /// A route's header edits; `request`: of the upstream request, where `Via` is
+    /// busbar's loop detection and stays out of reach (a route that removed it would
+    /// erase the hops before it, and two such nodes would loop unseen).
+    fn header_edit(&mut self, e: Option<&HeaderEditFile>, ctx: &str, request: bool) -> HeaderEdit {
         let Some(e) = e else {
             return HeaderEdit::default();
         };
+        const VIA: &str =
+            "a route cannot set or remove \"via\": busbar detects forwarding loops with it";
         let mut out = HeaderEdit::default();
         for (name, value) in &e.set {
             if let Some(pair) = self.header_pair(name, value, ctx) {
+                if request && pair.0 == http::header::VIA {
+                    self.err(value.span(), ctx, VIA);
+                    continue;
+                }
                 out.set.push(pair);
             }
         }
         for name in &e.remove {
             match HeaderName::from_bytes(name.get_ref().as_bytes()) {
+                Ok(n) if request && n == http::header::VIA => self.err(name.span(), ctx, VIA),
                 Ok(n) => out.remove.push(n),
                 Err(_) => self.err(name.span(), ctx, "not a valid header name"),
             }
@@ -921,6 +931,27 @@ service = "echo"
             e,
             vec!["t.toml:2:12: [limits]: must be between 0 and 64, got 65"]
         );
+    }
+
+    #[test]
+    fn a_route_cannot_edit_via_in_the_upstream_request() {
+        let src = OK.replace(
+            "strip_prefix = true",
+            "request_headers = { remove = [\"Via\"] }\nresponse_headers = { remove = [\"via\"] }",
+        );
+        let e = errors(&src);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("t.toml:12:31: route \"all\": a route cannot set or remove \"via\""),
+            "{e:?}"
+        );
+        let src = OK.replace(
+            "strip_prefix = true",
+            "request_headers = { set = { via = \"1.1 x\" } }",
+        );
+        let e = errors(&src);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("t.toml:12:35: "), "{e:?}");
     }
 
     #[test]
