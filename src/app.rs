@@ -275,7 +275,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         },
     ));
     server.add_service(flusher);
-    tracing::info!(http = ?listen.http, tls = ?listen.tls.iter().map(|t| t.addr).collect::<Vec<_>>(), admin = %listen.admin, registration = ?takes_registrations.then_some(registry_conf.listen), "busbar started");
+    tracing::info!(http = ?listen.http, tls = ?listen.tls.iter().map(|t| t.addr).collect::<Vec<_>>(), admin = %listen.admin, registration = ?takes_registrations.then_some(registry_conf.listen), via = crate::via::node().id(), "busbar started");
     server.run_forever()
 }
 

@@ -25,3 +25,4 @@ pub mod routing;
 pub mod snapshot;
 pub mod text;
 pub mod translate;
+pub mod via;

@@ -2,7 +2,8 @@
 //!
 //! Owns: `/healthz`, `/metrics`, `/v1/routes`, `/v1/services`, `/v1/reload`; the release
 //! and config-history calls (`/v1/releases…`, `/v1/config/…`) are `release::admin`'s.
-//! Reads are open to whoever reaches the listener; anything that changes state needs
+//! Reads are open to whoever reaches the listener, except through busbar's own data plane
+//! (a request whose `Via` names a busbar hop gets 403); anything that changes state needs
 //! `Authorization: Bearer $BUSBAR_ADMIN_TOKEN`, and with no token configured it refuses.
 //! Must not: hold policy; it reports state and asks `snapshot` to reload.
 
@@ -175,6 +176,9 @@ impl AdminApi {
 #[async_trait]
 impl ServeHttp for AdminApi {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        if let Some(refusal) = replies::forwarded_by_busbar(session) {
+            return refusal;
+        }
         let req = session.req_header();
         let method = req.method.clone();
         let path = req.uri.path().to_string();

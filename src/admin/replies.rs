@@ -1,5 +1,5 @@
-//! Small HTTP helpers shared by the admin, registration and release APIs: JSON replies
-//! and a size-capped body read.
+//! Small HTTP helpers shared by the admin, registration and release APIs: JSON replies,
+//! a size-capped body read, and the refusal of requests the data plane forwarded.
 
 use http::{Response, StatusCode};
 use pingora_core::protocols::http::ServerSession;
@@ -52,4 +52,19 @@ pub async fn read_body(
             Err(e) => return Err((StatusCode::BAD_REQUEST, "bad_body", e.to_string())),
         }
     }
+}
+
+/// The refusal for a request that came through a busbar service listener (its `Via`
+/// names a busbar hop, this node's or another's), whatever the routing that led here:
+/// an instance registered at a control listener's address must not make the admin or
+/// registration API readable by callers of a service. `None` for everything else.
+pub fn forwarded_by_busbar(session: &ServerSession) -> Option<Response<Vec<u8>>> {
+    let passed = crate::via::node().passed(&session.req_header().headers);
+    (passed.busbar_hops > 0).then(|| {
+        error(
+            StatusCode::FORBIDDEN,
+            "forwarded_by_busbar",
+            "this listener does not answer requests forwarded by a busbar service listener",
+        )
+    })
 }

@@ -75,6 +75,8 @@ pub struct LimitsFile {
     pub max_request_line: Option<Spanned<String>>,
     pub max_header_bytes: Option<Spanned<String>>,
     pub max_headers: Option<Spanned<i64>>,
+    /// Busbar nodes a request may have passed (by `Via`) before this one.
+    pub max_hops: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -69,6 +69,13 @@ pub const DEFAULT_MAX_REQUEST_LINE: usize = 8 * 1024;
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Most request header lines, else 431 (pingora itself refuses more than 256 with 400).
 pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Other busbar nodes a request may have passed (its `Via` lists them) before it is taken
+/// for a forwarding loop (508). A real chain is an edge node, perhaps a regional one, and
+/// the node in front of the service: 8 leaves room, and a loop through nodes that each
+/// see the request once is still cut within 9 hops.
+pub const DEFAULT_MAX_HOPS: u32 = 8;
+/// Highest `max_hops` accepted.
+pub const MAX_MAX_HOPS: u32 = 64;
 
 /// Limits on what a client may send, and how slowly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +88,8 @@ pub struct Limits {
     pub max_request_line: usize,
     pub max_header_bytes: usize,
     pub max_headers: usize,
+    /// Other busbar nodes a request may have passed (see `via`); more is a loop: 508.
+    pub max_hops: u32,
 }
 
 /// A validated configuration.

@@ -166,6 +166,9 @@ impl Validator<'_> {
             max_headers: self
                 .int(&l.max_headers, ctx, 1, 250)
                 .map_or(DEFAULT_MAX_HEADERS, |n| n as usize),
+            max_hops: self
+                .int(&l.max_hops, ctx, 0, i64::from(MAX_MAX_HOPS))
+                .map_or(DEFAULT_MAX_HOPS, |n| n as u32),
         }
     }
 
@@ -574,8 +577,8 @@ impl Validator<'_> {
             Some(s) => self.size(s, ctx).unwrap_or(default_max_body),
             None => default_max_body,
         };
-        let request_headers = self.header_edit(r.request_headers.as_ref(), ctx);
-        let response_headers = self.header_edit(r.response_headers.as_ref(), ctx);
+        let request_headers = self.header_edit(r.request_headers.as_ref(), ctx, true);
+        let response_headers = self.header_edit(r.response_headers.as_ref(), ctx, false);
         if self.errors.len() > before {
             return None;
         }
@@ -634,18 +637,28 @@ impl Validator<'_> {
         Some((n, v))
     }
 
-    fn header_edit(&mut self, e: Option<&HeaderEditFile>, ctx: &str) -> HeaderEdit {
+    /// A route's header edits; `request`: of the upstream request, where `Via` is
+    /// busbar's loop detection and stays out of reach (a route that removed it would
+    /// erase the hops before it, and two such nodes would loop unseen).
+    fn header_edit(&mut self, e: Option<&HeaderEditFile>, ctx: &str, request: bool) -> HeaderEdit {
         let Some(e) = e else {
             return HeaderEdit::default();
         };
+        const VIA: &str =
+            "a route cannot set or remove \"via\": busbar detects forwarding loops with it";
         let mut out = HeaderEdit::default();
         for (name, value) in &e.set {
             if let Some(pair) = self.header_pair(name, value, ctx) {
+                if request && pair.0 == http::header::VIA {
+                    self.err(value.span(), ctx, VIA);
+                    continue;
+                }
                 out.set.push(pair);
             }
         }
         for name in &e.remove {
             match HeaderName::from_bytes(name.get_ref().as_bytes()) {
+                Ok(n) if request && n == http::header::VIA => self.err(name.span(), ctx, VIA),
                 Ok(n) => out.remove.push(n),
                 Err(_) => self.err(name.span(), ctx, "not a valid header name"),
             }
@@ -926,6 +939,44 @@ service = "echo"
             e[0].starts_with("t.toml:7:13: service \"echo\": no endpoints"),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn max_hops_defaults_to_8_and_is_bounded() {
+        let c = validate(Path::new("t.toml"), OK).unwrap();
+        assert_eq!(c.limits.max_hops, DEFAULT_MAX_HOPS);
+        let c = validate(
+            Path::new("t.toml"),
+            &format!("[limits]\nmax_hops = 0\n{OK}"),
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_hops, 0);
+        let e = errors(&format!("[limits]\nmax_hops = 65\n{OK}"));
+        assert_eq!(
+            e,
+            vec!["t.toml:2:12: [limits]: must be between 0 and 64, got 65"]
+        );
+    }
+
+    #[test]
+    fn a_route_cannot_edit_via_in_the_upstream_request() {
+        let src = OK.replace(
+            "strip_prefix = true",
+            "request_headers = { remove = [\"Via\"] }\nresponse_headers = { remove = [\"via\"] }",
+        );
+        let e = errors(&src);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("t.toml:12:31: route \"all\": a route cannot set or remove \"via\""),
+            "{e:?}"
+        );
+        let src = OK.replace(
+            "strip_prefix = true",
+            "request_headers = { set = { via = \"1.1 x\" } }",
+        );
+        let e = errors(&src);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("t.toml:12:35: "), "{e:?}");
     }
 
     #[test]

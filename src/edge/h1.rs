@@ -825,11 +825,18 @@ pub async fn serve(
     let policy = route
         .as_ref()
         .and_then(|r| snapshot.admission.policy(r.name()).cloned());
+    let max_hops = snapshot.config.limits.max_hops;
     ctx.snapshot = Some(snapshot);
     let served = match route {
         None => {
             let keep_alive = down.keep_alive;
             down.answer(&mut ctx, Cause::NoRoute, keep_alive).await
+        }
+        // Before admission, as on the proxy's path: a loop spends no token or queue slot.
+        Some(route) if crate::via::node().looped(&req.headers, max_hops) => {
+            ctx.route = Some(route);
+            let keep_alive = down.keep_alive;
+            down.answer(&mut ctx, Cause::LoopDetected, keep_alive).await
         }
         Some(route) => {
             ctx.route = Some(route.clone());

@@ -65,6 +65,8 @@ pub struct RequestCtx {
     pub upstream_time: Option<Duration>,
     pub cause: Option<Cause>,
     pub trace: TraceContext,
+    /// The HTTP version the client spoke: the protocol of busbar's `Via` entry.
+    pub client_version: http::Version,
     pub sticky_key: u64,
     pub body_bytes: u64,
     /// How slowly the request body may arrive (set in `request_filter`).
@@ -96,6 +98,7 @@ impl RequestCtx {
             upstream_time: None,
             cause: None,
             trace: TraceContext::default(),
+            client_version: http::Version::HTTP_11,
             sticky_key: 0,
             body_bytes: 0,
             body_pace: BodyPace::new(crate::config::DEFAULT_CLIENT_TIMEOUT, 0),

@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{HeaderName, CONTENT_LENGTH, COOKIE, HOST};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, COOKIE, HOST};
 use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::authority::{is_http_family_scheme, raw_target_authority, RawTargetAuthority};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
@@ -51,7 +52,26 @@ pub struct BusbarProxy {
 
 /// Host of the request without its port: `:authority` / absolute-form first, then `Host`.
 fn request_host(req: &RequestHeader) -> &str {
-    host_of(&req.uri, req.headers.get(HOST))
+    match target_authority(req.raw_path()) {
+        Some(authority) => strip_port(authority),
+        None => host_of(&req.uri, req.headers.get(HOST)),
+    }
+}
+
+/// The authority of an absolute-form HTTP request target (`GET http://orders/x`, a
+/// client using busbar as its `HTTP_PROXY`), which names the host in place of `Host`
+/// (RFC 9112 §3.2.2). pingora keeps such a target as it came and leaves it out of the
+/// URI. One byte is looked at for the origin-form target nearly every request has.
+fn target_authority(target: &[u8]) -> Option<&str> {
+    if target.first() == Some(&b'/') {
+        return None;
+    }
+    match raw_target_authority(target) {
+        RawTargetAuthority::Absolute {
+            scheme, authority, ..
+        } if is_http_family_scheme(scheme) => std::str::from_utf8(authority).ok(),
+        _ => None,
+    }
 }
 
 /// [`request_host`] from a request's target and `Host` header.
@@ -237,6 +257,10 @@ pub(crate) fn upstream_headers_for(
 ) -> Result<()> {
     identity(ctx, upstream)?;
     headers::set_forwarded(upstream, client_ip, tls)?;
+    upstream.append_header(
+        crate::via::VIA_NAME,
+        crate::via::node().value(ctx.client_version).clone(),
+    )?;
     upstream.insert_header(headers::TRACEPARENT_NAME, &ctx.trace.header_value()[..])?;
     if let Some(route) = &ctx.route {
         if !route.config.request_headers.is_empty() {
@@ -309,20 +333,57 @@ pub(crate) fn upstream_request(
     let Some(route) = ctx.route.as_ref() else {
         return Ok(());
     };
-    // A forward-proxy request (absolute-form) goes upstream in origin form. HTTP/2
-    // requests always carry :authority in the URI and have no Host to fall back on.
-    if upstream.uri.authority().is_some() && upstream.uri.scheme().is_some() && !downstream_h2 {
-        let pq = upstream
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        let uri = http::Uri::try_from(pq)
-            .map_err(|e| Error::because(ErrorType::InternalError, "origin-form uri", e))?;
-        upstream.set_uri(uri);
+    // HTTP/2 requests always carry :authority in the URI and have no Host to fall back on.
+    if !downstream_h2 {
+        origin_form(upstream)?;
     }
     upstream_headers_for(ctx, upstream, client_ip, tls)?;
     upstream_target(ctx, route, upstream)
+}
+
+/// A forward-proxy request (absolute-form: `GET http://orders/x?q`, from a client whose
+/// `HTTP_PROXY` is busbar) goes to the instance in origin form, `GET /x?q`, with `Host`
+/// from the target's authority (RFC 9112 §3.2.1, §3.2.2): the instance is an origin
+/// server, and routes on the path it is given. Both request paths call it; an
+/// origin-form request costs one byte compare.
+fn origin_form(upstream: &mut RequestHeader) -> Result<()> {
+    let target = upstream.raw_path();
+    let (authority, path) = if target.first() == Some(&b'/') {
+        match (upstream.uri.scheme(), upstream.uri.authority()) {
+            // A URI that carries its authority (not how pingora 0.9 keeps an HTTP/1
+            // target, but a request built another way may).
+            (Some(_), Some(a)) => (a.as_str().as_bytes().to_vec(), target.to_vec()),
+            _ => return Ok(()),
+        }
+    } else {
+        match raw_target_authority(target) {
+            RawTargetAuthority::Absolute {
+                scheme,
+                authority,
+                path_and_query,
+            } if is_http_family_scheme(scheme) => {
+                // `http://orders` and `http://orders?q` ask for `/` and `/?q`.
+                let mut path = Vec::with_capacity(path_and_query.len() + 1);
+                if path_and_query.first() != Some(&b'/') {
+                    path.push(b'/');
+                }
+                path.extend_from_slice(path_and_query);
+                (authority.to_vec(), path)
+            }
+            _ => return Ok(()),
+        }
+    };
+    let bad = |why: &'static str| {
+        let mut e = Error::explain(ErrorType::InvalidHTTPHeader, why);
+        e.esource = ErrorSource::Downstream;
+        e
+    };
+    let host = HeaderValue::from_bytes(&authority).map_err(|_| bad("request-target authority"))?;
+    // The raw bytes, not a `Uri`: a path that is not UTF-8 goes on as it came.
+    upstream
+        .set_raw_path(&path)
+        .map_err(|_| bad("request-target path"))?;
+    upstream.insert_header(HOST, host)
 }
 
 /// The route's path rewrite and the translation's edits of the upstream request.
@@ -341,10 +402,10 @@ fn upstream_target(
     crate::translate::upstream_request(ctx, upstream)
 }
 
-/// [`upstream_request`] for busbar's own HTTP/1 path (plaintext, origin form, a route),
+/// [`upstream_request`] for busbar's own HTTP/1 path (plaintext, a route),
 /// written into `wire` as an HTTP/1.1 head. When the route edits no request headers,
-/// busbar's forwarding and trace headers are written after the request's own lines
-/// instead of being inserted into its map first: the same head, without five inserts.
+/// busbar's forwarding, `Via` and trace headers are written after the request's own
+/// lines instead of being inserted into its map first: the same head, without six inserts.
 pub(crate) fn upstream_request_h1(
     ctx: &RequestCtx,
     route: &routing::Route,
@@ -352,6 +413,7 @@ pub(crate) fn upstream_request_h1(
     client_ip: Option<IpAddr>,
     wire: &mut Vec<u8>,
 ) -> Result<()> {
+    origin_form(upstream)?;
     let added = if route.config.request_headers.is_empty() {
         let identity = clear_identity(ctx, upstream);
         let forwarding = headers::Forwarding::of(upstream, client_ip, false);
@@ -379,6 +441,7 @@ pub(crate) fn upstream_request_h1(
             headers::line(wire, name.as_str().as_bytes(), user.as_bytes());
         }
         forwarding.write(wire);
+        wire.extend_from_slice(crate::via::node().line(ctx.client_version));
         headers::line(
             wire,
             headers::TRACEPARENT_NAME.as_bytes(),
@@ -435,6 +498,7 @@ impl BusbarProxy {
             .set_write_timeout(client_timeout);
         ctx.body_pace = BodyPace::new(limits.client_timeout, limits.body_min_rate);
         let req = session.req_header();
+        ctx.client_version = req.version;
         ctx.trace = trace::TraceContext::from_header(
             req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()),
         );
@@ -444,6 +508,10 @@ impl BusbarProxy {
             return answer(session, ctx, Cause::NoRoute).await;
         };
         ctx.route = Some(route.clone());
+        // Before admission: a looping request spends no rate-limit token or queue slot.
+        if crate::via::node().looped(&req.headers, limits.max_hops) {
+            return answer(session, ctx, Cause::LoopDetected).await;
+        }
         if declared_length(req).is_some_and(|n| n > route.config.max_body) {
             // The body was not read: the connection can't be reused for another request.
             session.as_downstream_mut().set_keepalive(None);

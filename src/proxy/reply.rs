@@ -21,6 +21,8 @@ pub enum Cause {
     BodyTimeout,
     /// Refused by admission (ACL, identity, rate limit, queue).
     Admission(crate::admission::RejectKind),
+    /// The request already passed this node, or too many busbar nodes (`via`).
+    LoopDetected,
 }
 
 impl Cause {
@@ -34,6 +36,7 @@ impl Cause {
             Cause::BadRequest => 400,
             Cause::BodyTimeout => 408,
             Cause::Admission(k) => k.status(),
+            Cause::LoopDetected => 508,
         }
     }
 
@@ -48,6 +51,7 @@ impl Cause {
             Cause::BadRequest => "bad_request",
             Cause::BodyTimeout => "body_timeout",
             Cause::Admission(k) => k.code(),
+            Cause::LoopDetected => "loop_detected",
         }
     }
 
@@ -62,6 +66,9 @@ impl Cause {
             Cause::BadRequest => "the request is malformed",
             Cause::BodyTimeout => "the request body did not arrive in time",
             Cause::Admission(_) => "the request was not admitted",
+            Cause::LoopDetected => {
+                "the request already passed this busbar node, or more busbar nodes than limits.max_hops: a forwarding loop"
+            }
         }
     }
 

@@ -8,7 +8,8 @@
 //! Every call needs `Authorization: Bearer <token>`; a token only sees and touches the
 //! services it is scoped to (401 without a valid token; 403 outside its scope, whether or
 //! not the service exists). Registered addresses follow the address policy
-//! (`config::address`: 400 naming the field) and the token's `addresses` (403).
+//! (`config::address`: 400 naming the field) and the token's `addresses` (403). A request
+//! that came through a busbar service listener (`Via`) gets 403 before anything else.
 //! Owns: parsing and validating requests, authentication, the JSON answers.
 //! Must not: store anything itself; writes go through a [`Writer`].
 
@@ -546,6 +547,9 @@ impl RegistrationApi {
 #[async_trait]
 impl ServeHttp for RegistrationApi {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        if let Some(refusal) = crate::admin::replies::forwarded_by_busbar(session) {
+            return refusal;
+        }
         match self.handle(session).await {
             Ok(r) | Err(r) => r,
         }
