@@ -26,6 +26,7 @@ use crate::listeners::DrainedListeners;
 use crate::metrics::METRICS;
 use crate::proxy::BusbarProxy;
 use crate::registry::api::{Embedded, RegistrationApi, Writer};
+use crate::registry::gate::{Gate, Source};
 use crate::registry::persist;
 use crate::registry::store::{Store, StorePolicy};
 use crate::registry::sync::RegistrySync;
@@ -93,22 +94,33 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     }
 
     // 0. The registry's last known instances come first, so a restarted node routes at once.
+    //    What this node did not check itself (the snapshot, etcd) passes its address
+    //    policy first: no instance at its own listeners or at cloud metadata.
+    let own_listeners =
+        OwnListeners::new(&listen, takes_registrations.then_some(registry_conf.listen));
+    let gate = Arc::new(Gate::new(own_listeners.clone()));
     let store = Arc::new(Store::new(StorePolicy {
         renewal_threshold: registry_conf.renewal_threshold,
         max_expiry_share: registry_conf.max_expiry_share,
     }));
     let etcd = match &registry_conf.backend {
         RegistryBackend::Embedded => None,
-        RegistryBackend::Etcd { endpoints, prefix } => {
-            Some(Etcd::new(endpoints.clone(), prefix.clone(), store.clone()))
-        }
+        RegistryBackend::Etcd { endpoints, prefix } => Some(Etcd::new(
+            endpoints.clone(),
+            prefix.clone(),
+            store.clone(),
+            gate.clone(),
+        )),
     };
     match persist::load(&registry_conf.snapshot) {
         Ok(instances) => {
             if !instances.is_empty() {
                 tracing::info!(n = instances.len(), path = %registry_conf.snapshot.display(), "routing to the registry snapshot's instances");
             }
-            for r in instances {
+            for r in instances
+                .into_iter()
+                .filter(|r| gate.admit(r, Source::Snapshot))
+            {
                 // With etcd, leases live there: the snapshot's instances wait for the
                 // re-list to confirm or remove them rather than expire here.
                 if etcd.is_some() {
@@ -186,6 +198,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         AdminApi {
             state: state.clone(),
             token,
+            refused: gate.clone(),
         },
     );
     admin.threads = Some(1);
@@ -203,10 +216,8 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         RegistrationApi {
             state: state.clone(),
             writer,
-            listeners: OwnListeners::new(
-                &listen,
-                takes_registrations.then_some(registry_conf.listen),
-            ),
+            listeners: own_listeners,
+            refused: gate,
         },
     );
     registration.threads = Some(1);

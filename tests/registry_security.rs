@@ -1,11 +1,17 @@
 //! The registration API as an attacker holding a token sees it (issue 22, parts 1 and 3):
 //! addresses no instance can have, busbar's own listeners, a token's networks, static
-//! endpoints under `busbar check`, and what a scoped token may learn about other services.
+//! endpoints under `busbar check`, what a scoped token may learn about other services,
+//! and instances this node learns from elsewhere (etcd, its snapshot file), which are held
+//! to its own address policy before they are routed.
 
 mod common;
 
+use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
+use common::daemon::wait_until;
+use common::etcd::{orders_on_etcd, Etcd};
 use common::{client, get_json, sha256_hex, Backend, Busbar};
 use serde_json::{json, Value};
 
@@ -331,6 +337,237 @@ async fn a_scoped_token_sees_only_its_services_and_cannot_probe_names() {
         text.contains("orders") && text.contains("payments"),
         "{admin}"
     );
+}
+
+/// A registration as busbar stores it (in etcd and in its snapshot file).
+fn stored(id: &str, address: &str, sidecar: Option<&str>) -> Value {
+    let mut v = json!({
+        "service": "orders",
+        "id": id,
+        "address": address,
+        "weight": 1,
+        "ttl_secs": 60,
+    });
+    if let Some(s) = sidecar {
+        v["sidecar"] = json!(s);
+    }
+    v
+}
+
+/// The WARN busbar logs once per refused instance.
+const REFUSED_LOG: &str = "registration refused";
+
+fn refused_metric(source: &str, reason: &str) -> String {
+    format!("busbar_registrations_refused_total{{reason=\"{reason}\",source=\"{source}\"}}")
+}
+
+/// The ids `GET /v1/services/orders` lists on `bus` (sorted).
+async fn listed(bus: &Busbar, token: &str) -> Vec<String> {
+    let v = get_json(
+        client()
+            .get(bus.registry_url("/v1/services/orders"))
+            .bearer_auth(token),
+    )
+    .await;
+    let mut ids: Vec<String> = v["instances"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+/// What admin `/v1/registry` lists as refused: "id field reason source", sorted.
+async fn refusals(bus: &Busbar) -> Vec<String> {
+    let reg = get_json(client().get(bus.admin_url("/v1/registry"))).await;
+    let mut all: Vec<String> = reg["refused"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    let s = |k: &str| r[k].as_str().unwrap_or("?");
+                    format!("{} {} {} {}", s("id"), s("field"), s("reason"), s("source"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    all.sort();
+    all
+}
+
+/// `n` requests to `/orders/x`: each must be a 200 from `backend`.
+async fn all_reach(bus: &Busbar, n: usize, backend: &str) {
+    for i in 0..n {
+        let r = client().get(bus.url("/orders/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.headers()["x-backend"], backend, "request {i}");
+    }
+}
+
+/// A peer node checks a registration against its own listeners, not this node's; and
+/// anyone who can write etcd bypasses every node's API. So what arrives through etcd is
+/// checked again here: an instance at this node's own service, admin or registration
+/// port, or at the metadata address, is not routed, not listed, logged once and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_from_etcd_are_held_to_this_nodes_address_policy() {
+    const TOKEN: &str = "etcd-policy-token";
+    let etcd = Etcd::start().await;
+    let app = Backend::start("orders-1").await;
+    let other = Backend::start("orders-2").await;
+    let kv = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .expect("etcd client");
+    let put = |id: &str, address: String, sidecar: Option<String>| {
+        let key = format!("/busbar-test/services/orders/{id}");
+        let value = stored(id, &address, sidecar.as_deref()).to_string();
+        let mut kv = kv.clone();
+        async move { kv.put(key, value, None).await.expect("etcd put") }
+    };
+    // Present before the node starts: it arrives through the first listing, not the watch.
+    put("early", "[fe80::1]:80".into(), None).await;
+    let bus = Busbar::start(&orders_on_etcd(&[etcd.endpoint()], TOKEN, "")).await;
+    let metric = |reason: &str| refused_metric("etcd", reason);
+    let own = metric("own_listener");
+    let link_local = metric("link_local");
+
+    // 1. Only refused instances: the service has none to route to.
+    let asked = std::time::Instant::now();
+    put("self", bus.http.to_string(), None).await;
+    put("admin", bus.admin.to_string(), None).await;
+    put("meta", "169.254.169.254:80".into(), None).await;
+    put("side", app.addr.to_string(), Some(bus.registry.to_string())).await;
+    wait_until(
+        "three own-listener and two link-local refusals counted",
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || async { bus.metric(&own).await == 3.0 && bus.metric(&link_local).await == 2.0 },
+    )
+    .await;
+    eprintln!(
+        "4 refused puts counted {:?} after the first",
+        asked.elapsed()
+    );
+    assert!(listed(&bus, TOKEN).await.is_empty());
+    let r = client().get(bus.url("/orders/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "no_healthy_instance", "{v}");
+    assert_eq!(
+        app.hits(),
+        0,
+        "the instance whose sidecar is ours was not used"
+    );
+    assert_eq!(
+        refusals(&bus).await,
+        [
+            "admin address own_listener etcd",
+            "early address link_local etcd",
+            "meta address link_local etcd",
+            "self address own_listener etcd",
+            "side sidecar own_listener etcd",
+        ],
+        "the admin API lists what this node refused"
+    );
+
+    // 2. A good instance beside them takes all the traffic.
+    put("good", app.addr.to_string(), None).await;
+    put("flip", other.addr.to_string(), None).await;
+    wait_until(
+        "good and flip listed",
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || async { listed(&bus, TOKEN).await == ["flip", "good"] },
+    )
+    .await;
+
+    // 3. An instance moved to a refused address leaves; the same refusal again is not
+    //    logged or counted again (the put after it shows the watch got that far).
+    put("meta", "169.254.169.254:80".into(), None).await;
+    put("flip", bus.admin.to_string(), None).await;
+    wait_until(
+        "flip gone",
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || async { listed(&bus, TOKEN).await == ["good"] },
+    )
+    .await;
+    all_reach(&bus, 20, "orders-1").await;
+    assert_eq!(other.hits(), 0, "flip was never sent to once refused");
+    assert_eq!(bus.metric(&own).await, 4.0);
+    assert_eq!(bus.metric(&link_local).await, 2.0, "meta counted once");
+    let logged = bus.stderr().matches(REFUSED_LOG).count();
+    assert_eq!(
+        logged,
+        6,
+        "one WARN per refused instance:\n{}",
+        bus.stderr()
+    );
+}
+
+/// The snapshot file is read before anything else on start; one that names this node's
+/// listeners (written under another config, or by hand) or the metadata address does not
+/// make them routable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_from_the_snapshot_file_are_held_to_the_address_policy() {
+    let app = Backend::start("orders-1").await;
+    let mut bus = Busbar::start(&config()).await;
+    let addr = |a: SocketAddr| a.to_string();
+    let snapshot = json!({
+        "format": 1,
+        "saved_at": "2025-01-01T00:00:00Z",
+        "instances": [
+            stored("good", &addr(app.addr), None),
+            stored("self", &addr(bus.http), None),
+            stored("admin", &format!("[::ffff:127.0.0.1]:{}", bus.admin.port()), None),
+            stored("meta", "169.254.169.254:80", None),
+            stored("side", &addr(app.addr), Some(&addr(bus.registry))),
+        ],
+    });
+    // Nothing is registered, so the running node never writes this file itself.
+    std::fs::write(
+        bus.dir.path().join("busbar-registry.json"),
+        serde_json::to_vec(&snapshot).unwrap(),
+    )
+    .unwrap();
+    bus.kill_and_restart().await;
+
+    assert_eq!(listed(&bus, ORDERS_TOKEN).await, ["good"]);
+    all_reach(&bus, 20, "orders-1").await;
+    assert_eq!(
+        bus.metric(&refused_metric("snapshot", "own_listener"))
+            .await,
+        3.0
+    );
+    assert_eq!(
+        bus.metric(&refused_metric("snapshot", "link_local")).await,
+        1.0
+    );
+    let logged = bus.stderr().matches(REFUSED_LOG).count();
+    assert_eq!(
+        logged,
+        4,
+        "one WARN per refused instance:\n{}",
+        bus.stderr()
+    );
+    assert_eq!(
+        refusals(&bus).await,
+        [
+            "admin address own_listener snapshot",
+            "meta address link_local snapshot",
+            "self address own_listener snapshot",
+            "side sidecar own_listener snapshot",
+        ]
+    );
+    // Registered again through the API, at an address it may have: no longer refused.
+    let body = json!({ "address": addr(app.addr) });
+    let (status, v) = register(&bus, "orders", "meta", body, ORDERS_TOKEN).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(listed(&bus, ORDERS_TOKEN).await, ["good", "meta"]);
+    assert_eq!(refusals(&bus).await.len(), 3);
 }
 
 /// Line and column (1-based) of the last `needle` in `text`.

@@ -28,6 +28,8 @@ pub struct AdminApi {
     pub state: Arc<State>,
     /// `None`: no token configured, so state-changing calls are refused.
     pub token: Option<String>,
+    /// Instances from etcd or the snapshot that this node does not route (`/v1/registry`).
+    pub refused: Arc<crate::registry::gate::Gate>,
 }
 
 /// Compares in time independent of where the first difference is.
@@ -152,6 +154,7 @@ impl AdminApi {
             "instances": store.all().len(),
             "degraded": store.degraded(),
             "self_preservation": store.self_preservation(),
+            "refused": self.refused.list(),
         })
     }
 

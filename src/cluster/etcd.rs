@@ -4,13 +4,15 @@
 //! to a lease whose TTL is the instance's TTL. Registrations and heartbeats on any node
 //! write to etcd; every node watches the prefix (resuming from the last revision after a
 //! disconnect, re-listing when that revision was compacted) and keeps its local store,
-//! hence its routing and snapshot, current. When etcd is unreachable, writes answer 503,
-//! routing goes on from memory, and the node says it is degraded.
+//! hence its routing and snapshot, current. What the watch brings passes this node's
+//! address policy first (`registry::gate`): a peer checked it against its own listeners.
+//! When etcd is unreachable, writes answer 503, routing goes on from memory, and the node
+//! says it is degraded.
 //!
 //! Owns: the etcd client, the lease ids it learns, the watch loop.
 //! Must not: be awaited by the request path.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +23,7 @@ use pingora_core::services::background::BackgroundService;
 
 use super::etcd_conn::{self, timed, EtcdConn, Mirror};
 use crate::registry::api::{WriteError, Writer};
+use crate::registry::gate::{Gate, Source};
 use crate::registry::store::{Registration, Store, StoreError};
 
 /// The registry in etcd, mirrored into the node's store.
@@ -30,6 +33,8 @@ pub struct Etcd {
     /// (service, id) → lease, learned from the watch: a heartbeat on any node finds it here.
     leases: Mutex<HashMap<(String, String), i64>>,
     store: Arc<Store>,
+    /// This node's address policy for what peers registered.
+    gate: Arc<Gate>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> WriteError {
@@ -37,12 +42,18 @@ fn unavailable(e: impl std::fmt::Display) -> WriteError {
 }
 
 impl Etcd {
-    pub fn new(endpoints: Vec<String>, prefix: String, store: Arc<Store>) -> Arc<Etcd> {
+    pub fn new(
+        endpoints: Vec<String>,
+        prefix: String,
+        store: Arc<Store>,
+        gate: Arc<Gate>,
+    ) -> Arc<Etcd> {
         Arc::new(Etcd {
             conn: EtcdConn::new(endpoints),
             prefix,
             leases: Mutex::new(HashMap::new()),
             store,
+            gate,
         })
     }
 
@@ -79,13 +90,20 @@ impl Mirror for Etcd {
     fn reset(&self, kvs: &[KeyValue]) {
         let mut regs = Vec::with_capacity(kvs.len());
         let mut leases = HashMap::new();
+        let mut listed = HashSet::with_capacity(kvs.len());
         for kv in kvs {
             if let Some(r) = self.parse(kv) {
+                // A refused instance keeps its lease here: heartbeats through this node
+                // still renew it in etcd for the nodes that do route it.
                 leases.insert((r.service.clone(), r.id.clone()), kv.lease());
-                regs.push(r);
+                listed.insert((r.service.clone(), r.id.clone()));
+                if self.gate.admit(&r, Source::Etcd) {
+                    regs.push(r);
+                }
             }
         }
         *self.leases() = leases;
+        self.gate.keep_only(&listed);
         self.store.replace_external(regs);
     }
 
@@ -97,7 +115,12 @@ impl Mirror for Etcd {
                     if let Some(r) = self.parse(kv) {
                         self.leases()
                             .insert((r.service.clone(), r.id.clone()), kv.lease());
-                        self.store.upsert_external(r);
+                        if self.gate.admit(&r, Source::Etcd) {
+                            self.store.upsert_external(r);
+                        } else {
+                            // It moved to a refused address: where it was is stale.
+                            let _ = self.store.deregister(&r.service, &r.id);
+                        }
                     }
                 }
                 EventType::Delete => {
@@ -109,6 +132,7 @@ impl Mirror for Etcd {
                         continue;
                     };
                     self.leases().remove(&(service.to_string(), id.to_string()));
+                    self.gate.forget(service, id);
                     let _ = self.store.deregister(service, id);
                 }
             }

@@ -50,6 +50,21 @@ pub enum Refused {
     OwnListener,
 }
 
+impl Refused {
+    /// A short name for metric labels and JSON (`own_listener`, `link_local`, ...).
+    pub fn code(self) -> &'static str {
+        match self {
+            Refused::Unspecified => "unspecified",
+            Refused::PortZero => "port_zero",
+            Refused::Multicast => "multicast",
+            Refused::Broadcast => "broadcast",
+            Refused::LinkLocal => "link_local",
+            Refused::Metadata => "metadata",
+            Refused::OwnListener => "own_listener",
+        }
+    }
+}
+
 /// AWS's instance metadata service over IPv6 (Nitro); unique-local, so not caught as
 /// link-local.
 const AWS_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254);

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub edge_refusals: IntCounterVec,
     pub self_preservation: IntGauge,
     pub registrations: IntCounterVec,
+    pub registrations_refused: IntCounterVec,
     pub registry_degraded: IntGauge,
     pub version_requests: IntCounterVec,
     pub release_fallback: IntCounterVec,
@@ -254,6 +255,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "busbar_registry_requests_total",
             "Registration API calls by operation and result.",
             &["op", "result"],
+        ),
+        registrations_refused: counter(
+            &r,
+            "busbar_registrations_refused_total",
+            "Instances learned from etcd or the registry snapshot file that this node does not route, because their address (or sidecar) is one the address policy refuses here; counted once per instance and address, by source and reason.",
+            &["source", "reason"],
         ),
         registry_degraded: int_gauge(
             &r,

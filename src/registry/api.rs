@@ -102,6 +102,8 @@ pub struct RegistrationApi {
     /// Where this node listens (bound at start; a reload cannot change it): no instance
     /// may be registered there.
     pub listeners: OwnListeners,
+    /// Refusals of instances from elsewhere: one written here again is no longer refused.
+    pub refused: Arc<crate::registry::gate::Gate>,
 }
 
 fn reply(status: StatusCode, v: Value) -> Response<Vec<u8>> {
@@ -435,10 +437,12 @@ impl RegistrationApi {
 
     /// An acknowledged write is routable on this node before the reply leaves; the sync
     /// task brings every other view (and the disk snapshot) along.
-    fn apply_now(&self, service: &str, ok: bool) {
+    fn apply_now(&self, service: &str, id: &str, ok: bool) {
         if !ok {
             return;
         }
+        // What an older snapshot or a peer said of this instance is superseded.
+        self.refused.forget(service, id);
         if let Some(svc) = self.state.load().service(service) {
             svc.set_registered(&self.state.registry.instances(service));
         }
@@ -511,7 +515,7 @@ impl RegistrationApi {
                 let r = self.writer.register(reg).await.map(|()| {
                     json!({ "status": "registered", "service": s, "id": id, "ttl": ttl, "heartbeat_every": (ttl / 3).max(1) })
                 });
-                self.apply_now(s, r.is_ok());
+                self.apply_now(s, id, r.is_ok());
                 Ok(Self::write_result("register", r))
             }
             (Method::PUT, Call::Heartbeat(s, id)) => {
@@ -532,7 +536,7 @@ impl RegistrationApi {
                     .deregister(s, id)
                     .await
                     .map(|()| json!({ "status": "deregistered", "service": s, "id": id }));
-                self.apply_now(s, r.is_ok());
+                self.apply_now(s, id, r.is_ok());
                 Ok(Self::write_result("deregister", r))
             }
             _ => Err(error(
