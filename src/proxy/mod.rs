@@ -611,6 +611,15 @@ impl BusbarProxy {
         if status.is_informational() {
             return;
         }
+        self.on_response_head(ctx);
+        self.on_response_health(ctx, status);
+    }
+
+    /// The upstream's final response head arrived: the upstream time. busbar's own
+    /// HTTP/1 path judges the instance by [`Self::on_response_health`] once the body has
+    /// ended cleanly, so that an answer whose body turns out malformed is not also
+    /// counted a success (which would reset the instance's failure streak every time).
+    pub(crate) fn on_response_head(&self, ctx: &mut RequestCtx) {
         if let (Some(route), Some(start)) = (&ctx.route, ctx.upstream_start) {
             let t = start.elapsed();
             ctx.upstream_time = Some(t);
@@ -620,6 +629,11 @@ impl BusbarProxy {
                 .upstream_duration
                 .observe(t.as_secs_f64());
         }
+    }
+
+    /// The instance's health after its answer: a 5xx counts against it, anything else
+    /// ends its failure streak.
+    pub(crate) fn on_response_health(&self, ctx: &mut RequestCtx, status: http::StatusCode) {
         if let Some(instance) = ctx.instance.clone() {
             if status.is_server_error() {
                 self.record_failure(ctx, &instance);
@@ -627,6 +641,19 @@ impl BusbarProxy {
                 instance.health.record_success();
             }
         }
+    }
+
+    /// The upstream answered with a head or a body busbar cannot frame (`edge::framing`).
+    /// It counts against the instance like a 5xx and is counted in
+    /// `busbar_upstream_errors_total{cause="malformed"}`; it is never retried: the
+    /// request reached the upstream, which may have acted on it, and an instance that
+    /// answers so would likely answer the next try the same way (nginx and HAProxy send
+    /// such a request once too).
+    pub(crate) fn on_malformed_response(&self, ctx: &mut RequestCtx) {
+        if let Some(route) = &ctx.route {
+            route.service.metrics.malformed.inc();
+        }
+        self.on_try_failure(ctx, true, false, false, false);
     }
 
     /// The request is over: gray-release outcome, metrics, and the access log line.
