@@ -824,11 +824,19 @@ async fn exchange(
                 return down.answer(ctx, cause, false).await;
             }
         };
+        // The route's `timeout` is the deadline for the response head over all tries:
+        // it bounds the whole try, not each read (an upstream trickling header lines
+        // would pass a per-read limit for ever).
+        let head_within = ctx.deadline.map_or(t.read_timeout, |d| {
+            d.saturating_duration_since(std::time::Instant::now())
+        });
         // A client that leaves while the upstream works ends the try (as in pingora's
         // path): its instance, and its admission slot, are free at once.
         let tried = tokio::select! {
             biased;
-            r = one_try(&t, &ask, &mut buf, &mut out) => r,
+            r = within(head_within, one_try(&t, &ask, &mut buf, &mut out)) => {
+                r.unwrap_or(Err(TryFail::Trip { timed_out: true }))
+            }
             _ = down.left() => {
                 ctx.release_instance();
                 return Served::nothing();
