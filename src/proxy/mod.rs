@@ -252,6 +252,29 @@ fn upstream_error(cause: Cause, why: &'static str) -> Box<Error> {
     e
 }
 
+/// Is this upstream error pingora's verdict on an answer it cannot frame: a bad head or
+/// `Content-Length`, a bad chunk or trailer section?
+fn malformed(e: &Error) -> bool {
+    match e.etype() {
+        ErrorType::InvalidHTTPHeader => true,
+        ErrorType::Custom(name) => matches!(*name, "InvalidChunk" | "InvalidTrailerEnd"),
+        _ => false,
+    }
+}
+
+/// Does the response carry at most one `Content-Length`, one value? pingora frames a
+/// response whose values agree (`5, 5`, or two lines of `5`) by that value but would pass
+/// the lines on as they came, for a lenient next hop to read otherwise; busbar's own path
+/// refuses them, as nginx does, and so does this one.
+fn one_content_length(resp: &ResponseHeader) -> bool {
+    let mut values = resp.headers.get_all(CONTENT_LENGTH).iter();
+    match (values.next(), values.next()) {
+        (None, _) => true,
+        (Some(v), None) => !v.as_bytes().contains(&b','),
+        _ => false,
+    }
+}
+
 /// What a try needs to reach its instance (from [`BusbarProxy::begin_try`]).
 pub(crate) struct Try {
     pub addr: std::net::SocketAddr,
@@ -821,6 +844,11 @@ impl ProxyHttp for BusbarProxy {
             && session.response_written().is_none();
         // `retry()` panics while the error's retry is still "only if reused": decide it first.
         e.retry.decide_reuse(client_reused);
+        if upstream_fault && malformed(&e) {
+            self.on_malformed_response(ctx);
+            e.set_retry(false);
+            return e;
+        }
         let stale_reuse = client_reused && e.retry();
         let retry = self.on_try_failure(ctx, upstream_fault, timed_out, safe, stale_reuse);
         e.set_retry(retry);
@@ -843,6 +871,13 @@ impl ProxyHttp for BusbarProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if !one_content_length(resp) {
+            // An answer that cannot be framed ([`malformed`]): a 502, never retried.
+            let mut e =
+                Error::explain(ErrorType::InvalidHTTPHeader, "more than one Content-Length");
+            e.esource = ErrorSource::Upstream;
+            return Err(e);
+        }
         self.on_response(ctx, resp.status);
         Ok(())
     }
