@@ -400,6 +400,25 @@ mod tests {
         }
     }
 
+    /// Any byte anywhere in a body, read in two parts cut anywhere: no panic, and what the
+    /// client gets of a body found whole is exactly the bytes up to its end.
+    #[test]
+    fn every_byte_anywhere_is_either_framed_exactly_or_refused() {
+        let base: &[u8] = b"3;a=\"b\"\r\nabc\r\n0\r\nx: 1\r\n\r\n";
+        for at in 0..base.len() {
+            for b in 0..=255u8 {
+                let mut body = base.to_vec();
+                body[at] = b;
+                for cut in [0, at, body.len()] {
+                    let (head, tail) = body.split_at(cut);
+                    if let Ok((out, Some(end))) = scan(&[head, tail]) {
+                        assert_eq!(out, &body[..end], "{:?}", String::from_utf8_lossy(&body));
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn size_lines_and_trailer_sections_are_bounded() {
         let long_ext = format!("1;a={}\r\n", "x".repeat(MAX_CHUNK_LINE));

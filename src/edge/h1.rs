@@ -21,7 +21,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, UPGRADE};
@@ -463,6 +463,8 @@ struct Ask<'a> {
     idempotent: bool,
     /// busbar sets `RateLimit-*` on the response (see [`parse_head`]).
     own_rate: bool,
+    /// When the response head must have come, over all tries: the route's `timeout`.
+    head_by: Instant,
 }
 
 /// Sends the request head and reads the response head (skipping 1xx ones) into `buf`;
@@ -477,7 +479,11 @@ async fn round_trip(
 ) -> Result<Head, TripError> {
     let failed = TripError::Upstream { timed_out: false };
     let timed_out = TripError::Upstream { timed_out: true };
-    match within(read_timeout, up.write_all(ask.wire)).await {
+    // Each wait ends at `read_timeout` or at the head's deadline, whichever is first: the
+    // deadline bounds the whole head, so an upstream trickling header lines (each read
+    // well within `read_timeout`) does not get through it.
+    let limit = || read_timeout.min(ask.head_by.saturating_duration_since(Instant::now()));
+    match within(limit(), up.write_all(ask.wire)).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) if reused => return Err(TripError::Stale),
         Ok(Err(_)) => return Err(failed),
@@ -488,7 +494,7 @@ async fn round_trip(
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(BUF);
         }
-        let n = match within(read_timeout, up.read_buf(buf)).await {
+        let n = match within(limit(), up.read_buf(buf)).await {
             Ok(Ok(n)) => n,
             Ok(Err(_)) if reused && buf.is_empty() => return Err(TripError::Stale),
             Ok(Err(_)) => return Err(failed),
@@ -812,6 +818,9 @@ async fn exchange(
         head_request: req.method == Method::HEAD,
         idempotent: req.method.is_idempotent(),
         own_rate: !edits && rate.is_some(),
+        head_by: ctx
+            .deadline
+            .unwrap_or_else(|| Instant::now() + route.service.config.timeout),
     };
     let mut buf = Vec::with_capacity(BUF);
     // The response head for the client, and the first of its body: one write.
@@ -824,19 +833,11 @@ async fn exchange(
                 return down.answer(ctx, cause, false).await;
             }
         };
-        // The route's `timeout` is the deadline for the response head over all tries:
-        // it bounds the whole try, not each read (an upstream trickling header lines
-        // would pass a per-read limit for ever).
-        let head_within = ctx.deadline.map_or(t.read_timeout, |d| {
-            d.saturating_duration_since(std::time::Instant::now())
-        });
         // A client that leaves while the upstream works ends the try (as in pingora's
         // path): its instance, and its admission slot, are free at once.
         let tried = tokio::select! {
             biased;
-            r = within(head_within, one_try(&t, &ask, &mut buf, &mut out)) => {
-                r.unwrap_or(Err(TryFail::Trip { timed_out: true }))
-            }
+            r = one_try(&t, &ask, &mut buf, &mut out) => r,
             _ = down.left() => {
                 ctx.release_instance();
                 return Served::nothing();
