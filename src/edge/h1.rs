@@ -10,7 +10,9 @@
 //!
 //! Owns: HTTP/1.1 framing on both sides for these requests: the upstream request head,
 //! the response head and the body's end (length, chunked, or close), hop-by-hop headers,
-//! `Date` and `Connection` downstream.
+//! `Date` and `Connection` downstream. An answer that breaks `edge::framing`'s rules is a
+//! 502, or, once its head went out, a client connection closed; never bytes passed on
+//! that busbar could not frame.
 //! Must not: hold policy. Route, tries, retries, outlier detection, headers, metrics and
 //! the access log are the proxy's phases (`proxy::BusbarProxy`), the same calls the
 //! pingora path makes.
@@ -19,7 +21,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, UPGRADE};
@@ -32,6 +34,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::deadline::within;
+use super::framing::{self, ChunkScan};
 use super::head::HeadLimits;
 use super::pool;
 use crate::admission::reject::{rate_lines, RATE_HEADERS};
@@ -291,8 +294,11 @@ enum TripError {
     /// Nothing came back on a pooled connection: the upstream had closed it. Not the
     /// instance's fault; the same try goes again on a fresh connection.
     Stale,
-    /// The upstream failed (error, close, timeout, or a head that is not HTTP).
+    /// The upstream failed (error, close, timeout).
     Upstream { timed_out: bool },
+    /// The upstream answered with a head busbar cannot frame (see [`parse_head`]), a
+    /// head over [`MAX_RESPONSE_HEAD`], or an upgrade nobody asked for.
+    Malformed,
 }
 
 /// Parses the response head at the start of `buf`: `Ok(None)` while incomplete.
@@ -302,6 +308,11 @@ enum TripError {
 /// header lines as they came, less hop-by-hop ones, `Date`, a `Content-Length` that
 /// `Transfer-Encoding` overrides, and `RateLimit-*` when `own_rate` (busbar sets its
 /// own). [`finish_head`] finishes it. One parse serves framing and forwarding.
+///
+/// `Err`: a head busbar cannot frame or be sure of (see `edge::framing`): not HTTP, a
+/// `Content-Length` that is not one line of digits, transfer codings with `chunked` not
+/// once and last, `Transfer-Encoding` in HTTP/1.0, or a `Connection` that nominates a
+/// framing header.
 fn parse_head(
     buf: &[u8],
     head_request: bool,
@@ -317,9 +328,10 @@ fn parse_head(
     };
     let code = parsed.code.ok_or(())?;
     let status = StatusCode::from_u16(code).map_err(|_| ())?;
-    let mut reusable = parsed.version == Some(1);
+    let http11 = parsed.version == Some(1);
+    let mut reusable = http11;
     let mut length: Option<u64> = None;
-    let mut chunked = false;
+    let mut codings = framing::Codings::default();
     let mut encoded = false;
     let mut nominates = false;
     let mut names = [Name::Other; MAX_HEADERS];
@@ -328,31 +340,36 @@ fn parse_head(
         match *name {
             Name::Connection => {
                 let mut close = false;
-                nominates |= !connection_tokens(h.value, &mut close);
+                if !connection_tokens(h.value, &mut close) {
+                    // Framing headers are not hop-by-hop: stripping them would leave the
+                    // body without an end for the client.
+                    if framing::nominates_framing(h.value) {
+                        return Err(());
+                    }
+                    nominates = true;
+                }
                 reusable &= !close;
             }
             Name::ContentLength => {
-                let n = std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .ok_or(())?;
-                // Two different lengths: which one frames the body is ambiguous (smuggling).
-                if length.is_some_and(|l| l != n) {
+                // One line of `1*DIGIT`: a second line, even an equal one, or a list is
+                // refused as nginx does, so no next hop can pick another value.
+                if length.is_some() {
                     return Err(());
                 }
-                length = Some(n);
+                length = Some(framing::content_length(h.value).ok_or(())?);
             }
             Name::TransferEncoding => {
                 encoded = true;
-                chunked = h
-                    .value
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                codings.add(h.value).map_err(|_| ())?;
             }
             _ => {}
         }
     }
+    // RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+    if encoded && !http11 {
+        return Err(());
+    }
+    let chunked = codings.chunked;
     lines.clear();
     status_line(lines, status);
     for (h, name) in parsed.headers.iter().zip(names) {
@@ -424,7 +441,11 @@ fn upstream_header(raw: &[u8]) -> Result<ResponseHeader, ()> {
         let value = HeaderValue::from_bytes(h.value).map_err(|_| ())?;
         resp.append_header(name, value).map_err(|_| ())?;
     }
-    for name in &nominated {
+    // Framing headers are never hop-by-hop ([`parse_head`] refuses a head that says so).
+    for name in nominated
+        .iter()
+        .filter(|n| **n != CONTENT_LENGTH && **n != TRANSFER_ENCODING)
+    {
         resp.remove_header(name);
     }
     if encoded {
@@ -442,6 +463,8 @@ struct Ask<'a> {
     idempotent: bool,
     /// busbar sets `RateLimit-*` on the response (see [`parse_head`]).
     own_rate: bool,
+    /// When the response head must have come, over all tries: the route's `timeout`.
+    head_by: Instant,
 }
 
 /// Sends the request head and reads the response head (skipping 1xx ones) into `buf`;
@@ -456,7 +479,11 @@ async fn round_trip(
 ) -> Result<Head, TripError> {
     let failed = TripError::Upstream { timed_out: false };
     let timed_out = TripError::Upstream { timed_out: true };
-    match within(read_timeout, up.write_all(ask.wire)).await {
+    // Each wait ends at `read_timeout` or at the head's deadline, whichever is first: the
+    // deadline bounds the whole head, so an upstream trickling header lines (each read
+    // well within `read_timeout`) does not get through it.
+    let limit = || read_timeout.min(ask.head_by.saturating_duration_since(Instant::now()));
+    match within(limit(), up.write_all(ask.wire)).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) if reused => return Err(TripError::Stale),
         Ok(Err(_)) => return Err(failed),
@@ -467,7 +494,7 @@ async fn round_trip(
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(BUF);
         }
-        let n = match within(read_timeout, up.read_buf(buf)).await {
+        let n = match within(limit(), up.read_buf(buf)).await {
             Ok(Ok(n)) => n,
             Ok(Err(_)) if reused && buf.is_empty() => return Err(TripError::Stale),
             Ok(Err(_)) => return Err(failed),
@@ -485,7 +512,7 @@ async fn round_trip(
                 Ok(None) => break,
                 Ok(Some(head)) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
                     // Nothing asked for an upgrade.
-                    return Err(TripError::Upstream { timed_out: false });
+                    return Err(TripError::Malformed);
                 }
                 Ok(Some(head)) if head.status.is_informational() => {
                     // 103 Early Hints and the like: dropped, the final response follows.
@@ -495,103 +522,9 @@ async fn round_trip(
                     }
                 }
                 Ok(Some(head)) => return Ok(head),
-                Err(()) => return Err(TripError::Upstream { timed_out: false }),
+                Err(()) => return Err(TripError::Malformed),
             }
         }
-    }
-}
-
-/// Where a chunked body ends: fed the body's bytes in order, says after how many of
-/// them the last chunk and its trailers end. Passes the bytes through unchanged.
-#[derive(Debug, Default)]
-struct ChunkScan {
-    state: Chunk,
-    size: u64,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    /// In the hex size (the first digit seen).
-    #[default]
-    Size,
-    /// After the size: an extension, up to LF.
-    SizeLine,
-    /// In the data; `size` bytes remain.
-    Data,
-    /// After the data: CR LF.
-    DataEnd,
-    /// In a trailer line (or at the start of the final empty line).
-    Trailer {
-        empty: bool,
-    },
-    Done,
-}
-
-impl ChunkScan {
-    /// `Ok(Some(n))`: the body ends after `bytes[..n]`. `Err`: not chunked framing.
-    fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, ()> {
-        let mut i = 0;
-        while i < bytes.len() {
-            let b = bytes[i];
-            match self.state {
-                Chunk::Size => match (b as char).to_digit(16) {
-                    Some(d) => {
-                        self.size = self
-                            .size
-                            .checked_mul(16)
-                            .and_then(|s| s.checked_add(d as u64))
-                            .ok_or(())?;
-                    }
-                    None if b == b'\r' || b == b';' || b == b' ' || b == b'\t' => {
-                        self.state = Chunk::SizeLine
-                    }
-                    None if b == b'\n' => self.end_size_line(),
-                    None => return Err(()),
-                },
-                Chunk::SizeLine => {
-                    if b == b'\n' {
-                        self.end_size_line();
-                    }
-                }
-                Chunk::Data => {
-                    let take = (self.size).min((bytes.len() - i) as u64) as usize;
-                    self.size -= take as u64;
-                    i += take;
-                    if self.size == 0 {
-                        self.state = Chunk::DataEnd;
-                    }
-                    continue;
-                }
-                Chunk::DataEnd => match b {
-                    b'\r' => {}
-                    b'\n' => {
-                        self.state = Chunk::Size;
-                        self.size = 0;
-                    }
-                    _ => return Err(()),
-                },
-                Chunk::Trailer { empty } => match b {
-                    b'\r' => {}
-                    b'\n' if empty => {
-                        self.state = Chunk::Done;
-                        return Ok(Some(i + 1));
-                    }
-                    b'\n' => self.state = Chunk::Trailer { empty: true },
-                    _ => self.state = Chunk::Trailer { empty: false },
-                },
-                Chunk::Done => return Ok(Some(i)),
-            }
-            i += 1;
-        }
-        Ok((self.state == Chunk::Done).then_some(i))
-    }
-
-    fn end_size_line(&mut self) {
-        self.state = if self.size == 0 {
-            Chunk::Trailer { empty: true }
-        } else {
-            Chunk::Data
-        };
     }
 }
 
@@ -892,6 +825,9 @@ async fn exchange(
         head_request: req.method == Method::HEAD,
         idempotent: req.method.is_idempotent(),
         own_rate: !edits && rate.is_some(),
+        head_by: ctx
+            .deadline
+            .unwrap_or_else(|| Instant::now() + route.service.config.timeout),
     };
     let mut buf = Vec::with_capacity(BUF);
     // The response head for the client, and the first of its body: one write.
@@ -920,14 +856,31 @@ async fn exchange(
             Err(TryFail::Trip { timed_out }) => {
                 proxy.on_try_failure(ctx, true, timed_out, ask.idempotent, false)
             }
+            Err(TryFail::Malformed) => {
+                proxy.on_malformed_response(ctx);
+                false
+            }
         };
         if !retry {
             let cause = ctx.cause.unwrap_or(Cause::UpstreamError);
             return down.answer(ctx, cause, false).await;
         }
     };
-    proxy.on_response(ctx, head.status);
+    proxy.on_response_head(ctx);
     let status = head.status.as_u16();
+    // Where the body ends in what came with the head, and for a chunked body, that what
+    // came is chunked framing at all: a 502 can still be answered for it.
+    let body = &buf[head.len..];
+    let mut scan = (head.framing == Framing::Chunked).then(ChunkScan::default);
+    let (first, end) = match (head.framing, scan.as_mut()) {
+        (Framing::None, _) => (0, Some(0)),
+        (Framing::Length(n), _) if body.len() as u64 >= n => (n as usize, Some(n as usize)),
+        (Framing::Chunked, Some(s)) => match s.feed(body) {
+            Ok(fed) => (fed.pass, fed.end),
+            Err(_) => return upstream_broke(proxy, ctx, down).await,
+        },
+        _ => (body.len(), None),
+    };
     let keep_alive = down.keep_alive && head.framing != Framing::Close;
     if edits || head.nominates {
         let Ok(mut resp) = upstream_header(&buf[..head.len]) else {
@@ -941,20 +894,6 @@ async fn exchange(
     } else {
         finish_head(&mut out, rate.as_ref(), keep_alive);
     }
-    let body = &buf[head.len..];
-    let (end, mut scan) = match head.framing {
-        Framing::None => (Some(0), None),
-        Framing::Length(n) => ((body.len() as u64 >= n).then_some(n as usize), None),
-        Framing::Chunked => {
-            let mut scan = ChunkScan::default();
-            match scan.feed(body) {
-                Ok(end) => (end, Some(scan)),
-                Err(()) => return upstream_broke(proxy, ctx, down).await,
-            }
-        }
-        Framing::Close => (None, None),
-    };
-    let first = end.unwrap_or(body.len()).min(body.len());
     out.extend_from_slice(&body[..first]);
     let mut sent = first;
     if !down.send(&out).await {
@@ -979,31 +918,42 @@ async fn exchange(
                     return Served::cut(status, sent);
                 }
             };
-            let take = match (head.framing, scan.as_mut()) {
+            // What of this read goes to the client, and how much of it is this body's.
+            let (pass, take) = match (head.framing, scan.as_mut()) {
                 (Framing::Chunked, Some(s)) => match s.feed(&buf[..n]) {
-                    Ok(Some(e)) => {
-                        remaining = 0;
-                        e
+                    Ok(fed) => {
+                        if fed.end.is_some() {
+                            remaining = 0;
+                        }
+                        (fed.pass, fed.end.unwrap_or(n))
                     }
-                    Ok(None) => n,
-                    // The head went out already: nothing can be answered, only cut.
-                    Err(()) => {
-                        proxy.on_try_failure(ctx, true, false, false, false);
+                    // The head went out already: nothing can be answered, only cut, and
+                    // the client connection closes with the response incomplete. Held
+                    // trailer bytes are dropped: no part of a bad line goes out.
+                    Err(_) => {
+                        proxy.on_malformed_response(ctx);
                         return Served::cut(status, sent);
                     }
                 },
                 (Framing::Length(_), _) => {
                     let t = (n as u64).min(remaining) as usize;
                     remaining -= t as u64;
-                    t
+                    (t, t)
                 }
-                _ => n,
+                _ => (n, n),
             };
-            if !down.send(&buf[..take]).await {
+            if pass > 0 && !down.send(&buf[..pass]).await {
                 return Served::cut(status, sent);
             }
-            sent += take;
+            sent += pass;
             if remaining == 0 {
+                // Trailers held back across reads go out with the body's end.
+                if let Some(held) = scan.as_ref().map(ChunkScan::held) {
+                    if !held.is_empty() && !down.send(held).await {
+                        return Served::cut(status, sent);
+                    }
+                    sent += held.len();
+                }
                 if take < n {
                     head.reusable = false;
                 }
@@ -1011,6 +961,7 @@ async fn exchange(
             }
         }
     }
+    proxy.on_response_health(ctx, head.status);
     if head.reusable && !extra {
         pool::give_back(addr, up);
     }
@@ -1023,8 +974,14 @@ async fn exchange(
 
 /// Why a try failed.
 enum TryFail {
-    Connect { timed_out: bool },
-    Trip { timed_out: bool },
+    Connect {
+        timed_out: bool,
+    },
+    Trip {
+        timed_out: bool,
+    },
+    /// An answer busbar cannot frame: never retried (`BusbarProxy::on_malformed_response`).
+    Malformed,
 }
 
 /// One try on instance `t`: a pooled connection if there is a live one, the request, the
@@ -1056,18 +1013,19 @@ async fn one_try(
             Err(TripError::Stale) if ask.idempotent => {}
             Err(TripError::Stale) => return Err(TryFail::Trip { timed_out: false }),
             Err(TripError::Upstream { timed_out }) => return Err(TryFail::Trip { timed_out }),
+            Err(TripError::Malformed) => return Err(TryFail::Malformed),
         }
     }
 }
 
 /// The upstream's response could not be framed before anything went to the client:
-/// counted against the instance, the client gets a 502.
+/// counted against the instance, the client gets a 502 and its connection closes.
 async fn upstream_broke(
     proxy: &BusbarProxy,
     ctx: &mut RequestCtx,
     down: &mut Downstream<'_>,
 ) -> Served {
-    proxy.on_try_failure(ctx, true, false, false, false);
+    proxy.on_malformed_response(ctx);
     down.answer(ctx, Cause::UpstreamError, false).await
 }
 
@@ -1186,40 +1144,6 @@ mod tests {
         assert!(taken > 1000, "{taken}");
     }
 
-    fn scan_all(parts: &[&[u8]]) -> Option<usize> {
-        let mut s = ChunkScan::default();
-        let mut seen = 0;
-        for p in parts {
-            if let Some(end) = s.feed(p).expect("chunked") {
-                return Some(seen + end);
-            }
-            seen += p.len();
-        }
-        None
-    }
-
-    #[test]
-    fn the_end_of_a_chunked_body_is_found_across_reads() {
-        let body: &[u8] = b"5\r\nhello\r\n3;ext=1\r\nabc\r\n0\r\nx-t: 1\r\n\r\nNEXT";
-        let end = body.len() - 4;
-        assert_eq!(scan_all(&[body]), Some(end));
-        for cut in 1..body.len() {
-            assert_eq!(
-                scan_all(&[&body[..cut], &body[cut..]]),
-                Some(end),
-                "cut at {cut}"
-            );
-        }
-        assert_eq!(scan_all(&[b"0\r\n\r\n"]), Some(5));
-        assert_eq!(scan_all(&[b"4\r\nab"]), None);
-    }
-
-    #[test]
-    fn a_chunk_size_that_is_not_hex_or_overflows_is_refused() {
-        assert!(ChunkScan::default().feed(b"zz\r\n").is_err());
-        assert!(ChunkScan::default().feed(b"fffffffffffffffff\r\n").is_err());
-    }
-
     #[test]
     fn response_framing() {
         let parse = |raw: &[u8], head_req| parse_head(raw, head_req, &mut Vec::new(), false);
@@ -1252,6 +1176,39 @@ mod tests {
             .is_none());
         let h = head(b"HTTP/1.1 200 OK\r\nConnection: x-a\r\n\r\n", false);
         assert!(h.nominates);
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n",
+            false,
+        );
+        assert_eq!((h.framing, h.reusable), (Framing::Close, false));
+    }
+
+    /// Heads busbar cannot frame or be sure of are refused (the client gets a 502).
+    #[test]
+    fn heads_that_cannot_be_framed_are_refused() {
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0x5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length:\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\nContent-Length: +0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding:\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: x-a, Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nContent-Length: +5\r\n\r\n",
+        ] {
+            assert!(
+                parse_head(raw, false, &mut Vec::new(), false).is_err(),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
     }
 
     /// What the client gets of an upstream head: its lines as they came, less hop-by-hop

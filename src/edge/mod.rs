@@ -12,6 +12,7 @@
 //! connections.
 
 pub mod deadline;
+pub mod framing;
 pub mod h1;
 pub mod head;
 pub mod linger;

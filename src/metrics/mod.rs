@@ -334,6 +334,8 @@ pub struct ServiceMetrics {
     pub upstream_duration: Histogram,
     pub connect_failures: IntCounter,
     pub timeouts: IntCounter,
+    /// Answers busbar could not frame (`edge::framing`), refused or cut off.
+    pub malformed: IntCounter,
     pub no_instance: IntCounter,
     pub retries: IntCounter,
     pub budget_exhausted: IntCounter,
@@ -363,6 +365,7 @@ impl ServiceMetrics {
             upstream_duration: m.upstream_duration.with_label_values(&[service]),
             connect_failures: m.connect_failures.with_label_values(&[service]),
             timeouts: m.upstream_errors.with_label_values(&[service, "timeout"]),
+            malformed: m.upstream_errors.with_label_values(&[service, "malformed"]),
             no_instance: m
                 .upstream_errors
                 .with_label_values(&[service, "no_healthy_instance"]),

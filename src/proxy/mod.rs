@@ -276,6 +276,29 @@ fn upstream_error(cause: Cause, why: &'static str) -> Box<Error> {
     e
 }
 
+/// Is this upstream error pingora's verdict on an answer it cannot frame: a bad head or
+/// `Content-Length`, a bad chunk or trailer section?
+fn malformed(e: &Error) -> bool {
+    match e.etype() {
+        ErrorType::InvalidHTTPHeader => true,
+        ErrorType::Custom(name) => matches!(*name, "InvalidChunk" | "InvalidTrailerEnd"),
+        _ => false,
+    }
+}
+
+/// Does the response carry at most one `Content-Length`, one value? pingora frames a
+/// response whose values agree (`5, 5`, or two lines of `5`) by that value but would pass
+/// the lines on as they came, for a lenient next hop to read otherwise; busbar's own path
+/// refuses them, as nginx does, and so does this one.
+fn one_content_length(resp: &ResponseHeader) -> bool {
+    let mut values = resp.headers.get_all(CONTENT_LENGTH).iter();
+    match (values.next(), values.next()) {
+        (None, _) => true,
+        (Some(v), None) => !v.as_bytes().contains(&b','),
+        _ => false,
+    }
+}
+
 /// What a try needs to reach its instance (from [`BusbarProxy::begin_try`]).
 pub(crate) struct Try {
     pub addr: std::net::SocketAddr,
@@ -679,6 +702,15 @@ impl BusbarProxy {
         if status.is_informational() {
             return;
         }
+        self.on_response_head(ctx);
+        self.on_response_health(ctx, status);
+    }
+
+    /// The upstream's final response head arrived: the upstream time. busbar's own
+    /// HTTP/1 path judges the instance by [`Self::on_response_health`] once the body has
+    /// ended cleanly, so that an answer whose body turns out malformed is not also
+    /// counted a success (which would reset the instance's failure streak every time).
+    pub(crate) fn on_response_head(&self, ctx: &mut RequestCtx) {
         if let (Some(route), Some(start)) = (&ctx.route, ctx.upstream_start) {
             let t = start.elapsed();
             ctx.upstream_time = Some(t);
@@ -688,6 +720,11 @@ impl BusbarProxy {
                 .upstream_duration
                 .observe(t.as_secs_f64());
         }
+    }
+
+    /// The instance's health after its answer: a 5xx counts against it, anything else
+    /// ends its failure streak.
+    pub(crate) fn on_response_health(&self, ctx: &mut RequestCtx, status: http::StatusCode) {
         if let Some(instance) = ctx.instance.clone() {
             if status.is_server_error() {
                 self.record_failure(ctx, &instance);
@@ -695,6 +732,19 @@ impl BusbarProxy {
                 instance.health.record_success();
             }
         }
+    }
+
+    /// The upstream answered with a head or a body busbar cannot frame (`edge::framing`).
+    /// It counts against the instance like a 5xx and is counted in
+    /// `busbar_upstream_errors_total{cause="malformed"}`; it is never retried: the
+    /// request reached the upstream, which may have acted on it, and an instance that
+    /// answers so would likely answer the next try the same way (nginx and HAProxy send
+    /// such a request once too).
+    pub(crate) fn on_malformed_response(&self, ctx: &mut RequestCtx) {
+        if let Some(route) = &ctx.route {
+            route.service.metrics.malformed.inc();
+        }
+        self.on_try_failure(ctx, true, false, false, false);
     }
 
     /// The request is over: gray-release outcome, metrics, and the access log line.
@@ -862,6 +912,11 @@ impl ProxyHttp for BusbarProxy {
             && session.response_written().is_none();
         // `retry()` panics while the error's retry is still "only if reused": decide it first.
         e.retry.decide_reuse(client_reused);
+        if upstream_fault && malformed(&e) {
+            self.on_malformed_response(ctx);
+            e.set_retry(false);
+            return e;
+        }
         let stale_reuse = client_reused && e.retry();
         let retry = self.on_try_failure(ctx, upstream_fault, timed_out, safe, stale_reuse);
         e.set_retry(retry);
@@ -884,6 +939,13 @@ impl ProxyHttp for BusbarProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if !one_content_length(resp) {
+            // An answer that cannot be framed ([`malformed`]): a 502, never retried.
+            let mut e =
+                Error::explain(ErrorType::InvalidHTTPHeader, "more than one Content-Length");
+            e.esource = ErrorSource::Upstream;
+            return Err(e);
+        }
         self.on_response(ctx, resp.status);
         Ok(())
     }
