@@ -65,16 +65,26 @@ pub struct Admitted {
     pub permit: Option<Permit>,
     /// The normalised path, when the route sends it upstream.
     pub upstream_path: Option<String>,
+    /// The route's `header:` identity sources, when none of them is who the caller is:
+    /// removed from the upstream request, so the upstream never reads an identity
+    /// busbar did not believe.
+    unbelieved: Option<Arc<[HeaderName]>>,
 }
 
 impl Admitted {
-    /// Removes a client-sent identity header and applies a normalised path; the caller
-    /// then sends [`identity`](Self::identity) (inserted into the map, or written as a
-    /// line by busbar's own HTTP/1 path).
+    /// Removes a client-sent identity header (and the route's identity source headers
+    /// busbar did not believe) and applies a normalised path; the caller then sends
+    /// [`identity`](Self::identity) (inserted into the map, or written as a line by
+    /// busbar's own HTTP/1 path).
     pub fn clear_upstream(&self, upstream: &mut RequestHeader) {
         let name = self.identity_name();
         if upstream.headers.contains_key(name) {
             upstream.remove_header(name);
+        }
+        for name in self.unbelieved.iter().flat_map(|names| names.iter()) {
+            if upstream.headers.contains_key(name) {
+                upstream.remove_header(name);
+            }
         }
         if let Some(path) = &self.upstream_path {
             let pq = match upstream.uri.query() {
@@ -127,6 +137,8 @@ pub fn strip_identity(upstream: &mut RequestHeader) {
 pub struct RoutePolicy {
     acl: acl::Acl,
     resolver: identity::Resolver,
+    /// The names of the route's `header:` identity sources (usually none).
+    header_sources: Option<Arc<[HeaderName]>>,
     identity_header: HeaderName,
     normalize_path: bool,
     limiter: Option<Arc<rate::RouteLimiter>>,
@@ -162,6 +174,10 @@ impl RoutePolicy {
             })?;
         let mut admitted = Admitted {
             identity_header: Some(self.identity_header.clone()),
+            unbelieved: self
+                .header_sources
+                .clone()
+                .filter(|_| who.kind != identity::Kind::Header),
             ..Admitted::default()
         };
         if self.normalize_path {
@@ -272,6 +288,19 @@ impl RoutePolicy {
             }
         }
     }
+}
+
+/// The names of a route's `header:` identity sources; `None` when it has none.
+fn header_sources(a: &crate::config::RouteAdmission) -> Option<Arc<[HeaderName]>> {
+    let names: Arc<[HeaderName]> = a
+        .identity
+        .iter()
+        .filter_map(|s| match s {
+            crate::config::IdentitySource::Header(name) => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    (!names.is_empty()).then_some(names)
 }
 
 /// Per-user state that survives reloads: rate-limit cells by route, queues by service.
@@ -419,6 +448,7 @@ impl Admission {
             let policy = RoutePolicy {
                 acl: acl::Acl::new(a),
                 resolver: identity::Resolver::new(a, keyring.clone()),
+                header_sources: header_sources(a),
                 identity_header: a.identity_header.clone(),
                 normalize_path: a.normalize_path,
                 limiter: limit
