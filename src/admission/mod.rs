@@ -31,7 +31,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use crate::config::{Config, LimitScope, QueuePolicy, RateLimitConfig, DEFAULT_IDENTITY_HEADER};
 use crate::metrics::{AdmissionMetrics, METRICS};
 
-pub use acl::normalize_path;
+pub use acl::{normalize, normalize_path, Normalized};
 pub use identity::Identity;
 pub use queue::Permit;
 pub use rate::RateInfo;
@@ -48,8 +48,10 @@ const QUEUE_RETRY_AFTER_SECS: u64 = 1;
 /// What admission looks at in a request.
 pub struct RequestParts<'a> {
     pub client_ip: Option<IpAddr>,
-    /// The normalised path (see [`normalize_path`]).
+    /// The normalised path (see [`normalize`]: its parameter-free reading).
     pub path: &'a str,
+    /// Its literal reading, when that differs (a path with `;` in it).
+    pub literal: Option<&'a str>,
     pub headers: &'a HeaderMap,
 }
 
@@ -152,7 +154,7 @@ pub struct RoutePolicy {
 impl RoutePolicy {
     /// ACL, identity and rate limit: everything that needs no waiting.
     pub fn check(&self, req: &RequestParts<'_>) -> Result<Admitted, Rejection> {
-        if let Err(denied) = self.acl.check(req.client_ip, req.path) {
+        if let Err(denied) = self.acl.check(req.client_ip, req.path, req.literal) {
             self.metrics.forbidden.inc();
             return Err(match denied {
                 acl::Denied::ClientAddress => Rejection::new(
