@@ -1,6 +1,7 @@
 //! Access control: path normalisation, CIDR allow/deny and path-prefix rules.
 //!
-//! Owns: [`normalize_path`] (what routing and ACLs see) and the compiled [`Acl`] of a route.
+//! Owns: [`normalize`] (the readings of a path that routing and ACLs see) and the
+//! compiled [`Acl`] of a route.
 //! Must not: decide what goes upstream: the proxy keeps the client's path unless the
 //! route sets `normalize_path = true`.
 //!
@@ -9,6 +10,19 @@
 //! (other escapes are kept, hex upper-cased, so `%25` is never decoded twice); runs of
 //! `/` collapse; `.` segments go; `..` removes the segment before it and never climbs
 //! above the root. A trailing `/` is kept.
+//!
+//! Servers disagree on `;`. Tomcat and Jetty drop a `;params` suffix from every segment
+//! before they resolve dot-segments (`/api;x/admin` and `/api/x/..;/admin` are
+//! `/api/admin` to them); a server that follows RFC 3986 to the letter keeps `;` as part
+//! of the segment's name (`..;` is a name, not a step up). So a path has two readings:
+//! - the *parameter-free* one (every segment's `;params` removed, `%3B` counting as `;`,
+//!   then dot-segments resolved): what routing sees, and what the upstream gets with
+//!   `normalize_path = true`;
+//! - the *literal* one (`;` kept), computed only for a path with a `;` in it.
+//!
+//! A route's ACL refuses a path if a `deny_paths` rule matches either reading, and an
+//! `allow_paths` list admits it only if both readings are under it: whichever way the
+//! application reads the path, it is a path the ACL allowed.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -30,21 +44,63 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
-/// True when `path` can't change under normalisation (the common case: no work, no copy).
+/// True when `path` can't change under normalisation and reads the same to every server
+/// (the common case: no work, no copy).
 fn already_normal(path: &str) -> bool {
     let b = path.as_bytes();
-    if b.first() != Some(&b'/') || b.contains(&b'%') {
+    if b.first() != Some(&b'/') || b.iter().any(|&c| c == b'%' || c == b';') {
         return false;
     }
     !b.windows(2).any(|w| w == b"//")
         && !path.split('/').skip(1).any(|seg| seg == "." || seg == "..")
 }
 
-/// The normalised form of a request path (without query).
-pub fn normalize_path(path: &str) -> Cow<'_, str> {
+/// The readings of a request path (see the module header).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Normalized<'a> {
+    /// The parameter-free reading: what routing and ACLs see, and what goes upstream
+    /// with `normalize_path = true`. Borrowed when it is the path as it came.
+    pub path: Cow<'a, str>,
+    /// The literal reading (`;` kept in segment names), when it differs from `path`.
+    pub literal: Option<String>,
+    /// A `.` or `..` segment carried `;params`: the readings differ in more than
+    /// parameters (one climbs where the other does not), so they may name different
+    /// routes.
+    pub split: bool,
+}
+
+/// Both readings of a request path (without query).
+pub fn normalize(path: &str) -> Normalized<'_> {
     if already_normal(path) {
-        return Cow::Borrowed(path);
+        return Normalized {
+            path: Cow::Borrowed(path),
+            literal: None,
+            split: false,
+        };
     }
+    let (canonical, split) = resolve(path, true);
+    let b = path.as_bytes();
+    let has_params = b.contains(&b';')
+        || b.windows(3)
+            .any(|w| w[0] == b'%' && w[1] == b'3' && w[2].eq_ignore_ascii_case(&b'b'));
+    let literal = has_params
+        .then(|| resolve(path, false).0)
+        .filter(|l| *l != canonical);
+    Normalized {
+        path: Cow::Owned(canonical),
+        literal,
+        split,
+    }
+}
+
+/// The parameter-free reading of a request path (see [`normalize`]).
+pub fn normalize_path(path: &str) -> Cow<'_, str> {
+    normalize(path).path
+}
+
+/// One reading of `path`: `strip_params` drops each segment's `;params` (and decodes
+/// `%3B` to the `;` that starts them). Also says whether a dot-segment had parameters.
+fn resolve(path: &str, strip_params: bool) -> (String, bool) {
     // 1. Decode the escapes that are safe to decode.
     let b = path.as_bytes();
     let mut decoded = Vec::with_capacity(b.len() + 1);
@@ -60,7 +116,7 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
                 b.get(i + 2).copied().and_then(hex),
             ) {
                 let v = h * 16 + l;
-                if is_unreserved(v) || v == b'/' {
+                if is_unreserved(v) || v == b'/' || (strip_params && v == b';') {
                     decoded.push(v);
                 } else {
                     decoded.push(b'%');
@@ -76,10 +132,20 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
     }
     // 2. Resolve segments.
     let text = String::from_utf8_lossy(&decoded);
-    let trailing = text.ends_with('/') || text.ends_with("/.") || text.ends_with("/..");
+    let mut split = false;
+    let mut trailing = false;
     let mut out: Vec<&str> = Vec::new();
     for seg in text.split('/') {
-        match seg {
+        let name = match seg.split_once(';') {
+            Some((name, _)) if strip_params => {
+                split |= name == "." || name == "..";
+                name
+            }
+            _ => seg,
+        };
+        // A path ending in `/`, `/.` or `/..` names a directory.
+        trailing = matches!(name, "" | "." | "..");
+        match name {
             "" | "." => {}
             ".." => {
                 out.pop();
@@ -95,7 +161,7 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
     if s.is_empty() || (trailing && !s.ends_with('/')) {
         s.push('/');
     }
-    Cow::Owned(s)
+    (s, split)
 }
 
 /// `prefix` matches `path` on a segment boundary; `;` counts as one, since some servers
@@ -136,7 +202,14 @@ impl Acl {
 
     /// Deny wins over allow; a non-empty allow list admits only what it lists. A client
     /// without an IP address (a Unix socket) passes address rules only when no allow list is set.
-    pub fn check(&self, client: Option<IpAddr>, normalized_path: &str) -> Result<(), Denied> {
+    /// `path` is the parameter-free reading, `literal` the literal one when it differs
+    /// ([`normalize`]): a deny rule that matches either refuses, an allow list must hold both.
+    pub fn check(
+        &self,
+        client: Option<IpAddr>,
+        path: &str,
+        literal: Option<&str>,
+    ) -> Result<(), Denied> {
         let client = client.map(|ip| match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
@@ -146,11 +219,10 @@ impl Acl {
         if in_list(&self.deny) || (!self.allow.is_empty() && !in_list(&self.allow)) {
             return Err(Denied::ClientAddress);
         }
-        let path = normalized_path;
-        if self.deny_paths.iter().any(|p| prefix_matches(p, path))
-            || (!self.allow_paths.is_empty()
-                && !self.allow_paths.iter().any(|p| prefix_matches(p, path)))
-        {
+        let readings = || std::iter::once(path).chain(literal);
+        let denied = |p: &str| self.deny_paths.iter().any(|rule| prefix_matches(rule, p));
+        let allowed = |p: &str| self.allow_paths.iter().any(|rule| prefix_matches(rule, p));
+        if readings().any(denied) || (!self.allow_paths.is_empty() && !readings().all(allowed)) {
             return Err(Denied::Path);
         }
         Ok(())
@@ -194,6 +266,49 @@ mod tests {
         assert_eq!(normalize_path(""), "/");
     }
 
+    #[test]
+    fn parameters_are_dropped_from_every_segment_as_tomcat_does() {
+        for (raw, canonical, literal) in [
+            ("/api;x/admin", "/api/admin", Some("/api;x/admin")),
+            ("/api/x/..;/admin", "/api/admin", Some("/api/x/..;/admin")),
+            (
+                "/api/x/..;y=1/admin",
+                "/api/admin",
+                Some("/api/x/..;y=1/admin"),
+            ),
+            (
+                "/api/x/%2e%2e;/admin",
+                "/api/admin",
+                Some("/api/x/..;/admin"),
+            ),
+            ("/api%3Bx/admin", "/api/admin", Some("/api%3Bx/admin")),
+            (
+                "/api/x/..%3b/admin",
+                "/api/admin",
+                Some("/api/x/..%3B/admin"),
+            ),
+            ("/a/b;jsessionid=1", "/a/b", Some("/a/b;jsessionid=1")),
+            ("/a/;x/b", "/a/b", Some("/a/;x/b")),
+            ("/a/b/;x", "/a/b/", Some("/a/b/;x")),
+            ("/a/.;x/b", "/a/b", Some("/a/.;x/b")),
+            // The literal reading resolves `..` too: here it climbs, the other does not.
+            ("/api/admin/..;x/..", "/", Some("/api/admin/")),
+            (";x", "/", Some("/;x")),
+        ] {
+            let n = normalize(raw);
+            assert_eq!(n.path, canonical, "{raw}");
+            assert_eq!(n.literal.as_deref(), literal, "{raw}");
+        }
+        assert!(normalize("/a/..;/b").split);
+        assert!(normalize("/a/%2E;x/b").split);
+        assert!(!normalize("/a;x/b").split);
+        assert!(!normalize("/a/b;jsessionid=1").split);
+        // No `;`, no literal reading; one that reads the same both ways has none either.
+        assert_eq!(normalize("/a/../b").literal, None);
+        assert!(matches!(normalize("/a/b").path, Cow::Borrowed(_)));
+        assert!(matches!(normalize("/a;b").path, Cow::Owned(_)));
+    }
+
     fn acl(allow: &[&str], deny: &[&str], allow_paths: &[&str], deny_paths: &[&str]) -> Acl {
         Acl {
             allow: allow.iter().map(|s| s.parse().unwrap()).collect(),
@@ -207,23 +322,77 @@ mod tests {
     fn deny_wins_and_allow_lists_are_exclusive() {
         let a = acl(&["10.0.0.0/8"], &["10.1.0.0/16"], &[], &[]);
         let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
-        assert_eq!(a.check(ip("10.2.3.4"), "/"), Ok(()));
-        assert_eq!(a.check(ip("10.1.3.4"), "/"), Err(Denied::ClientAddress));
-        assert_eq!(a.check(ip("192.168.1.1"), "/"), Err(Denied::ClientAddress));
-        assert_eq!(a.check(ip("::ffff:10.2.3.4"), "/"), Ok(()));
-        assert_eq!(a.check(None, "/"), Err(Denied::ClientAddress));
+        assert_eq!(a.check(ip("10.2.3.4"), "/", None), Ok(()));
+        assert_eq!(
+            a.check(ip("10.1.3.4"), "/", None),
+            Err(Denied::ClientAddress)
+        );
+        assert_eq!(
+            a.check(ip("192.168.1.1"), "/", None),
+            Err(Denied::ClientAddress)
+        );
+        assert_eq!(a.check(ip("::ffff:10.2.3.4"), "/", None), Ok(()));
+        assert_eq!(a.check(None, "/", None), Err(Denied::ClientAddress));
     }
 
     #[test]
     fn path_rules_match_whole_segments() {
         let a = acl(&[], &[], &[], &["/admin"]);
         for p in ["/admin", "/admin/", "/admin/users", "/admin;jsessionid=1"] {
-            assert_eq!(a.check(None, p), Err(Denied::Path), "{p}");
+            assert_eq!(a.check(None, p, None), Err(Denied::Path), "{p}");
         }
-        assert_eq!(a.check(None, "/administrator"), Ok(()));
+        assert_eq!(a.check(None, "/administrator", None), Ok(()));
         let a = acl(&[], &[], &["/public"], &["/public/secret"]);
-        assert_eq!(a.check(None, "/public/x"), Ok(()));
-        assert_eq!(a.check(None, "/public/secret/x"), Err(Denied::Path));
-        assert_eq!(a.check(None, "/private"), Err(Denied::Path));
+        assert_eq!(a.check(None, "/public/x", None), Ok(()));
+        assert_eq!(a.check(None, "/public/secret/x", None), Err(Denied::Path));
+        assert_eq!(a.check(None, "/private", None), Err(Denied::Path));
+    }
+
+    /// What the ACL says of a raw path, both readings judged.
+    fn judge(a: &Acl, raw: &str) -> Result<(), Denied> {
+        let n = normalize(raw);
+        a.check(None, &n.path, n.literal.as_deref())
+    }
+
+    #[test]
+    fn deny_rules_hold_for_either_reading() {
+        let a = acl(&[], &[], &[], &["/api/admin"]);
+        for p in [
+            "/api;x/admin",
+            "/api/x/..;/admin",
+            "/api/x/%2e%2e;/admin",
+            "/api%3Bx/admin",
+            "/api;/admin;jsessionid=1/users",
+            // Tomcat reads `/`, a literal server `/api/admin`.
+            "/api/admin/..;x/..",
+        ] {
+            assert_eq!(judge(&a, p), Err(Denied::Path), "{p}");
+        }
+        for p in ["/api/x;y", "/api/administrator", "/api/x/..;/public"] {
+            assert_eq!(judge(&a, p), Ok(()), "{p}");
+        }
+    }
+
+    #[test]
+    fn allow_lists_must_hold_for_both_readings() {
+        let a = acl(&[], &[], &["/public"], &[]);
+        for p in [
+            "/public;jsessionid=1",
+            "/public/a;x/b",
+            "/public;x/a",
+            "/x;y/../public",
+        ] {
+            assert_eq!(judge(&a, p), Ok(()), "{p}");
+        }
+        for p in [
+            // Tomcat: `/admin`.
+            "/public/..;/admin",
+            // Tomcat: `/public`; a literal server: `/admin/public`.
+            "/admin/..;x/../public",
+            // Tomcat: `/public/a`; a literal server: a path outside `/public`.
+            "/x/..;/public/a",
+        ] {
+            assert_eq!(judge(&a, p), Err(Denied::Path), "{p}");
+        }
     }
 }

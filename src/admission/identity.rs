@@ -5,8 +5,9 @@
 //! Must not: rate-limit, queue or touch the response; it only says who or why not.
 //!
 //! Sources are tried in the route's order. A source that is absent (no header, no token)
-//! passes to the next; one that is present but wrong (bad token, unknown key) is a 401:
-//! a caller who presents credentials gets them checked, never silently downgraded.
+//! passes to the next; one that is present but wrong (bad token, unknown key) or malformed
+//! (`Authorization: Bearer<TAB>token`, a user claim with spaces at its ends) is a 401: a
+//! caller who presents credentials gets them checked, never silently downgraded.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -221,17 +222,25 @@ fn jwt_error(kind: &ErrorKind) -> AuthError {
     }
 }
 
+/// `user` when busbar can pass it on as it is: not empty, not too long, printable ASCII
+/// only, and no space at either end (an upstream that trims the header value would read
+/// `" admin "` as `admin`).
 fn clean(user: &str) -> Option<&str> {
     (!user.is_empty()
         && user.len() <= MAX_IDENTITY_LEN
-        && user.bytes().all(|b| (b' '..0x7f).contains(&b)))
+        && user.bytes().all(|b| (b' '..0x7f).contains(&b))
+        && !user.starts_with(' ')
+        && !user.ends_with(' '))
     .then_some(user)
 }
 
+/// The user in the token's `claim`: a string [`clean`] accepts, or an integer (written
+/// in decimal, as the string `"42"` would be). Anything else (a fraction, an object,
+/// spaces around the name) is refused rather than reshaped.
 fn claim(claims: &Map<String, Value>, name: &str) -> Result<String, AuthError> {
     let user = match claims.get(name) {
         Some(Value::String(s)) => clean(s).map(str::to_string),
-        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Some(n.to_string()),
         _ => None,
     };
     user.ok_or(auth_error(
@@ -277,20 +286,30 @@ impl Resolver {
                     .and_then(clean)
                     .map(|user| Identity::new(Kind::Header, user)),
                 IdentitySource::Header(_) => None,
-                IdentitySource::Jwt(issuer) => match bearer(headers) {
+                IdentitySource::Jwt(issuer) => match bearer(headers)? {
                     Some(token) => Some(Identity::new(
                         Kind::Jwt,
                         &self.keyring.verify_jwt(token, issuer.as_deref())?,
                     )),
                     None => None,
                 },
-                IdentitySource::ApiKey => match headers.get(&self.keyring.api_key_header) {
-                    Some(v) => Some(Identity::new(
-                        Kind::ApiKey,
-                        self.keyring.api_key(v.as_bytes())?,
-                    )),
-                    None => None,
-                },
+                IdentitySource::ApiKey => {
+                    let mut keys = headers.get_all(&self.keyring.api_key_header).iter();
+                    match (keys.next(), keys.next()) {
+                        (Some(v), None) => Some(Identity::new(
+                            Kind::ApiKey,
+                            self.keyring.api_key(v.as_bytes())?,
+                        )),
+                        // busbar would check one and the upstream might read the other.
+                        (Some(_), Some(_)) => {
+                            return Err(auth_error(
+                                "malformed_credentials",
+                                "the request has more than one API key header",
+                            ))
+                        }
+                        (None, _) => None,
+                    }
+                }
                 IdentitySource::ClientIp => None,
             };
             if let Some(id) = found {
@@ -317,11 +336,62 @@ impl Resolver {
     }
 }
 
-/// The token of `Authorization: Bearer <token>` (scheme case-insensitive).
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+/// The token of `Authorization: Bearer <token>`; `Ok(None)` when the request has no
+/// bearer credential (no `Authorization`, or one of another scheme, such as `Basic`).
+///
+/// The grammar is RFC 6750 §2.1 within RFC 9110 §11.4: the scheme (any case), one or more
+/// SP, then a b64token. Anything else that names the bearer scheme (`Bearer<TAB>tok`,
+/// `Bearertok`, `Bearer` alone, junk in the token) or is not a credential at all is a
+/// 401: frameworks read such headers leniently, so busbar must not forward them unchecked.
+fn bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let malformed = || {
+        auth_error(
+            "malformed_credentials",
+            "the Authorization header is not \"Bearer\", spaces and a token",
+        )
+    };
+    // Optional whitespace around a field value is not part of it (RFC 9110 §5.5).
+    let v = value.as_bytes().trim_ascii();
+    let scheme_len = v.iter().position(|&b| !is_tchar(b)).unwrap_or(v.len());
+    let (scheme, rest) = v.split_at(scheme_len);
+    let names_bearer = scheme
+        .get(..6)
+        .is_some_and(|s| s.eq_ignore_ascii_case(b"bearer"));
+    if !names_bearer {
+        // Another scheme: not busbar's to judge, as long as it is a credential.
+        return if !scheme.is_empty() && matches!(rest.first(), None | Some(b' ')) {
+            Ok(None)
+        } else {
+            Err(malformed())
+        };
+    }
+    // One or more SP (not HTAB) before the token.
+    let spaces = rest.iter().take_while(|&&b| b == b' ').count();
+    let token = rest.get(spaces..).unwrap_or_default();
+    if scheme.len() != 6 || spaces == 0 || !is_b64token(token) {
+        return Err(malformed());
+    }
+    // All ASCII (checked above).
+    std::str::from_utf8(token)
+        .map(Some)
+        .map_err(|_| malformed())
+}
+
+/// A `tchar` of RFC 9110 §5.6.2: what a token (an auth scheme) is made of.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// RFC 6750's `b64token`: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
+fn is_b64token(t: &[u8]) -> bool {
+    let body = t.iter().rposition(|&b| b != b'=').map_or(0, |i| i + 1);
+    body > 0
+        && t.iter()
+            .take(body)
+            .all(|&b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
 }
 
 #[cfg(test)]

@@ -133,6 +133,12 @@ fn api_keys_are_looked_up_by_hash() {
     );
     let anon = r.resolve(CLIENT, &HeaderMap::new()).unwrap();
     assert_eq!((anon.kind, anon.key()), (Kind::ClientIp, "ip:192.0.2.7"));
+    let mut two = with("x-api-key", "k-123");
+    two.append("x-api-key", "k-124".parse().unwrap());
+    assert_eq!(
+        r.resolve(CLIENT, &two).unwrap_err().reason,
+        "malformed_credentials"
+    );
 }
 
 #[test]
@@ -147,4 +153,75 @@ fn a_header_is_believed_only_from_trusted_proxies() {
     let e = r.resolve(CLIENT, &with("x-user-id", "bob")).unwrap_err();
     assert_eq!(e.reason, "authentication_required");
     assert!(r.resolve(proxy, &with("x-user-id", "bad\tvalue")).is_err());
+}
+
+#[test]
+fn bearer_credentials_follow_rfc_6750() {
+    let r = resolver(
+        vec![IdentitySource::Jwt(None), IdentitySource::ClientIp],
+        false,
+    );
+    let t = token(good(), SECRET);
+    for ok in [
+        format!("Bearer {t}"),
+        format!("bearer {t}"),
+        format!("BEARER   {t}"),
+    ] {
+        let id = r.resolve(CLIENT, &with("authorization", &ok)).unwrap();
+        assert_eq!((id.kind, id.user()), (Kind::Jwt, "alice"), "{ok}");
+    }
+    for bad in [
+        format!("Bearer\t{t}"),
+        format!("Bearer{t}"),
+        format!("Bearer \t{t}"),
+        format!("Bearer {t} extra"),
+        format!("Bearer {t},x"),
+        "Bearer".to_string(),
+        "Bearer ".to_string(),
+        "Bearer ====".to_string(),
+        "Bearers abc".to_string(),
+        format!("\"Bearer\" {t}"),
+        format!("Basic\t{t}"),
+    ] {
+        let e = r.resolve(CLIENT, &with("authorization", &bad)).unwrap_err();
+        assert_eq!(e.reason, "malformed_credentials", "{bad:?}");
+    }
+    // Another scheme is not a bearer credential: the next source decides.
+    for other in ["Basic YWxpY2U6cHc=", "Negotiate", "Digest a=\"b\""] {
+        let id = r.resolve(CLIENT, &with("authorization", other)).unwrap();
+        assert_eq!(id.kind, Kind::ClientIp, "{other}");
+    }
+}
+
+#[test]
+fn a_user_claim_is_taken_as_it_is_or_refused() {
+    let r = resolver(vec![IdentitySource::Jwt(None)], true);
+    let with_sub = |sub: Value| {
+        let mut c = good();
+        c["sub"] = sub;
+        r.resolve(CLIENT, &bearer_of(&token(c, SECRET)))
+    };
+    for bad in [
+        Value::from(" admin "),
+        Value::from("admin "),
+        Value::from(" admin"),
+        Value::from("ad\tmin"),
+        Value::from("ad\u{7f}min"),
+        Value::from(""),
+        Value::from("x".repeat(MAX_IDENTITY_LEN + 1)),
+        Value::from(1.5),
+    ] {
+        let e = with_sub(bad.clone()).unwrap_err();
+        assert_eq!(e.reason, "missing_claim", "{bad}");
+    }
+    assert_eq!(
+        with_sub(Value::from("Jane Doe")).unwrap().user(),
+        "Jane Doe"
+    );
+    assert_eq!(with_sub(Value::from(42)).unwrap().user(), "42");
+    assert_eq!(with_sub(Value::from(-7)).unwrap().user(), "-7");
+    assert_eq!(
+        with_sub(Value::from(u64::MAX)).unwrap().user(),
+        "18446744073709551615"
+    );
 }

@@ -31,7 +31,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use crate::config::{Config, LimitScope, QueuePolicy, RateLimitConfig, DEFAULT_IDENTITY_HEADER};
 use crate::metrics::{AdmissionMetrics, METRICS};
 
-pub use acl::normalize_path;
+pub use acl::{normalize, normalize_path, Normalized};
 pub use identity::Identity;
 pub use queue::Permit;
 pub use rate::RateInfo;
@@ -48,8 +48,10 @@ const QUEUE_RETRY_AFTER_SECS: u64 = 1;
 /// What admission looks at in a request.
 pub struct RequestParts<'a> {
     pub client_ip: Option<IpAddr>,
-    /// The normalised path (see [`normalize_path`]).
+    /// The normalised path (see [`normalize`]: its parameter-free reading).
     pub path: &'a str,
+    /// Its literal reading, when that differs (a path with `;` in it).
+    pub literal: Option<&'a str>,
     pub headers: &'a HeaderMap,
 }
 
@@ -65,16 +67,26 @@ pub struct Admitted {
     pub permit: Option<Permit>,
     /// The normalised path, when the route sends it upstream.
     pub upstream_path: Option<String>,
+    /// The route's `header:` identity sources, when none of them is who the caller is:
+    /// removed from the upstream request, so the upstream never reads an identity
+    /// busbar did not believe.
+    unbelieved: Option<Arc<[HeaderName]>>,
 }
 
 impl Admitted {
-    /// Removes a client-sent identity header and applies a normalised path; the caller
-    /// then sends [`identity`](Self::identity) (inserted into the map, or written as a
-    /// line by busbar's own HTTP/1 path).
+    /// Removes a client-sent identity header (and the route's identity source headers
+    /// busbar did not believe) and applies a normalised path; the caller then sends
+    /// [`identity`](Self::identity) (inserted into the map, or written as a line by
+    /// busbar's own HTTP/1 path).
     pub fn clear_upstream(&self, upstream: &mut RequestHeader) {
         let name = self.identity_name();
         if upstream.headers.contains_key(name) {
             upstream.remove_header(name);
+        }
+        for name in self.unbelieved.iter().flat_map(|names| names.iter()) {
+            if upstream.headers.contains_key(name) {
+                upstream.remove_header(name);
+            }
         }
         if let Some(path) = &self.upstream_path {
             let pq = match upstream.uri.query() {
@@ -127,6 +139,8 @@ pub fn strip_identity(upstream: &mut RequestHeader) {
 pub struct RoutePolicy {
     acl: acl::Acl,
     resolver: identity::Resolver,
+    /// The names of the route's `header:` identity sources (usually none).
+    header_sources: Option<Arc<[HeaderName]>>,
     identity_header: HeaderName,
     normalize_path: bool,
     limiter: Option<Arc<rate::RouteLimiter>>,
@@ -140,7 +154,7 @@ pub struct RoutePolicy {
 impl RoutePolicy {
     /// ACL, identity and rate limit: everything that needs no waiting.
     pub fn check(&self, req: &RequestParts<'_>) -> Result<Admitted, Rejection> {
-        if let Err(denied) = self.acl.check(req.client_ip, req.path) {
+        if let Err(denied) = self.acl.check(req.client_ip, req.path, req.literal) {
             self.metrics.forbidden.inc();
             return Err(match denied {
                 acl::Denied::ClientAddress => Rejection::new(
@@ -162,6 +176,10 @@ impl RoutePolicy {
             })?;
         let mut admitted = Admitted {
             identity_header: Some(self.identity_header.clone()),
+            unbelieved: self
+                .header_sources
+                .clone()
+                .filter(|_| who.kind != identity::Kind::Header),
             ..Admitted::default()
         };
         if self.normalize_path {
@@ -272,6 +290,19 @@ impl RoutePolicy {
             }
         }
     }
+}
+
+/// The names of a route's `header:` identity sources; `None` when it has none.
+fn header_sources(a: &crate::config::RouteAdmission) -> Option<Arc<[HeaderName]>> {
+    let names: Arc<[HeaderName]> = a
+        .identity
+        .iter()
+        .filter_map(|s| match s {
+            crate::config::IdentitySource::Header(name) => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    (!names.is_empty()).then_some(names)
 }
 
 /// Per-user state that survives reloads: rate-limit cells by route, queues by service.
@@ -419,6 +450,7 @@ impl Admission {
             let policy = RoutePolicy {
                 acl: acl::Acl::new(a),
                 resolver: identity::Resolver::new(a, keyring.clone()),
+                header_sources: header_sources(a),
                 identity_header: a.identity_header.clone(),
                 normalize_path: a.normalize_path,
                 limiter: limit

@@ -56,18 +56,21 @@ impl Refused {
 
 /// Admits the request on `session`: ACL, identity and the local rate limit at once, then
 /// the cluster-wide limit and the service queue while watching the client. `path` is the
-/// normalised path when it differs from the request's.
+/// normalised path when it differs from the request's, `literal` its literal reading when
+/// that differs (see [`super::normalize`]).
 pub async fn admit(
     policy: &RoutePolicy,
     session: &mut ServerSession,
     client_ip: Option<std::net::IpAddr>,
     path: Option<&str>,
+    literal: Option<&str>,
 ) -> Result<Admitted, Refused> {
     let admitted = {
         let req = session.req_header();
         let parts = RequestParts {
             client_ip,
             path: path.unwrap_or(req.uri.path()),
+            literal,
             headers: &req.headers,
         };
         policy.check(&parts).map_err(Refused::Rejected)?

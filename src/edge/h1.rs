@@ -24,7 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes};
-use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, TRANSFER_ENCODING, UPGRADE,
+};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use pingora_core::protocols::http::date::get_cached_date;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
@@ -160,7 +162,9 @@ fn request_name(raw: &[u8]) -> Option<HeaderName> {
 /// httparse (strict by default) refuses NUL and other controls, whitespace in or before
 /// a name, obsolete line folding and bad request lines; what it lets through is
 /// checked here: bare LF line endings, empty lines before the request line, the size
-/// limits, and `Content-Length` other than one `0`.
+/// limits, and `Content-Length` other than one `0`. A second `Host` (which the front
+/// door refuses) or a second `Authorization` (which the proxy's phases refuse) is not
+/// for this path either.
 fn parse(head: &Bytes, limits: &HeadLimits) -> Option<(RequestHeader, bool)> {
     if head.len() > limits.max_head_bytes || !head.ends_with(b"\r\n\r\n") {
         return None;
@@ -194,6 +198,7 @@ fn parse(head: &Bytes, limits: &HeadLimits) -> Option<(RequestHeader, bool)> {
     parts.headers.reserve(parsed.headers.len());
     let mut close = false;
     let mut length = false;
+    let (mut host, mut authorization) = (false, false);
     for h in parsed.headers.iter() {
         // Each line before this one ended in CRLF (the last one: `ends_with` above).
         let at = h.name.as_ptr() as usize - head.as_ptr() as usize;
@@ -213,6 +218,11 @@ fn parse(head: &Bytes, limits: &HeadLimits) -> Option<(RequestHeader, bool)> {
         if name == CONNECTION && !connection_tokens(h.value, &mut close) {
             return None;
         }
+        if name == HOST && std::mem::replace(&mut host, true)
+            || name == AUTHORIZATION && std::mem::replace(&mut authorization, true)
+        {
+            return None;
+        }
         if Name::of(name.as_str().as_bytes()).hop_by_hop() {
             continue;
         }
@@ -227,8 +237,9 @@ fn parse(head: &Bytes, limits: &HeadLimits) -> Option<(RequestHeader, bool)> {
 
 /// Parses ([`parse`]) and routes a complete head. `None`: not a request for this path
 /// (a body, an upgrade, `Expect`, HTTP/1.0, absolute form, more than [`MAX_HEADERS`]
-/// lines, a translating route, an h2c service…), or a head the front door must judge;
-/// the caller checks it and hands it to pingora, which sees the same bytes.
+/// lines, a `;` in the path, a translating route, an h2c service…), or a head the front
+/// door must judge; the caller checks it and hands it to pingora, which sees the same
+/// bytes.
 pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastRequest>> {
     // One copy of the head; the path and the header values are slices of it.
     let head = Bytes::copy_from_slice(head);
@@ -239,7 +250,13 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
         "the own path took a head the front door refuses: {head:?}"
     );
     let snapshot = state.load();
-    let normalized = proxy::normalized_path(&req);
+    let path = proxy::request_path(&req);
+    if path.literal.is_some() {
+        // `;` in the path: two readings for the ACL, perhaps two routes. The proxy's
+        // phases judge those (rare) paths.
+        return None;
+    }
+    let normalized = path.normalized;
     let found = proxy::lookup_route(&snapshot, &req, normalized.as_deref());
     let route = match found {
         None => None,
@@ -694,6 +711,8 @@ async fn admit(
     let parts = crate::admission::RequestParts {
         client_ip: down.peer.map(|a| a.ip()),
         path,
+        // `take` leaves paths with two readings to the proxy.
+        literal: None,
         headers: &req.headers,
     };
     let verdict = match policy.check(&parts) {
@@ -1120,6 +1139,8 @@ mod tests {
             b"GET / HTTP/1.0\r\n\r\n",
             b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\nE: 5\r\n\r\n",
             b"GET http://a/ HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nAuthorization: a\r\nAUTHORIZATION: b\r\n\r\n",
         ] {
             assert!(!agrees(refused), "{}", String::from_utf8_lossy(refused));
         }

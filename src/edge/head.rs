@@ -4,6 +4,8 @@
 //! `Transfer-Encoding` it drops the length instead of rejecting, and its size limits
 //! answer 400. Request smuggling lives in exactly these gaps, so busbar refuses
 //! ambiguous framing outright (as HAProxy and Envoy do) and answers 414/431 for size.
+//! A second `Host` is refused here too (RFC 9112 §3.2), so busbar never routes by one
+//! `Host` while the upstream reads another.
 //! Owns: the verdict on one head. Pure: no I/O, no allocation.
 
 /// Why a head is refused; `status` and `reason` go to the client.
@@ -106,6 +108,7 @@ pub fn check(head: &[u8], limits: &HeadLimits) -> Result<Body, Refusal> {
     let mut headers = 0usize;
     let mut content_length: Option<&[u8]> = None;
     let mut transfer_encoding = false;
+    let mut host = false;
     for line in lines {
         if line.is_empty() {
             // What follows the final `\n` (nothing) — the head ends here.
@@ -146,7 +149,14 @@ pub fn check(head: &[u8], limits: &HeadLimits) -> Result<Body, Refusal> {
         if control {
             return Err(bad("control character in a header value"));
         }
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if name.eq_ignore_ascii_case(b"host") {
+            // RFC 9112 §3.2: routing and ACLs must not read a different Host than the
+            // upstream does.
+            if host {
+                return Err(bad("more than one Host"));
+            }
+            host = true;
+        } else if name.eq_ignore_ascii_case(b"content-length") {
             let v = trim_ows(value);
             if v.is_empty() || !v.iter().all(u8::is_ascii_digit) || v.len() > 19 {
                 return Err(bad("Content-Length is not a plain decimal number"));
@@ -240,6 +250,8 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost: a\0b\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHOST: a\r\n\r\n",
         ] {
             assert_eq!(verdict(head), Err(400), "{}", String::from_utf8_lossy(head));
         }

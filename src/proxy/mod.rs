@@ -149,13 +149,51 @@ fn find_route(
     Some(route)
 }
 
-/// The request's path normalised (`//admin`, `/a/../admin` are `/admin`), when that
-/// changes it: what routing and ACLs see.
-pub(crate) fn normalized_path(req: &RequestHeader) -> Option<String> {
-    match admission::normalize_path(req.uri.path()) {
-        std::borrow::Cow::Borrowed(_) => None,
-        std::borrow::Cow::Owned(p) => Some(p),
+/// The readings of a request's path that routing and ACLs see (`//admin`, `/a/../admin`
+/// and `/a;x/admin` are `/admin`; see [`admission::normalize`]), each `None` when it
+/// is the path as it came.
+#[derive(Debug)]
+pub(crate) struct RequestPath {
+    /// The parameter-free reading: what routing and ACLs see.
+    pub normalized: Option<String>,
+    /// The literal reading, when it differs: ACLs judge it too.
+    pub literal: Option<String>,
+    /// The readings may pick different routes (see [`admission::Normalized::split`]).
+    pub split: bool,
+}
+
+/// The [`RequestPath`] of `req`.
+pub(crate) fn request_path(req: &RequestHeader) -> RequestPath {
+    let n = admission::normalize(req.uri.path());
+    RequestPath {
+        normalized: match n.path {
+            std::borrow::Cow::Borrowed(_) => None,
+            std::borrow::Cow::Owned(p) => Some(p),
+        },
+        literal: n.literal,
+        split: n.split,
     }
+}
+
+/// Do both readings of a path whose readings may part ([`RequestPath::split`]) pick
+/// `route`? When they do not, which route's policy applies depends on how the
+/// application reads the path: busbar refuses to guess.
+fn readings_agree(
+    snapshot: &Snapshot,
+    req: &RequestHeader,
+    path: &RequestPath,
+    route: &Arc<routing::Route>,
+) -> bool {
+    !path.split
+        || lookup_route(snapshot, req, path.literal.as_deref())
+            .is_some_and(|(other, _)| Arc::ptr_eq(&other, route))
+}
+
+/// More than one `Authorization` field: busbar would verify one and the upstream might
+/// read another, so such a request is refused (the field is not a list, RFC 9110 §5.3).
+fn ambiguous_credentials(req: &RequestHeader) -> bool {
+    let mut all = req.headers.get_all(http::header::AUTHORIZATION).iter();
+    all.next().is_some() && all.next().is_some()
 }
 
 /// [`find_route`] without counting: the route, and whether it is a mesh-fallback one.
@@ -525,11 +563,17 @@ impl BusbarProxy {
         ctx.trace = trace::TraceContext::from_header(
             req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()),
         );
+        if ambiguous_credentials(req) {
+            return answer(session, ctx, Cause::DuplicateAuthorization).await;
+        }
         // Routing and ACLs see the normalised path: `//admin`, `/a/../admin` are `/admin`.
-        let normalized = normalized_path(req);
-        let Some(route) = find_route(snapshot, req, normalized.as_deref()) else {
+        let path = request_path(req);
+        let Some(route) = find_route(snapshot, req, path.normalized.as_deref()) else {
             return answer(session, ctx, Cause::NoRoute).await;
         };
+        if !readings_agree(snapshot, req, &path, &route) {
+            return answer(session, ctx, Cause::AmbiguousPath).await;
+        }
         ctx.route = Some(route.clone());
         // Before admission: a looping request spends no rate-limit token or queue slot.
         if crate::via::node().looped(&req.headers, limits.max_hops) {
@@ -547,7 +591,8 @@ impl BusbarProxy {
             let client_ip = client_ip(session);
             let downstream = session.as_downstream_mut();
             // Waits (queue, cluster limit) end early if the client goes away.
-            match admission::admit(&policy, downstream, client_ip, normalized.as_deref()).await {
+            let (normalized, literal) = (path.normalized.as_deref(), path.literal.as_deref());
+            match admission::admit(&policy, downstream, client_ip, normalized, literal).await {
                 Ok(admitted) => ctx.admitted = Some(admitted),
                 Err(refused) => {
                     let rejection = refused.into_rejection()?;

@@ -17,6 +17,10 @@ pub enum Cause {
     UpstreamTimeout,
     UpstreamError,
     BadRequest,
+    /// More than one `Authorization` field.
+    DuplicateAuthorization,
+    /// The path's readings (with and without `;params`) pick different routes.
+    AmbiguousPath,
     /// The request body stalled or fell behind `body_min_rate`.
     BodyTimeout,
     /// Refused by admission (ACL, identity, rate limit, queue).
@@ -33,7 +37,7 @@ impl Cause {
             Cause::NoHealthyInstance => 503,
             Cause::ConnectFailed | Cause::UpstreamError => 502,
             Cause::UpstreamTimeout => 504,
-            Cause::BadRequest => 400,
+            Cause::BadRequest | Cause::DuplicateAuthorization | Cause::AmbiguousPath => 400,
             Cause::BodyTimeout => 408,
             Cause::Admission(k) => k.status(),
             Cause::LoopDetected => 508,
@@ -49,6 +53,8 @@ impl Cause {
             Cause::UpstreamTimeout => "upstream_timeout",
             Cause::UpstreamError => "upstream_error",
             Cause::BadRequest => "bad_request",
+            Cause::DuplicateAuthorization => "duplicate_authorization",
+            Cause::AmbiguousPath => "ambiguous_path",
             Cause::BodyTimeout => "body_timeout",
             Cause::Admission(k) => k.code(),
             Cause::LoopDetected => "loop_detected",
@@ -64,6 +70,10 @@ impl Cause {
             Cause::UpstreamTimeout => "the upstream did not answer in time",
             Cause::UpstreamError => "the upstream connection failed before a complete response",
             Cause::BadRequest => "the request is malformed",
+            Cause::DuplicateAuthorization => "the request has more than one Authorization header",
+            Cause::AmbiguousPath => {
+                "the path names different routes with and without its ;parameters"
+            }
             Cause::BodyTimeout => "the request body did not arrive in time",
             Cause::Admission(_) => "the request was not admitted",
             Cause::LoopDetected => {
