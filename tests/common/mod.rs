@@ -216,6 +216,20 @@ impl Busbar {
         metric_value(&self.metrics().await, sample)
     }
 
+    /// The value of one sample once it equals `want`, or its last value after 5 s: the
+    /// finish phase counts a request just after its answer has gone out, so a client can
+    /// read the answer before the count moves.
+    pub async fn metric_settled(&self, sample: &str, want: f64) -> f64 {
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let v = self.metric(sample).await;
+            if v == want || Instant::now() > until {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn reload(&self) -> reqwest::Response {
         client()
             .post(self.admin_url("/v1/reload"))
