@@ -62,15 +62,8 @@ async fn serve(mut s: TcpStream, conn: usize, script: Script, got: Arc<Mutex<Vec
     let mut buf = Vec::new();
     let mut n = 0;
     loop {
-        let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            let mut chunk = [0u8; 4096];
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(k) => buf.extend_from_slice(&chunk[..k]),
-            }
+        let Some(end) = common::read_head(&mut s, &mut buf).await else {
+            return;
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_string();
         buf.drain(..end);

@@ -57,15 +57,8 @@ impl Raw {
     async fn serve(mut s: TcpStream, answer: Answer, log: Arc<Mutex<Vec<String>>>) {
         let mut buf = Vec::new();
         loop {
-            let end = loop {
-                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break i + 4;
-                }
-                let mut chunk = [0u8; 4096];
-                match s.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                }
+            let Some(end) = common::read_head(&mut s, &mut buf).await else {
+                return;
             };
             let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
             let declared: usize = head

@@ -381,3 +381,19 @@ pub async fn connect_first(
     }
     (failed, None)
 }
+
+/// Reads from `s` into `buf` until `buf` holds a whole HTTP head; the offset just past its
+/// blank line, or `None` when the peer closes (or fails) first. For raw test upstreams.
+pub async fn read_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(i + 4);
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+        }
+    }
+}
