@@ -5,6 +5,7 @@
 //! Must not: do I/O. Probes live in `health`, balancing policy in `balance`.
 
 pub mod api;
+pub mod listener;
 pub mod persist;
 pub mod store;
 pub mod sync;
