@@ -172,12 +172,13 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     // sockets arrive as descriptors only pingora can take, so pingora accepts on them.
     if opts.upgrade {
         for addr in &listen.http {
-            // No L4 read buffer on plaintext: pingora's default is 64 KiB per connection
-            // (for TLS records), which made 10,000 idle keep-alive connections cost
-            // ~300 MiB. The front door and pingora read into their own buffers.
+            // No L4 buffers on plaintext, as on the sockets busbar accepts on itself: a
+            // read buffer is 64 KiB per connection (for TLS records; 10,000 idle keep-alive
+            // connections cost ~300 MiB), and the front door writes through its own
+            // buffer (`Lingering`) and never flushes pingora's, so a small answer left in
+            // pingora's 1,460-byte write buffer never reached the client.
             proxy.add_listener(
-                ListenerConfig::tcp(addr.to_string())
-                    .l4_buffer(L4BufferSettings::default().read(0)),
+                ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::unbuffered()),
             );
         }
     }
@@ -271,7 +272,9 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     server.add_service(supervised(proxy));
     server.add_service(supervised(admin));
     if registration_addr.is_none() {
-        tracing::info!("no service takes registrations: the registration API opens when a reload adds one");
+        tracing::info!(
+            "no service takes registrations: the registration API opens when a reload adds one"
+        );
     }
     server.add_service(supervised(registration));
     server.add_service(supervised(registry_sync));

@@ -105,10 +105,29 @@ pub fn bind_all(
 /// A listening socket on `addr` as busbar binds them: address reuse (a restart need not
 /// wait out TIME_WAIT), pingora's backlog, non-blocking.
 pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    bind_with(addr, false)
+}
+
+/// Like [`bind`], with SO_REUSEPORT: for a socket that pingora's upgrade can't hand over
+/// (the registration API's), which the new process binds beside the old one's instead.
+/// `alone`: first make sure nothing listens on `addr` at all, not even a process that
+/// shares it, so a second busbar on the same address fails instead of sharing it.
+pub(crate) fn bind_shared(addr: SocketAddr, alone: bool) -> std::io::Result<std::net::TcpListener> {
+    if alone {
+        // Binding without SO_REUSEPORT fails while any socket listens there.
+        drop(bind_with(addr, false)?);
+    }
+    bind_with(addr, true)
+}
+
+fn bind_with(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     // socket2 rather than tokio's TcpSocket: this runs before any runtime exists.
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     // Non-blocking (as tokio wants it), which `accept_queued` relies on.
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;

@@ -62,7 +62,10 @@ impl Running {
             file.upstream_keepalive_pool == self.upstream_keepalive_pool,
         );
         check("log.access", file.access_log == self.access_log);
-        check("registry.backend", file.registry_backend == self.registry_backend);
+        check(
+            "registry.backend",
+            file.registry_backend == self.registry_backend,
+        );
         differ
     }
 }

@@ -7,7 +7,6 @@
 use std::sync::Mutex;
 
 use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 
 /// The environment variable whose filter, when set, replaces `[log] level`.
@@ -49,11 +48,11 @@ pub fn init(level: &str) -> Option<LogLevel> {
     };
     let (filter, handle) = reload::Layer::new(from_env.unwrap_or_else(|| filter_for(level)));
     let _ = tracing_log::LogTracer::builder().with_max_level(max).init();
-    tracing_subscriber::registry()
+    let subscriber = tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .try_init()
-        .ok()?;
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    // Not `try_init`: it would install the `log` bridge again, fail, and say so.
+    tracing::subscriber::set_global_default(subscriber).ok()?;
     Some(LogLevel {
         handle,
         level: Mutex::new((!env_decides).then(|| level.to_string())),

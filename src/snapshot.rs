@@ -178,25 +178,25 @@ impl State {
                 Ok((new, live))
             })
             .map(|(new, live)| {
-            let generation = self.generation.fetch_add(1, Relaxed) + 1;
-            self.registry
-                .set_policy(crate::registry::store::StorePolicy {
-                    renewal_threshold: new.registry.renewal_threshold,
-                    max_expiry_share: new.registry.max_expiry_share,
-                });
-            let snapshot = Snapshot::build(new, Some(&old), generation, &self.registry);
-            self.current.store(Arc::new(snapshot));
-            crate::release::refresh(self);
-            if let Some(source) = record {
-                self.history
-                    .record_text(source, text, self.releases.overrides());
-            }
-            ReloadOutcome {
-                generation,
-                applied: live.applied,
-                not_applied: live.needs_restart,
-            }
-        });
+                let generation = self.generation.fetch_add(1, Relaxed) + 1;
+                self.registry
+                    .set_policy(crate::registry::store::StorePolicy {
+                        renewal_threshold: new.registry.renewal_threshold,
+                        max_expiry_share: new.registry.max_expiry_share,
+                    });
+                let snapshot = Snapshot::build(new, Some(&old), generation, &self.registry);
+                self.current.store(Arc::new(snapshot));
+                crate::release::refresh(self);
+                if let Some(source) = record {
+                    self.history
+                        .record_text(source, text, self.releases.overrides());
+                }
+                ReloadOutcome {
+                    generation,
+                    applied: live.applied,
+                    not_applied: live.needs_restart,
+                }
+            });
         match &result {
             Ok(o) => {
                 METRICS.reloads.with_label_values(&["ok"]).inc();

@@ -134,6 +134,9 @@ mod tests {
     async fn a_spawned_part_panics_again_in_its_service() {
         let part = tokio::spawn(async { panic!("accept loop: {}", 1) });
         let r = CatchUnwind(Box::pin(join_part(part))).await;
-        assert_eq!(panic_message(&*r.expect_err("raised again")), "accept loop: 1");
+        assert_eq!(
+            panic_message(&*r.expect_err("raised again")),
+            "accept loop: 1"
+        );
     }
 }

@@ -62,7 +62,9 @@ pub fn load_identity(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> 
         .collect::<Result<Vec<_>, pem::Error>>()
         .map_err(|e| no_cert(format!("not PEM: {e}")))?;
     if chain.is_empty() {
-        return Err(no_cert("no PEM certificate (BEGIN CERTIFICATE) in it".into()));
+        return Err(no_cert(
+            "no PEM certificate (BEGIN CERTIFICATE) in it".into(),
+        ));
     }
     let key_pem = std::fs::read(key).map_err(|source| TlsError::KeyUnreadable {
         path: key.to_path_buf(),
@@ -134,7 +136,10 @@ mod tests {
         std::fs::write(&garbage, "not pem at all\n").unwrap();
 
         let e = load_identity(&missing, &key).unwrap_err();
-        assert!(matches!(e, TlsError::CertUnreadable { .. }) && !e.is_the_key(), "{e}");
+        assert!(
+            matches!(e, TlsError::CertUnreadable { .. }) && !e.is_the_key(),
+            "{e}"
+        );
         let e = load_identity(&garbage, &key).unwrap_err();
         assert!(matches!(e, TlsError::NoCertificate { .. }), "{e}");
         // A certificate where the key should be: no key in it.

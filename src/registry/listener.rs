@@ -4,9 +4,10 @@
 //! pingora can't add a listener to a running server, so this one is busbar's own: bound by
 //! [`RegistrationListener::set`] (at start-up, or in a reload, so that a bind error refuses
 //! the start or the reload and changes nothing), and served by [`RegistrationService`], a
-//! pingora service on its own thread that accepts on whatever socket is current and stops
-//! with the server. Its socket is not in pingora's upgrade table: after `--upgrade` the new
-//! process binds the address once the old one has let it go.
+//! pingora service on its own thread that accepts on whatever socket is current and closes
+//! it with the server. Its socket is not in pingora's upgrade table (a reload may move it,
+//! and the table can't forget an address): it has SO_REUSEPORT, and after `--upgrade` the
+//! new process binds beside the old one, which closes its own when it shuts down.
 //! Owns: binding, moving and closing that socket, and its accept loop.
 //! Must not: read a request (each connection goes to the API app, `registry::api`).
 
@@ -20,9 +21,10 @@ use pingora_core::server::{ListenFds, ShutdownWatch};
 use pingora_core::services::Service;
 use tokio::sync::watch;
 
-/// How long a process started with `--upgrade` waits for the old one to release the
-/// registration address (it closes it as soon as it gets SIGQUIT).
-pub const UPGRADE_BIND_WAIT: Duration = Duration::from_secs(5);
+/// How long a process started with `--upgrade` keeps trying to bind the registration
+/// address while it is in use without SO_REUSEPORT (by a busbar from before it had it,
+/// which lets go when it shuts down, pingora's 5 s after the handover).
+pub const UPGRADE_BIND_WAIT: Duration = Duration::from_secs(15);
 
 /// A bound registration socket.
 #[derive(Debug)]
@@ -58,7 +60,12 @@ impl RegistrationListener {
     /// the old one closes, so an error leaves the running listener as it was. Returns
     /// whether anything changed. The old socket closes once the service has moved on
     /// (at once on an idle node; connections it accepted keep their answers).
+    /// Nothing else may listen on a new address, not even another busbar.
     pub fn set(&self, want: Option<SocketAddr>) -> std::io::Result<bool> {
+        self.open(want, true)
+    }
+
+    fn open(&self, want: Option<SocketAddr>, alone: bool) -> std::io::Result<bool> {
         let _serial = self.change.lock().unwrap_or_else(|e| e.into_inner());
         if self.addr() == want {
             return Ok(false);
@@ -66,7 +73,7 @@ impl RegistrationListener {
         let next = match want {
             Some(addr) => Some(Arc::new(Bound {
                 addr,
-                socket: crate::listeners::bind(addr)?,
+                socket: crate::listeners::bind_shared(addr, alone)?,
             })),
             None => None,
         };
@@ -74,13 +81,16 @@ impl RegistrationListener {
         Ok(true)
     }
 
-    /// Like [`set`](Self::set) with an address, trying again until `within` has passed
-    /// while the address is in use (by the process a graceful upgrade replaces).
-    pub fn set_retrying(&self, addr: SocketAddr, within: Duration) -> std::io::Result<bool> {
+    /// After `--upgrade`: binds `addr` beside the process being replaced (both accept until
+    /// it shuts down), trying again until `within` has passed while the address is held
+    /// by a socket that does not share.
+    pub fn join_upgrade(&self, addr: SocketAddr, within: Duration) -> std::io::Result<bool> {
         let deadline = Instant::now() + within;
         loop {
-            match self.set(Some(addr)) {
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+            match self.open(Some(addr), false) {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+                {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 r => return r,
@@ -125,7 +135,7 @@ impl<A: ServerApp + Send + Sync + 'static> Service for RegistrationService<A> {
         if let Some(addr) = self.bind_on_start {
             let listener = self.listener.clone();
             let bound =
-                tokio::task::spawn_blocking(move || listener.set_retrying(addr, UPGRADE_BIND_WAIT))
+                tokio::task::spawn_blocking(move || listener.join_upgrade(addr, UPGRADE_BIND_WAIT))
                     .await;
             match bound {
                 Ok(Ok(_)) => {}
@@ -180,6 +190,9 @@ impl<A: ServerApp + Send + Sync + 'static> Service for RegistrationService<A> {
                 break;
             }
         }
+        // Closed with the server (not when the process exits, after the drain): a process
+        // taking over after an upgrade is the one that accepts now.
+        let _ = self.listener.set(None);
         self.app.cleanup().await;
     }
 
@@ -235,5 +248,25 @@ mod tests {
         assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
         assert_eq!(l.addr(), Some(a), "still on the old address");
         assert!(std::net::TcpStream::connect(a).is_ok(), "still listening");
+    }
+
+    #[test]
+    fn an_upgrade_binds_beside_the_old_process_and_nothing_else_does() {
+        let old = RegistrationListener::default();
+        let a = free();
+        old.set(Some(a)).unwrap();
+        let new = RegistrationListener::default();
+        let e = new.set(Some(a)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "a second busbar");
+        assert!(
+            new.join_upgrade(a, Duration::ZERO).unwrap(),
+            "the upgrade's"
+        );
+        // A socket that does not share keeps it from an upgrade too.
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let e = new
+            .join_upgrade(plain.local_addr().unwrap(), Duration::from_millis(200))
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
     }
 }
