@@ -23,21 +23,30 @@ use crate::config::{Config, RegistryBackend};
 use crate::edge::Edge;
 use crate::health::checker::HealthChecker;
 use crate::listeners::DrainedListeners;
+use crate::live::Live;
 use crate::metrics::METRICS;
 use crate::proxy::BusbarProxy;
 use crate::registry::api::{Embedded, RegistrationApi, Writer};
 use crate::registry::gate::{Gate, Source};
+use crate::registry::listener::{RegistrationListener, RegistrationService};
 use crate::registry::persist;
 use crate::registry::store::{Store, StorePolicy};
 use crate::registry::sync::RegistrySync;
 use crate::snapshot::State;
+use crate::supervisor::supervised;
 
 /// How long pingora's runtimes get to stop once busbar has drained.
 const RUNTIME_SHUTDOWN_SECONDS: u64 = 1;
+/// pingora's own grace period, a backstop only: busbar's drain ([`Drain`]) ends the
+/// process after the grace period that runs when the drain starts, which a reload may
+/// have raised above the one busbar started with.
+const PINGORA_GRACE_SECONDS: u64 = 24 * 3600;
 
 pub struct RunOptions {
     /// Take the listening sockets over from a running busbar (graceful upgrade).
     pub upgrade: bool,
+    /// The log level a reload changes (`None`: busbar did not install the subscriber).
+    pub log: Option<crate::logging::LogLevel>,
 }
 
 /// Builds and runs the server; returns only on a start-up error.
@@ -52,7 +61,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let server_conf = ServerConf {
         threads: config.server.threads,
         work_stealing: false,
-        grace_period_seconds: Some(config.server.grace_period.as_secs().max(1)),
+        grace_period_seconds: Some(PINGORA_GRACE_SECONDS),
         graceful_shutdown_timeout_seconds: Some(RUNTIME_SHUTDOWN_SECONDS),
         upstream_keepalive_pool_size: config.server.upstream_keepalive_pool,
         // busbar decides retries itself (attempts and budget); this is only pingora's loop bound.
@@ -78,26 +87,42 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         Arc::new(AccessLog::open(&config.log.access).context("opening the access log")?);
     let listen = config.listen.clone();
     let registry_conf = config.registry.clone();
-    let takes_registrations = config.services.iter().any(|s| s.registration);
-    if !opts.upgrade {
-        // pingora retries a busy port forever while the rest serves; refuse to start instead.
-        let mut ports: Vec<std::net::SocketAddr> = listen.http.clone();
-        ports.extend(listen.tls.iter().map(|t| t.addr));
-        ports.push(listen.admin);
-        if takes_registrations {
-            ports.push(registry_conf.listen);
-        }
-        for addr in ports {
+
+    // Every listener is made sure of before anything starts: a certificate that can't be
+    // loaded, an address in use or not permitted stops busbar here, naming the file or
+    // the address, before it says it started. (pingora would panic on the certificate in
+    // the TLS service's thread, and retry a busy port, while the rest served.)
+    let mut tls_identities = Vec::with_capacity(listen.tls.len());
+    for tls in &listen.tls {
+        let identity = crate::config::load_identity(&tls.cert, &tls.key)
+            .with_context(|| format!("TLS listener {}", tls.addr))?;
+        tls_identities.push(identity);
+    }
+    let registration_addr = crate::live::registration_addr(&config);
+    let registration_listener = Arc::new(RegistrationListener::default());
+    let own_plaintext = if opts.upgrade {
+        Vec::new()
+    } else {
+        // Bound now and kept: the service endpoint accepts on these sockets.
+        let bound = crate::listeners::bind_all(&listen.http)
+            .map_err(|(addr, e)| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        // pingora binds these itself once running; a bind now proves it can.
+        for addr in listen.tls.iter().map(|t| t.addr).chain([listen.admin]) {
             std::net::TcpListener::bind(addr)
                 .with_context(|| format!("cannot listen on {addr}"))?;
         }
-    }
+        if let Some(addr) = registration_addr {
+            registration_listener
+                .set(Some(addr))
+                .with_context(|| format!("cannot listen on {addr} (registry.listen)"))?;
+        }
+        bound
+    };
 
     // 0. The registry's last known instances come first, so a restarted node routes at once.
     //    What this node did not check itself (the snapshot, etcd) passes its address
     //    policy first: no instance at its own listeners or at cloud metadata.
-    let own_listeners =
-        OwnListeners::new(&listen, takes_registrations.then_some(registry_conf.listen));
+    let own_listeners = OwnListeners::new(&listen, registration_addr);
     let gate = Arc::new(Gate::new(own_listeners.clone()));
     let store = Arc::new(Store::new(StorePolicy {
         renewal_threshold: registry_conf.renewal_threshold,
@@ -132,7 +157,8 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         }
         Err(e) => tracing::error!("registry snapshot ignored: {e}"),
     }
-    let state = Arc::new(State::new(config, store.clone()));
+    let live = Live::new(&config, opts.log, registration_listener.clone());
+    let state = Arc::new(State::new(config, store.clone(), live));
 
     // 1. The service endpoint: HTTP/1.1 and h2c on each plain port, TLS with ALPN h2.
     //    The front door reads each plaintext request head: CONNECT tunnels to registered
@@ -156,25 +182,25 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let mut proxy = ListeningService::new("busbar proxy".to_string(), edge());
     // busbar accepts on its plaintext ports itself (`listeners`); after --upgrade their
     // sockets arrive as descriptors only pingora can take, so pingora accepts on them.
-    let own_plaintext = if opts.upgrade {
+    if opts.upgrade {
         for addr in &listen.http {
-            // No L4 read buffer on plaintext: pingora's default is 64 KiB per connection
-            // (for TLS records), which made 10,000 idle keep-alive connections cost
-            // ~300 MiB. The front door and pingora read into their own buffers.
+            // No L4 buffers on plaintext, as on the sockets busbar accepts on itself: a
+            // read buffer is 64 KiB per connection (for TLS records; 10,000 idle keep-alive
+            // connections cost ~300 MiB), and the front door writes through its own
+            // buffer (`Lingering`) and never flushes pingora's, so a small answer left in
+            // pingora's 1,460-byte write buffer never reached the client.
             proxy.add_listener(
-                ListenerConfig::tcp(addr.to_string())
-                    .l4_buffer(L4BufferSettings::default().read(0)),
+                ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::unbuffered()),
             );
         }
-        Vec::new()
-    } else {
-        listen.http.clone()
-    };
-    for tls in &listen.tls {
+    }
+    for (tls, identity) in listen.tls.iter().zip(tls_identities) {
         let cert = tls.cert.display().to_string();
         let key = tls.key.display().to_string();
         let mut settings = TlsSettings::intermediate(&cert, &key)
             .map_err(|e| anyhow::anyhow!("TLS listener {}: {e}", tls.addr))?;
+        // The identity loaded above, so pingora never reads (or panics on) the files.
+        settings.set_cert_resolver(crate::config::tls_resolver(identity));
         settings.enable_h2();
         proxy.add_tls_with_settings(&tls.addr.to_string(), None, settings);
     }
@@ -205,23 +231,22 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     admin.add_tcp(&listen.admin.to_string());
 
     // 3. The registration API, on its own listener (other hosts must reach it; tokens
-    //    guard it) — only when some service takes registrations: a node that has none
-    //    opens no port for them (listeners can't be added by a reload).
+    //    guard it) — only while some service takes registrations: a node that has none
+    //    opens no port for them. A reload opens, moves or closes it (`live`).
     let writer: Arc<dyn Writer> = match &etcd {
         Some(e) => e.clone(),
         None => Arc::new(Embedded(store)),
     };
-    let mut registration = ListeningService::new(
-        "busbar registration".to_string(),
+    let registration = RegistrationService::new(
+        registration_listener,
         RegistrationApi {
             state: state.clone(),
             writer,
             listeners: own_listeners,
             refused: gate,
         },
+        registration_addr.filter(|_| opts.upgrade),
     );
-    registration.threads = Some(1);
-    registration.add_tcp(&registry_conf.listen.to_string());
 
     // 4. Background tasks: health, registry upkeep, reload on SIGHUP, access-log
     //    flushing, drain on shutdown.
@@ -253,40 +278,42 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         "access log flusher",
         Drain {
             access_log,
-            grace: state.load().config.server.grace_period,
+            state: state.clone(),
             listeners_closed,
         },
     );
 
-    server.add_service(proxy);
-    server.add_service(admin);
-    if takes_registrations {
-        server.add_service(registration);
-    } else {
-        tracing::info!("no service takes registrations: the registration API is not started");
+    // Every service is supervised: one that dies by a panic ends the process.
+    server.add_service(supervised(proxy));
+    server.add_service(supervised(admin));
+    if registration_addr.is_none() {
+        tracing::info!(
+            "no service takes registrations: the registration API opens when a reload adds one"
+        );
     }
-    server.add_service(registry_sync);
+    server.add_service(supervised(registration));
+    server.add_service(supervised(registry_sync));
     if let Some(e) = etcd {
-        server.add_service(background_service("etcd watch", EtcdWatch(e)));
+        server.add_service(supervised(background_service("etcd watch", EtcdWatch(e))));
         // Gray-release overrides are shared through the same etcd.
-        server.add_service(background_service(
+        server.add_service(supervised(background_service(
             "release sync",
             crate::release::sync::ReleaseSync {
                 state: state.clone(),
             },
-        ));
+        )));
     }
-    server.add_service(health);
-    server.add_service(sighup);
-    server.add_service(admission_sweep);
-    server.add_service(background_service(
+    server.add_service(supervised(health));
+    server.add_service(supervised(sighup));
+    server.add_service(supervised(admission_sweep));
+    server.add_service(supervised(background_service(
         "redis upkeep",
         crate::cluster::redis::RedisUpkeep {
             state: state.clone(),
         },
-    ));
-    server.add_service(flusher);
-    tracing::info!(http = ?listen.http, tls = ?listen.tls.iter().map(|t| t.addr).collect::<Vec<_>>(), admin = %listen.admin, registration = ?takes_registrations.then_some(registry_conf.listen), via = crate::via::node().id(), "busbar started");
+    )));
+    server.add_service(supervised(flusher));
+    tracing::info!(http = ?listen.http, tls = ?listen.tls.iter().map(|t| t.addr).collect::<Vec<_>>(), admin = %listen.admin, registration = ?registration_addr, via = crate::via::node().id(), "busbar started");
     server.run_forever()
 }
 
@@ -344,7 +371,8 @@ impl BackgroundService for ReloadOnHangup {
 /// exiting as soon as the last request is done makes a drain take as long as it needs.
 struct Drain {
     access_log: Arc<AccessLog>,
-    grace: Duration,
+    /// For the grace period running when the drain starts (a reload may change it).
+    state: Arc<State>,
     /// Set once the last queued connections are accepted and the listeners closed.
     listeners_closed: Arc<AtomicBool>,
 }
@@ -359,7 +387,7 @@ impl BackgroundService for Drain {
                 _ = tick.tick() => self.access_log.flush(),
             }
         }
-        let deadline = Instant::now() + self.grace;
+        let deadline = Instant::now() + self.state.load().config.server.grace_period;
         tracing::info!(
             in_flight = METRICS.in_flight.get(),
             "draining: no new connections, finishing requests in flight"

@@ -1,4 +1,5 @@
-//! The service endpoint's plaintext listening sockets: busbar binds them, accepts on them
+//! The service endpoint's plaintext listening sockets: busbar binds them before the server
+//! starts (so an address in use stops busbar before it says it started), accepts on them
 //! itself, and hands pingora a duplicate of each through its listen-fd table (for a later
 //! `--upgrade` to take over).
 //!
@@ -22,7 +23,8 @@
 //! cannot own; pingora accepts on those (with its larger per-connection task) and busbar
 //! keeps no handle, so such a process's drain closes the old way. TLS listeners are
 //! pingora's (their handshake is).
-//! Owns: binding the plaintext sockets, the accept loops, the last accepts.
+//! Owns: binding the plaintext sockets (and the registration API's, `registry::listener`),
+//! the accept loops, the last accepts.
 //! Must not: read from a connection (the app does).
 
 use std::io::ErrorKind;
@@ -41,7 +43,7 @@ use pingora_core::services::listening::Service as ListeningService;
 use pingora_core::services::Service;
 
 /// The listen backlog, pingora's own (`LISTENER_BACKLOG` in pingora-core).
-const BACKLOG: u32 = 65535;
+const BACKLOG: i32 = 65535;
 
 /// A pingora listening service (TLS, and plaintext after `--upgrade`) with busbar's own
 /// accept loops on the plaintext addresses.
@@ -51,64 +53,90 @@ pub struct DrainedListeners<A> {
     app: Arc<A>,
     /// Plaintext addresses busbar accepts on; `inner` has no endpoint for them.
     addrs: Vec<SocketAddr>,
+    /// Their sockets, bound by [`bind_all`]; the service takes them when it starts.
+    sockets: Vec<std::net::TcpListener>,
     /// Set once busbar's handles are closed; the drain waits for it.
     closed: Arc<AtomicBool>,
 }
 
 impl<A> DrainedListeners<A> {
-    /// `addrs` are the plaintext addresses busbar accepts on itself (none after
-    /// `--upgrade`: `inner` has them); `app` serves like `inner`'s app.
+    /// `bound` are the plaintext sockets busbar accepts on itself, from [`bind_all`] (none
+    /// after `--upgrade`: `inner` has them); `app` serves like `inner`'s app.
     pub fn new(
         inner: ListeningService<A>,
         app: Arc<A>,
-        addrs: Vec<SocketAddr>,
+        bound: Vec<(SocketAddr, std::net::TcpListener)>,
         closed: Arc<AtomicBool>,
     ) -> Self {
+        let (addrs, sockets) = bound.into_iter().unzip();
         DrainedListeners {
             inner,
             app,
             addrs,
+            sockets,
             closed,
         }
     }
 
-    /// Binds every address and lends its descriptor to pingora's fd table (what an
+    /// Takes the sockets and lends each descriptor to pingora's fd table (what an
     /// upgrade hands on: pingora sends the table before the drain starts); busbar owns
-    /// the socket and closes it. An address that cannot be bound stops the process:
-    /// nothing else would serve it (startup checked it was free).
-    fn bind(&self, fds: Option<&ListenFds>) -> Vec<std::net::TcpListener> {
-        let mut kept = Vec::new();
-        for addr in &self.addrs {
-            match bind(*addr) {
-                Ok(l) => {
-                    if let Some(fds) = fds {
-                        fds.lock().add(addr.to_string(), l.as_raw_fd());
-                    }
-                    kept.push(l);
-                }
-                Err(e) => {
-                    tracing::error!(%addr, "cannot listen: {e}");
-                    std::process::exit(1);
-                }
+    /// the socket and closes it.
+    fn take_sockets(&mut self, fds: Option<&ListenFds>) -> Vec<std::net::TcpListener> {
+        let kept = std::mem::take(&mut self.sockets);
+        if let Some(fds) = fds {
+            for (addr, l) in self.addrs.iter().zip(&kept) {
+                fds.lock().add(addr.to_string(), l.as_raw_fd());
             }
         }
         kept
     }
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    // Non-blocking (tokio's), which `accept_queued` relies on.
-    socket.listen(BACKLOG)?.into_std()
+/// Binds every address, or says which one could not be bound and why.
+pub fn bind_all(
+    addrs: &[SocketAddr],
+) -> Result<Vec<(SocketAddr, std::net::TcpListener)>, (SocketAddr, std::io::Error)> {
+    addrs
+        .iter()
+        .map(|&a| bind(a).map(|l| (a, l)).map_err(|e| (a, e)))
+        .collect()
 }
 
-/// Accepts on `l` until shutdown.
-async fn accept_loop<A: ServerApp + Send + Sync + 'static>(
+/// A listening socket on `addr` as busbar binds them: address reuse (a restart need not
+/// wait out TIME_WAIT), pingora's backlog, non-blocking.
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    bind_with(addr, false)
+}
+
+/// Like [`bind`], with SO_REUSEPORT: for a socket that pingora's upgrade can't hand over
+/// (the registration API's), which the new process binds beside the old one's instead.
+/// `alone`: first make sure nothing listens on `addr` at all, not even a process that
+/// shares it, so a second busbar on the same address fails instead of sharing it.
+pub(crate) fn bind_shared(addr: SocketAddr, alone: bool) -> std::io::Result<std::net::TcpListener> {
+    if alone {
+        // Binding without SO_REUSEPORT fails while any socket listens there.
+        drop(bind_with(addr, false)?);
+    }
+    bind_with(addr, true)
+}
+
+fn bind_with(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    // socket2 rather than tokio's TcpSocket: this runs before any runtime exists.
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    // Non-blocking (as tokio wants it), which `accept_queued` relies on.
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Accepts on `l` until shutdown, each connection on its own task.
+pub(crate) async fn accept_loop<A: ServerApp + Send + Sync + 'static>(
     app: Arc<A>,
     l: tokio::net::TcpListener,
     mut shutdown: ShutdownWatch,
@@ -196,15 +224,13 @@ impl<A: ServerApp + Send + Sync + 'static> Service for DrainedListeners<A> {
         shutdown: ShutdownWatch,
         listeners_per_fd: usize,
     ) {
-        let kept = self.bind(fds.as_ref());
+        let kept = self.take_sockets(fds.as_ref());
         let mut loops = Vec::new();
         for l in &kept {
             match l.try_clone().and_then(tokio::net::TcpListener::from_std) {
                 Ok(l) => loops.push(l),
-                Err(e) => {
-                    tracing::error!("cannot accept on a listening socket: {e}");
-                    std::process::exit(1);
-                }
+                // The supervisor ends the process: nothing else would serve this port.
+                Err(e) => panic!("cannot accept on a listening socket: {e}"),
             }
         }
         let own: Vec<_> = loops
@@ -213,7 +239,7 @@ impl<A: ServerApp + Send + Sync + 'static> Service for DrainedListeners<A> {
             .collect();
         let own = async {
             for handle in own {
-                let _ = handle.await;
+                crate::supervisor::join_part(handle).await;
             }
         };
         // pingora's loops (TLS; plaintext after --upgrade) return once shutdown stopped

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 // glibc's malloc took ~12% of busbar's CPU per request (perf: _int_malloc, _int_free,
 // malloc_consolidate after the request's large boxed futures). With mimalloc a proxied
@@ -51,30 +50,6 @@ enum Command {
     },
 }
 
-fn init_tracing(level: &str) {
-    let from_env = EnvFilter::try_from_env("BUSBAR_LOG").ok();
-    // pingora logs through `log`: without a max level every `debug!` on its request
-    // path would reach the bridge (about 25 calls per request) only to be dropped.
-    let log_max = match &from_env {
-        Some(_) => log::LevelFilter::Trace,
-        // A bare level caps it; a filter with directives ("warn,rustls=debug") lets
-        // everything through to the tracing filter.
-        None => level
-            .parse::<log::LevelFilter>()
-            .unwrap_or(log::LevelFilter::Trace)
-            .max(log::LevelFilter::Warn),
-    };
-    let filter = from_env
-        .unwrap_or_else(|| EnvFilter::new(format!("{level},pingora_core=warn,pingora_proxy=warn")));
-    let _ = tracing_log::LogTracer::builder()
-        .with_max_level(log_max)
-        .init();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -108,8 +83,8 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            init_tracing(&config.log.level);
-            match busbar::app::run(config, busbar::app::RunOptions { upgrade }) {
+            let log = busbar::logging::init(&config.log.level);
+            match busbar::app::run(config, busbar::app::RunOptions { upgrade, log }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("busbar: {e:#}");
@@ -118,7 +93,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Demo { listen } => {
-            init_tracing("info");
+            busbar::logging::init("info");
             match busbar::demo::run(&listen) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -2,7 +2,8 @@
 //!
 //! Owns: building a [`Snapshot`] from a validated `Config` (carrying instance health
 //! over from the previous snapshot), the `ArcSwap` that publishes it, and reload.
-//! Must not: parse TOML (that is `config`) or run I/O other than reading the file.
+//! Must not: parse TOML (that is `config`) or run I/O other than reading the file (what a
+//! reload changes outside the snapshot, such as the registration listener, is `live`'s).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -93,7 +94,11 @@ impl Snapshot {
 #[derive(Debug, Clone)]
 pub struct ReloadOutcome {
     pub generation: u64,
-    /// Settings that changed in the file but need a restart or an upgrade to apply.
+    /// Settings outside routes and services that now run with the file's value (log
+    /// level, grace period, the registration listener).
+    pub applied: Vec<&'static str>,
+    /// Settings whose value in the file differs from the running one and that need a
+    /// restart or an upgrade to apply.
     pub not_applied: Vec<&'static str>,
 }
 
@@ -108,10 +113,16 @@ pub struct State {
     pub releases: Arc<crate::release::Releases>,
     /// The last applied configurations, for `POST /v1/config/rollback`.
     pub history: crate::release::history::History,
+    /// The running settings outside the snapshot.
+    pub live: crate::live::Live,
 }
 
 impl State {
-    pub fn new(config: Config, registry: Arc<crate::registry::store::Store>) -> State {
+    pub fn new(
+        config: Config,
+        registry: Arc<crate::registry::store::Store>,
+        live: crate::live::Live,
+    ) -> State {
         let releases = Arc::new(crate::release::Releases::open(&config));
         let state = State {
             current: ArcSwap::from_pointee(Snapshot::build(config, None, 1, &registry)),
@@ -120,6 +131,7 @@ impl State {
             reload_lock: Mutex::new(()),
             releases,
             history: Default::default(),
+            live,
         };
         crate::release::started(&state);
         state
@@ -158,39 +170,37 @@ impl State {
     ) -> Result<ReloadOutcome, String> {
         let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.load();
-        let result = config::parse(&old.config.source, text).map(|new| {
-            let mut not_applied = Vec::new();
-            if new.listen != old.config.listen {
-                not_applied.push("listen");
-            }
-            if new.server.threads != old.config.server.threads {
-                not_applied.push("server.threads");
-            }
-            if new.log.access != old.config.log.access {
-                not_applied.push("log.access");
-            }
-            let generation = self.generation.fetch_add(1, Relaxed) + 1;
-            self.registry
-                .set_policy(crate::registry::store::StorePolicy {
-                    renewal_threshold: new.registry.renewal_threshold,
-                    max_expiry_share: new.registry.max_expiry_share,
-                });
-            let snapshot = Snapshot::build(new, Some(&old), generation, &self.registry);
-            self.current.store(Arc::new(snapshot));
-            crate::release::refresh(self);
-            if let Some(source) = record {
-                self.history
-                    .record_text(source, text, self.releases.overrides());
-            }
-            ReloadOutcome {
-                generation,
-                not_applied,
-            }
-        });
+        let result = config::parse(&old.config.source, text)
+            .map_err(|e| e.to_string())
+            .and_then(|new| {
+                // Before the swap: a listener that can't be bound refuses the reload.
+                let live = self.live.apply(&old.config, &new)?;
+                Ok((new, live))
+            })
+            .map(|(new, live)| {
+                let generation = self.generation.fetch_add(1, Relaxed) + 1;
+                self.registry
+                    .set_policy(crate::registry::store::StorePolicy {
+                        renewal_threshold: new.registry.renewal_threshold,
+                        max_expiry_share: new.registry.max_expiry_share,
+                    });
+                let snapshot = Snapshot::build(new, Some(&old), generation, &self.registry);
+                self.current.store(Arc::new(snapshot));
+                crate::release::refresh(self);
+                if let Some(source) = record {
+                    self.history
+                        .record_text(source, text, self.releases.overrides());
+                }
+                ReloadOutcome {
+                    generation,
+                    applied: live.applied,
+                    not_applied: live.needs_restart,
+                }
+            });
         match &result {
             Ok(o) => {
                 METRICS.reloads.with_label_values(&["ok"]).inc();
-                tracing::info!(generation = o.generation, not_applied = ?o.not_applied, "configuration reloaded");
+                tracing::info!(generation = o.generation, applied = ?o.applied, not_applied = ?o.not_applied, "configuration reloaded");
             }
             Err(e) => {
                 METRICS.reloads.with_label_values(&["failed"]).inc();
@@ -199,6 +209,6 @@ impl State {
                 );
             }
         }
-        result.map_err(|e| e.to_string())
+        result
     }
 }

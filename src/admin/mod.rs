@@ -149,7 +149,9 @@ impl AdminApi {
                 crate::config::RegistryBackend::Embedded => "embedded",
                 crate::config::RegistryBackend::Etcd { .. } => "etcd",
             },
-            "listen": r.listen.to_string(),
+            // Where the registration API listens now (null: closed, as no service takes
+            // registrations), not what the file says until a reload applied it.
+            "listen": self.state.live.registration.addr().map(|a| a.to_string()),
             "snapshot": r.snapshot.display().to_string(),
             "instances": store.all().len(),
             "degraded": store.degraded(),
@@ -165,6 +167,7 @@ impl AdminApi {
                 json!({
                     "status": "reloaded",
                     "generation": o.generation,
+                    "applied": o.applied,
                     "not_applied": o.not_applied,
                     "note": if o.not_applied.is_empty() { Value::Null } else {
                         json!("these settings need a restart or a graceful upgrade to take effect")

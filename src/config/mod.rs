@@ -13,6 +13,7 @@ mod mesh;
 mod model;
 mod registry;
 mod release;
+mod tls;
 mod translate;
 mod validate;
 
@@ -29,6 +30,7 @@ pub use registry::{RegistryBackend, RegistryConfig, RegistryToken, MAX_TTL, MIN_
 pub use release::{
     check_version, parse_split_json, RuleMatch, SplitConfig, SplitRule, Splits, USER_BUCKETS,
 };
+pub use tls::{load_identity, resolver as tls_resolver, TlsError};
 pub use translate::{Translations, DEFAULT_DENY_UNKNOWN_FIELDS, DEFAULT_EMIT_DEFAULTS};
 pub use validate::valid_identifier;
 

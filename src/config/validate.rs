@@ -211,11 +211,13 @@ impl Validator<'_> {
                         format!("address {addr} is already used"),
                     );
                 }
-                tls.push(TlsListen {
-                    addr,
-                    cert: self.path(t.cert.get_ref()),
-                    key: self.path(t.key.get_ref()),
-                });
+                let (cert, key) = (self.path(t.cert.get_ref()), self.path(t.key.get_ref()));
+                // Loaded here so `check` and a reload refuse what start-up would.
+                if let Err(e) = super::tls::load_identity(&cert, &key) {
+                    let at = if e.is_the_key() { &t.key } else { &t.cert };
+                    self.err(at.span(), ctx, e.to_string());
+                }
+                tls.push(TlsListen { addr, cert, key });
             }
         }
         if http.is_empty() && tls.is_empty() && self.errors.is_empty() {

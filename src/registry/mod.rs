@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod gate;
+pub mod listener;
 pub mod persist;
 pub mod store;
 pub mod sync;
