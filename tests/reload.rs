@@ -343,6 +343,11 @@ async fn the_registration_listener_follows_reloads() {
     assert_eq!(names(&v["applied"]), ["registry.listen"], "{v}");
     assert_eq!(registry_listen(&bus).await, moved.to_string());
     assert_eq!(register(moved, "o2", orders_app.addr).await, Ok(200));
+    assert_eq!(
+        register(moved, "o3", moved).await,
+        Ok(400),
+        "the registration listener where it is now is one of busbar's own"
+    );
     assert!(
         eventually(Duration::from_secs(5), || !listening(first)).await,
         "the old registration address still accepts connections"

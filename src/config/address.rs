@@ -120,6 +120,11 @@ impl OwnListeners {
         OwnListeners(all)
     }
 
+    /// Just these addresses.
+    pub fn of(addrs: &[SocketAddr]) -> OwnListeners {
+        OwnListeners(addrs.to_vec())
+    }
+
     /// Whether a connection to `addr` would reach one of these listeners.
     pub fn reached_by(&self, addr: SocketAddr) -> bool {
         let ip = addr.ip().to_canonical();

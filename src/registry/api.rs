@@ -269,13 +269,23 @@ impl RegistrationApi {
         }
     }
 
+    /// Whether `addr` reaches the registration listener where it is now: a reload may
+    /// have moved it since `listeners` (the ones fixed until a restart) was made.
+    fn registration_listener_at(&self, addr: SocketAddr) -> bool {
+        self.state
+            .live
+            .registration
+            .addr()
+            .is_some_and(|l| OwnListeners::of(&[l]).reached_by(addr))
+    }
+
     /// What only the running node can judge of a parsed registration: its own listeners
     /// (400 naming the field) and the token's networks (403 naming the address).
     fn check_addresses(&self, reg: &Registration, scope: &Scope) -> Result<(), Response<Vec<u8>>> {
         let fields = [("address", Some(reg.address)), ("sidecar", reg.sidecar)];
         for (field, addr) in fields {
             let Some(addr) = addr else { continue };
-            if self.listeners.reached_by(addr) {
+            if self.listeners.reached_by(addr) || self.registration_listener_at(addr) {
                 return Err(refused_address(field, addr, Refused::OwnListener));
             }
         }
