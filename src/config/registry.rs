@@ -20,8 +20,8 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 pub const MIN_TTL: Duration = Duration::from_secs(2);
 /// Longest TTL.
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
-/// Self-preservation starts when renewals seen in the last minute fall below this share
-/// of those expected (Eureka's 85%).
+/// Self-preservation starts when the renewals seen over the instances' current leases
+/// fall below this share of those expected (Eureka's 85%; see `registry::store`).
 pub const DEFAULT_RENEWAL_THRESHOLD: f64 = 0.85;
 /// One expiry sweep removes at most this share of a service's instances (at least one).
 pub const DEFAULT_MAX_EXPIRY_SHARE: f64 = 0.15;
