@@ -478,12 +478,12 @@ async fn one_death_expires(ttl: u64) {
     assert!(!fleet.preserving().await, "ttl {ttl}");
 }
 
-/// All ten stop renewing: the mode engages before the first lease could be removed,
-/// says so in the metric and the admin API, and holds every instance however long the
-/// silence lasts; when they renew again the mode ends.
-async fn mass_silence_is_held(ttl: u64) {
+/// All ten renew for `steady` (at least two intervals), then stop: the mode engages
+/// before the first lease could be removed, says so in the metric and the admin API, and
+/// holds every instance however long the silence lasts; when they renew again it ends.
+async fn mass_silence_is_held(ttl: u64, steady: Duration) {
     let fleet = Fleet::start(ttl).await;
-    tokio::time::sleep(fleet.every * 2).await;
+    tokio::time::sleep(steady.max(fleet.every * 2)).await;
     fleet.renewing(|_| false);
     let stopped = Instant::now();
     let deadline = stopped + removable_after(ttl) + Duration::from_secs(10);
@@ -521,18 +521,27 @@ async fn mass_silence_is_held(ttl: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn self_preservation_at_ttl_2s() {
-    tokio::join!(one_death_expires(2), mass_silence_is_held(2));
+    tokio::join!(
+        one_death_expires(2),
+        mass_silence_is_held(2, Duration::ZERO)
+    );
 }
 
+/// The case of issue 23, over a minute: renewals over a whole minute used to hide a
+/// silence of the length of a short TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn self_preservation_at_ttl_3s() {
-    tokio::join!(one_death_expires(3), mass_silence_is_held(3));
+    let a_minute = Duration::from_secs(65);
+    tokio::join!(one_death_expires(3), mass_silence_is_held(3, a_minute));
 }
 
 /// About a minute and a half: TTL 30 s renews every 10 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn self_preservation_at_ttl_30s() {
-    tokio::join!(one_death_expires(30), mass_silence_is_held(30));
+    tokio::join!(
+        one_death_expires(30),
+        mass_silence_is_held(30, Duration::ZERO)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
