@@ -37,10 +37,15 @@ enum Command {
         upgrade: bool,
     },
     /// Validate configuration files; print every problem as file:line:col and exit non-zero.
+    /// What only the production host can provide (DNS names that resolve, secrets in the
+    /// environment) is printed as a warning, and does not fail the check.
     Check {
         /// Files to check.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Fail on warnings too, as `busbar run` would on this host.
+        #[arg(long)]
+        strict: bool,
     },
     /// Run small HTTP backends that answer with what they received, to try busbar out.
     Demo {
@@ -53,12 +58,27 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { files } => {
+        Command::Check { files, strict } => {
             let mut ok = true;
             for f in &files {
-                match busbar::config::load(f) {
+                let report = busbar::config::check(f);
+                for w in &report.warnings {
+                    eprintln!("warning: {w}");
+                }
+                let n = report.warnings.len();
+                let warned = match n {
+                    0 => String::new(),
+                    1 => "; 1 warning: `busbar run` refuses the file while it stands".into(),
+                    n => format!("; {n} warnings: `busbar run` refuses the file while they stand"),
+                };
+                match report.result {
+                    Ok(_) if strict && n > 0 => {
+                        let s = if n == 1 { "" } else { "s" };
+                        eprintln!("{}: refused (--strict): {n} warning{s}", f.display());
+                        ok = false;
+                    }
                     Ok(c) => println!(
-                        "{}: ok ({} services, {} routes)",
+                        "{}: ok ({} services, {} routes{warned})",
                         f.display(),
                         c.services.len(),
                         c.routes.len()

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{client, get_json, sha256_hex, Backend, Busbar};
@@ -142,9 +144,10 @@ async fn register_heartbeat_expire_and_deregister() {
     assert_eq!(v["instances"][0]["version"], "v1");
     assert_eq!(v["instances"][0]["source"], "registered");
 
-    // Stop heartbeating: gone after the TTL (2 s) plus one sweep.
+    // Stop heartbeating: gone after 3 s of silence (TTL 2 s is the one TTL that waits a
+    // second longer, see README) plus one sweep.
     let start = Instant::now();
-    wait_routed(&bus, "/orders/x", None, Duration::from_secs(5)).await;
+    wait_routed(&bus, "/orders/x", None, Duration::from_secs(8)).await;
     assert!(
         start.elapsed() >= Duration::from_millis(1000),
         "expired too early"
@@ -327,8 +330,7 @@ async fn self_preservation_keeps_instances_when_heartbeats_stop_en_masse() {
     let admin = get_json(client().get(bus.admin_url("/v1/registry"))).await;
     assert_eq!(admin["self_preservation"]["active"], true, "{admin}");
 
-    // All renew again: the mode ends.
-    // The deficit has to leave the one-minute window's ratio: about 12 s here.
+    // All renew again: the mode ends as soon as the renewals are back.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         beat(20).await;
@@ -339,6 +341,207 @@ async fn self_preservation_keeps_instances_when_heartbeats_stop_en_masse() {
         tokio::time::sleep(Duration::from_millis(800)).await;
     }
     assert_eq!(bus.metric("busbar_registry_expired_total").await, 0.0);
+}
+
+/// Ten instances of `orders` on their own busbar, renewing as the registration answer
+/// asks, each until it is told to stop.
+struct Fleet {
+    bus: Busbar,
+    alive: Arc<Vec<AtomicBool>>,
+    beating: tokio::task::JoinHandle<()>,
+    /// The renewal interval the registration answer gave.
+    every: Duration,
+}
+
+const FLEET: usize = 10;
+
+impl Fleet {
+    async fn start(ttl: u64) -> Fleet {
+        let bus = Busbar::start(&config()).await;
+        let mut every = 0;
+        for i in 0..FLEET {
+            let r = register(
+                &bus,
+                "orders",
+                &format!("o{i}"),
+                json!({ "address": format!("127.0.0.1:{}", 20000 + i), "ttl": ttl }),
+                ORDERS_TOKEN,
+            )
+            .await;
+            assert_eq!(r.status(), 200);
+            let v: Value = r.json().await.unwrap();
+            every = v["heartbeat_every"].as_u64().unwrap();
+        }
+        let every = Duration::from_secs(every);
+        let alive: Arc<Vec<AtomicBool>> =
+            Arc::new((0..FLEET).map(|_| AtomicBool::new(true)).collect());
+        let urls: Vec<String> = (0..FLEET)
+            .map(|i| bus.registry_url(&format!("/v1/services/orders/instances/o{i}/heartbeat")))
+            .collect();
+        let beating = tokio::spawn({
+            let alive = alive.clone();
+            async move {
+                let c = client();
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let mut sends = tokio::task::JoinSet::new();
+                    for (i, url) in urls.iter().enumerate() {
+                        if alive[i].load(Relaxed) {
+                            let req = c.put(url).bearer_auth(ORDERS_TOKEN);
+                            sends.spawn(async move { req.send().await.map(|r| r.status()) });
+                        }
+                    }
+                    sends.join_all().await;
+                }
+            }
+        });
+        Fleet {
+            bus,
+            alive,
+            beating,
+            every,
+        }
+    }
+
+    fn renewing(&self, which: impl Fn(usize) -> bool) {
+        for (i, a) in self.alive.iter().enumerate() {
+            a.store(which(i), Relaxed);
+        }
+    }
+
+    async fn ids(&self) -> Vec<String> {
+        let v = get_json(
+            client()
+                .get(self.bus.registry_url("/v1/services/orders"))
+                .bearer_auth(ORDERS_TOKEN),
+        )
+        .await;
+        v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// The mode as the metric and the admin API say it; they must agree.
+    async fn preserving(&self) -> bool {
+        let metric = self.bus.metric("busbar_registry_self_preservation").await;
+        let admin = get_json(client().get(self.bus.admin_url("/v1/registry"))).await;
+        let active = admin["self_preservation"]["active"] == true;
+        if active != (metric == 1.0) {
+            // A sweep ran between the two reads: ask again.
+            return Box::pin(self.preserving()).await;
+        }
+        active
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.beating.abort();
+    }
+}
+
+/// Silence after which busbar may remove an instance with this TTL (at least 3 s).
+fn removable_after(ttl: u64) -> Duration {
+    Duration::from_secs(ttl.max(3))
+}
+
+/// One instance of ten stops renewing: it expires, alone, and the mode never holds it.
+async fn one_death_expires(ttl: u64) {
+    let fleet = Fleet::start(ttl).await;
+    tokio::time::sleep(fleet.every * 2).await;
+    fleet.renewing(|i| i != 0);
+    let stopped = Instant::now();
+    let deadline = stopped + removable_after(ttl) + fleet.every + Duration::from_secs(10);
+    while fleet.ids().await.contains(&"o0".to_string()) {
+        assert!(Instant::now() < deadline, "ttl {ttl}: o0 did not expire");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        stopped.elapsed() + fleet.every >= removable_after(ttl),
+        "ttl {ttl}: expired too early"
+    );
+    assert_eq!(
+        heartbeat(&fleet.bus, "orders", "o0", ORDERS_TOKEN).await,
+        404
+    );
+    assert_eq!(fleet.ids().await.len(), FLEET - 1, "ttl {ttl}");
+    assert_eq!(
+        fleet.bus.metric("busbar_registry_expired_total").await,
+        1.0,
+        "ttl {ttl}"
+    );
+    assert!(!fleet.preserving().await, "ttl {ttl}");
+}
+
+/// All ten renew for `steady` (at least two intervals), then stop: the mode engages
+/// before the first lease could be removed, says so in the metric and the admin API, and
+/// holds every instance however long the silence lasts; when they renew again it ends.
+async fn mass_silence_is_held(ttl: u64, steady: Duration) {
+    let fleet = Fleet::start(ttl).await;
+    tokio::time::sleep(steady.max(fleet.every * 2)).await;
+    fleet.renewing(|_| false);
+    let stopped = Instant::now();
+    let deadline = stopped + removable_after(ttl) + Duration::from_secs(10);
+    while !fleet.preserving().await {
+        assert!(Instant::now() < deadline, "ttl {ttl}: no self-preservation");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Silence for twice the time after which one instance alone would be gone.
+    let held_until = stopped + removable_after(ttl) * 2 + Duration::from_secs(2);
+    tokio::time::sleep_until(held_until.into()).await;
+    assert!(fleet.preserving().await, "ttl {ttl}");
+    let admin = get_json(client().get(fleet.bus.admin_url("/v1/registry"))).await;
+    assert_eq!(
+        admin["self_preservation"]["silent_instances"], FLEET,
+        "ttl {ttl}: {admin}"
+    );
+    let held = fleet.ids().await.len();
+    assert!(held * 100 >= FLEET * 85, "ttl {ttl}: {held} held");
+    assert_eq!(held, FLEET, "ttl {ttl}");
+    assert_eq!(
+        fleet.bus.metric("busbar_registry_expired_total").await,
+        0.0,
+        "ttl {ttl}"
+    );
+
+    // Renewals resume: the mode ends within a renewal interval and a sweep or two.
+    fleet.renewing(|_| true);
+    let deadline = Instant::now() + fleet.every + Duration::from_secs(10);
+    while fleet.preserving().await {
+        assert!(Instant::now() < deadline, "ttl {ttl}: the mode did not end");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(fleet.ids().await.len(), FLEET, "ttl {ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_preservation_at_ttl_2s() {
+    tokio::join!(
+        one_death_expires(2),
+        mass_silence_is_held(2, Duration::ZERO)
+    );
+}
+
+/// The case of issue 23, over a minute: renewals over a whole minute used to hide a
+/// silence of the length of a short TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_preservation_at_ttl_3s() {
+    let a_minute = Duration::from_secs(65);
+    tokio::join!(one_death_expires(3), mass_silence_is_held(3, a_minute));
+}
+
+/// About a minute and a half: TTL 30 s renews every 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_preservation_at_ttl_30s() {
+    tokio::join!(
+        one_death_expires(30),
+        mass_silence_is_held(30, Duration::ZERO)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

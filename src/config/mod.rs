@@ -32,13 +32,46 @@ pub use release::{
 };
 pub use tls::{load_identity, resolver as tls_resolver, TlsError};
 pub use translate::{Translations, DEFAULT_DENY_UNKNOWN_FIELDS, DEFAULT_EMIT_DEFAULTS};
-pub use validate::valid_identifier;
+pub use validate::{valid_identifier, Purpose};
 
 use std::path::Path;
 
-/// Reads and validates a configuration file. All problems are reported at once.
+/// Reads and validates a configuration file to run with. All problems are reported at once.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let src = std::fs::read_to_string(path).map_err(|e| {
+    parse(path, &read(path)?)
+}
+
+/// Parses and validates configuration text to run with; `path` names it in errors and
+/// anchors relative paths.
+pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
+    validate::validate(path, src)
+}
+
+/// What `busbar check` found in one file.
+pub struct CheckReport {
+    /// The file's own problems refuse it, as they would `busbar run`.
+    pub result: Result<Config, ConfigErrors>,
+    /// What this host could not confirm: names that do not resolve here, secrets not in
+    /// this environment. `busbar run` refuses the file while they remain.
+    pub warnings: Vec<ConfigError>,
+}
+
+/// Validates a file without needing the production host: see [`Purpose::Check`].
+pub fn check(path: &Path) -> CheckReport {
+    match read(path) {
+        Ok(src) => {
+            let (result, warnings) = validate::validate_for(path, &src, Purpose::Check);
+            CheckReport { result, warnings }
+        }
+        Err(e) => CheckReport {
+            result: Err(e),
+            warnings: Vec::new(),
+        },
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             file: path.display().to_string(),
             line: 0,
@@ -46,11 +79,5 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             context: String::new(),
             message: format!("cannot read: {e}"),
         }])
-    })?;
-    parse(path, &src)
-}
-
-/// Parses and validates configuration text; `path` names it in errors and anchors relative paths.
-pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
-    validate::validate(path, src)
+    })
 }

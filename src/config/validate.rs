@@ -15,10 +15,30 @@ use super::error::{ConfigError, ConfigErrors, Locator};
 use super::file::*;
 use super::model::*;
 
+/// What a configuration is loaded for: it decides what a problem of the host (rather
+/// than of the file) is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// To run or reload: every name must resolve and every secret must be set.
+    Run,
+    /// `busbar check`, which must pass a right file on a machine without the production
+    /// DNS or secrets (CI): a name that does not resolve or an unset secret is a warning.
+    Check,
+}
+
+/// How long `busbar check` waits for one name to resolve. A DNS server that does not
+/// answer would otherwise hold each lookup for the resolver's full retry schedule.
+const CHECK_RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+
 pub(super) struct Validator<'a> {
     loc: Locator<'a>,
     base: PathBuf,
     errors: Vec<ConfigError>,
+    purpose: Purpose,
+    /// Problems of the host found by `busbar check` (see [`Purpose::Check`]).
+    warnings: Vec<ConfigError>,
+    /// A lookup timed out: `check` asks DNS nothing more.
+    dns_silent: bool,
     /// Rate-limit groups seen so far: the first route's settings, and where they were.
     pub(super) rate_groups: HashMap<String, (RateLimitConfig, String)>,
     /// Static endpoints (where, whose, what) to hold against the node's own listeners
@@ -26,18 +46,25 @@ pub(super) struct Validator<'a> {
     endpoints: Vec<(Range<usize>, String, SocketAddr)>,
 }
 
+/// Validates a file to run with.
 pub fn validate(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
+    validate_for(path, src, Purpose::Run).0
+}
+
+/// Validates a file for `purpose`; also returns the warnings (only [`Purpose::Check`] has any).
+pub fn validate_for(
+    path: &Path,
+    src: &str,
+    purpose: Purpose,
+) -> (Result<Config, ConfigErrors>, Vec<ConfigError>) {
     let loc = Locator::new(path, src);
     let file: FileConfig = match toml::from_str(src) {
         Ok(f) => f,
         Err(e) => {
             let span = e.span().unwrap_or(0..0);
             let ctx = enclosing_table(src, span.start);
-            return Err(ConfigErrors(vec![loc.error(
-                span,
-                &ctx,
-                e.message().to_string(),
-            )]));
+            let e = loc.error(span, &ctx, e.message().to_string());
+            return (Err(ConfigErrors(vec![e])), Vec::new());
         }
     };
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -45,21 +72,41 @@ pub fn validate(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
         loc,
         base,
         errors: Vec::new(),
+        purpose,
+        warnings: Vec::new(),
+        dns_silent: false,
         rate_groups: HashMap::new(),
         endpoints: Vec::new(),
     };
     let config = v.config(path, file);
-    if v.errors.is_empty() {
+    let result = if v.errors.is_empty() {
         Ok(config)
     } else {
         Err(ConfigErrors(v.errors))
-    }
+    };
+    (result, v.warnings)
 }
 
 impl Validator<'_> {
     pub(super) fn err(&mut self, span: Range<usize>, ctx: &str, msg: impl Into<String>) {
         let e = self.loc.error(span, ctx, msg);
         self.errors.push(e);
+    }
+
+    /// A problem of the host rather than of the file (a name that does not resolve, a
+    /// secret missing from the environment): an error to run with, a warning from
+    /// `busbar check`.
+    pub(super) fn host_problem(&mut self, span: Range<usize>, ctx: &str, msg: impl Into<String>) {
+        let e = self.loc.error(span, ctx, msg);
+        match self.purpose {
+            Purpose::Run => self.errors.push(e),
+            Purpose::Check => self.warnings.push(e),
+        }
+    }
+
+    /// Loaded for `busbar check` only: what the host lacks may be stood in for.
+    pub(super) fn checking(&self) -> bool {
+        self.purpose == Purpose::Check
     }
 
     fn config(&mut self, path: &Path, f: FileConfig) -> Config {
@@ -673,14 +720,40 @@ impl Validator<'_> {
         if let Ok(addr) = v.parse::<SocketAddr>() {
             return Some(addr);
         }
+        let Some((host, port)) = split_host_port(v) else {
+            self.err(
+                a.span(),
+                ctx,
+                format!("\"{v}\" is not an address of the form host:port"),
+            );
+            return None;
+        };
         // Names are resolved once, here, never on the request path.
-        match v.to_socket_addrs().map(|mut it| it.next()) {
-            Ok(Some(addr)) if v.contains(':') => Some(addr),
-            _ => {
-                self.err(
+        let resolved = match self.purpose {
+            Purpose::Run => resolve(host, port),
+            Purpose::Check if self.dns_silent => {
+                Err("not looked up: DNS did not answer for an earlier name".to_string())
+            }
+            Purpose::Check => {
+                let r = resolve_within(host, port, CHECK_RESOLVE_TIMEOUT);
+                self.dns_silent = matches!(r, Err(None));
+                r.map_err(|e| {
+                    e.unwrap_or_else(|| {
+                        format!(
+                            "DNS did not answer within {}s",
+                            CHECK_RESOLVE_TIMEOUT.as_secs()
+                        )
+                    })
+                })
+            }
+        };
+        match resolved {
+            Ok(addr) => Some(addr),
+            Err(why) => {
+                self.host_problem(
                     a.span(),
                     ctx,
-                    format!("\"{v}\" is not an address of the form host:port"),
+                    format!("host \"{host}\" does not resolve ({why})"),
                 );
                 None
             }
@@ -819,6 +892,49 @@ fn parse_size(s: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(mult)
+}
+
+/// `host:port` with a host name (letters, digits, '-', '_', '.') and a port; IP addresses
+/// are parsed before this.
+fn split_host_port(v: &str) -> Option<(&str, u16)> {
+    let (host, port) = v.rsplit_once(':')?;
+    let port = port.parse::<u16>().ok()?;
+    let name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    (!host.is_empty() && host.len() <= 253 && host.chars().all(name_char)).then_some((host, port))
+}
+
+/// The first address `host` resolves to, or why there is none.
+fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+    match (host, port).to_socket_addrs() {
+        Ok(mut addrs) => addrs.next().ok_or_else(|| "no address".to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// [`resolve`], giving up after `timeout` (`Err(None)`).
+fn resolve_within(host: &str, port: u16, timeout: Duration) -> Result<SocketAddr, Option<String>> {
+    let host = host.to_string();
+    match within(timeout, move || resolve(&host, port)) {
+        Ok(r) => r.map_err(Some),
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs `f` on its own thread and waits for it at most `timeout` (`Err(None)`). A lookup
+/// cannot be cancelled: the thread is left to finish, which is fine for `busbar check`, a
+/// short-lived process.
+fn within<T: Send + 'static>(
+    timeout: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Option<String>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("busbar-check-dns".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| Some(format!("cannot start a lookup: {e}")))?;
+    rx.recv_timeout(timeout).map_err(|_| None)
 }
 
 #[cfg(test)]
@@ -987,5 +1103,54 @@ service = "echo"
         assert_eq!(parse_size("1000"), Some(1000));
         assert_eq!(parse_size("ten"), None);
         assert_eq!(parse_size("99999999999999999999GiB"), None);
+    }
+
+    #[test]
+    fn host_port_is_split_before_any_lookup() {
+        assert_eq!(
+            split_host_port("api.internal:8080"),
+            Some(("api.internal", 8080))
+        );
+        assert_eq!(split_host_port("localhost"), None, "no port");
+        assert_eq!(split_host_port(":80"), None, "no host");
+        assert_eq!(split_host_port("a b:80"), None, "not a host name");
+        assert_eq!(split_host_port("api:99999"), None, "not a port");
+        assert_eq!(split_host_port("::1:80"), None, "IPv6 needs brackets");
+    }
+
+    #[test]
+    fn a_slow_lookup_is_given_up_on() {
+        let slow = within(Duration::from_millis(50), || {
+            std::thread::sleep(Duration::from_secs(2));
+            1
+        });
+        assert_eq!(slow, Err(None));
+        assert_eq!(within(Duration::from_secs(5), || 2), Ok(2));
+    }
+
+    #[test]
+    fn a_name_that_does_not_resolve_is_an_error_to_run_and_a_warning_to_check() {
+        // `.invalid` never resolves (RFC 6761).
+        let src = OK.replace("127.0.0.1:9002", "orders.invalid:9002");
+        let col = src.lines().nth(6).unwrap().find("\"orders").unwrap() + 1;
+        let e = errors(&src);
+        assert_eq!(e.len(), 1, "{e:?}");
+        let want =
+            format!("t.toml:7:{col}: service \"echo\": host \"orders.invalid\" does not resolve (");
+        assert!(e[0].starts_with(&want), "{e:?}");
+        let (result, warnings) = validate_for(Path::new("t.toml"), &src, Purpose::Check);
+        let c = result.unwrap();
+        assert_eq!(c.services[0].endpoints.len(), 1);
+        assert_eq!(warnings.len(), 1);
+        assert_eq!(warnings[0].to_string(), e[0]);
+        // A malformed address is the file's problem: an error either way.
+        let src = OK.replace("127.0.0.1:9002", "orders.invalid");
+        let (result, warnings) = validate_for(Path::new("t.toml"), &src, Purpose::Check);
+        let e = result.unwrap_err().to_string();
+        assert!(
+            e.contains("\"orders.invalid\" is not an address of the form host:port"),
+            "{e}"
+        );
+        assert!(warnings.is_empty());
     }
 }

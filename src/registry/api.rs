@@ -34,7 +34,7 @@ use crate::config::address::{self, OwnListeners, Refused};
 use crate::config::{valid_identifier, RegistryToken, MAX_TTL, MIN_TTL};
 use crate::health::state::now_ms;
 use crate::metrics::METRICS;
-use crate::registry::store::{Registration, StoreError};
+use crate::registry::store::{heartbeat_every, Registration, StoreError};
 use crate::snapshot::State;
 
 /// Largest registration body accepted.
@@ -523,7 +523,7 @@ impl RegistrationApi {
                 self.check_addresses(&reg, &scope)?;
                 let ttl = reg.ttl_secs;
                 let r = self.writer.register(reg).await.map(|()| {
-                    json!({ "status": "registered", "service": s, "id": id, "ttl": ttl, "heartbeat_every": (ttl / 3).max(1) })
+                    json!({ "status": "registered", "service": s, "id": id, "ttl": ttl, "heartbeat_every": heartbeat_every(ttl) })
                 });
                 self.apply_now(s, id, r.is_ok());
                 Ok(Self::write_result("register", r))

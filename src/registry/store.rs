@@ -15,8 +15,42 @@ use tokio::sync::watch;
 
 use crate::health::state::now_ms;
 
-/// Self-preservation looks at renewals over this window (Eureka: one minute).
-const WINDOW_SECS: usize = 60;
+/// Renewals expected in one lease: instances are asked to renew every TTL/3.
+const SLOTS: u64 = 3;
+
+/// The shortest silence after which an instance is removed. With a 2 s TTL the API asks
+/// for a renewal every second (its finest unit), so a lease holds only two: an instance
+/// that stopped with the first one to run out may be just one renewal late, which cannot
+/// be told from jitter. Waiting for three slots lets every instance that went quiet with
+/// it show as missing before anything is removed.
+const MIN_SILENCE_MS: u64 = 3_000;
+
+/// How often an instance with this TTL is asked to renew, in seconds (the answer to a
+/// registration says so).
+pub fn heartbeat_every(ttl_secs: u64) -> u64 {
+    (ttl_secs / SLOTS).max(1)
+}
+
+/// Silence after which an instance may be removed: its TTL, but at least [`MIN_SILENCE_MS`].
+fn removable_after_ms(ttl_secs: u64) -> u64 {
+    ttl_secs.saturating_mul(1000).max(MIN_SILENCE_MS)
+}
+
+/// One renewal slot of an instance's lease, as judged by self-preservation. Never
+/// shorter than what the instance was asked for (TTL/3, at least 1 s).
+fn slot_ms(ttl_secs: u64) -> u64 {
+    (removable_after_ms(ttl_secs) / SLOTS).max(1)
+}
+
+/// Renewals missing from an instance silent for `silent_ms`: a renewal counts as missing
+/// once a whole slot has passed after it was due (so a late one is not), and at most the
+/// two that can be missing before the instance is removed. Past renewals of instances
+/// that are gone leave the count with them.
+fn missing_renewals(silent_ms: u64, ttl_secs: u64) -> u64 {
+    (silent_ms / slot_ms(ttl_secs))
+        .saturating_sub(1)
+        .min(SLOTS - 1)
+}
 
 /// What an instance said about itself when it registered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,10 +73,23 @@ pub struct Registration {
 #[derive(Debug, Clone)]
 struct Lease {
     reg: Arc<Registration>,
-    registered_ms: u64,
-    expires_ms: u64,
+    /// When it last registered or renewed (on [`now_ms`]'s clock).
+    renewed_ms: u64,
     /// Kept alive elsewhere (etcd): never expired here, not in the renewal accounting.
     external: bool,
+}
+
+impl Lease {
+    fn expires_ms(&self) -> u64 {
+        self.renewed_ms
+            .saturating_add(self.reg.ttl_secs.saturating_mul(1000))
+    }
+
+    /// Its lease ran out and it has been silent long enough to be removed.
+    fn removable(&self, now: u64) -> bool {
+        !self.external
+            && now.saturating_sub(self.renewed_ms) >= removable_after_ms(self.reg.ttl_secs)
+    }
 }
 
 /// Why a write was refused.
@@ -52,39 +99,11 @@ pub enum StoreError {
     NotFound { service: String, id: String },
 }
 
-/// Renewals seen per second over the last minute, in a ring of one-second buckets.
-#[derive(Debug)]
-struct Renewals {
-    buckets: [u32; WINDOW_SECS],
-    /// The second each bucket holds.
-    stamps: [u64; WINDOW_SECS],
-}
-
-impl Renewals {
-    fn record(&mut self, now_s: u64) {
-        let i = (now_s % WINDOW_SECS as u64) as usize;
-        if self.stamps[i] != now_s {
-            self.stamps[i] = now_s;
-            self.buckets[i] = 0;
-        }
-        self.buckets[i] = self.buckets[i].saturating_add(1);
-    }
-
-    fn last_minute(&self, now_s: u64) -> u64 {
-        self.buckets
-            .iter()
-            .zip(&self.stamps)
-            .filter(|(_, &s)| s + (WINDOW_SECS as u64) > now_s && s <= now_s)
-            .map(|(&b, _)| b as u64)
-            .sum()
-    }
-}
-
 #[derive(Debug)]
 struct Inner {
     services: BTreeMap<String, BTreeMap<String, Lease>>,
-    renewals: Renewals,
-    self_preservation: bool,
+    /// As judged by the last sweep; expiry follows it.
+    preservation: Preservation,
 }
 
 /// Settings the store needs from the config.
@@ -95,11 +114,17 @@ pub struct StorePolicy {
 }
 
 /// The state of self-preservation, for the admin API and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Preservation {
+    /// Expiry is suspended.
     pub active: bool,
-    pub expected_per_minute: f64,
-    pub seen_last_minute: u64,
+    /// Renewals expected over the current leases of the instances registered here
+    /// (three per instance).
+    pub expected_renewals: u64,
+    /// Of those, how many are missing (more than one renewal interval late).
+    pub missing_renewals: u64,
+    /// Instances with at least one missing renewal.
+    pub silent_instances: u64,
 }
 
 pub struct Store {
@@ -114,11 +139,7 @@ impl Store {
         Store {
             inner: Mutex::new(Inner {
                 services: BTreeMap::new(),
-                renewals: Renewals {
-                    buckets: [0; WINDOW_SECS],
-                    stamps: [0; WINDOW_SECS],
-                },
-                self_preservation: false,
+                preservation: Preservation::default(),
             }),
             policy: Mutex::new(policy),
             degraded: std::sync::atomic::AtomicBool::new(false),
@@ -150,20 +171,17 @@ impl Store {
     /// Registers or replaces an instance; its lease starts now. Renewals are expected
     /// from it every TTL/3 from now on.
     pub fn register(&self, reg: Registration) {
-        let now = now_ms();
-        self.insert(reg, now, now);
+        self.insert_lease(reg, now_ms(), false);
     }
 
     /// Adds an instance known from elsewhere (the disk snapshot, etcd) with a fresh lease.
     pub fn restore(&self, reg: Registration) {
-        let now = now_ms();
-        self.insert(reg, now, now);
+        self.insert_lease(reg, now_ms(), false);
     }
 
     /// Adds or replaces an instance whose lease lives elsewhere (etcd).
     pub fn upsert_external(&self, reg: Registration) {
-        let now = now_ms();
-        self.insert_lease(reg, now, u64::MAX, true);
+        self.insert_lease(reg, now_ms(), true);
     }
 
     /// Makes the external instances exactly `regs` (after a full re-list from etcd).
@@ -191,17 +209,11 @@ impl Store {
         }
     }
 
-    fn insert(&self, reg: Registration, registered_ms: u64, now: u64) {
-        let expires = now + reg.ttl_secs * 1000;
-        self.insert_lease(reg, registered_ms, expires, false);
-    }
-
-    fn insert_lease(&self, reg: Registration, registered_ms: u64, expires_ms: u64, external: bool) {
+    fn insert_lease(&self, reg: Registration, renewed_ms: u64, external: bool) {
         let changed = {
             let mut inner = self.lock();
             let lease = Lease {
-                expires_ms,
-                registered_ms,
+                renewed_ms,
                 external,
                 reg: Arc::new(reg),
             };
@@ -214,7 +226,6 @@ impl Store {
         }
     }
 
-    /// Renews an instance's lease. `NotFound` tells it to register again.
     /// The degraded flag: set while the shared store (etcd) is unreachable.
     pub fn set_degraded(&self, degraded: bool) {
         self.degraded
@@ -228,10 +239,13 @@ impl Store {
         self.degraded.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Renews an instance's lease. `NotFound` tells it to register again.
     pub fn heartbeat(&self, service: &str, id: &str) -> Result<Duration, StoreError> {
-        let now = now_ms();
+        self.heartbeat_at(service, id, now_ms())
+    }
+
+    fn heartbeat_at(&self, service: &str, id: &str, now: u64) -> Result<Duration, StoreError> {
         let mut inner = self.lock();
-        inner.renewals.record(now / 1000);
         let lease = inner
             .services
             .get_mut(service)
@@ -240,7 +254,7 @@ impl Store {
                 service: service.to_string(),
                 id: id.to_string(),
             })?;
-        lease.expires_ms = now + lease.reg.ttl_secs * 1000;
+        lease.renewed_ms = now;
         Ok(Duration::from_secs(lease.reg.ttl_secs))
     }
 
@@ -300,53 +314,36 @@ impl Store {
             .get(service)
             .and_then(|s| s.get(id))
             .filter(|l| !l.external)
-            .map(|l| Duration::from_millis(l.expires_ms.saturating_sub(now)))
+            .map(|l| Duration::from_millis(l.expires_ms().saturating_sub(now)))
     }
 
-    /// Expected vs seen renewals. Each instance is expected to renew every TTL/3,
-    /// counted only over the part of the window it has existed, so the expectation
-    /// follows registrations and departures (the fix for Eureka's stuck mode).
+    /// Expected vs missing renewals, from each instance's own silence: the accounting
+    /// holds only the instances registered now, so it follows registrations, departures
+    /// and expiries (the fix for Eureka's stuck mode), and the mode ends as soon as the
+    /// renewals come back.
     fn preservation(inner: &Inner, now: u64, threshold: f64) -> Preservation {
-        let window_ms = (WINDOW_SECS as u64) * 1000;
-        let expected: f64 = inner
+        let mut p = Preservation::default();
+        for l in inner
             .services
             .values()
             .flat_map(|s| s.values())
             .filter(|l| !l.external)
-            .map(|l| {
-                let lived = now.saturating_sub(l.registered_ms).min(window_ms) as f64;
-                let every = (l.reg.ttl_secs as f64 * 1000.0 / 3.0).max(1.0);
-                lived / every
-            })
-            .sum();
-        let seen = inner.renewals.last_minute(now / 1000);
-        let instances = inner
-            .services
-            .values()
-            .map(|s| s.len())
-            .sum::<usize>()
-            .max(1);
-        let missing = expected - seen as f64;
-        // Below one expected renewal there is nothing to judge yet; and the silence of a
-        // single instance is that instance's death, not a network partition: it expires.
-        // (1.5 instances' worth: a live instance may lag its expected count by one renewal.)
-        let active = expected >= 1.0
-            && (seen as f64) < threshold * expected
-            && missing > 1.5 * expected / instances as f64;
-        Preservation {
-            active,
-            expected_per_minute: expected,
-            seen_last_minute: seen,
+        {
+            let missing = missing_renewals(now.saturating_sub(l.renewed_ms), l.reg.ttl_secs);
+            p.expected_renewals += SLOTS;
+            p.missing_renewals += missing;
+            p.silent_instances += (missing > 0) as u64;
         }
+        // The silence of a single instance is that instance's death, not a network
+        // partition: it expires.
+        p.active = p.silent_instances >= 2
+            && p.missing_renewals as f64 > (1.0 - threshold) * p.expected_renewals as f64;
+        p
     }
 
+    /// The state as of the last expiry sweep (which is what expiry follows).
     pub fn self_preservation(&self) -> Preservation {
-        let threshold = self
-            .policy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .renewal_threshold;
-        Self::preservation(&self.lock(), now_ms(), threshold)
+        self.lock().preservation
     }
 
     /// Removes instances whose lease ran out, unless the bus is in self-preservation;
@@ -362,26 +359,40 @@ impl Store {
         let p = {
             let mut inner = self.lock();
             let p = Self::preservation(&inner, now, policy.renewal_threshold);
-            if p.active != inner.self_preservation {
-                inner.self_preservation = p.active;
+            if p.active != inner.preservation.active {
                 if p.active {
-                    tracing::warn!(expected = p.expected_per_minute, seen = p.seen_last_minute,
+                    tracing::warn!(expected = p.expected_renewals, missing = p.missing_renewals,
+                        silent = p.silent_instances,
                         "self-preservation on: renewals fell below the threshold, instances are not expired");
                 } else {
                     tracing::info!(
-                        expected = p.expected_per_minute,
-                        seen = p.seen_last_minute,
+                        expected = p.expected_renewals,
+                        missing = p.missing_renewals,
+                        silent = p.silent_instances,
                         "self-preservation off: renewals recovered"
                     );
                 }
             }
+            if inner.preservation.active && !p.active {
+                // Renewals come back one by one after a partition: the instances not
+                // heard from yet get one more lease from here, rather than expiring in
+                // the sweep that ends the mode. If too many stay silent, it comes back.
+                for l in inner.services.values_mut().flat_map(|s| s.values_mut()) {
+                    if !l.external
+                        && missing_renewals(now.saturating_sub(l.renewed_ms), l.reg.ttl_secs) > 0
+                    {
+                        l.renewed_ms = now;
+                    }
+                }
+            }
+            inner.preservation = p;
             if !p.active {
                 for svc in inner.services.values_mut() {
                     let cap = ((svc.len() as f64 * policy.max_expiry_share).ceil() as usize).max(1);
                     let mut due: Vec<(u64, String)> = svc
                         .values()
-                        .filter(|l| !l.external && l.expires_ms <= now)
-                        .map(|l| (l.expires_ms, l.reg.id.clone()))
+                        .filter(|l| l.removable(now))
+                        .map(|l| (l.renewed_ms, l.reg.id.clone()))
                         .collect();
                     due.sort();
                     for (_, id) in due.into_iter().take(cap) {
@@ -427,7 +438,7 @@ mod tests {
     }
 
     fn lease_at(s: &Store, svc: &str, id: &str, registered: u64, ttl: u64) {
-        s.insert(reg(svc, id, ttl), registered, registered);
+        s.insert_lease(reg(svc, id, ttl), registered, false);
     }
 
     #[test]
@@ -454,6 +465,28 @@ mod tests {
         assert_eq!(s.version(), v);
         s.register(reg("a", "y", 10));
         assert!(s.version() > v);
+    }
+
+    #[test]
+    fn renewal_slots_and_removal_times() {
+        assert_eq!(heartbeat_every(2), 1);
+        assert_eq!(heartbeat_every(3), 1);
+        assert_eq!(heartbeat_every(10), 3);
+        assert_eq!(heartbeat_every(3600), 1200);
+        // TTL 2 s: removed after 3 s of silence, judged in 1 s slots.
+        assert_eq!(removable_after_ms(2), 3_000);
+        assert_eq!(slot_ms(2), 1_000);
+        assert_eq!(removable_after_ms(30), 30_000);
+        assert_eq!(slot_ms(30), 10_000);
+        // One slot of silence is forgiven (a late renewal), then one per slot, at most two.
+        assert_eq!(missing_renewals(19_999, 30), 0);
+        assert_eq!(missing_renewals(20_000, 30), 1);
+        assert_eq!(missing_renewals(30_000, 30), 2);
+        assert_eq!(missing_renewals(u64::MAX, 30), 2);
+        // The slot is never shorter than what the instance was asked for.
+        for ttl in 2..=3600 {
+            assert!(slot_ms(ttl) >= heartbeat_every(ttl) * 1000, "ttl {ttl}");
+        }
     }
 
     #[test]
@@ -487,80 +520,191 @@ mod tests {
         assert!(gone.iter().any(|r| r.service == "b"));
     }
 
-    #[test]
-    fn self_preservation_stops_expiry_and_ends_when_renewals_recover() {
-        let s = Store::new(policy());
-        let t0 = 100_000u64;
-        // 20 instances, TTL 3 s: each should renew every second.
-        for i in 0..20 {
-            lease_at(&s, "a", &format!("i{i}"), t0, 3);
+    /// Instances that renew on their own phase every `period` ms until told to stop, and
+    /// the expiry sweep once a second, on explicit time.
+    struct Sim {
+        store: Store,
+        n: usize,
+        now: u64,
+        period: u64,
+        next_beat: Vec<u64>,
+        next_sweep: u64,
+        expired: Vec<String>,
+        /// Every sweep's state, from the last `advance`.
+        sweeps: Vec<(u64, Preservation)>,
+    }
+
+    impl Sim {
+        fn new(ttl: u64, n: usize, period: u64, sweep_offset: u64) -> Sim {
+            let t0 = 1_000_000;
+            let store = Store::new(policy());
+            let mut next_beat = Vec::new();
+            for k in 0..n {
+                let at = t0 + period * k as u64 / n as u64;
+                store.insert_lease(reg("a", &format!("i{k}"), ttl), at, false);
+                next_beat.push(at + period);
+            }
+            Sim {
+                store,
+                n,
+                now: t0,
+                period,
+                next_beat,
+                next_sweep: t0 + 1000 + sweep_offset,
+                expired: Vec::new(),
+                sweeps: Vec::new(),
+            }
         }
-        // For 60 s, only 10 renew.
-        for sec in 1..=60u64 {
-            let now = t0 + sec * 1000;
-            let mut inner = s.lock();
-            for i in 0..10 {
-                let l = inner
-                    .services
-                    .get_mut("a")
-                    .unwrap()
-                    .get_mut(&format!("i{i}"))
+
+        /// Runs until `until`; instance `k` renews only while `alive(k)`.
+        fn advance(&mut self, until: u64, alive: impl Fn(usize) -> bool) {
+            self.sweeps.clear();
+            loop {
+                let (k, beat) = self
+                    .next_beat
+                    .iter()
+                    .copied()
+                    .enumerate()
+                    .min_by_key(|&(_, t)| t)
                     .unwrap();
-                l.expires_ms = now + 3000;
-            }
-            for _ in 0..10 {
-                inner.renewals.record(now / 1000);
-            }
-        }
-        let now = t0 + 60_500;
-        let (gone, p) = s.expire_at(now, policy());
-        assert!(p.active, "{p:?}");
-        assert!(gone.is_empty(), "no instance expires in self-preservation");
-        assert_eq!(s.instances("a").len(), 20);
-        // The other 10 come back: a minute of full renewals ends the mode.
-        for sec in 61..=121u64 {
-            let now = t0 + sec * 1000;
-            let mut inner = s.lock();
-            for _ in 0..20 {
-                inner.renewals.record(now / 1000);
-            }
-            for l in inner.services.get_mut("a").unwrap().values_mut() {
-                l.expires_ms = now + 3000;
+                let next = beat.min(self.next_sweep);
+                if next > until {
+                    self.now = until;
+                    return;
+                }
+                self.now = next;
+                if beat <= self.next_sweep {
+                    if alive(k) {
+                        let _ = self.store.heartbeat_at("a", &format!("i{k}"), beat);
+                    }
+                    self.next_beat[k] += self.period;
+                } else {
+                    let (gone, p) = self.store.expire_at(self.next_sweep, policy());
+                    self.expired.extend(gone.iter().map(|r| r.id.clone()));
+                    self.sweeps.push((self.next_sweep, p));
+                    self.next_sweep += 1000;
+                }
             }
         }
-        let (gone, p) = s.expire_at(t0 + 121_500, policy());
-        assert!(!p.active, "{p:?}");
-        assert!(gone.is_empty());
+
+        fn left(&self) -> usize {
+            self.store.instances("a").len()
+        }
+    }
+
+    /// The whole story at one TTL: one instance stopping expires; all stopping are held
+    /// (and the mode says so before the first lease could be removed); renewals coming
+    /// back end the mode at once, and instances that stay silent then expire.
+    fn story(ttl: u64, period: u64, sweep_offset: u64) {
+        let at = format!("ttl {ttl}s, renewing every {period} ms, sweep +{sweep_offset} ms");
+        let ttl_ms = ttl * 1000;
+        let mut sim = Sim::new(ttl, 10, period, sweep_offset);
+        // Steady: nothing expires, no mode.
+        sim.advance(sim.now + 3 * ttl_ms, |_| true);
+        assert!(sim.expired.is_empty(), "{at}: {:?}", sim.expired);
+        assert!(sim.sweeps.iter().all(|(_, p)| !p.active), "{at}");
+
+        // One stops: it expires within a sweep of its removal time, alone.
+        let t1 = sim.now;
+        sim.advance(t1 + removable_after_ms(ttl) + period + 1000, |k| k != 0);
+        assert_eq!(sim.expired, ["i0"], "{at}");
+        assert!(sim.sweeps.iter().all(|(_, p)| !p.active), "{at}");
+
+        // All stop: none is removed, however long the silence lasts.
+        let t2 = sim.now;
+        sim.advance(t2 + 3 * removable_after_ms(ttl) + 10_000, |_| false);
+        assert_eq!(sim.left(), 9, "{at}: expired {:?}", sim.expired);
+        let first_removable = t2 + removable_after_ms(ttl);
+        assert!(
+            sim.sweeps
+                .iter()
+                .filter(|(t, _)| *t >= first_removable)
+                .all(|(_, p)| p.active),
+            "{at}: {:?}",
+            sim.sweeps
+        );
+        let p = sim.store.self_preservation();
+        assert!(p.active, "{at}: {p:?}");
+        assert_eq!(p.silent_instances, 9, "{at}");
+
+        // They come back: the mode ends within a renewal period and a sweep.
+        let t3 = sim.now;
+        sim.advance(t3 + period + 1000, |_| true);
+        assert!(!sim.store.self_preservation().active, "{at}");
+        assert_eq!(sim.left(), 9, "{at}");
+
+        // All stop again, then only 7 come back: the 2 that stay silent are 2 of 9,
+        // under the threshold, so the mode ends and they expire.
+        let t4 = sim.now;
+        sim.advance(t4 + 2 * removable_after_ms(ttl), |_| false);
+        assert!(sim.store.self_preservation().active, "{at}");
+        let t5 = sim.now;
+        sim.advance(t5 + removable_after_ms(ttl) + period + 2000, |k| k < 8);
+        assert!(!sim.store.self_preservation().active, "{at}");
+        assert_eq!(sim.left(), 7, "{at}: expired {:?}", sim.expired);
+        assert_eq!(sim.n, 10);
+    }
+
+    #[test]
+    fn mass_silence_is_held_and_one_death_expires_at_every_ttl() {
+        for ttl in [
+            2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 29, 30, 31, 60, 299, 300, 3599, 3600,
+        ] {
+            // As asked in the registration answer, and as the README words it (TTL/3).
+            let mut periods = vec![heartbeat_every(ttl) * 1000];
+            if ttl >= 3 {
+                periods.push(ttl * 1000 / 3);
+            }
+            for period in periods {
+                for sweep_offset in [0, 1, 500, 999] {
+                    story(ttl, period, sweep_offset);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_expired_instance_takes_its_renewals_with_it() {
+        // 20 instances at TTL 3 s; 3 die at once (15%): they expire, and the accounting
+        // afterwards holds only the 17 that renew: no mode, then or later.
+        let mut sim = Sim::new(3, 20, 1000, 250);
+        sim.advance(sim.now + 10_000, |_| true);
+        let t = sim.now;
+        sim.advance(t + 30_000, |k| k >= 3);
+        assert_eq!(sim.left(), 17, "{:?}", sim.expired);
+        assert!(sim.sweeps.iter().all(|(_, p)| !p.active));
+        let p = sim.store.self_preservation();
+        assert_eq!((p.expected_renewals, p.missing_renewals), (51, 0), "{p:?}");
     }
 
     #[test]
     fn a_single_silent_instance_expires() {
-        let s = Store::new(policy());
-        lease_at(&s, "a", "lone", 1_000_000, 3);
-        lease_at(&s, "a", "other", 1_000_000, 3);
-        for sec in 1..=10u64 {
-            let now = 1_000_000 + sec * 1000;
-            let mut inner = s.lock();
-            inner
-                .services
-                .get_mut("a")
-                .unwrap()
-                .get_mut("other")
-                .unwrap()
-                .expires_ms = now + 3000;
-            inner.renewals.record(now / 1000);
-        }
-        let (gone, p) = s.expire_at(1_010_500, policy());
-        assert!(!p.active, "{p:?}");
-        assert_eq!(gone.len(), 1);
-        assert_eq!(gone[0].id, "lone");
+        // Even when it is half the service.
+        let mut sim = Sim::new(3, 2, 1000, 0);
+        sim.advance(sim.now + 5_000, |_| true);
+        let t = sim.now;
+        sim.advance(t + 5_000, |k| k == 1);
+        assert_eq!(sim.expired, ["i0"]);
+        assert!(sim.sweeps.iter().all(|(_, p)| !p.active));
     }
 
     #[test]
     fn a_new_instance_does_not_trigger_self_preservation() {
         let s = Store::new(policy());
         lease_at(&s, "a", "new", 1_000_000, 30);
+        lease_at(&s, "a", "new2", 1_000_000, 30);
         let (_, p) = s.expire_at(1_000_500, policy());
         assert!(!p.active, "{p:?}");
+    }
+
+    #[test]
+    fn external_leases_are_neither_judged_nor_expired() {
+        let s = Store::new(policy());
+        for i in 0..5 {
+            s.insert_lease(reg("a", &format!("e{i}"), 2), 1_000, true);
+        }
+        let (gone, p) = s.expire_at(1_000_000, policy());
+        assert!(gone.is_empty());
+        assert_eq!(p, Preservation::default());
     }
 }
