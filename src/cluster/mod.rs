@@ -6,3 +6,4 @@
 pub mod etcd;
 pub mod etcd_conn;
 pub mod redis;
+pub mod redis_shards;
