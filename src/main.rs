@@ -51,6 +51,18 @@ enum Command {
     },
 }
 
+/// The redis crate's own level for busbar's `level`: two steps quieter. During a Redis
+/// Cluster failover it logs every reconnect attempt at WARN and INFO (hundreds of lines a
+/// second); busbar logs each shard's switch once with what an operator needs, so the
+/// crate's lines show only when busbar itself logs at debug (its WARN) or trace (all).
+fn redis_level(level: &str) -> &'static str {
+    match level.split(',').next().unwrap_or("").trim() {
+        "trace" => "trace",
+        "debug" => "warn",
+        _ => "error",
+    }
+}
+
 fn init_tracing(level: &str) {
     let from_env = EnvFilter::try_from_env("BUSBAR_LOG").ok();
     // pingora logs through `log`: without a max level every `debug!` on its request
@@ -64,8 +76,12 @@ fn init_tracing(level: &str) {
             .unwrap_or(log::LevelFilter::Trace)
             .max(log::LevelFilter::Warn),
     };
-    let filter = from_env
-        .unwrap_or_else(|| EnvFilter::new(format!("{level},pingora_core=warn,pingora_proxy=warn")));
+    let filter = from_env.unwrap_or_else(|| {
+        EnvFilter::new(format!(
+            "{level},pingora_core=warn,pingora_proxy=warn,redis={}",
+            redis_level(level)
+        ))
+    });
     let _ = tracing_log::LogTracer::builder()
         .with_max_level(log_max)
         .init();
