@@ -5,7 +5,8 @@
 //! background service that connects, follows the slot map, refreshes this node's
 //! liveness and probes every shard.
 //! Must not: decide admission. `admission::cluster` takes tokens here and falls back to
-//! the node's share when [`RedisLimits::take`] fails.
+//! the node's share when [`RedisLimits::take`] fails. The connection itself is
+//! `redis_conn`'s, the shard map and health rules `redis_shards`'.
 //!
 //! The GCRA runs as one Lua script with Redis' own `TIME`, so nodes with skewed clocks
 //! agree. It is sent once and called by its SHA (`Script::invoke_async` sends EVALSHA and
@@ -27,12 +28,10 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use redis::aio::MultiplexedConnection;
-use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{AsyncConnectionConfig, RedisResult, Script};
+use redis::{RedisResult, Script};
 use tokio::time::Instant;
 
+use super::redis_conn::{without_credentials, Conn};
 use super::redis_shards::{Change, Outcome, Shard, Topology};
 use crate::config::{ClusterConfig, RedisTarget};
 use crate::metrics::METRICS;
@@ -133,95 +132,6 @@ pub fn user_digest(user: &str) -> String {
         let _ = write!(hex, "{b:02x}");
     }
     hex
-}
-
-#[derive(Clone)]
-enum Conn {
-    Single(MultiplexedConnection),
-    Cluster(ClusterConnection),
-}
-
-impl Conn {
-    async fn invoke<T: redis::FromRedisValue>(
-        &mut self,
-        script: &Script,
-        key: &str,
-        args: &[u64],
-    ) -> RedisResult<T> {
-        let mut call = script.key(key);
-        for a in args {
-            call.arg(*a);
-        }
-        match self {
-            Conn::Single(c) => call.invoke_async(c).await,
-            Conn::Cluster(c) => call.invoke_async(c).await,
-        }
-    }
-
-    /// Reads `key` (`EXISTS`, writes nothing): answered by the master that serves its
-    /// slot, or by the single Redis.
-    async fn probe(&mut self, key: &str) -> RedisResult<()> {
-        let mut exists = redis::cmd("EXISTS");
-        exists.arg(key);
-        match self {
-            Conn::Single(c) => exists.query_async::<i64>(c).await.map(drop),
-            Conn::Cluster(c) => exists.query_async::<i64>(c).await.map(drop),
-        }
-    }
-
-    /// The cluster's slot ranges and their masters, from any node (`None` for a single
-    /// Redis or an answer that is not a slot map).
-    async fn cluster_slots(&mut self) -> RedisResult<Option<Vec<(u16, u16, String)>>> {
-        let Conn::Cluster(c) = self else {
-            return Ok(None);
-        };
-        let mut cmd = redis::cmd("CLUSTER");
-        cmd.arg("SLOTS");
-        let v = c
-            .route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random))
-            .await?;
-        Ok(parse_cluster_slots(&v))
-    }
-}
-
-/// `CLUSTER SLOTS`: `[[start, end, [host, port, id, …], replicas…], …]`.
-fn parse_cluster_slots(v: &redis::Value) -> Option<Vec<(u16, u16, String)>> {
-    use redis::Value;
-    fn int(v: Option<&Value>) -> Option<u16> {
-        match v? {
-            Value::Int(n) => u16::try_from(*n).ok(),
-            _ => None,
-        }
-    }
-    let Value::Array(entries) = v else {
-        return None;
-    };
-    let mut ranges = Vec::with_capacity(entries.len());
-    for e in entries {
-        let Value::Array(parts) = e else { return None };
-        let (Some(start), Some(end), Some(Value::Array(node))) =
-            (int(parts.first()), int(parts.get(1)), parts.get(2))
-        else {
-            return None;
-        };
-        let host = match node.first()? {
-            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-            Value::SimpleString(s) => s.clone(),
-            _ => return None,
-        };
-        ranges.push((start, end, format!("{host}:{}", int(node.get(1))?)));
-    }
-    Some(ranges)
-}
-
-/// A Redis URL as it may appear in a log line: without a password.
-fn without_credentials(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}{}", &url[..scheme + 3], &url[at + 1..])
-        }
-        _ => url.to_string(),
-    }
 }
 
 /// The cluster's Redis as this node sees it.
@@ -385,43 +295,18 @@ impl RedisLimits {
         METRICS.redis_shards_down.set(down as i64);
     }
 
-    async fn connect(&self) -> RedisResult<Conn> {
-        match &self.config.redis {
-            RedisTarget::Single(url) => {
-                let client = redis::Client::open(url.as_str())?;
-                let cfg = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(UPKEEP_TIMEOUT))
-                    .set_response_timeout(Some(UPKEEP_TIMEOUT));
-                Ok(Conn::Single(
-                    client
-                        .get_multiplexed_async_connection_with_config(&cfg)
-                        .await?,
-                ))
-            }
-            RedisTarget::Cluster(nodes) => {
-                // The request path gives up after `timeout` and upkeep probes follow a
-                // failover: the library's own retries (16, waiting from 1.28 s up) would
-                // only pile up requests nobody waits for any more.
-                let client =
-                    redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
-                        .connection_timeout(UPKEEP_TIMEOUT)
-                        .response_timeout(UPKEEP_TIMEOUT)
-                        .retries(3)
-                        .min_retry_wait(10)
-                        .max_retry_wait(100)
-                        .build()?;
-                Ok(Conn::Cluster(client.get_async_connection().await?))
-            }
-        }
-    }
-
     /// One upkeep round: connect if needed, follow the cluster's slot map, refresh this
     /// node's liveness and count live nodes, probe every shard (a down shard is used
     /// again after its hold-down of answered probes).
     pub async fn upkeep(&self) {
         let conn = match self.conn.load_full() {
             Some(c) => c,
-            None => match tokio::time::timeout(UPKEEP_TIMEOUT, self.connect()).await {
+            None => match tokio::time::timeout(
+                UPKEEP_TIMEOUT,
+                Conn::connect(&self.config.redis, UPKEEP_TIMEOUT),
+            )
+            .await
+            {
                 Ok(Ok(c)) => {
                     let c = Arc::new(c);
                     self.conn.store(Some(c.clone()));
@@ -457,7 +342,7 @@ impl RedisLimits {
         let mapped = matches!(self.config.redis, RedisTarget::Single(_))
             || topology.shards().len() > 1
             || topology.shards().first().is_some_and(|s| s.slots != "all");
-        let refresh = !mapped || topology.down() > 0 || round % TOPOLOGY_EVERY == 0;
+        let refresh = !mapped || topology.down() > 0 || round.is_multiple_of(TOPOLOGY_EVERY);
         let ttl_ms = self.config.node_ttl.as_millis() as u64;
         let (_, beat, answered) = tokio::join!(
             async {
@@ -479,6 +364,11 @@ impl RedisLimits {
                 self.beats_since.store(NEVER, Relaxed);
                 tracing::debug!("Redis liveness refresh timed out");
             }
+        }
+        // A single Redis' connection does not outlive its server: reconnect next round
+        // (a cluster connection repairs its node connections itself).
+        if matches!(self.config.redis, RedisTarget::Single(_)) && answered.first() != Some(&true) {
+            self.conn.store(None);
         }
         self.probed(&topology, &answered);
     }
