@@ -512,7 +512,39 @@ impl BackgroundService for RedisUpkeep {
 
 #[cfg(test)]
 mod tests {
-    use super::user_digest;
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn fewer_live_nodes_count_only_after_a_node_ttl_of_refreshes() {
+        let r = RedisLimits::new(ClusterConfig {
+            redis: RedisTarget::Single("redis://127.0.0.1:1".into()),
+            node_id: "n".into(),
+            timeout: Duration::from_millis(50),
+            sync_interval: Duration::from_millis(100),
+            node_ttl: Duration::from_secs(3),
+            key_prefix: "busbar".into(),
+        });
+        let step = |ms| tokio::time::advance(Duration::from_millis(ms));
+        r.counted(3);
+        assert_eq!(r.live_nodes(), 3, "more nodes count at once");
+        // The liveness key was unreachable; the first refreshes back see the others'
+        // entries expired.
+        r.beats_since.store(NEVER, Relaxed);
+        r.counted(1);
+        step(2_900).await;
+        r.counted(2);
+        assert_eq!(r.live_nodes(), 3, "not yet a node_ttl of refreshes");
+        r.counted(3);
+        step(200).await;
+        r.counted(2);
+        assert_eq!(
+            r.live_nodes(),
+            2,
+            "a node that left for good, after node_ttl"
+        );
+        r.counted(3);
+        assert_eq!(r.live_nodes(), 3);
+    }
 
     #[test]
     fn user_digests_are_short_hex_whatever_the_id() {
