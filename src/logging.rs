@@ -19,9 +19,25 @@ pub struct LogLevel {
     level: Mutex<Option<String>>,
 }
 
-/// The filter for a bare level: pingora's own chatter stays at warn.
+/// The filter for a bare level: pingora's own chatter stays at warn, the redis crate's
+/// two steps under busbar's level.
 fn filter_for(level: &str) -> EnvFilter {
-    EnvFilter::new(format!("{level},pingora_core=warn,pingora_proxy=warn"))
+    EnvFilter::new(format!(
+        "{level},pingora_core=warn,pingora_proxy=warn,redis={}",
+        redis_level(level)
+    ))
+}
+
+/// The redis crate's own level for busbar's `level`: two steps quieter. During a Redis
+/// Cluster failover it logs every reconnect attempt at WARN and INFO (hundreds of lines a
+/// second); busbar logs each shard's switch once with what an operator needs, so the
+/// crate's lines show only when busbar itself logs at debug (its WARN) or trace (all).
+fn redis_level(level: &str) -> &'static str {
+    match level.split(',').next().unwrap_or("").trim() {
+        "trace" => "trace",
+        "debug" => "warn",
+        _ => "error",
+    }
 }
 
 /// The most verbose `log` record worth handing to the bridge for `level`. pingora logs

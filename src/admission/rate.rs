@@ -8,8 +8,8 @@
 //! burst-refill period is indistinguishable from a fresh one, so the sweep drops it. The
 //! map never holds more than `max_users` cells: past that, new users share one overflow
 //! cell (strict for them, but memory stays bounded) until a sweep frees room.
-//! The clock is tokio's, so tests run on a paused clock; a cluster-wide limiter (Redis)
-//! can sit behind the same `check` later.
+//! The clock is tokio's, so tests run on a paused clock. A cluster-wide limiter uses one
+//! as its node's share and [`charge`](RouteLimiter::charge)s it with what Redis granted.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -208,6 +208,37 @@ impl RouteLimiter {
         RateDecision::Allowed(info)
     }
 
+    /// Takes up to `n` tokens from `user`'s cell (the route's cell when `user` is `None`)
+    /// without deciding a request; returns how many it took. A cluster-wide limiter
+    /// charges what Redis granted this node to its share, so a node that falls back
+    /// starts from what it already took rather than from a full burst.
+    pub fn charge(&self, user: Option<&str>, n: u32) -> u32 {
+        let take = |cell: &Cell| {
+            // A cell never holds more than its burst: past that it is empty anyway.
+            let mut taken = 0;
+            while taken < n && cell.check().is_ok() {
+                taken += 1;
+            }
+            taken
+        };
+        let Some(user) = user else {
+            return self.global.as_ref().map_or(0, take);
+        };
+        let now_ms = self.now_ms();
+        if let Some(c) = self.users.get(user) {
+            c.last_ms.store(now_ms, Relaxed);
+            return take(&c.cell);
+        }
+        if self.users.len() >= self.config.max_users {
+            return take(&self.overflow);
+        }
+        let c = self.users.entry(user.into()).or_insert_with(|| UserCell {
+            cell: cell(self.quota, &self.clock),
+            last_ms: AtomicU64::new(now_ms),
+        });
+        take(&c.cell)
+    }
+
     /// Drops the cells of users idle long enough that their cell is full again.
     pub fn sweep(&self) -> usize {
         let refill_ms = self.quota.burst_size_replenished_in().as_millis() as u64;
@@ -283,6 +314,31 @@ mod tests {
             panic!("route limit of 2 spent")
         };
         assert_eq!(scope, Scope::Route);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn charging_takes_what_is_left_and_then_requests_wait_for_the_rate() {
+        let mut c = limiter("10/s", 5, 10).config().clone();
+        c.global = Some((crate::config::parse_rate("20/s").unwrap(), 4));
+        let l = RouteLimiter::new(c);
+        assert_eq!(l.charge(Some("ip:a"), 3), 3);
+        assert_eq!(l.charge(Some("ip:a"), 7), 2, "only what the burst held");
+        assert!(!allowed(l.check("ip:a")));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(allowed(l.check("ip:a")), "one interval later");
+        assert_eq!(
+            l.charge(None, 9),
+            3,
+            "the route's cell, less the request above"
+        );
+        assert_eq!(l.charge(Some("ip:b"), 0), 0);
+        assert!(matches!(
+            l.check("ip:b"),
+            RateDecision::Limited {
+                scope: Scope::Route,
+                ..
+            }
+        ));
     }
 
     #[tokio::test(start_paused = true)]

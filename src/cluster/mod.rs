@@ -6,3 +6,5 @@
 pub mod etcd;
 pub mod etcd_conn;
 pub mod redis;
+pub mod redis_conn;
+pub mod redis_shards;

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub queue_waiting: IntGaugeVec,
     pub redis_fallback: IntCounterVec,
     pub redis_up: IntGauge,
+    pub redis_shards_down: IntGauge,
     pub cluster_nodes: IntGauge,
     pub registry_expired: IntCounter,
     pub fallback: IntCounterVec,
@@ -210,7 +211,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         redis_up: int_gauge(
             &r,
             "busbar_ratelimit_redis_up",
-            "1 while this node reaches the Redis of [cluster]; 0 while it limits on its own share.",
+            "1 while this node reaches every shard of the Redis of [cluster]; 0 while the keys of one or more shards are limited on this node's share.",
+        ),
+        redis_shards_down: int_gauge(
+            &r,
+            "busbar_ratelimit_redis_shards_down",
+            "Shards of the [cluster] Redis (masters with their slots; 1 for a single Redis) whose keys this node limits on its own share.",
         ),
         cluster_nodes: int_gauge(
             &r,
