@@ -5,7 +5,7 @@
 //! Must not: parse TOML (that is `config`) or run I/O other than reading the file (what a
 //! reload changes outside the snapshot, such as the registration listener, is `live`'s).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -90,6 +90,31 @@ impl Snapshot {
     }
 }
 
+/// What `/metrics` says of the running configuration, once `s` is its snapshot: when it
+/// was loaded, its hash, whether Redis is configured; after a reload, the series of
+/// routes and services it no longer has are removed.
+fn published(s: &Snapshot, reloaded: bool) {
+    let loaded = s
+        .loaded_at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    METRICS.config_reload_time.set(loaded.as_secs_f64());
+    // 48 bits: exact in an f64.
+    METRICS.config_hash.set(s.config.hash as f64);
+    crate::metrics::set_redis_configured(s.config.cluster.is_some());
+    if reloaded {
+        let routes: HashMap<&str, &str> = s
+            .routes
+            .routes()
+            .iter()
+            .chain(s.mesh_routes.values())
+            .map(|r| (r.name(), r.service.name()))
+            .collect();
+        let services: HashSet<&str> = s.services.iter().map(|svc| svc.name()).collect();
+        crate::metrics::forget_removed(&routes, &services);
+    }
+}
+
 /// What reload reports back.
 #[derive(Debug, Clone)]
 pub struct ReloadOutcome {
@@ -124,8 +149,10 @@ impl State {
         live: crate::live::Live,
     ) -> State {
         let releases = Arc::new(crate::release::Releases::open(&config));
+        let first = Snapshot::build(config, None, 1, &registry);
+        published(&first, false);
         let state = State {
-            current: ArcSwap::from_pointee(Snapshot::build(config, None, 1, &registry)),
+            current: ArcSwap::from_pointee(first),
             registry,
             generation: AtomicU64::new(1),
             reload_lock: Mutex::new(()),
@@ -185,6 +212,7 @@ impl State {
                         max_expiry_share: new.registry.max_expiry_share,
                     });
                 let snapshot = Snapshot::build(new, Some(&old), generation, &self.registry);
+                published(&snapshot, true);
                 self.current.store(Arc::new(snapshot));
                 crate::release::refresh(self);
                 if let Some(source) = record {

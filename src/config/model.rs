@@ -97,6 +97,9 @@ pub struct Limits {
 pub struct Config {
     /// The file it came from, for reloads.
     pub source: PathBuf,
+    /// The first 48 bits of the SHA-256 of the file's text (exact in an `f64`, so the
+    /// `busbar_config_hash` gauge shows it whole): nodes running the same file agree.
+    pub hash: u64,
     pub server: ServerSettings,
     pub listen: Listen,
     pub log: LogSettings,

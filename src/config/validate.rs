@@ -78,13 +78,24 @@ pub fn validate_for(
         rate_groups: HashMap::new(),
         endpoints: Vec::new(),
     };
-    let config = v.config(path, file);
+    let mut config = v.config(path, file);
+    config.hash = text_hash(src);
     let result = if v.errors.is_empty() {
         Ok(config)
     } else {
         Err(ConfigErrors(v.errors))
     };
     (result, v.warnings)
+}
+
+/// The first 48 bits of the SHA-256 of a config file's text (see `Config::hash`).
+fn text_hash(src: &str) -> u64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(src.as_bytes());
+    digest
+        .iter()
+        .take(6)
+        .fold(0u64, |h, &b| (h << 8) | u64::from(b))
 }
 
 impl Validator<'_> {
@@ -178,6 +189,7 @@ impl Validator<'_> {
         let mesh = self.mesh(f.mesh.as_ref());
         Config {
             source: path.to_path_buf(),
+            hash: 0,
             server,
             listen,
             log,

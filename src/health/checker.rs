@@ -18,7 +18,6 @@ use tokio::task::JoinSet;
 
 use crate::config::{HealthCheck, ProbeKind, Protocol};
 use crate::health::state::{now_ms, HealthState, Transition};
-use crate::metrics::METRICS;
 use crate::registry::{Instance, Service};
 use crate::snapshot::State;
 
@@ -107,15 +106,11 @@ fn update_gauges(svc: &Service) {
             HealthState::Ejected => 2,
         }] += 1;
     }
-    for (state, n) in ["healthy", "unhealthy", "ejected"].iter().zip(counts) {
-        METRICS
-            .instances
-            .with_label_values(&[svc.name(), state])
-            .set(n);
+    for (gauge, n) in svc.metrics.instances.iter().zip(counts) {
+        gauge.set(n);
     }
-    METRICS
+    svc.metrics
         .panic_mode
-        .with_label_values(&[svc.name()])
         .set(svc.panic.load(std::sync::atomic::Ordering::Relaxed) as i64);
 }
 

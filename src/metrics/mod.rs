@@ -1,15 +1,48 @@
 //! Every Prometheus metric busbar exports, declared once.
 //!
 //! Owns: the registry, metric names and label sets, and pre-resolved handles
-//! ([`RouteMetrics`], [`ServiceMetrics`]) so the request path never formats a label.
+//! ([`RouteMetrics`], [`ServiceMetrics`]) so the request path never formats a label;
+//! the process collector and build info; removing the series of routes and services a
+//! reload took away ([`forget_removed`]).
 //! Must not: carry user ids in labels.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::LazyLock;
 
+use prometheus::core::{MetricVec, MetricVecBuilder};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// The `route` label of requests no route matched (`""` reads as "no label" in PromQL).
+pub const NO_ROUTE: &str = "_no_route";
+
+/// The gauges of the `[cluster]` Redis, exported only while `[cluster]` is configured.
+const REDIS_FAMILIES: [&str; 3] = [
+    "busbar_ratelimit_redis_up",
+    "busbar_ratelimit_redis_shards_down",
+    "busbar_cluster_live_nodes",
+];
+
+/// A labelled family whose series a reload may remove.
+trait Forget: Send + Sync {
+    fn forget(&self, labels: &HashMap<&str, &str>);
+}
+
+impl<T: MetricVecBuilder> Forget for MetricVec<T> {
+    fn forget(&self, labels: &HashMap<&str, &str>) {
+        // Absent already (a concurrent removal) is the wanted outcome.
+        let _ = self.remove(labels);
+    }
+}
+
+/// The registry while the metrics are declared, with every labelled family by name.
+struct Declare {
+    registry: Registry,
+    labelled: Vec<(&'static str, Box<dyn Forget>)>,
+}
 
 /// Latency buckets in seconds: 0.5 ms to 30 s, dense where a proxy hop lives.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -18,6 +51,16 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 pub struct Metrics {
     registry: Registry,
+    /// Every labelled family by name, for [`forget_removed`].
+    labelled: Vec<(&'static str, Box<dyn Forget>)>,
+    /// Whether the running config has `[cluster]` (see [`REDIS_FAMILIES`]).
+    redis_configured: AtomicBool,
+    /// `busbar_build_info{version,commit}`, always 1.
+    pub build_info: IntGaugeVec,
+    pub config_reload_time: Gauge,
+    pub config_hash: Gauge,
+    /// `busbar_requests_total{route="_no_route"}` by status class.
+    pub no_route: [IntCounter; 5],
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub upstream_duration: HistogramVec,
@@ -53,125 +96,179 @@ pub struct Metrics {
     pub release_changes: IntCounterVec,
 }
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+impl Declare {
+    /// Registers a labelled family and remembers it by name.
+    fn labelled<T: MetricVecBuilder + 'static>(
+        &mut self,
+        name: &'static str,
+        v: MetricVec<T>,
+    ) -> MetricVec<T> {
+        self.registry
+            .register(Box::new(v.clone()))
+            .expect("metric registered once");
+        self.labelled.push((name, Box::new(v.clone())));
+        v
+    }
+}
+
+fn counter(r: &mut Declare, name: &'static str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(c.clone()))
-        .expect("metric registered once");
-    c
+    r.labelled(name, c)
 }
 
-fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+fn gauge(r: &mut Declare, name: &'static str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(g.clone()))
-        .expect("metric registered once");
-    g
+    r.labelled(name, g)
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+fn histogram(r: &mut Declare, name: &'static str, help: &str, labels: &[&str]) -> HistogramVec {
     let h = HistogramVec::new(
         HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
         labels,
     )
     .expect("valid metric");
-    r.register(Box::new(h.clone()))
-        .expect("metric registered once");
-    h
+    r.labelled(name, h)
 }
 
-fn int_counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+fn int_counter(r: &mut Declare, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid metric");
-    r.register(Box::new(c.clone()))
+    r.registry
+        .register(Box::new(c.clone()))
         .expect("metric registered once");
     c
 }
 
-fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+fn int_gauge(r: &mut Declare, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid metric");
-    r.register(Box::new(g.clone()))
+    r.registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn float_gauge(r: &mut Declare, name: &str, help: &str) -> Gauge {
+    let g = Gauge::new(name, help).expect("valid metric");
+    r.registry
+        .register(Box::new(g.clone()))
         .expect("metric registered once");
     g
 }
 
 /// The process-wide metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    let r = Registry::new();
+    let mut r = Declare {
+        registry: Registry::new(),
+        labelled: Vec::new(),
+    };
+    // CPU seconds, resident and virtual memory, open and max fds, threads, start time.
+    #[cfg(target_os = "linux")]
+    r.registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("metric registered once");
+    let build_info = gauge(
+        &mut r,
+        "busbar_build_info",
+        "Always 1; the labels say which busbar runs (its version and the commit it was built from).",
+        &["version", "commit"],
+    );
+    build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("BUSBAR_COMMIT")])
+        .set(1);
+    let requests = counter(
+        &mut r,
+        "busbar_requests_total",
+        "Requests answered, by route, service and status class.",
+        &["route", "service", "class"],
+    );
     let in_flight = IntGauge::new(
         "busbar_in_flight_requests",
         "Requests being handled right now.",
     )
     .expect("valid metric");
-    r.register(Box::new(in_flight.clone()))
+    r.registry
+        .register(Box::new(in_flight.clone()))
         .expect("metric registered once");
     let connections = IntGauge::new(
         "busbar_downstream_connections",
         "Client connections open on the service listeners.",
     )
     .expect("valid metric");
-    r.register(Box::new(connections.clone()))
+    r.registry
+        .register(Box::new(connections.clone()))
         .expect("metric registered once");
     Metrics {
-        requests: counter(
-            &r,
-            "busbar_requests_total",
-            "Requests answered, by route, service and status class.",
-            &["route", "service", "class"],
+        no_route: CLASSES.map(|c| requests.with_label_values(&[NO_ROUTE, "", c])),
+        requests,
+        build_info,
+        config_reload_time: float_gauge(
+            &mut r,
+            "busbar_config_last_reload_success_timestamp_seconds",
+            "When the running configuration was loaded (at start or by the last successful reload), in seconds since the Unix epoch.",
         ),
+        config_hash: float_gauge(
+            &mut r,
+            "busbar_config_hash",
+            "The first 48 bits of the SHA-256 of the running configuration file's text: nodes running the same file show the same value.",
+        ),
+        redis_configured: AtomicBool::new(false),
         request_duration: histogram(
-            &r,
+            &mut r,
             "busbar_request_duration_seconds",
             "Time from request start to the last byte of the response, by route.",
             &["route"],
         ),
         upstream_duration: histogram(
-            &r,
+            &mut r,
             "busbar_upstream_duration_seconds",
             "Time from sending to the upstream to its response headers, by service.",
             &["service"],
         ),
         connect_failures: counter(
-            &r,
+            &mut r,
             "busbar_upstream_connect_failures_total",
             "Failed connection attempts to upstream instances.",
             &["service"],
         ),
         upstream_errors: counter(
-            &r,
+            &mut r,
             "busbar_upstream_errors_total",
             "Requests that failed at the upstream, by cause.",
             &["service", "cause"],
         ),
         retries: counter(
-            &r,
+            &mut r,
             "busbar_upstream_retries_total",
             "Retries sent to another (or the same) instance.",
             &["service"],
         ),
         retry_budget_exhausted: counter(
-            &r,
+            &mut r,
             "busbar_retry_budget_exhausted_total",
             "Retries not made because the service's retry budget was spent.",
             &["service"],
         ),
         ejections: counter(
-            &r,
+            &mut r,
             "busbar_outlier_ejections_total",
             "Instances ejected by passive outlier detection.",
             &["service"],
         ),
         instances: gauge(
-            &r,
+            &mut r,
             "busbar_instances",
             "Instances by health state.",
             &["service", "state"],
         ),
         panic_mode: gauge(
-            &r,
+            &mut r,
             "busbar_panic_mode",
             "1 when a service balances over all instances because too few are available.",
             &["service"],
         ),
         reloads: counter(
-            &r,
+            &mut r,
             "busbar_config_reloads_total",
             "Configuration reloads by result.",
             &["result"],
@@ -179,129 +276,181 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         in_flight,
         connections,
         admission: counter(
-            &r,
+            &mut r,
             "busbar_admission_decisions_total",
             "Admission decisions by route: admitted, queued (admitted after a wait), limited, rejected, or abandoned (the client left while waiting), with the reason.",
             &["route", "decision", "reason"],
         ),
         queue_wait: histogram(
-            &r,
+            &mut r,
             "busbar_queue_wait_seconds",
             "Time requests waited for a service slot, by service (requests that waited only).",
             &["service"],
         ),
         service_in_flight: gauge(
-            &r,
+            &mut r,
             "busbar_service_in_flight",
             "Requests holding a slot of a service with max_in_flight (sampled each second).",
             &["service"],
         ),
         queue_waiting: gauge(
-            &r,
+            &mut r,
             "busbar_queue_waiting",
             "Requests waiting for a slot of a service with max_in_flight (sampled each second).",
             &["service"],
         ),
         redis_fallback: counter(
-            &r,
+            &mut r,
             "busbar_ratelimit_redis_fallback_total",
             "Cluster-wide rate-limit decisions made from the node's share of the limit because Redis was unreachable or slow, by route.",
             &["route"],
         ),
         redis_up: int_gauge(
-            &r,
+            &mut r,
             "busbar_ratelimit_redis_up",
             "1 while this node reaches every shard of the Redis of [cluster]; 0 while the keys of one or more shards are limited on this node's share.",
         ),
         redis_shards_down: int_gauge(
-            &r,
+            &mut r,
             "busbar_ratelimit_redis_shards_down",
             "Shards of the [cluster] Redis (masters with their slots; 1 for a single Redis) whose keys this node limits on its own share.",
         ),
         cluster_nodes: int_gauge(
-            &r,
+            &mut r,
             "busbar_cluster_live_nodes",
             "Live busbar nodes in the [cluster] Redis as last seen (the divisor of the fallback share).",
         ),
         fallback: counter(
-            &r,
+            &mut r,
             "busbar_fallback_requests_total",
             "Requests that took a mesh fallback path, by service and reason (sidecar_down, host, forward_proxy, connect).",
             &["service", "reason"],
         ),
         path_switches: counter(
-            &r,
+            &mut r,
             "busbar_instance_path_switches_total",
             "Instances switching between sidecar and direct paths, by service and new path.",
             &["service", "to"],
         ),
         edge_refusals: counter(
-            &r,
+            &mut r,
             "busbar_edge_refusals_total",
             "Requests refused at the front door (bad or slow heads), or cut off for a slow body or a stalled response write, by reason.",
             &["reason"],
         ),
         connect_refused: int_counter(
-            &r,
+            &mut r,
             "busbar_connect_refused_total",
             "CONNECT requests refused because the target is not a configured service.",
         ),
         registry_expired: int_counter(
-            &r,
+            &mut r,
             "busbar_registry_expired_total",
             "Registered instances removed because their TTL ran out.",
         ),
         self_preservation: int_gauge(
-            &r,
+            &mut r,
             "busbar_registry_self_preservation",
             "1 while renewals are below the threshold and expiry is suspended.",
         ),
         registrations: counter(
-            &r,
+            &mut r,
             "busbar_registry_requests_total",
             "Registration API calls by operation and result.",
             &["op", "result"],
         ),
         registrations_refused: counter(
-            &r,
+            &mut r,
             "busbar_registrations_refused_total",
             "Instances learned from etcd or the registry snapshot file that this node does not route, because their address (or sidecar) is one the address policy refuses here; counted once per instance and address, by source and reason.",
             &["source", "reason"],
         ),
         registry_degraded: int_gauge(
-            &r,
+            &mut r,
             "busbar_registry_degraded",
             "1 while the registry store (etcd) is unreachable and routing runs from memory.",
         ),
         version_requests: counter(
-            &r,
+            &mut r,
             "busbar_version_requests_total",
             "Responses from upstream instances by service, instance version and status class (judge a canary by these).",
             &["service", "version", "class"],
         ),
         release_fallback: counter(
-            &r,
+            &mut r,
             "busbar_release_fallback_total",
             "Requests a split sent to the stable version (or, last resort, any) because their version had no available instance, by route.",
             &["route"],
         ),
         release_changes: counter(
-            &r,
+            &mut r,
             "busbar_release_changes_total",
             "Release overrides applied on this node, by source (release, rollback, cluster).",
             &["source"],
         ),
-        registry: r,
+        registry: r.registry,
+        labelled: r.labelled,
     }
 });
 
 /// Renders every metric in the Prometheus text format.
 pub fn render() -> Vec<u8> {
     let mut out = Vec::with_capacity(16 * 1024);
-    let families = METRICS.registry.gather();
+    let mut families = METRICS.registry.gather();
+    if !METRICS.redis_configured.load(Relaxed) {
+        families.retain(|f| !REDIS_FAMILIES.contains(&f.name()));
+    }
     // Encoding into a Vec cannot fail on I/O; a bad family is skipped by the encoder's error.
     let _ = TextEncoder::new().encode(&families, &mut out);
     out
+}
+
+/// Says whether the running config has `[cluster]`: the Redis gauges are exported only
+/// then (a 0 would read as "Redis down" where there is none).
+pub fn set_redis_configured(configured: bool) {
+    METRICS.redis_configured.store(configured, Relaxed);
+}
+
+/// Removes the series of routes and services a reload took away, so `/metrics` shows
+/// only what runs. `routes`: every route the new snapshot has (mesh routes included)
+/// with its service; `services`: every service. A route kept with another service loses
+/// its series of the old service. In-flight requests of the old snapshot may still count
+/// on the removed handles; those counts are lost with the series.
+pub fn forget_removed(routes: &HashMap<&str, &str>, services: &HashSet<&str>) {
+    let m = &*METRICS;
+    for family in m.registry.gather() {
+        let Some((_, vec)) = m.labelled.iter().find(|(n, _)| *n == family.name()) else {
+            continue;
+        };
+        for metric in family.get_metric() {
+            let labels: HashMap<&str, &str> = metric
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            if !still_runs(&labels, routes, services) {
+                vec.forget(&labels);
+            }
+        }
+    }
+}
+
+/// Whether a series' route and service (where it has those labels) still run.
+fn still_runs(
+    labels: &HashMap<&str, &str>,
+    routes: &HashMap<&str, &str>,
+    services: &HashSet<&str>,
+) -> bool {
+    let service = labels.get("service").copied();
+    match labels.get("route").copied() {
+        Some(NO_ROUTE) => true,
+        Some(route) => match (routes.get(route), service) {
+            (None, _) => false,
+            (Some(now), Some(was)) => *now == was,
+            (Some(_), None) => true,
+        },
+        None => service.is_none_or(|s| s.is_empty() || services.contains(s)),
+    }
 }
 
 /// Status class index: 1xx → 0 … 5xx → 4.
@@ -346,6 +495,11 @@ pub struct ServiceMetrics {
     pub retries: IntCounter,
     pub budget_exhausted: IntCounter,
     pub ejections: IntCounter,
+    /// `busbar_instances` by state: healthy, unhealthy, ejected. Resolved here so a
+    /// health round still running on a snapshot a reload replaced cannot bring back the
+    /// series of a service the reload removed.
+    pub instances: [IntGauge; 3],
+    pub panic_mode: IntGauge,
 }
 
 impl ServiceMetrics {
@@ -378,6 +532,9 @@ impl ServiceMetrics {
             retries: m.retries.with_label_values(&[service]),
             budget_exhausted: m.retry_budget_exhausted.with_label_values(&[service]),
             ejections: m.ejections.with_label_values(&[service]),
+            instances: ["healthy", "unhealthy", "ejected"]
+                .map(|state| m.instances.with_label_values(&[service, state])),
+            panic_mode: m.panic_mode.with_label_values(&[service]),
         }
     }
 }
@@ -419,5 +576,30 @@ impl AdmissionMetrics {
             abandoned_protocol: c("abandoned", "client_protocol"),
             queue_wait: m.queue_wait.with_label_values(&[service]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_of_removed_routes_and_services_do_not_run() {
+        let routes: HashMap<&str, &str> = [("r", "s"), ("mesh:s", "s")].into();
+        let services: HashSet<&str> = ["s"].into();
+        let runs = |labels: &[(&str, &str)]| {
+            still_runs(&labels.iter().copied().collect(), &routes, &services)
+        };
+        assert!(runs(&[("route", "r"), ("service", "s"), ("class", "2xx")]));
+        assert!(runs(&[("route", "mesh:s"), ("decision", "admitted")]));
+        assert!(runs(&[("route", NO_ROUTE), ("service", "")]));
+        assert!(runs(&[("service", "s"), ("state", "healthy")]));
+        assert!(runs(&[("result", "ok")]));
+        assert!(runs(&[("version", "0.1.0"), ("commit", "abc")]));
+        // Gone, or the route now with another service.
+        assert!(!runs(&[("route", "gone"), ("service", "s")]));
+        assert!(!runs(&[("route", "gone"), ("decision", "admitted")]));
+        assert!(!runs(&[("route", "r"), ("service", "old")]));
+        assert!(!runs(&[("service", "old"), ("cause", "timeout")]));
     }
 }

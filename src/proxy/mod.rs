@@ -804,10 +804,7 @@ impl BusbarProxy {
             }
             route.metrics.duration.observe(total.as_secs_f64());
         } else if status > 0 {
-            METRICS
-                .requests
-                .with_label_values(&["", "", if status == 404 { "4xx" } else { "5xx" }])
-                .inc();
+            METRICS.no_route[class_index(status)].inc();
         }
         if !self.access_log.enabled() {
             return;
