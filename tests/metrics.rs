@@ -237,3 +237,48 @@ async fn redis_gauges_only_with_redis_configured() {
     assert_eq!(bus.reload().await.status(), 200);
     assert!(!bus.metrics().await.contains(up));
 }
+
+#[tokio::test]
+async fn methods_are_bounded_and_bytes_are_counted_per_route() {
+    let backend = Backend::start("b").await;
+    let bus = Busbar::start(&one_route(backend.addr)).await;
+
+    // Three methods; FOO (any token is a method) counts as `other`.
+    for method in ["GET", "POST", "FOO", "FOO"] {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let r = client().request(m, bus.url("/keep")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{method}");
+    }
+    let other = r#"busbar_requests_by_method_total{method="other",route="keep"}"#;
+    assert_eq!(bus.metric_settled(other, 2.0).await, 2.0);
+    let text = bus.metrics().await;
+    for (method, n) in [("GET", 1.0), ("POST", 1.0), ("PUT", 0.0)] {
+        let sample =
+            format!(r#"busbar_requests_by_method_total{{method="{method}",route="keep"}}"#);
+        assert_eq!(metric_value(&text, &sample), n, "{sample}: {text}");
+    }
+    assert!(!text.contains(r#"method="FOO""#), "{text}");
+
+    // Bytes: what the client sent in bodies and what it read back, on both protocols.
+    let up = "busbar_request_body_bytes_total{route=\"keep\"}";
+    let down = "busbar_response_body_bytes_total{route=\"keep\"}";
+    let (up0, down0) = (metric_value(&text, up), metric_value(&text, down));
+    assert_eq!(up0, 0.0, "{text}");
+    let mut read = 0usize;
+    for (size, h2) in [(1000usize, false), (70_000, false), (5000, true)] {
+        let c = if h2 { common::h2c_client() } else { client() };
+        let r = c
+            .post(bus.url("/keep"))
+            .body(vec![b'x'; size])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        read += r.bytes().await.unwrap().len();
+    }
+    let sent = 1000.0 + 70_000.0 + 5000.0;
+    assert_eq!(bus.metric_settled(up, sent).await, sent);
+    let want = down0 + read as f64;
+    assert!(read > 0);
+    assert_eq!(bus.metric_settled(down, want).await, want);
+}

@@ -62,6 +62,9 @@ pub struct Metrics {
     /// `busbar_requests_total{route="_no_route"}` by status class.
     pub no_route: [IntCounter; 5],
     pub requests: IntCounterVec,
+    pub requests_by_method: IntCounterVec,
+    pub request_bytes: IntCounterVec,
+    pub response_bytes: IntCounterVec,
     pub request_duration: HistogramVec,
     pub upstream_duration: HistogramVec,
     pub connect_failures: IntCounterVec,
@@ -201,6 +204,24 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     Metrics {
         no_route: CLASSES.map(|c| requests.with_label_values(&[NO_ROUTE, "", c])),
         requests,
+        requests_by_method: counter(
+            &mut r,
+            "busbar_requests_by_method_total",
+            "Requests answered, by route and method (GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH, or other).",
+            &["route", "method"],
+        ),
+        request_bytes: counter(
+            &mut r,
+            "busbar_request_body_bytes_total",
+            "Request body bytes received from clients, by route.",
+            &["route"],
+        ),
+        response_bytes: counter(
+            &mut r,
+            "busbar_response_body_bytes_total",
+            "Response body bytes sent to clients, by route.",
+            &["route"],
+        ),
         build_info,
         config_reload_time: float_gauge(
             &mut r,
@@ -461,10 +482,30 @@ pub fn class_index(status: u16) -> usize {
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// The `method` label's values: the standard methods, and `other` for any other (a
+/// client may send any token as a method; a label per token would be unbounded).
+const METHODS: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "other",
+];
+
+/// Index into [`METHODS`]: a standard method's, or `other`'s.
+#[inline]
+pub fn method_index(method: &str) -> usize {
+    METHODS[..METHODS.len() - 1]
+        .iter()
+        .position(|m| *m == method)
+        .unwrap_or(METHODS.len() - 1)
+}
+
 /// Handles for one route, resolved when the snapshot is built.
 #[derive(Debug, Clone)]
 pub struct RouteMetrics {
     pub by_class: [IntCounter; 5],
+    /// By [`method_index`]. Resolved here, not on first use: a request still running on
+    /// a snapshot a reload replaced must not bring back a removed route's series.
+    pub by_method: [IntCounter; 10],
+    pub request_bytes: IntCounter,
+    pub response_bytes: IntCounter,
     pub duration: Histogram,
 }
 
@@ -473,6 +514,9 @@ impl RouteMetrics {
         let m = &*METRICS;
         RouteMetrics {
             by_class: CLASSES.map(|c| m.requests.with_label_values(&[route, service, c])),
+            by_method: METHODS.map(|v| m.requests_by_method.with_label_values(&[route, v])),
+            request_bytes: m.request_bytes.with_label_values(&[route]),
+            response_bytes: m.response_bytes.with_label_values(&[route]),
             duration: m.request_duration.with_label_values(&[route]),
         }
     }
@@ -601,5 +645,14 @@ mod tests {
         assert!(!runs(&[("route", "gone"), ("decision", "admitted")]));
         assert!(!runs(&[("route", "r"), ("service", "old")]));
         assert!(!runs(&[("service", "old"), ("cause", "timeout")]));
+    }
+
+    #[test]
+    fn methods_are_bounded() {
+        assert_eq!(METHODS[method_index("GET")], "GET");
+        assert_eq!(METHODS[method_index("PATCH")], "PATCH");
+        for m in ["FOO", "get", "", "PROPFIND", "GETX"] {
+            assert_eq!(METHODS[method_index(m)], "other", "{m}");
+        }
     }
 }

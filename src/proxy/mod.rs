@@ -35,7 +35,7 @@ use crate::config::{HashKey, Protocol};
 use crate::edge::pace::BodyPace;
 use crate::fallback;
 use crate::health::state::now_ms;
-use crate::metrics::{class_index, METRICS};
+use crate::metrics::{class_index, method_index, METRICS};
 use crate::routing::{self, RequestView};
 use crate::snapshot::{Snapshot, State};
 use ctx::RequestCtx;
@@ -799,9 +799,13 @@ impl BusbarProxy {
         ctx.release.finish(ctx.set.as_deref(), status);
         let total = ctx.start.elapsed();
         if let Some(route) = &ctx.route {
+            let m = &route.metrics;
             if status > 0 {
-                route.metrics.by_class[class_index(status)].inc();
+                m.by_class[class_index(status)].inc();
+                m.by_method[method_index(done.method)].inc();
             }
+            m.request_bytes.inc_by(ctx.body_bytes);
+            m.response_bytes.inc_by(done.body_bytes as u64);
             route.metrics.duration.observe(total.as_secs_f64());
         } else if status > 0 {
             METRICS.no_route[class_index(status)].inc();
