@@ -107,7 +107,13 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         let bound = crate::listeners::bind_all(&listen.http)
             .map_err(|(addr, e)| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         // pingora binds these itself once running; a bind now proves it can.
-        for addr in listen.tls.iter().map(|t| t.addr).chain([listen.admin]) {
+        for addr in listen
+            .tls
+            .iter()
+            .map(|t| t.addr)
+            .chain([listen.admin])
+            .chain(listen.metrics)
+        {
             std::net::TcpListener::bind(addr)
                 .with_context(|| format!("cannot listen on {addr}"))?;
         }
@@ -229,6 +235,13 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     );
     admin.threads = Some(1);
     admin.add_tcp(&listen.admin.to_string());
+    // 2b. `listen.metrics`: `/metrics` alone, for a scraper that should not reach the admin API.
+    let metrics = listen.metrics.map(|addr| {
+        let mut m = ListeningService::new("busbar metrics".to_string(), crate::admin::MetricsApi);
+        m.threads = Some(1);
+        m.add_tcp(&addr.to_string());
+        m
+    });
 
     // 3. The registration API, on its own listener (other hosts must reach it; tokens
     //    guard it) — only while some service takes registrations: a node that has none
@@ -286,6 +299,9 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     // Every service is supervised: one that dies by a panic ends the process.
     server.add_service(supervised(proxy));
     server.add_service(supervised(admin));
+    if let Some(m) = metrics {
+        server.add_service(supervised(m));
+    }
     if registration_addr.is_none() {
         tracing::info!(
             "no service takes registrations: the registration API opens when a reload adds one"

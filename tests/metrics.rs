@@ -282,3 +282,51 @@ async fn methods_are_bounded_and_bytes_are_counted_per_route() {
     assert!(read > 0);
     assert_eq!(bus.metric_settled(down, want).await, want);
 }
+
+#[tokio::test]
+async fn a_metrics_listener_serves_metrics_and_nothing_else() {
+    let backend = Backend::start("b").await;
+    let port = common::free_port();
+    let bus = Busbar::start_with_header(
+        &one_route(backend.addr),
+        &format!("metrics = \"127.0.0.1:{port}\""),
+    )
+    .await;
+    let r = client().get(bus.url("/keep")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
+    let sample = r#"busbar_requests_total{class="2xx",route="keep",service="s"}"#;
+    let until = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let r = client().get(url("/metrics")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        if metric_value(&text, sample) == 1.0 || Instant::now() > until {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(metric_value(&text, sample), 1.0, "{text}");
+    // The admin API's reads and calls are not there.
+    for path in [
+        "/v1/routes",
+        "/v1/services",
+        "/healthz",
+        "/v1/config/history",
+    ] {
+        let r = client().get(url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        let body = r.text().await.unwrap();
+        assert!(body.contains("\"error\""), "{path}: {body}");
+        assert!(!body.contains("keep"), "{path}: {body}");
+    }
+    let r = client()
+        .post(url("/v1/reload"))
+        .bearer_auth(&bus.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // The admin listener still serves it too.
+    assert_eq!(bus.metric(sample).await, 1.0);
+}

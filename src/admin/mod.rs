@@ -1,6 +1,7 @@
 //! The admin API on its own listener (loopback by default).
 //!
-//! Owns: `/healthz`, `/metrics`, `/v1/routes`, `/v1/services`, `/v1/reload`; the release
+//! Owns: `/healthz`, `/metrics` (also alone on `listen.metrics`, [`MetricsApi`]),
+//! `/v1/routes`, `/v1/services`, `/v1/reload`; the release
 //! and config-history calls (`/v1/releases…`, `/v1/config/…`) are `release::admin`'s.
 //! Reads are open to whoever reaches the listener, except through busbar's own data plane
 //! (a request whose `Via` names a busbar hop gets 403); anything that changes state needs
@@ -179,6 +180,37 @@ impl AdminApi {
     }
 }
 
+/// `/metrics` in the Prometheus text format.
+fn metrics_reply() -> Response<Vec<u8>> {
+    reply(
+        StatusCode::OK,
+        "text/plain; version=0.0.4",
+        crate::metrics::render(),
+    )
+}
+
+/// The `listen.metrics` listener: `GET /metrics` and nothing else, so Prometheus can
+/// scrape a node without reaching the admin API's reads and calls.
+pub struct MetricsApi;
+
+#[async_trait]
+impl ServeHttp for MetricsApi {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        if let Some(refusal) = replies::forwarded_by_busbar(session) {
+            return refusal;
+        }
+        let req = session.req_header();
+        match (&req.method, req.uri.path()) {
+            (&Method::GET, "/metrics") => metrics_reply(),
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "this listener serves GET /metrics only",
+            ),
+        }
+    }
+}
+
 #[async_trait]
 impl ServeHttp for AdminApi {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
@@ -199,11 +231,7 @@ impl ServeHttp for AdminApi {
                     }),
                 )
             }
-            (Method::GET, "/metrics") => reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                crate::metrics::render(),
-            ),
+            (Method::GET, "/metrics") => metrics_reply(),
             (Method::GET, "/v1/routes") => json_reply(StatusCode::OK, self.routes()),
             (Method::GET, "/v1/services") => json_reply(StatusCode::OK, self.services()),
             (Method::GET, "/v1/registry") => json_reply(StatusCode::OK, self.registry()),

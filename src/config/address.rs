@@ -116,6 +116,7 @@ impl OwnListeners {
         let mut all = listen.http.clone();
         all.extend(listen.tls.iter().map(|t| t.addr));
         all.push(listen.admin);
+        all.extend(listen.metrics);
         all.extend(registration);
         OwnListeners(all)
     }
@@ -215,6 +216,7 @@ mod tests {
             http: http.iter().map(|a| a.parse().unwrap()).collect(),
             tls: Vec::new(),
             admin: admin.parse().unwrap(),
+            metrics: None,
         }
     }
 

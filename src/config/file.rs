@@ -47,6 +47,8 @@ pub struct ListenFile {
     #[serde(default)]
     pub tls: Vec<TlsListenFile>,
     pub admin: Option<Spanned<String>>,
+    /// A listener for `GET /metrics` alone (off when unset).
+    pub metrics: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

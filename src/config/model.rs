@@ -133,6 +133,9 @@ pub struct Listen {
     pub http: Vec<SocketAddr>,
     pub tls: Vec<TlsListen>,
     pub admin: SocketAddr,
+    /// `listen.metrics`: a listener that serves `GET /metrics` only, so Prometheus can
+    /// scrape without reaching the admin API.
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

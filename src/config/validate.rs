@@ -292,7 +292,19 @@ impl Validator<'_> {
                 self.err(a.span(), ctx, format!("address {admin} is already used"));
             }
         }
-        Listen { http, tls, admin }
+        let metrics = l.metrics.as_ref().and_then(|m| {
+            let addr = self.addr(m, ctx)?;
+            if !seen.insert(addr) {
+                self.err(m.span(), ctx, format!("address {addr} is already used"));
+            }
+            Some(addr)
+        });
+        Listen {
+            http,
+            tls,
+            admin,
+            metrics,
+        }
     }
 
     fn log(&mut self, l: LogFile) -> LogSettings {
@@ -981,6 +993,30 @@ service = "echo"
         assert_eq!(c.services[0].endpoints[0].weight, 3);
         assert_eq!(c.routes[0].rewrite, Rewrite::Prefix("/".into()));
         assert_eq!(c.listen.admin.to_string(), DEFAULT_ADMIN_ADDR);
+    }
+
+    #[test]
+    fn the_metrics_listener_is_optional_and_has_its_own_address() {
+        assert_eq!(
+            validate(Path::new("t.toml"), OK).unwrap().listen.metrics,
+            None
+        );
+        let with = |addr: &str| {
+            OK.replace(
+                "http = [\"127.0.0.1:8080\"]",
+                &format!("http = [\"127.0.0.1:8080\"]\nmetrics = \"{addr}\""),
+            )
+        };
+        let c = validate(Path::new("t.toml"), &with("127.0.0.1:9090")).unwrap();
+        assert_eq!(c.listen.metrics, Some("127.0.0.1:9090".parse().unwrap()));
+        let e = errors(&with("127.0.0.1:8080"));
+        assert!(
+            e.iter()
+                .any(|e| e.contains("t.toml:4:") && e.contains("127.0.0.1:8080 is already used")),
+            "{e:?}"
+        );
+        let e = errors(&with("nowhere"));
+        assert!(e.iter().any(|e| e.contains("t.toml:4:")), "{e:?}");
     }
 
     #[test]

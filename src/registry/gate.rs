@@ -184,6 +184,7 @@ mod tests {
             http: vec!["127.0.0.1:8080".parse().unwrap()],
             tls: Vec::new(),
             admin: "127.0.0.1:9901".parse().unwrap(),
+            metrics: None,
         };
         Gate::new(OwnListeners::new(
             &listen,
