@@ -330,3 +330,34 @@ async fn a_metrics_listener_serves_metrics_and_nothing_else() {
     // The admin listener still serves it too.
     assert_eq!(bus.metric(sample).await, 1.0);
 }
+
+#[tokio::test]
+async fn upstream_connections_count_pool_hits_and_new_ones_per_service() {
+    let backend = Backend::start("b").await;
+    let bus = Busbar::start(&one_route(backend.addr)).await;
+    let pool = r#"busbar_upstream_connections_total{from="pool",service="s"}"#;
+    let new = r#"busbar_upstream_connections_total{from="new",service="s"}"#;
+    // HTTP/1.1 GETs (busbar's own path), then h2c (pingora's): each path opens one
+    // connection and reuses it for the next requests, one after another.
+    let h1 = client();
+    for _ in 0..3 {
+        let r = h1.get(bus.url("/keep")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    assert_eq!(bus.metric_settled(new, 1.0).await, 1.0);
+    assert_eq!(bus.metric_settled(pool, 2.0).await, 2.0);
+    let h2 = common::h2c_client();
+    for _ in 0..3 {
+        let r = h2.get(bus.url("/keep")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    let text = metrics_until(&bus, |t| {
+        metric_value(t, new) + metric_value(t, pool) == 6.0
+    })
+    .await;
+    let (n, p) = (metric_value(&text, new), metric_value(&text, pool));
+    assert_eq!(n + p, 6.0, "{text}");
+    assert!((1.0..=2.0).contains(&n), "new {n}: {text}");
+}

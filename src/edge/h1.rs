@@ -863,7 +863,7 @@ async fn exchange(
         // path): its instance, and its admission slot, are free at once.
         let tried = tokio::select! {
             biased;
-            r = one_try(&t, &ask, &mut buf, &mut out) => r,
+            r = one_try(&t, &ask, &route.service.metrics, &mut buf, &mut out) => r,
             _ = down.left() => {
                 ctx.release_instance();
                 return Served::nothing();
@@ -1010,6 +1010,7 @@ enum TryFail {
 async fn one_try(
     t: &proxy::Try,
     ask: &Ask<'_>,
+    metrics: &crate::metrics::ServiceMetrics,
     buf: &mut Vec<u8>,
     lines: &mut Vec<u8>,
 ) -> Result<(TcpStream, Head), TryFail> {
@@ -1017,9 +1018,13 @@ async fn one_try(
     loop {
         let reused = pooled.is_some();
         let mut up = match pooled.take() {
-            Some(up) => up,
+            Some(up) => {
+                metrics.connection_pooled.inc();
+                up
+            }
             None => match within(t.connect_timeout, TcpStream::connect(t.addr)).await {
                 Ok(Ok(up)) => {
+                    metrics.connection_new.inc();
                     let _ = up.set_nodelay(true);
                     up
                 }

@@ -68,6 +68,7 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub upstream_duration: HistogramVec,
     pub connect_failures: IntCounterVec,
+    pub upstream_connections: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub retries: IntCounterVec,
     pub retry_budget_exhausted: IntCounterVec,
@@ -251,6 +252,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "busbar_upstream_connect_failures_total",
             "Failed connection attempts to upstream instances.",
             &["service"],
+        ),
+        upstream_connections: counter(
+            &mut r,
+            "busbar_upstream_connections_total",
+            "Upstream connections that tries used, by service and where they came from: the idle pool (from=\"pool\") or a new connection (from=\"new\").",
+            &["service", "from"],
         ),
         upstream_errors: counter(
             &mut r,
@@ -532,6 +539,9 @@ pub struct ServiceMetrics {
     switches: [IntCounter; 3],
     pub upstream_duration: Histogram,
     pub connect_failures: IntCounter,
+    /// A try's connection from the idle pool, or a new one (the pool's hit ratio).
+    pub connection_pooled: IntCounter,
+    pub connection_new: IntCounter,
     pub timeouts: IntCounter,
     /// Answers busbar could not frame (`edge::framing`), refused or cut off.
     pub malformed: IntCounter,
@@ -568,6 +578,8 @@ impl ServiceMetrics {
                 .map(|to| m.path_switches.with_label_values(&[service, to])),
             upstream_duration: m.upstream_duration.with_label_values(&[service]),
             connect_failures: m.connect_failures.with_label_values(&[service]),
+            connection_pooled: m.upstream_connections.with_label_values(&[service, "pool"]),
+            connection_new: m.upstream_connections.with_label_values(&[service, "new"]),
             timeouts: m.upstream_errors.with_label_values(&[service, "timeout"]),
             malformed: m.upstream_errors.with_label_values(&[service, "malformed"]),
             no_instance: m

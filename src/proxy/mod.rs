@@ -1083,6 +1083,26 @@ impl ProxyHttp for BusbarProxy {
         }
     }
 
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(route) = &ctx.route {
+            let m = &route.service.metrics;
+            match reused {
+                true => m.connection_pooled.inc(),
+                false => m.connection_new.inc(),
+            }
+        }
+        Ok(())
+    }
+
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
         // Clients that go away are normal; upstream failures are counted and logged by us.
         matches!(e.esource(), ErrorSource::Downstream | ErrorSource::Upstream)
