@@ -13,6 +13,7 @@ mod mesh;
 mod model;
 mod registry;
 mod release;
+pub mod runtime_dir;
 mod translate;
 mod validate;
 

@@ -182,7 +182,7 @@ impl Validator<'_> {
             runtime_dir: s
                 .runtime_dir
                 .map(|d| self.path(d.get_ref()))
-                .unwrap_or_else(std::env::temp_dir),
+                .unwrap_or_else(|| super::runtime_dir::default_runtime_dir(&self.base)),
             upstream_keepalive_pool: self
                 .int(&s.upstream_keepalive_pool, ctx, 0, 1_000_000)
                 .map_or(DEFAULT_UPSTREAM_KEEPALIVE_POOL, |n| n as usize),
