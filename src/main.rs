@@ -1,4 +1,8 @@
-//! The `busbar` command: run, check, demo. Nothing else lives here.
+//! The `busbar` command: run, check, reload, status, demo. Nothing else lives here.
+//!
+//! Every command that reads a configuration takes it the same way: `-c FILE`, else
+//! `$BUSBAR_CONFIG`, else `/etc/busbar/busbar.toml` for an installed binary (under `/usr/`)
+//! and `conf/busbar.toml` in a checkout (`busbar::ctl::config_path`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,7 +21,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(
     name = "busbar",
-    version,
+    version = busbar::version::LONG,
     about = "A centralized service bus and proxy gateway on pingora"
 )]
 struct Cli {
@@ -29,9 +33,10 @@ struct Cli {
 enum Command {
     /// Run busbar on a configuration file.
     Run {
-        /// The configuration file.
-        #[arg(short = 'c', long = "config", default_value = "conf/busbar.toml")]
-        config: PathBuf,
+        /// The configuration file [default: $BUSBAR_CONFIG, else /etc/busbar/busbar.toml
+        /// when installed, else conf/busbar.toml].
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
         /// Take the listening sockets over from a running busbar (graceful upgrade);
         /// then send SIGQUIT to the old process.
         #[arg(short = 'u', long)]
@@ -39,9 +44,31 @@ enum Command {
     },
     /// Validate configuration files; print every problem as file:line:col and exit non-zero.
     Check {
-        /// Files to check.
-        #[arg(required = true)]
+        /// The configuration file, as `run` takes it (when no FILES are given).
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+        /// Files to check [default: the configuration file].
         files: Vec<PathBuf>,
+    },
+    /// Ask the running node to reload its configuration (POST /v1/reload on its admin API,
+    /// with the token from BUSBAR_ADMIN_TOKEN); prints what it could not apply.
+    Reload {
+        /// The configuration file of the node: its `listen.admin` is where to ask.
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+        /// The admin API address instead of the one in the configuration file.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
+    /// Show whether the running node is ready, its build, registry and instances' health;
+    /// exits non-zero when it is not ready or cannot be reached.
+    Status {
+        /// The configuration file of the node: its `listen.admin` is where to ask.
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+        /// The admin API address instead of the one in the configuration file.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
     },
     /// Run small HTTP backends that answer with what they received, to try busbar out.
     Demo {
@@ -78,7 +105,12 @@ fn init_tracing(level: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { files } => {
+        Command::Check { config, files } => {
+            let files = if files.is_empty() {
+                vec![busbar::ctl::config_path(config)]
+            } else {
+                files
+            };
             let mut ok = true;
             for f in &files {
                 match busbar::config::load(f) {
@@ -101,7 +133,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config, upgrade } => {
-            let config = match busbar::config::load(&config) {
+            let config = match busbar::config::load(&busbar::ctl::config_path(config)) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
@@ -117,6 +149,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Reload { config, admin } => ctl(config, admin, busbar::ctl::reload),
+        Command::Status { config, admin } => ctl(config, admin, busbar::ctl::status),
         Command::Demo { listen } => {
             init_tracing("info");
             match busbar::demo::run(&listen) {
@@ -126,6 +160,25 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Runs an admin API command against the node of `config` (or at `admin`).
+fn ctl(
+    config: Option<PathBuf>,
+    admin: Option<SocketAddr>,
+    command: fn(SocketAddr) -> Result<String, busbar::ctl::CtlError>,
+) -> ExitCode {
+    let config = busbar::ctl::config_path(config);
+    match busbar::ctl::admin_addr(&config, admin).and_then(command) {
+        Ok(out) => {
+            println!("{}", out.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}", e.to_string().trim_end());
+            ExitCode::FAILURE
         }
     }
 }
