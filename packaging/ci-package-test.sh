@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 
 deb=${1:-$(ls -t target/debian/busbar_*.deb 2>/dev/null | head -1)}
 [ -n "$deb" ] && [ -f "$deb" ] || { echo "no package: run make package first" >&2; exit 1; }
-UNIT=/lib/systemd/system/busbar.service
+UNIT=/usr/lib/systemd/system/busbar.service
 MAX_BINARY=$((25 * 1024 * 1024))
 
 say() { printf '\n== %s\n' "$*"; }
@@ -114,6 +114,8 @@ with open(sys.argv[2], "a", buffering=1) as log:
         log.write(s.recv(4096).decode(errors="replace").replace("\n", " ") + "\n")
 PY
 pids+=($!)
+for _ in $(seq 1 100); do [ -S "$WORK/notify.sock" ] && break; sleep 0.05; done
+[ -S "$WORK/notify.sock" ] || fail "the notify socket did not appear"
 
 # The demo backends the default config routes to.
 /usr/bin/busbar demo -l "127.0.0.1:$B1" -l "127.0.0.1:$B2" >"$WORK/demo.log" 2>&1 &
