@@ -26,6 +26,22 @@ fn busbar(args: &[&str], env: &[(&str, &str)]) -> Output {
         .expect("run busbar")
 }
 
+/// Waits for `/readyz` to answer 200: the harness waits for the listeners, the node's
+/// own probe of them may take a moment longer (a loaded machine).
+async fn ready(bus: &Busbar) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = client().get(bus.admin_url("/readyz")).send().await.unwrap();
+        if r.status() == 200 {
+            return;
+        }
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["status"], "starting", "{v}");
+        assert!(Instant::now() < deadline, "not ready within 20 s: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn text(o: &Output) -> String {
     format!(
         "status {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -121,6 +137,7 @@ fn check_takes_the_config_like_run_does() {
 async fn reload_and_status_talk_to_the_running_node() {
     let backend = Backend::start("b").await;
     let bus = Busbar::start(&one_route(backend.addr, "", "")).await;
+    ready(&bus).await;
     let config = bus.config.to_str().unwrap().to_string();
 
     let o = busbar(&["status", "-c", &config], &[]);
@@ -203,6 +220,8 @@ async fn livez_and_readyz_answer_for_load_balancers() {
     let bus = Busbar::start(&one_route(backend.addr, "", "")).await;
     let r = client().get(bus.admin_url("/livez")).send().await.unwrap();
     assert_eq!(r.status(), 200);
+    // 503 "starting" until every listener accepts, then 200.
+    ready(&bus).await;
     let r = client().get(bus.admin_url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = r.json().await.unwrap();
