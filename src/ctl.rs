@@ -80,15 +80,13 @@ impl Answer {
     }
 }
 
-/// The admin address of the node running `config`, or `admin` when given.
+/// The admin address of the node running `config`, or `admin` when given. Only
+/// `listen.admin` is read: the rest of the file may name secrets this shell lacks.
 pub fn admin_addr(config: &Path, admin: Option<SocketAddr>) -> Result<SocketAddr, CtlError> {
     let addr = match admin {
         Some(a) => a,
         None => {
-            crate::config::load(config)
-                .map_err(|e| CtlError::Config(e.to_string()))?
-                .listen
-                .admin
+            crate::config::admin_address(config).map_err(|e| CtlError::Config(e.to_string()))?
         }
     };
     Ok(match addr.ip() {

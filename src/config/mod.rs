@@ -49,6 +49,22 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     parse(path, &src)
 }
 
+/// The admin API address a configuration file names (`listen.admin`, else the default),
+/// read without validating the rest: `busbar reload` and `busbar status` run in a shell
+/// that may lack the secrets the file's `token_env` and `secret_env` name.
+pub fn admin_address(path: &Path) -> Result<std::net::SocketAddr, ConfigErrors> {
+    let src = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.display().to_string(),
+            line: 0,
+            col: 0,
+            context: String::new(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    validate::admin_address(path, &src)
+}
+
 /// Parses and validates configuration text; `path` names it in errors and anchors relative paths.
 pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
     validate::validate(path, src)
