@@ -30,6 +30,18 @@ pub struct FileConfig {
     pub routes: Vec<RouteFile>,
 }
 
+/// Only `[listen] admin`, everything else ignored: what `busbar reload` and `busbar
+/// status` need to find a node (`super::admin_address`).
+#[derive(Debug, Deserialize)]
+pub struct AdminOnlyFile {
+    pub listen: Option<AdminOnlyListen>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AdminOnlyListen {
+    pub admin: Option<Spanned<String>>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerFile {

@@ -13,6 +13,7 @@ mod mesh;
 mod model;
 mod registry;
 mod release;
+pub mod runtime_dir;
 mod tls;
 mod translate;
 mod validate;
@@ -80,4 +81,11 @@ fn read(path: &Path) -> Result<String, ConfigErrors> {
             message: format!("cannot read: {e}"),
         }])
     })
+}
+
+/// The admin API address a configuration file names (`listen.admin`, else the default),
+/// read without validating the rest: `busbar reload` and `busbar status` run in a shell
+/// that may lack the secrets the file's `token_env` and `secret_env` name.
+pub fn admin_address(path: &Path) -> Result<std::net::SocketAddr, ConfigErrors> {
+    validate::admin_address(path, &read(path)?)
 }

@@ -119,7 +119,9 @@ pub struct Config {
 pub struct ServerSettings {
     pub threads: usize,
     pub grace_period: Duration,
-    /// Where the pid file and the upgrade socket live.
+    /// The node's state folder: pid file, upgrade socket, registry snapshot, release
+    /// overrides, and the lock that keeps a second node out (`runtime_dir::default_runtime_dir`
+    /// when the file sets none).
     pub runtime_dir: PathBuf,
     pub upstream_keepalive_pool: usize,
 }

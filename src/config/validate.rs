@@ -87,6 +87,33 @@ pub fn validate_for(
     (result, v.warnings)
 }
 
+/// `listen.admin` of a config text (the default when absent), without validating the rest.
+pub fn admin_address(path: &Path, src: &str) -> Result<SocketAddr, ConfigErrors> {
+    let loc = Locator::new(path, src);
+    let file: AdminOnlyFile = toml::from_str(src).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        ConfigErrors(vec![loc.error(span, "", e.message().to_string())])
+    })?;
+    let mut v = Validator {
+        loc,
+        base: PathBuf::new(),
+        errors: Vec::new(),
+        purpose: Purpose::Run,
+        warnings: Vec::new(),
+        dns_silent: false,
+        rate_groups: HashMap::new(),
+        endpoints: Vec::new(),
+    };
+    let addr = match file.listen.and_then(|l| l.admin) {
+        Some(a) => v.addr(&a, "[listen]"),
+        None => DEFAULT_ADMIN_ADDR.parse().ok(),
+    };
+    match addr {
+        Some(a) if v.errors.is_empty() => Ok(a),
+        _ => Err(ConfigErrors(v.errors)),
+    }
+}
+
 impl Validator<'_> {
     pub(super) fn err(&mut self, span: Range<usize>, ctx: &str, msg: impl Into<String>) {
         let e = self.loc.error(span, ctx, msg);
@@ -229,7 +256,7 @@ impl Validator<'_> {
             runtime_dir: s
                 .runtime_dir
                 .map(|d| self.path(d.get_ref()))
-                .unwrap_or_else(std::env::temp_dir),
+                .unwrap_or_else(|| super::runtime_dir::default_runtime_dir(&self.base)),
             upstream_keepalive_pool: self
                 .int(&s.upstream_keepalive_pool, ctx, 0, 1_000_000)
                 .map_or(DEFAULT_UPSTREAM_KEEPALIVE_POOL, |n| n as usize),

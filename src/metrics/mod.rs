@@ -51,6 +51,8 @@ pub struct Metrics {
     pub version_requests: IntCounterVec,
     pub release_fallback: IntCounterVec,
     pub release_changes: IntCounterVec,
+    /// Always 1, labelled with what this binary is (`busbar --version`).
+    pub build_info: IntGaugeVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -291,6 +293,17 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Release overrides applied on this node, by source (release, rollback, cluster).",
             &["source"],
         ),
+        build_info: {
+            let g = gauge(
+                &r,
+                "busbar_build_info",
+                "Always 1: the version and git commit this node runs (count by version to follow an upgrade through a cluster).",
+                &["version", "commit"],
+            );
+            g.with_label_values(&[crate::version::VERSION, crate::version::COMMIT])
+                .set(1);
+            g
+        },
         registry: r,
     }
 });
