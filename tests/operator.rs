@@ -210,9 +210,17 @@ async fn status_needs_none_of_the_secrets_the_config_names() {
     );
     let bus = Busbar::start_with_env(&body, &[("BUSBAR_TOKEN_OPS_TEST", "x")]).await;
     ready(&bus).await;
-    // The operator's shell has no BUSBAR_TOKEN_OPS_TEST: check refuses the file...
+    // The operator's shell has no BUSBAR_TOKEN_OPS_TEST: check only warns, --strict
+    // refuses the file...
     let config = bus.config.to_str().unwrap().to_string();
     let o = busbar(&["check", "-c", &config], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("BUSBAR_TOKEN_OPS_TEST is not set"),
+        "{}",
+        text(&o)
+    );
+    let o = busbar(&["check", "--strict", "-c", &config], &[]);
     assert!(!o.status.success(), "{}", text(&o));
     // ...but status and reload only need listen.admin to find the node.
     let o = busbar(&["status", "-c", &config], &[]);
