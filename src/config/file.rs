@@ -43,10 +43,29 @@ pub struct ServerFile {
 #[serde(deny_unknown_fields)]
 pub struct ListenFile {
     #[serde(default)]
-    pub http: Vec<Spanned<String>>,
+    pub http: Vec<Spanned<HttpListenFile>>,
     #[serde(default)]
     pub tls: Vec<TlsListenFile>,
     pub admin: Option<Spanned<String>>,
+    /// Load balancers whose PROXY headers and forwarding headers busbar believes.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
+}
+
+/// One `listen.http` entry: an address, or `{ addr, proxy_protocol }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum HttpListenFile {
+    Addr(String),
+    Table(HttpListenTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpListenTable {
+    pub addr: String,
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +74,7 @@ pub struct TlsListenFile {
     pub addr: Spanned<String>,
     pub cert: Spanned<String>,
     pub key: Spanned<String>,
+    pub proxy_protocol: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
