@@ -22,6 +22,7 @@ pub mod live;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod proxy_header;
 pub mod registry;
 pub mod release;
 pub mod routing;

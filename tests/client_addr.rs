@@ -167,3 +167,253 @@ async fn an_untrusted_peer_cannot_name_another_client() {
     assert!(logged(&bus, &needle).await, "{}", bus.access_log());
     assert!(!bus.access_log().contains("198.51.100.2"));
 }
+
+/// busbar with `http` listening on its harness address with `proxy_protocol = true`
+/// and, when `plain`, a second plain listener (returned), `listen.trusted_proxies` the
+/// load balancer; `body` its services and routes.
+async fn proxied_bus(body: &str, plain: bool) -> (Busbar, Option<SocketAddr>) {
+    let mut bus = Busbar::start(body).await;
+    let second: Option<SocketAddr> = plain.then(|| {
+        format!("127.0.0.1:{}", common::free_port())
+            .parse()
+            .unwrap()
+    });
+    let extra = second.map_or(String::new(), |a| format!(", \"{a}\""));
+    let header = bus
+        .header(&format!("trusted_proxies = [\"{LB}/32\"]"))
+        .replace(
+            &format!("http = [\"{}\"]", bus.http),
+            &format!(
+                "http = [{{ addr = \"{}\", proxy_protocol = true }}{extra}]",
+                bus.http
+            ),
+        );
+    let mut text = body.to_string();
+    if !text.contains("[registry]") {
+        text = format!("[registry]\nlisten = \"{}\"\n\n{text}", bus.registry);
+    }
+    std::fs::write(&bus.config, format!("{header}{text}")).unwrap();
+    bus.kill_and_restart().await;
+    (bus, second)
+}
+
+/// Connects to `to` from `from`.
+async fn connect_from(from: &str, to: SocketAddr) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(SocketAddr::new(from.parse().unwrap(), 0)).unwrap();
+    s.connect(to).await.unwrap()
+}
+
+/// Sends `bytes` from `from` and reads until the close: what busbar answered.
+async fn exchange(from: &str, to: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = connect_from(from, to).await;
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "busbar neither answered nor closed");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A PROXY v2 header for a TCP/IPv4 connection from `src`.
+fn v2_header(src: [u8; 4], port: u16) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&[10, 0, 0, 1]);
+    h.extend_from_slice(&port.to_be_bytes());
+    h.extend_from_slice(&80u16.to_be_bytes());
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_is_believed_only_from_trusted_proxies() {
+    let a = Backend::start("a").await;
+    // A short head deadline: one header below never ends.
+    let body = format!("[limits]\nheader_timeout = \"2s\"\n{}", limited(a.addr));
+    let (bus, _) = proxied_bus(&body, false).await;
+    const GET: &[u8] = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    // v1 from the load balancer, busbar's own HTTP/1.1 path.
+    let mut bytes = b"PROXY TCP4 198.51.100.7 10.0.0.1 5000 80\r\n".to_vec();
+    bytes.extend_from_slice(GET);
+    let answer = exchange(LB, bus.http, &bytes).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        a.seen().last().unwrap().headers["x-forwarded-for"],
+        "198.51.100.7"
+    );
+    // The rate limit is the client's.
+    assert!(exchange(LB, bus.http, &bytes)
+        .await
+        .starts_with("HTTP/1.1 429"));
+    // v2, a request with a body (pingora's path), and the ACL.
+    let post = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbody";
+    let mut bytes = v2_header([198, 51, 100, 8], 5001);
+    bytes.extend_from_slice(post);
+    let answer = exchange(LB, bus.http, &bytes).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        a.seen().last().unwrap().headers["x-forwarded-for"],
+        "198.51.100.8"
+    );
+    let mut bytes = v2_header([198, 51, 100, 66], 5002);
+    bytes.extend_from_slice(GET);
+    assert!(exchange(LB, bus.http, &bytes)
+        .await
+        .starts_with("HTTP/1.1 403"));
+    let hits = a.hits();
+
+    // A trusted peer's malformed header, or none, or one that never ends: closed,
+    // nothing answered or forwarded.
+    for bad in [
+        &b"PROXY TCP4 198.51.100.7 10.0.0.1 5000\r\nGET /x HTTP/1.1\r\n\r\n"[..],
+        b"PROXY TCP4 bogus 10.0.0.1 5000 80\r\nGET /x HTTP/1.1\r\n\r\n",
+        b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xc6\x33",
+        GET,
+    ] {
+        assert_eq!(exchange(LB, bus.http, bad).await, "", "{bad:?}");
+    }
+    // A stranger's header: closed. Its plain request: served as its own.
+    let mut bytes = b"PROXY TCP4 198.51.100.9 10.0.0.1 5000 80\r\n".to_vec();
+    bytes.extend_from_slice(GET);
+    assert_eq!(exchange(STRANGER, bus.http, &bytes).await, "");
+    let mut bytes = v2_header([198, 51, 100, 9], 5003);
+    bytes.extend_from_slice(GET);
+    assert_eq!(exchange(STRANGER, bus.http, &bytes).await, "");
+    assert_eq!(a.hits(), hits, "nothing forwarded");
+    let answer = exchange(STRANGER, bus.http, GET).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        a.seen().last().unwrap().headers["x-forwarded-for"],
+        STRANGER
+    );
+    for (needle, want) in [
+        ("\"client\":\"198.51.100.7:5000\"", true),
+        ("\"client\":\"198.51.100.8:5001\"", true),
+        ("198.51.100.9", false),
+    ] {
+        assert_eq!(
+            logged(&bus, needle).await,
+            want,
+            "{needle}: {}",
+            bus.access_log()
+        );
+    }
+    let m = bus.metrics().await;
+    let refused = |reason: &str| {
+        common::metric_value(
+            &m,
+            &format!("busbar_edge_refusals_total{{reason=\"proxy_protocol_{reason}\"}}"),
+        )
+    };
+    assert_eq!(refused("untrusted"), 2.0);
+    assert_eq!(refused("malformed"), 3.0);
+    assert_eq!(refused("timeout"), 1.0);
+}
+
+/// HAProxy from Debian in front, as an operator runs it: `send-proxy-v2` to the
+/// PROXY-protocol listener (TCP mode), `option forwardfor` to a plain one (HTTP mode),
+/// connecting to busbar from the trusted address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_in_front_with_proxy_v2_and_forwardfor() {
+    let a = Backend::start("a").await;
+    let (bus, plain) = proxied_bus(&limited(a.addr), true).await;
+    let plain = plain.unwrap();
+    let (pp_port, xff_port) = (common::free_port(), common::free_port());
+    let cfg = bus.dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"global
+  maxconn 100
+defaults
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend pp
+  mode tcp
+  bind 127.0.0.1:{pp_port}
+  default_backend busbar_pp
+backend busbar_pp
+  mode tcp
+  server bus {pp} send-proxy-v2 source {LB}
+frontend xff
+  mode http
+  bind 127.0.0.1:{xff_port}
+  option forwardfor
+  default_backend busbar_xff
+backend busbar_xff
+  mode http
+  server bus {plain} source {LB}
+"#,
+            pp = bus.http,
+        ),
+    )
+    .unwrap();
+    let mut haproxy = common::daemon::Daemon::new(
+        "haproxy",
+        [
+            std::ffi::OsString::from("-db"),
+            "-f".into(),
+            cfg.clone().into(),
+        ],
+        bus.dir.path().join("haproxy.log"),
+        "HAProxy (Debian: apt-get install haproxy)",
+    );
+    haproxy.start();
+    let pp: SocketAddr = format!("127.0.0.1:{pp_port}").parse().unwrap();
+    let xff: SocketAddr = format!("127.0.0.1:{xff_port}").parse().unwrap();
+    common::daemon::wait_until(
+        "haproxy",
+        Duration::from_secs(15),
+        Duration::from_millis(50),
+        || async {
+            std::net::TcpStream::connect(pp).is_ok() && std::net::TcpStream::connect(xff).is_ok()
+        },
+    )
+    .await;
+
+    let url = |at: SocketAddr| format!("http://{at}/x");
+    // Through PROXY v2: busbar sees the client that connected to HAProxy.
+    let r = client_from(STRANGER, false)
+        .get(url(pp))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", haproxy.log());
+    assert_eq!(
+        a.seen().last().unwrap().headers["x-forwarded-for"],
+        STRANGER
+    );
+    let r = client_from(STRANGER, false)
+        .get(url(pp))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429, "the limit is the client's, not HAProxy's");
+    // Through `option forwardfor`: the chain HAProxy wrote, with HAProxy appended.
+    let client = "127.0.0.4";
+    let r = client_from(client, false)
+        .get(url(xff))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", haproxy.log());
+    assert_eq!(
+        a.seen().last().unwrap().headers["x-forwarded-for"],
+        format!("{client}, {LB}")
+    );
+    // A client's own X-Forwarded-For through HAProxy names nobody else.
+    let r = client_from(client, false)
+        .get(url(xff))
+        .header("x-forwarded-for", "198.51.100.30")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429, "still {client}'s limit");
+    let needle = format!("\"client\":\"{STRANGER}:");
+    assert!(logged(&bus, &needle).await, "{}", bus.access_log());
+    let needle = format!("\"client\":\"{client}\"");
+    assert!(logged(&bus, &needle).await, "{}", bus.access_log());
+    assert!(!bus.access_log().contains("\"client\":\"198.51.100.30\""));
+    haproxy.stop();
+}
