@@ -86,7 +86,6 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let access_log =
         Arc::new(AccessLog::open(&config.log.access).context("opening the access log")?);
     let listen = config.listen.clone();
-    let header_timeout = config.limits.header_timeout;
     let registry_conf = config.registry.clone();
 
     // Every listener is made sure of before anything starts: a certificate that can't be
@@ -209,16 +208,12 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     // pingora's ~8 KiB, and a drain answers what the kernel queued before the close.
     // Listeners with `proxy_protocol` read each connection's PROXY header first.
     let listeners_closed = Arc::new(AtomicBool::new(false));
-    let proxy_protocol = Arc::new(crate::proxy_header::Policy {
-        trusted: listen.trusted_proxies.clone(),
-        timeout: header_timeout,
-    });
     let proxy = DrainedListeners::new(
         proxy,
         Arc::new(edge()),
         own_plaintext,
         listeners_closed.clone(),
-        (&listen.proxy_protocol, proxy_protocol),
+        (&listen.proxy_protocol, state.clone()),
     );
 
     // 2. The admin API, on its own (loopback by default) listener and thread.

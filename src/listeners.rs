@@ -48,7 +48,7 @@ use pingora_core::services::listening::Service as ListeningService;
 use pingora_core::services::Service;
 
 use crate::metrics::METRICS;
-use crate::proxy_header::Policy;
+use crate::snapshot::State;
 
 /// The listen backlog, pingora's own (`LISTENER_BACKLOG` in pingora-core).
 const BACKLOG: i32 = 65535;
@@ -65,8 +65,9 @@ pub struct DrainedListeners<A> {
     sockets: Vec<std::net::TcpListener>,
     /// Set once busbar's handles are closed; the drain waits for it.
     closed: Arc<AtomicBool>,
-    /// For each of `addrs`, its PROXY protocol policy when it has `proxy_protocol`.
-    proxied: Vec<Option<Arc<Policy>>>,
+    /// For each of `addrs` with `proxy_protocol`, the state whose current snapshot says
+    /// which peers are trusted and how long a header may take (a reload changes them).
+    proxied: Vec<Option<Arc<State>>>,
 }
 
 impl<A> DrainedListeners<A> {
@@ -77,13 +78,13 @@ impl<A> DrainedListeners<A> {
         app: Arc<A>,
         bound: Vec<(SocketAddr, std::net::TcpListener)>,
         closed: Arc<AtomicBool>,
-        proxy_protocol: (&[SocketAddr], Arc<Policy>),
+        proxy_protocol: (&[SocketAddr], Arc<State>),
     ) -> Self {
         let (addrs, sockets): (Vec<SocketAddr>, _) = bound.into_iter().unzip();
-        let (with, policy) = proxy_protocol;
+        let (with, state) = proxy_protocol;
         let proxied = addrs
             .iter()
-            .map(|a| with.contains(a).then(|| policy.clone()))
+            .map(|a| with.contains(a).then(|| state.clone()))
             .collect();
         DrainedListeners {
             inner,
@@ -166,7 +167,7 @@ async fn accept_loop_with<A: ServerApp + Send + Sync + 'static>(
     app: Arc<A>,
     l: tokio::net::TcpListener,
     mut shutdown: ShutdownWatch,
-    proxied: Option<Arc<Policy>>,
+    proxied: Option<Arc<State>>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -198,11 +199,11 @@ fn serve<A: ServerApp + Send + Sync + 'static>(
     s: tokio::net::TcpStream,
     peer: SocketAddr,
     shutdown: &ShutdownWatch,
-    proxied: Option<&Arc<Policy>>,
+    proxied: Option<&Arc<State>>,
 ) {
     // What pingora sets on every accepted stream; a failure only costs latency.
     let _ = s.set_nodelay(true);
-    let Some(policy) = proxied else {
+    let Some(state) = proxied else {
         pingora_runtime::current_handle().spawn(ListeningService::handle_event(
             stream(s, peer, &[]),
             app.clone(),
@@ -210,10 +211,17 @@ fn serve<A: ServerApp + Send + Sync + 'static>(
         ));
         return;
     };
-    let (app, shutdown, policy) = (app.clone(), shutdown.clone(), policy.clone());
+    let (app, shutdown, state) = (app.clone(), shutdown.clone(), state.clone());
     pingora_runtime::current_handle().spawn(async move {
         let mut s = s;
-        match crate::proxy_header::accept(&mut s, peer, &policy).await {
+        let snapshot = state.load();
+        let (list, timeout) = (
+            &snapshot.config.listen.trusted_proxies,
+            snapshot.config.limits.header_timeout,
+        );
+        let accepted = crate::proxy_header::accept(&mut s, peer, list, timeout).await;
+        drop(snapshot);
+        match accepted {
             Ok(a) => ListeningService::handle_event(stream(s, a.client, &a.rest), app, shutdown)
                 .await,
             Err(refusal) => {
@@ -245,7 +253,7 @@ impl<A: ServerApp + Send + Sync + 'static> DrainedListeners<A> {
         &self,
         l: &std::net::TcpListener,
         shutdown: &ShutdownWatch,
-        proxied: Option<&Arc<Policy>>,
+        proxied: Option<&Arc<State>>,
     ) -> usize {
         let mut n = 0;
         loop {

@@ -33,15 +33,6 @@ const V1_PREFIX: &[u8; 6] = b"PROXY ";
 /// bytes (spec §2.2). A longer "header" is refused.
 const MAX_HEADER: usize = 4096;
 
-/// A listener's PROXY protocol settings.
-#[derive(Debug)]
-pub struct Policy {
-    /// Peers whose headers are believed.
-    pub trusted: Vec<IpNet>,
-    /// A header must arrive whole within this (the head deadline).
-    pub timeout: Duration,
-}
-
 /// Why a connection was closed before its first request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -72,13 +63,15 @@ pub struct Accepted {
     pub rest: Vec<u8>,
 }
 
-/// Reads and judges the header of a connection from `peer` under `policy`.
+/// Reads and judges the header of a connection from `peer`: believed when `peer` is one
+/// of `trusted`; the header (or a stranger's first bytes) must come within `timeout`.
 pub async fn accept(
     s: &mut TcpStream,
     peer: SocketAddr,
-    policy: &Policy,
+    trusted: &[IpNet],
+    timeout: Duration,
 ) -> Result<Accepted, Refusal> {
-    let trusted = crate::client_addr::trusted(peer.ip(), &policy.trusted);
+    let trusted = crate::client_addr::trusted(peer.ip(), trusted);
     let read = async {
         if trusted {
             read_header(s, peer).await
@@ -88,7 +81,7 @@ pub async fn accept(
     };
     // A stranger that says nothing for as long is closed too: what it may have sent
     // (the start of "PROXY ") is gone with the future, and it is holding a connection.
-    tokio::time::timeout(policy.timeout, read)
+    tokio::time::timeout(timeout, read)
         .await
         .unwrap_or(Err(Refusal::Timeout))
 }
@@ -205,15 +198,12 @@ mod tests {
         c.write_all(bytes).await.unwrap();
         c.shutdown().await.unwrap();
         let (mut s, peer) = l.accept().await.unwrap();
-        let policy = Policy {
-            trusted: if trusted {
-                vec!["127.0.0.0/8".parse().unwrap()]
-            } else {
-                vec!["10.0.0.0/8".parse().unwrap()]
-            },
-            timeout: Duration::from_secs(5),
+        let list: Vec<IpNet> = if trusted {
+            vec!["127.0.0.0/8".parse().unwrap()]
+        } else {
+            vec!["10.0.0.0/8".parse().unwrap()]
         };
-        accept(&mut s, peer, &policy).await
+        accept(&mut s, peer, &list, Duration::from_secs(5)).await
     }
 
     fn v2(command: u8, family: u8, addrs: &[u8]) -> Vec<u8> {

@@ -417,3 +417,35 @@ backend busbar_xff
     assert!(!bus.access_log().contains("\"client\":\"198.51.100.30\""));
     haproxy.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_trusted_proxies_to_headers_and_proxy_protocol() {
+    let a = Backend::start("a").await;
+    let (bus, _) = proxied_bus(&limited(a.addr), false).await;
+    const GET: &[u8] = b"GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 198.51.100.40\r\nConnection: close\r\n\r\n";
+    let mut proxied = b"PROXY TCP4 198.51.100.41 10.0.0.1 5000 80\r\n".to_vec();
+    proxied.extend_from_slice(GET);
+    assert!(exchange(LB, bus.http, &proxied)
+        .await
+        .starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        a.seen().last().unwrap().headers["x-forwarded-for"],
+        "198.51.100.41"
+    );
+    let text = std::fs::read_to_string(&bus.config).unwrap();
+    let trusted = format!("trusted_proxies = [\"{LB}/32\"]");
+    assert!(text.contains(&trusted));
+    std::fs::write(
+        &bus.config,
+        text.replace(&trusted, "trusted_proxies = [\"192.0.2.0/24\"]"),
+    )
+    .unwrap();
+    let v: serde_json::Value = bus.reload().await.json().await.unwrap();
+    assert_eq!(v["not_applied"], serde_json::json!([]), "{v}");
+    // The load balancer is a stranger now: its header closes the connection, and its
+    // plain request is its own.
+    assert_eq!(exchange(LB, bus.http, &proxied).await, "");
+    let answer = exchange(LB, bus.http, GET).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(a.seen().last().unwrap().headers["x-forwarded-for"], LB);
+}

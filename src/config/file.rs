@@ -54,7 +54,10 @@ pub struct ListenFile {
 
 /// One `listen.http` entry: an address, or `{ addr, proxy_protocol }`.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "an address (\"0.0.0.0:8080\") or { addr = \"0.0.0.0:8080\", proxy_protocol = true } (keys: addr, proxy_protocol)"
+)]
 pub enum HttpListenFile {
     Addr(String),
     Table(HttpListenTable),

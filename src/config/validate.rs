@@ -1189,4 +1189,43 @@ service = "echo"
         );
         assert!(warnings.is_empty());
     }
+    #[test]
+    fn proxy_protocol_listeners_and_trusted_proxies() {
+        let src = OK.replace(
+            r#"http = ["127.0.0.1:8080"]"#,
+            r#"http = ["127.0.0.1:8080", { addr = "127.0.0.1:8081", proxy_protocol = true }]
+trusted_proxies = ["10.0.0.0/8", "192.0.2.1"]"#,
+        );
+        let c = validate(Path::new("t.toml"), &src).unwrap();
+        assert_eq!(c.listen.http.len(), 2);
+        assert_eq!(c.listen.proxy_protocol, vec![c.listen.http[1]]);
+        assert_eq!(c.listen.trusted_proxies.len(), 2);
+
+        // PROXY headers from nobody: refused, naming the entry.
+        let src = OK.replace(
+            r#"http = ["127.0.0.1:8080"]"#,
+            r#"http = [{ addr = "127.0.0.1:8080", proxy_protocol = true }]"#,
+        );
+        let e = errors(&src);
+        assert!(
+            e.iter()
+                .any(|e| e.contains("t.toml:3:") && e.contains("listen.trusted_proxies")),
+            "{e:?}"
+        );
+        let src = OK.replace(
+            r#"http = ["127.0.0.1:8080"]"#,
+            "http = [\"127.0.0.1:8080\"]\ntrusted_proxies = [\"10.0.0.0/33\"]",
+        );
+        let e = errors(&src);
+        assert!(
+            e.iter()
+                .any(|e| e.contains("t.toml:4:") && e.contains("10.0.0.0/33")),
+            "{e:?}"
+        );
+        let src = OK.replace(
+            r#"http = ["127.0.0.1:8080"]"#,
+            r#"http = [{ addr = "127.0.0.1:8080", proxy_protcol = true }]"#,
+        );
+        assert!(!errors(&src).is_empty(), "a typo is an error");
+    }
 }
