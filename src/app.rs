@@ -213,12 +213,14 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     }
     // busbar's own accept loops: a connection costs ~100 bytes of task instead of
     // pingora's ~8 KiB, and a drain answers what the kernel queued before the close.
+    // Listeners with `proxy_protocol` read each connection's PROXY header first.
     let listeners_closed = Arc::new(AtomicBool::new(false));
     let proxy = DrainedListeners::new(
         proxy,
         Arc::new(edge()),
         own_plaintext,
         listeners_closed.clone(),
+        (&listen.proxy_protocol, state.clone()),
     );
 
     // 2. The admin API, on its own (loopback by default) listener and thread.

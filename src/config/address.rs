@@ -215,6 +215,8 @@ mod tests {
             http: http.iter().map(|a| a.parse().unwrap()).collect(),
             tls: Vec::new(),
             admin: admin.parse().unwrap(),
+            proxy_protocol: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 

@@ -55,10 +55,32 @@ pub struct ServerFile {
 #[serde(deny_unknown_fields)]
 pub struct ListenFile {
     #[serde(default)]
-    pub http: Vec<Spanned<String>>,
+    pub http: Vec<Spanned<HttpListenFile>>,
     #[serde(default)]
     pub tls: Vec<TlsListenFile>,
     pub admin: Option<Spanned<String>>,
+    /// Load balancers whose PROXY headers and forwarding headers busbar believes.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
+}
+
+/// One `listen.http` entry: an address, or `{ addr, proxy_protocol }`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "an address (\"0.0.0.0:8080\") or { addr = \"0.0.0.0:8080\", proxy_protocol = true } (keys: addr, proxy_protocol)"
+)]
+pub enum HttpListenFile {
+    Addr(String),
+    Table(HttpListenTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpListenTable {
+    pub addr: String,
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,6 +89,7 @@ pub struct TlsListenFile {
     pub addr: Spanned<String>,
     pub cert: Spanned<String>,
     pub key: Spanned<String>,
+    pub proxy_protocol: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -132,6 +132,11 @@ pub struct Listen {
     pub http: Vec<SocketAddr>,
     pub tls: Vec<TlsListen>,
     pub admin: SocketAddr,
+    /// The `http` addresses where a trusted peer speaks the PROXY protocol (v1 or v2).
+    pub proxy_protocol: Vec<SocketAddr>,
+    /// Peers (load balancers) whose PROXY headers, `X-Forwarded-For` and `Forwarded`
+    /// busbar believes; from anyone else they say nothing about the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

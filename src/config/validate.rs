@@ -267,12 +267,35 @@ impl Validator<'_> {
         let ctx = "[listen]";
         let mut seen = HashSet::new();
         let mut http = Vec::new();
+        let mut proxy_protocol = Vec::new();
         for a in &l.http {
-            if let Some(addr) = self.addr(a, ctx) {
+            let (text, proxied) = match a.get_ref() {
+                HttpListenFile::Addr(s) => (s, false),
+                HttpListenFile::Table(t) => (&t.addr, t.proxy_protocol),
+            };
+            let spanned = Spanned::new(a.span(), text.clone());
+            if let Some(addr) = self.addr(&spanned, ctx) {
                 if !seen.insert(addr) {
                     self.err(a.span(), ctx, format!("address {addr} is already used"));
                 }
                 http.push(addr);
+                if proxied {
+                    proxy_protocol.push(addr);
+                }
+            }
+        }
+        let trusted_proxies = self.cidrs(&l.trusted_proxies, ctx);
+        if let Some(first) = l
+            .http
+            .iter()
+            .find(|a| matches!(a.get_ref(), HttpListenFile::Table(t) if t.proxy_protocol))
+        {
+            if trusted_proxies.is_empty() {
+                self.err(
+                    first.span(),
+                    ctx,
+                    "proxy_protocol is only accepted from trusted_proxies: list the load balancers in listen.trusted_proxies",
+                );
             }
         }
         let mut tls = Vec::new();
@@ -283,6 +306,13 @@ impl Validator<'_> {
                         t.addr.span(),
                         ctx,
                         format!("address {addr} is already used"),
+                    );
+                }
+                if let Some(p) = t.proxy_protocol.as_ref().filter(|p| *p.get_ref()) {
+                    self.err(
+                        p.span(),
+                        ctx,
+                        "proxy_protocol is not supported on a TLS listener yet: terminate TLS on the load balancer, or use a plaintext listen.http entry",
                     );
                 }
                 let (cert, key) = (self.path(t.cert.get_ref()), self.path(t.key.get_ref()));
@@ -307,7 +337,13 @@ impl Validator<'_> {
                 self.err(a.span(), ctx, format!("address {admin} is already used"));
             }
         }
-        Listen { http, tls, admin }
+        Listen {
+            http,
+            tls,
+            admin,
+            proxy_protocol,
+            trusted_proxies,
+        }
     }
 
     fn log(&mut self, l: LogFile) -> LogSettings {
@@ -1179,5 +1215,44 @@ service = "echo"
             "{e}"
         );
         assert!(warnings.is_empty());
+    }
+    #[test]
+    fn proxy_protocol_listeners_and_trusted_proxies() {
+        let src = OK.replace(
+            r#"http = ["127.0.0.1:8080"]"#,
+            r#"http = ["127.0.0.1:8080", { addr = "127.0.0.1:8081", proxy_protocol = true }]
+trusted_proxies = ["10.0.0.0/8", "192.0.2.1"]"#,
+        );
+        let c = validate(Path::new("t.toml"), &src).unwrap();
+        assert_eq!(c.listen.http.len(), 2);
+        assert_eq!(c.listen.proxy_protocol, vec![c.listen.http[1]]);
+        assert_eq!(c.listen.trusted_proxies.len(), 2);
+
+        // PROXY headers from nobody: refused, naming the entry.
+        let src = OK.replace(
+            r#"http = ["127.0.0.1:8080"]"#,
+            r#"http = [{ addr = "127.0.0.1:8080", proxy_protocol = true }]"#,
+        );
+        let e = errors(&src);
+        assert!(
+            e.iter()
+                .any(|e| e.contains("t.toml:3:") && e.contains("listen.trusted_proxies")),
+            "{e:?}"
+        );
+        let src = OK.replace(
+            r#"http = ["127.0.0.1:8080"]"#,
+            "http = [\"127.0.0.1:8080\"]\ntrusted_proxies = [\"10.0.0.0/33\"]",
+        );
+        let e = errors(&src);
+        assert!(
+            e.iter()
+                .any(|e| e.contains("t.toml:4:") && e.contains("10.0.0.0/33")),
+            "{e:?}"
+        );
+        let src = OK.replace(
+            r#"http = ["127.0.0.1:8080"]"#,
+            r#"http = [{ addr = "127.0.0.1:8080", proxy_protcol = true }]"#,
+        );
+        assert!(!errors(&src).is_empty(), "a typo is an error");
     }
 }

@@ -184,6 +184,8 @@ mod tests {
             http: vec!["127.0.0.1:8080".parse().unwrap()],
             tls: Vec::new(),
             admin: "127.0.0.1:9901".parse().unwrap(),
+            proxy_protocol: Vec::new(),
+            trusted_proxies: Vec::new(),
         };
         Gate::new(OwnListeners::new(
             &listen,
