@@ -24,6 +24,8 @@ pub struct FileConfig {
     pub mesh: Option<super::mesh::MeshFile>,
     pub auth: Option<super::auth::AuthFile>,
     pub cluster: Option<super::cluster::ClusterFile>,
+    /// `[dns]`: name servers and refresh bounds for endpoints named by host.
+    pub dns: Option<super::dns::DnsFile>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceFile>,
     #[serde(default, rename = "route")]

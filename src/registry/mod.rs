@@ -5,15 +5,17 @@
 //! Must not: do I/O. Probes live in `health`, balancing policy in `balance`.
 
 pub mod api;
+pub mod dns;
 pub mod gate;
 pub mod listener;
 pub mod persist;
 pub mod store;
 pub mod sync;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 
@@ -36,6 +38,8 @@ pub struct Instance {
     pub registration: Option<Arc<store::Registration>>,
     /// Its sidecar's address and state, when it registered one.
     pub sidecar: Option<(SocketAddr, Arc<SidecarState>)>,
+    /// The endpoint name (`host:port`) it was resolved from, for instances from DNS.
+    pub dns: Option<Arc<str>>,
 }
 
 impl Instance {
@@ -81,7 +85,14 @@ pub struct Service {
     pub panic: AtomicBool,
     pub retry_budget: RetryBudget,
     pub metrics: ServiceMetrics,
+    /// The last good answer for each endpoint name (`DnsName::text`): kept when DNS
+    /// fails, carried over a reload. Also serialises rebuilding the instance set, so a
+    /// DNS answer and a registration applied at once cannot undo each other.
+    resolved: Mutex<Resolved>,
 }
+
+/// Addresses by endpoint name.
+pub type Resolved = HashMap<Arc<str>, Arc<[SocketAddr]>>;
 
 impl Service {
     /// Builds a service from its config and its registered instances, keeping the
@@ -92,7 +103,19 @@ impl Service {
         registered: &[Arc<store::Registration>],
     ) -> Self {
         let old = previous.map(|p| p.instances());
-        let instances = Self::merge(&config, old.as_deref(), registered);
+        // Answers for names this config still lists, so a reload re-resolves nothing.
+        let resolved: Resolved = previous
+            .map(|p| {
+                let prev = p.lock_resolved();
+                config
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| e.dns.as_ref())
+                    .filter_map(|d| prev.get(&d.text).map(|a| (d.text.clone(), a.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let instances = Self::merge(&config, old.as_deref(), registered, &resolved);
         let set = InstanceSet::new(&config, instances);
         let retry_budget =
             RetryBudget::new(config.retry.budget, config.retry.min_retries_per_second);
@@ -103,7 +126,12 @@ impl Service {
             panic: AtomicBool::new(false),
             retry_budget,
             metrics,
+            resolved: Mutex::new(resolved),
         }
+    }
+
+    fn lock_resolved(&self) -> MutexGuard<'_, Resolved> {
+        self.resolved.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn name(&self) -> &str {
@@ -122,6 +150,7 @@ impl Service {
         config: &ServiceConfig,
         old: Option<&InstanceSet>,
         registered: &[Arc<store::Registration>],
+        resolved: &Resolved,
     ) -> Vec<Arc<Instance>> {
         let previous = |id: &str, addr: SocketAddr| {
             old.and_then(|set| set.instances.iter().find(|i| i.id == id && i.addr == addr))
@@ -140,21 +169,30 @@ impl Service {
                 .unwrap_or_default();
             Some((addr, state))
         };
-        let mut out: Vec<Arc<Instance>> = config
-            .endpoints
-            .iter()
-            .map(|e| {
-                let id = e.addr.to_string();
-                Arc::new(Instance {
-                    health: health_of(&id, e.addr),
+        let mut out: Vec<Arc<Instance>> = Vec::with_capacity(config.endpoints.len());
+        for e in &config.endpoints {
+            // A name not resolved yet has no instance: nothing is known to route to.
+            let (addrs, dns): (&[SocketAddr], _) = match (&e.addr, &e.dns) {
+                (Some(a), _) => (std::slice::from_ref(a), None),
+                (None, Some(d)) => (
+                    resolved.get(&d.text).map_or(&[][..], |a| &a[..]),
+                    Some(d.text.clone()),
+                ),
+                (None, None) => (&[][..], None),
+            };
+            for &addr in addrs {
+                let id = addr.to_string();
+                out.push(Arc::new(Instance {
+                    health: health_of(&id, addr),
                     id,
-                    addr: e.addr,
+                    addr,
                     weight: e.weight,
                     registration: None,
                     sidecar: None,
-                })
-            })
-            .collect();
+                    dns: dns.clone(),
+                }));
+            }
+        }
         if config.registration {
             out.extend(registered.iter().map(|r| {
                 Arc::new(Instance {
@@ -164,6 +202,7 @@ impl Service {
                     weight: r.weight,
                     sidecar: sidecar_of(r),
                     registration: Some(r.clone()),
+                    dns: None,
                 })
             }));
         }
@@ -173,10 +212,38 @@ impl Service {
     /// Replaces the registered part of the instance set. Requests already sent keep
     /// their instance; only new picks see the change.
     pub fn set_registered(&self, registered: &[Arc<store::Registration>]) {
+        let resolved = self.lock_resolved();
         let old = self.instances();
-        let instances = Self::merge(&self.config, Some(&old), registered);
+        let instances = Self::merge(&self.config, Some(&old), registered, &resolved);
         self.instances
             .store(Arc::new(InstanceSet::new(&self.config, instances)));
+    }
+
+    /// Replaces the addresses endpoint `name` resolved to (the DNS task's good answer).
+    /// Returns whether anything changed; an unchanged answer rebuilds nothing.
+    pub fn set_resolved(&self, name: &Arc<str>, addrs: Vec<SocketAddr>) -> bool {
+        let mut resolved = self.lock_resolved();
+        if resolved.get(name).is_some_and(|a| **a == *addrs) {
+            return false;
+        }
+        resolved.insert(name.clone(), addrs.into());
+        let old = self.instances();
+        // The registered part stays as the last `set_registered` left it (the lock
+        // orders the two).
+        let registered: Vec<_> = old
+            .instances
+            .iter()
+            .filter_map(|i| i.registration.clone())
+            .collect();
+        let instances = Self::merge(&self.config, Some(&old), &registered, &resolved);
+        self.instances
+            .store(Arc::new(InstanceSet::new(&self.config, instances)));
+        true
+    }
+
+    /// The last good answer for endpoint `name`, if it ever resolved.
+    pub fn resolved(&self, name: &str) -> Option<Arc<[SocketAddr]>> {
+        self.lock_resolved().get(name).cloned()
     }
 
     /// Recomputes panic mode from the current availability.
