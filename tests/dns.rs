@@ -226,3 +226,94 @@ async fn a_name_that_never_resolved_starts_empty_then_routes_once_it_does() {
     .await;
     assert!(backends[&2].hits() >= 1);
 }
+
+#[tokio::test]
+async fn an_address_the_policy_refuses_is_not_routed_and_counted_once() {
+    let port = free_port();
+    let _backends = backends_on(port, &[2]).await;
+    let dns = Dnsmasq::start(
+        "127.0.0.2 orders.test\n169.254.169.254 orders.test\n",
+        &[],
+    )
+    .await;
+    let bus = Busbar::start(&config(&dns, &format!("orders.test:{port}"))).await;
+    assert_eq!(instances(&bus).await, expect(port, "orders.test", &[2]));
+    // Several refreshes (max_ttl 2 s) later: still counted and logged once.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(instances(&bus).await, expect(port, "orders.test", &[2]));
+    let sample = r#"busbar_registrations_refused_total{reason="link_local",source="dns"}"#;
+    assert_eq!(bus.metric(sample).await, 1.0, "{}", bus.metrics().await);
+    let log = bus.stderr();
+    assert_eq!(log.matches("DNS answer refused").count(), 1, "{log}");
+    assert!(log.contains("169.254.169.254"), "{log}");
+}
+
+#[tokio::test]
+async fn srv_priorities_fall_back_and_weights_balance() {
+    let port = free_port();
+    let mut backends = backends_on(port, &[2, 3, 4, 5]).await;
+    let hosts = "127.0.0.2 a.test\n127.0.0.3 b.test\n127.0.0.4 c.test\n127.0.0.5 d.test\n";
+    let srv = |t: &str, prio: u16, weight: u16| format!("_http._tcp.orders.test,{t},{port},{prio},{weight}");
+    let records = [
+        srv("a.test", 10, 1),
+        srv("b.test", 10, 1),
+        srv("c.test", 20, 3),
+        srv("d.test", 20, 1),
+    ];
+    let records: Vec<&str> = records.iter().map(String::as_str).collect();
+    let dns = Dnsmasq::start(hosts, &records).await;
+    let body = format!(
+        r#"
+[dns]
+servers = ["{server}"]
+timeout = "500ms"
+attempts = 1
+min_ttl = "1s"
+max_ttl = "2s"
+
+[[service]]
+name = "s"
+balance = "weighted"
+discovery = {{ dns_srv = "_http._tcp.orders.test" }}
+health = {{ type = "http", path = "/healthz", interval = "200ms", timeout = "500ms", healthy_threshold = 1, unhealthy_threshold = 1 }}
+
+[[route]]
+name = "all"
+service = "s"
+"#,
+        server = dns.server()
+    );
+    let bus = Busbar::start(&body).await;
+    let name = "_http._tcp.orders.test";
+    let want: Vec<(String, String)> = [2, 3, 4, 5]
+        .iter()
+        .map(|n| (format!("127.0.0.{n}:{port}"), name.to_string()))
+        .collect();
+    assert_eq!(instances(&bus).await, want, "{}", bus.stderr());
+
+    // The first priority takes all the traffic.
+    for _ in 0..20 {
+        assert!(get_ok(&bus).await);
+    }
+    assert_eq!((backends[&2].hits(), backends[&3].hits()), (10, 10));
+    assert_eq!((backends[&4].hits(), backends[&5].hits()), (0, 0));
+
+    // Its instances all stop: once their probes fail, the second priority takes over,
+    // by weight (3:1).
+    for n in [2, 3] {
+        backends.get_mut(&n).unwrap().stop().await;
+    }
+    wait_until(
+        "traffic moves to the second priority",
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || get_ok(&bus),
+    )
+    .await;
+    let before = (backends[&4].hits(), backends[&5].hits());
+    for _ in 0..20 {
+        assert!(get_ok(&bus).await, "{}", bus.stderr());
+    }
+    let after = (backends[&4].hits(), backends[&5].hits());
+    assert_eq!((after.0 - before.0, after.1 - before.1), (15, 5));
+}

@@ -141,6 +141,7 @@ pub(crate) mod test_support {
             registration: None,
             sidecar: None,
             dns: None,
+            priority: 0,
         })
     }
 }

@@ -103,6 +103,15 @@ pub struct ServiceFile {
     pub prefer: Option<Spanned<String>>,
     /// How long a recovered preferred path must stay healthy before traffic returns to it.
     pub hold_down: Option<Spanned<String>>,
+    /// Instances from DNS service discovery: `{ dns_srv = "_http._tcp.orders.internal" }`.
+    pub discovery: Option<DiscoveryFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryFile {
+    /// An SRV name: each record's target and port an instance, by priority and weight.
+    pub dns_srv: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -224,6 +224,9 @@ pub struct ServiceConfig {
     pub balance: BalancePolicy,
     pub hash_key: HashKey,
     pub endpoints: Vec<EndpointConfig>,
+    /// `discovery = { dns_srv = "..." }`: instances from that SRV name's records, the
+    /// lowest priority first (the others fallback), weighted by the records' weights.
+    pub dns_srv: Option<std::sync::Arc<str>>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub timeout: Duration,

@@ -418,12 +418,25 @@ impl Validator<'_> {
             });
         }
         let registration = s.registration.as_ref().is_some_and(|r| *r.get_ref());
-        if listed.is_empty() && !registration {
+        let dns_srv = s.discovery.as_ref().and_then(|d| {
+            let name = d.dns_srv.get_ref();
+            if split_host_port(&format!("{name}:1")).is_some() {
+                Some(std::sync::Arc::<str>::from(name.as_str()))
+            } else {
+                self.err(
+                    d.dns_srv.span(),
+                    ctx,
+                    format!("discovery.dns_srv: \"{name}\" is not a DNS name like \"_http._tcp.orders.internal\""),
+                );
+                None
+            }
+        });
+        if listed.is_empty() && !registration && s.discovery.is_none() {
             let span = s.endpoints.as_ref().map_or(s.name.span(), |e| e.span());
             self.err(
                 span,
                 ctx,
-                "no endpoints: list at least one in `endpoints = [{ addr = \"host:port\" }]`, or set `registration = true`",
+                "no endpoints: list at least one in `endpoints = [{ addr = \"host:port\" }]`, set `registration = true`, or `discovery = { dns_srv = \"...\" }`",
             );
         }
         let connect_timeout = self.duration(&s.connect_timeout, ctx, DEFAULT_CONNECT_TIMEOUT);
@@ -484,6 +497,7 @@ impl Validator<'_> {
             balance,
             hash_key,
             endpoints,
+            dns_srv,
             connect_timeout,
             read_timeout,
             timeout,

@@ -1,5 +1,7 @@
 //! Endpoints that follow DNS: every A/AAAA record of an endpoint named `host:port` is an
-//! instance, resolved again on the answer's TTL (within `[dns] min_ttl`/`max_ttl`).
+//! instance, and so is every target of a service's `discovery = { dns_srv = ... }` (with
+//! the record's priority and weight); resolved again on the answer's TTL (within
+//! `[dns] min_ttl`/`max_ttl`).
 //!
 //! A failed lookup (timeout, SERVFAIL, NXDOMAIN, no records) keeps the last good answer:
 //! logged once when the name starts failing and once when it answers again, counted in
@@ -24,10 +26,12 @@ use hickory_resolver::TokioResolver;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 
+use hickory_resolver::proto::rr::RData;
+
 use crate::config::{DnsConfig, DnsName};
 use crate::metrics::METRICS;
 use crate::registry::gate::Gate;
-use crate::registry::Service;
+use crate::registry::{Service, Target};
 use crate::snapshot::State;
 
 /// The longest the task sleeps, so a reload's new names are looked up promptly.
@@ -43,8 +47,49 @@ pub struct Failure {
 /// One good answer: the addresses and how long they are valid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
-    pub addrs: Vec<SocketAddr>,
+    pub targets: Vec<Target>,
     pub ttl: Duration,
+}
+
+/// What a name stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Name {
+    /// An endpoint `host:port`: its A/AAAA records.
+    Host(DnsName),
+    /// `discovery = { dns_srv = ... }`: its SRV records' targets.
+    Srv(Arc<str>),
+}
+
+impl Name {
+    /// The name as configured, the key of its answers in the service.
+    pub fn text(&self) -> &Arc<str> {
+        match self {
+            Name::Host(d) => &d.text,
+            Name::Srv(s) => s,
+        }
+    }
+}
+
+/// `name` fully qualified: no search-list suffixes tried for a name that failed.
+fn fqdn(name: &str) -> String {
+    if name.ends_with('.') {
+        name.to_string()
+    } else {
+        format!("{name}.")
+    }
+}
+
+fn failure(e: hickory_resolver::net::NetError) -> Failure {
+    Failure {
+        reason: if e.is_nx_domain() {
+            "nxdomain"
+        } else if e.is_no_records_found() {
+            "no_records"
+        } else {
+            "error"
+        },
+        message: e.to_string(),
+    }
 }
 
 /// A resolver built from `[dns]`.
@@ -90,32 +135,38 @@ impl Resolver {
         })
     }
 
-    /// Every A/AAAA address of `name`, sorted, with the answer's TTL.
-    pub async fn resolve(&self, name: &DnsName) -> Result<Answer, Failure> {
-        // Fully qualified: no search-list suffixes appended to a name that failed.
-        let host = if name.host.ends_with('.') {
-            name.host.to_string()
-        } else {
-            format!("{}.", name.host)
-        };
-        let looked = self.inner.lookup_ip(host.as_str()).await;
-        let lookup = looked.map_err(|e| Failure {
-            reason: if e.is_nx_domain() {
-                "nxdomain"
-            } else if e.is_no_records_found() {
-                "no_records"
-            } else {
-                "error"
-            },
-            message: e.to_string(),
-        })?;
-        let mut addrs: Vec<SocketAddr> = lookup
+    /// Every address `name` stands for, sorted, with the answer's TTL.
+    pub async fn resolve(&self, name: &Name) -> Result<Answer, Failure> {
+        match name {
+            Name::Host(d) => self.resolve_host(&d.host, d.port, None, 0).await,
+            Name::Srv(s) => self.resolve_srv(s).await,
+        }
+    }
+
+    /// Every A/AAAA address of `host`.
+    async fn resolve_host(
+        &self,
+        host: &str,
+        port: u16,
+        weight: Option<u32>,
+        priority: u16,
+    ) -> Result<Answer, Failure> {
+        let lookup = self
+            .inner
+            .lookup_ip(fqdn(host).as_str())
+            .await
+            .map_err(failure)?;
+        let mut targets: Vec<Target> = lookup
             .iter()
-            .map(|ip| SocketAddr::new(ip, name.port))
+            .map(|ip| Target {
+                addr: SocketAddr::new(ip, port),
+                weight,
+                priority,
+            })
             .collect();
-        addrs.sort();
-        addrs.dedup();
-        if addrs.is_empty() {
+        targets.sort();
+        targets.dedup();
+        if targets.is_empty() {
             return Err(Failure {
                 reason: "no_records",
                 message: "no A or AAAA record".into(),
@@ -124,7 +175,60 @@ impl Resolver {
         let ttl = lookup
             .valid_until()
             .saturating_duration_since(Instant::now());
-        Ok(Answer { addrs, ttl })
+        Ok(Answer { targets, ttl })
+    }
+
+    /// The SRV records of `name`, each target resolved; the shortest TTL of them all.
+    /// A target that does not resolve is left out; none resolving is a failure.
+    async fn resolve_srv(&self, name: &str) -> Result<Answer, Failure> {
+        let lookup = self
+            .inner
+            .srv_lookup(fqdn(name).as_str())
+            .await
+            .map_err(failure)?;
+        let mut ttl = lookup
+            .valid_until()
+            .saturating_duration_since(Instant::now());
+        let records: Vec<(u16, u16, u16, String)> = lookup
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::SRV(srv) => Some((
+                    srv.priority,
+                    srv.weight,
+                    srv.port,
+                    srv.target.to_ascii(),
+                )),
+                _ => None,
+            })
+            .collect();
+        let mut targets = Vec::new();
+        let mut last_failure = None;
+        for (priority, weight, port, target) in records {
+            // "." means "decidedly not available at this domain" (RFC 2782).
+            if target == "." {
+                continue;
+            }
+            match self
+                .resolve_host(&target, port, Some(u32::from(weight)), priority)
+                .await
+            {
+                Ok(a) => {
+                    ttl = ttl.min(a.ttl);
+                    targets.extend(a.targets);
+                }
+                Err(f) => last_failure = Some(f),
+            }
+        }
+        targets.sort();
+        targets.dedup_by_key(|t| t.addr);
+        if targets.is_empty() {
+            return Err(last_failure.unwrap_or(Failure {
+                reason: "no_records",
+                message: "no SRV record with a target".into(),
+            }));
+        }
+        Ok(Answer { targets, ttl })
     }
 }
 
@@ -136,15 +240,16 @@ struct Schedule {
 }
 
 /// The names of every service in the snapshot, with their service.
-fn names(services: &[Arc<Service>]) -> Vec<(Arc<Service>, DnsName)> {
+fn names(services: &[Arc<Service>]) -> Vec<(Arc<Service>, Name)> {
     services
         .iter()
         .flat_map(|s| {
             s.config
                 .endpoints
                 .iter()
-                .filter_map(|e| e.dns.clone())
-                .map(|d| (s.clone(), d))
+                .filter_map(|e| e.dns.clone().map(Name::Host))
+                .chain(s.config.dns_srv.clone().map(Name::Srv))
+                .map(|n| (s.clone(), n))
         })
         .collect()
 }
@@ -154,22 +259,23 @@ async fn refresh(
     resolver: &Resolver,
     gate: &Gate,
     svc: &Service,
-    name: &DnsName,
+    name: &Name,
     failing: &mut HashSet<(Arc<str>, Arc<str>)>,
 ) -> Duration {
-    let key = (Arc::<str>::from(svc.name()), name.text.clone());
+    let text = name.text();
+    let key = (Arc::<str>::from(svc.name()), text.clone());
     match resolver.resolve(name).await {
         Ok(answer) => {
-            let admitted: Vec<SocketAddr> = answer
-                .addrs
+            let admitted: Vec<Target> = answer
+                .targets
                 .into_iter()
-                .filter(|a| gate.admit_resolved(svc.name(), &name.text, *a))
+                .filter(|t| gate.admit_resolved(svc.name(), text, t.addr))
                 .collect();
             if failing.remove(&key) {
-                tracing::info!(service = svc.name(), name = %name.text, "endpoint name resolves again");
+                tracing::info!(service = svc.name(), name = %text, "endpoint name resolves again");
             }
-            if svc.set_resolved(&name.text, admitted.clone()) {
-                tracing::info!(service = svc.name(), name = %name.text, addresses = ?admitted, "endpoint name resolved");
+            if svc.set_resolved(text, admitted.clone()) {
+                tracing::info!(service = svc.name(), name = %text, addresses = ?admitted.iter().map(|t| t.addr).collect::<Vec<_>>(), "endpoint name resolved");
             }
             resolver.config.refresh_after(answer.ttl)
         }
@@ -179,8 +285,8 @@ async fn refresh(
                 .with_label_values(&[svc.name(), f.reason])
                 .inc();
             if failing.insert(key) {
-                let kept = svc.resolved(&name.text).map_or(0, |a| a.len());
-                tracing::warn!(service = svc.name(), name = %name.text, reason = f.reason, kept,
+                let kept = svc.resolved(text).map_or(0, |a| a.len());
+                tracing::warn!(service = svc.name(), name = %text, reason = f.reason, kept,
                     "endpoint name does not resolve, keeping its last good answer: {}", f.message);
             }
             resolver.config.min_ttl
@@ -245,7 +351,7 @@ impl BackgroundService for DnsDiscovery {
             let mut next = Instant::now() + IDLE_AT_MOST;
             if let Some(r) = &resolver {
                 for (svc, name) in &names {
-                    let key = (Arc::<str>::from(svc.name()), name.text.clone());
+                    let key = (Arc::<str>::from(svc.name()), name.text().clone());
                     let due = schedule.due.get(&key).copied();
                     let due = match due {
                         Some(at) if at > Instant::now() => at,
@@ -264,7 +370,7 @@ impl BackgroundService for DnsDiscovery {
                 // Names no longer configured leave the schedule.
                 let live: HashSet<_> = names
                     .iter()
-                    .map(|(s, n)| (Arc::<str>::from(s.name()), n.text.clone()))
+                    .map(|(s, n)| (Arc::<str>::from(s.name()), n.text().clone()))
                     .collect();
                 schedule.due.retain(|k, _| live.contains(k));
                 schedule.failing.retain(|k| live.contains(k));

@@ -38,8 +38,11 @@ pub struct Instance {
     pub registration: Option<Arc<store::Registration>>,
     /// Its sidecar's address and state, when it registered one.
     pub sidecar: Option<(SocketAddr, Arc<SidecarState>)>,
-    /// The endpoint name (`host:port`) it was resolved from, for instances from DNS.
+    /// The endpoint name (`host:port`) or SRV name it was resolved from, for instances
+    /// from DNS.
     pub dns: Option<Arc<str>>,
+    /// Its SRV priority (lower first; the others are fallback); 0 for the rest.
+    pub priority: u16,
 }
 
 impl Instance {
@@ -57,16 +60,71 @@ pub struct InstanceSet {
     pub balancer: Balancer,
     /// Which version each instance runs, for gray release and per-version metrics.
     pub versions: crate::release::VersionIndex,
+    /// When instances differ in SRV priority: one balancer per priority, lowest first.
+    /// Only the lowest priority with an available instance takes traffic; a balancer
+    /// of its own keeps its weights exact (skipping other priorities' instances in one
+    /// shared smooth-weighted sequence would skew them).
+    tiers: Vec<Tier>,
+}
+
+/// The instances of one SRV priority.
+#[derive(Debug)]
+struct Tier {
+    instances: Vec<Arc<Instance>>,
+    /// Each one's index in the whole set.
+    index: Vec<usize>,
+    balancer: Balancer,
 }
 
 impl InstanceSet {
     pub fn new(service: &ServiceConfig, instances: Vec<Arc<Instance>>) -> Self {
         let balancer = Balancer::new(service.balance, &instances);
         let versions = crate::release::VersionIndex::new(service, &instances);
+        let mut priorities: Vec<u16> = instances.iter().map(|i| i.priority).collect();
+        priorities.sort_unstable();
+        priorities.dedup();
+        let tiers = if priorities.len() < 2 {
+            Vec::new()
+        } else {
+            priorities
+                .into_iter()
+                .map(|priority| {
+                    let index: Vec<usize> = (0..instances.len())
+                        .filter(|&i| instances[i].priority == priority)
+                        .collect();
+                    let members: Vec<Arc<Instance>> =
+                        index.iter().map(|&i| instances[i].clone()).collect();
+                    Tier {
+                        balancer: Balancer::new(service.balance, &members),
+                        instances: members,
+                        index,
+                    }
+                })
+                .collect()
+        };
         InstanceSet {
             instances,
             balancer,
             versions,
+            tiers,
+        }
+    }
+
+    /// Picks an index into `instances` among the `eligible`, with the set's balancer; in
+    /// a set with SRV priorities, from the lowest priority that has an available instance
+    /// (all of them when none has one).
+    #[inline]
+    pub fn pick(&self, key: u64, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+        let active = self
+            .tiers
+            .iter()
+            .find(|t| t.instances.iter().any(|i| i.is_available()));
+        match active {
+            Some(t) => t
+                .balancer
+                .pick(&t.instances, key, |j| t.index.get(j).is_some_and(|&i| eligible(i)))
+                .and_then(|j| t.index.get(j).copied()),
+            None => self.balancer.pick(&self.instances, key, eligible),
         }
     }
 
@@ -91,8 +149,18 @@ pub struct Service {
     resolved: Mutex<Resolved>,
 }
 
-/// Addresses by endpoint name.
-pub type Resolved = HashMap<Arc<str>, Arc<[SocketAddr]>>;
+/// Addresses by endpoint name or SRV name.
+pub type Resolved = HashMap<Arc<str>, Arc<[Target]>>;
+
+/// One address from a DNS answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// The SRV record's weight; `None` for A/AAAA records (the endpoint's weight).
+    pub weight: Option<u32>,
+    /// The SRV record's priority; 0 for A/AAAA records.
+    pub priority: u16,
+}
 
 impl Service {
     /// Builds a service from its config and its registered instances, keeping the
@@ -110,8 +178,9 @@ impl Service {
                 config
                     .endpoints
                     .iter()
-                    .filter_map(|e| e.dns.as_ref())
-                    .filter_map(|d| prev.get(&d.text).map(|a| (d.text.clone(), a.clone())))
+                    .filter_map(|e| e.dns.as_ref().map(|d| &d.text))
+                    .chain(config.dns_srv.as_ref())
+                    .filter_map(|n| prev.get(n).map(|a| (n.clone(), a.clone())))
                     .collect()
             })
             .unwrap_or_default();
@@ -170,27 +239,35 @@ impl Service {
             Some((addr, state))
         };
         let mut out: Vec<Arc<Instance>> = Vec::with_capacity(config.endpoints.len());
+        let mut push = |addr: SocketAddr, weight: u32, dns: Option<&Arc<str>>, priority: u16| {
+            let id = addr.to_string();
+            out.push(Arc::new(Instance {
+                health: health_of(&id, addr),
+                id,
+                addr,
+                weight,
+                registration: None,
+                sidecar: None,
+                dns: dns.cloned(),
+                priority,
+            }));
+        };
         for e in &config.endpoints {
-            // A name not resolved yet has no instance: nothing is known to route to.
-            let (addrs, dns): (&[SocketAddr], _) = match (&e.addr, &e.dns) {
-                (Some(a), _) => (std::slice::from_ref(a), None),
-                (None, Some(d)) => (
-                    resolved.get(&d.text).map_or(&[][..], |a| &a[..]),
-                    Some(d.text.clone()),
-                ),
-                (None, None) => (&[][..], None),
-            };
-            for &addr in addrs {
-                let id = addr.to_string();
-                out.push(Arc::new(Instance {
-                    health: health_of(&id, addr),
-                    id,
-                    addr,
-                    weight: e.weight,
-                    registration: None,
-                    sidecar: None,
-                    dns: dns.clone(),
-                }));
+            match (&e.addr, &e.dns) {
+                (Some(a), _) => push(*a, e.weight, None, 0),
+                // A name not resolved yet has no instance: nothing is known to route to.
+                (None, Some(d)) => {
+                    for t in resolved.get(&d.text).map_or(&[][..], |a| &a[..]) {
+                        push(t.addr, e.weight, Some(&d.text), 0);
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+        if let Some(srv) = &config.dns_srv {
+            for t in resolved.get(srv).map_or(&[][..], |a| &a[..]) {
+                // SRV weight 0 means "rarely", not "never" (RFC 2782).
+                push(t.addr, t.weight.unwrap_or(1).max(1), Some(srv), t.priority);
             }
         }
         if config.registration {
@@ -203,6 +280,7 @@ impl Service {
                     sidecar: sidecar_of(r),
                     registration: Some(r.clone()),
                     dns: None,
+                    priority: 0,
                 })
             }));
         }
@@ -221,7 +299,7 @@ impl Service {
 
     /// Replaces the addresses endpoint `name` resolved to (the DNS task's good answer).
     /// Returns whether anything changed; an unchanged answer rebuilds nothing.
-    pub fn set_resolved(&self, name: &Arc<str>, addrs: Vec<SocketAddr>) -> bool {
+    pub fn set_resolved(&self, name: &Arc<str>, addrs: Vec<Target>) -> bool {
         let mut resolved = self.lock_resolved();
         if resolved.get(name).is_some_and(|a| **a == *addrs) {
             return false;
@@ -242,7 +320,7 @@ impl Service {
     }
 
     /// The last good answer for endpoint `name`, if it ever resolved.
-    pub fn resolved(&self, name: &str) -> Option<Arc<[SocketAddr]>> {
+    pub fn resolved(&self, name: &str) -> Option<Arc<[Target]>> {
         self.lock_resolved().get(name).cloned()
     }
 

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::daemon::{wait_until, Daemon};
+use super::daemon::Daemon;
 use super::free_port;
 
 pub struct Dnsmasq {
@@ -65,16 +65,15 @@ impl Dnsmasq {
     async fn spawn(&mut self) {
         let before = self.daemon.log().matches("started").count();
         self.daemon.start();
-        wait_until(
-            "dnsmasq start",
-            Duration::from_secs(10),
-            Duration::from_millis(50),
-            || {
-                let n = self.daemon.log().matches("started").count();
-                async move { n > before }
-            },
-        )
-        .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.daemon.log().matches("started").count() <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dnsmasq did not start within 10 s: {}",
+                self.daemon.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Rewrites the hosts file and makes dnsmasq read it again (SIGHUP).
