@@ -39,6 +39,8 @@ impl Dnsmasq {
             // Root keeps the right to read the test's temp dir after a SIGHUP.
             "--user=root".into(),
             "--log-facility=-".into(),
+            // No pid file in /run shared by every test's dnsmasq.
+            "--pid-file".into(),
         ];
         let daemon = Daemon::new(
             "dnsmasq",
@@ -65,11 +67,11 @@ impl Dnsmasq {
     async fn spawn(&mut self) {
         let before = self.daemon.log().matches("started").count();
         self.daemon.start();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while self.daemon.log().matches("started").count() <= before {
             assert!(
                 std::time::Instant::now() < deadline,
-                "dnsmasq did not start within 10 s: {}",
+                "dnsmasq did not start within 20 s: {}",
                 self.daemon.log()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
