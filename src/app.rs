@@ -166,7 +166,9 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the first DNS lookups")?
-        .block_on(crate::registry::dns::resolve_all_once(&state, &gate, dns_wait));
+        .block_on(crate::registry::dns::resolve_all_once(
+            &state, &gate, dns_wait,
+        ));
 
     // 1. The service endpoint: HTTP/1.1 and h2c on each plain port, TLS with ALPN h2.
     //    The front door reads each plaintext request head: CONNECT tunnels to registered

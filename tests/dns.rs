@@ -156,8 +156,15 @@ async fn a_record_removed_and_one_added_are_followed_with_no_failed_request() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::SeqCst);
     stream.await.unwrap();
-    assert_eq!(backends[&2].hits(), gone_hits, "a request went to an address DNS no longer gives");
-    assert!(backends[&5].hits() > new_hits, "the new address takes no traffic");
+    assert_eq!(
+        backends[&2].hits(),
+        gone_hits,
+        "a request went to an address DNS no longer gives"
+    );
+    assert!(
+        backends[&5].hits() > new_hits,
+        "the new address takes no traffic"
+    );
     assert_eq!(failed.load(Ordering::SeqCst), 0, "failed requests");
     assert!(ok.load(Ordering::SeqCst) > 50, "the stream ran");
     assert!(
@@ -207,10 +214,8 @@ async fn a_name_that_never_resolved_starts_empty_then_routes_once_it_does() {
     let port = free_port();
     let backends = backends_on(port, &[2]).await;
     let dns = Dnsmasq::start("", &[]).await;
-    let body = config(&dns, &format!("later.test:{port}")).replace(
-        "[dns]\n",
-        "[dns]\nstart_wait = \"1s\"\n",
-    );
+    let body = config(&dns, &format!("later.test:{port}"))
+        .replace("[dns]\n", "[dns]\nstart_wait = \"1s\"\n");
     let started = Instant::now();
     let bus = Busbar::start(&body).await;
     assert!(started.elapsed() < Duration::from_secs(10));
@@ -231,11 +236,7 @@ async fn a_name_that_never_resolved_starts_empty_then_routes_once_it_does() {
 async fn an_address_the_policy_refuses_is_not_routed_and_counted_once() {
     let port = free_port();
     let _backends = backends_on(port, &[2]).await;
-    let dns = Dnsmasq::start(
-        "127.0.0.2 orders.test\n169.254.169.254 orders.test\n",
-        &[],
-    )
-    .await;
+    let dns = Dnsmasq::start("127.0.0.2 orders.test\n169.254.169.254 orders.test\n", &[]).await;
     let bus = Busbar::start(&config(&dns, &format!("orders.test:{port}"))).await;
     assert_eq!(instances(&bus).await, expect(port, "orders.test", &[2]));
     // Several refreshes (max_ttl 2 s) later: still counted and logged once.
@@ -253,7 +254,9 @@ async fn srv_priorities_fall_back_and_weights_balance() {
     let port = free_port();
     let mut backends = backends_on(port, &[2, 3, 4, 5]).await;
     let hosts = "127.0.0.2 a.test\n127.0.0.3 b.test\n127.0.0.4 c.test\n127.0.0.5 d.test\n";
-    let srv = |t: &str, prio: u16, weight: u16| format!("_http._tcp.orders.test,{t},{port},{prio},{weight}");
+    let srv = |t: &str, prio: u16, weight: u16| {
+        format!("_http._tcp.orders.test,{t},{port},{prio},{weight}")
+    };
     let records = [
         srv("a.test", 10, 1),
         srv("b.test", 10, 1),

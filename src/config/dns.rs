@@ -131,3 +131,34 @@ impl Validator<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    fn errors(dns: &str) -> Vec<String> {
+        let src = format!(
+            "[listen]\nhttp = [\"127.0.0.1:8080\"]\n[dns]\n{dns}\n[[service]]\nname = \"s\"\nendpoints = [{{ addr = \"127.0.0.1:9001\" }}]\n[[route]]\nname = \"r\"\nservice = \"s\"\n"
+        );
+        match super::super::parse(Path::new("t.toml"), &src) {
+            Ok(_) => vec![],
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn dns_settings_are_checked_with_their_place() {
+        assert!(errors("servers = [\"127.0.0.1:5353\", \"10.0.0.2\"]\nattempts = 3").is_empty());
+        assert_eq!(
+            errors("servers = [\"dns.internal\"]"),
+            ["t.toml:4:12: dns: servers: \"dns.internal\" is not an address like \"10.0.0.2:53\""]
+        );
+        assert_eq!(
+            errors("min_ttl = \"10s\"\nmax_ttl = \"5s\""),
+            ["t.toml:4:11: dns: min_ttl must not be above max_ttl"]
+        );
+        let e = errors("attempts = 0\ntypo = 1");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("unknown field `typo`"), "{e:?}");
+    }
+}

@@ -10,8 +10,8 @@ use http::{HeaderName, HeaderValue, Method};
 use toml::Spanned;
 
 use super::address::{OwnListeners, Refused};
-use super::dns::DnsName;
 use super::admission::{RateLimitConfig, RouteAdmission};
+use super::dns::DnsName;
 use super::error::{ConfigError, ConfigErrors, Locator};
 use super::file::*;
 use super::model::*;
@@ -1184,7 +1184,10 @@ service = "echo"
         let c = validate(Path::new("t.toml"), &src).unwrap();
         let named = &c.services[0].endpoints[1];
         assert_eq!(named.addr, None);
-        assert_eq!(named.dns.as_ref().map(|d| &*d.text), Some("orders.invalid:9002"));
+        assert_eq!(
+            named.dns.as_ref().map(|d| &*d.text),
+            Some("orders.invalid:9002")
+        );
         let (result, warnings) = validate_for(Path::new("t.toml"), &src, Purpose::Check);
         let c = result.unwrap();
         assert_eq!(c.services[0].endpoints.len(), 2);

@@ -193,12 +193,9 @@ impl Resolver {
             .answers()
             .iter()
             .filter_map(|r| match &r.data {
-                RData::SRV(srv) => Some((
-                    srv.priority,
-                    srv.weight,
-                    srv.port,
-                    srv.target.to_ascii(),
-                )),
+                RData::SRV(srv) => {
+                    Some((srv.priority, srv.weight, srv.port, srv.target.to_ascii()))
+                }
                 _ => None,
             })
             .collect();
@@ -258,6 +255,7 @@ fn names(services: &[Arc<Service>]) -> Vec<(Arc<Service>, Name)> {
 async fn refresh(
     resolver: &Resolver,
     gate: &Gate,
+    state: &State,
     svc: &Service,
     name: &Name,
     failing: &mut HashSet<(Arc<str>, Arc<str>)>,
@@ -274,6 +272,10 @@ async fn refresh(
             if failing.remove(&key) {
                 tracing::info!(service = svc.name(), name = %text, "endpoint name resolves again");
             }
+            // A reload during the lookup built a new service (from the old one's answers):
+            // the answer goes to the one requests use now.
+            let now = state.load();
+            let svc = now.service(svc.name()).map_or(svc, |s| &**s);
             if svc.set_resolved(text, admitted.clone()) {
                 tracing::info!(service = svc.name(), name = %text, addresses = ?admitted.iter().map(|t| t.addr).collect::<Vec<_>>(), "endpoint name resolved");
             }
@@ -313,7 +315,7 @@ pub async fn resolve_all_once(state: &State, gate: &Gate, wait: Duration) {
     let all = async {
         let mut failing = HashSet::new();
         for (svc, name) in &names {
-            refresh(&resolver, gate, svc, name, &mut failing).await;
+            refresh(&resolver, gate, state, svc, name, &mut failing).await;
         }
     };
     if tokio::time::timeout(wait, all).await.is_err() {
@@ -338,7 +340,10 @@ impl BackgroundService for DnsDiscovery {
         loop {
             let snap = self.state.load();
             let names = names(&snap.services);
-            if !names.is_empty() && resolver.as_ref().is_none_or(|r| r.config != snap.config.dns)
+            if !names.is_empty()
+                && resolver
+                    .as_ref()
+                    .is_none_or(|r| r.config != snap.config.dns)
             {
                 resolver = match Resolver::new(&snap.config.dns) {
                     Ok(r) => Some(r),
@@ -358,7 +363,7 @@ impl BackgroundService for DnsDiscovery {
                         _ => {
                             let after = tokio::select! {
                                 _ = shutdown.changed() => return,
-                                after = refresh(r, &self.gate, svc, name, &mut schedule.failing) => after,
+                                after = refresh(r, &self.gate, &self.state, svc, name, &mut schedule.failing) => after,
                             };
                             let at = Instant::now() + after;
                             schedule.due.insert(key, at);
@@ -396,7 +401,13 @@ mod tests {
             ..DnsConfig::default()
         };
         assert_eq!(c.refresh_after(Duration::ZERO), Duration::from_secs(2));
-        assert_eq!(c.refresh_after(Duration::from_secs(30)), Duration::from_secs(30));
-        assert_eq!(c.refresh_after(Duration::from_secs(86_400)), Duration::from_secs(60));
+        assert_eq!(
+            c.refresh_after(Duration::from_secs(30)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            c.refresh_after(Duration::from_secs(86_400)),
+            Duration::from_secs(60)
+        );
     }
 }

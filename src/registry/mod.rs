@@ -122,7 +122,9 @@ impl InstanceSet {
         match active {
             Some(t) => t
                 .balancer
-                .pick(&t.instances, key, |j| t.index.get(j).is_some_and(|&i| eligible(i)))
+                .pick(&t.instances, key, |j| {
+                    t.index.get(j).is_some_and(|&i| eligible(i))
+                })
                 .and_then(|j| t.index.get(j).copied()),
             None => self.balancer.pick(&self.instances, key, eligible),
         }
@@ -404,6 +406,70 @@ impl RetryBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn service(balance: &str) -> ServiceConfig {
+        let src = format!(
+            "[listen]\nhttp = [\"127.0.0.1:8080\"]\n[[service]]\nname = \"s\"\nbalance = \"{balance}\"\ndiscovery = {{ dns_srv = \"_http._tcp.s.test\" }}\n[[route]]\nname = \"r\"\nservice = \"s\"\n"
+        );
+        crate::config::parse(std::path::Path::new("t.toml"), &src)
+            .unwrap()
+            .services
+            .remove(0)
+    }
+
+    fn target(n: u8, weight: u32, priority: u16) -> Target {
+        Target {
+            addr: format!("10.0.0.{n}:80").parse().unwrap(),
+            weight: Some(weight),
+            priority,
+        }
+    }
+
+    #[test]
+    fn srv_priorities_fall_back_and_keep_their_weights() {
+        let svc = Service::new(service("weighted"), None, &[]);
+        let name: Arc<str> = "_http._tcp.s.test".into();
+        assert!(svc.set_resolved(
+            &name,
+            vec![
+                target(1, 1, 10),
+                target(2, 1, 10),
+                target(3, 3, 20),
+                target(4, 1, 20)
+            ],
+        ));
+        assert!(
+            !svc.set_resolved(
+                &name,
+                vec![
+                    target(1, 1, 10),
+                    target(2, 1, 10),
+                    target(3, 3, 20),
+                    target(4, 1, 20)
+                ],
+            ),
+            "the same answer rebuilds nothing"
+        );
+        let set = svc.instances();
+        let picks = |set: &InstanceSet| {
+            let mut n = [0; 4];
+            for _ in 0..40 {
+                let i = set.pick(0, |i| set.instances[i].is_available()).unwrap();
+                n[i] += 1;
+            }
+            n
+        };
+        assert_eq!(picks(&set), [20, 20, 0, 0]);
+        for i in &set.instances[..2] {
+            i.health.record_probe(false, 1, 1);
+        }
+        assert_eq!(picks(&set), [0, 0, 30, 10]);
+        // None available anywhere: every instance may be picked (the caller's panic mode).
+        for i in &set.instances[2..] {
+            i.health.record_probe(false, 1, 1);
+        }
+        assert!(set.pick(0, |_| true).is_some());
+    }
 
     #[test]
     fn budget_allows_ratio_of_requests() {
