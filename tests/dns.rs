@@ -303,6 +303,7 @@ service = "s"
 
     // Its instances all stop: once their probes fail, the second priority takes over,
     // by weight (3:1).
+    let stopped = Instant::now();
     for n in [2, 3] {
         backends.get_mut(&n).unwrap().stop().await;
     }
@@ -313,6 +314,10 @@ service = "s"
         || get_ok(&bus),
     )
     .await;
+    eprintln!(
+        "traffic on the second priority {:?} after the first stopped",
+        stopped.elapsed()
+    );
     let before = (backends[&4].hits(), backends[&5].hits());
     for _ in 0..20 {
         assert!(get_ok(&bus).await, "{}", bus.stderr());
