@@ -325,3 +325,47 @@ service = "s"
     let after = (backends[&4].hits(), backends[&5].hits());
     assert_eq!((after.0 - before.0, after.1 - before.1), (15, 5));
 }
+
+#[tokio::test]
+async fn the_registration_api_lists_resolved_instances_with_their_name() {
+    let port = free_port();
+    let _backends = backends_on(port, &[2, 3]).await;
+    let dns = Dnsmasq::start(&hosts_file("orders.test", &[2, 3]), &[]).await;
+    let token = "orders-dns-token";
+    let body = config(&dns, &format!("orders.test:{port}")).replace(
+        "[[service]]\nname = \"s\"\n",
+        &format!(
+            "[registry]\nlisten = \"{{registry}}\"\n[[registry.token]]\ntoken_sha256 = \"{}\"\nservices = [\"s\"]\n\n[[service]]\nname = \"s\"\nregistration = true\n",
+            common::sha256_hex(token)
+        ),
+    );
+    let bus = Busbar::start(&body).await;
+    let v = get_json(
+        client()
+            .get(bus.registry_url("/v1/services/s"))
+            .bearer_auth(token),
+    )
+    .await;
+    let mut seen: Vec<(String, String, String)> = v["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            let s = |k: &str| i[k].as_str().unwrap_or("").to_string();
+            (s("address"), s("source"), s("dns_name"))
+        })
+        .collect();
+    seen.sort();
+    let name = format!("orders.test:{port}");
+    assert_eq!(
+        seen,
+        [2, 3]
+            .map(|n| (
+                format!("127.0.0.{n}:{port}"),
+                "dns".to_string(),
+                name.clone()
+            ))
+            .to_vec(),
+        "{v}"
+    );
+}
