@@ -369,3 +369,26 @@ async fn the_registration_api_lists_resolved_instances_with_their_name() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn a_reload_keeps_the_resolved_instances() {
+    let port = free_port();
+    let _backends = backends_on(port, &[2, 3, 4]).await;
+    let mut dns = Dnsmasq::start(&hosts_file("orders.test", &[2, 3, 4]), &[]).await;
+    let bus = Busbar::start(&config(&dns, &format!("orders.test:{port}"))).await;
+    assert_eq!(
+        instances(&bus).await,
+        expect(port, "orders.test", &[2, 3, 4])
+    );
+    // With DNS gone, a reload must not lose what the name resolved to.
+    dns.stop();
+    let r = bus.reload().await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    assert_eq!(
+        instances(&bus).await,
+        expect(port, "orders.test", &[2, 3, 4])
+    );
+    for _ in 0..6 {
+        assert!(get_ok(&bus).await);
+    }
+}
