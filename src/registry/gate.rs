@@ -8,6 +8,8 @@
 //! that did not come through this node's own API passes [`Gate::admit`], with the same
 //! rules (`config::address`, including this node's own listeners); a refused one never
 //! reaches the store: it is not routed, not listed, not written back to the snapshot.
+//! Every address a DNS answer gives for an endpoint name or SRV name (`registry::dns`)
+//! passes the same check ([`Gate::admit_resolved`]): DNS is just as much from elsewhere.
 //! A token's `addresses` cannot be checked here: etcd does not record which token wrote a
 //! key, and the node that took the registration checked them.
 //!
