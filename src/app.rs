@@ -165,7 +165,17 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         Err(e) => tracing::error!("registry snapshot ignored: {e}"),
     }
     let live = Live::new(&config, opts.log, registration_listener.clone());
+    let dns_wait = config.dns.start_wait;
     let state = Arc::new(State::new(config, store.clone(), live));
+    // Endpoints named by host: every address an instance before the first request, or
+    // after `[dns] start_wait` without those that did not answer (503 until they do).
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the first DNS lookups")?
+        .block_on(crate::registry::dns::resolve_all_once(
+            &state, &gate, dns_wait,
+        ));
 
     // 1. The service endpoint: HTTP/1.1 and h2c on each plain port, TLS with ALPN h2.
     //    The front door reads each plaintext request head: CONNECT tunnels to registered
@@ -254,17 +264,24 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             state: state.clone(),
             writer,
             listeners: own_listeners,
-            refused: gate,
+            refused: gate.clone(),
         },
         registration_addr.filter(|_| opts.upgrade),
     );
 
-    // 4. Background tasks: health, registry upkeep, reload on SIGHUP, access-log
+    // 4. Background tasks: health, registry upkeep, endpoint names (DNS), reload on SIGHUP, access-log
     //    flushing, drain on shutdown.
     let registry_sync = background_service(
         "registry sync",
         RegistrySync {
             state: state.clone(),
+        },
+    );
+    let dns = background_service(
+        "dns discovery",
+        crate::registry::dns::DnsDiscovery {
+            state: state.clone(),
+            gate: gate.clone(),
         },
     );
     let health = background_service(
@@ -314,6 +331,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             },
         )));
     }
+    server.add_service(supervised(dns));
     server.add_service(supervised(health));
     server.add_service(supervised(sighup));
     server.add_service(supervised(admission_sweep));

@@ -118,7 +118,8 @@ impl AdminApi {
                         json!({
                             "id": i.id,
                             "addr": i.addr.to_string(),
-                            "source": if i.registration.is_some() { "registered" } else { "config" },
+                            "source": if i.registration.is_some() { "registered" } else if i.dns.is_some() { "dns" } else { "config" },
+                            "dns_name": i.dns.as_deref(),
                             "sidecar": i.sidecar.as_ref().map(|(a, s)| json!({
                                 "addr": a.to_string(),
                                 "up": s.is_up(),

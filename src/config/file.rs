@@ -24,6 +24,8 @@ pub struct FileConfig {
     pub mesh: Option<super::mesh::MeshFile>,
     pub auth: Option<super::auth::AuthFile>,
     pub cluster: Option<super::cluster::ClusterFile>,
+    /// `[dns]`: name servers and refresh bounds for endpoints named by host.
+    pub dns: Option<super::dns::DnsFile>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceFile>,
     #[serde(default, rename = "route")]
@@ -136,6 +138,15 @@ pub struct ServiceFile {
     pub prefer: Option<Spanned<String>>,
     /// How long a recovered preferred path must stay healthy before traffic returns to it.
     pub hold_down: Option<Spanned<String>>,
+    /// Instances from DNS service discovery: `{ dns_srv = "_http._tcp.orders.internal" }`.
+    pub discovery: Option<DiscoveryFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryFile {
+    /// An SRV name: each record's target and port an instance, by priority and weight.
+    pub dns_srv: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]

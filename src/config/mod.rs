@@ -7,6 +7,7 @@ pub mod address;
 mod admission;
 mod auth;
 mod cluster;
+mod dns;
 mod error;
 mod file;
 mod mesh;
@@ -24,6 +25,7 @@ pub use admission::{
 };
 pub use auth::{ApiKey, AuthConfig, JwtIssuer, JwtKey};
 pub use cluster::{ClusterConfig, RedisTarget};
+pub use dns::{DnsConfig, DnsName};
 pub use error::{ConfigError, ConfigErrors};
 pub use mesh::{MeshConfig, PathPreference, DEFAULT_HOLD_DOWN};
 pub use model::*;

@@ -107,6 +107,8 @@ pub struct Config {
     pub auth: super::AuthConfig,
     /// `[cluster]`: the Redis that cluster-wide rate limits share.
     pub cluster: Option<super::ClusterConfig>,
+    /// `[dns]`: how endpoints named by host are resolved.
+    pub dns: super::DnsConfig,
     pub services: Vec<ServiceConfig>,
     pub routes: Vec<RouteConfig>,
     /// Compiled protocol translations by route name (`[route.translate]`).
@@ -206,7 +208,11 @@ pub enum HashKey {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointConfig {
-    pub addr: SocketAddr,
+    /// The address of an endpoint written `ip:port`; `None` for one named by host.
+    pub addr: Option<SocketAddr>,
+    /// An endpoint written `host:port`: every address the name resolves to is an
+    /// instance, resolved again on its TTL (`registry::dns`).
+    pub dns: Option<super::DnsName>,
     pub weight: u32,
     /// The version it runs (gray release); registered instances say theirs when they register.
     pub version: Option<String>,
@@ -225,6 +231,9 @@ pub struct ServiceConfig {
     pub balance: BalancePolicy,
     pub hash_key: HashKey,
     pub endpoints: Vec<EndpointConfig>,
+    /// `discovery = { dns_srv = "..." }`: instances from that SRV name's records, the
+    /// lowest priority first (the others fallback), weighted by the records' weights.
+    pub dns_srv: Option<std::sync::Arc<str>>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub timeout: Duration,

@@ -11,6 +11,7 @@ use toml::Spanned;
 
 use super::address::{OwnListeners, Refused};
 use super::admission::{RateLimitConfig, RouteAdmission};
+use super::dns::DnsName;
 use super::error::{ConfigError, ConfigErrors, Locator};
 use super::file::*;
 use super::model::*;
@@ -19,7 +20,7 @@ use super::model::*;
 /// than of the file) is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
-    /// To run or reload: every name must resolve and every secret must be set.
+    /// To run or reload: every secret must be set; endpoint names resolve in the background.
     Run,
     /// `busbar check`, which must pass a right file on a machine without the production
     /// DNS or secrets (CI): a name that does not resolve or an unset secret is a warning.
@@ -160,6 +161,7 @@ impl Validator<'_> {
         }
 
         let cluster = self.cluster(f.cluster.as_ref(), &f.routes);
+        let dns = self.dns(f.dns.as_ref());
         let mut route_names = HashSet::new();
         let mut routes = Vec::with_capacity(f.routes.len());
         let mut translations = super::Translations::new();
@@ -213,6 +215,7 @@ impl Validator<'_> {
             mesh,
             auth,
             cluster,
+            dns,
             services,
             routes,
             translations,
@@ -419,7 +422,38 @@ impl Validator<'_> {
         let listed: &[EndpointFile] = s.endpoints.as_ref().map_or(&[], |e| e.get_ref());
         let mut endpoints = Vec::with_capacity(listed.len());
         let mut seen = HashSet::new();
+        let mut seen_names = HashSet::new();
         for e in listed {
+            let weight = self.int(&e.weight, ctx, 1, 10_000).unwrap_or(1) as u32;
+            let version = self.endpoint_version(&e.version, ctx);
+            let text = e.addr.get_ref();
+            if text.parse::<SocketAddr>().is_err() {
+                if let Some((host, port)) = split_host_port(text) {
+                    // A name: resolved in the background (`registry::dns`), every address
+                    // an instance. `busbar check` still says when it does not resolve here.
+                    if self.checking() {
+                        let _ = self.addr(&e.addr, ctx);
+                    }
+                    if !seen_names.insert(text.clone()) {
+                        self.err(
+                            e.addr.span(),
+                            ctx,
+                            format!("endpoint {text} is listed twice"),
+                        );
+                    }
+                    endpoints.push(EndpointConfig {
+                        addr: None,
+                        dns: Some(DnsName {
+                            host: host.into(),
+                            port,
+                            text: text.as_str().into(),
+                        }),
+                        weight,
+                        version,
+                    });
+                    continue;
+                }
+            }
             let Some(addr) = self.addr(&e.addr, ctx) else {
                 continue;
             };
@@ -439,21 +473,33 @@ impl Validator<'_> {
                     format!("endpoint {addr} is listed twice"),
                 );
             }
-            let weight = self.int(&e.weight, ctx, 1, 10_000).unwrap_or(1) as u32;
-            let version = self.endpoint_version(&e.version, ctx);
             endpoints.push(EndpointConfig {
-                addr,
+                addr: Some(addr),
+                dns: None,
                 weight,
                 version,
             });
         }
         let registration = s.registration.as_ref().is_some_and(|r| *r.get_ref());
-        if listed.is_empty() && !registration {
+        let dns_srv = s.discovery.as_ref().and_then(|d| {
+            let name = d.dns_srv.get_ref();
+            if split_host_port(&format!("{name}:1")).is_some() {
+                Some(std::sync::Arc::<str>::from(name.as_str()))
+            } else {
+                self.err(
+                    d.dns_srv.span(),
+                    ctx,
+                    format!("discovery.dns_srv: \"{name}\" is not a DNS name like \"_http._tcp.orders.internal\""),
+                );
+                None
+            }
+        });
+        if listed.is_empty() && !registration && s.discovery.is_none() {
             let span = s.endpoints.as_ref().map_or(s.name.span(), |e| e.span());
             self.err(
                 span,
                 ctx,
-                "no endpoints: list at least one in `endpoints = [{ addr = \"host:port\" }]`, or set `registration = true`",
+                "no endpoints: list at least one in `endpoints = [{ addr = \"host:port\" }]`, set `registration = true`, or `discovery = { dns_srv = \"...\" }`",
             );
         }
         let connect_timeout = self.duration(&s.connect_timeout, ctx, DEFAULT_CONNECT_TIMEOUT);
@@ -514,6 +560,7 @@ impl Validator<'_> {
             balance,
             hash_key,
             endpoints,
+            dns_srv,
             connect_timeout,
             read_timeout,
             timeout,
@@ -1192,20 +1239,25 @@ service = "echo"
     }
 
     #[test]
-    fn a_name_that_does_not_resolve_is_an_error_to_run_and_a_warning_to_check() {
+    fn a_name_is_resolved_in_the_background_to_run_and_a_warning_to_check() {
         // `.invalid` never resolves (RFC 6761).
         let src = OK.replace("127.0.0.1:9002", "orders.invalid:9002");
         let col = src.lines().nth(6).unwrap().find("\"orders").unwrap() + 1;
-        let e = errors(&src);
-        assert_eq!(e.len(), 1, "{e:?}");
-        let want =
-            format!("t.toml:7:{col}: service \"echo\": host \"orders.invalid\" does not resolve (");
-        assert!(e[0].starts_with(&want), "{e:?}");
+        // To run: the name is resolved by the DNS task, which keeps trying (issue 27).
+        let c = validate(Path::new("t.toml"), &src).unwrap();
+        let named = &c.services[0].endpoints[1];
+        assert_eq!(named.addr, None);
+        assert_eq!(
+            named.dns.as_ref().map(|d| &*d.text),
+            Some("orders.invalid:9002")
+        );
         let (result, warnings) = validate_for(Path::new("t.toml"), &src, Purpose::Check);
         let c = result.unwrap();
-        assert_eq!(c.services[0].endpoints.len(), 1);
+        assert_eq!(c.services[0].endpoints.len(), 2);
         assert_eq!(warnings.len(), 1);
-        assert_eq!(warnings[0].to_string(), e[0]);
+        let want =
+            format!("t.toml:7:{col}: service \"echo\": host \"orders.invalid\" does not resolve (");
+        assert!(warnings[0].to_string().starts_with(&want), "{warnings:?}");
         // A malformed address is the file's problem: an error either way.
         let src = OK.replace("127.0.0.1:9002", "orders.invalid");
         let (result, warnings) = validate_for(Path::new("t.toml"), &src, Purpose::Check);

@@ -127,7 +127,7 @@ impl RequestCtx {
             .load(std::sync::atomic::Ordering::Relaxed);
         let (instances, tried, key) = (&set.instances, &self.tried, self.sticky_key);
         let pick = |tried_ok: bool, want: crate::release::Want| {
-            set.balancer.pick(instances, key, |i| {
+            set.pick(key, |i| {
                 (tried_ok || !tried.contains(i))
                     && (panic || instances.get(i).is_some_and(|x| x.is_available()))
                     && set.versions.admits(i, want)
