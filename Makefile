@@ -6,18 +6,28 @@
 #   make bench   release build, then load-tests/bench.sh (busbar vs nginx, HAProxy, direct)
 #   make bench-admission   release build, then 100,000 users through admission vs without
 #   make bench-grpc  release builds, then load-tests/grpc-bench.sh (JSON→gRPC vs gRPC vs HTTP)
+#   make package   release build, then a Debian package in target/debian/ (cargo-deb)
 
 CARGO ?= cargo
 CONFIG ?= conf/busbar.toml
 DEMO_BACKENDS ?= -l 127.0.0.1:9101 -l 127.0.0.1:9102
 
-.PHONY: run build release test check-conf bench bench-admission bench-grpc fmt clippy lint fuzz reliability
+.PHONY: run build release package test check-conf bench bench-admission bench-grpc fmt clippy lint fuzz reliability
 
 build:
 	$(CARGO) build --bin busbar
 
 release:
 	$(CARGO) build --release --bin busbar
+
+# The .deb (Cargo.toml's [package.metadata.deb]: binary, conffile, units, maintainer
+# scripts in packaging/). Reuses target/release; installs cargo-deb when missing.
+# packaging/ci-package-test.sh installs it and proves it (CI runs both).
+CARGO_DEB_VERSION ?= 3.8.0
+package: release
+	@command -v cargo-deb >/dev/null || $(CARGO) install cargo-deb --locked --version $(CARGO_DEB_VERSION)
+	$(CARGO) deb --no-build --output target/debian/
+	@ls -l target/release/busbar target/debian/*.deb
 
 # Starts the demo backends in the background (stopped, by pid, when busbar exits)
 # and busbar in the foreground. Try: curl -i http://localhost:8080/api/hello

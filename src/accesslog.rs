@@ -96,7 +96,7 @@ fn write_entry(w: &mut Vec<u8>, e: &Entry<'_>) {
     w.put(b"{\"time\":\"");
     write_time(w, SystemTime::now());
     w.put(b"\",\"client\":");
-    addr_or_null(w, e.client);
+    client_or_null(w, e.client);
     // Each string field: one piece with the previous field's closing quote, the key and
     // the opening quote, then the escaped text.
     for (start, text) in [
@@ -133,6 +133,19 @@ fn write_entry(w: &mut Vec<u8>, e: &Entry<'_>) {
         w.put(b"\"");
     }
     w.put(b"}\n");
+}
+
+/// The client as `ip:port`, or `ip` when its port is unknown (0: a trusted proxy named
+/// the client in a forwarding header).
+fn client_or_null(w: &mut Vec<u8>, a: Option<std::net::SocketAddr>) {
+    match a {
+        Some(a) if a.port() == 0 => {
+            w.put(b"\"");
+            text::ip(w, a.ip());
+            w.put(b"\"");
+        }
+        _ => addr_or_null(w, a),
+    }
 }
 
 fn addr_or_null(w: &mut Vec<u8>, a: Option<std::net::SocketAddr>) {

@@ -11,7 +11,7 @@ use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::{Server, ShutdownWatch};
+use pingora_core::server::{RunArgs, Server, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service as ListeningService;
 
@@ -58,6 +58,16 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         .or(config.listen.tls.first().map(|t| &t.addr))
         .map_or(0, |a| a.port());
     let runtime_dir = &config.server.runtime_dir;
+    // Held until the process exits: a second node on this folder is refused.
+    let _state_lock = crate::statedir::claim(runtime_dir, opts.upgrade)?;
+    let upgrade_sock = runtime_dir.join(format!("busbar-{first_port}.upgrade.sock"));
+    let signals = crate::upgrade::Signals {
+        // Read now: after a package upgrade replaced the file, /proc/self/exe no longer
+        // names it, and this path names the new binary.
+        exe: std::env::current_exe().context("finding busbar's own binary")?,
+        config: config.source.clone(),
+        upgrade_sock: upgrade_sock.clone(),
+    };
     let server_conf = ServerConf {
         threads: config.server.threads,
         work_stealing: false,
@@ -70,10 +80,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             .join(format!("busbar-{first_port}.pid"))
             .display()
             .to_string(),
-        upgrade_sock: runtime_dir
-            .join(format!("busbar-{first_port}.upgrade.sock"))
-            .display()
-            .to_string(),
+        upgrade_sock: upgrade_sock.display().to_string(),
         ..Default::default()
     };
     let opt = Opt {
@@ -164,7 +171,17 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         Err(e) => tracing::error!("registry snapshot ignored: {e}"),
     }
     let live = Live::new(&config, opts.log, registration_listener.clone());
+    let dns_wait = config.dns.start_wait;
     let state = Arc::new(State::new(config, store.clone(), live));
+    // Endpoints named by host: every address an instance before the first request, or
+    // after `[dns] start_wait` without those that did not answer (503 until they do).
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the first DNS lookups")?
+        .block_on(crate::registry::dns::resolve_all_once(
+            &state, &gate, dns_wait,
+        ));
 
     // 1. The service endpoint: HTTP/1.1 and h2c on each plain port, TLS with ALPN h2.
     //    The front door reads each plaintext request head: CONNECT tunnels to registered
@@ -212,12 +229,14 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     }
     // busbar's own accept loops: a connection costs ~100 bytes of task instead of
     // pingora's ~8 KiB, and a drain answers what the kernel queued before the close.
+    // Listeners with `proxy_protocol` read each connection's PROXY header first.
     let listeners_closed = Arc::new(AtomicBool::new(false));
     let proxy = DrainedListeners::new(
         proxy,
         Arc::new(edge()),
         own_plaintext,
         listeners_closed.clone(),
+        (&listen.proxy_protocol, state.clone()),
     );
 
     // 2. The admin API, on its own (loopback by default) listener and thread.
@@ -225,12 +244,14 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     if token.is_none() {
         tracing::warn!("{TOKEN_ENV} is not set: state-changing admin calls are refused");
     }
+    let readiness = Arc::new(crate::ready::Readiness::default());
     let mut admin = ListeningService::new(
         "busbar admin".to_string(),
         AdminApi {
             state: state.clone(),
             token,
             refused: gate.clone(),
+            readiness: readiness.clone(),
         },
     );
     admin.threads = Some(1);
@@ -256,17 +277,24 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             state: state.clone(),
             writer,
             listeners: own_listeners,
-            refused: gate,
+            refused: gate.clone(),
         },
         registration_addr.filter(|_| opts.upgrade),
     );
 
-    // 4. Background tasks: health, registry upkeep, reload on SIGHUP, access-log
+    // 4. Background tasks: health, registry upkeep, endpoint names (DNS), reload on SIGHUP, access-log
     //    flushing, drain on shutdown.
     let registry_sync = background_service(
         "registry sync",
         RegistrySync {
             state: state.clone(),
+        },
+    );
+    let dns = background_service(
+        "dns discovery",
+        crate::registry::dns::DnsDiscovery {
+            state: state.clone(),
+            gate: gate.clone(),
         },
     );
     let health = background_service(
@@ -319,6 +347,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             },
         )));
     }
+    server.add_service(supervised(dns));
     server.add_service(supervised(health));
     server.add_service(supervised(sighup));
     server.add_service(supervised(admission_sweep));
@@ -329,8 +358,23 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         },
     )));
     server.add_service(supervised(flusher));
+    // Ready (`/readyz`, systemd's READY=1) once every listener accepts.
+    let mut probed = listen.http.clone();
+    probed.push(listen.admin);
+    probed.extend(registration_addr);
+    server.add_service(supervised(background_service(
+        "readiness",
+        crate::ready::ReadyWatch {
+            readiness,
+            addrs: probed,
+        },
+    )));
     tracing::info!(http = ?listen.http, tls = ?listen.tls.iter().map(|t| t.addr).collect::<Vec<_>>(), admin = %listen.admin, registration = ?registration_addr, via = crate::via::node().id(), "busbar started");
-    server.run_forever()
+    // pingora's signals, and SIGUSR2: a graceful upgrade started from inside (`upgrade`).
+    server.run(RunArgs {
+        shutdown_signal: Box::new(signals),
+    });
+    std::process::exit(0)
 }
 
 /// Evicts idle rate-limit cells and samples queue gauges, so per-user state stays bounded.

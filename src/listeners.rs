@@ -23,6 +23,11 @@
 //! cannot own; pingora accepts on those (with its larger per-connection task) and busbar
 //! keeps no handle, so such a process's drain closes the old way. TLS listeners are
 //! pingora's (their handshake is).
+//!
+//! On a listener with `proxy_protocol = true`, each connection's PROXY header is read
+//! (`proxy_header`) on the connection's own task before the app gets it, and the client
+//! it names becomes the socket digest's peer. A process started with `--upgrade` does
+//! not read PROXY headers (pingora accepts for it): restart instead.
 //! Owns: binding the plaintext sockets (and the registration API's, `registry::listener`),
 //! the accept loops, the last accepts.
 //! Must not: read from a connection (the app does).
@@ -42,6 +47,9 @@ use pingora_core::server::{ListenFds, RuntimeOpts, ShutdownWatch};
 use pingora_core::services::listening::Service as ListeningService;
 use pingora_core::services::Service;
 
+use crate::metrics::METRICS;
+use crate::snapshot::State;
+
 /// The listen backlog, pingora's own (`LISTENER_BACKLOG` in pingora-core).
 const BACKLOG: i32 = 65535;
 
@@ -57,6 +65,9 @@ pub struct DrainedListeners<A> {
     sockets: Vec<std::net::TcpListener>,
     /// Set once busbar's handles are closed; the drain waits for it.
     closed: Arc<AtomicBool>,
+    /// For each of `addrs` with `proxy_protocol`, the state whose current snapshot says
+    /// which peers are trusted and how long a header may take (a reload changes them).
+    proxied: Vec<Option<Arc<State>>>,
 }
 
 impl<A> DrainedListeners<A> {
@@ -67,14 +78,21 @@ impl<A> DrainedListeners<A> {
         app: Arc<A>,
         bound: Vec<(SocketAddr, std::net::TcpListener)>,
         closed: Arc<AtomicBool>,
+        proxy_protocol: (&[SocketAddr], Arc<State>),
     ) -> Self {
-        let (addrs, sockets) = bound.into_iter().unzip();
+        let (addrs, sockets): (Vec<SocketAddr>, _) = bound.into_iter().unzip();
+        let (with, state) = proxy_protocol;
+        let proxied = addrs
+            .iter()
+            .map(|a| with.contains(a).then(|| state.clone()))
+            .collect();
         DrainedListeners {
             inner,
             app,
             addrs,
             sockets,
             closed,
+            proxied,
         }
     }
 
@@ -139,7 +157,17 @@ fn bind_with(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::Tc
 pub(crate) async fn accept_loop<A: ServerApp + Send + Sync + 'static>(
     app: Arc<A>,
     l: tokio::net::TcpListener,
+    shutdown: ShutdownWatch,
+) {
+    accept_loop_with(app, l, shutdown, None).await
+}
+
+/// [`accept_loop`], reading each connection's PROXY header under `proxied`.
+async fn accept_loop_with<A: ServerApp + Send + Sync + 'static>(
+    app: Arc<A>,
+    l: tokio::net::TcpListener,
     mut shutdown: ShutdownWatch,
+    proxied: Option<Arc<State>>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -151,7 +179,7 @@ pub(crate) async fn accept_loop<A: ServerApp + Send + Sync + 'static>(
             },
         };
         match accepted {
-            Ok((s, peer)) => serve(&app, s, peer, &shutdown),
+            Ok((s, peer)) => serve(&app, s, peer, &shutdown, proxied.as_ref()),
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
                 // Out of descriptors: accept would fail at once again; let some close
@@ -165,29 +193,68 @@ pub(crate) async fn accept_loop<A: ServerApp + Send + Sync + 'static>(
 }
 
 /// Hands an accepted connection to the app on its own task, as pingora's accept loop does
-/// after the (here empty) handshake.
+/// after the (here empty) handshake; first, on a `proxied` listener, its PROXY header.
 fn serve<A: ServerApp + Send + Sync + 'static>(
     app: &Arc<A>,
     s: tokio::net::TcpStream,
     peer: SocketAddr,
     shutdown: &ShutdownWatch,
+    proxied: Option<&Arc<State>>,
 ) {
     // What pingora sets on every accepted stream; a failure only costs latency.
     let _ = s.set_nodelay(true);
+    let Some(state) = proxied else {
+        pingora_runtime::current_handle().spawn(ListeningService::handle_event(
+            stream(s, peer, &[]),
+            app.clone(),
+            shutdown.clone(),
+        ));
+        return;
+    };
+    let (app, shutdown, state) = (app.clone(), shutdown.clone(), state.clone());
+    pingora_runtime::current_handle().spawn(async move {
+        let mut s = s;
+        let snapshot = state.load();
+        let (list, timeout) = (
+            &snapshot.config.listen.trusted_proxies,
+            snapshot.config.limits.header_timeout,
+        );
+        let accepted = crate::proxy_header::accept(&mut s, peer, list, timeout).await;
+        drop(snapshot);
+        match accepted {
+            Ok(a) => ListeningService::handle_event(stream(s, a.client, &a.rest), app, shutdown)
+                .await,
+            Err(refusal) => {
+                METRICS
+                    .edge_refusals
+                    .with_label_values(&[refusal.reason()])
+                    .inc();
+                tracing::debug!(%peer, reason = refusal.reason(), "PROXY protocol: connection closed");
+            }
+        }
+    });
+}
+
+/// The app's stream for an accepted socket: the socket digest names `peer` (the PROXY
+/// header's client, or the socket's), and `rest` (bytes read past a PROXY header) is
+/// read again first.
+fn stream(s: tokio::net::TcpStream, peer: SocketAddr, rest: &[u8]) -> Box<L4Stream> {
     let mut stream = L4Stream::from(s);
     let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
     let _ = digest.peer_addr.set(Some(PeerAddr::Inet(peer)));
     stream.set_socket_digest(digest);
-    pingora_runtime::current_handle().spawn(ListeningService::handle_event(
-        Box::new(stream),
-        app.clone(),
-        shutdown.clone(),
-    ));
+    stream.rewind(rest);
+    Box::new(stream)
 }
 
 impl<A: ServerApp + Send + Sync + 'static> DrainedListeners<A> {
     /// Accepts every connection waiting on `l` and hands each to the app; returns how many.
-    fn accept_queued(&self, l: &std::net::TcpListener, shutdown: &ShutdownWatch) -> usize {
+    fn accept_queued(
+        &self,
+        l: &std::net::TcpListener,
+        shutdown: &ShutdownWatch,
+        proxied: Option<&Arc<State>>,
+    ) -> usize {
         let mut n = 0;
         loop {
             let (s, peer) = match l.accept() {
@@ -208,7 +275,7 @@ impl<A: ServerApp + Send + Sync + 'static> DrainedListeners<A> {
             {
                 Ok(s) => {
                     n += 1;
-                    serve(&self.app, s, peer, shutdown);
+                    serve(&self.app, s, peer, shutdown, proxied);
                 }
                 Err(e) => tracing::warn!("drain: dropping an accepted connection: {e}"),
             }
@@ -235,7 +302,8 @@ impl<A: ServerApp + Send + Sync + 'static> Service for DrainedListeners<A> {
         }
         let own: Vec<_> = loops
             .into_iter()
-            .map(|l| tokio::spawn(accept_loop(self.app.clone(), l, shutdown.clone())))
+            .zip(self.proxied.iter().cloned())
+            .map(|(l, p)| tokio::spawn(accept_loop_with(self.app.clone(), l, shutdown.clone(), p)))
             .collect();
         let own = async {
             for handle in own {
@@ -254,8 +322,8 @@ impl<A: ServerApp + Send + Sync + 'static> Service for DrainedListeners<A> {
             self.app.cleanup().await;
         }
         let mut accepted = 0;
-        for l in kept {
-            accepted += self.accept_queued(&l, &shutdown);
+        for (l, p) in kept.into_iter().zip(self.proxied.iter()) {
+            accepted += self.accept_queued(&l, &shutdown, p.as_ref());
             // Closed here: connects are refused from now on.
             drop(l);
         }

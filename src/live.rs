@@ -34,8 +34,12 @@ pub struct Running {
 impl Running {
     /// What a process started on `config` runs.
     pub fn of(config: &Config) -> Running {
+        // `trusted_proxies` is read from each request's (and each proxied connection's)
+        // snapshot: a reload applies it, so it is no difference that needs a restart.
+        let mut listen = config.listen.clone();
+        listen.trusted_proxies.clear();
         Running {
-            listen: config.listen.clone(),
+            listen,
             threads: config.server.threads,
             runtime_dir: config.server.runtime_dir.clone(),
             upstream_keepalive_pool: config.server.upstream_keepalive_pool,

@@ -1,4 +1,8 @@
-//! The `busbar` command: run, check, demo. Nothing else lives here.
+//! The `busbar` command: run, check, reload, status, demo. Nothing else lives here.
+//!
+//! Every command that reads a configuration takes it the same way: `-c FILE`, else
+//! `$BUSBAR_CONFIG`, else `/etc/busbar/busbar.toml` for an installed binary (under `/usr/`)
+//! and `conf/busbar.toml` in a checkout (`busbar::ctl::config_path`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,7 +20,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(
     name = "busbar",
-    version,
+    version = busbar::version::LONG,
     about = "A centralized service bus and proxy gateway on pingora"
 )]
 struct Cli {
@@ -28,9 +32,10 @@ struct Cli {
 enum Command {
     /// Run busbar on a configuration file.
     Run {
-        /// The configuration file.
-        #[arg(short = 'c', long = "config", default_value = "conf/busbar.toml")]
-        config: PathBuf,
+        /// The configuration file [default: $BUSBAR_CONFIG, else /etc/busbar/busbar.toml
+        /// when installed, else conf/busbar.toml].
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
         /// Take the listening sockets over from a running busbar (graceful upgrade);
         /// then send SIGQUIT to the old process.
         #[arg(short = 'u', long)]
@@ -40,12 +45,34 @@ enum Command {
     /// What only the production host can provide (DNS names that resolve, secrets in the
     /// environment) is printed as a warning, and does not fail the check.
     Check {
-        /// Files to check.
-        #[arg(required = true)]
+        /// The configuration file, as `run` takes it (when no FILES are given).
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+        /// Files to check [default: the configuration file].
         files: Vec<PathBuf>,
         /// Fail on warnings too, as `busbar run` would on this host.
         #[arg(long)]
         strict: bool,
+    },
+    /// Ask the running node to reload its configuration (POST /v1/reload on its admin API,
+    /// with the token from BUSBAR_ADMIN_TOKEN); prints what it could not apply.
+    Reload {
+        /// The configuration file of the node: its `listen.admin` is where to ask.
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+        /// The admin API address instead of the one in the configuration file.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
+    /// Show whether the running node is ready, its build, registry and instances' health;
+    /// exits non-zero when it is not ready or cannot be reached.
+    Status {
+        /// The configuration file of the node: its `listen.admin` is where to ask.
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+        /// The admin API address instead of the one in the configuration file.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
     },
     /// Run small HTTP backends that answer with what they received, to try busbar out.
     Demo {
@@ -58,7 +85,16 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { files, strict } => {
+        Command::Check {
+            config,
+            files,
+            strict,
+        } => {
+            let files = if files.is_empty() {
+                vec![busbar::ctl::config_path(config)]
+            } else {
+                files
+            };
             let mut ok = true;
             for f in &files {
                 let report = busbar::config::check(f);
@@ -96,7 +132,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config, upgrade } => {
-            let config = match busbar::config::load(&config) {
+            let config = match busbar::config::load(&busbar::ctl::config_path(config)) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
@@ -112,6 +148,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Reload { config, admin } => ctl(config, admin, busbar::ctl::reload),
+        Command::Status { config, admin } => ctl(config, admin, busbar::ctl::status),
         Command::Demo { listen } => {
             busbar::logging::init("info");
             match busbar::demo::run(&listen) {
@@ -121,6 +159,25 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Runs an admin API command against the node of `config` (or at `admin`).
+fn ctl(
+    config: Option<PathBuf>,
+    admin: Option<SocketAddr>,
+    command: fn(SocketAddr) -> Result<String, busbar::ctl::CtlError>,
+) -> ExitCode {
+    let config = busbar::ctl::config_path(config);
+    match busbar::ctl::admin_addr(&config, admin).and_then(command) {
+        Ok(out) => {
+            println!("{}", out.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}", e.to_string().trim_end());
+            ExitCode::FAILURE
         }
     }
 }

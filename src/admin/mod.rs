@@ -1,7 +1,7 @@
 //! The admin API on its own listener (loopback by default).
 //!
-//! Owns: `/healthz`, `/metrics` (also alone on `listen.metrics`, [`MetricsApi`]),
-//! `/v1/routes`, `/v1/services`, `/v1/reload`; the release
+//! Owns: `/livez`, `/readyz`, `/healthz`, `/metrics` (also alone on `listen.metrics`,
+//! [`MetricsApi`]), `/v1/routes`, `/v1/services`, `/v1/reload`; the release
 //! and config-history calls (`/v1/releases…`, `/v1/config/…`) are `release::admin`'s.
 //! Reads are open to whoever reaches the listener, except through busbar's own data plane
 //! (a request whose `Via` names a busbar hop gets 403); anything that changes state needs
@@ -31,6 +31,8 @@ pub struct AdminApi {
     pub token: Option<String>,
     /// Instances from etcd or the snapshot that this node does not route (`/v1/registry`).
     pub refused: Arc<crate::registry::gate::Gate>,
+    /// Starting, ready or draining (`/readyz`).
+    pub readiness: Arc<crate::ready::Readiness>,
 }
 
 /// Compares in time independent of where the first difference is.
@@ -116,7 +118,8 @@ impl AdminApi {
                         json!({
                             "id": i.id,
                             "addr": i.addr.to_string(),
-                            "source": if i.registration.is_some() { "registered" } else { "config" },
+                            "source": if i.registration.is_some() { "registered" } else if i.dns.is_some() { "dns" } else { "config" },
+                            "dns_name": i.dns.as_deref(),
                             "sidecar": i.sidecar.as_ref().map(|(a, s)| json!({
                                 "addr": a.to_string(),
                                 "up": s.is_up(),
@@ -221,6 +224,29 @@ impl ServeHttp for AdminApi {
         let method = req.method.clone();
         let path = req.uri.path().to_string();
         match (method, path.as_str()) {
+            // The process answers: for a liveness check that must not fail on a busy
+            // or degraded node (a restart would not help).
+            (Method::GET, "/livez") => json_reply(StatusCode::OK, json!({ "status": "live" })),
+            // Take traffic or not: 503 until every listener accepts, and again from the
+            // start of a drain or an upgrade handover.
+            (Method::GET, "/readyz") => {
+                let status = if self.readiness.is_ready() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                json_reply(
+                    status,
+                    json!({
+                        "status": self.readiness.phase(),
+                        "generation": self.state.load().generation,
+                        "version": crate::version::VERSION,
+                        "commit": crate::version::COMMIT,
+                        "built": crate::version::BUILD_DATE,
+                        "pid": std::process::id(),
+                    }),
+                )
+            }
             (Method::GET, "/healthz") => {
                 let degraded = self.state.registry.degraded();
                 json_reply(
@@ -250,8 +276,8 @@ impl ServeHttp for AdminApi {
             },
             (
                 _,
-                "/healthz" | "/metrics" | "/v1/routes" | "/v1/services" | "/v1/registry"
-                | "/v1/reload",
+                "/livez" | "/readyz" | "/healthz" | "/metrics" | "/v1/routes" | "/v1/services"
+                | "/v1/registry" | "/v1/reload",
             ) => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",

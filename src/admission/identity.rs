@@ -272,15 +272,27 @@ impl Resolver {
         client.is_some_and(|ip| self.trusted_proxies.iter().any(|n| n.contains(&ip)))
     }
 
-    /// Who the caller is; with no source matching, the client address.
+    /// Who the caller is, for a request straight from `client` (no proxy in front).
     pub fn resolve(
         &self,
         client: Option<IpAddr>,
         headers: &HeaderMap,
     ) -> Result<Identity, AuthError> {
+        self.resolve_via(client, client, headers)
+    }
+
+    /// Who the caller is; with no source matching, the (real) client address. A header
+    /// identity is believed when the TCP `peer` (the proxy that set it) is trusted,
+    /// whoever the client behind it is.
+    pub fn resolve_via(
+        &self,
+        client: Option<IpAddr>,
+        peer: Option<IpAddr>,
+        headers: &HeaderMap,
+    ) -> Result<Identity, AuthError> {
         for source in &self.sources {
             let found = match source {
-                IdentitySource::Header(name) if self.trusted(client) => headers
+                IdentitySource::Header(name) if self.trusted(peer) => headers
                     .get(name)
                     .and_then(|v| v.to_str().ok())
                     .and_then(clean)

@@ -45,9 +45,21 @@ pub const MAX_QUEUED_USERS: usize = 10_000;
 /// What a 429/503 from the queue tells the caller to wait, in seconds.
 const QUEUE_RETRY_AFTER_SECS: u64 = 1;
 
+/// Who sent a request: the real client (see `client_addr`) and the TCP peer.
+#[derive(Debug, Clone, Copy)]
+pub struct Addresses {
+    /// ACLs, `client_ip` identities and rate limits key on this.
+    pub client: Option<IpAddr>,
+    /// A header identity is believed only from a trusted peer.
+    pub peer: Option<IpAddr>,
+}
+
 /// What admission looks at in a request.
 pub struct RequestParts<'a> {
+    /// The real client address.
     pub client_ip: Option<IpAddr>,
+    /// The TCP peer (a load balancer, when one is in front).
+    pub peer: Option<IpAddr>,
     /// The normalised path (see [`normalize`]: its parameter-free reading).
     pub path: &'a str,
     /// Its literal reading, when that differs (a path with `;` in it).
@@ -169,7 +181,7 @@ impl RoutePolicy {
         }
         let who = self
             .resolver
-            .resolve(req.client_ip, req.headers)
+            .resolve_via(req.client_ip, req.peer, req.headers)
             .map_err(|e| {
                 self.metrics.unauthorized.inc();
                 Rejection::new(RejectKind::Unauthorized, e.reason, e.message)

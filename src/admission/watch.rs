@@ -61,14 +61,15 @@ impl Refused {
 pub async fn admit(
     policy: &RoutePolicy,
     session: &mut ServerSession,
-    client_ip: Option<std::net::IpAddr>,
+    who: super::Addresses,
     path: Option<&str>,
     literal: Option<&str>,
 ) -> Result<Admitted, Refused> {
     let admitted = {
         let req = session.req_header();
         let parts = RequestParts {
-            client_ip,
+            client_ip: who.client,
+            peer: who.peer,
             path: path.unwrap_or(req.uri.path()),
             literal,
             headers: &req.headers,

@@ -140,6 +140,8 @@ pub(crate) mod test_support {
             health: Default::default(),
             registration: None,
             sidecar: None,
+            dns: None,
+            priority: 0,
         })
     }
 }

@@ -217,6 +217,8 @@ mod tests {
             tls: Vec::new(),
             admin: admin.parse().unwrap(),
             metrics: None,
+            proxy_protocol: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 

@@ -24,10 +24,24 @@ pub struct FileConfig {
     pub mesh: Option<super::mesh::MeshFile>,
     pub auth: Option<super::auth::AuthFile>,
     pub cluster: Option<super::cluster::ClusterFile>,
+    /// `[dns]`: name servers and refresh bounds for endpoints named by host.
+    pub dns: Option<super::dns::DnsFile>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceFile>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteFile>,
+}
+
+/// Only `[listen] admin`, everything else ignored: what `busbar reload` and `busbar
+/// status` need to find a node (`super::admin_address`).
+#[derive(Debug, Deserialize)]
+pub struct AdminOnlyFile {
+    pub listen: Option<AdminOnlyListen>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AdminOnlyListen {
+    pub admin: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -43,12 +57,34 @@ pub struct ServerFile {
 #[serde(deny_unknown_fields)]
 pub struct ListenFile {
     #[serde(default)]
-    pub http: Vec<Spanned<String>>,
+    pub http: Vec<Spanned<HttpListenFile>>,
     #[serde(default)]
     pub tls: Vec<TlsListenFile>,
     pub admin: Option<Spanned<String>>,
     /// A listener for `GET /metrics` alone (off when unset).
     pub metrics: Option<Spanned<String>>,
+    /// Load balancers whose PROXY headers and forwarding headers busbar believes.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
+}
+
+/// One `listen.http` entry: an address, or `{ addr, proxy_protocol }`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "an address (\"0.0.0.0:8080\") or { addr = \"0.0.0.0:8080\", proxy_protocol = true } (keys: addr, proxy_protocol)"
+)]
+pub enum HttpListenFile {
+    Addr(String),
+    Table(HttpListenTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpListenTable {
+    pub addr: String,
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -57,6 +93,7 @@ pub struct TlsListenFile {
     pub addr: Spanned<String>,
     pub cert: Spanned<String>,
     pub key: Spanned<String>,
+    pub proxy_protocol: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,6 +140,15 @@ pub struct ServiceFile {
     pub prefer: Option<Spanned<String>>,
     /// How long a recovered preferred path must stay healthy before traffic returns to it.
     pub hold_down: Option<Spanned<String>>,
+    /// Instances from DNS service discovery: `{ dns_srv = "_http._tcp.orders.internal" }`.
+    pub discovery: Option<DiscoveryFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryFile {
+    /// An SRV name: each record's target and port an instance, by priority and weight.
+    pub dns_srv: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -7,12 +7,14 @@ pub mod address;
 mod admission;
 mod auth;
 mod cluster;
+mod dns;
 mod error;
 mod file;
 mod mesh;
 mod model;
 mod registry;
 mod release;
+pub mod runtime_dir;
 mod tls;
 mod translate;
 mod validate;
@@ -23,6 +25,7 @@ pub use admission::{
 };
 pub use auth::{ApiKey, AuthConfig, JwtIssuer, JwtKey};
 pub use cluster::{ClusterConfig, RedisTarget};
+pub use dns::{DnsConfig, DnsName};
 pub use error::{ConfigError, ConfigErrors};
 pub use mesh::{MeshConfig, PathPreference, DEFAULT_HOLD_DOWN};
 pub use model::*;
@@ -80,4 +83,11 @@ fn read(path: &Path) -> Result<String, ConfigErrors> {
             message: format!("cannot read: {e}"),
         }])
     })
+}
+
+/// The admin API address a configuration file names (`listen.admin`, else the default),
+/// read without validating the rest: `busbar reload` and `busbar status` run in a shell
+/// that may lack the secrets the file's `token_env` and `secret_env` name.
+pub fn admin_address(path: &Path) -> Result<std::net::SocketAddr, ConfigErrors> {
+    validate::admin_address(path, &read(path)?)
 }

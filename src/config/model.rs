@@ -110,6 +110,8 @@ pub struct Config {
     pub auth: super::AuthConfig,
     /// `[cluster]`: the Redis that cluster-wide rate limits share.
     pub cluster: Option<super::ClusterConfig>,
+    /// `[dns]`: how endpoints named by host are resolved.
+    pub dns: super::DnsConfig,
     pub services: Vec<ServiceConfig>,
     pub routes: Vec<RouteConfig>,
     /// Compiled protocol translations by route name (`[route.translate]`).
@@ -122,7 +124,9 @@ pub struct Config {
 pub struct ServerSettings {
     pub threads: usize,
     pub grace_period: Duration,
-    /// Where the pid file and the upgrade socket live.
+    /// The node's state folder: pid file, upgrade socket, registry snapshot, release
+    /// overrides, and the lock that keeps a second node out (`runtime_dir::default_runtime_dir`
+    /// when the file sets none).
     pub runtime_dir: PathBuf,
     pub upstream_keepalive_pool: usize,
 }
@@ -136,6 +140,11 @@ pub struct Listen {
     /// `listen.metrics`: a listener that serves `GET /metrics` only, so Prometheus can
     /// scrape without reaching the admin API.
     pub metrics: Option<SocketAddr>,
+    /// The `http` addresses where a trusted peer speaks the PROXY protocol (v1 or v2).
+    pub proxy_protocol: Vec<SocketAddr>,
+    /// Peers (load balancers) whose PROXY headers, `X-Forwarded-For` and `Forwarded`
+    /// busbar believes; from anyone else they say nothing about the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,7 +214,11 @@ pub enum HashKey {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointConfig {
-    pub addr: SocketAddr,
+    /// The address of an endpoint written `ip:port`; `None` for one named by host.
+    pub addr: Option<SocketAddr>,
+    /// An endpoint written `host:port`: every address the name resolves to is an
+    /// instance, resolved again on its TTL (`registry::dns`).
+    pub dns: Option<super::DnsName>,
     pub weight: u32,
     /// The version it runs (gray release); registered instances say theirs when they register.
     pub version: Option<String>,
@@ -224,6 +237,9 @@ pub struct ServiceConfig {
     pub balance: BalancePolicy,
     pub hash_key: HashKey,
     pub endpoints: Vec<EndpointConfig>,
+    /// `discovery = { dns_srv = "..." }`: instances from that SRV name's records, the
+    /// lowest priority first (the others fallback), weighted by the records' weights.
+    pub dns_srv: Option<std::sync::Arc<str>>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub timeout: Duration,

@@ -11,6 +11,7 @@ use toml::Spanned;
 
 use super::address::{OwnListeners, Refused};
 use super::admission::{RateLimitConfig, RouteAdmission};
+use super::dns::DnsName;
 use super::error::{ConfigError, ConfigErrors, Locator};
 use super::file::*;
 use super::model::*;
@@ -19,7 +20,7 @@ use super::model::*;
 /// than of the file) is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
-    /// To run or reload: every name must resolve and every secret must be set.
+    /// To run or reload: every secret must be set; endpoint names resolve in the background.
     Run,
     /// `busbar check`, which must pass a right file on a machine without the production
     /// DNS or secrets (CI): a name that does not resolve or an unset secret is a warning.
@@ -98,6 +99,33 @@ fn text_hash(src: &str) -> u64 {
         .fold(0u64, |h, &b| (h << 8) | u64::from(b))
 }
 
+/// `listen.admin` of a config text (the default when absent), without validating the rest.
+pub fn admin_address(path: &Path, src: &str) -> Result<SocketAddr, ConfigErrors> {
+    let loc = Locator::new(path, src);
+    let file: AdminOnlyFile = toml::from_str(src).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        ConfigErrors(vec![loc.error(span, "", e.message().to_string())])
+    })?;
+    let mut v = Validator {
+        loc,
+        base: PathBuf::new(),
+        errors: Vec::new(),
+        purpose: Purpose::Run,
+        warnings: Vec::new(),
+        dns_silent: false,
+        rate_groups: HashMap::new(),
+        endpoints: Vec::new(),
+    };
+    let addr = match file.listen.and_then(|l| l.admin) {
+        Some(a) => v.addr(&a, "[listen]"),
+        None => DEFAULT_ADMIN_ADDR.parse().ok(),
+    };
+    match addr {
+        Some(a) if v.errors.is_empty() => Ok(a),
+        _ => Err(ConfigErrors(v.errors)),
+    }
+}
+
 impl Validator<'_> {
     pub(super) fn err(&mut self, span: Range<usize>, ctx: &str, msg: impl Into<String>) {
         let e = self.loc.error(span, ctx, msg);
@@ -144,6 +172,7 @@ impl Validator<'_> {
         }
 
         let cluster = self.cluster(f.cluster.as_ref(), &f.routes);
+        let dns = self.dns(f.dns.as_ref());
         let mut route_names = HashSet::new();
         let mut routes = Vec::with_capacity(f.routes.len());
         let mut translations = super::Translations::new();
@@ -198,6 +227,7 @@ impl Validator<'_> {
             mesh,
             auth,
             cluster,
+            dns,
             services,
             routes,
             translations,
@@ -241,7 +271,7 @@ impl Validator<'_> {
             runtime_dir: s
                 .runtime_dir
                 .map(|d| self.path(d.get_ref()))
-                .unwrap_or_else(std::env::temp_dir),
+                .unwrap_or_else(|| super::runtime_dir::default_runtime_dir(&self.base)),
             upstream_keepalive_pool: self
                 .int(&s.upstream_keepalive_pool, ctx, 0, 1_000_000)
                 .map_or(DEFAULT_UPSTREAM_KEEPALIVE_POOL, |n| n as usize),
@@ -252,12 +282,35 @@ impl Validator<'_> {
         let ctx = "[listen]";
         let mut seen = HashSet::new();
         let mut http = Vec::new();
+        let mut proxy_protocol = Vec::new();
         for a in &l.http {
-            if let Some(addr) = self.addr(a, ctx) {
+            let (text, proxied) = match a.get_ref() {
+                HttpListenFile::Addr(s) => (s, false),
+                HttpListenFile::Table(t) => (&t.addr, t.proxy_protocol),
+            };
+            let spanned = Spanned::new(a.span(), text.clone());
+            if let Some(addr) = self.addr(&spanned, ctx) {
                 if !seen.insert(addr) {
                     self.err(a.span(), ctx, format!("address {addr} is already used"));
                 }
                 http.push(addr);
+                if proxied {
+                    proxy_protocol.push(addr);
+                }
+            }
+        }
+        let trusted_proxies = self.cidrs(&l.trusted_proxies, ctx);
+        if let Some(first) = l
+            .http
+            .iter()
+            .find(|a| matches!(a.get_ref(), HttpListenFile::Table(t) if t.proxy_protocol))
+        {
+            if trusted_proxies.is_empty() {
+                self.err(
+                    first.span(),
+                    ctx,
+                    "proxy_protocol is only accepted from trusted_proxies: list the load balancers in listen.trusted_proxies",
+                );
             }
         }
         let mut tls = Vec::new();
@@ -268,6 +321,13 @@ impl Validator<'_> {
                         t.addr.span(),
                         ctx,
                         format!("address {addr} is already used"),
+                    );
+                }
+                if let Some(p) = t.proxy_protocol.as_ref().filter(|p| *p.get_ref()) {
+                    self.err(
+                        p.span(),
+                        ctx,
+                        "proxy_protocol is not supported on a TLS listener yet: terminate TLS on the load balancer, or use a plaintext listen.http entry",
                     );
                 }
                 let (cert, key) = (self.path(t.cert.get_ref()), self.path(t.key.get_ref()));
@@ -304,6 +364,8 @@ impl Validator<'_> {
             tls,
             admin,
             metrics,
+            proxy_protocol,
+            trusted_proxies,
         }
     }
 
@@ -380,7 +442,38 @@ impl Validator<'_> {
         let listed: &[EndpointFile] = s.endpoints.as_ref().map_or(&[], |e| e.get_ref());
         let mut endpoints = Vec::with_capacity(listed.len());
         let mut seen = HashSet::new();
+        let mut seen_names = HashSet::new();
         for e in listed {
+            let weight = self.int(&e.weight, ctx, 1, 10_000).unwrap_or(1) as u32;
+            let version = self.endpoint_version(&e.version, ctx);
+            let text = e.addr.get_ref();
+            if text.parse::<SocketAddr>().is_err() {
+                if let Some((host, port)) = split_host_port(text) {
+                    // A name: resolved in the background (`registry::dns`), every address
+                    // an instance. `busbar check` still says when it does not resolve here.
+                    if self.checking() {
+                        let _ = self.addr(&e.addr, ctx);
+                    }
+                    if !seen_names.insert(text.clone()) {
+                        self.err(
+                            e.addr.span(),
+                            ctx,
+                            format!("endpoint {text} is listed twice"),
+                        );
+                    }
+                    endpoints.push(EndpointConfig {
+                        addr: None,
+                        dns: Some(DnsName {
+                            host: host.into(),
+                            port,
+                            text: text.as_str().into(),
+                        }),
+                        weight,
+                        version,
+                    });
+                    continue;
+                }
+            }
             let Some(addr) = self.addr(&e.addr, ctx) else {
                 continue;
             };
@@ -400,21 +493,33 @@ impl Validator<'_> {
                     format!("endpoint {addr} is listed twice"),
                 );
             }
-            let weight = self.int(&e.weight, ctx, 1, 10_000).unwrap_or(1) as u32;
-            let version = self.endpoint_version(&e.version, ctx);
             endpoints.push(EndpointConfig {
-                addr,
+                addr: Some(addr),
+                dns: None,
                 weight,
                 version,
             });
         }
         let registration = s.registration.as_ref().is_some_and(|r| *r.get_ref());
-        if listed.is_empty() && !registration {
+        let dns_srv = s.discovery.as_ref().and_then(|d| {
+            let name = d.dns_srv.get_ref();
+            if split_host_port(&format!("{name}:1")).is_some() {
+                Some(std::sync::Arc::<str>::from(name.as_str()))
+            } else {
+                self.err(
+                    d.dns_srv.span(),
+                    ctx,
+                    format!("discovery.dns_srv: \"{name}\" is not a DNS name like \"_http._tcp.orders.internal\""),
+                );
+                None
+            }
+        });
+        if listed.is_empty() && !registration && s.discovery.is_none() {
             let span = s.endpoints.as_ref().map_or(s.name.span(), |e| e.span());
             self.err(
                 span,
                 ctx,
-                "no endpoints: list at least one in `endpoints = [{ addr = \"host:port\" }]`, or set `registration = true`",
+                "no endpoints: list at least one in `endpoints = [{ addr = \"host:port\" }]`, set `registration = true`, or `discovery = { dns_srv = \"...\" }`",
             );
         }
         let connect_timeout = self.duration(&s.connect_timeout, ctx, DEFAULT_CONNECT_TIMEOUT);
@@ -475,6 +580,7 @@ impl Validator<'_> {
             balance,
             hash_key,
             endpoints,
+            dns_srv,
             connect_timeout,
             read_timeout,
             timeout,
@@ -1177,20 +1283,25 @@ service = "echo"
     }
 
     #[test]
-    fn a_name_that_does_not_resolve_is_an_error_to_run_and_a_warning_to_check() {
+    fn a_name_is_resolved_in_the_background_to_run_and_a_warning_to_check() {
         // `.invalid` never resolves (RFC 6761).
         let src = OK.replace("127.0.0.1:9002", "orders.invalid:9002");
         let col = src.lines().nth(6).unwrap().find("\"orders").unwrap() + 1;
-        let e = errors(&src);
-        assert_eq!(e.len(), 1, "{e:?}");
-        let want =
-            format!("t.toml:7:{col}: service \"echo\": host \"orders.invalid\" does not resolve (");
-        assert!(e[0].starts_with(&want), "{e:?}");
+        // To run: the name is resolved by the DNS task, which keeps trying (issue 27).
+        let c = validate(Path::new("t.toml"), &src).unwrap();
+        let named = &c.services[0].endpoints[1];
+        assert_eq!(named.addr, None);
+        assert_eq!(
+            named.dns.as_ref().map(|d| &*d.text),
+            Some("orders.invalid:9002")
+        );
         let (result, warnings) = validate_for(Path::new("t.toml"), &src, Purpose::Check);
         let c = result.unwrap();
-        assert_eq!(c.services[0].endpoints.len(), 1);
+        assert_eq!(c.services[0].endpoints.len(), 2);
         assert_eq!(warnings.len(), 1);
-        assert_eq!(warnings[0].to_string(), e[0]);
+        let want =
+            format!("t.toml:7:{col}: service \"echo\": host \"orders.invalid\" does not resolve (");
+        assert!(warnings[0].to_string().starts_with(&want), "{warnings:?}");
         // A malformed address is the file's problem: an error either way.
         let src = OK.replace("127.0.0.1:9002", "orders.invalid");
         let (result, warnings) = validate_for(Path::new("t.toml"), &src, Purpose::Check);
@@ -1200,5 +1311,44 @@ service = "echo"
             "{e}"
         );
         assert!(warnings.is_empty());
+    }
+    #[test]
+    fn proxy_protocol_listeners_and_trusted_proxies() {
+        let src = OK.replace(
+            r#"http = ["127.0.0.1:8080"]"#,
+            r#"http = ["127.0.0.1:8080", { addr = "127.0.0.1:8081", proxy_protocol = true }]
+trusted_proxies = ["10.0.0.0/8", "192.0.2.1"]"#,
+        );
+        let c = validate(Path::new("t.toml"), &src).unwrap();
+        assert_eq!(c.listen.http.len(), 2);
+        assert_eq!(c.listen.proxy_protocol, vec![c.listen.http[1]]);
+        assert_eq!(c.listen.trusted_proxies.len(), 2);
+
+        // PROXY headers from nobody: refused, naming the entry.
+        let src = OK.replace(
+            r#"http = ["127.0.0.1:8080"]"#,
+            r#"http = [{ addr = "127.0.0.1:8080", proxy_protocol = true }]"#,
+        );
+        let e = errors(&src);
+        assert!(
+            e.iter()
+                .any(|e| e.contains("t.toml:3:") && e.contains("listen.trusted_proxies")),
+            "{e:?}"
+        );
+        let src = OK.replace(
+            r#"http = ["127.0.0.1:8080"]"#,
+            "http = [\"127.0.0.1:8080\"]\ntrusted_proxies = [\"10.0.0.0/33\"]",
+        );
+        let e = errors(&src);
+        assert!(
+            e.iter()
+                .any(|e| e.contains("t.toml:4:") && e.contains("10.0.0.0/33")),
+            "{e:?}"
+        );
+        let src = OK.replace(
+            r#"http = ["127.0.0.1:8080"]"#,
+            r#"http = [{ addr = "127.0.0.1:8080", proxy_protcol = true }]"#,
+        );
+        assert!(!errors(&src).is_empty(), "a typo is an error");
     }
 }

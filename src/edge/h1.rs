@@ -617,6 +617,8 @@ impl Served {
 struct Downstream<'a> {
     client: &'a mut L4Stream,
     peer: Option<SocketAddr>,
+    /// The real client address (the peer, unless the peer is a trusted proxy).
+    real: Option<IpAddr>,
     /// The connection may carry another request after this one.
     keep_alive: bool,
     /// Watch the client for leaving while the request waits (see [`Downstream::left`]).
@@ -709,7 +711,8 @@ async fn admit(
     ctx: &mut RequestCtx,
 ) -> Result<(), Served> {
     let parts = crate::admission::RequestParts {
-        client_ip: down.peer.map(|a| a.ip()),
+        client_ip: down.real,
+        peer: down.peer.map(|a| a.ip()),
         path,
         // `take` leaves paths with two readings to the proxy.
         literal: None,
@@ -767,9 +770,12 @@ pub async fn serve(
     let peer = client
         .get_socket_digest()
         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+    let real = proxy::real_client(&snapshot, peer.map(|a| a.ip()), req);
+    ctx.client = real;
     let mut down = Downstream {
         client,
         peer,
+        real,
         keep_alive: !close && !draining,
         watch: !pipelined,
         limit: snapshot.config.limits.client_timeout,
@@ -799,7 +805,7 @@ pub async fn serve(
             };
             match admitted {
                 Ok(()) => {
-                    proxy.plan_tries(req, peer.map(|a| a.ip()), &mut ctx, &route);
+                    proxy.plan_tries(req, real, &mut ctx, &route);
                     exchange(proxy, &mut down, &route, req, &mut ctx).await
                 }
                 Err(served) => served,
@@ -812,7 +818,7 @@ pub async fn serve(
             method: method.as_str(),
             host: proxy::host_of(&uri, host.as_ref()),
             path: uri.path(),
-            client: peer,
+            client: proxy::logged_client(peer, real),
             status: served.status,
             body_bytes: served.body_bytes,
             error: false,

@@ -95,6 +95,7 @@ pub struct Metrics {
     pub registrations: IntCounterVec,
     pub registrations_refused: IntCounterVec,
     pub registry_degraded: IntGauge,
+    pub dns_failures: IntCounterVec,
     pub version_requests: IntCounterVec,
     pub release_fallback: IntCounterVec,
     pub release_changes: IntCounterVec,
@@ -178,7 +179,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["version", "commit"],
     );
     build_info
-        .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("BUSBAR_COMMIT")])
+        .with_label_values(&[crate::version::VERSION, crate::version::COMMIT])
         .set(1);
     let requests = counter(
         &mut r,
@@ -392,6 +393,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "busbar_registrations_refused_total",
             "Instances learned from etcd or the registry snapshot file that this node does not route, because their address (or sidecar) is one the address policy refuses here; counted once per instance and address, by source and reason.",
             &["source", "reason"],
+        ),
+        dns_failures: counter(
+            &mut r,
+            "busbar_dns_failures_total",
+            "Failed lookups of endpoint names (timeout, SERVFAIL, NXDOMAIN, no records) by service and reason; the last good answer keeps routing.",
+            &["service", "reason"],
         ),
         registry_degraded: int_gauge(
             &mut r,

@@ -64,6 +64,10 @@ pub struct RequestCtx {
     pub upstream_start: Option<Instant>,
     pub upstream_time: Option<Duration>,
     pub cause: Option<Cause>,
+    /// The real client address (`client_addr::real_client`): the peer, unless the
+    /// peer is a trusted proxy. Set before routing; admission, sticky hashing, the
+    /// release split and the access log use it.
+    pub client: Option<std::net::IpAddr>,
     pub trace: TraceContext,
     /// The HTTP version the client spoke: the protocol of busbar's `Via` entry.
     pub client_version: http::Version,
@@ -97,6 +101,7 @@ impl RequestCtx {
             upstream_start: None,
             upstream_time: None,
             cause: None,
+            client: None,
             trace: TraceContext::default(),
             client_version: http::Version::HTTP_11,
             sticky_key: 0,
@@ -122,7 +127,7 @@ impl RequestCtx {
             .load(std::sync::atomic::Ordering::Relaxed);
         let (instances, tried, key) = (&set.instances, &self.tried, self.sticky_key);
         let pick = |tried_ok: bool, want: crate::release::Want| {
-            set.balancer.pick(instances, key, |i| {
+            set.pick(key, |i| {
                 (tried_ok || !tried.contains(i))
                     && (panic || instances.get(i).is_some_and(|x| x.is_available()))
                     && set.versions.admits(i, want)

@@ -1,5 +1,7 @@
 //! What busbar writes into the upstream request: forwarding headers, trace context,
-//! route header edits. Client-sent forwarding headers are replaced, never trusted.
+//! route header edits. Client-sent forwarding headers are replaced, unless the peer is a
+//! trusted proxy (`listen.trusted_proxies`): then its `X-Forwarded-For` and `Forwarded`
+//! chains go on with busbar's hop appended, as nginx's `$proxy_add_x_forwarded_for` does.
 
 use std::net::IpAddr;
 
@@ -30,15 +32,19 @@ pub struct Forwarding {
     /// `X-Forwarded-For`; none when the client's address is unknown.
     xff: Option<StackBuf>,
     forwarded: StackBuf,
+    /// A trusted peer's chains, kept before busbar's entries (`a, b`); none otherwise.
+    xff_chain: Option<Vec<u8>>,
+    forwarded_chain: Option<Vec<u8>>,
     proto: &'static str,
     /// `X-Forwarded-Host`: the request's `Host` (or authority).
     host: Option<HeaderValue>,
 }
 
 impl Forwarding {
-    /// The values for a request from `client` (over TLS or not). Formatted on the stack:
-    /// no `format!`.
-    pub fn of(req: &RequestHeader, client: Option<IpAddr>, tls: bool) -> Forwarding {
+    /// The values for a request from the peer `client` (over TLS or not). Formatted on
+    /// the stack: no `format!`. `chain`: the peer is a trusted proxy, whose chains are
+    /// kept (allocated, only then).
+    pub fn of(req: &RequestHeader, client: Option<IpAddr>, tls: bool, chain: bool) -> Forwarding {
         let proto: &'static str = if tls { "https" } else { "http" };
         let host = match req.headers.get(HOST) {
             Some(h) => Some(h.clone()),
@@ -65,9 +71,16 @@ impl Forwarding {
             forwarded.put(b"proto=");
         }
         forwarded.put(proto.as_bytes());
+        let (xff_chain, forwarded_chain) = if chain {
+            (joined(req, &X_FORWARDED_FOR), joined(req, &FORWARDED))
+        } else {
+            (None, None)
+        };
         Forwarding {
             xff,
             forwarded,
+            xff_chain,
+            forwarded_chain,
             proto,
             host,
         }
@@ -75,13 +88,21 @@ impl Forwarding {
 
     /// Replaces the request's forwarding headers with these (one insert each).
     pub fn apply(self, req: &mut RequestHeader) -> pingora_error::Result<()> {
-        match &self.xff {
-            Some(addr) => req.insert_header(XFF_NAME, value(addr.as_bytes())?)?,
-            None => {
+        match (&self.xff, &self.xff_chain) {
+            (Some(addr), None) => req.insert_header(XFF_NAME, value(addr.as_bytes())?)?,
+            (Some(addr), Some(chain)) => {
+                req.insert_header(XFF_NAME, value(&chained(chain, addr.as_bytes()))?)?
+            }
+            (None, Some(chain)) => req.insert_header(XFF_NAME, value(chain)?)?,
+            (None, None) => {
                 req.remove_header(&X_FORWARDED_FOR);
             }
         }
-        req.insert_header(FORWARDED_NAME, value(self.forwarded.as_bytes())?)?;
+        let own = self.forwarded.as_bytes();
+        match &self.forwarded_chain {
+            Some(chain) => req.insert_header(FORWARDED_NAME, value(&chained(chain, own))?)?,
+            None => req.insert_header(FORWARDED_NAME, value(own)?)?,
+        }
         req.insert_header(XFP_NAME, HeaderValue::from_static(self.proto))?;
         match self.host {
             Some(h) => req.insert_header(XFH_NAME, h)?,
@@ -96,15 +117,56 @@ impl Forwarding {
     /// were removed ([`clear_forwarded`]): what [`Forwarding::apply`] then serialising
     /// writes, without the inserts.
     pub fn write(&self, wire: &mut Vec<u8>) {
-        if let Some(addr) = &self.xff {
-            line(wire, XFF_NAME.as_bytes(), addr.as_bytes());
-        }
-        line(wire, FORWARDED_NAME.as_bytes(), self.forwarded.as_bytes());
+        let own = self.xff.as_ref().map(StackBuf::as_bytes);
+        chain_line(wire, XFF_NAME, self.xff_chain.as_deref(), own);
+        let own = Some(self.forwarded.as_bytes());
+        chain_line(wire, FORWARDED_NAME, self.forwarded_chain.as_deref(), own);
         line(wire, XFP_NAME.as_bytes(), self.proto.as_bytes());
         if let Some(h) = &self.host {
             line(wire, XFH_NAME.as_bytes(), h.as_bytes());
         }
     }
+}
+
+/// A header's lines as one list, `a, b` (RFC 9110 §5.3); none when it has none.
+fn joined(req: &RequestHeader, name: &HeaderName) -> Option<Vec<u8>> {
+    let mut out: Option<Vec<u8>> = None;
+    for v in req.headers.get_all(name) {
+        let out = out.get_or_insert_with(|| Vec::with_capacity(v.len() + 48));
+        if !out.is_empty() {
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(v.as_bytes());
+    }
+    out
+}
+
+/// `chain, own`.
+fn chained(chain: &[u8], own: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(chain.len() + 2 + own.len());
+    v.extend_from_slice(chain);
+    v.extend_from_slice(b", ");
+    v.extend_from_slice(own);
+    v
+}
+
+/// A forwarding header's line: the kept chain, then busbar's own entry; nothing when
+/// there is neither.
+fn chain_line(wire: &mut Vec<u8>, name: &str, chain: Option<&[u8]>, own: Option<&[u8]>) {
+    let (chain, own) = match (chain, own) {
+        (None, None) => return,
+        (Some(c), None) => (c, None),
+        (None, Some(o)) => (o, None),
+        (Some(c), Some(o)) => (c, Some(o)),
+    };
+    wire.extend_from_slice(name.as_bytes());
+    wire.extend_from_slice(b": ");
+    wire.extend_from_slice(chain);
+    if let Some(own) = own {
+        wire.extend_from_slice(b", ");
+        wire.extend_from_slice(own);
+    }
+    wire.extend_from_slice(b"\r\n");
 }
 
 /// One HTTP/1 header line: `name: value` and CRLF.
@@ -136,13 +198,15 @@ pub fn clear_forwarded(req: &mut RequestHeader) {
     }
 }
 
-/// Replaces `X-Forwarded-*` and `Forwarded` with what busbar itself saw.
+/// Replaces `X-Forwarded-*` and `Forwarded` with what busbar itself saw (after a trusted
+/// peer's chains, when `chain`).
 pub fn set_forwarded(
     req: &mut RequestHeader,
     client: Option<IpAddr>,
     tls: bool,
+    chain: bool,
 ) -> pingora_error::Result<()> {
-    Forwarding::of(req, client, tls).apply(req)
+    Forwarding::of(req, client, tls, chain).apply(req)
 }
 
 fn value(bytes: &[u8]) -> pingora_error::Result<HeaderValue> {

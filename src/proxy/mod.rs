@@ -286,6 +286,39 @@ fn clear_identity<'c>(
     }
 }
 
+/// The peer is one of `listen.trusted_proxies`: its forwarding chains go on upstream.
+fn peer_trusted(ctx: &RequestCtx, peer: Option<IpAddr>) -> bool {
+    match (ctx.snapshot.as_deref(), peer) {
+        (Some(s), Some(p)) => {
+            let list = &s.config.listen.trusted_proxies;
+            !list.is_empty() && crate::client_addr::trusted(p, list)
+        }
+        _ => false,
+    }
+}
+
+/// The real client of a request from `peer` (see `client_addr`).
+pub(crate) fn real_client(
+    snapshot: &Snapshot,
+    peer: Option<IpAddr>,
+    req: &RequestHeader,
+) -> Option<IpAddr> {
+    let list = &snapshot.config.listen.trusted_proxies;
+    peer.map(|p| crate::client_addr::real_client(p, &req.headers, list))
+}
+
+/// What the access log calls the client: the peer's address and port, or the real
+/// client's address (port 0: unknown) when a trusted proxy named it.
+pub(crate) fn logged_client(
+    peer: Option<std::net::SocketAddr>,
+    client: Option<IpAddr>,
+) -> Option<std::net::SocketAddr> {
+    match (peer, client) {
+        (Some(p), Some(c)) if p.ip() != c => Some(std::net::SocketAddr::new(c, 0)),
+        _ => peer,
+    }
+}
+
 /// [`upstream_headers`] for a request on a connection with this client and TLS state.
 pub(crate) fn upstream_headers_for(
     ctx: &RequestCtx,
@@ -294,7 +327,7 @@ pub(crate) fn upstream_headers_for(
     tls: bool,
 ) -> Result<()> {
     identity(ctx, upstream)?;
-    headers::set_forwarded(upstream, client_ip, tls)?;
+    headers::set_forwarded(upstream, client_ip, tls, peer_trusted(ctx, client_ip))?;
     upstream.append_header(
         crate::via::VIA_NAME,
         crate::via::node().value(ctx.client_version).clone(),
@@ -477,7 +510,8 @@ pub(crate) fn upstream_request_h1(
     origin_form(upstream)?;
     let added = if route.config.request_headers.is_empty() {
         let identity = clear_identity(ctx, upstream);
-        let forwarding = headers::Forwarding::of(upstream, client_ip, false);
+        let chain = peer_trusted(ctx, client_ip);
+        let forwarding = headers::Forwarding::of(upstream, client_ip, false, chain);
         headers::clear_forwarded(upstream);
         Some((forwarding, identity))
     } else {
@@ -560,6 +594,8 @@ impl BusbarProxy {
         ctx.body_pace = BodyPace::new(limits.client_timeout, limits.body_min_rate);
         let req = session.req_header();
         ctx.client_version = req.version;
+        let peer = client_ip(session);
+        ctx.client = real_client(snapshot, peer, req);
         ctx.trace = trace::TraceContext::from_header(
             req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()),
         );
@@ -588,11 +624,14 @@ impl BusbarProxy {
             return Ok(true);
         }
         if let Some(policy) = snapshot.admission.policy(route.name()).cloned() {
-            let client_ip = client_ip(session);
             let downstream = session.as_downstream_mut();
             // Waits (queue, cluster limit) end early if the client goes away.
             let (normalized, literal) = (path.normalized.as_deref(), path.literal.as_deref());
-            match admission::admit(&policy, downstream, client_ip, normalized, literal).await {
+            let who = admission::Addresses {
+                client: ctx.client,
+                peer,
+            };
+            match admission::admit(&policy, downstream, who, normalized, literal).await {
                 Ok(admitted) => ctx.admitted = Some(admitted),
                 Err(refused) => {
                     let rejection = refused.into_rejection()?;
@@ -602,7 +641,7 @@ impl BusbarProxy {
                 }
             }
         }
-        self.plan_tries(session.req_header(), client_ip(session), ctx, &route);
+        self.plan_tries(session.req_header(), ctx.client, ctx, &route);
         Ok(false)
     }
 
@@ -1118,7 +1157,10 @@ impl ProxyHttp for BusbarProxy {
                 method: req.method.as_str(),
                 host: request_host(req),
                 path: req.uri.path(),
-                client: downstream.client_addr().and_then(|a| a.as_inet()).copied(),
+                client: logged_client(
+                    downstream.client_addr().and_then(|a| a.as_inet()).copied(),
+                    ctx.client,
+                ),
                 status,
                 body_bytes: downstream.body_bytes_sent(),
                 error: e.is_some(),

@@ -8,6 +8,8 @@
 //! that did not come through this node's own API passes [`Gate::admit`], with the same
 //! rules (`config::address`, including this node's own listeners); a refused one never
 //! reaches the store: it is not routed, not listed, not written back to the snapshot.
+//! Every address a DNS answer gives for an endpoint name or SRV name (`registry::dns`)
+//! passes the same check ([`Gate::admit_resolved`]): DNS is just as much from elsewhere.
 //! A token's `addresses` cannot be checked here: etcd does not record which token wrote a
 //! key, and the node that took the registration checked them.
 //!
@@ -34,6 +36,8 @@ pub enum Source {
     Etcd,
     /// The registry snapshot file, read on start.
     Snapshot,
+    /// An answer for an endpoint named by host or SRV (`registry::dns`).
+    Dns,
 }
 
 impl Source {
@@ -41,6 +45,7 @@ impl Source {
         match self {
             Source::Etcd => "etcd",
             Source::Snapshot => "snapshot",
+            Source::Dns => "dns",
         }
     }
 }
@@ -86,16 +91,37 @@ impl Gate {
     /// or re-list that repeats it.
     pub fn admit(&self, reg: &Registration, source: Source) -> bool {
         // The check may probe a socket: never under the lock.
-        let Some((field, addr, why)) = self.verdict(reg) else {
+        let verdict = self.verdict(reg);
+        self.judge(&reg.service, &reg.id, verdict, source)
+    }
+
+    /// Whether an address DNS gave for `service`'s endpoint `name` may be routed; a
+    /// refusal is logged and counted once per (service, name, address), as for `admit`.
+    pub fn admit_resolved(&self, service: &str, name: &str, addr: SocketAddr) -> bool {
+        let verdict = address::check(addr, &self.own)
+            .err()
+            .map(|why| ("address", addr, why));
+        let id = format!("{name}@{addr}");
+        self.judge(service, &id, verdict, Source::Dns)
+    }
+
+    fn judge(
+        &self,
+        service: &str,
+        id: &str,
+        verdict: Option<(&'static str, SocketAddr, Refused)>,
+        source: Source,
+    ) -> bool {
+        let Some((field, addr, why)) = verdict else {
             let mut refused = self.refused();
             if !refused.is_empty() {
-                refused.remove(&(reg.service.clone(), reg.id.clone()));
+                refused.remove(&(service.to_string(), id.to_string()));
             }
             return true;
         };
         let refusal = Refusal {
-            service: reg.service.clone(),
-            id: reg.id.clone(),
+            service: service.to_string(),
+            id: id.to_string(),
             field,
             address: addr,
             reason: why.code(),
@@ -103,7 +129,7 @@ impl Gate {
         };
         let new = {
             let mut refused = self.refused();
-            let key = (reg.service.clone(), reg.id.clone());
+            let key = (service.to_string(), id.to_string());
             let new = refused
                 .get(&key)
                 .is_none_or(|old| old.field != field || old.address != addr);
@@ -112,15 +138,20 @@ impl Gate {
             }
             new
         };
-        if new {
+        if new && source == Source::Dns {
+            tracing::warn!(service = %service, name = %id, address = %addr,
+                "DNS answer refused, not routed on this node: {why}");
+        } else if new {
             tracing::warn!(
-                service = %reg.service,
-                id = %reg.id,
+                service = %service,
+                id = %id,
                 field,
                 address = %addr,
                 source = source.as_str(),
                 "registration refused, not routed on this node: {why}"
             );
+        }
+        if new {
             METRICS
                 .registrations_refused
                 .with_label_values(&[source.as_str(), why.code()])
@@ -185,6 +216,8 @@ mod tests {
             tls: Vec::new(),
             admin: "127.0.0.1:9901".parse().unwrap(),
             metrics: None,
+            proxy_protocol: Vec::new(),
+            trusted_proxies: Vec::new(),
         };
         Gate::new(OwnListeners::new(
             &listen,

@@ -5,15 +5,17 @@
 //! Must not: do I/O. Probes live in `health`, balancing policy in `balance`.
 
 pub mod api;
+pub mod dns;
 pub mod gate;
 pub mod listener;
 pub mod persist;
 pub mod store;
 pub mod sync;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 
@@ -36,6 +38,11 @@ pub struct Instance {
     pub registration: Option<Arc<store::Registration>>,
     /// Its sidecar's address and state, when it registered one.
     pub sidecar: Option<(SocketAddr, Arc<SidecarState>)>,
+    /// The endpoint name (`host:port`) or SRV name it was resolved from, for instances
+    /// from DNS.
+    pub dns: Option<Arc<str>>,
+    /// Its SRV priority (lower first; the others are fallback); 0 for the rest.
+    pub priority: u16,
 }
 
 impl Instance {
@@ -53,16 +60,73 @@ pub struct InstanceSet {
     pub balancer: Balancer,
     /// Which version each instance runs, for gray release and per-version metrics.
     pub versions: crate::release::VersionIndex,
+    /// When instances differ in SRV priority: one balancer per priority, lowest first.
+    /// Only the lowest priority with an available instance takes traffic; a balancer
+    /// of its own keeps its weights exact (skipping other priorities' instances in one
+    /// shared smooth-weighted sequence would skew them).
+    tiers: Vec<Tier>,
+}
+
+/// The instances of one SRV priority.
+#[derive(Debug)]
+struct Tier {
+    instances: Vec<Arc<Instance>>,
+    /// Each one's index in the whole set.
+    index: Vec<usize>,
+    balancer: Balancer,
 }
 
 impl InstanceSet {
     pub fn new(service: &ServiceConfig, instances: Vec<Arc<Instance>>) -> Self {
         let balancer = Balancer::new(service.balance, &instances);
         let versions = crate::release::VersionIndex::new(service, &instances);
+        let mut priorities: Vec<u16> = instances.iter().map(|i| i.priority).collect();
+        priorities.sort_unstable();
+        priorities.dedup();
+        let tiers = if priorities.len() < 2 {
+            Vec::new()
+        } else {
+            priorities
+                .into_iter()
+                .map(|priority| {
+                    let index: Vec<usize> = (0..instances.len())
+                        .filter(|&i| instances[i].priority == priority)
+                        .collect();
+                    let members: Vec<Arc<Instance>> =
+                        index.iter().map(|&i| instances[i].clone()).collect();
+                    Tier {
+                        balancer: Balancer::new(service.balance, &members),
+                        instances: members,
+                        index,
+                    }
+                })
+                .collect()
+        };
         InstanceSet {
             instances,
             balancer,
             versions,
+            tiers,
+        }
+    }
+
+    /// Picks an index into `instances` among the `eligible`, with the set's balancer; in
+    /// a set with SRV priorities, from the lowest priority that has an available instance
+    /// (all of them when none has one).
+    #[inline]
+    pub fn pick(&self, key: u64, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+        let active = self
+            .tiers
+            .iter()
+            .find(|t| t.instances.iter().any(|i| i.is_available()));
+        match active {
+            Some(t) => t
+                .balancer
+                .pick(&t.instances, key, |j| {
+                    t.index.get(j).is_some_and(|&i| eligible(i))
+                })
+                .and_then(|j| t.index.get(j).copied()),
+            None => self.balancer.pick(&self.instances, key, eligible),
         }
     }
 
@@ -81,6 +145,23 @@ pub struct Service {
     pub panic: AtomicBool,
     pub retry_budget: RetryBudget,
     pub metrics: ServiceMetrics,
+    /// The last good answer for each endpoint name (`DnsName::text`): kept when DNS
+    /// fails, carried over a reload. Also serialises rebuilding the instance set, so a
+    /// DNS answer and a registration applied at once cannot undo each other.
+    resolved: Mutex<Resolved>,
+}
+
+/// Addresses by endpoint name or SRV name.
+pub type Resolved = HashMap<Arc<str>, Arc<[Target]>>;
+
+/// One address from a DNS answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// The SRV record's weight; `None` for A/AAAA records (the endpoint's weight).
+    pub weight: Option<u32>,
+    /// The SRV record's priority; 0 for A/AAAA records.
+    pub priority: u16,
 }
 
 impl Service {
@@ -92,7 +173,20 @@ impl Service {
         registered: &[Arc<store::Registration>],
     ) -> Self {
         let old = previous.map(|p| p.instances());
-        let instances = Self::merge(&config, old.as_deref(), registered);
+        // Answers for names this config still lists, so a reload re-resolves nothing.
+        let resolved: Resolved = previous
+            .map(|p| {
+                let prev = p.lock_resolved();
+                config
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| e.dns.as_ref().map(|d| &d.text))
+                    .chain(config.dns_srv.as_ref())
+                    .filter_map(|n| prev.get(n).map(|a| (n.clone(), a.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let instances = Self::merge(&config, old.as_deref(), registered, &resolved);
         let set = InstanceSet::new(&config, instances);
         let retry_budget =
             RetryBudget::new(config.retry.budget, config.retry.min_retries_per_second);
@@ -103,7 +197,12 @@ impl Service {
             panic: AtomicBool::new(false),
             retry_budget,
             metrics,
+            resolved: Mutex::new(resolved),
         }
+    }
+
+    fn lock_resolved(&self) -> MutexGuard<'_, Resolved> {
+        self.resolved.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn name(&self) -> &str {
@@ -122,6 +221,7 @@ impl Service {
         config: &ServiceConfig,
         old: Option<&InstanceSet>,
         registered: &[Arc<store::Registration>],
+        resolved: &Resolved,
     ) -> Vec<Arc<Instance>> {
         let previous = |id: &str, addr: SocketAddr| {
             old.and_then(|set| set.instances.iter().find(|i| i.id == id && i.addr == addr))
@@ -140,21 +240,38 @@ impl Service {
                 .unwrap_or_default();
             Some((addr, state))
         };
-        let mut out: Vec<Arc<Instance>> = config
-            .endpoints
-            .iter()
-            .map(|e| {
-                let id = e.addr.to_string();
-                Arc::new(Instance {
-                    health: health_of(&id, e.addr),
-                    id,
-                    addr: e.addr,
-                    weight: e.weight,
-                    registration: None,
-                    sidecar: None,
-                })
-            })
-            .collect();
+        let mut out: Vec<Arc<Instance>> = Vec::with_capacity(config.endpoints.len());
+        let mut push = |addr: SocketAddr, weight: u32, dns: Option<&Arc<str>>, priority: u16| {
+            let id = addr.to_string();
+            out.push(Arc::new(Instance {
+                health: health_of(&id, addr),
+                id,
+                addr,
+                weight,
+                registration: None,
+                sidecar: None,
+                dns: dns.cloned(),
+                priority,
+            }));
+        };
+        for e in &config.endpoints {
+            match (&e.addr, &e.dns) {
+                (Some(a), _) => push(*a, e.weight, None, 0),
+                // A name not resolved yet has no instance: nothing is known to route to.
+                (None, Some(d)) => {
+                    for t in resolved.get(&d.text).map_or(&[][..], |a| &a[..]) {
+                        push(t.addr, e.weight, Some(&d.text), 0);
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+        if let Some(srv) = &config.dns_srv {
+            for t in resolved.get(srv).map_or(&[][..], |a| &a[..]) {
+                // SRV weight 0 means "rarely", not "never" (RFC 2782).
+                push(t.addr, t.weight.unwrap_or(1).max(1), Some(srv), t.priority);
+            }
+        }
         if config.registration {
             out.extend(registered.iter().map(|r| {
                 Arc::new(Instance {
@@ -164,6 +281,8 @@ impl Service {
                     weight: r.weight,
                     sidecar: sidecar_of(r),
                     registration: Some(r.clone()),
+                    dns: None,
+                    priority: 0,
                 })
             }));
         }
@@ -173,10 +292,38 @@ impl Service {
     /// Replaces the registered part of the instance set. Requests already sent keep
     /// their instance; only new picks see the change.
     pub fn set_registered(&self, registered: &[Arc<store::Registration>]) {
+        let resolved = self.lock_resolved();
         let old = self.instances();
-        let instances = Self::merge(&self.config, Some(&old), registered);
+        let instances = Self::merge(&self.config, Some(&old), registered, &resolved);
         self.instances
             .store(Arc::new(InstanceSet::new(&self.config, instances)));
+    }
+
+    /// Replaces the addresses endpoint `name` resolved to (the DNS task's good answer).
+    /// Returns whether anything changed; an unchanged answer rebuilds nothing.
+    pub fn set_resolved(&self, name: &Arc<str>, addrs: Vec<Target>) -> bool {
+        let mut resolved = self.lock_resolved();
+        if resolved.get(name).is_some_and(|a| **a == *addrs) {
+            return false;
+        }
+        resolved.insert(name.clone(), addrs.into());
+        let old = self.instances();
+        // The registered part stays as the last `set_registered` left it (the lock
+        // orders the two).
+        let registered: Vec<_> = old
+            .instances
+            .iter()
+            .filter_map(|i| i.registration.clone())
+            .collect();
+        let instances = Self::merge(&self.config, Some(&old), &registered, &resolved);
+        self.instances
+            .store(Arc::new(InstanceSet::new(&self.config, instances)));
+        true
+    }
+
+    /// The last good answer for endpoint `name`, if it ever resolved.
+    pub fn resolved(&self, name: &str) -> Option<Arc<[Target]>> {
+        self.lock_resolved().get(name).cloned()
     }
 
     /// Recomputes panic mode from the current availability.
@@ -259,6 +406,70 @@ impl RetryBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn service(balance: &str) -> ServiceConfig {
+        let src = format!(
+            "[listen]\nhttp = [\"127.0.0.1:8080\"]\n[[service]]\nname = \"s\"\nbalance = \"{balance}\"\ndiscovery = {{ dns_srv = \"_http._tcp.s.test\" }}\n[[route]]\nname = \"r\"\nservice = \"s\"\n"
+        );
+        crate::config::parse(std::path::Path::new("t.toml"), &src)
+            .unwrap()
+            .services
+            .remove(0)
+    }
+
+    fn target(n: u8, weight: u32, priority: u16) -> Target {
+        Target {
+            addr: format!("10.0.0.{n}:80").parse().unwrap(),
+            weight: Some(weight),
+            priority,
+        }
+    }
+
+    #[test]
+    fn srv_priorities_fall_back_and_keep_their_weights() {
+        let svc = Service::new(service("weighted"), None, &[]);
+        let name: Arc<str> = "_http._tcp.s.test".into();
+        assert!(svc.set_resolved(
+            &name,
+            vec![
+                target(1, 1, 10),
+                target(2, 1, 10),
+                target(3, 3, 20),
+                target(4, 1, 20)
+            ],
+        ));
+        assert!(
+            !svc.set_resolved(
+                &name,
+                vec![
+                    target(1, 1, 10),
+                    target(2, 1, 10),
+                    target(3, 3, 20),
+                    target(4, 1, 20)
+                ],
+            ),
+            "the same answer rebuilds nothing"
+        );
+        let set = svc.instances();
+        let picks = |set: &InstanceSet| {
+            let mut n = [0; 4];
+            for _ in 0..40 {
+                let i = set.pick(0, |i| set.instances[i].is_available()).unwrap();
+                n[i] += 1;
+            }
+            n
+        };
+        assert_eq!(picks(&set), [20, 20, 0, 0]);
+        for i in &set.instances[..2] {
+            i.health.record_probe(false, 1, 1);
+        }
+        assert_eq!(picks(&set), [0, 0, 30, 10]);
+        // None available anywhere: every instance may be picked (the caller's panic mode).
+        for i in &set.instances[2..] {
+            i.health.record_probe(false, 1, 1);
+        }
+        assert!(set.pick(0, |_| true).is_some());
+    }
 
     #[test]
     fn budget_allows_ratio_of_requests() {

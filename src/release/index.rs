@@ -40,7 +40,10 @@ fn version_of<'a>(service: &'a ServiceConfig, i: &'a Instance) -> &'a str {
         None => service
             .endpoints
             .iter()
-            .find(|e| e.addr == i.addr)
+            .find(|e| match (&i.dns, &e.dns) {
+                (Some(name), Some(d)) => d.text == *name,
+                _ => e.addr == Some(i.addr),
+            })
             .and_then(|e| e.version.as_deref())
             .unwrap_or(""),
     }

@@ -63,6 +63,11 @@ impl Daemon {
         }
     }
 
+    /// The running process's pid (to send it a signal).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }

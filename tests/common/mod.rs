@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod daemon;
+pub mod dns;
 pub mod etcd;
 pub mod forwarder;
 pub mod redis;

@@ -1,0 +1,451 @@
+//! The real client address behind a load balancer (issue 24 part 1): trusted
+//! `X-Forwarded-For` / `Forwarded` hops, PROXY protocol v1/v2, and HAProxy in front.
+//! Clients connect from chosen loopback addresses (all of 127/8 is local): 127.0.0.3
+//! plays the trusted load balancer, 127.0.0.2 an untrusted client.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use common::{Backend, Busbar};
+
+const LB: &str = "127.0.0.3";
+const STRANGER: &str = "127.0.0.2";
+
+/// A client whose connections come from `from`; h2c (prior knowledge) when `h2c`.
+fn client_from(from: &str, h2c: bool) -> reqwest::Client {
+    let b = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .no_proxy()
+        .local_address(from.parse::<IpAddr>().ok());
+    let b = if h2c { b.http2_prior_knowledge() } else { b };
+    b.build().unwrap()
+}
+
+/// One route to `a`, an ACL denying 198.51.100.66 and a client_ip rate limit of one
+/// request a minute.
+fn limited(a: SocketAddr) -> String {
+    format!(
+        r#"
+[[service]]
+name = "s"
+endpoints = [{{ addr = "{a}" }}]
+[[route]]
+name = "all"
+service = "s"
+[route.admission]
+deny = ["198.51.100.66/32"]
+rate_limit = {{ rate = "1/m", burst = 1 }}
+"#
+    )
+}
+
+/// Waits until the access log has a line with `needle` (it is flushed every 200 ms).
+async fn logged(bus: &Busbar, needle: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if bus.access_log().contains(needle) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_load_balancers_chain_names_the_client_on_both_paths() {
+    let a = Backend::start("a").await;
+    let bus = Busbar::start_with_header(
+        &limited(a.addr),
+        &format!("trusted_proxies = [\"{LB}/32\"]"),
+    )
+    .await;
+    let lb = client_from(LB, false);
+    // busbar's own HTTP/1.1 path (a bodyless GET). The client wrote 1.2.3.4 itself;
+    // the load balancer appended the address it saw.
+    let get = |xff: &'static str| lb.get(bus.url("/x")).header("x-forwarded-for", xff).send();
+    let r = get("1.2.3.4, 198.51.100.7").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = a.seen();
+    assert_eq!(
+        seen[0].headers["x-forwarded-for"],
+        format!("1.2.3.4, 198.51.100.7, {LB}"),
+        "the chain goes on with the peer appended"
+    );
+    assert_eq!(seen[0].headers["forwarded"], format!("for={LB};proto=http"));
+    // The rate limit is the client's, not the load balancer's.
+    assert_eq!(get("198.51.100.7").await.unwrap().status(), 429);
+    assert_eq!(get("198.51.100.8").await.unwrap().status(), 200);
+    // The ACL sees the client.
+    let r = get("198.51.100.66").await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("client_address"));
+
+    // pingora's path: h2c, and an HTTP/1.1 request with a body.
+    let h2 = client_from(LB, true);
+    let r = h2
+        .get(bus.url("/x"))
+        .header("x-forwarded-for", "198.51.100.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        a.seen().last().unwrap().headers["x-forwarded-for"],
+        format!("198.51.100.9, {LB}")
+    );
+    let post = |xff: &'static str| {
+        lb.post(bus.url("/x"))
+            .header("x-forwarded-for", xff)
+            .body("body")
+            .send()
+    };
+    assert_eq!(post("198.51.100.9").await.unwrap().status(), 429);
+    assert_eq!(post("198.51.100.10").await.unwrap().status(), 200);
+    assert_eq!(post("198.51.100.66").await.unwrap().status(), 403);
+    // `Forwarded` names the client when there is no X-Forwarded-For.
+    let r = lb
+        .get(bus.url("/x"))
+        .header("forwarded", "for=\"[2001:db8::7]:4711\";proto=https")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        a.seen().last().unwrap().headers["forwarded"],
+        format!("for=\"[2001:db8::7]:4711\";proto=https, for={LB};proto=http")
+    );
+    for client in [
+        "198.51.100.7",
+        "198.51.100.9",
+        "198.51.100.10",
+        "2001:db8::7",
+    ] {
+        let needle = format!("\"client\":\"{client}\"");
+        assert!(
+            logged(&bus, &needle).await,
+            "{needle}: {}",
+            bus.access_log()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_peer_cannot_name_another_client() {
+    let a = Backend::start("a").await;
+    let bus = Busbar::start_with_header(
+        &limited(a.addr),
+        &format!("trusted_proxies = [\"{LB}/32\"]"),
+    )
+    .await;
+    for h2c in [false, true] {
+        let c = client_from(STRANGER, h2c);
+        let spoof = |who: &'static str| {
+            c.get(bus.url("/x"))
+                .header("x-forwarded-for", who)
+                .header("forwarded", format!("for={who}"))
+                .send()
+        };
+        let r = spoof("198.51.100.20").await.unwrap();
+        if !h2c {
+            assert_eq!(r.status(), 200);
+            let seen = a.seen();
+            let sent = &seen.last().unwrap().headers;
+            assert_eq!(sent["x-forwarded-for"], STRANGER, "replaced, not kept");
+            assert_eq!(sent["forwarded"], format!("for={STRANGER};proto=http"));
+        } else {
+            // The stranger's one request a minute is spent, whatever it claims.
+            assert_eq!(r.status(), 429);
+        }
+        assert_eq!(spoof("198.51.100.21").await.unwrap().status(), 429);
+        // Denied addresses can't be dodged, nor an allowed one borrowed.
+        assert_ne!(spoof("198.51.100.66").await.unwrap().status(), 403);
+    }
+    assert_eq!(a.seen().len(), 1);
+    let needle = format!("\"client\":\"{STRANGER}:");
+    assert!(logged(&bus, &needle).await, "{}", bus.access_log());
+    assert!(!bus.access_log().contains("198.51.100.2"));
+}
+
+/// busbar with `http` listening on its harness address with `proxy_protocol = true`
+/// and, when `plain`, a second plain listener (returned), `listen.trusted_proxies` the
+/// load balancer; `body` its services and routes.
+async fn proxied_bus(body: &str, plain: bool) -> (Busbar, Option<SocketAddr>) {
+    let mut bus = Busbar::start(body).await;
+    let second: Option<SocketAddr> = plain.then(|| {
+        format!("127.0.0.1:{}", common::free_port())
+            .parse()
+            .unwrap()
+    });
+    let extra = second.map_or(String::new(), |a| format!(", \"{a}\""));
+    let header = bus
+        .header(&format!("trusted_proxies = [\"{LB}/32\"]"))
+        .replace(
+            &format!("http = [\"{}\"]", bus.http),
+            &format!(
+                "http = [{{ addr = \"{}\", proxy_protocol = true }}{extra}]",
+                bus.http
+            ),
+        );
+    let mut text = body.to_string();
+    if !text.contains("[registry]") {
+        text = format!("[registry]\nlisten = \"{}\"\n\n{text}", bus.registry);
+    }
+    std::fs::write(&bus.config, format!("{header}{text}")).unwrap();
+    bus.kill_and_restart().await;
+    (bus, second)
+}
+
+/// Connects to `to` from `from`.
+async fn connect_from(from: &str, to: SocketAddr) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(SocketAddr::new(from.parse().unwrap(), 0)).unwrap();
+    s.connect(to).await.unwrap()
+}
+
+/// Sends `bytes` from `from` and reads until the close: what busbar answered.
+async fn exchange(from: &str, to: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = connect_from(from, to).await;
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "busbar neither answered nor closed");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A PROXY v2 header for a TCP/IPv4 connection from `src`.
+fn v2_header(src: [u8; 4], port: u16) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&[10, 0, 0, 1]);
+    h.extend_from_slice(&port.to_be_bytes());
+    h.extend_from_slice(&80u16.to_be_bytes());
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_is_believed_only_from_trusted_proxies() {
+    let a = Backend::start("a").await;
+    // A short head deadline: one header below never ends.
+    let body = format!("[limits]\nheader_timeout = \"2s\"\n{}", limited(a.addr));
+    let (bus, _) = proxied_bus(&body, false).await;
+    const GET: &[u8] = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    // v1 from the load balancer, busbar's own HTTP/1.1 path.
+    let mut bytes = b"PROXY TCP4 198.51.100.7 10.0.0.1 5000 80\r\n".to_vec();
+    bytes.extend_from_slice(GET);
+    let answer = exchange(LB, bus.http, &bytes).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        a.seen().last().unwrap().headers["x-forwarded-for"],
+        "198.51.100.7"
+    );
+    // The rate limit is the client's.
+    assert!(exchange(LB, bus.http, &bytes)
+        .await
+        .starts_with("HTTP/1.1 429"));
+    // v2, a request with a body (pingora's path), and the ACL.
+    let post = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbody";
+    let mut bytes = v2_header([198, 51, 100, 8], 5001);
+    bytes.extend_from_slice(post);
+    let answer = exchange(LB, bus.http, &bytes).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        a.seen().last().unwrap().headers["x-forwarded-for"],
+        "198.51.100.8"
+    );
+    let mut bytes = v2_header([198, 51, 100, 66], 5002);
+    bytes.extend_from_slice(GET);
+    assert!(exchange(LB, bus.http, &bytes)
+        .await
+        .starts_with("HTTP/1.1 403"));
+    let hits = a.hits();
+
+    // A trusted peer's malformed header, or none, or one that never ends: closed,
+    // nothing answered or forwarded.
+    for bad in [
+        &b"PROXY TCP4 198.51.100.7 10.0.0.1 5000\r\nGET /x HTTP/1.1\r\n\r\n"[..],
+        b"PROXY TCP4 bogus 10.0.0.1 5000 80\r\nGET /x HTTP/1.1\r\n\r\n",
+        b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xc6\x33",
+        GET,
+    ] {
+        assert_eq!(exchange(LB, bus.http, bad).await, "", "{bad:?}");
+    }
+    // A stranger's header: closed. Its plain request: served as its own.
+    let mut bytes = b"PROXY TCP4 198.51.100.9 10.0.0.1 5000 80\r\n".to_vec();
+    bytes.extend_from_slice(GET);
+    assert_eq!(exchange(STRANGER, bus.http, &bytes).await, "");
+    let mut bytes = v2_header([198, 51, 100, 9], 5003);
+    bytes.extend_from_slice(GET);
+    assert_eq!(exchange(STRANGER, bus.http, &bytes).await, "");
+    assert_eq!(a.hits(), hits, "nothing forwarded");
+    let answer = exchange(STRANGER, bus.http, GET).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        a.seen().last().unwrap().headers["x-forwarded-for"],
+        STRANGER
+    );
+    for (needle, want) in [
+        ("\"client\":\"198.51.100.7:5000\"", true),
+        ("\"client\":\"198.51.100.8:5001\"", true),
+        ("198.51.100.9", false),
+    ] {
+        assert_eq!(
+            logged(&bus, needle).await,
+            want,
+            "{needle}: {}",
+            bus.access_log()
+        );
+    }
+    let m = bus.metrics().await;
+    let refused = |reason: &str| {
+        common::metric_value(
+            &m,
+            &format!("busbar_edge_refusals_total{{reason=\"proxy_protocol_{reason}\"}}"),
+        )
+    };
+    assert_eq!(refused("untrusted"), 2.0);
+    assert_eq!(refused("malformed"), 3.0);
+    assert_eq!(refused("timeout"), 1.0);
+}
+
+/// HAProxy from Debian in front, as an operator runs it: `send-proxy-v2` to the
+/// PROXY-protocol listener (TCP mode), `option forwardfor` to a plain one (HTTP mode),
+/// connecting to busbar from the trusted address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_in_front_with_proxy_v2_and_forwardfor() {
+    let a = Backend::start("a").await;
+    let (bus, plain) = proxied_bus(&limited(a.addr), true).await;
+    let plain = plain.unwrap();
+    let (pp_port, xff_port) = (common::free_port(), common::free_port());
+    let cfg = bus.dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"global
+  maxconn 100
+defaults
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend pp
+  mode tcp
+  bind 127.0.0.1:{pp_port}
+  default_backend busbar_pp
+backend busbar_pp
+  mode tcp
+  server bus {pp} send-proxy-v2 source {LB}
+frontend xff
+  mode http
+  bind 127.0.0.1:{xff_port}
+  option forwardfor
+  default_backend busbar_xff
+backend busbar_xff
+  mode http
+  server bus {plain} source {LB}
+"#,
+            pp = bus.http,
+        ),
+    )
+    .unwrap();
+    let mut haproxy = common::daemon::Daemon::new(
+        "haproxy",
+        [
+            std::ffi::OsString::from("-db"),
+            "-f".into(),
+            cfg.clone().into(),
+        ],
+        bus.dir.path().join("haproxy.log"),
+        "HAProxy (Debian: apt-get install haproxy)",
+    );
+    haproxy.start();
+    let pp: SocketAddr = format!("127.0.0.1:{pp_port}").parse().unwrap();
+    let xff: SocketAddr = format!("127.0.0.1:{xff_port}").parse().unwrap();
+    common::daemon::wait_until(
+        "haproxy",
+        Duration::from_secs(15),
+        Duration::from_millis(50),
+        || async {
+            std::net::TcpStream::connect(pp).is_ok() && std::net::TcpStream::connect(xff).is_ok()
+        },
+    )
+    .await;
+
+    let url = |at: SocketAddr| format!("http://{at}/x");
+    // Through PROXY v2: busbar sees the client that connected to HAProxy.
+    let r = client_from(STRANGER, false)
+        .get(url(pp))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", haproxy.log());
+    assert_eq!(
+        a.seen().last().unwrap().headers["x-forwarded-for"],
+        STRANGER
+    );
+    let r = client_from(STRANGER, false)
+        .get(url(pp))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429, "the limit is the client's, not HAProxy's");
+    // Through `option forwardfor`: the chain HAProxy wrote, with HAProxy appended.
+    let client = "127.0.0.4";
+    let r = client_from(client, false)
+        .get(url(xff))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", haproxy.log());
+    assert_eq!(
+        a.seen().last().unwrap().headers["x-forwarded-for"],
+        format!("{client}, {LB}")
+    );
+    // A client's own X-Forwarded-For through HAProxy names nobody else.
+    let r = client_from(client, false)
+        .get(url(xff))
+        .header("x-forwarded-for", "198.51.100.30")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429, "still {client}'s limit");
+    let needle = format!("\"client\":\"{STRANGER}:");
+    assert!(logged(&bus, &needle).await, "{}", bus.access_log());
+    let needle = format!("\"client\":\"{client}\"");
+    assert!(logged(&bus, &needle).await, "{}", bus.access_log());
+    assert!(!bus.access_log().contains("\"client\":\"198.51.100.30\""));
+    haproxy.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_trusted_proxies_to_headers_and_proxy_protocol() {
+    let a = Backend::start("a").await;
+    let (bus, _) = proxied_bus(&limited(a.addr), false).await;
+    const GET: &[u8] = b"GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 198.51.100.40\r\nConnection: close\r\n\r\n";
+    let mut proxied = b"PROXY TCP4 198.51.100.41 10.0.0.1 5000 80\r\n".to_vec();
+    proxied.extend_from_slice(GET);
+    assert!(exchange(LB, bus.http, &proxied)
+        .await
+        .starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        a.seen().last().unwrap().headers["x-forwarded-for"],
+        "198.51.100.41"
+    );
+    let text = std::fs::read_to_string(&bus.config).unwrap();
+    let trusted = format!("trusted_proxies = [\"{LB}/32\"]");
+    assert!(text.contains(&trusted));
+    std::fs::write(
+        &bus.config,
+        text.replace(&trusted, "trusted_proxies = [\"192.0.2.0/24\"]"),
+    )
+    .unwrap();
+    let v: serde_json::Value = bus.reload().await.json().await.unwrap();
+    assert_eq!(v["not_applied"], serde_json::json!([]), "{v}");
+    // The load balancer is a stranger now: its header closes the connection, and its
+    // plain request is its own.
+    assert_eq!(exchange(LB, bus.http, &proxied).await, "");
+    let answer = exchange(LB, bus.http, GET).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(a.seen().last().unwrap().headers["x-forwarded-for"], LB);
+}
