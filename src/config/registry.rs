@@ -251,14 +251,15 @@ impl Validator<'_> {
                 return None;
             }
         };
+        // Where a problem of the whole token is reported: its secret's key.
+        let token_span = t
+            .token_env
+            .as_ref()
+            .or(t.token_sha256.as_ref())
+            .map_or(0..0, |s| s.span());
         if t.services.is_empty() {
-            let span = t
-                .token_env
-                .as_ref()
-                .or(t.token_sha256.as_ref())
-                .map_or(0..0, |s| s.span());
             self.err(
-                span,
+                token_span.clone(),
                 ctx,
                 "a token needs services = [\"name\", ...] (or [\"*\"])",
             );
@@ -275,13 +276,8 @@ impl Validator<'_> {
         let addresses = match &t.addresses {
             None => Vec::new(),
             Some(list) if list.is_empty() => {
-                let span = t
-                    .token_env
-                    .as_ref()
-                    .or(t.token_sha256.as_ref())
-                    .map_or(0..0, |s| s.span());
                 self.err(
-                    span,
+                    token_span,
                     ctx,
                     "addresses = [] would refuse every instance: list CIDRs like \"10.20.0.0/16\", or leave addresses out",
                 );
