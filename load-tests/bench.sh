@@ -44,6 +44,9 @@
 #                   alternating rounds make its median steadier)
 #   MEM_CONNS=10000 scenario mem: idle keep-alive connections
 #   BUSBAR=target/release/busbar   the binary (relative to the repo root)
+#   BUSBAR_BASE=path                a second busbar binary (an earlier build) measured in
+#                   the same run as `busbar@base` (a, d) and `busbar+all@base` (b, c), so a
+#                   change is compared with what it replaces, rounds interleaved
 #   BARE=target/release/examples/bare-pingora   (skipped with a note when missing)
 #   LEAN=target/release/examples/lean-proxy     (skipped when missing)
 #   PROXY_CPU=0 LOAD_CPU=1         CPUs for the proxies / for backend + load generator
@@ -74,6 +77,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LIB="$ROOT/load-tests/bench-lib"
 BUSBAR=${BUSBAR:-target/release/busbar}
 [[ $BUSBAR = /* ]] || BUSBAR="$ROOT/$BUSBAR"
+BUSBAR_BASE=${BUSBAR_BASE:-}
+[[ -z $BUSBAR_BASE || $BUSBAR_BASE = /* ]] || BUSBAR_BASE="$ROOT/$BUSBAR_BASE"
 BARE=${BARE:-target/release/examples/bare-pingora}
 LEAN=${LEAN:-target/release/examples/lean-proxy}
 [[ $BARE = /* ]] || BARE="$ROOT/$BARE"
@@ -97,6 +102,7 @@ if has d; then
   command -v h2load >/dev/null 2>&1 || die "h2load not found (apt-get install -y nghttp2-client)"
 fi
 [[ -x $BUSBAR ]] || die "$BUSBAR not found: run 'cargo build --release' first (or 'make bench')"
+[[ -z $BUSBAR_BASE || -x $BUSBAR_BASE ]] || die "BUSBAR_BASE: $BUSBAR_BASE is not an executable"
 for v in DURATION ROUNDS CONNS USERS H2_CONNS H2_STREAMS MEM_CONNS; do
   [[ ${!v} =~ ^[0-9]+$ && ${!v} -ge 1 ]] || die "$v must be a whole number >= 1"
 done
@@ -259,13 +265,13 @@ EOF
   } >"$DIR/$name/busbar.toml"
   ADMIN_PORT[$name]=$admin
 }
-start_busbar() {  # name; sets LAST_PID. Raises the open-files limit to the hard limit.
-  local name=$1 d="$DIR/$1"
-  "$BUSBAR" check "$d/busbar.toml" >"$d/check.log" 2>&1 \
+start_busbar() {  # name [binary]; sets LAST_PID. Raises the open-files limit to the hard limit.
+  local name=$1 d="$DIR/$1" bin=${2:-$BUSBAR}
+  "$bin" check "$d/busbar.toml" >"$d/check.log" 2>&1 \
     || { cat "$d/check.log" >&2; die "busbar check failed for $d/busbar.toml"; }
   # A throwaway admin token, so busbar doesn't warn that none is set.
   BUSBAR_ADMIN_TOKEN="bench-$RANDOM$RANDOM" bash -c 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"' _ \
-    taskset -c "$PROXY_CPU" "$BUSBAR" run -c "$d/busbar.toml" >"$d/stdout.log" 2>"$d/stderr.log" &
+    taskset -c "$PROXY_CPU" "$bin" run -c "$d/busbar.toml" >"$d/stdout.log" 2>"$d/stderr.log" &
   LAST_PID=$!
   PIDS+=("$LAST_PID")
   SERVER[$LAST_PID]=$name
@@ -372,6 +378,12 @@ if ((NEED_BUSBAR)); then
   busbar_config busbar "$P_BUSBAR" off <<<"$ONE_ROUTE"
   start_busbar busbar
   BUSBAR_PID=$LAST_PID
+  if [[ -n $BUSBAR_BASE ]]; then
+    take_port P_BASE
+    busbar_config busbar@base "$P_BASE" off <<<"$ONE_ROUTE"
+    start_busbar busbar@base "$BUSBAR_BASE"
+    BASE_PID=$LAST_PID
+  fi
 fi
 
 # --- busbar+log (a): the same with the access log written to a file.
@@ -388,7 +400,7 @@ fi
 # (always on: /metrics on the admin port) and the access log to a file.
 if has b || has c; then
   take_port P_ALL
-  busbar_config busbar+all "$P_ALL" "$DIR/busbar+all/access.log" <<EOF
+  ALL_ROUTE=$(cat <<EOF
 [[service]]
 name = "bench"
 balance = "round_robin"
@@ -405,8 +417,16 @@ trusted_proxies = ["127.0.0.1"]
 rate_limit = { rate = "1000000/s", burst = 1000000 }
 queue = { max_depth = 16, max_wait = "5s" }
 EOF
+)
+  busbar_config busbar+all "$P_ALL" "$DIR/busbar+all/access.log" <<<"$ALL_ROUTE"
   start_busbar busbar+all
   ALL_PID=$LAST_PID
+  if [[ -n $BUSBAR_BASE ]]; then
+    take_port P_ALLBASE
+    busbar_config busbar+all@base "$P_ALLBASE" "$DIR/busbar+all@base/access.log" <<<"$ALL_ROUTE"
+    start_busbar busbar+all@base "$BUSBAR_BASE"
+    ALLBASE_PID=$LAST_PID
+  fi
 fi
 
 # --- f: ROUTES routes, ROUTES services of one instance each, in nginx, HAProxy and
@@ -480,6 +500,11 @@ if ((NEED_BUSBAR)); then
 fi
 [[ -n ${BUSBARLOG_PID:-} ]] && wait_ready busbar+log "$BUSBARLOG_PID" "http://127.0.0.1:$P_BUSBARLOG/"
 [[ -n ${ALL_PID:-} ]] && wait_ready busbar+all "$ALL_PID" "http://127.0.0.1:$P_ALL/" -H 'x-user-id: ready'
+if [[ -n ${BASE_PID:-} ]]; then
+  wait_ready busbar@base "$BASE_PID" "http://127.0.0.1:$P_BASE/"
+  has d && wait_ready busbar@base "$BASE_PID" "http://127.0.0.1:$P_BASE/" --http2-prior-knowledge
+fi
+[[ -n ${ALLBASE_PID:-} ]] && wait_ready busbar+all@base "$ALLBASE_PID" "http://127.0.0.1:$P_ALLBASE/" -H 'x-user-id: ready'
 has d && wait_ready backend "$BACKEND_PID" "http://127.0.0.1:$P_BACKEND_H2/" --http2-prior-knowledge
 if has f; then
   wait_ready nginx-1k "$NGINX1K_PID" "http://127.0.0.1:$P_NGINX1K$MEAS_PATH"
@@ -498,14 +523,18 @@ if has a; then
   ((HAVE_LEAN)) && deftarget a lean-proxy "$P_LEAN" "$LEAN_PID" wrk
   deftarget a busbar "$P_BUSBAR" "$BUSBAR_PID" wrk
   deftarget a busbar+log "$P_BUSBARLOG" "$BUSBARLOG_PID" wrk
+  [[ -n ${BASE_PID:-} ]] && deftarget a busbar@base "$P_BASE" "$BASE_PID" wrk
 fi
 if has b; then
   SC_TITLE[b]="(b) identity + rate limit + queue + metrics + access log"
-  for t in nginx busbar busbar+all; do
+  b_targets="nginx busbar busbar+all"
+  [[ -n ${ALLBASE_PID:-} ]] && b_targets+=" busbar+all@base"
+  for t in $b_targets; do
     case $t in
       nginx) deftarget b nginx "$P_NGINX" "$NGINX_PID" wrk ;;
       busbar) deftarget b busbar "$P_BUSBAR" "$BUSBAR_PID" wrk ;;
       busbar+all) deftarget b busbar+all "$P_ALL" "$ALL_PID" wrk ;;
+      busbar+all@base) deftarget b busbar+all@base "$P_ALLBASE" "$ALLBASE_PID" wrk ;;
     esac
     T_HDR[b/$t]="x-user-id: bench-user"
   done
@@ -514,7 +543,8 @@ if has c; then
   SC_TITLE[c]="(c) $USERS distinct users on the scenario-(b) route"
   deftarget c nginx "$P_NGINX" "$NGINX_PID" wrk
   deftarget c busbar+all "$P_ALL" "$ALL_PID" wrk
-  for t in nginx busbar+all; do T_SCRIPT[c/$t]="$LIB/users.lua"; T_SCRIPT_ARGS[c/$t]=$USERS; done
+  [[ -n ${ALLBASE_PID:-} ]] && deftarget c busbar+all@base "$P_ALLBASE" "$ALLBASE_PID" wrk
+  for t in nginx busbar+all busbar+all@base; do T_SCRIPT[c/$t]="$LIB/users.lua"; T_SCRIPT_ARGS[c/$t]=$USERS; done
 fi
 if has d; then
   SC_TITLE[d]="(d) h2c downstream, h2load -c$H2_CONNS -m$H2_STREAMS"
@@ -522,6 +552,7 @@ if has d; then
   deftarget d nginx "$P_NGINX_H2" "$NGINX_PID" h2
   deftarget d haproxy "$P_HAPROXY_H2" "$HAPROXY_PID" h2
   deftarget d busbar "$P_BUSBAR" "$BUSBAR_PID" h2
+  [[ -n ${BASE_PID:-} ]] && deftarget d busbar@base "$P_BASE" "$BASE_PID" h2
 fi
 if has f; then
   SC_TITLE[f]="(f) $ROUTES routes and $ROUTES instances, request on route $((MEAS + 1))"
