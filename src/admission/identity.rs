@@ -268,8 +268,10 @@ impl Resolver {
         }
     }
 
+    /// An IPv4-mapped peer (a `[::]` listener's view of an IPv4 client) is judged as the
+    /// IPv4 address it is, as the ACL and the trusted-hop logic judge it.
     fn trusted(&self, client: Option<IpAddr>) -> bool {
-        client.is_some_and(|ip| self.trusted_proxies.iter().any(|n| n.contains(&ip)))
+        client.is_some_and(|ip| crate::client_addr::trusted(ip, &self.trusted_proxies))
     }
 
     /// Who the caller is, for a request straight from `client` (no proxy in front).
@@ -338,7 +340,8 @@ impl Resolver {
         let mut key = Vec::with_capacity(48);
         key.extend_from_slice(Kind::ClientIp.prefix().as_bytes());
         match client {
-            Some(ip) => crate::text::ip(&mut key, ip),
+            // Canonical, so one IPv4 caller is one user on `0.0.0.0` and `[::]` listeners.
+            Some(ip) => crate::text::ip(&mut key, ip.to_canonical()),
             None => key.extend_from_slice(b"unknown"),
         }
         Ok(Identity {

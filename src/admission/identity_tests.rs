@@ -155,6 +155,25 @@ fn a_header_is_believed_only_from_trusted_proxies() {
     assert!(r.resolve(proxy, &with("x-user-id", "bad\tvalue")).is_err());
 }
 
+/// A `[::]` listener sees an IPv4 proxy as `::ffff:a.b.c.d`: it is the same proxy, and the
+/// same client-address user, as on a `0.0.0.0` listener.
+#[test]
+fn an_ipv4_mapped_peer_is_judged_as_its_ipv4_address() {
+    let r = resolver(
+        vec![
+            IdentitySource::Header(HeaderName::from_static("x-user-id")),
+            IdentitySource::ClientIp,
+        ],
+        false,
+    );
+    let mapped = Some("::ffff:10.1.2.3".parse().unwrap());
+    let id = r.resolve(mapped, &with("x-user-id", "bob")).unwrap();
+    assert_eq!((id.kind, id.key()), (Kind::Header, "hdr:bob"));
+    let untrusted = Some("::ffff:192.0.2.7".parse().unwrap());
+    let id = r.resolve(untrusted, &with("x-user-id", "bob")).unwrap();
+    assert_eq!((id.kind, id.key()), (Kind::ClientIp, "ip:192.0.2.7"));
+}
+
 #[test]
 fn bearer_credentials_follow_rfc_6750() {
     let r = resolver(

@@ -168,9 +168,10 @@ impl Split {
                     let b = *bucket.get_or_insert_with(|| f.bucket());
                     (*from..*to).contains(&b)
                 }
+                // Canonical: a `[::]` listener's `::ffff:a.b.c.d` is the IPv4 client.
                 RuleMatch::ClientCidr(nets) => f
                     .client_ip
-                    .is_some_and(|ip| nets.iter().any(|n| n.contains(&ip))),
+                    .is_some_and(|ip| nets.iter().any(|n| n.contains(&ip.to_canonical()))),
             };
             if hit {
                 return *v;
@@ -531,6 +532,12 @@ mod tests {
             user: Some("bob"),
         };
         assert_eq!(s.versions[s.choose(&no_ip) as usize], "v2");
+        let mapped = Facts {
+            headers: &HeaderMap::new(),
+            client_ip: Some("::ffff:10.1.2.3".parse().unwrap()),
+            user: Some("bob"),
+        };
+        assert_eq!(s.versions[s.choose(&mapped) as usize], "v4", "IPv4-mapped");
     }
 
     #[test]
