@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::http1::Conn;
 use common::{client, get_json, Backend, Busbar, SIGCONT, SIGHUP, SIGSTOP, SIGTERM};
 use serde_json::Value;
 
@@ -483,33 +484,10 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     assert_eq!(a.hits(), 1);
 }
 
-/// Reads one HTTP/1.1 response with a Content-Length body; returns its head, lower-cased.
-async fn read_response(s: &mut tokio::net::TcpStream) -> Option<String> {
-    use tokio::io::AsyncReadExt;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            while buf.len() < end + 4 + len {
-                let n = s.read(&mut chunk).await.ok()?;
-                if n == 0 {
-                    return None;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            return Some(head);
-        }
-        let n = s.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
+/// The head (lowercase) of the next response on `c`, if it arrived whole.
+async fn read_response(c: &mut Conn) -> Option<String> {
+    let r = c.read_response(false).await;
+    r.complete.then_some(r.head)
 }
 
 /// Defect D2 (RELIABILITY.md): a draining node closed idle keep-alive connections at
@@ -517,12 +495,11 @@ async fn read_response(s: &mut tokio::net::TcpStream) -> Option<String> {
 /// Now the request is answered, with `Connection: close`, and the node still exits.
 #[tokio::test]
 async fn a_request_on_an_idle_connection_during_drain_is_answered() {
-    use tokio::io::AsyncWriteExt;
     let a = Backend::start("a").await;
     let mut bus = Busbar::start(&one_service(a.addr)).await;
     let req = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n";
-    let mut s = tokio::net::TcpStream::connect(bus.http).await.unwrap();
-    s.write_all(req).await.unwrap();
+    let mut s = Conn::connect(bus.http).await;
+    s.send(req).await.unwrap();
     let first = read_response(&mut s).await.expect("first response");
     assert!(first.starts_with("http/1.1 200"), "{first}");
     assert!(!first.contains("connection: close"), "{first}");
@@ -531,7 +508,7 @@ async fn a_request_on_an_idle_connection_during_drain_is_answered() {
     let term = Instant::now();
     bus.signal(SIGTERM);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    s.write_all(req).await.unwrap();
+    s.send(req).await.unwrap();
     let second = read_response(&mut s)
         .await
         .expect("the request sent on the idle connection during the drain got no answer");
@@ -555,17 +532,14 @@ async fn a_request_on_an_idle_connection_during_drain_is_answered() {
 /// when it resumes and handles SIGTERM; each must be answered.
 #[tokio::test]
 async fn connections_queued_when_the_drain_starts_are_answered() {
-    use tokio::io::AsyncWriteExt;
     const QUEUED: usize = 200;
     let a = Backend::start("a").await;
     let mut bus = Busbar::start(&one_service(a.addr)).await;
     bus.signal(SIGSTOP);
     let mut queued = Vec::new();
     for _ in 0..QUEUED {
-        let mut s = tokio::net::TcpStream::connect(bus.http).await.unwrap();
-        s.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
+        let mut s = Conn::connect(bus.http).await;
+        s.send(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
         queued.push(s);
     }
     bus.signal(SIGTERM);
