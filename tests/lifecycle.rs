@@ -49,34 +49,6 @@ service = "{target}"
     )
 }
 
-/// 1-based line and column (in characters) where `needle` first occurs in `text`.
-fn line_col(text: &str, needle: &str) -> (usize, usize) {
-    let at = text
-        .find(needle)
-        .unwrap_or_else(|| panic!("{needle:?} not in:\n{text}"));
-    let before = &text[..at];
-    let line = before.matches('\n').count() + 1;
-    let col = before[before.rfind('\n').map_or(0, |i| i + 1)..]
-        .chars()
-        .count()
-        + 1;
-    (line, col)
-}
-
-/// Polls `done` every 20 ms until it holds or `within` has passed; returns whether it held.
-async fn eventually(within: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// One response seen by the steady stream: when the request was sent, and its outcome.
 #[derive(Debug, Clone)]
 struct Outcome {
@@ -149,7 +121,7 @@ async fn reload_under_a_steady_stream_loses_no_request() {
     let bus = Busbar::start(&two_services(a.addr, b.addr, "a")).await;
     let stream = Stream::start(bus.url("/steady"));
     assert!(
-        eventually(Duration::from_secs(5), || stream.outcomes().len() >= 10).await,
+        common::eventually(Duration::from_secs(5), || stream.outcomes().len() >= 10).await,
         "the stream did not get going"
     );
 
@@ -158,7 +130,7 @@ async fn reload_under_a_steady_stream_loses_no_request() {
     let hup = Instant::now();
     bus.signal(SIGHUP);
     assert!(
-        eventually(Duration::from_secs(1), || stream
+        common::eventually(Duration::from_secs(1), || stream
             .first_from("b", hup)
             .is_some())
         .await,
@@ -167,7 +139,7 @@ async fn reload_under_a_steady_stream_loses_no_request() {
     );
     let count = stream.outcomes().len();
     assert!(
-        eventually(Duration::from_secs(2), || stream.outcomes().len()
+        common::eventually(Duration::from_secs(2), || stream.outcomes().len()
             >= count + 10)
         .await
     );
@@ -180,7 +152,7 @@ async fn reload_under_a_steady_stream_loses_no_request() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["status"], "reloaded", "{body}");
     assert!(
-        eventually(Duration::from_secs(1), || stream
+        common::eventually(Duration::from_secs(1), || stream
             .first_from("a", post)
             .is_some())
         .await,
@@ -188,7 +160,7 @@ async fn reload_under_a_steady_stream_loses_no_request() {
     );
     let count = stream.outcomes().len();
     assert!(
-        eventually(Duration::from_secs(2), || stream.outcomes().len()
+        common::eventually(Duration::from_secs(2), || stream.outcomes().len()
             >= count + 10)
         .await
     );
@@ -232,7 +204,7 @@ async fn a_bad_reload_is_refused_and_the_old_config_keeps_serving() {
     // Unknown service in route r: the API answers 400 with the file, line and column.
     bus.write_config(&two_services(a.addr, b.addr, "nope"), "");
     let written = std::fs::read_to_string(&bus.config).unwrap();
-    let (line, col) = line_col(&written, "\"nope\"");
+    let (line, col) = common::line_col(&written, "\"nope\"");
     let r = bus.reload().await;
     assert_eq!(r.status(), 400);
     assert!(r.headers()["content-type"]
@@ -444,7 +416,7 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
         Ok::<_, reqwest::Error>((status, backend, Instant::now()))
     });
     // SIGTERM once the slow request is at the backend.
-    assert!(eventually(Duration::from_secs(2), || a.hits() == 1).await);
+    assert!(common::eventually(Duration::from_secs(2), || a.hits() == 1).await);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let term = Instant::now();
     bus.signal(SIGTERM);
@@ -597,7 +569,7 @@ fn check_names_file_line_and_column() {
     let bad = dir.path().join("bad.toml");
     let text = check_config("y", "");
     std::fs::write(&bad, &text).unwrap();
-    let (line, col) = line_col(&text, "\"y\"");
+    let (line, col) = common::line_col(&text, "\"y\"");
     let (ok, _, stderr) = run_check(&bad);
     assert!(!ok, "an unknown service must fail the check");
     let expected = format!(
@@ -609,7 +581,7 @@ fn check_names_file_line_and_column() {
     let typo = dir.path().join("typo.toml");
     let text = check_config("real", "timout = \"5s\"\n");
     std::fs::write(&typo, &text).unwrap();
-    let (line, col) = line_col(&text, "timout");
+    let (line, col) = common::line_col(&text, "timout");
     let (ok, _, stderr) = run_check(&typo);
     assert!(!ok, "an unknown key must fail the check");
     let expected = format!("{}:{line}:{col}: ", typo.display());
