@@ -9,6 +9,7 @@ pub mod admin;
 pub mod admission;
 pub mod app;
 pub mod balance;
+pub mod bearer;
 pub mod client_addr;
 pub mod cluster;
 pub mod config;

@@ -13,7 +13,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 
 use crate::config::{self, Config};
-use crate::metrics::{RouteMetrics, METRICS};
+use crate::metrics::METRICS;
 use crate::registry::Service;
 use crate::routing::{Route, RouteTable};
 
@@ -41,7 +41,6 @@ impl Snapshot {
         generation: u64,
         store: &crate::registry::store::Store,
     ) -> Snapshot {
-        let mut by_name: HashMap<&str, Arc<Service>> = HashMap::new();
         let mut services = Vec::with_capacity(config.services.len());
         for s in &config.services {
             let old = previous.and_then(|p| p.service(&s.name));
@@ -53,22 +52,7 @@ impl Snapshot {
             let svc = Arc::new(Service::new(s.clone(), old.map(|o| &**o), &registered));
             services.push(svc);
         }
-        for svc in &services {
-            by_name.insert(svc.name(), svc.clone());
-        }
-        let routes = config
-            .routes
-            .iter()
-            .filter_map(|r| {
-                // Validation guarantees the service exists.
-                let service = by_name.get(r.service.as_str())?.clone();
-                Some(Arc::new(Route {
-                    metrics: RouteMetrics::new(&r.name, &r.service),
-                    config: r.clone(),
-                    service,
-                }))
-            })
-            .collect();
+        let routes = RouteTable::from_config(&config.routes, &services);
         let mesh_routes = crate::fallback::mesh_routes(&config, &services);
         let implicit: Vec<&crate::config::RouteConfig> =
             mesh_routes.values().map(|r| &r.config).collect();
@@ -77,7 +61,7 @@ impl Snapshot {
         Snapshot {
             mesh_routes,
             admission,
-            routes: RouteTable::new(routes),
+            routes,
             services,
             generation,
             loaded_at: SystemTime::now(),

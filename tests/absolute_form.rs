@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::http1;
 use common::Busbar;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -111,14 +112,8 @@ endpoints = [{{ addr = "{upstream}" }}]
 /// Sends `request` on a new connection and reads until busbar closes it (requests here
 /// say `Connection: close` or are HTTP/1.0): the status line and the whole answer.
 async fn send(bus: &Busbar, request: &[u8]) -> (String, String) {
-    let mut s = TcpStream::connect(bus.http).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut answer))
-        .await
-        .expect("an answer in time")
-        .unwrap();
-    let text = String::from_utf8_lossy(&answer).to_string();
+    let (text, closed) = http1::exchange(bus.http, request, Duration::from_secs(15)).await;
+    assert!(closed, "an answer in time: {text}");
     let status = text.lines().next().unwrap_or("").to_string();
     (status, text)
 }

@@ -3,26 +3,43 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::http1;
 use common::{client, Backend, Busbar};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const JWT_SECRET: &str = "integration-test-secret-0123456789";
 
+/// The config these tests share: service `service` at `backend` (`service_extra` lines in
+/// it, e.g. `max_in_flight = 1`), then one route to it per `(name, match lines,
+/// admission lines)`, each with that `[route.admission]` table.
+fn admitted(
+    service: &str,
+    backend: SocketAddr,
+    service_extra: &str,
+    routes: &[(&str, &str, &str)],
+) -> String {
+    use std::fmt::Write;
+    let mut toml = format!(
+        "[[service]]\nname = \"{service}\"\nendpoints = [{{ addr = \"{backend}\" }}]\n{service_extra}\n"
+    );
+    for (name, matching, admission) in routes {
+        let _ = write!(
+            toml,
+            "[[route]]\nname = \"{name}\"\n{matching}\nservice = \"{service}\"\n[route.admission]\n{admission}\n"
+        );
+    }
+    toml
+}
+
 /// Sends `GET {path}` byte for byte (clients would normalise the path) and returns the status.
 async fn raw_status(bus: &Busbar, path: &str) -> u16 {
-    let mut s = tokio::net::TcpStream::connect(bus.http).await.unwrap();
     let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-    let head = String::from_utf8_lossy(&buf);
-    head.split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status for {path}: {head}"))
+    let (text, _) = http1::exchange(bus.http, req.as_bytes(), Duration::from_secs(5)).await;
+    http1::status_of(&text).unwrap_or_else(|| panic!("no status for {path}: {text}"))
 }
 
 /// `busbar_admission_decisions_total{decision="limited",reason="user"}` of `route`.
@@ -36,20 +53,17 @@ async fn limited_by_user(bus: &Busbar, route: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_are_per_user_with_headers() {
     let a = Backend::start("a").await;
-    let bus = Busbar::start(&format!(
-        r#"
-[[service]]
-name = "a"
-endpoints = [{{ addr = "{a}" }}]
-[[route]]
-name = "limited"
-service = "a"
-[route.admission]
-identity = ["header:x-user-id", "client_ip"]
+    let bus = Busbar::start(&admitted(
+        "a",
+        a.addr,
+        "",
+        &[(
+            "limited",
+            "",
+            r#"identity = ["header:x-user-id", "client_ip"]
 trusted_proxies = ["127.0.0.0/8"]
-rate_limit = {{ rate = "1/m", burst = 2 }}
-"#,
-        a = a.addr
+rate_limit = { rate = "1/m", burst = 2 }"#,
+        )],
     ))
     .await;
     let http = client();
@@ -99,26 +113,23 @@ rate_limit = {{ rate = "1/m", burst = 2 }}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_of_a_rate_limit_group_share_one_allowance() {
     let a = Backend::start("a").await;
-    let route = |name: &str, prefix: &str, group: &str| {
+    let admission = |group: &str| {
         format!(
-            r#"
-[[route]]
-name = "{name}"
-path_prefix = "{prefix}"
-service = "a"
-[route.admission]
-identity = ["header:x-user-id"]
+            r#"identity = ["header:x-user-id"]
 trusted_proxies = ["127.0.0.0/8"]
-rate_limit = {{ rate = "1/m", burst = 3{group} }}
-"#
+rate_limit = {{ rate = "1/m", burst = 3{group} }}"#
         )
     };
-    let bus = Busbar::start(&format!(
-        "[[service]]\nname = \"a\"\nendpoints = [{{ addr = \"{}\" }}]\n{}{}{}",
+    let (shop, alone) = (admission(", group = \"shop\""), admission(""));
+    let bus = Busbar::start(&admitted(
+        "a",
         a.addr,
-        route("orders", "/orders", ", group = \"shop\""),
-        route("carts", "/carts", ", group = \"shop\""),
-        route("search", "/search", ""),
+        "",
+        &[
+            ("orders", r#"path_prefix = "/orders""#, &shop),
+            ("carts", r#"path_prefix = "/carts""#, &shop),
+            ("search", r#"path_prefix = "/search""#, &alone),
+        ],
     ))
     .await;
     let http = client();
@@ -169,15 +180,10 @@ fn now() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_and_api_key_identities_with_401s() {
-    use sha2::Digest;
     let a = Backend::start("a").await;
-    let key_hash: String = sha2::Sha256::digest(b"key-of-reports")
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let bus = Busbar::start_with_env(
-        &format!(
-            r#"
+    let key_hash = common::sha256_hex("key-of-reports");
+    let auth = format!(
+        r#"
 [auth]
 [[auth.jwt]]
 name = "corp"
@@ -189,23 +195,21 @@ leeway = "5s"
 [[auth.api_key]]
 user = "reports"
 sha256 = "{key_hash}"
-
-[[service]]
-name = "a"
-endpoints = [{{ addr = "{a}" }}]
-[[route]]
-name = "api"
-service = "a"
-[route.admission]
-identity = ["jwt", "api_key", "header:x-user-id", "client_ip"]
+"#
+    );
+    let routes = admitted(
+        "a",
+        a.addr,
+        "",
+        &[(
+            "api",
+            "",
+            r#"identity = ["jwt", "api_key", "header:x-user-id", "client_ip"]
 trusted_proxies = ["10.0.0.0/8"]
-require_auth = true
-"#,
-            a = a.addr
-        ),
-        &[("TEST_JWT_SECRET", JWT_SECRET)],
-    )
-    .await;
+require_auth = true"#,
+        )],
+    );
+    let bus = Busbar::start_with_env(&(auth + &routes), &[("TEST_JWT_SECRET", JWT_SECRET)]).await;
     let http = client();
     let good = serde_json::json!({"sub": "alice", "iss": "https://id.test", "aud": "busbar", "exp": now() + 300});
     let r = http
@@ -282,21 +286,18 @@ require_auth = true
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trusted_header_identity_from_a_trusted_proxy() {
     let a = Backend::start("a").await;
-    let bus = Busbar::start(&format!(
-        r#"
-[[service]]
-name = "a"
-endpoints = [{{ addr = "{a}" }}]
-[[route]]
-name = "internal"
-service = "a"
-[route.admission]
-identity = ["header:x-user-id"]
+    let bus = Busbar::start(&admitted(
+        "a",
+        a.addr,
+        "",
+        &[(
+            "internal",
+            "",
+            r#"identity = ["header:x-user-id"]
 trusted_proxies = ["127.0.0.1"]
 require_auth = true
-identity_header = "x-verified-user"
-"#,
-        a = a.addr
+identity_header = "x-verified-user""#,
+        )],
     ))
     .await;
     let http = client();
@@ -316,30 +317,23 @@ identity_header = "x-verified-user"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acls_hold_against_path_tricks() {
     let a = Backend::start("a").await;
-    let bus = Busbar::start(&format!(
-        r#"
-[[service]]
-name = "a"
-endpoints = [{{ addr = "{a}" }}]
-[[route]]
-name = "blocked"
-path_prefix = "/blocked"
-service = "a"
-[route.admission]
-deny = ["127.0.0.0/8"]
-[[route]]
-name = "open"
-path_prefix = "/open"
-service = "a"
-[route.admission]
-allow = ["10.0.0.0/8", "127.0.0.1"]
-[[route]]
-name = "app"
-service = "a"
-[route.admission]
-deny_paths = ["/admin"]
-"#,
-        a = a.addr
+    let bus = Busbar::start(&admitted(
+        "a",
+        a.addr,
+        "",
+        &[
+            (
+                "blocked",
+                r#"path_prefix = "/blocked""#,
+                r#"deny = ["127.0.0.0/8"]"#,
+            ),
+            (
+                "open",
+                r#"path_prefix = "/open""#,
+                r#"allow = ["10.0.0.0/8", "127.0.0.1"]"#,
+            ),
+            ("app", "", r#"deny_paths = ["/admin"]"#),
+        ],
     ))
     .await;
     assert_eq!(raw_status(&bus, "/blocked/x").await, 403);
@@ -384,21 +378,17 @@ fn median(mut v: Vec<Duration>) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_user_does_not_starve_a_polite_one() {
     let a = Backend::start("a").await;
-    let bus = Busbar::start(&format!(
-        r#"
-[[service]]
-name = "slow"
-endpoints = [{{ addr = "{a}" }}]
-max_in_flight = 2
-[[route]]
-name = "slow"
-service = "slow"
-[route.admission]
-identity = ["header:x-user-id"]
+    let bus = Busbar::start(&admitted(
+        "slow",
+        a.addr,
+        "max_in_flight = 2",
+        &[(
+            "slow",
+            "",
+            r#"identity = ["header:x-user-id"]
 trusted_proxies = ["127.0.0.1"]
-queue = {{ max_depth = 4, max_wait = "10s" }}
-"#,
-        a = a.addr
+queue = { max_depth = 4, max_wait = "10s" }"#,
+        )],
     ))
     .await;
     let http = client();
@@ -473,21 +463,18 @@ queue = {{ max_depth = 4, max_wait = "10s" }}
 }
 
 /// One slot (`max_in_flight = 1`), a queue of depth 1 per user and a long `max_wait`.
-fn one_slot(backend: std::net::SocketAddr) -> String {
-    format!(
-        r#"
-[[service]]
-name = "one"
-endpoints = [{{ addr = "{backend}" }}]
-max_in_flight = 1
-[[route]]
-name = "one"
-service = "one"
-[route.admission]
-identity = ["header:x-user-id"]
+fn one_slot(backend: SocketAddr) -> String {
+    admitted(
+        "one",
+        backend,
+        "max_in_flight = 1",
+        &[(
+            "one",
+            "",
+            r#"identity = ["header:x-user-id"]
 trusted_proxies = ["127.0.0.1"]
-queue = {{ max_depth = 1, max_wait = "20s" }}
-"#
+queue = { max_depth = 1, max_wait = "20s" }"#,
+        )],
     )
 }
 

@@ -11,9 +11,9 @@ mod common;
 
 use std::time::Duration;
 
+use common::http1;
 use common::{Backend, Busbar};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const JWT_SECRET: &str = "admission-security-secret-0123456789";
 
@@ -88,19 +88,13 @@ async fn send(bus: &Busbar, via: Via, path: &str, headers: &[(&str, &str)]) -> A
         head.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     head.push_str("Connection: close\r\n\r\n");
-    let mut s = tokio::net::TcpStream::connect(bus.http).await.unwrap();
-    s.write_all(head.as_bytes()).await.unwrap();
+    let mut request = head.into_bytes();
     if via == Via::Post11 {
-        s.write_all(body).await.unwrap();
+        request.extend_from_slice(body);
     }
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("{via:?} {path}: no status in {text:?}"));
+    let (text, _) = http1::exchange(bus.http, &request, Duration::from_secs(20)).await;
+    let status =
+        http1::status_of(&text).unwrap_or_else(|| panic!("{via:?} {path}: no status in {text:?}"));
     let body = text
         .split_once("\r\n\r\n")
         .map_or(String::new(), |(_, b)| b.to_string());
@@ -444,25 +438,29 @@ trusted_proxies = ["127.0.0.1"]
     }
 }
 
-/// `Bearer<TAB>token`, `Bearer<token>` and other malformed bearer credentials on a JWT
-/// route are 401s, not anonymous requests forwarded with the header.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_bearer_credentials_are_refused() {
-    let a = Backend::start("a").await;
-    let bus = start_with_jwt(&format!(
+/// Service `a` at `backend` and route `api` to it whose users are the JWT's subject, or
+/// the client's address without one.
+fn jwt_or_client_ip(backend: std::net::SocketAddr) -> String {
+    format!(
         r#"
 [[service]]
 name = "a"
-endpoints = [{{ addr = "{a}" }}]
+endpoints = [{{ addr = "{backend}" }}]
 [[route]]
 name = "api"
 service = "a"
 [route.admission]
 identity = ["jwt", "client_ip"]
-"#,
-        a = a.addr
-    ))
-    .await;
+"#
+    )
+}
+
+/// `Bearer<TAB>token`, `Bearer<token>` and other malformed bearer credentials on a JWT
+/// route are 401s, not anonymous requests forwarded with the header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_bearer_credentials_are_refused() {
+    let a = Backend::start("a").await;
+    let bus = start_with_jwt(&jwt_or_client_ip(a.addr)).await;
     let forged = jwt(claims("admin".into())).replace(".", ".A");
     let good = jwt(claims("alice".into()));
     let malformed = [
@@ -500,20 +498,7 @@ identity = ["jwt", "client_ip"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_subjects_with_spaces_at_the_ends_are_refused() {
     let a = Backend::start("a").await;
-    let bus = start_with_jwt(&format!(
-        r#"
-[[service]]
-name = "a"
-endpoints = [{{ addr = "{a}" }}]
-[[route]]
-name = "api"
-service = "a"
-[route.admission]
-identity = ["jwt", "client_ip"]
-"#,
-        a = a.addr
-    ))
-    .await;
+    let bus = start_with_jwt(&jwt_or_client_ip(a.addr)).await;
     for via in ALL {
         for sub in [" admin ", "admin ", " admin"] {
             let bearer = format!("Bearer {}", jwt(claims(sub.into())));

@@ -51,15 +51,6 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// 1-based line and column of the first `needle` in `text`.
-fn line_col(text: &str, needle: &str) -> (usize, usize) {
-    let at = text.find(needle).expect("needle");
-    let before = &text[..at];
-    let line = before.matches('\n').count() + 1;
-    let col = at - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    (line, col)
-}
-
 const UNSET_TOKEN: &str = "BUSBAR_CHECK_TEST_UNSET_TOKEN";
 const UNSET_SECRET: &str = "BUSBAR_CHECK_TEST_UNSET_SECRET";
 
@@ -102,7 +93,7 @@ fn check_warns_of_what_only_the_host_provides_and_run_refuses_the_secrets() {
     let src = needs_host(common::free_port());
     std::fs::write(&file, &src).unwrap();
     let at = |needle: &str| {
-        let (l, c) = line_col(&src, needle);
+        let (l, c) = common::line_col(&src, needle);
         format!("{}:{l}:{c}: ", file.display())
     };
     let dns = format!(
@@ -178,7 +169,7 @@ fn a_malformed_address_is_an_error_not_a_lookup() {
     std::fs::write(&file, &src).unwrap();
     let out = check(&[], &file, &[]);
     assert!(!out.status.success());
-    let (l, c) = line_col(&src, "\"orders.invalid\"");
+    let (l, c) = common::line_col(&src, "\"orders.invalid\"");
     let want = format!(
         "{}:{l}:{c}: service \"orders\": \"orders.invalid\" is not an address of the form host:port",
         file.display()

@@ -8,6 +8,7 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use common::http1::Conn;
 use common::{Backend, Busbar};
 
 const LB: &str = "127.0.0.3";
@@ -206,12 +207,10 @@ async fn connect_from(from: &str, to: SocketAddr) -> tokio::net::TcpStream {
 
 /// Sends `bytes` from `from` and reads until the close: what busbar answered.
 async fn exchange(from: &str, to: SocketAddr, bytes: &[u8]) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = connect_from(from, to).await;
-    s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
-    assert!(read.is_ok(), "busbar neither answered nor closed");
+    let mut c = Conn::new(connect_from(from, to).await);
+    c.send(bytes).await.unwrap();
+    let (out, closed) = c.read_to_close(Duration::from_secs(15)).await;
+    assert!(closed, "busbar neither answered nor closed");
     String::from_utf8_lossy(&out).into_owned()
 }
 

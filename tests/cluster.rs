@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::etcd::{orders_on_etcd, Etcd};
+use common::http1::Conn;
 use common::{client, connect_first, get_json, Backend, Busbar, SIGKILL, SIGTERM};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const TOKEN: &str = "cluster-test-token";
@@ -191,61 +191,36 @@ enum NoReply {
     Lost(String),
 }
 
-/// Sends `GET path` on `s` and reads the answer (Content-Length framing, which is what
+/// Sends `GET path` on `c` and reads the answer (Content-Length framing, which is what
 /// busbar sends for the test backend's bodies).
-async fn exchange(s: &mut TcpStream, path: &str, within: Duration) -> Result<Reply, NoReply> {
+async fn exchange(c: &mut Conn, path: &str, within: Duration) -> Result<Reply, NoReply> {
     let req = format!("GET {path} HTTP/1.1\r\nHost: orders\r\n\r\n");
-    s.write_all(req.as_bytes())
+    c.send(req.as_bytes())
         .await
         .map_err(|e| NoReply::NotSent(e.to_string()))?;
-    match tokio::time::timeout(within, read_reply(s)).await {
-        Ok(r) => r.map_err(NoReply::Lost),
-        Err(_) => Err(NoReply::Lost(format!("no answer within {within:?}"))),
+    let r = tokio::time::timeout(within, c.read_response(false))
+        .await
+        .map_err(|_| NoReply::Lost(format!("no answer within {within:?}")))?;
+    if r.head.is_empty() && r.closed {
+        return Err(NoReply::Lost("closed before any answer".into()));
     }
-}
-
-async fn read_reply(s: &mut TcpStream) -> Result<Reply, String> {
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let header = |name: &str| {
-                head.lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .map(str::trim)
-            };
-            let status = head
-                .get(9..12)
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| format!("bad status line: {head}"))?;
-            let len: usize = header("content-length:")
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| format!("no content-length: {head}"))?;
-            let close = header("connection:") == Some("close");
-            while buf.len() < end + 4 + len {
-                match s.read(&mut chunk).await {
-                    Ok(0) => return Err("closed in the body".into()),
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-            return Ok(Reply { status, close });
-        }
-        match s.read(&mut chunk).await {
-            Ok(0) if buf.is_empty() => return Err("closed before any answer".into()),
-            Ok(0) => return Err("closed in the head".into()),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(e.to_string()),
-        }
+    if !r.complete || r.header("content-length").is_none() {
+        return Err(NoReply::Lost(format!(
+            "no whole Content-Length answer (closed: {}): {}",
+            r.closed, r.head
+        )));
     }
+    Ok(Reply {
+        status: r.status(),
+        close: r.header("connection") == Some("close"),
+    })
 }
 
 /// Whether the node closed an idle keep-alive connection (a client's pool notices the
 /// EOF and does not reuse it).
-fn closed_while_idle(s: &TcpStream) -> bool {
+fn closed_while_idle(c: &Conn) -> bool {
     let mut b = [0u8; 1];
-    !matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    !matches!(c.stream.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// One request of the stream as its client saw it.
@@ -285,7 +260,7 @@ async fn stream_client(
 ) -> StreamLog {
     let mut log = StreamLog::default();
     // (node, stream, connect started, requests carried)
-    let mut conn: Option<(usize, TcpStream, Instant, u32)> = None;
+    let mut conn: Option<(usize, Conn, Instant, u32)> = None;
     let mut next_start = worker;
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -307,7 +282,7 @@ async fn stream_client(
                     log.refused
                         .extend(refused.into_iter().map(|(n, e)| (n, now, e.kind())));
                     match got {
-                        Some((n, s)) => (n, s, connecting, 0),
+                        Some((n, s)) => (n, Conn::new(s), connecting, 0),
                         None => {
                             log.unreachable += 1;
                             break;
@@ -380,7 +355,7 @@ async fn sigterm_under_load_drains_one_node_and_the_others_take_its_clients() {
         .map(|i| {
             let addr = n1.http;
             tokio::spawn(async move {
-                let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+                let mut s = Conn::new(TcpStream::connect(addr).await.map_err(|e| e.to_string())?);
                 let path = format!("/orders/slow/{i}?sleep_ms={SLOW_MS}");
                 let r = exchange(&mut s, &path, Duration::from_secs(10)).await;
                 Ok::<_, String>((r.map_err(|e| format!("{e:?}"))?, Instant::now()))

@@ -6,6 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::http1::{exchange, Conn};
 use common::{Backend, Busbar};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -26,11 +27,7 @@ async fn bus_with(backend: &Backend, limits: &str) -> Busbar {
 
 /// Sends raw bytes and returns what came back until the server closed or 3 s passed.
 async fn raw(bus: &Busbar, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(bus.http).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
+    exchange(bus.http, bytes, Duration::from_secs(3)).await.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,16 +423,6 @@ service = "s"
     .await
 }
 
-/// Reads until busbar closes the connection (or `within` passes): what came back, and
-/// whether it was closed.
-async fn read_until_closed(s: &mut TcpStream, within: Duration) -> (String, bool) {
-    let mut out = Vec::new();
-    let closed = tokio::time::timeout(within, s.read_to_end(&mut out))
-        .await
-        .is_ok();
-    (String::from_utf8_lossy(&out).into_owned(), closed)
-}
-
 /// Case 3b, slow body: a client that sends part of a declared body and then nothing gets
 /// 408 `body_timeout` once `client_timeout` passes with no byte, its connection is closed,
 /// and the upstream connection carrying the half request is closed with it.
@@ -443,12 +430,13 @@ async fn read_until_closed(s: &mut TcpStream, within: Duration) -> (String, bool
 async fn a_stalled_body_gets_408_and_the_upstream_half_request_is_closed() {
     let upstream = RawUpstream::start().await;
     let bus = slow_client_bus(&upstream).await;
-    let mut s = TcpStream::connect(bus.http).await.unwrap();
+    let mut s = Conn::connect(bus.http).await;
     let start = Instant::now();
-    s.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n0123456789")
+    s.send(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n0123456789")
         .await
         .unwrap();
-    let (reply, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    let (reply, closed) = s.read_to_close(Duration::from_secs(10)).await;
+    let reply = String::from_utf8_lossy(&reply);
     let took = start.elapsed();
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     assert!(reply.contains("body_timeout"), "{reply}");
@@ -523,9 +511,9 @@ async fn a_client_that_stops_reading_is_disconnected_by_the_send_timeout() {
     let bus = slow_client_bus(&upstream).await;
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
-    let mut s = sock.connect(bus.http).await.unwrap();
+    let mut s = Conn::new(sock.connect(bus.http).await.unwrap());
     let start = Instant::now();
-    s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+    s.send(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
         .unwrap();
     // Don't read; busbar's writes fill the socket buffers and stall.
@@ -556,7 +544,8 @@ async fn a_client_that_stops_reading_is_disconnected_by_the_send_timeout() {
         1.0
     );
     // What the client can still read is what was in flight, then the connection ends.
-    let (got, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    let (got, closed) = s.read_to_close(Duration::from_secs(10)).await;
+    let got = String::from_utf8_lossy(&got);
     assert!(closed, "the client's connection was never closed");
     assert!(got.starts_with("HTTP/1.1 200"));
     assert!(got.len() < BIG, "the whole response arrived");

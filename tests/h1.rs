@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::http1::{Conn, Response};
 use common::Busbar;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -88,71 +89,17 @@ async fn bus(upstream: &Scripted) -> Busbar {
     Busbar::start(&common::one_route(upstream.addr, "", "")).await
 }
 
-/// Reads one response from `s`: its head (lowercase names) and body, framed as HTTP/1.1
-/// says (length, chunked with trailers, or until close).
-async fn read_response(s: &mut TcpStream, head_request: bool) -> (String, Vec<u8>) {
-    let mut buf = Vec::new();
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let mut chunk = [0u8; 4096];
-        let k = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
-            .await
-            .expect("response head in time")
-            .unwrap();
-        assert!(k > 0, "closed before a response head: {buf:?}");
-        buf.extend_from_slice(&chunk[..k]);
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-    let mut body = buf[end..].to_vec();
-    let header = |name: &str| {
-        head.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_string))
-    };
-    if head_request || head.starts_with("http/1.1 304") || head.starts_with("http/1.1 204") {
-        return (head, body);
-    }
-    if let Some(n) = header("content-length") {
-        let n: usize = n.trim().parse().unwrap();
-        while body.len() < n {
-            assert!(read_more(s, &mut body).await > 0, "closed inside the body");
-        }
-        assert_eq!(body.len(), n, "more than the length arrived");
-    } else if header("transfer-encoding").as_deref() == Some("chunked") {
-        while !body.ends_with(b"\r\n\r\n") || !chunked_done(&body) {
-            assert!(
-                read_more(s, &mut body).await > 0,
-                "closed inside the chunked body"
-            );
-        }
-    } else {
-        while read_more(s, &mut body).await > 0 {}
-    }
-    (head, body)
+/// Sends one raw request on `c` and reads its response, which must arrive whole:
+/// its head (lowercase) and body.
+async fn ask(c: &mut Conn, request: &[u8], head_request: bool) -> (String, Vec<u8>) {
+    c.send(request).await.unwrap();
+    whole(c.read_response(head_request).await)
 }
 
-/// Sends one raw request on `s` and reads its response (see [`read_response`]).
-async fn ask(s: &mut TcpStream, request: &[u8], head_request: bool) -> (String, Vec<u8>) {
-    s.write_all(request).await.unwrap();
-    read_response(s, head_request).await
-}
-
-/// Appends what `s` has next to `body`; 0 at the close.
-async fn read_more(s: &mut TcpStream, body: &mut Vec<u8>) -> usize {
-    let mut chunk = [0u8; 4096];
-    let k = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
-        .await
-        .expect("body in time")
-        .unwrap_or(0);
-    body.extend_from_slice(&chunk[..k]);
-    k
-}
-
-/// Does a chunked body end here (last chunk and trailers complete)?
-fn chunked_done(body: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(body);
-    text.starts_with("0\r\n") || text.contains("\r\n0\r\n")
+/// The head and body of a response that arrived whole (framed, and its end came).
+fn whole(r: Response) -> (String, Vec<u8>) {
+    assert!(r.complete, "the response did not arrive whole: {r:?}");
+    (r.head, r.body)
 }
 
 fn ok(body: &str) -> Option<(Vec<u8>, bool)> {
@@ -166,8 +113,8 @@ fn ok(body: &str) -> Option<(Vec<u8>, bool)> {
     ))
 }
 
-async fn connect(bus: &Busbar) -> TcpStream {
-    TcpStream::connect(bus.http).await.unwrap()
+async fn connect(bus: &Busbar) -> Conn {
+    Conn::connect(bus.http).await
 }
 
 #[tokio::test]
@@ -282,12 +229,12 @@ async fn hop_by_hop_headers_stay_on_their_hop() {
     .await;
     let bus = bus(&up).await;
     let mut c = connect(&bus).await;
-    c.write_all(
+    c.send(
         b"GET /h HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nKeep-Alive: timeout=9\r\nX-Mine: 1\r\n\r\n",
     )
     .await
     .unwrap();
-    let (head, _) = read_response(&mut c, false).await;
+    let (head, _) = whole(c.read_response(false).await);
     assert!(!head.contains("keep-alive: timeout"), "{head}");
     assert!(head.contains("x-kept: yes"), "{head}");
     assert!(
@@ -310,12 +257,9 @@ async fn hop_by_hop_headers_stay_on_their_hop() {
     )
     .await;
     assert!(head.contains("connection: close"), "{head}");
-    let mut rest = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
-        .await
-        .expect("closed in time")
-        .unwrap();
-    assert_eq!(n, 0, "nothing after the last response");
+    let (rest, closed) = c.read_to_close(Duration::from_secs(5)).await;
+    assert!(closed, "closed in time");
+    assert!(rest.is_empty(), "nothing after the last response: {rest:?}");
 }
 
 #[tokio::test]
@@ -349,13 +293,13 @@ async fn pipelined_requests_are_answered_in_order() {
     let up = Scripted::start(|path, _| ok(path)).await;
     let bus = bus(&up).await;
     let mut c = connect(&bus).await;
-    c.write_all(
+    c.send(
         b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\n\r\nGET /three HTTP/1.1\r\nHost: a\r\n\r\n",
     )
     .await
     .unwrap();
     for want in ["/one", "/two", "/three"] {
-        let (head, body) = read_response(&mut c, false).await;
+        let (head, body) = whole(c.read_response(false).await);
         assert!(head.starts_with("http/1.1 200"), "{head}");
         assert_eq!(String::from_utf8_lossy(&body), want);
     }
@@ -402,7 +346,7 @@ queue = {{ max_depth = 4, max_wait = "10s" }}
     .await;
     let mut leaver = connect(&bus).await;
     leaver
-        .write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        .send(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
         .unwrap();
     // The slow request is upstream, holding the one slot.
@@ -455,14 +399,9 @@ service = "s"
     ))
     .await;
     let mut c = connect(&bus).await;
-    c.write_all(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut got))
-        .await
-        .expect("the client connection is closed")
-        .unwrap();
+    c.send(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let (got, closed) = c.read_to_close(Duration::from_secs(5)).await;
+    assert!(closed, "the client connection is closed");
     let text = String::from_utf8_lossy(&got).to_lowercase();
     assert!(text.starts_with("http/1.1 200"), "{text}");
     assert!(text.ends_with("5\r\nhello\r\n"), "{text}");

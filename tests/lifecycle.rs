@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::http1::Conn;
 use common::{client, get_json, Backend, Busbar, SIGCONT, SIGHUP, SIGSTOP, SIGTERM};
 use serde_json::Value;
 
@@ -46,34 +47,6 @@ name = "r"
 service = "{target}"
 "#
     )
-}
-
-/// 1-based line and column (in characters) where `needle` first occurs in `text`.
-fn line_col(text: &str, needle: &str) -> (usize, usize) {
-    let at = text
-        .find(needle)
-        .unwrap_or_else(|| panic!("{needle:?} not in:\n{text}"));
-    let before = &text[..at];
-    let line = before.matches('\n').count() + 1;
-    let col = before[before.rfind('\n').map_or(0, |i| i + 1)..]
-        .chars()
-        .count()
-        + 1;
-    (line, col)
-}
-
-/// Polls `done` every 20 ms until it holds or `within` has passed; returns whether it held.
-async fn eventually(within: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// One response seen by the steady stream: when the request was sent, and its outcome.
@@ -148,7 +121,7 @@ async fn reload_under_a_steady_stream_loses_no_request() {
     let bus = Busbar::start(&two_services(a.addr, b.addr, "a")).await;
     let stream = Stream::start(bus.url("/steady"));
     assert!(
-        eventually(Duration::from_secs(5), || stream.outcomes().len() >= 10).await,
+        common::eventually(Duration::from_secs(5), || stream.outcomes().len() >= 10).await,
         "the stream did not get going"
     );
 
@@ -157,7 +130,7 @@ async fn reload_under_a_steady_stream_loses_no_request() {
     let hup = Instant::now();
     bus.signal(SIGHUP);
     assert!(
-        eventually(Duration::from_secs(1), || stream
+        common::eventually(Duration::from_secs(1), || stream
             .first_from("b", hup)
             .is_some())
         .await,
@@ -166,7 +139,7 @@ async fn reload_under_a_steady_stream_loses_no_request() {
     );
     let count = stream.outcomes().len();
     assert!(
-        eventually(Duration::from_secs(2), || stream.outcomes().len()
+        common::eventually(Duration::from_secs(2), || stream.outcomes().len()
             >= count + 10)
         .await
     );
@@ -179,7 +152,7 @@ async fn reload_under_a_steady_stream_loses_no_request() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["status"], "reloaded", "{body}");
     assert!(
-        eventually(Duration::from_secs(1), || stream
+        common::eventually(Duration::from_secs(1), || stream
             .first_from("a", post)
             .is_some())
         .await,
@@ -187,7 +160,7 @@ async fn reload_under_a_steady_stream_loses_no_request() {
     );
     let count = stream.outcomes().len();
     assert!(
-        eventually(Duration::from_secs(2), || stream.outcomes().len()
+        common::eventually(Duration::from_secs(2), || stream.outcomes().len()
             >= count + 10)
         .await
     );
@@ -231,7 +204,7 @@ async fn a_bad_reload_is_refused_and_the_old_config_keeps_serving() {
     // Unknown service in route r: the API answers 400 with the file, line and column.
     bus.write_config(&two_services(a.addr, b.addr, "nope"), "");
     let written = std::fs::read_to_string(&bus.config).unwrap();
-    let (line, col) = line_col(&written, "\"nope\"");
+    let (line, col) = common::line_col(&written, "\"nope\"");
     let r = bus.reload().await;
     assert_eq!(r.status(), 400);
     assert!(r.headers()["content-type"]
@@ -443,7 +416,7 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
         Ok::<_, reqwest::Error>((status, backend, Instant::now()))
     });
     // SIGTERM once the slow request is at the backend.
-    assert!(eventually(Duration::from_secs(2), || a.hits() == 1).await);
+    assert!(common::eventually(Duration::from_secs(2), || a.hits() == 1).await);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let term = Instant::now();
     bus.signal(SIGTERM);
@@ -483,33 +456,10 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     assert_eq!(a.hits(), 1);
 }
 
-/// Reads one HTTP/1.1 response with a Content-Length body; returns its head, lower-cased.
-async fn read_response(s: &mut tokio::net::TcpStream) -> Option<String> {
-    use tokio::io::AsyncReadExt;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            while buf.len() < end + 4 + len {
-                let n = s.read(&mut chunk).await.ok()?;
-                if n == 0 {
-                    return None;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            return Some(head);
-        }
-        let n = s.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
+/// The head (lowercase) of the next response on `c`, if it arrived whole.
+async fn read_response(c: &mut Conn) -> Option<String> {
+    let r = c.read_response(false).await;
+    r.complete.then_some(r.head)
 }
 
 /// Defect D2 (RELIABILITY.md): a draining node closed idle keep-alive connections at
@@ -517,12 +467,11 @@ async fn read_response(s: &mut tokio::net::TcpStream) -> Option<String> {
 /// Now the request is answered, with `Connection: close`, and the node still exits.
 #[tokio::test]
 async fn a_request_on_an_idle_connection_during_drain_is_answered() {
-    use tokio::io::AsyncWriteExt;
     let a = Backend::start("a").await;
     let mut bus = Busbar::start(&one_service(a.addr)).await;
     let req = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n";
-    let mut s = tokio::net::TcpStream::connect(bus.http).await.unwrap();
-    s.write_all(req).await.unwrap();
+    let mut s = Conn::connect(bus.http).await;
+    s.send(req).await.unwrap();
     let first = read_response(&mut s).await.expect("first response");
     assert!(first.starts_with("http/1.1 200"), "{first}");
     assert!(!first.contains("connection: close"), "{first}");
@@ -531,7 +480,7 @@ async fn a_request_on_an_idle_connection_during_drain_is_answered() {
     let term = Instant::now();
     bus.signal(SIGTERM);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    s.write_all(req).await.unwrap();
+    s.send(req).await.unwrap();
     let second = read_response(&mut s)
         .await
         .expect("the request sent on the idle connection during the drain got no answer");
@@ -555,17 +504,14 @@ async fn a_request_on_an_idle_connection_during_drain_is_answered() {
 /// when it resumes and handles SIGTERM; each must be answered.
 #[tokio::test]
 async fn connections_queued_when_the_drain_starts_are_answered() {
-    use tokio::io::AsyncWriteExt;
     const QUEUED: usize = 200;
     let a = Backend::start("a").await;
     let mut bus = Busbar::start(&one_service(a.addr)).await;
     bus.signal(SIGSTOP);
     let mut queued = Vec::new();
     for _ in 0..QUEUED {
-        let mut s = tokio::net::TcpStream::connect(bus.http).await.unwrap();
-        s.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
+        let mut s = Conn::connect(bus.http).await;
+        s.send(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
         queued.push(s);
     }
     bus.signal(SIGTERM);
@@ -623,7 +569,7 @@ fn check_names_file_line_and_column() {
     let bad = dir.path().join("bad.toml");
     let text = check_config("y", "");
     std::fs::write(&bad, &text).unwrap();
-    let (line, col) = line_col(&text, "\"y\"");
+    let (line, col) = common::line_col(&text, "\"y\"");
     let (ok, _, stderr) = run_check(&bad);
     assert!(!ok, "an unknown service must fail the check");
     let expected = format!(
@@ -635,7 +581,7 @@ fn check_names_file_line_and_column() {
     let typo = dir.path().join("typo.toml");
     let text = check_config("real", "timout = \"5s\"\n");
     std::fs::write(&typo, &text).unwrap();
-    let (line, col) = line_col(&text, "timout");
+    let (line, col) = common::line_col(&text, "timout");
     let (ok, _, stderr) = run_check(&typo);
     assert!(!ok, "an unknown key must fail the check");
     let expected = format!("{}:{line}:{col}: ", typo.display());

@@ -11,10 +11,9 @@ mod common;
 use std::time::Duration;
 
 use common::forwarder::Forwarder;
+use common::http1;
 use common::{client, h2c_client, sha256_hex, Backend, Busbar};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const TOKEN: &str = "loops-test-token";
 
@@ -71,14 +70,8 @@ fn fds(pid: i32) -> usize {
 
 /// Sends raw bytes on a new connection and reads until the close: status line, all.
 async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (String, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer))
-        .await
-        .expect("an answer in time")
-        .unwrap();
-    let text = String::from_utf8_lossy(&answer).to_string();
+    let (text, closed) = http1::exchange(addr, request, Duration::from_secs(20)).await;
+    assert!(closed, "an answer in time: {text}");
     (text.lines().next().unwrap_or("").to_string(), text)
 }
 

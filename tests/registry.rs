@@ -26,22 +26,8 @@ services = ["orders"]
 token_sha256 = "{payments}"
 services = ["payments"]
 
-[[service]]
-name = "orders"
-registration = true
-[[service]]
-name = "payments"
-registration = true
-
-[[route]]
-name = "orders"
-path_prefix = "/orders"
-service = "orders"
-[[route]]
-name = "payments"
-path_prefix = "/payments"
-service = "payments"
-"#,
+{services}"#,
+        services = common::ORDERS_AND_PAYMENTS,
         orders = sha256_hex(ORDERS_TOKEN),
         payments = sha256_hex(PAYMENTS_TOKEN),
     )

@@ -44,22 +44,8 @@ services = ["orders"]
 token_sha256 = "{all}"
 services = ["*"]
 
-[[service]]
-name = "orders"
-registration = true
-[[service]]
-name = "payments"
-registration = true
-
-[[route]]
-name = "orders"
-path_prefix = "/orders"
-service = "orders"
-[[route]]
-name = "payments"
-path_prefix = "/payments"
-service = "payments"
-"#,
+{services}"#,
+        services = common::ORDERS_AND_PAYMENTS,
         orders = sha256_hex(ORDERS_TOKEN),
         all = sha256_hex(ALL_TOKEN),
     )
@@ -570,15 +556,6 @@ async fn instances_from_the_snapshot_file_are_held_to_the_address_policy() {
     assert_eq!(refusals(&bus).await.len(), 3);
 }
 
-/// Line and column (1-based) of the last `needle` in `text`.
-fn line_col(text: &str, needle: &str) -> (usize, usize) {
-    let at = text.rfind(needle).expect("needle in text");
-    let before = &text[..at];
-    let line = before.matches('\n').count() + 1;
-    let col = at - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    (line, col)
-}
-
 fn check(path: &Path) -> (bool, String) {
     let out = common::check(path);
     (
@@ -659,7 +636,10 @@ fn busbar_check_refuses_such_static_endpoints_with_file_line_col() {
         std::fs::write(&path, &text).unwrap();
         let (ok, stderr) = check(&path);
         assert!(!ok, "{endpoint} with {http} must fail the check");
-        let (line, col) = line_col(&text, &format!("\"{endpoint}\""));
+        let needle = format!("\"{endpoint}\"");
+        // The last place: the endpoint is also named earlier in the file.
+        let at = text.rfind(&needle).expect("needle in text");
+        let (line, col) = common::line_col_at(&text, at);
         let expected = format!(
             "{}:{line}:{col}: service \"legacy\": endpoint ",
             path.display()

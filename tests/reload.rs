@@ -44,20 +44,6 @@ fn names(v: &Value) -> Vec<&str> {
         .collect()
 }
 
-/// Polls `done` every 20 ms until it holds or `within` has passed; returns whether it held.
-async fn eventually(within: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn listening(addr: SocketAddr) -> bool {
     std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok()
 }
@@ -144,7 +130,7 @@ async fn the_log_level_changes_on_reload() {
     let v = reload_ok(&bus).await;
     assert_eq!(names(&v["applied"]), ["log.level"], "{v}");
     assert!(
-        eventually(Duration::from_secs(5), || reloaded() == 2).await,
+        common::eventually(Duration::from_secs(5), || reloaded() == 2).await,
         "back at info, the reload is logged:\n{}",
         bus.stderr()
     );
@@ -164,7 +150,7 @@ fn slow_request(bus: &Busbar, ms: u64) -> tokio::task::JoinHandle<Result<u16, St
 /// Waits until the backend has seen `n` requests.
 async fn seen(backend: &Backend, n: usize) {
     assert!(
-        eventually(Duration::from_secs(10), || backend.hits() >= n).await,
+        common::eventually(Duration::from_secs(10), || backend.hits() >= n).await,
         "the backend saw {} requests",
         backend.hits()
     );
@@ -349,7 +335,7 @@ async fn the_registration_listener_follows_reloads() {
         "the registration listener where it is now is one of busbar's own"
     );
     assert!(
-        eventually(Duration::from_secs(5), || !listening(first)).await,
+        common::eventually(Duration::from_secs(5), || !listening(first)).await,
         "the old registration address still accepts connections"
     );
 
@@ -362,7 +348,7 @@ async fn the_registration_listener_follows_reloads() {
     assert_eq!(names(&v["applied"]), ["registry.listen"], "{v}");
     assert_eq!(registry_listen(&bus).await, Value::Null);
     assert!(
-        eventually(Duration::from_secs(5), || !listening(moved)).await,
+        common::eventually(Duration::from_secs(5), || !listening(moved)).await,
         "the registration API still accepts connections"
     );
     let r = client().get(bus.url("/x")).send().await.unwrap();

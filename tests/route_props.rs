@@ -13,9 +13,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use busbar::config;
-use busbar::metrics::RouteMetrics;
 use busbar::registry::Service;
-use busbar::routing::{RequestView, Route, RouteTable};
+use busbar::routing::{RequestView, RouteTable};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use proptest::prelude::*;
 
@@ -185,19 +184,8 @@ fn table(specs: &[RouteSpec]) -> RouteTable {
     }
     let c = config::parse(Path::new("props.toml"), &src)
         .unwrap_or_else(|e| panic!("generated config must parse: {e}\n{src}"));
-    let svc = Arc::new(Service::new(c.services[0].clone(), None, &[]));
-    RouteTable::new(
-        c.routes
-            .into_iter()
-            .map(|r| {
-                Arc::new(Route {
-                    metrics: RouteMetrics::new(&r.name, "s"),
-                    config: r,
-                    service: svc.clone(),
-                })
-            })
-            .collect(),
-    )
+    let services = [Arc::new(Service::new(c.services[0].clone(), None, &[]))];
+    RouteTable::from_config(&c.routes, &services)
 }
 
 fn ref_host(hosts: &[String], host: &str) -> bool {

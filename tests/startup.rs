@@ -17,20 +17,6 @@ use serde_json::json;
 const SIGQUIT: i32 = 3;
 const ORDERS_TOKEN: &str = "orders-secret-token";
 
-/// 1-based line and column (in characters) where `needle` first occurs in `text`.
-fn line_col(text: &str, needle: &str) -> (usize, usize) {
-    let at = text
-        .find(needle)
-        .unwrap_or_else(|| panic!("{needle:?} not in:\n{text}"));
-    let before = &text[..at];
-    let line = before.matches('\n').count() + 1;
-    let col = before[before.rfind('\n').map_or(0, |i| i + 1)..]
-        .chars()
-        .count()
-        + 1;
-    (line, col)
-}
-
 /// A self-signed certificate and its key, written as `name.crt` and `name.key` in `dir`.
 fn cert_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
@@ -138,7 +124,7 @@ fn check_refuses_a_missing_unreadable_or_mismatched_certificate_at_its_location(
         let out = check(&file);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{cert:?} + {key:?} passed check");
-        let (line, col) = line_col(&text, &format!("\"{}\"", at.display()));
+        let (line, col) = common::line_col(&text, &format!("\"{}\"", at.display()));
         let expected = format!("{}:{line}:{col}: [listen]: ", file.display());
         assert!(
             stderr.contains(&expected) && stderr.contains(says),

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::http1::{self, Conn, Response};
 use common::Busbar;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -112,139 +113,11 @@ async fn bus(up: &Raw) -> Busbar {
     Busbar::start(&common::one_route(up.addr, "", "")).await
 }
 
-/// One response as the client read it.
-#[derive(Debug, Default)]
-struct Resp {
-    /// The head, lowercase; empty when the connection closed before one.
-    head: String,
-    body: Vec<u8>,
-    /// Its framing said where it ends, and that end arrived.
-    complete: bool,
-    /// The connection closed while (or before) it was read.
-    closed: bool,
-}
-
-impl Resp {
-    fn status(&self) -> u16 {
-        self.head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0)
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .map(str::trim)
-    }
-}
-
-/// Reads into `buf` from `s`; 0 at the close, `None` when nothing came for 10 s.
-async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
-    let mut chunk = [0u8; 4096];
-    match tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await {
-        Ok(Ok(k)) => {
-            buf.extend_from_slice(&chunk[..k]);
-            Some(k)
-        }
-        Ok(Err(_)) => Some(0),
-        Err(_) => None,
-    }
-}
-
-/// Where a strictly chunked body ends in `b`, if it has.
-fn chunked_end(b: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    loop {
-        let line = b[i..].windows(2).position(|w| w == b"\r\n")?;
-        let size = std::str::from_utf8(&b[i..i + line]).ok()?;
-        let size = size.split(';').next()?.trim_end_matches([' ', '\t']);
-        let n = usize::from_str_radix(size, 16).ok()?;
-        i += line + 2;
-        if n == 0 {
-            // Trailer lines up to the empty one.
-            loop {
-                let line = b[i..].windows(2).position(|w| w == b"\r\n")?;
-                i += line + 2;
-                if line == 0 {
-                    return Some(i);
-                }
-            }
-        }
-        i += n + 2;
-        if i > b.len() {
-            return None;
-        }
-    }
-}
-
-/// Reads one response from `s`, framed strictly: a `Content-Length` of digits, chunked,
-/// or (neither) until the close.
-async fn read_response(s: &mut TcpStream, head_request: bool) -> Resp {
-    let mut buf = Vec::new();
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        match fill(s, &mut buf).await {
-            Some(0) => {
-                return Resp {
-                    head: String::from_utf8_lossy(&buf).to_lowercase(),
-                    closed: true,
-                    ..Resp::default()
-                }
-            }
-            Some(_) => {}
-            None => panic!(
-                "no response head in 10 s: {:?}",
-                String::from_utf8_lossy(&buf)
-            ),
-        }
-    };
-    let mut r = Resp {
-        head: String::from_utf8_lossy(&buf[..end]).to_lowercase(),
-        body: buf[end..].to_vec(),
-        ..Resp::default()
-    };
-    let length = r
-        .header("content-length")
-        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-        .map(|v| v.parse::<usize>().unwrap());
-    let chunked = r.header("transfer-encoding") == Some("chunked");
-    let no_body = head_request || r.status() == 204 || r.status() == 304;
-    loop {
-        let done = if no_body {
-            Some(0)
-        } else if chunked {
-            chunked_end(&r.body)
-        } else {
-            length.filter(|n| r.body.len() >= *n)
-        };
-        if let Some(n) = done {
-            r.complete = true;
-            r.body.truncate(n);
-            return r;
-        }
-        match fill(s, &mut r.body).await {
-            Some(0) => {
-                r.closed = true;
-                // Close-delimited: complete at the close.
-                r.complete = length.is_none() && !chunked;
-                return r;
-            }
-            Some(_) => {}
-            None => return r,
-        }
-    }
-}
-
 /// What one client connection saw: the answer to `first`, then (when the connection was
 /// still open and that answer complete) the answer to `GET /ok`, and everything that came.
 struct Seen {
-    first: Resp,
-    second: Option<Resp>,
+    first: Response,
+    second: Option<Response>,
     all: Vec<u8>,
 }
 
@@ -267,20 +140,17 @@ impl Seen {
 }
 
 async fn ask_twice(bus: &Busbar, first: &[u8]) -> Seen {
-    let mut c = TcpStream::connect(bus.http).await.unwrap();
-    c.write_all(first).await.unwrap();
+    let mut c = Conn::connect(bus.http).await;
+    c.send(first).await.unwrap();
     let head_request = first.starts_with(b"HEAD ");
-    let mut first = read_response(&mut c, head_request).await;
+    let mut first = c.read_response(head_request).await;
     let mut all = [first.head.as_bytes(), &first.body].concat();
     if first.closed || !first.complete {
         // Whatever else comes before the close belongs to the client too.
         if !first.closed {
-            while let Some(k) = fill(&mut c, &mut all).await {
-                if k == 0 {
-                    first.closed = true;
-                    break;
-                }
-            }
+            let (rest, closed) = c.read_to_close(http1::PATIENCE).await;
+            all.extend_from_slice(&rest);
+            first.closed = closed;
         }
         return Seen {
             first,
@@ -288,7 +158,7 @@ async fn ask_twice(bus: &Busbar, first: &[u8]) -> Seen {
             all,
         };
     }
-    if c.write_all(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
+    if c.send(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
         .is_err()
     {
@@ -299,7 +169,7 @@ async fn ask_twice(bus: &Busbar, first: &[u8]) -> Seen {
             all,
         };
     }
-    let second = read_response(&mut c, false).await;
+    let second = c.read_response(false).await;
     all.extend_from_slice(second.head.as_bytes());
     all.extend_from_slice(&second.body);
     if second.head.is_empty() && second.closed {

@@ -15,9 +15,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 use busbar::config::{self, MAX_TTL, MIN_TTL};
 use busbar::edge::head::{self, HeadLimits};
-use busbar::metrics::RouteMetrics;
 use busbar::registry::Service;
-use busbar::routing::{self, RequestView, Route, RouteTable};
+use busbar::routing::{self, RequestView, RouteTable};
 use busbar::translate::grpc_web::{self, GrpcWebSettings, WebCall};
 use busbar::translate::json_grpc::{JsonOptions, Transcoder};
 use busbar::translate::template::PathTemplate;
@@ -101,19 +100,8 @@ fn route_table() -> &'static RouteTable {
     TABLE.get_or_init(|| {
         let c =
             config::parse(Path::new("fuzz-routes.toml"), ROUTES).expect("the route table parses");
-        let svc = Arc::new(Service::new(c.services[0].clone(), None, &[]));
-        RouteTable::new(
-            c.routes
-                .into_iter()
-                .map(|r| {
-                    Arc::new(Route {
-                        metrics: RouteMetrics::new(&r.name, "s"),
-                        config: r,
-                        service: svc.clone(),
-                    })
-                })
-                .collect(),
-        )
+        let services = [Arc::new(Service::new(c.services[0].clone(), None, &[]))];
+        RouteTable::from_config(&c.routes, &services)
     })
 }
 

@@ -35,14 +35,6 @@ pub struct AdminApi {
     pub readiness: Arc<crate::ready::Readiness>,
 }
 
-/// Compares in time independent of where the first difference is.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 impl AdminApi {
     /// `None` when the caller may change state; otherwise the refusal to send.
     fn authorize(&self, session: &ServerSession) -> Option<Response<Vec<u8>>> {
@@ -53,18 +45,13 @@ impl AdminApi {
                 "set BUSBAR_ADMIN_TOKEN in busbar's environment to enable state-changing admin calls",
             ));
         };
-        let given = session
-            .req_header()
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-        match given {
+        match crate::bearer::token(&session.req_header().headers) {
             None => Some(error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "send Authorization: Bearer <admin token>",
             )),
-            Some(g) if same_secret(g, token.as_bytes()) => None,
+            Some(g) if crate::bearer::same_secret(g, token.as_bytes()) => None,
             Some(_) => Some(error(
                 StatusCode::FORBIDDEN,
                 "forbidden",

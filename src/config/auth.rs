@@ -105,7 +105,9 @@ pub struct ApiKey {
     pub sha256: [u8; 32],
 }
 
-/// Decodes 64 hex digits.
+/// Decodes a SHA-256 written as 64 hex digits, either case: `[[auth.api_key]]`'s
+/// `sha256` and `[[registry.token]]`'s `token_sha256`. Only digits: `from_str_radix`
+/// would also take a sign (`+f`).
 pub fn parse_sha256_hex(s: &str) -> Option<[u8; 32]> {
     let b = s.as_bytes();
     if b.len() != 64 {
@@ -113,8 +115,9 @@ pub fn parse_sha256_hex(s: &str) -> Option<[u8; 32]> {
     }
     let mut out = [0u8; 32];
     for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
-        let hex = std::str::from_utf8(pair).ok()?;
-        *o = u8::from_str_radix(hex, 16).ok()?;
+        let hi = char::from(pair[0]).to_digit(16)?;
+        let lo = char::from(pair[1]).to_digit(16)?;
+        *o = (hi * 16 + lo) as u8;
     }
     Some(out)
 }
@@ -152,7 +155,7 @@ impl Validator<'_> {
                     "a user name is non-empty printable text",
                 );
             }
-            let Some(sha256) = parse_sha256_hex(&k.sha256.get_ref().to_ascii_lowercase()) else {
+            let Some(sha256) = parse_sha256_hex(k.sha256.get_ref()) else {
                 self.err(
                     k.sha256.span(),
                     &ctx,
@@ -359,5 +362,10 @@ mod tests {
         assert_eq!(parse_sha256_hex(h).map(|b| b[0]), Some(0x9f));
         assert_eq!(parse_sha256_hex(&h[1..]), None);
         assert_eq!(parse_sha256_hex(&h.replace('9', "g")), None);
+        assert_eq!(parse_sha256_hex(&format!("+f{}", &h[2..])), None);
+        assert_eq!(
+            parse_sha256_hex(&h.to_ascii_uppercase()),
+            parse_sha256_hex(h)
+        );
     }
 }

@@ -230,7 +230,7 @@ impl Validator<'_> {
                     [0; 32]
                 }
             },
-            (None, Some(hex)) => match parse_hex32(hex.get_ref()) {
+            (None, Some(hex)) => match super::auth::parse_sha256_hex(hex.get_ref()) {
                 Some(h) => h,
                 None => {
                     self.err(hex.span(), ctx, "token_sha256 must be 64 hex digits");
@@ -291,20 +291,6 @@ impl Validator<'_> {
             addresses,
         })
     }
-}
-
-fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    let b = s.as_bytes();
-    if b.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
-        let hi = (pair[0] as char).to_digit(16)?;
-        let lo = (pair[1] as char).to_digit(16)?;
-        *o = (hi * 16 + lo) as u8;
-    }
-    Some(out)
 }
 
 #[cfg(test)]

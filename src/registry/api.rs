@@ -189,12 +189,7 @@ pub fn parse_registration(
 impl RegistrationApi {
     /// The tokens the caller's bearer token matches, or the refusal.
     fn authenticate(&self, session: &ServerSession) -> Result<Scope, Response<Vec<u8>>> {
-        let given = session
-            .req_header()
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-        let Some(given) = given else {
+        let Some(given) = crate::bearer::token(&session.req_header().headers) else {
             return Err(error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -203,19 +198,13 @@ impl RegistrationApi {
         };
         let hash: [u8; 32] = sha2::Sha256::digest(given).into();
         let snap = self.state.load();
-        // Compare every token in time independent of where they differ.
+        // Every token is compared (no early exit), each in constant time.
         let matched = snap
             .config
             .registry
             .tokens
             .iter()
-            .filter(|t| {
-                t.sha256
-                    .iter()
-                    .zip(&hash)
-                    .fold(0u8, |a, (x, y)| a | (x ^ y))
-                    == 0
-            })
+            .filter(|t| crate::bearer::same_secret(&t.sha256, &hash))
             .cloned()
             .collect::<Vec<_>>();
         if matched.is_empty() {

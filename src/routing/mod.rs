@@ -126,7 +126,29 @@ impl Candidates {
 }
 
 impl RouteTable {
-    pub fn new(routes: Vec<Arc<Route>>) -> Self {
+    /// Compiles the configured `routes`, each bound to the service of `services` it names
+    /// and given its metrics. The one way a table is built from config: the snapshot, the
+    /// fuzz targets and the tests all come here, so they test what runs. A route naming a
+    /// service not in `services` is left out (validation has refused such a config).
+    pub fn from_config(routes: &[RouteConfig], services: &[Arc<Service>]) -> Self {
+        let by_name: HashMap<&str, &Arc<Service>> =
+            services.iter().map(|s| (s.name(), s)).collect();
+        let routes = routes
+            .iter()
+            .filter_map(|r| {
+                let service = Arc::clone(by_name.get(r.service.as_str())?);
+                Some(Arc::new(Route {
+                    metrics: RouteMetrics::new(&r.name, &r.service),
+                    config: r.clone(),
+                    service,
+                }))
+            })
+            .collect();
+        RouteTable::new(routes)
+    }
+
+    /// Indexes routes already bound to their services; file order is `routes`' order.
+    fn new(routes: Vec<Arc<Route>>) -> Self {
         let mut exact_hosts: Vec<&str> = Vec::new();
         let mut other = Vec::new();
         for (i, r) in routes.iter().enumerate() {
@@ -266,19 +288,8 @@ mod tests {
             "[listen]\nhttp=[\"127.0.0.1:1\"]\n[[service]]\nname=\"s\"\nendpoints=[{{addr=\"127.0.0.1:2\"}}]\n{routes}"
         );
         let c = config::parse(Path::new("t.toml"), &src).unwrap();
-        let svc = Arc::new(Service::new(c.services[0].clone(), None, &[]));
-        RouteTable::new(
-            c.routes
-                .into_iter()
-                .map(|r| {
-                    Arc::new(Route {
-                        metrics: RouteMetrics::new(&r.name, "s"),
-                        config: r,
-                        service: svc.clone(),
-                    })
-                })
-                .collect(),
-        )
+        let services = [Arc::new(Service::new(c.services[0].clone(), None, &[]))];
+        RouteTable::from_config(&c.routes, &services)
     }
 
     fn find<'t>(

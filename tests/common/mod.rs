@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod dns;
 pub mod etcd;
 pub mod forwarder;
+pub mod http1;
 pub mod redis;
 pub mod tls;
 
@@ -398,3 +399,57 @@ pub async fn read_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Opti
         }
     }
 }
+
+/// 1-based line and column (in characters, as busbar's config errors count them) of the
+/// byte offset `at` in `text`.
+pub fn line_col_at(text: &str, at: usize) -> (usize, usize) {
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let col = before[before.rfind('\n').map_or(0, |i| i + 1)..]
+        .chars()
+        .count()
+        + 1;
+    (line, col)
+}
+
+/// 1-based line and column (in characters) where `needle` first occurs in `text`.
+pub fn line_col(text: &str, needle: &str) -> (usize, usize) {
+    let at = text
+        .find(needle)
+        .unwrap_or_else(|| panic!("{needle:?} not in:\n{text}"));
+    line_col_at(text, at)
+}
+
+/// Polls `done` every 20 ms until it holds or `within` has passed; returns whether it held.
+pub async fn eventually(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Services `orders` and `payments` that take registrations, each with a route on its
+/// path prefix: what the registration tests register into (append a `[registry]`).
+pub const ORDERS_AND_PAYMENTS: &str = r#"
+[[service]]
+name = "orders"
+registration = true
+[[service]]
+name = "payments"
+registration = true
+
+[[route]]
+name = "orders"
+path_prefix = "/orders"
+service = "orders"
+[[route]]
+name = "payments"
+path_prefix = "/payments"
+service = "payments"
+"#;
