@@ -12,6 +12,7 @@ pub mod balance;
 pub mod client_addr;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod ctl;
 pub mod demo;
 pub mod durable;
