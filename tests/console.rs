@@ -257,6 +257,17 @@ trusted_proxies = ["127.0.0.0/8"]
 [route.admission.rate_limit]
 rate = "50/s"
 burst = 20
+
+[[route]]
+name = "slow"
+path_prefix = "/slow"
+service = "orders"
+[route.admission]
+identity = ["header:x-user-id", "client_ip"]
+trusted_proxies = ["127.0.0.0/8"]
+[route.admission.rate_limit]
+rate = "1/m"
+burst = 1
 "#,
         hash = sha256_hex(ORDERS_TOKEN),
         v1 = v1.addr,
@@ -271,6 +282,17 @@ async fn overview_shows_the_node_and_services_a_registered_instance() {
     for _ in 0..5 {
         let r = client().get(bus.url("/orders/1")).send().await.unwrap();
         assert_eq!(r.status(), 200);
+    }
+    // One user over the slow route's limit, another within it.
+    for (user, n) in [("mallory", 6), ("alice", 1)] {
+        for _ in 0..n {
+            client()
+                .get(bus.url("/slow/1"))
+                .header("x-user-id", user)
+                .send()
+                .await
+                .unwrap();
+        }
     }
     let (admin, token) = (bus.admin, bus.token.clone());
     let register = bus.registry_url("/v1/services/orders/instances/orders-canary");
@@ -324,6 +346,22 @@ async fn overview_shows_the_node_and_services_a_registered_instance() {
             t.starts_with("50/s per user, burst 20")
         })
         .await;
+        wait_text(&c, "tr[data-route=\"slow\"] td.refusals", |t| {
+            t.contains("limited (user): 5")
+        })
+        .await;
+        wait_text(
+            &c,
+            "#top-refused tr[data-user=\"hdr:mallory\"] td.refusals",
+            |t| t == "5",
+        )
+        .await;
+        assert!(
+            c.find(Locator::Css("#top-refused tr[data-user=\"hdr:alice\"]"))
+                .await
+                .is_err(),
+            "a user never refused is listed"
+        );
         screenshot(&c, "admission").await;
 
         goto_page(&c, "config").await;

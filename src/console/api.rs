@@ -1,6 +1,7 @@
 //! The console's read endpoints, `GET /console/api/{name}`: what its pages show that the
 //! admin API's reads do not carry (instance versions, zones and lease time left, the
-//! admission settings per route, the running configuration with secrets redacted).
+//! admission settings per route, the users refused most often (a bounded top list), the
+//! running configuration with secrets redacted).
 //!
 //! Owns: the JSON shapes of those reads.
 //! Must not: change state or compute what the browser can (request rates and error
@@ -139,6 +140,9 @@ fn identity_name(i: &IdentitySource) -> String {
     }
 }
 
+/// Users in the admission page's top list of refusals.
+const TOP_REFUSED: usize = 20;
+
 /// Per route: who it admits, how often and how many wait; live counts are in `/metrics`.
 fn admission(state: &State) -> Value {
     let snap = state.load();
@@ -182,7 +186,11 @@ fn admission(state: &State) -> Value {
             })
         })
         .collect();
-    json!({ "generation": snap.generation, "routes": routes })
+    json!({
+        "generation": snap.generation,
+        "routes": routes,
+        "top_refused": snap.admission.stores().top_refused(TOP_REFUSED),
+    })
 }
 
 /// The text of the running configuration, secrets redacted ([`super::redact`]).

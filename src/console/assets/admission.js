@@ -1,6 +1,6 @@
 // Admission: per route, who it admits and how (identity, rate limit, queue), the queue
 // now (busbar_queue_waiting, busbar_service_in_flight) and the refusals by reason
-// (busbar_admission_decisions_total).
+// (busbar_admission_decisions_total); the users refused most (a bounded top list).
 
 import { get, el, table, parseMetrics, samples, fmtMs } from './api.js';
 
@@ -42,7 +42,14 @@ export async function render() {
       el('td', { class: 'queue' }, queue),
       el('td', { class: 'refusals' }, (refusals.get(r.route) || ['none']).join('; ')));
   });
+  const top = (d.top_refused || []).map((u) => el('tr', { 'data-user': u.user },
+    el('td', { class: 'user' }, u.user),
+    el('td', { class: 'refusals' }, String(u.refusals) + (u.overcount ? ` (at most ${u.overcount} of them others')` : '')),
+    el('td', {}, u.route), el('td', {}, u.reason)));
   return el('div', { id: 'admission' }, el('h2', {}, 'Admission'),
     el('section', { class: 'card' },
-      table(['Route', 'Service', 'Identity', 'Rate limit', 'Queue policy', 'Queue now', 'Refusals by reason'], rows)));
+      table(['Route', 'Service', 'Identity', 'Rate limit', 'Queue policy', 'Queue now', 'Refusals by reason'], rows)),
+    el('section', { class: 'card' }, el('h3', {}, 'Users refused most (rate limit and queue; approximate, at most 20)'),
+      top.length ? table(['User', 'Refusals', 'Latest route', 'Latest reason'], top, { id: 'top-refused' })
+        : el('p', { class: 'muted' }, 'Nobody refused since start.')));
 }
