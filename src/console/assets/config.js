@@ -57,5 +57,7 @@ export async function render(ui) {
     el('section', { class: 'card' }, el('h3', {}, 'History (newest first)'),
       table(['Applied', 'By', 'Digest', 'Bytes', 'Overrides'], rows, { id: 'config-history' })),
     el('section', { class: 'card' }, el('h3', {}, 'Running configuration (secrets redacted)'),
-      el('pre', { id: 'config-text' }, c.text || '(not kept)')));
+      el('pre', { id: 'config-text' }, c.text
+        ? c.text.replace(/\n$/, '').split('\n').map((l) => el('span', { class: 'line' }, l + '\n'))
+        : '(not kept)')));
 }
