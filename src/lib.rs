@@ -13,6 +13,7 @@ pub mod bearer;
 pub mod client_addr;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod ctl;
 pub mod demo;
 pub mod durable;

@@ -2,7 +2,8 @@
 //!
 //! Owns: `/livez`, `/readyz`, `/healthz`, `/metrics` (also alone on `listen.metrics`,
 //! [`MetricsApi`]), `/v1/routes`, `/v1/services`, `/v1/reload`; the release
-//! and config-history calls (`/v1/releases…`, `/v1/config/…`) are `release::admin`'s.
+//! and config-history calls (`/v1/releases…`, `/v1/config/…`) are `release::admin`'s, the
+//! console under `/console/` is `console`'s.
 //! Reads are open to whoever reaches the listener, except through busbar's own data plane
 //! (a request whose `Via` names a busbar hop gets 403); anything that changes state needs
 //! `Authorization: Bearer $BUSBAR_ADMIN_TOKEN`, and with no token configured it refuses.
@@ -248,6 +249,20 @@ impl ServeHttp for AdminApi {
             (Method::GET, "/v1/routes") => json_reply(StatusCode::OK, self.routes()),
             (Method::GET, "/v1/services") => json_reply(StatusCode::OK, self.services()),
             (Method::GET, "/v1/registry") => json_reply(StatusCode::OK, self.registry()),
+            // The console's pages are open like the reads; its own data reads need the
+            // token (the browser sends it on every call).
+            (m, p) if crate::console::handles(p) => {
+                if crate::console::needs_token(p) {
+                    if let Some(refusal) = self.authorize(session) {
+                        return crate::console::refuse(refusal);
+                    }
+                }
+                let ctx = crate::console::api::Context {
+                    state: &self.state,
+                    readiness: &self.readiness,
+                };
+                crate::console::serve(&ctx, &m, p)
+            }
             (m, p) if crate::release::admin::handles(p) => {
                 if m != Method::GET {
                     if let Some(refusal) = self.authorize(session) {

@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod identity;
 pub mod queue;
 pub mod rate;
+pub mod refused;
 pub mod reject;
 pub mod watch;
 
@@ -161,6 +162,9 @@ pub struct RoutePolicy {
     queue: Option<Arc<queue::ServiceQueue>>,
     queue_policy: QueuePolicy,
     metrics: AdmissionMetrics,
+    /// The route's name, for the top list of refused users.
+    route: Arc<str>,
+    refused: Arc<refused::TopRefused>,
 }
 
 impl RoutePolicy {
@@ -198,7 +202,11 @@ impl RoutePolicy {
             admitted.upstream_path = Some(req.path.to_string());
         }
         if let Some(limiter) = &self.limiter {
-            admitted.rate = Some(self.rated(limiter.check(who.key()))?);
+            let rated = self.rated(limiter.check(who.key()));
+            if rated.is_err() {
+                self.refused.note(who.key(), &self.route, "rate_limited");
+            }
+            admitted.rate = Some(rated?);
         }
         admitted.who = Some(who);
         Ok(admitted)
@@ -240,7 +248,12 @@ impl RoutePolicy {
     /// leaves the queue.
     pub async fn wait(&self, mut admitted: Admitted) -> Result<Admitted, Rejection> {
         if let Some(limiter) = &self.cluster_limiter {
-            admitted.rate = Some(self.rated(limiter.check(admitted.key()).await)?);
+            let rated = self.rated(limiter.check(admitted.key()).await);
+            if rated.is_err() {
+                self.refused
+                    .note(admitted.key(), &self.route, "rate_limited");
+            }
+            admitted.rate = Some(rated?);
         }
         self.enter(&mut admitted).await?;
         Ok(admitted)
@@ -295,6 +308,7 @@ impl RoutePolicy {
                     ),
                 };
                 counter.inc();
+                self.refused.note(admitted.key(), &self.route, kind.code());
                 let mut r = Rejection::new(kind, kind.code(), message);
                 r.retry_after_secs = Some(QUEUE_RETRY_AFTER_SECS);
                 r.rate = admitted.rate;
@@ -325,9 +339,16 @@ pub struct Stores {
     /// The `[cluster]` Redis; replaced when a reload changes `[cluster]`.
     redis: arc_swap::ArcSwapOption<crate::cluster::redis::RedisLimits>,
     queues: DashMap<String, Arc<queue::ServiceQueue>>,
+    /// The users refused most often (rate limit, queue), bounded.
+    refused: Arc<refused::TopRefused>,
 }
 
 impl Stores {
+    /// The users refused most often, for the console.
+    pub fn top_refused(&self, n: usize) -> Vec<refused::RefusedUser> {
+        self.refused.top(n)
+    }
+
     /// The route's limiter; kept when its settings are unchanged, else started afresh.
     fn limiter(&self, route: &str, config: &RateLimitConfig) -> Arc<rate::RouteLimiter> {
         if let Some(l) = self.limiters.get(route) {
@@ -474,6 +495,8 @@ impl Admission {
                 queue: max_in_flight.map(|m| stores.queue(&r.service, m)),
                 queue_policy: a.queue.clone(),
                 metrics: AdmissionMetrics::new(&r.name, &r.service),
+                route: Arc::from(r.name.as_str()),
+                refused: stores.refused.clone(),
             };
             policies.insert(r.name.clone(), Arc::new(policy));
         }
