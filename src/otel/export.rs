@@ -90,8 +90,15 @@ impl BackgroundService for SpanExport {
             };
             IDLE.store(false, Ordering::Release);
             let snapshot = self.state.load();
-            exporter.drain(&snapshot.config.tracing, stop).await;
+            let config = &snapshot.config.tracing;
+            // A collector that hangs must not hold shutdown beyond one last export.
+            let stop = stop
+                || tokio::select! {
+                    _ = exporter.drain(config, false) => false,
+                    _ = shutdown.changed() => true,
+                };
             if stop {
+                exporter.drain(config, true).await;
                 return;
             }
         }
