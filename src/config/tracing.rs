@@ -119,6 +119,9 @@ fn endpoint(url: &str) -> Result<OtlpEndpoint, String> {
     let Some(authority) = uri.authority() else {
         return Err(format!("\"{url}\" names no host"));
     };
+    if authority.as_str().ends_with(':') {
+        return Err(format!("\"{url}\": the port is empty"));
+    }
     if uri.query().is_some() || authority.as_str().contains('@') {
         return Err(format!(
             "\"{url}\": no user or query string, only http://host:port/path"
@@ -229,6 +232,8 @@ mod tests {
             "{e:?}"
         );
         assert!(e[0].contains("https is not supported"), "{e:?}");
+        let e = parsed("endpoint = \"http://127.0.0.1:/v1/traces\"").unwrap_err();
+        assert!(e[0].contains("the port is empty"), "{e:?}");
         let e = parsed("endpoint = \"c:4318\"").unwrap_err();
         assert!(e[0].contains("is not a URL"), "{e:?}");
         let e = parsed("queue_size = 10").unwrap_err();
