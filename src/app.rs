@@ -172,6 +172,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     }
     let live = Live::new(&config, opts.log, registration_listener.clone());
     let dns_wait = config.dns.start_wait;
+    crate::otel::set_queue_size(config.tracing.queue_size);
     let state = Arc::new(State::new(config, store.clone(), live));
     // Endpoints named by host: every address an instance before the first request, or
     // after `[dns] start_wait` without those that did not answer (503 until they do).
@@ -358,6 +359,13 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         },
     )));
     server.add_service(supervised(flusher));
+    // Sampled spans to the `[tracing]` collector; idle while nothing is sampled.
+    server.add_service(supervised(background_service(
+        "span export",
+        crate::otel::export::SpanExport {
+            state: state.clone(),
+        },
+    )));
     // Ready (`/readyz`, systemd's READY=1) once every listener accepts.
     let mut probed = listen.http.clone();
     probed.push(listen.admin);

@@ -24,6 +24,7 @@ pub mod listeners;
 pub mod live;
 pub mod logging;
 pub mod metrics;
+pub mod otel;
 pub mod proxy;
 pub mod proxy_header;
 pub mod ready;

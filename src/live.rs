@@ -29,6 +29,7 @@ pub struct Running {
     upstream_keepalive_pool: usize,
     access_log: AccessLogTarget,
     registry_backend: RegistryBackend,
+    tracing_queue: usize,
 }
 
 impl Running {
@@ -45,6 +46,7 @@ impl Running {
             upstream_keepalive_pool: config.server.upstream_keepalive_pool,
             access_log: config.log.access.clone(),
             registry_backend: config.registry.backend.clone(),
+            tracing_queue: config.tracing.queue_size,
         }
     }
 
@@ -69,6 +71,10 @@ impl Running {
         check(
             "registry.backend",
             file.registry_backend == self.registry_backend,
+        );
+        check(
+            "tracing.queue_size",
+            file.tracing_queue == self.tracing_queue,
         );
         differ
     }

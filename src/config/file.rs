@@ -26,6 +26,8 @@ pub struct FileConfig {
     pub cluster: Option<super::cluster::ClusterFile>,
     /// `[dns]`: name servers and refresh bounds for endpoints named by host.
     pub dns: Option<super::dns::DnsFile>,
+    /// `[tracing]`: sampling of new traces and OTLP export of busbar's spans.
+    pub tracing: Option<super::tracing::TracingFile>,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceFile>,
     #[serde(default, rename = "route")]

@@ -16,6 +16,7 @@ mod registry;
 mod release;
 pub mod runtime_dir;
 mod tls;
+mod tracing;
 mod translate;
 mod validate;
 
@@ -34,6 +35,7 @@ pub use release::{
     check_version, parse_split_json, RuleMatch, SplitConfig, SplitRule, Splits, USER_BUCKETS,
 };
 pub use tls::{load_identity, resolver as tls_resolver, TlsError};
+pub use tracing::{sample_below, OtlpEndpoint, TracingConfig, DEFAULT_QUEUE_SIZE};
 pub use translate::{Translations, DEFAULT_DENY_UNKNOWN_FIELDS, DEFAULT_EMIT_DEFAULTS};
 pub use validate::{valid_identifier, Purpose};
 

@@ -112,6 +112,8 @@ pub struct Config {
     pub cluster: Option<super::ClusterConfig>,
     /// `[dns]`: how endpoints named by host are resolved.
     pub dns: super::DnsConfig,
+    /// `[tracing]`: sampling of new traces and where busbar's spans are exported.
+    pub tracing: super::TracingConfig,
     pub services: Vec<ServiceConfig>,
     pub routes: Vec<RouteConfig>,
     /// Compiled protocol translations by route name (`[route.translate]`).

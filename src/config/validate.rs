@@ -173,6 +173,7 @@ impl Validator<'_> {
 
         let cluster = self.cluster(f.cluster.as_ref(), &f.routes);
         let dns = self.dns(f.dns.as_ref());
+        let tracing = self.tracing(f.tracing.as_ref());
         let mut route_names = HashSet::new();
         let mut routes = Vec::with_capacity(f.routes.len());
         let mut translations = super::Translations::new();
@@ -228,6 +229,7 @@ impl Validator<'_> {
             auth,
             cluster,
             dns,
+            tracing,
             services,
             routes,
             translations,

@@ -765,8 +765,10 @@ pub async fn serve(
     let mut ctx = RequestCtx::new();
     METRICS.in_flight.inc();
     ctx.counted = true;
-    ctx.trace =
-        TraceContext::from_header(req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()));
+    ctx.trace = TraceContext::from_header(
+        req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()),
+        &snapshot.config.tracing,
+    );
     let peer = client
         .get_socket_digest()
         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
@@ -846,7 +848,7 @@ async fn exchange(
     let edits = !route.config.response_headers.is_empty();
     let rate = proxy::response_rate(ctx);
     let ask = Ask {
-        wire: &wire,
+        wire: &[],
         head_request: req.method == Method::HEAD,
         idempotent: req.method.is_idempotent(),
         own_rate: !edits && rate.is_some(),
@@ -865,6 +867,8 @@ async fn exchange(
                 return down.answer(ctx, cause, false).await;
             }
         };
+        crate::otel::retrace(&mut wire, ctx);
+        let ask = Ask { wire: &wire, ..ask };
         // A client that leaves while the upstream works ends the try (as in pingora's
         // path): its instance, and its admission slot, are free at once.
         let tried = tokio::select! {

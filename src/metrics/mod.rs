@@ -90,6 +90,11 @@ pub struct Metrics {
     pub fallback: IntCounterVec,
     pub path_switches: IntCounterVec,
     pub connect_refused: IntCounter,
+    /// Spans dropped on the request path because the export queue was full (`otel`).
+    pub trace_spans_dropped: IntCounter,
+    /// Spans a collector accepted, and spans in exports that failed (sent, or not).
+    pub trace_spans_exported: IntCounter,
+    pub trace_spans_failed: IntCounter,
     pub edge_refusals: IntCounterVec,
     pub self_preservation: IntGauge,
     pub registrations: IntCounterVec,
@@ -371,6 +376,21 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &mut r,
             "busbar_connect_refused_total",
             "CONNECT requests refused because the target is not a configured service.",
+        ),
+        trace_spans_dropped: int_counter(
+            &mut r,
+            "busbar_trace_spans_dropped_total",
+            "Sampled spans dropped because the export queue was full (the collector is slow or down).",
+        ),
+        trace_spans_exported: int_counter(
+            &mut r,
+            "busbar_trace_spans_exported_total",
+            "Spans the OTLP collector accepted.",
+        ),
+        trace_spans_failed: int_counter(
+            &mut r,
+            "busbar_trace_spans_export_failed_total",
+            "Spans lost in exports that failed: no connection, a timeout, or a refusal by the collector.",
         ),
         registry_expired: int_counter(
             &mut r,

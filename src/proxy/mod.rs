@@ -598,6 +598,7 @@ impl BusbarProxy {
         ctx.client = real_client(snapshot, peer, req);
         ctx.trace = trace::TraceContext::from_header(
             req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()),
+            &snapshot.config.tracing,
         );
         if ambiguous_credentials(req) {
             return answer(session, ctx, Cause::DuplicateAuthorization).await;
@@ -707,6 +708,7 @@ impl BusbarProxy {
         ctx.tries += 1;
         instance.health.begin_request();
         let (addr, path) = fallback::target(svc, &instance, now_ms());
+        crate::otel::try_begin(ctx, idx, addr);
         ctx.path = path;
         ctx.last_addr = Some(addr);
         ctx.instance = Some(instance);
@@ -721,6 +723,7 @@ impl BusbarProxy {
     /// A try could not connect. Switches a dead sidecar to its app port, counts the
     /// failure against the instance otherwise; says whether to try again.
     pub(crate) fn on_connect_failure(&self, ctx: &mut RequestCtx, timed_out: bool) -> bool {
+        crate::otel::connect_failed(ctx, timed_out);
         if let Some(instance) = ctx.release_instance() {
             if let Some(route) = &ctx.route {
                 route.service.metrics.connect_failures.inc();
@@ -761,6 +764,7 @@ impl BusbarProxy {
         safe: bool,
         stale_reuse: bool,
     ) -> bool {
+        crate::otel::try_failed(ctx, upstream_fault, timed_out);
         if let Some(instance) = ctx.release_instance() {
             if upstream_fault {
                 self.record_failure(ctx, &instance);
@@ -828,6 +832,7 @@ impl BusbarProxy {
         if let Some(route) = &ctx.route {
             route.service.metrics.malformed.inc();
         }
+        crate::otel::try_end(ctx, 0, Some("upstream_malformed"));
         self.on_try_failure(ctx, true, false, false, false);
     }
 
@@ -849,6 +854,8 @@ impl BusbarProxy {
         } else if status > 0 {
             METRICS.no_route[class_index(status)].inc();
         }
+        let error = ctx.cause.map(Cause::code).or(done.error.then_some("error"));
+        crate::otel::finish(ctx, done.method, status, error);
         if !self.access_log.enabled() {
             return;
         }
@@ -868,7 +875,7 @@ impl BusbarProxy {
             upstream: ctx.upstream_time,
             tries: ctx.tries,
             trace_id: &trace_id,
-            error: ctx.cause.map(Cause::code).or(done.error.then_some("error")),
+            error,
         });
     }
 

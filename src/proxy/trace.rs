@@ -1,39 +1,75 @@
-//! W3C trace context: keep the caller's trace id, or start one, and give the upstream
-//! hop its own span id.
+//! W3C trace context: keep the caller's trace id and sampling decision, or start a trace
+//! and decide (by `[tracing] sample_ratio`), and give busbar's hop and each upstream try
+//! their own span ids.
 //!
-//! Owns: parsing and formatting `traceparent`. Must not: allocate more than the header value.
+//! Owns: parsing and formatting `traceparent`, and the sampling decision.
+//! Must not: allocate more than the header value; record or export spans (`otel`).
+
+use crate::config::TracingConfig;
 
 /// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`
 const LEN: usize = 55;
 
+/// The `sampled` trace flag (W3C Trace Context §3.2.2.5).
+pub const SAMPLED: u8 = 0x01;
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TraceContext {
     pub trace_id: [u8; 16],
+    /// busbar's own (server) span.
     pub span_id: [u8; 8],
+    /// The caller's span, the parent of busbar's; zeros when busbar started the trace.
+    pub parent_id: [u8; 8],
+    /// The span the upstream is told is its parent: the current try's client span when
+    /// spans are exported, busbar's own span otherwise.
+    pub try_id: [u8; 8],
     pub flags: u8,
+    /// Sampled, and `[tracing]` has an endpoint: this request's spans are recorded.
+    pub export: bool,
+    /// The try in progress, while its client span is open (`otel`).
+    pub open: Option<crate::otel::OpenTry>,
 }
 
 impl TraceContext {
-    /// Continues the caller's trace if its `traceparent` is valid; starts a new one otherwise.
+    /// Continues the caller's trace if its `traceparent` is valid, keeping its sampling
+    /// decision (parent-based); otherwise starts a new trace, sampled by `config`'s ratio.
     /// Either way the span id is new: it names busbar's hop.
-    pub fn from_header(value: Option<&[u8]>) -> TraceContext {
-        let mut ctx = value.and_then(parse).unwrap_or_else(|| TraceContext {
-            trace_id: random(),
-            ..Default::default()
-        });
+    pub fn from_header(value: Option<&[u8]>, config: &TracingConfig) -> TraceContext {
+        let mut ctx = match value.and_then(parse) {
+            Some(ctx) => ctx,
+            None => {
+                let trace_id = random();
+                TraceContext {
+                    trace_id,
+                    flags: if sampled(&trace_id, config.sample_below) {
+                        SAMPLED
+                    } else {
+                        0
+                    },
+                    ..Default::default()
+                }
+            }
+        };
         ctx.span_id = random();
-        if ctx.trace_id == [0; 16] {
-            ctx.trace_id = random();
-        }
+        ctx.export = ctx.flags & SAMPLED != 0 && config.exports();
+        // The first try's client span id is known before the try starts: busbar's own
+        // HTTP/1 path writes the upstream head once, ahead of its tries.
+        ctx.try_id = if ctx.export { random() } else { ctx.span_id };
         ctx
     }
 
+    /// A new client span id for a try after the first (see [`Self::from_header`]).
+    pub fn next_try(&mut self) {
+        self.try_id = random();
+    }
+
+    /// The `traceparent` busbar sends upstream: this trace, the try's span, the decision.
     pub fn header_value(&self) -> [u8; LEN] {
         let mut out = [0u8; LEN];
         out[..3].copy_from_slice(b"00-");
         hex(&self.trace_id, &mut out[3..35]);
         out[35] = b'-';
-        hex(&self.span_id, &mut out[36..52]);
+        hex(&self.try_id, &mut out[36..52]);
         out[52] = b'-';
         hex(&[self.flags], &mut out[53..55]);
         out
@@ -44,6 +80,14 @@ impl TraceContext {
         hex(&self.trace_id, &mut out);
         out
     }
+}
+
+/// OpenTelemetry's `TraceIdRatioBased`: the low 8 bytes of a random trace id, read as a
+/// number, are below the ratio's share of `u64`. Every node decides alike for one id.
+fn sampled(trace_id: &[u8; 16], below: u64) -> bool {
+    let mut low = [0u8; 8];
+    low.copy_from_slice(&trace_id[8..]);
+    below == u64::MAX || u64::from_be_bytes(low) < below
 }
 
 /// Random ids from a per-thread xoshiro generator seeded from the thread's ChaCha one.
@@ -117,6 +161,7 @@ fn parse(v: &[u8]) -> Option<TraceContext> {
         return None;
     }
     ctx.flags = flags[0];
+    ctx.parent_id = parent;
     Some(ctx)
 }
 
@@ -127,11 +172,52 @@ mod tests {
     #[test]
     fn keeps_a_valid_trace_id_with_a_new_span() {
         let incoming = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let ctx = TraceContext::from_header(Some(incoming));
+        let ctx = TraceContext::from_header(Some(incoming), &TracingConfig::default());
         let out = ctx.header_value();
         assert_eq!(&out[..36], &incoming[..36]);
         assert_ne!(&out[36..52], &incoming[36..52]);
         assert_eq!(&out[52..], b"-01");
+        assert_eq!(
+            ctx.parent_id,
+            [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
+        );
+    }
+
+    #[test]
+    fn parent_based_then_ratio() {
+        let ratio = |r: f64| TracingConfig {
+            sample_ratio: r,
+            sample_below: crate::config::sample_below(r),
+            ..Default::default()
+        };
+        // A caller's decision is kept whatever the ratio.
+        let unsampled = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        assert_eq!(
+            TraceContext::from_header(Some(unsampled), &ratio(1.0)).flags,
+            0
+        );
+        let sampled = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            TraceContext::from_header(Some(sampled), &ratio(0.0)).flags,
+            SAMPLED
+        );
+        // New traces: by the ratio; off (no `[tracing]`) starts them unsampled.
+        for _ in 0..100 {
+            assert_eq!(TraceContext::from_header(None, &ratio(1.0)).flags, SAMPLED);
+            assert_eq!(TraceContext::from_header(None, &ratio(0.0)).flags, 0);
+            assert_eq!(
+                TraceContext::from_header(None, &TracingConfig::default()).flags,
+                0
+            );
+        }
+        let half = (0..4000)
+            .filter(|_| TraceContext::from_header(None, &ratio(0.5)).flags == SAMPLED)
+            .count();
+        assert!((1600..2400).contains(&half), "{half} of 4000");
+        // Nothing exported: the upstream's parent is busbar's own span, as before.
+        let c = TraceContext::from_header(None, &ratio(1.0));
+        assert!(!c.export);
+        assert_eq!(c.try_id, c.span_id);
     }
 
     #[test]
@@ -144,7 +230,7 @@ mod tests {
             b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
         ] {
             assert_eq!(parse(bad), None, "{}", String::from_utf8_lossy(bad));
-            let ctx = TraceContext::from_header(Some(bad));
+            let ctx = TraceContext::from_header(Some(bad), &TracingConfig::default());
             assert!(parse(&ctx.header_value()).is_some());
         }
     }

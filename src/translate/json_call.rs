@@ -148,11 +148,14 @@ async fn call(
         instance.health.begin_request();
         ctx.last_addr = Some(instance.addr);
         ctx.instance = Some(instance.clone());
+        crate::otel::try_begin(ctx, idx, instance.addr);
         let timeout = svc.config.connect_timeout.min(remaining);
         match h2client::sender(instance.addr, timeout).await {
             Ok(s) => break (s, instance),
             Err(e) => {
                 tracing::debug!(instance = %instance.addr, "gRPC connect failed: {e}");
+                let timed_out = matches!(e, h2client::ConnectError::Timeout);
+                crate::otel::connect_failed(ctx, timed_out);
                 ctx.release_instance();
                 svc.metrics.connect_failures.inc();
                 on_failure(ctx, &instance);
@@ -192,6 +195,7 @@ async fn call(
             )
         })?;
     request.headers_mut().extend(metadata);
+    crate::otel::retrace_headers(request.headers_mut(), ctx);
     let sent = sender
         .send_request(request, false)
         .and_then(|(resp, mut stream)| {

@@ -3,6 +3,8 @@
 //!
 //! Every call is recorded (method and the request's Debug text), so a test can check
 //! what the backend saw and that a refused request never reached it.
+//!
+//! [`otlp`]: an OTLP/HTTP trace receiver for the tracing tests.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -12,6 +14,8 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
+
+pub mod otlp;
 
 pub mod pb {
     tonic::include_proto!("bookstore.v1");
