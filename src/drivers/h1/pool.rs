@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 pub const MAX_IDLE_PER_ADDR: usize = 256;
 
 /// How long a connection may stay idle in the pool.
-pub const IDLE: Duration = crate::proxy::UPSTREAM_IDLE;
+pub const IDLE: Duration = crate::phases::UPSTREAM_IDLE;
 
 /// Give-backs between two sweeps of a thread's whole pool.
 const SWEEP_EVERY: u32 = 1024;
