@@ -170,7 +170,8 @@ impl Edge {
         if buf.is_empty() {
             // Idle until the first byte; from then on the whole head has `header_timeout`.
             // A busy connection's next request comes within `QUIET`: that wait does not
-            // watch for a drain (watching costs ~470 instructions a request).
+            // watch for a drain (the watch's clone and select showed in the profiles:
+            // `load-tests/RESULTS.md`).
             let quiet = QUIET.min(limits.idle_timeout);
             let first = match within(quiet, read_more(s, buf)).await {
                 Err(Elapsed) if limits.idle_timeout > quiet => {

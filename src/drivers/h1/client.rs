@@ -73,8 +73,8 @@ impl Downstream<'_> {
 
     /// Writes a whole response of busbar's own; what was written, for the access log.
     ///
-    /// Boxed: busbar's own answers are the rare path, and inline their state (~700
-    /// bytes, with the header) would be part of every request's future, which is
+    /// Boxed: busbar's own answers are the rare path, and inline their state (hundreds
+    /// of bytes, with the header) would be part of every request's future, which is
     /// copied whole when the connection boxes it.
     pub(super) fn reply(
         &mut self,
