@@ -13,7 +13,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -26,9 +26,9 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::admission::Refused;
 use crate::config::Protocol;
-use crate::edge::pace::BodyPace;
 use crate::phases::ctx::RequestCtx;
 use crate::phases::fail::{self, Failure};
+use crate::phases::pace::BodyPace;
 use crate::phases::request::{logged_client, request_host};
 use crate::phases::setup::{admission_parts, admission_policy};
 use crate::phases::upstream_head::{self, Output};
@@ -123,7 +123,7 @@ impl BusbarProxy {
         // The one snapshot load of this request; `setup` keeps it in the context.
         let snapshot = self.phases.state.load();
         // Slow body, slow read: each read and write to the client must make progress,
-        // and the body must keep its pace (`edge::pace`).
+        // and the body must keep its pace (`phases::pace`).
         let limits = snapshot.config.limits;
         let downstream = session.as_downstream_mut();
         downstream.set_read_timeout(Some(limits.client_timeout));
@@ -217,11 +217,23 @@ impl ProxyHttp for BusbarProxy {
                 ));
             }
             if !end_of_stream {
-                ctx.body_pace
-                    .after_chunk(session.as_downstream_mut(), ctx.body_bytes)?;
+                // The next read may wait only as long as the pace allows; a body behind
+                // it fails as a downstream read timeout, which busbar answers 408.
+                match ctx.body_pace.next_wait(ctx.body_bytes, Instant::now()) {
+                    Some(wait) if !wait.is_zero() => {
+                        session.as_downstream_mut().set_read_timeout(Some(wait));
+                    }
+                    _ => {
+                        return Err(Error::explain(
+                            ErrorType::ReadTimedout,
+                            "request body slower than body_min_rate",
+                        )
+                        .into_down())
+                    }
+                }
             }
         }
-        translate::request_body(ctx, body, end_of_stream)
+        translate::request_body(ctx.grpc_web.as_mut(), body, end_of_stream)
     }
 
     async fn upstream_peer(
@@ -339,7 +351,7 @@ impl ProxyHttp for BusbarProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
-        translate::response_body(ctx, body, end_of_stream);
+        translate::response_body(ctx.grpc_web.as_mut(), body, end_of_stream);
         Ok(None)
     }
 
@@ -350,7 +362,7 @@ impl ProxyHttp for BusbarProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Option<Bytes>> {
         // gRPC-Web: the trailers go downstream as the body's last frame.
-        Ok(translate::trailers(ctx, trailers))
+        Ok(translate::trailers(ctx.grpc_web.as_mut(), trailers))
     }
 
     async fn fail_to_proxy(

@@ -12,7 +12,6 @@
 //! connections.
 
 pub mod linger;
-pub mod pace;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -23,6 +23,7 @@
 
 pub mod ctx;
 pub mod forwarding;
+pub mod pace;
 
 pub(crate) mod attempt;
 pub(crate) mod fail;

@@ -28,7 +28,7 @@ pub(crate) fn edit(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
             forwarding::edit_response(resp, &route.config.response_headers)?;
         }
     }
-    crate::translate::response(ctx, resp)
+    crate::translate::response(ctx.grpc_web.as_ref(), resp)
 }
 
 /// How a driver that writes heads as lines applies busbar's edits.

@@ -227,5 +227,5 @@ fn upstream_target(
             upstream.set_uri(uri);
         }
     }
-    crate::translate::upstream_request(ctx, upstream)
+    crate::translate::upstream_request(ctx.grpc_web.as_ref(), upstream)
 }

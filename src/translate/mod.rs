@@ -22,9 +22,9 @@ use http::HeaderMap;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 
-use crate::phases::ctx::RequestCtx;
 use crate::routing::Route;
 use crate::snapshot::Snapshot;
+use grpc_web::WebCall;
 
 /// A route's translation, compiled when the config loads.
 #[derive(Debug, Clone)]
@@ -49,16 +49,16 @@ pub fn translates(snapshot: &Snapshot, route: &Route) -> bool {
 }
 
 /// `upstream_request_filter`: gRPC-Web headers → gRPC.
-pub fn upstream_request(ctx: &RequestCtx, up: &mut RequestHeader) -> Result<()> {
-    match &ctx.grpc_web {
+pub fn upstream_request(call: Option<&WebCall>, up: &mut RequestHeader) -> Result<()> {
+    match call {
         Some(w) => w.upstream_request(up),
         None => Ok(()),
     }
 }
 
 /// `request_body_filter`: text mode base64 → bytes; broken base64 is the caller's 400.
-pub fn request_body(ctx: &mut RequestCtx, body: &mut Option<Bytes>, eos: bool) -> Result<()> {
-    let Some(w) = ctx.grpc_web.as_mut() else {
+pub fn request_body(call: Option<&mut WebCall>, body: &mut Option<Bytes>, eos: bool) -> Result<()> {
+    let Some(w) = call else {
         return Ok(());
     };
     w.request_body(body, eos).map_err(|e| {
@@ -69,21 +69,21 @@ pub fn request_body(ctx: &mut RequestCtx, body: &mut Option<Bytes>, eos: bool) -
 }
 
 /// `response_filter`: gRPC → gRPC-Web content type and CORS headers.
-pub fn response(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
-    match &ctx.grpc_web {
+pub fn response(call: Option<&WebCall>, resp: &mut ResponseHeader) -> Result<()> {
+    match call {
         Some(w) => w.response(resp),
         None => Ok(()),
     }
 }
 
 /// `response_body_filter`: text mode bytes → base64.
-pub fn response_body(ctx: &mut RequestCtx, body: &mut Option<Bytes>, eos: bool) {
-    if let Some(w) = ctx.grpc_web.as_mut() {
+pub fn response_body(call: Option<&mut WebCall>, body: &mut Option<Bytes>, eos: bool) {
+    if let Some(w) = call {
         w.response_body(body, eos);
     }
 }
 
 /// `response_trailer_filter`: trailers → the 0x80 frame, sent as the end of the body.
-pub fn trailers(ctx: &mut RequestCtx, trailers: &HeaderMap) -> Option<Bytes> {
-    ctx.grpc_web.as_mut().map(|w| w.trailers(trailers))
+pub fn trailers(call: Option<&mut WebCall>, trailers: &HeaderMap) -> Option<Bytes> {
+    call.map(|w| w.trailers(trailers))
 }
