@@ -20,12 +20,13 @@ use crate::admin::{AdminApi, TOKEN_ENV};
 use crate::cluster::etcd::{Etcd, EtcdWatch};
 use crate::config::address::OwnListeners;
 use crate::config::{Config, RegistryBackend};
+use crate::drivers::pingora::BusbarProxy;
 use crate::edge::Edge;
 use crate::health::checker::HealthChecker;
 use crate::listeners::DrainedListeners;
 use crate::live::Live;
 use crate::metrics::METRICS;
-use crate::proxy::BusbarProxy;
+use crate::phases::Phases;
 use crate::registry::api::{Embedded, RegistrationApi, Writer};
 use crate::registry::gate::{Gate, Source};
 use crate::registry::listener::{RegistrationListener, RegistrationService};
@@ -187,13 +188,17 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     // 1. The service endpoint: HTTP/1.1 and h2c on each plain port, TLS with ALPN h2.
     //    The front door reads each plaintext request head: CONNECT tunnels to registered
     //    services, the everyday HTTP/1.1 request goes through busbar's own path
-    //    (`edge::h1`), everything else to the pingora HTTP proxy. Both run `phases`.
-    let phases = Arc::new(BusbarProxy {
+    //    (`drivers::h1`), everything else to the pingora driver. Both run `phases`.
+    let phases = Arc::new(Phases {
         state: state.clone(),
         access_log: access_log.clone(),
     });
-    let mut http_proxy =
-        pingora_proxy::http_proxy(&server.configuration, BusbarProxy::clone(&phases));
+    let mut http_proxy = pingora_proxy::http_proxy(
+        &server.configuration,
+        BusbarProxy {
+            phases: phases.clone(),
+        },
+    );
     let mut options = HttpServerOptions::default();
     options.h2c = true;
     http_proxy.server_options = Some(options);

@@ -1,7 +1,9 @@
 //! busbar: a centralized service bus and global proxy gateway on pingora.
 //!
-//! The request path, in order: routing → pick an instance (registry, balance, health)
-//! → proxy → log and metrics. `app.rs` wires it all; each module owns one step.
+//! The request path: a driver (`drivers`: pingora's proxy, busbar's own HTTP/1 engine,
+//! JSON→gRPC) runs the phases (`phases`: setup, plan, tries, head edits, finish) over
+//! the policy modules (routing, admission, balance, fallback, health, release).
+//! `app.rs` wires it all; each module owns one step.
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
@@ -9,6 +11,7 @@ pub mod admin;
 pub mod admission;
 pub mod app;
 pub mod balance;
+pub mod base;
 pub mod bearer;
 pub mod client_addr;
 pub mod cluster;
@@ -16,6 +19,7 @@ pub mod config;
 pub mod console;
 pub mod ctl;
 pub mod demo;
+pub mod drivers;
 pub mod durable;
 pub mod edge;
 pub mod fallback;
@@ -25,6 +29,7 @@ pub mod live;
 pub mod logging;
 pub mod metrics;
 pub mod otel;
+pub mod phases;
 pub mod proxy;
 pub mod proxy_header;
 pub mod ready;

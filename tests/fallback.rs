@@ -338,3 +338,110 @@ async fn a_grpc_call_with_the_service_as_authority_reaches_the_provider() {
         ) >= 1.0
     );
 }
+
+/// A JSON→gRPC route goes through the same plan and tries as any route: its provider's
+/// sidecar carries the call while it lives, and when it dies the call goes straight to
+/// the app port (counted as a fallback), not to a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_translated_route_falls_back_to_the_app_port_when_the_sidecar_dies() {
+    const MARK: &[u8] = b"through-the-mesh";
+    let app = busbar_testkit::GrpcBackend::start(1).await;
+    let mut sidecar = Forwarder::start(app.addr, MARK).await;
+    let proto = format!(
+        "{}/tests/protos/bookstore.proto",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let bus = Busbar::start(&format!(
+        r#"
+[registry]
+listen = "{{registry}}"
+[[registry.token]]
+token_sha256 = "{hash}"
+services = ["*"]
+
+[[service]]
+name = "books"
+protocol = "h2c"
+registration = true
+prefer = "sidecar"
+hold_down = "2s"
+
+[[route]]
+name = "ping"
+path = "/ping"
+service = "books"
+[route.translate]
+from = "json"
+protos = ["{proto}"]
+method = "bookstore.v1.Bookstore/Ping"
+"#,
+        hash = sha256_hex(TOKEN)
+    ))
+    .await;
+    register(
+        &bus,
+        "books",
+        "b1",
+        json!({ "address": app.addr.to_string(), "sidecar": sidecar.addr.to_string(), "ttl": 60 }),
+    )
+    .await;
+    let ping = || async {
+        let r = client()
+            .post(bus.url("/ping"))
+            .json(&json!({ "text": "through-the-mesh" }))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+
+    // While the sidecar lives, the call goes through it.
+    let (status, body) = ping().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        sidecar.carried(),
+        1,
+        "the call did not go through the sidecar"
+    );
+
+    // The sidecar dies: calls reach the app port directly. The first call after the kill
+    // may find the pooled connection to the sidecar just closing; calls after it succeed.
+    sidecar.stop().await;
+    let calls_at_kill = app.calls().len();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut failed = 0;
+    loop {
+        let (status, body) = ping().await;
+        if status == 200 {
+            break;
+        }
+        failed += 1;
+        assert!(failed <= 1, "{status} {body}");
+        assert!(
+            Instant::now() < deadline,
+            "never reached the app: {status} {body}"
+        );
+    }
+    for _ in 0..3 {
+        let (status, body) = ping().await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(sidecar.carried(), 1);
+    assert!(
+        app.calls().len() >= calls_at_kill + 4,
+        "the app did not get the calls"
+    );
+    let m = bus.metrics().await;
+    assert!(
+        common::metric_value(
+            &m,
+            r#"busbar_fallback_requests_total{reason="sidecar_down",service="books"}"#
+        ) > 0.0,
+        "fallback not counted"
+    );
+    let tries = common::metric_value(
+        &m,
+        r#"busbar_upstream_connect_failures_total{service="books"}"#,
+    );
+    assert!(tries >= 1.0, "the failed sidecar connect was not counted");
+}

@@ -1,4 +1,4 @@
-//! busbar's own HTTP/1.1 path (`src/edge/h1.rs`): bodyless HTTP/1.1 requests on plain
+//! busbar's own HTTP/1.1 path (`src/drivers/h1/`): bodyless HTTP/1.1 requests on plain
 //! routes. What a client and the upstream see of the framing on both sides: chunked and
 //! close-delimited responses, HEAD, 1xx, pipelining, hop-by-hop headers, and upstream
 //! connections that are pooled, closed meanwhile, or answer ambiguously.

@@ -4,7 +4,7 @@
 //! connection, `GET /ok`, which must get its own answer — or find the connection closed.
 //! Never may the client get bytes busbar could not frame (the marker `SMUGGLED` stands for
 //! them), nor a kept-alive connection whose answer has no end. Bodyless GETs go through
-//! busbar's own HTTP/1.1 path (`src/edge/h1.rs`); requests with a body through pingora's.
+//! busbar's own HTTP/1.1 path (`src/drivers/h1/`); requests with a body through pingora's.
 
 mod common;
 

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 use busbar::config::{self, MAX_TTL, MIN_TTL};
-use busbar::edge::head::{self, HeadLimits};
+use busbar::drivers::h1::head::{self, HeadLimits};
 use busbar::registry::Service;
 use busbar::routing::{self, RequestView, RouteTable};
 use busbar::translate::grpc_web::{self, GrpcWebSettings, WebCall};

@@ -37,7 +37,7 @@ pub use identity::Identity;
 pub use queue::Permit;
 pub use rate::RateInfo;
 pub use reject::{RejectKind, Rejection};
-pub use watch::{admit, enter_watched, Refused};
+pub use watch::{enter_watched, Refused};
 
 /// How often idle rate-limit cells are swept and queue gauges sampled.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -244,7 +244,7 @@ impl RoutePolicy {
 
     /// What follows [`check`](Self::check) and may wait: the cluster-wide rate limit if
     /// the route has one, then a service slot. Needs nothing from the request, so
-    /// [`watch::admit`] races it against the client going away; dropping the future
+    /// [`enter_watched`] races it against the client going away; dropping the future
     /// leaves the queue.
     pub async fn wait(&self, mut admitted: Admitted) -> Result<Admitted, Rejection> {
         if let Some(limiter) = &self.cluster_limiter {

@@ -123,7 +123,7 @@ pub fn rate_headers(h: &mut ResponseHeader, r: &RateInfo) {
 pub fn rate_lines(out: &mut Vec<u8>, r: &RateInfo) {
     for (name, n) in RATE_HEADERS.into_iter().zip(r.values()) {
         let mut digits = itoa::Buffer::new();
-        crate::proxy::headers::line(out, name.as_bytes(), digits.format(n).as_bytes());
+        crate::base::http::line(out, name.as_bytes(), digits.format(n).as_bytes());
     }
 }
 

@@ -4,20 +4,14 @@
 //! pingora would otherwise run) it reads the request head under a total
 //! deadline (a client trickling header bytes is cut off: slowloris), refuses ambiguous
 //! framing and oversize heads itself (see `head`), sends `CONNECT` to the mesh tunnel,
-//! serves the everyday bodyless request on busbar's own HTTP/1.1 path (`h1`), and hands
+//! serves the everyday bodyless request on busbar's own HTTP/1.1 engine (`drivers::h1`), and hands
 //! everything else — unchanged, bytes rewound — to the pingora HTTP proxy.
 //! h2c connections (the HTTP/2 preface) go to the proxy whole. TLS connections cannot be
 //! rewound, so they get pingora's own parsing and per-read timeouts only.
 //! Must not: interpret more than the head (proxying is `h1`'s), or keep any state between
 //! connections.
 
-pub mod deadline;
-pub mod framing;
-pub mod h1;
-pub mod head;
 pub mod linger;
-pub mod pace;
-pub mod pool;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,10 +25,12 @@ use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use self::deadline::{within, Elapsed};
+use crate::base::deadline::{within, Elapsed};
 use crate::config::Limits;
+use crate::drivers::h1::{self, head};
+use crate::drivers::pingora::BusbarProxy;
 use crate::metrics::METRICS;
-use crate::proxy::BusbarProxy;
+use crate::phases::Phases;
 use crate::snapshot::State;
 use head::{HeadLimits, Refusal};
 use linger::Lingering;
@@ -110,8 +106,8 @@ async fn read_first(
 
 pub struct Edge {
     pub proxy: Arc<HttpProxy<BusbarProxy>>,
-    /// The same phases, for busbar's own HTTP/1 path (`h1`).
-    pub phases: Arc<BusbarProxy>,
+    /// The same phases, for busbar's own HTTP/1 engine (`drivers::h1`).
+    pub phases: Arc<Phases>,
     pub state: Arc<State>,
 }
 
@@ -173,7 +169,8 @@ impl Edge {
         if buf.is_empty() {
             // Idle until the first byte; from then on the whole head has `header_timeout`.
             // A busy connection's next request comes within `QUIET`: that wait does not
-            // watch for a drain (watching costs ~470 instructions a request).
+            // watch for a drain (the watch's clone and select showed in the profiles:
+            // `load-tests/RESULTS.md`).
             let quiet = QUIET.min(limits.idle_timeout);
             let first = match within(quiet, read_more(s, buf)).await {
                 Err(Elapsed) if limits.idle_timeout > quiet => {

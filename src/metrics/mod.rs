@@ -570,7 +570,7 @@ pub struct ServiceMetrics {
     pub connection_pooled: IntCounter,
     pub connection_new: IntCounter,
     pub timeouts: IntCounter,
-    /// Answers busbar could not frame (`edge::framing`), refused or cut off.
+    /// Answers busbar could not frame (`drivers::h1::framing`), refused or cut off.
     pub malformed: IntCounter,
     pub no_instance: IntCounter,
     pub retries: IntCounter,

@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_queue::ArrayQueue;
 
 use crate::metrics::{method_index, METRICS};
-use crate::proxy::ctx::RequestCtx;
+use crate::phases::ctx::RequestCtx;
 use crate::proxy::reply::Cause;
 use crate::registry::InstanceSet;
 use crate::routing::Route;
@@ -209,7 +209,7 @@ pub fn retrace_headers(headers: &mut http::HeaderMap, ctx: &RequestCtx) {
         return;
     }
     if let Ok(v) = http::HeaderValue::from_bytes(&ctx.trace.header_value()) {
-        headers.insert(&crate::proxy::headers::TRACEPARENT, v);
+        headers.insert(&crate::phases::forwarding::TRACEPARENT, v);
     }
 }
 

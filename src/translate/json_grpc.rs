@@ -3,7 +3,7 @@
 //!
 //! Owns: bindings from `google.api.http` annotations (or one explicit method), proto3
 //! JSON via prost-reflect, typed conversion of path and query text.
-//! Must not: do I/O (the call itself is `json_call`), or panic on anything a client sends.
+//! Must not: do I/O (the call itself is `drivers::json_grpc`), or panic on anything a client sends.
 
 use std::collections::HashSet;
 

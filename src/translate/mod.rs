@@ -1,16 +1,16 @@
 //! Protocol translation: callers and services need not speak the same protocol.
 //!
-//! Owns: one file per protocol pair — `json_grpc` (+ `json_call`, `h2client`) for
-//! JSON/HTTP → gRPC, `grpc_web` for gRPC-Web → gRPC — plus proto compilation
-//! (`descriptors`), path templates and the gRPC status table; and the few hooks below
-//! that the proxy phases call. HTTP/1.1 → h2c needs nothing here: an h2c service is
-//! always reached over HTTP/2 (`upstream_peer`).
+//! Owns: one file per protocol pair — `json_grpc` (+ `h2client`) for JSON/HTTP → gRPC,
+//! `grpc_web` for gRPC-Web → gRPC — plus proto compilation (`descriptors`), path
+//! templates and the gRPC status table; and the few hooks below that the pingora driver
+//! calls for gRPC-Web. The JSON→gRPC call itself is a driver (`drivers::json_grpc`).
+//! HTTP/1.1 → h2c needs nothing here: an h2c service is always reached over HTTP/2
+//! (`upstream_peer`).
 //! Must not: hold routing, admission or balancing policy (it uses theirs).
 
 pub mod descriptors;
 pub mod grpc_web;
 pub mod h2client;
-pub mod json_call;
 pub mod json_grpc;
 pub mod status;
 pub mod template;
@@ -21,12 +21,10 @@ use bytes::Bytes;
 use http::HeaderMap;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::Session;
 
-use crate::proxy::ctx::RequestCtx;
-use crate::registry::Instance;
 use crate::routing::Route;
 use crate::snapshot::Snapshot;
+use grpc_web::WebCall;
 
 /// A route's translation, compiled when the config loads.
 #[derive(Debug, Clone)]
@@ -37,7 +35,8 @@ pub enum Translation {
     GrpcWeb(Arc<grpc_web::GrpcWebSettings>),
 }
 
-fn of<'a>(snapshot: &'a Snapshot, route: &Route) -> Option<&'a Translation> {
+/// The route's translation, if it has one.
+pub fn of<'a>(snapshot: &'a Snapshot, route: &Route) -> Option<&'a Translation> {
     if snapshot.config.translations.is_empty() {
         return None;
     }
@@ -49,53 +48,17 @@ pub fn translates(snapshot: &Snapshot, route: &Route) -> bool {
     of(snapshot, route).is_some()
 }
 
-/// Answers a CORS preflight for a gRPC-Web route (before admission: preflights carry
-/// no credentials). `Ok(true)`: the response is written.
-pub async fn preflight(session: &mut Session, snapshot: &Snapshot, route: &Route) -> Result<bool> {
-    let Some(Translation::GrpcWeb(s)) = of(snapshot, route) else {
-        return Ok(false);
-    };
-    let Some(h) = grpc_web::preflight(session.req_header(), s) else {
-        return Ok(false);
-    };
-    session.write_response_header(Box::new(h), true).await?;
-    Ok(true)
-}
-
-/// After admission: JSON routes are served here (`Ok(true)`); gRPC-Web requests get
-/// their state and go on through the proxy.
-pub async fn on_request(
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    on_failure: &(dyn Fn(&RequestCtx, &Instance) + Send + Sync),
-) -> Result<bool> {
-    let (Some(snapshot), Some(route)) = (ctx.snapshot.clone(), ctx.route.clone()) else {
-        return Ok(false);
-    };
-    match of(&snapshot, &route) {
-        None => Ok(false),
-        Some(Translation::Json(t)) => {
-            json_call::serve(session, ctx, t, on_failure).await?;
-            Ok(true)
-        }
-        Some(Translation::GrpcWeb(s)) => {
-            ctx.grpc_web = grpc_web::WebCall::detect(session.req_header(), s);
-            Ok(false)
-        }
-    }
-}
-
 /// `upstream_request_filter`: gRPC-Web headers → gRPC.
-pub fn upstream_request(ctx: &RequestCtx, up: &mut RequestHeader) -> Result<()> {
-    match &ctx.grpc_web {
+pub fn upstream_request(call: Option<&WebCall>, up: &mut RequestHeader) -> Result<()> {
+    match call {
         Some(w) => w.upstream_request(up),
         None => Ok(()),
     }
 }
 
 /// `request_body_filter`: text mode base64 → bytes; broken base64 is the caller's 400.
-pub fn request_body(ctx: &mut RequestCtx, body: &mut Option<Bytes>, eos: bool) -> Result<()> {
-    let Some(w) = ctx.grpc_web.as_mut() else {
+pub fn request_body(call: Option<&mut WebCall>, body: &mut Option<Bytes>, eos: bool) -> Result<()> {
+    let Some(w) = call else {
         return Ok(());
     };
     w.request_body(body, eos).map_err(|e| {
@@ -106,21 +69,21 @@ pub fn request_body(ctx: &mut RequestCtx, body: &mut Option<Bytes>, eos: bool) -
 }
 
 /// `response_filter`: gRPC → gRPC-Web content type and CORS headers.
-pub fn response(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
-    match &ctx.grpc_web {
+pub fn response(call: Option<&WebCall>, resp: &mut ResponseHeader) -> Result<()> {
+    match call {
         Some(w) => w.response(resp),
         None => Ok(()),
     }
 }
 
 /// `response_body_filter`: text mode bytes → base64.
-pub fn response_body(ctx: &mut RequestCtx, body: &mut Option<Bytes>, eos: bool) {
-    if let Some(w) = ctx.grpc_web.as_mut() {
+pub fn response_body(call: Option<&mut WebCall>, body: &mut Option<Bytes>, eos: bool) {
+    if let Some(w) = call {
         w.response_body(body, eos);
     }
 }
 
 /// `response_trailer_filter`: trailers → the 0x80 frame, sent as the end of the body.
-pub fn trailers(ctx: &mut RequestCtx, trailers: &HeaderMap) -> Option<Bytes> {
-    ctx.grpc_web.as_mut().map(|w| w.trailers(trailers))
+pub fn trailers(call: Option<&mut WebCall>, trailers: &HeaderMap) -> Option<Bytes> {
+    call.map(|w| w.trailers(trailers))
 }

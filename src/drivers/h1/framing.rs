@@ -1,5 +1,5 @@
 //! The framing rules an upstream's HTTP/1.1 answer is held to on busbar's own path
-//! (`edge::h1`): its `Content-Length` and `Transfer-Encoding` values, the headers its
+//! (`drivers::h1`): its `Content-Length` and `Transfer-Encoding` values, the headers its
 //! `Connection` may nominate, and the chunked body (RFC 9112 §7.1), strictly.
 //!
 //! A next hop that reads a lenient answer differently from busbar is how a response is
@@ -10,7 +10,7 @@
 //! 502 or, once the head went out, closes the client connection.
 //! Owns: those verdicts. Pure: no I/O; the chunked scan holds only trailer bytes, and
 //! only across reads.
-//! Must not: decide what happens after a verdict (the caller and the proxy's phases do).
+//! Must not: decide what happens after a verdict (the caller and the phases do).
 
 /// Most bytes of a chunk-size line (the size, leading zeros included, and its extensions)
 /// busbar reads: a line that never ends is not a body.

@@ -3,10 +3,10 @@
 //!
 //! Owns: each runtime thread's table of armed deadlines and the task that sweeps it every
 //! [`TICK`]. A wait that ends before its deadline (nearly all of them) costs a clock read
-//! and a slot in a `Vec`. pingora's `timeout` cost ~1,200 instructions and four
+//! and a slot in a `Vec`. pingora's `timeout` costs several times that and four
 //! allocations a request for the same two waits (a B-tree lookup on a shared wheel, an
-//! `Arc`, a boxed future, a `Notify`); tokio's timer wakes a parked runtime through its
-//! eventfd (see `edge::read_first`).
+//! `Arc`, a boxed future, a `Notify`; profiles in `load-tests/RESULTS.md`); tokio's timer
+//! wakes a parked runtime through its eventfd (see `edge::read_first`).
 //! Must not: be exact. A deadline fires up to one [`TICK`] after it passes, as pingora's
 //! and nginx's coarse timers do.
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::edge::pace::BodyPace;
+use super::pace::BodyPace;
 use crate::proxy::reply::Cause;
 use crate::proxy::trace::TraceContext;
 use crate::registry::{Instance, InstanceSet};

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use http::header::{HeaderName, HeaderValue, HOST};
 use pingora_http::{RequestHeader, ResponseHeader};
 
+use crate::base::http::line;
 use crate::config::HeaderEdit;
 use crate::text::Sink;
 
@@ -169,14 +170,6 @@ fn chain_line(wire: &mut Vec<u8>, name: &str, chain: Option<&[u8]>, own: Option<
     wire.extend_from_slice(b"\r\n");
 }
 
-/// One HTTP/1 header line: `name: value` and CRLF.
-pub fn line(wire: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    wire.extend_from_slice(name);
-    wire.extend_from_slice(b": ");
-    wire.extend_from_slice(value);
-    wire.extend_from_slice(b"\r\n");
-}
-
 /// Removes client-sent forwarding headers and trace context (busbar writes its own).
 pub fn clear_forwarded(req: &mut RequestHeader) {
     let names = [
@@ -196,17 +189,6 @@ pub fn clear_forwarded(req: &mut RequestHeader) {
             req.remove_header(name);
         }
     }
-}
-
-/// Replaces `X-Forwarded-*` and `Forwarded` with what busbar itself saw (after a trusted
-/// peer's chains, when `chain`).
-pub fn set_forwarded(
-    req: &mut RequestHeader,
-    client: Option<IpAddr>,
-    tls: bool,
-    chain: bool,
-) -> pingora_error::Result<()> {
-    Forwarding::of(req, client, tls, chain).apply(req)
 }
 
 fn value(bytes: &[u8]) -> pingora_error::Result<HeaderValue> {
@@ -245,6 +227,7 @@ impl Sink for StackBuf {
     }
 }
 
+/// The route's `request_headers` edits: removals, then sets.
 pub fn edit_request(req: &mut RequestHeader, edit: &HeaderEdit) -> pingora_error::Result<()> {
     for name in &edit.remove {
         req.remove_header(name);
@@ -255,6 +238,7 @@ pub fn edit_request(req: &mut RequestHeader, edit: &HeaderEdit) -> pingora_error
     Ok(())
 }
 
+/// The route's `response_headers` edits: removals, then sets.
 pub fn edit_response(resp: &mut ResponseHeader, edit: &HeaderEdit) -> pingora_error::Result<()> {
     for name in &edit.remove {
         resp.remove_header(name);

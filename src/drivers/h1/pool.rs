@@ -1,8 +1,8 @@
-//! Idle upstream HTTP/1.1 connections of busbar's own HTTP/1 path (`edge::h1`), per thread.
+//! Idle upstream HTTP/1.1 connections of busbar's own HTTP/1 path (`drivers::h1`), per thread.
 //!
 //! Owns: keeping a connection whose response ended cleanly for the next request to the
 //! same address, and telling a live one from one the upstream has closed meanwhile.
-//! Must not: decide which instance to use (the proxy's phases do), or keep more than
+//! Must not: decide which instance to use (the phases do), or keep more than
 //! [`MAX_IDLE_PER_ADDR`] connections per address or any of them past [`IDLE`].
 //!
 //! The pool is a thread-local map: taking and giving back is a few loads and stores
@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 pub const MAX_IDLE_PER_ADDR: usize = 256;
 
 /// How long a connection may stay idle in the pool.
-pub const IDLE: Duration = crate::proxy::UPSTREAM_IDLE;
+pub const IDLE: Duration = crate::phases::UPSTREAM_IDLE;
 
 /// Give-backs between two sweeps of a thread's whole pool.
 const SWEEP_EVERY: u32 = 1024;
@@ -34,7 +34,8 @@ type Idle = VecDeque<(TcpStream, Instant)>;
 #[derive(Default)]
 struct Pool {
     /// Keyed by upstream addresses, which come from config and registrations, not
-    /// from clients: foldhash instead of SipHash (~240 instructions a request).
+    /// from clients: foldhash instead of SipHash, whose cost showed in the profiles
+    /// (`load-tests/RESULTS.md`).
     idle: HashMap<SocketAddr, Idle, foldhash::fast::RandomState>,
     /// Give-backs since the last sweep.
     puts: u32,

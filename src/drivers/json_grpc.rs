@@ -1,10 +1,15 @@
-//! The JSON → gRPC call, made from `request_filter` over h2c, and the JSON answer.
+//! The JSON → gRPC driver: a JSON/HTTP request answered by a unary or server-streaming
+//! gRPC call over h2c, made from the pingora driver's `request_filter`.
 //!
-//! Owns: reading the JSON request (bounded by the route's `max_body`), picking an
-//! instance through the service's balancer and health like any request, the gRPC call
-//! (deadline, connect retries), mapping `grpc-status` from headers or trailers, and
-//! writing the JSON (or NDJSON for server streaming) response.
-//! Why here and not in the proxy pipeline: pingora sends response headers before the
+//! Owns: reading the JSON request (bounded by the route's `max_body`), the gRPC call
+//! over `translate::h2client`, mapping `grpc-status` from headers or trailers, and
+//! writing the JSON (or NDJSON for server streaming) response. The tries are the
+//! phases' like any route's (`Phases::begin_try`: balancer, health, gray release, the
+//! sidecar or the app port through `fallback::target`; connect failures retried within
+//! the retry policy, a dead sidecar switched to the app port; outlier accounting and
+//! upstream metrics), the metadata is the one upstream-head builder's, and the answer's
+//! head gets the one response-head editor's edits.
+//! Why a driver and not the proxy pipeline: pingora sends response headers before the
 //! upstream trailers arrive, so a status carried in trailers could not become the HTTP
 //! status there. Must not: hold policy beyond the translation.
 
@@ -14,28 +19,27 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::HeaderMap;
 use pingora_error::Result;
-use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_http::RequestHeader;
 use pingora_proxy::Session;
 
-use super::h2client;
-use super::json_grpc::{Binding, TranscodeError, Transcoder};
-use super::status;
-use crate::proxy::ctx::RequestCtx;
+use crate::base::http::is_hop_by_hop;
+use crate::phases::ctx::RequestCtx;
+use crate::phases::fail::{self, Failure};
+use crate::phases::upstream_head::{self, Output};
+use crate::phases::{response_head, Phases};
 use crate::proxy::reply::{self, Cause};
-use crate::registry::Instance;
+use crate::translate::h2client;
+use crate::translate::json_grpc::{Binding, TranscodeError, Transcoder};
+use crate::translate::status;
 
 /// Largest reply message busbar decodes (gRPC's default receive limit is 4 MiB).
 pub const MAX_REPLY_MESSAGE: usize = 16 * 1024 * 1024;
 
-/// Request headers that are not gRPC metadata.
-const NOT_METADATA: [&str; 14] = [
+/// Request headers that are not gRPC metadata, besides the hop-by-hop ones
+/// (`base::http::HOP_BY_HOP`).
+const NOT_METADATA: [&str; 9] = [
     "host",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
     "transfer-encoding",
-    "upgrade",
-    "te",
     "content-type",
     "content-length",
     "accept",
@@ -55,12 +59,11 @@ enum ReplyError {
 }
 
 /// Serves one JSON request through gRPC; always writes the response.
-/// `on_failure` is the proxy's outlier bookkeeping for a failed instance.
-pub async fn serve(
+pub(crate) async fn serve(
+    phases: &Phases,
     session: &mut Session,
     ctx: &mut RequestCtx,
     t: &Transcoder,
-    on_failure: &(dyn Fn(&RequestCtx, &Instance) + Send + Sync),
 ) -> Result<()> {
     let req = session.req_header();
     let path = req.uri.path().to_string();
@@ -71,17 +74,16 @@ pub async fn serve(
         Err(e) => return transcode_error(session, ctx, &e).await,
     };
     let Some(max_body) = ctx.route.as_ref().map(|r| r.config.max_body) else {
-        return reply::respond(session, Cause::NoRoute).await;
+        return answer(session, ctx, Cause::NoRoute).await;
     };
-    // A body read while the request was queued is in the retry buffer (admission::watch).
+    // A body read while the request was queued is in the retry buffer (`drivers::gone`).
     let mut body = BytesMut::from(session.as_ref().get_retry_buffer().unwrap_or_default());
     loop {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
                 if (body.len() + chunk.len()) as u64 > max_body {
-                    ctx.cause = Some(Cause::BodyTooLarge);
                     session.as_downstream_mut().set_keepalive(None);
-                    return reply::respond(session, Cause::BodyTooLarge).await;
+                    return answer(session, ctx, Cause::BodyTooLarge).await;
                 }
                 body.extend_from_slice(&chunk);
             }
@@ -99,84 +101,73 @@ pub async fn serve(
     frame.extend_from_slice(&message);
     let frame = frame.freeze();
     let metadata = metadata(session, ctx)?;
-    call(session, ctx, t, binding, frame, metadata, on_failure).await
+    call(phases, session, ctx, t, binding, frame, metadata).await
 }
 
-/// The request's headers as gRPC metadata, after admission and the route's edits.
+/// The request's headers as gRPC metadata: the one upstream-head builder's head (after
+/// admission and the route's edits), less what is not metadata.
 fn metadata(session: &Session, ctx: &RequestCtx) -> Result<HeaderMap> {
     let mut up: RequestHeader = session.req_header().clone();
-    crate::proxy::upstream_headers(session, ctx, &mut up)?;
+    let down = upstream_head::Downstream {
+        peer: session
+            .as_downstream()
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip()),
+        tls: session
+            .as_downstream()
+            .digest()
+            .is_some_and(|d| d.ssl_digest.is_some()),
+        h2: up.version == http::Version::HTTP_2,
+    };
+    upstream_head::build(ctx, &mut up, down, Output::Map)?;
     let mut out = HeaderMap::with_capacity(up.headers.len());
     for (k, v) in up.headers.iter() {
-        if !NOT_METADATA.contains(&k.as_str()) {
+        let name = k.as_str();
+        if !is_hop_by_hop(name.as_bytes()) && !NOT_METADATA.contains(&name) {
             out.append(k.clone(), v.clone());
         }
     }
     Ok(out)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn call(
+    phases: &Phases,
     session: &mut Session,
     ctx: &mut RequestCtx,
     t: &Transcoder,
     binding: &Binding,
     frame: Bytes,
     metadata: HeaderMap,
-    on_failure: &(dyn Fn(&RequestCtx, &Instance) + Send + Sync),
 ) -> Result<()> {
     let Some(route) = ctx.route.clone() else {
-        return reply::respond(session, Cause::NoRoute).await;
+        return answer(session, ctx, Cause::NoRoute).await;
     };
     let svc = &route.service;
     let deadline = ctx
         .deadline
         .unwrap_or_else(|| Instant::now() + svc.config.timeout);
-    // Connect failures go to another instance, within the service's retry policy.
-    let (mut sender, instance) = loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            svc.metrics.timeouts.inc();
-            return fail(session, ctx, Cause::UpstreamTimeout).await;
-        }
-        let Some((idx, instance)) = ctx.pick_instance() else {
-            svc.metrics.no_instance.inc();
-            return fail(session, ctx, Cause::NoHealthyInstance).await;
+    // The phases' tries: a connect failure goes to another instance (or, for a dead
+    // sidecar, to the same instance's app port) within the service's retry policy.
+    let (mut sender, addr) = loop {
+        let attempt = match phases.begin_try(ctx) {
+            Ok(a) => a,
+            Err(cause) => return answer(session, ctx, cause).await,
         };
-        ctx.tried.push(idx);
-        ctx.tries += 1;
-        instance.health.begin_request();
-        ctx.last_addr = Some(instance.addr);
-        ctx.instance = Some(instance.clone());
-        crate::otel::try_begin(ctx, idx, instance.addr);
-        let timeout = svc.config.connect_timeout.min(remaining);
-        match h2client::sender(instance.addr, timeout).await {
-            Ok(s) => break (s, instance),
+        match h2client::sender(attempt.addr, attempt.connect_timeout).await {
+            Ok(s) => break (s, attempt.addr),
             Err(e) => {
-                tracing::debug!(instance = %instance.addr, "gRPC connect failed: {e}");
+                tracing::debug!(upstream = %attempt.addr, "gRPC connect failed: {e}");
                 let timed_out = matches!(e, h2client::ConnectError::Timeout);
-                crate::otel::connect_failed(ctx, timed_out);
-                ctx.release_instance();
-                svc.metrics.connect_failures.inc();
-                on_failure(ctx, &instance);
-                let retry =
-                    ctx.tries <= svc.config.retry.attempts && svc.retry_budget.try_withdraw();
-                if !retry {
-                    let cause = if matches!(e, h2client::ConnectError::Timeout) {
-                        Cause::UpstreamTimeout
-                    } else {
-                        Cause::ConnectFailed
-                    };
-                    return fail(session, ctx, cause).await;
+                if !phases.on_connect_failure(ctx, timed_out) {
+                    return upstream_failed(session, ctx).await;
                 }
-                svc.metrics.retries.inc();
             }
         }
     };
     let start = Instant::now();
-    ctx.upstream_start = Some(start);
     let remaining = deadline.saturating_duration_since(start);
-    let uri = format!("http://{}{}", instance.addr, binding.grpc_path);
+    let uri = format!("http://{addr}{}", binding.grpc_path);
     let mut request = http::Request::builder()
         .method(http::Method::POST)
         .uri(uri)
@@ -208,28 +199,24 @@ async fn call(
     };
     let response = match response {
         Err(_) => {
-            ctx.release_instance();
-            svc.metrics.timeouts.inc();
-            on_failure(ctx, &instance);
-            return fail(session, ctx, Cause::UpstreamTimeout).await;
+            // Sent, and unanswered: it may have been acted on, so it is not sent again.
+            phases.on_try_failure(ctx, true, true, false, false);
+            return upstream_failed(session, ctx).await;
         }
         Ok(Err(e)) => {
-            h2client::discard(instance.addr);
-            ctx.release_instance();
-            on_failure(ctx, &instance);
+            h2client::discard(addr);
+            phases.on_try_failure(ctx, true, false, false, false);
             return bad_gateway(session, ctx, &format!("the gRPC call failed: {e}")).await;
         }
         Ok(Ok(r)) => r,
     };
-    let elapsed = start.elapsed();
-    ctx.upstream_time = Some(elapsed);
-    svc.metrics.upstream_duration.observe(elapsed.as_secs_f64());
+    phases.on_response_head(ctx);
     let (parts, body) = response.into_parts();
     if parts.status != http::StatusCode::OK {
-        ctx.release_instance();
         if parts.status.is_server_error() {
-            on_failure(ctx, &instance);
+            phases.on_response_health(ctx, parts.status);
         }
+        ctx.release_instance();
         let why = format!(
             "the upstream answered HTTP {} instead of gRPC",
             parts.status.as_u16()
@@ -255,7 +242,7 @@ async fn call(
         )
         .await;
     }
-    instance.health.record_success();
+    phases.on_response_health(ctx, parts.status);
     let result = relay(
         session,
         ctx,
@@ -271,7 +258,7 @@ async fn call(
         Ok(()) => Ok(()),
         Err(ReplyError::Timeout) => {
             svc.metrics.timeouts.inc();
-            fail(session, ctx, Cause::UpstreamTimeout).await
+            answer(session, ctx, Cause::UpstreamTimeout).await
         }
         Err(ReplyError::Broken(why)) => bad_gateway(session, ctx, &why).await,
     }
@@ -461,21 +448,8 @@ async fn write_head(
         }
     };
     h.insert_header(CONTENT_TYPE, content_type)?;
-    finish_head(&mut h, ctx)?;
+    response_head::edit(ctx, &mut h)?;
     session.write_response_header(Box::new(h), false).await
-}
-
-/// What `response_filter` would add to a proxied response.
-fn finish_head(h: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
-    if let Some(a) = &ctx.admitted {
-        a.apply_response(h);
-    }
-    if let Some(route) = &ctx.route {
-        if !route.config.response_headers.is_empty() {
-            crate::proxy::headers::edit_response(h, &route.config.response_headers)?;
-        }
-    }
-    Ok(())
 }
 
 async fn write_json(
@@ -485,7 +459,7 @@ async fn write_json(
     body: Vec<u8>,
 ) -> Result<()> {
     let mut h = reply::json_header(status, body.len());
-    finish_head(&mut h, ctx)?;
+    response_head::edit(ctx, &mut h)?;
     session.write_response_header(Box::new(h), false).await?;
     session
         .write_response_body(Some(Bytes::from(body)), true)
@@ -511,9 +485,17 @@ async fn transcode_error(
     .await
 }
 
-async fn fail(session: &mut Session, ctx: &mut RequestCtx, cause: Cause) -> Result<()> {
-    ctx.cause = Some(cause);
-    reply::respond(session, cause).await
+/// busbar's own answer for `cause` (the one error path).
+async fn answer(session: &mut Session, ctx: &mut RequestCtx, cause: Cause) -> Result<()> {
+    let (head, body) = fail::answer(ctx, cause);
+    session.write_response_header(Box::new(head), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+/// The try failed on the upstream's side: the cause the phases named.
+async fn upstream_failed(session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    let cause = fail::cause_of(ctx, Failure::Upstream).unwrap_or(Cause::UpstreamError);
+    answer(session, ctx, cause).await
 }
 
 /// 502 naming why the reply could not be translated.

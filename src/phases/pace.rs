@@ -8,13 +8,11 @@
 //! deadline it is cut off (408 if nothing was answered yet, the connection closed, the
 //! upstream connection dropped). Each read still waits at most `client_timeout`.
 //!
-//! Owns: the deadline arithmetic and setting the next read's timeout from it.
-//! Must not: read, buffer or change body bytes.
+//! Owns: the deadline arithmetic, for every driver that reads a body (the pingora driver
+//! sets each read's timeout from it).
+//! Must not: read, buffer or change body bytes, or hold a driver's type.
 
 use std::time::{Duration, Instant};
-
-use pingora_core::protocols::http::ServerSession;
-use pingora_error::{Error, ErrorType};
 
 /// How slowly a request body may arrive, once its first byte is in.
 #[derive(Debug, Clone, Copy)]
@@ -56,26 +54,6 @@ impl BodyPace {
         };
         let left = deadline.checked_duration_since(now)?;
         Some(left.min(self.grace))
-    }
-
-    /// After a body chunk: the next read may wait only as long as the pace allows. A body
-    /// behind its pace fails as a downstream read timeout, which busbar answers 408.
-    pub fn after_chunk(
-        &mut self,
-        session: &mut ServerSession,
-        received: u64,
-    ) -> pingora_error::Result<()> {
-        match self.next_wait(received, Instant::now()) {
-            Some(wait) if !wait.is_zero() => {
-                session.set_read_timeout(Some(wait));
-                Ok(())
-            }
-            _ => Err(Error::explain(
-                ErrorType::ReadTimedout,
-                "request body slower than body_min_rate",
-            )
-            .into_down()),
-        }
     }
 }
 

@@ -1,0 +1,159 @@
+//! The upstream side of one try on busbar's own engine: a pooled or new connection, the
+//! request head out, the response head in.
+//!
+//! Owns: connection reuse and the stale-connection case (a pooled connection the
+//! upstream had closed: the try goes again on a fresh one, for an idempotent request),
+//! the head's deadline over the whole head, and telling the orchestration how a try
+//! failed, in the words the phases' outcome calls take.
+//! Must not: decide retries or count failures against instances (`phases::attempt`).
+
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::pool;
+use super::response::{parse_head, Head};
+use crate::base::deadline::within;
+use crate::phases::Try;
+
+/// Read buffer for the response.
+pub(super) const BUF: usize = 4096;
+
+/// Why a try failed after it was connected.
+#[derive(Clone, Copy)]
+pub(super) enum TripError {
+    /// Nothing came back on a pooled connection: the upstream had closed it. Not the
+    /// instance's fault; the same try goes again on a fresh connection.
+    Stale,
+    /// The upstream failed (error, close, timeout).
+    Upstream { timed_out: bool },
+    /// The upstream answered with a head busbar cannot frame (see [`parse_head`]), a
+    /// head over [`MAX_RESPONSE_HEAD`], or an upgrade nobody asked for.
+    Malformed,
+}
+
+/// What every try of one request sends, and how its response is read.
+pub(super) struct Ask<'a> {
+    /// The upstream request head.
+    pub(super) wire: &'a [u8],
+    pub(super) head_request: bool,
+    pub(super) idempotent: bool,
+    /// busbar sets `RateLimit-*` on the response (see [`parse_head`]).
+    pub(super) own_rate: bool,
+    /// When the response head must have come, over all tries: the route's `timeout`.
+    pub(super) head_by: Instant,
+}
+
+/// Sends the request head and reads the response head (skipping 1xx ones) into `buf`;
+/// the head's lines for the client go into `lines` ([`parse_head`]).
+pub(super) async fn round_trip(
+    up: &mut TcpStream,
+    ask: &Ask<'_>,
+    read_timeout: Duration,
+    reused: bool,
+    buf: &mut Vec<u8>,
+    lines: &mut Vec<u8>,
+) -> Result<Head, TripError> {
+    let failed = TripError::Upstream { timed_out: false };
+    let timed_out = TripError::Upstream { timed_out: true };
+    // Each wait ends at `read_timeout` or at the head's deadline, whichever is first: the
+    // deadline bounds the whole head, so an upstream trickling header lines (each read
+    // well within `read_timeout`) does not get through it.
+    let limit = || read_timeout.min(ask.head_by.saturating_duration_since(Instant::now()));
+    match within(limit(), up.write_all(ask.wire)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) if reused => return Err(TripError::Stale),
+        Ok(Err(_)) => return Err(failed),
+        Err(_) => return Err(timed_out),
+    }
+    buf.clear();
+    loop {
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(BUF);
+        }
+        let n = match within(limit(), up.read_buf(buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) if reused && buf.is_empty() => return Err(TripError::Stale),
+            Ok(Err(_)) => return Err(failed),
+            Err(_) => return Err(timed_out),
+        };
+        if n == 0 {
+            return Err(if reused && buf.is_empty() {
+                TripError::Stale
+            } else {
+                TripError::Upstream { timed_out: false }
+            });
+        }
+        loop {
+            match parse_head(buf, ask.head_request, lines, ask.own_rate) {
+                Ok(None) => break,
+                Ok(Some(head)) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
+                    // Nothing asked for an upgrade.
+                    return Err(TripError::Malformed);
+                }
+                Ok(Some(head)) if head.status.is_informational() => {
+                    // 103 Early Hints and the like: dropped, the final response follows.
+                    buf.drain(..head.len);
+                    if buf.is_empty() {
+                        break;
+                    }
+                }
+                Ok(Some(head)) => return Ok(head),
+                Err(()) => return Err(TripError::Malformed),
+            }
+        }
+    }
+}
+
+/// Why a try failed.
+pub(super) enum TryFail {
+    Connect {
+        timed_out: bool,
+    },
+    Trip {
+        timed_out: bool,
+    },
+    /// An answer busbar cannot frame: never retried (`Phases::on_malformed_response`).
+    Malformed,
+}
+
+/// One try on instance `t`: a pooled connection if there is a live one, the request, the
+/// response head. If the upstream had closed the pooled connection (nothing came back),
+/// an idempotent request goes again on a fresh one; another request fails the try, as
+/// it may have been acted on.
+pub(super) async fn one_try(
+    t: &Try,
+    ask: &Ask<'_>,
+    metrics: &crate::metrics::ServiceMetrics,
+    buf: &mut Vec<u8>,
+    lines: &mut Vec<u8>,
+) -> Result<(TcpStream, Head), TryFail> {
+    let mut pooled = pool::take(t.addr);
+    loop {
+        let reused = pooled.is_some();
+        let mut up = match pooled.take() {
+            Some(up) => {
+                metrics.connection_pooled.inc();
+                up
+            }
+            None => match within(t.connect_timeout, TcpStream::connect(t.addr)).await {
+                Ok(Ok(up)) => {
+                    metrics.connection_new.inc();
+                    let _ = up.set_nodelay(true);
+                    up
+                }
+                Ok(Err(_)) => return Err(TryFail::Connect { timed_out: false }),
+                Err(_) => return Err(TryFail::Connect { timed_out: true }),
+            },
+        };
+        match round_trip(&mut up, ask, t.read_timeout, reused, buf, lines).await {
+            Ok(head) => return Ok((up, head)),
+            Err(TripError::Stale) if ask.idempotent => {}
+            Err(TripError::Stale) => return Err(TryFail::Trip { timed_out: false }),
+            Err(TripError::Upstream { timed_out }) => return Err(TryFail::Trip { timed_out }),
+            Err(TripError::Malformed) => return Err(TryFail::Malformed),
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! The drivers: each speaks one shape of traffic to clients and upstreams and is a thin
+//! loop over the request phases (`phases`), so every driver gets every feature.
+//!
+//! - `pingora`: pingora's `ProxyHttp` adapter: TLS, h2/h2c, bodies, upgrades, gRPC and
+//!   gRPC-Web pass-through; and the JSON→gRPC call (`json_grpc`) from its
+//!   `request_filter`.
+//! - `h1`: busbar's own HTTP/1.1 engine for plaintext bodyless requests (the front door,
+//!   `edge`, hands them over).
+//! - `json_grpc`: JSON/HTTP callers → unary and server-streaming gRPC over h2c.
+//! - `gone`: the pingora session's "client went away" future for admission's waits.
+//!
+//! Must not: hold policy. Route, admission, tries, retries, outlier detection, header
+//! edits, metrics and the access log are the phases'; a driver frames bytes, owns its
+//! connections and says what happened in the phases' words.
+
+pub(crate) mod gone;
+pub mod h1;
+pub(crate) mod json_grpc;
+pub mod pingora;

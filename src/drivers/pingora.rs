@@ -1,0 +1,482 @@
+//! The pingora driver: pingora's `ProxyHttp` adapter, a thin loop over the phases.
+//!
+//! pingora serves what busbar's own engine does not (`drivers::h1`): TLS, h2/h2c,
+//! request bodies, upgrades, gRPC and gRPC-Web. Each `ProxyHttp` callback below
+//! translates between pingora's types (its `Session`, its `Error`s) and the phases'
+//! words, and calls the phase that owns the step: `request_filter` → setup, admission
+//! (with the session's "client went away" future, `drivers::gone`), plan, and for a
+//! JSON route the whole JSON→gRPC call (`drivers::json_grpc`); `upstream_peer` → a try;
+//! `fail_to_connect` / `error_while_proxy` → the try's outcome; the request and response
+//! filters → the one head builder and editor; `fail_to_proxy` → the one error path;
+//! `logging` → finish.
+//! Must not: hold policy of its own beyond that translation.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::CONTENT_LENGTH;
+use pingora_core::modules::http::HttpModules;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::admission::Refused;
+use crate::config::Protocol;
+use crate::phases::ctx::RequestCtx;
+use crate::phases::fail::{self, Failure};
+use crate::phases::pace::BodyPace;
+use crate::phases::request::{logged_client, request_host};
+use crate::phases::setup::{admission_parts, admission_policy};
+use crate::phases::upstream_head::{self, Output};
+use crate::phases::{response_head, Done, Phases, Routing, UPSTREAM_IDLE};
+use crate::proxy::reply::{self, Cause};
+use crate::translate::{self, Translation};
+
+/// Most concurrent streams busbar opens on one upstream h2c connection.
+const UPSTREAM_H2_STREAMS: usize = 128;
+
+/// pingora's `ProxyHttp` over the shared phases.
+#[derive(Clone)]
+pub struct BusbarProxy {
+    pub phases: Arc<Phases>,
+}
+
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .as_downstream()
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+fn is_tls(session: &Session) -> bool {
+    session
+        .as_downstream()
+        .digest()
+        .is_some_and(|d| d.ssl_digest.is_some())
+}
+
+/// Answers the request with busbar's own reply for `cause` (the one error path).
+async fn answer(session: &mut Session, ctx: &mut RequestCtx, cause: Cause) -> Result<bool> {
+    let (head, body) = fail::answer(ctx, cause);
+    session.write_response_header(Box::new(head), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(true)
+}
+
+fn upstream_error(cause: Cause) -> Box<Error> {
+    let mut e = Error::explain(ErrorType::HTTPStatus(cause.status()), cause.code());
+    e.esource = ErrorSource::Upstream;
+    e
+}
+
+/// Is this upstream error pingora's verdict on an answer it cannot frame: a bad head or
+/// `Content-Length`, a bad chunk or trailer section?
+fn malformed(e: &Error) -> bool {
+    match e.etype() {
+        ErrorType::InvalidHTTPHeader => true,
+        ErrorType::Custom(name) => matches!(*name, "InvalidChunk" | "InvalidTrailerEnd"),
+        _ => false,
+    }
+}
+
+/// Does the response carry at most one `Content-Length`, one value? pingora frames a
+/// response whose values agree (`5, 5`, or two lines of `5`) by that value but would pass
+/// the lines on as they came, for a lenient next hop to read otherwise; busbar's own path
+/// refuses them, as nginx does, and so does this one.
+fn one_content_length(resp: &ResponseHeader) -> bool {
+    let mut values = resp.headers.get_all(CONTENT_LENGTH).iter();
+    match (values.next(), values.next()) {
+        (None, _) => true,
+        (Some(v), None) => !v.as_bytes().contains(&b','),
+        _ => false,
+    }
+}
+
+/// pingora's error, in the words of the one error path.
+fn failure(e: &Error) -> Failure {
+    match (e.esource(), e.etype()) {
+        (
+            ErrorSource::Downstream,
+            ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
+        ) => Failure::ClientGone,
+        // Slow read: the client stopped reading its response.
+        (ErrorSource::Downstream, ErrorType::WriteTimedout) => Failure::ClientSendTimeout,
+        // Slow body: it stalled or fell behind its pace.
+        (ErrorSource::Downstream, ErrorType::ReadTimedout) => Failure::ClientBodyTimeout,
+        (ErrorSource::Downstream, _) => Failure::ClientBad,
+        (_, ErrorType::HTTPStatus(413)) => Failure::BodyTooLarge,
+        (ErrorSource::Upstream, _) => Failure::Upstream,
+        _ => Failure::Other,
+    }
+}
+
+impl BusbarProxy {
+    /// Everything before proxying, in request-path order: client timeouts, setup, CORS
+    /// preflight, admission, the plan, and a JSON route's whole call. `Ok(true)` when
+    /// busbar has answered the request itself.
+    async fn prepare(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // The one snapshot load of this request; `setup` keeps it in the context.
+        let snapshot = self.phases.state.load();
+        // Slow body, slow read: each read and write to the client must make progress,
+        // and the body must keep its pace (`phases::pace`).
+        let limits = snapshot.config.limits;
+        let downstream = session.as_downstream_mut();
+        downstream.set_read_timeout(Some(limits.client_timeout));
+        downstream.set_write_timeout(Some(limits.client_timeout));
+        ctx.body_pace = BodyPace::new(limits.client_timeout, limits.body_min_rate);
+        let peer = client_ip(session);
+        let set_up = self
+            .phases
+            .setup(ctx, snapshot, session.req_header(), peer, Routing::Find);
+        let (route, path) = match set_up {
+            Ok(found) => found,
+            Err(cause) => {
+                if cause == Cause::BodyTooLarge {
+                    // The body was not read: the connection can't be reused.
+                    session.as_downstream_mut().set_keepalive(None);
+                }
+                return answer(session, ctx, cause).await;
+            }
+        };
+        let translation = ctx
+            .snapshot
+            .as_deref()
+            .and_then(|s| translate::of(s, &route))
+            .cloned();
+        // CORS preflights carry no credentials: answered before admission.
+        if let Some(Translation::GrpcWeb(s)) = &translation {
+            if let Some(h) = translate::grpc_web::preflight(session.req_header(), s) {
+                session.write_response_header(Box::new(h), true).await?;
+                return Ok(true);
+            }
+        }
+        if let Some(policy) = admission_policy(ctx, &route) {
+            let checked = policy.check(&admission_parts(ctx, peer, session.req_header(), &path));
+            let gone = super::gone::client_gone(session.as_downstream_mut());
+            match self.phases.admit(ctx, &policy, checked, gone).await {
+                Ok(()) => {}
+                Err(Refused::Rejected(rejection)) => {
+                    reply::reject(session, &rejection).await?;
+                    return Ok(true);
+                }
+                Err(Refused::ClientGone(e)) => return Err(e),
+            }
+        }
+        self.phases.plan(ctx, session.req_header(), &route);
+        match translation {
+            // JSON routes are answered by their gRPC call here; gRPC-Web goes on through
+            // the proxy.
+            Some(Translation::Json(t)) => {
+                super::json_grpc::serve(&self.phases, session, ctx, &t).await?;
+                Ok(true)
+            }
+            Some(Translation::GrpcWeb(s)) => {
+                ctx.grpc_web = translate::grpc_web::WebCall::detect(session.req_header(), &s);
+                Ok(false)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for BusbarProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {
+        // No response compression module: busbar forwards bodies as they are.
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        self.prepare(session, ctx).await
+    }
+
+    async fn request_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(b), Some(route)) = (body.as_ref(), ctx.route.as_ref()) {
+            ctx.body_bytes += b.len() as u64;
+            if ctx.body_bytes > route.config.max_body {
+                ctx.cause = Some(Cause::BodyTooLarge);
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body too large",
+                ));
+            }
+            if !end_of_stream {
+                // The next read may wait only as long as the pace allows; a body behind
+                // it fails as a downstream read timeout, which busbar answers 408.
+                match ctx.body_pace.next_wait(ctx.body_bytes, Instant::now()) {
+                    Some(wait) if !wait.is_zero() => {
+                        session.as_downstream_mut().set_read_timeout(Some(wait));
+                    }
+                    _ => {
+                        return Err(Error::explain(
+                            ErrorType::ReadTimedout,
+                            "request body slower than body_min_rate",
+                        )
+                        .into_down())
+                    }
+                }
+            }
+        }
+        translate::request_body(ctx.grpc_web.as_mut(), body, end_of_stream)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let t = self.phases.begin_try(ctx).map_err(upstream_error)?;
+        let mut peer = HttpPeer::new(t.addr, false, String::new());
+        let opts = &mut peer.options;
+        opts.connection_timeout = Some(t.connect_timeout);
+        opts.read_timeout = Some(t.read_timeout);
+        opts.write_timeout = Some(t.read_timeout);
+        opts.idle_timeout = Some(UPSTREAM_IDLE);
+        if ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| r.service.config.protocol == Protocol::H2c)
+        {
+            opts.set_http_version(2, 2);
+            opts.max_h2_streams = UPSTREAM_H2_STREAMS;
+        }
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let timed_out = matches!(e.etype(), ErrorType::ConnectTimedout);
+        e.set_retry(self.phases.on_connect_failure(ctx, timed_out));
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        _peer: &HttpPeer,
+        session: &mut Session,
+        mut e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let upstream_fault = *e.esource() == ErrorSource::Upstream;
+        let timed_out = matches!(
+            e.etype(),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        );
+        // Only idempotent requests whose body we still hold and whose response has not
+        // started may go again; a stale reused connection is pingora's own retry case.
+        let safe = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none();
+        // `retry()` panics while the error's retry is still "only if reused": decide it first.
+        e.retry.decide_reuse(client_reused);
+        if upstream_fault && malformed(&e) {
+            self.phases.on_malformed_response(ctx);
+            e.set_retry(false);
+            return e;
+        }
+        let stale_reuse = client_reused && e.retry();
+        let retry = self
+            .phases
+            .on_try_failure(ctx, upstream_fault, timed_out, safe, stale_reuse);
+        e.set_retry(retry);
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let down = upstream_head::Downstream {
+            peer: client_ip(session),
+            tls: is_tls(session),
+            h2: session.req_header().version == http::Version::HTTP_2,
+        };
+        upstream_head::build(ctx, upstream, down, Output::Map)
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if !one_content_length(resp) {
+            // An answer that cannot be framed ([`malformed`]): a 502, never retried.
+            let mut e =
+                Error::explain(ErrorType::InvalidHTTPHeader, "more than one Content-Length");
+            e.esource = ErrorSource::Upstream;
+            return Err(e);
+        }
+        self.phases.on_response(ctx, resp.status);
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        response_head::edit(ctx, resp)
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        translate::response_body(ctx.grpc_web.as_mut(), body, end_of_stream);
+        Ok(None)
+    }
+
+    async fn response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Bytes>> {
+        // gRPC-Web: the trailers go downstream as the body's last frame.
+        Ok(translate::trailers(ctx.grpc_web.as_mut(), trailers))
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let code = match fail::cause_of(ctx, failure(e)) {
+            Some(cause) => {
+                if session.response_written().is_none() {
+                    let (head, body) = fail::answer(ctx, cause);
+                    let _ = session
+                        .as_downstream_mut()
+                        .write_error_response(head, body)
+                        .await;
+                }
+                cause.status()
+            }
+            None => match e.etype() {
+                ErrorType::HTTPStatus(code) => {
+                    let _ = session.respond_error(*code).await;
+                    *code
+                }
+                _ => 0,
+            },
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(route) = &ctx.route {
+            let m = &route.service.metrics;
+            match reused {
+                true => m.connection_pooled.inc(),
+                false => m.connection_new.inc(),
+            }
+        }
+        Ok(())
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        // Clients that go away are normal; upstream failures are counted and logged by us.
+        matches!(e.esource(), ErrorSource::Downstream | ErrorSource::Upstream)
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let req = session.req_header();
+        let downstream = session.as_downstream();
+        self.phases.finish(
+            ctx,
+            &Done {
+                method: req.method.as_str(),
+                host: request_host(req),
+                path: req.uri.path(),
+                client: logged_client(
+                    downstream.client_addr().and_then(|a| a.as_inet()).copied(),
+                    ctx.client,
+                ),
+                status,
+                body_bytes: downstream.body_bytes_sent(),
+                error: e.is_some(),
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pingora_errors_name_the_failure() {
+        let down = |t| {
+            let mut e = Error::new(t);
+            e.esource = ErrorSource::Downstream;
+            e
+        };
+        assert_eq!(
+            failure(&down(ErrorType::ConnectionClosed)),
+            Failure::ClientGone
+        );
+        assert_eq!(
+            failure(&down(ErrorType::WriteTimedout)),
+            Failure::ClientSendTimeout
+        );
+        assert_eq!(
+            failure(&down(ErrorType::ReadTimedout)),
+            Failure::ClientBodyTimeout
+        );
+        assert_eq!(
+            failure(&down(ErrorType::InvalidHTTPHeader)),
+            Failure::ClientBad
+        );
+        assert_eq!(
+            failure(&Error::new(ErrorType::HTTPStatus(413))),
+            Failure::BodyTooLarge
+        );
+        assert_eq!(
+            failure(&upstream_error(Cause::UpstreamError)),
+            Failure::Upstream
+        );
+    }
+}

@@ -1,0 +1,71 @@
+//! The one error path: what busbar answers when a request cannot be proxied, whichever
+//! driver was serving it.
+//!
+//! Owns: the mapping from how a request failed ([`Failure`], in words no driver's error
+//! type leaks into) to the cause busbar answers with, the edge refusals counted on the
+//! way, and the answer itself (the head and body `proxy::reply` renders for a cause).
+//! Must not: write to the client (the driver writes what [`answer`] returns) or decide
+//! retries (`attempt`).
+
+use bytes::Bytes;
+use pingora_http::ResponseHeader;
+
+use super::ctx::RequestCtx;
+use crate::metrics::METRICS;
+use crate::proxy::reply::Cause;
+
+/// How a request failed, as a driver reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// The client closed or reset its connection: nothing can be answered.
+    ClientGone,
+    /// The client stopped reading its response (slow read): nothing can be answered.
+    ClientSendTimeout,
+    /// The request body stalled or fell behind its pace (slow body).
+    ClientBodyTimeout,
+    /// The client sent something busbar cannot read.
+    ClientBad,
+    /// The body went past the route's `max_body`.
+    BodyTooLarge,
+    /// The upstream side failed: the try's cause in the context says how.
+    Upstream,
+    /// Anything else: the cause already in the context, if any.
+    Other,
+}
+
+/// The cause busbar answers with for `failure` (left in the context for the access
+/// log), or `None` when there is nobody to answer; counts the client-side refusals in
+/// `busbar_edge_refusals_total`.
+pub(crate) fn cause_of(ctx: &mut RequestCtx, failure: Failure) -> Option<Cause> {
+    note(failure);
+    let cause = match failure {
+        Failure::ClientGone | Failure::ClientSendTimeout => None,
+        Failure::ClientBodyTimeout => Some(Cause::BodyTimeout),
+        Failure::ClientBad => Some(Cause::BadRequest),
+        Failure::BodyTooLarge => Some(Cause::BodyTooLarge),
+        Failure::Upstream => Some(ctx.cause.unwrap_or(Cause::UpstreamError)),
+        Failure::Other => ctx.cause,
+    };
+    if cause.is_some() {
+        ctx.cause = cause;
+    }
+    cause
+}
+
+/// Counts a client-side failure the edge refuses (`send_timeout`, `body_timeout`), for
+/// a driver that sees one outside a request's error path.
+pub(crate) fn note(failure: Failure) {
+    let label = match failure {
+        Failure::ClientSendTimeout => "send_timeout",
+        Failure::ClientBodyTimeout => "body_timeout",
+        _ => return,
+    };
+    METRICS.edge_refusals.with_label_values(&[label]).inc();
+}
+
+/// busbar's own answer for `cause`, named in the context for the access log: the head
+/// and body every driver writes for it.
+pub(crate) fn answer(ctx: &mut RequestCtx, cause: Cause) -> (ResponseHeader, Bytes) {
+    ctx.cause = Some(cause);
+    (cause.header(), cause.body())
+}

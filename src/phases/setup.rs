@@ -1,0 +1,157 @@
+//! Request setup: everything between a parsed request head and the plan for its tries.
+//!
+//! Owns: the in-flight count, the real client, the trace context, the route (on the
+//! normalised path), the refusals that come before a route's policy (duplicate
+//! `Authorization`, an ambiguous path, a loop, a declared body over the route's limit),
+//! and admission, whose waits end early when the driver's "client went away" future
+//! finishes first.
+//! Must not: write to the client (the driver writes what the phase returns) or know
+//! which driver it serves.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use pingora_http::RequestHeader;
+
+use super::ctx::RequestCtx;
+use super::request::{self, RequestPath};
+use super::Phases;
+use crate::admission::{self, Admitted, Refused, Rejection, RoutePolicy};
+use crate::metrics::METRICS;
+use crate::proxy::reply::Cause;
+use crate::proxy::trace::TraceContext;
+use crate::routing::Route;
+use crate::snapshot::Snapshot;
+
+/// How the driver hands the request's route to [`Phases::setup`].
+pub(crate) enum Routing {
+    /// Find it here: the path normalised, both its readings judged, a mesh fallback
+    /// counted, a second `Authorization` and a declared body over the limit refused.
+    Find,
+    /// The driver's codec already looked it up, to decide that the request is its own
+    /// (busbar's HTTP/1 engine). It takes only requests without a body, with one reading
+    /// of their path and at most one `Authorization`, so those checks are not repeated.
+    Found {
+        route: Option<Arc<Route>>,
+        path: RequestPath,
+    },
+}
+
+impl Phases {
+    /// Sets the request up: counts it in flight, loads nothing (the driver loaded
+    /// `snapshot`, the one this request sees), finds its client, trace and route, and
+    /// refuses what must be refused before admission. `Err` is the cause busbar answers.
+    pub(crate) fn setup(
+        &self,
+        ctx: &mut RequestCtx,
+        snapshot: Arc<Snapshot>,
+        req: &RequestHeader,
+        peer: Option<IpAddr>,
+        routing: Routing,
+    ) -> Result<(Arc<Route>, RequestPath), Cause> {
+        METRICS.in_flight.inc();
+        ctx.counted = true;
+        let set_up = setup_on(ctx, &snapshot, req, peer, routing);
+        ctx.snapshot = Some(snapshot);
+        set_up
+    }
+
+    /// Admission: `checked` is the route's policy's immediate verdict
+    /// ([`admission_parts`] for its input), then its waits (cluster limit, service
+    /// queue) race `gone`, the driver's future that finishes when the client leaves.
+    /// Records the verdict in the context (the admitted slot, or the refusal's cause).
+    pub(crate) async fn admit(
+        &self,
+        ctx: &mut RequestCtx,
+        policy: &RoutePolicy,
+        checked: Result<Admitted, Rejection>,
+        gone: impl Future<Output = Box<pingora_error::Error>>,
+    ) -> Result<(), Refused> {
+        let verdict = match checked {
+            Ok(admitted) => admission::enter_watched(policy, admitted, gone).await,
+            Err(rejection) => Err(Refused::Rejected(rejection)),
+        };
+        match verdict {
+            Ok(admitted) => {
+                ctx.admitted = Some(admitted);
+                Ok(())
+            }
+            Err(Refused::Rejected(rejection)) => {
+                ctx.cause = Some(Cause::Admission(rejection.kind));
+                Err(Refused::Rejected(rejection))
+            }
+            Err(gone) => Err(gone),
+        }
+    }
+}
+
+fn setup_on(
+    ctx: &mut RequestCtx,
+    snapshot: &Snapshot,
+    req: &RequestHeader,
+    peer: Option<IpAddr>,
+    routing: Routing,
+) -> Result<(Arc<Route>, RequestPath), Cause> {
+    ctx.client_version = req.version;
+    ctx.client = request::real_client(snapshot, peer, req);
+    ctx.trace = TraceContext::from_header(
+        req.headers
+            .get(&super::forwarding::TRACEPARENT)
+            .map(|v| v.as_bytes()),
+        &snapshot.config.tracing,
+    );
+    let checked = matches!(routing, Routing::Find);
+    let (route, path) = match routing {
+        Routing::Find => {
+            if request::ambiguous_credentials(req) {
+                return Err(Cause::DuplicateAuthorization);
+            }
+            // Routing and ACLs see the normalised path: `//admin`, `/a/../admin` are `/admin`.
+            let path = request::request_path(req);
+            let route = request::find_route(snapshot, req, path.normalized.as_deref())
+                .ok_or(Cause::NoRoute)?;
+            if !request::readings_agree(snapshot, req, &path, &route) {
+                return Err(Cause::AmbiguousPath);
+            }
+            (route, path)
+        }
+        Routing::Found { route, path } => (route.ok_or(Cause::NoRoute)?, path),
+    };
+    ctx.route = Some(route.clone());
+    // Before admission: a looping request spends no rate-limit token or queue slot.
+    if crate::via::node().looped(&req.headers, snapshot.config.limits.max_hops) {
+        return Err(Cause::LoopDetected);
+    }
+    if checked
+        && crate::base::http::declared_length(&req.headers)
+            .is_some_and(|n| n > route.config.max_body)
+    {
+        return Err(Cause::BodyTooLarge);
+    }
+    Ok((route, path))
+}
+
+/// What admission judges of a request: its real client, its peer, and the readings of
+/// its path (see [`RequestPath`]).
+pub(crate) fn admission_parts<'a>(
+    ctx: &RequestCtx,
+    peer: Option<IpAddr>,
+    req: &'a RequestHeader,
+    path: &'a RequestPath,
+) -> admission::RequestParts<'a> {
+    admission::RequestParts {
+        client_ip: ctx.client,
+        peer,
+        path: path.normalized.as_deref().unwrap_or(req.uri.path()),
+        literal: path.literal.as_deref(),
+        headers: &req.headers,
+    }
+}
+
+/// The route's admission policy, if it has one (from the request's snapshot).
+pub(crate) fn admission_policy(ctx: &RequestCtx, route: &Route) -> Option<Arc<RoutePolicy>> {
+    ctx.snapshot
+        .as_deref()
+        .and_then(|s| s.admission.policy(route.name()).cloned())
+}

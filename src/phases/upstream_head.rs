@@ -1,0 +1,231 @@
+//! The one builder of the upstream request head, for every driver.
+//!
+//! Owns: what busbar changes in a request on its way upstream, in order: origin form for
+//! an absolute-form target, the client-sent identity and forwarding headers replaced by
+//! what busbar verified and saw, its `Via` hop and trace context, the route's header
+//! edits and path rewrite, and the translation's edits. The head comes out either as a
+//! header map (pingora's proxy and h2 send it; JSON→gRPC reads its metadata from it)
+//! or as HTTP/1.1 wire lines (busbar's own HTTP/1 engine): [`Output`].
+//! Must not: choose the instance or send anything.
+
+use std::net::IpAddr;
+
+use http::header::{HeaderName, HeaderValue, HOST};
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::authority::{is_http_family_scheme, raw_target_authority, RawTargetAuthority};
+use pingora_http::RequestHeader;
+
+use super::ctx::RequestCtx;
+use super::forwarding::{self, Forwarding};
+use crate::admission;
+use crate::base::http::{line, value_fits_line};
+use crate::routing;
+
+/// The connection a request came on, as the upstream head needs it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Downstream {
+    /// The peer's address (a trusted proxy's chains are kept: see `forwarding`).
+    pub peer: Option<IpAddr>,
+    pub tls: bool,
+    /// HTTP/2: the target always carries `:authority`, and there is no `Host` to set.
+    pub h2: bool,
+}
+
+/// Where the upstream head goes.
+pub(crate) enum Output<'a> {
+    /// Into the request's own header map.
+    Map,
+    /// As an HTTP/1.1 head (request line, header lines, blank line) appended to the
+    /// buffer. When the route edits no request headers, busbar's own headers are written
+    /// as lines after the request's, not inserted into its map first: the same head,
+    /// without six inserts.
+    Wire(&'a mut Vec<u8>),
+}
+
+/// The upstream head of `upstream` (the client's request, edited in place), for the
+/// route in the context. Nothing is done for a request without a route.
+pub(crate) fn build(
+    ctx: &RequestCtx,
+    upstream: &mut RequestHeader,
+    down: Downstream,
+    out: Output<'_>,
+) -> Result<()> {
+    let Some(route) = ctx.route.as_deref() else {
+        return Ok(());
+    };
+    if !down.h2 {
+        origin_form(upstream)?;
+    }
+    let as_lines = matches!(out, Output::Wire(_)) && route.config.request_headers.is_empty();
+    let own = Own::take(ctx, upstream, down)?;
+    let own = if as_lines {
+        Some(own)
+    } else {
+        // Inserted before the route's edits, which may change or remove them.
+        own.insert(ctx, upstream)?;
+        if !route.config.request_headers.is_empty() {
+            forwarding::edit_request(upstream, &route.config.request_headers)?;
+        }
+        None
+    };
+    upstream_target(ctx, route, upstream)?;
+    if let Output::Wire(wire) = out {
+        wire.extend_from_slice(upstream.method.as_str().as_bytes());
+        wire.push(b' ');
+        wire.extend_from_slice(upstream.raw_path());
+        wire.extend_from_slice(b" HTTP/1.1\r\n");
+        upstream.header_to_h1_wire(wire);
+        if let Some(own) = own {
+            own.write(ctx, wire);
+        }
+        wire.extend_from_slice(b"\r\n");
+    }
+    Ok(())
+}
+
+/// busbar's own headers for a request, taken (and their client-sent versions removed)
+/// before they are inserted or written.
+struct Own<'c> {
+    identity: Option<(&'c HeaderName, &'c str)>,
+    forwarding: Forwarding,
+}
+
+impl<'c> Own<'c> {
+    fn take(ctx: &'c RequestCtx, upstream: &mut RequestHeader, down: Downstream) -> Result<Self> {
+        let identity = clear_identity(ctx, upstream);
+        if let Some((_, user)) = identity {
+            // The one check of the identity's value, for both outputs: nothing may end
+            // the line early (what `HeaderValue` refuses).
+            if !value_fits_line(user.as_bytes()) {
+                return Err(Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "identity value",
+                ));
+            }
+        }
+        let chain = peer_trusted(ctx, down.peer);
+        let forwarding = Forwarding::of(upstream, down.peer, down.tls, chain);
+        forwarding::clear_forwarded(upstream);
+        Ok(Own {
+            identity,
+            forwarding,
+        })
+    }
+
+    /// Into the request's map.
+    fn insert(self, ctx: &RequestCtx, upstream: &mut RequestHeader) -> Result<()> {
+        if let Some((name, user)) = self.identity {
+            upstream.insert_header(name.clone(), user)?;
+        }
+        self.forwarding.apply(upstream)?;
+        upstream.append_header(
+            crate::via::VIA_NAME,
+            crate::via::node().value(ctx.client_version).clone(),
+        )?;
+        upstream.insert_header(forwarding::TRACEPARENT_NAME, &ctx.trace.header_value()[..])
+    }
+
+    /// As lines after the request's own.
+    fn write(self, ctx: &RequestCtx, wire: &mut Vec<u8>) {
+        if let Some((name, user)) = self.identity {
+            line(wire, name.as_str().as_bytes(), user.as_bytes());
+        }
+        self.forwarding.write(wire);
+        wire.extend_from_slice(crate::via::node().line(ctx.client_version));
+        line(
+            wire,
+            forwarding::TRACEPARENT_NAME.as_bytes(),
+            &ctx.trace.header_value(),
+        );
+    }
+}
+
+/// Removes a client-sent identity header (and applies admission's normalised path);
+/// returns the verified identity busbar sends instead, if there is one.
+fn clear_identity<'c>(
+    ctx: &'c RequestCtx,
+    upstream: &mut RequestHeader,
+) -> Option<(&'c HeaderName, &'c str)> {
+    match &ctx.admitted {
+        Some(a) => {
+            a.clear_upstream(upstream);
+            a.identity()
+        }
+        None => {
+            admission::strip_identity(upstream);
+            None
+        }
+    }
+}
+
+/// The peer is one of `listen.trusted_proxies`: its forwarding chains go on upstream.
+fn peer_trusted(ctx: &RequestCtx, peer: Option<IpAddr>) -> bool {
+    match (ctx.snapshot.as_deref(), peer) {
+        (Some(s), Some(p)) => {
+            let list = &s.config.listen.trusted_proxies;
+            !list.is_empty() && crate::client_addr::trusted(p, list)
+        }
+        _ => false,
+    }
+}
+
+/// A forward-proxy request (absolute-form: `GET http://orders/x?q`, from a client whose
+/// `HTTP_PROXY` is busbar) goes to the instance in origin form, `GET /x?q`, with `Host`
+/// from the target's authority (RFC 9112 §3.2.1, §3.2.2): the instance is an origin
+/// server, and routes on the path it is given. An origin-form request costs one byte
+/// compare.
+fn origin_form(upstream: &mut RequestHeader) -> Result<()> {
+    let target = upstream.raw_path();
+    let (authority, path) = if target.first() == Some(&b'/') {
+        match (upstream.uri.scheme(), upstream.uri.authority()) {
+            // A URI that carries its authority (not how pingora 0.9 keeps an HTTP/1
+            // target, but a request built another way may).
+            (Some(_), Some(a)) => (a.as_str().as_bytes().to_vec(), target.to_vec()),
+            _ => return Ok(()),
+        }
+    } else {
+        match raw_target_authority(target) {
+            RawTargetAuthority::Absolute {
+                scheme,
+                authority,
+                path_and_query,
+            } if is_http_family_scheme(scheme) => {
+                // `http://orders` and `http://orders?q` ask for `/` and `/?q`.
+                let mut path = Vec::with_capacity(path_and_query.len() + 1);
+                if path_and_query.first() != Some(&b'/') {
+                    path.push(b'/');
+                }
+                path.extend_from_slice(path_and_query);
+                (authority.to_vec(), path)
+            }
+            _ => return Ok(()),
+        }
+    };
+    let bad = |why: &'static str| {
+        let mut e = Error::explain(ErrorType::InvalidHTTPHeader, why);
+        e.esource = ErrorSource::Downstream;
+        e
+    };
+    let host = HeaderValue::from_bytes(&authority).map_err(|_| bad("request-target authority"))?;
+    // The raw bytes, not a `Uri`: a path that is not UTF-8 goes on as it came.
+    upstream
+        .set_raw_path(&path)
+        .map_err(|_| bad("request-target path"))?;
+    upstream.insert_header(HOST, host)
+}
+
+/// The route's path rewrite and the translation's edits of the upstream request.
+fn upstream_target(
+    ctx: &RequestCtx,
+    route: &routing::Route,
+    upstream: &mut RequestHeader,
+) -> Result<()> {
+    if let Some(pq) = upstream.uri.path_and_query() {
+        if let Some(new) = routing::rewrite(&route.config, pq.as_str()) {
+            let uri = http::Uri::try_from(new)
+                .map_err(|e| Error::because(ErrorType::InternalError, "path rewrite", e))?;
+            upstream.set_uri(uri);
+        }
+    }
+    crate::translate::upstream_request(ctx.grpc_web.as_ref(), upstream)
+}
