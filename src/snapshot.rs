@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{self, Config};
 use crate::metrics::{RouteMetrics, METRICS};
-use crate::registry::Service;
+use crate::model::Service;
 use crate::routing::{Route, RouteTable};
 
 /// One consistent version of routes and services.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use busbar::config;
 use busbar::metrics::RouteMetrics;
-use busbar::registry::Service;
+use busbar::model::Service;
 use busbar::routing::{RequestView, Route, RouteTable};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use proptest::prelude::*;

@@ -16,7 +16,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use busbar::config::{self, MAX_TTL, MIN_TTL};
 use busbar::edge::head::{self, HeadLimits};
 use busbar::metrics::RouteMetrics;
-use busbar::registry::Service;
+use busbar::model::Service;
 use busbar::routing::{self, RequestView, Route, RouteTable};
 use busbar::translate::grpc_web::{self, GrpcWebSettings, WebCall};
 use busbar::translate::json_grpc::{JsonOptions, Transcoder};

@@ -18,7 +18,7 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
-use crate::health::state::now_ms;
+use crate::model::health::now_ms;
 use crate::snapshot::State;
 use replies::{error, json_reply, reply};
 

@@ -11,7 +11,7 @@ use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::health::state::now_ms;
+use crate::model::health::now_ms;
 use crate::metrics::METRICS;
 use crate::snapshot::State;
 

@@ -565,8 +565,8 @@ pub struct ServiceMetrics {
 
 impl ServiceMetrics {
     /// The switch counter for a new path.
-    pub fn path_switch(&self, to: crate::fallback::path::Path) -> &IntCounter {
-        use crate::fallback::path::Path;
+    pub fn path_switch(&self, to: crate::model::sidecar::Path) -> &IntCounter {
+        use crate::model::sidecar::Path;
         &self.switches[match to {
             Path::Sidecar => 0,
             Path::Direct => 1,

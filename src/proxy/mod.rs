@@ -30,11 +30,11 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::accesslog::{AccessLog, Entry};
 use crate::admission;
-use crate::balance::hash_key;
+use crate::model::balance::hash_key;
 use crate::config::{HashKey, Protocol};
 use crate::edge::pace::BodyPace;
 use crate::fallback;
-use crate::health::state::now_ms;
+use crate::model::health::now_ms;
 use crate::metrics::{class_index, method_index, METRICS};
 use crate::routing::{self, RequestView};
 use crate::snapshot::{Snapshot, State};
@@ -550,7 +550,7 @@ pub(crate) fn upstream_request_h1(
 impl BusbarProxy {
     /// Counts a failure against the instance and ejects it when its streak says so,
     /// unless that would eject more than the service allows.
-    fn record_failure(&self, ctx: &RequestCtx, instance: &crate::registry::Instance) {
+    fn record_failure(&self, ctx: &RequestCtx, instance: &crate::model::Instance) {
         let Some(route) = &ctx.route else { return };
         let svc = &route.service;
         let policy = &svc.config.outlier;
@@ -562,12 +562,12 @@ impl BusbarProxy {
         let ejected = set
             .instances
             .iter()
-            .filter(|i| i.health.state() == crate::health::state::HealthState::Ejected)
+            .filter(|i| i.health.state() == crate::model::health::HealthState::Ejected)
             .count();
         if (ejected + 1) * 100 > total * policy.max_ejected_percent as usize {
             return;
         }
-        if instance.health.eject(policy, now_ms()) == crate::health::state::Transition::Ejected {
+        if instance.health.eject(policy, now_ms()) == crate::model::health::Transition::Ejected {
             svc.metrics.ejections.inc();
             svc.refresh_panic();
             tracing::warn!(service = svc.name(), instance = %instance.addr, "instance ejected by outlier detection");

@@ -32,7 +32,7 @@ use sha2::Digest;
 
 use crate::config::address::{self, OwnListeners, Refused};
 use crate::config::{valid_identifier, RegistryToken, MAX_TTL, MIN_TTL};
-use crate::health::state::now_ms;
+use crate::model::health::now_ms;
 use crate::metrics::METRICS;
 use crate::registry::store::{heartbeat_every, Registration, StoreError};
 use crate::snapshot::State;

@@ -5,12 +5,11 @@
 //! the file's `[route.split]`), choosing a version per request (rules, then weights
 //! sticky per user, then stable), the fallback to stable, share counters, the override
 //! file and its etcd sync, and the config history with its rollback.
-//! Must not: pick instances (the balancer does, with [`index::Want`] in its eligibility
+//! Must not: pick instances (the balancer does, with [`Want`] in its eligibility
 //! test), await anything on the request path, or rewrite the user's config file.
 
 pub mod admin;
 pub mod history;
-pub mod index;
 pub mod persist;
 pub mod sync;
 
@@ -26,13 +25,13 @@ use http::header::COOKIE;
 use http::HeaderMap;
 use prometheus::IntCounter;
 
-use crate::balance::hash_key;
+use crate::model::balance::hash_key;
 use crate::config::{Config, RegistryBackend, RuleMatch, SplitConfig, USER_BUCKETS};
 use crate::metrics::METRICS;
-use crate::registry::InstanceSet;
+use crate::model::InstanceSet;
 use crate::snapshot::State;
 
-pub use index::{VersionIndex, Want};
+pub use crate::model::versions::{VersionIndex, Want};
 
 /// The override file, under `server.runtime_dir`.
 pub const OVERRIDE_FILE: &str = "busbar-releases.json";

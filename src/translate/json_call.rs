@@ -22,7 +22,7 @@ use super::json_grpc::{Binding, TranscodeError, Transcoder};
 use super::status;
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::reply::{self, Cause};
-use crate::registry::Instance;
+use crate::model::Instance;
 
 /// Largest reply message busbar decodes (gRPC's default receive limit is 4 MiB).
 pub const MAX_REPLY_MESSAGE: usize = 16 * 1024 * 1024;

@@ -24,7 +24,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
 use crate::proxy::ctx::RequestCtx;
-use crate::registry::Instance;
+use crate::model::Instance;
 use crate::routing::Route;
 use crate::snapshot::Snapshot;
 
