@@ -8,6 +8,7 @@ pub mod accesslog;
 pub mod admin;
 pub mod admission;
 pub mod app;
+pub mod base;
 pub mod client_addr;
 pub mod cluster;
 pub mod config;

@@ -8,8 +8,6 @@
 //! `Authorization: Bearer $BUSBAR_ADMIN_TOKEN`, and with no token configured it refuses.
 //! Must not: hold policy; it reports state and asks `snapshot` to reload.
 
-pub mod replies;
-
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -18,9 +16,9 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
+use crate::base::http::{self as replies, error, json_reply, reply};
 use crate::model::health::now_ms;
 use crate::snapshot::State;
-use replies::{error, json_reply, reply};
 
 /// The environment variable that holds the admin token.
 pub const TOKEN_ENV: &str = "BUSBAR_ADMIN_TOKEN";

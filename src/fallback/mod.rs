@@ -41,7 +41,7 @@ pub fn target(svc: &Service, inst: &Instance, now_ms: u64) -> (SocketAddr, Optio
     );
     if let Some(sw) = state.note_path(p) {
         if sw.from.is_some() {
-            svc.metrics.path_switch(p).inc();
+            svc.metrics.path_switch(p.as_str()).inc();
             tracing::warn!(service = svc.name(), instance = %inst.id, from = sw.from.map_or("none", Path::as_str), to = p.as_str(), "instance path switched");
         }
     }

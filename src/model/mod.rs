@@ -21,12 +21,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 
-use crate::model::balance::Balancer;
 use crate::config::ServiceConfig;
-use crate::model::sidecar::SidecarState;
+use crate::metrics::ServiceMetrics;
+use crate::model::balance::Balancer;
 use crate::model::health::{now_ms, InstanceHealth};
 use crate::model::registration::Registration;
-use crate::metrics::ServiceMetrics;
+use crate::model::sidecar::SidecarState;
 
 /// One place a service runs.
 #[derive(Debug)]

@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::edge::pace::BodyPace;
+use crate::model::{Instance, InstanceSet};
 use crate::proxy::reply::Cause;
 use crate::proxy::trace::TraceContext;
-use crate::model::{Instance, InstanceSet};
 use crate::routing::Route;
 use crate::snapshot::Snapshot;
 

@@ -30,12 +30,12 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::accesslog::{AccessLog, Entry};
 use crate::admission;
-use crate::model::balance::hash_key;
 use crate::config::{HashKey, Protocol};
 use crate::edge::pace::BodyPace;
 use crate::fallback;
-use crate::model::health::now_ms;
 use crate::metrics::{class_index, method_index, METRICS};
+use crate::model::balance::hash_key;
+use crate::model::health::now_ms;
 use crate::routing::{self, RequestView};
 use crate::snapshot::{Snapshot, State};
 use ctx::RequestCtx;

@@ -52,7 +52,6 @@ fn missing_renewals(silent_ms: u64, ttl_secs: u64) -> u64 {
         .min(SLOTS - 1)
 }
 
-
 #[derive(Debug, Clone)]
 struct Lease {
     reg: Arc<Registration>,

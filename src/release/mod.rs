@@ -25,9 +25,9 @@ use http::header::COOKIE;
 use http::HeaderMap;
 use prometheus::IntCounter;
 
-use crate::model::balance::hash_key;
 use crate::config::{Config, RegistryBackend, RuleMatch, SplitConfig, USER_BUCKETS};
 use crate::metrics::METRICS;
+use crate::model::balance::hash_key;
 use crate::model::InstanceSet;
 use crate::snapshot::State;
 

@@ -20,9 +20,9 @@ use pingora_proxy::Session;
 use super::h2client;
 use super::json_grpc::{Binding, TranscodeError, Transcoder};
 use super::status;
+use crate::model::Instance;
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::reply::{self, Cause};
-use crate::model::Instance;
 
 /// Largest reply message busbar decodes (gRPC's default receive limit is 4 MiB).
 pub const MAX_REPLY_MESSAGE: usize = 16 * 1024 * 1024;

@@ -23,8 +23,8 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
-use crate::proxy::ctx::RequestCtx;
 use crate::model::Instance;
+use crate::proxy::ctx::RequestCtx;
 use crate::routing::Route;
 use crate::snapshot::Snapshot;
 
