@@ -142,6 +142,20 @@ pub struct State {
     pub live: crate::live::Live,
 }
 
+impl crate::release::Running for State {
+    fn releases(&self) -> &crate::release::Releases {
+        &self.releases
+    }
+
+    fn history(&self) -> &crate::release::history::History {
+        &self.history
+    }
+
+    fn config(&self) -> Arc<Config> {
+        self.load().config.clone()
+    }
+}
+
 impl State {
     pub fn new(
         config: Config,

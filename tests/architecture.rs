@@ -46,7 +46,6 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "runtime",
         &[
-            "tasks",
             "health::checker",
             "registry::dns",
             "registry::sync",
@@ -115,8 +114,24 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
 ];
 
-/// Imports that still point up, each with the reason it remains. Keep this short.
-const ALLOWED: &[(&str, &str, &str)] = &[];
+/// Imports that still point up: (file, the module it may import with everything under
+/// it, why it remains). Keep this short; each entry is work left to do.
+const ALLOWED: &[(&str, &str, &str)] = &[
+    (
+        "src/admission/watch.rs",
+        "proxy",
+        "`proxy::declared_length` (the request's declared body length) moves down with the \
+         phases branch, which rebuilds src/proxy into phases",
+    ),
+    (
+        "src/config/translate.rs",
+        "translate",
+        "config compiles protos into the route's `Translation` so a bad proto fails \
+         `busbar check` with file:line:col; moving the compile into the runtime build needs \
+         the request path to read translators from the snapshot, which the phases branch \
+         is rewriting",
+    ),
+];
 
 /// One upward (or unplaced) import.
 #[derive(Debug, PartialEq)]
@@ -464,10 +479,10 @@ fn check_module(rel: &Path, module: Vec<String>, src: &str, out: &mut Vec<Violat
         if to_entry == from_entry || to_rank > from_rank {
             continue;
         }
-        if ALLOWED
-            .iter()
-            .any(|(f, t, _)| *f == from_entry && *t == to_entry)
-        {
+        let file = shown.to_string_lossy();
+        if ALLOWED.iter().any(|(f, t, _)| {
+            *f == file && (to_entry == *t || to_entry.starts_with(&format!("{t}::")))
+        }) {
             continue;
         }
         let why = if to_layer == from_layer {
@@ -544,7 +559,10 @@ fn imports_point_down_the_layers() {
 /// Files that may write an `"error":` key themselves, each with its reason.
 const OWN_JSON_ERRORS: &[(&str, &str)] = &[
     ("src/base/reply.rs", "the one builder"),
-    ("src/accesslog.rs", "the access log's `error` field, not an answer"),
+    (
+        "src/accesslog.rs",
+        "the access log's `error` field, not an answer",
+    ),
     (
         "src/translate/json_call.rs",
         "a gRPC error mapped for a JSON caller keeps grpc-gateway's shape; its own \
@@ -589,10 +607,11 @@ fn every_allowed_back_arrow_is_still_needed_and_placed() {
             assert!(by_entry.insert(e, 0).is_none(), "{e} is listed twice");
         }
     }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for (from, to, why) in ALLOWED {
         assert!(
-            by_entry.contains_key(from),
-            "ALLOWED names {from}, in no layer"
+            root.join(from).is_file(),
+            "ALLOWED names {from}, which is gone"
         );
         assert!(by_entry.contains_key(to), "ALLOWED names {to}, in no layer");
         assert!(!why.is_empty(), "ALLOWED {from} → {to} needs its reason");

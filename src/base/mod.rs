@@ -7,4 +7,5 @@
 //! bottom of the layers (see ARCHITECTURE.md).
 
 pub mod http;
+pub mod path;
 pub mod reply;
