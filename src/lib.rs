@@ -1,7 +1,9 @@
 //! busbar: a centralized service bus and global proxy gateway on pingora.
 //!
-//! The request path, in order: routing → pick an instance (registry, balance, health)
-//! → proxy → log and metrics. `app.rs` wires it all; each module owns one step.
+//! The request path, in order: routing → admission → pick an instance (`model`: instance
+//! sets and their balancers, health) → proxy → log and metrics. `app.rs` wires it all;
+//! each module owns one step. `ARCHITECTURE.md` lists the layers; imports point down
+//! them only (`tests/architecture.rs` checks it).
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
