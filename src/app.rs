@@ -242,7 +242,10 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         Arc::new(edge()),
         own_plaintext,
         listeners_closed.clone(),
-        (&listen.proxy_protocol, state.clone()),
+        (&listen.proxy_protocol, {
+            let state = state.clone();
+            Arc::new(move || state.load().config.clone())
+        }),
     );
 
     // 2. The admin API, on its own (loopback by default) listener and thread.
@@ -360,7 +363,10 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     server.add_service(supervised(background_service(
         "redis upkeep",
         crate::cluster::redis::RedisUpkeep {
-            state: state.clone(),
+            current: {
+                let state = state.clone();
+                Box::new(move || state.load().admission.stores().redis())
+            },
         },
     )));
     server.add_service(supervised(flusher));

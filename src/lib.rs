@@ -2,15 +2,16 @@
 //!
 //! The request path: a driver (`drivers`: pingora's proxy, busbar's own HTTP/1 engine,
 //! JSON→gRPC) runs the phases (`phases`: setup, plan, tries, head edits, finish) over
-//! the policy modules (routing, admission, balance, fallback, health, release).
-//! `app.rs` wires it all; each module owns one step.
+//! the policy modules (routing, admission, fallback, health, release) and the runtime
+//! model (`model`: instance sets, their balancers, health). `app.rs` wires it all.
+//! `ARCHITECTURE.md` lists the layers; imports point down them only
+//! (`tests/architecture.rs` checks it).
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
 pub mod admin;
 pub mod admission;
 pub mod app;
-pub mod balance;
 pub mod base;
 pub mod bearer;
 pub mod client_addr;
@@ -28,6 +29,7 @@ pub mod listeners;
 pub mod live;
 pub mod logging;
 pub mod metrics;
+pub mod model;
 pub mod otel;
 pub mod phases;
 pub mod proxy;

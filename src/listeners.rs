@@ -47,8 +47,8 @@ use pingora_core::server::{ListenFds, RuntimeOpts, ShutdownWatch};
 use pingora_core::services::listening::Service as ListeningService;
 use pingora_core::services::Service;
 
+use crate::config::Config;
 use crate::metrics::METRICS;
-use crate::snapshot::State;
 
 /// The listen backlog, pingora's own (`LISTENER_BACKLOG` in pingora-core).
 const BACKLOG: i32 = 65535;
@@ -65,10 +65,15 @@ pub struct DrainedListeners<A> {
     sockets: Vec<std::net::TcpListener>,
     /// Set once busbar's handles are closed; the drain waits for it.
     closed: Arc<AtomicBool>,
-    /// For each of `addrs` with `proxy_protocol`, the state whose current snapshot says
+    /// For each of `addrs` with `proxy_protocol`, what the current configuration says
     /// which peers are trusted and how long a header may take (a reload changes them).
-    proxied: Vec<Option<Arc<State>>>,
+    proxied: Vec<Option<Settings>>,
 }
+
+/// The configuration now serving, which says which peers may send a PROXY header and how
+/// long it may take (a reload changes them). A closure over the runtime's state, so the
+/// listeners need nothing of it.
+pub type Settings = Arc<dyn Fn() -> Arc<Config> + Send + Sync>;
 
 impl<A> DrainedListeners<A> {
     /// `bound` are the plaintext sockets busbar accepts on itself, from [`bind_all`] (none
@@ -78,13 +83,13 @@ impl<A> DrainedListeners<A> {
         app: Arc<A>,
         bound: Vec<(SocketAddr, std::net::TcpListener)>,
         closed: Arc<AtomicBool>,
-        proxy_protocol: (&[SocketAddr], Arc<State>),
+        proxy_protocol: (&[SocketAddr], Settings),
     ) -> Self {
         let (addrs, sockets): (Vec<SocketAddr>, _) = bound.into_iter().unzip();
-        let (with, state) = proxy_protocol;
+        let (with, settings) = proxy_protocol;
         let proxied = addrs
             .iter()
-            .map(|a| with.contains(a).then(|| state.clone()))
+            .map(|a| with.contains(a).then(|| settings.clone()))
             .collect();
         DrainedListeners {
             inner,
@@ -167,7 +172,7 @@ async fn accept_loop_with<A: ServerApp + Send + Sync + 'static>(
     app: Arc<A>,
     l: tokio::net::TcpListener,
     mut shutdown: ShutdownWatch,
-    proxied: Option<Arc<State>>,
+    proxied: Option<Settings>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -199,11 +204,11 @@ fn serve<A: ServerApp + Send + Sync + 'static>(
     s: tokio::net::TcpStream,
     peer: SocketAddr,
     shutdown: &ShutdownWatch,
-    proxied: Option<&Arc<State>>,
+    proxied: Option<&Settings>,
 ) {
     // What pingora sets on every accepted stream; a failure only costs latency.
     let _ = s.set_nodelay(true);
-    let Some(state) = proxied else {
+    let Some(settings) = proxied else {
         pingora_runtime::current_handle().spawn(ListeningService::handle_event(
             stream(s, peer, &[]),
             app.clone(),
@@ -211,16 +216,16 @@ fn serve<A: ServerApp + Send + Sync + 'static>(
         ));
         return;
     };
-    let (app, shutdown, state) = (app.clone(), shutdown.clone(), state.clone());
+    let (app, shutdown, settings) = (app.clone(), shutdown.clone(), settings.clone());
     pingora_runtime::current_handle().spawn(async move {
         let mut s = s;
-        let snapshot = state.load();
+        let config = settings();
         let (list, timeout) = (
-            &snapshot.config.listen.trusted_proxies,
-            snapshot.config.limits.header_timeout,
+            &config.listen.trusted_proxies,
+            config.limits.header_timeout,
         );
         let accepted = crate::proxy_header::accept(&mut s, peer, list, timeout).await;
-        drop(snapshot);
+        drop(config);
         match accepted {
             Ok(a) => ListeningService::handle_event(stream(s, a.client, &a.rest), app, shutdown)
                 .await,
@@ -253,7 +258,7 @@ impl<A: ServerApp + Send + Sync + 'static> DrainedListeners<A> {
         &self,
         l: &std::net::TcpListener,
         shutdown: &ShutdownWatch,
-        proxied: Option<&Arc<State>>,
+        proxied: Option<&Settings>,
     ) -> usize {
         let mut n = 0;
         loop {

@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{self, Config};
 use crate::metrics::METRICS;
-use crate::registry::Service;
+use crate::model::Service;
 use crate::routing::{Route, RouteTable};
 
 /// One consistent version of routes and services.
@@ -124,6 +124,20 @@ pub struct State {
     pub history: crate::release::history::History,
     /// The running settings outside the snapshot.
     pub live: crate::live::Live,
+}
+
+impl crate::release::Running for State {
+    fn releases(&self) -> &crate::release::Releases {
+        &self.releases
+    }
+
+    fn history(&self) -> &crate::release::history::History {
+        &self.history
+    }
+
+    fn config(&self) -> Arc<Config> {
+        self.load().config.clone()
+    }
 }
 
 impl State {

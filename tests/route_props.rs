@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use busbar::config;
-use busbar::registry::Service;
+use busbar::model::Service;
 use busbar::routing::{RequestView, RouteTable};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use proptest::prelude::*;

@@ -15,7 +15,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 use busbar::config::{self, MAX_TTL, MIN_TTL};
 use busbar::drivers::h1::head::{self, HeadLimits};
-use busbar::registry::Service;
+use busbar::model::Service;
 use busbar::routing::{self, RequestView, RouteTable};
 use busbar::translate::grpc_web::{self, GrpcWebSettings, WebCall};
 use busbar::translate::json_grpc::{JsonOptions, Transcoder};

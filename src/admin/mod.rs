@@ -9,8 +9,6 @@
 //! `Authorization: Bearer $BUSBAR_ADMIN_TOKEN`, and with no token configured it refuses.
 //! Must not: hold policy; it reports state and asks `snapshot` to reload.
 
-pub mod replies;
-
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -19,9 +17,9 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
-use crate::health::state::now_ms;
+use crate::base::api::{self as replies, error, json_reply, reply};
+use crate::model::health::now_ms;
 use crate::snapshot::State;
-use replies::{error, json_reply, reply};
 
 /// The environment variable that holds the admin token.
 pub const TOKEN_ENV: &str = "BUSBAR_ADMIN_TOKEN";

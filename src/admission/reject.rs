@@ -10,6 +10,8 @@ use bytes::Bytes;
 use http::HeaderValue;
 use pingora_http::ResponseHeader;
 
+use crate::base::reply::Refusal;
+
 use super::rate::RateInfo;
 
 /// What kind of refusal; the proxy maps it to its log/metrics cause.
@@ -75,17 +77,10 @@ impl Rejection {
     }
 
     pub fn body(&self) -> Bytes {
-        let mut v = serde_json::json!({
-            "error": self.kind.code(),
-            "reason": self.reason,
-            "message": self.message,
-        });
-        if let Some(s) = self.retry_after_secs {
-            v["retry_after"] = s.into();
-        }
-        let mut out = v.to_string();
-        out.push('\n');
-        Bytes::from(out)
+        let r = Refusal::new(self.kind.code(), self.message)
+            .reason(self.reason)
+            .retry_after(self.retry_after_secs);
+        Bytes::from(r.to_json())
     }
 
     /// Status line and headers for a body of `body_len` bytes.

@@ -35,7 +35,6 @@ use super::redis_conn::{without_credentials, Conn};
 use super::redis_shards::{Change, Outcome, Shard, Topology};
 use crate::config::{ClusterConfig, RedisTarget};
 use crate::metrics::METRICS;
-use crate::snapshot::State;
 
 /// GCRA over `KEYS[1]` (the theoretical arrival time, µs): takes up to `ARGV[3]` tokens
 /// of a limit of one per `ARGV[1]` µs with a burst of `ARGV[2]`.
@@ -482,7 +481,10 @@ impl RedisLimits {
 
 /// Keeps the `[cluster]` Redis connected and this node's liveness fresh.
 pub struct RedisUpkeep {
-    pub state: Arc<State>,
+    /// The Redis client of the snapshot now serving, if it has `[cluster]` (read each
+    /// round: a reload may add, change or remove it). A closure, so this client needs
+    /// nothing of the runtime that owns the snapshot.
+    pub current: Box<dyn Fn() -> Option<Arc<RedisLimits>> + Send + Sync>,
 }
 
 #[async_trait]
@@ -490,7 +492,7 @@ impl BackgroundService for RedisUpkeep {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         loop {
             // Read each round: a reload may add, change or remove [cluster].
-            let redis = self.state.load().admission.stores().redis();
+            let redis = (self.current)();
             let every = redis
                 .as_ref()
                 .map_or(Duration::from_secs(1), |r| r.config.sync_interval);

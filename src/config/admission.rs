@@ -232,7 +232,7 @@ impl Validator<'_> {
         let mut out = Vec::with_capacity(list.len());
         for p in list {
             let v = p.get_ref();
-            let normal = crate::admission::normalize_path(v);
+            let normal = crate::base::path::normalize_path(v);
             if !v.starts_with('/') || v.bytes().any(|b| b <= b' ' || b == b'?' || b == b'#') {
                 self.err(
                     p.span(),

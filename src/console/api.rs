@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use serde_json::{json, Value};
 
 use crate::config::IdentitySource;
-use crate::health::state::now_ms;
+use crate::model::health::now_ms;
 use crate::snapshot::State;
 
 /// Where the console's reads live.

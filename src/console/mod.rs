@@ -113,7 +113,7 @@ fn secured(mut resp: Response<Vec<u8>>) -> Response<Vec<u8>> {
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Vec<u8>> {
-    crate::admin::replies::error(status, code, message)
+    crate::base::api::error(status, code, message)
 }
 
 /// A refusal (the admin API's token check, a wrong method) with the console's headers.
@@ -133,7 +133,7 @@ pub fn serve(ctx: &api::Context<'_>, method: &http::Method, path: &str) -> Respo
     }
     if path == "/console" {
         // Relative module paths in the page resolve against `/console/`.
-        let mut resp = crate::admin::replies::reply(
+        let mut resp = crate::base::api::reply(
             StatusCode::PERMANENT_REDIRECT,
             "text/plain; charset=utf-8",
             b"see /console/\n".to_vec(),
@@ -147,7 +147,7 @@ pub fn serve(ctx: &api::Context<'_>, method: &http::Method, path: &str) -> Respo
     if let Some(what) = path.strip_prefix(api::PREFIX) {
         let answer: Option<Value> = api::read(ctx, what);
         return secured(match answer {
-            Some(v) => crate::admin::replies::json_reply(StatusCode::OK, v),
+            Some(v) => crate::base::api::json_reply(StatusCode::OK, v),
             None => error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -156,7 +156,7 @@ pub fn serve(ctx: &api::Context<'_>, method: &http::Method, path: &str) -> Respo
         });
     }
     match ASSETS.iter().find(|a| a.path == path) {
-        Some(a) => secured(crate::admin::replies::reply(
+        Some(a) => secured(crate::base::api::reply(
             StatusCode::OK,
             a.content_type,
             a.body.to_vec(),

@@ -136,14 +136,14 @@ async fn refuse(stream: &mut L4Stream, status: u16, reason: &str) {
         431 => "headers_too_large",
         _ => "malformed_request",
     };
-    let body = format!("{{\"error\":\"{code}\",\"message\":\"{reason}\"}}\n");
+    let body = crate::base::reply::Refusal::new(code, reason).to_json();
     let head = format!(
         "HTTP/1.1 {text}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     METRICS.edge_refusals.with_label_values(&[code]).inc();
     let _ = stream.write_all(head.as_bytes()).await;
-    let _ = stream.write_all(body.as_bytes()).await;
+    let _ = stream.write_all(&body).await;
     let _ = stream.flush().await;
 }
 

@@ -11,19 +11,22 @@ use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::health::state::now_ms;
 use crate::metrics::METRICS;
+use crate::model::health::now_ms;
 use crate::snapshot::State;
 
 /// Connecting to the chosen instance must succeed within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-async fn respond(stream: &mut L4Stream, status: &str, body: &str) {
+async fn respond(stream: &mut L4Stream, status: &str, code: &str, message: &str) {
+    let body = crate::base::reply::Refusal::new(code, message).to_json();
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    let _ = stream.write_all(head.as_bytes()).await;
+    let mut out = head.into_bytes();
+    out.extend_from_slice(&body);
+    let _ = stream.write_all(&out).await;
     let _ = stream.flush().await;
 }
 
@@ -45,7 +48,8 @@ pub async fn tunnel(state: &State, mut stream: Box<L4Stream>, head: &[u8], rest:
             respond(
                 &mut stream,
                 "400 Bad Request",
-                "{\"error\":\"bad_request\",\"message\":\"malformed CONNECT request\"}\n",
+                "bad_request",
+                "malformed CONNECT request",
             )
             .await;
             return;
@@ -58,7 +62,8 @@ pub async fn tunnel(state: &State, mut stream: Box<L4Stream>, head: &[u8], rest:
             respond(
                 &mut stream,
                 "403 Forbidden",
-                "{\"error\":\"not_a_service\",\"message\":\"CONNECT only reaches services registered with busbar\"}\n",
+                "not_a_service",
+                "CONNECT only reaches services registered with busbar",
             )
             .await;
             return;
@@ -73,7 +78,13 @@ pub async fn tunnel(state: &State, mut stream: Box<L4Stream>, head: &[u8], rest:
             })
             .and_then(|i| set.instances.get(i).cloned())
         else {
-            respond(&mut stream, "503 Service Unavailable", "{\"error\":\"no_healthy_instance\",\"message\":\"the service has no healthy instance\"}\n").await;
+            respond(
+                &mut stream,
+                "503 Service Unavailable",
+                "no_healthy_instance",
+                "the service has no healthy instance",
+            )
+            .await;
             return;
         };
         let (addr, _path) = super::target(svc, &inst, now_ms());
@@ -82,7 +93,8 @@ pub async fn tunnel(state: &State, mut stream: Box<L4Stream>, head: &[u8], rest:
             respond(
                 &mut stream,
                 "502 Bad Gateway",
-                "{\"error\":\"connect_failed\",\"message\":\"could not connect to the service\"}\n",
+                "connect_failed",
+                "could not connect to the service",
             )
             .await;
             return;

@@ -1,7 +1,8 @@
 //! Mesh fallback: busbar as the path of last resort when sidecars are down.
 //!
-//! Provider side (`path`): an instance registered with a sidecar is reached through it
-//! while it is healthy, straight at its app port when it is not.
+//! Provider side (`path`, the per-instance state in `model::sidecar`): an instance
+//! registered with a sidecar is reached through it while it is healthy, straight at its
+//! app port when it is not.
 //! Caller side (this file, `connect`): a caller whose own sidecar is down sends to busbar
 //! as it would to the mesh — `Host: orders`, `Host: orders.<mesh domain>`, absolute-form
 //! `GET http://orders/…` (HTTP_PROXY), `:authority orders`, or `CONNECT orders:443` — and
@@ -9,19 +10,21 @@
 //! Must not: open busbar as a proxy to arbitrary hosts: only configured services resolve.
 
 pub mod connect;
-pub mod path;
+/// The sidecar path state lives in the model (instances carry it); the request path
+/// names it from here.
+pub use crate::model::sidecar as path;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use path::Path;
+use crate::model::sidecar::Path;
 
 use crate::config::{
     Config, HeaderEdit, PathMatch, PathPreference, Rewrite, RouteConfig, DEFAULT_MAX_BODY,
 };
 use crate::metrics::RouteMetrics;
-use crate::registry::{Instance, Service};
+use crate::model::{Instance, Service};
 use crate::routing::Route;
 
 /// Where to send a request for `inst`: its sidecar or its app port, by the service's
@@ -38,7 +41,7 @@ pub fn target(svc: &Service, inst: &Instance, now_ms: u64) -> (SocketAddr, Optio
     );
     if let Some(sw) = state.note_path(p) {
         if sw.from.is_some() {
-            svc.metrics.path_switch(p).inc();
+            svc.metrics.path_switch(p.as_str()).inc();
             tracing::warn!(service = svc.name(), instance = %inst.id, from = sw.from.map_or("none", Path::as_str), to = p.as_str(), "instance path switched");
         }
     }

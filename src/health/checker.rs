@@ -17,8 +17,8 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use crate::config::{HealthCheck, ProbeKind, Protocol};
-use crate::health::state::{now_ms, HealthState, Transition};
-use crate::registry::{Instance, Service};
+use crate::model::health::{now_ms, HealthState, Transition};
+use crate::model::{Instance, Service};
 use crate::snapshot::State;
 
 /// How often the checker looks at every instance (ejection expiry, due probes).

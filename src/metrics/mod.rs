@@ -583,15 +583,16 @@ pub struct ServiceMetrics {
     pub panic_mode: IntGauge,
 }
 
+/// The `to` label of `busbar_instance_path_switches_total`, in `switches` order.
+const PATH_LABELS: [&str; 3] = ["sidecar", "direct", "out"];
+
 impl ServiceMetrics {
-    /// The switch counter for a new path.
-    pub fn path_switch(&self, to: crate::fallback::path::Path) -> &IntCounter {
-        use crate::fallback::path::Path;
-        &self.switches[match to {
-            Path::Sidecar => 0,
-            Path::Direct => 1,
-            Path::Out => 2,
-        }]
+    /// The switch counter for a new path, by its label (`model::sidecar::Path::as_str`:
+    /// "sidecar", "direct", "out"; anything else counts as "out"). Called only when an
+    /// instance's path changes, so the lookup by name costs nothing that matters.
+    pub fn path_switch(&self, to: &str) -> &IntCounter {
+        let i = PATH_LABELS.iter().position(|p| *p == to).unwrap_or(2);
+        &self.switches[i]
     }
 
     pub fn new(service: &str) -> Self {
@@ -601,8 +602,7 @@ impl ServiceMetrics {
             fallback_host: m.fallback.with_label_values(&[service, "host"]),
             fallback_forward_proxy: m.fallback.with_label_values(&[service, "forward_proxy"]),
             fallback_connect: m.fallback.with_label_values(&[service, "connect"]),
-            switches: ["sidecar", "direct", "out"]
-                .map(|to| m.path_switches.with_label_values(&[service, to])),
+            switches: PATH_LABELS.map(|to| m.path_switches.with_label_values(&[service, to])),
             upstream_duration: m.upstream_duration.with_label_values(&[service]),
             connect_failures: m.connect_failures.with_label_values(&[service]),
             connection_pooled: m.upstream_connections.with_label_values(&[service, "pool"]),

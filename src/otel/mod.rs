@@ -18,9 +18,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_queue::ArrayQueue;
 
 use crate::metrics::{method_index, METRICS};
+use crate::model::InstanceSet;
 use crate::phases::ctx::RequestCtx;
 use crate::proxy::reply::Cause;
-use crate::registry::InstanceSet;
 use crate::routing::Route;
 
 /// Spans per export request; the exporter is woken as soon as this many wait.
@@ -45,15 +45,7 @@ pub fn set_queue_size(n: usize) {
     QUEUE_SIZE.store(n.max(1), Ordering::Relaxed);
 }
 
-/// The latest try of a sampled request, and whether its client span is still open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OpenTry {
-    start: Instant,
-    addr: SocketAddr,
-    /// The instance's index in the request's instance set (its release version).
-    idx: u32,
-    ended: bool,
-}
+pub use crate::proxy::trace::OpenTry;
 
 /// What kind of span a record is (OTLP `SpanKind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

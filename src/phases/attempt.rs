@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use super::ctx::RequestCtx;
 use super::Phases;
 use crate::fallback;
-use crate::health::state::now_ms;
+use crate::model::health::now_ms;
 use crate::proxy::reply::Cause;
 
 /// How long an idle upstream connection stays pooled.
@@ -187,7 +187,7 @@ impl Phases {
 
     /// Counts a failure against the instance and ejects it when its streak says so,
     /// unless that would eject more than the service allows.
-    fn record_failure(&self, ctx: &RequestCtx, instance: &crate::registry::Instance) {
+    fn record_failure(&self, ctx: &RequestCtx, instance: &crate::model::Instance) {
         let Some(route) = &ctx.route else { return };
         let svc = &route.service;
         let policy = &svc.config.outlier;
@@ -199,12 +199,12 @@ impl Phases {
         let ejected = set
             .instances
             .iter()
-            .filter(|i| i.health.state() == crate::health::state::HealthState::Ejected)
+            .filter(|i| i.health.state() == crate::model::health::HealthState::Ejected)
             .count();
         if (ejected + 1) * 100 > total * policy.max_ejected_percent as usize {
             return;
         }
-        if instance.health.eject(policy, now_ms()) == crate::health::state::Transition::Ejected {
+        if instance.health.eject(policy, now_ms()) == crate::model::health::Transition::Ejected {
             svc.metrics.ejections.inc();
             svc.refresh_panic();
             tracing::warn!(service = svc.name(), instance = %instance.addr, "instance ejected by outlier detection");

@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::pace::BodyPace;
+use crate::model::{Instance, InstanceSet};
 use crate::proxy::reply::Cause;
 use crate::proxy::trace::TraceContext;
-use crate::registry::{Instance, InstanceSet};
 use crate::routing::Route;
 use crate::snapshot::Snapshot;
 
@@ -56,7 +56,7 @@ pub struct RequestCtx {
     pub last_addr: Option<std::net::SocketAddr>,
     pub tried: Tried,
     /// The path of the current try to an instance with a sidecar.
-    pub path: Option<crate::fallback::path::Path>,
+    pub path: Option<crate::model::sidecar::Path>,
     /// A failed sidecar connect was already retried on the app port.
     pub sidecar_failover: bool,
     pub tries: u32,

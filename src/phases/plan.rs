@@ -12,8 +12,8 @@ use pingora_http::RequestHeader;
 
 use super::ctx::RequestCtx;
 use super::Phases;
-use crate::balance::hash_key;
 use crate::config::HashKey;
+use crate::model::balance::hash_key;
 use crate::routing;
 
 impl Phases {

@@ -7,6 +7,8 @@ use bytes::Bytes;
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
+use crate::base::reply::Refusal;
+
 /// Why busbar answered instead of the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
@@ -82,15 +84,9 @@ impl Cause {
         }
     }
 
-    /// `{"error":"…","message":"…"}`: static text only, so nothing to escape.
+    /// `{"error":"…","message":"…"}` ([`Refusal`], busbar's one shape).
     pub fn body(self) -> Bytes {
-        let mut s = String::with_capacity(96);
-        s.push_str("{\"error\":\"");
-        s.push_str(self.code());
-        s.push_str("\",\"message\":\"");
-        s.push_str(self.message());
-        s.push_str("\"}\n");
-        Bytes::from(s)
+        Bytes::from(Refusal::new(self.code(), self.message()).to_json())
     }
 
     pub fn header(self) -> ResponseHeader {

@@ -27,7 +27,17 @@ pub struct TraceContext {
     /// Sampled, and `[tracing]` has an endpoint: this request's spans are recorded.
     pub export: bool,
     /// The try in progress, while its client span is open (`otel`).
-    pub open: Option<crate::otel::OpenTry>,
+    pub open: Option<OpenTry>,
+}
+
+/// The latest try (its client span is `otel`'s) of a sampled request, and whether its client span is still open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenTry {
+    pub(crate) start: std::time::Instant,
+    pub(crate) addr: std::net::SocketAddr,
+    /// The instance's index in the request's instance set (its release version).
+    pub(crate) idx: u32,
+    pub(crate) ended: bool,
 }
 
 impl TraceContext {

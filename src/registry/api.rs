@@ -30,10 +30,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::Digest;
 
+use crate::base::reply::Refusal;
 use crate::config::address::{self, OwnListeners, Refused};
 use crate::config::{valid_identifier, RegistryToken, MAX_TTL, MIN_TTL};
-use crate::health::state::now_ms;
 use crate::metrics::METRICS;
+use crate::model::health::now_ms;
 use crate::registry::store::{heartbeat_every, Registration, StoreError};
 use crate::snapshot::State;
 
@@ -107,15 +108,15 @@ pub struct RegistrationApi {
 }
 
 fn reply(status: StatusCode, v: Value) -> Response<Vec<u8>> {
-    crate::admin::replies::json_reply(status, v)
+    crate::base::api::json_reply(status, v)
 }
 
-use crate::admin::replies::error;
+use crate::base::api::{error, refusal};
 
 fn bad_field(field: &str, message: impl Into<String>) -> Response<Vec<u8>> {
-    reply(
+    refusal(
         StatusCode::BAD_REQUEST,
-        json!({ "error": "invalid_field", "field": field, "message": message.into() }),
+        &Refusal::new("invalid_field", &message.into()).field(field),
     )
 }
 
@@ -281,15 +282,12 @@ impl RegistrationApi {
         for (field, addr) in fields {
             let Some(addr) = addr else { continue };
             if !scope.allows_address(&reg.service, addr) {
-                return Err(reply(
+                let message = format!(
+                    "this token may not register {addr}: it is outside the token's addresses"
+                );
+                return Err(refusal(
                     StatusCode::FORBIDDEN,
-                    json!({
-                        "error": "forbidden_address",
-                        "field": field,
-                        "message": format!(
-                            "this token may not register {addr}: it is outside the token's addresses"
-                        ),
-                    }),
+                    &Refusal::new("forbidden_address", &message).field(field),
                 ));
             }
         }
@@ -297,7 +295,7 @@ impl RegistrationApi {
     }
 
     async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<u8>>> {
-        crate::admin::replies::read_body(session, MAX_BODY, "a registration body")
+        crate::base::api::read_body(session, MAX_BODY, "a registration body")
             .await
             .map_err(|(status, code, message)| error(status, code, message))
     }
@@ -453,12 +451,16 @@ impl RegistrationApi {
             Ok(v) => (StatusCode::OK, v, "ok"),
             Err(WriteError::NotFound(e)) => (
                 StatusCode::NOT_FOUND,
-                json!({ "error": "not_registered", "message": format!("{e}; register again") }),
+                Refusal::new("not_registered", &format!("{e}; register again")).to_value(),
                 "not_found",
             ),
             Err(WriteError::Unavailable(m)) => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                json!({ "error": "registry_unavailable", "message": format!("the registry store is unreachable, try again: {m}") }),
+                Refusal::new(
+                    "registry_unavailable",
+                    &format!("the registry store is unreachable, try again: {m}"),
+                )
+                .to_value(),
                 "unavailable",
             ),
         };
@@ -551,7 +553,7 @@ impl RegistrationApi {
 #[async_trait]
 impl ServeHttp for RegistrationApi {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        if let Some(refusal) = crate::admin::replies::forwarded_by_busbar(session) {
+        if let Some(refusal) = crate::base::api::forwarded_by_busbar(session) {
             return refusal;
         }
         match self.handle(session).await {

@@ -30,8 +30,8 @@ use hickory_resolver::proto::rr::RData;
 
 use crate::config::{DnsConfig, DnsName};
 use crate::metrics::METRICS;
+use crate::model::{Service, Target};
 use crate::registry::gate::Gate;
-use crate::registry::{Service, Target};
 use crate::snapshot::State;
 
 /// The longest the task sleeps, so a reload's new names are looked up promptly.

@@ -6,14 +6,14 @@
 //! Must not: do I/O, hold its lock across an await, or know about routing.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::health::state::now_ms;
+use crate::model::health::now_ms;
+pub use crate::model::registration::Registration;
 
 /// Renewals expected in one lease: instances are asked to renew every TTL/3.
 const SLOTS: u64 = 3;
@@ -50,24 +50,6 @@ fn missing_renewals(silent_ms: u64, ttl_secs: u64) -> u64 {
     (silent_ms / slot_ms(ttl_secs))
         .saturating_sub(1)
         .min(SLOTS - 1)
-}
-
-/// What an instance said about itself when it registered.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Registration {
-    pub service: String,
-    pub id: String,
-    pub address: SocketAddr,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sidecar: Option<SocketAddr>,
-    pub weight: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub zone: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub metadata: BTreeMap<String, String>,
-    pub ttl_secs: u64,
 }
 
 #[derive(Debug, Clone)]

@@ -14,6 +14,7 @@ use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
 use super::{apply, apply_local, ReleaseError};
+use crate::base::reply::Refusal;
 use crate::config::SplitConfig;
 use crate::snapshot::State;
 
@@ -23,7 +24,7 @@ pub const MAX_BODY: usize = 256 * 1024;
 type Answer = (StatusCode, Value);
 
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Answer {
-    (status, json!({ "error": code, "message": message.into() }))
+    (status, Refusal::new(code, &message.into()).to_value())
 }
 
 fn release_error(e: ReleaseError) -> Answer {
@@ -82,7 +83,7 @@ pub async fn serve(
 }
 
 async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Answer> {
-    crate::admin::replies::read_body(session, MAX_BODY, "a release body")
+    crate::base::api::read_body(session, MAX_BODY, "a release body")
         .await
         .map_err(|(status, code, message)| error(status, code, message))
 }

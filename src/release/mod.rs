@@ -5,12 +5,11 @@
 //! the file's `[route.split]`), choosing a version per request (rules, then weights
 //! sticky per user, then stable), the fallback to stable, share counters, the override
 //! file and its etcd sync, and the config history with its rollback.
-//! Must not: pick instances (the balancer does, with [`index::Want`] in its eligibility
+//! Must not: pick instances (the balancer does, with [`Want`] in its eligibility
 //! test), await anything on the request path, or rewrite the user's config file.
 
 pub mod admin;
 pub mod history;
-pub mod index;
 pub mod persist;
 pub mod sync;
 
@@ -26,13 +25,12 @@ use http::header::COOKIE;
 use http::HeaderMap;
 use prometheus::IntCounter;
 
-use crate::balance::hash_key;
 use crate::config::{Config, RegistryBackend, RuleMatch, SplitConfig, USER_BUCKETS};
 use crate::metrics::METRICS;
-use crate::registry::InstanceSet;
-use crate::snapshot::State;
+use crate::model::balance::hash_key;
+use crate::model::InstanceSet;
 
-pub use index::{VersionIndex, Want};
+pub use crate::model::versions::{VersionIndex, Want};
 
 /// The override file, under `server.runtime_dir`.
 pub const OVERRIDE_FILE: &str = "busbar-releases.json";
@@ -369,19 +367,30 @@ impl Releases {
     }
 }
 
+/// What the functions below need of the running node. The runtime's `State` is one; a
+/// release module that took the `State` itself would import the layer above it.
+pub trait Running {
+    /// The splits and their run-time overrides.
+    fn releases(&self) -> &Releases;
+    /// The config history, where override changes are recorded.
+    fn history(&self) -> &history::History;
+    /// The configuration now serving.
+    fn config(&self) -> Arc<Config>;
+}
+
 /// Recomputes the effective splits from the current snapshot and the overrides. A split
 /// whose config did not change keeps its counters.
-pub fn refresh(state: &State) {
-    let releases = &state.releases;
+pub fn refresh(node: &dyn Running) {
+    let releases = node.releases();
     let overrides = releases.lock();
     // Loaded under the lock: the last refresh always sees the newest snapshot.
-    let snap = state.load();
+    let current = node.config();
     let old = releases.active.load();
     let mut next = HashMap::new();
-    for r in &snap.config.routes {
+    for r in &current.routes {
         let (config, origin) = match overrides.get(&r.name) {
             Some(o) => (o, Origin::Override),
-            None => match snap.config.splits.get(&r.name) {
+            None => match current.splits.get(&r.name) {
                 Some(s) => (s, Origin::File),
                 None => continue,
             },
@@ -400,13 +409,13 @@ pub fn refresh(state: &State) {
 /// `set` replaces the named routes' overrides (`None` removes one); with `replace_all`,
 /// routes not named lose theirs.
 pub fn apply_local(
-    state: &State,
+    node: &dyn Running,
     changes: &[(String, Option<SplitConfig>)],
     replace_all: bool,
     source: &'static str,
 ) {
     let changed = {
-        let mut o = state.releases.lock();
+        let mut o = node.releases().lock();
         let before = o.clone();
         if replace_all {
             o.clear();
@@ -419,8 +428,8 @@ pub fn apply_local(
         }
         let changed = *o != before;
         if changed {
-            if let Err(e) = persist::save(&state.releases.file, &o) {
-                tracing::warn!(path = %state.releases.file.display(), "release overrides not written: {e}");
+            if let Err(e) = persist::save(&node.releases().file, &o) {
+                tracing::warn!(path = %node.releases().file.display(), "release overrides not written: {e}");
             }
         }
         changed
@@ -428,38 +437,37 @@ pub fn apply_local(
     if !changed {
         return;
     }
-    refresh(state);
+    refresh(node);
     METRICS.release_changes.with_label_values(&[source]).inc();
     tracing::info!(source, routes = ?changes.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>(), "release overrides applied");
-    state
-        .history
-        .record_releases(source, state.releases.overrides());
+    node.history()
+        .record_releases(source, node.releases().overrides());
 }
 
 /// Changes overrides everywhere they apply: etcd first in a cluster (so every node,
 /// this one included, sees the same), then this node at once.
 pub async fn apply(
-    state: &State,
+    node: &(dyn Running + Sync),
     changes: Vec<(String, Option<SplitConfig>)>,
     source: &'static str,
 ) -> Result<(), ReleaseError> {
-    if let Some(etcd) = &state.releases.cluster {
+    if let Some(etcd) = &node.releases().cluster {
         for (route, split) in &changes {
             etcd.write(route, split.as_ref()).await?;
         }
     }
-    apply_local(state, &changes, false, source);
+    apply_local(node, &changes, false, source);
     Ok(())
 }
 
 /// Called once the first snapshot exists: effective splits and the first history entry.
-pub fn started(state: &State) {
-    refresh(state);
-    let path = state.load().config.source.clone();
+pub fn started(node: &dyn Running) {
+    refresh(node);
+    let path = node.config().source.clone();
     match std::fs::read_to_string(&path) {
-        Ok(text) => state
-            .history
-            .record_text("start", &text, state.releases.overrides()),
+        Ok(text) => node
+            .history()
+            .record_text("start", &text, node.releases().overrides()),
         Err(e) => tracing::warn!(path = %path.display(), "config history starts empty: {e}"),
     }
 }

@@ -12,7 +12,7 @@ use http::{HeaderMap, Method};
 
 use crate::config::{HostMatch, PathMatch, Rewrite, RouteConfig};
 use crate::metrics::RouteMetrics;
-use crate::registry::Service;
+use crate::model::Service;
 
 /// A route with what it resolves to at run time.
 #[derive(Debug)]

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use crate::registry::Instance;
+use crate::model::Instance;
 
 /// Longest schedule we build. Beyond it weights are scaled down: 4096 × 4 bytes stays in
 /// L1/L2, and ratios finer than 1/4096 make no difference to real traffic.

@@ -10,7 +10,7 @@ use prometheus::IntCounter;
 
 use crate::config::ServiceConfig;
 use crate::metrics::{class_index, METRICS};
-use crate::registry::Instance;
+use crate::model::Instance;
 
 /// Which instances a pick may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use super::StableHasher;
-use crate::registry::Instance;
+use crate::model::Instance;
 
 /// Virtual points per unit of weight: Ketama's 160 keeps each instance's share of the
 /// ring within a few percent of its weight.

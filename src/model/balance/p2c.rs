@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::registry::Instance;
+use crate::model::Instance;
 
 /// Random draws tried before falling back to a scan: with half the instances eligible,
 /// three misses in a row happen one time in eight, so the scan is rare.

@@ -1,7 +1,8 @@
 //! Load balancing: which instance of a service takes the next request.
 //!
 //! Owns: the [`Balancer`] built once per instance set (one file per policy) and the
-//! stable sticky-key hash [`hash_key`].
+//! stable sticky-key hash [`hash_key`]. It sits in `model` because every
+//! [`super::InstanceSet`] carries the balancer built for it.
 //! Must not: decide eligibility (health, panic mode and retries are the caller's, passed
 //! in as `eligible`), change instance state, allocate, lock or log on the pick path.
 
@@ -13,7 +14,7 @@ mod weighted;
 use std::sync::Arc;
 
 use crate::config::BalancePolicy;
-use crate::registry::Instance;
+use crate::model::Instance;
 
 use p2c::PowerOfTwo;
 use round_robin::RoundRobin;
@@ -120,7 +121,7 @@ impl StableHasher {
 pub(crate) mod test_support {
     use std::sync::Arc;
 
-    use crate::registry::Instance;
+    use crate::model::Instance;
 
     /// Instances `10.0.0.{i}:80` for i in 1..=weights.len(), with the given weights.
     pub fn instances(weights: &[u32]) -> Vec<Arc<Instance>> {

@@ -1,9 +1,13 @@
-//! Small HTTP helpers shared by the admin, registration and release APIs: JSON replies,
+//! Small HTTP helpers shared by the admin, registration and release APIs and the console: JSON replies,
 //! a size-capped body read, and the refusal of requests the data plane forwarded.
+//!
+//! Must not: know any one API's routes or state.
 
 use http::{Response, StatusCode};
 use pingora_core::protocols::http::ServerSession;
-use serde_json::{json, Value};
+use serde_json::Value;
+
+use super::reply::Refusal;
 
 pub fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     Response::builder()
@@ -21,9 +25,14 @@ pub fn json_reply(status: StatusCode, v: Value) -> Response<Vec<u8>> {
     reply(status, "application/json", body)
 }
 
-/// `{"error": code, "message": message}`.
+/// `{"error": code, "message": message}` (the shape of [`Refusal`]).
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Vec<u8>> {
-    json_reply(status, json!({ "error": code, "message": message.into() }))
+    refusal(status, &Refusal::new(code, &message.into()))
+}
+
+/// Any [`Refusal`] as the reply, pretty-printed like the APIs' other answers.
+pub fn refusal(status: StatusCode, r: &Refusal<'_>) -> Response<Vec<u8>> {
+    json_reply(status, r.to_value())
 }
 
 /// Why a body could not be read: status, error code and message.
