@@ -252,6 +252,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             token,
             refused: gate.clone(),
             readiness: readiness.clone(),
+            access_log: access_log.clone(),
         },
     );
     admin.threads = Some(1);
@@ -282,8 +283,8 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         registration_addr.filter(|_| opts.upgrade),
     );
 
-    // 4. Background tasks: health, registry upkeep, endpoint names (DNS), reload on SIGHUP, access-log
-    //    flushing, drain on shutdown.
+    // 4. Background tasks: health, registry upkeep, endpoint names (DNS), reload on SIGHUP,
+    //    access-log reopening (SIGUSR1) and flushing, drain on shutdown.
     let registry_sync = background_service(
         "registry sync",
         RegistrySync {
@@ -313,6 +314,12 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         "admission sweep",
         AdmissionSweep {
             state: state.clone(),
+        },
+    );
+    let reopen = background_service(
+        "reopen the access log on SIGUSR1",
+        accesslog::ReopenOnSignal {
+            access_log: access_log.clone(),
         },
     );
     let flusher = background_service(
@@ -357,6 +364,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             state: state.clone(),
         },
     )));
+    server.add_service(supervised(reopen));
     server.add_service(supervised(flusher));
     // Ready (`/readyz`, systemd's READY=1) once every listener accepts.
     let mut probed = listen.http.clone();

@@ -158,6 +158,21 @@ pub struct TlsListen {
 pub struct LogSettings {
     pub level: String,
     pub access: AccessLogTarget,
+    /// How the process log (stderr) is written.
+    pub format: LogFormat,
+    /// Query parameter names whose values the access log never writes (matched
+    /// case-insensitively, as `token`, `Token` and `TOKEN` are the same secret to a reader).
+    pub redact_query: Vec<String>,
+}
+
+/// The process log's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Lines for a person; ANSI colours only when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object a line, for a log shipper.
+    Json,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -389,7 +389,35 @@ impl Validator<'_> {
             Some("off") => AccessLogTarget::Off,
             Some(p) => AccessLogTarget::File(self.path(p)),
         };
-        LogSettings { level, access }
+        let format = match l.format.as_ref() {
+            None => LogFormat::Text,
+            Some(f) => match f.get_ref().as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => {
+                    self.err(f.span(), "[log]", "format must be \"text\" or \"json\"");
+                    LogFormat::Text
+                }
+            },
+        };
+        let mut redact_query = Vec::new();
+        for name in l.redact_query.iter().flatten() {
+            if name.get_ref().is_empty() {
+                self.err(
+                    name.span(),
+                    "[log]",
+                    "redact_query: a parameter name is empty",
+                );
+            } else {
+                redact_query.push(name.get_ref().to_ascii_lowercase());
+            }
+        }
+        LogSettings {
+            level,
+            access,
+            format,
+            redact_query,
+        }
     }
 
     fn service(&mut self, s: ServiceFile, ctx: &str) -> Option<ServiceConfig> {

@@ -767,6 +767,12 @@ pub async fn serve(
     ctx.counted = true;
     ctx.trace =
         TraceContext::from_header(req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()));
+    ctx.seen = Some(crate::accesslog::Seen::from_headers(
+        &req.headers,
+        req.version,
+        false,
+        &ctx.trace.trace_id_hex(),
+    ));
     let peer = client
         .get_socket_digest()
         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
@@ -818,6 +824,7 @@ pub async fn serve(
             method: method.as_str(),
             host: proxy::host_of(&uri, host.as_ref()),
             path: uri.path(),
+            query: uri.query(),
             client: proxy::logged_client(peer, real),
             status: served.status,
             body_bytes: served.body_bytes,

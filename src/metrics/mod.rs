@@ -184,8 +184,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let requests = counter(
         &mut r,
         "busbar_requests_total",
-        "Requests answered, by route, service and status class.",
-        &["route", "service", "class"],
+        "Requests answered, by route, service, status class and reason: empty for an upstream's answer, else busbar's own reason code for answering itself (a refusal at the front door or by admission, a failure).",
+        &["route", "service", "class", "reason"],
     );
     let in_flight = IntGauge::new(
         "busbar_in_flight_requests",
@@ -204,7 +204,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         .register(Box::new(connections.clone()))
         .expect("metric registered once");
     Metrics {
-        no_route: CLASSES.map(|c| requests.with_label_values(&[NO_ROUTE, "", c])),
+        no_route: CLASSES.map(|c| requests.with_label_values(&[NO_ROUTE, "", c, ""])),
         requests,
         requests_by_method: counter(
             &mut r,
@@ -488,6 +488,20 @@ fn still_runs(
     }
 }
 
+/// Counts an answer busbar gave itself in `busbar_requests_total`, with its `reason`
+/// (one of busbar's own codes: a bounded set). Not pre-resolved: these are the rare path.
+pub fn count_answer(route: &str, service: &str, status: u16, reason: &'static str) {
+    METRICS
+        .requests
+        .with_label_values(&[route, service, CLASSES[class_index(status)], reason])
+        .inc();
+}
+
+/// [`count_answer`] for a refusal before any route was matched.
+pub fn count_refusal(status: u16, reason: &'static str) {
+    count_answer(NO_ROUTE, "", status, reason);
+}
+
 /// Status class index: 1xx → 0 … 5xx → 4.
 #[inline]
 pub fn class_index(status: u16) -> usize {
@@ -527,7 +541,7 @@ impl RouteMetrics {
     pub fn new(route: &str, service: &str) -> Self {
         let m = &*METRICS;
         RouteMetrics {
-            by_class: CLASSES.map(|c| m.requests.with_label_values(&[route, service, c])),
+            by_class: CLASSES.map(|c| m.requests.with_label_values(&[route, service, c, ""])),
             by_method: METHODS.map(|v| m.requests_by_method.with_label_values(&[route, v])),
             request_bytes: m.request_bytes.with_label_values(&[route]),
             response_bytes: m.response_bytes.with_label_values(&[route]),

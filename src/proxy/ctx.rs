@@ -69,6 +69,8 @@ pub struct RequestCtx {
     /// release split and the access log use it.
     pub client: Option<std::net::IpAddr>,
     pub trace: TraceContext,
+    /// The request as the client sent it, for the access log (and its request id).
+    pub seen: Option<crate::accesslog::Seen>,
     /// The HTTP version the client spoke: the protocol of busbar's `Via` entry.
     pub client_version: http::Version,
     pub sticky_key: u64,
@@ -103,6 +105,7 @@ impl RequestCtx {
             cause: None,
             client: None,
             trace: TraceContext::default(),
+            seen: None,
             client_version: http::Version::HTTP_11,
             sticky_key: 0,
             body_bytes: 0,

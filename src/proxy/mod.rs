@@ -333,6 +333,9 @@ pub(crate) fn upstream_headers_for(
         crate::via::node().value(ctx.client_version).clone(),
     )?;
     upstream.insert_header(headers::TRACEPARENT_NAME, &ctx.trace.header_value()[..])?;
+    if let Some(seen) = &ctx.seen {
+        upstream.insert_header(crate::accesslog::REQUEST_ID, seen.request_id.clone())?;
+    }
     if let Some(route) = &ctx.route {
         if !route.config.request_headers.is_empty() {
             headers::edit_request(upstream, &route.config.request_headers)?;
@@ -383,6 +386,8 @@ pub(crate) struct Done<'a> {
     pub method: &'a str,
     pub host: &'a str,
     pub path: &'a str,
+    /// The query string as sent, for the access log.
+    pub query: Option<&'a str>,
     pub client: Option<std::net::SocketAddr>,
     /// The status written to the client; 0 when none was.
     pub status: u16,
@@ -513,6 +518,10 @@ pub(crate) fn upstream_request_h1(
         let chain = peer_trusted(ctx, client_ip);
         let forwarding = headers::Forwarding::of(upstream, client_ip, false, chain);
         headers::clear_forwarded(upstream);
+        // Written below as one line, the value the access log has.
+        if ctx.seen.is_some() {
+            upstream.remove_header(&crate::accesslog::REQUEST_ID);
+        }
         Some((forwarding, identity))
     } else {
         upstream_headers_for(ctx, upstream, client_ip, false)?;
@@ -542,6 +551,13 @@ pub(crate) fn upstream_request_h1(
             headers::TRACEPARENT_NAME.as_bytes(),
             &ctx.trace.header_value(),
         );
+        if let Some(seen) = &ctx.seen {
+            headers::line(
+                wire,
+                crate::accesslog::REQUEST_ID.as_str().as_bytes(),
+                seen.request_id.as_bytes(),
+            );
+        }
     }
     wire.extend_from_slice(b"\r\n");
     Ok(())
@@ -599,6 +615,12 @@ impl BusbarProxy {
         ctx.trace = trace::TraceContext::from_header(
             req.headers.get(&headers::TRACEPARENT).map(|v| v.as_bytes()),
         );
+        ctx.seen = Some(crate::accesslog::Seen::from_headers(
+            &req.headers,
+            req.version,
+            is_tls(session),
+            &ctx.trace.trace_id_hex(),
+        ));
         if ambiguous_credentials(req) {
             return answer(session, ctx, Cause::DuplicateAuthorization).await;
         }
@@ -835,19 +857,33 @@ impl BusbarProxy {
     pub(crate) fn finish(&self, ctx: &mut RequestCtx, done: &Done<'_>) {
         ctx.release_instance();
         let status = done.status;
+        // Read before `finish` takes it: the access log's release version.
+        let served = ctx.release.served_instance();
         ctx.release.finish(ctx.set.as_deref(), status);
         let total = ctx.start.elapsed();
         if let Some(route) = &ctx.route {
             let m = &route.metrics;
             if status > 0 {
-                m.by_class[class_index(status)].inc();
+                match ctx.cause {
+                    // busbar answered itself: counted with its reason.
+                    Some(c) => crate::metrics::count_answer(
+                        route.name(),
+                        route.service.name(),
+                        status,
+                        c.code(),
+                    ),
+                    None => m.by_class[class_index(status)].inc(),
+                }
                 m.by_method[method_index(done.method)].inc();
             }
             m.request_bytes.inc_by(ctx.body_bytes);
             m.response_bytes.inc_by(done.body_bytes as u64);
             route.metrics.duration.observe(total.as_secs_f64());
         } else if status > 0 {
-            METRICS.no_route[class_index(status)].inc();
+            match ctx.cause {
+                Some(c) => crate::metrics::count_refusal(status, c.code()),
+                None => METRICS.no_route[class_index(status)].inc(),
+            }
         }
         if !self.access_log.enabled() {
             return;
@@ -869,6 +905,17 @@ impl BusbarProxy {
             tries: ctx.tries,
             trace_id: &trace_id,
             error: ctx.cause.map(Cause::code).or(done.error.then_some("error")),
+            seen: ctx.seen.as_ref(),
+            query: done.query,
+            redact: ctx
+                .snapshot
+                .as_ref()
+                .map_or(&[][..], |s| &s.config.log.redact_query[..]),
+            user: ctx.admitted.as_ref().and_then(|a| a.user()),
+            version: match (&ctx.set, served) {
+                (Some(set), Some(i)) => Some(set.versions.name_of(i)),
+                _ => None,
+            },
         });
     }
 
@@ -1157,6 +1204,7 @@ impl ProxyHttp for BusbarProxy {
                 method: req.method.as_str(),
                 host: request_host(req),
                 path: req.uri.path(),
+                query: req.uri.query(),
                 client: logged_client(
                     downstream.client_addr().and_then(|a| a.as_inet()).copied(),
                     ctx.client,
