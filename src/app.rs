@@ -110,13 +110,17 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let own_plaintext = if opts.upgrade {
         Vec::new()
     } else {
-        // Bound now and kept: the service endpoint accepts on these sockets.
-        let bound = crate::listeners::bind_all(&listen.http)
+        // Bound now and kept: the service endpoint accepts on these sockets (and on the
+        // TLS ones with `proxy_protocol`: their header comes before the handshake).
+        let mut own = listen.http.clone();
+        own.extend(own_tls(&listen).map(|t| t.addr));
+        let bound = crate::listeners::bind_all(&own)
             .map_err(|(addr, e)| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         // pingora binds these itself once running; a bind now proves it can.
         for addr in listen
             .tls
             .iter()
+            .filter(|t| !listen.proxy_protocol.contains(&t.addr))
             .map(|t| t.addr)
             .chain([listen.admin])
             .chain(listen.metrics)
@@ -217,6 +221,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             );
         }
     }
+    let mut own_acceptors = Vec::new();
     for (tls, identity) in listen.tls.iter().zip(tls_identities) {
         let cert = tls.cert.display().to_string();
         let key = tls.key.display().to_string();
@@ -225,6 +230,14 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         // The identity loaded above, so pingora never reads (or panics on) the files.
         settings.set_cert_resolver(crate::config::tls_resolver(identity));
         settings.enable_h2();
+        if listen.proxy_protocol.contains(&tls.addr) {
+            if !opts.upgrade {
+                // busbar accepts it (`listeners`): PROXY header, then the handshake.
+                own_acceptors.push((tls.addr, Arc::new(settings.build())));
+                continue;
+            }
+            tracing::warn!(addr = %tls.addr, "after --upgrade this TLS listener does not read PROXY headers (pingora accepts for it): restart busbar to read them again");
+        }
         proxy.add_tls_with_settings(&tls.addr.to_string(), None, settings);
     }
     // busbar's own accept loops: a connection costs ~100 bytes of task instead of
@@ -237,6 +250,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         own_plaintext,
         listeners_closed.clone(),
         (&listen.proxy_protocol, state.clone()),
+        own_acceptors,
     );
 
     // 2. The admin API, on its own (loopback by default) listener and thread.
@@ -476,4 +490,13 @@ impl BackgroundService for Drain {
         tracing::info!(in_flight = METRICS.in_flight.get(), "drained, exiting");
         std::process::exit(0);
     }
+}
+
+/// The TLS listeners busbar accepts on itself: those with `proxy_protocol`, whose PROXY
+/// header is read before the handshake (pingora's TLS listener has no hook there).
+fn own_tls(listen: &crate::config::Listen) -> impl Iterator<Item = &crate::config::TlsListen> {
+    listen
+        .tls
+        .iter()
+        .filter(|t| listen.proxy_protocol.contains(&t.addr))
 }

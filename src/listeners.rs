@@ -26,11 +26,17 @@
 //!
 //! On a listener with `proxy_protocol = true`, each connection's PROXY header is read
 //! (`proxy_header`) on the connection's own task before the app gets it, and the client
-//! it names becomes the socket digest's peer. A process started with `--upgrade` does
-//! not read PROXY headers (pingora accepts for it): restart instead.
-//! Owns: binding the plaintext sockets (and the registration API's, `registry::listener`),
+//! it names becomes the socket digest's peer. A TLS listener with `proxy_protocol` is
+//! accepted here too, not by pingora: pingora's TLS listener starts the handshake on the
+//! accepted socket with no hook before it, and a PROXY header is not a ClientHello. Here
+//! the header is read first, then the handshake runs with pingora's own acceptor (the
+//! listener's certificate and ALPN) and the app gets the TLS stream as pingora would
+//! hand it. A process started with `--upgrade` does not read PROXY headers (pingora
+//! accepts for it): restart instead.
+//! Owns: binding the plaintext sockets and the TLS ones with `proxy_protocol` (and the
+//! registration API's, `registry::listener`),
 //! the accept loops, the last accepts.
-//! Must not: read from a connection (the app does).
+//! Must not: read a request (the app does): only a PROXY header, and a TLS handshake.
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -40,6 +46,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora_core::apps::ServerApp;
+use pingora_core::listeners::tls::Acceptor;
 use pingora_core::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::{GetSocketDigest, SocketDigest};
@@ -68,6 +75,8 @@ pub struct DrainedListeners<A> {
     /// For each of `addrs` with `proxy_protocol`, the state whose current snapshot says
     /// which peers are trusted and how long a header may take (a reload changes them).
     proxied: Vec<Option<Arc<State>>>,
+    /// For each of `addrs`, the TLS acceptor of a TLS listener (with `proxy_protocol`).
+    tls: Vec<Option<Arc<Acceptor>>>,
 }
 
 impl<A> DrainedListeners<A> {
@@ -79,12 +88,22 @@ impl<A> DrainedListeners<A> {
         bound: Vec<(SocketAddr, std::net::TcpListener)>,
         closed: Arc<AtomicBool>,
         proxy_protocol: (&[SocketAddr], Arc<State>),
+        acceptors: Vec<(SocketAddr, Arc<Acceptor>)>,
     ) -> Self {
         let (addrs, sockets): (Vec<SocketAddr>, _) = bound.into_iter().unzip();
         let (with, state) = proxy_protocol;
         let proxied = addrs
             .iter()
             .map(|a| with.contains(a).then(|| state.clone()))
+            .collect();
+        let tls = addrs
+            .iter()
+            .map(|a| {
+                acceptors
+                    .iter()
+                    .find(|(at, _)| at == a)
+                    .map(|(_, acc)| acc.clone())
+            })
             .collect();
         DrainedListeners {
             inner,
@@ -93,6 +112,7 @@ impl<A> DrainedListeners<A> {
             sockets,
             closed,
             proxied,
+            tls,
         }
     }
 
@@ -159,7 +179,7 @@ pub(crate) async fn accept_loop<A: ServerApp + Send + Sync + 'static>(
     l: tokio::net::TcpListener,
     shutdown: ShutdownWatch,
 ) {
-    accept_loop_with(app, l, shutdown, None).await
+    accept_loop_with(app, l, shutdown, None, None).await
 }
 
 /// [`accept_loop`], reading each connection's PROXY header under `proxied`.
@@ -168,6 +188,7 @@ async fn accept_loop_with<A: ServerApp + Send + Sync + 'static>(
     l: tokio::net::TcpListener,
     mut shutdown: ShutdownWatch,
     proxied: Option<Arc<State>>,
+    tls: Option<Arc<Acceptor>>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -179,7 +200,7 @@ async fn accept_loop_with<A: ServerApp + Send + Sync + 'static>(
             },
         };
         match accepted {
-            Ok((s, peer)) => serve(&app, s, peer, &shutdown, proxied.as_ref()),
+            Ok((s, peer)) => serve(&app, s, peer, &shutdown, proxied.as_ref(), tls.as_ref()),
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
                 // Out of descriptors: accept would fail at once again; let some close
@@ -200,6 +221,7 @@ fn serve<A: ServerApp + Send + Sync + 'static>(
     peer: SocketAddr,
     shutdown: &ShutdownWatch,
     proxied: Option<&Arc<State>>,
+    tls: Option<&Arc<Acceptor>>,
 ) {
     // What pingora sets on every accepted stream; a failure only costs latency.
     let _ = s.set_nodelay(true);
@@ -211,7 +233,7 @@ fn serve<A: ServerApp + Send + Sync + 'static>(
         ));
         return;
     };
-    let (app, shutdown, state) = (app.clone(), shutdown.clone(), state.clone());
+    let (app, shutdown, state, tls) = (app.clone(), shutdown.clone(), state.clone(), tls.cloned());
     pingora_runtime::current_handle().spawn(async move {
         let mut s = s;
         let snapshot = state.load();
@@ -222,8 +244,19 @@ fn serve<A: ServerApp + Send + Sync + 'static>(
         let accepted = crate::proxy_header::accept(&mut s, peer, list, timeout).await;
         drop(snapshot);
         match accepted {
-            Ok(a) => ListeningService::handle_event(stream(s, a.client, &a.rest), app, shutdown)
-                .await,
+            Ok(a) => {
+                let plain = stream(s, a.client, &a.rest);
+                let Some(tls) = tls else {
+                    return ListeningService::handle_event(plain, app, shutdown).await;
+                };
+                // The handshake gets the header's deadline too: a peer that stalls in it
+                // holds no task for long.
+                match tokio::time::timeout(timeout, tls.tls_handshake(*plain)).await {
+                    Ok(Ok(s)) => ListeningService::handle_event(Box::new(s), app, shutdown).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            }
             Err(refusal) => {
                 METRICS
                     .edge_refusals
@@ -254,6 +287,7 @@ impl<A: ServerApp + Send + Sync + 'static> DrainedListeners<A> {
         l: &std::net::TcpListener,
         shutdown: &ShutdownWatch,
         proxied: Option<&Arc<State>>,
+        tls: Option<&Arc<Acceptor>>,
     ) -> usize {
         let mut n = 0;
         loop {
@@ -275,7 +309,7 @@ impl<A: ServerApp + Send + Sync + 'static> DrainedListeners<A> {
             {
                 Ok(s) => {
                     n += 1;
-                    serve(&self.app, s, peer, shutdown, proxied);
+                    serve(&self.app, s, peer, shutdown, proxied, tls);
                 }
                 Err(e) => tracing::warn!("drain: dropping an accepted connection: {e}"),
             }
@@ -302,8 +336,16 @@ impl<A: ServerApp + Send + Sync + 'static> Service for DrainedListeners<A> {
         }
         let own: Vec<_> = loops
             .into_iter()
-            .zip(self.proxied.iter().cloned())
-            .map(|(l, p)| tokio::spawn(accept_loop_with(self.app.clone(), l, shutdown.clone(), p)))
+            .zip(self.proxied.iter().cloned().zip(self.tls.iter().cloned()))
+            .map(|(l, (p, t))| {
+                tokio::spawn(accept_loop_with(
+                    self.app.clone(),
+                    l,
+                    shutdown.clone(),
+                    p,
+                    t,
+                ))
+            })
             .collect();
         let own = async {
             for handle in own {
@@ -322,8 +364,12 @@ impl<A: ServerApp + Send + Sync + 'static> Service for DrainedListeners<A> {
             self.app.cleanup().await;
         }
         let mut accepted = 0;
-        for (l, p) in kept.into_iter().zip(self.proxied.iter()) {
-            accepted += self.accept_queued(&l, &shutdown, p.as_ref());
+        for ((l, p), t) in kept
+            .into_iter()
+            .zip(self.proxied.iter())
+            .zip(self.tls.iter())
+        {
+            accepted += self.accept_queued(&l, &shutdown, p.as_ref(), t.as_ref());
             // Closed here: connects are refused from now on.
             drop(l);
         }

@@ -140,7 +140,8 @@ pub struct Listen {
     /// `listen.metrics`: a listener that serves `GET /metrics` only, so Prometheus can
     /// scrape without reaching the admin API.
     pub metrics: Option<SocketAddr>,
-    /// The `http` addresses where a trusted peer speaks the PROXY protocol (v1 or v2).
+    /// The `http` and `tls` addresses where a trusted peer speaks the PROXY protocol (v1
+    /// or v2); on a TLS listener the header comes before the handshake.
     pub proxy_protocol: Vec<SocketAddr>,
     /// Peers (load balancers) whose PROXY headers, `X-Forwarded-For` and `Forwarded`
     /// busbar believes; from anyone else they say nothing about the client.
