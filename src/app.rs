@@ -201,26 +201,10 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     options.h2c = true;
     http_proxy.server_options = Some(options);
     let http_proxy = Arc::new(http_proxy);
-    let edge = || Edge {
-        proxy: http_proxy.clone(),
-        phases: phases.clone(),
-        state: state.clone(),
-    };
-    let mut proxy = ListeningService::new("busbar proxy".to_string(), edge());
-    // busbar accepts on its plaintext ports itself (`listeners`); after --upgrade their
-    // sockets arrive as descriptors only pingora can take, so pingora accepts on them.
-    if opts.upgrade {
-        for addr in &listen.http {
-            // No L4 buffers on plaintext, as on the sockets busbar accepts on itself: a
-            // read buffer is 64 KiB per connection (for TLS records; 10,000 idle keep-alive
-            // connections cost ~300 MiB), and the front door writes through its own
-            // buffer (`Lingering`) and never flushes pingora's, so a small answer left in
-            // pingora's 1,460-byte write buffer never reached the client.
-            proxy.add_listener(
-                ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::unbuffered()),
-            );
-        }
-    }
+    // TLS: pingora's listeners, but those with `proxy_protocol` are accepted as plain TCP
+    // (by busbar, or after --upgrade by pingora) and get their handshake once the PROXY
+    // header is read (`listeners`): pingora's TLS listener has no hook before it.
+    let mut pingora_tls = Vec::new();
     let mut own_acceptors = Vec::new();
     for (tls, identity) in listen.tls.iter().zip(tls_identities) {
         let cert = tls.cert.display().to_string();
@@ -231,14 +215,50 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         settings.set_cert_resolver(crate::config::tls_resolver(identity));
         settings.enable_h2();
         if listen.proxy_protocol.contains(&tls.addr) {
-            if !opts.upgrade {
-                // busbar accepts it (`listeners`): PROXY header, then the handshake.
-                own_acceptors.push((tls.addr, Arc::new(settings.build())));
-                continue;
-            }
-            tracing::warn!(addr = %tls.addr, "after --upgrade this TLS listener does not read PROXY headers (pingora accepts for it): restart busbar to read them again");
+            own_acceptors.push((tls.addr, Arc::new(settings.build())));
+        } else {
+            pingora_tls.push((tls.addr, settings));
         }
-        proxy.add_tls_with_settings(&tls.addr.to_string(), None, settings);
+    }
+    // After --upgrade pingora accepts on every listener: the app reads the PROXY headers
+    // of those with `proxy_protocol` (`listeners::HandedOver`), so they keep the setting.
+    let handed_over = opts.upgrade.then(|| {
+        let plain = listen
+            .http
+            .iter()
+            .filter(|a| listen.proxy_protocol.contains(a))
+            .map(|a| (*a, None));
+        let tls = own_acceptors.iter().map(|(a, acc)| (*a, Some(acc.clone())));
+        Arc::new(crate::listeners::HandedOver {
+            listeners: plain.chain(tls).collect(),
+            state: state.clone(),
+        })
+    });
+    let edge = || Edge {
+        proxy: http_proxy.clone(),
+        phases: phases.clone(),
+        state: state.clone(),
+        handed_over: handed_over.clone(),
+    };
+    let mut proxy = ListeningService::new("busbar proxy".to_string(), edge());
+    // busbar accepts on its plaintext ports itself (`listeners`); after --upgrade their
+    // sockets arrive as descriptors only pingora can take, so pingora accepts on them.
+    if opts.upgrade {
+        let own_tls = own_acceptors.iter().map(|(a, _)| a);
+        for addr in listen.http.iter().chain(own_tls) {
+            // No L4 buffers on plaintext, as on the sockets busbar accepts on itself: a
+            // read buffer is 64 KiB per connection (for TLS records; 10,000 idle keep-alive
+            // connections cost ~300 MiB), and the front door writes through its own
+            // buffer (`Lingering`) and never flushes pingora's, so a small answer left in
+            // pingora's 1,460-byte write buffer never reached the client.
+            proxy.add_listener(
+                ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::unbuffered()),
+            );
+        }
+        own_acceptors.clear();
+    }
+    for (addr, settings) in pingora_tls {
+        proxy.add_tls_with_settings(&addr.to_string(), None, settings);
     }
     // busbar's own accept loops: a connection costs ~100 bytes of task instead of
     // pingora's ~8 KiB, and a drain answers what the kernel queued before the close.

@@ -31,8 +31,9 @@
 //! accepted socket with no hook before it, and a PROXY header is not a ClientHello. Here
 //! the header is read first, then the handshake runs with pingora's own acceptor (the
 //! listener's certificate and ALPN) and the app gets the TLS stream as pingora would
-//! hand it. A process started with `--upgrade` does not read PROXY headers (pingora
-//! accepts for it): restart instead.
+//! hand it. A process started with `--upgrade` gets its sockets as descriptors pingora
+//! accepts on; the app then reads their PROXY headers first ([`HandedOver`]), so a
+//! listener handed over keeps its `proxy_protocol`.
 //! Owns: binding the plaintext sockets and the TLS ones with `proxy_protocol` (and the
 //! registration API's, `registry::listener`),
 //! the accept loops, the last accepts.
@@ -49,7 +50,7 @@ use pingora_core::apps::ServerApp;
 use pingora_core::listeners::tls::Acceptor;
 use pingora_core::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::{GetSocketDigest, SocketDigest};
+use pingora_core::protocols::{GetSocketDigest, SocketDigest, Stream};
 use pingora_core::server::{ListenFds, RuntimeOpts, ShutdownWatch};
 use pingora_core::services::listening::Service as ListeningService;
 use pingora_core::services::Service;
@@ -278,6 +279,73 @@ fn stream(s: tokio::net::TcpStream, peer: SocketAddr, rest: &[u8]) -> Box<L4Stre
     stream.set_socket_digest(digest);
     stream.rewind(rest);
     Box::new(stream)
+}
+
+/// The listeners with `proxy_protocol` that a process started with `--upgrade` got from
+/// its predecessor: pingora accepts on them (their sockets arrive as bare descriptors),
+/// so the app reads their PROXY headers (and then, on a TLS one, runs the handshake)
+/// through [`HandedOver::accept`] before anything else. A TLS listener with
+/// `proxy_protocol` is handed to pingora as a plain TCP listener for this.
+pub struct HandedOver {
+    /// Each address, with the TLS acceptor of a TLS listener.
+    pub listeners: Vec<(SocketAddr, Option<Arc<Acceptor>>)>,
+    pub state: Arc<State>,
+}
+
+impl HandedOver {
+    /// The stream the app serves: `stream` itself when it did not come through one of
+    /// these listeners; else after its PROXY header (the client it names is the socket
+    /// digest's peer) and, on a TLS listener, the handshake. `None`: closed, as the own
+    /// accept loops close it (untrusted, malformed, too slow).
+    pub async fn accept(&self, stream: Stream) -> Option<Stream> {
+        let digest = stream.get_socket_digest();
+        let addr = |a: Option<&PeerAddr>| a.and_then(|a| a.as_inet()).copied();
+        let local = digest.as_ref().and_then(|d| addr(d.local_addr()));
+        let Some((_, tls)) = self.listeners.iter().find(|(a, _)| Some(*a) == local) else {
+            return Some(stream);
+        };
+        let peer = digest.as_ref().and_then(|d| addr(d.peer_addr()))?;
+        let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+        let snapshot = self.state.load();
+        let timeout = snapshot.config.limits.header_timeout;
+        let accepted = crate::proxy_header::accept(
+            &mut *l4,
+            peer,
+            &snapshot.config.listen.trusted_proxies,
+            timeout,
+        )
+        .await;
+        drop(snapshot);
+        let a = match accepted {
+            Ok(a) => a,
+            Err(refusal) => {
+                METRICS
+                    .edge_refusals
+                    .with_label_values(&[refusal.reason()])
+                    .inc();
+                tracing::debug!(%peer, reason = refusal.reason(), "PROXY protocol: connection closed");
+                return None;
+            }
+        };
+        let fresh = SocketDigest::from_raw_fd(l4.as_raw_fd());
+        let _ = fresh.peer_addr.set(Some(PeerAddr::Inet(a.client)));
+        l4.set_socket_digest(fresh);
+        l4.rewind(&a.rest);
+        let Some(tls) = tls else {
+            return Some(l4);
+        };
+        match tokio::time::timeout(timeout, tls.tls_handshake(*l4)).await {
+            Ok(Ok(s)) => Some(Box::new(s)),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, "TLS handshake failed: {e}");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                None
+            }
+        }
+    }
 }
 
 impl<A: ServerApp + Send + Sync + 'static> DrainedListeners<A> {

@@ -113,6 +113,8 @@ pub struct Edge {
     /// The same phases, for busbar's own HTTP/1 path (`h1`).
     pub phases: Arc<BusbarProxy>,
     pub state: Arc<State>,
+    /// After `--upgrade`: the listeners with `proxy_protocol` pingora accepts on.
+    pub handed_over: Option<Arc<crate::listeners::HandedOver>>,
 }
 
 /// What the front door decided for the next request on a connection.
@@ -304,6 +306,10 @@ impl ServerApp for Edge {
     ) -> Option<Stream> {
         METRICS.connections.inc();
         let _open = OpenConnection;
+        let stream = match &self.handed_over {
+            Some(h) => h.accept(stream).await?,
+            None => stream,
+        };
         if !stream.as_any().is::<L4Stream>() {
             // TLS: pingora parses it, for the connection's whole life.
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
