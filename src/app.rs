@@ -419,7 +419,8 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     std::process::exit(0)
 }
 
-/// Evicts idle rate-limit cells and samples queue gauges, so per-user state stays bounded.
+/// Evicts idle rate-limit cells and samples queue gauges, so per-user state stays bounded;
+/// samples the upstream pool's idle connections per service.
 struct AdmissionSweep {
     state: Arc<State>,
 }
@@ -431,7 +432,11 @@ impl BackgroundService for AdmissionSweep {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = tick.tick() => self.state.load().admission.stores().sweep(),
+                _ = tick.tick() => {
+                    let snapshot = self.state.load();
+                    snapshot.admission.stores().sweep();
+                    crate::edge::pool::sample(&snapshot);
+                }
             }
         }
     }

@@ -348,6 +348,10 @@ async fn upstream_connections_count_pool_hits_and_new_ones_per_service() {
     }
     assert_eq!(bus.metric_settled(new, 1.0).await, 1.0);
     assert_eq!(bus.metric_settled(pool, 2.0).await, 2.0);
+    // The connection is back in busbar's own pool, idle (sampled each second).
+    let idle = r#"busbar_upstream_idle_connections{service="s"}"#;
+    let text = metrics_until(&bus, |t| metric_value(t, idle) == 1.0).await;
+    assert_eq!(metric_value(&text, idle), 1.0, "{text}");
     let h2 = common::h2c_client();
     for _ in 0..3 {
         let r = h2.get(bus.url("/keep")).send().await.unwrap();

@@ -69,6 +69,7 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub connect_failures: IntCounterVec,
     pub upstream_connections: IntCounterVec,
+    pub pool_idle: IntGaugeVec,
     pub upstream_errors: IntCounterVec,
     pub retries: IntCounterVec,
     pub retry_budget_exhausted: IntCounterVec,
@@ -259,6 +260,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "busbar_upstream_connections_total",
             "Upstream connections that tries used, by service and where they came from: the idle pool (from=\"pool\") or a new connection (from=\"new\").",
             &["service", "from"],
+        ),
+        pool_idle: gauge(
+            &mut r,
+            "busbar_upstream_idle_connections",
+            "Idle upstream connections busbar's own HTTP/1 path keeps pooled for reuse, by service (sampled each second; pingora's own pool, which h2c and bodied requests use, is not counted).",
+            &["service"],
         ),
         upstream_errors: counter(
             &mut r,
@@ -563,6 +570,8 @@ pub struct ServiceMetrics {
     /// A try's connection from the idle pool, or a new one (the pool's hit ratio).
     pub connection_pooled: IntCounter,
     pub connection_new: IntCounter,
+    /// `busbar_upstream_idle_connections` (`edge::pool::sample`).
+    pub pool_idle: IntGauge,
     pub timeouts: IntCounter,
     /// Answers busbar could not frame (`edge::framing`), refused or cut off.
     pub malformed: IntCounter,
@@ -601,6 +610,7 @@ impl ServiceMetrics {
             connect_failures: m.connect_failures.with_label_values(&[service]),
             connection_pooled: m.upstream_connections.with_label_values(&[service, "pool"]),
             connection_new: m.upstream_connections.with_label_values(&[service, "new"]),
+            pool_idle: m.pool_idle.with_label_values(&[service]),
             timeouts: m.upstream_errors.with_label_values(&[service, "timeout"]),
             malformed: m.upstream_errors.with_label_values(&[service, "malformed"]),
             no_instance: m
