@@ -198,7 +198,7 @@ impl AdminApi {
             Err(e) => error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "reopen_failed",
-                &format!("cannot reopen the access log (still writing to the old file): {e}"),
+                format!("cannot reopen the access log (still writing to the old file): {e}"),
             ),
         }
     }
