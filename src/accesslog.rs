@@ -1,13 +1,19 @@
 //! The access log: one JSON line per request, to stdout or a file.
 //!
 //! Owns: the line format and a buffered writer flushed by a background task (and at
-//! exit), so the request path appends to memory and never waits on a disk.
+//! exit), so the request path appends to memory and never waits on a disk; reopening a
+//! file target (`SIGUSR1`, `POST /v1/logs/reopen`) for logrotate.
 //! Must not: decide what a request was; it writes what the proxy hands it.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
-use std::sync::Mutex;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
 
 use crate::config::AccessLogTarget;
 use crate::text::{self, Sink};
@@ -17,8 +23,75 @@ const FLUSH_AT: usize = 64 * 1024;
 /// How often the background flusher empties the buffer.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
+/// The access log's writer; one per process.
 pub struct AccessLog {
     out: Option<Mutex<BufWriter<Box<dyn Write + Send>>>>,
+    /// The file target's path, opened again by [`AccessLog::reopen`].
+    path: Option<PathBuf>,
+}
+
+/// The name of the request id header busbar keeps (or sets) and sends upstream.
+pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// The longest client-sent request id kept; a longer (or non-printable) one is replaced.
+const MAX_REQUEST_ID: usize = 128;
+
+/// What the access log needs of a request as the client sent it, taken when the
+/// request starts (the request itself is edited on its way upstream).
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// `x-request-id` as the client sent it, or one busbar made (the trace id in hex);
+    /// also sent upstream.
+    pub request_id: http::HeaderValue,
+    /// `http/1.1`, `http/1.0`, `h2`, `h2c`, `grpc` or `grpc-web`.
+    pub protocol: &'static str,
+    pub user_agent: Option<http::HeaderValue>,
+}
+
+impl Seen {
+    /// The facts of a request with `headers`, `version`, on a TLS connection or not,
+    /// whose trace is `trace_id` (hex).
+    pub fn from_headers(
+        headers: &http::HeaderMap,
+        version: http::Version,
+        tls: bool,
+        trace_id: &[u8; 32],
+    ) -> Seen {
+        let kept = headers.get(&REQUEST_ID).filter(|v| {
+            let b = v.as_bytes();
+            !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(|c| c.is_ascii_graphic())
+        });
+        let request_id = match kept {
+            Some(v) => v.clone(),
+            // Hex digits are a valid header value; the fallback is never taken.
+            None => http::HeaderValue::from_bytes(trace_id)
+                .unwrap_or(http::HeaderValue::from_static("-")),
+        };
+        Seen {
+            request_id,
+            protocol: protocol(headers, version, tls),
+            user_agent: headers.get(http::header::USER_AGENT).cloned(),
+        }
+    }
+}
+
+/// The protocol the client spoke, as the access log names it.
+fn protocol(headers: &http::HeaderMap, version: http::Version, tls: bool) -> &'static str {
+    let ct = headers
+        .get(http::header::CONTENT_TYPE)
+        .map_or(&b""[..], |v| v.as_bytes());
+    if ct.starts_with(b"application/grpc-web") {
+        "grpc-web"
+    } else if ct.starts_with(b"application/grpc") {
+        "grpc"
+    } else {
+        match (version, tls) {
+            (http::Version::HTTP_2, true) => "h2",
+            (http::Version::HTTP_2, false) => "h2c",
+            (http::Version::HTTP_10, _) => "http/1.0",
+            _ => "http/1.1",
+        }
+    }
 }
 
 /// One request as the access log records it.
@@ -36,21 +109,81 @@ pub struct Entry<'a> {
     pub upstream: Option<Duration>,
     pub tries: u32,
     pub trace_id: &'a [u8; 32],
+    /// busbar's reason code when busbar answered itself (a refusal, a failure).
     pub error: Option<&'a str>,
+    /// The request's facts; `None` for a refusal before the head was read whole.
+    pub seen: Option<&'a Seen>,
+    /// The query string as sent (without `?`).
+    pub query: Option<&'a str>,
+    /// Query parameter names (lower case) whose values are written as `REDACTED`.
+    pub redact: &'a [String],
+    /// The authenticated user admission let through.
+    pub user: Option<&'a str>,
+    /// The release version of the instance that served the request.
+    pub version: Option<&'a str>,
+}
+
+fn open_file(p: &std::path::Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(p)
+}
+
+/// What [`AccessLog::reopen`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reopened {
+    /// The file at the configured path is open (a new one if it had been moved away).
+    File(PathBuf),
+    /// The access log goes to stdout or nowhere: nothing to reopen.
+    NotAFile,
 }
 
 impl AccessLog {
+    /// Opens `target` (a file is created, and appended to).
     pub fn open(target: &AccessLogTarget) -> io::Result<AccessLog> {
-        let out: Option<Box<dyn Write + Send>> = match target {
-            AccessLogTarget::Off => None,
-            AccessLogTarget::Stdout => Some(Box::new(io::stdout())),
-            AccessLogTarget::File(p) => Some(Box::new(
-                OpenOptions::new().create(true).append(true).open(p)?,
-            )),
+        let (out, path): (Option<Box<dyn Write + Send>>, _) = match target {
+            AccessLogTarget::Off => (None, None),
+            AccessLogTarget::Stdout => (Some(Box::new(io::stdout())), None),
+            AccessLogTarget::File(p) => (Some(Box::new(open_file(p)?)), Some(p.clone())),
         };
         Ok(AccessLog {
             out: out.map(|w| Mutex::new(BufWriter::with_capacity(2 * FLUSH_AT, w))),
+            path,
         })
+    }
+
+    /// Opens the file target's path again and writes there from now on: after logrotate
+    /// renamed the file, the lines buffered so far go to the renamed file and every later
+    /// one to the new file, none lost and none in both. On an error the old file stays in
+    /// use.
+    pub fn reopen(&self) -> io::Result<Reopened> {
+        let (Some(out), Some(path)) = (&self.out, &self.path) else {
+            return Ok(Reopened::NotAFile);
+        };
+        // Opened before the lock: the request path never waits on the open.
+        let file = open_file(path)?;
+        let mut w = out.lock().unwrap_or_else(|p| p.into_inner());
+        // A flush error keeps the buffer; the lines then go to the new file.
+        if let Err(e) = w.flush() {
+            tracing::warn!("access log flush before reopening failed: {e}");
+        }
+        *w.get_mut() = Box::new(file);
+        Ok(Reopened::File(path.clone()))
+    }
+
+    /// [`AccessLog::reopen`], logged: for the signal and the admin call.
+    pub fn reopen_logged(&self, by: &str) -> io::Result<Reopened> {
+        let r = self.reopen();
+        match &r {
+            Ok(Reopened::File(p)) => {
+                tracing::info!(path = %p.display(), "{by}: access log reopened")
+            }
+            Ok(Reopened::NotAFile) => {
+                tracing::info!("{by}: the access log is not a file, nothing to reopen")
+            }
+            Err(e) => tracing::error!(
+                "{by}: cannot reopen the access log, still writing to the old file: {e}"
+            ),
+        }
+        r
     }
 
     pub fn enabled(&self) -> bool {
@@ -79,11 +212,89 @@ impl AccessLog {
         });
     }
 
+    /// The line of a request the front door refused before busbar read its head whole
+    /// (400, 408, 414, 431): no route, and only what is known of the request. Also
+    /// counted in `busbar_requests_total` with the `reason`.
+    pub fn refusal(
+        &self,
+        client: Option<std::net::SocketAddr>,
+        method: &str,
+        status: u16,
+        reason: &'static str,
+        started: std::time::Instant,
+    ) {
+        crate::metrics::count_refusal(status, reason);
+        if !self.enabled() {
+            return;
+        }
+        let trace = crate::proxy::trace::TraceContext::from_header(
+            None,
+            &crate::config::TracingConfig::default(),
+        )
+        .trace_id_hex();
+        let seen = Seen {
+            request_id: http::HeaderValue::from_bytes(&trace)
+                .unwrap_or(http::HeaderValue::from_static("-")),
+            protocol: "http/1.1",
+            user_agent: None,
+        };
+        self.write(&Entry {
+            client,
+            method,
+            host: "",
+            path: "",
+            route: crate::metrics::NO_ROUTE,
+            service: "",
+            instance: None,
+            status,
+            bytes: 0,
+            total: started.elapsed(),
+            upstream: None,
+            tries: 0,
+            trace_id: &trace,
+            error: Some(reason),
+            seen: Some(&seen),
+            query: None,
+            redact: &[],
+            user: None,
+            version: None,
+        });
+    }
+
     pub fn flush(&self) {
         if let Some(out) = &self.out {
             let mut w = out.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = w.flush() {
                 tracing::warn!("access log flush failed: {e}");
+            }
+        }
+    }
+}
+
+/// Reopens the access log on `SIGUSR1` (logrotate's `postrotate`).
+pub struct ReopenOnSignal {
+    pub access_log: Arc<AccessLog>,
+}
+
+#[async_trait]
+impl BackgroundService for ReopenOnSignal {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut usr1 = match signal(SignalKind::user_defined1()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(
+                    "cannot listen for SIGUSR1, reopen the access log with POST /v1/logs/reopen: {e}"
+                );
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = usr1.recv() => {
+                    let _ = self.access_log.reopen_logged("SIGUSR1");
+                }
             }
         }
     }
@@ -126,13 +337,68 @@ fn write_entry(w: &mut Vec<u8>, e: &Entry<'_>) {
     text::decimal(w, u64::from(e.tries));
     w.put(b",\"trace_id\":\"");
     w.put(e.trace_id);
-    w.put(b"\"");
+    w.put(b"\",\"protocol\":");
+    text_or_null(w, e.seen.map(|s| s.protocol));
+    w.put(b",\"request_id\":");
+    text_or_null(w, e.seen.and_then(|s| s.request_id.to_str().ok()));
+    w.put(b",\"user_agent\":");
+    text_or_null(
+        w,
+        e.seen
+            .and_then(|s| s.user_agent.as_ref())
+            .and_then(|v| v.to_str().ok()),
+    );
+    w.put(b",\"query\":");
+    match e.query {
+        Some(q) => {
+            w.put(b"\"");
+            write_query(w, q, e.redact);
+            w.put(b"\"");
+        }
+        None => w.put(b"null"),
+    }
+    w.put(b",\"user\":");
+    text_or_null(w, e.user);
+    w.put(b",\"version\":");
+    text_or_null(w, e.version.filter(|v| !v.is_empty()));
     if let Some(err) = e.error {
         w.put(b",\"error\":\"");
         json_text(w, err);
         w.put(b"\"");
     }
     w.put(b"}\n");
+}
+
+fn text_or_null(w: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => {
+            w.put(b"\"");
+            json_text(w, s);
+            w.put(b"\"");
+        }
+        None => w.put(b"null"),
+    }
+}
+
+/// The query with the values of the `redact` parameters replaced by `REDACTED` (names
+/// compared without regard to ASCII case, as sent: a percent-encoded name is not decoded).
+fn write_query(w: &mut Vec<u8>, q: &str, redact: &[String]) {
+    if redact.is_empty() {
+        json_text(w, q);
+        return;
+    }
+    for (i, pair) in q.split('&').enumerate() {
+        if i > 0 {
+            w.put(b"&");
+        }
+        let name = pair.split('=').next().unwrap_or("");
+        if redact.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+            json_text(w, name);
+            w.put(b"=REDACTED");
+        } else {
+            json_text(w, pair);
+        }
+    }
 }
 
 /// The client as `ip:port`, or `ip` when its port is unknown (0: a trusted proxy named
@@ -238,6 +504,11 @@ mod tests {
             tries: 1,
             trace_id: &[b'a'; 32],
             error: None,
+            seen: None,
+            query: Some("a=1&Token=s3cret&b&token"),
+            redact: &["token".to_string()],
+            user: Some("alice"),
+            version: Some(""),
         };
         write_entry(&mut out, &e);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
@@ -246,6 +517,35 @@ mod tests {
         assert_eq!(v["duration_ms"], 1.5);
         assert_eq!(v["instance"], serde_json::Value::Null);
         assert_eq!(v["upstream_ms"], 1.0);
+        assert_eq!(v["query"], "a=1&Token=REDACTED&b&token=REDACTED");
+        assert_eq!(v["user"], "alice");
+        assert_eq!(v["version"], serde_json::Value::Null);
+        assert_eq!(v["protocol"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn protocols_and_request_ids() {
+        let id = [b'f'; 32];
+        let mut h = http::HeaderMap::new();
+        let seen = |h: &http::HeaderMap, v, tls| Seen::from_headers(h, v, tls, &id);
+        assert_eq!(seen(&h, http::Version::HTTP_11, false).protocol, "http/1.1");
+        assert_eq!(seen(&h, http::Version::HTTP_2, true).protocol, "h2");
+        assert_eq!(seen(&h, http::Version::HTTP_2, false).protocol, "h2c");
+        assert_eq!(seen(&h, http::Version::HTTP_2, false).request_id, &id[..]);
+        h.insert("content-type", "application/grpc+proto".parse().unwrap());
+        assert_eq!(seen(&h, http::Version::HTTP_2, false).protocol, "grpc");
+        h.insert("content-type", "application/grpc-web-text".parse().unwrap());
+        assert_eq!(seen(&h, http::Version::HTTP_11, false).protocol, "grpc-web");
+        h.insert("x-request-id", "abc-123".parse().unwrap());
+        assert_eq!(
+            seen(&h, http::Version::HTTP_11, false).request_id,
+            "abc-123"
+        );
+        // Spaces, or too long: replaced.
+        h.insert("x-request-id", "a b".parse().unwrap());
+        assert_eq!(seen(&h, http::Version::HTTP_11, false).request_id, &id[..]);
+        h.insert("x-request-id", "x".repeat(129).parse().unwrap());
+        assert_eq!(seen(&h, http::Version::HTTP_11, false).request_id, &id[..]);
     }
 
     #[test]

@@ -111,13 +111,17 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let own_plaintext = if opts.upgrade {
         Vec::new()
     } else {
-        // Bound now and kept: the service endpoint accepts on these sockets.
-        let bound = crate::listeners::bind_all(&listen.http)
+        // Bound now and kept: the service endpoint accepts on these sockets (and on the
+        // TLS ones with `proxy_protocol`: their header comes before the handshake).
+        let mut own = listen.http.clone();
+        own.extend(own_tls(&listen).map(|t| t.addr));
+        let bound = crate::listeners::bind_all(&own)
             .map_err(|(addr, e)| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         // pingora binds these itself once running; a bind now proves it can.
         for addr in listen
             .tls
             .iter()
+            .filter(|t| !listen.proxy_protocol.contains(&t.addr))
             .map(|t| t.addr)
             .chain([listen.admin])
             .chain(listen.metrics)
@@ -203,16 +207,54 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     options.h2c = true;
     http_proxy.server_options = Some(options);
     let http_proxy = Arc::new(http_proxy);
+    // TLS: pingora's listeners, but those with `proxy_protocol` are accepted as plain TCP
+    // (by busbar, or after --upgrade by pingora) and get their handshake once the PROXY
+    // header is read (`listeners`): pingora's TLS listener has no hook before it.
+    let mut pingora_tls = Vec::new();
+    let mut own_acceptors = Vec::new();
+    for (tls, identity) in listen.tls.iter().zip(tls_identities) {
+        let cert = tls.cert.display().to_string();
+        let key = tls.key.display().to_string();
+        let mut settings = TlsSettings::intermediate(&cert, &key)
+            .map_err(|e| anyhow::anyhow!("TLS listener {}: {e}", tls.addr))?;
+        // The identity loaded above, so pingora never reads (or panics on) the files.
+        settings.set_cert_resolver(crate::config::tls_resolver(identity));
+        settings.enable_h2();
+        if listen.proxy_protocol.contains(&tls.addr) {
+            own_acceptors.push((tls.addr, Arc::new(settings.build())));
+        } else {
+            pingora_tls.push((tls.addr, settings));
+        }
+    }
+    // After --upgrade pingora accepts on every listener: the app reads the PROXY headers
+    // of those with `proxy_protocol` (`listeners::HandedOver`), so they keep the setting.
+    let handed_over = opts.upgrade.then(|| {
+        let plain = listen
+            .http
+            .iter()
+            .filter(|a| listen.proxy_protocol.contains(a))
+            .map(|a| (*a, None));
+        let tls = own_acceptors.iter().map(|(a, acc)| (*a, Some(acc.clone())));
+        Arc::new(crate::listeners::HandedOver {
+            listeners: plain.chain(tls).collect(),
+            settings: {
+                let state = state.clone();
+                Arc::new(move || state.load().config.clone())
+            },
+        })
+    });
     let edge = || Edge {
         proxy: http_proxy.clone(),
         phases: phases.clone(),
         state: state.clone(),
+        handed_over: handed_over.clone(),
     };
     let mut proxy = ListeningService::new("busbar proxy".to_string(), edge());
     // busbar accepts on its plaintext ports itself (`listeners`); after --upgrade their
     // sockets arrive as descriptors only pingora can take, so pingora accepts on them.
     if opts.upgrade {
-        for addr in &listen.http {
+        let own_tls = own_acceptors.iter().map(|(a, _)| a);
+        for addr in listen.http.iter().chain(own_tls) {
             // No L4 buffers on plaintext, as on the sockets busbar accepts on itself: a
             // read buffer is 64 KiB per connection (for TLS records; 10,000 idle keep-alive
             // connections cost ~300 MiB), and the front door writes through its own
@@ -222,16 +264,10 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
                 ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::unbuffered()),
             );
         }
+        own_acceptors.clear();
     }
-    for (tls, identity) in listen.tls.iter().zip(tls_identities) {
-        let cert = tls.cert.display().to_string();
-        let key = tls.key.display().to_string();
-        let mut settings = TlsSettings::intermediate(&cert, &key)
-            .map_err(|e| anyhow::anyhow!("TLS listener {}: {e}", tls.addr))?;
-        // The identity loaded above, so pingora never reads (or panics on) the files.
-        settings.set_cert_resolver(crate::config::tls_resolver(identity));
-        settings.enable_h2();
-        proxy.add_tls_with_settings(&tls.addr.to_string(), None, settings);
+    for (addr, settings) in pingora_tls {
+        proxy.add_tls_with_settings(&addr.to_string(), None, settings);
     }
     // busbar's own accept loops: a connection costs ~100 bytes of task instead of
     // pingora's ~8 KiB, and a drain answers what the kernel queued before the close.
@@ -246,6 +282,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             let state = state.clone();
             Arc::new(move || state.load().config.clone())
         }),
+        own_acceptors,
     );
 
     // 2. The admin API, on its own (loopback by default) listener and thread.
@@ -261,6 +298,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             token,
             refused: gate.clone(),
             readiness: readiness.clone(),
+            access_log: access_log.clone(),
         },
     );
     admin.threads = Some(1);
@@ -291,8 +329,8 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         registration_addr.filter(|_| opts.upgrade),
     );
 
-    // 4. Background tasks: health, registry upkeep, endpoint names (DNS), reload on SIGHUP, access-log
-    //    flushing, drain on shutdown.
+    // 4. Background tasks: health, registry upkeep, endpoint names (DNS), reload on SIGHUP,
+    //    access-log reopening (SIGUSR1) and flushing, drain on shutdown.
     let registry_sync = background_service(
         "registry sync",
         RegistrySync {
@@ -322,6 +360,12 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         "admission sweep",
         AdmissionSweep {
             state: state.clone(),
+        },
+    );
+    let reopen = background_service(
+        "reopen the access log on SIGUSR1",
+        accesslog::ReopenOnSignal {
+            access_log: access_log.clone(),
         },
     );
     let flusher = background_service(
@@ -369,6 +413,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             },
         },
     )));
+    server.add_service(supervised(reopen));
     server.add_service(supervised(flusher));
     // Sampled spans to the `[tracing]` collector; idle while nothing is sampled.
     server.add_service(supervised(background_service(
@@ -396,7 +441,8 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     std::process::exit(0)
 }
 
-/// Evicts idle rate-limit cells and samples queue gauges, so per-user state stays bounded.
+/// Evicts idle rate-limit cells and samples queue gauges, so per-user state stays bounded;
+/// samples the upstream pool's idle connections per service.
 struct AdmissionSweep {
     state: Arc<State>,
 }
@@ -408,7 +454,11 @@ impl BackgroundService for AdmissionSweep {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = tick.tick() => self.state.load().admission.stores().sweep(),
+                _ = tick.tick() => {
+                    let snapshot = self.state.load();
+                    snapshot.admission.stores().sweep();
+                    crate::drivers::h1::pool::sample(&snapshot);
+                }
             }
         }
     }
@@ -487,4 +537,13 @@ impl BackgroundService for Drain {
         tracing::info!(in_flight = METRICS.in_flight.get(), "drained, exiting");
         std::process::exit(0);
     }
+}
+
+/// The TLS listeners busbar accepts on itself: those with `proxy_protocol`, whose PROXY
+/// header is read before the handshake (pingora's TLS listener has no hook there).
+fn own_tls(listen: &crate::config::Listen) -> impl Iterator<Item = &crate::config::TlsListen> {
+    listen
+        .tls
+        .iter()
+        .filter(|t| listen.proxy_protocol.contains(&t.addr))
 }

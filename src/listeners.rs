@@ -26,11 +26,18 @@
 //!
 //! On a listener with `proxy_protocol = true`, each connection's PROXY header is read
 //! (`proxy_header`) on the connection's own task before the app gets it, and the client
-//! it names becomes the socket digest's peer. A process started with `--upgrade` does
-//! not read PROXY headers (pingora accepts for it): restart instead.
-//! Owns: binding the plaintext sockets (and the registration API's, `registry::listener`),
+//! it names becomes the socket digest's peer. A TLS listener with `proxy_protocol` is
+//! accepted here too, not by pingora: pingora's TLS listener starts the handshake on the
+//! accepted socket with no hook before it, and a PROXY header is not a ClientHello. Here
+//! the header is read first, then the handshake runs with pingora's own acceptor (the
+//! listener's certificate and ALPN) and the app gets the TLS stream as pingora would
+//! hand it. A process started with `--upgrade` gets its sockets as descriptors pingora
+//! accepts on; the app then reads their PROXY headers first ([`HandedOver`]), so a
+//! listener handed over keeps its `proxy_protocol`.
+//! Owns: binding the plaintext sockets and the TLS ones with `proxy_protocol` (and the
+//! registration API's, `registry::listener`),
 //! the accept loops, the last accepts.
-//! Must not: read from a connection (the app does).
+//! Must not: read a request (the app does): only a PROXY header, and a TLS handshake.
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -40,9 +47,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora_core::apps::ServerApp;
+use pingora_core::listeners::tls::Acceptor;
 use pingora_core::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::{GetSocketDigest, SocketDigest};
+use pingora_core::protocols::{GetSocketDigest, SocketDigest, Stream};
 use pingora_core::server::{ListenFds, RuntimeOpts, ShutdownWatch};
 use pingora_core::services::listening::Service as ListeningService;
 use pingora_core::services::Service;
@@ -68,6 +76,8 @@ pub struct DrainedListeners<A> {
     /// For each of `addrs` with `proxy_protocol`, what the current configuration says
     /// which peers are trusted and how long a header may take (a reload changes them).
     proxied: Vec<Option<Settings>>,
+    /// For each of `addrs`, the TLS acceptor of a TLS listener (with `proxy_protocol`).
+    tls: Vec<Option<Arc<Acceptor>>>,
 }
 
 /// The configuration now serving, which says which peers may send a PROXY header and how
@@ -84,12 +94,22 @@ impl<A> DrainedListeners<A> {
         bound: Vec<(SocketAddr, std::net::TcpListener)>,
         closed: Arc<AtomicBool>,
         proxy_protocol: (&[SocketAddr], Settings),
+        acceptors: Vec<(SocketAddr, Arc<Acceptor>)>,
     ) -> Self {
         let (addrs, sockets): (Vec<SocketAddr>, _) = bound.into_iter().unzip();
         let (with, settings) = proxy_protocol;
         let proxied = addrs
             .iter()
             .map(|a| with.contains(a).then(|| settings.clone()))
+            .collect();
+        let tls = addrs
+            .iter()
+            .map(|a| {
+                acceptors
+                    .iter()
+                    .find(|(at, _)| at == a)
+                    .map(|(_, acc)| acc.clone())
+            })
             .collect();
         DrainedListeners {
             inner,
@@ -98,6 +118,7 @@ impl<A> DrainedListeners<A> {
             sockets,
             closed,
             proxied,
+            tls,
         }
     }
 
@@ -164,7 +185,7 @@ pub(crate) async fn accept_loop<A: ServerApp + Send + Sync + 'static>(
     l: tokio::net::TcpListener,
     shutdown: ShutdownWatch,
 ) {
-    accept_loop_with(app, l, shutdown, None).await
+    accept_loop_with(app, l, shutdown, None, None).await
 }
 
 /// [`accept_loop`], reading each connection's PROXY header under `proxied`.
@@ -173,6 +194,7 @@ async fn accept_loop_with<A: ServerApp + Send + Sync + 'static>(
     l: tokio::net::TcpListener,
     mut shutdown: ShutdownWatch,
     proxied: Option<Settings>,
+    tls: Option<Arc<Acceptor>>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -184,7 +206,7 @@ async fn accept_loop_with<A: ServerApp + Send + Sync + 'static>(
             },
         };
         match accepted {
-            Ok((s, peer)) => serve(&app, s, peer, &shutdown, proxied.as_ref()),
+            Ok((s, peer)) => serve(&app, s, peer, &shutdown, proxied.as_ref(), tls.as_ref()),
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
                 // Out of descriptors: accept would fail at once again; let some close
@@ -205,6 +227,7 @@ fn serve<A: ServerApp + Send + Sync + 'static>(
     peer: SocketAddr,
     shutdown: &ShutdownWatch,
     proxied: Option<&Settings>,
+    tls: Option<&Arc<Acceptor>>,
 ) {
     // What pingora sets on every accepted stream; a failure only costs latency.
     let _ = s.set_nodelay(true);
@@ -216,7 +239,12 @@ fn serve<A: ServerApp + Send + Sync + 'static>(
         ));
         return;
     };
-    let (app, shutdown, settings) = (app.clone(), shutdown.clone(), settings.clone());
+    let (app, shutdown, settings, tls) = (
+        app.clone(),
+        shutdown.clone(),
+        settings.clone(),
+        tls.cloned(),
+    );
     pingora_runtime::current_handle().spawn(async move {
         let mut s = s;
         let config = settings();
@@ -227,8 +255,19 @@ fn serve<A: ServerApp + Send + Sync + 'static>(
         let accepted = crate::proxy_header::accept(&mut s, peer, list, timeout).await;
         drop(config);
         match accepted {
-            Ok(a) => ListeningService::handle_event(stream(s, a.client, &a.rest), app, shutdown)
-                .await,
+            Ok(a) => {
+                let plain = stream(s, a.client, &a.rest);
+                let Some(tls) = tls else {
+                    return ListeningService::handle_event(plain, app, shutdown).await;
+                };
+                // The handshake gets the header's deadline too: a peer that stalls in it
+                // holds no task for long.
+                match tokio::time::timeout(timeout, tls.tls_handshake(*plain)).await {
+                    Ok(Ok(s)) => ListeningService::handle_event(Box::new(s), app, shutdown).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            }
             Err(refusal) => {
                 METRICS
                     .edge_refusals
@@ -252,6 +291,70 @@ fn stream(s: tokio::net::TcpStream, peer: SocketAddr, rest: &[u8]) -> Box<L4Stre
     Box::new(stream)
 }
 
+/// The listeners with `proxy_protocol` that a process started with `--upgrade` got from
+/// its predecessor: pingora accepts on them (their sockets arrive as bare descriptors),
+/// so the app reads their PROXY headers (and then, on a TLS one, runs the handshake)
+/// through [`HandedOver::accept`] before anything else. A TLS listener with
+/// `proxy_protocol` is handed to pingora as a plain TCP listener for this.
+pub struct HandedOver {
+    /// Each address, with the TLS acceptor of a TLS listener.
+    pub listeners: Vec<(SocketAddr, Option<Arc<Acceptor>>)>,
+    /// The running configuration (trusted proxies and the header timeout follow a reload).
+    pub settings: Settings,
+}
+
+impl HandedOver {
+    /// The stream the app serves: `stream` itself when it did not come through one of
+    /// these listeners; else after its PROXY header (the client it names is the socket
+    /// digest's peer) and, on a TLS listener, the handshake. `None`: closed, as the own
+    /// accept loops close it (untrusted, malformed, too slow).
+    pub async fn accept(&self, stream: Stream) -> Option<Stream> {
+        let digest = stream.get_socket_digest();
+        let addr = |a: Option<&PeerAddr>| a.and_then(|a| a.as_inet()).copied();
+        let local = digest.as_ref().and_then(|d| addr(d.local_addr()));
+        let Some((_, tls)) = self.listeners.iter().find(|(a, _)| Some(*a) == local) else {
+            return Some(stream);
+        };
+        let peer = digest.as_ref().and_then(|d| addr(d.peer_addr()))?;
+        let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+        let config = (self.settings)();
+        let timeout = config.limits.header_timeout;
+        let accepted =
+            crate::proxy_header::accept(&mut *l4, peer, &config.listen.trusted_proxies, timeout)
+                .await;
+        drop(config);
+        let a = match accepted {
+            Ok(a) => a,
+            Err(refusal) => {
+                METRICS
+                    .edge_refusals
+                    .with_label_values(&[refusal.reason()])
+                    .inc();
+                tracing::debug!(%peer, reason = refusal.reason(), "PROXY protocol: connection closed");
+                return None;
+            }
+        };
+        let fresh = SocketDigest::from_raw_fd(l4.as_raw_fd());
+        let _ = fresh.peer_addr.set(Some(PeerAddr::Inet(a.client)));
+        l4.set_socket_digest(fresh);
+        l4.rewind(&a.rest);
+        let Some(tls) = tls else {
+            return Some(l4);
+        };
+        match tokio::time::timeout(timeout, tls.tls_handshake(*l4)).await {
+            Ok(Ok(s)) => Some(Box::new(s)),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, "TLS handshake failed: {e}");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                None
+            }
+        }
+    }
+}
+
 impl<A: ServerApp + Send + Sync + 'static> DrainedListeners<A> {
     /// Accepts every connection waiting on `l` and hands each to the app; returns how many.
     fn accept_queued(
@@ -259,6 +362,7 @@ impl<A: ServerApp + Send + Sync + 'static> DrainedListeners<A> {
         l: &std::net::TcpListener,
         shutdown: &ShutdownWatch,
         proxied: Option<&Settings>,
+        tls: Option<&Arc<Acceptor>>,
     ) -> usize {
         let mut n = 0;
         loop {
@@ -280,7 +384,7 @@ impl<A: ServerApp + Send + Sync + 'static> DrainedListeners<A> {
             {
                 Ok(s) => {
                     n += 1;
-                    serve(&self.app, s, peer, shutdown, proxied);
+                    serve(&self.app, s, peer, shutdown, proxied, tls);
                 }
                 Err(e) => tracing::warn!("drain: dropping an accepted connection: {e}"),
             }
@@ -307,8 +411,16 @@ impl<A: ServerApp + Send + Sync + 'static> Service for DrainedListeners<A> {
         }
         let own: Vec<_> = loops
             .into_iter()
-            .zip(self.proxied.iter().cloned())
-            .map(|(l, p)| tokio::spawn(accept_loop_with(self.app.clone(), l, shutdown.clone(), p)))
+            .zip(self.proxied.iter().cloned().zip(self.tls.iter().cloned()))
+            .map(|(l, (p, t))| {
+                tokio::spawn(accept_loop_with(
+                    self.app.clone(),
+                    l,
+                    shutdown.clone(),
+                    p,
+                    t,
+                ))
+            })
             .collect();
         let own = async {
             for handle in own {
@@ -327,8 +439,12 @@ impl<A: ServerApp + Send + Sync + 'static> Service for DrainedListeners<A> {
             self.app.cleanup().await;
         }
         let mut accepted = 0;
-        for (l, p) in kept.into_iter().zip(self.proxied.iter()) {
-            accepted += self.accept_queued(&l, &shutdown, p.as_ref());
+        for ((l, p), t) in kept
+            .into_iter()
+            .zip(self.proxied.iter())
+            .zip(self.tls.iter())
+        {
+            accepted += self.accept_queued(&l, &shutdown, p.as_ref(), t.as_ref());
             // Closed here: connects are refused from now on.
             drop(l);
         }

@@ -28,6 +28,7 @@ pub struct Running {
     runtime_dir: PathBuf,
     upstream_keepalive_pool: usize,
     access_log: AccessLogTarget,
+    log_format: crate::config::LogFormat,
     registry_backend: RegistryBackend,
     tracing_queue: usize,
 }
@@ -45,6 +46,7 @@ impl Running {
             runtime_dir: config.server.runtime_dir.clone(),
             upstream_keepalive_pool: config.server.upstream_keepalive_pool,
             access_log: config.log.access.clone(),
+            log_format: config.log.format,
             registry_backend: config.registry.backend.clone(),
             tracing_queue: config.tracing.queue_size,
         }
@@ -68,6 +70,7 @@ impl Running {
             file.upstream_keepalive_pool == self.upstream_keepalive_pool,
         );
         check("log.access", file.access_log == self.access_log);
+        check("log.format", file.log_format == self.log_format);
         check(
             "registry.backend",
             file.registry_backend == self.registry_backend,

@@ -1,13 +1,23 @@
 //! busbar's own log: the `tracing` subscriber writing to stderr, pingora's `log` records
 //! bridged into it, and the level a reload changes while busbar runs.
 //!
-//! Owns: the filter (`[log] level`, or `BUSBAR_LOG` when set) and its reload handle.
+//! Owns: the filter (`[log] level`, or `BUSBAR_LOG` when set) and its reload handle; the
+//! format (`[log] format`: text, with ANSI colours only on a terminal, or JSON lines).
 //! Must not: write the access log (`accesslog`).
 
+use std::io::IsTerminal;
 use std::sync::Mutex;
 
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_log::NormalizeEvent;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{reload, EnvFilter, Registry};
+
+use crate::config::LogFormat;
 
 /// The environment variable whose filter, when set, replaces `[log] level`.
 pub const FILTER_ENV: &str = "BUSBAR_LOG";
@@ -52,9 +62,9 @@ fn log_max(level: &str) -> log::LevelFilter {
         .max(log::LevelFilter::Warn)
 }
 
-/// Installs the subscriber for `level` (or `BUSBAR_LOG`). `None` when one was already
-/// installed (a test process): then a reload cannot change the level.
-pub fn init(level: &str) -> Option<LogLevel> {
+/// Installs the subscriber for `level` (or `BUSBAR_LOG`), writing `format`. `None` when
+/// one was already installed (a test process): then a reload cannot change the level.
+pub fn init(level: &str, format: LogFormat) -> Option<LogLevel> {
     let from_env = EnvFilter::try_from_env(FILTER_ENV).ok();
     let env_decides = from_env.is_some();
     let max = if env_decides {
@@ -64,9 +74,21 @@ pub fn init(level: &str) -> Option<LogLevel> {
     };
     let (filter, handle) = reload::Layer::new(from_env.unwrap_or_else(|| filter_for(level)));
     let _ = tracing_log::LogTracer::builder().with_max_level(max).init();
+    // Colour codes in a file or a journal are noise a reader has to strip.
+    let text = (format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+    });
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .event_format(JsonLines)
+    });
     let subscriber = tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+        .with(text)
+        .with(json);
     // Not `try_init`: it would install the `log` bridge again, fail, and say so.
     tracing::subscriber::set_global_default(subscriber).ok()?;
     Some(LogLevel {
@@ -100,6 +122,78 @@ impl LogLevel {
         log::set_max_level(log_max(level));
         *current = Some(level.to_string());
         Ok(LevelChange::Applied)
+    }
+}
+
+/// The process log as JSON lines: `time`, `level`, `target`, the enclosing spans' names
+/// (`spans`), then the event's fields (`message` among them). pingora's `log` records
+/// carry their own target, not `log`.
+struct JsonLines;
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        let mut line = serde_json::Map::new();
+        line.insert(
+            "time".into(),
+            humantime::format_rfc3339_millis(std::time::SystemTime::now())
+                .to_string()
+                .into(),
+        );
+        line.insert("level".into(), meta.level().as_str().into());
+        line.insert("target".into(), meta.target().into());
+        if let Some(scope) = ctx.event_scope() {
+            let spans: Vec<serde_json::Value> = scope
+                .from_root()
+                .map(|s| s.name().to_string().into())
+                .collect();
+            line.insert("spans".into(), spans.into());
+        }
+        event.record(&mut JsonFields(&mut line));
+        writeln!(writer, "{}", serde_json::Value::Object(line))
+    }
+}
+
+/// An event's fields into the line's object; the `log` bridge's own (`log.target`, …)
+/// are left out, as the line's `target` already says where the record came from.
+struct JsonFields<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
+
+impl JsonFields<'_> {
+    fn put(&mut self, field: &Field, value: serde_json::Value) {
+        if !field.name().starts_with("log.") {
+            self.0.insert(field.name().to_string(), value);
+        }
+    }
+}
+
+impl Visit for JsonFields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.put(field, format!("{value:?}").into());
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field, value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.put(field, value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.put(field, value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.put(field, value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.put(field, value.into());
     }
 }
 

@@ -139,7 +139,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let log = busbar::logging::init(&config.log.level);
+            let log = busbar::logging::init(&config.log.level, config.log.format);
             match busbar::app::run(config, busbar::app::RunOptions { upgrade, log }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -151,7 +151,7 @@ fn main() -> ExitCode {
         Command::Reload { config, admin } => ctl(config, admin, busbar::ctl::reload),
         Command::Status { config, admin } => ctl(config, admin, busbar::ctl::status),
         Command::Demo { listen } => {
-            busbar::logging::init("info");
+            busbar::logging::init("info", Default::default());
             match busbar::demo::run(&listen) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

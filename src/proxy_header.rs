@@ -21,8 +21,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use ppp::{v1, v2, HeaderResult, PartialResult};
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The v2 signature (spec §2.2).
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
@@ -65,8 +64,8 @@ pub struct Accepted {
 
 /// Reads and judges the header of a connection from `peer`: believed when `peer` is one
 /// of `trusted`; the header (or a stranger's first bytes) must come within `timeout`.
-pub async fn accept(
-    s: &mut TcpStream,
+pub async fn accept<S: AsyncRead + Unpin>(
+    s: &mut S,
     peer: SocketAddr,
     trusted: &[IpNet],
     timeout: Duration,
@@ -87,7 +86,10 @@ pub async fn accept(
 }
 
 /// A trusted peer's header: read until `ppp` has a whole one, or says it never will.
-async fn read_header(s: &mut TcpStream, peer: SocketAddr) -> Result<Accepted, Refusal> {
+async fn read_header<S: AsyncRead + Unpin>(
+    s: &mut S,
+    peer: SocketAddr,
+) -> Result<Accepted, Refusal> {
     let mut buf = Vec::with_capacity(256);
     loop {
         if buf.len() >= MAX_HEADER || read_some(s, &mut buf).await == 0 {
@@ -111,7 +113,10 @@ async fn read_header(s: &mut TcpStream, peer: SocketAddr) -> Result<Accepted, Re
 }
 
 /// Anyone else: read until the first bytes can't be a PROXY header's; close if they are.
-async fn refuse_header(s: &mut TcpStream, peer: SocketAddr) -> Result<Accepted, Refusal> {
+async fn refuse_header<S: AsyncRead + Unpin>(
+    s: &mut S,
+    peer: SocketAddr,
+) -> Result<Accepted, Refusal> {
     let mut buf = Vec::with_capacity(64);
     loop {
         let n = read_some(s, &mut buf).await;
@@ -131,7 +136,7 @@ async fn refuse_header(s: &mut TcpStream, peer: SocketAddr) -> Result<Accepted, 
 }
 
 /// Reads what is there into `buf`; 0 at the end (or on an error, which ends it too).
-async fn read_some(s: &mut TcpStream, buf: &mut Vec<u8>) -> usize {
+async fn read_some<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> usize {
     let mut chunk = [0u8; 512];
     match s.read(&mut chunk).await {
         Ok(n) => {
@@ -190,6 +195,7 @@ fn v2_client(h: &v2::Header<'_>) -> Option<SocketAddr> {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
 
     /// What `accept` makes of `bytes` sent from 127.0.0.1, trusted or not.
     async fn judge(bytes: &[u8], trusted: bool) -> Result<Accepted, Refusal> {

@@ -44,9 +44,9 @@ const LAYERS: &[(&str, &[&str])] = &[
             "phases::ctx",
             "phases::forwarding",
             "phases::pace",
+            "accesslog",
             "proxy",
             "translate",
-            "accesslog",
         ],
     ),
     // Shared state, reload, and the background tasks that walk the current snapshot.
@@ -64,6 +64,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "proxy_header",
             "supervisor",
             "ready",
+            "logging",
         ],
     ),
     // What to do with a request: routing, admission, releases, fallback, the registry store.
@@ -113,7 +114,6 @@ const LAYERS: &[(&str, &[&str])] = &[
             "version",
             "durable",
             "statedir",
-            "logging",
             "client_addr",
             "bearer",
         ],

@@ -448,3 +448,230 @@ async fn a_reload_applies_trusted_proxies_to_headers_and_proxy_protocol() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(a.seen().last().unwrap().headers["x-forwarded-for"], LB);
 }
+
+/// A TLS client that trusts `cert_pem` and offers `alpn`, on a connection from `from` that
+/// first sends `preface` (a PROXY header, or nothing); the answer to `request`, or `Err`
+/// when busbar closed the connection (or failed the handshake).
+async fn tls_exchange(
+    from: &str,
+    to: SocketAddr,
+    cert_der: rustls_pki::CertificateDer<'static>,
+    preface: &[u8],
+    request: &[u8],
+) -> Result<String, std::io::Error> {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert_der).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut tcp = connect_from(from, to).await;
+    tcp.write_all(preface).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let mut tls = tokio::time::timeout(Duration::from_secs(15), connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::other("handshake timed out"))??;
+    tls.write_all(request).await?;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(15), tls.read_to_end(&mut out)).await;
+    match read {
+        Ok(Ok(_)) => Ok(String::from_utf8_lossy(&out).into_owned()),
+        // A close without close_notify after a full answer is still the answer.
+        Ok(Err(_)) if !out.is_empty() => Ok(String::from_utf8_lossy(&out).into_owned()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::other("no answer")),
+    }
+}
+
+use tokio_rustls::rustls::pki_types as rustls_pki;
+
+/// busbar with a TLS listener (returned, with its certificate) and the harness's plain
+/// one, both with `proxy_protocol`, trusting the load balancer; `body` its routes.
+async fn tls_proxied_bus(body: &str) -> (Busbar, SocketAddr, rustls_pki::CertificateDer<'static>) {
+    let issued = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let tls: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let mut bus = Busbar::start(body).await;
+    let (cert, key) = (
+        bus.dir.path().join("busbar.crt"),
+        bus.dir.path().join("busbar.key"),
+    );
+    std::fs::write(&cert, issued.cert.pem()).unwrap();
+    std::fs::write(&key, issued.signing_key.serialize_pem()).unwrap();
+    let extra = format!(
+        "trusted_proxies = [\"{LB}/32\"]\ntls = [{{ addr = \"{tls}\", cert = \"{}\", key = \"{}\", proxy_protocol = true }}]",
+        cert.display(),
+        key.display()
+    );
+    let header = bus.header(&extra).replace(
+        &format!("http = [\"{}\"]", bus.http),
+        &format!(
+            "http = [{{ addr = \"{}\", proxy_protocol = true }}]",
+            bus.http
+        ),
+    );
+    std::fs::write(
+        &bus.config,
+        format!(
+            "{header}[registry]\nlisten = \"{}\"\n\n{body}",
+            bus.registry
+        ),
+    )
+    .unwrap();
+    bus.kill_and_restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(tls).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "TLS listener not up:\n{}",
+            bus.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (bus, tls, issued.cert.der().clone())
+}
+
+/// A TLS listener with `proxy_protocol`: the PROXY header (v1 and v2) is read before the
+/// handshake from a trusted load balancer, and names the client upstream and in the
+/// access log; a stranger's header, or a trusted peer's TLS without one, is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_on_a_tls_listener_comes_before_the_handshake() {
+    let a = Backend::start("a").await;
+    let (bus, tls, cert_der) = tls_proxied_bus(&limited(a.addr)).await;
+    const GET: &[u8] = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+
+    let v1 = b"PROXY TCP4 198.51.100.7 10.0.0.1 5000 443\r\n";
+    let answer = tls_exchange(LB, tls, cert_der.clone(), v1, GET)
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = a.seen().last().unwrap().clone();
+    assert_eq!(seen.headers["x-forwarded-for"], "198.51.100.7");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    // v2, from another client: its own rate limit (the first's is spent).
+    let answer = tls_exchange(
+        LB,
+        tls,
+        cert_der.clone(),
+        &v2_header([198, 51, 100, 8], 5001),
+        GET,
+    )
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        a.seen().last().unwrap().headers["x-forwarded-for"],
+        "198.51.100.8"
+    );
+    let hits = a.hits();
+    // A stranger's header, and a trusted peer's TLS with no header: no answer.
+    assert!(tls_exchange(STRANGER, tls, cert_der.clone(), v1, GET)
+        .await
+        .is_err());
+    assert!(tls_exchange(LB, tls, cert_der.clone(), b"", GET)
+        .await
+        .is_err());
+    assert_eq!(a.hits(), hits, "nothing forwarded");
+    assert!(
+        logged(&bus, "\"client\":\"198.51.100.7:5000\"").await,
+        "{}",
+        bus.access_log()
+    );
+    let untrusted = common::metric_value(
+        &bus.metrics().await,
+        "busbar_edge_refusals_total{reason=\"proxy_protocol_untrusted\"}",
+    );
+    assert_eq!(untrusted, 1.0);
+}
+
+const SIGQUIT: i32 = 3;
+
+/// `busbar run --upgrade` on `bus`'s config; SIGQUIT to `bus` once the new process waits
+/// for the sockets. The new process, killed (by its pid) when dropped.
+struct Upgraded(std::process::Child);
+
+impl Drop for Upgraded {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn upgrade(bus: &mut Busbar) -> Upgraded {
+    let child = std::process::Command::new(common::bin())
+        .args(["run", "-u", "-c"])
+        .arg(&bus.config)
+        .env("BUSBAR_ADMIN_TOKEN", &bus.token)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(bus.dir.path().join("upgraded.stderr")).unwrap())
+        .spawn()
+        .expect("start busbar --upgrade");
+    let new = Upgraded(child);
+    let sock = bus
+        .dir
+        .path()
+        .join(format!("busbar-{}.upgrade.sock", bus.http.port()));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the new process never waited for the sockets"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bus.signal(SIGQUIT);
+    assert_eq!(
+        bus.wait_exit(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        bus.stderr()
+    );
+    new
+}
+
+/// After a graceful upgrade, the listeners handed over keep `proxy_protocol`: the new
+/// process (pingora accepts for it) reads the PROXY header on the plain listener, and
+/// before the handshake on the TLS one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_handed_over_by_an_upgrade_keep_proxy_protocol() {
+    let a = Backend::start("a").await;
+    let (mut bus, tls, cert_der) = tls_proxied_bus(&limited(a.addr)).await;
+    let _new = upgrade(&mut bus).await;
+    let upgraded =
+        || std::fs::read_to_string(bus.dir.path().join("upgraded.stderr")).unwrap_or_default();
+    const GET: &[u8] = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let mut bytes = v2_header([198, 51, 100, 20], 6000);
+    bytes.extend_from_slice(GET);
+    let answer = exchange(LB, bus.http, &bytes).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{answer}\n{}",
+        upgraded()
+    );
+    assert_eq!(
+        a.seen().last().unwrap().headers["x-forwarded-for"],
+        "198.51.100.20"
+    );
+    let v1 = b"PROXY TCP4 198.51.100.21 10.0.0.1 6001 443\r\n";
+    let answer = tls_exchange(LB, tls, cert_der.clone(), v1, GET).await;
+    let answer = answer.unwrap_or_else(|e| panic!("{e}\n{}", upgraded()));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = a.seen().last().unwrap().clone();
+    assert_eq!(seen.headers["x-forwarded-for"], "198.51.100.21");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    // A stranger's header is still refused on both.
+    assert_eq!(exchange(STRANGER, bus.http, &bytes).await, "");
+    assert!(tls_exchange(STRANGER, tls, cert_der, v1, GET)
+        .await
+        .is_err());
+}

@@ -154,7 +154,8 @@ async fn unmatched_requests_count_under_no_route() {
         let r = client().get(bus.url("/nowhere")).send().await.unwrap();
         assert_eq!(r.status(), 404);
     }
-    let sample = r#"busbar_requests_total{class="4xx",route="_no_route",service=""}"#;
+    let sample =
+        r#"busbar_requests_total{class="4xx",reason="no_route",route="_no_route",service=""}"#;
     assert_eq!(bus.metric_settled(sample, 3.0).await, 3.0);
     let text = bus.metrics().await;
     assert!(!text.contains(r#"route="""#), "{text}");
@@ -168,8 +169,8 @@ async fn a_reload_removes_the_series_of_removed_routes_and_services() {
         let r = client().get(bus.url(path)).send().await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }
-    let kept = r#"busbar_requests_total{class="2xx",route="keep",service="s"}"#;
-    let gone = r#"busbar_requests_total{class="2xx",route="gone",service="old"}"#;
+    let kept = r#"busbar_requests_total{class="2xx",reason="",route="keep",service="s"}"#;
+    let gone = r#"busbar_requests_total{class="2xx",reason="",route="gone",service="old"}"#;
     assert_eq!(bus.metric_settled(gone, 1.0).await, 1.0);
     assert_eq!(bus.metric_settled(kept, 1.0).await, 1.0);
     let text = bus.metrics().await;
@@ -196,7 +197,7 @@ async fn a_reload_removes_the_series_of_removed_routes_and_services() {
     assert_eq!(bus.reload().await.status(), 200);
     let r = client().get(bus.url("/gone")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let moved = r#"busbar_requests_total{class="2xx",route="gone",service="s"}"#;
+    let moved = r#"busbar_requests_total{class="2xx",reason="",route="gone",service="s"}"#;
     assert_eq!(bus.metric_settled(moved, 1.0).await, 1.0);
     // Service "old" is back (unused), but not as route "gone"'s service.
     let text = metrics_until(&bus, |t| t.contains(r#"busbar_instances{service="old""#)).await;
@@ -295,7 +296,7 @@ async fn a_metrics_listener_serves_metrics_and_nothing_else() {
     let r = client().get(bus.url("/keep")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
-    let sample = r#"busbar_requests_total{class="2xx",route="keep",service="s"}"#;
+    let sample = r#"busbar_requests_total{class="2xx",reason="",route="keep",service="s"}"#;
     let until = Instant::now() + Duration::from_secs(10);
     let text = loop {
         let r = client().get(url("/metrics")).send().await.unwrap();
@@ -347,6 +348,10 @@ async fn upstream_connections_count_pool_hits_and_new_ones_per_service() {
     }
     assert_eq!(bus.metric_settled(new, 1.0).await, 1.0);
     assert_eq!(bus.metric_settled(pool, 2.0).await, 2.0);
+    // The connection is back in busbar's own pool, idle (sampled each second).
+    let idle = r#"busbar_upstream_idle_connections{service="s"}"#;
+    let text = metrics_until(&bus, |t| metric_value(t, idle) == 1.0).await;
+    assert_eq!(metric_value(&text, idle), 1.0, "{text}");
     let h2 = common::h2c_client();
     for _ in 0..3 {
         let r = h2.get(bus.url("/keep")).send().await.unwrap();

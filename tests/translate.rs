@@ -220,7 +220,7 @@ async fn json_calls_reach_the_grpc_backend_and_come_back_as_json() {
     );
 
     let ok = bus
-        .metric(r#"busbar_requests_total{class="2xx",route="json",service="books"}"#)
+        .metric(r#"busbar_requests_total{class="2xx",reason="",route="json",service="books"}"#)
         .await;
     assert!(ok >= 7.0, "metrics count translated requests: {ok}");
 }

@@ -1,7 +1,7 @@
 //! The admin API on its own listener (loopback by default).
 //!
 //! Owns: `/livez`, `/readyz`, `/healthz`, `/metrics` (also alone on `listen.metrics`,
-//! [`MetricsApi`]), `/v1/routes`, `/v1/services`, `/v1/reload`; the release
+//! [`MetricsApi`]), `/v1/routes`, `/v1/services`, `/v1/reload`, `/v1/logs/reopen`; the release
 //! and config-history calls (`/v1/releases…`, `/v1/config/…`) are `release::admin`'s, the
 //! console under `/console/` is `console`'s.
 //! Reads are open to whoever reaches the listener, except through busbar's own data plane
@@ -32,6 +32,8 @@ pub struct AdminApi {
     pub refused: Arc<crate::registry::gate::Gate>,
     /// Starting, ready or draining (`/readyz`).
     pub readiness: Arc<crate::ready::Readiness>,
+    /// Reopened by `POST /v1/logs/reopen`.
+    pub access_log: Arc<crate::accesslog::AccessLog>,
 }
 
 impl AdminApi {
@@ -167,6 +169,25 @@ impl AdminApi {
             Err(e) => error(StatusCode::BAD_REQUEST, "config_invalid", &e),
         }
     }
+
+    fn reopen_logs(&self) -> Response<Vec<u8>> {
+        use crate::accesslog::Reopened;
+        match self.access_log.reopen_logged("POST /v1/logs/reopen") {
+            Ok(Reopened::File(p)) => json_reply(
+                StatusCode::OK,
+                json!({ "status": "reopened", "access_log": p.display().to_string() }),
+            ),
+            Ok(Reopened::NotAFile) => json_reply(
+                StatusCode::OK,
+                json!({ "status": "not_a_file", "note": "the access log goes to stdout or is off: nothing to reopen" }),
+            ),
+            Err(e) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "reopen_failed",
+                format!("cannot reopen the access log (still writing to the old file): {e}"),
+            ),
+        }
+    }
 }
 
 /// `/metrics` in the Prometheus text format.
@@ -274,10 +295,14 @@ impl ServeHttp for AdminApi {
                 Some(refusal) => refusal,
                 None => self.reload(),
             },
+            (Method::POST, "/v1/logs/reopen") => match self.authorize(session) {
+                Some(refusal) => refusal,
+                None => self.reopen_logs(),
+            },
             (
                 _,
                 "/livez" | "/readyz" | "/healthz" | "/metrics" | "/v1/routes" | "/v1/services"
-                | "/v1/registry" | "/v1/reload",
+                | "/v1/registry" | "/v1/reload" | "/v1/logs/reopen",
             ) => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",

@@ -103,6 +103,10 @@ pub struct TlsListenFile {
 pub struct LogFile {
     pub level: Option<Spanned<String>>,
     pub access: Option<Spanned<String>>,
+    /// The process log's format on stderr: `text` (the default) or `json`.
+    pub format: Option<Spanned<String>>,
+    /// Query parameters whose values the access log writes as `REDACTED`.
+    pub redact_query: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -142,7 +142,8 @@ pub struct Listen {
     /// `listen.metrics`: a listener that serves `GET /metrics` only, so Prometheus can
     /// scrape without reaching the admin API.
     pub metrics: Option<SocketAddr>,
-    /// The `http` addresses where a trusted peer speaks the PROXY protocol (v1 or v2).
+    /// The `http` and `tls` addresses where a trusted peer speaks the PROXY protocol (v1
+    /// or v2); on a TLS listener the header comes before the handshake.
     pub proxy_protocol: Vec<SocketAddr>,
     /// Peers (load balancers) whose PROXY headers, `X-Forwarded-For` and `Forwarded`
     /// busbar believes; from anyone else they say nothing about the client.
@@ -160,6 +161,21 @@ pub struct TlsListen {
 pub struct LogSettings {
     pub level: String,
     pub access: AccessLogTarget,
+    /// How the process log (stderr) is written.
+    pub format: LogFormat,
+    /// Query parameter names whose values the access log never writes (matched
+    /// case-insensitively, as `token`, `Token` and `TOKEN` are the same secret to a reader).
+    pub redact_query: Vec<String>,
+}
+
+/// The process log's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Lines for a person; ANSI colours only when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object a line, for a log shipper.
+    Json,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

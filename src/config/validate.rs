@@ -326,11 +326,15 @@ impl Validator<'_> {
                     );
                 }
                 if let Some(p) = t.proxy_protocol.as_ref().filter(|p| *p.get_ref()) {
-                    self.err(
-                        p.span(),
-                        ctx,
-                        "proxy_protocol is not supported on a TLS listener yet: terminate TLS on the load balancer, or use a plaintext listen.http entry",
-                    );
+                    // Read before the TLS handshake (`listeners`).
+                    if trusted_proxies.is_empty() {
+                        self.err(
+                            p.span(),
+                            ctx,
+                            "proxy_protocol is only accepted from trusted_proxies: list the load balancers in listen.trusted_proxies",
+                        );
+                    }
+                    proxy_protocol.push(addr);
                 }
                 let (cert, key) = (self.path(t.cert.get_ref()), self.path(t.key.get_ref()));
                 // Loaded here so `check` and a reload refuse what start-up would.
@@ -391,7 +395,35 @@ impl Validator<'_> {
             Some("off") => AccessLogTarget::Off,
             Some(p) => AccessLogTarget::File(self.path(p)),
         };
-        LogSettings { level, access }
+        let format = match l.format.as_ref() {
+            None => LogFormat::Text,
+            Some(f) => match f.get_ref().as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => {
+                    self.err(f.span(), "[log]", "format must be \"text\" or \"json\"");
+                    LogFormat::Text
+                }
+            },
+        };
+        let mut redact_query = Vec::new();
+        for name in l.redact_query.iter().flatten() {
+            if name.get_ref().is_empty() {
+                self.err(
+                    name.span(),
+                    "[log]",
+                    "redact_query: a parameter name is empty",
+                );
+            } else {
+                redact_query.push(name.get_ref().to_ascii_lowercase());
+            }
+        }
+        LogSettings {
+            level,
+            access,
+            format,
+            redact_query,
+        }
     }
 
     fn service(&mut self, s: ServiceFile, ctx: &str) -> Option<ServiceConfig> {
@@ -1314,6 +1346,52 @@ service = "echo"
         );
         assert!(warnings.is_empty());
     }
+    #[test]
+    fn log_format_and_redacted_query_parameters() {
+        let src = format!("{OK}\n[log]\nformat = \"json\"\nredact_query = [\"Token\", \"key\"]\n");
+        let c = validate(Path::new("t.toml"), &src).unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.log.redact_query, ["token", "key"]);
+        let c = validate(Path::new("t.toml"), OK).unwrap();
+        assert_eq!(c.log.format, LogFormat::Text);
+        let src = format!("{OK}\n[log]\nformat = \"xml\"\nredact_query = [\"\"]\n");
+        let e = errors(&src);
+        assert!(e.iter().any(|e| e.contains("format must be")), "{e:?}");
+        assert!(e.iter().any(|e| e.contains("redact_query")), "{e:?}");
+    }
+
+    #[test]
+    fn proxy_protocol_on_tls_listeners_needs_trusted_proxies() {
+        let dir = tempfile::tempdir().unwrap();
+        let issued = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, issued.cert.pem()).unwrap();
+        std::fs::write(&key, issued.signing_key.serialize_pem()).unwrap();
+        let tls = format!(
+            "tls = [{{ addr = \"127.0.0.1:8443\", cert = \"{}\", key = \"{}\", proxy_protocol = true }}]",
+            cert.display(),
+            key.display()
+        );
+        let with = |extra: &str| {
+            OK.replace(
+                r#"http = ["127.0.0.1:8080"]"#,
+                &format!("http = [\"127.0.0.1:8080\"]\n{tls}\n{extra}"),
+            )
+        };
+        let c = validate(
+            Path::new("t.toml"),
+            &with("trusted_proxies = [\"10.0.0.0/8\"]"),
+        )
+        .unwrap();
+        assert_eq!(c.listen.proxy_protocol, vec![c.listen.tls[0].addr]);
+        let e = errors(&with(""));
+        assert!(
+            e.iter()
+                .any(|e| e.contains("t.toml:4:") && e.contains("listen.trusted_proxies")),
+            "{e:?}"
+        );
+    }
+
     #[test]
     fn proxy_protocol_listeners_and_trusted_proxies() {
         let src = OK.replace(

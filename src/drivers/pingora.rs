@@ -130,6 +130,7 @@ impl BusbarProxy {
         downstream.set_write_timeout(Some(limits.client_timeout));
         ctx.body_pace = BodyPace::new(limits.client_timeout, limits.body_min_rate);
         let peer = client_ip(session);
+        ctx.tls = is_tls(session);
         let set_up = self
             .phases
             .setup(ctx, snapshot, session.req_header(), peer, Routing::Find);
@@ -431,6 +432,7 @@ impl ProxyHttp for BusbarProxy {
                 method: req.method.as_str(),
                 host: request_host(req),
                 path: req.uri.path(),
+                query: req.uri.query(),
                 client: logged_client(
                     downstream.client_addr().and_then(|a| a.as_inet()).copied(),
                     ctx.client,

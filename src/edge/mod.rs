@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::Stream;
+use pingora_core::protocols::{GetSocketDigest, Stream};
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -109,6 +109,8 @@ pub struct Edge {
     /// The same phases, for busbar's own HTTP/1 engine (`drivers::h1`).
     pub phases: Arc<Phases>,
     pub state: Arc<State>,
+    /// After `--upgrade`: the listeners with `proxy_protocol` pingora accepts on.
+    pub handed_over: Option<Arc<crate::listeners::HandedOver>>,
 }
 
 /// What the front door decided for the next request on a connection.
@@ -123,7 +125,15 @@ enum Next {
     Done,
 }
 
-async fn refuse(stream: &mut L4Stream, status: u16, reason: &str) {
+/// Answers a refused head and closes; the answer gets its access log line (with the
+/// first token of the head as the method, when it looks like one).
+async fn refuse(
+    log: &crate::accesslog::AccessLog,
+    stream: &mut L4Stream,
+    head: &[u8],
+    status: u16,
+    reason: &str,
+) {
     let text = match status {
         408 => "408 Request Timeout",
         414 => "414 URI Too Long",
@@ -137,14 +147,33 @@ async fn refuse(stream: &mut L4Stream, status: u16, reason: &str) {
         _ => "malformed_request",
     };
     let body = crate::base::reply::Refusal::new(code, reason).to_json();
-    let head = format!(
+    let reply = format!(
         "HTTP/1.1 {text}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     METRICS.edge_refusals.with_label_values(&[code]).inc();
-    let _ = stream.write_all(head.as_bytes()).await;
+    let started = Instant::now();
+    let _ = stream.write_all(reply.as_bytes()).await;
     let _ = stream.write_all(&body).await;
     let _ = stream.flush().await;
+    let client = stream
+        .get_socket_digest()
+        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+    log.refusal(client, method_of(head), status, code, started);
+}
+
+/// The method of a head, if its first token is one (a token of at most 16 letters
+/// before a space); `""` otherwise.
+fn method_of(head: &[u8]) -> &str {
+    let token = head.split(|&b| b == b' ').next().unwrap_or(&[]);
+    let plain = head.len() > token.len()
+        && !token.is_empty()
+        && token.len() <= 16
+        && token.iter().all(u8::is_ascii_alphabetic);
+    match plain {
+        true => std::str::from_utf8(token).unwrap_or(""),
+        false => "",
+    }
 }
 
 impl Edge {
@@ -164,6 +193,7 @@ impl Edge {
             max_head_bytes: limits.max_header_bytes,
             max_headers: limits.max_headers,
         };
+        let log = &*self.phases.access_log;
         let s = conn.inner_mut();
         // `buf` may already hold the start of a pipelined request (see below).
         if buf.is_empty() {
@@ -203,7 +233,7 @@ impl Edge {
             } else if let Some(end) = head::head_end(buf) {
                 break end;
             } else if let Some(r) = head::too_long(buf, &hl) {
-                refuse(s, r.status, r.reason).await;
+                refuse(log, s, buf, r.status, r.reason).await;
                 return Next::Done;
             }
             let deadline = *deadline.get_or_insert_with(|| Instant::now() + limits.header_timeout);
@@ -212,7 +242,7 @@ impl Edge {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return Next::Done,
                 Err(_) => {
-                    refuse(s, 408, "the request head did not arrive in time").await;
+                    refuse(log, s, buf, 408, "the request head did not arrive in time").await;
                     return Next::Done;
                 }
             }
@@ -257,7 +287,7 @@ impl Edge {
                 Next::Request(conn)
             }
             Err(Refusal { status, reason }) => {
-                refuse(s, status, reason).await;
+                refuse(log, s, &buf[..end], status, reason).await;
                 Next::Done
             }
         }
@@ -273,6 +303,10 @@ impl ServerApp for Edge {
     ) -> Option<Stream> {
         METRICS.connections.inc();
         let _open = OpenConnection;
+        let stream = match &self.handed_over {
+            Some(h) => h.accept(stream).await?,
+            None => stream,
+        };
         if !stream.as_any().is::<L4Stream>() {
             // TLS: pingora parses it, for the connection's whole life.
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;

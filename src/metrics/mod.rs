@@ -69,6 +69,7 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub connect_failures: IntCounterVec,
     pub upstream_connections: IntCounterVec,
+    pub pool_idle: IntGaugeVec,
     pub upstream_errors: IntCounterVec,
     pub retries: IntCounterVec,
     pub retry_budget_exhausted: IntCounterVec,
@@ -189,8 +190,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let requests = counter(
         &mut r,
         "busbar_requests_total",
-        "Requests answered, by route, service and status class.",
-        &["route", "service", "class"],
+        "Requests answered, by route, service, status class and reason: empty for an upstream's answer, else busbar's own reason code for answering itself (a refusal at the front door or by admission, a failure).",
+        &["route", "service", "class", "reason"],
     );
     let in_flight = IntGauge::new(
         "busbar_in_flight_requests",
@@ -209,7 +210,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         .register(Box::new(connections.clone()))
         .expect("metric registered once");
     Metrics {
-        no_route: CLASSES.map(|c| requests.with_label_values(&[NO_ROUTE, "", c])),
+        no_route: CLASSES.map(|c| requests.with_label_values(&[NO_ROUTE, "", c, ""])),
         requests,
         requests_by_method: counter(
             &mut r,
@@ -264,6 +265,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "busbar_upstream_connections_total",
             "Upstream connections that tries used, by service and where they came from: the idle pool (from=\"pool\") or a new connection (from=\"new\").",
             &["service", "from"],
+        ),
+        pool_idle: gauge(
+            &mut r,
+            "busbar_upstream_idle_connections",
+            "Idle upstream connections busbar's own HTTP/1 path keeps pooled for reuse, by service (sampled each second; pingora's own pool, which h2c and bodied requests use, is not counted).",
+            &["service"],
         ),
         upstream_errors: counter(
             &mut r,
@@ -508,6 +515,20 @@ fn still_runs(
     }
 }
 
+/// Counts an answer busbar gave itself in `busbar_requests_total`, with its `reason`
+/// (one of busbar's own codes: a bounded set). Not pre-resolved: these are the rare path.
+pub fn count_answer(route: &str, service: &str, status: u16, reason: &'static str) {
+    METRICS
+        .requests
+        .with_label_values(&[route, service, CLASSES[class_index(status)], reason])
+        .inc();
+}
+
+/// [`count_answer`] for a refusal before any route was matched.
+pub fn count_refusal(status: u16, reason: &'static str) {
+    count_answer(NO_ROUTE, "", status, reason);
+}
+
 /// Status class index: 1xx → 0 … 5xx → 4.
 #[inline]
 pub fn class_index(status: u16) -> usize {
@@ -547,7 +568,7 @@ impl RouteMetrics {
     pub fn new(route: &str, service: &str) -> Self {
         let m = &*METRICS;
         RouteMetrics {
-            by_class: CLASSES.map(|c| m.requests.with_label_values(&[route, service, c])),
+            by_class: CLASSES.map(|c| m.requests.with_label_values(&[route, service, c, ""])),
             by_method: METHODS.map(|v| m.requests_by_method.with_label_values(&[route, v])),
             request_bytes: m.request_bytes.with_label_values(&[route]),
             response_bytes: m.response_bytes.with_label_values(&[route]),
@@ -569,6 +590,8 @@ pub struct ServiceMetrics {
     /// A try's connection from the idle pool, or a new one (the pool's hit ratio).
     pub connection_pooled: IntCounter,
     pub connection_new: IntCounter,
+    /// `busbar_upstream_idle_connections` (`edge::pool::sample`).
+    pub pool_idle: IntGauge,
     pub timeouts: IntCounter,
     /// Answers busbar could not frame (`drivers::h1::framing`), refused or cut off.
     pub malformed: IntCounter,
@@ -607,6 +630,7 @@ impl ServiceMetrics {
             connect_failures: m.connect_failures.with_label_values(&[service]),
             connection_pooled: m.upstream_connections.with_label_values(&[service, "pool"]),
             connection_new: m.upstream_connections.with_label_values(&[service, "new"]),
+            pool_idle: m.pool_idle.with_label_values(&[service]),
             timeouts: m.upstream_errors.with_label_values(&[service, "timeout"]),
             malformed: m.upstream_errors.with_label_values(&[service, "malformed"]),
             no_instance: m

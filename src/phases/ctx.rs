@@ -69,6 +69,10 @@ pub struct RequestCtx {
     /// release split and the access log use it.
     pub client: Option<std::net::IpAddr>,
     pub trace: TraceContext,
+    /// The client's connection is TLS (set by the driver before `setup`).
+    pub tls: bool,
+    /// The request as the client sent it, for the access log (and its request id).
+    pub seen: Option<crate::accesslog::Seen>,
     /// The HTTP version the client spoke: the protocol of busbar's `Via` entry.
     pub client_version: http::Version,
     pub sticky_key: u64,
@@ -103,6 +107,8 @@ impl RequestCtx {
             cause: None,
             client: None,
             trace: TraceContext::default(),
+            tls: false,
+            seen: None,
             client_version: http::Version::HTTP_11,
             sticky_key: 0,
             body_bytes: 0,

@@ -18,6 +18,8 @@ pub(crate) struct Done<'a> {
     pub method: &'a str,
     pub host: &'a str,
     pub path: &'a str,
+    /// The query string as sent, for the access log.
+    pub query: Option<&'a str>,
     pub client: Option<std::net::SocketAddr>,
     /// The status written to the client; 0 when none was.
     pub status: u16,
@@ -31,19 +33,33 @@ impl Phases {
     pub(crate) fn finish(&self, ctx: &mut RequestCtx, done: &Done<'_>) {
         ctx.release_instance();
         let status = done.status;
+        // Read before `finish` takes it: the access log's release version.
+        let served = ctx.release.served_instance();
         ctx.release.finish(ctx.set.as_deref(), status);
         let total = ctx.start.elapsed();
         if let Some(route) = &ctx.route {
             let m = &route.metrics;
             if status > 0 {
-                m.by_class[class_index(status)].inc();
+                match ctx.cause {
+                    // busbar answered itself: counted with its reason.
+                    Some(c) => crate::metrics::count_answer(
+                        route.name(),
+                        route.service.name(),
+                        status,
+                        c.code(),
+                    ),
+                    None => m.by_class[class_index(status)].inc(),
+                }
                 m.by_method[method_index(done.method)].inc();
             }
             m.request_bytes.inc_by(ctx.body_bytes);
             m.response_bytes.inc_by(done.body_bytes as u64);
             route.metrics.duration.observe(total.as_secs_f64());
         } else if status > 0 {
-            METRICS.no_route[class_index(status)].inc();
+            match ctx.cause {
+                Some(c) => crate::metrics::count_refusal(status, c.code()),
+                None => METRICS.no_route[class_index(status)].inc(),
+            }
         }
         let error = ctx.cause.map(Cause::code).or(done.error.then_some("error"));
         crate::otel::finish(ctx, done.method, status, error);
@@ -67,6 +83,17 @@ impl Phases {
             tries: ctx.tries,
             trace_id: &trace_id,
             error,
+            seen: ctx.seen.as_ref(),
+            query: done.query,
+            redact: ctx
+                .snapshot
+                .as_ref()
+                .map_or(&[][..], |s| &s.config.log.redact_query[..]),
+            user: ctx.admitted.as_ref().and_then(|a| a.user()),
+            version: match (&ctx.set, served) {
+                (Some(set), Some(i)) => Some(set.versions.name_of(i)),
+                _ => None,
+            },
         });
     }
 }

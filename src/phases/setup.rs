@@ -101,6 +101,12 @@ fn setup_on(
             .map(|v| v.as_bytes()),
         &snapshot.config.tracing,
     );
+    ctx.seen = Some(crate::accesslog::Seen::from_headers(
+        &req.headers,
+        req.version,
+        ctx.tls,
+        &ctx.trace.trace_id_hex(),
+    ));
     let checked = matches!(routing, Routing::Find);
     let (route, path) = match routing {
         Routing::Find => {

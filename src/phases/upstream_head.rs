@@ -106,6 +106,10 @@ impl<'c> Own<'c> {
         let chain = peer_trusted(ctx, down.peer);
         let forwarding = Forwarding::of(upstream, down.peer, down.tls, chain);
         forwarding::clear_forwarded(upstream);
+        // The request id goes out as the access log has it (kept or made): once.
+        if ctx.seen.is_some() {
+            upstream.remove_header(&crate::accesslog::REQUEST_ID);
+        }
         Ok(Own {
             identity,
             forwarding,
@@ -122,6 +126,9 @@ impl<'c> Own<'c> {
             crate::via::VIA_NAME,
             crate::via::node().value(ctx.client_version).clone(),
         )?;
+        if let Some(seen) = &ctx.seen {
+            upstream.insert_header(crate::accesslog::REQUEST_ID, seen.request_id.clone())?;
+        }
         upstream.insert_header(forwarding::TRACEPARENT_NAME, &ctx.trace.header_value()[..])
     }
 
@@ -137,6 +144,13 @@ impl<'c> Own<'c> {
             forwarding::TRACEPARENT_NAME.as_bytes(),
             &ctx.trace.header_value(),
         );
+        if let Some(seen) = &ctx.seen {
+            line(
+                wire,
+                crate::accesslog::REQUEST_ID.as_str().as_bytes(),
+                seen.request_id.as_bytes(),
+            );
+        }
     }
 }
 

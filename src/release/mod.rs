@@ -272,6 +272,12 @@ impl RequestRelease {
         self.served = Some((instance, slot));
     }
 
+    /// The index (in the request's instance set) of the instance that served the
+    /// request, until [`RequestRelease::finish`].
+    pub fn served_instance(&self) -> Option<usize> {
+        self.served.map(|(i, _)| i)
+    }
+
     /// Counts the response by version (metrics and the split's live share).
     pub fn finish(&mut self, set: Option<&InstanceSet>, status: u16) {
         let Some((instance, slot)) = self.served.take() else {

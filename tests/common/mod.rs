@@ -213,7 +213,7 @@ impl Busbar {
             .unwrap()
     }
 
-    /// The value of one sample in `/metrics`, e.g. `busbar_requests_total{route="a",service="s",class="2xx"}`.
+    /// The value of one sample in `/metrics`, e.g. `busbar_requests_total{class="2xx",reason="",route="a",service="s"}` (labels in name order).
     pub async fn metric(&self, sample: &str) -> f64 {
         metric_value(&self.metrics().await, sample)
     }

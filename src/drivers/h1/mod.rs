@@ -215,6 +215,7 @@ pub async fn serve(
             method: method.as_str(),
             host: phase::host_of(&uri, host.as_ref()),
             path: uri.path(),
+            query: uri.query(),
             client: phase::logged_client(peer, real),
             status: served.status,
             body_bytes: served.body_bytes,

@@ -12,10 +12,14 @@
 //! next taken (a non-blocking read that finds the EOF), and it is dropped then. Every
 //! [`SWEEP_EVERY`] give-backs a thread also drops what has been idle past [`IDLE`] for
 //! every address, so connections to instances that left (registry churn) do not stay.
+//! Each address's idle connections are also counted over all threads, for the per-service
+//! gauge [`sample`] sets.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
@@ -29,7 +33,75 @@ pub const IDLE: Duration = crate::phases::UPSTREAM_IDLE;
 /// Give-backs between two sweeps of a thread's whole pool.
 const SWEEP_EVERY: u32 = 1024;
 
-type Idle = VecDeque<(TcpStream, Instant)>;
+/// One address's idle connections in one thread's pool.
+struct Idle {
+    conns: VecDeque<(TcpStream, Instant)>,
+    /// The address's idle connections over every thread (`busbar_upstream_idle_connections`).
+    count: Arc<AtomicI64>,
+}
+
+impl Idle {
+    fn new(addr: SocketAddr) -> Idle {
+        Idle {
+            conns: VecDeque::new(),
+            count: counter(addr),
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<(TcpStream, Instant)> {
+        let c = self.conns.pop_front();
+        if c.is_some() {
+            self.count.fetch_sub(1, Relaxed);
+        }
+        c
+    }
+
+    fn pop_back(&mut self) -> Option<(TcpStream, Instant)> {
+        let c = self.conns.pop_back();
+        if c.is_some() {
+            self.count.fetch_sub(1, Relaxed);
+        }
+        c
+    }
+
+    fn push_back(&mut self, c: (TcpStream, Instant)) {
+        self.conns.push_back(c);
+        self.count.fetch_add(1, Relaxed);
+    }
+}
+
+/// Every address's count of idle connections, shared by the threads that pool
+/// connections to it. Weak: an address no thread pools to any more is dropped by
+/// [`sample`]. Locked only when a thread starts pooling to an address, and by [`sample`].
+static COUNTS: LazyLock<Mutex<HashMap<SocketAddr, Weak<AtomicI64>>>> =
+    LazyLock::new(Default::default);
+
+fn counter(addr: SocketAddr) -> Arc<AtomicI64> {
+    let mut all = COUNTS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = all.get(&addr).and_then(Weak::upgrade) {
+        return c;
+    }
+    let c = Arc::new(AtomicI64::new(0));
+    all.insert(addr, Arc::downgrade(&c));
+    c
+}
+
+/// Sets each service's `busbar_upstream_idle_connections` from the pool (sampled, as the
+/// queue gauges are: the request path only counts).
+pub fn sample(snapshot: &crate::snapshot::Snapshot) {
+    let mut all = COUNTS.lock().unwrap_or_else(|p| p.into_inner());
+    all.retain(|_, w| w.strong_count() > 0);
+    for svc in &snapshot.services {
+        let idle: i64 = svc
+            .instances()
+            .instances
+            .iter()
+            .filter_map(|i| all.get(&i.addr).and_then(Weak::upgrade))
+            .map(|c| c.load(Relaxed))
+            .sum();
+        svc.metrics.pool_idle.set(idle);
+    }
+}
 
 #[derive(Default)]
 struct Pool {
@@ -48,6 +120,7 @@ thread_local! {
 /// Drops the connections idle past [`IDLE`] at the front of `idle` (the oldest).
 fn expire(idle: &mut Idle, now: Instant) {
     while idle
+        .conns
         .front()
         .is_some_and(|(_, since)| now.duration_since(*since) >= IDLE)
     {
@@ -90,12 +163,12 @@ fn give_back_at(addr: SocketAddr, s: TcpStream, now: Instant) {
             p.puts = 0;
             p.idle.retain(|_, idle| {
                 expire(idle, now);
-                !idle.is_empty()
+                !idle.conns.is_empty()
             });
         }
-        let idle = p.idle.entry(addr).or_default();
+        let idle = p.idle.entry(addr).or_insert_with(|| Idle::new(addr));
         expire(idle, now);
-        if idle.len() >= MAX_IDLE_PER_ADDR {
+        if idle.conns.len() >= MAX_IDLE_PER_ADDR {
             idle.pop_front();
         }
         idle.push_back((s, now));
@@ -133,6 +206,30 @@ mod tests {
             server_a.peer_addr().unwrap().port()
         );
         assert!(take(addr).is_none(), "nothing else is pooled");
+    }
+
+    /// The count over threads follows what is pooled, taken, capped and expired.
+    #[tokio::test(flavor = "current_thread")]
+    async fn idle_connections_are_counted_per_address() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut peers = Vec::new();
+        let key: SocketAddr = "127.0.0.1:11".parse().unwrap();
+        let now = Instant::now();
+        for _ in 0..3 {
+            let s = TcpStream::connect(addr).await.unwrap();
+            peers.push(listener.accept().await.unwrap());
+            give_back_at(key, s, now);
+        }
+        let count = counter(key);
+        assert_eq!(count.load(Relaxed), 3);
+        assert!(take(key).is_some());
+        assert_eq!(count.load(Relaxed), 2);
+        // Past the idle time: the next give-back expires the two.
+        let s = TcpStream::connect(addr).await.unwrap();
+        peers.push(listener.accept().await.unwrap());
+        give_back_at(key, s, now + IDLE);
+        assert_eq!(count.load(Relaxed), 1);
     }
 
     /// An address nobody asks for again loses its idle connections at a sweep.
