@@ -40,38 +40,37 @@ const MAX_REQUEST_ID: usize = 128;
 /// request starts (the request itself is edited on its way upstream).
 #[derive(Debug, Clone)]
 pub struct Seen {
-    /// `x-request-id` as the client sent it, or one busbar made (the trace id in hex);
-    /// also sent upstream.
-    pub request_id: http::HeaderValue,
+    /// `x-request-id` as the client sent it, when it is kept; `None`: the request id is
+    /// the trace id in hex (written where it is needed, so a request that brings none
+    /// costs no allocation). Sent upstream either way ([`Seen::request_id`]).
+    pub kept_id: Option<http::HeaderValue>,
     /// `http/1.1`, `http/1.0`, `h2`, `h2c`, `grpc` or `grpc-web`.
     pub protocol: &'static str,
     pub user_agent: Option<http::HeaderValue>,
 }
 
 impl Seen {
-    /// The facts of a request with `headers`, `version`, on a TLS connection or not,
-    /// whose trace is `trace_id` (hex).
-    pub fn from_headers(
-        headers: &http::HeaderMap,
-        version: http::Version,
-        tls: bool,
-        trace_id: &[u8; 32],
-    ) -> Seen {
-        let kept = headers.get(&REQUEST_ID).filter(|v| {
-            let b = v.as_bytes();
-            !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(|c| c.is_ascii_graphic())
-        });
-        let request_id = match kept {
-            Some(v) => v.clone(),
-            // Hex digits are a valid header value; the fallback is never taken.
-            None => http::HeaderValue::from_bytes(trace_id)
-                .unwrap_or(http::HeaderValue::from_static("-")),
-        };
+    /// The facts of a request with `headers`, `version`, on a TLS connection or not.
+    pub fn from_headers(headers: &http::HeaderMap, version: http::Version, tls: bool) -> Seen {
+        let kept_id = headers
+            .get(&REQUEST_ID)
+            .filter(|v| {
+                let b = v.as_bytes();
+                !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(|c| c.is_ascii_graphic())
+            })
+            .cloned();
         Seen {
-            request_id,
+            kept_id,
             protocol: protocol(headers, version, tls),
             user_agent: headers.get(http::header::USER_AGENT).cloned(),
         }
+    }
+
+    /// The request id: the kept client value, else `trace_id` (the trace id in hex).
+    pub fn request_id<'a>(&'a self, trace_id: &'a [u8; 32]) -> &'a [u8] {
+        self.kept_id
+            .as_ref()
+            .map_or(&trace_id[..], |v| v.as_bytes())
     }
 }
 
@@ -233,8 +232,7 @@ impl AccessLog {
         )
         .trace_id_hex();
         let seen = Seen {
-            request_id: http::HeaderValue::from_bytes(&trace)
-                .unwrap_or(http::HeaderValue::from_static("-")),
+            kept_id: None,
             protocol: "http/1.1",
             user_agent: None,
         };
@@ -340,7 +338,11 @@ fn write_entry(w: &mut Vec<u8>, e: &Entry<'_>) {
     w.put(b"\",\"protocol\":");
     text_or_null(w, e.seen.map(|s| s.protocol));
     w.put(b",\"request_id\":");
-    text_or_null(w, e.seen.and_then(|s| s.request_id.to_str().ok()));
+    text_or_null(
+        w,
+        e.seen
+            .and_then(|s| std::str::from_utf8(s.request_id(e.trace_id)).ok()),
+    );
     w.put(b",\"user_agent\":");
     text_or_null(
         w,
@@ -527,25 +529,34 @@ mod tests {
     fn protocols_and_request_ids() {
         let id = [b'f'; 32];
         let mut h = http::HeaderMap::new();
-        let seen = |h: &http::HeaderMap, v, tls| Seen::from_headers(h, v, tls, &id);
+        let seen = |h: &http::HeaderMap, v, tls| Seen::from_headers(h, v, tls);
         assert_eq!(seen(&h, http::Version::HTTP_11, false).protocol, "http/1.1");
         assert_eq!(seen(&h, http::Version::HTTP_2, true).protocol, "h2");
         assert_eq!(seen(&h, http::Version::HTTP_2, false).protocol, "h2c");
-        assert_eq!(seen(&h, http::Version::HTTP_2, false).request_id, &id[..]);
+        assert_eq!(
+            seen(&h, http::Version::HTTP_2, false).request_id(&id),
+            &id[..]
+        );
         h.insert("content-type", "application/grpc+proto".parse().unwrap());
         assert_eq!(seen(&h, http::Version::HTTP_2, false).protocol, "grpc");
         h.insert("content-type", "application/grpc-web-text".parse().unwrap());
         assert_eq!(seen(&h, http::Version::HTTP_11, false).protocol, "grpc-web");
         h.insert("x-request-id", "abc-123".parse().unwrap());
         assert_eq!(
-            seen(&h, http::Version::HTTP_11, false).request_id,
-            "abc-123"
+            seen(&h, http::Version::HTTP_11, false).request_id(&id),
+            b"abc-123"
         );
         // Spaces, or too long: replaced.
         h.insert("x-request-id", "a b".parse().unwrap());
-        assert_eq!(seen(&h, http::Version::HTTP_11, false).request_id, &id[..]);
+        assert_eq!(
+            seen(&h, http::Version::HTTP_11, false).request_id(&id),
+            &id[..]
+        );
         h.insert("x-request-id", "x".repeat(129).parse().unwrap());
-        assert_eq!(seen(&h, http::Version::HTTP_11, false).request_id, &id[..]);
+        assert_eq!(
+            seen(&h, http::Version::HTTP_11, false).request_id(&id),
+            &id[..]
+        );
     }
 
     #[test]

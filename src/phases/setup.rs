@@ -105,7 +105,6 @@ fn setup_on(
         &req.headers,
         req.version,
         ctx.tls,
-        &ctx.trace.trace_id_hex(),
     ));
     let checked = matches!(routing, Routing::Find);
     let (route, path) = match routing {

@@ -127,7 +127,11 @@ impl<'c> Own<'c> {
             crate::via::node().value(ctx.client_version).clone(),
         )?;
         if let Some(seen) = &ctx.seen {
-            upstream.insert_header(crate::accesslog::REQUEST_ID, seen.request_id.clone())?;
+            match &seen.kept_id {
+                Some(v) => upstream.insert_header(crate::accesslog::REQUEST_ID, v.clone())?,
+                None => upstream
+                    .insert_header(crate::accesslog::REQUEST_ID, &ctx.trace.trace_id_hex()[..])?,
+            }
         }
         upstream.insert_header(forwarding::TRACEPARENT_NAME, &ctx.trace.header_value()[..])
     }
@@ -145,10 +149,11 @@ impl<'c> Own<'c> {
             &ctx.trace.header_value(),
         );
         if let Some(seen) = &ctx.seen {
+            let trace_id = ctx.trace.trace_id_hex();
             line(
                 wire,
                 crate::accesslog::REQUEST_ID.as_str().as_bytes(),
-                seen.request_id.as_bytes(),
+                seen.request_id(&trace_id),
             );
         }
     }
