@@ -44,6 +44,9 @@
 #                   alternating rounds make its median steadier)
 #   MEM_CONNS=10000 scenario mem: idle keep-alive connections
 #   BUSBAR=target/release/busbar   the binary (relative to the repo root)
+#   TRACING="0.01 1"  scenario a: one more busbar per sample ratio (`busbar+trace0.01`, …)
+#                   exporting its spans over OTLP/HTTP to a local sink (bench-lib/otlp-sink.py,
+#                   on the load CPU); empty (the default): none
 #   BUSBAR_BASE=path                a second busbar binary (an earlier build) measured in
 #                   the same run as `busbar@base` (a, d) and `busbar+all@base` (b, c), so a
 #                   change is compared with what it replaces, rounds interleaved
@@ -386,6 +389,30 @@ if ((NEED_BUSBAR)); then
   fi
 fi
 
+# --- busbar+trace<ratio> (a): the plain route with `[tracing]` exporting to a local sink
+# (a Python stand-in for a collector that answers every export with 200).
+declare -A TRACE_PID TRACE_PORT
+if has a && [[ -n ${TRACING:-} ]]; then
+  take_port P_SINK
+  taskset -c "$LOAD_CPU" python3 "$LIB/otlp-sink.py" "$P_SINK" "$DIR/sink.ready" >"$DIR/sink.log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+  SERVER[$LAST_PID]=otlp-sink
+  for r in $TRACING; do
+    take_port p
+    busbar_config "busbar+trace$r" "$p" off <<EOF
+$ONE_ROUTE
+
+[tracing]
+endpoint = "http://127.0.0.1:$P_SINK/v1/traces"
+sample_ratio = $r
+EOF
+    start_busbar "busbar+trace$r"
+    TRACE_PID[$r]=$LAST_PID
+    TRACE_PORT[$r]=$p
+  done
+fi
+
 # --- busbar+log (a): the same with the access log written to a file.
 if has a; then
   take_port P_BUSBARLOG
@@ -498,6 +525,9 @@ if ((NEED_BUSBAR)); then
   wait_ready busbar "$BUSBAR_PID" "http://127.0.0.1:$P_BUSBAR/"
   has d && wait_ready busbar "$BUSBAR_PID" "http://127.0.0.1:$P_BUSBAR/" --http2-prior-knowledge
 fi
+for r in "${!TRACE_PID[@]}"; do
+  wait_ready "busbar+trace$r" "${TRACE_PID[$r]}" "http://127.0.0.1:${TRACE_PORT[$r]}/"
+done
 [[ -n ${BUSBARLOG_PID:-} ]] && wait_ready busbar+log "$BUSBARLOG_PID" "http://127.0.0.1:$P_BUSBARLOG/"
 [[ -n ${ALL_PID:-} ]] && wait_ready busbar+all "$ALL_PID" "http://127.0.0.1:$P_ALL/" -H 'x-user-id: ready'
 if [[ -n ${BASE_PID:-} ]]; then
@@ -524,6 +554,9 @@ if has a; then
   deftarget a busbar "$P_BUSBAR" "$BUSBAR_PID" wrk
   deftarget a busbar+log "$P_BUSBARLOG" "$BUSBARLOG_PID" wrk
   [[ -n ${BASE_PID:-} ]] && deftarget a busbar@base "$P_BASE" "$BASE_PID" wrk
+  for r in ${TRACING:-}; do
+    deftarget a "busbar+trace$r" "${TRACE_PORT[$r]}" "${TRACE_PID[$r]}" wrk
+  done
 fi
 if has b; then
   SC_TITLE[b]="(b) identity + rate limit + queue + metrics + access log"
@@ -897,6 +930,10 @@ if [[ -n ${ALL_PID:-} ]]; then
   { grep -E '^busbar_(admission_decisions_total|requests_total)' <<<"$m" | grep -v ' 0$' || echo "(no non-zero admission/request counters in /metrics)"; } \
     | head -12 | sed 's/^/    /'
 fi
+for r in "${!TRACE_PID[@]}"; do
+  m=$(curl -fsS --max-time 5 "http://127.0.0.1:${ADMIN_PORT[busbar+trace$r]}/metrics" || true)
+  echo "- busbar+trace$r spans over the run (warm-up included): $(grep -E '^busbar_trace_spans_[a-z_]+_total ' <<<"$m" | sed 's/^busbar_trace_spans_//; s/_total / /' | tr '\n' ' ')"
+done
 for name in bare-pingora busbar busbar+log busbar+all busbar-1k busbar-mem mem-bare-pingora; do
   if [[ -s $DIR/$name/stderr.log ]]; then
     echo "- $name stderr ($(wc -l <"$DIR/$name/stderr.log") lines), first lines:"
