@@ -233,7 +233,7 @@ fn serve<A: ServerApp + Send + Sync + 'static>(
     let _ = s.set_nodelay(true);
     let Some(settings) = proxied else {
         pingora_runtime::current_handle().spawn(ListeningService::handle_event(
-            stream(s, peer, &[]),
+            stream(s, peer),
             app.clone(),
             shutdown.clone(),
         ));
@@ -246,49 +246,73 @@ fn serve<A: ServerApp + Send + Sync + 'static>(
         tls.cloned(),
     );
     pingora_runtime::current_handle().spawn(async move {
-        let mut s = s;
-        let config = settings();
-        let (list, timeout) = (
-            &config.listen.trusted_proxies,
-            config.limits.header_timeout,
-        );
-        let accepted = crate::proxy_header::accept(&mut s, peer, list, timeout).await;
-        drop(config);
-        match accepted {
-            Ok(a) => {
-                let plain = stream(s, a.client, &a.rest);
-                let Some(tls) = tls else {
-                    return ListeningService::handle_event(plain, app, shutdown).await;
-                };
-                // The handshake gets the header's deadline too: a peer that stalls in it
-                // holds no task for long.
-                match tokio::time::timeout(timeout, tls.tls_handshake(*plain)).await {
-                    Ok(Ok(s)) => ListeningService::handle_event(Box::new(s), app, shutdown).await,
-                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            }
-            Err(refusal) => {
-                METRICS
-                    .edge_refusals
-                    .with_label_values(&[refusal.reason()])
-                    .inc();
-                tracing::debug!(%peer, reason = refusal.reason(), "PROXY protocol: connection closed");
-            }
+        let l4 = Box::new(L4Stream::from(s));
+        if let Some(s) = after_proxy_header(l4, peer, &settings, tls.as_deref()).await {
+            ListeningService::handle_event(s, app, shutdown).await;
         }
     });
 }
 
-/// The app's stream for an accepted socket: the socket digest names `peer` (the PROXY
-/// header's client, or the socket's), and `rest` (bytes read past a PROXY header) is
-/// read again first.
-fn stream(s: tokio::net::TcpStream, peer: SocketAddr, rest: &[u8]) -> Box<L4Stream> {
+/// A connection on a `proxy_protocol` listener, from `peer`: its PROXY header read under
+/// the running config's trust list and `header_timeout`, the client it names made the
+/// socket digest's peer, the bytes read past the header put back, and on a TLS listener
+/// the handshake (under the same timeout: a peer that stalls in it holds no task for
+/// long). `None`: closed (untrusted, malformed, too slow, a failed handshake), counted
+/// in `busbar_edge_refusals_total`. The own accept loops and the listeners handed over
+/// by an upgrade both come through here.
+async fn after_proxy_header(
+    mut l4: Box<L4Stream>,
+    peer: SocketAddr,
+    settings: &Settings,
+    tls: Option<&Acceptor>,
+) -> Option<Stream> {
+    let config = settings();
+    let timeout = config.limits.header_timeout;
+    let accepted =
+        crate::proxy_header::accept(&mut *l4, peer, &config.listen.trusted_proxies, timeout).await;
+    drop(config);
+    let a = match accepted {
+        Ok(a) => a,
+        Err(refusal) => {
+            METRICS
+                .edge_refusals
+                .with_label_values(&[refusal.reason()])
+                .inc();
+            tracing::debug!(%peer, reason = refusal.reason(), "PROXY protocol: connection closed");
+            return None;
+        }
+    };
+    name_peer(&mut l4, a.client);
+    l4.rewind(&a.rest);
+    let Some(tls) = tls else {
+        return Some(l4);
+    };
+    match tokio::time::timeout(timeout, tls.tls_handshake(*l4)).await {
+        Ok(Ok(s)) => Some(Box::new(s)),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "TLS handshake failed: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// The app's stream for an accepted socket; the socket digest names `peer`.
+fn stream(s: tokio::net::TcpStream, peer: SocketAddr) -> Box<L4Stream> {
     let mut stream = L4Stream::from(s);
+    name_peer(&mut stream, peer);
+    Box::new(stream)
+}
+
+/// Makes `peer` the stream's peer in its socket digest: what the app reads as the client
+/// (the socket's, or the one a PROXY header named).
+fn name_peer(stream: &mut L4Stream, peer: SocketAddr) {
     let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
     let _ = digest.peer_addr.set(Some(PeerAddr::Inet(peer)));
     stream.set_socket_digest(digest);
-    stream.rewind(rest);
-    Box::new(stream)
 }
 
 /// The listeners with `proxy_protocol` that a process started with `--upgrade` got from
@@ -316,42 +340,8 @@ impl HandedOver {
             return Some(stream);
         };
         let peer = digest.as_ref().and_then(|d| addr(d.peer_addr()))?;
-        let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
-        let config = (self.settings)();
-        let timeout = config.limits.header_timeout;
-        let accepted =
-            crate::proxy_header::accept(&mut *l4, peer, &config.listen.trusted_proxies, timeout)
-                .await;
-        drop(config);
-        let a = match accepted {
-            Ok(a) => a,
-            Err(refusal) => {
-                METRICS
-                    .edge_refusals
-                    .with_label_values(&[refusal.reason()])
-                    .inc();
-                tracing::debug!(%peer, reason = refusal.reason(), "PROXY protocol: connection closed");
-                return None;
-            }
-        };
-        let fresh = SocketDigest::from_raw_fd(l4.as_raw_fd());
-        let _ = fresh.peer_addr.set(Some(PeerAddr::Inet(a.client)));
-        l4.set_socket_digest(fresh);
-        l4.rewind(&a.rest);
-        let Some(tls) = tls else {
-            return Some(l4);
-        };
-        match tokio::time::timeout(timeout, tls.tls_handshake(*l4)).await {
-            Ok(Ok(s)) => Some(Box::new(s)),
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, "TLS handshake failed: {e}");
-                None
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "TLS handshake timed out");
-                None
-            }
-        }
+        let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+        after_proxy_header(l4, peer, &self.settings, tls.as_deref()).await
     }
 }
 
