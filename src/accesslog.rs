@@ -50,8 +50,15 @@ pub struct Seen {
 }
 
 impl Seen {
-    /// The facts of a request with `headers`, `version`, on a TLS connection or not.
-    pub fn from_headers(headers: &http::HeaderMap, version: http::Version, tls: bool) -> Seen {
+    /// The facts of a request with `headers`, `version`, on a TLS connection or not. The
+    /// request id is always taken (it goes upstream); the protocol and the user agent only
+    /// when `logged` (the access log is on), as nothing else reads them.
+    pub fn from_headers(
+        headers: &http::HeaderMap,
+        version: http::Version,
+        tls: bool,
+        logged: bool,
+    ) -> Seen {
         let kept_id = headers
             .get(&REQUEST_ID)
             .filter(|v| {
@@ -59,6 +66,13 @@ impl Seen {
                 !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(|c| c.is_ascii_graphic())
             })
             .cloned();
+        if !logged {
+            return Seen {
+                kept_id,
+                protocol: "",
+                user_agent: None,
+            };
+        }
         Seen {
             kept_id,
             protocol: protocol(headers, version, tls),
@@ -226,11 +240,7 @@ impl AccessLog {
         if !self.enabled() {
             return;
         }
-        let trace = crate::proxy::trace::TraceContext::from_header(
-            None,
-            &crate::config::TracingConfig::default(),
-        )
-        .trace_id_hex();
+        let trace = crate::proxy::trace::new_trace_id_hex();
         let seen = Seen {
             kept_id: None,
             protocol: "http/1.1",
@@ -529,7 +539,7 @@ mod tests {
     fn protocols_and_request_ids() {
         let id = [b'f'; 32];
         let mut h = http::HeaderMap::new();
-        let seen = |h: &http::HeaderMap, v, tls| Seen::from_headers(h, v, tls);
+        let seen = |h: &http::HeaderMap, v, tls| Seen::from_headers(h, v, tls, true);
         assert_eq!(seen(&h, http::Version::HTTP_11, false).protocol, "http/1.1");
         assert_eq!(seen(&h, http::Version::HTTP_2, true).protocol, "h2");
         assert_eq!(seen(&h, http::Version::HTTP_2, false).protocol, "h2c");
@@ -546,6 +556,10 @@ mod tests {
             seen(&h, http::Version::HTTP_11, false).request_id(&id),
             b"abc-123"
         );
+        // With the access log off the request id is still kept (it goes upstream).
+        let quiet = Seen::from_headers(&h, http::Version::HTTP_11, false, false);
+        assert_eq!(quiet.request_id(&id), b"abc-123");
+        assert!(quiet.user_agent.is_none());
         // Spaces, or too long: replaced.
         h.insert("x-request-id", "a b".parse().unwrap());
         assert_eq!(

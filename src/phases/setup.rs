@@ -52,6 +52,12 @@ impl Phases {
     ) -> Result<(Arc<Route>, RequestPath), Cause> {
         METRICS.in_flight.inc();
         ctx.counted = true;
+        ctx.seen = Some(crate::accesslog::Seen::from_headers(
+            &req.headers,
+            req.version,
+            ctx.tls,
+            self.access_log.enabled(),
+        ));
         let set_up = setup_on(ctx, &snapshot, req, peer, routing);
         ctx.snapshot = Some(snapshot);
         set_up
@@ -101,11 +107,6 @@ fn setup_on(
             .map(|v| v.as_bytes()),
         &snapshot.config.tracing,
     );
-    ctx.seen = Some(crate::accesslog::Seen::from_headers(
-        &req.headers,
-        req.version,
-        ctx.tls,
-    ));
     let checked = matches!(routing, Routing::Find);
     let (route, path) = match routing {
         Routing::Find => {

@@ -92,6 +92,14 @@ impl TraceContext {
     }
 }
 
+/// A new random trace id in hex: the request id of an answer busbar gives before any
+/// trace started (a front-door refusal).
+pub fn new_trace_id_hex() -> [u8; 32] {
+    let mut out = [0u8; 32];
+    hex(&random::<16>(), &mut out);
+    out
+}
+
 /// OpenTelemetry's `TraceIdRatioBased`: the low 8 bytes of a random trace id, read as a
 /// number, are below the ratio's share of `u64`. Every node decides alike for one id.
 fn sampled(trace_id: &[u8; 16], below: u64) -> bool {
