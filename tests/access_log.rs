@@ -8,9 +8,9 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{client, Backend, Busbar};
+use common::{client, eventually, Backend, Busbar};
 
 const SIGUSR1: i32 = 10;
 
@@ -34,20 +34,6 @@ fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()
-}
-
-/// Waits until `f` holds, or `within` passed; returns whether it held.
-async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + within;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > until {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// logrotate's way, twice under load: rename the file, then SIGUSR1 (and then the admin
@@ -367,4 +353,99 @@ async fn h2c_is_named_in_the_log() {
     assert_eq!(r.status(), 200);
     let lines = log_lines(&bus, 1).await;
     assert_eq!(lines[0]["protocol"], "h2c", "{:?}", lines[0]);
+}
+
+/// An upstream that records each request head it reads and answers 200 to each.
+async fn recording_upstream() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(end) = common::read_head(&mut s, &mut buf).await {
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    seen.lock().unwrap().push(head);
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    if s.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// What a hostile client can do with `x-request-id`: send it twice, or with quotes and
+/// backslashes, or with a space. The upstream gets exactly one `x-request-id` line (the
+/// client's first value when busbar keeps it, else busbar's own), on busbar's own
+/// HTTP/1.1 path and on pingora's (h2c); the log line stays one valid JSON object.
+#[tokio::test]
+async fn a_hostile_request_id_reaches_the_upstream_once() {
+    let (up, heads) = recording_upstream().await;
+    let bus = Busbar::start(&one_route(up)).await;
+    let addr: SocketAddr = bus
+        .url("/")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let ask = |ids: &[&str]| {
+        let mut req = String::from("GET /r HTTP/1.1\r\nhost: x\r\nconnection: close\r\n");
+        for id in ids {
+            req.push_str(&format!("x-request-id: {id}\r\n"));
+        }
+        req.push_str("\r\n");
+        req
+    };
+    for ids in [
+        &["one", "two"][..],
+        &[r#"q"u\o"te"#][..],
+        &["has space"][..],
+    ] {
+        let (text, _) =
+            common::http1::exchange(addr, ask(ids).as_bytes(), Duration::from_secs(10)).await;
+        assert_eq!(common::http1::status_of(&text), Some(200), "{text}");
+    }
+    let h2 = common::h2c_client()
+        .get(bus.url("/h2"))
+        .header("x-request-id", "first")
+        .header("x-request-id", "second")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(h2.status(), 200);
+
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 4, "{heads:#?}");
+    let ids: Vec<Vec<String>> = heads
+        .iter()
+        .map(|h| {
+            h.lines()
+                .filter_map(|l| l.split_once(':'))
+                .filter(|(n, _)| n.eq_ignore_ascii_case("x-request-id"))
+                .map(|(_, v)| v.trim().to_string())
+                .collect()
+        })
+        .collect();
+    assert_eq!(ids[0], ["one"], "{heads:#?}");
+    assert_eq!(ids[1], [r#"q"u\o"te"#], "{heads:#?}");
+    // A value with a space is not kept: busbar's own id (the trace id, 32 hex digits).
+    assert_eq!(ids[2].len(), 1, "{heads:#?}");
+    assert!(
+        ids[2][0].len() == 32 && ids[2][0].bytes().all(|b| b.is_ascii_hexdigit()),
+        "{heads:#?}"
+    );
+    assert_eq!(ids[3], ["first"], "{heads:#?}");
+
+    let lines = log_lines(&bus, 4).await;
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    assert_eq!(lines[1]["request_id"], r#"q"u\o"te"#);
+    assert_eq!(lines[2]["request_id"], lines[2]["trace_id"]);
 }
