@@ -73,6 +73,13 @@ async fn rename_and_reopen_under_load_loses_no_line() {
 
     std::fs::rename(&log, &first).unwrap();
     bus.signal(SIGUSR1);
+    // The signal is handled on its own task: count from when the new file exists (every
+    // line written after that goes to it), not from when the signal was sent.
+    let reopened_file = log.clone();
+    assert!(
+        eventually(Duration::from_secs(10), move || reopened_file.exists()).await,
+        "SIGUSR1 made no new access.log"
+    );
     let after_signal = answered.load(Ordering::Relaxed);
     assert!(grows(after_signal + 200).await);
 
