@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 use busbar::config::{self, MAX_TTL, MIN_TTL};
+use busbar::drivers::h1::framing::ChunkScan;
 use busbar::drivers::h1::head::{self, HeadLimits};
 use busbar::model::Service;
 use busbar::routing::{self, RequestView, RouteTable};
@@ -29,6 +30,7 @@ pub const TARGETS: &[&str] = &[
     "translate",
     "grpc_web",
     "head",
+    "chunked",
 ];
 
 /// Runs the harness of `target` on `data`.
@@ -40,6 +42,7 @@ pub fn run(target: &str, data: &[u8]) {
         "translate" => translate(data),
         "grpc_web" => grpc_web(data),
         "head" => head(data),
+        "chunked" => chunked(data),
         other => panic!("no fuzz target named {other}"),
     }
 }
@@ -298,5 +301,49 @@ pub fn head(data: &[u8]) {
                 let _ = head::check(data, &limits);
             }
         }
+    }
+}
+
+/// The strict chunked-body scanner (`drivers::h1::framing::ChunkScan`) that frames both
+/// request and response bodies. The first byte picks where the rest is cut in two; the
+/// rest is fed whole and in the two parts. Properties: no panic; the verdict and the
+/// body's end do not depend on the cut; what passes (with the held trailers) is exactly
+/// the body's bytes; the data handed out is what the scanner counted and no more than
+/// the body.
+pub fn chunked(data: &[u8]) {
+    let Some((&cut, body)) = data.split_first() else {
+        return;
+    };
+    let cut = usize::from(cut) * body.len() / 255;
+    let feed = |parts: &[&[u8]]| {
+        let mut s = ChunkScan::default();
+        let (mut out, mut got) = (Vec::new(), 0u64);
+        let mut seen = 0;
+        for p in parts {
+            let fed = s.feed_with(p, |d| got += d.len() as u64)?;
+            assert!(fed.pass <= p.len());
+            out.extend_from_slice(&p[..fed.pass]);
+            if let Some(end) = fed.end {
+                assert!(fed.pass <= end && end <= p.len());
+                out.extend_from_slice(s.held());
+                assert_eq!(got, s.data_bytes());
+                return Ok(Some((out, seen + end)));
+            }
+            seen += p.len();
+        }
+        assert_eq!(got, s.data_bytes());
+        Ok::<_, busbar::drivers::h1::framing::Malformed>(None)
+    };
+    let whole = feed(&[body]);
+    let (a, b) = body.split_at(cut.min(body.len()));
+    let split = feed(&[a, b]);
+    match (&whole, &split) {
+        (Ok(Some((out, end))), Ok(Some((out2, end2)))) => {
+            assert_eq!(end, end2);
+            assert_eq!(&out[..], &body[..*end]);
+            assert_eq!(out, out2);
+        }
+        (Ok(None), Ok(None)) | (Err(_), Err(_)) => {}
+        _ => panic!("the verdict depends on the cut: {whole:?} vs {split:?}"),
     }
 }
