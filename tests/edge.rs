@@ -445,13 +445,12 @@ async fn a_stalled_body_gets_408_and_the_upstream_half_request_is_closed() {
         took >= Duration::from_millis(900) && took < Duration::from_secs(4),
         "answered after {took:?} (client_timeout 1s)"
     );
-    // The upstream saw the head and the 10 bytes, then its connection ended.
+    // busbar's own engine holds a body's first 64 KiB before it asks the upstream: the
+    // half request reached nobody (pingora's path sent the head and the 10 bytes, then
+    // cut that connection).
     tokio::time::sleep(Duration::from_millis(200)).await;
     let seen = upstream.seen();
-    assert_eq!(seen.len(), 1, "{seen:?}");
-    assert_eq!((seen[0].path.as_str(), seen[0].bytes), ("/upload", 10));
-    assert!(seen[0].cut, "{seen:?}");
-    assert!(seen[0].at.duration_since(start) < Duration::from_secs(4));
+    assert!(seen.is_empty(), "{seen:?}");
     assert_eq!(
         bus.metric(r#"busbar_edge_refusals_total{reason="body_timeout"}"#)
             .await,
@@ -495,11 +494,10 @@ async fn a_trickled_body_is_cut_off_once_it_falls_behind_its_pace() {
     assert!(reply.contains("body_timeout"), "{reply}");
     assert!(closed);
     assert!(took < Duration::from_secs(4), "cut off after {took:?}");
+    // Held by busbar, not streamed: the upstream saw nothing of it.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let seen = upstream.seen();
-    assert_eq!(seen.len(), 1, "{seen:?}");
-    assert!(seen[0].cut && seen[0].bytes < 100, "{seen:?}");
-    assert!(seen[0].at.duration_since(start) < Duration::from_secs(4));
+    assert!(seen.is_empty(), "{seen:?}");
 }
 
 /// Case 3b, slow read: a client that asks for a large response and never reads it is

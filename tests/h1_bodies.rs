@@ -233,7 +233,12 @@ async fn a_100_mib_body_streams_in_both_framings_with_bounded_memory() {
         c.send(&piece).await.unwrap();
     }
     let r = c.read_response(false).await;
-    assert_eq!((r.status(), r.text()), (200, SIZE.to_string()), "{}", r.head);
+    assert_eq!(
+        (r.status(), r.text()),
+        (200, SIZE.to_string()),
+        "{}",
+        r.head
+    );
     // Chunked, 64 KiB chunks.
     c.send(&chunked_head("/echo")).await.unwrap();
     let mut wire = 0;
@@ -247,7 +252,12 @@ async fn a_100_mib_body_streams_in_both_framings_with_bounded_memory() {
     c.send(b"0\r\n\r\n").await.unwrap();
     wire += 5;
     let r = c.read_response(false).await;
-    assert_eq!((r.status(), r.text()), (200, wire.to_string()), "{}", r.head);
+    assert_eq!(
+        (r.status(), r.text()),
+        (200, wire.to_string()),
+        "{}",
+        r.head
+    );
     let peak = vm(bus.pid(), "VmHWM");
     eprintln!("busbar RSS before {base} KiB, peak {peak} KiB");
     assert!(
@@ -261,7 +271,8 @@ async fn a_100_mib_body_streams_in_both_framings_with_bounded_memory() {
 async fn a_chunked_body_reaches_the_upstream_as_sent_with_its_trailers() {
     let up = Raw::start().await;
     let bus = bus(&up, "").await;
-    let body: &[u8] = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc\r\nx-more: 1\r\n\r\n";
+    let body: &[u8] =
+        b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc\r\nx-more: 1\r\n\r\n";
     let mut req = chunked_head("/echo");
     req.extend_from_slice(body);
     let mut c = Conn::connect(bus.http).await;
@@ -284,13 +295,15 @@ async fn a_chunked_body_reaches_the_upstream_as_sent_with_its_trailers() {
         .await,
         2.0
     );
-    assert!(common::eventually(Duration::from_secs(5), || bus
-        .access_log()
-        .lines()
-        .filter(|l| l.contains("\"POST\""))
-        .count()
-        == 2)
-    .await);
+    assert!(
+        common::eventually(Duration::from_secs(5), || bus
+            .access_log()
+            .lines()
+            .filter(|l| l.contains("\"POST\""))
+            .count()
+            == 2)
+        .await
+    );
 }
 
 #[tokio::test]
@@ -308,7 +321,13 @@ async fn a_malformed_chunked_body_busbar_holds_reaches_nobody() {
         req.extend_from_slice(bad);
         let mut c = Conn::connect(bus.http).await;
         let r = c.ask(&req, false).await;
-        assert_eq!(r.status(), 400, "{}: {}", String::from_utf8_lossy(bad), r.head);
+        assert_eq!(
+            r.status(),
+            400,
+            "{}: {}",
+            String::from_utf8_lossy(bad),
+            r.head
+        );
         assert!(r.text().contains("\"error\""), "{}", r.text());
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -323,7 +342,9 @@ async fn a_malformed_chunk_found_late_cuts_that_upstream_connection() {
     c.send(&chunked_head("/echo")).await.unwrap();
     let piece = vec![b'y'; 32 * 1024];
     for _ in 0..8 {
-        c.send(format!("{:x}\r\n", piece.len()).as_bytes()).await.unwrap();
+        c.send(format!("{:x}\r\n", piece.len()).as_bytes())
+            .await
+            .unwrap();
         c.send(&piece).await.unwrap();
         c.send(b"\r\n").await.unwrap();
     }
@@ -386,7 +407,10 @@ async fn http10_is_answered_with_keep_alive_only_when_asked_and_never_chunked() 
     assert_eq!((r.status(), r.text()), (200, "3".into()), "{}", r.head);
     // A chunked answer: the HTTP/1.0 client gets the data alone, ended by the close.
     let r = c
-        .ask(b"GET /chunked HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", false)
+        .ask(
+            b"GET /chunked HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+            false,
+        )
         .await;
     assert_eq!(r.status(), 200, "{}", r.head);
     assert!(r.header("transfer-encoding").is_none(), "{}", r.head);
@@ -445,7 +469,11 @@ service = "s"
         let r = c.ask(&post("/fail", "", &[b'p'; 1000]), false).await;
         assert_eq!(r.status(), 502, "{}", r.head);
     }
-    assert_eq!(a.requests() + b.requests(), 4, "each POST reached one instance once");
+    assert_eq!(
+        a.requests() + b.requests(),
+        4,
+        "each POST reached one instance once"
+    );
 }
 
 #[tokio::test]

@@ -1,6 +1,8 @@
-//! busbar's own HTTP/1.1 engine for the everyday request: a plaintext HTTP/1.1 request
-//! without a body, on a route that proxies to an HTTP/1 service with no translation
-//! (admission included). Everything else goes to the pingora driver, unchanged.
+//! busbar's own HTTP/1 engine for the everyday request: a plaintext HTTP/1.1 or HTTP/1.0
+//! request, with or without a body (`Content-Length` or chunked, `Expect:
+//! 100-continue`), on a route that proxies to an HTTP/1 service with no translation
+//! (admission included). Everything else (upgrades, other expectations or transfer
+//! codings, translating routes, h2c services) goes to the pingora driver, unchanged.
 //!
 //! pingora 0.9's proxy loop costs several times what a plain tokio proxy costs per
 //! request here (measured in `load-tests/RESULTS.md`): a boxed future per phase, two
@@ -9,13 +11,17 @@
 //! upstream connection comes from a per-thread pool (`pool`), and the response goes back
 //! as it is read.
 //!
-//! Files: `request` (request codec), `response` + `framing` (response codec, chunk
-//! scanner), `client` (client I/O), `upstream` (one try's upstream I/O), `pool`, `head`
-//! (the front door's head check), and this one: the orchestration, a thin loop over the
+//! Files: `request` (request codec), `body` (the request body: held, streamed, paced),
+//! `response` + `framing` (response codec, the chunk scanner both directions share),
+//! `client` (client I/O), `upstream` (one try's upstream I/O), `pool`, `head` (the
+//! front door's head check), and this one: the orchestration, a thin loop over the
 //! phases.
-//! Owns: HTTP/1.1 framing on both sides for these requests. An answer that breaks
+//! Owns: HTTP/1 framing on both sides for these requests. An answer that breaks
 //! `framing`'s rules is a 502, or, once its head went out, a client connection closed;
-//! never bytes passed on that busbar could not frame.
+//! never bytes passed on that busbar could not frame. A request body that breaks them is
+//! a 400 that reaches no upstream when busbar holds it whole, and cuts the upstream
+//! connection when it is found while streaming. An HTTP/1.0 client gets no 1xx and no
+//! chunked framing (a chunked answer goes to it as plain data, ended by the close).
 //! Must not: hold policy. Route, admission, tries, retries, outlier detection, header
 //! edits, metrics and the access log are the phases' (`phases::Phases`), the same calls
 //! the pingora driver makes.
@@ -52,8 +58,8 @@ use crate::phases::{Done, Phases, Routing};
 use crate::proxy::reply::Cause;
 use crate::routing::Route;
 use crate::snapshot::{Snapshot, State};
-pub use client::ClientStream;
 use body::{BodyFail, RequestBody, Streamer};
+pub use client::ClientStream;
 use client::{Downstream, Served};
 use framing::ChunkScan;
 use head::HeadLimits;
@@ -466,10 +472,8 @@ async fn exchange<S: ClientStream>(
     };
     // The client's connection goes on only if its whole request was read, and the
     // response has an end it can see.
-    let keep_alive = down.keep_alive
-        && sides.body.done()
-        && head.framing != Framing::Close
-        && !dechunk;
+    let keep_alive =
+        down.keep_alive && sides.body.done() && head.framing != Framing::Close && !dechunk;
     if edits || head.nominates || dechunk {
         let Ok(mut resp) = upstream_header(&buf[..head.len]) else {
             return upstream_broke(phases, ctx, down).await;

@@ -146,12 +146,15 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<Parsed> {
         if name == UPGRADE {
             return None;
         }
-        // A framing value must end its line: no whitespace httparse trimmed, which the
-        // front door might read otherwise.
-        let framing_name = name == TRANSFER_ENCODING || name == CONTENT_LENGTH;
-        let value_end = h.value.as_ptr() as usize - head.as_ptr() as usize + h.value.len();
-        if framing_name && head.get(value_end) != Some(&b'\r') {
-            return None;
+        // A framing value is the line's whole rest after `:` and spaces: no tab or
+        // trailing whitespace httparse trimmed, which the front door reads otherwise.
+        if name == TRANSFER_ENCODING || name == CONTENT_LENGTH {
+            let value_at = h.value.as_ptr() as usize - head.as_ptr() as usize;
+            let between = head.get(at + h.name.len()..value_at)?;
+            let clean = matches!(between.split_first(), Some((b':', rest)) if rest.iter().all(|&b| b == b' '));
+            if !clean || head.get(value_at + h.value.len()) != Some(&b'\r') {
+                return None;
+            }
         }
         if name == TRANSFER_ENCODING {
             // Exactly `chunked`, once: the front door refuses the rest, or pingora reads it.
@@ -293,8 +296,13 @@ mod tests {
     fn bodies_and_http10_are_framed_as_the_front_door_frames_them() {
         let p = |h: &[u8]| parse(&Bytes::copy_from_slice(h), &LIMITS);
         let got = p(b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n").unwrap();
-        assert_eq!((got.body, got.close, got.expect), (BodyFraming::Length(12), false, false));
-        let got = p(b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\nExpect: 100-continue\r\n\r\n").unwrap();
+        assert_eq!(
+            (got.body, got.close, got.expect),
+            (BodyFraming::Length(12), false, false)
+        );
+        let got =
+            p(b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\nExpect: 100-continue\r\n\r\n")
+                .unwrap();
         assert_eq!((got.body, got.expect), (BodyFraming::Chunked, true));
         let got = p(b"GET / HTTP/1.0\r\n\r\n").unwrap();
         assert!(got.http10 && got.close);
@@ -306,6 +314,8 @@ mod tests {
             b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
             b"POST / HTTP/1.1\r\nExpect: something\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding:\tchunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length:\t5\r\n\r\n",
         ] {
             assert!(p(h).is_none(), "{}", String::from_utf8_lossy(h));
         }

@@ -202,10 +202,19 @@ pub(super) async fn one_try<S: ClientStream>(
                 Err(_) => return Err(TryFail::Connect { timed_out: true }),
             },
         };
-        let trip = round_trip(&mut up, ask, t.read_timeout, reused, buf, lines, body.as_deref_mut());
+        let trip = round_trip(
+            &mut up,
+            ask,
+            t.read_timeout,
+            reused,
+            buf,
+            lines,
+            body.as_deref_mut(),
+        );
         match trip.await {
             Ok(head) => return Ok((up, head)),
-            Err(TripError::Stale) if ask.idempotent && !body.as_ref().is_some_and(|b| b.started) => {}
+            Err(TripError::Stale)
+                if ask.idempotent && !body.as_ref().is_some_and(|b| b.started) => {}
             Err(TripError::Stale) => return Err(TryFail::Trip { timed_out: false }),
             Err(TripError::Upstream { timed_out }) => return Err(TryFail::Trip { timed_out }),
             Err(TripError::Malformed) => return Err(TryFail::Malformed),
