@@ -303,14 +303,11 @@ max_body = "1KiB"
 /// What the raw upstream of the slow-client tests saw on one connection.
 #[derive(Debug, Clone)]
 struct UpstreamConn {
-    path: String,
     /// Body bytes received (POST) or response bytes written (`GET /big`).
     bytes: usize,
     /// The connection ended before the declared body was in (POST), or a response write
     /// failed because busbar closed the connection (`GET /big`).
     cut: bool,
-    /// When that happened.
-    at: Instant,
 }
 
 /// A raw HTTP/1.1 upstream: records each connection's fate (see `UpstreamConn`), answers
@@ -382,12 +379,7 @@ impl RawUpstream {
             }
             (got, got < declared)
         };
-        log.lock().unwrap().push(UpstreamConn {
-            path,
-            bytes,
-            cut,
-            at: Instant::now(),
-        });
+        log.lock().unwrap().push(UpstreamConn { bytes, cut });
     }
 
     fn seen(&self) -> Vec<UpstreamConn> {

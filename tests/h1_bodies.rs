@@ -4,8 +4,9 @@
 //!
 //! `/echo` reads the body (by its length or its chunked framing) and answers `200` with
 //! the body's wire bytes counted; if the request expects `100-continue` it says `100
-//! Continue` first. `/early` answers `417` from the head alone and reads nothing. `/fail`
-//! reads the body and closes without an answer. `/chunked` answers chunked.
+//! Continue` first (but `/quiet`, which ignores the expectation). `/early` answers `417`
+//! from the head alone and reads nothing. `/fail` reads the body and closes without an
+//! answer. `/chunked` answers chunked.
 
 mod common;
 
@@ -123,7 +124,7 @@ async fn serve(mut s: TcpStream, id: usize, got: Arc<Mutex<Vec<Got>>>) {
             tokio::time::sleep(Duration::from_secs(30)).await;
             return;
         }
-        if head.contains("expect: 100-continue") {
+        if head.contains("expect: 100-continue") && path != "/quiet" {
             let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
         }
         let length: Option<u64> = head
@@ -392,6 +393,45 @@ async fn expect_100_continue_is_forwarded_and_an_early_answer_comes_without_the_
     c.send(b"hello").await.unwrap();
     let r = c.read_response(false).await;
     assert_eq!((r.status(), r.text()), (200, "5".into()), "{}", r.head);
+    // An upstream that ignores the expectation: busbar says 100 itself (after a moment),
+    // then sends the body on; the client is never left waiting for good.
+    let mut c = Conn::connect(bus.http).await;
+    c.send(b"POST /quiet HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let r = c.read_response(false).await;
+    assert_eq!(r.status(), 100, "{}", r.head);
+    c.send(b"hello").await.unwrap();
+    let r = c.read_response(false).await;
+    assert_eq!((r.status(), r.text()), (200, "5".into()), "{}", r.head);
+}
+
+/// An upstream that answers while a large body is still on its way (and reads no more
+/// of it): the client gets that answer, and its connection closes after it.
+#[tokio::test]
+async fn an_answer_that_comes_while_the_body_streams_reaches_the_client() {
+    let up = Raw::start().await;
+    let bus = bus(&up, "[limits]\nmax_body = \"1GiB\"\n").await;
+    let s = TcpStream::connect(bus.http).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    const SIZE: usize = 64 << 20;
+    let writer = tokio::spawn(async move {
+        let head = format!("POST /early HTTP/1.1\r\nHost: t\r\nContent-Length: {SIZE}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await.unwrap();
+        let piece = vec![b'e'; 64 * 1024];
+        for _ in 0..SIZE / piece.len() {
+            if wr.write_all(&piece).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut out)).await;
+    writer.abort();
+    let text = String::from_utf8_lossy(&out).to_lowercase();
+    assert!(text.starts_with("http/1.1 417"), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert!(text.ends_with("nope"), "{text}");
 }
 
 #[tokio::test]
@@ -447,6 +487,11 @@ service = "s"
         assert_eq!((r.status(), r.text()), (200, "1000".into()), "{}", r.head);
     }
     assert_eq!(good.requests(), 4);
+    // Some of them went to the closed port first, and were sent again.
+    let failed = bus
+        .metric("busbar_upstream_connect_failures_total{service=\"s\"}")
+        .await;
+    assert!(failed >= 1.0, "{failed}");
     drop(bus);
 
     // Both instances read the body; `/fail` then closes: a POST is not sent twice.

@@ -119,6 +119,11 @@ impl RequestBody {
         Ok(take)
     }
 
+    /// Is the whole body in `bytes` (without taking it)?
+    pub(super) fn whole_in(mut self, bytes: &[u8]) -> bool {
+        self.feed(bytes).is_ok() && self.done
+    }
+
     /// Reads what the client sends next into `into`'s spare capacity, within the pace.
     async fn read<S: ClientStream>(
         &mut self,

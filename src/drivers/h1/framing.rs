@@ -515,12 +515,12 @@ mod tests {
                 })
         }
 
-        /// Feeds `wire` cut at `cuts`: what passed (with the held trailers at the end),
-        /// the data, where the body ended.
-        fn run(
-            wire: &[u8],
-            cuts: &[usize],
-        ) -> Result<(Vec<u8>, Vec<u8>, Option<usize>, u64), Malformed> {
+        /// What passed (with the held trailers at the end), the data, where the body
+        /// ended, the data counted.
+        type Ran = (Vec<u8>, Vec<u8>, Option<usize>, u64);
+
+        /// Feeds `wire` cut at `cuts`.
+        fn run(wire: &[u8], cuts: &[usize]) -> Result<Ran, Malformed> {
             let mut s = ChunkScan::default();
             let (mut out, mut data) = (Vec::new(), Vec::new());
             let mut at = 0;

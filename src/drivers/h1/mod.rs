@@ -240,11 +240,7 @@ pub async fn serve<S: ClientStream>(
                 Some(p) => {
                     // A refusal keeps the connection only if it can drop the whole body.
                     let keep_alive = down.keep_alive;
-                    let whole = framing == BodyFraming::None
-                        || skip_held(
-                            &mut RequestBody::new(framing, u64::MAX, pace),
-                            &mut conn.clone(),
-                        );
+                    let whole = RequestBody::new(framing, u64::MAX, pace).whole_in(conn);
                     down.keep_alive &= whole;
                     let admitted = admit(phases, &p, &mut down, req, &path, &mut ctx).await;
                     if admitted.is_err() && whole {
