@@ -88,6 +88,15 @@ impl RequestBody {
         self.left
     }
 
+    /// The body's data read so far (without chunked framing): the request's body bytes
+    /// in the metrics and the access log.
+    pub(super) fn data_read(&self, declared: u64) -> u64 {
+        match self.left {
+            Some(left) => declared - left,
+            None => self.scan.data_bytes(),
+        }
+    }
+
     /// The whole body has been read.
     pub(super) fn done(&self) -> bool {
         self.done
@@ -119,9 +128,9 @@ impl RequestBody {
         Ok(take)
     }
 
-    /// Is the whole body in `bytes` (without taking it)?
-    pub(super) fn whole_in(mut self, bytes: &[u8]) -> bool {
-        self.feed(bytes).is_ok() && self.done
+    /// Where the body ends in `bytes`, if it is all there (nothing is taken).
+    pub(super) fn whole_in(mut self, bytes: &[u8]) -> Option<usize> {
+        self.feed(bytes).ok().filter(|_| self.done)
     }
 
     /// Reads what the client sends next into `into`'s spare capacity, within the pace.

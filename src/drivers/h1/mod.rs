@@ -89,9 +89,8 @@ pub struct FastRequest {
 /// Parses ([`parse`]) and routes a complete head. `None`: not a request for this path
 /// (an upgrade, an `Expect` other than `100-continue`, absolute form, more than
 /// [`MAX_HEADERS`] lines, a `;` in the path, a translating route, an h2c service…), or a
-/// head the front
-/// door must judge; the caller checks it and hands it to pingora, which sees the same
-/// bytes.
+/// head the front door must judge; the caller checks it and hands it to pingora, which
+/// sees the same bytes.
 pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastRequest>> {
     // One copy of the head; the path and the header values are slices of it.
     let head = Bytes::copy_from_slice(head);
@@ -209,15 +208,18 @@ pub async fn serve<S: ClientStream>(
         },
     };
     let set_up = phases.setup(&mut ctx, snapshot, req, peer.map(|a| a.ip()), routing);
+    // Where the body ends in what the front door read, if it is all there.
+    let held = RequestBody::new(framing, u64::MAX, pace).whole_in(conn);
     let real = ctx.client;
     let mut down = Downstream {
         client,
         peer,
         tls,
         keep_alive: !close && !draining,
-        // The client's socket holds nothing but its next request: watching it for a
-        // close cannot take a byte of this request's body.
-        watch: conn.is_empty() && framing == BodyFraming::None,
+        // Only when the body (if any) is all read, and nothing after it: the client's
+        // socket then holds nothing but its next request, and watching it for a close
+        // takes no byte of this request's body, nor puts one before a pipelined one.
+        watch: held == Some(conn.len()),
         limit,
     };
     // An answer before the body was read: the connection goes on only if the body is
@@ -240,7 +242,7 @@ pub async fn serve<S: ClientStream>(
                 Some(p) => {
                     // A refusal keeps the connection only if it can drop the whole body.
                     let keep_alive = down.keep_alive;
-                    let whole = RequestBody::new(framing, u64::MAX, pace).whole_in(conn);
+                    let whole = held.is_some();
                     down.keep_alive &= whole;
                     let admitted = admit(phases, &p, &mut down, req, &path, &mut ctx).await;
                     if admitted.is_err() && whole {
@@ -269,6 +271,11 @@ pub async fn serve<S: ClientStream>(
     let served = Served {
         keep_alive: served.keep_alive && body.done(),
         ..served
+    };
+    ctx.body_bytes = match framing {
+        BodyFraming::None => 0,
+        BodyFraming::Length(n) => body.data_read(n),
+        BodyFraming::Chunked => body.data_read(0),
     };
     phases.finish(
         &mut ctx,

@@ -129,6 +129,10 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<Parsed> {
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
     parts.uri = uri;
+    // `Via` and the access log name the client's protocol.
+    if parsed.version == Some(0) {
+        parts.version = http::Version::HTTP_10;
+    }
     parts.headers.reserve(parsed.headers.len());
     let http10 = parsed.version == Some(0);
     let mut close = false;
