@@ -869,7 +869,23 @@ if has post1k || has post64k; then
   done
 fi
 
-RAW="$DIR/results.tsv"   # scenario target round rps p50_us p99_us requests cpu_us_per_req errors
+RAW="$DIR/results.tsv"   # scenario target round rps p50_us p99_us requests cpu_us_per_req errors proxy_cpu_busy% load_cpu_busy%
+
+# The /proc/stat lines of the proxy CPU and the load CPU, and how busy each was between
+# two samples (percent of its time not idle): tells whether the proxy or the load side
+# was the limit of a run.
+cpu_sample() { awk -v p="cpu$PROXY_CPU" -v l="cpu$LOAD_CPU" '$1 == p || $1 == l {printf "%s ", $0}' /proc/stat; }
+cpu_busy() {  # sample-before sample-after -> "proxy% load%"
+  awk -v a="$1" -v b="$2" -v p="cpu$PROXY_CPU" -v l="cpu$LOAD_CPU" 'BEGIN {
+    n = split(a, x, " "); split(b, y, " ")
+    for (i = 1; i <= n; i++) if (x[i] ~ /^cpu/) {
+      c = x[i]; t = 0
+      for (j = 1; j <= 8; j++) t += y[i + j] - x[i + j]
+      idle = (y[i + 4] + y[i + 5]) - (x[i + 4] + x[i + 5])
+      v[c] = t > 0 ? 100 * (t - idle) / t : 0
+    }
+    printf "%.0f %.0f\n", v[p], v[l] }'
+}
 : >"$RAW"
 
 run_load() {  # key seconds [h2load log file] -> prints the generator's output
@@ -917,10 +933,12 @@ check_servers() {
 
 measure() {  # scenario target round
   local s=$1 t=$2 r=$3 k="$1/$2" pid=${T_PID[$1/$2]} before after f0 f1 flt out rps p50 p99 reqs cpu errs logf=""
+  local c0 c1 pbusy lbusy
   [[ ${T_KIND[$k]} = h2 ]] && logf="$DIR/h2load-$s-$t-$r.log"
-  before=$(cpu_ticks "$pid"); f0=$(minor_faults "$pid")
+  before=$(cpu_ticks "$pid"); f0=$(minor_faults "$pid"); c0=$(cpu_sample)
   out=$(run_load "$k" "$DURATION" "$logf") || die "load generator failed against $k: $out"
-  after=$(cpu_ticks "$pid"); f1=$(minor_faults "$pid")
+  after=$(cpu_ticks "$pid"); f1=$(minor_faults "$pid"); c1=$(cpu_sample)
+  read -r pbusy lbusy < <(cpu_busy "$c0" "$c1")
   echo "$out" >"$DIR/out-$s-$t-$r.txt"
   check_servers
   if [[ ${T_KIND[$k]} = h2 ]]; then
@@ -947,9 +965,9 @@ measure() {  # scenario target round
   else
     cpu="-" flt="-"
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$t" "$r" "$rps" "$p50" "$p99" "$reqs" "$cpu" "$errs" >>"$RAW"
-  printf 'bench: (%s) round %d %-12s %10s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req  faults %5s/req  errors %s\n' \
-    "$s" "$r" "$t" "$rps" "$p50" "$p99" "$cpu" "$flt" "$errs" >&2
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$t" "$r" "$rps" "$p50" "$p99" "$reqs" "$cpu" "$errs" "$pbusy" "$lbusy" >>"$RAW"
+  printf 'bench: (%s) round %d %-12s %10s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req  faults %5s/req  errors %s  CPU%s/CPU%s busy %s%%/%s%%\n' \
+    "$s" "$r" "$t" "$rps" "$p50" "$p99" "$cpu" "$flt" "$errs" "$PROXY_CPU" "$LOAD_CPU" "$pbusy" "$lbusy" >&2
 }
 
 median() {  # scenario target column-of-RAW
@@ -1055,17 +1073,19 @@ run_scenario() {  # scenario: warm-up, rounds, table
        [[ -n ${M_RPS[$s/busbar]:-} ]] && echo "- goal (issue 20): busbar ≥ 1.0× nginx req/s; this run: $(ratio "${M_RPS[$s/busbar]}" "$ng_rps") (paired: $(ratio "$(paired "$s" busbar)" 1)); CPU per request $(ratio "${M_CPU[$s/busbar]}" "$ng_cpu")× nginx's" ;;
     tlsnew)
        [[ -n ${M_RPS[$s/busbar]:-} ]] && echo "- issue 20 (report the ratio): busbar $(ratio "${M_RPS[$s/busbar]}" "$ng_rps")× nginx req/s (paired: $(ratio "$(paired "$s" busbar)" 1)); CPU per request $(ratio "${M_CPU[$s/busbar]}" "$ng_cpu")× nginx's"
-       # wrk does the client half of every handshake on one thread of the load CPU: when
-       # direct (no proxy) is not clearly faster than the proxies, the load side is the
-       # limit and only CPU per request compares the proxies.
-       local best=0
-       for t in "${targets[@]}"; do
-         [[ $t = direct ]] || best=$(awk -v a="$best" -v b="${M_RPS[$s/$t]}" 'BEGIN {print (b + 0 > a + 0) ? b : a}')
-       done
-       if [[ -n ${M_RPS[$s/direct]:-} ]] && awk -v d="${M_RPS[$s/direct]}" -v b="$best" 'BEGIN {exit !(d < 1.5 * b)}'; then
-         echo "- NOTE: direct ($(printf '%.0f' "${M_RPS[$s/direct]}") req/s) is within 1.5× of the fastest proxy ($(printf '%.0f' "$best")): the load side (wrk's handshakes on CPU $LOAD_CPU) limits this scenario; compare CPU µs/req, not req/s"
-       fi ;;
+       ;;
   esac
+  # The proxy is the limit of a run when its CPU is busy; when the load CPU is busy and
+  # the proxy's is not (wrk doing the client half of every TLS handshake in tlsnew, say),
+  # req/s says more about the load side, and CPU µs/req is the figure to compare.
+  for t in "${targets[@]}"; do
+    [[ -n ${T_PID[$s/$t]} ]] || continue
+    local pb lb
+    pb=$(median "$s" "$t" 10); lb=$(median "$s" "$t" 11)
+    if awk -v p="$pb" -v l="$lb" 'BEGIN {exit !(p != "-" && l != "-" && l >= 95 && p < 90)}'; then
+      echo "- NOTE: $t: the load CPU ($LOAD_CPU) was ${lb}% busy and the proxy's ($PROXY_CPU) ${pb}% (medians): the load side limited its req/s; compare CPU µs/req"
+    fi
+  done
   echo
 }
 
