@@ -1030,8 +1030,8 @@ run_scenario() {  # scenario: warm-up, rounds, table
     upstls)
        echo "- load: wrk -t1 -c$CONNS -d${DURATION}s --latency, plaintext GET / to the proxy; the proxy → the backend's TLS listener, verified against the run's CA, SNI localhost, keep-alive"
        echo "- nginx: proxy_pass https://, upstream keepalive 64, proxy_ssl_session_reuse on, proxy_ssl_verify on; HAProxy: \`server … ssl verify required ca-file … sni str(localhost) verifyhost localhost\`, http-reuse always; busbar: $(basename "$BUSBAR_UPSTLS") (\`protocol = \"https\"\`)"
-       for t in "${!UPSTLS_SKIPPED[@]}"; do
-         echo "- $t: skipped (no https upstream support in this binary): \`busbar check\` said: ${UPSTLS_SKIPPED[$t]}"
+       for t in busbar busbar@base; do
+         [[ -n ${UPSTLS_SKIPPED[$t]:-} ]] && echo "- $t: skipped (no https upstream support in this binary): \`busbar check\` said: ${UPSTLS_SKIPPED[$t]}"
        done ;;
   esac
   echo
