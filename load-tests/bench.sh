@@ -493,13 +493,13 @@ fi
 # HAProxy streams request bodies as they come (no option http-buffer-request).
 if ((NEED_HAPROXY)); then
   take_port P_HAPROXY P_HAPROXY_H2 P_HAPROXY_TLS P_HAPROXY_UPS
-  HAPROXY_TLS=""
-  ((NEED_TLS)) && HAPROXY_TLS="
+  HAPROXY_MORE=""
+  ((NEED_TLS)) && HAPROXY_MORE="
 frontend fe_tls
     bind 127.0.0.1:$P_HAPROXY_TLS ssl crt $CERT_KEY
     default_backend be
 "
-  has upstls && HAPROXY_TLS+="
+  has upstls && HAPROXY_MORE+="
 frontend fe_ups
     bind 127.0.0.1:$P_HAPROXY_UPS
     default_backend be_tls
@@ -514,7 +514,7 @@ backend be_tls
 frontend fe_h2
     bind 127.0.0.1:$P_HAPROXY_H2 proto h2
     default_backend be
-$HAPROXY_TLS
+$HAPROXY_MORE
 backend be
     server b1 127.0.0.1:$P_BACKEND"
   HAPROXY_PID=$LAST_PID
