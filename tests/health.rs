@@ -18,7 +18,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 /// Health of each instance of `service` in `GET /v1/services`, by address.
 async fn instance_health(bus: &Busbar, service: &str) -> BTreeMap<String, String> {
-    let v = get_json(client().get(bus.admin_url("/v1/services"))).await;
+    let v = get_json(bus.admin_get("/v1/services")).await;
     let svc = v["services"]
         .as_array()
         .expect("services array")

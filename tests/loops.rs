@@ -315,11 +315,7 @@ async fn the_admin_and_registration_apis_never_answer_what_a_service_listener_fo
     assert!(to_admin.carried() >= 4 && to_registry.carried() >= 1);
 
     // Asked directly, both answer as before.
-    let r = client()
-        .get(bus.admin_url("/v1/registry"))
-        .send()
-        .await
-        .unwrap();
+    let r = bus.admin_get("/v1/registry").send().await.unwrap();
     assert_eq!(r.status(), 200);
     let r = client()
         .get(bus.registry_url("/v1/services"))
