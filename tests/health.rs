@@ -417,8 +417,9 @@ service = "s"
         a = a.addr
     ))
     .await;
-    let ok = r#"busbar_requests_total{class="2xx",reason="",route="r",service="s"}"#;
-    let failed = r#"busbar_requests_total{class="5xx",reason="",route="r",service="s"}"#;
+    let ok = r#"busbar_requests_total{class="2xx",method="GET",reason="",route="r",service="s"}"#;
+    let failed =
+        r#"busbar_requests_total{class="5xx",method="GET",reason="",route="r",service="s"}"#;
     let count = r#"busbar_request_duration_seconds_count{route="r"}"#;
 
     get_n(&bus, "/x", 25).await;
