@@ -139,3 +139,84 @@ async fn without_a_token_configured_the_reads_are_refused() {
     let (status, _) = get(&bus, "/healthz", None).await;
     assert_eq!(status, 200);
 }
+
+/// `GET /v1/services` and the console's `GET /console/api/services` are one listing: the
+/// same JSON, with each instance's version, zone, lease and DNS name in both.
+#[tokio::test]
+async fn the_admin_api_and_the_console_list_services_alike() {
+    const TOKEN: &str = "reg-token";
+    let backend = Backend::start("b").await;
+    let other = Backend::start("c").await;
+    let body = format!(
+        r#"
+[registry]
+listen = "{{registry}}"
+[[registry.token]]
+token_sha256 = "{hash}"
+services = ["*"]
+
+[[service]]
+name = "orders"
+registration = true
+[[service]]
+name = "named"
+endpoints = [{{ addr = "localhost:{port}", version = "v1" }}]
+[[route]]
+name = "orders"
+service = "orders"
+path_prefix = "/"
+"#,
+        hash = common::sha256_hex(TOKEN),
+        port = other.addr.port(),
+    );
+    let bus = Busbar::start(&body).await;
+    let r = client()
+        .put(bus.registry_url("/v1/services/orders/instances/o1"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({
+            "address": backend.addr.to_string(), "version": "v2", "zone": "eu-west-1a", "ttl": 60
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
+    let read = |path: &'static str| {
+        let req = bus.admin_get(path);
+        async move {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 200, "{path}");
+            let mut v: Value = r.json().await.unwrap();
+            // Live numbers that may move between the two reads.
+            for s in v["services"].as_array_mut().unwrap() {
+                for i in s["instances"].as_array_mut().unwrap() {
+                    i["ttl_left_ms"] = Value::Null;
+                }
+            }
+            v
+        }
+    };
+    let admin = read("/v1/services").await;
+    let console = read("/console/api/services").await;
+    assert_eq!(admin, console);
+    let instance = |v: &Value, service: &str| {
+        v["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == service)
+            .unwrap_or_else(|| panic!("{service}: {v}"))["instances"][0]
+            .clone()
+    };
+    let o1 = instance(&admin, "orders");
+    assert_eq!(o1["id"], "o1", "{o1}");
+    assert_eq!(o1["version"], "v2", "{o1}");
+    assert_eq!(o1["zone"], "eu-west-1a", "{o1}");
+    assert_eq!(o1["source"], "registered", "{o1}");
+    assert_eq!(o1["ttl_secs"], 60, "{o1}");
+    let named = instance(&console, "named");
+    assert_eq!(named["source"], "dns", "{named}");
+    let name = format!("localhost:{}", other.addr.port());
+    assert_eq!(named["dns_name"], name.as_str(), "{named}");
+    assert_eq!(named["version"], "v1", "{named}");
+}

@@ -1,7 +1,8 @@
 //! The admin API on its own listener (loopback by default).
 //!
 //! Owns: `/livez`, `/readyz`, `/healthz`, `/metrics` (also alone on `listen.metrics`,
-//! [`MetricsApi`]), `/v1/routes`, `/v1/services`, `/v1/reload`, `/v1/logs/reopen`; the release
+//! [`MetricsApi`]), `/v1/routes`, `/v1/services` (its shape is `listing`'s, shared with
+//! the console), `/v1/reload`, `/v1/logs/reopen`; the release
 //! and config-history calls (`/v1/releases…`, `/v1/config/…`) are `release::admin`'s, the
 //! console under `/console/` is `console`'s.
 //! Who may call what: `/livez`, `/readyz`, `/healthz`, `/metrics` and the console's pages
@@ -23,7 +24,6 @@ use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
 use crate::base::api::{self as replies, error, json_reply, reply};
-use crate::model::health::now_ms;
 use crate::snapshot::State;
 
 /// The environment variable that holds the admin token.
@@ -119,47 +119,6 @@ impl AdminApi {
             })
             .collect();
         json!({ "generation": snap.generation, "routes": routes })
-    }
-
-    fn services(&self) -> Value {
-        let snap = self.state.load();
-        let now = now_ms();
-        let services: Vec<Value> = snap
-            .services
-            .iter()
-            .map(|s| {
-                let set = s.instances();
-                let instances: Vec<Value> = set
-                    .instances
-                    .iter()
-                    .map(|i| {
-                        json!({
-                            "id": i.id,
-                            "addr": i.addr.to_string(),
-                            "source": if i.registration.is_some() { "registered" } else if i.dns.is_some() { "dns" } else { "config" },
-                            "dns_name": i.dns.as_deref(),
-                            "sidecar": i.sidecar.as_ref().map(|(a, s)| json!({
-                                "addr": a.to_string(),
-                                "up": s.is_up(),
-                                "path": s.last_path().map(|p| p.as_str()),
-                            })),
-                            "weight": i.weight,
-                            "health": i.health.state().as_str(),
-                            "ejected_for_ms": i.health.ejection_left(now).map(|d| d.as_millis() as u64),
-                            "in_flight": i.health.in_flight(),
-                        })
-                    })
-                    .collect();
-                json!({
-                    "name": s.name(),
-                    "protocol": s.config.protocol.as_str(),
-                    "balance": s.config.balance.as_str(),
-                    "panic_mode": s.panic.load(std::sync::atomic::Ordering::Relaxed),
-                    "instances": instances,
-                })
-            })
-            .collect();
-        json!({ "generation": snap.generation, "services": services })
     }
 
     fn registry(&self) -> Value {
@@ -301,7 +260,7 @@ impl ServeHttp for AdminApi {
                 }
                 let body = match path.as_str() {
                     "/v1/routes" => self.routes(),
-                    "/v1/services" => self.services(),
+                    "/v1/services" => crate::listing::services(&self.state),
                     _ => self.registry(),
                 };
                 json_reply(StatusCode::OK, body)
