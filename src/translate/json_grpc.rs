@@ -10,8 +10,8 @@ use std::collections::HashSet;
 use http::Method;
 use prost::Message;
 use prost_reflect::{
-    DescriptorPool, DeserializeOptions, DynamicMessage, Kind, MessageDescriptor, MethodDescriptor,
-    SerializeOptions, Value as PValue,
+    DescriptorPool, DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor,
+    MethodDescriptor, SerializeOptions, Value as PValue,
 };
 use serde_json::{Map, Value};
 
@@ -36,6 +36,8 @@ pub struct Binding {
     pub template: Option<PathTemplate>,
     pub method: MethodDescriptor,
     pub body: Body,
+    /// `response_body: "field"`: the reply's field answered instead of the whole reply.
+    pub response_body: Option<FieldDescriptor>,
     /// `/package.Service/Method`.
     pub grpc_path: String,
 }
@@ -47,6 +49,32 @@ pub struct JsonOptions {
     pub emit_defaults: bool,
     /// Refuse JSON keys and query parameters that name no field.
     pub deny_unknown_fields: bool,
+    /// How the reply's initial metadata reaches the caller.
+    pub initial_metadata: MetadataHeaders,
+    /// How a server stream is written.
+    pub stream: StreamFormat,
+}
+
+/// How gRPC initial metadata becomes response headers (trailers always become
+/// `Grpc-Trailer-<name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetadataHeaders {
+    /// `Grpc-Metadata-<name>`, as grpc-gateway sends them.
+    Prefixed,
+    /// Under their own names, as Envoy's transcoder passes them.
+    Plain,
+}
+
+/// How a server-streaming reply is written to a JSON caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamFormat {
+    /// One message per line (`application/x-ndjson`); an error ends it as
+    /// `{"error": {…}}`.
+    Ndjson,
+    /// grpc-gateway's lines: `{"result": message}`, and `{"error": {…}}` at a failure.
+    ResultLines,
+    /// Envoy's transcoder: one JSON array of the messages (`application/json`).
+    JsonArray,
 }
 
 /// A route's compiled JSON→gRPC mapping; lives in the config snapshot.
@@ -170,12 +198,23 @@ impl Transcoder {
                             Body::Field(f.to_string())
                         }
                     };
+                    let response_body = match str_field(&r, "response_body").as_str() {
+                        "" => None,
+                        f => Some(m.output().get_field_by_name(f).ok_or_else(|| {
+                            format!(
+                                "{}: response_body \"{f}\" is not a field of {}",
+                                m.full_name(),
+                                m.output().full_name()
+                            )
+                        })?),
+                    };
                     bindings.push(Binding {
                         http_method,
                         template: Some(template),
                         grpc_path: grpc_path(&m),
                         method: m.clone(),
                         body,
+                        response_body,
                     });
                 }
             }
@@ -227,6 +266,7 @@ impl Transcoder {
                 grpc_path: grpc_path(&m),
                 method: m.clone(),
                 body,
+                response_body: None,
             });
         }
         Ok(Transcoder {
@@ -332,7 +372,8 @@ impl Transcoder {
         Ok(msg.encode_to_vec())
     }
 
-    /// The JSON for one reply message of `b`'s method.
+    /// The JSON for one reply message of `b`'s method (its `response_body` field only,
+    /// when the binding names one).
     pub fn response(&self, b: &Binding, message: &[u8]) -> Result<Vec<u8>, String> {
         let msg = DynamicMessage::decode(b.method.output(), message).map_err(|e| {
             format!(
@@ -343,8 +384,29 @@ impl Transcoder {
         let opts = SerializeOptions::new().skip_default_fields(!self.options.emit_defaults);
         let mut out = Vec::with_capacity(message.len() * 2 + 16);
         let mut ser = serde_json::Serializer::new(&mut out);
-        msg.serialize_with_options(&mut ser, &opts)
-            .map_err(|e| format!("the reply cannot be written as JSON: {e}"))?;
+        let written = match &b.response_body {
+            None => msg.serialize_with_options(&mut ser, &opts),
+            Some(f) => match msg.get_field(f).as_ref() {
+                // A singular message field: written directly (an unset one is `{}`).
+                PValue::Message(m) if !f.is_list() && !f.is_map() => {
+                    m.serialize_with_options(&mut ser, &opts)
+                }
+                // Scalars, lists and maps have no serializer of their own: the field
+                // is taken from the whole reply, defaults included so it is never absent.
+                _ => {
+                    let whole = msg.serialize_with_options(
+                        serde_json::value::Serializer,
+                        &SerializeOptions::new().skip_default_fields(false),
+                    );
+                    let field = match whole {
+                        Ok(Value::Object(mut o)) => o.remove(f.json_name()),
+                        _ => None,
+                    };
+                    serde::Serialize::serialize(&field.unwrap_or(Value::Null), &mut ser)
+                }
+            },
+        };
+        written.map_err(|e| format!("the reply cannot be written as JSON: {e}"))?;
         Ok(out)
     }
 }

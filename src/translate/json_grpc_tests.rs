@@ -14,6 +14,8 @@ fn transcoder(deny_unknown_fields: bool) -> Transcoder {
         JsonOptions {
             emit_defaults: false,
             deny_unknown_fields,
+            initial_metadata: MetadataHeaders::Prefixed,
+            stream: StreamFormat::Ndjson,
         },
     )
     .unwrap()
@@ -190,6 +192,8 @@ fn an_explicit_method_takes_any_path() {
     let opts = JsonOptions {
         emit_defaults: true,
         deny_unknown_fields: true,
+        initial_metadata: MetadataHeaders::Prefixed,
+        stream: StreamFormat::Ndjson,
     };
     let t = Transcoder::single(pool.clone(), "bookstore.v1.Bookstore/Ping", opts).unwrap();
     let (b, vars) = t.find(&Method::POST, "/anything").unwrap();

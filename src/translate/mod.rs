@@ -48,6 +48,19 @@ pub fn translates(snapshot: &Snapshot, route: &Route) -> bool {
     of(snapshot, route).is_some()
 }
 
+/// Is this a plain gRPC request (`content-type: application/grpc`, `application/grpc+proto`,
+/// …, not gRPC-Web)? A JSON route passes those through as they are.
+pub fn is_plain_grpc(req: &RequestHeader) -> bool {
+    req.headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| {
+            let v = v.as_bytes();
+            v.starts_with(b"application/grpc")
+                && !v.starts_with(b"application/grpc-web")
+                && matches!(v.get(16), None | Some(b'+' | b';'))
+        })
+}
+
 /// `upstream_request_filter`: gRPC-Web headers → gRPC.
 pub fn upstream_request(call: Option<&WebCall>, up: &mut RequestHeader) -> Result<()> {
     match call {

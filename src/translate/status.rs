@@ -54,6 +54,19 @@ pub fn http_status(code: u32) -> u16 {
     }
 }
 
+/// The gRPC code for an HTTP status a server answered instead of gRPC (gRPC's
+/// "HTTP to gRPC status code mapping", what gRPC clients report).
+pub fn code_of_http(status: u16) -> u32 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
 /// The code's name (`NOT_FOUND`), or `CODE_<n>` for codes gRPC does not define.
 pub fn code_name(code: u32) -> String {
     NAMES
@@ -96,8 +109,10 @@ mod prost_types_any {
     }
 }
 
-/// The details of `grpc-status-details-bin` as proto3 JSON `Any`s: types the pool knows
-/// are expanded, others are given as `{"@type", "value": base64}`.
+/// The details of `grpc-status-details-bin` as proto3 JSON `Any`s: types the route's
+/// pool or the built-in `google.rpc` pool ([`super::descriptors::RPC`]: `ErrorInfo`,
+/// `RetryInfo`, `BadRequest`, …) know are expanded, others are given as
+/// `{"@type", "value": base64}`.
 pub fn details(bin: Option<&[u8]>, pool: &DescriptorPool) -> Vec<Value> {
     let Some(bin) = bin else { return Vec::new() };
     let trimmed: Vec<u8> = bin.iter().copied().filter(|b| *b != b'=').collect();
@@ -112,7 +127,10 @@ pub fn details(bin: Option<&[u8]>, pool: &DescriptorPool) -> Vec<Value> {
         .into_iter()
         .map(|any| {
             let name = any.type_url.rsplit('/').next().unwrap_or("");
-            let expanded = pool.get_message_by_name(name).and_then(|desc| {
+            let desc = pool
+                .get_message_by_name(name)
+                .or_else(|| super::descriptors::RPC.get_message_by_name(name));
+            let expanded = desc.and_then(|desc| {
                 let msg = DynamicMessage::decode(desc, any.value.as_slice()).ok()?;
                 match serde_json::to_value(&msg).ok()? {
                     Value::Object(mut m) => {
@@ -191,6 +209,33 @@ mod tests {
             vec![json!({"@type": "type.googleapis.com/x.Unknown", "value": "AQID"})]
         );
         assert!(details(Some(b"!!"), &DescriptorPool::new()).is_empty());
+    }
+
+    #[test]
+    fn standard_details_decode_without_the_routes_protos() {
+        // google.rpc.ErrorInfo { reason: "QUOTA", domain: "d", metadata: {"k": "v"} }.
+        let mut info = vec![0x0a, 5];
+        info.extend_from_slice(b"QUOTA");
+        info.extend_from_slice(&[0x12, 1, b'd', 0x1a, 6, 0x0a, 1, b'k', 0x12, 1, b'v']);
+        let st = RpcStatus {
+            code: 8,
+            message: "m".into(),
+            details: vec![prost_types_any::Any {
+                type_url: "type.googleapis.com/google.rpc.ErrorInfo".into(),
+                value: info,
+            }],
+        };
+        let b64 = base64::engine::general_purpose::STANDARD.encode(st.encode_to_vec());
+        let d = details(Some(b64.as_bytes()), &DescriptorPool::new());
+        assert_eq!(
+            d,
+            vec![json!({
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "QUOTA",
+                "domain": "d",
+                "metadata": {"k": "v"}
+            })]
+        );
     }
 
     #[test]
