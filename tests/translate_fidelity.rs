@@ -86,7 +86,11 @@ fn check_names_the_proto_file_line_and_column_once() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     let at = format!("{}:5:3: ", bad.display());
-    assert_eq!(stderr.matches(&at).count(), 1, "once, with line:col:\n{stderr}");
+    assert_eq!(
+        stderr.matches(&at).count(),
+        1,
+        "once, with line:col:\n{stderr}"
+    );
     assert!(stderr.contains("strnig"), "{stderr}");
     println!("busbar check says:\n{stderr}");
 }
@@ -171,7 +175,10 @@ async fn a_backend_that_is_down_is_503_unavailable_in_the_translation_shape() {
         .send()
         .await
         .unwrap();
-    assert_eq!(header(&r, "content-type").as_deref(), Some("application/json"));
+    assert_eq!(
+        header(&r, "content-type").as_deref(),
+        Some("application/json")
+    );
     let (status, v) = json_of(r).await;
     assert_eq!(status, 503, "{v}");
     assert_eq!(v["code"], 14, "{v}");
@@ -192,7 +199,10 @@ async fn plain_grpc_on_a_json_route_is_proxied_untouched() {
         .await
         .unwrap_or_else(|e| panic!("{e:?}\n{}", bus.stderr()));
     assert_eq!(
-        reply.metadata().get("x-initial").map(|v| v.to_str().unwrap()),
+        reply
+            .metadata()
+            .get("x-initial")
+            .map(|v| v.to_str().unwrap()),
         Some("i-value")
     );
     // The gRPC status too, as the backend sent it.
@@ -218,7 +228,10 @@ async fn metadata_goes_both_ways() {
         .send()
         .await
         .unwrap();
-    assert_eq!(header(&r, "grpc-metadata-x-initial").as_deref(), Some("i-value"));
+    assert_eq!(
+        header(&r, "grpc-metadata-x-initial").as_deref(),
+        Some("i-value")
+    );
     assert_eq!(header(&r, "x-initial"), None);
     let (status, v) = json_of(r).await;
     assert_eq!(status, 200, "{v}");
@@ -234,7 +247,10 @@ async fn metadata_goes_both_ways() {
         "{seen:?}"
     );
     assert!(
-        seen.iter().filter(|s| s.starts_with("grpc-timeout=")).count() == 1
+        seen.iter()
+            .filter(|s| s.starts_with("grpc-timeout="))
+            .count()
+            == 1
             && !seen.contains(&"grpc-timeout=1S"),
         "reserved names are never taken from Grpc-Metadata-: {seen:?}"
     );
@@ -246,14 +262,23 @@ async fn metadata_goes_both_ways() {
         .send()
         .await
         .unwrap();
-    assert_eq!(header(&r, "grpc-trailer-x-trailer").as_deref(), Some("t-value"));
+    assert_eq!(
+        header(&r, "grpc-trailer-x-trailer").as_deref(),
+        Some("t-value")
+    );
     assert_eq!(json_of(r).await.0, 400);
 
     // A stream with no message: the head waits for the trailers, so both are there.
     let r = http.get(bus.url("/f/stream?count=0")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(header(&r, "grpc-metadata-x-initial").as_deref(), Some("i-value"));
-    assert_eq!(header(&r, "grpc-trailer-x-trailer").as_deref(), Some("t-value"));
+    assert_eq!(
+        header(&r, "grpc-metadata-x-initial").as_deref(),
+        Some("i-value")
+    );
+    assert_eq!(
+        header(&r, "grpc-trailer-x-trailer").as_deref(),
+        Some("t-value")
+    );
 
     // Envoy's way: initial metadata under its own name.
     let (_backend, bus) = start("initial_metadata = \"plain\"").await;
@@ -287,7 +312,10 @@ async fn server_streams_in_three_formats() {
                 _ => m,
             }
         };
-        for (query, tail) in [("count=2", None), ("count=2&fail_code=9", Some(fail.clone()))] {
+        for (query, tail) in [
+            ("count=2", None),
+            ("count=2&fail_code=9", Some(fail.clone())),
+        ] {
             let r = http
                 .get(bus.url(&format!("/f/stream?{query}")))
                 .send()
@@ -310,7 +338,11 @@ async fn server_streams_in_three_formats() {
         // An empty stream is an empty body, or an empty array.
         let r = http.get(bus.url("/f/stream?count=0")).send().await.unwrap();
         let text = r.text().await.unwrap();
-        let want = if option.contains("json-array") { "[]" } else { "" };
+        let want = if option.contains("json-array") {
+            "[]"
+        } else {
+            ""
+        };
         assert_eq!(text, want, "{option}");
     }
 }

@@ -109,9 +109,14 @@ impl Validator<'_> {
         match f.from.get_ref().as_str() {
             "json" => self.json_translate(f, ctx),
             "grpc-web" => {
-                for k in [&f.descriptor_set, &f.method, &f.initial_metadata, &f.stream_format]
-                    .into_iter()
-                    .flatten()
+                for k in [
+                    &f.descriptor_set,
+                    &f.method,
+                    &f.initial_metadata,
+                    &f.stream_format,
+                ]
+                .into_iter()
+                .flatten()
                 {
                     self.err(k.span(), ctx, "only applies to from = \"json\"");
                 }

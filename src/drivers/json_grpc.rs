@@ -322,7 +322,11 @@ async fn relay(
     let mut shown = Vec::new();
     if !trailers_only || !body.is_end_stream() {
         trailers_only = false;
-        response_metadata(headers, Shown::Initial(t.options.initial_metadata), &mut shown);
+        response_metadata(
+            headers,
+            Shown::Initial(t.options.initial_metadata),
+            &mut shown,
+        );
         loop {
             let next = tokio::time::timeout(read_timeout, body.data()).await;
             let chunk = match next {
@@ -412,7 +416,11 @@ async fn relay(
         }
         return finish_stream_error(session, format, code, &message).await;
     }
-    response_metadata(trailers.as_ref().unwrap_or(headers), Shown::Trailers, &mut shown);
+    response_metadata(
+        trailers.as_ref().unwrap_or(headers),
+        Shown::Trailers,
+        &mut shown,
+    );
     if code != 0 {
         let details = status::details(
             st.get("grpc-status-details-bin").map(|v| v.as_bytes()),
@@ -528,7 +536,6 @@ fn next_frame(buf: &mut BytesMut) -> std::result::Result<Option<Vec<u8>>, ReplyE
     buf.advance(5);
     Ok(Some(buf.split_to(len).to_vec()))
 }
-
 
 /// Ends a stream whose head is already sent with the status as `{"error": {…}}`: a line
 /// for NDJSON and result lines (grpc-gateway's), the array's last element for a JSON
@@ -673,7 +680,11 @@ mod tests {
 
     #[test]
     fn a_service_that_cannot_be_reached_is_unavailable() {
-        for c in [Cause::ConnectFailed, Cause::NoHealthyInstance, Cause::UpstreamError] {
+        for c in [
+            Cause::ConnectFailed,
+            Cause::NoHealthyInstance,
+            Cause::UpstreamError,
+        ] {
             assert_eq!(translated(c), (503, 14), "{c:?}");
         }
         assert_eq!(translated(Cause::UpstreamTimeout), (504, 4));
@@ -688,8 +699,14 @@ mod tests {
             stream_item(StreamFormat::ResultLines, true, j()),
             b"{\"result\":{\"a\":1}}\n"
         );
-        assert_eq!(stream_item(StreamFormat::JsonArray, true, j()), b"[{\"a\":1}");
-        assert_eq!(stream_item(StreamFormat::JsonArray, false, j()), b",{\"a\":1}");
+        assert_eq!(
+            stream_item(StreamFormat::JsonArray, true, j()),
+            b"[{\"a\":1}"
+        );
+        assert_eq!(
+            stream_item(StreamFormat::JsonArray, false, j()),
+            b",{\"a\":1}"
+        );
         assert_eq!(stream_end(StreamFormat::JsonArray, true), Some(&b"[]"[..]));
         assert_eq!(stream_end(StreamFormat::Ndjson, true), None);
     }

@@ -168,7 +168,13 @@ mod tests {
 
     #[test]
     fn the_standard_error_details_are_built_in() {
-        for m in ["google.rpc.Status", "google.rpc.ErrorInfo", "google.rpc.BadRequest", "google.rpc.RetryInfo", "google.rpc.Help"] {
+        for m in [
+            "google.rpc.Status",
+            "google.rpc.ErrorInfo",
+            "google.rpc.BadRequest",
+            "google.rpc.RetryInfo",
+            "google.rpc.Help",
+        ] {
             assert!(RPC.get_message_by_name(m).is_some(), "{m}");
         }
         assert!(RPC.get_enum_by_name("google.rpc.Code").is_some());

@@ -167,7 +167,8 @@ impl Fidelity for Svc {
 
     async fn stream(&self, req: Request<StreamRequest>) -> Result<Response<ItemStream>, Status> {
         let r = req.into_inner();
-        let mut items: Vec<Result<Item, Status>> = (0..r.count.max(0)).map(|n| Ok(Item { n })).collect();
+        let mut items: Vec<Result<Item, Status>> =
+            (0..r.count.max(0)).map(|n| Ok(Item { n })).collect();
         // The end: the failure asked for, or OK with a trailer (tonic sends the metadata
         // of a status a stream yields as its trailers).
         items.push(Err(if r.fail_code != 0 {
