@@ -10,6 +10,7 @@ use std::process::Command;
 use busbar_testkit::fidelity::pb::fidelity_client::FidelityClient;
 use busbar_testkit::fidelity::pb::MetadataRequest;
 use busbar_testkit::fidelity::FidelityBackend;
+use busbar_testkit::GrpcBackend;
 use common::{client, Busbar};
 use serde_json::{json, Value};
 
@@ -344,5 +345,64 @@ async fn server_streams_in_three_formats() {
             ""
         };
         assert_eq!(text, want, "{option}");
+    }
+}
+
+/// Item 6: a client-streaming method takes a JSON array (Envoy) or NDJSON body, each
+/// element one message; a body that is neither is a 400 naming why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_streams_take_a_json_array_or_ndjson() {
+    let backend = GrpcBackend::start(1).await;
+    let proto = format!(
+        "{}/tests/protos/bookstore.proto",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let bus = Busbar::start(&format!(
+        r#"
+[[service]]
+name = "books"
+protocol = "h2c"
+endpoints = [{{ addr = "{addr}" }}]
+
+[[route]]
+name = "json"
+path_prefix = "/v1/"
+service = "books"
+[route.translate]
+from = "json"
+protos = ["{proto}"]
+"#,
+        addr = backend.addr
+    ))
+    .await;
+    let http = client();
+    // CollectBooks answers the sum of the ids it received.
+    let post = |body: &'static str| {
+        http.post(bus.url("/v1/collect"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let cases = [
+        (
+            r#"[{"id": "1"}, {"id": "2"}, {"id": "39"}]"#,
+            json!({"id": "42"}),
+        ),
+        ("{\"id\": \"1\"}\n{\"id\": \"2\"}\n", json!({"id": "3"})),
+        ("[]", json!({})),
+    ];
+    for (body, want) in cases {
+        let (status, v) = json_of(post(body).await.unwrap()).await;
+        assert_eq!((status, v), (200, want), "{body}");
+    }
+    for (body, names) in [
+        (r#"[{"id": "1"}, {"id": "x"}]"#, "id"),
+        ("[1, 2]", "JSON object"),
+        (r#"[{"id": "1"}"#, "ends inside"),
+    ] {
+        let (status, v) = json_of(post(body).await.unwrap()).await;
+        assert_eq!((status, &v["code"]), (400, &json!(3)), "{body}: {v}");
+        let msg = v["message"].as_str().unwrap();
+        assert!(msg.contains(names), "{body}: {msg}");
     }
 }

@@ -34,9 +34,10 @@ use crate::phases::{response_head, Phases};
 use crate::proxy::reply::{self, Cause};
 use crate::translate::h2client;
 use crate::translate::json_grpc::{
-    Binding, MetadataHeaders, StreamFormat, TranscodeError, Transcoder,
+    Binding, MessageSplitter, MetadataHeaders, StreamFormat, TranscodeError, Transcoder,
 };
 use crate::translate::status;
+use crate::translate::template::Binding as PathBinding;
 
 /// Largest reply message busbar decodes (gRPC's default receive limit is 4 MiB).
 pub const MAX_REPLY_MESSAGE: usize = 16 * 1024 * 1024;
@@ -100,6 +101,16 @@ pub(crate) async fn serve(
     let Some(max_body) = ctx.route.as_ref().map(|r| r.config.max_body) else {
         return answer(session, ctx, Cause::NoRoute).await;
     };
+    if binding.method.is_client_streaming() {
+        // The body's messages go to the service as they arrive, once the call is open.
+        let metadata = metadata(session, ctx)?;
+        let out = Outgoing::Stream {
+            vars,
+            query: query.as_deref(),
+            max_body,
+        };
+        return call(phases, session, ctx, t, binding, out, metadata).await;
+    }
     // A body read while the request was queued is in the retry buffer (`drivers::gone`).
     let mut body = BytesMut::from(session.as_ref().get_retry_buffer().unwrap_or_default());
     loop {
@@ -119,13 +130,93 @@ pub(crate) async fn serve(
         Ok(m) => m,
         Err(e) => return transcode_error(session, ctx, &e).await,
     };
+    let metadata = metadata(session, ctx)?;
+    let out = Outgoing::One(grpc_frame(&message));
+    call(phases, session, ctx, t, binding, out, metadata).await
+}
+
+/// A message as one length-prefixed gRPC frame (uncompressed).
+fn grpc_frame(message: &[u8]) -> Bytes {
     let mut frame = BytesMut::with_capacity(5 + message.len());
     frame.extend_from_slice(&[0]);
     frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&message);
-    let frame = frame.freeze();
-    let metadata = metadata(session, ctx)?;
-    call(phases, session, ctx, t, binding, frame, metadata).await
+    frame.extend_from_slice(message);
+    frame.freeze()
+}
+
+/// What the gRPC request carries.
+enum Outgoing<'a> {
+    /// One message, built from the whole body before the call.
+    One(Bytes),
+    /// A client stream: the body's messages (a JSON array or NDJSON), each sent as soon
+    /// as it has arrived, the path and query applied to each.
+    Stream {
+        vars: Vec<PathBinding>,
+        query: Option<&'a str>,
+        max_body: u64,
+    },
+}
+
+/// Why a client stream stopped before its end was sent.
+enum Sending {
+    /// The service's side: the call failed.
+    Upstream(h2::Error),
+    /// A message does not fit, or the body is not an array or NDJSON: 400.
+    Bad(TranscodeError),
+    /// Past the route's `max_body`.
+    TooLarge,
+    /// The client's side failed (gone, too slow).
+    Client(Box<pingora_error::Error>),
+}
+
+/// Sends the request's messages and ends the stream.
+async fn send_body(
+    session: &mut Session,
+    t: &Transcoder,
+    binding: &Binding,
+    out: Outgoing<'_>,
+    stream: &mut h2::SendStream<Bytes>,
+) -> std::result::Result<(), Sending> {
+    let (vars, query, max_body) = match out {
+        Outgoing::One(frame) => return stream.send_data(frame, true).map_err(Sending::Upstream),
+        Outgoing::Stream {
+            vars,
+            query,
+            max_body,
+        } => (vars, query, max_body),
+    };
+    let mut splitter = MessageSplitter::default();
+    let mut messages = Vec::new();
+    let mut read: u64 = 0;
+    // A body read while the request was queued is in the retry buffer (`drivers::gone`).
+    let mut chunk = session.as_ref().get_retry_buffer();
+    loop {
+        if let Some(c) = chunk.take() {
+            read += c.len() as u64;
+            if read > max_body {
+                return Err(Sending::TooLarge);
+            }
+            splitter.push(&c, &mut messages).map_err(Sending::Bad)?;
+            for m in messages.drain(..) {
+                let msg = t
+                    .request(binding, vars.clone(), query, &m)
+                    .map_err(Sending::Bad)?;
+                // h2 queues what the window does not take yet; `max_body` bounds it.
+                stream
+                    .send_data(grpc_frame(&msg), false)
+                    .map_err(Sending::Upstream)?;
+            }
+        }
+        match session.read_request_body().await {
+            Ok(Some(c)) => chunk = Some(c),
+            Ok(None) => break,
+            Err(e) => return Err(Sending::Client(e)),
+        }
+    }
+    splitter.finish().map_err(Sending::Bad)?;
+    stream
+        .send_data(Bytes::new(), true)
+        .map_err(Sending::Upstream)
 }
 
 /// The request's headers as gRPC metadata: the one upstream-head builder's head (after
@@ -174,7 +265,7 @@ async fn call(
     ctx: &mut RequestCtx,
     t: &Transcoder,
     binding: &Binding,
-    frame: Bytes,
+    out: Outgoing<'_>,
     metadata: HeaderMap,
 ) -> Result<()> {
     let Some(route) = ctx.route.clone() else {
@@ -224,12 +315,26 @@ async fn call(
         })?;
     request.headers_mut().extend(metadata);
     crate::otel::retrace_headers(request.headers_mut(), ctx);
-    let sent = sender
-        .send_request(request, false)
-        .and_then(|(resp, mut stream)| {
-            stream.send_data(frame, true)?;
-            Ok(resp)
-        });
+    let sent = match sender.send_request(request, false) {
+        Err(e) => Err(e),
+        Ok((resp, mut stream)) => match send_body(session, t, binding, out, &mut stream).await {
+            Ok(()) => Ok(resp),
+            Err(Sending::Upstream(e)) => Err(e),
+            Err(refused) => {
+                // The caller's body was wrong: the service sees a cancelled call.
+                stream.send_reset(h2::Reason::CANCEL);
+                ctx.release_instance();
+                return match refused {
+                    Sending::Bad(e) => transcode_error(session, ctx, &e).await,
+                    Sending::Client(e) => Err(e),
+                    _ => {
+                        session.as_downstream_mut().set_keepalive(None);
+                        answer(session, ctx, Cause::BodyTooLarge).await
+                    }
+                };
+            }
+        },
+    };
     let response = match sent {
         Ok(resp) => tokio::time::timeout(remaining, resp).await,
         Err(e) => Ok(Err(e)),

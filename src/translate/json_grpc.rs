@@ -91,8 +91,8 @@ pub enum TranscodeError {
     /// No binding for this verb and path: 404.
     #[error("no gRPC method is bound to {0}")]
     NoMethod(String),
-    /// Client or bidi streaming: 501.
-    #[error("{0} is a client- or bidi-streaming method; it can only be called over gRPC, not through JSON translation")]
+    /// Bidi streaming: 501.
+    #[error("{0} is a bidi-streaming method; it can only be called over gRPC, not through JSON translation")]
     Streaming(String),
     /// The JSON or a parameter does not fit the message: 400, naming the field.
     #[error("{0}")]
@@ -293,7 +293,7 @@ impl Transcoder {
                     None => continue,
                 },
             };
-            if b.method.is_client_streaming() {
+            if b.method.is_client_streaming() && b.method.is_server_streaming() {
                 return Err(TranscodeError::Streaming(b.method.full_name().to_string()));
             }
             return Ok((b, vars));
@@ -408,6 +408,100 @@ impl Transcoder {
         };
         written.map_err(|e| format!("the reply cannot be written as JSON: {e}"))?;
         Ok(out)
+    }
+}
+
+/// Splits a client-streaming request body into its messages as the body arrives: a JSON
+/// array of objects (as Envoy's transcoder takes it) or objects one after another,
+/// newline-delimited (NDJSON). Nothing is parsed here but the nesting; each message is
+/// then read by [`Transcoder::request`].
+#[derive(Debug, Default)]
+pub struct MessageSplitter {
+    buf: Vec<u8>,
+    /// Where the message being read starts in `buf`, while one is open.
+    start: Option<usize>,
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+    form: Form,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// Nothing but whitespace yet.
+    #[default]
+    Unknown,
+    Array,
+    Lines,
+    /// The array's `]` was read: only whitespace may follow.
+    Closed,
+}
+
+impl MessageSplitter {
+    /// Feeds the next piece of the body; complete messages are appended to `out`.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<Vec<u8>>) -> Result<(), TranscodeError> {
+        let bad = |what: &str| {
+            TranscodeError::BadRequest(format!(
+                "a client-streaming body is a JSON array of objects or one object per line: {what}"
+            ))
+        };
+        let from = self.buf.len();
+        self.buf.extend_from_slice(chunk);
+        for i in from..self.buf.len() {
+            let Some(&c) = self.buf.get(i) else { break };
+            if self.in_string {
+                match (self.escaped, c) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match c {
+                b'"' if self.depth > 0 => self.in_string = true,
+                b'{' | b'[' if self.depth > 0 => self.depth += 1,
+                b'}' | b']' if self.depth > 0 => {
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        let start = self.start.take().unwrap_or(i);
+                        out.push(self.buf.get(start..=i).unwrap_or_default().to_vec());
+                    }
+                }
+                _ if self.depth > 0 => {}
+                b' ' | b'\t' | b'\r' | b'\n' => {}
+                _ if self.form == Form::Closed => return Err(bad("text after the array")),
+                b'[' if self.form == Form::Unknown => self.form = Form::Array,
+                b',' if self.form == Form::Array => {}
+                b']' if self.form == Form::Array => self.form = Form::Closed,
+                b'{' => {
+                    if self.form == Form::Unknown {
+                        self.form = Form::Lines;
+                    }
+                    self.start = Some(i);
+                    self.depth = 1;
+                }
+                _ => return Err(bad("each message must be a JSON object")),
+            }
+        }
+        // Keep only the open message.
+        let keep = self.start.unwrap_or(self.buf.len());
+        self.buf.drain(..keep);
+        if let Some(s) = self.start.as_mut() {
+            *s = 0;
+        }
+        Ok(())
+    }
+
+    /// The body ended: an open message or array is an error.
+    pub fn finish(&self) -> Result<(), TranscodeError> {
+        if self.depth > 0 || self.form == Form::Array {
+            return Err(TranscodeError::BadRequest(
+                "the client-streaming body ends inside a message or before the array's ]"
+                    .to_string(),
+            ));
+        }
+        Ok(())
     }
 }
 
