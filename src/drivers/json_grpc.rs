@@ -1,7 +1,8 @@
-//! The JSON → gRPC driver: a JSON/HTTP request answered by a unary or server-streaming
-//! gRPC call over h2c, made from the pingora driver's `request_filter`.
+//! The JSON → gRPC driver: a JSON/HTTP request answered by a unary, server-streaming or
+//! client-streaming gRPC call over h2c, made from the pingora driver's `request_filter`.
 //!
-//! Owns: reading the JSON request (bounded by the route's `max_body`), the gRPC call
+//! Owns: reading the JSON request (bounded by the route's `max_body`; a client stream's
+//! messages sent as they arrive), the gRPC call
 //! over `translate::h2client`, request metadata (`Grpc-Metadata-X` → `x`), mapping
 //! `grpc-status` from headers or trailers, response metadata (`Grpc-Metadata-<name>` /
 //! `Grpc-Trailer-<name>` headers), writing the JSON response (NDJSON, result lines or a
@@ -32,12 +33,12 @@ use crate::phases::fail::{self, Failure};
 use crate::phases::upstream_head::{self, Output};
 use crate::phases::{response_head, Phases};
 use crate::proxy::reply::{self, Cause};
-use crate::translate::h2client;
 use crate::translate::json_grpc::{
     Binding, MessageSplitter, MetadataHeaders, StreamFormat, TranscodeError, Transcoder,
 };
 use crate::translate::status;
 use crate::translate::template::Binding as PathBinding;
+use crate::translate::{descriptors, h2client};
 
 /// Largest reply message busbar decodes (gRPC's default receive limit is 4 MiB).
 pub const MAX_REPLY_MESSAGE: usize = 16 * 1024 * 1024;
@@ -529,7 +530,7 @@ async fn relay(
     if code != 0 {
         let details = status::details(
             st.get("grpc-status-details-bin").map(|v| v.as_bytes()),
-            &t.pool,
+            &[&t.pool, &descriptors::RPC],
         );
         let body = status::error_body(code, &message, details);
         let _ = write_json(session, ctx, status::http_status(code), body, &shown).await;

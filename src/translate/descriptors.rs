@@ -184,4 +184,34 @@ mod tests {
         std::fs::write(&p, "syntax = \"proto3\";\nimport \"google/rpc/status.proto\";\nmessage X { google.rpc.Status s = 1; }\n").unwrap();
         compile(&[p], &[]).unwrap();
     }
+
+    #[test]
+    fn standard_details_decode_without_the_routes_protos() {
+        use base64::Engine;
+        // google.rpc.ErrorInfo { reason: "QUOTA", domain: "d", metadata: {"k": "v"} }.
+        let mut info = vec![0x0a, 5];
+        info.extend_from_slice(b"QUOTA");
+        info.extend_from_slice(&[0x12, 1, b'd', 0x1a, 6, 0x0a, 1, b'k', 0x12, 1, b'v']);
+        // google.protobuf.Any { type_url, value: info }.
+        let url = b"type.googleapis.com/google.rpc.ErrorInfo";
+        let mut any = vec![0x0a, url.len() as u8];
+        any.extend_from_slice(url);
+        any.extend_from_slice(&[0x12, info.len() as u8]);
+        any.extend_from_slice(&info);
+        // google.rpc.Status { code: 8, details: [any] }.
+        let mut st = vec![0x08, 8, 0x1a, any.len() as u8];
+        st.extend_from_slice(&any);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(st);
+        let route = DescriptorPool::new();
+        let d = super::super::status::details(Some(b64.as_bytes()), &[&route, &RPC]);
+        assert_eq!(
+            d,
+            vec![serde_json::json!({
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "QUOTA",
+                "domain": "d",
+                "metadata": {"k": "v"}
+            })]
+        );
+    }
 }

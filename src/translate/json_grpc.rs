@@ -1,8 +1,10 @@
 //! JSON/HTTP ↔ gRPC transcoding: which method a request calls, the request message
 //! built from path, query and JSON body, and the JSON made from the reply.
 //!
-//! Owns: bindings from `google.api.http` annotations (or one explicit method), proto3
-//! JSON via prost-reflect, typed conversion of path and query text.
+//! Owns: bindings from `google.api.http` annotations (or one explicit method, and a
+//! rule's `response_body`), proto3 JSON via prost-reflect, typed conversion of path and
+//! query text, splitting a client-streaming body (JSON array or NDJSON) into messages,
+//! and the route's response options (metadata headers, stream format).
 //! Must not: do I/O (the call itself is `drivers::json_grpc`), or panic on anything a client sends.
 
 use std::collections::HashSet;

@@ -29,7 +29,8 @@ use grpc_web::WebCall;
 /// A route's translation, compiled when the config loads.
 #[derive(Debug, Clone)]
 pub enum Translation {
-    /// JSON/HTTP callers → unary or server-streaming gRPC.
+    /// JSON/HTTP callers → unary, server- or client-streaming gRPC (plain gRPC callers of
+    /// the route pass through).
     Json(Arc<json_grpc::Transcoder>),
     /// gRPC-Web callers (binary and text) → gRPC.
     GrpcWeb(Arc<grpc_web::GrpcWebSettings>),

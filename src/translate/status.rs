@@ -109,11 +109,11 @@ mod prost_types_any {
     }
 }
 
-/// The details of `grpc-status-details-bin` as proto3 JSON `Any`s: types the route's
-/// pool or the built-in `google.rpc` pool ([`super::descriptors::RPC`]: `ErrorInfo`,
-/// `RetryInfo`, `BadRequest`, …) know are expanded, others are given as
-/// `{"@type", "value": base64}`.
-pub fn details(bin: Option<&[u8]>, pool: &DescriptorPool) -> Vec<Value> {
+/// The details of `grpc-status-details-bin` as proto3 JSON `Any`s: types one of `pools`
+/// knows (the first that does; the driver passes the route's, then the built-in
+/// `google.rpc` one with `ErrorInfo`, `RetryInfo`, `BadRequest`, …) are expanded, others
+/// are given as `{"@type", "value": base64}`.
+pub fn details(bin: Option<&[u8]>, pools: &[&DescriptorPool]) -> Vec<Value> {
     let Some(bin) = bin else { return Vec::new() };
     let trimmed: Vec<u8> = bin.iter().copied().filter(|b| *b != b'=').collect();
     let Ok(raw) = base64::engine::general_purpose::STANDARD_NO_PAD.decode(trimmed) else {
@@ -127,9 +127,7 @@ pub fn details(bin: Option<&[u8]>, pool: &DescriptorPool) -> Vec<Value> {
         .into_iter()
         .map(|any| {
             let name = any.type_url.rsplit('/').next().unwrap_or("");
-            let desc = pool
-                .get_message_by_name(name)
-                .or_else(|| super::descriptors::RPC.get_message_by_name(name));
+            let desc = pools.iter().find_map(|p| p.get_message_by_name(name));
             let expanded = desc.and_then(|desc| {
                 let msg = DynamicMessage::decode(desc, any.value.as_slice()).ok()?;
                 match serde_json::to_value(&msg).ok()? {
@@ -203,39 +201,12 @@ mod tests {
             }],
         };
         let b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode(st.encode_to_vec());
-        let d = details(Some(b64.as_bytes()), &DescriptorPool::new());
+        let d = details(Some(b64.as_bytes()), &[&DescriptorPool::new()]);
         assert_eq!(
             d,
             vec![json!({"@type": "type.googleapis.com/x.Unknown", "value": "AQID"})]
         );
-        assert!(details(Some(b"!!"), &DescriptorPool::new()).is_empty());
-    }
-
-    #[test]
-    fn standard_details_decode_without_the_routes_protos() {
-        // google.rpc.ErrorInfo { reason: "QUOTA", domain: "d", metadata: {"k": "v"} }.
-        let mut info = vec![0x0a, 5];
-        info.extend_from_slice(b"QUOTA");
-        info.extend_from_slice(&[0x12, 1, b'd', 0x1a, 6, 0x0a, 1, b'k', 0x12, 1, b'v']);
-        let st = RpcStatus {
-            code: 8,
-            message: "m".into(),
-            details: vec![prost_types_any::Any {
-                type_url: "type.googleapis.com/google.rpc.ErrorInfo".into(),
-                value: info,
-            }],
-        };
-        let b64 = base64::engine::general_purpose::STANDARD.encode(st.encode_to_vec());
-        let d = details(Some(b64.as_bytes()), &DescriptorPool::new());
-        assert_eq!(
-            d,
-            vec![json!({
-                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                "reason": "QUOTA",
-                "domain": "d",
-                "metadata": {"k": "v"}
-            })]
-        );
+        assert!(details(Some(b"!!"), &[&DescriptorPool::new()]).is_empty());
     }
 
     #[test]
