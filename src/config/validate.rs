@@ -45,6 +45,8 @@ pub(super) struct Validator<'a> {
     /// Static endpoints (where, whose, what) to hold against the node's own listeners
     /// once every listener is known.
     endpoints: Vec<(Range<usize>, String, SocketAddr)>,
+    /// Protos compiled so far, so routes sharing them compile (and report) them once.
+    pub(super) protos: super::translate::ProtoCache,
 }
 
 /// Validates a file to run with.
@@ -78,6 +80,7 @@ pub fn validate_for(
         dns_silent: false,
         rate_groups: HashMap::new(),
         endpoints: Vec::new(),
+        protos: Default::default(),
     };
     let mut config = v.config(path, file);
     config.hash = text_hash(src);
@@ -115,6 +118,7 @@ pub fn admin_address(path: &Path, src: &str) -> Result<SocketAddr, ConfigErrors>
         dns_silent: false,
         rate_groups: HashMap::new(),
         endpoints: Vec::new(),
+        protos: Default::default(),
     };
     let addr = match file.listen.and_then(|l| l.admin) {
         Some(a) => v.addr(&a, "[listen]"),
