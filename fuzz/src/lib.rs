@@ -19,7 +19,9 @@ use busbar::drivers::h1::head::{self, HeadLimits};
 use busbar::model::Service;
 use busbar::routing::{self, RequestView, RouteTable};
 use busbar::translate::grpc_web::{self, GrpcWebSettings, WebCall};
-use busbar::translate::json_grpc::{JsonOptions, Transcoder};
+use busbar::translate::json_grpc::{
+    JsonOptions, MessageSplitter, MetadataHeaders, StreamFormat, Transcoder,
+};
 use busbar::translate::template::PathTemplate;
 
 /// The names of the targets, as in `fuzz/Cargo.toml` and `fuzz/corpus/<target>/`.
@@ -176,6 +178,8 @@ fn transcoder() -> &'static Transcoder {
             JsonOptions {
                 emit_defaults: false,
                 deny_unknown_fields: true,
+                initial_metadata: MetadataHeaders::Prefixed,
+                stream: StreamFormat::Ndjson,
             },
         )
         .expect("bookstore.proto has bindings")
@@ -210,6 +214,22 @@ pub fn translate(data: &[u8]) {
     if let Ok(tpl) = PathTemplate::parse(path) {
         let _ = tpl.matches(path);
         let _ = tpl.matches(body);
+    }
+    // The body as a client stream, split where the path line's length says: the same
+    // messages as in one piece.
+    let cut = path.len().min(body.len());
+    let (mut whole, mut pieces) = (Vec::new(), Vec::new());
+    let mut one = MessageSplitter::default();
+    let a = one.push(body.as_bytes(), &mut whole);
+    let mut two = MessageSplitter::default();
+    let b = two
+        .push(&body.as_bytes()[..cut], &mut pieces)
+        .and_then(|()| two.push(&body.as_bytes()[cut..], &mut pieces));
+    if a.is_ok() && b.is_ok() {
+        assert_eq!(
+            whole, pieces,
+            "a client stream split differently in two pieces"
+        );
     }
 }
 

@@ -45,6 +45,8 @@ pub(super) struct Validator<'a> {
     /// Static endpoints (where, whose, what) to hold against the node's own listeners
     /// once every listener is known.
     endpoints: Vec<(Range<usize>, String, SocketAddr)>,
+    /// Protos compiled so far, so routes sharing them compile (and report) them once.
+    pub(super) protos: super::translate::ProtoCache,
 }
 
 /// Validates a file to run with.
@@ -78,6 +80,7 @@ pub fn validate_for(
         dns_silent: false,
         rate_groups: HashMap::new(),
         endpoints: Vec::new(),
+        protos: Default::default(),
     };
     let mut config = v.config(path, file);
     config.hash = text_hash(src);
@@ -115,6 +118,7 @@ pub fn admin_address(path: &Path, src: &str) -> Result<SocketAddr, ConfigErrors>
         dns_silent: false,
         rate_groups: HashMap::new(),
         endpoints: Vec::new(),
+        protos: Default::default(),
     };
     let addr = match file.listen.and_then(|l| l.admin) {
         Some(a) => v.addr(&a, "[listen]"),
@@ -217,6 +221,12 @@ impl Validator<'_> {
             }
         }
         let mesh = self.mesh(f.mesh.as_ref());
+        let admin = AdminSettings {
+            open_reads: f
+                .admin
+                .open_reads
+                .map_or(DEFAULT_OPEN_READS, |o| *o.get_ref()),
+        };
         Config {
             source: path.to_path_buf(),
             hash: 0,
@@ -230,6 +240,7 @@ impl Validator<'_> {
             cluster,
             dns,
             tracing,
+            admin,
             services,
             routes,
             translations,
@@ -1133,6 +1144,27 @@ service = "echo"
         assert_eq!(c.services[0].endpoints[0].weight, 3);
         assert_eq!(c.routes[0].rewrite, Rewrite::Prefix("/".into()));
         assert_eq!(c.listen.admin.to_string(), DEFAULT_ADMIN_ADDR);
+    }
+
+    #[test]
+    fn admin_reads_need_the_token_unless_opened() {
+        let c = validate(Path::new("t.toml"), OK).unwrap();
+        assert!(!c.admin.open_reads);
+        let open = format!("[admin]\nopen_reads = true\n{OK}");
+        assert!(
+            validate(Path::new("t.toml"), &open)
+                .unwrap()
+                .admin
+                .open_reads
+        );
+        let e = errors(&format!("[admin]\nopen_reads = \"yes\"\n{OK}"));
+        assert!(e.iter().any(|e| e.contains("t.toml:2:")), "{e:?}");
+        let e = errors(&format!("[admin]\nopen_read = true\n{OK}"));
+        assert!(
+            e.iter()
+                .any(|e| e.contains("t.toml:2:") && e.contains("open_read")),
+            "{e:?}"
+        );
     }
 
     #[test]
