@@ -290,7 +290,7 @@ async fn a_chunked_body_reaches_the_upstream_as_sent_with_its_trailers() {
     // The engine served them: counted and logged as every request is.
     assert_eq!(
         bus.metric_settled(
-            "busbar_requests_total{class=\"2xx\",reason=\"\",route=\"all\",service=\"s\"}",
+            "busbar_requests_total{class=\"2xx\",method=\"POST\",reason=\"\",route=\"all\",service=\"s\"}",
             2.0
         )
         .await,
