@@ -1,0 +1,388 @@
+//! TLS on the service listeners, against the real binary: certificates chosen by SNI
+//! name (exact, wildcard, default), certificates swapped by a reload (and a broken one
+//! refused), the handshake timeout, and the front door's head deadline and checks on TLS
+//! connections as on plaintext.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Backend, Busbar};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+/// A self-signed certificate for `names`, written as `<stem>.crt` and `<stem>.key`.
+struct Issued {
+    cert: PathBuf,
+    key: PathBuf,
+    der: CertificateDer<'static>,
+}
+
+fn issue(dir: &Path, stem: &str, names: &[&str]) -> Issued {
+    let c =
+        rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    let cert = dir.join(format!("{stem}.crt"));
+    let key = dir.join(format!("{stem}.key"));
+    std::fs::write(&cert, c.cert.pem()).unwrap();
+    std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+    Issued {
+        cert,
+        key,
+        der: c.cert.der().clone(),
+    }
+}
+
+/// Replaces `to`'s content with `from`'s in one step (a rename), as a deploy tool does.
+fn replace(from: &Path, to: &Path) {
+    let tmp = to.with_extension("swap");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+/// Takes whatever certificate the server shows: the tests look at which one it is.
+#[derive(Debug)]
+struct AnyCert;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A TLS connection to `addr` with `sni` (none when `None`), ALPN `http/1.1`.
+async fn connect(addr: SocketAddr, sni: Option<&str>) -> std::io::Result<Tls> {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AnyCert))
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.enable_sni = sni.is_some();
+    let name = ServerName::try_from(sni.unwrap_or("no-sni.invalid").to_string()).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    tokio::time::timeout(Duration::from_secs(15), connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::other("handshake timed out"))?
+}
+
+/// The certificate the server shows to `sni`.
+async fn shown(addr: SocketAddr, sni: Option<&str>) -> CertificateDer<'static> {
+    let tls = connect(addr, sni).await.expect("handshake");
+    tls.get_ref().1.peer_certificates().expect("a certificate")[0].clone()
+}
+
+/// One request on a new TLS connection (`Connection: close`): the answer's bytes and the
+/// certificate the handshake showed.
+async fn exchange(
+    addr: SocketAddr,
+    sni: Option<&str>,
+    request: &[u8],
+) -> std::io::Result<(String, CertificateDer<'static>)> {
+    let mut tls = connect(addr, sni).await?;
+    let cert = tls.get_ref().1.peer_certificates().unwrap_or_default()[0].clone();
+    tls.write_all(request).await?;
+    let mut out = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(15), tls.read_to_end(&mut out)).await {
+        Ok(Ok(_)) => {}
+        // A server that closes without close_notify is no error for an HTTP answer.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(std::io::Error::other("no answer in time")),
+    }
+    Ok((String::from_utf8_lossy(&out).into_owned(), cert))
+}
+
+const GET: &[u8] = b"GET /hello HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+
+fn status(answer: &str) -> u16 {
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A free loopback address for a TLS listener.
+fn tls_addr() -> SocketAddr {
+    format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap()
+}
+
+fn tls_line(addr: SocketAddr, default: &Issued, extra: &str) -> String {
+    format!(
+        "tls = [{{ addr = \"{addr}\", cert = \"{}\", key = \"{}\"{extra} }}]",
+        default.cert.display(),
+        default.key.display()
+    )
+}
+
+async fn up(bus: &Busbar, addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "TLS listener not up:\n{}",
+            bus.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn tls_bus(backend: &Backend, line: &str, addr: SocketAddr) -> Busbar {
+    let bus = Busbar::start_with_header(&common::one_route(backend.addr, "", ""), line).await;
+    up(&bus, addr).await;
+    bus
+}
+
+/// Two certificates by SNI name (one with its names listed, one whose names come from
+/// its subjectAltName, a wildcard) and a default: each client sees the certificate for
+/// the name it sent, the default for an unknown name or none, and is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_chooses_the_certificate_by_name_with_a_wildcard_and_a_default() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let default = issue(dir.path(), "default", &["default.test"]);
+    let api = issue(dir.path(), "api", &["api.example.com"]);
+    let wild = issue(dir.path(), "wild", &["*.apps.example.com"]);
+    let addr = tls_addr();
+    let certs = format!(
+        ", certs = [{{ cert = \"{}\", key = \"{}\", names = [\"API.example.com\"] }}, {{ cert = \"{}\", key = \"{}\" }}]",
+        api.cert.display(),
+        api.key.display(),
+        wild.cert.display(),
+        wild.key.display()
+    );
+    let bus = tls_bus(&a, &tls_line(addr, &default, &certs), addr).await;
+
+    assert_eq!(
+        shown(addr, Some("api.example.com")).await,
+        api.der,
+        "exact name"
+    );
+    assert_eq!(
+        shown(addr, Some("one.apps.example.com")).await,
+        wild.der,
+        "wildcard"
+    );
+    assert_eq!(
+        shown(addr, Some("two.one.apps.example.com")).await,
+        default.der,
+        "a wildcard is for one label only"
+    );
+    assert_eq!(shown(addr, Some("apps.example.com")).await, default.der);
+    assert_eq!(
+        shown(addr, Some("other.test")).await,
+        default.der,
+        "unknown name"
+    );
+    assert_eq!(shown(addr, None).await, default.der, "no SNI");
+
+    let (answer, cert) = exchange(addr, Some("api.example.com"), GET).await.unwrap();
+    assert_eq!(status(&answer), 200, "{answer}\n{}", bus.stderr());
+    assert_eq!(cert, api.der);
+    assert_eq!(a.seen()[0].headers["x-forwarded-proto"], "https");
+}
+
+/// New certificate files at the same paths, and a reload, while a client makes ~500
+/// requests each on a new TLS connection: none fails, and the handshakes after the
+/// reload show the new certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_swaps_certificates_under_load_without_a_failed_request() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let old = issue(dir.path(), "served", &["localhost"]);
+    let old_api = issue(dir.path(), "api", &["api.example.com"]);
+    let new = issue(dir.path(), "next", &["localhost"]);
+    let new_api = issue(dir.path(), "next-api", &["api.example.com"]);
+    let addr = tls_addr();
+    let certs = format!(
+        ", certs = [{{ cert = \"{}\", key = \"{}\" }}]",
+        old_api.cert.display(),
+        old_api.key.display()
+    );
+    let bus = tls_bus(&a, &tls_line(addr, &old, &certs), addr).await;
+
+    const N: usize = 500;
+    let client = tokio::spawn(async move {
+        let mut seen = Vec::with_capacity(N);
+        let mut failed = Vec::new();
+        for i in 0..N {
+            let sni = if i % 2 == 0 {
+                None
+            } else {
+                Some("api.example.com")
+            };
+            match exchange(addr, sni, GET).await {
+                Ok((answer, cert)) if status(&answer) == 200 => seen.push((Instant::now(), cert)),
+                Ok((answer, _)) => failed.push(format!("#{i}: {answer}")),
+                Err(e) => failed.push(format!("#{i}: {e}")),
+            }
+        }
+        (seen, failed)
+    });
+    // Let the loop run on the old certificates for a while.
+    while a.seen().len() < N / 5 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    replace(&new.cert, &old.cert);
+    replace(&new.key, &old.key);
+    replace(&new_api.cert, &old_api.cert);
+    replace(&new_api.key, &old_api.key);
+    let r = bus.reload().await;
+    let reloaded = Instant::now();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "reloaded", "{v}");
+    assert!(
+        v["applied"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == "listen.tls certificates"),
+        "{v}"
+    );
+    assert!(
+        !v["not_applied"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == "listen"),
+        "new certificates need no restart: {v}"
+    );
+    let (seen, failed) = client.await.unwrap();
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert_eq!(seen.len(), N);
+    let before = seen
+        .iter()
+        .filter(|(_, c)| *c == old.der || *c == old_api.der)
+        .count();
+    let after: Vec<_> = seen.iter().filter(|(at, _)| *at > reloaded).collect();
+    assert!(
+        before >= N / 5,
+        "the old certificates served first ({before})"
+    );
+    assert!(!after.is_empty(), "requests after the reload");
+    for (_, cert) in after {
+        assert!(
+            *cert == new.der || *cert == new_api.der,
+            "a handshake after the reload showed an old certificate"
+        );
+    }
+    assert_eq!(shown(addr, Some("api.example.com")).await, new_api.der);
+    assert_eq!(shown(addr, None).await, new.der);
+}
+
+/// A reload whose key is broken, or belongs to another certificate, is refused, naming
+/// the file; the old certificate keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_broken_key_is_refused_and_the_old_certificate_serves() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let served = issue(dir.path(), "served", &["localhost"]);
+    let other = issue(dir.path(), "other", &["localhost"]);
+    let addr = tls_addr();
+    let bus = tls_bus(&a, &tls_line(addr, &served, ""), addr).await;
+
+    std::fs::write(&served.key, "-----BEGIN PRIVATE KEY-----\nbroken\n").unwrap();
+    let r = bus.reload().await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    let message = v["message"].as_str().unwrap();
+    assert!(
+        message.contains(&served.key.display().to_string()),
+        "names the key: {v}"
+    );
+    assert_eq!(
+        shown(addr, None).await,
+        served.der,
+        "the old certificate serves"
+    );
+
+    // A key of another certificate, then a certificate of another key.
+    replace(&other.key, &served.key);
+    let v: Value = bus.reload().await.json().await.unwrap();
+    assert!(
+        v["message"].as_str().unwrap().contains("does not belong"),
+        "{v}"
+    );
+    assert_eq!(shown(addr, None).await, served.der);
+    let (answer, _) = exchange(addr, None, GET).await.unwrap();
+    assert_eq!(status(&answer), 200, "{answer}");
+}
+
+/// A client that connects and never starts its handshake is closed after the
+/// listener's handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_that_never_starts_is_closed_after_the_timeout() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let served = issue(dir.path(), "served", &["localhost"]);
+    let addr = tls_addr();
+    let bus = tls_bus(
+        &a,
+        &tls_line(addr, &served, ", handshake_timeout = \"1s\""),
+        addr,
+    )
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(20), tcp.read(&mut buf)).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "closed, not {read:?}: {}",
+        bus.stderr()
+    );
+    assert!(
+        waited >= Duration::from_millis(900),
+        "not before the timeout: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "the 1 s timeout, not the default: {waited:?}"
+    );
+}
