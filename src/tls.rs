@@ -126,10 +126,14 @@ impl TlsEndpoint {
 
 /// A client's TLS connection after its handshake, as pingora's `IO` wants it (so the
 /// proxy can take it over), with the digest pingora's drivers read the TLS flag from.
+/// Bytes the front door read and [`TlsClient::unread`] are read again first: a TLS
+/// stream cannot be rewound below the decryption, as a TCP one can.
 #[derive(Debug)]
 pub struct TlsClient {
     s: tokio_rustls::server::TlsStream<L4Stream>,
     digest: Arc<SslDigest>,
+    /// Put back, read before the stream; unallocated while empty.
+    replay: Vec<u8>,
 }
 
 impl TlsClient {
@@ -144,7 +148,16 @@ impl TlsClient {
             .and_then(|v| v.as_str())
             .unwrap_or_default();
         let digest = Arc::new(SslDigest::new(cipher, version, None, None, Vec::new()));
-        TlsClient { s, digest }
+        TlsClient {
+            s,
+            digest,
+            replay: Vec::new(),
+        }
+    }
+
+    /// Puts `bytes` back, to be read before anything still put back and the stream.
+    pub fn unread(&mut self, bytes: &[u8]) {
+        self.replay.splice(0..0, bytes.iter().copied());
     }
 
     /// The protocol the client chose by ALPN.
@@ -172,6 +185,15 @@ impl AsyncRead for TlsClient {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if !self.replay.is_empty() {
+            let n = self.replay.len().min(buf.remaining());
+            buf.put_slice(&self.replay[..n]);
+            self.replay.drain(..n);
+            if self.replay.is_empty() {
+                self.replay = Vec::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.s).poll_read(cx, buf)
     }
 }

@@ -386,3 +386,163 @@ async fn a_handshake_that_never_starts_is_closed_after_the_timeout() {
         "the 1 s timeout, not the default: {waited:?}"
     );
 }
+
+/// Reads one HTTP/1.1 answer with a `Content-Length` from `tls`: head and body.
+async fn read_answer(tls: &mut Tls) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                return String::from_utf8_lossy(&got[..end + 4 + len]).into_owned();
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(15), tls.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed mid-answer: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The access log's lines once `n` are there (it is flushed in the background).
+async fn log_lines(bus: &Busbar, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines: Vec<Value> = bus
+            .access_log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn tls_bus_with_limits(
+    backend: &Backend,
+    limits: &str,
+) -> (Busbar, SocketAddr, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let served = issue(dir.path(), "served", &["localhost"]);
+    let addr = tls_addr();
+    let bus = Busbar::start_with_header(
+        &common::one_route(backend.addr, &format!("[limits]\n{limits}"), ""),
+        &tls_line(addr, &served, ""),
+    )
+    .await;
+    up(&bus, addr).await;
+    (bus, addr, dir)
+}
+
+/// TLS slowloris: a client that completes its handshake and trickles its head is cut off
+/// by the head deadline with busbar's 408, logged, as on plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_trickled_over_tls_gets_408_at_the_deadline() {
+    let a = Backend::start("a").await;
+    let (bus, addr, _dir) = tls_bus_with_limits(&a, "header_timeout = \"1s\"").await;
+    let mut tls = connect(addr, Some("localhost")).await.unwrap();
+    let start = Instant::now();
+    tls.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    // One header byte every 200 ms: pingora's per-read timeout never fires on that.
+    let trickle = async {
+        for _ in 0..40 {
+            if tls.write_all(b"X").await.is_err() || tls.flush().await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), trickle)
+        .await
+        .ok();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    let reply = String::from_utf8_lossy(&out);
+    assert!(
+        reply.starts_with("HTTP/1.1 408"),
+        "{reply:?}\n{}",
+        bus.stderr()
+    );
+    assert!(reply.contains(r#""error":"header_timeout""#), "{reply}");
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(a.hits(), 0);
+    let lines = log_lines(&bus, 1).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["status"], 408);
+    assert_eq!(lines[0]["error"], "header_timeout");
+    assert_eq!(lines[0]["method"], "GET");
+}
+
+/// A head with ambiguous framing over TLS is busbar's 400 with the JSON reason (not
+/// pingora's own answer), logged, and reaches no backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_head_over_tls_gets_400_with_the_reason() {
+    let a = Backend::start("a").await;
+    let (bus, addr, _dir) = tls_bus_with_limits(&a, "header_timeout = \"5s\"").await;
+    let smuggle: &[u8] =
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    let (reply, _) = exchange(addr, Some("localhost"), smuggle).await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    let body = &reply[reply.find("\r\n\r\n").unwrap() + 4..];
+    let v: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["error"], "malformed_request", "{v}");
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert_eq!(a.hits(), 0);
+    let lines = log_lines(&bus, 1).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["status"], 400);
+    assert_eq!(lines[0]["error"], "malformed_request");
+}
+
+/// One TLS keep-alive connection carries a bodyless request (busbar's own engine), a
+/// request with a body (handed to pingora with the bytes already read put back), and
+/// another bodyless one after it: each is answered, and the backend sees them as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_keep_alive_connection_goes_back_and_forth_between_the_engines() {
+    let a = Backend::start("a").await;
+    let (bus, addr, _dir) = tls_bus_with_limits(&a, "header_timeout = \"5s\"").await;
+    let mut tls = connect(addr, Some("localhost")).await.unwrap();
+    let requests: [&[u8]; 3] = [
+        b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"POST /two HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+        b"GET /three HTTP/1.1\r\nHost: a\r\n\r\n",
+    ];
+    for r in requests {
+        tls.write_all(r).await.unwrap();
+        let answer = read_answer(&mut tls).await;
+        assert_eq!(status(&answer), 200, "{answer}\n{}", bus.stderr());
+    }
+    // Pipelined: two at once.
+    tls.write_all(b"GET /four HTTP/1.1\r\nHost: a\r\n\r\nGET /five HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(status(&read_answer(&mut tls).await), 200);
+    assert_eq!(status(&read_answer(&mut tls).await), 200);
+    let seen = a.seen();
+    let paths: Vec<_> = seen.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(paths, ["/one", "/two", "/three", "/four", "/five"]);
+    for s in &seen {
+        assert_eq!(s.headers["x-forwarded-proto"], "https", "{}", s.path);
+    }
+    assert_eq!(seen[1].body, b"hello");
+}
