@@ -546,3 +546,67 @@ async fn a_tls_keep_alive_connection_goes_back_and_forth_between_the_engines() {
     }
     assert_eq!(seen[1].body, b"hello");
 }
+
+/// The process a graceful upgrade started; killed by pid when the test ends.
+struct Upgraded(std::process::Child);
+
+impl Drop for Upgraded {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// After a graceful upgrade (pingora accepts on the sockets handed over), a TLS listener
+/// still chooses its certificate by SNI, and its connections still go through the front
+/// door (a malformed head is busbar's 400) and are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_listener_handed_over_by_an_upgrade_keeps_sni_and_the_front_door() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let default = issue(dir.path(), "default", &["default.test"]);
+    let api = issue(dir.path(), "api", &["api.example.com"]);
+    let addr = tls_addr();
+    let certs = format!(
+        ", certs = [{{ cert = \"{}\", key = \"{}\" }}]",
+        api.cert.display(),
+        api.key.display()
+    );
+    let mut bus = tls_bus(&a, &tls_line(addr, &default, &certs), addr).await;
+    let new = std::process::Command::new(common::bin())
+        .args(["run", "-u", "-c"])
+        .arg(&bus.config)
+        .env("BUSBAR_ADMIN_TOKEN", &bus.token)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("upgraded.stderr")).unwrap())
+        .spawn()
+        .expect("start busbar --upgrade");
+    let _new = Upgraded(new);
+    let sock = bus
+        .dir
+        .path()
+        .join(format!("busbar-{}.upgrade.sock", bus.http.port()));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "the new process never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bus.signal(3); // SIGQUIT: hand the sockets over
+    assert_eq!(bus.wait_exit(Duration::from_secs(30)).await, Some(0));
+    let upgraded = || std::fs::read_to_string(dir.path().join("upgraded.stderr")).unwrap();
+
+    assert_eq!(
+        shown(addr, Some("api.example.com")).await,
+        api.der,
+        "{}",
+        upgraded()
+    );
+    assert_eq!(shown(addr, None).await, default.der);
+    let (answer, _) = exchange(addr, Some("api.example.com"), GET).await.unwrap();
+    assert_eq!(status(&answer), 200, "{answer}\n{}", upgraded());
+    let smuggle: &[u8] =
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    let (reply, _) = exchange(addr, None, smuggle).await.unwrap();
+    assert!(reply.contains(r#""error":"malformed_request""#), "{reply}");
+}
