@@ -36,6 +36,7 @@ use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::config::{SniCerts, TlsError, TlsListen};
+use crate::metrics::METRICS;
 
 /// A TLS listener's certificates as they serve now, and its handshake timeout; a reload
 /// replaces both.
@@ -102,7 +103,8 @@ impl TlsEndpoint {
     }
 
     /// The handshake on an accepted connection, under the listener's handshake timeout:
-    /// `None` if it failed or timed out (the connection is closed).
+    /// `None` if it failed or timed out (the connection is closed), counted in
+    /// `busbar_edge_refusals_total` as `tls_handshake_failed` or `tls_handshake_timeout`.
     pub async fn handshake(&self, l4: Box<L4Stream>) -> Option<TlsClient> {
         let peer = l4
             .get_socket_digest()
@@ -113,10 +115,18 @@ impl TlsEndpoint {
         match tokio::time::timeout(self.served.handshake_timeout(), accept).await {
             Ok(Ok(s)) => Some(TlsClient::new(s)),
             Ok(Err(e)) => {
+                METRICS
+                    .edge_refusals
+                    .with_label_values(&["tls_handshake_failed"])
+                    .inc();
                 tracing::debug!(?peer, "TLS handshake failed: {e}");
                 None
             }
             Err(_) => {
+                METRICS
+                    .edge_refusals
+                    .with_label_values(&["tls_handshake_timeout"])
+                    .inc();
                 tracing::debug!(?peer, "TLS handshake timed out");
                 None
             }

@@ -385,6 +385,8 @@ async fn a_handshake_that_never_starts_is_closed_after_the_timeout() {
         waited < Duration::from_secs(10),
         "the 1 s timeout, not the default: {waited:?}"
     );
+    let sample = r#"busbar_edge_refusals_total{reason="tls_handshake_timeout"}"#;
+    assert_eq!(bus.metric_settled(sample, 1.0).await, 1.0, "{sample}");
 }
 
 /// Reads one HTTP/1.1 answer with a `Content-Length` from `tls`: head and body.
