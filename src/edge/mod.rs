@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::Stream;
+use pingora_core::protocols::{Stream, ALPN, IO};
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,7 +36,6 @@ use crate::snapshot::State;
 use crate::tls::TlsClient;
 use head::{HeadLimits, Refusal};
 use linger::Lingering;
-use pingora_core::protocols::{ALPN, IO};
 
 /// A client connection the front door serves: plaintext TCP, or TLS over it.
 pub trait Client: h1::ClientStream + IO + 'static {}
