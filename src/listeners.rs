@@ -241,6 +241,7 @@ fn serve<A: ServerApp + Send + Sync + 'static>(
         tls.cloned(),
     );
     pingora_runtime::current_handle().spawn(async move {
+        let opening = Opening::new();
         // Boxed: its state is freed once the connection is the app's.
         let before = Box::pin(before_app(
             stream(s, peer),
@@ -249,9 +250,31 @@ fn serve<A: ServerApp + Send + Sync + 'static>(
             tls.as_deref(),
         ));
         if let Some(s) = before.await {
-            ListeningService::handle_event(s, app, shutdown).await;
+            let serve = ListeningService::handle_event(s, app, shutdown);
+            // The app counts the connection from its first poll, right after this.
+            drop(opening);
+            serve.await;
         }
     });
+}
+
+/// Counts a connection in `busbar_downstream_connections` while its PROXY header or TLS
+/// handshake is under way, before the app counts it: a drain waits for it too (it was
+/// accepted, maybe from the kernel's queue as the listeners closed, and its client
+/// expects an answer).
+struct Opening;
+
+impl Opening {
+    fn new() -> Opening {
+        METRICS.connections.inc();
+        Opening
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        METRICS.connections.dec();
+    }
 }
 
 /// What comes before the app on a connection from `peer`: on a `proxied` listener its

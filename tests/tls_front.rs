@@ -389,9 +389,9 @@ async fn a_handshake_that_never_starts_is_closed_after_the_timeout() {
     assert_eq!(bus.metric_settled(sample, 1.0).await, 1.0, "{sample}");
 }
 
-/// Reads one HTTP/1.1 answer with a `Content-Length` from `tls`: head and body.
-async fn read_answer(tls: &mut Tls) -> String {
-    let mut got = Vec::new();
+/// Reads one HTTP/1.1 answer with a `Content-Length` from `tls`: head and body. `got`
+/// keeps what was read past it (the next pipelined answer).
+async fn read_answer(tls: &mut Tls, got: &mut Vec<u8>) -> String {
     let mut buf = [0u8; 4096];
     loop {
         if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -402,18 +402,15 @@ async fn read_answer(tls: &mut Tls) -> String {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0);
             if got.len() >= end + 4 + len {
-                return String::from_utf8_lossy(&got[..end + 4 + len]).into_owned();
+                let answer: Vec<u8> = got.drain(..end + 4 + len).collect();
+                return String::from_utf8_lossy(&answer).into_owned();
             }
         }
         let n = tokio::time::timeout(Duration::from_secs(15), tls.read(&mut buf))
             .await
-            .expect("an answer in time")
+            .unwrap_or_else(|_| panic!("no answer in time; got {:?}", String::from_utf8_lossy(got)))
             .expect("read");
-        assert!(
-            n > 0,
-            "closed mid-answer: {}",
-            String::from_utf8_lossy(&got)
-        );
+        assert!(n > 0, "closed mid-answer: {}", String::from_utf8_lossy(got));
         got.extend_from_slice(&buf[..n]);
     }
 }
@@ -524,6 +521,7 @@ async fn a_tls_keep_alive_connection_goes_back_and_forth_between_the_engines() {
     let a = Backend::start("a").await;
     let (bus, addr, _dir) = tls_bus_with_limits(&a, "header_timeout = \"5s\"").await;
     let mut tls = connect(addr, Some("localhost")).await.unwrap();
+    let mut got = Vec::new();
     let requests: [&[u8]; 3] = [
         b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n",
         b"POST /two HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
@@ -531,15 +529,19 @@ async fn a_tls_keep_alive_connection_goes_back_and_forth_between_the_engines() {
     ];
     for r in requests {
         tls.write_all(r).await.unwrap();
-        let answer = read_answer(&mut tls).await;
+        let answer = read_answer(&mut tls, &mut got).await;
         assert_eq!(status(&answer), 200, "{answer}\n{}", bus.stderr());
     }
     // Pipelined: two at once.
     tls.write_all(b"GET /four HTTP/1.1\r\nHost: a\r\n\r\nGET /five HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
         .unwrap();
-    assert_eq!(status(&read_answer(&mut tls).await), 200);
-    assert_eq!(status(&read_answer(&mut tls).await), 200);
+    for _ in 0..2 {
+        let answer = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut tls, &mut got))
+            .await
+            .unwrap_or_else(|_| panic!("no answer to a pipelined request\n{}", bus.stderr()));
+        assert_eq!(status(&answer), 200, "{answer}");
+    }
     let seen = a.seen();
     let paths: Vec<_> = seen.iter().map(|s| s.path.as_str()).collect();
     assert_eq!(paths, ["/one", "/two", "/three", "/four", "/five"]);
@@ -611,4 +613,52 @@ async fn a_tls_listener_handed_over_by_an_upgrade_keeps_sni_and_the_front_door()
         b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
     let (reply, _) = exchange(addr, None, smuggle).await.unwrap();
     assert!(reply.contains(r#""error":"malformed_request""#), "{reply}");
+}
+
+/// Connections queued on a TLS listener when the drain starts (their handshake not yet
+/// run) are accepted, shaken hands with and answered (`Connection: close`) before the
+/// process exits, as on plaintext (D8): none is reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_queued_when_the_drain_starts_are_answered() {
+    const QUEUED: usize = 50;
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let served = issue(dir.path(), "served", &["localhost"]);
+    let addr = tls_addr();
+    let mut bus = tls_bus(&a, &tls_line(addr, &served, ""), addr).await;
+    bus.signal(19); // SIGSTOP: the connections queue in the kernel
+    let clients: Vec<_> = (0..QUEUED)
+        .map(|_| {
+            tokio::spawn(exchange(
+                addr,
+                Some("localhost"),
+                b"GET /queued HTTP/1.1\r\nHost: a\r\n\r\n",
+            ))
+        })
+        .collect();
+    // Their TCP connects complete in the kernel; their ClientHellos wait in the socket.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    bus.signal(15); // SIGTERM
+    bus.signal(18); // SIGCONT
+    let mut failed = Vec::new();
+    for c in clients {
+        match c.await.unwrap() {
+            Ok((answer, _)) if status(&answer) == 200 => {
+                assert!(
+                    answer.to_ascii_lowercase().contains("connection: close"),
+                    "{answer}"
+                );
+            }
+            Ok((answer, _)) => failed.push(answer),
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {QUEUED}: {failed:?}",
+        failed.len()
+    );
+    assert_eq!(a.hits(), QUEUED);
+    let code = bus.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "exit after drain:\n{}", bus.stderr());
 }
