@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use async_trait::async_trait;
 use pingora_core::apps::HttpServerOptions;
-use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server, ShutdownWatch};
@@ -100,32 +99,27 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     // loaded, an address in use or not permitted stops busbar here, naming the file or
     // the address, before it says it started. (pingora would panic on the certificate in
     // the TLS service's thread, and retry a busy port, while the rest served.)
-    let mut tls_identities = Vec::with_capacity(listen.tls.len());
+    let mut tls_endpoints = Vec::with_capacity(listen.tls.len());
     for tls in &listen.tls {
-        let identity = crate::config::load_identity(&tls.cert, &tls.key)
+        let served = crate::tls::ServedCerts::load(tls)
             .with_context(|| format!("TLS listener {}", tls.addr))?;
-        tls_identities.push(identity);
+        let endpoint = crate::tls::TlsEndpoint::new(Arc::new(served))
+            .with_context(|| format!("TLS listener {}", tls.addr))?;
+        tls_endpoints.push((tls.addr, Arc::new(endpoint)));
     }
     let registration_addr = crate::live::registration_addr(&config);
     let registration_listener = Arc::new(RegistrationListener::default());
     let own_plaintext = if opts.upgrade {
         Vec::new()
     } else {
-        // Bound now and kept: the service endpoint accepts on these sockets (and on the
-        // TLS ones with `proxy_protocol`: their header comes before the handshake).
+        // Bound now and kept: the service endpoint accepts on these sockets, plaintext
+        // and TLS (busbar runs the handshake: `tls`).
         let mut own = listen.http.clone();
-        own.extend(own_tls(&listen).map(|t| t.addr));
+        own.extend(listen.tls.iter().map(|t| t.addr));
         let bound = crate::listeners::bind_all(&own)
             .map_err(|(addr, e)| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         // pingora binds these itself once running; a bind now proves it can.
-        for addr in listen
-            .tls
-            .iter()
-            .filter(|t| !listen.proxy_protocol.contains(&t.addr))
-            .map(|t| t.addr)
-            .chain([listen.admin])
-            .chain(listen.metrics)
-        {
+        for addr in [listen.admin].into_iter().chain(listen.metrics) {
             std::net::TcpListener::bind(addr)
                 .with_context(|| format!("cannot listen on {addr}"))?;
         }
@@ -175,7 +169,11 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         }
         Err(e) => tracing::error!("registry snapshot ignored: {e}"),
     }
-    let live = Live::new(&config, opts.log, registration_listener.clone());
+    let served = tls_endpoints
+        .iter()
+        .map(|(addr, e)| (*addr, e.served.clone()))
+        .collect();
+    let live = Live::new(&config, opts.log, registration_listener.clone(), served);
     let dns_wait = config.dns.start_wait;
     crate::otel::set_queue_size(config.tracing.queue_size);
     let state = Arc::new(State::new(config, store.clone(), live));
@@ -189,7 +187,8 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             &state, &gate, dns_wait,
         ));
 
-    // 1. The service endpoint: HTTP/1.1 and h2c on each plain port, TLS with ALPN h2.
+    // 1. The service endpoint: HTTP/1.1 and h2c on each plain port, TLS with ALPN h2
+    //    (certificates by SNI name, swapped by a reload: `tls`, `live`).
     //    The front door reads each plaintext request head: CONNECT tunnels to registered
     //    services, the everyday HTTP/1.1 request goes through busbar's own path
     //    (`drivers::h1`), everything else to the pingora driver. Both run `phases`.
@@ -207,34 +206,18 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     options.h2c = true;
     http_proxy.server_options = Some(options);
     let http_proxy = Arc::new(http_proxy);
-    // TLS: pingora's listeners, but those with `proxy_protocol` are accepted as plain TCP
-    // (by busbar, or after --upgrade by pingora) and get their handshake once the PROXY
-    // header is read (`listeners`): pingora's TLS listener has no hook before it.
-    let mut pingora_tls = Vec::new();
-    let mut own_acceptors = Vec::new();
-    for (tls, identity) in listen.tls.iter().zip(tls_identities) {
-        let cert = tls.cert.display().to_string();
-        let key = tls.key.display().to_string();
-        let mut settings = TlsSettings::intermediate(&cert, &key)
-            .map_err(|e| anyhow::anyhow!("TLS listener {}: {e}", tls.addr))?;
-        // The identity loaded above, so pingora never reads (or panics on) the files.
-        settings.set_cert_resolver(crate::config::tls_resolver(identity));
-        settings.enable_h2();
-        if listen.proxy_protocol.contains(&tls.addr) {
-            own_acceptors.push((tls.addr, Arc::new(settings.build())));
-        } else {
-            pingora_tls.push((tls.addr, settings));
-        }
-    }
     // After --upgrade pingora accepts on every listener: the app reads the PROXY headers
-    // of those with `proxy_protocol` (`listeners::HandedOver`), so they keep the setting.
+    // of those with `proxy_protocol` and runs the TLS handshakes (`listeners::HandedOver`),
+    // so they keep both.
     let handed_over = opts.upgrade.then(|| {
         let plain = listen
             .http
             .iter()
             .filter(|a| listen.proxy_protocol.contains(a))
-            .map(|a| (*a, None));
-        let tls = own_acceptors.iter().map(|(a, acc)| (*a, Some(acc.clone())));
+            .map(|a| (*a, true, None));
+        let tls = tls_endpoints
+            .iter()
+            .map(|(a, e)| (*a, listen.proxy_protocol.contains(a), Some(e.clone())));
         Arc::new(crate::listeners::HandedOver {
             listeners: plain.chain(tls).collect(),
             settings: {
@@ -250,11 +233,11 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         handed_over: handed_over.clone(),
     };
     let mut proxy = ListeningService::new("busbar proxy".to_string(), edge());
-    // busbar accepts on its plaintext ports itself (`listeners`); after --upgrade their
+    // busbar accepts on its service ports itself (`listeners`); after --upgrade their
     // sockets arrive as descriptors only pingora can take, so pingora accepts on them.
     if opts.upgrade {
-        let own_tls = own_acceptors.iter().map(|(a, _)| a);
-        for addr in listen.http.iter().chain(own_tls) {
+        let tls = tls_endpoints.iter().map(|(a, _)| a);
+        for addr in listen.http.iter().chain(tls) {
             // No L4 buffers on plaintext, as on the sockets busbar accepts on itself: a
             // read buffer is 64 KiB per connection (for TLS records; 10,000 idle keep-alive
             // connections cost ~300 MiB), and the front door writes through its own
@@ -264,14 +247,12 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
                 ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::unbuffered()),
             );
         }
-        own_acceptors.clear();
-    }
-    for (addr, settings) in pingora_tls {
-        proxy.add_tls_with_settings(&addr.to_string(), None, settings);
+        tls_endpoints.clear();
     }
     // busbar's own accept loops: a connection costs ~100 bytes of task instead of
     // pingora's ~8 KiB, and a drain answers what the kernel queued before the close.
-    // Listeners with `proxy_protocol` read each connection's PROXY header first.
+    // Listeners with `proxy_protocol` read each connection's PROXY header first; TLS
+    // ones run the handshake (`tls`).
     let listeners_closed = Arc::new(AtomicBool::new(false));
     let proxy = DrainedListeners::new(
         proxy,
@@ -282,7 +263,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             let state = state.clone();
             Arc::new(move || state.load().config.clone())
         }),
-        own_acceptors,
+        tls_endpoints,
     );
 
     // 2. The admin API, on its own (loopback by default) listener and thread.
@@ -539,13 +520,4 @@ impl BackgroundService for Drain {
         tracing::info!(in_flight = METRICS.in_flight.get(), "drained, exiting");
         std::process::exit(0);
     }
-}
-
-/// The TLS listeners busbar accepts on itself: those with `proxy_protocol`, whose PROXY
-/// header is read before the handshake (pingora's TLS listener has no hook there).
-fn own_tls(listen: &crate::config::Listen) -> impl Iterator<Item = &crate::config::TlsListen> {
-    listen
-        .tls
-        .iter()
-        .filter(|t| listen.proxy_protocol.contains(&t.addr))
 }

@@ -43,6 +43,7 @@ pub mod snapshot;
 pub mod statedir;
 pub mod supervisor;
 pub mod text;
+pub mod tls;
 pub mod translate;
 pub mod upgrade;
 pub mod version;

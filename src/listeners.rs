@@ -1,16 +1,16 @@
-//! The service endpoint's plaintext listening sockets: busbar binds them before the server
-//! starts (so an address in use stops busbar before it says it started), accepts on them
-//! itself, and hands pingora a duplicate of each through its listen-fd table (for a later
+//! The service endpoint's listening sockets: busbar binds them before the server starts
+//! (so an address in use stops busbar before it says it started), accepts on them itself,
+//! and hands pingora a duplicate of each through its listen-fd table (for a later
 //! `--upgrade` to take over).
 //!
 //! Its own accept loop, for memory: pingora's spawns each connection as a task whose
 //! state includes the TLS handshake future, ~8.3 KiB a connection for the connection's
-//! whole life even on plaintext (massif, RESULTS.md). busbar spawns pingora's own public
-//! per-connection loop (`listening::Service::handle_event`, ~100 bytes) with the bare
-//! stream, as pingora does after a handshake: TCP_NODELAY, the socket digest with the
-//! peer address, and a task on one of the service's runtimes (`current_handle`). The
-//! bare stream has no L4 write buffer; the front door's `Lingering` wrapper buffers
-//! writes instead.
+//! whole life even on plaintext (massif, RESULTS.md), and its TLS listener reads through
+//! a 64 KiB buffer. busbar spawns pingora's own public per-connection loop
+//! (`listening::Service::handle_event`, ~100 bytes) with the bare stream, as pingora
+//! does after a handshake: TCP_NODELAY, the socket digest with the peer address, and a
+//! task on one of the service's runtimes (`current_handle`). The bare stream has no L4
+//! write buffer; the front door's `Lingering` wrapper buffers writes instead.
 //!
 //! And for draining: on SIGTERM the accept loops stop, and busbar then accepts what the
 //! kernel still queued and hands it to the app (the front door answers it with
@@ -19,23 +19,16 @@
 //! request was sent, got a reset instead of an answer (defect D8). From the close on,
 //! connects are refused and clients move on to other nodes.
 //!
-//! A process started with `--upgrade` gets its sockets as bare descriptors that safe code
-//! cannot own; pingora accepts on those (with its larger per-connection task) and busbar
-//! keeps no handle, so such a process's drain closes the old way. TLS listeners are
-//! pingora's (their handshake is).
-//!
-//! On a listener with `proxy_protocol = true`, each connection's PROXY header is read
-//! (`proxy_header`) on the connection's own task before the app gets it, and the client
-//! it names becomes the socket digest's peer. A TLS listener with `proxy_protocol` is
-//! accepted here too, not by pingora: pingora's TLS listener starts the handshake on the
-//! accepted socket with no hook before it, and a PROXY header is not a ClientHello. Here
-//! the header is read first, then the handshake runs with pingora's own acceptor (the
-//! listener's certificate and ALPN) and the app gets the TLS stream as pingora would
-//! hand it. A process started with `--upgrade` gets its sockets as descriptors pingora
-//! accepts on; the app then reads their PROXY headers first ([`HandedOver`]), so a
-//! listener handed over keeps its `proxy_protocol`.
-//! Owns: binding the plaintext sockets and the TLS ones with `proxy_protocol` (and the
-//! registration API's, `registry::listener`),
+//! On a TLS listener the handshake runs on the connection's own task (`tls`), under the
+//! listener's handshake timeout, before the app gets the stream. On a listener with
+//! `proxy_protocol = true`, each connection's PROXY header is read first (`proxy_header`),
+//! and the client it names becomes the socket digest's peer; a PROXY header comes before
+//! the ClientHello. A process started with `--upgrade` gets its sockets as bare
+//! descriptors that safe code cannot own; pingora accepts on those (with its larger
+//! per-connection task), as plain TCP also for the TLS ones, and the app first reads
+//! their PROXY headers and runs their handshakes ([`HandedOver`]), so a listener handed
+//! over keeps both; busbar keeps no handle, so such a process's drain closes the old way.
+//! Owns: binding the service sockets (and the registration API's, `registry::listener`),
 //! the accept loops, the last accepts.
 //! Must not: read a request (the app does): only a PROXY header, and a TLS handshake.
 
@@ -47,7 +40,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora_core::apps::ServerApp;
-use pingora_core::listeners::tls::Acceptor;
 use pingora_core::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::{GetSocketDigest, SocketDigest, Stream};
@@ -57,17 +49,18 @@ use pingora_core::services::Service;
 
 use crate::config::Config;
 use crate::metrics::METRICS;
+use crate::tls::TlsEndpoint;
 
 /// The listen backlog, pingora's own (`LISTENER_BACKLOG` in pingora-core).
 const BACKLOG: i32 = 65535;
 
-/// A pingora listening service (TLS, and plaintext after `--upgrade`) with busbar's own
-/// accept loops on the plaintext addresses.
+/// A pingora listening service (every address after `--upgrade`) with busbar's own
+/// accept loops on the service addresses.
 pub struct DrainedListeners<A> {
     inner: ListeningService<A>,
     /// The app again, for the connections busbar accepts.
     app: Arc<A>,
-    /// Plaintext addresses busbar accepts on; `inner` has no endpoint for them.
+    /// Addresses busbar accepts on; `inner` has no endpoint for them.
     addrs: Vec<SocketAddr>,
     /// Their sockets, bound by [`bind_all`]; the service takes them when it starts.
     sockets: Vec<std::net::TcpListener>,
@@ -76,8 +69,8 @@ pub struct DrainedListeners<A> {
     /// For each of `addrs` with `proxy_protocol`, what the current configuration says
     /// which peers are trusted and how long a header may take (a reload changes them).
     proxied: Vec<Option<Settings>>,
-    /// For each of `addrs`, the TLS acceptor of a TLS listener (with `proxy_protocol`).
-    tls: Vec<Option<Arc<Acceptor>>>,
+    /// For each of `addrs`, a TLS listener's handshake.
+    tls: Vec<Option<Arc<TlsEndpoint>>>,
 }
 
 /// The configuration now serving, which says which peers may send a PROXY header and how
@@ -86,15 +79,16 @@ pub struct DrainedListeners<A> {
 pub type Settings = Arc<dyn Fn() -> Arc<Config> + Send + Sync>;
 
 impl<A> DrainedListeners<A> {
-    /// `bound` are the plaintext sockets busbar accepts on itself, from [`bind_all`] (none
-    /// after `--upgrade`: `inner` has them); `app` serves like `inner`'s app.
+    /// `bound` are the sockets busbar accepts on itself, from [`bind_all`] (none after
+    /// `--upgrade`: `inner` has them); `app` serves like `inner`'s app; `endpoints` the
+    /// handshakes of those that are TLS listeners.
     pub fn new(
         inner: ListeningService<A>,
         app: Arc<A>,
         bound: Vec<(SocketAddr, std::net::TcpListener)>,
         closed: Arc<AtomicBool>,
         proxy_protocol: (&[SocketAddr], Settings),
-        acceptors: Vec<(SocketAddr, Arc<Acceptor>)>,
+        endpoints: Vec<(SocketAddr, Arc<TlsEndpoint>)>,
     ) -> Self {
         let (addrs, sockets): (Vec<SocketAddr>, _) = bound.into_iter().unzip();
         let (with, settings) = proxy_protocol;
@@ -105,7 +99,7 @@ impl<A> DrainedListeners<A> {
         let tls = addrs
             .iter()
             .map(|a| {
-                acceptors
+                endpoints
                     .iter()
                     .find(|(at, _)| at == a)
                     .map(|(_, acc)| acc.clone())
@@ -194,7 +188,7 @@ async fn accept_loop_with<A: ServerApp + Send + Sync + 'static>(
     l: tokio::net::TcpListener,
     mut shutdown: ShutdownWatch,
     proxied: Option<Settings>,
-    tls: Option<Arc<Acceptor>>,
+    tls: Option<Arc<TlsEndpoint>>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -220,83 +214,106 @@ async fn accept_loop_with<A: ServerApp + Send + Sync + 'static>(
 }
 
 /// Hands an accepted connection to the app on its own task, as pingora's accept loop does
-/// after the (here empty) handshake; first, on a `proxied` listener, its PROXY header.
+/// after its handshake; first, on a `proxied` listener, its PROXY header, and on a TLS
+/// one the handshake.
 fn serve<A: ServerApp + Send + Sync + 'static>(
     app: &Arc<A>,
     s: tokio::net::TcpStream,
     peer: SocketAddr,
     shutdown: &ShutdownWatch,
     proxied: Option<&Settings>,
-    tls: Option<&Arc<Acceptor>>,
+    tls: Option<&Arc<TlsEndpoint>>,
 ) {
     // What pingora sets on every accepted stream; a failure only costs latency.
     let _ = s.set_nodelay(true);
-    let Some(settings) = proxied else {
+    if proxied.is_none() && tls.is_none() {
         pingora_runtime::current_handle().spawn(ListeningService::handle_event(
             stream(s, peer),
             app.clone(),
             shutdown.clone(),
         ));
         return;
-    };
-    let (app, shutdown, settings, tls) = (
+    }
+    let (app, shutdown, proxied, tls) = (
         app.clone(),
         shutdown.clone(),
-        settings.clone(),
+        proxied.cloned(),
         tls.cloned(),
     );
     pingora_runtime::current_handle().spawn(async move {
-        let l4 = Box::new(L4Stream::from(s));
-        if let Some(s) = after_proxy_header(l4, peer, &settings, tls.as_deref()).await {
-            ListeningService::handle_event(s, app, shutdown).await;
+        let opening = Opening::new();
+        // Boxed: its state is freed once the connection is the app's.
+        let before = Box::pin(before_app(
+            stream(s, peer),
+            peer,
+            proxied.as_ref(),
+            tls.as_deref(),
+        ));
+        if let Some(s) = before.await {
+            let serve = ListeningService::handle_event(s, app, shutdown);
+            // The app counts the connection from its first poll, right after this.
+            drop(opening);
+            serve.await;
         }
     });
 }
 
-/// A connection on a `proxy_protocol` listener, from `peer`: its PROXY header read under
-/// the running config's trust list and `header_timeout`, the client it names made the
-/// socket digest's peer, the bytes read past the header put back, and on a TLS listener
-/// the handshake (under the same timeout: a peer that stalls in it holds no task for
-/// long). `None`: closed (untrusted, malformed, too slow, a failed handshake), counted
-/// in `busbar_edge_refusals_total`. The own accept loops and the listeners handed over
-/// by an upgrade both come through here.
-async fn after_proxy_header(
+/// Counts a connection in `busbar_downstream_connections` while its PROXY header or TLS
+/// handshake is under way, before the app counts it: a drain waits for it too (it was
+/// accepted, maybe from the kernel's queue as the listeners closed, and its client
+/// expects an answer).
+struct Opening;
+
+impl Opening {
+    fn new() -> Opening {
+        METRICS.connections.inc();
+        Opening
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        METRICS.connections.dec();
+    }
+}
+
+/// What comes before the app on a connection from `peer`: on a `proxied` listener its
+/// PROXY header, read under the running config's trust list and `header_timeout` (the
+/// client it names made the socket digest's peer, the bytes read past the header put
+/// back); on a TLS listener the handshake, under its timeout. `None`: closed (untrusted,
+/// malformed or too slow a header, counted in `busbar_edge_refusals_total`; a failed or
+/// timed-out handshake). The own accept loops and the listeners handed over by an upgrade
+/// both come through here.
+async fn before_app(
     mut l4: Box<L4Stream>,
     peer: SocketAddr,
-    settings: &Settings,
-    tls: Option<&Acceptor>,
+    proxied: Option<&Settings>,
+    tls: Option<&TlsEndpoint>,
 ) -> Option<Stream> {
-    let config = settings();
-    let timeout = config.limits.header_timeout;
-    let accepted =
-        crate::proxy_header::accept(&mut *l4, peer, &config.listen.trusted_proxies, timeout).await;
-    drop(config);
-    let a = match accepted {
-        Ok(a) => a,
-        Err(refusal) => {
-            METRICS
-                .edge_refusals
-                .with_label_values(&[refusal.reason()])
-                .inc();
-            tracing::debug!(%peer, reason = refusal.reason(), "PROXY protocol: connection closed");
-            return None;
-        }
-    };
-    name_peer(&mut l4, a.client);
-    l4.rewind(&a.rest);
-    let Some(tls) = tls else {
-        return Some(l4);
-    };
-    match tokio::time::timeout(timeout, tls.tls_handshake(*l4)).await {
-        Ok(Ok(s)) => Some(Box::new(s)),
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, "TLS handshake failed: {e}");
-            None
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "TLS handshake timed out");
-            None
-        }
+    if let Some(settings) = proxied {
+        let config = settings();
+        let timeout = config.limits.header_timeout;
+        let accepted =
+            crate::proxy_header::accept(&mut *l4, peer, &config.listen.trusted_proxies, timeout)
+                .await;
+        drop(config);
+        let a = match accepted {
+            Ok(a) => a,
+            Err(refusal) => {
+                METRICS
+                    .edge_refusals
+                    .with_label_values(&[refusal.reason()])
+                    .inc();
+                tracing::debug!(%peer, reason = refusal.reason(), "PROXY protocol: connection closed");
+                return None;
+            }
+        };
+        name_peer(&mut l4, a.client);
+        l4.rewind(&a.rest);
+    }
+    match tls {
+        None => Some(l4),
+        Some(tls) => Some(Box::new(tls.handshake(l4).await?)),
     }
 }
 
@@ -315,14 +332,13 @@ fn name_peer(stream: &mut L4Stream, peer: SocketAddr) {
     stream.set_socket_digest(digest);
 }
 
-/// The listeners with `proxy_protocol` that a process started with `--upgrade` got from
-/// its predecessor: pingora accepts on them (their sockets arrive as bare descriptors),
-/// so the app reads their PROXY headers (and then, on a TLS one, runs the handshake)
-/// through [`HandedOver::accept`] before anything else. A TLS listener with
-/// `proxy_protocol` is handed to pingora as a plain TCP listener for this.
+/// The listeners with `proxy_protocol` or TLS that a process started with `--upgrade`
+/// got from its predecessor: pingora accepts on them (their sockets arrive as bare
+/// descriptors), as plain TCP, so the app reads their PROXY headers and runs their
+/// handshakes through [`HandedOver::accept`] before anything else.
 pub struct HandedOver {
-    /// Each address, with the TLS acceptor of a TLS listener.
-    pub listeners: Vec<(SocketAddr, Option<Arc<Acceptor>>)>,
+    /// Each address, whether it has `proxy_protocol`, and a TLS listener's handshake.
+    pub listeners: Vec<(SocketAddr, bool, Option<Arc<TlsEndpoint>>)>,
     /// The running configuration (trusted proxies and the header timeout follow a reload).
     pub settings: Settings,
 }
@@ -331,17 +347,19 @@ impl HandedOver {
     /// The stream the app serves: `stream` itself when it did not come through one of
     /// these listeners; else after its PROXY header (the client it names is the socket
     /// digest's peer) and, on a TLS listener, the handshake. `None`: closed, as the own
-    /// accept loops close it (untrusted, malformed, too slow).
+    /// accept loops close it (untrusted, malformed, too slow, a failed handshake).
     pub async fn accept(&self, stream: Stream) -> Option<Stream> {
         let digest = stream.get_socket_digest();
         let addr = |a: Option<&PeerAddr>| a.and_then(|a| a.as_inet()).copied();
         let local = digest.as_ref().and_then(|d| addr(d.local_addr()));
-        let Some((_, tls)) = self.listeners.iter().find(|(a, _)| Some(*a) == local) else {
+        let Some((_, proxied, tls)) = self.listeners.iter().find(|(a, ..)| Some(*a) == local)
+        else {
             return Some(stream);
         };
         let peer = digest.as_ref().and_then(|d| addr(d.peer_addr()))?;
         let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
-        after_proxy_header(l4, peer, &self.settings, tls.as_deref()).await
+        let proxied = proxied.then_some(&self.settings);
+        Box::pin(before_app(l4, peer, proxied, tls.as_deref())).await
     }
 }
 
@@ -352,7 +370,7 @@ impl<A: ServerApp + Send + Sync + 'static> DrainedListeners<A> {
         l: &std::net::TcpListener,
         shutdown: &ShutdownWatch,
         proxied: Option<&Settings>,
-        tls: Option<&Arc<Acceptor>>,
+        tls: Option<&Arc<TlsEndpoint>>,
     ) -> usize {
         let mut n = 0;
         loop {
@@ -417,8 +435,8 @@ impl<A: ServerApp + Send + Sync + 'static> Service for DrainedListeners<A> {
                 crate::supervisor::join_part(handle).await;
             }
         };
-        // pingora's loops (TLS; plaintext after --upgrade) return once shutdown stopped
-        // them, and then clean the app up. With none, that cleanup is busbar's to call.
+        // pingora's loops (after --upgrade) return once shutdown stopped them, and then
+        // clean the app up. With none, that cleanup is busbar's to call.
         let pingora_listens = Service::listen_addresses(&self.inner).is_some_and(|a| !a.is_empty());
         if pingora_listens {
             let inner =

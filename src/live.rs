@@ -1,15 +1,18 @@
 //! What a reload changes outside the snapshot, and what it cannot change at all.
 //!
 //! A reload swaps the snapshot: routes, services, limits, the registry's policy and the
-//! grace period (the drain reads it when it starts) take effect with it. Two settings live
-//! outside it and are applied here: the log level, and the registration listener, which
+//! grace period (the drain reads it when it starts) take effect with it. Three settings
+//! live outside it and are applied here: the log level; the registration listener, which
 //! opens, moves or closes as the services that take registrations and `registry.listen`
-//! change. The rest is fixed when the process starts (pingora's listeners and threads, the
+//! change; and each running TLS listener's certificates and handshake timeout (the files
+//! are read again, so new content at the same paths counts), swapped for the handshakes
+//! that start after the reload. The rest is fixed when the process starts (pingora's listeners and threads, the
 //! access log's target, the runtime directory, the upstream pool, the registry backend):
 //! a reload lists each one whose value in the file differs from the running one as needing
 //! a restart. Everything is compared with what runs, never with the previous file, so a
 //! change reverted before the next reload is no change.
 //! Owns: [`Running`] (the start-up-only settings as this process runs them) and [`Live`].
+//! A listener's address and `proxy_protocol` are start-up-only; its certificates are not.
 //! Must not: build snapshots (`snapshot`) or serve the registration API (`registry::listener`).
 
 use std::net::SocketAddr;
@@ -19,6 +22,7 @@ use std::sync::Arc;
 use crate::config::{AccessLogTarget, Config, Listen, RegistryBackend};
 use crate::logging::{LevelChange, LogLevel};
 use crate::registry::listener::RegistrationListener;
+use crate::tls::ServedCerts;
 
 /// The settings a process reads once, when it starts, as this one runs them.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +44,13 @@ impl Running {
         // snapshot: a reload applies it, so it is no difference that needs a restart.
         let mut listen = config.listen.clone();
         listen.trusted_proxies.clear();
+        // Certificates and the handshake timeout are applied by a reload (`Live::apply`).
+        for t in &mut listen.tls {
+            t.cert.clear();
+            t.key.clear();
+            t.certs.clear();
+            t.handshake_timeout = std::time::Duration::ZERO;
+        }
         Running {
             listen,
             threads: config.server.threads,
@@ -109,6 +120,8 @@ pub struct Live {
     log: Option<LogLevel>,
     /// The registration API's socket.
     pub registration: Arc<RegistrationListener>,
+    /// Each TLS listener's certificates, as its handshakes read them.
+    tls: Vec<(SocketAddr, Arc<ServedCerts>)>,
 }
 
 impl Live {
@@ -118,19 +131,34 @@ impl Live {
         config: &Config,
         log: Option<LogLevel>,
         registration: Arc<RegistrationListener>,
+        tls: Vec<(SocketAddr, Arc<ServedCerts>)>,
     ) -> Live {
         Live {
             running: Running::of(config),
             log,
             registration,
+            tls,
         }
     }
 
     /// Brings the live settings to `new`'s, `old` being the configuration that runs. The
-    /// registration socket is bound first, as the one step that can fail: an error
-    /// changes nothing and refuses the reload.
+    /// TLS listeners' certificates are loaded and the registration socket bound first, as
+    /// the steps that can fail: an error changes nothing and refuses the reload, naming
+    /// the file.
     pub fn apply(&self, old: &Config, new: &Config) -> Result<Applied, String> {
         let mut applied = Vec::new();
+        // A listener the file no longer has, or has at a new address, needs a restart
+        // (`listen` differs) and keeps its certificates until then.
+        let mut certs = Vec::new();
+        for (addr, served) in &self.tls {
+            let Some(tls) = new.listen.tls.iter().find(|t| t.addr == *addr) else {
+                continue;
+            };
+            match crate::config::SniCerts::load(tls) {
+                Ok(c) => certs.push((served, c, tls.handshake_timeout)),
+                Err(e) => return Err(format!("{}: listen.tls {addr}: {e}", new.source.display())),
+            }
+        }
         let want = registration_addr(new);
         match self.registration.set(want) {
             Ok(false) => {}
@@ -158,6 +186,13 @@ impl Live {
                 }
                 Err(e) => tracing::warn!("log.level is not applied: {e}"),
             }
+        }
+        let mut swapped = false;
+        for (served, c, timeout) in certs {
+            swapped |= served.swap(c, timeout);
+        }
+        if swapped {
+            applied.push("listen.tls certificates");
         }
         if new.server.grace_period != old.server.grace_period {
             applied.push("server.grace_period");

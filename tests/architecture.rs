@@ -63,6 +63,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "live",
             "registry::listener",
             "listeners",
+            "tls",
             "proxy_header",
             "supervisor",
             "ready",

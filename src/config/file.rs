@@ -104,9 +104,26 @@ pub struct HttpListenTable {
 #[serde(deny_unknown_fields)]
 pub struct TlsListenFile {
     pub addr: Spanned<String>,
+    /// The default certificate: for no SNI, and for a name no `certs` entry has.
     pub cert: Spanned<String>,
     pub key: Spanned<String>,
     pub proxy_protocol: Option<Spanned<bool>>,
+    /// More certificates, chosen by the SNI name the client sends.
+    #[serde(default)]
+    pub certs: Vec<SniCertFile>,
+    /// How long a client may take to complete its TLS handshake.
+    pub handshake_timeout: Option<Spanned<String>>,
+}
+
+/// One `listen.tls.certs` entry: `{ cert, key, names }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniCertFile {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+    /// Server names (`a.example.com`, `*.example.com`); the certificate's DNS names
+    /// (subjectAltName) when absent.
+    pub names: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -34,7 +34,7 @@ pub use registry::{RegistryBackend, RegistryConfig, RegistryToken, MAX_TTL, MIN_
 pub use release::{
     check_version, parse_split_json, RuleMatch, SplitConfig, SplitRule, Splits, USER_BUCKETS,
 };
-pub use tls::{load_identity, resolver as tls_resolver, TlsError};
+pub use tls::{dns_names, load_identity, valid_server_name, SniCerts, TlsError};
 pub use tracing::{sample_below, OtlpEndpoint, TracingConfig, DEFAULT_QUEUE_SIZE};
 pub use translate::{Translations, DEFAULT_DENY_UNKNOWN_FIELDS, DEFAULT_EMIT_DEFAULTS};
 pub use validate::{valid_identifier, Purpose};

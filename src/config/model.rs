@@ -52,6 +52,11 @@ pub const DEFAULT_MAX_EJECTED_PERCENT: u8 = 50;
 /// Request body limit when a route sets none.
 pub const DEFAULT_MAX_BODY: u64 = 10 * 1024 * 1024;
 
+/// A TLS handshake must be done within this (a client that connects and says nothing, or
+/// stalls mid-handshake, holds a connection no longer); nginx's `ssl_handshake_timeout`
+/// is 60 s, HAProxy's `timeout client` bounds it; 10 s is the head deadline's, as a
+/// handshake is the same kind of wait.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request head must arrive whole within this (slowloris), else 408.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A keep-alive connection may sit idle this long between requests.
@@ -169,8 +174,24 @@ pub struct Listen {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsListen {
     pub addr: SocketAddr,
+    /// The default certificate chain (PEM): for a client that sends no SNI name, or one
+    /// no entry of `certs` has.
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Certificates chosen by SNI name; a reload reads them (and the default) again.
+    pub certs: Vec<SniCert>,
+    /// A connection whose TLS handshake is not done within this is closed.
+    pub handshake_timeout: Duration,
+}
+
+/// A certificate a TLS listener serves to the server names it lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Lower-case names, exact (`a.example.com`) or a wildcard for one label
+    /// (`*.example.com`); empty: the certificate's own DNS names, read when it is loaded.
+    pub names: Vec<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -347,13 +347,7 @@ impl Validator<'_> {
                     }
                     proxy_protocol.push(addr);
                 }
-                let (cert, key) = (self.path(t.cert.get_ref()), self.path(t.key.get_ref()));
-                // Loaded here so `check` and a reload refuse what start-up would.
-                if let Err(e) = super::tls::load_identity(&cert, &key) {
-                    let at = if e.is_the_key() { &t.key } else { &t.cert };
-                    self.err(at.span(), ctx, e.to_string());
-                }
-                tls.push(TlsListen { addr, cert, key });
+                tls.push(self.tls_listener(t, addr, ctx));
             }
         }
         if http.is_empty() && tls.is_empty() && self.errors.is_empty() {

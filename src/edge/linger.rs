@@ -1,11 +1,12 @@
-//! Lingering close for the plaintext HTTP/1 connections pingora drops.
+//! Lingering close for the HTTP/1 connections (plaintext, or TLS) pingora drops.
 //!
 //! When busbar answers before reading the whole request body (413, an early error), the
 //! client is usually still sending. Closing the socket with unread bytes makes the kernel
 //! send a reset, and the client's stack then throws away the answer it had already
 //! received. Like nginx's `lingering_close`, a connection that is closed is first shut
-//! down for writing (the answer and a FIN go out), then read and discarded until the
-//! client closes, goes quiet, or the time or the byte allowance runs out.
+//! down for writing (the answer and a FIN go out; on TLS a close_notify first), then read
+//! and discarded until the client closes, goes quiet, or the time or the byte allowance
+//! runs out.
 //!
 //! The wrapper also buffers writes, as pingora's own accepted streams do (their 1,460-byte
 //! L4 write buffer): pingora writes a response head and a small body separately and
@@ -43,16 +44,20 @@ pub const LINGER_MAX_BYTES: usize = 8 << 20;
 /// `DEFAULT_L4_WRITE_BUFFER_SIZE`, one TCP segment).
 const WRITE_BUFFER: usize = 1460;
 
-/// A plaintext client connection that buffers writes and closes lingering when dropped.
+/// What a lingering close needs of a stream: to write, shut down and read on its own task.
+pub trait Linger: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Linger for T {}
+
+/// A client connection that buffers writes and closes lingering when dropped.
 #[derive(Debug)]
-pub struct Lingering {
-    s: Option<Box<L4Stream>>,
+pub struct Lingering<S: Linger = L4Stream> {
+    s: Option<Box<S>>,
     /// Written, not yet sent; empty (and unallocated) after each flush.
     out: Vec<u8>,
 }
 
-impl Lingering {
-    pub fn new(s: Box<L4Stream>) -> Lingering {
+impl<S: Linger> Lingering<S> {
+    pub fn new(s: Box<S>) -> Lingering<S> {
         Lingering {
             s: Some(s),
             out: Vec::new(),
@@ -61,7 +66,7 @@ impl Lingering {
 
     /// The connection back, for another request: no close, no linger. Only between
     /// requests, when pingora has flushed what it wrote.
-    pub fn into_inner(mut self) -> Box<L4Stream> {
+    pub fn into_inner(mut self) -> Box<S> {
         debug_assert!(
             self.out.is_empty(),
             "unflushed bytes on a handed-back stream"
@@ -69,11 +74,11 @@ impl Lingering {
         self.s.take().expect("stream present until dropped")
     }
 
-    pub fn inner(&self) -> &L4Stream {
+    pub fn inner(&self) -> &S {
         self.s.as_deref().expect("stream present until dropped")
     }
 
-    pub fn inner_mut(&mut self) -> &mut L4Stream {
+    pub fn inner_mut(&mut self) -> &mut S {
         self.s.as_deref_mut().expect("stream present until dropped")
     }
 
@@ -98,7 +103,7 @@ impl Lingering {
     }
 }
 
-impl Drop for Lingering {
+impl<S: Linger> Drop for Lingering<S> {
     fn drop(&mut self) {
         let Some(mut s) = self.s.take() else { return };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
@@ -125,7 +130,7 @@ impl Drop for Lingering {
     }
 }
 
-impl AsyncRead for Lingering {
+impl<S: Linger> AsyncRead for Lingering<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -135,7 +140,7 @@ impl AsyncRead for Lingering {
     }
 }
 
-impl AsyncWrite for Lingering {
+impl<S: Linger> AsyncWrite for Lingering<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -169,7 +174,7 @@ impl AsyncWrite for Lingering {
 }
 
 #[async_trait]
-impl Shutdown for Lingering {
+impl<S: Linger + Shutdown> Shutdown for Lingering<S> {
     async fn shutdown(&mut self) {
         // What is buffered goes first (pingora flushes before this; an error path may not).
         if self.flush().await.is_ok() {
@@ -178,22 +183,31 @@ impl Shutdown for Lingering {
     }
 }
 
-impl UniqueID for Lingering {
+impl<S: Linger + UniqueID> UniqueID for Lingering<S> {
     fn id(&self) -> UniqueIDType {
         self.inner().id()
     }
 }
 
-impl Ssl for Lingering {}
+/// On TLS, the digest pingora's drivers read the TLS flag from, and the ALPN choice.
+impl<S: Linger + Ssl> Ssl for Lingering<S> {
+    fn get_ssl_digest(&self) -> Option<Arc<pingora_core::protocols::tls::SslDigest>> {
+        self.inner().get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<pingora_core::protocols::ALPN> {
+        self.inner().selected_alpn_proto()
+    }
+}
 
 #[async_trait]
-impl Peek for Lingering {
+impl<S: Linger + Peek> Peek for Lingering<S> {
     async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
         self.inner_mut().try_peek(buf).await
     }
 }
 
-impl GetTimingDigest for Lingering {
+impl<S: Linger + GetTimingDigest> GetTimingDigest for Lingering<S> {
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
         self.inner().get_timing_digest()
     }
@@ -207,7 +221,7 @@ impl GetTimingDigest for Lingering {
     }
 }
 
-impl GetProxyDigest for Lingering {
+impl<S: Linger + GetProxyDigest> GetProxyDigest for Lingering<S> {
     fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
         self.inner().get_proxy_digest()
     }
@@ -217,7 +231,7 @@ impl GetProxyDigest for Lingering {
     }
 }
 
-impl GetSocketDigest for Lingering {
+impl<S: Linger + GetSocketDigest> GetSocketDigest for Lingering<S> {
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
         self.inner().get_socket_digest()
     }

@@ -1,15 +1,16 @@
 //! The service endpoint's front door, before pingora's HTTP parser.
 //!
-//! For each request on a plaintext HTTP/1 connection (it runs the keep-alive loop
-//! pingora would otherwise run) it reads the request head under a total
+//! For each request on an HTTP/1 connection, plaintext or TLS alike (it runs the
+//! keep-alive loop pingora would otherwise run), it reads the request head under a total
 //! deadline (a client trickling header bytes is cut off: slowloris), refuses ambiguous
 //! framing and oversize heads itself (see `head`), sends `CONNECT` to the mesh tunnel,
 //! serves the everyday request (with or without a body, HTTP/1.1 or 1.0) on busbar's own
 //! HTTP/1 engine (`drivers::h1`, which takes the body's first bytes from this buffer and
-//! leaves the next request's in it), and hands
-//! everything else — unchanged, bytes rewound — to the pingora HTTP proxy.
-//! h2c connections (the HTTP/2 preface) go to the proxy whole. TLS connections cannot be
-//! rewound, so they get pingora's own parsing and per-read timeouts only.
+//! leaves the next request's in it), and hands everything else — unchanged, bytes put
+//! back — to the pingora HTTP proxy.
+//! h2c connections (the HTTP/2 preface) and TLS connections whose client chose `h2` by
+//! ALPN go to the proxy whole. A TLS connection arrives after its handshake (`tls`); the
+//! bytes the front door read are put back above the decryption (`tls::TlsClient`).
 //! Must not: interpret more than the head (proxying is `h1`'s), or keep any state between
 //! connections.
 
@@ -22,7 +23,7 @@ use async_trait::async_trait;
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::{GetSocketDigest, Stream};
+use pingora_core::protocols::{Stream, ALPN, IO};
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,8 +35,19 @@ use crate::drivers::pingora::BusbarProxy;
 use crate::metrics::METRICS;
 use crate::phases::Phases;
 use crate::snapshot::State;
+use crate::tls::TlsClient;
 use head::{HeadLimits, Refusal};
 use linger::Lingering;
+
+/// A client connection the front door serves: plaintext TCP, or TLS over it.
+pub trait Client: h1::ClientStream + IO + 'static {}
+impl<T: h1::ClientStream + IO + 'static> Client for T {}
+
+impl h1::ClientStream for TlsClient {
+    fn unread(&mut self, bytes: &[u8]) {
+        TlsClient::unread(self, bytes);
+    }
+}
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 
@@ -62,7 +74,7 @@ fn release_large(buf: &mut Vec<u8>) {
 
 /// Appends what the socket has to `buf`, growing it by at least `HEAD_BUF` free bytes
 /// when full (reads into spare capacity: no zeroing, no bounce buffer).
-async fn read_more(s: &mut L4Stream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+async fn read_more<S: Client>(s: &mut S, buf: &mut Vec<u8>) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() < 512 {
         buf.reserve(HEAD_BUF);
     }
@@ -81,8 +93,8 @@ const IDLE_KEEPS_BUFFER: Duration = Duration::from_secs(1);
 /// The waits are [`deadline`]s, not tokio's timers: a tokio timer set while the runtime's
 /// wheel is empty (every connection busy with its upstream, as under load) wakes the
 /// runtime through its eventfd, one `write` and one more `epoll_wait` per request.
-async fn read_first(
-    s: &mut L4Stream,
+async fn read_first<S: Client>(
+    s: &mut S,
     buf: &mut Vec<u8>,
     idle: Duration,
 ) -> Result<std::io::Result<usize>, Elapsed> {
@@ -116,11 +128,11 @@ pub struct Edge {
 }
 
 /// What the front door decided for the next request on a connection.
-enum Next {
+enum Next<S: Client> {
     /// An HTTP/1 request whose head passed: the proxy handles it.
-    Request(Box<Lingering>),
+    Request(Box<Lingering<S>>),
     /// A request busbar's own HTTP/1 path serves (`h1`); its head is consumed.
-    Direct(Box<Lingering>, Box<h1::FastRequest>),
+    Direct(Box<Lingering<S>>, Box<h1::FastRequest>),
     /// HTTP/2 with prior knowledge: the proxy owns the connection from here.
     H2(Stream),
     /// Closed, refused, or tunnelled: nothing left to do.
@@ -129,9 +141,9 @@ enum Next {
 
 /// Answers a refused head and closes; the answer gets its access log line (with the
 /// first token of the head as the method, when it looks like one).
-async fn refuse(
+async fn refuse<S: Client>(
     log: &crate::accesslog::AccessLog,
-    stream: &mut L4Stream,
+    stream: &mut S,
     head: &[u8],
     status: u16,
     reason: &str,
@@ -179,17 +191,82 @@ fn method_of(head: &[u8]) -> &str {
 }
 
 impl Edge {
-    /// Reads and judges the next request head of a plaintext connection.
+    /// The HTTP/1 keep-alive loop pingora would run on a connection, with the front door
+    /// before each request. `tls`: the connection is TLS (for `X-Forwarded-Proto`).
+    async fn serve<S: Client>(
+        self: &Arc<Self>,
+        stream: Box<S>,
+        tls: bool,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let limits = self.state.load().config.limits;
+        let mut persistent: Option<HttpPersistentSettings> = None;
+        let mut head = Vec::with_capacity(HEAD_BUF);
+        let mut conn = Box::new(Lingering::new(stream));
+        loop {
+            let s = match self.front(conn, &mut head, limits, shutdown).await {
+                Next::Direct(mut c, request) => {
+                    let draining = *shutdown.borrow();
+                    let s = c.inner_mut();
+                    let peer = s
+                        .get_socket_digest()
+                        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+                    // Boxed: inline, its state (a few KiB) would be part of every
+                    // connection's task for the connection's life, idle or not.
+                    let serve = h1::serve(&self.phases, s, peer, tls, request, draining, &mut head);
+                    if !Box::pin(serve).await {
+                        return None;
+                    }
+                    conn = c;
+                    continue;
+                }
+                Next::Request(s) => s,
+                // The proxy sees the preface again (it was put back) and speaks h2c.
+                Next::H2(s) => {
+                    drop(head);
+                    return ServerApp::process_new(&self.proxy, s, shutdown).await;
+                }
+                Next::Done => return None,
+            };
+            // If the proxy drops the connection (an answer before the whole body was
+            // read, `Connection: close`), it is closed lingering, not reset.
+            let mut session = ServerSession::new_http1(s);
+            match persistent.take() {
+                Some(p) => p.apply_to_session(&mut session),
+                None => {
+                    let keepalive =
+                        (!*shutdown.borrow()).then_some(limits.idle_timeout.as_secs().max(1));
+                    session.set_keepalive(keepalive);
+                    session.set_keepalive_reuses_remaining(
+                        self.proxy
+                            .server_options
+                            .as_ref()
+                            .and_then(|o| o.keepalive_request_limit),
+                    );
+                }
+            }
+            let (next, settings) = self
+                .proxy
+                .process_new_http(session, shutdown)
+                .await?
+                .consume();
+            // The proxy gives the stream back still wrapped for a lingering close.
+            conn = next.into_any().downcast::<Lingering<S>>().ok()?;
+            persistent = settings;
+        }
+    }
+
+    /// Reads and judges the next request head of a connection.
     ///
     /// `buf` is the connection's head buffer, kept across its requests; it holds what
     /// the client pipelined after the last request handed on, if anything.
-    async fn front(
+    async fn front<S: Client>(
         &self,
-        mut conn: Box<Lingering>,
+        mut conn: Box<Lingering<S>>,
         buf: &mut Vec<u8>,
         limits: Limits,
         shutdown: &ShutdownWatch,
-    ) -> Next {
+    ) -> Next<S> {
         let hl = HeadLimits {
             max_request_line: limits.max_request_line,
             max_head_bytes: limits.max_header_bytes,
@@ -229,7 +306,7 @@ impl Edge {
                 || H2_PREFACE.starts_with(buf) && buf.len() < H2_PREFACE.len()
             {
                 if buf.len() >= H2_PREFACE.len() {
-                    s.rewind(buf);
+                    s.unread(buf);
                     return Next::H2(conn.into_inner());
                 }
             } else if let Some(end) = head::head_end(buf) {
@@ -281,7 +358,7 @@ impl Edge {
                     }
                     head::Body::Chunked => buf.len(),
                 };
-                s.rewind(&buf[..take]);
+                s.unread(&buf[..take]);
                 buf.drain(..take);
                 if buf.is_empty() {
                     release_large(buf);
@@ -309,72 +386,18 @@ impl ServerApp for Edge {
             Some(h) => h.accept(stream).await?,
             None => stream,
         };
-        if !stream.as_any().is::<L4Stream>() {
-            // TLS: pingora parses it, for the connection's whole life.
+        if stream.as_any().is::<L4Stream>() {
+            let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+            return self.serve(l4, false, shutdown).await;
+        }
+        // HTTP/2 by ALPN: pingora's, for the connection's whole life.
+        if stream.selected_alpn_proto() == Some(ALPN::H2) {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }
-        let limits = self.state.load().config.limits;
-        let mut persistent: Option<HttpPersistentSettings> = None;
-        let mut head = Vec::with_capacity(HEAD_BUF);
-        let Ok(l4) = stream.into_any().downcast::<L4Stream>() else {
-            return None;
-        };
-        let mut conn = Box::new(Lingering::new(l4));
-        // The HTTP/1 keep-alive loop pingora would run, with the front door before each request.
-        loop {
-            let s = match self.front(conn, &mut head, limits, shutdown).await {
-                Next::Direct(mut c, request) => {
-                    let draining = *shutdown.borrow();
-                    // Boxed: inline, its state (a few KiB) would be part of every
-                    // connection's task for the connection's life, idle or not.
-                    let s = c.inner_mut();
-                    let peer = s
-                        .get_socket_digest()
-                        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
-                    let serve =
-                        h1::serve(&self.phases, s, peer, false, request, draining, &mut head);
-                    if !Box::pin(serve).await {
-                        return None;
-                    }
-                    conn = c;
-                    continue;
-                }
-                Next::Request(s) => s,
-                // The proxy sees the preface again (it was rewound) and speaks h2c.
-                Next::H2(s) => {
-                    drop(head);
-                    return ServerApp::process_new(&self.proxy, s, shutdown).await;
-                }
-                Next::Done => return None,
-            };
-            // If the proxy drops the connection (an answer before the whole body was
-            // read, `Connection: close`), it is closed lingering, not reset.
-            let mut session = ServerSession::new_http1(s);
-            match persistent.take() {
-                Some(p) => p.apply_to_session(&mut session),
-                None => {
-                    let keepalive =
-                        (!*shutdown.borrow()).then_some(limits.idle_timeout.as_secs().max(1));
-                    session.set_keepalive(keepalive);
-                    session.set_keepalive_reuses_remaining(
-                        self.proxy
-                            .server_options
-                            .as_ref()
-                            .and_then(|o| o.keepalive_request_limit),
-                    );
-                }
-            }
-            let (next, settings) = self
-                .proxy
-                .process_new_http(session, shutdown)
-                .await?
-                .consume();
-            // The proxy gives the stream back still wrapped for a lingering close.
-            conn = next.into_any().downcast::<Lingering>().ok()?;
-            persistent = settings;
-        }
+        // No other stream comes from busbar's listeners.
+        let tls = stream.into_any().downcast::<TlsClient>().ok()?;
+        self.serve(tls, true, shutdown).await
     }
-
     async fn cleanup(&self) {
         ServerApp::cleanup(&*self.proxy).await;
     }

@@ -7,8 +7,7 @@
 
 use std::time::Duration;
 
-use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::metrics::METRICS;
@@ -18,7 +17,7 @@ use crate::snapshot::State;
 /// Connecting to the chosen instance must succeed within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-async fn respond(stream: &mut L4Stream, status: &str, code: &str, message: &str) {
+async fn respond<S: AsyncWrite + Unpin>(stream: &mut S, status: &str, code: &str, message: &str) {
     let body = crate::base::reply::Refusal::new(code, message).to_json();
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -41,8 +40,14 @@ fn target_of(head: &[u8]) -> Option<&str> {
     }
 }
 
-/// Answers a CONNECT whose head is `head` (`rest`: bytes the client sent after it).
-pub async fn tunnel(state: &State, mut stream: Box<L4Stream>, head: &[u8], rest: &[u8]) {
+/// Answers a CONNECT whose head is `head` (`rest`: bytes the client sent after it), on a
+/// plaintext or TLS client connection.
+pub async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
+    state: &State,
+    mut stream: Box<S>,
+    head: &[u8],
+    rest: &[u8],
+) {
     {
         let Some(target) = target_of(head) else {
             respond(

@@ -371,7 +371,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         edge_refusals: counter(
             &mut r,
             "busbar_edge_refusals_total",
-            "Requests refused at the front door (bad or slow heads), or cut off for a slow body or a stalled response write, by reason.",
+            "Requests refused at the front door (bad or slow heads), cut off for a slow body or a stalled response write, or TLS connections whose handshake failed or timed out, by reason.",
             &["reason"],
         ),
         connect_refused: int_counter(

@@ -77,7 +77,14 @@ impl<S: ClientStream> Downstream<'_, S> {
     /// Writes `bytes` within `limit`: a client that stops reading is cut off (slow
     /// read), and counted as the pingora path counts it.
     pub(super) async fn send(&mut self, bytes: &[u8]) -> bool {
-        match within(self.limit, self.client.write_all(bytes)).await {
+        // The flush: a TLS stream may keep the last records of a write it could not
+        // send at once (a full socket) until it is flushed; TCP's is a no-op.
+        let client = &mut *self.client;
+        let write = async move {
+            client.write_all(bytes).await?;
+            client.flush().await
+        };
+        match within(self.limit, write).await {
             Ok(r) => r.is_ok(),
             Err(_) => {
                 fail::note(Failure::ClientSendTimeout);
