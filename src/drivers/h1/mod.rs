@@ -99,8 +99,11 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
     let route = match found {
         None => None,
         Some((route, fallback)) => {
-            let plain = route.service.config.protocol == Protocol::Http1
-                && !crate::translate::translates(&snapshot, &route);
+            // https services too: the upstream connection is TLS (`upstream::connect`).
+            let plain = matches!(
+                route.service.config.protocol,
+                Protocol::Http1 | Protocol::Https
+            ) && !crate::translate::translates(&snapshot, &route);
             if !plain {
                 return None;
             }
@@ -263,7 +266,7 @@ async fn exchange(
     let mut buf = Vec::with_capacity(BUF);
     // The response head for the client, and the first of its body: one write.
     let mut out = Vec::with_capacity(512);
-    let (mut up, addr, mut head) = loop {
+    let (mut up, key, mut head) = loop {
         let t = match phases.begin_try(ctx) {
             Ok(t) => t,
             Err(cause) => return down.answer(ctx, cause, false).await,
@@ -281,8 +284,9 @@ async fn exchange(
             }
         };
         let retry = match tried {
-            Ok((up, head)) => break (up, t.addr, head),
+            Ok((up, head)) => break (up, pool::Key::of(&t), head),
             Err(TryFail::Connect { timed_out }) => phases.on_connect_failure(ctx, timed_out),
+            Err(TryFail::Certificate) => phases.on_certificate_failure(ctx),
             Err(TryFail::Trip { timed_out }) => {
                 phases.on_try_failure(ctx, true, timed_out, ask.idempotent, false)
             }
@@ -393,7 +397,7 @@ async fn exchange(
     }
     phases.on_response_health(ctx, head.status);
     if head.reusable && !extra {
-        pool::give_back(addr, up);
+        pool::give_back(key, up);
     }
     Served {
         status,
