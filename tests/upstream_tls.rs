@@ -89,6 +89,8 @@ struct Seen {
 struct Record {
     /// Completed TLS handshakes (one per connection).
     handshakes: AtomicUsize,
+    /// Of those, the ones that resumed an earlier session.
+    resumed: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
 }
 
@@ -102,6 +104,11 @@ struct TlsServer {
 
 impl TlsServer {
     async fn start(pki: &Pki, require_client: bool) -> TlsServer {
+        Self::start_with(pki, require_client, true).await
+    }
+
+    /// With `keep_alive = false`, each connection closes after one response.
+    async fn start_with(pki: &Pki, require_client: bool, keep_alive: bool) -> TlsServer {
         let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -141,6 +148,9 @@ impl TlsServer {
                     };
                     r.handshakes.fetch_add(1, SeqCst);
                     let (_, session) = tls.get_ref();
+                    if session.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                        r.resumed.fetch_add(1, SeqCst);
+                    }
                     let sni = session.server_name().map(str::to_string);
                     let client_cert = session.peer_certificates().is_some_and(|c| !c.is_empty());
                     let svc = hyper::service::service_fn(
@@ -170,6 +180,7 @@ impl TlsServer {
                         },
                     );
                     let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(keep_alive)
                         .serve_connection(TokioIo::new(tls), svc)
                         .await;
                 });
@@ -305,6 +316,30 @@ async fn sequential_requests_share_one_tls_connection() {
         bus.metric("busbar_upstream_connections_total{from=\"pool\",service=\"s\"}")
             .await,
         4.0
+    );
+}
+
+/// New connections resume the TLS session of an earlier one: the service's client
+/// configuration (and its session cache) is built once, not per connection.
+#[tokio::test]
+async fn new_tls_connections_resume_the_session() {
+    let pki = Pki::new();
+    let up = TlsServer::start_with(&pki, false, false).await;
+    let body = service("s", up.addr, &tls_table(&ca_line(&pki.path("ca.pem"))));
+    let bus = Busbar::start(&body).await;
+    for i in 0..3 {
+        let r = client()
+            .get(bus.url(&format!("/s/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(up.handshakes(), 3, "the backend closes every connection");
+    assert_eq!(
+        up.record.resumed.load(SeqCst),
+        2,
+        "the second and third resumed"
     );
 }
 
@@ -621,4 +656,25 @@ async fn unusable_tls_settings_are_refused_with_their_place() {
     assert!(err.contains("tls.server_name"), "{err}");
     let (ok, err) = check(&ca_line(&pki.path("ca.pem")));
     assert!(ok, "{err}");
+}
+
+/// A reload to a CA file that cannot be read is refused; the running one keeps serving.
+#[tokio::test]
+async fn a_reload_to_an_unreadable_ca_file_is_refused() {
+    let pki = Pki::new();
+    let up = TlsServer::start(&pki, false).await;
+    let good = service("s", up.addr, &tls_table(&ca_line(&pki.path("ca.pem"))));
+    let bus = Busbar::start(&good).await;
+    let bad = service("s", up.addr, &tls_table(&ca_line(&pki.path("gone.pem"))));
+    bus.write_config(&bad, "");
+    let r = bus.reload().await;
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert!(!status.is_success(), "{status}: {text}");
+    assert!(
+        text.contains("gone.pem") && text.contains("cannot read"),
+        "{text}"
+    );
+    let r = client().get(bus.url("/s/a")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
 }
