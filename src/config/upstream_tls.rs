@@ -326,7 +326,7 @@ impl Validator<'_> {
         let roots = if ca_path.is_none() && !insecure_skip_verify {
             let roots = self.system_roots();
             if roots.is_empty() && protocol == Protocol::Https {
-                let span = t.map_or(0..0, |_| file.map_or(0..0, |f| f.span()));
+                let span = file.map_or(0..0, |f| f.span());
                 self.host_problem(
                     span,
                     ctx,
@@ -414,7 +414,7 @@ mod tests {
                 identity: id,
                 insecure_skip_verify: false,
             };
-            build(&s, &roots).err().map(|(f, m)| (f, m))
+            build(&s, &roots).err()
         };
         let (f, m) = try_build(Some(&missing), None).unwrap();
         assert_eq!(f, Field::CaFile);

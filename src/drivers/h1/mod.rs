@@ -1,5 +1,6 @@
 //! busbar's own HTTP/1.1 engine for the everyday request: a plaintext HTTP/1.1 request
-//! without a body, on a route that proxies to an HTTP/1 service with no translation
+//! without a body, on a route that proxies to an HTTP/1 service (cleartext or `https`: the
+//! upstream connection is then TLS, `upstream::connect`) with no translation
 //! (admission included). Everything else goes to the pingora driver, unchanged.
 //!
 //! pingora 0.9's proxy loop costs several times what a plain tokio proxy costs per

@@ -306,6 +306,81 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
+    /// A TLS pair over loopback: busbar's side (trusting the server's self-signed
+    /// certificate) and the server's.
+    async fn tls_pair() -> (Conn, tokio_rustls::server::TlsStream<TcpStream>) {
+        use rustls::pki_types::{PrivateKeyDer, ServerName};
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![c.cert.der().clone()],
+                PrivateKeyDer::Pkcs8(c.signing_key.serialize_der().into()),
+            )
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(c.cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accept = async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio_rustls::TlsAcceptor::from(Arc::new(server))
+                .accept(tcp)
+                .await
+                .unwrap()
+        };
+        let connect = async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            tokio_rustls::TlsConnector::from(Arc::new(client))
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap()
+        };
+        let (server, client) = tokio::join!(accept, connect);
+        (Conn::Tls(Box::new(client)), server)
+    }
+
+    /// What a TLS server sends unasked (TLS 1.3 session tickets, after the handshake)
+    /// is taken in by the liveness check, not taken for stray data; a `close_notify` is
+    /// the close it is.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_tls_connection_is_live_until_the_upstream_closes_it() {
+        let key = Key {
+            addr: "127.0.0.1:12".parse().unwrap(),
+            tls: 7,
+        };
+        let (conn, mut server) = tls_pair().await;
+        // The tickets are on the wire by now.
+        server.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        give_back(key, conn);
+        let mut conn = take(key).expect("a live TLS connection, tickets and all");
+        // Still usable: a request and its answer go through.
+        conn.write_all(b"ping").await.unwrap();
+        conn.flush().await.unwrap();
+        let mut got = [0u8; 4];
+        tokio::io::AsyncReadExt::read_exact(&mut server, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(&got, b"ping");
+        give_back(key, conn);
+        assert!(
+            take(Key { tls: 0, ..key }).is_none(),
+            "a plaintext key never gets it"
+        );
+        server.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(take(key).is_none(), "closed by the upstream");
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn a_connection_the_upstream_closed_is_not_handed_out() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
