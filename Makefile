@@ -4,6 +4,8 @@
 #   make run     build and start busbar on conf/busbar.toml with two demo backends
 #   make test    the whole test suite (unit + integration, real processes on loopback)
 #   make bench   release build, then load-tests/bench.sh (busbar vs nginx, HAProxy, direct)
+#   make bench-engine   release build, then bench.sh's issue-20 shapes: request bodies, TLS
+#                on both sides, TLS memory, and their latency (~12 minutes)
 #   make bench-admission   release build, then 100,000 users through admission vs without
 #   make bench-grpc  release builds, then load-tests/grpc-bench.sh (JSON→gRPC vs gRPC vs HTTP)
 #   make package   release build, then a Debian package in target/debian/ (cargo-deb)
@@ -12,7 +14,7 @@ CARGO ?= cargo
 CONFIG ?= conf/busbar.toml
 DEMO_BACKENDS ?= -l 127.0.0.1:9101 -l 127.0.0.1:9102
 
-.PHONY: run build release package test check-conf bench bench-admission bench-grpc fmt clippy lint fuzz reliability
+.PHONY: run build release package test check-conf bench bench-engine bench-admission bench-grpc fmt clippy lint fuzz reliability
 
 build:
 	$(CARGO) build --bin busbar
@@ -52,6 +54,14 @@ check-conf: build
 bench: release
 	$(CARGO) build --release --example bare-pingora --example lean-proxy
 	bash load-tests/bench.sh
+
+# Issue 20's shapes (load-tests/README.md): POST 1 KiB and 64 KiB chunked, GET over TLS
+# (keep-alive and a new connection per request), an HTTPS upstream, 10,000 idle TLS
+# connections, and the paced latency of the POST and TLS shapes. SCENARIOS/LAT_SHAPES
+# from the environment override the defaults.
+bench-engine: release
+	SCENARIOS="$${SCENARIOS:-post1k post64k tls tlsnew upstls lat tlsmem}" \
+	  LAT_SHAPES="$${LAT_SHAPES:-post1k tls}" ALLOW_LONG=1 bash load-tests/bench.sh
 
 # 100,000 distinct users through a rate-limited, queued route vs the same route without
 # admission: throughput and peak RSS (load-tests/admission-bench.sh, ~2 minutes).

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # load-tests/bench.sh — busbar vs nginx vs HAProxy vs direct, side by side, on loopback.
 #
-# Needs: nginx, haproxy, wrk, curl, taskset, python3, h2load (scenario d), and a
-# release build of busbar (`cargo build --release`, or `make bench` which does both).
-# On a fresh Debian box:
-#   apt-get install -y nginx-light haproxy wrk nghttp2-client curl util-linux python3
+# Needs: nginx, haproxy, wrk, curl, taskset, python3, h2load (scenario d), openssl (the
+# TLS scenarios), and a release build of busbar (`cargo build --release`, or `make bench`
+# which does both). On a fresh Debian box:
+#   apt-get install -y nginx-light haproxy wrk nghttp2-client curl util-linux python3 openssl
 #
-# Scenarios (SCENARIOS="a b c d f lat mem", the default, runs them all, in that order):
+# Scenarios (SCENARIOS="a b c d f lat mem", the default, runs these, in that order):
 #   a    plain HTTP/1.1 proxy: direct, nginx, HAProxy, bare pingora (if built), busbar,
 #        busbar with a file access log
 #   b    the same route with everything on: identity (trusted x-user-id header), per-user
@@ -15,9 +15,30 @@
 #   d    h2c downstream, many streams: h2load -c16 -m10 (nginx http2, HAProxy proto h2,
 #        busbar's h2c on its HTTP port)
 #   f    1,000 routes and 1,000 instances in the tables; the request hits route 999
-#   lat  latency under load: paced load at 50% of busbar's max rate (from (a) in the same
-#        run), against direct, nginx and busbar; busbar's added p99 over direct
-#   mem  busbar's RSS idle and with 10,000 idle keep-alive connections open
+#   lat  latency under load: paced load at 50% of busbar's max rate (from the shape's own
+#        scenario in the same run), against direct, nginx and busbar; busbar's added p99
+#        over direct. LAT_SHAPES picks the shapes: get (a), post1k, tls
+#   mem  busbar's RSS idle, with 10,000 idle keep-alive connections open, and 2 s and
+#        10 s after they closed
+# Issue 20's shapes (not in the default list: with them a run takes ~20 minutes; `make
+# bench-engine` runs just these, with LAT_SHAPES="post1k tls", in ~12 minutes):
+#   post1k   POST with a 1 KiB body (Content-Length): direct, nginx, HAProxy, busbar
+#   post64k  POST with a 64 KiB chunked body (POST_CHUNK-byte chunks): the same targets
+#   tls      GET over TLS, keep-alive (wrk https://): direct (the backend's TLS
+#            listener), nginx, HAProxy, busbar
+#   tlsnew   GET over TLS with `Connection: close`: a new TLS connection per request
+#   upstls   HTTPS upstream: plaintext client, TLS backend with keep-alive (nginx
+#            proxy_pass https:// + upstream keepalive, HAProxy `server … ssl verify
+#            required`, busbar `protocol = "https"` from bench-lib/busbar-upstls.toml;
+#            busbar is skipped with a note if `busbar check` refuses that config)
+#   tlsmem   the mem scenario over TLS: busbar, nginx and HAProxy, each started fresh,
+#            RSS idle, with MEM_CONNS idle TLS keep-alive connections, 2 s and 10 s after
+#            they closed (goal: back within 20% of idle 10 s after the spike)
+# POST bodies go to the backend's /post, which reads the whole body before it answers
+# (checked at startup: nginx's `return` alone answers before the body has arrived).
+# TLS everywhere uses one ECDSA P-256 certificate for CN/SAN localhost and 127.0.0.1,
+# signed by a CA made for the run (openssl, in the temp dir): the proxies serve it, and
+# verify the backend's copy against the CA in upstls.
 # Scenario (e), JSON→gRPC vs gRPC pass-through, is load-tests/grpc-bench.sh.
 #
 # Each table scenario runs `wrk -t1 -c${CONNS}` (h2load for d) for DURATION seconds per
@@ -30,7 +51,9 @@
 # on CPU 1.
 #
 # Environment:
-#   SCENARIOS="a b c d f lat mem"  which scenarios to run (in this order)
+#   SCENARIOS="a b c d f lat mem"  which scenarios to run (in this order; all known:
+#                   a b c d f post1k post64k tls tlsnew upstls lat mem tlsmem). lat takes
+#                   busbar's max rate from the shape's scenario when it ran earlier
 #   DURATION=5      seconds per run
 #   ROUNDS=3        rounds (order rotates each round); the median is reported
 #   CONNS=64        wrk connections (-c); wrk always runs one thread (-t1)
@@ -42,18 +65,26 @@
 #   LAT_ROUNDS=7 LAT_DURATION=3    scenario lat: its own rounds and seconds per run (a p99
 #                   is one slow moment of the machine away from doubling: more, shorter
 #                   alternating rounds make its median steadier)
-#   MEM_CONNS=10000 scenario mem: idle keep-alive connections
+#   LAT_SHAPES=get  scenario lat: the shapes to pace, each its own table: get (GET /, the
+#                   (a) proxies), post1k (POST 1 KiB), tls (GET over TLS, keep-alive)
+#   MEM_CONNS=10000 scenarios mem and tlsmem: idle keep-alive connections
+#   TLSMEM_TARGETS="busbar nginx haproxy"   scenario tlsmem: which servers (each fresh)
+#   POST_CHUNK=4096 scenario post64k: bytes per chunk of the 64 KiB chunked body
+#   BUSBAR_UPSTLS=load-tests/bench-lib/busbar-upstls.toml   scenario upstls: busbar's
+#                   services and routes (@BACKEND@ and @CA_FILE@ are filled in)
 #   BUSBAR=target/release/busbar   the binary (relative to the repo root)
 #   TRACING="0.01 1"  scenario a: one more busbar per sample ratio (`busbar+trace0.01`, …)
 #                   exporting its spans over OTLP/HTTP to a local sink (bench-lib/otlp-sink.py,
 #                   on the load CPU); empty (the default): none
 #   BUSBAR_BASE=path                a second busbar binary (an earlier build) measured in
-#                   the same run as `busbar@base` (a, d) and `busbar+all@base` (b, c), so a
+#                   the same run as `busbar@base` (a, d, post1k, post64k, tls, tlsnew,
+#                   upstls) and `busbar+all@base` (b, c), so a
 #                   change is compared with what it replaces, rounds interleaved
 #   BARE=target/release/examples/bare-pingora   (skipped with a note when missing)
 #   LEAN=target/release/examples/lean-proxy     (skipped when missing)
 #   PROXY_CPU=0 LOAD_CPU=1         CPUs for the proxies / for backend + load generator
-#   ONLY="nginx busbar"            measure only these targets (names as in the tables; a-f)
+#   ONLY="nginx busbar"            measure only these targets (names as in the tables;
+#                   the table scenarios, not lat, mem, tlsmem)
 #   KEEP_TMP=1      keep the temp dir (configs, logs) after the run
 #   ALLOW_LONG=1    allow a run estimated over 10 minutes
 #
@@ -74,6 +105,9 @@ LAT_LOAD=${LAT_LOAD:-50}
 LAT_ROUNDS=${LAT_ROUNDS:-7}
 LAT_DURATION=${LAT_DURATION:-3}
 MEM_CONNS=${MEM_CONNS:-10000}
+LAT_SHAPES=${LAT_SHAPES:-get}
+TLSMEM_TARGETS=${TLSMEM_TARGETS:-"busbar nginx haproxy"}
+POST_CHUNK=${POST_CHUNK:-4096}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -86,27 +120,45 @@ BARE=${BARE:-target/release/examples/bare-pingora}
 LEAN=${LEAN:-target/release/examples/lean-proxy}
 [[ $BARE = /* ]] || BARE="$ROOT/$BARE"
 [[ $LEAN = /* ]] || LEAN="$ROOT/$LEAN"
+BUSBAR_UPSTLS=${BUSBAR_UPSTLS:-load-tests/bench-lib/busbar-upstls.toml}
+[[ $BUSBAR_UPSTLS = /* ]] || BUSBAR_UPSTLS="$ROOT/$BUSBAR_UPSTLS"
 
 BENCH_NAME="bench"   # prefix of messages and of the temp dir
 # shellcheck source-path=SCRIPTDIR source=bench-lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib/common.sh"
 
-ALL_SCENARIOS="a b c d f lat mem"
+ALL_SCENARIOS="a b c d f post1k post64k tls tlsnew upstls lat mem tlsmem"
 for s in $SCENARIOS; do
   [[ " $ALL_SCENARIOS " = *" $s "* ]] || die "SCENARIOS: unknown scenario '$s' (known: $ALL_SCENARIOS)"
 done
 has() { [[ " $SCENARIOS " = *" $1 "* ]]; }
+for s in $LAT_SHAPES; do
+  [[ " get post1k tls " = *" $s "* ]] || die "LAT_SHAPES: unknown shape '$s' (known: get post1k tls)"
+done
+for s in $TLSMEM_TARGETS; do
+  [[ " busbar nginx haproxy " = *" $s "* ]] || die "TLSMEM_TARGETS: unknown target '$s' (known: busbar nginx haproxy)"
+done
+lat_has() { has lat && [[ " $LAT_SHAPES " = *" $1 "* ]]; }
 
 for tool in nginx haproxy wrk curl taskset python3 awk; do
   command -v "$tool" >/dev/null 2>&1 \
     || die "$tool not found (apt-get install -y nginx-light haproxy wrk curl util-linux python3)"
 done
+if has tls || has tlsnew || has upstls || has tlsmem || lat_has tls; then
+  NEED_TLS=1
+  command -v openssl >/dev/null 2>&1 || die "openssl not found (apt-get install -y openssl)"
+else
+  NEED_TLS=0
+fi
+if has upstls; then
+  [[ -r $BUSBAR_UPSTLS ]] || die "BUSBAR_UPSTLS: $BUSBAR_UPSTLS is not readable"
+fi
 if has d; then
   command -v h2load >/dev/null 2>&1 || die "h2load not found (apt-get install -y nghttp2-client)"
 fi
 [[ -x $BUSBAR ]] || die "$BUSBAR not found: run 'cargo build --release' first (or 'make bench')"
 [[ -z $BUSBAR_BASE || -x $BUSBAR_BASE ]] || die "BUSBAR_BASE: $BUSBAR_BASE is not an executable"
-for v in DURATION ROUNDS CONNS USERS H2_CONNS H2_STREAMS MEM_CONNS; do
+for v in DURATION ROUNDS CONNS USERS H2_CONNS H2_STREAMS MEM_CONNS POST_CHUNK; do
   [[ ${!v} =~ ^[0-9]+$ && ${!v} -ge 1 ]] || die "$v must be a whole number >= 1"
 done
 [[ $WARMUP =~ ^[0-9]+$ ]] || die "WARMUP must be a whole number of seconds"
@@ -128,8 +180,23 @@ estimate() {
   has c && t=$((t + 2 * per))
   has d && t=$((t + 4 * per))
   has f && t=$((t + 3 * per))
-  if has lat; then t=$((t + (3 + HAVE_BARE) * LAT_ROUNDS * LAT_DURATION)); has a || t=$((t + DURATION)); fi
-  has mem && t=$((t + 25 * (1 + HAVE_BARE)))
+  local nb=0 shape
+  [[ -n $BUSBAR_BASE ]] && nb=1
+  has post1k && t=$((t + (4 + nb) * per))
+  has post64k && t=$((t + (4 + nb) * per))
+  has tls && t=$((t + (4 + nb) * per))
+  has tlsnew && t=$((t + (4 + nb) * per))
+  has upstls && t=$((t + (3 + nb) * per))
+  if has lat; then
+    for shape in $LAT_SHAPES; do
+      case $shape in
+        get) t=$((t + (3 + HAVE_BARE) * LAT_ROUNDS * LAT_DURATION)); has a || t=$((t + DURATION)) ;;
+        *) t=$((t + 3 * LAT_ROUNDS * LAT_DURATION)); has "$shape" || t=$((t + DURATION)) ;;
+      esac
+    done
+  fi
+  has mem && t=$((t + 33 * (1 + HAVE_BARE)))
+  has tlsmem && t=$((t + 90 * $(wc -w <<<"$TLSMEM_TARGETS")))   # handshakes: ~60 s for 10,000
   echo "$t"
 }
 EST=$(estimate)
@@ -142,7 +209,7 @@ make_temp_dir       # PIDS: every process we start (nginx masters, haproxy, busb
 declare -A SERVER   # pid -> name, for the servers that must stay up for the whole run
 
 # Free loopback ports, all picked at once, handed out one by one by take_port.
-read -r -a PORT_POOL <<<"$(free_ports 48)"
+read -r -a PORT_POOL <<<"$(free_ports 80)"
 NEXT_PORT=0
 take_port() {  # VAR...: assigns a fresh port to each variable
   local v
@@ -164,7 +231,7 @@ wait_ready() {  # name pid url [curl args...]
     fi
     sleep 0.1
   done
-  die "$name did not answer ok on $url within 15 s; see $DIR/$name/"
+  die "$name did not answer ok on $url${*:+ (curl $*)} within 15 s; see $DIR/$name/"
 }
 
 # ---------------------------------------------------------------------------------
@@ -183,14 +250,15 @@ NGINX_USER=""
 [[ $(id -u) = 0 ]] && NGINX_USER="user root;"
 
 LAST_PID=""
-start_nginx() {  # name cpu http-block-content; sets LAST_PID
-  local name=$1 cpu=$2 http=$3 d="$DIR/$1"
+start_nginx() {  # name cpu http-block-content [worker_connections]; sets LAST_PID
+  local name=$1 cpu=$2 http=$3 wc=${4:-4096} d="$DIR/$1"
   mkdir -p "$d"
   cat >"$d/nginx.conf" <<EOF
 $NGINX_USER
 worker_processes 1;
+worker_rlimit_nofile $((wc + 100));
 error_log $d/error.log warn;
-events { worker_connections 4096; }
+events { worker_connections $wc; }
 http {
     access_log off;
     $(nginx_temp_paths "$d")
@@ -208,13 +276,13 @@ EOF
   SERVER[$LAST_PID]=$name
 }
 
-start_haproxy() {  # name body; sets LAST_PID. One thread, foreground (-db: no master).
-  local name=$1 body=$2 d="$DIR/$1"
+start_haproxy() {  # name body [maxconn]; sets LAST_PID. One thread, foreground (-db: no master).
+  local name=$1 body=$2 maxconn=${3:-4096} d="$DIR/$1"
   mkdir -p "$d"
   cat >"$d/haproxy.cfg" <<EOF
 global
     nbthread 1
-    maxconn 4096
+    maxconn $maxconn
     pidfile $d/haproxy.pid
 
 defaults
@@ -239,9 +307,10 @@ EOF
 # listeners on fresh ports, log) followed by the services and routes read from stdin;
 # start_busbar validates it with `busbar check` and starts it.
 declare -A ADMIN_PORT
-busbar_config() {  # name port access-log < services-and-routes
-  local name=$1 port=$2 access=$3 admin reg
+busbar_config() {  # name port access-log [tls-port] < services-and-routes
+  local name=$1 port=$2 access=$3 tls=${4:-} admin reg tls_line=""
   take_port admin reg
+  [[ -n $tls ]] && tls_line="tls = [{ addr = \"127.0.0.1:$tls\", cert = \"$CERT\", key = \"$KEY\" }]"
   mkdir -p "$DIR/$name"
   {
     cat <<EOF
@@ -252,6 +321,7 @@ runtime_dir = "$DIR/$name"
 
 [listen]
 http = ["127.0.0.1:$port"]
+$tls_line
 admin = "127.0.0.1:$admin"
 
 [log]
@@ -283,55 +353,160 @@ start_busbar() {  # name [binary]; sets LAST_PID. Raises the open-files limit to
 # ---------------------------------------------------------------------------------
 # Which servers the chosen scenarios need.
 NEED_NGINX=0; NEED_HAPROXY=0; NEED_BUSBAR=0
-{ has a || has b || has c || has d || has lat; } && NEED_NGINX=1
-{ has a || has d; } && NEED_HAPROXY=1
-{ has a || has b || has d || has lat; } && NEED_BUSBAR=1
+ENGINE_SCENARIOS=0   # issue 20's table scenarios: nginx, HAProxy and busbar all take part
+for s in post1k post64k tls tlsnew upstls; do has $s && ENGINE_SCENARIOS=1; done
+{ has a || has b || has c || has d || has lat || ((ENGINE_SCENARIOS)); } && NEED_NGINX=1
+{ has a || has d || ((ENGINE_SCENARIOS)); } && NEED_HAPROXY=1
+{ has a || has b || has d || has lat || ((ENGINE_SCENARIOS)); } && NEED_BUSBAR=1
 
 # Targets. Keys are "<scenario>/<name>"; the same name (nginx, busbar) may appear in
 # several scenarios. KIND: wrk | h2 (h2load h2c) | paced (scenario lat).
-declare -A T_PORT T_PID T_KIND T_PATH T_HDR T_SCRIPT T_SCRIPT_ARGS
+declare -A T_PORT T_PID T_KIND T_PATH T_SCHEME T_HDR T_SCRIPT T_SCRIPT_ARGS
 declare -A SC_TARGETS SC_TITLE
-deftarget() {  # scenario name port pid kind [path]
+deftarget() {  # scenario name port pid kind [path] [scheme]
   local k="$1/$2"
-  T_PORT[$k]=$3; T_PID[$k]=$4; T_KIND[$k]=$5; T_PATH[$k]=${6:-/}
+  T_PORT[$k]=$3; T_PID[$k]=$4; T_KIND[$k]=$5; T_PATH[$k]=${6:-/}; T_SCHEME[$k]=${7:-http}
   SC_TARGETS[$1]="${SC_TARGETS[$1]:-} $2"
 }
 
-# --- backend: nginx answering "ok\n", on the load CPU (an h2c listener too, for d).
-take_port P_BACKEND P_BACKEND_H2
+# --- TLS material (tls, tlsnew, upstls, tlsmem, lat's tls shape): a CA made for this run
+# and one ECDSA P-256 certificate it signs, for localhost and 127.0.0.1. Every TLS
+# listener serves that certificate (the leaf alone, no chain); clients and the proxies'
+# upstream side verify against the CA. (A self-signed leaf would not do as its own CA:
+# webpki, which rustls uses, refuses a certificate marked CA:TRUE as an end entity.)
+CERT=""; KEY=""; CA=""; CERT_KEY=""
+if ((NEED_TLS)); then
+  mkdir -p "$DIR/tls"
+  (
+    cd "$DIR/tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+      -subj "/CN=busbar bench CA" -keyout ca.key -out ca.pem
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+      -subj /CN=localhost -keyout key.pem -out cert.csr
+    printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=critical,CA:FALSE" \
+      "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" >cert.ext
+    openssl x509 -req -in cert.csr -CA ca.pem -CAkey ca.key -set_serial 2 -days 2 \
+      -extfile cert.ext -out cert.pem
+    cat cert.pem key.pem >cert+key.pem   # HAProxy's `crt` takes both in one file
+  ) >"$DIR/tls/openssl.log" 2>&1 || die "openssl could not make the run's certificates; see $DIR/tls/openssl.log"
+  CERT="$DIR/tls/cert.pem"; KEY="$DIR/tls/key.pem"; CA="$DIR/tls/ca.pem"; CERT_KEY="$DIR/tls/cert+key.pem"
+fi
+# nginx's TLS lines for a server block (the same certificate and key everywhere). nginx
+# 1.22 offers TLS 1.0-1.2 by default (1.3 only from 1.23.4); HAProxy 2.6 and rustls
+# negotiate 1.3, so nginx is told to offer 1.3 too.
+nginx_tls() { echo "ssl_certificate $CERT; ssl_certificate_key $KEY; ssl_protocols TLSv1.2 TLSv1.3;"; }
+
+# --- backend: nginx answering "ok\n", on the load CPU (an h2c listener too, for d; a TLS
+# listener for the TLS scenarios). GET / answers at once. POST /post reads the whole body
+# before answering: nginx's `return` would answer first and discard the body after, so
+# the body is read by `mirror … mirror_request_body on` (which reads it before the content
+# phase; the mirror subrequest itself goes to an internal location answering 204), then
+# stub_status, which refuses POST with 405 without touching a file, and error_page turns
+# that into the same 200 "ok\n". Bodies stay in memory (client_body_buffer_size). Checked
+# by bench-lib/reads-body.py below; measured here: POST 1 KiB direct costs what GET does.
+take_port P_BACKEND P_BACKEND_H2 P_BACKEND_TLS
+BACKEND_TLS_LISTEN=""
+((NEED_TLS)) && BACKEND_TLS_LISTEN="listen 127.0.0.1:$P_BACKEND_TLS ssl; $(nginx_tls)"
 start_nginx backend "$LOAD_CPU" "
     server {
         listen 127.0.0.1:$P_BACKEND;
         listen 127.0.0.1:$P_BACKEND_H2 http2;
+        $BACKEND_TLS_LISTEN
+        client_body_buffer_size 128k;
+        client_max_body_size 1m;
         location / { default_type text/plain; return 200 \"ok\n\"; }
+        location = /post {
+            mirror /_drained;
+            mirror_request_body on;
+            stub_status;
+            error_page 405 =200 @ok;
+        }
+        location = /_drained { internal; return 204; }
+        location @ok { default_type text/plain; return 200 \"ok\n\"; }
     }"
 BACKEND_PID=$LAST_PID
 wait_ready backend "$BACKEND_PID" "http://127.0.0.1:$P_BACKEND/"
+((NEED_TLS)) && wait_ready backend "$BACKEND_PID" "https://127.0.0.1:$P_BACKEND_TLS/" --cacert "$CA"
+if has post1k || has post64k || lat_has post1k; then
+  out=$(python3 "$LIB/reads-body.py" "$P_BACKEND" /post 2>&1) \
+    || die "the backend's /post does not read the whole body before answering: $out"
+fi
 
-# --- nginx reverse proxy, one worker, upstream keepalive 64; HTTP/1.1 and h2c listeners.
-if ((NEED_NGINX)); then
-  take_port P_NGINX P_NGINX_H2
-  start_nginx nginx "$PROXY_CPU" "
+# --- nginx reverse proxy, one worker, upstream keepalive 64; HTTP/1.1 and h2c listeners,
+# a TLS listener (tls, tlsnew) and a plaintext listener proxying to the backend's TLS
+# listener (upstls). Request bodies (post1k, post64k) stream upstream as they arrive
+# (proxy_request_buffering off), as HAProxy and busbar do, through a 128 KiB buffer
+# rather than the 8 KiB default. (With nginx's default buffering, the whole body read
+# first, in memory up to 128 KiB, nginx measured the same within this machine's noise.)
+# NGINX_PROXY_* are reused by tlsmem's fresh nginx.
+NGINX_PROXY_LOCATION='
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";'
+NGINX_PROXY_UPSTREAM="
     upstream backend {
         server 127.0.0.1:$P_BACKEND;
         keepalive 64;
         keepalive_requests 1000000;
+    }"
+if ((NEED_NGINX)); then
+  take_port P_NGINX P_NGINX_H2 P_NGINX_TLS P_NGINX_UPS
+  NGINX_TLS_LISTEN=""
+  ((NEED_TLS)) && NGINX_TLS_LISTEN="listen 127.0.0.1:$P_NGINX_TLS ssl; $(nginx_tls)"
+  NGINX_UPSTLS=""
+  # proxy_ssl_name: the name to send (SNI) and verify; by default it would be the
+  # upstream block's name.
+  has upstls && NGINX_UPSTLS="
+    upstream backend_tls {
+        server 127.0.0.1:$P_BACKEND_TLS;
+        keepalive 64;
+        keepalive_requests 1000000;
     }
+    server {
+        listen 127.0.0.1:$P_NGINX_UPS;
+        location / {
+            proxy_pass https://backend_tls;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_ssl_session_reuse on;
+            proxy_ssl_server_name on;
+            proxy_ssl_name localhost;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate $CA;
+        }
+    }"
+  start_nginx nginx "$PROXY_CPU" "$NGINX_PROXY_UPSTREAM
     server {
         listen 127.0.0.1:$P_NGINX;
         listen 127.0.0.1:$P_NGINX_H2 http2;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection \"\";
+        $NGINX_TLS_LISTEN
+        client_body_buffer_size 128k;
+        proxy_request_buffering off;
+        location / {$NGINX_PROXY_LOCATION
         }
-    }"
+    }$NGINX_UPSTLS"
   NGINX_PID=$LAST_PID
 fi
 
-# --- HAProxy, one thread; HTTP/1.1 and h2c (proto h2) frontends.
+# --- HAProxy, one thread; HTTP/1.1 and h2c (proto h2) frontends, a TLS frontend (tls,
+# tlsnew) and one to the backend's TLS listener, verified against the run's CA (upstls).
+# HAProxy streams request bodies as they come (no option http-buffer-request).
 if ((NEED_HAPROXY)); then
-  take_port P_HAPROXY P_HAPROXY_H2
+  take_port P_HAPROXY P_HAPROXY_H2 P_HAPROXY_TLS P_HAPROXY_UPS
+  HAPROXY_MORE=""
+  ((NEED_TLS)) && HAPROXY_MORE="
+frontend fe_tls
+    bind 127.0.0.1:$P_HAPROXY_TLS ssl crt $CERT_KEY
+    default_backend be
+"
+  has upstls && HAPROXY_MORE+="
+frontend fe_ups
+    bind 127.0.0.1:$P_HAPROXY_UPS
+    default_backend be_tls
+
+backend be_tls
+    server b1 127.0.0.1:$P_BACKEND_TLS ssl verify required ca-file $CA sni str(localhost) verifyhost localhost
+"
   start_haproxy haproxy "frontend fe
     bind 127.0.0.1:$P_HAPROXY
     default_backend be
@@ -339,7 +514,7 @@ if ((NEED_HAPROXY)); then
 frontend fe_h2
     bind 127.0.0.1:$P_HAPROXY_H2 proto h2
     default_backend be
-
+$HAPROXY_MORE
 backend be
     server b1 127.0.0.1:$P_BACKEND"
   HAPROXY_PID=$LAST_PID
@@ -376,17 +551,42 @@ endpoints = [{ addr = "127.0.0.1:'$P_BACKEND'" }]
 [[route]]
 name = "all"
 service = "bench"'
+# With a TLS scenario the same process also has a TLS listener (tls, tlsnew, lat's tls).
 if ((NEED_BUSBAR)); then
-  take_port P_BUSBAR
-  busbar_config busbar "$P_BUSBAR" off <<<"$ONE_ROUTE"
+  take_port P_BUSBAR P_BUSBAR_TLS P_BASE P_BASE_TLS
+  tls_port=""; ((NEED_TLS)) && tls_port=$P_BUSBAR_TLS
+  busbar_config busbar "$P_BUSBAR" off "$tls_port" <<<"$ONE_ROUTE"
   start_busbar busbar
   BUSBAR_PID=$LAST_PID
   if [[ -n $BUSBAR_BASE ]]; then
-    take_port P_BASE
-    busbar_config busbar@base "$P_BASE" off <<<"$ONE_ROUTE"
+    tls_port=""; ((NEED_TLS)) && tls_port=$P_BASE_TLS
+    busbar_config busbar@base "$P_BASE" off "$tls_port" <<<"$ONE_ROUTE"
     start_busbar busbar@base "$BUSBAR_BASE"
     BASE_PID=$LAST_PID
   fi
+fi
+
+# --- busbar-upstls (upstls): the service from BUSBAR_UPSTLS, `protocol = "https"` to the
+# backend's TLS listener with the run's CA. A binary without https upstreams refuses the
+# config in `busbar check`: that busbar is left out of the scenario with a note.
+declare -A UPSTLS_SKIPPED UPSTLS_PID UPSTLS_PORT   # keyed by target name: busbar, busbar@base
+upstls_busbar() {  # target binary; its files in $DIR/busbar-upstls (@base)
+  local t=$1 bin=$2 d=${1/busbar/busbar-upstls} port
+  take_port port
+  sed -e "s|@BACKEND@|127.0.0.1:$P_BACKEND_TLS|g" -e "s|@CA_FILE@|$CA|g" "$BUSBAR_UPSTLS" \
+    | busbar_config "$d" "$port" off
+  if ! "$bin" check "$DIR/$d/busbar.toml" >"$DIR/$d/check.log" 2>&1; then
+    UPSTLS_SKIPPED[$t]=$(grep -v '^[[:space:]]*$' "$DIR/$d/check.log" | head -3 | tr '\n' ' ')
+    log "upstls: $t: skipped (no https upstream support in this binary): ${UPSTLS_SKIPPED[$t]}"
+    return 0
+  fi
+  start_busbar "$d" "$bin"
+  UPSTLS_PID[$t]=$LAST_PID
+  UPSTLS_PORT[$t]=$port
+}
+if has upstls; then
+  upstls_busbar busbar "$BUSBAR"
+  [[ -n $BUSBAR_BASE ]] && upstls_busbar busbar@base "$BUSBAR_BASE"
 fi
 
 # --- busbar+trace<ratio> (a): the plain route with `[tracing]` exporting to a local sink
@@ -541,6 +741,19 @@ if has f; then
   wait_ready haproxy-1k "$HAPROXY1K_PID" "http://127.0.0.1:$P_HAPROXY1K$MEAS_PATH"
   wait_ready busbar-1k "$BUSBAR1K_PID" "http://127.0.0.1:$P_BUSBAR1K$MEAS_PATH"
 fi
+if ((NEED_TLS)); then   # TLS listeners, verified against the run's CA
+  ((NEED_NGINX)) && wait_ready nginx "$NGINX_PID" "https://127.0.0.1:$P_NGINX_TLS/" --cacert "$CA"
+  ((NEED_HAPROXY)) && wait_ready haproxy "$HAPROXY_PID" "https://127.0.0.1:$P_HAPROXY_TLS/" --cacert "$CA"
+  ((NEED_BUSBAR)) && wait_ready busbar "$BUSBAR_PID" "https://127.0.0.1:$P_BUSBAR_TLS/" --cacert "$CA"
+  [[ -n ${BASE_PID:-} ]] && wait_ready busbar@base "$BASE_PID" "https://127.0.0.1:$P_BASE_TLS/" --cacert "$CA"
+fi
+if has upstls; then
+  wait_ready nginx "$NGINX_PID" "http://127.0.0.1:$P_NGINX_UPS/"
+  wait_ready haproxy "$HAPROXY_PID" "http://127.0.0.1:$P_HAPROXY_UPS/"
+  for t in "${!UPSTLS_PID[@]}"; do
+    wait_ready "${t/busbar/busbar-upstls}" "${UPSTLS_PID[$t]}" "http://127.0.0.1:${UPSTLS_PORT[$t]}/"
+  done
+fi
 
 # ---------------------------------------------------------------------------------
 # The targets of each scenario.
@@ -593,6 +806,38 @@ if has f; then
   deftarget f haproxy "$P_HAPROXY1K" "$HAPROXY1K_PID" wrk "$MEAS_PATH"
   deftarget f busbar "$P_BUSBAR1K" "$BUSBAR1K_PID" wrk "$MEAS_PATH"
 fi
+# Issue 20's shapes: the same four targets each (busbar@base too with BUSBAR_BASE).
+for s in post1k post64k tls tlsnew; do
+  has $s || continue
+  case $s in
+    post1k|post64k) path=/post scheme=http pd=$P_BACKEND pn=$P_NGINX ph=$P_HAPROXY pb=$P_BUSBAR pbb=${P_BASE:-} ;;
+    *) path=/ scheme=https pd=$P_BACKEND_TLS pn=$P_NGINX_TLS ph=$P_HAPROXY_TLS pb=$P_BUSBAR_TLS pbb=${P_BASE_TLS:-} ;;
+  esac
+  deftarget $s direct "$pd" "" wrk $path $scheme
+  deftarget $s nginx "$pn" "$NGINX_PID" wrk $path $scheme
+  deftarget $s haproxy "$ph" "$HAPROXY_PID" wrk $path $scheme
+  deftarget $s busbar "$pb" "$BUSBAR_PID" wrk $path $scheme
+  [[ -n ${BASE_PID:-} ]] && deftarget $s busbar@base "$pbb" "$BASE_PID" wrk $path $scheme
+  for t in ${SC_TARGETS[$s]}; do
+    case $s in
+      post1k) T_SCRIPT[$s/$t]="$LIB/body.lua"; T_SCRIPT_ARGS[$s/$t]="1024 length" ;;
+      post64k) T_SCRIPT[$s/$t]="$LIB/body.lua"; T_SCRIPT_ARGS[$s/$t]="65536 chunked $POST_CHUNK" ;;
+      tlsnew) T_HDR[$s/$t]="Connection: close" ;;
+    esac
+  done
+done
+SC_TITLE[post1k]="(post1k) POST, 1 KiB body with Content-Length"
+SC_TITLE[post64k]="(post64k) POST, 64 KiB chunked body"
+SC_TITLE[tls]="(tls) GET over TLS, keep-alive"
+SC_TITLE[tlsnew]="(tlsnew) GET over TLS, a new TLS connection per request"
+if has upstls; then
+  SC_TITLE[upstls]="(upstls) HTTPS upstream: plaintext client, TLS backend"
+  deftarget upstls nginx "$P_NGINX_UPS" "$NGINX_PID" wrk
+  deftarget upstls haproxy "$P_HAPROXY_UPS" "$HAPROXY_PID" wrk
+  for t in busbar busbar@base; do
+    [[ -n ${UPSTLS_PID[$t]:-} ]] && deftarget upstls $t "${UPSTLS_PORT[$t]}" "${UPSTLS_PID[$t]}" wrk
+  done
+fi
 if [[ -n ${ONLY:-} ]]; then
   for t in $ONLY; do
     found=0
@@ -606,11 +851,51 @@ if [[ -n ${ONLY:-} ]]; then
   done
 fi
 
-RAW="$DIR/results.tsv"   # scenario target round rps p50_us p99_us requests cpu_us_per_req errors
+# Every target of the body scenarios must answer both framings with "ok" (curl's own
+# chunking for the chunked one) before anything is measured. `Expect:` keeps curl from
+# asking for 100-continue (wrk never does), which would be another check than framing.
+if has post1k || has post64k; then
+  head -c 65536 /dev/zero | tr '\0' x >"$DIR/body-64k"
+  head -c 1024 "$DIR/body-64k" >"$DIR/body-1k"
+  for s in post1k post64k; do
+    for t in ${SC_TARGETS[$s]:-}; do
+      k="$s/$t"
+      if [[ $s = post1k ]]; then
+        wait_ready "$t" "${T_PID[$k]:-$BACKEND_PID}" "http://127.0.0.1:${T_PORT[$k]}/post" -H 'Expect:' \
+          --data-binary "@$DIR/body-1k"
+      else
+        wait_ready "$t" "${T_PID[$k]:-$BACKEND_PID}" "http://127.0.0.1:${T_PORT[$k]}/post" \
+          -H 'Expect:' -H 'Transfer-Encoding: chunked' --data-binary "@$DIR/body-64k"
+      fi
+    done
+  done
+fi
+
+RAW="$DIR/results.tsv"   # scenario target round rps p50_us p99_us requests cpu_us_per_req errors proxy_cpu_busy% load_cpu_busy%
+
+# The /proc/stat lines of the proxy CPU and the load CPU, and how busy each was between
+# two samples (percent of its time not idle): tells whether the proxy or the load side
+# was the limit of a run.
+cpu_sample() { awk -v p="cpu$PROXY_CPU" -v l="cpu$LOAD_CPU" '$1 == p || $1 == l {printf "%s ", $0}' /proc/stat; }
+cpu_busy() {  # sample-before sample-after -> "proxy% load%"
+  awk -v a="$1" -v b="$2" -v p="cpu$PROXY_CPU" -v l="cpu$LOAD_CPU" 'BEGIN {
+    n = split(a, x, " "); split(b, y, " ")
+    for (i = 1; i <= n; i++) if (x[i] ~ /^cpu/) {
+      c = x[i]; t = 0
+      for (j = 1; j <= 8; j++) t += y[i + j] - x[i + j]
+      idle = (y[i + 4] + y[i + 5]) - (x[i + 4] + x[i + 5])
+      v[c] = t > 0 ? 100 * (t - idle) / t : 0
+    }
+    printf "%.0f %.0f\n", v[p], v[l] }'
+}
 : >"$RAW"
 
 run_load() {  # key seconds [h2load log file] -> prints the generator's output
-  local k=$1 secs=$2 logf=${3:-} url="http://127.0.0.1:${T_PORT[$1]}${T_PATH[$1]}" args=()
+  local k=$1 secs=$2 logf=${3:-} url="${T_SCHEME[$1]}://127.0.0.1:${T_PORT[$1]}${T_PATH[$1]}" args=()
+  # wrk sends the URL's host as SNI: an IP there is illegal (RFC 6066 §3), and rustls
+  # logs a warning for every handshake; localhost is the certificate's name. (wrk tries
+  # each address localhost resolves to and keeps those that connect: 127.0.0.1.)
+  [[ ${T_SCHEME[$1]} = https ]] && url="https://localhost:${T_PORT[$1]}${T_PATH[$1]}"
   case ${T_KIND[$k]} in
     wrk)
       args=(-t1 -c"$CONNS" -d"${secs}s" --timeout 5s --latency)
@@ -625,7 +910,7 @@ run_load() {  # key seconds [h2load log file] -> prints the generator's output
       [[ -n $logf ]] && args+=(--log-file="$logf")
       timeout $((secs + 30)) taskset -c "$LOAD_CPU" h2load "${args[@]}" "$url"
       ;;
-    paced)  # T_SCRIPT_ARGS = "RATE CONNS"
+    paced)  # T_SCRIPT_ARGS = "RATE CONNS [BODY-BYTES]"
       timeout $((secs + 30)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${secs}s" --timeout 5s \
         -s "$LIB/paced.lua" "$url" -- ${T_SCRIPT_ARGS[$k]}
       ;;
@@ -650,10 +935,12 @@ check_servers() {
 
 measure() {  # scenario target round
   local s=$1 t=$2 r=$3 k="$1/$2" pid=${T_PID[$1/$2]} before after f0 f1 flt out rps p50 p99 reqs cpu errs logf=""
+  local c0 c1 pbusy lbusy
   [[ ${T_KIND[$k]} = h2 ]] && logf="$DIR/h2load-$s-$t-$r.log"
-  before=$(cpu_ticks "$pid"); f0=$(minor_faults "$pid")
+  before=$(cpu_ticks "$pid"); f0=$(minor_faults "$pid"); c0=$(cpu_sample)
   out=$(run_load "$k" "$DURATION" "$logf") || die "load generator failed against $k: $out"
-  after=$(cpu_ticks "$pid"); f1=$(minor_faults "$pid")
+  after=$(cpu_ticks "$pid"); f1=$(minor_faults "$pid"); c1=$(cpu_sample)
+  read -r pbusy lbusy < <(cpu_busy "$c0" "$c1")
   echo "$out" >"$DIR/out-$s-$t-$r.txt"
   check_servers
   if [[ ${T_KIND[$k]} = h2 ]]; then
@@ -680,9 +967,9 @@ measure() {  # scenario target round
   else
     cpu="-" flt="-"
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$t" "$r" "$rps" "$p50" "$p99" "$reqs" "$cpu" "$errs" >>"$RAW"
-  printf 'bench: (%s) round %d %-12s %10s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req  faults %5s/req  errors %s\n' \
-    "$s" "$r" "$t" "$rps" "$p50" "$p99" "$cpu" "$flt" "$errs" >&2
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$t" "$r" "$rps" "$p50" "$p99" "$reqs" "$cpu" "$errs" "$pbusy" "$lbusy" >>"$RAW"
+  printf 'bench: (%s) round %d %-12s %10s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req  faults %5s/req  errors %s  CPU%s/CPU%s busy %s%%/%s%%\n' \
+    "$s" "$r" "$t" "$rps" "$p50" "$p99" "$cpu" "$flt" "$errs" "$PROXY_CPU" "$LOAD_CPU" "$pbusy" "$lbusy" >&2
 }
 
 median() {  # scenario target column-of-RAW
@@ -696,6 +983,19 @@ paired() {  # scenario target
   awk -F'\t' -v s="$1" -v t="$2" '$1 == s && $2 == "nginx" {n[$3] = $4}
     $1 == s && $2 == t {v[$3] = $4}
     END {for (r in v) if ((r in n) && n[r] > 0) printf "%.4f\n", v[r] / n[r]}' "$RAW" | median_of
+}
+
+# What a TLS target negotiates with OpenSSL's client defaults (wrk's): "name protocol
+# cipher group" for each target of the scenario.
+tls_params() {  # scenario
+  local s=$1 t out acc=""
+  for t in ${SC_TARGETS[$s]:-}; do
+    out=$(timeout 5 openssl s_client -connect "127.0.0.1:${T_PORT[$s/$t]}" -servername localhost \
+      -CAfile "$CA" -brief </dev/null 2>&1 || true)
+    acc+="$t $(awk -F': ' '/^Protocol version/ {p = $2} /^Ciphersuite/ {c = $2}
+      /Temp Key/ {split($2, k, ","); g = k[1]} END {printf "%s %s %s", p, c, g}' <<<"$out"); "
+  done
+  echo "${acc%; }"
 }
 
 declare -A M_RPS M_CPU M_ERR
@@ -717,6 +1017,24 @@ run_scenario() {  # scenario: warm-up, rounds, table
     f) echo "- tables: $ROUTES routes (path_prefix /r0000 … /r$(printf %04d $((ROUTES - 1)))), $ROUTES services of one instance each; the request GET $MEAS_PATH matches route $((MEAS + 1)) of $ROUTES"
        echo "- nginx: $ROUTES upstream blocks + $ROUTES prefix locations; HAProxy: $ROUTES backends + $ROUTES \`use_backend … if { path_beg … }\` rules (evaluated in order); busbar: the same in its TOML (routes in file order)"
        echo "- compare busbar here with busbar in (a) for the cost of the tables" ;;
+    post1k|post64k)
+       if [[ $s = post1k ]]; then
+         echo "- load: wrk -t1 -c$CONNS -d${DURATION}s --latency -s body.lua -- 1024 length: POST /post, 1 KiB body, Content-Length"
+       else
+         echo "- load: wrk -t1 -c$CONNS -d${DURATION}s --latency -s body.lua -- 65536 chunked $POST_CHUNK: POST /post, \`Transfer-Encoding: chunked\`, 64 KiB in $((65535 / POST_CHUNK + 1)) chunks of $POST_CHUNK bytes"
+       fi
+       echo "- backend: nginx reads the whole body before it answers 200 \"ok\\n\" (mirror_request_body; checked at startup by reads-body.py); direct: wrk → backend"
+       echo "- nginx: proxy_request_buffering off (the body streams upstream), client_body_buffer_size 128k; HAProxy streams the body; busbar: the (a) config" ;;
+    tls|tlsnew)
+       echo "- load: wrk -t1 -c$CONNS -d${DURATION}s --latency https://localhost:PORT/ (SNI localhost)$([[ $s = tlsnew ]] && echo " -H 'Connection: close': every request on a new connection, a full handshake each (wrk resumes no sessions)")"
+       echo "- certificate: ECDSA P-256 for localhost/127.0.0.1, signed by a CA made for the run, the same file everywhere; nginx \`listen … ssl\`, HAProxy \`bind … ssl crt\`, busbar \`[listen] tls\`; upstream plaintext HTTP/1.1 keep-alive as in (a); direct: the backend's own TLS listener"
+       echo "- negotiated (openssl s_client, the same OpenSSL defaults as wrk): $(tls_params "$s")" ;;
+    upstls)
+       echo "- load: wrk -t1 -c$CONNS -d${DURATION}s --latency, plaintext GET / to the proxy; the proxy → the backend's TLS listener, verified against the run's CA, SNI localhost, keep-alive"
+       echo "- nginx: proxy_pass https://, upstream keepalive 64, proxy_ssl_session_reuse on, proxy_ssl_verify on; HAProxy: \`server … ssl verify required ca-file … sni str(localhost) verifyhost localhost\`, http-reuse always; busbar: $(basename "$BUSBAR_UPSTLS") (\`protocol = \"https\"\`)"
+       for t in busbar busbar@base; do
+         [[ -n ${UPSTLS_SKIPPED[$t]:-} ]] && echo "- $t: skipped (no https upstream support in this binary): \`busbar check\` said: ${UPSTLS_SKIPPED[$t]}"
+       done ;;
   esac
   echo
   if ((n == 0)); then echo "(no targets selected)"; echo; return; fi
@@ -753,138 +1071,249 @@ run_scenario() {  # scenario: warm-up, rounds, table
   case $s in
     a) [[ -n ${M_RPS[a/busbar]:-} ]] && echo "- goal (issue 7): busbar ≥ 0.90× nginx req/s; this run: $(ratio "${M_RPS[a/busbar]}" "$ng_rps") (paired: $(ratio "$(paired a busbar)" 1))" ;;
     b) [[ -n ${M_RPS[b/busbar+all]:-} ]] && echo "- goal (issue 7): busbar+all ≥ 0.85× nginx's plain req/s; this run: $(ratio "${M_RPS[b/busbar+all]}" "$ng_rps") (paired: $(ratio "$(paired b busbar+all)" 1))" ;;
+    post1k|post64k|tls|upstls)
+       [[ -n ${M_RPS[$s/busbar]:-} ]] && echo "- goal (issue 20): busbar ≥ 1.0× nginx req/s; this run: $(ratio "${M_RPS[$s/busbar]}" "$ng_rps") (paired: $(ratio "$(paired "$s" busbar)" 1)); CPU per request $(ratio "${M_CPU[$s/busbar]}" "$ng_cpu")× nginx's" ;;
+    tlsnew)
+       [[ -n ${M_RPS[$s/busbar]:-} ]] && echo "- issue 20 (report the ratio): busbar $(ratio "${M_RPS[$s/busbar]}" "$ng_rps")× nginx req/s (paired: $(ratio "$(paired "$s" busbar)" 1)); CPU per request $(ratio "${M_CPU[$s/busbar]}" "$ng_cpu")× nginx's"
+       ;;
   esac
+  # The proxy is the limit of a run when its CPU is busy; when the load CPU is busy and
+  # the proxy's is not (wrk doing the client half of every TLS handshake in tlsnew, say),
+  # req/s says more about the load side, and CPU µs/req is the figure to compare.
+  for t in "${targets[@]}"; do
+    [[ -n ${T_PID[$s/$t]} ]] || continue
+    local pb lb
+    pb=$(median "$s" "$t" 10); lb=$(median "$s" "$t" 11)
+    if awk -v p="$pb" -v l="$lb" 'BEGIN {exit !(p != "-" && l != "-" && l >= 95 && p < 90)}'; then
+      echo "- NOTE: $t: the load CPU ($LOAD_CPU) was ${lb}% busy and the proxy's ($PROXY_CPU) ${pb}% (medians): the load side limited its req/s; compare CPU µs/req"
+    fi
+  done
   echo
 }
 
-# --- lat: paced load at LAT_LOAD% of busbar's max rate against direct, nginx, busbar.
+# --- lat: paced load at LAT_LOAD% of busbar's max rate against direct, nginx, busbar, one
+# table per shape in LAT_SHAPES: get (GET /), post1k (POST 1 KiB, Content-Length), tls
+# (GET over TLS, keep-alive). busbar's max rate is its median in the shape's own scenario
+# when that ran earlier in this run, else one wrk run just before.
+LRAW="$DIR/latency.tsv"   # shape target round achieved p50 p99 p999 max requests errors
 run_latency() {
-  local max src rate t r i out p k targets=(direct nginx busbar) n
-  # bare pingora, when built: how much of busbar's latency is pingora's own.
-  [[ -n ${BARE_PID:-} ]] && targets+=(bare-pingora)
+  local shape
+  : >"$LRAW"
+  for shape in $LAT_SHAPES; do latency_shape "$shape"; done
+}
+latency_shape() {  # shape
+  local shape=$1 sc title body="" path=/ scheme=http pd pn pb key max src rate t r i out p n
+  local targets=(direct nginx busbar)
+  case $shape in
+    get) sc=a; title="GET /"; pd=$P_BACKEND pn=$P_NGINX pb=$P_BUSBAR
+         # bare pingora, when built: how much of busbar's latency is pingora's own.
+         [[ -n ${BARE_PID:-} ]] && targets+=(bare-pingora) ;;
+    post1k) sc=post1k; title="POST /post, 1 KiB body (Content-Length)"; body=1024; path=/post
+            pd=$P_BACKEND pn=$P_NGINX pb=$P_BUSBAR ;;
+    tls) sc=tls; title="GET / over TLS, keep-alive"; scheme=https
+         pd=$P_BACKEND_TLS pn=$P_NGINX_TLS pb=$P_BUSBAR_TLS ;;
+  esac
+  key="lat-$shape"
   n=${#targets[@]}
-  echo "## latency under load: ${LAT_LOAD}% of busbar's max rate"
+  echo "## latency under load: ${LAT_LOAD}% of busbar's max rate, $title"
   echo
-  if [[ -n ${M_RPS[a/busbar]:-} && ${M_RPS[a/busbar]} != - ]]; then
-    max=${M_RPS[a/busbar]}; src="busbar's median in (a) of this run"
+  if [[ -n ${M_RPS[$sc/busbar]:-} && ${M_RPS[$sc/busbar]} != - ]]; then
+    max=${M_RPS[$sc/busbar]}; src="busbar's median in ($sc) of this run"
   else
-    deftarget lat max "$P_BUSBAR" "$BUSBAR_PID" wrk
-    out=$(run_load lat/max "$DURATION") || die "wrk failed measuring busbar's max rate: $out"
+    deftarget "$key" max "$pb" "$BUSBAR_PID" wrk "$path" "$scheme"
+    [[ -n $body ]] && T_SCRIPT[$key/max]="$LIB/body.lua" T_SCRIPT_ARGS[$key/max]="$body length"
+    out=$(run_load "$key/max" "$DURATION") || die "wrk failed measuring busbar's max rate ($shape): $out"
     max=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
     src="one ${DURATION}s wrk -c$CONNS run against busbar just before"
   fi
   rate=$(awk -v m="$max" -v p="$LAT_LOAD" 'BEGIN {printf "%.0f", m * p / 100}')
-  ((rate >= 1)) || die "busbar's max rate ($max) is too low to pace"
+  ((rate >= 1)) || die "busbar's max rate ($max, $shape) is too low to pace"
   echo "- busbar max: $(printf '%.0f' "$max") req/s ($src); paced rate: $rate req/s"
   echo "- rounds: $LAT_ROUNDS × ${LAT_DURATION}s per target, order rotated each round; median per target"
-  echo "- load: wrk -t1 -c$CONNS -d${LAT_DURATION}s -s paced.lua: each connection waits an exponential random time (mean $CONNS/$rate s) before each request, so the connections send a Poisson stream at ~$rate req/s out of phase (h2load --rps fires all clients in step and prints no percentiles); latency from wrk's histogram (exact µs, from the moment wrk writes the request)"
+  echo "- load: wrk -t1 -c$CONNS -d${LAT_DURATION}s -s paced.lua${body:+ (with a $body-byte POST body)}$([[ $scheme = https ]] && echo ", https:// (TLS keep-alive; direct: the backend's TLS listener)"): each connection waits an exponential random time (mean $CONNS/$rate s) before each request, so the connections send a Poisson stream at ~$rate req/s out of phase (h2load --rps fires all clients in step and prints no percentiles); latency from wrk's histogram (exact µs, from the moment wrk writes the request)"
   echo
-  deftarget lat direct "$P_BACKEND" "" paced
-  deftarget lat nginx "$P_NGINX" "$NGINX_PID" paced
-  deftarget lat busbar "$P_BUSBAR" "$BUSBAR_PID" paced
-  [[ -n ${BARE_PID:-} ]] && deftarget lat bare-pingora "$P_BARE" "$BARE_PID" paced
-  for t in "${targets[@]}"; do T_SCRIPT_ARGS[lat/$t]="$rate $CONNS"; done
-  local LRAW="$DIR/latency.tsv"   # target round achieved p50 p99 p999 max requests errors
-  : >"$LRAW"
+  deftarget "$key" direct "$pd" "" paced "$path" "$scheme"
+  deftarget "$key" nginx "$pn" "$NGINX_PID" paced "$path" "$scheme"
+  deftarget "$key" busbar "$pb" "$BUSBAR_PID" paced "$path" "$scheme"
+  [[ " ${targets[*]} " = *" bare-pingora "* ]] && deftarget "$key" bare-pingora "$P_BARE" "$BARE_PID" paced
+  for t in "${targets[@]}"; do T_SCRIPT_ARGS[$key/$t]="$rate $CONNS $body"; done
   for ((r = 1; r <= LAT_ROUNDS; r++)); do
     for ((i = 0; i < n; i++)); do
       t=${targets[$(((i + r - 1) % n))]}
-      out=$(run_load "lat/$t" "$LAT_DURATION") || die "paced wrk failed against $t: $out"
-      echo "$out" >"$DIR/out-lat-$t-$r.txt"
+      out=$(run_load "$key/$t" "$LAT_DURATION") || die "paced wrk failed against $t ($shape): $out"
+      echo "$out" >"$DIR/out-$key-$t-$r.txt"
       check_servers
       p=$(awk '/^PACED / {print $2, $3, $4, $5, $6}' <<<"$out")
-      [[ -n $p ]] || die "could not parse paced wrk output for $t: $out"
+      [[ -n $p ]] || die "could not parse paced wrk output for $t ($shape): $out"
       local achieved errs
       achieved=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
       errs=$(awk '/Non-2xx or 3xx responses:/ {e += $NF}
                   /Socket errors:/ {for (i = 3; i <= NF; i += 2) {g = $(i + 1); gsub(/,/, "", g); e += g}}
                   END {print e + 0}' <<<"$out")
       read -r p50 p99 p999 pmax reqs <<<"$p"
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$reqs" "$errs" >>"$LRAW"
-      printf 'bench: (lat) round %d %-8s %8s req/s  p50 %6s us  p99 %6s us  p99.9 %6s us  max %6s us  errors %s\n' \
-        "$r" "$t" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$errs" >&2
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$shape" "$t" "$r" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$reqs" "$errs" >>"$LRAW"
+      printf 'bench: (lat %s) round %d %-8s %8s req/s  p50 %6s us  p99 %6s us  p99.9 %6s us  max %6s us  errors %s\n' \
+        "$shape" "$r" "$t" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$errs" >&2
     done
   done
-  lmed() { awk -F'\t' -v t="$1" -v c="$2" '$1 == t {print $c}' "$LRAW" | median_of; }
+  lmed() { awk -F'\t' -v s="$shape" -v t="$1" -v c="$2" '$1 == s && $2 == t {print $c}' "$LRAW" | median_of; }
   local d99 b99
-  d99=$(lmed direct 5)
+  d99=$(lmed direct 6)
   echo "| target | asked req/s | achieved req/s | p50 | p99 | p99.9 | max | p99 added over direct |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
   for t in "${targets[@]}"; do
-    printf '| %s | %s | %.0f | %s | %s | %s | %s | %s |\n' "$t" "$rate" "$(lmed "$t" 3)" \
-      "$(fmt_us "$(lmed "$t" 4)")" "$(fmt_us "$(lmed "$t" 5)")" "$(fmt_us "$(lmed "$t" 6)")" \
-      "$(fmt_us "$(lmed "$t" 7)")" \
-      "$([[ $t = direct ]] && echo - || fmt_us "$(awk -v a="$(lmed "$t" 5)" -v b="$d99" 'BEGIN {print a - b}')")"
+    printf '| %s | %s | %.0f | %s | %s | %s | %s | %s |\n' "$t" "$rate" "$(lmed "$t" 4)" \
+      "$(fmt_us "$(lmed "$t" 5)")" "$(fmt_us "$(lmed "$t" 6)")" "$(fmt_us "$(lmed "$t" 7)")" \
+      "$(fmt_us "$(lmed "$t" 8)")" \
+      "$([[ $t = direct ]] && echo - || fmt_us "$(awk -v a="$(lmed "$t" 6)" -v b="$d99" 'BEGIN {print a - b}')")"
   done
   echo
-  b99=$(lmed busbar 5)
-  echo "- goal (issue 7): busbar's added p99 under 1 ms; this run: $(fmt_us "$(awk -v a="$b99" -v b="$d99" 'BEGIN {print a - b}')") (median of $LAT_ROUNDS rounds' p99s)"
-  awk -F'\t' '$9 > 0 {e[$1] += $9} END {for (t in e) printf "- WARNING: %s had %d errors\n", t, e[t]}' "$LRAW"
+  b99=$(lmed busbar 6)
+  echo "- goal (issue $([[ $shape = get ]] && echo 7 || echo 20)): busbar's added p99 under 1 ms; this run: $(fmt_us "$(awk -v a="$b99" -v b="$d99" 'BEGIN {print a - b}')") (median of $LAT_ROUNDS rounds' p99s)"
+  awk -F'\t' -v s="$shape" '$1 == s && $10 > 0 {e[$2] += $10} END {for (t in e) printf "- WARNING: %s had %d errors\n", t, e[t]}' "$LRAW"
   echo
 }
 
-# --- mem: fresh processes (busbar with the (a) config; bare pingora too when built, to
-# tell pingora's share from busbar's): RSS idle, with MEM_CONNS idle keep-alive
-# connections, and after they closed.
-mem_one() {  # name -> prints a table row; starts the server, loads it, leaves it running
-  local name=$1 port pid ready="$DIR/mem-$1/ready" opened ok failed secs i rss0 rss1 rss2 hwm fds cpid
-  take_port port
-  mkdir -p "$DIR/mem-$name"
-  if [[ $name = busbar ]]; then
-    busbar_config busbar-mem "$port" off <<<"$ONE_ROUTE"
-    start_busbar busbar-mem
-  else
-    (cd "$DIR/mem-$name" && exec taskset -c "$PROXY_CPU" "$BARE" "127.0.0.1:$port" "127.0.0.1:$P_BACKEND" 1) \
-      >"$DIR/mem-$name/stdout.log" 2>"$DIR/mem-$name/stderr.log" &
-    LAST_PID=$!
-    PIDS+=("$LAST_PID")
-    SERVER[$LAST_PID]=mem-$name
-  fi
+# --- mem and tlsmem: fresh processes, RSS idle, with MEM_CONNS idle keep-alive
+# connections, and 2 s and 10 s after they closed. mem: busbar with the (a) config (bare
+# pingora too when built, to tell pingora's share from busbar's), plaintext. tlsmem: the
+# TLS_MEM targets (busbar, nginx, HAProxy) with a TLS listener, connections over TLS.
+# The servers stay up (idle) until the end of the run.
+rss_sum() {  # pid field -> kB over the process and its children (nginx master + worker)
+  local p total=0 v
+  for p in "$1" $(pgrep -P "$1" 2>/dev/null); do
+    v=$(kib "$p" "$2" 2>/dev/null) || v=0
+    total=$((total + ${v:-0}))
+  done
+  echo "$total"
+}
+fd_count() {  # pid -> open fds over the process and its children
+  local p n=0
+  for p in "$1" $(pgrep -P "$1" 2>/dev/null); do
+    n=$((n + $(find "/proc/$p/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)))
+  done
+  echo "$n"
+}
+mem_one() {  # name plain|tls -> prints a table row; starts the server, loads it, leaves it running
+  local name=$1 mode=$2 d="$DIR/mem-$1-$2" port tport pid ready opened ok failed secs i rss0 rss1 rss2 rss10 hwm fds fds10 cpid
+  local url tlsargs=() wait_s=60 conns=$MEM_CONNS cap=""
+  ready="$d/ready"
+  take_port port tport
+  mkdir -p "$d"
+  case $name in
+    busbar)
+      busbar_config "busbar-mem-$mode" "$port" off "$([[ $mode = tls ]] && echo "$tport")" <<<"$ONE_ROUTE"
+      start_busbar "busbar-mem-$mode" ;;
+    bare-pingora)
+      (cd "$d" && exec taskset -c "$PROXY_CPU" "$BARE" "127.0.0.1:$port" "127.0.0.1:$P_BACKEND" 1) \
+        >"$d/stdout.log" 2>"$d/stderr.log" &
+      LAST_PID=$!
+      PIDS+=("$LAST_PID")
+      SERVER[$LAST_PID]=mem-$name-$mode ;;
+    nginx)   # the proxy of (a) with a TLS listener, room for the connections
+      start_nginx "nginx-mem-$mode" "$PROXY_CPU" "$NGINX_PROXY_UPSTREAM
+    server {
+        listen 127.0.0.1:$port;
+        listen 127.0.0.1:$tport ssl; $(nginx_tls)
+        location / {$NGINX_PROXY_LOCATION
+        }
+    }" $((conns + 1000)) ;;
+    haproxy)
+      # HAProxy reserves two fds per connection (maxconn) and refuses to start when the
+      # open-files limit is lower; without CAP_SYS_RESOURCE it cannot raise the hard
+      # limit, so it holds fewer connections then (per connection stays comparable).
+      local hard
+      hard=$(ulimit -Hn)
+      if [[ $hard != unlimited ]] && ((2 * (conns + 1000) + 100 > hard)); then
+        cap=$(((hard - 100) / 2))
+        conns=$((cap - 100))
+        MEM_NOTE+=("$name: $conns connections, not $MEM_CONNS: its maxconn $cap needs 2 fds each and the open-files hard limit here is $hard")
+      fi
+      start_haproxy "haproxy-mem-$mode" "frontend fe
+    bind 127.0.0.1:$port
+    bind 127.0.0.1:$tport ssl crt $CERT_KEY
+    default_backend be
+
+backend be
+    server b1 127.0.0.1:$P_BACKEND" "${cap:-$((conns + 1000))}" ;;
+  esac
   pid=$LAST_PID
-  wait_ready "$name-mem" "$pid" "http://127.0.0.1:$port/"
+  if [[ $mode = tls ]]; then
+    url="https://127.0.0.1:$tport/"; tlsargs=(--tls "$CA"); wait_s=180; port=$tport
+    wait_ready "$name-mem-tls" "$pid" "$url" --cacert "$CA"
+  else
+    wait_ready "$name-mem" "$pid" "http://127.0.0.1:$port/"
+  fi
   sleep 1
-  rss0=$(kib "$pid" VmRSS)
-  taskset -c "$LOAD_CPU" python3 "$LIB/idle-conns.py" "$port" "$MEM_CONNS" "$ready" 120 \
-    >"$DIR/mem-$name/conns.log" 2>&1 &
+  rss0=$(rss_sum "$pid" VmRSS)
+  taskset -c "$LOAD_CPU" python3 "$LIB/idle-conns.py" "$port" "$conns" "$ready" 300 "${tlsargs[@]}" \
+    >"$d/conns.log" 2>&1 &
   cpid=$!
   PIDS+=("$cpid")
-  for ((i = 0; i < 600; i++)); do
+  for ((i = 0; i < wait_s * 10; i++)); do
     [[ -e $ready ]] && break
-    kill -0 "$cpid" 2>/dev/null || die "idle-conns.py exited early: $(cat "$DIR/mem-$name/conns.log")"
+    kill -0 "$cpid" 2>/dev/null || die "idle-conns.py exited early: $(cat "$d/conns.log")"
     sleep 0.1
   done
-  [[ -e $ready ]] || die "idle-conns.py did not open $MEM_CONNS connections to $name within 60 s"
+  [[ -e $ready ]] || die "idle-conns.py did not open $conns connections to $name within $wait_s s"
   read -r opened ok failed secs <"$ready"
   sleep 2   # let the server settle with the connections idle
-  rss1=$(kib "$pid" VmRSS)
-  fds=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
+  rss1=$(rss_sum "$pid" VmRSS)
+  fds=$(fd_count "$pid")
   kill -TERM "$cpid" 2>/dev/null || true
   wait "$cpid" 2>/dev/null || true
   sleep 2
-  rss2=$(kib "$pid" VmRSS); hwm=$(kib "$pid" VmHWM)
-  printf '| %s | %s | %s | %s | %s | %s | %s (%s failed; %s fds; opened in %ss) |\n' "$name" "$(mib "$rss0")" "$(mib "$rss1")" \
+  rss2=$(rss_sum "$pid" VmRSS)
+  sleep 8
+  rss10=$(rss_sum "$pid" VmRSS); hwm=$(rss_sum "$pid" VmHWM); fds10=$(fd_count "$pid")
+  printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s (%s failed; %s fds, %s after; opened in %ss) |\n' "$name" "$(mib "$rss0")" "$(mib "$rss1")" \
     "$(awk -v a="$rss1" -v b="$rss0" -v n="$opened" 'BEGIN {if (n > 0) printf "%.1f KiB", (a - b) / n; else print "-"}')" \
-    "$(mib "$rss2")" "$(mib "$hwm")" "$opened" "$failed" "$fds" "$secs"
-  MEM_RSS1[$name]=$rss1; MEM_OPENED[$name]=$opened
+    "$(mib "$rss2")" "$(mib "$rss10")" "$(ratio "$rss10" "$rss0")" "$(mib "$hwm")" "$opened" "$failed" "$fds" "$fds10" "$secs"
+  MEM_RSS0[$mode/$name]=$rss0; MEM_RSS1[$mode/$name]=$rss1; MEM_RSS10[$mode/$name]=$rss10
+  MEM_OPENED[$mode/$name]=$opened; MEM_WANT[$mode/$name]=$conns
 }
-declare -A MEM_RSS1 MEM_OPENED
+declare -A MEM_RSS0 MEM_RSS1 MEM_RSS10 MEM_OPENED MEM_WANT
+MEM_NOTE=()
+mem_table_head() {
+  echo "| target | idle VmRSS | VmRSS with the connections | per connection | 2 s after they closed | 10 s after they closed | 10 s after ÷ idle | VmHWM | connections held |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+}
+mem_goals() {  # mode issue
+  local mode=$1 k
+  [[ -n ${MEM_RSS1[$mode/busbar]:-} ]] && echo "- goal (issue $2): $MEM_CONNS idle$([[ $mode = tls ]] && echo " TLS") keep-alive connections under 100 MiB RSS (goal stated for 10,000); busbar this run: $(mib "${MEM_RSS1[$mode/busbar]}")"
+  [[ -n ${MEM_RSS1[$mode/busbar]:-} ]] && echo "- goal (issue 20): 10 s after the connections closed, RSS within 20% of idle; busbar this run: $(ratio "${MEM_RSS10[$mode/busbar]}" "${MEM_RSS0[$mode/busbar]}")× idle"
+  for k in "${!MEM_OPENED[@]}"; do
+    [[ $k = "$mode/"* && ${MEM_OPENED[$k]} != "${MEM_WANT[$k]}" ]] && echo "- WARNING: ${k#*/}: only ${MEM_OPENED[$k]} of ${MEM_WANT[$k]} connections were held"
+  done
+  for k in "${MEM_NOTE[@]}"; do echo "- NOTE: $k"; done
+  MEM_NOTE=()
+  return 0
+}
 run_memory() {
-  local t
   echo "## memory: RSS idle and with $MEM_CONNS idle keep-alive connections"
   echo
   echo "- each target started fresh: busbar with the (a) config (threads=1, one route, access log off)$( ((HAVE_BARE)) && echo "; bare-pingora (1 thread) for pingora's own share")"
-  echo "- connections from load-tests/bench-lib/idle-conns.py (asyncio, on CPU $LOAD_CPU): each sends one GET / and stays open, idle; RSS read 2 s after the last one answered; VmRSS/VmHWM from /proc/<pid>/status"
+  echo "- connections from load-tests/bench-lib/idle-conns.py (asyncio, on CPU $LOAD_CPU): each sends one GET / and stays open, idle; RSS read 2 s after the last one answered, then 2 s and 10 s after the script closed them; VmRSS/VmHWM from /proc/<pid>/status"
   echo
-  echo "| target | idle VmRSS | VmRSS with the connections | per connection | VmRSS 2 s after they closed | VmHWM | connections held |"
-  echo "|---|---:|---:|---:|---:|---:|---:|"
-  mem_one busbar
-  ((HAVE_BARE)) && mem_one bare-pingora
+  mem_table_head
+  mem_one busbar plain
+  ((HAVE_BARE)) && mem_one bare-pingora plain
   echo
-  echo "- goal (issue 7): $MEM_CONNS idle keep-alive connections under 100 MiB RSS (goal stated for 10,000); busbar this run: $(mib "${MEM_RSS1[busbar]}")"
-  for t in "${!MEM_OPENED[@]}"; do
-    [[ ${MEM_OPENED[$t]} = "$MEM_CONNS" ]] || echo "- WARNING: $t: only ${MEM_OPENED[$t]} of $MEM_CONNS connections were held"
-  done
+  mem_goals plain 7
   echo "- 100,000 users tracked by admission: load-tests/admission-bench.sh (peak RSS per target)"
+  echo
+}
+run_tls_memory() {
+  local t
+  echo "## memory over TLS: RSS idle and with $MEM_CONNS idle TLS keep-alive connections"
+  echo
+  echo "- each target started fresh with a TLS listener (the run's ECDSA P-256 certificate): busbar with the (a) config and \`[listen] tls\`; nginx 1 worker, the (a) proxy; HAProxy nbthread 1, \`bind … ssl crt\`; each allows $((MEM_CONNS + 1000)) connections"
+  echo "- connections from idle-conns.py --tls (asyncio + Python's ssl, OpenSSL defaults, verifying against the run's CA; on CPU $LOAD_CPU): each completes a handshake, sends one GET / and stays open, idle; RSS read 2 s after the last one answered, then 2 s and 10 s after they closed; nginx: master + worker summed (VmHWM too: the sum of each one's peak)"
+  echo
+  mem_table_head
+  for t in $TLSMEM_TARGETS; do mem_one "$t" tls; done
+  echo
+  mem_goals tls 20
   echo
 }
 
@@ -912,6 +1341,7 @@ for s in $SCENARIOS; do
   case $s in
     lat) run_latency ;;
     mem) run_memory ;;
+    tlsmem) run_tls_memory ;;
     *) run_scenario "$s" ;;
   esac
 done
@@ -934,7 +1364,7 @@ for r in "${!TRACE_PID[@]}"; do
   m=$(curl -fsS --max-time 5 "http://127.0.0.1:${ADMIN_PORT[busbar+trace$r]}/metrics" || true)
   echo "- busbar+trace$r spans over the run (warm-up included): $(grep -E '^busbar_trace_spans_[a-z_]+_total ' <<<"$m" | sed 's/^busbar_trace_spans_//; s/_total / /' | tr '\n' ' ')"
 done
-for name in bare-pingora busbar busbar+log busbar+all busbar-1k busbar-mem mem-bare-pingora; do
+for name in bare-pingora busbar busbar+log busbar+all busbar-1k busbar@base busbar+all@base busbar-upstls busbar-upstls@base busbar-mem-plain busbar-mem-tls mem-bare-pingora-plain; do
   if [[ -s $DIR/$name/stderr.log ]]; then
     echo "- $name stderr ($(wc -l <"$DIR/$name/stderr.log") lines), first lines:"
     head -5 "$DIR/$name/stderr.log" | sed 's/^/    /'

@@ -236,7 +236,7 @@ impl AccessLog {
         reason: &'static str,
         started: std::time::Instant,
     ) {
-        crate::metrics::count_refusal(status, reason);
+        crate::metrics::count_refusal(status, reason, method);
         if !self.enabled() {
             return;
         }

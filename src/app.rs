@@ -288,7 +288,9 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     // 2. The admin API, on its own (loopback by default) listener and thread.
     let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
     if token.is_none() {
-        tracing::warn!("{TOKEN_ENV} is not set: state-changing admin calls are refused");
+        tracing::warn!(
+            "{TOKEN_ENV} is not set: state-changing admin calls are refused, and so are the admin reads unless [admin] open_reads = true"
+        );
     }
     let readiness = Arc::new(crate::ready::Readiness::default());
     let mut admin = ListeningService::new(

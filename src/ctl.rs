@@ -4,7 +4,8 @@
 //!
 //! The admin address comes from the config file (`listen.admin`; a wildcard bind is
 //! reached on loopback) unless `--admin` names one; the token from `BUSBAR_ADMIN_TOKEN`,
-//! as the node reads it. A plain HTTP/1.1 client on a blocking socket: one request per
+//! as the node reads it, sent on every call but `/readyz` (the reads `status` makes need
+//! it too unless the node sets `[admin] open_reads`). A plain HTTP/1.1 client on a blocking socket: one request per
 //! connection, answers capped in size, nothing a node sends can make it panic.
 //! Owns: those commands' requests and their output. Must not: change the node any other
 //! way than its admin API allows.
@@ -208,7 +209,27 @@ pub fn status(addr: SocketAddr) -> Result<String, CtlError> {
         r.get("pid").unwrap_or(&Value::Null),
         r.get("generation").unwrap_or(&Value::Null),
     );
-    if let Ok(reg) = request(addr, "GET", "/v1/registry", None) {
+    // The registry and services reads need the admin token unless the node opens them.
+    let token = token();
+    let reg = request(addr, "GET", "/v1/registry", token.as_deref()).ok();
+    let readable = reg.as_ref().is_some_and(|a| a.status == 200);
+    if let Some(refused) = reg.as_ref().filter(|_| !readable) {
+        out.push_str(&format!(
+            "  registry and services not shown: the admin API refused the read ({}: {}){}\n",
+            refused.status,
+            refused
+                .json()
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("?"),
+            if token.is_none() {
+                format!("; set {TOKEN_ENV} to the node's admin token")
+            } else {
+                String::new()
+            },
+        ));
+    }
+    if let Some(reg) = reg.as_ref().filter(|_| readable) {
         let g = reg.json();
         out.push_str(&format!(
             "  registry {}: {} registered instances{}{}\n",
@@ -226,7 +247,10 @@ pub fn status(addr: SocketAddr) -> Result<String, CtlError> {
             },
         ));
     }
-    if let Ok(svc) = request(addr, "GET", "/v1/services", None) {
+    let services = readable
+        .then(|| request(addr, "GET", "/v1/services", token.as_deref()).ok())
+        .flatten();
+    if let Some(svc) = services.filter(|a| a.status == 200) {
         let v = svc.json();
         for s in v
             .get("services")

@@ -26,6 +26,7 @@ pub mod edge;
 pub mod fallback;
 pub mod health;
 pub mod listeners;
+pub mod listing;
 pub mod live;
 pub mod logging;
 pub mod metrics;

@@ -162,6 +162,10 @@ impl Live {
         if new.server.grace_period != old.server.grace_period {
             applied.push("server.grace_period");
         }
+        // Read from the snapshot by each admin call.
+        if new.admin != old.admin {
+            applied.push("admin.open_reads");
+        }
         Ok(Applied {
             applied,
             needs_restart: self.running.differences(new),

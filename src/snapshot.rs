@@ -79,9 +79,9 @@ impl Snapshot {
 }
 
 /// What `/metrics` says of the running configuration, once `s` is its snapshot: when it
-/// was loaded, its hash, whether Redis is configured; after a reload, the series of
-/// routes and services it no longer has are removed.
-fn published(s: &Snapshot, reloaded: bool) {
+/// was loaded, its hash, whether Redis is configured; after a reload (`previous` is the
+/// snapshot it replaces), the series of routes and services it no longer has are removed.
+fn published(s: &Snapshot, previous: Option<&Snapshot>) {
     let loaded = s
         .loaded_at
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -90,7 +90,7 @@ fn published(s: &Snapshot, reloaded: bool) {
     // 48 bits: exact in an f64.
     METRICS.config_hash.set(s.config.hash as f64);
     crate::metrics::set_redis_configured(s.config.cluster.is_some());
-    if reloaded {
+    if let Some(old) = previous {
         let routes: HashMap<&str, &str> = s
             .routes
             .routes()
@@ -99,6 +99,12 @@ fn published(s: &Snapshot, reloaded: bool) {
             .map(|r| (r.name(), r.service.name()))
             .collect();
         let services: HashSet<&str> = s.services.iter().map(|svc| svc.name()).collect();
+        // First: requests still on the old snapshot must not resolve a removed series again.
+        for r in old.routes.routes().iter().chain(old.mesh_routes.values()) {
+            if routes.get(r.name()) != Some(&r.service.name()) {
+                r.metrics.requests.retire();
+            }
+        }
         crate::metrics::forget_removed(&routes, &services);
     }
 }
@@ -152,7 +158,7 @@ impl State {
     ) -> State {
         let releases = Arc::new(crate::release::Releases::open(&config));
         let first = Snapshot::build(config, None, 1, &registry);
-        published(&first, false);
+        published(&first, None);
         let state = State {
             current: ArcSwap::from_pointee(first),
             registry,
@@ -214,7 +220,7 @@ impl State {
                         max_expiry_share: new.registry.max_expiry_share,
                     });
                 let snapshot = Snapshot::build(new, Some(&old), generation, &self.registry);
-                published(&snapshot, true);
+                published(&snapshot, Some(&old));
                 self.current.store(Arc::new(snapshot));
                 crate::release::refresh(self);
                 if let Some(source) = record {

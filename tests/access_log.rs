@@ -257,14 +257,14 @@ async fn front_door_refusals_are_logged_and_counted() {
     ]
     .map(|(s, e, m)| (s, e.to_string(), m.to_string()));
     assert_eq!(seen, want.to_vec(), "{lines:#?}");
-    for reason in [
-        "malformed_request",
-        "header_timeout",
-        "request_line_too_long",
-        "headers_too_large",
+    for (reason, method) in [
+        ("malformed_request", "POST"),
+        ("header_timeout", "GET"),
+        ("request_line_too_long", "GET"),
+        ("headers_too_large", "GET"),
     ] {
         let sample = format!(
-            r#"busbar_requests_total{{class="4xx",reason="{reason}",route="_no_route",service=""}}"#
+            r#"busbar_requests_total{{class="4xx",method="{method}",reason="{reason}",route="_no_route",service=""}}"#
         );
         assert_eq!(bus.metric_settled(&sample, 1.0).await, 1.0, "{sample}");
     }
@@ -340,10 +340,10 @@ rate_limit = {{ rate = "1/m", burst = 2 }}
     assert_eq!(lines[2]["status"], 429);
     assert_eq!(lines[2]["error"], "rate_limited");
 
-    let limited =
-        r#"busbar_requests_total{class="4xx",reason="rate_limited",route="limited",service="s"}"#;
+    let limited = r#"busbar_requests_total{class="4xx",method="GET",reason="rate_limited",route="limited",service="s"}"#;
     assert_eq!(bus.metric_settled(limited, 1.0).await, 1.0);
-    let ok = r#"busbar_requests_total{class="2xx",reason="",route="limited",service="s"}"#;
+    let ok =
+        r#"busbar_requests_total{class="2xx",method="GET",reason="",route="limited",service="s"}"#;
     assert_eq!(bus.metric_settled(ok, 2.0).await, 2.0);
 }
 

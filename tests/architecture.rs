@@ -28,6 +28,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "release::admin",
             "cluster::etcd",
             "registry::api",
+            // The services listing the admin API and the console both serve.
+            "listing",
         ],
     ),
     // What serves client traffic: the front door (`edge`) hands a connection to a driver

@@ -63,7 +63,7 @@ async fn until_hits(backends: &[&Backend], n: usize) {
 async fn until_idle(bus: &Busbar) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let v = get_json(client().get(bus.admin_url("/v1/services"))).await;
+        let v = get_json(bus.admin_get("/v1/services")).await;
         let busy: u64 = v["services"]
             .as_array()
             .unwrap()

@@ -55,7 +55,7 @@ service = "s"
 
 /// The addresses of service `s` in the admin API, and the DNS names they came from.
 async fn instances(bus: &Busbar) -> Vec<(String, String)> {
-    let v = get_json(client().get(bus.admin_url("/v1/services"))).await;
+    let v = get_json(bus.admin_get("/v1/services")).await;
     let mut out: Vec<(String, String)> = v["services"]
         .as_array()
         .into_iter()

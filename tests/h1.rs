@@ -184,7 +184,7 @@ async fn a_pooled_connection_the_upstream_drops_is_replaced_for_a_get_but_not_re
     assert_eq!(got.last().unwrap().conn, 3);
     assert_eq!(
         bus.metric_settled(
-            r#"busbar_requests_total{class="2xx",reason="",route="all",service="s"}"#,
+            r#"busbar_requests_total{class="2xx",method="GET",reason="",route="all",service="s"}"#,
             3.0
         )
         .await,

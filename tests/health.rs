@@ -18,7 +18,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 /// Health of each instance of `service` in `GET /v1/services`, by address.
 async fn instance_health(bus: &Busbar, service: &str) -> BTreeMap<String, String> {
-    let v = get_json(client().get(bus.admin_url("/v1/services"))).await;
+    let v = get_json(bus.admin_get("/v1/services")).await;
     let svc = v["services"]
         .as_array()
         .expect("services array")
@@ -417,8 +417,9 @@ service = "s"
         a = a.addr
     ))
     .await;
-    let ok = r#"busbar_requests_total{class="2xx",reason="",route="r",service="s"}"#;
-    let failed = r#"busbar_requests_total{class="5xx",reason="",route="r",service="s"}"#;
+    let ok = r#"busbar_requests_total{class="2xx",method="GET",reason="",route="r",service="s"}"#;
+    let failed =
+        r#"busbar_requests_total{class="5xx",method="GET",reason="",route="r",service="s"}"#;
     let count = r#"busbar_request_duration_seconds_count{route="r"}"#;
 
     get_n(&bus, "/x", 25).await;

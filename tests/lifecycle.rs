@@ -244,7 +244,11 @@ async fn a_bad_reload_is_refused_and_the_old_config_keeps_serving() {
     let r = http.get(bus.url("/still")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-backend"], "a");
-    let routes = get_json(http.get(bus.admin_url("/v1/routes"))).await;
+    let routes = get_json(
+        http.get(bus.admin_url("/v1/routes"))
+            .bearer_auth(&bus.token),
+    )
+    .await;
     assert_eq!(routes["generation"], 1, "{routes}");
     assert_eq!(routes["routes"][0]["service"], "a", "{routes}");
     assert_eq!(bus.metric(RELOADS_OK).await, 0.0);
@@ -370,7 +374,11 @@ service = "a"
     assert_eq!(r.status(), 200);
     assert_eq!(bus.metric(RELOADS_OK).await, 1.0);
 
-    let routes = get_json(http.get(bus.admin_url("/v1/routes"))).await;
+    let routes = get_json(
+        http.get(bus.admin_url("/v1/routes"))
+            .bearer_auth(&bus.token),
+    )
+    .await;
     let listed: Vec<(&str, &str)> = routes["routes"]
         .as_array()
         .expect("a routes array")

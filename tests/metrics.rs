@@ -154,8 +154,7 @@ async fn unmatched_requests_count_under_no_route() {
         let r = client().get(bus.url("/nowhere")).send().await.unwrap();
         assert_eq!(r.status(), 404);
     }
-    let sample =
-        r#"busbar_requests_total{class="4xx",reason="no_route",route="_no_route",service=""}"#;
+    let sample = r#"busbar_requests_total{class="4xx",method="GET",reason="no_route",route="_no_route",service=""}"#;
     assert_eq!(bus.metric_settled(sample, 3.0).await, 3.0);
     let text = bus.metrics().await;
     assert!(!text.contains(r#"route="""#), "{text}");
@@ -169,8 +168,10 @@ async fn a_reload_removes_the_series_of_removed_routes_and_services() {
         let r = client().get(bus.url(path)).send().await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }
-    let kept = r#"busbar_requests_total{class="2xx",reason="",route="keep",service="s"}"#;
-    let gone = r#"busbar_requests_total{class="2xx",reason="",route="gone",service="old"}"#;
+    let kept =
+        r#"busbar_requests_total{class="2xx",method="GET",reason="",route="keep",service="s"}"#;
+    let gone =
+        r#"busbar_requests_total{class="2xx",method="GET",reason="",route="gone",service="old"}"#;
     assert_eq!(bus.metric_settled(gone, 1.0).await, 1.0);
     assert_eq!(bus.metric_settled(kept, 1.0).await, 1.0);
     let text = bus.metrics().await;
@@ -197,7 +198,8 @@ async fn a_reload_removes_the_series_of_removed_routes_and_services() {
     assert_eq!(bus.reload().await.status(), 200);
     let r = client().get(bus.url("/gone")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let moved = r#"busbar_requests_total{class="2xx",reason="",route="gone",service="s"}"#;
+    let moved =
+        r#"busbar_requests_total{class="2xx",method="GET",reason="",route="gone",service="s"}"#;
     assert_eq!(bus.metric_settled(moved, 1.0).await, 1.0);
     // Service "old" is back (unused), but not as route "gone"'s service.
     let text = metrics_until(&bus, |t| t.contains(r#"busbar_instances{service="old""#)).await;
@@ -250,15 +252,24 @@ async fn methods_are_bounded_and_bytes_are_counted_per_route() {
         let r = client().request(m, bus.url("/keep")).send().await.unwrap();
         assert_eq!(r.status(), 200, "{method}");
     }
-    let other = r#"busbar_requests_by_method_total{method="other",route="keep"}"#;
-    assert_eq!(bus.metric_settled(other, 2.0).await, 2.0);
+    let sample = |method: &str| {
+        format!(
+            r#"busbar_requests_total{{class="2xx",method="{method}",reason="",route="keep",service="s"}}"#
+        )
+    };
+    assert_eq!(bus.metric_settled(&sample("other"), 2.0).await, 2.0);
     let text = bus.metrics().await;
     for (method, n) in [("GET", 1.0), ("POST", 1.0), ("PUT", 0.0)] {
-        let sample =
-            format!(r#"busbar_requests_by_method_total{{method="{method}",route="keep"}}"#);
-        assert_eq!(metric_value(&text, &sample), n, "{sample}: {text}");
+        assert_eq!(metric_value(&text, &sample(method)), n, "{method}: {text}");
     }
     assert!(!text.contains(r#"method="FOO""#), "{text}");
+    // One family: the label is on busbar_requests_total itself.
+    assert!(!text.contains("busbar_requests_by_method_total"), "{text}");
+    // busbar's own answers carry it too.
+    let r = client().delete(bus.url("/nowhere")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let no_route = r#"busbar_requests_total{class="4xx",method="DELETE",reason="no_route",route="_no_route",service=""}"#;
+    assert_eq!(bus.metric_settled(no_route, 1.0).await, 1.0);
 
     // Bytes: what the client sent in bodies and what it read back, on both protocols.
     let up = "busbar_request_body_bytes_total{route=\"keep\"}";
@@ -284,6 +295,66 @@ async fn methods_are_bounded_and_bytes_are_counted_per_route() {
     assert_eq!(bus.metric_settled(down, want).await, want);
 }
 
+/// The `method` label's values in a scrape's `busbar_requests_total` samples of `route`,
+/// with the sum of their counts.
+fn methods_of(text: &str, route: &str) -> (std::collections::BTreeSet<String>, f64) {
+    let mut methods = std::collections::BTreeSet::new();
+    let mut total = 0.0;
+    for line in samples(text, "busbar_requests_total{") {
+        if !line.contains(&format!("route=\"{route}\"")) {
+            continue;
+        }
+        let method = line
+            .split("method=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_else(|| panic!("no method label: {line}"));
+        methods.insert(method.to_string());
+        total += line.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    }
+    (methods, total)
+}
+
+#[tokio::test]
+async fn random_methods_make_at_most_ten_method_values() {
+    use rand::Rng;
+    let backend = Backend::start("b").await;
+    let bus = Busbar::start(&one_route(backend.addr)).await;
+    const STANDARD: [&str; 8] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH",
+    ];
+    let mut rng = rand::rng();
+    let c = client();
+    let mut sent = std::collections::BTreeSet::new();
+    for _ in 0..100 {
+        // Half standard methods, half random tokens (letters, 1 to 12 of them).
+        let method = if rng.random_bool(0.5) {
+            STANDARD[rng.random_range(0..STANDARD.len())].to_string()
+        } else {
+            let len = rng.random_range(1..=12);
+            (0..len)
+                .map(|_| char::from(rng.random_range(b'A'..=b'Z')))
+                .collect()
+        };
+        sent.insert(method.clone());
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let r = c.request(m, bus.url("/keep")).send().await.unwrap();
+        r.bytes().await.unwrap();
+    }
+    assert!(sent.len() > 10, "the test sent only {sent:?}");
+    let text = metrics_until(&bus, |t| methods_of(t, "keep").1 == 100.0).await;
+    let (methods, total) = methods_of(&text, "keep");
+    assert_eq!(total, 100.0, "{text}");
+    assert!(methods.len() <= 10, "{methods:?}");
+    let allowed = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "other",
+    ];
+    for m in &methods {
+        assert!(allowed.contains(&m.as_str()), "{m}: {text}");
+    }
+    assert!(methods.contains("other"), "{methods:?}");
+}
+
 #[tokio::test]
 async fn a_metrics_listener_serves_metrics_and_nothing_else() {
     let backend = Backend::start("b").await;
@@ -296,7 +367,8 @@ async fn a_metrics_listener_serves_metrics_and_nothing_else() {
     let r = client().get(bus.url("/keep")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
-    let sample = r#"busbar_requests_total{class="2xx",reason="",route="keep",service="s"}"#;
+    let sample =
+        r#"busbar_requests_total{class="2xx",method="GET",reason="",route="keep",service="s"}"#;
     let until = Instant::now() + Duration::from_secs(10);
     let text = loop {
         let r = client().get(url("/metrics")).send().await.unwrap();

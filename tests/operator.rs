@@ -140,7 +140,11 @@ async fn reload_and_status_talk_to_the_running_node() {
     ready(&bus).await;
     let config = bus.config.to_str().unwrap().to_string();
 
-    let o = busbar(&["status", "-c", &config], &[]);
+    // The node's topology reads need its token: status sends BUSBAR_ADMIN_TOKEN.
+    let o = busbar(
+        &["status", "-c", &config],
+        &[("BUSBAR_ADMIN_TOKEN", &bus.token)],
+    );
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(
@@ -149,9 +153,31 @@ async fn reload_and_status_talk_to_the_running_node() {
     );
     assert!(out.contains(&format!("pid {}", bus.pid())), "{out}");
     assert!(out.contains("service s: 1/1 instances healthy"), "{out}");
+    assert!(
+        out.contains("registry embedded: 0 registered instances"),
+        "{out}"
+    );
     // The admin address can be given instead of the config.
-    let o = busbar(&["status", "--admin", &bus.admin.to_string()], &[]);
+    let o = busbar(
+        &["status", "--admin", &bus.admin.to_string()],
+        &[("BUSBAR_ADMIN_TOKEN", &bus.token)],
+    );
     assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("service s: 1/1 instances healthy"),
+        "{}",
+        text(&o)
+    );
+    // Without the token: the node's readiness and build, and why the rest is missing.
+    let o = busbar(&["status", "-c", &config], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out.contains(": ready"), "{out}");
+    assert!(!out.contains("service s:"), "{out}");
+    assert!(
+        out.contains("not shown") && out.contains("401") && out.contains("BUSBAR_ADMIN_TOKEN"),
+        "{out}"
+    );
 
     // No token: refused, and told where the token comes from.
     let o = busbar(&["reload", "-c", &config], &[]);
@@ -351,13 +377,18 @@ async fn the_state_folder_defaults_beside_the_config_and_a_second_node_is_refuse
     let (a, a_admin) = node_config(dir.path(), "a", backend.addr);
     let (b, b_admin) = node_config(dir.path(), "b", backend.addr);
 
-    let mut first = Node::start(&a, &[]);
+    let mut first = Node::start(&a, &[("BUSBAR_ADMIN_TOKEN", "node-a")]);
     first.wait_ready(&a_admin).await;
     // Not the system temp folder: .busbar/ beside the config, locked by the running node.
     let state = dir.path().join(".busbar");
     let lock = std::fs::read_to_string(state.join("busbar.lock")).expect("busbar.lock");
     assert_eq!(lock.trim(), first.child.id().to_string());
-    let registry = get_json(client().get(format!("http://{a_admin}/v1/registry"))).await;
+    let registry = get_json(
+        client()
+            .get(format!("http://{a_admin}/v1/registry"))
+            .bearer_auth("node-a"),
+    )
+    .await;
     assert_eq!(
         registry["snapshot"],
         state.join("busbar-registry.json").display().to_string()

@@ -313,7 +313,7 @@ async fn self_preservation_keeps_instances_when_heartbeats_stop_en_masse() {
     )
     .await;
     assert_eq!(v["instances"].as_array().unwrap().len(), 20, "none expired");
-    let admin = get_json(client().get(bus.admin_url("/v1/registry"))).await;
+    let admin = get_json(bus.admin_get("/v1/registry")).await;
     assert_eq!(admin["self_preservation"]["active"], true, "{admin}");
 
     // All renew again: the mode ends as soon as the renewals are back.
@@ -415,7 +415,7 @@ impl Fleet {
     /// The mode as the metric and the admin API say it; they must agree.
     async fn preserving(&self) -> bool {
         let metric = self.bus.metric("busbar_registry_self_preservation").await;
-        let admin = get_json(client().get(self.bus.admin_url("/v1/registry"))).await;
+        let admin = get_json(self.bus.admin_get("/v1/registry")).await;
         let active = admin["self_preservation"]["active"] == true;
         if active != (metric == 1.0) {
             // A sweep ran between the two reads: ask again.
@@ -481,7 +481,7 @@ async fn mass_silence_is_held(ttl: u64, steady: Duration) {
     let held_until = stopped + removable_after(ttl) * 2 + Duration::from_secs(2);
     tokio::time::sleep_until(held_until.into()).await;
     assert!(fleet.preserving().await, "ttl {ttl}");
-    let admin = get_json(client().get(fleet.bus.admin_url("/v1/registry"))).await;
+    let admin = get_json(fleet.bus.admin_get("/v1/registry")).await;
     assert_eq!(
         admin["self_preservation"]["silent_instances"], FLEET,
         "ttl {ttl}: {admin}"

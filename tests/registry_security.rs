@@ -317,7 +317,7 @@ async fn a_scoped_token_sees_only_its_services_and_cannot_probe_names() {
     .await;
     assert_eq!(status, 200);
     // The admin API is unchanged: it lists every service.
-    let admin = get_json(client().get(bus.admin_url("/v1/services"))).await;
+    let admin = get_json(bus.admin_get("/v1/services")).await;
     let text = admin.to_string();
     assert!(
         text.contains("orders") && text.contains("payments"),
@@ -369,7 +369,7 @@ async fn listed(bus: &Busbar, token: &str) -> Vec<String> {
 
 /// What admin `/v1/registry` lists as refused: "id field reason source", sorted.
 async fn refusals(bus: &Busbar) -> Vec<String> {
-    let reg = get_json(client().get(bus.admin_url("/v1/registry"))).await;
+    let reg = get_json(bus.admin_get("/v1/registry")).await;
     let mut all: Vec<String> = reg["refused"]
         .as_array()
         .map(|a| {

@@ -267,7 +267,7 @@ async fn register(at: SocketAddr, id: &str, app: SocketAddr) -> Result<u16, Stri
 }
 
 async fn registry_listen(bus: &Busbar) -> Value {
-    get_json(client().get(bus.admin_url("/v1/registry"))).await["listen"].clone()
+    get_json(bus.admin_get("/v1/registry")).await["listen"].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -390,7 +390,7 @@ async fn the_registration_api_carries_on_after_a_graceful_upgrade() {
     let r = client().get(bus.url("/static")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-backend"], "static");
-    let registry = get_json(client().get(bus.admin_url("/v1/registry"))).await;
+    let registry = get_json(bus.admin_get("/v1/registry")).await;
     assert_eq!(registry["listen"], bus.registry.to_string(), "{registry}");
 }
 

@@ -11,7 +11,8 @@
 -- The achieved rate is a little under RATE (each connection's cycle is delay + the
 -- response time); bench.sh reports it.
 --
--- Usage: wrk -t1 -cCONNS ... -s paced.lua URL -- RATE CONNS
+-- Usage: wrk -t1 -cCONNS ... -s paced.lua URL -- RATE CONNS [BODY_BYTES]
+-- With BODY_BYTES every request is a POST with a body of that many bytes (Content-Length).
 -- Prints one line "PACED p50 p99 p99.9 max requests" (microseconds) at the end.
 local mean_ms = 10
 
@@ -19,6 +20,12 @@ function init(args)
   local rate = tonumber(args[1])
   local conns = tonumber(args[2])
   mean_ms = conns * 1000 / rate
+  local body = tonumber(args[3])
+  if body then
+    wrk.method = "POST"
+    wrk.headers["Content-Type"] = "application/octet-stream"
+    wrk.body = string.rep("x", body)
+  end
   math.randomseed(os.time())
 end
 

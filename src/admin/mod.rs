@@ -1,12 +1,18 @@
 //! The admin API on its own listener (loopback by default).
 //!
 //! Owns: `/livez`, `/readyz`, `/healthz`, `/metrics` (also alone on `listen.metrics`,
-//! [`MetricsApi`]), `/v1/routes`, `/v1/services`, `/v1/reload`, `/v1/logs/reopen`; the release
+//! [`MetricsApi`]), `/v1/routes`, `/v1/services` (its shape is `listing`'s, shared with
+//! the console), `/v1/reload`, `/v1/logs/reopen`; the release
 //! and config-history calls (`/v1/releases…`, `/v1/config/…`) are `release::admin`'s, the
 //! console under `/console/` is `console`'s.
-//! Reads are open to whoever reaches the listener, except through busbar's own data plane
-//! (a request whose `Via` names a busbar hop gets 403); anything that changes state needs
-//! `Authorization: Bearer $BUSBAR_ADMIN_TOKEN`, and with no token configured it refuses.
+//! Who may call what: `/livez`, `/readyz`, `/healthz`, `/metrics` and the console's pages
+//! are open to whoever reaches the listener; the reads that show topology or config
+//! history (`/v1/routes`, `/v1/services`, `/v1/registry`, `GET /v1/releases`,
+//! `GET /v1/config/history`, the console's data) need
+//! `Authorization: Bearer $BUSBAR_ADMIN_TOKEN` unless `[admin] open_reads = true` (the
+//! console's data always does); anything that changes state always needs it. With no
+//! token configured those are refused. Nothing is answered through busbar's own data
+//! plane (a request whose `Via` names a busbar hop gets 403).
 //! Must not: hold policy; it reports state and asks `snapshot` to reload.
 
 use std::sync::Arc;
@@ -18,7 +24,6 @@ use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
 use crate::base::api::{self as replies, error, json_reply, reply};
-use crate::model::health::now_ms;
 use crate::snapshot::State;
 
 /// The environment variable that holds the admin token.
@@ -39,11 +44,36 @@ pub struct AdminApi {
 impl AdminApi {
     /// `None` when the caller may change state; otherwise the refusal to send.
     fn authorize(&self, session: &ServerSession) -> Option<Response<Vec<u8>>> {
+        self.check_token(
+            session,
+            "set BUSBAR_ADMIN_TOKEN in busbar's environment to enable state-changing admin calls",
+        )
+    }
+
+    /// `None` when the caller may read topology and config history: the reads are open
+    /// (`[admin] open_reads`, read from the running snapshot, so a reload applies it), or
+    /// it sent the token. Otherwise the refusal a write would get.
+    fn authorize_read(&self, session: &ServerSession) -> Option<Response<Vec<u8>>> {
+        if self.state.load().config.admin.open_reads {
+            return None;
+        }
+        self.check_token(
+            session,
+            "set BUSBAR_ADMIN_TOKEN in busbar's environment and send it, or set [admin] open_reads = true, to read the admin API",
+        )
+    }
+
+    /// The admin token check; `unconfigured` is the message when no token is set.
+    fn check_token(
+        &self,
+        session: &ServerSession,
+        unconfigured: &str,
+    ) -> Option<Response<Vec<u8>>> {
         let Some(token) = &self.token else {
             return Some(error(
                 StatusCode::FORBIDDEN,
                 "admin_token_not_configured",
-                "set BUSBAR_ADMIN_TOKEN in busbar's environment to enable state-changing admin calls",
+                unconfigured,
             ));
         };
         match crate::bearer::token(&session.req_header().headers) {
@@ -89,47 +119,6 @@ impl AdminApi {
             })
             .collect();
         json!({ "generation": snap.generation, "routes": routes })
-    }
-
-    fn services(&self) -> Value {
-        let snap = self.state.load();
-        let now = now_ms();
-        let services: Vec<Value> = snap
-            .services
-            .iter()
-            .map(|s| {
-                let set = s.instances();
-                let instances: Vec<Value> = set
-                    .instances
-                    .iter()
-                    .map(|i| {
-                        json!({
-                            "id": i.id,
-                            "addr": i.addr.to_string(),
-                            "source": if i.registration.is_some() { "registered" } else if i.dns.is_some() { "dns" } else { "config" },
-                            "dns_name": i.dns.as_deref(),
-                            "sidecar": i.sidecar.as_ref().map(|(a, s)| json!({
-                                "addr": a.to_string(),
-                                "up": s.is_up(),
-                                "path": s.last_path().map(|p| p.as_str()),
-                            })),
-                            "weight": i.weight,
-                            "health": i.health.state().as_str(),
-                            "ejected_for_ms": i.health.ejection_left(now).map(|d| d.as_millis() as u64),
-                            "in_flight": i.health.in_flight(),
-                        })
-                    })
-                    .collect();
-                json!({
-                    "name": s.name(),
-                    "protocol": s.config.protocol.as_str(),
-                    "balance": s.config.balance.as_str(),
-                    "panic_mode": s.panic.load(std::sync::atomic::Ordering::Relaxed),
-                    "instances": instances,
-                })
-            })
-            .collect();
-        json!({ "generation": snap.generation, "services": services })
     }
 
     fn registry(&self) -> Value {
@@ -265,9 +254,17 @@ impl ServeHttp for AdminApi {
                 )
             }
             (Method::GET, "/metrics") => metrics_reply(),
-            (Method::GET, "/v1/routes") => json_reply(StatusCode::OK, self.routes()),
-            (Method::GET, "/v1/services") => json_reply(StatusCode::OK, self.services()),
-            (Method::GET, "/v1/registry") => json_reply(StatusCode::OK, self.registry()),
+            (Method::GET, "/v1/routes" | "/v1/services" | "/v1/registry") => {
+                if let Some(refusal) = self.authorize_read(session) {
+                    return refusal;
+                }
+                let body = match path.as_str() {
+                    "/v1/routes" => self.routes(),
+                    "/v1/services" => crate::listing::services(&self.state),
+                    _ => self.registry(),
+                };
+                json_reply(StatusCode::OK, body)
+            }
             // The console's pages are open like the reads; its own data reads need the
             // token (the browser sends it on every call).
             (m, p) if crate::console::handles(p) => {
@@ -283,10 +280,13 @@ impl ServeHttp for AdminApi {
                 crate::console::serve(&ctx, &m, p)
             }
             (m, p) if crate::release::admin::handles(p) => {
-                if m != Method::GET {
-                    if let Some(refusal) = self.authorize(session) {
-                        return refusal;
-                    }
+                let refusal = if m == Method::GET {
+                    self.authorize_read(session)
+                } else {
+                    self.authorize(session)
+                };
+                if let Some(refusal) = refusal {
+                    return refusal;
                 }
                 let (status, v) = crate::release::admin::serve(&self.state, session, &m, p).await;
                 json_reply(status, v)

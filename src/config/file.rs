@@ -28,6 +28,9 @@ pub struct FileConfig {
     pub dns: Option<super::dns::DnsFile>,
     /// `[tracing]`: sampling of new traces and OTLP export of busbar's spans.
     pub tracing: Option<super::tracing::TracingFile>,
+    /// `[admin]`: who may read the admin API.
+    #[serde(default)]
+    pub admin: AdminFile,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceFile>,
     #[serde(default, rename = "route")]
@@ -44,6 +47,14 @@ pub struct AdminOnlyFile {
 #[derive(Debug, Deserialize)]
 pub struct AdminOnlyListen {
     pub admin: Option<Spanned<String>>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// The admin API's topology and history reads without the admin token.
+    pub open_reads: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -114,6 +114,8 @@ pub struct Config {
     pub dns: super::DnsConfig,
     /// `[tracing]`: sampling of new traces and where busbar's spans are exported.
     pub tracing: super::TracingConfig,
+    /// `[admin]`: who may read the admin API.
+    pub admin: AdminSettings,
     pub services: Vec<ServiceConfig>,
     pub routes: Vec<RouteConfig>,
     /// Compiled protocol translations by route name (`[route.translate]`).
@@ -124,6 +126,20 @@ pub struct Config {
     /// is loaded, printed by `busbar check`): `insecure_skip_verify = true`.
     pub cautions: Vec<super::ConfigError>,
 }
+
+/// `[admin]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AdminSettings {
+    /// The admin API's reads of topology and config history (`/v1/routes`,
+    /// `/v1/services`, `/v1/registry`, `GET /v1/releases`, `GET /v1/config/history`)
+    /// answer without the admin token. Default false ([`DEFAULT_OPEN_READS`]).
+    pub open_reads: bool,
+}
+
+/// Admin reads need the token by default: a listing of every service, instance address
+/// and past configuration is a map for an attacker who reached the admin port (a
+/// misplaced bind, a forwarded port, another tenant on the host).
+pub const DEFAULT_OPEN_READS: bool = false;
 
 #[derive(Debug, Clone)]
 pub struct ServerSettings {

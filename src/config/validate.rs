@@ -238,6 +238,12 @@ impl Validator<'_> {
             }
         }
         let mesh = self.mesh(f.mesh.as_ref());
+        let admin = AdminSettings {
+            open_reads: f
+                .admin
+                .open_reads
+                .map_or(DEFAULT_OPEN_READS, |o| *o.get_ref()),
+        };
         Config {
             source: path.to_path_buf(),
             hash: 0,
@@ -251,6 +257,7 @@ impl Validator<'_> {
             cluster,
             dns,
             tracing,
+            admin,
             services,
             routes,
             translations,
@@ -1162,6 +1169,27 @@ service = "echo"
         assert_eq!(c.services[0].endpoints[0].weight, 3);
         assert_eq!(c.routes[0].rewrite, Rewrite::Prefix("/".into()));
         assert_eq!(c.listen.admin.to_string(), DEFAULT_ADMIN_ADDR);
+    }
+
+    #[test]
+    fn admin_reads_need_the_token_unless_opened() {
+        let c = validate(Path::new("t.toml"), OK).unwrap();
+        assert!(!c.admin.open_reads);
+        let open = format!("[admin]\nopen_reads = true\n{OK}");
+        assert!(
+            validate(Path::new("t.toml"), &open)
+                .unwrap()
+                .admin
+                .open_reads
+        );
+        let e = errors(&format!("[admin]\nopen_reads = \"yes\"\n{OK}"));
+        assert!(e.iter().any(|e| e.contains("t.toml:2:")), "{e:?}");
+        let e = errors(&format!("[admin]\nopen_read = true\n{OK}"));
+        assert!(
+            e.iter()
+                .any(|e| e.contains("t.toml:2:") && e.contains("open_read")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -1,18 +1,15 @@
-//! The console's read endpoints, `GET /console/api/{name}`: what its pages show that the
-//! admin API's reads do not carry (instance versions, zones and lease time left, the
-//! admission settings per route, the users refused most often (a bounded top list), the
-//! running configuration with secrets redacted).
+//! The console's read endpoints, `GET /console/api/{name}`: what its pages show beside
+//! the admin API's reads (an overview of the node, the admission settings per route, the
+//! users refused most often (a bounded top list), the running configuration with secrets
+//! redacted), and the services listing, which is the admin API's (`listing`).
 //!
-//! Owns: the JSON shapes of those reads.
+//! Owns: the JSON shapes of those reads but the services listing.
 //! Must not: change state or compute what the browser can (request rates and error
 //! shares come from `/metrics`, diffed by the page between two refreshes).
-
-use std::sync::atomic::Ordering::Relaxed;
 
 use serde_json::{json, Value};
 
 use crate::config::IdentitySource;
-use crate::model::health::now_ms;
 use crate::snapshot::State;
 
 /// Where the console's reads live.
@@ -28,7 +25,8 @@ pub struct Context<'a> {
 pub fn read(ctx: &Context<'_>, what: &str) -> Option<Value> {
     match what {
         "overview" => Some(overview(ctx)),
-        "services" => Some(services(ctx.state)),
+        // The admin API's `/v1/services`: one shape for both.
+        "services" => Some(crate::listing::services(ctx.state)),
         "admission" => Some(admission(ctx.state)),
         "config" => Some(config(ctx.state)),
         _ => None,
@@ -72,61 +70,6 @@ fn overview(ctx: &Context<'_>) -> Value {
             "routes": c.routes.len(),
             "services": c.services.len(),
         },
-    })
-}
-
-/// Each service's instances with everything the services page shows.
-fn services(state: &State) -> Value {
-    let snap = state.load();
-    let store = &state.registry;
-    let now = now_ms();
-    let services: Vec<Value> = snap
-        .services
-        .iter()
-        .map(|s| {
-            let set = s.instances();
-            let instances: Vec<Value> = set
-                .instances
-                .iter()
-                .enumerate()
-                .map(|(n, i)| {
-                    let reg = i.registration.as_deref();
-                    json!({
-                        "id": i.id,
-                        "addr": i.addr.to_string(),
-                        "version": set.versions.name_of(n),
-                        "zone": reg.and_then(|r| r.zone.as_deref()),
-                        "weight": i.weight,
-                        "health": i.health.state().as_str(),
-                        "ejected_for_ms": i.health.ejection_left(now).map(|d| d.as_millis() as u64),
-                        "in_flight": i.health.in_flight(),
-                        "sidecar": i.sidecar.as_ref().map(|(a, st)| json!({
-                            "addr": a.to_string(),
-                            "up": st.is_up(),
-                            "path": st.last_path().map(|p| p.as_str()),
-                        })),
-                        "source": if reg.is_some() { "registered" } else if i.dns.is_some() { "dns" } else { "config" },
-                        // Only for leases this node holds; etcd holds the others'.
-                        "ttl_secs": reg.map(|r| r.ttl_secs),
-                        "ttl_left_ms": reg.and_then(|r| store.lease_left(&r.service, &r.id)).map(|d| d.as_millis() as u64),
-                    })
-                })
-                .collect();
-            json!({
-                "name": s.name(),
-                "protocol": s.config.protocol.as_str(),
-                "balance": s.config.balance.as_str(),
-                "registration": s.config.registration,
-                "panic_mode": s.panic.load(Relaxed),
-                "instances": instances,
-            })
-        })
-        .collect();
-    json!({
-        "generation": snap.generation,
-        "degraded": store.degraded(),
-        "self_preservation": store.self_preservation(),
-        "services": services,
     })
 }
 

@@ -326,8 +326,12 @@ impl ServerApp for Edge {
                     let pipelined = !head.is_empty();
                     // Boxed: inline, its state (a few KiB) would be part of every
                     // connection's task for the connection's life, idle or not.
+                    let s = c.inner_mut();
+                    let peer = s
+                        .get_socket_digest()
+                        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
                     let serve =
-                        h1::serve(&self.phases, c.inner_mut(), request, draining, pipelined);
+                        h1::serve(&self.phases, s, peer, false, request, draining, pipelined);
                     if !Box::pin(serve).await {
                         return None;
                     }

@@ -1,14 +1,16 @@
 //! Every Prometheus metric busbar exports, declared once.
 //!
 //! Owns: the registry, metric names and label sets, and pre-resolved handles
-//! ([`RouteMetrics`], [`ServiceMetrics`]) so the request path never formats a label;
+//! ([`RouteMetrics`], [`ServiceMetrics`]) so the request path never formats a label
+//! (`busbar_requests_total`'s, by class and method, are resolved on first use:
+//! [`RequestCounters`]);
 //! the process collector and build info; removing the series of routes and services a
 //! reload took away ([`forget_removed`]).
 //! Must not: carry user ids in labels.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::LazyLock;
+use std::sync::{LazyLock, Mutex, OnceLock};
 
 use prometheus::core::{MetricVec, MetricVecBuilder};
 use prometheus::{
@@ -59,10 +61,9 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub config_reload_time: Gauge,
     pub config_hash: Gauge,
-    /// `busbar_requests_total{route="_no_route"}` by status class.
-    pub no_route: [IntCounter; 5],
+    /// `busbar_requests_total{route="_no_route"}` by status class and method.
+    pub no_route: RequestCounters,
     pub requests: IntCounterVec,
-    pub requests_by_method: IntCounterVec,
     pub request_bytes: IntCounterVec,
     pub response_bytes: IntCounterVec,
     pub request_duration: HistogramVec,
@@ -190,8 +191,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let requests = counter(
         &mut r,
         "busbar_requests_total",
-        "Requests answered, by route, service, status class and reason: empty for an upstream's answer, else busbar's own reason code for answering itself (a refusal at the front door or by admission, a failure).",
-        &["route", "service", "class", "reason"],
+        "Requests answered, by route, service, status class, reason (empty for an upstream's answer, else busbar's own reason code for answering itself: a refusal at the front door or by admission, a failure) and method (GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH, or other).",
+        &["route", "service", "class", "reason", "method"],
     );
     let in_flight = IntGauge::new(
         "busbar_in_flight_requests",
@@ -210,14 +211,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         .register(Box::new(connections.clone()))
         .expect("metric registered once");
     Metrics {
-        no_route: CLASSES.map(|c| requests.with_label_values(&[NO_ROUTE, "", c, ""])),
+        no_route: RequestCounters::new(NO_ROUTE, ""),
         requests,
-        requests_by_method: counter(
-            &mut r,
-            "busbar_requests_by_method_total",
-            "Requests answered, by route and method (GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH, or other).",
-            &["route", "method"],
-        ),
         request_bytes: counter(
             &mut r,
             "busbar_request_body_bytes_total",
@@ -517,16 +512,23 @@ fn still_runs(
 
 /// Counts an answer busbar gave itself in `busbar_requests_total`, with its `reason`
 /// (one of busbar's own codes: a bounded set). Not pre-resolved: these are the rare path.
-pub fn count_answer(route: &str, service: &str, status: u16, reason: &'static str) {
+pub fn count_answer(route: &str, service: &str, status: u16, reason: &'static str, method: &str) {
     METRICS
         .requests
-        .with_label_values(&[route, service, CLASSES[class_index(status)], reason])
+        .with_label_values(&[
+            route,
+            service,
+            CLASSES[class_index(status)],
+            reason,
+            METHODS[method_index(method)],
+        ])
         .inc();
 }
 
-/// [`count_answer`] for a refusal before any route was matched.
-pub fn count_refusal(status: u16, reason: &'static str) {
-    count_answer(NO_ROUTE, "", status, reason);
+/// [`count_answer`] for a refusal before any route was matched; `method` as the client
+/// sent it, `""` when its head had none busbar could read (counted as `other`).
+pub fn count_refusal(status: u16, reason: &'static str, method: &str) {
+    count_answer(NO_ROUTE, "", status, reason, method);
 }
 
 /// Status class index: 1xx → 0 … 5xx → 4.
@@ -552,13 +554,78 @@ pub fn method_index(method: &str) -> usize {
         .unwrap_or(METHODS.len() - 1)
 }
 
-/// Handles for one route, resolved when the snapshot is built.
-#[derive(Debug, Clone)]
+/// Stands in for a series of a route a reload removed: what a request still running on
+/// the old snapshot counts is lost, as the series is.
+static DETACHED: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new("busbar_detached_total", "never exported").expect("valid metric")
+});
+
+/// `busbar_requests_total{reason=""}` (upstream answers) of one route, or of unmatched
+/// requests, by status class and method. 50 series a route if they were all resolved
+/// when the snapshot is built, most never used: each is resolved the first time it
+/// counts, after which a count costs what a pre-resolved handle's does (one load, one
+/// add), with no label formatting or hashing.
+#[derive(Debug)]
+pub struct RequestCounters {
+    route: Box<str>,
+    service: Box<str>,
+    /// By [`class_index`], then [`method_index`].
+    slots: [[OnceLock<IntCounter>; METHODS.len()]; CLASSES.len()],
+    /// Set by [`RequestCounters::retire`]; resolving holds the lock, so a series is either
+    /// resolved before its route is retired (and then removed with it) or never.
+    retired: Mutex<bool>,
+}
+
+impl RequestCounters {
+    pub fn new(route: &str, service: &str) -> Self {
+        RequestCounters {
+            route: route.into(),
+            service: service.into(),
+            slots: [const { [const { OnceLock::new() }; METHODS.len()] }; CLASSES.len()],
+            retired: Mutex::new(false),
+        }
+    }
+
+    /// Counts an upstream's answer with `status` to a request with `method`.
+    #[inline]
+    pub fn inc(&self, status: u16, method: &str) {
+        let (class, method) = (class_index(status), method_index(method));
+        // Both indices are in range by construction (clamped class, bounded method).
+        if let Some(slot) = self.slots.get(class).and_then(|s| s.get(method)) {
+            slot.get_or_init(|| self.resolve(class, method)).inc();
+        }
+    }
+
+    /// The series for a class and method: the first count of each, once per process.
+    #[cold]
+    fn resolve(&self, class: usize, method: usize) -> IntCounter {
+        let retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        if *retired {
+            return DETACHED.clone();
+        }
+        METRICS.requests.with_label_values(&[
+            &self.route,
+            &self.service,
+            CLASSES[class],
+            "",
+            METHODS[method],
+        ])
+    }
+
+    /// The route (with this service) is gone from the running snapshot: requests still
+    /// running on the old one must not bring its series back once [`forget_removed`]
+    /// has removed them. Call before it.
+    pub fn retire(&self) {
+        *self.retired.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+}
+
+/// Handles for one route, resolved when the snapshot is built (the request counters on
+/// first use).
+#[derive(Debug)]
 pub struct RouteMetrics {
-    pub by_class: [IntCounter; 5],
-    /// By [`method_index`]. Resolved here, not on first use: a request still running on
-    /// a snapshot a reload replaced must not bring back a removed route's series.
-    pub by_method: [IntCounter; 10],
+    /// `busbar_requests_total` for upstream answers, by class and method.
+    pub requests: RequestCounters,
     pub request_bytes: IntCounter,
     pub response_bytes: IntCounter,
     pub duration: Histogram,
@@ -568,8 +635,7 @@ impl RouteMetrics {
     pub fn new(route: &str, service: &str) -> Self {
         let m = &*METRICS;
         RouteMetrics {
-            by_class: CLASSES.map(|c| m.requests.with_label_values(&[route, service, c, ""])),
-            by_method: METHODS.map(|v| m.requests_by_method.with_label_values(&[route, v])),
+            requests: RequestCounters::new(route, service),
             request_bytes: m.request_bytes.with_label_values(&[route]),
             response_bytes: m.response_bytes.with_label_values(&[route]),
             duration: m.request_duration.with_label_values(&[route]),
@@ -713,6 +779,51 @@ mod tests {
         assert!(!runs(&[("route", "gone"), ("decision", "admitted")]));
         assert!(!runs(&[("route", "r"), ("service", "old")]));
         assert!(!runs(&[("service", "old"), ("cause", "timeout")]));
+    }
+
+    /// The `busbar_requests_total` series of `route` in a scrape, as "class method value".
+    fn series_of(route: &str) -> Vec<String> {
+        let text = String::from_utf8(render()).unwrap();
+        let want = format!("route=\"{route}\"");
+        text.lines()
+            .filter(|l| l.starts_with("busbar_requests_total{") && l.contains(&want))
+            .map(|l| {
+                let label = |k: &str| {
+                    l.split(&format!("{k}=\""))
+                        .nth(1)
+                        .unwrap()
+                        .split('"')
+                        .next()
+                        .unwrap()
+                        .to_string()
+                };
+                let value = l.rsplit(' ').next().unwrap();
+                format!("{} {} {value}", label("class"), label("method"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn request_series_appear_when_first_counted_and_not_after_retirement() {
+        let c = RequestCounters::new("unit-lazy", "s");
+        assert!(series_of("unit-lazy").is_empty());
+        c.inc(200, "GET");
+        c.inc(204, "GET");
+        c.inc(503, "FOO");
+        let mut got = series_of("unit-lazy");
+        got.sort();
+        assert_eq!(got, ["2xx GET 2", "5xx other 1"]);
+        // Retired, then removed as a reload does: a late request does not bring it back.
+        c.retire();
+        for (class, method) in [("2xx", "GET"), ("5xx", "other")] {
+            METRICS
+                .requests
+                .remove_label_values(&["unit-lazy", "s", class, "", method])
+                .unwrap();
+        }
+        c.inc(200, "POST");
+        c.inc(200, "GET");
+        assert!(series_of("unit-lazy").is_empty());
     }
 
     #[test]

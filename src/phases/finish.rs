@@ -9,7 +9,7 @@
 use super::ctx::RequestCtx;
 use super::Phases;
 use crate::accesslog::Entry;
-use crate::metrics::{class_index, method_index, METRICS};
+use crate::metrics::METRICS;
 use crate::proxy::reply::Cause;
 
 /// How a request ended, for [`Phases::finish`].
@@ -47,18 +47,18 @@ impl Phases {
                         route.service.name(),
                         status,
                         c.code(),
+                        done.method,
                     ),
-                    None => m.by_class[class_index(status)].inc(),
+                    None => m.requests.inc(status, done.method),
                 }
-                m.by_method[method_index(done.method)].inc();
             }
             m.request_bytes.inc_by(ctx.body_bytes);
             m.response_bytes.inc_by(done.body_bytes as u64);
             route.metrics.duration.observe(total.as_secs_f64());
         } else if status > 0 {
             match ctx.cause {
-                Some(c) => crate::metrics::count_refusal(status, c.code()),
-                None => METRICS.no_route[class_index(status)].inc(),
+                Some(c) => crate::metrics::count_refusal(status, c.code(), done.method),
+                None => METRICS.no_route.inc(status, done.method),
             }
         }
         let error = ctx.cause.map(Cause::code).or(done.error.then_some("error"));

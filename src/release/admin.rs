@@ -1,5 +1,5 @@
 //! The admin API's release and config-history calls; `admin` routes them here after its
-//! token check for anything but GET.
+//! token check (for a GET, unless `[admin] open_reads`).
 //!
 //! - `GET /v1/releases` — every split, where it comes from, and what each version served
 //! - `PUT /v1/releases/{route}` — set a route's split (JSON body, same shape as `[route.split]`)

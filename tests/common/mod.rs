@@ -194,6 +194,12 @@ impl Busbar {
         format!("http://{}{path}", self.admin)
     }
 
+    /// A GET on the admin API with the admin token: its reads of topology and config
+    /// history (`/v1/services`, `/v1/registry`, …) need it unless `[admin] open_reads`.
+    pub fn admin_get(&self, path: &str) -> reqwest::RequestBuilder {
+        client().get(self.admin_url(path)).bearer_auth(&self.token)
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
     }
@@ -213,7 +219,7 @@ impl Busbar {
             .unwrap()
     }
 
-    /// The value of one sample in `/metrics`, e.g. `busbar_requests_total{class="2xx",reason="",route="a",service="s"}` (labels in name order).
+    /// The value of one sample in `/metrics`, e.g. `busbar_requests_total{class="2xx",method="GET",reason="",route="a",service="s"}` (labels in name order).
     pub async fn metric(&self, sample: &str) -> f64 {
         metric_value(&self.metrics().await, sample)
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes};
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_http::ResponseHeader;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::response::write_head;
 use crate::base::deadline::within;
@@ -46,10 +46,25 @@ impl Served {
     }
 }
 
+/// A client connection busbar's own engine serves (plaintext TCP, or TLS over it).
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Puts `bytes` back, to be read before anything else: a pipelined request's first
+    /// byte, read while [`Downstream::left`] watched the connection.
+    fn unread(&mut self, bytes: &[u8]);
+}
+
+impl ClientStream for L4Stream {
+    fn unread(&mut self, bytes: &[u8]) {
+        self.rewind(bytes);
+    }
+}
+
 /// The client side of one request.
-pub(super) struct Downstream<'a> {
-    pub(super) client: &'a mut L4Stream,
+pub(super) struct Downstream<'a, S> {
+    pub(super) client: &'a mut S,
     pub(super) peer: Option<SocketAddr>,
+    /// The connection is TLS (for the upstream head's `X-Forwarded-Proto`).
+    pub(super) tls: bool,
     /// The connection may carry another request after this one.
     pub(super) keep_alive: bool,
     /// Watch the client for leaving while the request waits (see [`Downstream::left`]).
@@ -58,7 +73,7 @@ pub(super) struct Downstream<'a> {
     pub(super) limit: Duration,
 }
 
-impl Downstream<'_> {
+impl<S: ClientStream> Downstream<'_, S> {
     /// Writes `bytes` within `limit`: a client that stops reading is cut off (slow
     /// read), and counted as the pingora path counts it.
     pub(super) async fn send(&mut self, bytes: &[u8]) -> bool {
@@ -122,7 +137,7 @@ impl Downstream<'_> {
                         "client went away before its response",
                     )
                 }
-                Ok(_) => self.client.rewind(&byte),
+                Ok(_) => self.client.unread(&byte),
             }
         }
         std::future::pending().await

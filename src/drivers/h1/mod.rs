@@ -30,14 +30,12 @@ mod request;
 mod response;
 mod upstream;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::Method;
-use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::GetSocketDigest;
 use pingora_http::RequestHeader;
 use tokio::io::AsyncReadExt;
 
@@ -54,6 +52,7 @@ use crate::phases::{Done, Phases, Routing};
 use crate::proxy::reply::Cause;
 use crate::routing::Route;
 use crate::snapshot::{Snapshot, State};
+pub use client::ClientStream;
 use client::{Downstream, Served};
 use framing::ChunkScan;
 use head::HeadLimits;
@@ -126,10 +125,10 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
 /// Admission on this connection: the route's policy, its waits raced against the
 /// client leaving ([`Downstream::left`]). `Err` is the request's outcome when it is not
 /// let through.
-async fn admit(
+async fn admit<S: ClientStream>(
     phases: &Phases,
     policy: &crate::admission::RoutePolicy,
-    down: &mut Downstream<'_>,
+    down: &mut Downstream<'_, S>,
     req: &RequestHeader,
     path: &RequestPath,
     ctx: &mut RequestCtx,
@@ -148,13 +147,17 @@ async fn admit(
     }
 }
 
-/// Serves one request [`take`] accepted, on `client`. `draining`: the node is shutting
-/// down, so the connection closes after this response. `pipelined`: the client has
-/// already sent bytes past this request. Returns whether the client connection may carry
-/// another request.
-pub async fn serve(
+/// Serves one request [`take`] accepted, on `client`: a connection from `peer` (the
+/// PROXY header's client, when one was read), over TLS if `tls`. `draining`: the node is
+/// shutting down, so the connection closes after this response. `pipelined`: the client
+/// has already sent bytes past this request. Returns whether the client connection may
+/// carry another request.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<S: ClientStream>(
     phases: &Phases,
-    client: &mut L4Stream,
+    client: &mut S,
+    peer: Option<SocketAddr>,
+    tls: bool,
     request: Box<FastRequest>,
     draining: bool,
     pipelined: bool,
@@ -173,9 +176,6 @@ pub async fn serve(
         req.headers.get(http::header::HOST).cloned(),
     );
     let mut ctx = RequestCtx::new();
-    let peer = client
-        .get_socket_digest()
-        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
     let limit = snapshot.config.limits.client_timeout;
     // `take` routed the request (and took it only with one reading of its path).
     let routing = Routing::Found {
@@ -190,6 +190,7 @@ pub async fn serve(
     let mut down = Downstream {
         client,
         peer,
+        tls,
         keep_alive: !close && !draining,
         watch: !pipelined,
         limit,
@@ -230,9 +231,9 @@ pub async fn serve(
 }
 
 /// The tries, the response head and the body.
-async fn exchange(
+async fn exchange<S: ClientStream>(
     phases: &Phases,
-    down: &mut Downstream<'_>,
+    down: &mut Downstream<'_, S>,
     route: &Route,
     req: &mut RequestHeader,
     ctx: &mut RequestCtx,
@@ -241,7 +242,7 @@ async fn exchange(
     let mut wire = Vec::with_capacity(512);
     let conn = upstream_head::Downstream {
         peer: client_ip,
-        tls: false,
+        tls: down.tls,
         h2: false,
     };
     if upstream_head::build(ctx, req, conn, Output::Wire(&mut wire)).is_err() {
@@ -409,10 +410,10 @@ async fn exchange(
 
 /// The upstream's response could not be framed before anything went to the client:
 /// counted against the instance, the client gets a 502 and its connection closes.
-async fn upstream_broke(
+async fn upstream_broke<S: ClientStream>(
     phases: &Phases,
     ctx: &mut RequestCtx,
-    down: &mut Downstream<'_>,
+    down: &mut Downstream<'_, S>,
 ) -> Served {
     phases.on_malformed_response(ctx);
     down.answer(ctx, Cause::UpstreamError, false).await
