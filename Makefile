@@ -14,7 +14,7 @@ CARGO ?= cargo
 CONFIG ?= conf/busbar.toml
 DEMO_BACKENDS ?= -l 127.0.0.1:9101 -l 127.0.0.1:9102
 
-.PHONY: run build release package test check-conf bench bench-engine bench-admission bench-grpc fmt clippy lint fuzz reliability
+.PHONY: run build release package test check-conf bench bench-engine bench-admission bench-grpc fmt clippy lint fuzz fuzz-chunked reliability
 
 build:
 	$(CARGO) build --bin busbar
@@ -77,7 +77,7 @@ bench-grpc: release
 
 # Each cargo-fuzz target for FUZZ_SECONDS (60). New inputs go to fuzz/.work/ (not checked
 # in); the seeds in fuzz/corpus/ are read. `make test` replays the seeds (tests/fuzz_corpus.rs).
-FUZZ_TARGETS ?= config route registration translate grpc_web head
+FUZZ_TARGETS ?= config route registration translate grpc_web head chunked
 FUZZ_SECONDS ?= 60
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
@@ -85,6 +85,10 @@ fuzz:
 		mkdir -p .work/$$t; \
 		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t .work/$$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS); \
 	done
+
+# The chunked-body scanner alone (request and response bodies), for FUZZ_SECONDS.
+fuzz-chunked:
+	@$(MAKE) --no-print-directory fuzz FUZZ_TARGETS=chunked
 
 # Reload, graceful upgrade, slowloris, HTTP/2 abuse and a bounded soak (SOAK_SECONDS,
 # default 120) under load on loopback; results in load-tests/reliability/out/.

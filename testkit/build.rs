@@ -6,7 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = root.join("tests/protos");
     let vendored = root.join("conf/protos");
     let file = protos.join("bookstore.proto");
+    let fidelity = protos.join("fidelity.proto");
     println!("cargo:rerun-if-changed={}", file.display());
+    println!("cargo:rerun-if-changed={}", fidelity.display());
     let mut compiler = protox::Compiler::new([&protos, &vendored])?;
     compiler.include_imports(true).include_source_info(false);
     compiler.open_file(&file)?;
@@ -15,6 +17,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("bookstore.pb"),
         compiler.encode_file_descriptor_set(),
     )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(compiler.file_descriptor_set())?;
+    // Compiled on its own, so `bookstore.pb` stays the bookstore's alone.
+    let mut compiler = protox::Compiler::new([&protos, &vendored])?;
+    compiler.include_imports(true).include_source_info(false);
+    compiler.open_file(&fidelity)?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -303,14 +303,11 @@ max_body = "1KiB"
 /// What the raw upstream of the slow-client tests saw on one connection.
 #[derive(Debug, Clone)]
 struct UpstreamConn {
-    path: String,
     /// Body bytes received (POST) or response bytes written (`GET /big`).
     bytes: usize,
     /// The connection ended before the declared body was in (POST), or a response write
     /// failed because busbar closed the connection (`GET /big`).
     cut: bool,
-    /// When that happened.
-    at: Instant,
 }
 
 /// A raw HTTP/1.1 upstream: records each connection's fate (see `UpstreamConn`), answers
@@ -382,12 +379,7 @@ impl RawUpstream {
             }
             (got, got < declared)
         };
-        log.lock().unwrap().push(UpstreamConn {
-            path,
-            bytes,
-            cut,
-            at: Instant::now(),
-        });
+        log.lock().unwrap().push(UpstreamConn { bytes, cut });
     }
 
     fn seen(&self) -> Vec<UpstreamConn> {
@@ -445,13 +437,12 @@ async fn a_stalled_body_gets_408_and_the_upstream_half_request_is_closed() {
         took >= Duration::from_millis(900) && took < Duration::from_secs(4),
         "answered after {took:?} (client_timeout 1s)"
     );
-    // The upstream saw the head and the 10 bytes, then its connection ended.
+    // busbar's own engine holds a body's first 64 KiB before it asks the upstream: the
+    // half request reached nobody (pingora's path sent the head and the 10 bytes, then
+    // cut that connection).
     tokio::time::sleep(Duration::from_millis(200)).await;
     let seen = upstream.seen();
-    assert_eq!(seen.len(), 1, "{seen:?}");
-    assert_eq!((seen[0].path.as_str(), seen[0].bytes), ("/upload", 10));
-    assert!(seen[0].cut, "{seen:?}");
-    assert!(seen[0].at.duration_since(start) < Duration::from_secs(4));
+    assert!(seen.is_empty(), "{seen:?}");
     assert_eq!(
         bus.metric(r#"busbar_edge_refusals_total{reason="body_timeout"}"#)
             .await,
@@ -495,11 +486,10 @@ async fn a_trickled_body_is_cut_off_once_it_falls_behind_its_pace() {
     assert!(reply.contains("body_timeout"), "{reply}");
     assert!(closed);
     assert!(took < Duration::from_secs(4), "cut off after {took:?}");
+    // Held by busbar, not streamed: the upstream saw nothing of it.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let seen = upstream.seen();
-    assert_eq!(seen.len(), 1, "{seen:?}");
-    assert!(seen[0].cut && seen[0].bytes < 100, "{seen:?}");
-    assert!(seen[0].at.duration_since(start) < Duration::from_secs(4));
+    assert!(seen.is_empty(), "{seen:?}");
 }
 
 /// Case 3b, slow read: a client that asks for a large response and never reads it is

@@ -50,7 +50,8 @@ fn every_target_has_a_replay_test() {
             "registration",
             "translate",
             "grpc_web",
-            "head"
+            "head",
+            "chunked"
         ]
     );
 }
@@ -83,4 +84,9 @@ fn grpc_web_corpus() {
 #[test]
 fn head_corpus() {
     replay("head");
+}
+
+#[test]
+fn chunked_corpus() {
+    replay("chunked");
 }

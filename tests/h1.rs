@@ -1,5 +1,5 @@
-//! busbar's own HTTP/1.1 path (`src/drivers/h1/`): bodyless HTTP/1.1 requests on plain
-//! routes. What a client and the upstream see of the framing on both sides: chunked and
+//! busbar's own HTTP/1 path (`src/drivers/h1/`) on plain routes (request bodies and
+//! HTTP/1.0: `tests/h1_bodies.rs`). What a client and the upstream see of the framing on both sides: chunked and
 //! close-delimited responses, HEAD, 1xx, pipelining, hop-by-hop headers, and upstream
 //! connections that are pooled, closed meanwhile, or answer ambiguously.
 

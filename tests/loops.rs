@@ -222,7 +222,7 @@ async fn other_proxies_in_via_pass_busbar_appends_its_hop_and_too_many_busbar_ho
         .unwrap_or_else(|| panic!("via {first:?}"))
         .to_string();
     assert!(id.starts_with("busbar-") && id.len() == 19, "{id}");
-    // pingora's path: a body, HTTP/1.0, h2c; and no Via at all.
+    // Other shapes: a body and HTTP/1.0 (busbar's own engine), h2c (pingora); and no Via.
     let r = client()
         .post(bus.url("/b"))
         .header("via", "1.1 nginx")

@@ -3,8 +3,8 @@
 //! A raw upstream sends exact bytes; the client sends a request and then, on the same
 //! connection, `GET /ok`, which must get its own answer — or find the connection closed.
 //! Never may the client get bytes busbar could not frame (the marker `SMUGGLED` stands for
-//! them), nor a kept-alive connection whose answer has no end. Bodyless GETs go through
-//! busbar's own HTTP/1.1 path (`src/drivers/h1/`); requests with a body through pingora's.
+//! them), nor a kept-alive connection whose answer has no end. Requests with and without a
+//! body go through busbar's own HTTP/1 path (`src/drivers/h1/`).
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! TLS to instances (`protocol = "https"`, `[service.tls]`, `"tls": true` registrations):
-//! verified with a CA file on busbar's own engine and on pingora's path (a request with a
-//! body), mTLS, verification failures answered 502 with their reason, the
+//! verified with a CA file on busbar's own engine and on pingora's path (an h2c client:
+//! pingora serves h2 downstream), mTLS, verification failures answered 502 with their reason, the
 //! `insecure_skip_verify` escape hatch and its warning, health probes over TLS, and
 //! pooled TLS connections.
 
@@ -238,6 +238,15 @@ fn ca_line(p: &Path) -> String {
     format!("ca_file = \"{}\"", p.display())
 }
 
+/// A client that speaks h2c by prior knowledge: busbar hands it to pingora's proxy, so
+/// its requests take pingora's upstream path.
+fn h2c() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+}
+
 async fn error_code(r: reqwest::Response) -> (u16, String) {
     let status = r.status().as_u16();
     let v: Value = r.json().await.unwrap_or(Value::Null);
@@ -262,8 +271,8 @@ async fn an_https_upstream_verified_with_a_ca_file_answers_get_and_post() {
     assert_eq!(r.text().await.unwrap(), "tls ok: GET /byip/a 0");
     let r = client().get(bus.url("/byname/b")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    // A body goes through pingora's path: TLS there too.
-    let r = client()
+    // pingora's path: TLS there too.
+    let r = h2c()
         .post(bus.url("/byname/c"))
         .body(vec![b'x'; 3000])
         .send()
@@ -271,7 +280,7 @@ async fn an_https_upstream_verified_with_a_ca_file_answers_get_and_post() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "tls ok: POST /byname/c 3000");
-    let r = client()
+    let r = h2c()
         .post(bus.url("/byip/d"))
         .body("hello")
         .send()
@@ -293,6 +302,37 @@ async fn an_https_upstream_verified_with_a_ca_file_answers_get_and_post() {
     assert_eq!(sni("/byip/d"), None);
     let c = seen.iter().find(|s| s.path == "/byname/c").unwrap();
     assert_eq!((c.method.as_str(), c.body.len()), ("POST", 3000));
+}
+
+/// A body larger than what busbar holds streams through the TLS session whole (the end
+/// of it is flushed, not left in the session's buffer), on a pooled connection.
+#[tokio::test]
+async fn a_large_body_streams_over_tls() {
+    let pki = Pki::new();
+    let up = TlsServer::start(&pki, false).await;
+    let body = service("s", up.addr, &tls_table(&ca_line(&pki.path("ca.pem"))));
+    let bus = Busbar::start(&body).await;
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    for i in 0..2 {
+        let r = client()
+            .post(bus.url(&format!("/s/{i}")))
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.text().await.unwrap(),
+            format!("tls ok: POST /s/{i} 3000000")
+        );
+    }
+    let seen = up.requests();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter().all(|s| s.body == big),
+        "the bytes arrived as sent"
+    );
+    assert_eq!(up.handshakes(), 1, "the second body reused the connection");
 }
 
 #[tokio::test]
@@ -362,14 +402,9 @@ async fn an_mtls_upstream_takes_busbar_only_with_its_client_certificate() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "tls ok: GET /me/x 0");
     // pingora's path sends the client certificate too.
-    let r = client()
-        .post(bus.url("/me/y"))
-        .body("b")
-        .send()
-        .await
-        .unwrap();
+    let r = h2c().post(bus.url("/me/y")).body("b").send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let r = client()
+    let r = h2c()
         .post(bus.url("/anon/y"))
         .body("b")
         .send()
@@ -401,12 +436,12 @@ async fn a_certificate_that_does_not_verify_is_a_502_that_says_so() {
             (502, "upstream_certificate_rejected".to_string()),
             "{path}"
         );
-        // pingora's path (a body) says the same.
-        let r = client().post(bus.url(path)).body("x").send().await.unwrap();
+        // pingora's path says the same.
+        let r = h2c().get(bus.url(path)).send().await.unwrap();
         assert_eq!(
             error_code(r).await,
             (502, "upstream_certificate_rejected".to_string()),
-            "{path} with a body"
+            "{path} on pingora's path"
         );
     }
     assert!(up.requests().is_empty(), "nothing reached the backend");
@@ -444,7 +479,7 @@ async fn insecure_skip_verify_reaches_any_certificate_and_is_warned_about() {
     let bus = Busbar::start(&body).await;
     let r = client().get(bus.url("/lax/a")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let r = client()
+    let r = h2c()
         .post(bus.url("/lax/b"))
         .body("x")
         .send()
@@ -569,7 +604,7 @@ service = "grpc"
     let r = client().get(bus.url("/reg/x")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "tls ok: GET /reg/x 0");
-    let r = client()
+    let r = h2c()
         .post(bus.url("/reg/y"))
         .body("z")
         .send()

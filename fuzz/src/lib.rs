@@ -14,11 +14,14 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 use busbar::config::{self, MAX_TTL, MIN_TTL};
+use busbar::drivers::h1::framing::ChunkScan;
 use busbar::drivers::h1::head::{self, HeadLimits};
 use busbar::model::Service;
 use busbar::routing::{self, RequestView, RouteTable};
 use busbar::translate::grpc_web::{self, GrpcWebSettings, WebCall};
-use busbar::translate::json_grpc::{JsonOptions, Transcoder};
+use busbar::translate::json_grpc::{
+    JsonOptions, MessageSplitter, MetadataHeaders, StreamFormat, Transcoder,
+};
 use busbar::translate::template::PathTemplate;
 
 /// The names of the targets, as in `fuzz/Cargo.toml` and `fuzz/corpus/<target>/`.
@@ -29,6 +32,7 @@ pub const TARGETS: &[&str] = &[
     "translate",
     "grpc_web",
     "head",
+    "chunked",
 ];
 
 /// Runs the harness of `target` on `data`.
@@ -40,6 +44,7 @@ pub fn run(target: &str, data: &[u8]) {
         "translate" => translate(data),
         "grpc_web" => grpc_web(data),
         "head" => head(data),
+        "chunked" => chunked(data),
         other => panic!("no fuzz target named {other}"),
     }
 }
@@ -173,6 +178,8 @@ fn transcoder() -> &'static Transcoder {
             JsonOptions {
                 emit_defaults: false,
                 deny_unknown_fields: true,
+                initial_metadata: MetadataHeaders::Prefixed,
+                stream: StreamFormat::Ndjson,
             },
         )
         .expect("bookstore.proto has bindings")
@@ -207,6 +214,22 @@ pub fn translate(data: &[u8]) {
     if let Ok(tpl) = PathTemplate::parse(path) {
         let _ = tpl.matches(path);
         let _ = tpl.matches(body);
+    }
+    // The body as a client stream, split where the path line's length says: the same
+    // messages as in one piece.
+    let cut = path.len().min(body.len());
+    let (mut whole, mut pieces) = (Vec::new(), Vec::new());
+    let mut one = MessageSplitter::default();
+    let a = one.push(body.as_bytes(), &mut whole);
+    let mut two = MessageSplitter::default();
+    let b = two
+        .push(&body.as_bytes()[..cut], &mut pieces)
+        .and_then(|()| two.push(&body.as_bytes()[cut..], &mut pieces));
+    if a.is_ok() && b.is_ok() {
+        assert_eq!(
+            whole, pieces,
+            "a client stream split differently in two pieces"
+        );
     }
 }
 
@@ -298,5 +321,49 @@ pub fn head(data: &[u8]) {
                 let _ = head::check(data, &limits);
             }
         }
+    }
+}
+
+/// The strict chunked-body scanner (`drivers::h1::framing::ChunkScan`) that frames both
+/// request and response bodies. The first byte picks where the rest is cut in two; the
+/// rest is fed whole and in the two parts. Properties: no panic; the verdict and the
+/// body's end do not depend on the cut; what passes (with the held trailers) is exactly
+/// the body's bytes; the data handed out is what the scanner counted and no more than
+/// the body.
+pub fn chunked(data: &[u8]) {
+    let Some((&cut, body)) = data.split_first() else {
+        return;
+    };
+    let cut = usize::from(cut) * body.len() / 255;
+    let feed = |parts: &[&[u8]]| {
+        let mut s = ChunkScan::default();
+        let (mut out, mut got) = (Vec::new(), 0u64);
+        let mut seen = 0;
+        for p in parts {
+            let fed = s.feed_with(p, |d| got += d.len() as u64)?;
+            assert!(fed.pass <= p.len());
+            out.extend_from_slice(&p[..fed.pass]);
+            if let Some(end) = fed.end {
+                assert!(fed.pass <= end && end <= p.len());
+                out.extend_from_slice(s.held());
+                assert_eq!(got, s.data_bytes());
+                return Ok(Some((out, seen + end)));
+            }
+            seen += p.len();
+        }
+        assert_eq!(got, s.data_bytes());
+        Ok::<_, busbar::drivers::h1::framing::Malformed>(None)
+    };
+    let whole = feed(&[body]);
+    let (a, b) = body.split_at(cut.min(body.len()));
+    let split = feed(&[a, b]);
+    match (&whole, &split) {
+        (Ok(Some((out, end))), Ok(Some((out2, end2)))) => {
+            assert_eq!(end, end2);
+            assert_eq!(&out[..], &body[..*end]);
+            assert_eq!(out, out2);
+        }
+        (Ok(None), Ok(None)) | (Err(_), Err(_)) => {}
+        _ => panic!("the verdict depends on the cut: {whole:?} vs {split:?}"),
     }
 }

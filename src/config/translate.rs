@@ -6,16 +6,18 @@
 //! Must not: hold run-time state; the compiled mapping is immutable and lives in the
 //! config snapshot, swapped on reload like routes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use prost_reflect::DescriptorPool;
 use serde::Deserialize;
 use toml::Spanned;
 
 use super::model::{Protocol, ServiceConfig};
 use super::validate::Validator;
 use crate::translate::grpc_web::{GrpcWebSettings, DEFAULT_CORS_MAX_AGE};
-use crate::translate::json_grpc::{JsonOptions, Transcoder};
+use crate::translate::json_grpc::{JsonOptions, MetadataHeaders, StreamFormat, Transcoder};
 use crate::translate::{descriptors, Translation};
 
 /// Proto3 JSON parsers reject unknown fields by default (the spec's advice): a typo in a
@@ -23,6 +25,11 @@ use crate::translate::{descriptors, Translation};
 pub const DEFAULT_DENY_UNKNOWN_FIELDS: bool = true;
 /// Proto3 JSON omits default-valued fields by default.
 pub const DEFAULT_EMIT_DEFAULTS: bool = false;
+/// grpc-gateway's `Grpc-Metadata-<name>`: a caller can tell metadata from the headers
+/// proxies add, and a name cannot collide with `content-type` and the like.
+pub const DEFAULT_INITIAL_METADATA: MetadataHeaders = MetadataHeaders::Prefixed;
+/// NDJSON: every line is one message, readable as it arrives, and what busbar always did.
+pub const DEFAULT_STREAM_FORMAT: StreamFormat = StreamFormat::Ndjson;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,9 +49,43 @@ pub struct RouteTranslateFile {
     #[serde(default)]
     pub cors_origins: Vec<Spanned<String>>,
     pub cors_max_age: Option<Spanned<String>>,
+    /// `"prefixed"` (`Grpc-Metadata-<name>`, grpc-gateway) or `"plain"` (Envoy).
+    pub initial_metadata: Option<Spanned<String>>,
+    /// `"ndjson"`, `"ndjson-result"` (grpc-gateway) or `"json-array"` (Envoy).
+    pub stream_format: Option<Spanned<String>>,
+}
+
+/// Protos compiled during one validation, by (protos, include paths): each set is
+/// compiled once, and a broken proto is reported once however many routes name it.
+#[derive(Default)]
+pub(super) struct ProtoCache {
+    compiled: HashMap<(Vec<PathBuf>, Vec<PathBuf>), Result<DescriptorPool, String>>,
+    reported: HashSet<String>,
+}
+
+enum Compiled {
+    Pool(DescriptorPool),
+    /// The first time this error is seen: report it.
+    Failed(String),
+    /// An error already reported for another route.
+    Reported,
 }
 
 impl Validator<'_> {
+    fn compiled(&mut self, protos: Vec<PathBuf>, includes: Vec<PathBuf>) -> Compiled {
+        let result = self
+            .protos
+            .compiled
+            .entry((protos, includes))
+            .or_insert_with_key(|(p, i)| descriptors::compile(p, i))
+            .clone();
+        match result {
+            Ok(pool) => Compiled::Pool(pool),
+            Err(e) if self.protos.reported.insert(e.clone()) => Compiled::Failed(e),
+            Err(_) => Compiled::Reported,
+        }
+    }
+
     /// Validates and compiles one route's translation; `None` when it has none or on error.
     pub(super) fn route_translate(
         &mut self,
@@ -68,7 +109,15 @@ impl Validator<'_> {
         match f.from.get_ref().as_str() {
             "json" => self.json_translate(f, ctx),
             "grpc-web" => {
-                for k in [&f.descriptor_set, &f.method].into_iter().flatten() {
+                for k in [
+                    &f.descriptor_set,
+                    &f.method,
+                    &f.initial_metadata,
+                    &f.stream_format,
+                ]
+                .into_iter()
+                .flatten()
+                {
                     self.err(k.span(), ctx, "only applies to from = \"json\"");
                 }
                 if let Some(p) = f.protos.first().or(f.services.first()) {
@@ -118,6 +167,37 @@ impl Validator<'_> {
                 .deny_unknown_fields
                 .as_ref()
                 .map_or(DEFAULT_DENY_UNKNOWN_FIELDS, |b| *b.get_ref()),
+            initial_metadata: match f.initial_metadata.as_ref() {
+                None => DEFAULT_INITIAL_METADATA,
+                Some(v) => match v.get_ref().as_str() {
+                    "prefixed" => MetadataHeaders::Prefixed,
+                    "plain" => MetadataHeaders::Plain,
+                    _ => {
+                        self.err(
+                            v.span(),
+                            ctx,
+                            "initial_metadata must be \"prefixed\" or \"plain\"",
+                        );
+                        DEFAULT_INITIAL_METADATA
+                    }
+                },
+            },
+            stream: match f.stream_format.as_ref() {
+                None => DEFAULT_STREAM_FORMAT,
+                Some(v) => match v.get_ref().as_str() {
+                    "ndjson" => StreamFormat::Ndjson,
+                    "ndjson-result" => StreamFormat::ResultLines,
+                    "json-array" => StreamFormat::JsonArray,
+                    _ => {
+                        self.err(
+                            v.span(),
+                            ctx,
+                            "stream_format must be \"ndjson\", \"ndjson-result\" or \"json-array\"",
+                        );
+                        DEFAULT_STREAM_FORMAT
+                    }
+                },
+            },
         };
         let pool = match (&f.descriptor_set, f.protos.is_empty()) {
             (Some(set), true) => {
@@ -126,7 +206,12 @@ impl Validator<'_> {
             (None, false) => {
                 let protos: Vec<_> = f.protos.iter().map(|p| self.path(p.get_ref())).collect();
                 let includes: Vec<_> = f.include.iter().map(|p| self.path(p.get_ref())).collect();
-                descriptors::compile(&protos, &includes).map_err(|e| (f.protos[0].span(), e))
+                match self.compiled(protos, includes) {
+                    Compiled::Pool(p) => Ok(p),
+                    Compiled::Failed(e) => Err((f.protos[0].span(), e)),
+                    // Reported at the first route that named it; this route fails too.
+                    Compiled::Reported => return None,
+                }
             }
             (Some(set), false) => Err((
                 set.span(),

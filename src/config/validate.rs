@@ -49,6 +49,8 @@ pub(super) struct Validator<'a> {
     cautions: Vec<ConfigError>,
     /// The system's CA certificates, read once per load when a service needs them.
     system_roots: Option<std::sync::Arc<rustls::RootCertStore>>,
+    /// Protos compiled so far, so routes sharing them compile (and report) them once.
+    pub(super) protos: super::translate::ProtoCache,
 }
 
 /// Validates a file to run with.
@@ -84,6 +86,7 @@ pub fn validate_for(
         endpoints: Vec::new(),
         cautions: Vec::new(),
         system_roots: None,
+        protos: Default::default(),
     };
     let mut config = v.config(path, file);
     config.hash = text_hash(src);
@@ -123,6 +126,7 @@ pub fn admin_address(path: &Path, src: &str) -> Result<SocketAddr, ConfigErrors>
         endpoints: Vec::new(),
         cautions: Vec::new(),
         system_roots: None,
+        protos: Default::default(),
     };
     let addr = match file.listen.and_then(|l| l.admin) {
         Some(a) => v.addr(&a, "[listen]"),

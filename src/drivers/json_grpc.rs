@@ -1,9 +1,14 @@
-//! The JSON → gRPC driver: a JSON/HTTP request answered by a unary or server-streaming
-//! gRPC call over h2c, made from the pingora driver's `request_filter`.
+//! The JSON → gRPC driver: a JSON/HTTP request answered by a unary, server-streaming or
+//! client-streaming gRPC call over h2c, made from the pingora driver's `request_filter`.
 //!
-//! Owns: reading the JSON request (bounded by the route's `max_body`), the gRPC call
-//! over `translate::h2client`, mapping `grpc-status` from headers or trailers, and
-//! writing the JSON (or NDJSON for server streaming) response. The tries are the
+//! Owns: reading the JSON request (bounded by the route's `max_body`; a client stream's
+//! messages sent as they arrive), the gRPC call
+//! over `translate::h2client`, request metadata (`Grpc-Metadata-X` → `x`), mapping
+//! `grpc-status` from headers or trailers, response metadata (`Grpc-Metadata-<name>` /
+//! `Grpc-Trailer-<name>` headers), writing the JSON response (NDJSON, result lines or a
+//! JSON array for server streaming), and rendering every error this route answers —
+//! the phases' causes included — in the translation's shape `{"code","message","details"}`
+//! with the HTTP status of its gRPC code. The tries are the
 //! phases' like any route's (`Phases::begin_try`: balancer, health, gray release, the
 //! sidecar or the app port through `fallback::target`; connect failures retried within
 //! the retry policy, a dead sidecar switched to the app port; outlier accounting and
@@ -17,7 +22,7 @@ use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use pingora_error::Result;
 use pingora_http::RequestHeader;
 use pingora_proxy::Session;
@@ -28,9 +33,12 @@ use crate::phases::fail::{self, Failure};
 use crate::phases::upstream_head::{self, Output};
 use crate::phases::{response_head, Phases};
 use crate::proxy::reply::{self, Cause};
-use crate::translate::h2client;
-use crate::translate::json_grpc::{Binding, TranscodeError, Transcoder};
+use crate::translate::json_grpc::{
+    Binding, MessageSplitter, MetadataHeaders, StreamFormat, TranscodeError, Transcoder,
+};
 use crate::translate::status;
+use crate::translate::template::Binding as PathBinding;
+use crate::translate::{descriptors, h2client};
 
 /// Largest reply message busbar decodes (gRPC's default receive limit is 4 MiB).
 pub const MAX_REPLY_MESSAGE: usize = 16 * 1024 * 1024;
@@ -49,7 +57,25 @@ const NOT_METADATA: [&str; 9] = [
     "trailer",
 ];
 
-/// What went wrong with the upstream reply: 502 with the reason.
+/// Response headers of the gRPC reply that are not metadata to show the caller.
+const NOT_RESPONSE_METADATA: [&str; 9] = [
+    "content-type",
+    "content-length",
+    "date",
+    "grpc-status",
+    "grpc-message",
+    "grpc-status-details-bin",
+    "grpc-encoding",
+    "grpc-accept-encoding",
+    "trailer",
+];
+
+/// grpc-gateway's prefix for request headers that are metadata, and for the reply's
+/// initial metadata.
+const METADATA_PREFIX: &str = "grpc-metadata-";
+
+/// What went wrong with the upstream reply: `INTERNAL` (500) with the reason, as a gRPC
+/// client reports a reply it cannot read.
 #[derive(Debug, thiserror::Error)]
 enum ReplyError {
     #[error("{0}")]
@@ -76,6 +102,16 @@ pub(crate) async fn serve(
     let Some(max_body) = ctx.route.as_ref().map(|r| r.config.max_body) else {
         return answer(session, ctx, Cause::NoRoute).await;
     };
+    if binding.method.is_client_streaming() {
+        // The body's messages go to the service as they arrive, once the call is open.
+        let metadata = metadata(session, ctx)?;
+        let out = Outgoing::Stream {
+            vars,
+            query: query.as_deref(),
+            max_body,
+        };
+        return call(phases, session, ctx, t, binding, out, metadata).await;
+    }
     // A body read while the request was queued is in the retry buffer (`drivers::gone`).
     let mut body = BytesMut::from(session.as_ref().get_retry_buffer().unwrap_or_default());
     loop {
@@ -95,13 +131,93 @@ pub(crate) async fn serve(
         Ok(m) => m,
         Err(e) => return transcode_error(session, ctx, &e).await,
     };
+    let metadata = metadata(session, ctx)?;
+    let out = Outgoing::One(grpc_frame(&message));
+    call(phases, session, ctx, t, binding, out, metadata).await
+}
+
+/// A message as one length-prefixed gRPC frame (uncompressed).
+fn grpc_frame(message: &[u8]) -> Bytes {
     let mut frame = BytesMut::with_capacity(5 + message.len());
     frame.extend_from_slice(&[0]);
     frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&message);
-    let frame = frame.freeze();
-    let metadata = metadata(session, ctx)?;
-    call(phases, session, ctx, t, binding, frame, metadata).await
+    frame.extend_from_slice(message);
+    frame.freeze()
+}
+
+/// What the gRPC request carries.
+enum Outgoing<'a> {
+    /// One message, built from the whole body before the call.
+    One(Bytes),
+    /// A client stream: the body's messages (a JSON array or NDJSON), each sent as soon
+    /// as it has arrived, the path and query applied to each.
+    Stream {
+        vars: Vec<PathBinding>,
+        query: Option<&'a str>,
+        max_body: u64,
+    },
+}
+
+/// Why a client stream stopped before its end was sent.
+enum Sending {
+    /// The service's side: the call failed.
+    Upstream(h2::Error),
+    /// A message does not fit, or the body is not an array or NDJSON: 400.
+    Bad(TranscodeError),
+    /// Past the route's `max_body`.
+    TooLarge,
+    /// The client's side failed (gone, too slow).
+    Client(Box<pingora_error::Error>),
+}
+
+/// Sends the request's messages and ends the stream.
+async fn send_body(
+    session: &mut Session,
+    t: &Transcoder,
+    binding: &Binding,
+    out: Outgoing<'_>,
+    stream: &mut h2::SendStream<Bytes>,
+) -> std::result::Result<(), Sending> {
+    let (vars, query, max_body) = match out {
+        Outgoing::One(frame) => return stream.send_data(frame, true).map_err(Sending::Upstream),
+        Outgoing::Stream {
+            vars,
+            query,
+            max_body,
+        } => (vars, query, max_body),
+    };
+    let mut splitter = MessageSplitter::default();
+    let mut messages = Vec::new();
+    let mut read: u64 = 0;
+    // A body read while the request was queued is in the retry buffer (`drivers::gone`).
+    let mut chunk = session.as_ref().get_retry_buffer();
+    loop {
+        if let Some(c) = chunk.take() {
+            read += c.len() as u64;
+            if read > max_body {
+                return Err(Sending::TooLarge);
+            }
+            splitter.push(&c, &mut messages).map_err(Sending::Bad)?;
+            for m in messages.drain(..) {
+                let msg = t
+                    .request(binding, vars.clone(), query, &m)
+                    .map_err(Sending::Bad)?;
+                // h2 queues what the window does not take yet; `max_body` bounds it.
+                stream
+                    .send_data(grpc_frame(&msg), false)
+                    .map_err(Sending::Upstream)?;
+            }
+        }
+        match session.read_request_body().await {
+            Ok(Some(c)) => chunk = Some(c),
+            Ok(None) => break,
+            Err(e) => return Err(Sending::Client(e)),
+        }
+    }
+    splitter.finish().map_err(Sending::Bad)?;
+    stream
+        .send_data(Bytes::new(), true)
+        .map_err(Sending::Upstream)
 }
 
 /// The request's headers as gRPC metadata: the one upstream-head builder's head (after
@@ -124,8 +240,21 @@ fn metadata(session: &Session, ctx: &RequestCtx) -> Result<HeaderMap> {
     let mut out = HeaderMap::with_capacity(up.headers.len());
     for (k, v) in up.headers.iter() {
         let name = k.as_str();
-        if !is_hop_by_hop(name.as_bytes()) && !NOT_METADATA.contains(&name) {
-            out.append(k.clone(), v.clone());
+        if is_hop_by_hop(name.as_bytes()) || NOT_METADATA.contains(&name) {
+            continue;
+        }
+        match name.strip_prefix(METADATA_PREFIX) {
+            // grpc-gateway: `Grpc-Metadata-X: v` is metadata `x: v`; gRPC's own
+            // reserved names (`grpc-*`, `te`, `content-type`) are never taken from it.
+            Some(md) => {
+                let reserved = md.starts_with("grpc-") || NOT_METADATA.contains(&md) || md == "te";
+                if let (false, Ok(n)) = (reserved, HeaderName::from_bytes(md.as_bytes())) {
+                    out.append(n, v.clone());
+                }
+            }
+            None => {
+                out.append(k.clone(), v.clone());
+            }
         }
     }
     Ok(out)
@@ -137,7 +266,7 @@ async fn call(
     ctx: &mut RequestCtx,
     t: &Transcoder,
     binding: &Binding,
-    frame: Bytes,
+    out: Outgoing<'_>,
     metadata: HeaderMap,
 ) -> Result<()> {
     let Some(route) = ctx.route.clone() else {
@@ -187,12 +316,26 @@ async fn call(
         })?;
     request.headers_mut().extend(metadata);
     crate::otel::retrace_headers(request.headers_mut(), ctx);
-    let sent = sender
-        .send_request(request, false)
-        .and_then(|(resp, mut stream)| {
-            stream.send_data(frame, true)?;
-            Ok(resp)
-        });
+    let sent = match sender.send_request(request, false) {
+        Err(e) => Err(e),
+        Ok((resp, mut stream)) => match send_body(session, t, binding, out, &mut stream).await {
+            Ok(()) => Ok(resp),
+            Err(Sending::Upstream(e)) => Err(e),
+            Err(refused) => {
+                // The caller's body was wrong: the service sees a cancelled call.
+                stream.send_reset(h2::Reason::CANCEL);
+                ctx.release_instance();
+                return match refused {
+                    Sending::Bad(e) => transcode_error(session, ctx, &e).await,
+                    Sending::Client(e) => Err(e),
+                    _ => {
+                        session.as_downstream_mut().set_keepalive(None);
+                        answer(session, ctx, Cause::BodyTooLarge).await
+                    }
+                };
+            }
+        },
+    };
     let response = match sent {
         Ok(resp) => tokio::time::timeout(remaining, resp).await,
         Err(e) => Ok(Err(e)),
@@ -206,7 +349,9 @@ async fn call(
         Ok(Err(e)) => {
             h2client::discard(addr);
             phases.on_try_failure(ctx, true, false, false, false);
-            return bad_gateway(session, ctx, &format!("the gRPC call failed: {e}")).await;
+            // A transport failure: gRPC clients report it as UNAVAILABLE.
+            let why = format!("the gRPC call failed: {e}");
+            return bad_gateway(session, ctx, 14, &why).await;
         }
         Ok(Ok(r)) => r,
     };
@@ -221,7 +366,8 @@ async fn call(
             "the upstream answered HTTP {} instead of gRPC",
             parts.status.as_u16()
         );
-        return bad_gateway(session, ctx, &why).await;
+        let code = status::code_of_http(parts.status.as_u16());
+        return bad_gateway(session, ctx, code, &why).await;
     }
     let is_grpc = parts
         .headers
@@ -235,12 +381,8 @@ async fn call(
             .map_or("none".to_string(), |v| {
                 String::from_utf8_lossy(v.as_bytes()).into_owned()
             });
-        return bad_gateway(
-            session,
-            ctx,
-            &format!("the upstream is not a gRPC server (content-type: {ct})"),
-        )
-        .await;
+        let why = format!("the upstream is not a gRPC server (content-type: {ct})");
+        return bad_gateway(session, ctx, 13, &why).await;
     }
     phases.on_response_health(ctx, parts.status);
     let result = relay(
@@ -260,7 +402,7 @@ async fn call(
             svc.metrics.timeouts.inc();
             answer(session, ctx, Cause::UpstreamTimeout).await
         }
-        Err(ReplyError::Broken(why)) => bad_gateway(session, ctx, &why).await,
+        Err(ReplyError::Broken(why)) => bad_gateway(session, ctx, 13, &why).await,
     }
 }
 
@@ -276,24 +418,33 @@ async fn relay(
     read_timeout: std::time::Duration,
 ) -> std::result::Result<(), ReplyError> {
     let streaming = binding.method.is_server_streaming();
+    let format = t.options.stream;
     let mut buf = BytesMut::new();
     let mut messages: Vec<Vec<u8>> = Vec::new();
     let mut started = false;
     let mut trailers_only = headers.contains_key("grpc-status");
+    // The reply's metadata as response headers; a Trailers-Only reply's headers are its
+    // trailers.
+    let mut shown = Vec::new();
     if !trailers_only || !body.is_end_stream() {
         trailers_only = false;
+        response_metadata(
+            headers,
+            Shown::Initial(t.options.initial_metadata),
+            &mut shown,
+        );
         loop {
             let next = tokio::time::timeout(read_timeout, body.data()).await;
             let chunk = match next {
                 Err(_) if started => {
-                    return finish_stream_error(session, 4, "the upstream did not answer in time")
-                        .await
+                    let why = "the upstream did not answer in time";
+                    return finish_stream_error(session, format, 4, why).await;
                 }
                 Err(_) => return Err(ReplyError::Timeout),
                 Ok(None) => break,
                 Ok(Some(Err(e))) if started => {
-                    return finish_stream_error(session, 14, &format!("the stream broke: {e}"))
-                        .await
+                    let why = format!("the stream broke: {e}");
+                    return finish_stream_error(session, format, 14, &why).await;
                 }
                 Ok(Some(Err(e))) => {
                     return Err(ReplyError::Broken(format!("the gRPC reply broke off: {e}")))
@@ -305,14 +456,14 @@ async fn relay(
             while let Some(msg) = next_frame(&mut buf)? {
                 let json = t.response(binding, &msg).map_err(ReplyError::Broken)?;
                 if streaming {
+                    let item = stream_item(format, !started, json);
                     if !started {
                         started = true;
-                        let _ = write_head(session, ctx, 200, "application/x-ndjson", None).await;
+                        let ct = stream_content_type(format);
+                        let _ = write_head(session, ctx, 200, ct, None, &shown).await;
                     }
-                    let mut line = json;
-                    line.push(b'\n');
                     if session
-                        .write_response_body(Some(Bytes::from(line)), false)
+                        .write_response_body(Some(Bytes::from(item)), false)
                         .await
                         .is_err()
                     {
@@ -352,7 +503,8 @@ async fn relay(
         .and_then(|v| status::parse_code(v.as_bytes()))
     else {
         if started {
-            return finish_stream_error(session, 13, "the upstream sent no grpc-status").await;
+            let why = "the upstream sent no grpc-status";
+            return finish_stream_error(session, format, 13, why).await;
         }
         return Err(ReplyError::Broken(
             "the upstream sent no grpc-status".into(),
@@ -362,24 +514,35 @@ async fn relay(
         .get("grpc-message")
         .map_or_else(String::new, |v| status::decode_message(v.as_bytes()));
     if started {
+        // The head is gone: trailers cannot become headers any more.
         if code == 0 {
-            let _ = session.write_response_body(None, true).await;
+            let end = stream_end(format, false).map(Bytes::from_static);
+            let _ = session.write_response_body(end, true).await;
             return Ok(());
         }
-        return finish_stream_error(session, code, &message).await;
+        return finish_stream_error(session, format, code, &message).await;
     }
+    response_metadata(
+        trailers.as_ref().unwrap_or(headers),
+        Shown::Trailers,
+        &mut shown,
+    );
     if code != 0 {
         let details = status::details(
             st.get("grpc-status-details-bin").map(|v| v.as_bytes()),
-            &t.pool,
+            &[&t.pool, &descriptors::RPC],
         );
         let body = status::error_body(code, &message, details);
-        let _ = write_json(session, ctx, status::http_status(code), body).await;
+        let _ = write_json(session, ctx, status::http_status(code), body, &shown).await;
         return Ok(());
     }
     if streaming {
-        let _ = write_head(session, ctx, 200, "application/x-ndjson", Some(0)).await;
-        let _ = session.write_response_body(None, true).await;
+        let end = stream_end(format, true).unwrap_or_default();
+        let ct = stream_content_type(format);
+        let _ = write_head(session, ctx, 200, ct, Some(end.len()), &shown).await;
+        let _ = session
+            .write_response_body(Some(Bytes::from_static(end)), true)
+            .await;
         return Ok(());
     }
     let Some(json) = messages.into_iter().next() else {
@@ -387,8 +550,73 @@ async fn relay(
             "the upstream replied OK without a message".into(),
         ));
     };
-    let _ = write_json(session, ctx, 200, json).await;
+    let _ = write_json(session, ctx, 200, json, &shown).await;
     Ok(())
+}
+
+/// Which of the reply's metadata a header comes from.
+#[derive(Clone, Copy)]
+enum Shown {
+    Initial(MetadataHeaders),
+    Trailers,
+}
+
+/// The reply's metadata as response headers: `Grpc-Metadata-<name>` (or `<name>` when the
+/// route passes it plain) for initial metadata, `Grpc-Trailer-<name>` for trailers, as
+/// grpc-gateway and Envoy send them. gRPC's own fields stay out.
+fn response_metadata(from: &HeaderMap, which: Shown, out: &mut Vec<(String, HeaderValue)>) {
+    for (k, v) in from.iter() {
+        let name = k.as_str();
+        if NOT_RESPONSE_METADATA.contains(&name) || is_hop_by_hop(name.as_bytes()) {
+            continue;
+        }
+        let shown = match which {
+            Shown::Initial(MetadataHeaders::Prefixed) => format!("Grpc-Metadata-{name}"),
+            Shown::Initial(MetadataHeaders::Plain) => name.to_string(),
+            Shown::Trailers => format!("Grpc-Trailer-{name}"),
+        };
+        out.push((shown, v.clone()));
+    }
+}
+
+fn stream_content_type(format: StreamFormat) -> &'static str {
+    match format {
+        StreamFormat::Ndjson | StreamFormat::ResultLines => "application/x-ndjson",
+        StreamFormat::JsonArray => "application/json",
+    }
+}
+
+/// One streamed message as the format writes it; `first` when none came before.
+fn stream_item(format: StreamFormat, first: bool, json: Vec<u8>) -> Vec<u8> {
+    match format {
+        StreamFormat::Ndjson => {
+            let mut line = json;
+            line.push(b'\n');
+            line
+        }
+        StreamFormat::ResultLines => {
+            let mut line = Vec::with_capacity(json.len() + 12);
+            line.extend_from_slice(b"{\"result\":");
+            line.extend_from_slice(&json);
+            line.extend_from_slice(b"}\n");
+            line
+        }
+        StreamFormat::JsonArray => {
+            let mut item = Vec::with_capacity(json.len() + 1);
+            item.push(if first { b'[' } else { b',' });
+            item.extend_from_slice(&json);
+            item
+        }
+    }
+}
+
+/// What closes a stream that ended OK (the array's `]`, `[]` when it had no message).
+fn stream_end(format: StreamFormat, first: bool) -> Option<&'static [u8]> {
+    match format {
+        StreamFormat::JsonArray if first => Some(b"[]"),
+        StreamFormat::JsonArray => Some(b"]"),
+        _ => None,
+    }
 }
 
 /// Takes one length-prefixed message off the front of `buf`, if complete.
@@ -415,19 +643,29 @@ fn next_frame(buf: &mut BytesMut) -> std::result::Result<Option<Vec<u8>>, ReplyE
     Ok(Some(buf.split_to(len).to_vec()))
 }
 
-/// Ends an NDJSON stream whose head is already sent with an error line.
+/// Ends a stream whose head is already sent with the status as `{"error": {…}}`: a line
+/// for NDJSON and result lines (grpc-gateway's), the array's last element for a JSON
+/// array.
 async fn finish_stream_error(
     session: &mut Session,
+    format: StreamFormat,
     code: u32,
     message: &str,
 ) -> std::result::Result<(), ReplyError> {
-    let mut line = serde_json::to_vec(
+    let error = serde_json::to_vec(
         &serde_json::json!({"error": {"code": code, "message": message, "details": []}}),
     )
     .unwrap_or_default();
-    line.push(b'\n');
+    let mut out = match format {
+        StreamFormat::JsonArray => stream_item(format, false, error),
+        _ => error,
+    };
+    out.push(match format {
+        StreamFormat::JsonArray => b']',
+        _ => b'\n',
+    });
     let _ = session
-        .write_response_body(Some(Bytes::from(line)), true)
+        .write_response_body(Some(Bytes::from(out)), true)
         .await;
     Ok(())
 }
@@ -438,6 +676,7 @@ async fn write_head(
     status: u16,
     content_type: &str,
     len: Option<usize>,
+    shown: &[(String, HeaderValue)],
 ) -> Result<()> {
     let mut h = match len {
         Some(n) => reply::json_header(status, n),
@@ -448,6 +687,9 @@ async fn write_head(
         }
     };
     h.insert_header(CONTENT_TYPE, content_type)?;
+    for (k, v) in shown {
+        h.append_header(k.clone(), v.clone())?;
+    }
     response_head::edit(ctx, &mut h)?;
     session.write_response_header(Box::new(h), false).await
 }
@@ -457,8 +699,12 @@ async fn write_json(
     ctx: &RequestCtx,
     status: u16,
     body: Vec<u8>,
+    shown: &[(String, HeaderValue)],
 ) -> Result<()> {
     let mut h = reply::json_header(status, body.len());
+    for (k, v) in shown {
+        h.append_header(k.clone(), v.clone())?;
+    }
     response_head::edit(ctx, &mut h)?;
     session.write_response_header(Box::new(h), false).await?;
     session
@@ -476,20 +722,47 @@ async fn transcode_error(
         404 => Cause::NoRoute,
         _ => Cause::BadRequest,
     });
-    write_json(
-        session,
-        ctx,
-        http,
-        status::error_body(code, &e.to_string(), Vec::new()),
-    )
-    .await
+    let body = status::error_body(code, &e.to_string(), Vec::new());
+    write_json(session, ctx, http, body, &[]).await
 }
 
-/// busbar's own answer for `cause` (the one error path).
+/// (HTTP status, gRPC code) of busbar's own answer for `cause` on a JSON route: the
+/// gRPC status a gRPC client would have seen (a service that cannot be reached is
+/// `UNAVAILABLE`, 503, as grpc-gateway and Envoy answer), the HTTP status its code maps
+/// to. Refusals of the caller's own HTTP request, which no gRPC call would have made,
+/// keep their HTTP status.
+fn translated(cause: Cause) -> (u16, u32) {
+    let code = match cause {
+        Cause::NoRoute => 5,
+        Cause::NoHealthyInstance
+        | Cause::ConnectFailed
+        | Cause::UpstreamCertificate
+        | Cause::UpstreamError => 14,
+        Cause::UpstreamTimeout | Cause::BodyTimeout => 4,
+        Cause::BodyTooLarge => 8,
+        Cause::BadRequest | Cause::DuplicateAuthorization | Cause::AmbiguousPath => 3,
+        Cause::Admission(k) => match k.status() {
+            401 => 16,
+            403 => 7,
+            429 => 8,
+            _ => 14,
+        },
+        Cause::LoopDetected => 10,
+    };
+    match cause {
+        Cause::BodyTooLarge | Cause::BodyTimeout | Cause::Admission(_) | Cause::LoopDetected => {
+            (cause.status(), code)
+        }
+        _ => (status::http_status(code), code),
+    }
+}
+
+/// busbar's own answer for `cause` (named by the phases), in the translation's shape.
 async fn answer(session: &mut Session, ctx: &mut RequestCtx, cause: Cause) -> Result<()> {
-    let (head, body) = fail::answer(ctx, cause);
-    session.write_response_header(Box::new(head), false).await?;
-    session.write_response_body(Some(body), true).await
+    ctx.cause = Some(cause);
+    let (http, code) = translated(cause);
+    let body = status::error_body(code, cause.message(), Vec::new());
+    write_json(session, ctx, http, body, &[]).await
 }
 
 /// The try failed on the upstream's side: the cause the phases named.
@@ -498,10 +771,52 @@ async fn upstream_failed(session: &mut Session, ctx: &mut RequestCtx) -> Result<
     answer(session, ctx, cause).await
 }
 
-/// 502 naming why the reply could not be translated.
-async fn bad_gateway(session: &mut Session, ctx: &mut RequestCtx, why: &str) -> Result<()> {
+/// The reply could not be translated: the gRPC `code` a client would report, and why.
+async fn bad_gateway(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    code: u32,
+    why: &str,
+) -> Result<()> {
     ctx.cause = Some(Cause::UpstreamError);
-    let body = serde_json::to_vec(&serde_json::json!({"error": "bad_gateway", "message": why}))
-        .unwrap_or_default();
-    write_json(session, ctx, 502, body).await
+    let body = status::error_body(code, why, Vec::new());
+    write_json(session, ctx, status::http_status(code), body, &[]).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_that_cannot_be_reached_is_unavailable() {
+        for c in [
+            Cause::ConnectFailed,
+            Cause::NoHealthyInstance,
+            Cause::UpstreamError,
+        ] {
+            assert_eq!(translated(c), (503, 14), "{c:?}");
+        }
+        assert_eq!(translated(Cause::UpstreamTimeout), (504, 4));
+        assert_eq!(translated(Cause::BodyTooLarge), (413, 8));
+    }
+
+    #[test]
+    fn stream_formats() {
+        let j = || b"{\"a\":1}".to_vec();
+        assert_eq!(stream_item(StreamFormat::Ndjson, true, j()), b"{\"a\":1}\n");
+        assert_eq!(
+            stream_item(StreamFormat::ResultLines, true, j()),
+            b"{\"result\":{\"a\":1}}\n"
+        );
+        assert_eq!(
+            stream_item(StreamFormat::JsonArray, true, j()),
+            b"[{\"a\":1}"
+        );
+        assert_eq!(
+            stream_item(StreamFormat::JsonArray, false, j()),
+            b",{\"a\":1}"
+        );
+        assert_eq!(stream_end(StreamFormat::JsonArray, true), Some(&b"[]"[..]));
+        assert_eq!(stream_end(StreamFormat::Ndjson, true), None);
+    }
 }

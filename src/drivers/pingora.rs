@@ -182,8 +182,11 @@ impl BusbarProxy {
         }
         self.phases.plan(ctx, session.req_header(), &route);
         match translation {
-            // JSON routes are answered by their gRPC call here; gRPC-Web goes on through
-            // the proxy.
+            // JSON routes are answered by their gRPC call here; gRPC-Web, and plain gRPC
+            // callers of a JSON route, go on through the proxy untouched.
+            Some(Translation::Json(_)) if translate::is_plain_grpc(session.req_header()) => {
+                Ok(false)
+            }
             Some(Translation::Json(t)) => {
                 super::json_grpc::serve(&self.phases, session, ctx, &t).await?;
                 Ok(true)

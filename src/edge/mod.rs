@@ -4,7 +4,9 @@
 //! pingora would otherwise run) it reads the request head under a total
 //! deadline (a client trickling header bytes is cut off: slowloris), refuses ambiguous
 //! framing and oversize heads itself (see `head`), sends `CONNECT` to the mesh tunnel,
-//! serves the everyday bodyless request on busbar's own HTTP/1.1 engine (`drivers::h1`), and hands
+//! serves the everyday request (with or without a body, HTTP/1.1 or 1.0) on busbar's own
+//! HTTP/1 engine (`drivers::h1`, which takes the body's first bytes from this buffer and
+//! leaves the next request's in it), and hands
 //! everything else — unchanged, bytes rewound — to the pingora HTTP proxy.
 //! h2c connections (the HTTP/2 preface) go to the proxy whole. TLS connections cannot be
 //! rewound, so they get pingora's own parsing and per-read timeouts only.
@@ -323,7 +325,6 @@ impl ServerApp for Edge {
             let s = match self.front(conn, &mut head, limits, shutdown).await {
                 Next::Direct(mut c, request) => {
                     let draining = *shutdown.borrow();
-                    let pipelined = !head.is_empty();
                     // Boxed: inline, its state (a few KiB) would be part of every
                     // connection's task for the connection's life, idle or not.
                     let s = c.inner_mut();
@@ -331,7 +332,7 @@ impl ServerApp for Edge {
                         .get_socket_digest()
                         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
                     let serve =
-                        h1::serve(&self.phases, s, peer, false, request, draining, pipelined);
+                        h1::serve(&self.phases, s, peer, false, request, draining, &mut head);
                     if !Box::pin(serve).await {
                         return None;
                     }

@@ -66,7 +66,9 @@ impl Cause {
         }
     }
 
-    fn message(self) -> &'static str {
+    /// The sentence the body gives for the cause (also written in other shapes, as a
+    /// translated route's error).
+    pub fn message(self) -> &'static str {
         match self {
             Cause::NoRoute => "no route matches this request",
             Cause::BodyTooLarge => "the request body is larger than this route allows",

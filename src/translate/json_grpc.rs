@@ -1,8 +1,10 @@
 //! JSON/HTTP ↔ gRPC transcoding: which method a request calls, the request message
 //! built from path, query and JSON body, and the JSON made from the reply.
 //!
-//! Owns: bindings from `google.api.http` annotations (or one explicit method), proto3
-//! JSON via prost-reflect, typed conversion of path and query text.
+//! Owns: bindings from `google.api.http` annotations (or one explicit method, and a
+//! rule's `response_body`), proto3 JSON via prost-reflect, typed conversion of path and
+//! query text, splitting a client-streaming body (JSON array or NDJSON) into messages,
+//! and the route's response options (metadata headers, stream format).
 //! Must not: do I/O (the call itself is `drivers::json_grpc`), or panic on anything a client sends.
 
 use std::collections::HashSet;
@@ -10,8 +12,8 @@ use std::collections::HashSet;
 use http::Method;
 use prost::Message;
 use prost_reflect::{
-    DescriptorPool, DeserializeOptions, DynamicMessage, Kind, MessageDescriptor, MethodDescriptor,
-    SerializeOptions, Value as PValue,
+    DescriptorPool, DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor,
+    MethodDescriptor, SerializeOptions, Value as PValue,
 };
 use serde_json::{Map, Value};
 
@@ -36,6 +38,8 @@ pub struct Binding {
     pub template: Option<PathTemplate>,
     pub method: MethodDescriptor,
     pub body: Body,
+    /// `response_body: "field"`: the reply's field answered instead of the whole reply.
+    pub response_body: Option<FieldDescriptor>,
     /// `/package.Service/Method`.
     pub grpc_path: String,
 }
@@ -47,6 +51,32 @@ pub struct JsonOptions {
     pub emit_defaults: bool,
     /// Refuse JSON keys and query parameters that name no field.
     pub deny_unknown_fields: bool,
+    /// How the reply's initial metadata reaches the caller.
+    pub initial_metadata: MetadataHeaders,
+    /// How a server stream is written.
+    pub stream: StreamFormat,
+}
+
+/// How gRPC initial metadata becomes response headers (trailers always become
+/// `Grpc-Trailer-<name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetadataHeaders {
+    /// `Grpc-Metadata-<name>`, as grpc-gateway sends them.
+    Prefixed,
+    /// Under their own names, as Envoy's transcoder passes them.
+    Plain,
+}
+
+/// How a server-streaming reply is written to a JSON caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamFormat {
+    /// One message per line (`application/x-ndjson`); an error ends it as
+    /// `{"error": {…}}`.
+    Ndjson,
+    /// grpc-gateway's lines: `{"result": message}`, and `{"error": {…}}` at a failure.
+    ResultLines,
+    /// Envoy's transcoder: one JSON array of the messages (`application/json`).
+    JsonArray,
 }
 
 /// A route's compiled JSON→gRPC mapping; lives in the config snapshot.
@@ -63,8 +93,8 @@ pub enum TranscodeError {
     /// No binding for this verb and path: 404.
     #[error("no gRPC method is bound to {0}")]
     NoMethod(String),
-    /// Client or bidi streaming: 501.
-    #[error("{0} is a client- or bidi-streaming method; it can only be called over gRPC, not through JSON translation")]
+    /// Bidi streaming: 501.
+    #[error("{0} is a bidi-streaming method; it can only be called over gRPC, not through JSON translation")]
     Streaming(String),
     /// The JSON or a parameter does not fit the message: 400, naming the field.
     #[error("{0}")]
@@ -170,12 +200,23 @@ impl Transcoder {
                             Body::Field(f.to_string())
                         }
                     };
+                    let response_body = match str_field(&r, "response_body").as_str() {
+                        "" => None,
+                        f => Some(m.output().get_field_by_name(f).ok_or_else(|| {
+                            format!(
+                                "{}: response_body \"{f}\" is not a field of {}",
+                                m.full_name(),
+                                m.output().full_name()
+                            )
+                        })?),
+                    };
                     bindings.push(Binding {
                         http_method,
                         template: Some(template),
                         grpc_path: grpc_path(&m),
                         method: m.clone(),
                         body,
+                        response_body,
                     });
                 }
             }
@@ -227,6 +268,7 @@ impl Transcoder {
                 grpc_path: grpc_path(&m),
                 method: m.clone(),
                 body,
+                response_body: None,
             });
         }
         Ok(Transcoder {
@@ -253,7 +295,7 @@ impl Transcoder {
                     None => continue,
                 },
             };
-            if b.method.is_client_streaming() {
+            if b.method.is_client_streaming() && b.method.is_server_streaming() {
                 return Err(TranscodeError::Streaming(b.method.full_name().to_string()));
             }
             return Ok((b, vars));
@@ -332,7 +374,8 @@ impl Transcoder {
         Ok(msg.encode_to_vec())
     }
 
-    /// The JSON for one reply message of `b`'s method.
+    /// The JSON for one reply message of `b`'s method (its `response_body` field only,
+    /// when the binding names one).
     pub fn response(&self, b: &Binding, message: &[u8]) -> Result<Vec<u8>, String> {
         let msg = DynamicMessage::decode(b.method.output(), message).map_err(|e| {
             format!(
@@ -343,9 +386,124 @@ impl Transcoder {
         let opts = SerializeOptions::new().skip_default_fields(!self.options.emit_defaults);
         let mut out = Vec::with_capacity(message.len() * 2 + 16);
         let mut ser = serde_json::Serializer::new(&mut out);
-        msg.serialize_with_options(&mut ser, &opts)
-            .map_err(|e| format!("the reply cannot be written as JSON: {e}"))?;
+        let written = match &b.response_body {
+            None => msg.serialize_with_options(&mut ser, &opts),
+            Some(f) => match msg.get_field(f).as_ref() {
+                // A singular message field: written directly (an unset one is `{}`).
+                PValue::Message(m) if !f.is_list() && !f.is_map() => {
+                    m.serialize_with_options(&mut ser, &opts)
+                }
+                // Scalars, lists and maps have no serializer of their own: the field
+                // is taken from the whole reply, defaults included so it is never absent.
+                _ => {
+                    let whole = msg.serialize_with_options(
+                        serde_json::value::Serializer,
+                        &SerializeOptions::new().skip_default_fields(false),
+                    );
+                    let field = match whole {
+                        Ok(Value::Object(mut o)) => o.remove(f.json_name()),
+                        _ => None,
+                    };
+                    serde::Serialize::serialize(&field.unwrap_or(Value::Null), &mut ser)
+                }
+            },
+        };
+        written.map_err(|e| format!("the reply cannot be written as JSON: {e}"))?;
         Ok(out)
+    }
+}
+
+/// Splits a client-streaming request body into its messages as the body arrives: a JSON
+/// array of objects (as Envoy's transcoder takes it) or objects one after another,
+/// newline-delimited (NDJSON). Nothing is parsed here but the nesting; each message is
+/// then read by [`Transcoder::request`].
+#[derive(Debug, Default)]
+pub struct MessageSplitter {
+    buf: Vec<u8>,
+    /// Where the message being read starts in `buf`, while one is open.
+    start: Option<usize>,
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+    form: Form,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// Nothing but whitespace yet.
+    #[default]
+    Unknown,
+    Array,
+    Lines,
+    /// The array's `]` was read: only whitespace may follow.
+    Closed,
+}
+
+impl MessageSplitter {
+    /// Feeds the next piece of the body; complete messages are appended to `out`.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<Vec<u8>>) -> Result<(), TranscodeError> {
+        let bad = |what: &str| {
+            TranscodeError::BadRequest(format!(
+                "a client-streaming body is a JSON array of objects or one object per line: {what}"
+            ))
+        };
+        let from = self.buf.len();
+        self.buf.extend_from_slice(chunk);
+        for i in from..self.buf.len() {
+            let Some(&c) = self.buf.get(i) else { break };
+            if self.in_string {
+                match (self.escaped, c) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match c {
+                b'"' if self.depth > 0 => self.in_string = true,
+                b'{' | b'[' if self.depth > 0 => self.depth += 1,
+                b'}' | b']' if self.depth > 0 => {
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        let start = self.start.take().unwrap_or(i);
+                        out.push(self.buf.get(start..=i).unwrap_or_default().to_vec());
+                    }
+                }
+                _ if self.depth > 0 => {}
+                b' ' | b'\t' | b'\r' | b'\n' => {}
+                _ if self.form == Form::Closed => return Err(bad("text after the array")),
+                b'[' if self.form == Form::Unknown => self.form = Form::Array,
+                b',' if self.form == Form::Array => {}
+                b']' if self.form == Form::Array => self.form = Form::Closed,
+                b'{' => {
+                    if self.form == Form::Unknown {
+                        self.form = Form::Lines;
+                    }
+                    self.start = Some(i);
+                    self.depth = 1;
+                }
+                _ => return Err(bad("each message must be a JSON object")),
+            }
+        }
+        // Keep only the open message.
+        let keep = self.start.unwrap_or(self.buf.len());
+        self.buf.drain(..keep);
+        if let Some(s) = self.start.as_mut() {
+            *s = 0;
+        }
+        Ok(())
+    }
+
+    /// The body ended: an open message or array is an error.
+    pub fn finish(&self) -> Result<(), TranscodeError> {
+        if self.depth > 0 || self.form == Form::Array {
+            return Err(TranscodeError::BadRequest(
+                "the client-streaming body ends inside a message or before the array's ]"
+                    .to_string(),
+            ));
+        }
+        Ok(())
     }
 }
 

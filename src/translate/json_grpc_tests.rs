@@ -14,6 +14,8 @@ fn transcoder(deny_unknown_fields: bool) -> Transcoder {
         JsonOptions {
             emit_defaults: false,
             deny_unknown_fields,
+            initial_metadata: MetadataHeaders::Prefixed,
+            stream: StreamFormat::Ndjson,
         },
     )
     .unwrap()
@@ -159,10 +161,8 @@ fn unknown_routes_and_streaming_are_refused() {
         t.find(&Method::DELETE, "/v1/books/1").unwrap_err().status(),
         (404, 5)
     );
-    assert_eq!(
-        t.find(&Method::POST, "/v1/collect").unwrap_err().status(),
-        (501, 12)
-    );
+    let (b, _) = t.find(&Method::POST, "/v1/collect").unwrap();
+    assert!(b.method.is_client_streaming());
     let (b, _) = t.find(&Method::GET, "/v1/shelves/1/books").unwrap();
     assert!(b.method.is_server_streaming());
 }
@@ -190,6 +190,8 @@ fn an_explicit_method_takes_any_path() {
     let opts = JsonOptions {
         emit_defaults: true,
         deny_unknown_fields: true,
+        initial_metadata: MetadataHeaders::Prefixed,
+        stream: StreamFormat::Ndjson,
     };
     let t = Transcoder::single(pool.clone(), "bookstore.v1.Bookstore/Ping", opts).unwrap();
     let (b, vars) = t.find(&Method::POST, "/anything").unwrap();
@@ -197,4 +199,33 @@ fn an_explicit_method_takes_any_path() {
     assert!(t.request(b, vars, None, br#"{"text":"hi"}"#).is_ok());
     assert!(Transcoder::single(pool.clone(), "bookstore.v1.Bookstore/Nope", opts).is_err());
     assert!(Transcoder::single(pool, "Ping", opts).is_err());
+}
+
+#[test]
+fn client_streams_split_as_arrays_and_lines_in_any_pieces() {
+    let want: Vec<&[u8]> = vec![br#"{"a":"x]}"}"#, br#"{"b":[1,{"c":"\\\""}]}"#, b"{}"];
+    for body in [
+        &br#" [ {"a":"x]}"} , {"b":[1,{"c":"\\\""}]},{} ] "#[..],
+        &b"{\"a\":\"x]}\"}\n{\"b\":[1,{\"c\":\"\\\\\\\"\"}]}\n{}\n"[..],
+    ] {
+        // Every split of the body into two pieces gives the same messages.
+        for cut in 0..=body.len() {
+            let mut s = MessageSplitter::default();
+            let mut out = Vec::new();
+            s.push(&body[..cut], &mut out).unwrap();
+            s.push(&body[cut..], &mut out).unwrap();
+            s.finish().unwrap();
+            let got: Vec<&[u8]> = out.iter().map(Vec::as_slice).collect();
+            assert_eq!(got, want, "cut at {cut}");
+        }
+    }
+    for bad in [&b"[1,2]"[..], b"\"x\"", b"[{}] {}"] {
+        let mut s = MessageSplitter::default();
+        assert!(s.push(bad, &mut Vec::new()).is_err(), "{bad:?}");
+    }
+    for open in [&b"[{}"[..], b"{\"a\":1"] {
+        let mut s = MessageSplitter::default();
+        s.push(open, &mut Vec::new()).unwrap();
+        assert!(s.finish().is_err(), "{open:?}");
+    }
 }

@@ -29,7 +29,8 @@ use grpc_web::WebCall;
 /// A route's translation, compiled when the config loads.
 #[derive(Debug, Clone)]
 pub enum Translation {
-    /// JSON/HTTP callers → unary or server-streaming gRPC.
+    /// JSON/HTTP callers → unary, server- or client-streaming gRPC (plain gRPC callers of
+    /// the route pass through).
     Json(Arc<json_grpc::Transcoder>),
     /// gRPC-Web callers (binary and text) → gRPC.
     GrpcWeb(Arc<grpc_web::GrpcWebSettings>),
@@ -46,6 +47,19 @@ pub fn of<'a>(snapshot: &'a Snapshot, route: &Route) -> Option<&'a Translation> 
 /// Does `route` translate anything (JSON→gRPC, gRPC-Web)?
 pub fn translates(snapshot: &Snapshot, route: &Route) -> bool {
     of(snapshot, route).is_some()
+}
+
+/// Is this a plain gRPC request (`content-type: application/grpc`, `application/grpc+proto`,
+/// …, not gRPC-Web)? A JSON route passes those through as they are.
+pub fn is_plain_grpc(req: &RequestHeader) -> bool {
+    req.headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| {
+            let v = v.as_bytes();
+            v.starts_with(b"application/grpc")
+                && !v.starts_with(b"application/grpc-web")
+                && matches!(v.get(16), None | Some(b'+' | b';'))
+        })
 }
 
 /// `upstream_request_filter`: gRPC-Web headers → gRPC.

@@ -54,6 +54,19 @@ pub fn http_status(code: u32) -> u16 {
     }
 }
 
+/// The gRPC code for an HTTP status a server answered instead of gRPC (gRPC's
+/// "HTTP to gRPC status code mapping", what gRPC clients report).
+pub fn code_of_http(status: u16) -> u32 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
 /// The code's name (`NOT_FOUND`), or `CODE_<n>` for codes gRPC does not define.
 pub fn code_name(code: u32) -> String {
     NAMES
@@ -96,9 +109,11 @@ mod prost_types_any {
     }
 }
 
-/// The details of `grpc-status-details-bin` as proto3 JSON `Any`s: types the pool knows
-/// are expanded, others are given as `{"@type", "value": base64}`.
-pub fn details(bin: Option<&[u8]>, pool: &DescriptorPool) -> Vec<Value> {
+/// The details of `grpc-status-details-bin` as proto3 JSON `Any`s: types one of `pools`
+/// knows (the first that does; the driver passes the route's, then the built-in
+/// `google.rpc` one with `ErrorInfo`, `RetryInfo`, `BadRequest`, …) are expanded, others
+/// are given as `{"@type", "value": base64}`.
+pub fn details(bin: Option<&[u8]>, pools: &[&DescriptorPool]) -> Vec<Value> {
     let Some(bin) = bin else { return Vec::new() };
     let trimmed: Vec<u8> = bin.iter().copied().filter(|b| *b != b'=').collect();
     let Ok(raw) = base64::engine::general_purpose::STANDARD_NO_PAD.decode(trimmed) else {
@@ -112,7 +127,8 @@ pub fn details(bin: Option<&[u8]>, pool: &DescriptorPool) -> Vec<Value> {
         .into_iter()
         .map(|any| {
             let name = any.type_url.rsplit('/').next().unwrap_or("");
-            let expanded = pool.get_message_by_name(name).and_then(|desc| {
+            let desc = pools.iter().find_map(|p| p.get_message_by_name(name));
+            let expanded = desc.and_then(|desc| {
                 let msg = DynamicMessage::decode(desc, any.value.as_slice()).ok()?;
                 match serde_json::to_value(&msg).ok()? {
                     Value::Object(mut m) => {
@@ -185,12 +201,12 @@ mod tests {
             }],
         };
         let b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode(st.encode_to_vec());
-        let d = details(Some(b64.as_bytes()), &DescriptorPool::new());
+        let d = details(Some(b64.as_bytes()), &[&DescriptorPool::new()]);
         assert_eq!(
             d,
             vec![json!({"@type": "type.googleapis.com/x.Unknown", "value": "AQID"})]
         );
-        assert!(details(Some(b"!!"), &DescriptorPool::new()).is_empty());
+        assert!(details(Some(b"!!"), &[&DescriptorPool::new()]).is_empty());
     }
 
     #[test]

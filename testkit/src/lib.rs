@@ -4,6 +4,7 @@
 //! Every call is recorded (method and the request's Debug text), so a test can check
 //! what the backend saw and that a refused request never reached it.
 //!
+//! [`fidelity`]: the `fidelity.v1` service of the JSON↔gRPC fidelity tests.
 //! [`otlp`]: an OTLP/HTTP trace receiver for the tracing tests.
 
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use tokio::sync::oneshot;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+pub mod fidelity;
 pub mod otlp;
 
 pub mod pb {

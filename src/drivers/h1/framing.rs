@@ -1,6 +1,8 @@
 //! The framing rules an upstream's HTTP/1.1 answer is held to on busbar's own path
 //! (`drivers::h1`): its `Content-Length` and `Transfer-Encoding` values, the headers its
-//! `Connection` may nominate, and the chunked body (RFC 9112 §7.1), strictly.
+//! `Connection` may nominate, and the chunked body (RFC 9112 §7.1), strictly. The same
+//! chunk scanner reads a client's chunked request body: one grammar, one piece of code,
+//! so a body busbar passes on is framed exactly as busbar read it, in both directions.
 //!
 //! A next hop that reads a lenient answer differently from busbar is how a response is
 //! split or a connection desynchronised: `Content-Length: +5` (a signed number Rust's
@@ -9,7 +11,9 @@
 //! only the grammar itself, and what it cannot be sure of is an error: the caller answers
 //! 502 or, once the head went out, closes the client connection.
 //! Owns: those verdicts. Pure: no I/O; the chunked scan holds only trailer bytes, and
-//! only across reads.
+//! only across reads. It also counts the chunk data (a request body's limit is on the
+//! data, not the framing) and can hand the data out without the framing (a response for
+//! an HTTP/1.0 client, which cannot read chunked).
 //! Must not: decide what happens after a verdict (the caller and the phases do).
 
 /// Most bytes of a chunk-size line (the size, leading zeros included, and its extensions)
@@ -95,6 +99,8 @@ pub fn nominates_framing(value: &[u8]) -> bool {
 pub struct ChunkScan {
     state: Chunk,
     size: u64,
+    /// Chunk data bytes read so far (the body without its framing).
+    data: u64,
     /// Bytes of the current chunk-size line, or of the trailer section so far.
     line: usize,
     /// Trailer bytes from earlier reads, not passed on yet.
@@ -186,6 +192,18 @@ impl ChunkScan {
     /// extension that is not `;name[=value]`, data not followed by CRLF, a trailer line
     /// that is not `name: value`, a bare LF, or too long a size line or trailer section).
     pub fn feed(&mut self, bytes: &[u8]) -> Result<Fed, Malformed> {
+        self.feed_with(bytes, |_| {})
+    }
+
+    /// [`ChunkScan::feed`], handing each run of chunk data in `bytes` to `data` as it is
+    /// read (a run may be cut short by the end of `bytes`; none is handed out twice).
+    /// `data` sees a body's data in order even when the framing turns out malformed
+    /// later: a caller that must not pass on a bad body waits for the verdict.
+    pub fn feed_with(
+        &mut self,
+        bytes: &[u8],
+        mut data: impl FnMut(&[u8]),
+    ) -> Result<Fed, Malformed> {
         // Where this read's trailer bytes begin, once the trailer section has begun.
         let holding = self.state.in_trailers();
         let mut trailers = holding.then_some(0);
@@ -195,6 +213,8 @@ impl ChunkScan {
             if self.state == Chunk::Data {
                 let take = self.size.min((bytes.len() - i) as u64) as usize;
                 self.size -= take as u64;
+                self.data += take as u64;
+                data(&bytes[i..i + take]);
                 i += take;
                 if self.size == 0 {
                     self.state = Chunk::DataCr;
@@ -236,6 +256,16 @@ impl ChunkScan {
     /// Trailer bytes of earlier reads, for the client once the body has ended.
     pub fn held(&self) -> &[u8] {
         &self.held
+    }
+
+    /// Chunk data read so far: the body's length without its framing.
+    pub fn data_bytes(&self) -> u64 {
+        self.data
+    }
+
+    /// The body has ended (its final empty line was read).
+    pub fn done(&self) -> bool {
+        self.state == Chunk::Done
     }
 
     /// The state after byte `b` (any state but [`Chunk::Data`]).
@@ -429,6 +459,128 @@ mod tests {
         assert!(scan(&[long_trailer.as_bytes()]).is_err());
         let fits = format!("0\r\nx: {}\r\n\r\n", "v".repeat(1000));
         assert!(scan(&[fits.as_bytes()]).unwrap().1.is_some());
+    }
+
+    /// The data runs, without the framing, and their count, across any cut.
+    #[test]
+    fn the_data_comes_out_without_its_framing() {
+        let body: &[u8] = b"5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nt: 1\r\n\r\n";
+        for cut in 0..=body.len() {
+            let mut s = ChunkScan::default();
+            let mut out = Vec::new();
+            let first = s.feed_with(&body[..cut], |d| out.extend_from_slice(d));
+            let fed = s.feed_with(&body[cut..], |d| out.extend_from_slice(d));
+            assert!(first.is_ok() && fed.is_ok(), "cut at {cut}");
+            assert_eq!(out, b"hello world", "cut at {cut}");
+            assert_eq!(s.data_bytes(), 11);
+            assert!(s.done());
+        }
+    }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// A well-formed chunked body: chunks (with optional extensions), trailers.
+        fn body() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+            let chunk = (
+                proptest::collection::vec(any::<u8>(), 1..300),
+                prop_oneof![Just(""), Just(";a=b"), Just(" ;q=\"x y\""), Just(";flag")],
+                any::<bool>(),
+            );
+            let trailer = prop_oneof![Just("x-sum: 1\r\n"), Just("T:\r\n"), Just("a-b: c d\r\n")];
+            (
+                proptest::collection::vec(chunk, 0..6),
+                proptest::collection::vec(trailer, 0..3),
+            )
+                .prop_map(|(chunks, trailers)| {
+                    let (mut wire, mut data) = (Vec::new(), Vec::new());
+                    for (bytes, ext, upper) in chunks {
+                        let size = if upper {
+                            format!("{:X}", bytes.len())
+                        } else {
+                            format!("{:x}", bytes.len())
+                        };
+                        wire.extend_from_slice(format!("{size}{ext}\r\n").as_bytes());
+                        wire.extend_from_slice(&bytes);
+                        wire.extend_from_slice(b"\r\n");
+                        data.extend_from_slice(&bytes);
+                    }
+                    wire.extend_from_slice(b"0\r\n");
+                    for t in trailers {
+                        wire.extend_from_slice(t.as_bytes());
+                    }
+                    wire.extend_from_slice(b"\r\n");
+                    (wire, data)
+                })
+        }
+
+        /// What passed (with the held trailers at the end), the data, where the body
+        /// ended, the data counted.
+        type Ran = (Vec<u8>, Vec<u8>, Option<usize>, u64);
+
+        /// Feeds `wire` cut at `cuts`.
+        fn run(wire: &[u8], cuts: &[usize]) -> Result<Ran, Malformed> {
+            let mut s = ChunkScan::default();
+            let (mut out, mut data) = (Vec::new(), Vec::new());
+            let mut at = 0;
+            let mut points: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+            points.sort_unstable();
+            points.push(wire.len());
+            for p in points {
+                let part = &wire[at..p.max(at)];
+                let fed = s.feed_with(part, |d| data.extend_from_slice(d))?;
+                assert!(fed.pass <= part.len());
+                out.extend_from_slice(&part[..fed.pass]);
+                if let Some(end) = fed.end {
+                    assert!(fed.pass <= end && end <= part.len());
+                    out.extend_from_slice(s.held());
+                    return Ok((out, data, Some(at + end), s.data_bytes()));
+                }
+                at = p.max(at);
+            }
+            Ok((out, data, None, s.data_bytes()))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            /// A well-formed body, with the next request after it, cut anywhere: its end
+            /// is found exactly, it passes whole and unchanged, its data is counted.
+            #[test]
+            fn a_wellformed_body_is_framed_exactly_however_it_is_cut(
+                (wire, data) in body(),
+                cuts in proptest::collection::vec(any::<usize>(), 0..5),
+            ) {
+                let mut stream = wire.clone();
+                stream.extend_from_slice(b"POST / HTTP/1.1\r\n");
+                let (out, got, end, counted) = run(&stream, &cuts).expect("well-formed");
+                prop_assert_eq!(end, Some(wire.len()));
+                prop_assert_eq!(out, wire);
+                prop_assert_eq!(counted, data.len() as u64);
+                prop_assert_eq!(got, data);
+            }
+
+            /// Any byte changed, any cut: no panic, and a body found whole is exactly the
+            /// bytes before its end, with no more data than bytes.
+            #[test]
+            fn a_mangled_body_is_framed_exactly_or_refused(
+                (wire, _) in body(),
+                at in any::<usize>(),
+                byte in any::<u8>(),
+                cuts in proptest::collection::vec(any::<usize>(), 0..5),
+            ) {
+                let mut wire = wire;
+                let i = at % wire.len();
+                wire[i] = byte;
+                if let Ok((out, _, end, counted)) = run(&wire, &cuts) {
+                    if let Some(end) = end {
+                        prop_assert_eq!(&out[..], &wire[..end]);
+                    }
+                    prop_assert!(counted <= wire.len() as u64);
+                }
+            }
+        }
     }
 
     #[test]

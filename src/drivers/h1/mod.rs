@@ -1,7 +1,9 @@
-//! busbar's own HTTP/1.1 engine for the everyday request: a plaintext HTTP/1.1 request
-//! without a body, on a route that proxies to an HTTP/1 service (cleartext or `https`: the
-//! upstream connection is then TLS, `upstream::connect`) with no translation
-//! (admission included). Everything else goes to the pingora driver, unchanged.
+//! busbar's own HTTP/1 engine for the everyday request: a plaintext HTTP/1.1 or HTTP/1.0
+//! request, with or without a body (`Content-Length` or chunked, `Expect:
+//! 100-continue`), on a route that proxies to an HTTP/1 service (cleartext or `https`: the
+//! upstream connection is then TLS, `upstream::connect`) with no translation (admission
+//! included). Everything else (upgrades, other expectations or transfer codings,
+//! translating routes, h2c services) goes to the pingora driver, unchanged.
 //!
 //! pingora 0.9's proxy loop costs several times what a plain tokio proxy costs per
 //! request here (measured in `load-tests/RESULTS.md`): a boxed future per phase, two
@@ -10,13 +12,17 @@
 //! upstream connection comes from a per-thread pool (`pool`), and the response goes back
 //! as it is read.
 //!
-//! Files: `request` (request codec), `response` + `framing` (response codec, chunk
-//! scanner), `client` (client I/O), `upstream` (one try's upstream I/O), `pool`, `head`
-//! (the front door's head check), and this one: the orchestration, a thin loop over the
+//! Files: `request` (request codec), `body` (the request body: held, streamed, paced),
+//! `response` + `framing` (response codec, the chunk scanner both directions share),
+//! `client` (client I/O), `upstream` (one try's upstream I/O), `pool`, `head` (the
+//! front door's head check), and this one: the orchestration, a thin loop over the
 //! phases.
-//! Owns: HTTP/1.1 framing on both sides for these requests. An answer that breaks
+//! Owns: HTTP/1 framing on both sides for these requests. An answer that breaks
 //! `framing`'s rules is a 502, or, once its head went out, a client connection closed;
-//! never bytes passed on that busbar could not frame.
+//! never bytes passed on that busbar could not frame. A request body that breaks them is
+//! a 400 that reaches no upstream when busbar holds it whole, and cuts the upstream
+//! connection when it is found while streaming. An HTTP/1.0 client gets no 1xx and no
+//! chunked framing (a chunked answer goes to it as plain data, ended by the close).
 //! Must not: hold policy. Route, admission, tries, retries, outlier detection, header
 //! edits, metrics and the access log are the phases' (`phases::Phases`), the same calls
 //! the pingora driver makes.
@@ -25,6 +31,7 @@ pub mod framing;
 pub mod head;
 pub mod pool;
 
+mod body;
 mod client;
 mod request;
 mod response;
@@ -52,10 +59,12 @@ use crate::phases::{Done, Phases, Routing};
 use crate::proxy::reply::Cause;
 use crate::routing::Route;
 use crate::snapshot::{Snapshot, State};
+use body::{BodyFail, RequestBody, Streamer};
 pub use client::ClientStream;
 use client::{Downstream, Served};
 use framing::ChunkScan;
 use head::HeadLimits;
+use request::BodyFraming;
 use response::{finish_head, upstream_header, write_head, Framing};
 use upstream::{one_try, Ask, TryFail, BUF};
 
@@ -69,24 +78,34 @@ pub struct FastRequest {
     route: Option<Arc<Route>>,
     /// The path routing and ACLs saw, when normalising changed it.
     normalized: Option<String>,
-    /// The client said `Connection: close`.
+    /// The client said `Connection: close` (or spoke HTTP/1.0 without keep-alive).
     close: bool,
+    body: BodyFraming,
+    /// The client speaks HTTP/1.0.
+    http10: bool,
+    /// The client may wait for `100 Continue` before it sends the body.
+    expect: bool,
 }
 
 /// Parses ([`parse`]) and routes a complete head. `None`: not a request for this path
-/// (a body, an upgrade, `Expect`, HTTP/1.0, absolute form, more than [`MAX_HEADERS`]
-/// lines, a `;` in the path, a translating route, an h2c service…), or a head the front
-/// door must judge; the caller checks it and hands it to pingora, which sees the same
-/// bytes.
+/// (an upgrade, an `Expect` other than `100-continue`, absolute form, more than
+/// [`MAX_HEADERS`] lines, a `;` in the path, a translating route, an h2c service…), or a
+/// head the front door must judge; the caller checks it and hands it to pingora, which
+/// sees the same bytes.
 pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastRequest>> {
     // One copy of the head; the path and the header values are slices of it.
     let head = Bytes::copy_from_slice(head);
-    let (req, close) = request::parse(&head, limits)?;
+    let parsed = request::parse(&head, limits)?;
     debug_assert_eq!(
         head::check(&head, limits),
-        Ok(head::Body::Length(0)),
-        "the own path took a head the front door refuses: {head:?}"
+        Ok(match parsed.body {
+            BodyFraming::None => head::Body::Length(0),
+            BodyFraming::Length(n) => head::Body::Length(n),
+            BodyFraming::Chunked => head::Body::Chunked,
+        }),
+        "the own path took a head the front door refuses or frames otherwise: {head:?}"
     );
+    let req = parsed.req;
     let snapshot = state.load();
     let path = phase::request_path(&req);
     if path.literal.is_some() {
@@ -118,7 +137,10 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
         snapshot,
         route,
         normalized,
-        close,
+        close: parsed.close,
+        body: parsed.body,
+        http10: parsed.http10,
+        expect: parsed.expect,
     }))
 }
 
@@ -149,9 +171,10 @@ async fn admit<S: ClientStream>(
 
 /// Serves one request [`take`] accepted, on `client`: a connection from `peer` (the
 /// PROXY header's client, when one was read), over TLS if `tls`. `draining`: the node is
-/// shutting down, so the connection closes after this response. `pipelined`: the client
-/// has already sent bytes past this request. Returns whether the client connection may
-/// carry another request.
+/// shutting down, so the connection closes after this response. `conn`: what the front
+/// door read past the head (the body's first bytes, or the client's next, pipelined
+/// request); the body is taken from it, and what the client sent past the body is left
+/// in it. Returns whether the client connection may carry another request.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<S: ClientStream>(
     phases: &Phases,
@@ -160,12 +183,13 @@ pub async fn serve<S: ClientStream>(
     tls: bool,
     request: Box<FastRequest>,
     draining: bool,
-    pipelined: bool,
+    conn: &mut Vec<u8>,
 ) -> bool {
     // The request stays in its box (the snapshot and the route are moved out): inline,
     // it would be part of this future, copied whole when the connection boxes it.
     let mut request = request;
     let (snapshot, route, close) = (request.snapshot, request.route, request.close);
+    let (framing, http10, expect) = (request.body, request.http10, request.expect);
     let normalized = request.normalized.take();
     let req = &mut request.req;
     // What the access log records of the request as it came (the request itself goes
@@ -176,7 +200,9 @@ pub async fn serve<S: ClientStream>(
         req.headers.get(http::header::HOST).cloned(),
     );
     let mut ctx = RequestCtx::new();
-    let limit = snapshot.config.limits.client_timeout;
+    let limits = snapshot.config.limits;
+    let limit = limits.client_timeout;
+    let pace = crate::phases::pace::BodyPace::new(limits.client_timeout, limits.body_min_rate);
     // `take` routed the request (and took it only with one reading of its path).
     let routing = Routing::Found {
         route,
@@ -186,33 +212,74 @@ pub async fn serve<S: ClientStream>(
         },
     };
     let set_up = phases.setup(&mut ctx, snapshot, req, peer.map(|a| a.ip()), routing);
+    // Where the body ends in what the front door read, if it is all there.
+    let held = RequestBody::new(framing, u64::MAX, pace).whole_in(conn);
     let real = ctx.client;
     let mut down = Downstream {
         client,
         peer,
         tls,
         keep_alive: !close && !draining,
-        watch: !pipelined,
+        // Only when the body (if any) is all read, and nothing after it: the client's
+        // socket then holds nothing but its next request, and watching it for a close
+        // takes no byte of this request's body, nor puts one before a pipelined one.
+        watch: held == Some(conn.len()),
         limit,
     };
+    // An answer before the body was read: the connection goes on only if the body is
+    // already whole in `conn` (it is dropped from there); otherwise the client may still
+    // be sending it, and the connection closes (lingering) after the answer.
+    let mut body = RequestBody::new(framing, u64::MAX, pace);
     let served = match set_up {
         Err(cause) => {
+            down.keep_alive &= skip_held(&mut body, conn);
             let keep_alive = down.keep_alive;
             down.answer(&mut ctx, cause, keep_alive).await
+        }
+        // A declared length over the limit is refused before anything is read.
+        Ok((route, _)) if matches!(framing, BodyFraming::Length(n) if n > route.config.max_body) => {
+            down.answer(&mut ctx, Cause::BodyTooLarge, false).await
         }
         Ok((route, path)) => {
             let admitted = match admission_policy(&ctx, &route) {
                 None => Ok(()),
-                Some(p) => admit(phases, &p, &mut down, req, &path, &mut ctx).await,
+                Some(p) => {
+                    // A refusal keeps the connection only if it can drop the whole body.
+                    let keep_alive = down.keep_alive;
+                    let whole = held.is_some();
+                    down.keep_alive &= whole;
+                    let admitted = admit(phases, &p, &mut down, req, &path, &mut ctx).await;
+                    if admitted.is_err() && whole {
+                        skip_held(&mut body, conn);
+                    }
+                    down.keep_alive = keep_alive;
+                    admitted
+                }
             };
             match admitted {
                 Ok(()) => {
                     phases.plan(&mut ctx, req, &route);
-                    exchange(phases, &mut down, &route, req, &mut ctx).await
+                    body = RequestBody::new(framing, route.config.max_body, pace);
+                    let mut sides = Sides {
+                        body: &mut body,
+                        conn,
+                        http10,
+                        expect,
+                    };
+                    exchange(phases, &mut down, &route, req, &mut ctx, &mut sides).await
                 }
                 Err(served) => served,
             }
         }
+    };
+    let served = Served {
+        keep_alive: served.keep_alive && body.done(),
+        ..served
+    };
+    ctx.body_bytes = match framing {
+        BodyFraming::None => 0,
+        BodyFraming::Length(n) => body.data_read(n),
+        BodyFraming::Chunked => body.data_read(0),
     };
     phases.finish(
         &mut ctx,
@@ -230,6 +297,47 @@ pub async fn serve<S: ClientStream>(
     served.keep_alive
 }
 
+/// For an answer before the body was read: is the whole body already in `conn`? If so it
+/// is dropped from there (and `body` is done), so the connection can go on.
+fn skip_held(body: &mut RequestBody, conn: &mut Vec<u8>) -> bool {
+    match body.feed(conn) {
+        Ok(take) if body.done() => {
+            conn.drain(..take);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The request's body and what the client side of the exchange needs to know of it.
+struct Sides<'a> {
+    body: &'a mut RequestBody,
+    /// The connection's buffer: the body's first bytes; the next request after it.
+    conn: &'a mut Vec<u8>,
+    /// The client speaks HTTP/1.0: no 1xx, no chunked response.
+    http10: bool,
+    /// The client may wait for `100 Continue` before it sends the body.
+    expect: bool,
+}
+
+/// What busbar answers for a body that could not be read; nothing for a client that left.
+async fn body_failed<S: ClientStream>(
+    down: &mut Downstream<'_, S>,
+    ctx: &mut RequestCtx,
+    f: BodyFail,
+) -> Served {
+    let failure = match f {
+        BodyFail::Malformed => Failure::ClientBad,
+        BodyFail::TooLarge => Failure::BodyTooLarge,
+        BodyFail::Slow => Failure::ClientBodyTimeout,
+        BodyFail::Gone => Failure::ClientGone,
+    };
+    match fail::cause_of(ctx, failure) {
+        Some(cause) => down.answer(ctx, cause, false).await,
+        None => Served::nothing(),
+    }
+}
+
 /// The tries, the response head and the body.
 async fn exchange<S: ClientStream>(
     phases: &Phases,
@@ -237,9 +345,15 @@ async fn exchange<S: ClientStream>(
     route: &Route,
     req: &mut RequestHeader,
     ctx: &mut RequestCtx,
+    sides: &mut Sides<'_>,
 ) -> Served {
     let client_ip: Option<IpAddr> = down.peer.map(|a| a.ip());
-    let mut wire = Vec::with_capacity(512);
+    // The head, and after it the body's first bytes (up to `HOLD`): one upstream write.
+    let held = match sides.body.declared() {
+        Some(n) => n.min(body::HOLD as u64) as usize,
+        None => sides.conn.len(),
+    };
+    let mut wire = Vec::with_capacity(512 + held);
     let conn = upstream_head::Downstream {
         peer: client_ip,
         tls: down.tls,
@@ -248,6 +362,20 @@ async fn exchange<S: ClientStream>(
     if upstream_head::build(ctx, req, conn, Output::Wire(&mut wire)).is_err() {
         return down.answer(ctx, Cause::BadRequest, false).await;
     }
+    let head_len = wire.len();
+    // A client that waits for `100 Continue` has sent nothing of its body: nothing is
+    // read before the upstream is asked.
+    let mut waiting = sides.expect && sides.conn.is_empty() && !sides.body.done();
+    if !sides.body.done() {
+        let held = body::hold(sides.body, down.client, sides.conn, &mut wire, !waiting);
+        if let Err(f) = held.await {
+            return body_failed(down, ctx, f).await;
+        }
+    }
+    // The body did not fit what is held: the rest streams during the try.
+    let streams = !sides.body.done();
+    down.watch = !streams && sides.conn.is_empty();
+    let mut chunk = Vec::new();
     // busbar's response headers: a route that edits them gets the upstream's as a map to
     // edit ([`response_head::edit`]); otherwise the upstream's lines go out as they
     // came, and busbar's own (admission's) are written after them.
@@ -273,24 +401,49 @@ async fn exchange<S: ClientStream>(
             Ok(t) => t,
             Err(cause) => return down.answer(ctx, cause, false).await,
         };
-        crate::otel::retrace(&mut wire, ctx);
+        crate::otel::retrace(&mut wire[..head_len], ctx);
         let ask = Ask { wire: &wire, ..ask };
-        // A client that leaves while the upstream works ends the try (as in pingora's
-        // path): its instance, and its admission slot, are free at once.
-        let tried = tokio::select! {
-            biased;
-            r = one_try(&t, &ask, &route.service.metrics, &mut buf, &mut out) => r,
-            _ = down.left() => {
-                ctx.release_instance();
-                return Served::nothing();
+        let metrics = &route.service.metrics;
+        let mut started = false;
+        let tried = if streams {
+            // The client's socket carries the body: it is read by the pump, not watched.
+            let mut st = Streamer {
+                client: &mut *down.client,
+                body: &mut *sides.body,
+                conn: &mut *sides.conn,
+                chunk: &mut chunk,
+                waiting,
+                continued: false,
+                send_limit: down.limit,
+                started: false,
+                stopped: false,
+            };
+            let tried = one_try(&t, &ask, metrics, &mut buf, &mut out, Some(&mut st)).await;
+            (started, waiting) = (st.started, st.waiting);
+            tried
+        } else {
+            // A client that leaves while the upstream works ends the try (as in
+            // pingora's path): its instance, and its admission slot, are free at once.
+            tokio::select! {
+                biased;
+                r = one_try(&t, &ask, metrics, &mut buf, &mut out, None::<&mut Streamer<'_, S>>) => r,
+                _ = down.left() => {
+                    ctx.release_instance();
+                    return Served::nothing();
+                }
             }
         };
         let retry = match tried {
             Ok((up, head)) => break (up, pool::Key::of(&t), head),
             Err(TryFail::Connect { timed_out }) => phases.on_connect_failure(ctx, timed_out),
             Err(TryFail::Certificate) => phases.on_certificate_failure(ctx),
+            // Sent again only while the whole body is still held.
             Err(TryFail::Trip { timed_out }) => {
-                phases.on_try_failure(ctx, true, timed_out, ask.idempotent, false)
+                phases.on_try_failure(ctx, true, timed_out, ask.idempotent && !started, false)
+            }
+            Err(TryFail::Body(f)) => {
+                phases.on_try_failure(ctx, false, false, false, false);
+                return body_failed(down, ctx, f).await;
             }
             Err(TryFail::Malformed) => {
                 phases.on_malformed_response(ctx);
@@ -308,20 +461,34 @@ async fn exchange<S: ClientStream>(
     // came is chunked framing at all: a 502 can still be answered for it.
     let body = &buf[head.len..];
     let mut scan = (head.framing == Framing::Chunked).then(ChunkScan::default);
+    // An HTTP/1.0 client cannot read chunked: it gets the data alone, and the close ends it.
+    let dechunk = sides.http10 && head.framing == Framing::Chunked;
+    let mut plain = Vec::new();
+    let mut keep = |d: &[u8]| {
+        if dechunk {
+            plain.extend_from_slice(d);
+        }
+    };
     let (first, end) = match (head.framing, scan.as_mut()) {
         (Framing::None, _) => (0, Some(0)),
         (Framing::Length(n), _) if body.len() as u64 >= n => (n as usize, Some(n as usize)),
-        (Framing::Chunked, Some(s)) => match s.feed(body) {
+        (Framing::Chunked, Some(s)) => match s.feed_with(body, &mut keep) {
             Ok(fed) => (fed.pass, fed.end),
             Err(_) => return upstream_broke(phases, ctx, down).await,
         },
         _ => (body.len(), None),
     };
-    let keep_alive = down.keep_alive && head.framing != Framing::Close;
-    if edits || head.nominates {
+    // The client's connection goes on only if its whole request was read, and the
+    // response has an end it can see.
+    let keep_alive =
+        down.keep_alive && sides.body.done() && head.framing != Framing::Close && !dechunk;
+    if edits || head.nominates || dechunk {
         let Ok(mut resp) = upstream_header(&buf[..head.len]) else {
             return upstream_broke(phases, ctx, down).await;
         };
+        if dechunk {
+            resp.remove_header(&http::header::TRANSFER_ENCODING);
+        }
         if response_head::edit(ctx, &mut resp).is_err() {
             return down.answer(ctx, Cause::UpstreamError, false).await;
         }
@@ -330,11 +497,18 @@ async fn exchange<S: ClientStream>(
     } else {
         finish_head(&mut out, rate.as_ref(), keep_alive);
     }
-    out.extend_from_slice(&body[..first]);
+    let first = if dechunk {
+        out.extend_from_slice(&plain);
+        plain.len()
+    } else {
+        out.extend_from_slice(&body[..first]);
+        first
+    };
     let mut sent = first;
     if !down.send(&out).await {
         return Served::cut(status, 0);
     }
+    plain.clear();
     let extra = end.is_some_and(|e| e < body.len());
     if end.is_none() {
         let t_read = route.service.config.read_timeout;
@@ -356,7 +530,11 @@ async fn exchange<S: ClientStream>(
             };
             // What of this read goes to the client, and how much of it is this body's.
             let (pass, take) = match (head.framing, scan.as_mut()) {
-                (Framing::Chunked, Some(s)) => match s.feed(&buf[..n]) {
+                (Framing::Chunked, Some(s)) => match s.feed_with(&buf[..n], |d| {
+                    if dechunk {
+                        plain.extend_from_slice(d);
+                    }
+                }) {
                     Ok(fed) => {
                         if fed.end.is_some() {
                             remaining = 0;
@@ -378,13 +556,24 @@ async fn exchange<S: ClientStream>(
                 }
                 _ => (n, n),
             };
-            if pass > 0 && !down.send(&buf[..pass]).await {
-                return Served::cut(status, sent);
-            }
+            let pass = if dechunk {
+                let k = plain.len();
+                if k > 0 && !down.send(&plain).await {
+                    return Served::cut(status, sent);
+                }
+                plain.clear();
+                k
+            } else {
+                if pass > 0 && !down.send(&buf[..pass]).await {
+                    return Served::cut(status, sent);
+                }
+                pass
+            };
             sent += pass;
             if remaining == 0 {
-                // Trailers held back across reads go out with the body's end.
-                if let Some(held) = scan.as_ref().map(ChunkScan::held) {
+                // Trailers held back across reads go out with the body's end (not to an
+                // HTTP/1.0 client, which has no place for them).
+                if let Some(held) = scan.as_ref().filter(|_| !dechunk).map(ChunkScan::held) {
                     if !held.is_empty() && !down.send(held).await {
                         return Served::cut(status, sent);
                     }

@@ -1,8 +1,10 @@
 //! The HTTP/1.1 request codec of busbar's own engine: a complete request head, as the
 //! front door read it, parsed once (httparse) into the request for upstream.
 //!
-//! Owns: which heads the engine takes (clean, bodiless, origin-form HTTP/1.1 within the
-//! limits), and turning one into a `RequestHeader` without a second scan.
+//! Owns: which heads the engine takes (clean, origin-form HTTP/1.1 or HTTP/1.0 within the
+//! limits, a body framed by one plain `Content-Length` or by `Transfer-Encoding: chunked`
+//! alone), how its body is framed, and turning one into a `RequestHeader` without a
+//! second scan.
 //! Must not: route, or write anything.
 
 use bytes::Bytes;
@@ -15,6 +17,29 @@ use pingora_http::RequestHeader;
 use super::head::HeadLimits;
 use super::MAX_HEADERS;
 use crate::phases::response_head::Kind;
+
+/// How a request's body is framed (RFC 9112 §6.3), as [`parse`] read its head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum BodyFraming {
+    /// No body (no framing header, or `Content-Length: 0`).
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// A head [`parse`] took.
+pub(super) struct Parsed {
+    pub(super) req: RequestHeader,
+    /// The connection ends after this request: `Connection: close`, or an HTTP/1.0
+    /// request without `Connection: keep-alive`.
+    pub(super) close: bool,
+    pub(super) body: BodyFraming,
+    /// The client speaks HTTP/1.0: no 1xx, no chunked response for it.
+    pub(super) http10: bool,
+    /// `Expect: 100-continue` on an HTTP/1.1 request with a body: the client may wait
+    /// for a `100 Continue` before it sends the body (RFC 9110 §10.1.1).
+    pub(super) expect: bool,
+}
 
 /// Does a `Connection` value ask for anything besides `close` / `keep-alive`? Other
 /// tokens name more hop-by-hop headers (or an upgrade): pingora's path handles those.
@@ -59,20 +84,22 @@ fn request_name(raw: &[u8]) -> Option<HeaderName> {
     Some(known)
 }
 
-/// Parses a complete head for this path: the request for upstream and whether the client
-/// said `Connection: close`. `None`: not for this path, or not clean enough to be sure;
-/// [`head::check`](super::head::check) then judges the head and pingora serves it.
+/// Parses a complete head for this path: the request for upstream, its body's framing
+/// and how the connection goes on. `None`: not for this path, or not clean enough to be
+/// sure; [`head::check`](super::head::check) then judges the head and pingora serves it.
 ///
 /// This is also the front door's check for the heads it accepts, so a head is not scanned
-/// a second time: everything accepted here is a head `head::check` accepts as a request
-/// without a body (a unit test and, in debug builds, an assertion hold it to that).
+/// a second time: everything accepted here is a head `head::check` accepts, with the same
+/// body framing (a unit test and, in debug builds, an assertion hold it to that).
 /// httparse (strict by default) refuses NUL and other controls, whitespace in or before
 /// a name, obsolete line folding and bad request lines; what it lets through is
 /// checked here: bare LF line endings, empty lines before the request line, the size
-/// limits, and `Content-Length` other than one `0`. A second `Host` (which the front
+/// limits, a `Content-Length` that is not one line of 1 to 19 digits, a
+/// `Transfer-Encoding` other than one line of exactly `chunked` (or beside a length, or
+/// in HTTP/1.0), an `Expect` other than `100-continue`. A second `Host` (which the front
 /// door refuses) or a second `Authorization` (which the phases refuse) is not
 /// for this path either.
-pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<(RequestHeader, bool)> {
+pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<Parsed> {
     if head.len() > limits.max_head_bytes || !head.ends_with(b"\r\n\r\n") {
         return None;
     }
@@ -87,7 +114,7 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<(RequestHeader,
     let request_line = method.len() + path.len() + 11;
     if method.as_ptr() != head.as_ptr()
         || request_line > limits.max_request_line
-        || parsed.version != Some(1)
+        || !matches!(parsed.version, Some(0 | 1))
         || parsed.headers.len() > limits.max_headers
         || !path.starts_with('/')
     {
@@ -102,9 +129,16 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<(RequestHeader,
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
     parts.uri = uri;
+    // `Via` and the access log name the client's protocol.
+    if parsed.version == Some(0) {
+        parts.version = http::Version::HTTP_10;
+    }
     parts.headers.reserve(parsed.headers.len());
+    let http10 = parsed.version == Some(0);
     let mut close = false;
-    let mut length = false;
+    let mut keep_alive = false;
+    let mut length: Option<u64> = None;
+    let (mut chunked, mut expect) = (false, false);
     let (mut host, mut authorization) = (false, false);
     for h in parsed.headers.iter() {
         // Each line before this one ended in CRLF (the last one: `ends_with` above).
@@ -113,17 +147,60 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<(RequestHeader,
             return None;
         }
         let name = request_name(h.name.as_bytes())?;
-        if name == TRANSFER_ENCODING || name == UPGRADE || name == EXPECT {
+        if name == UPGRADE {
             return None;
         }
-        if name == CONTENT_LENGTH {
-            if length || h.value != b"0" {
+        // A framing value is the line's whole rest after `:` and spaces: no tab or
+        // trailing whitespace httparse trimmed, which the front door reads otherwise.
+        if name == TRANSFER_ENCODING || name == CONTENT_LENGTH {
+            let value_at = h.value.as_ptr() as usize - head.as_ptr() as usize;
+            let between = head.get(at + h.name.len()..value_at)?;
+            let clean = matches!(between.split_first(), Some((b':', rest)) if rest.iter().all(|&b| b == b' '));
+            if !clean || head.get(value_at + h.value.len()) != Some(&b'\r') {
                 return None;
             }
-            length = true;
         }
-        if name == CONNECTION && !connection_tokens(h.value, &mut close) {
-            return None;
+        if name == TRANSFER_ENCODING {
+            // Exactly `chunked`, once: the front door refuses the rest, or pingora reads it.
+            if chunked || http10 || !h.value.eq_ignore_ascii_case(b"chunked") {
+                return None;
+            }
+            chunked = true;
+        }
+        if name == CONTENT_LENGTH {
+            let digits = h.value;
+            if length.is_some()
+                || digits.is_empty()
+                || digits.len() > 19
+                || !digits.iter().all(u8::is_ascii_digit)
+            {
+                return None;
+            }
+            length = Some(
+                digits
+                    .iter()
+                    .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
+            );
+        }
+        if name == EXPECT {
+            if expect || !h.value.eq_ignore_ascii_case(b"100-continue") {
+                return None;
+            }
+            expect = true;
+            if http10 {
+                // RFC 9110 §10.1.1: an HTTP/1.0 request's expectation is ignored; not
+                // forwarded either, or the upstream would answer it with a 100.
+                continue;
+            }
+        }
+        if name == CONNECTION {
+            if !connection_tokens(h.value, &mut close) {
+                return None;
+            }
+            keep_alive |= h
+                .value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"keep-alive"));
         }
         if name == HOST && std::mem::replace(&mut host, true)
             || name == AUTHORIZATION && std::mem::replace(&mut authorization, true)
@@ -138,8 +215,20 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<(RequestHeader,
         // title-case copy and parse it back.
         parts.headers.try_append(name, value).ok()?;
     }
+    let body = match (length, chunked) {
+        (Some(_), true) => return None,
+        (Some(0), false) | (None, false) => BodyFraming::None,
+        (Some(n), false) => BodyFraming::Length(n),
+        (None, true) => BodyFraming::Chunked,
+    };
     // No case map: names go upstream in canonical form.
-    Some((RequestHeader::from(parts), close))
+    Some(Parsed {
+        req: RequestHeader::from(parts),
+        close: close || http10 && !keep_alive,
+        expect: expect && !http10 && body != BodyFraming::None,
+        body,
+        http10,
+    })
 }
 
 #[cfg(test)]
@@ -189,16 +278,58 @@ mod tests {
     /// What [`parse`] takes, the front door's own check accepts as a bodiless request:
     /// `parse` is the only check the heads it takes get.
     fn agrees(head: &[u8]) -> bool {
-        let taken = parse(&Bytes::copy_from_slice(head), &LIMITS).is_some();
-        if taken {
+        use super::super::head::Body;
+        let parsed = parse(&Bytes::copy_from_slice(head), &LIMITS);
+        if let Some(p) = &parsed {
+            let framing = match p.body {
+                BodyFraming::None => Body::Length(0),
+                BodyFraming::Length(n) => Body::Length(n),
+                BodyFraming::Chunked => Body::Chunked,
+            };
             assert_eq!(
                 super::super::head::check(head, &LIMITS),
-                Ok(super::super::head::Body::Length(0)),
+                Ok(framing),
                 "parse took {:?}",
                 String::from_utf8_lossy(head)
             );
         }
-        taken
+        parsed.is_some()
+    }
+
+    #[test]
+    fn bodies_and_http10_are_framed_as_the_front_door_frames_them() {
+        let p = |h: &[u8]| parse(&Bytes::copy_from_slice(h), &LIMITS);
+        let got = p(b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n").unwrap();
+        assert_eq!(
+            (got.body, got.close, got.expect),
+            (BodyFraming::Length(12), false, false)
+        );
+        let got =
+            p(b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\nExpect: 100-continue\r\n\r\n")
+                .unwrap();
+        assert_eq!((got.body, got.expect), (BodyFraming::Chunked, true));
+        let got = p(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        assert!(got.http10 && got.close);
+        let got = p(b"POST / HTTP/1.0\r\nConnection: Keep-Alive\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n").unwrap();
+        assert!(got.http10 && !got.close && !got.expect);
+        assert!(got.req.headers.get("expect").is_none());
+        for h in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nExpect: something\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding:\tchunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length:\t5\r\n\r\n",
+        ] {
+            assert!(p(h).is_none(), "{}", String::from_utf8_lossy(h));
+        }
+        for ok in [
+            &b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\n"[..],
+            b"PUT /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        ] {
+            assert!(agrees(ok), "{}", String::from_utf8_lossy(ok));
+        }
     }
 
     #[test]
@@ -228,9 +359,9 @@ mod tests {
             b"GET / HTTP/1.1\r\n Host: a\r\n\r\n",
             b"GET  / HTTP/1.1\r\n\r\n",
             b"GET / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
-            b"GET / HTTP/1.1\r\nContent-Length: 1\r\n\r\n",
-            b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"GET / HTTP/1.0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n",
+            b"GET / HTTP/1.2\r\n\r\n",
             b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\nE: 5\r\n\r\n",
             b"GET http://a/ HTTP/1.1\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",

@@ -4,9 +4,10 @@
 //! Owns: the connect (TCP, then the TLS handshake for an instance reached over TLS, under
 //! one connect timeout), connection reuse and the stale-connection case (a pooled
 //! connection the upstream had closed: the try goes again on a fresh one, for an
-//! idempotent request),
-//! the head's deadline over the whole head, and telling the orchestration how a try
-//! failed, in the words the phases' outcome calls take.
+//! idempotent request whose body is still all held), the head's deadline over the whole
+//! head, when a streaming body (`body::Streamer`) is pumped and when it stops (an answer
+//! before its end), and telling the orchestration how a try failed, in the words the
+//! phases' outcome calls take.
 //! Must not: decide retries or count failures against instances (`phases::attempt`).
 
 use std::time::{Duration, Instant};
@@ -15,6 +16,8 @@ use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::body::{BodyFail, PumpFail, Streamer};
+use super::client::ClientStream;
 use super::pool::{self, Conn};
 use super::response::{parse_head, Head};
 use crate::base::deadline::within;
@@ -34,6 +37,8 @@ pub(super) enum TripError {
     /// The upstream answered with a head busbar cannot frame (see [`parse_head`]), a
     /// head over [`MAX_RESPONSE_HEAD`], or an upgrade nobody asked for.
     Malformed,
+    /// The client's body failed while it streamed (the connection is dropped).
+    Body(BodyFail),
 }
 
 /// What every try of one request sends, and how its response is read.
@@ -48,15 +53,18 @@ pub(super) struct Ask<'a> {
     pub(super) head_by: Instant,
 }
 
-/// Sends the request head and reads the response head (skipping 1xx ones) into `buf`;
-/// the head's lines for the client go into `lines` ([`parse_head`]).
-pub(super) async fn round_trip(
+/// Sends the request head (and the body held after it), pumps the rest of a streaming
+/// `body`, and reads the response head (skipping 1xx ones) into `buf`; the head's lines
+/// for the client go into `lines` ([`parse_head`]). A final answer that comes before
+/// the body has all gone stops the body and is not reusable.
+pub(super) async fn round_trip<S: ClientStream>(
     up: &mut Conn,
     ask: &Ask<'_>,
     read_timeout: Duration,
     reused: bool,
     buf: &mut Vec<u8>,
     lines: &mut Vec<u8>,
+    mut body: Option<&mut Streamer<'_, S>>,
 ) -> Result<Head, TripError> {
     let failed = TripError::Upstream { timed_out: false };
     let timed_out = TripError::Upstream { timed_out: true };
@@ -77,6 +85,27 @@ pub(super) async fn round_trip(
     }
     buf.clear();
     loop {
+        if let Some(st) = body.as_deref_mut().filter(|st| st.pending()) {
+            let spoke = st.pump(up, buf, limit()).await;
+            match spoke {
+                Ok(_) => {}
+                Err(PumpFail::Client(f)) => return Err(TripError::Body(f)),
+                Err(PumpFail::Upstream { .. }) if reused && !st.started && buf.is_empty() => {
+                    return Err(TripError::Stale)
+                }
+                Err(PumpFail::Upstream { timed_out }) => {
+                    return Err(TripError::Upstream { timed_out })
+                }
+            }
+        }
+        // What came: the final head, or (nothing yet, or only a 1xx) not yet.
+        if let Some(head) = head_of(buf, ask, lines, &mut body)? {
+            return Ok(head);
+        }
+        if body.as_deref().is_some_and(|st| st.pending()) {
+            // The pump reads the upstream while it sends.
+            continue;
+        }
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(BUF);
         }
@@ -93,25 +122,45 @@ pub(super) async fn round_trip(
                 TripError::Upstream { timed_out: false }
             });
         }
-        loop {
-            match parse_head(buf, ask.head_request, lines, ask.own_rate) {
-                Ok(None) => break,
-                Ok(Some(head)) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
-                    // Nothing asked for an upgrade.
-                    return Err(TripError::Malformed);
-                }
-                Ok(Some(head)) if head.status.is_informational() => {
-                    // 103 Early Hints and the like: dropped, the final response follows.
-                    buf.drain(..head.len);
-                    if buf.is_empty() {
-                        break;
+    }
+}
+
+/// The final response head at the start of `buf`, once it is complete. 1xx heads before
+/// it are dropped (103 Early Hints and the like); a `100 Continue` lets a waiting `body`
+/// go on. A final head while the body is still pending stops the body, and the upstream
+/// connection, left mid-request, is not reusable.
+fn head_of<S: ClientStream>(
+    buf: &mut Vec<u8>,
+    ask: &Ask<'_>,
+    lines: &mut Vec<u8>,
+    body: &mut Option<&mut Streamer<'_, S>>,
+) -> Result<Option<Head>, TripError> {
+    while !buf.is_empty() {
+        match parse_head(buf, ask.head_request, lines, ask.own_rate) {
+            Ok(None) => break,
+            Ok(Some(head)) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
+                // Nothing asked for an upgrade.
+                return Err(TripError::Malformed);
+            }
+            Ok(Some(head)) if head.status.is_informational() => {
+                if head.status == StatusCode::CONTINUE {
+                    if let Some(st) = body.as_deref_mut() {
+                        st.continued = true;
                     }
                 }
-                Ok(Some(head)) => return Ok(head),
-                Err(()) => return Err(TripError::Malformed),
+                buf.drain(..head.len);
             }
+            Ok(Some(mut head)) => {
+                if let Some(st) = body.as_deref_mut().filter(|st| st.pending()) {
+                    st.stopped = true;
+                    head.reusable = false;
+                }
+                return Ok(Some(head));
+            }
+            Err(()) => return Err(TripError::Malformed),
         }
     }
+    Ok(None)
 }
 
 /// Why a try failed.
@@ -126,18 +175,22 @@ pub(super) enum TryFail {
     },
     /// An answer busbar cannot frame: never retried (`Phases::on_malformed_response`).
     Malformed,
+    /// The client's streaming body failed: the try ends, the connection is dropped.
+    Body(BodyFail),
 }
 
-/// One try on instance `t`: a pooled connection if there is a live one, the request, the
-/// response head. If the upstream had closed the pooled connection (nothing came back),
-/// an idempotent request goes again on a fresh one; another request fails the try, as
-/// it may have been acted on.
-pub(super) async fn one_try(
+/// One try on instance `t`: a pooled connection if there is a live one, the request
+/// (with its `body` streamed, if it has to be), the response head. If the upstream had
+/// closed the pooled connection (nothing came back), an idempotent request whose body has
+/// not begun to stream goes again on a fresh one; another request fails the try, as it
+/// may have been acted on.
+pub(super) async fn one_try<S: ClientStream>(
     t: &Try,
     ask: &Ask<'_>,
     metrics: &crate::metrics::ServiceMetrics,
     buf: &mut Vec<u8>,
     lines: &mut Vec<u8>,
+    mut body: Option<&mut Streamer<'_, S>>,
 ) -> Result<(Conn, Head), TryFail> {
     let mut pooled = pool::take(pool::Key::of(t));
     loop {
@@ -157,12 +210,23 @@ pub(super) async fn one_try(
                 Err(_) => return Err(TryFail::Connect { timed_out: true }),
             },
         };
-        match round_trip(&mut up, ask, t.read_timeout, reused, buf, lines).await {
+        let trip = round_trip(
+            &mut up,
+            ask,
+            t.read_timeout,
+            reused,
+            buf,
+            lines,
+            body.as_deref_mut(),
+        );
+        match trip.await {
             Ok(head) => return Ok((up, head)),
-            Err(TripError::Stale) if ask.idempotent => {}
+            Err(TripError::Stale)
+                if ask.idempotent && !body.as_ref().is_some_and(|b| b.started) => {}
             Err(TripError::Stale) => return Err(TryFail::Trip { timed_out: false }),
             Err(TripError::Upstream { timed_out }) => return Err(TryFail::Trip { timed_out }),
             Err(TripError::Malformed) => return Err(TryFail::Malformed),
+            Err(TripError::Body(f)) => return Err(TryFail::Body(f)),
         }
     }
 }
