@@ -159,6 +159,10 @@ impl TlsServer {
                             async move {
                                 let method = req.method().to_string();
                                 let path = req.uri().path().to_string();
+                                if path.contains("/slow") {
+                                    // busbar's writes block meanwhile.
+                                    tokio::time::sleep(Duration::from_millis(500)).await;
+                                }
                                 let body = req
                                     .into_body()
                                     .collect()
@@ -304,18 +308,18 @@ async fn an_https_upstream_verified_with_a_ca_file_answers_get_and_post() {
     assert_eq!((c.method.as_str(), c.body.len()), ("POST", 3000));
 }
 
-/// A body larger than what busbar holds streams through the TLS session whole (the end
-/// of it is flushed, not left in the session's buffer), on a pooled connection.
+/// A body larger than what busbar holds streams through the TLS session whole, on a
+/// pooled connection, also to a backend slow to start reading (busbar's writes block).
 #[tokio::test]
 async fn a_large_body_streams_over_tls() {
     let pki = Pki::new();
     let up = TlsServer::start(&pki, false).await;
     let body = service("s", up.addr, &tls_table(&ca_line(&pki.path("ca.pem"))));
     let bus = Busbar::start(&body).await;
-    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let big: Vec<u8> = (0..9_500_000u32).map(|i| (i % 251) as u8).collect();
     for i in 0..2 {
         let r = client()
-            .post(bus.url(&format!("/s/{i}")))
+            .post(bus.url(&format!("/s/slow{i}")))
             .body(big.clone())
             .send()
             .await
@@ -323,7 +327,7 @@ async fn a_large_body_streams_over_tls() {
         assert_eq!(r.status(), 200);
         assert_eq!(
             r.text().await.unwrap(),
-            format!("tls ok: POST /s/{i} 3000000")
+            format!("tls ok: POST /s/slow{i} 9500000")
         );
     }
     let seen = up.requests();
