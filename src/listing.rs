@@ -61,6 +61,8 @@ fn instance(set: &InstanceSet, n: usize, i: &Instance, store: &Store, now: u64) 
         "version": set.versions.name_of(n),
         "zone": reg.and_then(|r| r.zone.as_deref()),
         "weight": i.weight,
+        // Reached over TLS (an https service, or a registration that said "tls": true).
+        "tls": i.tls.is_some(),
         "health": i.health.state().as_str(),
         "ejected_for_ms": i.health.ejection_left(now).map(|d| d.as_millis() as u64),
         "in_flight": i.health.in_flight(),

@@ -101,6 +101,12 @@ fn main() -> ExitCode {
                 for w in &report.warnings {
                     eprintln!("warning: {w}");
                 }
+                // Allowed, and `busbar run` says it too at every load: not a refusal.
+                if let Ok(c) = &report.result {
+                    for w in &c.cautions {
+                        eprintln!("warning: {w}");
+                    }
+                }
                 let n = report.warnings.len();
                 let warned = match n {
                     0 => String::new(),

@@ -41,6 +41,10 @@ impl Snapshot {
         generation: u64,
         store: &crate::registry::store::Store,
     ) -> Snapshot {
+        // Allowed but dangerous (`insecure_skip_verify`): said at every load.
+        for c in &config.cautions {
+            tracing::warn!("{c}");
+        }
         let mut services = Vec::with_capacity(config.services.len());
         for s in &config.services {
             let old = previous.and_then(|p| p.service(&s.name));

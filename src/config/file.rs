@@ -176,6 +176,24 @@ pub struct ServiceFile {
     pub hold_down: Option<Spanned<String>>,
     /// Instances from DNS service discovery: `{ dns_srv = "_http._tcp.orders.internal" }`.
     pub discovery: Option<DiscoveryFile>,
+    /// `[service.tls]`: how instances reached over TLS are verified and what busbar shows them.
+    pub tls: Option<Spanned<UpstreamTlsFile>>,
+}
+
+/// `[service.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsFile {
+    /// SNI and the name the instance's certificate must carry.
+    pub server_name: Option<Spanned<String>>,
+    /// PEM CA certificates to verify instances with instead of the system's.
+    pub ca_file: Option<Spanned<String>>,
+    /// busbar's client certificate (PEM chain, the leaf first) for mTLS.
+    pub cert: Option<Spanned<String>>,
+    /// The client certificate's private key (PEM).
+    pub key: Option<Spanned<String>>,
+    /// Accept any certificate: only for a test bench.
+    pub insecure_skip_verify: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -18,6 +18,7 @@ pub mod runtime_dir;
 mod tls;
 mod tracing;
 mod translate;
+mod upstream_tls;
 mod validate;
 
 pub use admission::{
@@ -37,6 +38,7 @@ pub use release::{
 pub use tls::{dns_names, load_identity, valid_server_name, SniCerts, TlsError};
 pub use tracing::{sample_below, OtlpEndpoint, TracingConfig, DEFAULT_QUEUE_SIZE};
 pub use translate::{Translations, DEFAULT_DENY_UNKNOWN_FIELDS, DEFAULT_EMIT_DEFAULTS};
+pub use upstream_tls::UpstreamTls;
 pub use validate::{valid_identifier, Purpose};
 
 use std::path::Path;

@@ -127,6 +127,9 @@ pub struct Config {
     pub translations: super::Translations,
     /// Gray-release splits by route name (`[route.split]`).
     pub splits: super::Splits,
+    /// What the file allows but an operator must hear about at every load (logged when it
+    /// is loaded, printed by `busbar check`): `insecure_skip_verify = true`.
+    pub cautions: Vec<super::ConfigError>,
 }
 
 /// `[admin]`.
@@ -222,9 +225,13 @@ pub enum AccessLogTarget {
     File(PathBuf),
 }
 
+/// What a service's instances speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Http1,
+    /// HTTP/1.1 over TLS (`[service.tls]`). h2 by ALPN comes with HTTP/2 upstreams: busbar
+    /// offers `http/1.1` only.
+    Https,
     H2c,
 }
 
@@ -241,6 +248,7 @@ impl Protocol {
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Http1 => "http1",
+            Protocol::Https => "https",
             Protocol::H2c => "h2c",
         }
     }
@@ -305,6 +313,10 @@ pub struct ServiceConfig {
     pub outlier: OutlierPolicy,
     /// Requests in flight to the service at most; beyond, they wait in per-user fair queues.
     pub max_in_flight: Option<u32>,
+    /// How instances reached over TLS are reached: every instance of an `https` service,
+    /// and the registered instances of an `http1` one that say `"tls": true`. `None` for
+    /// a service none of whose instances can speak TLS.
+    pub tls: Option<std::sync::Arc<super::UpstreamTls>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -1,7 +1,8 @@
-//! TLS listeners' certificates: reading a certificate chain and its private key and
-//! checking that they belong together, the `[[listen.tls]]` entries (a default
-//! certificate and more chosen by SNI name), and the resolver that picks a certificate
-//! for a client's SNI name — for `busbar check`, a reload and start-up alike.
+//! TLS certificates and keys (a listener's, an upstream client certificate): reading a
+//! certificate chain and its private key and checking that they belong together, the
+//! `[[listen.tls]]` entries (a default certificate and more chosen by SNI name), and the
+//! resolver that picks a certificate for a client's SNI name — for `busbar check`, a
+//! reload and start-up alike.
 //!
 //! Owns: PEM files → a rustls [`CertifiedKey`], and why that failed; server-name rules
 //! (exact, `*.` for one label, the default); [`SniCerts`].
@@ -69,6 +70,22 @@ impl TlsError {
 /// Reads `cert` (PEM, the leaf first) and `key` (PEM: PKCS#8, PKCS#1 or SEC1) and checks
 /// that the key is the certificate's.
 pub fn load_identity(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    load_checked(cert, key).map(|(identity, _)| identity)
+}
+
+/// [`load_identity`]'s files as they were read: the chain and the key, for a TLS client
+/// (an upstream's client certificate) rather than a listener.
+pub fn load_identity_der(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    load_checked(cert, key).map(|(identity, private)| (identity.cert, private))
+}
+
+fn load_checked(
+    cert: &Path,
+    key: &Path,
+) -> Result<(CertifiedKey, PrivateKeyDer<'static>), TlsError> {
     let cert_pem = std::fs::read(cert).map_err(|source| TlsError::CertUnreadable {
         path: cert.to_path_buf(),
         source,
@@ -101,7 +118,7 @@ pub fn load_identity(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> 
     let provider = rustls::crypto::ring::default_provider();
     let signing = provider
         .key_provider
-        .load_private_key(private)
+        .load_private_key(private.clone_key())
         .map_err(|e| TlsError::NoKey {
             path: key.to_path_buf(),
             why: format!("unusable private key: {e}"),
@@ -109,7 +126,9 @@ pub fn load_identity(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> 
     let identity = CertifiedKey::new(chain, signing);
     match identity.keys_match() {
         // A key type whose public half rustls can't derive: nothing to compare.
-        Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => Ok(identity),
+        Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => {
+            Ok((identity, private))
+        }
         Err(rustls::Error::InconsistentKeys(_)) => Err(TlsError::Mismatch {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),

@@ -45,6 +45,10 @@ pub(super) struct Validator<'a> {
     /// Static endpoints (where, whose, what) to hold against the node's own listeners
     /// once every listener is known.
     endpoints: Vec<(Range<usize>, String, SocketAddr)>,
+    /// What the file allows but an operator must hear about (`Config::cautions`).
+    cautions: Vec<ConfigError>,
+    /// The system's CA certificates, read once per load when a service needs them.
+    system_roots: Option<std::sync::Arc<rustls::RootCertStore>>,
     /// Protos compiled so far, so routes sharing them compile (and report) them once.
     pub(super) protos: super::translate::ProtoCache,
 }
@@ -80,6 +84,8 @@ pub fn validate_for(
         dns_silent: false,
         rate_groups: HashMap::new(),
         endpoints: Vec::new(),
+        cautions: Vec::new(),
+        system_roots: None,
         protos: Default::default(),
     };
     let mut config = v.config(path, file);
@@ -118,6 +124,8 @@ pub fn admin_address(path: &Path, src: &str) -> Result<SocketAddr, ConfigErrors>
         dns_silent: false,
         rate_groups: HashMap::new(),
         endpoints: Vec::new(),
+        cautions: Vec::new(),
+        system_roots: None,
         protos: Default::default(),
     };
     let addr = match file.listen.and_then(|l| l.admin) {
@@ -145,6 +153,19 @@ impl Validator<'_> {
             Purpose::Run => self.errors.push(e),
             Purpose::Check => self.warnings.push(e),
         }
+    }
+
+    /// Something the file may do but an operator must hear about at every load.
+    pub(super) fn caution(&mut self, span: Range<usize>, ctx: &str, msg: impl Into<String>) {
+        let e = self.loc.error(span, ctx, msg);
+        self.cautions.push(e);
+    }
+
+    /// The system's CA certificates, read on first use in this load.
+    pub(super) fn system_roots(&mut self) -> std::sync::Arc<rustls::RootCertStore> {
+        self.system_roots
+            .get_or_insert_with(super::upstream_tls::system_roots)
+            .clone()
     }
 
     /// Loaded for `busbar check` only: what the host lacks may be stood in for.
@@ -245,6 +266,7 @@ impl Validator<'_> {
             routes,
             translations,
             splits,
+            cautions: std::mem::take(&mut self.cautions),
         }
     }
 
@@ -443,10 +465,15 @@ impl Validator<'_> {
         }
         let protocol = match s.protocol.as_ref().map(|p| p.get_ref().as_str()) {
             None | Some("http1") => Protocol::Http1,
+            Some("https") => Protocol::Https,
             Some("h2c") => Protocol::H2c,
             Some(_) => {
                 let span = s.protocol.as_ref().map_or(0..0, |p| p.span());
-                self.err(span, ctx, "protocol must be \"http1\" or \"h2c\"");
+                self.err(
+                    span,
+                    ctx,
+                    "protocol must be \"http1\", \"https\" or \"h2c\"",
+                );
                 Protocol::Http1
             }
         };
@@ -540,6 +567,7 @@ impl Validator<'_> {
             });
         }
         let registration = s.registration.as_ref().is_some_and(|r| *r.get_ref());
+        let tls = self.upstream_tls(s.tls.as_ref(), protocol, registration, ctx);
         let dns_srv = s.discovery.as_ref().and_then(|d| {
             let name = d.dns_srv.get_ref();
             if split_host_port(&format!("{name}:1")).is_some() {
@@ -630,6 +658,7 @@ impl Validator<'_> {
             max_in_flight: self
                 .int(&s.max_in_flight, ctx, 1, 1_000_000)
                 .map(|n| n as u32),
+            tls,
         })
     }
 

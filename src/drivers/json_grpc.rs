@@ -734,7 +734,10 @@ async fn transcode_error(
 fn translated(cause: Cause) -> (u16, u32) {
     let code = match cause {
         Cause::NoRoute => 5,
-        Cause::NoHealthyInstance | Cause::ConnectFailed | Cause::UpstreamError => 14,
+        Cause::NoHealthyInstance
+        | Cause::ConnectFailed
+        | Cause::UpstreamCertificate
+        | Cause::UpstreamError => 14,
         Cause::UpstreamTimeout | Cause::BodyTimeout => 4,
         Cause::BodyTooLarge => 8,
         Cause::BadRequest | Cause::DuplicateAuthorization | Cause::AmbiguousPath => 3,

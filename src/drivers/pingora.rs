@@ -74,6 +74,18 @@ fn upstream_error(cause: Cause) -> Box<Error> {
     e
 }
 
+/// Did pingora's TLS connect fail on the instance's certificate? pingora keeps only
+/// rustls's message ("invalid peer certificate: …") in the error's context.
+fn certificate_rejected(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert
+    ) && e
+        .context
+        .as_ref()
+        .is_some_and(|c| c.as_str().contains("invalid peer certificate"))
+}
+
 /// Is this upstream error pingora's verdict on an answer it cannot frame: a bad head or
 /// `Content-Length`, a bad chunk or trailer section?
 fn malformed(e: &Error) -> bool {
@@ -246,7 +258,21 @@ impl ProxyHttp for BusbarProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let t = self.phases.begin_try(ctx).map_err(upstream_error)?;
-        let mut peer = HttpPeer::new(t.addr, false, String::new());
+        let tls = t.tls.as_deref();
+        // pingora verifies nothing when the SNI is empty (nginx's behaviour): an
+        // instance without a name is asked for by its IP address, which its certificate
+        // must list (`model::TlsPeer`).
+        let sni = tls.map_or_else(String::new, |p| p.sni.clone());
+        let mut peer = HttpPeer::new(t.addr, tls.is_some(), sni);
+        if let Some(p) = tls {
+            let c = &p.config;
+            // Per peer, pingora builds the client configuration again for each new
+            // connection: no session resumption on this path (the own engine has it).
+            peer.client_cert_key = c.client_cert.clone();
+            peer.options.ca = c.ca.clone();
+            peer.options.verify_cert = !c.insecure_skip_verify;
+            peer.options.verify_hostname = !c.insecure_skip_verify;
+        }
         let opts = &mut peer.options;
         opts.connection_timeout = Some(t.connect_timeout);
         opts.read_timeout = Some(t.read_timeout);
@@ -271,7 +297,12 @@ impl ProxyHttp for BusbarProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         let timed_out = matches!(e.etype(), ErrorType::ConnectTimedout);
-        e.set_retry(self.phases.on_connect_failure(ctx, timed_out));
+        let retry = if certificate_rejected(&e) {
+            self.phases.on_certificate_failure(ctx)
+        } else {
+            self.phases.on_connect_failure(ctx, timed_out)
+        };
+        e.set_retry(retry);
         e
     }
 

@@ -1,7 +1,8 @@
 //! The background health checker: probes instances, ends ejections whose time is up,
 //! recomputes panic mode and the instance gauges.
 //!
-//! Owns: probe scheduling and the probes themselves (HTTP/1.1, h2c, TCP).
+//! Owns: probe scheduling and the probes themselves (HTTP/1.1, h2c, TCP; over TLS, with
+//! the service's TLS client, for instances reached over TLS).
 //! Must not: block the request path; it only writes the atomics in `InstanceHealth`.
 
 use std::collections::HashMap;
@@ -12,13 +13,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use crate::config::{HealthCheck, ProbeKind, Protocol};
 use crate::model::health::{now_ms, HealthState, Transition};
-use crate::model::{Instance, Service};
+use crate::model::{Instance, Service, TlsPeer};
 use crate::snapshot::State;
 
 /// How often the checker looks at every instance (ejection expiry, due probes).
@@ -130,7 +131,7 @@ async fn probe_sidecar(svc: Arc<Service>, inst: Arc<Instance>, hc: HealthCheck) 
     let Some((addr, state)) = &inst.sidecar else {
         return;
     };
-    let ok = probe(*addr, &hc, svc.config.protocol).await;
+    let ok = probe(*addr, &hc, svc.config.protocol, inst.tls.as_deref()).await;
     match state.record_probe(ok, hc.healthy_threshold, hc.unhealthy_threshold, now_ms()) {
         Some(true) => tracing::info!(service = svc.name(), instance = %inst.id, sidecar = %addr,
             hold_down = ?svc.config.hold_down, "sidecar passed its probes: back after the hold-down"),
@@ -141,7 +142,7 @@ async fn probe_sidecar(svc: Arc<Service>, inst: Arc<Instance>, hc: HealthCheck) 
 }
 
 async fn probe_and_record(svc: Arc<Service>, inst: Arc<Instance>, hc: HealthCheck) {
-    let ok = probe(inst.addr, &hc, svc.config.protocol).await;
+    let ok = probe(inst.addr, &hc, svc.config.protocol, inst.tls.as_deref()).await;
     match inst
         .health
         .record_probe(ok, hc.healthy_threshold, hc.unhealthy_threshold)
@@ -158,14 +159,36 @@ async fn probe_and_record(svc: Arc<Service>, inst: Arc<Instance>, hc: HealthChec
     }
 }
 
-/// One probe: true if the instance answered as expected within the timeout.
-pub async fn probe(addr: SocketAddr, hc: &HealthCheck, protocol: Protocol) -> bool {
+/// One probe: true if the instance answered as expected within the timeout. An instance
+/// reached over TLS is probed over TLS (a TCP probe included: as Envoy's health checks
+/// use the cluster's transport socket, a certificate that fails verification fails the
+/// probe).
+pub async fn probe(
+    addr: SocketAddr,
+    hc: &HealthCheck,
+    protocol: Protocol,
+    tls: Option<&TlsPeer>,
+) -> bool {
     let attempt = async {
         let stream = TcpStream::connect(addr).await.ok()?;
-        match (&hc.kind, protocol) {
-            (ProbeKind::Tcp, _) => Some(true),
-            (ProbeKind::Http { path }, Protocol::Http1) => http1_status(stream, addr, path).await,
-            (ProbeKind::Http { path }, Protocol::H2c) => h2c_status(stream, addr, path).await,
+        let Some(tls) = tls else {
+            return match (&hc.kind, protocol) {
+                (ProbeKind::Tcp, _) => Some(true),
+                (ProbeKind::Http { path }, Protocol::H2c) => h2c_status(stream, addr, path).await,
+                (ProbeKind::Http { path }, _) => http1_status(stream, &addr, path).await,
+            };
+        };
+        let connector = tokio_rustls::TlsConnector::from(tls.config.client.clone());
+        let stream = match connector.connect(tls.name.clone(), stream).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(instance = %addr, "health probe: TLS handshake failed: {e}");
+                return None;
+            }
+        };
+        match &hc.kind {
+            ProbeKind::Tcp => Some(true),
+            ProbeKind::Http { path } => http1_status(stream, &tls.sni, path).await,
         }
     };
     matches!(
@@ -175,11 +198,16 @@ pub async fn probe(addr: SocketAddr, hc: &HealthCheck, protocol: Protocol) -> bo
 }
 
 /// Sends `GET path` over HTTP/1.1 and reports whether the status is 2xx.
-async fn http1_status(mut s: TcpStream, addr: SocketAddr, path: &str) -> Option<bool> {
+async fn http1_status(
+    mut s: impl AsyncRead + AsyncWrite + Unpin,
+    host: &(dyn std::fmt::Display + Sync),
+    path: &str,
+) -> Option<bool> {
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: busbar-health\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: busbar-health\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.ok()?;
+    s.flush().await.ok()?;
     let mut buf = [0u8; 16];
     let mut n = 0;
     while n < 12 {

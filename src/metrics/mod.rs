@@ -661,6 +661,8 @@ pub struct ServiceMetrics {
     pub timeouts: IntCounter,
     /// Answers busbar could not frame (`drivers::h1::framing`), refused or cut off.
     pub malformed: IntCounter,
+    /// Instances whose TLS certificate failed verification (also connect failures).
+    pub certificate_failures: IntCounter,
     pub no_instance: IntCounter,
     pub retries: IntCounter,
     pub budget_exhausted: IntCounter,
@@ -699,6 +701,9 @@ impl ServiceMetrics {
             pool_idle: m.pool_idle.with_label_values(&[service]),
             timeouts: m.upstream_errors.with_label_values(&[service, "timeout"]),
             malformed: m.upstream_errors.with_label_values(&[service, "malformed"]),
+            certificate_failures: m
+                .upstream_errors
+                .with_label_values(&[service, "certificate"]),
             no_instance: m
                 .upstream_errors
                 .with_label_values(&[service, "no_healthy_instance"]),

@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 
-use crate::config::ServiceConfig;
+use rustls::pki_types::ServerName;
+
+use crate::config::{Protocol, ServiceConfig, UpstreamTls};
 use crate::metrics::ServiceMetrics;
 use crate::model::balance::Balancer;
 use crate::model::health::{now_ms, InstanceHealth};
@@ -46,6 +48,59 @@ pub struct Instance {
     pub dns: Option<Arc<str>>,
     /// Its SRV priority (lower first; the others are fallback); 0 for the rest.
     pub priority: u16,
+    /// Reached over TLS (its app port and its sidecar alike): how. `None`: plaintext.
+    pub tls: Option<Arc<TlsPeer>>,
+}
+
+/// How one instance is reached over TLS: its service's settings and the name it is asked
+/// for. Built with the instance, so a connect only clones what is here.
+#[derive(Debug)]
+pub struct TlsPeer {
+    /// The service's TLS client (CA, client certificate, verification).
+    pub config: Arc<UpstreamTls>,
+    /// The SNI sent and the name its certificate must carry: `server_name`, else the
+    /// endpoint's host name, else the instance's IP address (no SNI is sent for an IP;
+    /// the certificate must list it).
+    pub name: ServerName<'static>,
+    /// `name` as text, for pingora's peer (which reads an IP address back as one).
+    pub sni: String,
+    /// Tells the own engine's pooled connections apart: one made for another name or
+    /// another configuration at the same address is never handed out for this one.
+    pub pool_key: u64,
+}
+
+impl TlsPeer {
+    /// The TLS way to an instance at `addr` of a service whose TLS client is `config`;
+    /// `host` is the endpoint's host name when it was written as one.
+    pub fn new(config: &Arc<UpstreamTls>, host: Option<&str>, addr: SocketAddr) -> TlsPeer {
+        let name = config
+            .server_name
+            .clone()
+            .or_else(|| {
+                host.and_then(|h| ServerName::try_from(h).ok())
+                    .map(|n| n.to_owned())
+            })
+            .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
+        let sni = match &name {
+            ServerName::DnsName(d) => d.as_ref().to_string(),
+            ServerName::IpAddress(_) => addr.ip().to_string(),
+            _ => String::new(),
+        };
+        let pool_key = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            config.id.hash(&mut h);
+            sni.hash(&mut h);
+            // Never 0: the pool's key for plaintext.
+            h.finish() | 1
+        };
+        TlsPeer {
+            config: config.clone(),
+            name,
+            sni,
+            pool_key,
+        }
+    }
 }
 
 impl Instance {
@@ -243,8 +298,18 @@ impl Service {
                 .unwrap_or_default();
             Some((addr, state))
         };
+        // An https service's instances are all reached over TLS; an http1 one's only
+        // those that registered saying so (the service's `tls` is built for those).
+        let https = config.protocol == Protocol::Https;
+        let tls_to = |on: bool, host: Option<&str>, addr: SocketAddr| {
+            let config = config.tls.as_ref().filter(|_| on)?;
+            Some(Arc::new(TlsPeer::new(config, host, addr)))
+        };
         let mut out: Vec<Arc<Instance>> = Vec::with_capacity(config.endpoints.len());
-        let mut push = |addr: SocketAddr, weight: u32, dns: Option<&Arc<str>>, priority: u16| {
+        let mut push = |addr: SocketAddr,
+                        weight: u32,
+                        dns: Option<(&Arc<str>, Option<&str>)>,
+                        priority: u16| {
             let id = addr.to_string();
             out.push(Arc::new(Instance {
                 health: health_of(&id, addr),
@@ -253,7 +318,8 @@ impl Service {
                 weight,
                 registration: None,
                 sidecar: None,
-                dns: dns.cloned(),
+                tls: tls_to(https, dns.and_then(|(_, host)| host), addr),
+                dns: dns.map(|(name, _)| name.clone()),
                 priority,
             }));
         };
@@ -263,7 +329,7 @@ impl Service {
                 // A name not resolved yet has no instance: nothing is known to route to.
                 (None, Some(d)) => {
                     for t in resolved.get(&d.text).map_or(&[][..], |a| &a[..]) {
-                        push(t.addr, e.weight, Some(&d.text), 0);
+                        push(t.addr, e.weight, Some((&d.text, Some(&d.host))), 0);
                     }
                 }
                 (None, None) => {}
@@ -271,13 +337,20 @@ impl Service {
         }
         if let Some(srv) = &config.dns_srv {
             for t in resolved.get(srv).map_or(&[][..], |a| &a[..]) {
-                // SRV weight 0 means "rarely", not "never" (RFC 2782).
-                push(t.addr, t.weight.unwrap_or(1).max(1), Some(srv), t.priority);
+                // SRV weight 0 means "rarely", not "never" (RFC 2782). The SRV target's
+                // name is not kept: TLS to it is asked for by `server_name` or by IP.
+                push(
+                    t.addr,
+                    t.weight.unwrap_or(1).max(1),
+                    Some((srv, None)),
+                    t.priority,
+                );
             }
         }
         if config.registration {
             out.extend(registered.iter().map(|r| {
                 Arc::new(Instance {
+                    tls: tls_to(https || r.tls == Some(true), None, r.address),
                     health: health_of(&r.id, r.address),
                     id: r.id.clone(),
                     addr: r.address,

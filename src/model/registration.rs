@@ -24,4 +24,9 @@ pub struct Registration {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
     pub ttl_secs: u64,
+    /// The instance said whether it speaks TLS (`"tls": true`): reached over TLS with its
+    /// service's `[service.tls]` settings. `None`: it did not say (its service's
+    /// `protocol` decides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<bool>,
 }

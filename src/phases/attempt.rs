@@ -25,6 +25,8 @@ pub(crate) struct Try {
     pub addr: std::net::SocketAddr,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// The instance is reached over TLS: how (`model::TlsPeer`).
+    pub tls: Option<std::sync::Arc<crate::model::TlsPeer>>,
 }
 
 impl Phases {
@@ -59,12 +61,14 @@ impl Phases {
         crate::otel::try_begin(ctx, idx, addr);
         ctx.path = path;
         ctx.last_addr = Some(addr);
+        let tls = instance.tls.clone();
         ctx.instance = Some(instance);
         ctx.upstream_start = Some(now);
         Ok(Try {
             addr,
             connect_timeout: svc.config.connect_timeout.min(remaining),
             read_timeout: svc.config.read_timeout.min(remaining),
+            tls,
         })
     }
 
@@ -98,6 +102,18 @@ impl Phases {
         });
         // Nothing reached the upstream: any method may be retried.
         self.may_retry(ctx)
+    }
+
+    /// A try's TLS handshake failed because the instance's certificate did not verify
+    /// (unknown issuer, wrong name, expired): a connect failure (nothing was sent; retried
+    /// elsewhere as one), answered with its own reason if it is the last.
+    pub(crate) fn on_certificate_failure(&self, ctx: &mut RequestCtx) -> bool {
+        if let Some(route) = &ctx.route {
+            route.service.metrics.certificate_failures.inc();
+        }
+        let retry = self.on_connect_failure(ctx, false);
+        ctx.cause = Some(Cause::UpstreamCertificate);
+        retry
     }
 
     /// A connected try failed before its response was complete. Counts an upstream fault

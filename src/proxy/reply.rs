@@ -16,6 +16,8 @@ pub enum Cause {
     BodyTooLarge,
     NoHealthyInstance,
     ConnectFailed,
+    /// The instance's TLS certificate failed verification (a connect failure).
+    UpstreamCertificate,
     UpstreamTimeout,
     UpstreamError,
     BadRequest,
@@ -37,7 +39,7 @@ impl Cause {
             Cause::NoRoute => 404,
             Cause::BodyTooLarge => 413,
             Cause::NoHealthyInstance => 503,
-            Cause::ConnectFailed | Cause::UpstreamError => 502,
+            Cause::ConnectFailed | Cause::UpstreamCertificate | Cause::UpstreamError => 502,
             Cause::UpstreamTimeout => 504,
             Cause::BadRequest | Cause::DuplicateAuthorization | Cause::AmbiguousPath => 400,
             Cause::BodyTimeout => 408,
@@ -52,6 +54,7 @@ impl Cause {
             Cause::BodyTooLarge => "body_too_large",
             Cause::NoHealthyInstance => "no_healthy_instance",
             Cause::ConnectFailed => "connect_failed",
+            Cause::UpstreamCertificate => "upstream_certificate_rejected",
             Cause::UpstreamTimeout => "upstream_timeout",
             Cause::UpstreamError => "upstream_error",
             Cause::BadRequest => "bad_request",
@@ -71,6 +74,9 @@ impl Cause {
             Cause::BodyTooLarge => "the request body is larger than this route allows",
             Cause::NoHealthyInstance => "the service has no healthy instance",
             Cause::ConnectFailed => "could not connect to any instance of the service",
+            Cause::UpstreamCertificate => {
+                "certificate verification failed: the instance's TLS certificate is not trusted for its name (see the service's tls.ca_file and tls.server_name)"
+            }
             Cause::UpstreamTimeout => "the upstream did not answer in time",
             Cause::UpstreamError => "the upstream connection failed before a complete response",
             Cause::BadRequest => "the request is malformed",

@@ -95,6 +95,8 @@ struct RegisterBody {
     metadata: BTreeMap<String, String>,
     /// Seconds.
     ttl: Option<u64>,
+    /// The instance speaks TLS on its ports (its service's `[service.tls]` applies).
+    tls: Option<bool>,
 }
 
 pub struct RegistrationApi {
@@ -259,6 +261,34 @@ impl RegistrationApi {
         }
     }
 
+    /// Whether the instance's `tls` fits its service: the service's `protocol` is the
+    /// floor (an instance of an `https` service cannot ask for plaintext: the operator
+    /// asked for TLS), and TLS is HTTP/1.1 over TLS (an `h2c` service's instances speak
+    /// cleartext h2).
+    fn check_tls(&self, reg: &Registration) -> Result<(), Response<Vec<u8>>> {
+        let snap = self.state.load();
+        let Some(svc) = snap.service(&reg.service) else {
+            return Ok(());
+        };
+        match (svc.config.protocol, reg.tls) {
+            (crate::config::Protocol::Https, Some(false)) => Err(bad_field(
+                "tls",
+                format!(
+                    "service \"{}\" is protocol = \"https\": its instances are reached over TLS",
+                    reg.service
+                ),
+            )),
+            (crate::config::Protocol::H2c, Some(true)) => Err(bad_field(
+                "tls",
+                format!(
+                    "service \"{}\" is protocol = \"h2c\": h2 over TLS to instances is not supported",
+                    reg.service
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether `addr` reaches the registration listener where it is now: a reload may
     /// have moved it since `listeners` (the ones fixed until a restart) was made.
     fn registration_listener_at(&self, addr: SocketAddr) -> bool {
@@ -386,6 +416,7 @@ impl RegistrationApi {
             version: b.version,
             metadata: b.metadata,
             ttl_secs: ttl.as_secs(),
+            tls: b.tls,
         })
     }
 
@@ -417,6 +448,7 @@ impl RegistrationApi {
                             }).unwrap_or("direct"),
                             "path_reason": i.sidecar.as_ref().map(|(_, s)| if s.is_up() { "sidecar healthy or in hold-down" } else { "sidecar down" }),
                             "weight": i.weight,
+                            "tls": i.tls.is_some(),
                             "zone": i.registration.as_ref().and_then(|r| r.zone.clone()),
                             "version": i.registration.as_ref().and_then(|r| r.version.clone()),
                             "metadata": i.registration.as_ref().map(|r| json!(r.metadata)),
@@ -513,6 +545,7 @@ impl RegistrationApi {
                 let default_ttl = self.state.load().config.registry.default_ttl;
                 let reg = parse_registration(s, id, &body, default_ttl)?;
                 self.check_addresses(&reg, &scope)?;
+                self.check_tls(&reg)?;
                 let ttl = reg.ttl_secs;
                 let r = self.writer.register(reg).await.map(|()| {
                     json!({ "status": "registered", "service": s, "id": id, "ttl": ttl, "heartbeat_every": heartbeat_every(ttl) })

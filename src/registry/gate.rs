@@ -207,6 +207,7 @@ mod tests {
             version: None,
             metadata: Default::default(),
             ttl_secs: 30,
+            tls: None,
         }
     }
 

@@ -70,6 +70,7 @@ mod tests {
             version: None,
             metadata: Default::default(),
             ttl_secs: 10,
+            tls: None,
         };
         save(&p, std::slice::from_ref(&r)).unwrap();
         assert_eq!(load(&p).unwrap(), vec![r]);

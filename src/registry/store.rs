@@ -409,6 +409,7 @@ mod tests {
             version: None,
             metadata: BTreeMap::new(),
             ttl_secs: ttl,
+            tls: None,
         }
     }
 

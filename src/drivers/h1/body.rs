@@ -17,11 +17,11 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::client::ClientStream;
 use super::framing::ChunkScan;
+use super::pool::Conn;
 use super::request::BodyFraming;
 use crate::base::deadline::within;
 use crate::phases::pace::BodyPace;
@@ -231,7 +231,7 @@ impl<S: ClientStream> Streamer<'_, S> {
     /// answers early (and stops reading) is heard at once, not after a write timeout.
     pub(super) async fn pump(
         &mut self,
-        up: &mut TcpStream,
+        up: &mut Conn,
         resp: &mut Vec<u8>,
         write_limit: Duration,
     ) -> Result<Pumped, PumpFail> {
@@ -264,31 +264,62 @@ impl<S: ClientStream> Streamer<'_, S> {
                 self.conn.extend_from_slice(&self.chunk[take..n]);
             }
             self.started = true;
-            let (mut r, mut w) = up.split();
-            let mut off = 0;
-            while off < take {
-                tokio::select! {
-                    biased;
-                    got = r.read_buf(resp) => {
-                        return match got {
-                            Ok(k) if k > 0 => Ok(Pumped::Spoke),
-                            _ => Err(PumpFail::Upstream { timed_out: false }),
-                        };
-                    }
-                    wrote = within(write_limit, w.write(&self.chunk[off..take])) => match wrote {
-                        Ok(Ok(k)) if k > 0 => off += k,
-                        Ok(_) => return Err(PumpFail::Upstream { timed_out: false }),
-                        Err(_) => return Err(PumpFail::Upstream { timed_out: true }),
-                    },
+            let chunk = &self.chunk[..take];
+            let spoke = match up {
+                Conn::Plain(tcp) => {
+                    let (r, w) = tcp.split();
+                    write_racing(r, w, chunk, resp, write_limit).await?
                 }
+                // A TLS session is one object: its halves share it through a lock.
+                Conn::Tls(tls) => {
+                    let (r, w) = tokio::io::split(&mut **tls);
+                    write_racing(r, w, chunk, resp, write_limit).await?
+                }
+            };
+            if spoke {
+                return Ok(Pumped::Spoke);
             }
         }
-        Ok(Pumped::Sent)
+        // What a TLS session still holds of the body goes out (a no-op on TCP).
+        match within(write_limit, up.flush()).await {
+            Ok(Ok(())) => Ok(Pumped::Sent),
+            Ok(Err(_)) => Err(PumpFail::Upstream { timed_out: false }),
+            Err(_) => Err(PumpFail::Upstream { timed_out: true }),
+        }
     }
 }
 
+/// Writes `chunk` upstream through `w` while reading `r` for an answer; `Ok(true)`: the
+/// upstream spoke first (its bytes in `resp`), `Ok(false)`: the chunk has gone.
+async fn write_racing(
+    mut r: impl AsyncRead + Unpin,
+    mut w: impl AsyncWrite + Unpin,
+    chunk: &[u8],
+    resp: &mut Vec<u8>,
+    write_limit: Duration,
+) -> Result<bool, PumpFail> {
+    let mut off = 0;
+    while off < chunk.len() {
+        tokio::select! {
+            biased;
+            got = r.read_buf(resp) => {
+                return match got {
+                    Ok(k) if k > 0 => Ok(true),
+                    _ => Err(PumpFail::Upstream { timed_out: false }),
+                };
+            }
+            wrote = within(write_limit, w.write(&chunk[off..])) => match wrote {
+                Ok(Ok(k)) if k > 0 => off += k,
+                Ok(_) => return Err(PumpFail::Upstream { timed_out: false }),
+                Err(_) => return Err(PumpFail::Upstream { timed_out: true }),
+            },
+        }
+    }
+    Ok(false)
+}
+
 /// Reads what the upstream sends into `resp`: `Ok` for bytes, an error for a close.
-async fn read_up(up: &mut TcpStream, resp: &mut Vec<u8>) -> Result<(), PumpFail> {
+async fn read_up(up: &mut Conn, resp: &mut Vec<u8>) -> Result<(), PumpFail> {
     if resp.capacity() - resp.len() < 512 {
         resp.reserve(4096);
     }

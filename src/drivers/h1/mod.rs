@@ -1,8 +1,9 @@
 //! busbar's own HTTP/1 engine for the everyday request: a plaintext HTTP/1.1 or HTTP/1.0
 //! request, with or without a body (`Content-Length` or chunked, `Expect:
-//! 100-continue`), on a route that proxies to an HTTP/1 service with no translation
-//! (admission included). Everything else (upgrades, other expectations or transfer
-//! codings, translating routes, h2c services) goes to the pingora driver, unchanged.
+//! 100-continue`), on a route that proxies to an HTTP/1 service (cleartext or `https`: the
+//! upstream connection is then TLS, `upstream::connect`) with no translation (admission
+//! included). Everything else (upgrades, other expectations or transfer codings,
+//! translating routes, h2c services) goes to the pingora driver, unchanged.
 //!
 //! pingora 0.9's proxy loop costs several times what a plain tokio proxy costs per
 //! request here (measured in `load-tests/RESULTS.md`): a boxed future per phase, two
@@ -117,8 +118,11 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
     let route = match found {
         None => None,
         Some((route, fallback)) => {
-            let plain = route.service.config.protocol == Protocol::Http1
-                && !crate::translate::translates(&snapshot, &route);
+            // https services too: the upstream connection is TLS (`upstream::connect`).
+            let plain = matches!(
+                route.service.config.protocol,
+                Protocol::Http1 | Protocol::Https
+            ) && !crate::translate::translates(&snapshot, &route);
             if !plain {
                 return None;
             }
@@ -392,7 +396,7 @@ async fn exchange<S: ClientStream>(
     let mut buf = Vec::with_capacity(BUF);
     // The response head for the client, and the first of its body: one write.
     let mut out = Vec::with_capacity(512);
-    let (mut up, addr, mut head) = loop {
+    let (mut up, key, mut head) = loop {
         let t = match phases.begin_try(ctx) {
             Ok(t) => t,
             Err(cause) => return down.answer(ctx, cause, false).await,
@@ -430,8 +434,9 @@ async fn exchange<S: ClientStream>(
             }
         };
         let retry = match tried {
-            Ok((up, head)) => break (up, t.addr, head),
+            Ok((up, head)) => break (up, pool::Key::of(&t), head),
             Err(TryFail::Connect { timed_out }) => phases.on_connect_failure(ctx, timed_out),
+            Err(TryFail::Certificate) => phases.on_certificate_failure(ctx),
             // Sent again only while the whole body is still held.
             Err(TryFail::Trip { timed_out }) => {
                 phases.on_try_failure(ctx, true, timed_out, ask.idempotent && !started, false)
@@ -583,7 +588,7 @@ async fn exchange<S: ClientStream>(
     }
     phases.on_response_health(ctx, head.status);
     if head.reusable && !extra {
-        pool::give_back(addr, up);
+        pool::give_back(key, up);
     }
     Served {
         status,

@@ -1,7 +1,9 @@
 //! Idle upstream HTTP/1.1 connections of busbar's own HTTP/1 path (`drivers::h1`), per thread.
 //!
-//! Owns: keeping a connection whose response ended cleanly for the next request to the
-//! same address, and telling a live one from one the upstream has closed meanwhile.
+//! Owns: the upstream stream type ([`Conn`]: plaintext or TLS), keeping a connection
+//! whose response ended cleanly for the next request to the same address (and, for TLS,
+//! the same name and configuration: [`Key`]), and telling a live one from one the
+//! upstream has closed meanwhile.
 //! Must not: decide which instance to use (the phases do), or keep more than
 //! [`MAX_IDLE_PER_ADDR`] connections per address or any of them past [`IDLE`].
 //!
@@ -17,12 +19,137 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+/// An upstream connection: plaintext, or TLS (`protocol = "https"`, `"tls": true`).
+pub enum Conn {
+    Plain(TcpStream),
+    /// Boxed: a TLS session's state is large, and most connections are plaintext.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Conn {
+    /// Is this idle connection still open, with nothing unread on it? A read that would
+    /// block says yes; an EOF, stray bytes or an error say no. On TLS the read goes
+    /// through the session (never a raw socket read, which would eat record bytes), so
+    /// what the server sent meanwhile that is not data (a session ticket) is taken in
+    /// and the connection stays usable; a `close_notify` reads as the EOF.
+    fn alive(&mut self) -> bool {
+        match self {
+            Conn::Plain(s) => {
+                let mut probe = [0u8; 1];
+                matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            Conn::Tls(s) => {
+                let mut probe = [0u8; 1];
+                let mut buf = ReadBuf::new(&mut probe);
+                let mut cx = Context::from_waker(Waker::noop());
+                Pin::new(&mut **s).poll_read(&mut cx, &mut buf).is_pending()
+            }
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Which idle connections a try may take: the instance's address, and for TLS the
+/// instance's name and its service's configuration (`model::TlsPeer::pool_key`; 0 for
+/// plaintext), so a connection is never reused for a peer it was not verified for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub addr: SocketAddr,
+    pub tls: u64,
+}
+
+impl Key {
+    /// The key of a try's connections.
+    pub(crate) fn of(t: &crate::phases::Try) -> Key {
+        Key {
+            addr: t.addr,
+            tls: t.tls.as_ref().map_or(0, |p| p.pool_key),
+        }
+    }
+
+    /// The key of an instance's app-port connections.
+    fn of_instance(i: &crate::model::Instance) -> Key {
+        Key {
+            addr: i.addr,
+            tls: i.tls.as_ref().map_or(0, |p| p.pool_key),
+        }
+    }
+}
+
+impl From<SocketAddr> for Key {
+    fn from(addr: SocketAddr) -> Key {
+        Key { addr, tls: 0 }
+    }
+}
 
 /// Most idle connections kept per upstream address (per thread).
 pub const MAX_IDLE_PER_ADDR: usize = 256;
@@ -35,20 +162,20 @@ const SWEEP_EVERY: u32 = 1024;
 
 /// One address's idle connections in one thread's pool.
 struct Idle {
-    conns: VecDeque<(TcpStream, Instant)>,
+    conns: VecDeque<(Conn, Instant)>,
     /// The address's idle connections over every thread (`busbar_upstream_idle_connections`).
     count: Arc<AtomicI64>,
 }
 
 impl Idle {
-    fn new(addr: SocketAddr) -> Idle {
+    fn new(key: Key) -> Idle {
         Idle {
             conns: VecDeque::new(),
-            count: counter(addr),
+            count: counter(key),
         }
     }
 
-    fn pop_front(&mut self) -> Option<(TcpStream, Instant)> {
+    fn pop_front(&mut self) -> Option<(Conn, Instant)> {
         let c = self.conns.pop_front();
         if c.is_some() {
             self.count.fetch_sub(1, Relaxed);
@@ -56,7 +183,7 @@ impl Idle {
         c
     }
 
-    fn pop_back(&mut self) -> Option<(TcpStream, Instant)> {
+    fn pop_back(&mut self) -> Option<(Conn, Instant)> {
         let c = self.conns.pop_back();
         if c.is_some() {
             self.count.fetch_sub(1, Relaxed);
@@ -64,7 +191,7 @@ impl Idle {
         c
     }
 
-    fn push_back(&mut self, c: (TcpStream, Instant)) {
+    fn push_back(&mut self, c: (Conn, Instant)) {
         self.conns.push_back(c);
         self.count.fetch_add(1, Relaxed);
     }
@@ -73,16 +200,15 @@ impl Idle {
 /// Every address's count of idle connections, shared by the threads that pool
 /// connections to it. Weak: an address no thread pools to any more is dropped by
 /// [`sample`]. Locked only when a thread starts pooling to an address, and by [`sample`].
-static COUNTS: LazyLock<Mutex<HashMap<SocketAddr, Weak<AtomicI64>>>> =
-    LazyLock::new(Default::default);
+static COUNTS: LazyLock<Mutex<HashMap<Key, Weak<AtomicI64>>>> = LazyLock::new(Default::default);
 
-fn counter(addr: SocketAddr) -> Arc<AtomicI64> {
+fn counter(key: Key) -> Arc<AtomicI64> {
     let mut all = COUNTS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(c) = all.get(&addr).and_then(Weak::upgrade) {
+    if let Some(c) = all.get(&key).and_then(Weak::upgrade) {
         return c;
     }
     let c = Arc::new(AtomicI64::new(0));
-    all.insert(addr, Arc::downgrade(&c));
+    all.insert(key, Arc::downgrade(&c));
     c
 }
 
@@ -96,7 +222,7 @@ pub fn sample(snapshot: &crate::snapshot::Snapshot) {
             .instances()
             .instances
             .iter()
-            .filter_map(|i| all.get(&i.addr).and_then(Weak::upgrade))
+            .filter_map(|i| all.get(&Key::of_instance(i)).and_then(Weak::upgrade))
             .map(|c| c.load(Relaxed))
             .sum();
         svc.metrics.pool_idle.set(idle);
@@ -108,7 +234,7 @@ struct Pool {
     /// Keyed by upstream addresses, which come from config and registrations, not
     /// from clients: foldhash instead of SipHash, whose cost showed in the profiles
     /// (`load-tests/RESULTS.md`).
-    idle: HashMap<SocketAddr, Idle, foldhash::fast::RandomState>,
+    idle: HashMap<Key, Idle, foldhash::fast::RandomState>,
     /// Give-backs since the last sweep.
     puts: u32,
 }
@@ -128,21 +254,14 @@ fn expire(idle: &mut Idle, now: Instant) {
     }
 }
 
-/// Is this idle connection still open, with nothing unread on it? A read that would
-/// block says yes; an EOF, stray bytes or an error say no.
-fn alive(s: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-}
-
-/// The most recently pooled live connection to `addr`, if any.
-pub fn take(addr: SocketAddr) -> Option<TcpStream> {
+/// The most recently pooled live connection under `key`, if any.
+pub fn take(key: Key) -> Option<Conn> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
-        let idle = p.idle.get_mut(&addr)?;
+        let idle = p.idle.get_mut(&key)?;
         let now = Instant::now();
-        while let Some((s, since)) = idle.pop_back() {
-            if now.duration_since(since) < IDLE && alive(&s) {
+        while let Some((mut s, since)) = idle.pop_back() {
+            if now.duration_since(since) < IDLE && s.alive() {
                 return Some(s);
             }
         }
@@ -150,12 +269,13 @@ pub fn take(addr: SocketAddr) -> Option<TcpStream> {
     })
 }
 
-/// Keeps `s` for the next request to `addr`; drops the oldest past the cap or the idle time.
-pub fn give_back(addr: SocketAddr, s: TcpStream) {
-    give_back_at(addr, s, Instant::now());
+/// Keeps `s` for the next request under `key`; drops the oldest past the cap or the
+/// idle time.
+pub fn give_back(key: Key, s: Conn) {
+    give_back_at(key, s, Instant::now());
 }
 
-fn give_back_at(addr: SocketAddr, s: TcpStream, now: Instant) {
+fn give_back_at(key: Key, s: Conn, now: Instant) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         p.puts += 1;
@@ -166,7 +286,7 @@ fn give_back_at(addr: SocketAddr, s: TcpStream, now: Instant) {
                 !idle.conns.is_empty()
             });
         }
-        let idle = p.idle.entry(addr).or_insert_with(|| Idle::new(addr));
+        let idle = p.idle.entry(key).or_insert_with(|| Idle::new(key));
         expire(idle, now);
         if idle.conns.len() >= MAX_IDLE_PER_ADDR {
             idle.pop_front();
@@ -186,6 +306,81 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
+    /// A TLS pair over loopback: busbar's side (trusting the server's self-signed
+    /// certificate) and the server's.
+    async fn tls_pair() -> (Conn, tokio_rustls::server::TlsStream<TcpStream>) {
+        use rustls::pki_types::{PrivateKeyDer, ServerName};
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![c.cert.der().clone()],
+                PrivateKeyDer::Pkcs8(c.signing_key.serialize_der().into()),
+            )
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(c.cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accept = async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio_rustls::TlsAcceptor::from(Arc::new(server))
+                .accept(tcp)
+                .await
+                .unwrap()
+        };
+        let connect = async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            tokio_rustls::TlsConnector::from(Arc::new(client))
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap()
+        };
+        let (server, client) = tokio::join!(accept, connect);
+        (Conn::Tls(Box::new(client)), server)
+    }
+
+    /// What a TLS server sends unasked (TLS 1.3 session tickets, after the handshake)
+    /// is taken in by the liveness check, not taken for stray data; a `close_notify` is
+    /// the close it is.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_tls_connection_is_live_until_the_upstream_closes_it() {
+        let key = Key {
+            addr: "127.0.0.1:12".parse().unwrap(),
+            tls: 7,
+        };
+        let (conn, mut server) = tls_pair().await;
+        // The tickets are on the wire by now.
+        server.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        give_back(key, conn);
+        let mut conn = take(key).expect("a live TLS connection, tickets and all");
+        // Still usable: a request and its answer go through.
+        conn.write_all(b"ping").await.unwrap();
+        conn.flush().await.unwrap();
+        let mut got = [0u8; 4];
+        tokio::io::AsyncReadExt::read_exact(&mut server, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(&got, b"ping");
+        give_back(key, conn);
+        assert!(
+            take(Key { tls: 0, ..key }).is_none(),
+            "a plaintext key never gets it"
+        );
+        server.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(take(key).is_none(), "closed by the upstream");
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn a_connection_the_upstream_closed_is_not_handed_out() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -194,18 +389,20 @@ mod tests {
         let (server_a, _) = listener.accept().await.unwrap();
         let b = TcpStream::connect(addr).await.unwrap();
         let (mut server_b, _) = listener.accept().await.unwrap();
-        give_back(addr, a);
-        give_back(addr, b);
+        give_back(addr.into(), Conn::Plain(a));
+        give_back(addr.into(), Conn::Plain(b));
         // b (the newest) is closed by its server; a is still open.
         server_b.shutdown().await.unwrap();
         drop(server_b);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let got = take(addr).expect("the open connection");
+        let Some(Conn::Plain(got)) = take(addr.into()) else {
+            panic!("the open connection")
+        };
         assert_eq!(
             got.local_addr().unwrap().port(),
             server_a.peer_addr().unwrap().port()
         );
-        assert!(take(addr).is_none(), "nothing else is pooled");
+        assert!(take(addr.into()).is_none(), "nothing else is pooled");
     }
 
     /// The count over threads follows what is pooled, taken, capped and expired.
@@ -214,12 +411,12 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut peers = Vec::new();
-        let key: SocketAddr = "127.0.0.1:11".parse().unwrap();
+        let key: Key = "127.0.0.1:11".parse::<SocketAddr>().unwrap().into();
         let now = Instant::now();
         for _ in 0..3 {
             let s = TcpStream::connect(addr).await.unwrap();
             peers.push(listener.accept().await.unwrap());
-            give_back_at(key, s, now);
+            give_back_at(key, Conn::Plain(s), now);
         }
         let count = counter(key);
         assert_eq!(count.load(Relaxed), 3);
@@ -228,7 +425,7 @@ mod tests {
         // Past the idle time: the next give-back expires the two.
         let s = TcpStream::connect(addr).await.unwrap();
         peers.push(listener.accept().await.unwrap());
-        give_back_at(key, s, now + IDLE);
+        give_back_at(key, Conn::Plain(s), now + IDLE);
         assert_eq!(count.load(Relaxed), 1);
     }
 
@@ -242,14 +439,14 @@ mod tests {
         let b = TcpStream::connect(addr).await.unwrap();
         let _peer_b = listener.accept().await.unwrap();
         // Keys stand for instances; the sockets only need to be real.
-        let left: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let busy: SocketAddr = "127.0.0.1:10".parse().unwrap();
+        let left: Key = "127.0.0.1:9".parse::<SocketAddr>().unwrap().into();
+        let busy: Key = "127.0.0.1:10".parse::<SocketAddr>().unwrap().into();
         let now = Instant::now();
-        give_back_at(left, a, now);
+        give_back_at(left, Conn::Plain(a), now);
         assert_eq!(addresses(), 1);
         // Later than IDLE: each give-back to `busy` is taken again; `left` is never asked for.
         let later = now + IDLE + Duration::from_secs(1);
-        let mut b = b;
+        let mut b = Conn::Plain(b);
         for _ in 0..SWEEP_EVERY {
             give_back_at(busy, b, later);
             b = take(busy).expect("the busy address's connection");

@@ -1,12 +1,13 @@
 //! The upstream side of one try on busbar's own engine: a pooled or new connection, the
 //! request head out, the response head in.
 //!
-//! Owns: connection reuse and the stale-connection case (a pooled connection the
-//! upstream had closed: the try goes again on a fresh one, for an idempotent request
-//! whose body is still all held), the head's deadline over the whole head, when a
-//! streaming body (`body::Streamer`) is pumped and when it stops (an answer before its
-//! end), and telling the orchestration how a try failed, in the words the phases'
-//! outcome calls take.
+//! Owns: the connect (TCP, then the TLS handshake for an instance reached over TLS, under
+//! one connect timeout), connection reuse and the stale-connection case (a pooled
+//! connection the upstream had closed: the try goes again on a fresh one, for an
+//! idempotent request whose body is still all held), the head's deadline over the whole
+//! head, when a streaming body (`body::Streamer`) is pumped and when it stops (an answer
+//! before its end), and telling the orchestration how a try failed, in the words the
+//! phases' outcome calls take.
 //! Must not: decide retries or count failures against instances (`phases::attempt`).
 
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use tokio::net::TcpStream;
 
 use super::body::{BodyFail, PumpFail, Streamer};
 use super::client::ClientStream;
-use super::pool;
+use super::pool::{self, Conn};
 use super::response::{parse_head, Head};
 use crate::base::deadline::within;
 use crate::phases::Try;
@@ -57,7 +58,7 @@ pub(super) struct Ask<'a> {
 /// for the client go into `lines` ([`parse_head`]). A final answer that comes before
 /// the body has all gone stops the body and is not reusable.
 pub(super) async fn round_trip<S: ClientStream>(
-    up: &mut TcpStream,
+    up: &mut Conn,
     ask: &Ask<'_>,
     read_timeout: Duration,
     reused: bool,
@@ -71,7 +72,12 @@ pub(super) async fn round_trip<S: ClientStream>(
     // deadline bounds the whole head, so an upstream trickling header lines (each read
     // well within `read_timeout`) does not get through it.
     let limit = || read_timeout.min(ask.head_by.saturating_duration_since(Instant::now()));
-    match within(limit(), up.write_all(ask.wire)).await {
+    // A TLS session buffers what it encrypts: the flush sends it (a no-op on TCP).
+    let sent = async {
+        up.write_all(ask.wire).await?;
+        up.flush().await
+    };
+    match within(limit(), sent).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) if reused => return Err(TripError::Stale),
         Ok(Err(_)) => return Err(failed),
@@ -162,6 +168,8 @@ pub(super) enum TryFail {
     Connect {
         timed_out: bool,
     },
+    /// The instance's TLS certificate failed verification (`Phases::on_certificate_failure`).
+    Certificate,
     Trip {
         timed_out: bool,
     },
@@ -183,8 +191,8 @@ pub(super) async fn one_try<S: ClientStream>(
     buf: &mut Vec<u8>,
     lines: &mut Vec<u8>,
     mut body: Option<&mut Streamer<'_, S>>,
-) -> Result<(TcpStream, Head), TryFail> {
-    let mut pooled = pool::take(t.addr);
+) -> Result<(Conn, Head), TryFail> {
+    let mut pooled = pool::take(pool::Key::of(t));
     loop {
         let reused = pooled.is_some();
         let mut up = match pooled.take() {
@@ -192,13 +200,13 @@ pub(super) async fn one_try<S: ClientStream>(
                 metrics.connection_pooled.inc();
                 up
             }
-            None => match within(t.connect_timeout, TcpStream::connect(t.addr)).await {
+            None => match within(t.connect_timeout, connect(t)).await {
                 Ok(Ok(up)) => {
                     metrics.connection_new.inc();
-                    let _ = up.set_nodelay(true);
                     up
                 }
-                Ok(Err(_)) => return Err(TryFail::Connect { timed_out: false }),
+                Ok(Err(ConnectError::Certificate)) => return Err(TryFail::Certificate),
+                Ok(Err(ConnectError::Failed)) => return Err(TryFail::Connect { timed_out: false }),
                 Err(_) => return Err(TryFail::Connect { timed_out: true }),
             },
         };
@@ -221,4 +229,45 @@ pub(super) async fn one_try<S: ClientStream>(
             Err(TripError::Body(f)) => return Err(TryFail::Body(f)),
         }
     }
+}
+
+/// Why a new connection could not be made.
+enum ConnectError {
+    /// Refused, reset, or a TLS handshake that failed for another reason than the
+    /// certificate (the server refused busbar's client certificate, no common version).
+    Failed,
+    /// The instance's certificate did not verify.
+    Certificate,
+}
+
+/// A new connection to the try's instance: TCP, then TLS when the instance speaks it,
+/// with its service's client configuration (whose session cache resumes sessions).
+async fn connect(t: &Try) -> Result<Conn, ConnectError> {
+    let tcp = TcpStream::connect(t.addr)
+        .await
+        .map_err(|_| ConnectError::Failed)?;
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = &t.tls else {
+        return Ok(Conn::Plain(tcp));
+    };
+    let connector = tokio_rustls::TlsConnector::from(tls.config.client.clone());
+    match connector.connect(tls.name.clone(), tcp).await {
+        Ok(s) => Ok(Conn::Tls(Box::new(s))),
+        Err(e) if certificate_rejected(&e) => {
+            tracing::debug!(upstream = %t.addr, name = ?tls.name, "upstream TLS certificate verification failed: {e}");
+            Err(ConnectError::Certificate)
+        }
+        Err(e) => {
+            tracing::debug!(upstream = %t.addr, "upstream TLS handshake failed: {e}");
+            Err(ConnectError::Failed)
+        }
+    }
+}
+
+/// Did a handshake fail on the peer's certificate (rather than on the network or the
+/// peer refusing busbar)? tokio-rustls carries rustls's error inside the I/O error.
+pub(crate) fn certificate_rejected(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)))
 }

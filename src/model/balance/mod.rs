@@ -143,6 +143,7 @@ pub(crate) mod test_support {
             sidecar: None,
             dns: None,
             priority: 0,
+            tls: None,
         })
     }
 }
