@@ -573,8 +573,10 @@ declare -A UPSTLS_SKIPPED UPSTLS_PID UPSTLS_PORT   # keyed by target name: busba
 upstls_busbar() {  # target binary; its files in $DIR/busbar-upstls (@base)
   local t=$1 bin=$2 d=${1/busbar/busbar-upstls} port
   take_port port
-  sed -e "s|@BACKEND@|127.0.0.1:$P_BACKEND_TLS|g" -e "s|@CA_FILE@|$CA|g" "$BUSBAR_UPSTLS" \
-    | busbar_config "$d" "$port" off
+  # Not a pipe: busbar_config takes its ports from the pool, and in a pipe's subshell the
+  # pool's position would not advance here (the next server got the same port).
+  busbar_config "$d" "$port" off \
+    < <(sed -e "s|@BACKEND@|127.0.0.1:$P_BACKEND_TLS|g" -e "s|@CA_FILE@|$CA|g" "$BUSBAR_UPSTLS")
   if ! "$bin" check "$DIR/$d/busbar.toml" >"$DIR/$d/check.log" 2>&1; then
     UPSTLS_SKIPPED[$t]=$(grep -v '^[[:space:]]*$' "$DIR/$d/check.log" | head -3 | tr '\n' ' ')
     log "upstls: $t: skipped (no https upstream support in this binary): ${UPSTLS_SKIPPED[$t]}"
