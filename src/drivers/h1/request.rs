@@ -168,19 +168,12 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<Parsed> {
             chunked = true;
         }
         if name == CONTENT_LENGTH {
-            let digits = h.value;
-            if length.is_some()
-                || digits.is_empty()
-                || digits.len() > 19
-                || !digits.iter().all(u8::is_ascii_digit)
-            {
+            // The value has no whitespace around it (checked above): the response side's
+            // reading of a length is this one's.
+            if length.is_some() {
                 return None;
             }
-            length = Some(
-                digits
-                    .iter()
-                    .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
-            );
+            length = Some(super::framing::content_length(h.value)?);
         }
         if name == EXPECT {
             if expect || !h.value.eq_ignore_ascii_case(b"100-continue") {
