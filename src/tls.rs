@@ -106,9 +106,7 @@ impl TlsEndpoint {
     /// `None` if it failed or timed out (the connection is closed), counted in
     /// `busbar_edge_refusals_total` as `tls_handshake_failed` or `tls_handshake_timeout`.
     pub async fn handshake(&self, l4: Box<L4Stream>) -> Option<TlsClient> {
-        let peer = l4
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+        let peer = crate::base::peer_of(&*l4);
         // Boxed: the handshake's state (a few KiB) is freed when it is done, not kept in
         // the connection's task for the connection's life.
         let accept = Box::pin(self.acceptor.accept(*l4));

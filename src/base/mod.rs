@@ -4,7 +4,8 @@
 //! plumbing the control APIs share ([`api`]: JSON replies, a size-capped body read, the
 //! refusal of forwarded requests), HTTP facts that are no one's policy ([`http`]: the
 //! hop-by-hop list, header lines, a declared body length), path normalisation
-//! ([`path`]) and cheap deadlines for socket waits ([`deadline`]).
+//! ([`path`]), cheap deadlines for socket waits ([`deadline`]) and a connection's peer
+//! address ([`peer_of`]).
 //! Must not: import anything of busbar's above it (see ARCHITECTURE.md).
 
 pub mod api;
@@ -12,3 +13,13 @@ pub mod deadline;
 pub mod http;
 pub mod path;
 pub mod reply;
+
+/// The peer address a connection's socket digest names: the TCP peer, or the client a
+/// trusted PROXY header named (`listeners` sets it there). `None` for a Unix socket.
+pub fn peer_of<S>(s: &S) -> Option<std::net::SocketAddr>
+where
+    S: pingora_core::protocols::GetSocketDigest + ?Sized,
+{
+    s.get_socket_digest()
+        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied())
+}

@@ -170,9 +170,7 @@ async fn refuse<S: Client>(
     let _ = stream.write_all(reply.as_bytes()).await;
     let _ = stream.write_all(&body).await;
     let _ = stream.flush().await;
-    let client = stream
-        .get_socket_digest()
-        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+    let client = crate::base::peer_of(stream);
     log.refusal(client, method_of(head), status, code, started);
 }
 
@@ -208,9 +206,7 @@ impl Edge {
                 Next::Direct(mut c, request) => {
                     let draining = *shutdown.borrow();
                     let s = c.inner_mut();
-                    let peer = s
-                        .get_socket_digest()
-                        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+                    let peer = crate::base::peer_of(s);
                     // Boxed: inline, its state (a few KiB) would be part of every
                     // connection's task for the connection's life, idle or not.
                     let serve = h1::serve(&self.phases, s, peer, tls, request, draining, &mut head);
