@@ -348,3 +348,46 @@ async fn grpc_web_callers_get_the_grpc_web_form_over_http1_and_h2() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"], "no_route");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_web_routes_connect_failure_is_unavailable_with_its_cors_headers() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // A translating route: served by pingora's proxy, so its error path (`fail_to_proxy`)
+    // answers, over HTTP/1.1 and over HTTP/2.
+    let bus = Busbar::start(&format!(
+        "[[service]]\nname = \"gone\"\nprotocol = \"h2c\"\nendpoints = [{{ addr = \"{closed}\" }}]\n\
+         [[route]]\nname = \"web\"\npath_prefix = \"/bookstore.v1.Bookstore/\"\nservice = \"gone\"\n\
+         [route.translate]\nfrom = \"grpc-web\"\ncors_origins = [\"https://app.example\"]\n"
+    ))
+    .await;
+    for client in [common::client(), common::h2c_client()] {
+        let r = client
+            .post(bus.url("/bookstore.v1.Bookstore/Ping"))
+            .header("content-type", "application/grpc-web+proto")
+            .header("x-grpc-web", "1")
+            .header("origin", "https://app.example")
+            .body(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]))
+            .send()
+            .await
+            .unwrap();
+        let version = r.version();
+        assert_eq!(r.status(), 200, "{version:?}\n{}", bus.stderr());
+        let h = r.headers().clone();
+        assert_eq!(h["grpc-status"], "14", "{version:?}: {h:?}");
+        let message = h["grpc-message"].to_str().unwrap();
+        assert!(message.starts_with("connect_failed: "), "{message}");
+        assert_eq!(h["content-type"], "application/grpc-web+proto");
+        assert_eq!(h["access-control-allow-origin"], "https://app.example");
+        assert!(h["access-control-expose-headers"]
+            .to_str()
+            .unwrap()
+            .contains("grpc-status"));
+        assert!(r.bytes().await.unwrap().is_empty());
+    }
+    let line = access_line(&bus, "/bookstore.v1.Bookstore/Ping").await;
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["error"], "connect_failed", "{line}");
+}

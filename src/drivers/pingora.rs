@@ -182,6 +182,8 @@ impl BusbarProxy {
                 session.write_response_header(Box::new(h), true).await?;
                 return Ok(true);
             }
+            // Before admission: its refusals carry the call's CORS headers too.
+            ctx.grpc_web = translate::grpc_web::WebCall::detect(session.req_header(), s);
         }
         if let Some(policy) = admission_policy(ctx, &route) {
             let checked = policy.check(&admission_parts(ctx, peer, session.req_header(), &path));
@@ -207,11 +209,7 @@ impl BusbarProxy {
                 super::json_grpc::serve(&self.phases, session, ctx, &t).await?;
                 Ok(true)
             }
-            Some(Translation::GrpcWeb(s)) => {
-                ctx.grpc_web = translate::grpc_web::WebCall::detect(session.req_header(), &s);
-                Ok(false)
-            }
-            None => Ok(false),
+            Some(Translation::GrpcWeb(_)) | None => Ok(false),
         }
     }
 }

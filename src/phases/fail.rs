@@ -72,11 +72,23 @@ pub(crate) fn note(failure: Failure) {
 /// head ends the response (a gRPC caller's Trailers-Only answer).
 pub(crate) fn answer(ctx: &mut RequestCtx, cause: Cause) -> (ResponseHeader, Bytes) {
     ctx.cause = Some(cause);
-    cause.answer(ctx.caller)
+    let (mut head, body) = cause.answer(ctx.caller);
+    cors(ctx, &mut head);
+    (head, body)
 }
 
 /// Admission's refusal (its cause already in the context, `Phases::admit`), in the
 /// caller's shape, as [`answer`] gives it.
 pub(crate) fn refuse(ctx: &RequestCtx, rejection: &Rejection) -> (ResponseHeader, Bytes) {
-    reply::refusal(ctx.caller, rejection)
+    let (mut head, body) = reply::refusal(ctx.caller, rejection);
+    cors(ctx, &mut head);
+    (head, body)
+}
+
+/// A gRPC-Web call on a route that allows its origin: the answer carries the route's
+/// CORS headers, or a browser script could not read its `grpc-status`.
+fn cors(ctx: &RequestCtx, head: &mut ResponseHeader) {
+    if let Some(call) = &ctx.grpc_web {
+        let _ = call.cors(head);
+    }
 }
