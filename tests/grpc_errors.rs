@@ -71,8 +71,9 @@ fn grpcurl() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
-/// grpcurl's exit code and stderr for one Ping at busbar (exit code 64 + the gRPC code).
-async fn grpcurl_ping(bus: &Busbar) -> (Option<i32>, String) {
+/// grpcurl's exit code and stderr for one Ping at busbar (exit code 64 + the gRPC code),
+/// `extra` flags before the address.
+async fn grpcurl_ping(bus: &Busbar, extra: &[&str]) -> (Option<i32>, String) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let child = tokio::process::Command::new(grpcurl())
         .arg("-plaintext")
@@ -83,6 +84,7 @@ async fn grpcurl_ping(bus: &Busbar) -> (Option<i32>, String) {
         .args(["-proto", "bookstore.proto"])
         .args(["-connect-timeout", "5", "-max-time", "15"])
         .args(["-d", r#"{"text":"hello"}"#])
+        .args(extra)
         .arg(bus.http.to_string())
         .arg("bookstore.v1.Bookstore/Ping")
         .stdin(Stdio::null())
@@ -162,7 +164,7 @@ async fn no_route_is_unimplemented_trailers_only() {
     assert_eq!(status.message(), "no_route: no route matches this request");
 
     // grpc-go (grpcurl) reads the status only from a stream the HEADERS frame ended.
-    let (code, stderr) = grpcurl_ping(&bus).await;
+    let (code, stderr) = grpcurl_ping(&bus, &[]).await;
     assert_eq!(code, Some(64 + 12), "{stderr}");
     assert!(stderr.contains("Code: Unimplemented"), "{stderr}");
     assert!(
@@ -208,7 +210,7 @@ async fn no_instance_and_connect_failure_are_unavailable() {
         status.message(),
         "no_healthy_instance: the service has no healthy instance"
     );
-    let (code, stderr) = grpcurl_ping(&bus).await;
+    let (code, stderr) = grpcurl_ping(&bus, &[]).await;
     assert_eq!(code, Some(64 + 14), "{stderr}");
     assert!(stderr.contains("no_healthy_instance"), "{stderr}");
 
@@ -225,6 +227,10 @@ async fn no_instance_and_connect_failure_are_unavailable() {
         "{status:?}\n{}",
         bus.stderr()
     );
+    // The proxy's error path ends the stream on the head too (grpc-go checks).
+    let (code, stderr) = grpcurl_ping(&bus, &["-authority", "gone"]).await;
+    assert_eq!(code, Some(64 + 14), "{stderr}");
+    assert!(stderr.contains("connect_failed: "), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
