@@ -196,7 +196,8 @@ async fn no_instance_and_connect_failure_are_unavailable() {
         .unwrap();
     let bus = Busbar::start(&format!(
         "[[service]]\nname = \"empty\"\nprotocol = \"h2c\"\nregistration = true\n\
-         [[service]]\nname = \"gone\"\nprotocol = \"h2c\"\nendpoints = [{{ addr = \"{closed}\" }}]\n\
+         [[service]]\nname = \"gone\"\nprotocol = \"h2c\"\n\
+         endpoints = [{{ addr = \"{closed}\", version = \"v1\" }}]\n\
          [[route]]\nname = \"gone\"\npath_prefix = \"/bookstore.v1.Bookstore/\"\nservice = \"gone\"\n\
          hosts = [\"gone\"]\n\
          [[route]]\nname = \"empty\"\npath_prefix = \"/bookstore.v1.Bookstore/\"\nservice = \"empty\"\n"
@@ -231,6 +232,15 @@ async fn no_instance_and_connect_failure_are_unavailable() {
     let (code, stderr) = grpcurl_ping(&bus, &["-authority", "gone"]).await;
     assert_eq!(code, Some(64 + 14), "{stderr}");
     assert!(stderr.contains("connect_failed: "), "{stderr}");
+
+    // The requests metric counts what the client got (200) with the cause; the version's
+    // counts judge the instance by what happened (a 502), not as a success.
+    let sent = r#"busbar_requests_total{class="2xx",method="POST",reason="connect_failed",route="gone",service="gone"}"#;
+    assert_eq!(bus.metric_settled(sent, 2.0).await, 2.0);
+    let judged = r#"busbar_version_requests_total{class="5xx",service="gone",version="v1"}"#;
+    assert_eq!(bus.metric_settled(judged, 2.0).await, 2.0);
+    let ok = r#"busbar_version_requests_total{class="2xx",service="gone",version="v1"}"#;
+    assert_eq!(bus.metric(ok).await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
