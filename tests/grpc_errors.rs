@@ -407,3 +407,66 @@ async fn a_grpc_web_routes_connect_failure_is_unavailable_with_its_cors_headers(
     assert_eq!(line["status"], 200, "{line}");
     assert_eq!(line["error"], "connect_failed", "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_is_resource_exhausted_and_a_queue_timeout_unavailable() {
+    let backend = GrpcBackend::start(1).await;
+    // One slot, a queue of one per user, and a wait long enough for a loaded machine to
+    // send the third call while the second one waits.
+    let bus = Busbar::start(&format!(
+        "[[service]]\nname = \"books\"\nprotocol = \"h2c\"\nmax_in_flight = 1\n\
+         endpoints = [{{ addr = \"{}\" }}]\n\
+         [[route]]\nname = \"queued\"\npath_prefix = \"/bookstore.v1.Bookstore/\"\nservice = \"books\"\n\
+         [route.admission]\nidentity = [\"header:x-user-id\"]\ntrusted_proxies = [\"127.0.0.0/8\"]\n\
+         queue = {{ max_depth = 1, max_wait = \"3s\" }}\n",
+        backend.addr
+    ))
+    .await;
+    let client = tonic_client(&bus).await;
+
+    // A client stream kept open holds the one slot.
+    let (held, rx) = tokio::sync::mpsc::channel::<busbar_testkit::pb::Book>(1);
+    let mut c = client.clone();
+    let holder = tokio::spawn(async move {
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        req.metadata_mut()
+            .insert("x-user-id", "alice".parse().unwrap());
+        c.collect_books(req).await
+    });
+    let admitted =
+        r#"busbar_admission_decisions_total{decision="admitted",reason="",route="queued"}"#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bus.metric(admitted).await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the holder was not admitted\n{}",
+            bus.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The second call waits in alice's queue…
+    let mut c = client.clone();
+    let waiter = tokio::spawn(async move { ping(&mut c, &[("x-user-id", "alice")]).await });
+    let waiting = r#"busbar_queue_waiting{service="books"}"#;
+    assert_eq!(
+        bus.metric_settled(waiting, 1.0).await,
+        1.0,
+        "{}",
+        bus.stderr()
+    );
+    // …so the third finds it full…
+    let mut c = client.clone();
+    let status = refused(ping(&mut c, &[("x-user-id", "alice")]).await);
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().starts_with("queue_full"), "{status:?}");
+    assert!(status.metadata().get("retry-after").is_some(), "{status:?}");
+    // …and the second gives up when its wait is over.
+    let status = refused(waiter.await.unwrap());
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().starts_with("queue_timeout"), "{status:?}");
+
+    drop(held);
+    let total = holder.await.unwrap().expect("the held call ends OK");
+    assert_eq!(total.get_ref().id, 0);
+}
