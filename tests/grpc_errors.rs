@@ -470,3 +470,29 @@ async fn a_full_queue_is_resource_exhausted_and_a_queue_timeout_unavailable() {
     let total = holder.await.unwrap().expect("the held call ends OK");
     assert_eq!(total.get_ref().id, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_routes_body_limit_is_resource_exhausted() {
+    let backend = GrpcBackend::start(1).await;
+    let bus = Busbar::start(&format!(
+        "[[service]]\nname = \"books\"\nprotocol = \"h2c\"\nendpoints = [{{ addr = \"{}\" }}]\n\
+         [[route]]\nname = \"small\"\npath_prefix = \"/bookstore.v1.Bookstore/\"\nservice = \"books\"\n\
+         max_body = \"1KiB\"\n",
+        backend.addr
+    ))
+    .await;
+    let mut client = tonic_client(&bus).await;
+    let book = busbar_testkit::pb::Book {
+        title: "x".repeat(64 * 1024),
+        ..Default::default()
+    };
+    let status = refused(client.echo(book).await);
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().starts_with("body_too_large: "),
+        "{status:?}"
+    );
+    // A call under the limit on the same connection still goes through.
+    let ok = ping(&mut client, &[]).await.expect("a small call");
+    assert_eq!(ok.get_ref().served_by, 1);
+}

@@ -135,8 +135,8 @@ fn failure(e: &Error) -> Failure {
         (ErrorSource::Downstream, ErrorType::WriteTimedout) => Failure::ClientSendTimeout,
         // Slow body: it stalled or fell behind its pace.
         (ErrorSource::Downstream, ErrorType::ReadTimedout) => Failure::ClientBodyTimeout,
-        (ErrorSource::Downstream, _) => Failure::ClientBad,
         (_, ErrorType::HTTPStatus(413)) => Failure::BodyTooLarge,
+        (ErrorSource::Downstream, _) => Failure::ClientBad,
         (ErrorSource::Upstream, _) => Failure::Upstream,
         _ => Failure::Other,
     }
@@ -241,10 +241,13 @@ impl ProxyHttp for BusbarProxy {
             ctx.body_bytes += b.len() as u64;
             if ctx.body_bytes > route.config.max_body {
                 ctx.cause = Some(Cause::BodyTooLarge);
-                return Err(Error::explain(
-                    ErrorType::HTTPStatus(413),
-                    "request body too large",
-                ));
+                // The client's fault, said so: pingora's h2 upstream loop takes a body
+                // filter error of no source for the upstream's, stops reading the body
+                // and waits for the response until the read timeout (a 504, not the 413).
+                return Err(
+                    Error::explain(ErrorType::HTTPStatus(413), "request body too large")
+                        .into_down(),
+                );
             }
             if !end_of_stream {
                 // The next read may wait only as long as the pace allows; a body behind
@@ -528,6 +531,10 @@ mod tests {
         );
         assert_eq!(
             failure(&Error::new(ErrorType::HTTPStatus(413))),
+            Failure::BodyTooLarge
+        );
+        assert_eq!(
+            failure(&down(ErrorType::HTTPStatus(413))),
             Failure::BodyTooLarge
         );
         assert_eq!(
