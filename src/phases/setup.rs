@@ -54,10 +54,14 @@ impl Phases {
     ) -> Result<(Arc<Route>, RequestPath), Cause> {
         METRICS.in_flight.inc();
         ctx.counted = true;
+        // Before any refusal: each is answered in the caller's shape (and the access log
+        // names the protocol from it).
+        ctx.caller = Caller::of(&req.headers);
         ctx.seen = Some(crate::accesslog::Seen::from_headers(
             &req.headers,
             req.version,
             ctx.tls,
+            ctx.caller,
             self.access_log.enabled(),
         ));
         let set_up = setup_on(ctx, &snapshot, req, peer, routing);
@@ -102,8 +106,6 @@ fn setup_on(
     routing: Routing,
 ) -> Result<(Arc<Route>, RequestPath), Cause> {
     ctx.client_version = req.version;
-    // Before any refusal below: each is answered in the caller's shape.
-    ctx.caller = Caller::of(&req.headers);
     ctx.client = request::real_client(snapshot, peer, req);
     ctx.trace = TraceContext::from_header(
         req.headers
