@@ -418,7 +418,7 @@ async fn a_full_queue_is_resource_exhausted_and_a_queue_timeout_unavailable() {
          endpoints = [{{ addr = \"{}\" }}]\n\
          [[route]]\nname = \"queued\"\npath_prefix = \"/bookstore.v1.Bookstore/\"\nservice = \"books\"\n\
          [route.admission]\nidentity = [\"header:x-user-id\"]\ntrusted_proxies = [\"127.0.0.0/8\"]\n\
-         queue = {{ max_depth = 1, max_wait = \"3s\" }}\n",
+         queue = {{ max_depth = 1, max_wait = \"6s\" }}\n",
         backend.addr
     ))
     .await;
