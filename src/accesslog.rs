@@ -16,6 +16,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 
 use crate::config::AccessLogTarget;
+use crate::proxy::grpc::Caller;
 use crate::text::{self, Sink};
 
 /// Buffered bytes that force a flush from the request path.
@@ -50,13 +51,15 @@ pub struct Seen {
 }
 
 impl Seen {
-    /// The facts of a request with `headers`, `version`, on a TLS connection or not. The
-    /// request id is always taken (it goes upstream); the protocol and the user agent only
-    /// when `logged` (the access log is on), as nothing else reads them.
+    /// The facts of a request with `headers`, `version`, on a TLS connection or not, from
+    /// `caller` (its `content-type`, read once in setup). The request id is always taken
+    /// (it goes upstream); the protocol and the user agent only when `logged` (the access
+    /// log is on), as nothing else reads them.
     pub fn from_headers(
         headers: &http::HeaderMap,
         version: http::Version,
         tls: bool,
+        caller: Caller,
         logged: bool,
     ) -> Seen {
         let kept_id = headers
@@ -75,7 +78,7 @@ impl Seen {
         }
         Seen {
             kept_id,
-            protocol: protocol(headers, version, tls),
+            protocol: protocol(caller, version, tls),
             user_agent: headers.get(http::header::USER_AGENT).cloned(),
         }
     }
@@ -89,21 +92,14 @@ impl Seen {
 }
 
 /// The protocol the client spoke, as the access log names it.
-fn protocol(headers: &http::HeaderMap, version: http::Version, tls: bool) -> &'static str {
-    let ct = headers
-        .get(http::header::CONTENT_TYPE)
-        .map_or(&b""[..], |v| v.as_bytes());
-    if ct.starts_with(b"application/grpc-web") {
-        "grpc-web"
-    } else if ct.starts_with(b"application/grpc") {
-        "grpc"
-    } else {
-        match (version, tls) {
-            (http::Version::HTTP_2, true) => "h2",
-            (http::Version::HTTP_2, false) => "h2c",
-            (http::Version::HTTP_10, _) => "http/1.0",
-            _ => "http/1.1",
-        }
+fn protocol(caller: Caller, version: http::Version, tls: bool) -> &'static str {
+    match (caller, version, tls) {
+        (Caller::GrpcWeb | Caller::GrpcWebText, _, _) => "grpc-web",
+        (Caller::Grpc, _, _) => "grpc",
+        (Caller::Http, http::Version::HTTP_2, true) => "h2",
+        (Caller::Http, http::Version::HTTP_2, false) => "h2c",
+        (Caller::Http, http::Version::HTTP_10, _) => "http/1.0",
+        (Caller::Http, _, _) => "http/1.1",
     }
 }
 
@@ -539,7 +535,7 @@ mod tests {
     fn protocols_and_request_ids() {
         let id = [b'f'; 32];
         let mut h = http::HeaderMap::new();
-        let seen = |h: &http::HeaderMap, v, tls| Seen::from_headers(h, v, tls, true);
+        let seen = |h: &http::HeaderMap, v, tls| Seen::from_headers(h, v, tls, Caller::of(h), true);
         assert_eq!(seen(&h, http::Version::HTTP_11, false).protocol, "http/1.1");
         assert_eq!(seen(&h, http::Version::HTTP_2, true).protocol, "h2");
         assert_eq!(seen(&h, http::Version::HTTP_2, false).protocol, "h2c");
@@ -557,7 +553,7 @@ mod tests {
             b"abc-123"
         );
         // With the access log off the request id is still kept (it goes upstream).
-        let quiet = Seen::from_headers(&h, http::Version::HTTP_11, false, false);
+        let quiet = Seen::from_headers(&h, http::Version::HTTP_11, false, Caller::Grpc, false);
         assert_eq!(quiet.request_id(&id), b"abc-123");
         assert!(quiet.user_agent.is_none());
         // Spaces, or too long: replaced.

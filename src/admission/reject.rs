@@ -1,7 +1,8 @@
 //! A refused request: its status, JSON body and headers.
 //!
-//! Owns: [`Rejection`] and how it is rendered (`{"error": …, "reason": …, "message": …}`,
-//! `Retry-After`, `RateLimit-*`, `WWW-Authenticate`).
+//! Owns: [`Rejection`] and how it is rendered as JSON (`{"error": …, "reason": …,
+//! "message": …}`), and the headers every shape of it carries (`Retry-After`,
+//! `RateLimit-*`, `WWW-Authenticate`; a gRPC caller's shape is `proxy::reply`'s).
 //! Must not: decide whether to refuse; that is the other admission files.
 
 use std::sync::LazyLock;
@@ -91,16 +92,23 @@ impl Rejection {
         let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
         let _ = h.insert_header(http::header::CONTENT_LENGTH, body_len);
         let _ = h.insert_header(http::header::CACHE_CONTROL, "no-store");
+        self.advice(&mut h);
+        h
+    }
+
+    /// What the refusal tells the client beside its status, on any shape of answer (the
+    /// JSON one, a gRPC caller's Trailers-Only one): `Retry-After`, `RateLimit-*`, and
+    /// `WWW-Authenticate` on a 401.
+    pub fn advice(&self, h: &mut ResponseHeader) {
         if let Some(s) = self.retry_after_secs {
             let _ = h.insert_header(http::header::RETRY_AFTER, s);
         }
         if let Some(r) = &self.rate {
-            rate_headers(&mut h, r);
+            rate_headers(h, r);
         }
         if self.kind == RejectKind::Unauthorized {
             let _ = h.insert_header(http::header::WWW_AUTHENTICATE, "Bearer");
         }
-        h
     }
 }
 

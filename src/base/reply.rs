@@ -2,8 +2,10 @@
 //! `field` when a registration names the field at fault, `reason` and `retry_after` when
 //! admission refuses. Every place busbar speaks for itself (the proxy's answers, the
 //! front door's refusals, admission, the admin, registration and release APIs) builds
-//! its body here, so a client parses one shape. Answers a gRPC caller gets keep their
-//! grpc-status mapping (that is the service's answer translated, not busbar's).
+//! its body here, so a client parses one shape. A gRPC or gRPC-Web caller gets busbar's
+//! own answers as Trailers-Only gRPC instead (`proxy::reply`, with the same code in
+//! `grpc-message`); a JSON caller of a translated route gets the service's grpc-status
+//! mapped to HTTP (`translate::status`: the service's answer, not busbar's).
 //!
 //! Must not: pick the status or the code (the caller's policy), or allocate more than
 //! the one body buffer on the request path.

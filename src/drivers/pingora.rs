@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use pingora_core::modules::http::HttpModules;
+use pingora_core::protocols::http::ServerSession;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -33,7 +34,7 @@ use crate::phases::request::{logged_client, request_host};
 use crate::phases::setup::{admission_parts, admission_policy};
 use crate::phases::upstream_head::{self, Output};
 use crate::phases::{response_head, Done, Phases, Routing, UPSTREAM_IDLE};
-use crate::proxy::reply::{self, Cause};
+use crate::proxy::reply::Cause;
 use crate::translate::{self, Translation};
 
 /// Most concurrent streams busbar opens on one upstream h2c connection.
@@ -63,9 +64,23 @@ fn is_tls(session: &Session) -> bool {
 /// Answers the request with busbar's own reply for `cause` (the one error path).
 async fn answer(session: &mut Session, ctx: &mut RequestCtx, cause: Cause) -> Result<bool> {
     let (head, body) = fail::answer(ctx, cause);
-    session.write_response_header(Box::new(head), false).await?;
-    session.write_response_body(Some(body), true).await?;
+    write_answer(session, head, body).await?;
     Ok(true)
+}
+
+/// Writes one of busbar's own answers. With no body (a gRPC caller's Trailers-Only
+/// answer) the head ends the response: on HTTP/2 that must be one HEADERS frame with
+/// END_STREAM, which pingora's `Session` never sends (its h2 head write passes
+/// `end = false`, then an empty DATA frame ends the stream, and a gRPC client takes the
+/// status for initial metadata), so the h2 session is written directly.
+async fn write_answer(session: &mut Session, head: ResponseHeader, body: Bytes) -> Result<()> {
+    if body.is_empty() {
+        if let ServerSession::H2(h2) = session.as_downstream_mut() {
+            return h2.write_response_header(Box::new(head), true);
+        }
+    }
+    session.write_response_header(Box::new(head), false).await?;
+    session.write_response_body(Some(body), true).await
 }
 
 fn upstream_error(cause: Cause) -> Box<Error> {
@@ -120,8 +135,8 @@ fn failure(e: &Error) -> Failure {
         (ErrorSource::Downstream, ErrorType::WriteTimedout) => Failure::ClientSendTimeout,
         // Slow body: it stalled or fell behind its pace.
         (ErrorSource::Downstream, ErrorType::ReadTimedout) => Failure::ClientBodyTimeout,
-        (ErrorSource::Downstream, _) => Failure::ClientBad,
         (_, ErrorType::HTTPStatus(413)) => Failure::BodyTooLarge,
+        (ErrorSource::Downstream, _) => Failure::ClientBad,
         (ErrorSource::Upstream, _) => Failure::Upstream,
         _ => Failure::Other,
     }
@@ -167,6 +182,8 @@ impl BusbarProxy {
                 session.write_response_header(Box::new(h), true).await?;
                 return Ok(true);
             }
+            // Before admission: its refusals carry the call's CORS headers too.
+            ctx.grpc_web = translate::grpc_web::WebCall::detect(session.req_header(), s);
         }
         if let Some(policy) = admission_policy(ctx, &route) {
             let checked = policy.check(&admission_parts(ctx, peer, session.req_header(), &path));
@@ -174,7 +191,8 @@ impl BusbarProxy {
             match self.phases.admit(ctx, &policy, checked, gone).await {
                 Ok(()) => {}
                 Err(Refused::Rejected(rejection)) => {
-                    reply::reject(session, &rejection).await?;
+                    let (head, body) = fail::refuse(ctx, &rejection);
+                    write_answer(session, head, body).await?;
                     return Ok(true);
                 }
                 Err(Refused::ClientGone(e)) => return Err(e),
@@ -191,11 +209,7 @@ impl BusbarProxy {
                 super::json_grpc::serve(&self.phases, session, ctx, &t).await?;
                 Ok(true)
             }
-            Some(Translation::GrpcWeb(s)) => {
-                ctx.grpc_web = translate::grpc_web::WebCall::detect(session.req_header(), &s);
-                Ok(false)
-            }
-            None => Ok(false),
+            Some(Translation::GrpcWeb(_)) | None => Ok(false),
         }
     }
 }
@@ -227,10 +241,13 @@ impl ProxyHttp for BusbarProxy {
             ctx.body_bytes += b.len() as u64;
             if ctx.body_bytes > route.config.max_body {
                 ctx.cause = Some(Cause::BodyTooLarge);
-                return Err(Error::explain(
-                    ErrorType::HTTPStatus(413),
-                    "request body too large",
-                ));
+                // The client's fault, said so: pingora's h2 upstream loop takes a body
+                // filter error of no source for the upstream's, stops reading the body
+                // and waits for the response until the read timeout (a 504, not the 413).
+                return Err(
+                    Error::explain(ErrorType::HTTPStatus(413), "request body too large")
+                        .into_down(),
+                );
             }
             if !end_of_stream {
                 // The next read may wait only as long as the pace allows; a body behind
@@ -407,16 +424,22 @@ impl ProxyHttp for BusbarProxy {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let code = match fail::cause_of(ctx, failure(e)) {
-            Some(cause) => {
-                if session.response_written().is_none() {
+            Some(cause) => match session.response_written() {
+                // The status the client got: 200 for a gRPC caller's Trailers-Only answer.
+                None => {
                     let (head, body) = fail::answer(ctx, cause);
-                    let _ = session
-                        .as_downstream_mut()
-                        .write_error_response(head, body)
-                        .await;
+                    let status = head.status.as_u16();
+                    let downstream = session.as_downstream_mut();
+                    let _ = match downstream {
+                        ServerSession::H2(h2) if body.is_empty() => {
+                            h2.write_response_header(Box::new(head), true)
+                        }
+                        _ => downstream.write_error_response(head, body).await,
+                    };
+                    status
                 }
-                cause.status()
-            }
+                Some(written) => written.status.as_u16(),
+            },
             None => match e.etype() {
                 ErrorType::HTTPStatus(code) => {
                     let _ = session.respond_error(*code).await;
@@ -508,6 +531,10 @@ mod tests {
         );
         assert_eq!(
             failure(&Error::new(ErrorType::HTTPStatus(413))),
+            Failure::BodyTooLarge
+        );
+        assert_eq!(
+            failure(&down(ErrorType::HTTPStatus(413))),
             Failure::BodyTooLarge
         );
         assert_eq!(

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::pace::BodyPace;
 use crate::model::{Instance, InstanceSet};
+use crate::proxy::grpc::Caller;
 use crate::proxy::reply::Cause;
 use crate::proxy::trace::TraceContext;
 use crate::routing::Route;
@@ -75,6 +76,9 @@ pub struct RequestCtx {
     pub seen: Option<crate::accesslog::Seen>,
     /// The HTTP version the client spoke: the protocol of busbar's `Via` entry.
     pub client_version: http::Version,
+    /// Who is calling, by the request's `content-type` (set in `setup`): the shape of
+    /// busbar's own answers (JSON, or gRPC's Trailers-Only).
+    pub caller: Caller,
     pub sticky_key: u64,
     pub body_bytes: u64,
     /// How slowly the request body may arrive (set in `request_filter`).
@@ -110,6 +114,7 @@ impl RequestCtx {
             tls: false,
             seen: None,
             client_version: http::Version::HTTP_11,
+            caller: Caller::Http,
             sticky_key: 0,
             body_bytes: 0,
             body_pace: BodyPace::new(crate::config::DEFAULT_CLIENT_TIMEOUT, 0),

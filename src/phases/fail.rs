@@ -3,7 +3,10 @@
 //!
 //! Owns: the mapping from how a request failed ([`Failure`], in words no driver's error
 //! type leaks into) to the cause busbar answers with, the edge refusals counted on the
-//! way, and the answer itself (the head and body `proxy::reply` renders for a cause).
+//! way, and the answer itself (the head and body `proxy::reply` renders for a cause or
+//! an admission refusal, in the shape the request's caller reads: JSON, or a gRPC
+//! caller's Trailers-Only head with no body, which a driver writes as a head that ends
+//! the response; on HTTP/2 one HEADERS frame with END_STREAM).
 //! Must not: write to the client (the driver writes what [`answer`] returns) or decide
 //! retries (`attempt`).
 
@@ -11,8 +14,9 @@ use bytes::Bytes;
 use pingora_http::ResponseHeader;
 
 use super::ctx::RequestCtx;
+use crate::admission::Rejection;
 use crate::metrics::METRICS;
-use crate::proxy::reply::Cause;
+use crate::proxy::reply::{self, Cause};
 
 /// How a request failed, as a driver reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,8 +68,27 @@ pub(crate) fn note(failure: Failure) {
 }
 
 /// busbar's own answer for `cause`, named in the context for the access log: the head
-/// and body every driver writes for it.
+/// and body every driver writes for it, in the caller's shape. An empty body means the
+/// head ends the response (a gRPC caller's Trailers-Only answer).
 pub(crate) fn answer(ctx: &mut RequestCtx, cause: Cause) -> (ResponseHeader, Bytes) {
     ctx.cause = Some(cause);
-    (cause.header(), cause.body())
+    let (mut head, body) = cause.answer(ctx.caller);
+    cors(ctx, &mut head);
+    (head, body)
+}
+
+/// Admission's refusal (its cause already in the context, `Phases::admit`), in the
+/// caller's shape, as [`answer`] gives it.
+pub(crate) fn refuse(ctx: &RequestCtx, rejection: &Rejection) -> (ResponseHeader, Bytes) {
+    let (mut head, body) = reply::refusal(ctx.caller, rejection);
+    cors(ctx, &mut head);
+    (head, body)
+}
+
+/// A gRPC-Web call on a route that allows its origin: the answer carries the route's
+/// CORS headers, or a browser script could not read its `grpc-status`.
+fn cors(ctx: &RequestCtx, head: &mut ResponseHeader) {
+    if let Some(call) = &ctx.grpc_web {
+        let _ = call.cors(head);
+    }
 }

@@ -3,7 +3,8 @@
 //!
 //! Owns: [`Phases::finish`], the one call every driver makes once per request, after
 //! the last byte (or the failure). Anything that must see every request at its end
-//! (metrics, the access log, a span's end) belongs here.
+//! (metrics, the access log, a span's end) belongs here. The status recorded is the one
+//! the client got (200 for a gRPC caller's Trailers-Only refusal), the cause its reason.
 //! Must not: write to the client.
 
 use super::ctx::RequestCtx;
@@ -11,6 +12,17 @@ use super::Phases;
 use crate::accesslog::Entry;
 use crate::metrics::METRICS;
 use crate::proxy::reply::Cause;
+
+/// The status a version's per-class counts judge the request by: the one written, but
+/// for busbar's own answer to a gRPC caller, which goes out as 200 (Trailers-Only), its
+/// cause's HTTP status, so a connect failure to a version is not counted a success.
+/// Metrics and the access log keep the status written, with the cause as the reason.
+fn judged(ctx: &RequestCtx, status: u16) -> u16 {
+    match ctx.cause {
+        Some(cause) if status > 0 && ctx.caller.is_grpc() => cause.status(),
+        _ => status,
+    }
+}
 
 /// How a request ended, for [`Phases::finish`].
 pub(crate) struct Done<'a> {
@@ -35,7 +47,7 @@ impl Phases {
         let status = done.status;
         // Read before `finish` takes it: the access log's release version.
         let served = ctx.release.served_instance();
-        ctx.release.finish(ctx.set.as_deref(), status);
+        ctx.release.finish(ctx.set.as_deref(), judged(ctx, status));
         let total = ctx.start.elapsed();
         if let Some(route) = &ctx.route {
             let m = &route.metrics;

@@ -1,6 +1,7 @@
 //! Request setup: everything between a parsed request head and the plan for its tries.
 //!
-//! Owns: the in-flight count, the real client, the trace context, the route (on the
+//! Owns: the in-flight count, the real client, who is calling (the shape of busbar's own
+//! answers, by `content-type`), the trace context, the route (on the
 //! normalised path), the refusals that come before a route's policy (duplicate
 //! `Authorization`, an ambiguous path, a loop, a declared body over the route's limit),
 //! and admission, whose waits end early when the driver's "client went away" future
@@ -19,6 +20,7 @@ use super::request::{self, RequestPath};
 use super::Phases;
 use crate::admission::{self, Admitted, Refused, Rejection, RoutePolicy};
 use crate::metrics::METRICS;
+use crate::proxy::grpc::Caller;
 use crate::proxy::reply::Cause;
 use crate::proxy::trace::TraceContext;
 use crate::routing::Route;
@@ -52,10 +54,14 @@ impl Phases {
     ) -> Result<(Arc<Route>, RequestPath), Cause> {
         METRICS.in_flight.inc();
         ctx.counted = true;
+        // Before any refusal: each is answered in the caller's shape (and the access log
+        // names the protocol from it).
+        ctx.caller = Caller::of(&req.headers);
         ctx.seen = Some(crate::accesslog::Seen::from_headers(
             &req.headers,
             req.version,
             ctx.tls,
+            ctx.caller,
             self.access_log.enabled(),
         ));
         let set_up = setup_on(ctx, &snapshot, req, peer, routing);

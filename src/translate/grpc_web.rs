@@ -140,6 +140,13 @@ impl WebCall {
         }
         // The trailers frame (and base64) change the length.
         resp.remove_header(&http::header::CONTENT_LENGTH);
+        self.cors(resp)
+    }
+
+    /// The CORS headers of an answer to this call, when the route allows its origin (on
+    /// the service's answers and on busbar's own, whose status a script reads from the
+    /// exposed `grpc-status`).
+    pub fn cors(&self, resp: &mut ResponseHeader) -> pingora_error::Result<()> {
         if let Some(origin) = &self.origin {
             resp.insert_header(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone())?;
             resp.insert_header(http::header::ACCESS_CONTROL_EXPOSE_HEADERS, EXPOSE)?;

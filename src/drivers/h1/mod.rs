@@ -160,11 +160,9 @@ async fn admit<S: ClientStream>(
         Ok(()) => Ok(()),
         Err(Refused::ClientGone(_)) => Err(Served::nothing()),
         Err(Refused::Rejected(rejection)) => {
-            let body = rejection.body();
+            let (head, body) = fail::refuse(ctx, &rejection);
             let keep_alive = down.keep_alive;
-            Err(down
-                .reply(rejection.header(body.len()), body, keep_alive)
-                .await)
+            Err(down.reply(head, body, keep_alive).await)
         }
     }
 }
