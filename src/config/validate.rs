@@ -592,6 +592,8 @@ impl Validator<'_> {
         let connect_timeout = self.duration(&s.connect_timeout, ctx, DEFAULT_CONNECT_TIMEOUT);
         let read_timeout = self.duration(&s.read_timeout, ctx, DEFAULT_READ_TIMEOUT);
         let timeout = self.duration(&s.timeout, ctx, DEFAULT_TIMEOUT);
+        let tunnel_idle_timeout =
+            self.duration(&s.tunnel_idle_timeout, ctx, DEFAULT_TUNNEL_IDLE_TIMEOUT);
         let panic_threshold = self
             .int(&s.panic_threshold, ctx, 0, 100)
             .map_or(DEFAULT_PANIC_THRESHOLD, |n| n as u8);
@@ -651,6 +653,7 @@ impl Validator<'_> {
             connect_timeout,
             read_timeout,
             timeout,
+            tunnel_idle_timeout,
             panic_threshold,
             retry,
             health,

@@ -1,9 +1,11 @@
-//! busbar's own HTTP/1 engine for the everyday request: a plaintext HTTP/1.1 or HTTP/1.0
-//! request, with or without a body (`Content-Length` or chunked, `Expect:
-//! 100-continue`), on a route that proxies to an HTTP/1 service (cleartext or `https`: the
-//! upstream connection is then TLS, `upstream::connect`) with no translation (admission
-//! included). Everything else (upgrades, other expectations or transfer codings,
-//! translating routes, h2c services) goes to the pingora driver, unchanged.
+//! busbar's own HTTP/1 engine for the everyday request: an HTTP/1.1 or HTTP/1.0 request
+//! (plaintext or TLS), with or without a body (`Content-Length` or chunked, `Expect:
+//! 100-continue`), or an upgrade (WebSocket: a `101` answer opens a tunnel,
+//! `drivers::tunnel`), on a route that proxies to an HTTP/1 service (cleartext or
+//! `https`: the upstream connection is then TLS, `upstream::connect`) with no translation
+//! (admission included). Everything else (other expectations or transfer codings,
+//! `Connection` naming other headers, translating routes, h2c services) goes to the
+//! pingora driver, unchanged.
 //!
 //! pingora 0.9's proxy loop costs several times what a plain tokio proxy costs per
 //! request here (measured in `load-tests/RESULTS.md`): a boxed future per phase, two
@@ -42,13 +44,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::Method;
+use http::{Method, StatusCode};
+use pingora_core::server::ShutdownWatch;
 use pingora_http::RequestHeader;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::admission::Refused;
 use crate::base::deadline::within;
 use crate::config::Protocol;
+use crate::drivers::tunnel::{self, Bounds};
 use crate::phases::ctx::RequestCtx;
 use crate::phases::fail::{self, Failure};
 use crate::phases::request::{self as phase, RequestPath};
@@ -85,6 +89,8 @@ pub struct FastRequest {
     http10: bool,
     /// The client may wait for `100 Continue` before it sends the body.
     expect: bool,
+    /// An upgrade busbar passes on (`request::Parsed::upgrade`).
+    upgrade: bool,
 }
 
 /// Parses ([`parse`]) and routes a complete head. `None`: not a request for this path
@@ -141,6 +147,7 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
         body: parsed.body,
         http10: parsed.http10,
         expect: parsed.expect,
+        upgrade: parsed.upgrade,
     }))
 }
 
@@ -170,8 +177,9 @@ async fn admit<S: ClientStream>(
 }
 
 /// Serves one request [`take`] accepted, on `client`: a connection from `peer` (the
-/// PROXY header's client, when one was read), over TLS if `tls`. `draining`: the node is
-/// shutting down, so the connection closes after this response. `conn`: what the front
+/// PROXY header's client, when one was read), over TLS if `tls`. `shutdown`: the server's
+/// watch; once the node drains, the connection closes after this response (and a tunnel
+/// an upgrade opened gets the grace period). `conn`: what the front
 /// door read past the head (the body's first bytes, or the client's next, pipelined
 /// request); the body is taken from it, and what the client sent past the body is left
 /// in it. Returns whether the client connection may carry another request.
@@ -182,14 +190,16 @@ pub async fn serve<S: ClientStream>(
     peer: Option<SocketAddr>,
     tls: bool,
     request: Box<FastRequest>,
-    draining: bool,
+    shutdown: &ShutdownWatch,
     conn: &mut Vec<u8>,
 ) -> bool {
+    let draining = *shutdown.borrow();
     // The request stays in its box (the snapshot and the route are moved out): inline,
     // it would be part of this future, copied whole when the connection boxes it.
     let mut request = request;
     let (snapshot, route, close) = (request.snapshot, request.route, request.close);
     let (framing, http10, expect) = (request.body, request.http10, request.expect);
+    let upgrade = request.upgrade.then_some(shutdown);
     let normalized = request.normalized.take();
     let req = &mut request.req;
     // What the access log records of the request as it came (the request itself goes
@@ -265,6 +275,7 @@ pub async fn serve<S: ClientStream>(
                         conn,
                         http10,
                         expect,
+                        upgrade,
                     };
                     exchange(phases, &mut down, &route, req, &mut ctx, &mut sides).await
                 }
@@ -277,7 +288,8 @@ pub async fn serve<S: ClientStream>(
         ..served
     };
     ctx.body_bytes = match framing {
-        BodyFraming::None => 0,
+        // What a tunnel carried upstream, if the request opened one (`switch`).
+        BodyFraming::None => ctx.body_bytes,
         BodyFraming::Length(n) => body.data_read(n),
         BodyFraming::Chunked => body.data_read(0),
     };
@@ -318,6 +330,8 @@ struct Sides<'a> {
     http10: bool,
     /// The client may wait for `100 Continue` before it sends the body.
     expect: bool,
+    /// An upgrade: a `101` answer opens a tunnel, which the drain (this watch) bounds.
+    upgrade: Option<&'a ShutdownWatch>,
 }
 
 /// What busbar answers for a body that could not be read; nothing for a client that left.
@@ -389,6 +403,7 @@ async fn exchange<S: ClientStream>(
         head_request: req.method == Method::HEAD,
         idempotent: req.method.is_idempotent(),
         own_rate: rate.is_some(),
+        upgrade: sides.upgrade.is_some(),
         head_by: ctx
             .deadline
             .unwrap_or_else(|| Instant::now() + route.service.config.timeout),
@@ -456,6 +471,18 @@ async fn exchange<S: ClientStream>(
         }
     };
     phases.on_response_head(ctx);
+    if let Some(drain) = sides.upgrade.filter(|_| head.status == StatusCode::SWITCHING_PROTOCOLS) {
+        let rate = rate.as_ref();
+        let switched = Switched {
+            up,
+            lines: std::mem::take(&mut out),
+            buf: &buf,
+            head: &head,
+            edits,
+            rate,
+        };
+        return switch(phases, down, route, ctx, sides.conn, switched, drain).await;
+    }
     let status = head.status.as_u16();
     // Where the body ends in what came with the head, and for a chunked body, that what
     // came is chunked framing at all: a 502 can still be answered for it.
@@ -606,4 +633,100 @@ async fn upstream_broke<S: ClientStream>(
 ) -> Served {
     phases.on_malformed_response(ctx);
     down.answer(ctx, Cause::UpstreamError, false).await
+}
+
+/// An upstream that switched protocols for an upgrade: its connection, what was read of
+/// it (the `101` head, and perhaps its first bytes past it), and how busbar's head edits
+/// apply (see `exchange`).
+struct Switched<'a> {
+    up: pool::Conn,
+    /// The 101's lines for the client, as `upstream::round_trip` wrote them.
+    lines: Vec<u8>,
+    buf: &'a [u8],
+    head: &'a response::Head,
+    edits: bool,
+    rate: Option<&'a crate::admission::RateInfo>,
+}
+
+/// The upstream answered an upgrade with `101 Switching Protocols`: the 101 goes to the
+/// client, and the two connections become a tunnel (`drivers::tunnel`) until both sides
+/// close, the service's `tunnel_idle_timeout` passes without a byte, or a drain's grace
+/// period ends (`drain`). What each side sent right behind its head goes first: the
+/// upstream's with the 101, the client's (in `conn`, as the front door read it) before
+/// anything the tunnel reads. The upstream connection is never pooled again. The access
+/// log gets the bytes the client received (`bytes`); the bytes it sent count as the
+/// request's (`busbar_request_bytes`).
+async fn switch<S: ClientStream>(
+    phases: &Phases,
+    down: &mut Downstream<'_, S>,
+    route: &Route,
+    ctx: &mut RequestCtx,
+    conn: &mut Vec<u8>,
+    switched: Switched<'_>,
+    drain: &ShutdownWatch,
+) -> Served {
+    let Switched {
+        mut up,
+        lines: mut out,
+        buf,
+        head,
+        edits,
+        rate,
+    } = switched;
+    let raw = &buf[..head.len];
+    // RFC 9110 §15.2.2: a 101 names the protocol it switched to.
+    let Some(protocol) = response::switched_to(raw) else {
+        return upstream_broke(phases, ctx, down).await;
+    };
+    if edits {
+        let Ok(mut resp) = upstream_header(raw) else {
+            return upstream_broke(phases, ctx, down).await;
+        };
+        if response_head::edit(ctx, &mut resp).is_err() {
+            return down.answer(ctx, Cause::UpstreamError, false).await;
+        }
+        out.clear();
+        response::write_switch(&mut out, &mut resp, protocol);
+    } else {
+        response::finish_switch(&mut out, rate, protocol);
+    }
+    let early = &buf[head.len..];
+    out.extend_from_slice(early);
+    phases.on_response_health(ctx, head.status);
+    if !down.send(&out).await {
+        return Served::cut(101, 0);
+    }
+    let mut to_upstream = conn.len() as u64;
+    if !conn.is_empty() {
+        let t = route.service.config.read_timeout;
+        let sent = within(t, async {
+            up.write_all(conn).await?;
+            up.flush().await
+        })
+        .await;
+        conn.clear();
+        if !matches!(sent, Ok(Ok(()))) {
+            ctx.body_bytes = to_upstream;
+            return Served::cut(101, early.len());
+        }
+    }
+    let bounds = Bounds {
+        idle: route.service.config.tunnel_idle_timeout,
+        drain: drain.clone(),
+        grace: ctx
+            .snapshot
+            .as_ref()
+            .map_or(crate::config::DEFAULT_GRACE_PERIOD, |s| {
+                s.config.server.grace_period
+            }),
+    };
+    let copied = tunnel::copy(&mut *down.client, &mut up, bounds).await;
+    to_upstream += copied.to_upstream;
+    ctx.body_bytes = to_upstream;
+    ctx.tunnel_end = copied.end.code();
+    Served {
+        status: 101,
+        body_bytes: early.len() + copied.to_client as usize,
+        keep_alive: false,
+    }
 }

@@ -10,7 +10,7 @@
 //! Must not: read or write sockets.
 
 use bytes::BufMut;
-use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderName, HeaderValue, StatusCode};
 use pingora_core::protocols::http::date::get_cached_date;
 use pingora_http::ResponseHeader;
@@ -223,6 +223,51 @@ fn end_head(out: &mut Vec<u8>, keep_alive: bool) {
     } else {
         b"\r\nConnection: close\r\n\r\n".as_slice()
     });
+}
+
+/// The protocol a `101 Switching Protocols` head (`raw`, complete) switched to: its
+/// `Upgrade` value, which RFC 9110 §15.2.2 requires; `None` without one (or with two).
+pub(super) fn switched_to(raw: &[u8]) -> Option<&[u8]> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut slots);
+    parsed.parse(raw).ok()?;
+    let mut lines = parsed
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("upgrade"));
+    match (lines.next(), lines.next()) {
+        (Some(h), None) if !h.value.is_empty() => Some(h.value),
+        _ => None,
+    }
+}
+
+/// Finishes a `101` head [`parse_head`] began: busbar's `RateLimit-*` lines (`rate`),
+/// `Date`, and the switch: `Upgrade` (the upstream's `protocol`) with `Connection:
+/// upgrade` instead of busbar's keep-alive line.
+pub(super) fn finish_switch(out: &mut Vec<u8>, rate: Option<&RateInfo>, protocol: &[u8]) {
+    response_head::own_lines(out, rate);
+    end_switch(out, protocol);
+}
+
+/// A `101` head from a header map (a route that edits response headers) into `out`, with
+/// the switch's lines (see [`finish_switch`]).
+pub(super) fn write_switch(out: &mut Vec<u8>, resp: &mut ResponseHeader, protocol: &[u8]) {
+    for name in [DATE, CONNECTION, UPGRADE] {
+        if resp.headers.contains_key(&name) {
+            resp.remove_header(&name);
+        }
+    }
+    status_line(out, resp.status);
+    resp.header_to_h1_wire(out);
+    end_switch(out, protocol);
+}
+
+fn end_switch(out: &mut Vec<u8>, protocol: &[u8]) {
+    out.put_slice(b"Date: ");
+    out.put_slice(get_cached_date().as_bytes());
+    out.put_slice(b"\r\n");
+    line(out, b"Upgrade", protocol);
+    out.put_slice(b"Connection: upgrade\r\n\r\n");
 }
 
 /// A response head from a header map into `out`: busbar's own answers, and upstream
