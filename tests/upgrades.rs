@@ -123,7 +123,9 @@ async fn ws_over<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// A text and a binary message, each way, and what came back.
-async fn echo_both<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut tokio_tungstenite::WebSocketStream<S>) {
+async fn echo_both<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+) {
     let binary: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
     for m in [
         Message::text("hello through busbar"),
@@ -174,7 +176,10 @@ async fn websocket_frames_echo_both_ways_and_the_upgrade_is_logged() {
         while let Some(Ok(_)) = ws.next().await {}
     })
     .await;
-    assert!(end.is_ok(), "the tunnel did not end after the close handshake");
+    assert!(
+        end.is_ok(),
+        "the tunnel did not end after the close handshake"
+    );
     // The client closes its side too (a half-closed tunnel lasts until the idle timeout).
     drop(ws);
 
@@ -189,18 +194,27 @@ async fn websocket_frames_echo_both_ways_and_the_upgrade_is_logged() {
         "{head:?}"
     );
     assert!(header(head, "via").is_some(), "{head:?}");
-    assert_eq!(header(head, "x-forwarded-for"), Some("127.0.0.1"), "{head:?}");
+    assert_eq!(
+        header(head, "x-forwarded-for"),
+        Some("127.0.0.1"),
+        "{head:?}"
+    );
     assert!(header(head, "sec-websocket-key").is_some(), "{head:?}");
 
     // One access log line, when the tunnel ended: status 101, the bytes that went to the
     // client through the tunnel (the frames echoed: more than the 70 KB binary one).
     let ok = common::eventually(PATIENCE, || !logged(&bus, 101).is_empty()).await;
-    assert!(ok, "no access log line for the upgrade:\n{}", bus.access_log());
+    assert!(
+        ok,
+        "no access log line for the upgrade:\n{}",
+        bus.access_log()
+    );
     let line = &logged(&bus, 101)[0];
     assert_eq!(line["path"], "/chat", "{line}");
     assert_eq!(line["route"], "all", "{line}");
     assert!(line["bytes"].as_u64().unwrap() > 70_000, "{line}");
-    let requests = r#"busbar_requests_total{class="1xx",method="GET",reason="",route="all",service="s"}"#;
+    let requests =
+        r#"busbar_requests_total{class="1xx",method="GET",reason="",route="all",service="s"}"#;
     assert_eq!(bus.metric_settled(requests, 1.0).await, 1.0);
 }
 
@@ -213,8 +227,8 @@ struct Issued {
 }
 
 fn issue(dir: &Path) -> Issued {
-    let c = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-        .unwrap();
+    let c =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
     std::fs::write(&cert, c.cert.pem()).unwrap();
@@ -265,7 +279,9 @@ async fn websocket_over_a_tls_client_connection() {
     let backend = WsEcho::start(None).await;
     let dir = tempfile::tempdir().unwrap();
     let issued = issue(dir.path());
-    let tls: SocketAddr = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
+    let tls: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
     let line = format!(
         "tls = [{{ addr = \"{tls}\", cert = \"{}\", key = \"{}\" }}]",
         issued.cert.display(),
@@ -371,7 +387,8 @@ async fn raw_conn(
         buf.drain(..end);
         match reply {
             Reply::Status(status) => {
-                let answer = format!("HTTP/1.1 {status} Whatever\r\nContent-Length: 5\r\n\r\nplain");
+                let answer =
+                    format!("HTTP/1.1 {status} Whatever\r\nContent-Length: 5\r\n\r\nplain");
                 if s.write_all(answer.as_bytes()).await.is_err() {
                     return;
                 }
@@ -418,9 +435,7 @@ async fn an_upgrade_the_upstream_declines_goes_on_as_http11() {
         assert_eq!(r.text(), "plain");
         assert!(r.complete && !r.closed, "{r:?}");
         // The same connection carries the next request.
-        let r = c
-            .ask(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n", false)
-            .await;
+        let r = c.ask(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n", false).await;
         assert_eq!((r.status(), r.text().as_str()), (status, "plain"), "{r:?}");
         let heads = up.heads();
         assert_eq!(heads.len(), 2, "{heads:?}");
@@ -456,8 +471,14 @@ async fn bytes_sent_right_behind_the_head_reach_the_upstream_first() {
         }
     };
     assert!(text.starts_with("HTTP/1.1 101 "), "{text}");
-    assert!(text.to_lowercase().contains("\r\nupgrade: websocket\r\n"), "{text}");
-    assert!(text.to_lowercase().contains("\r\nconnection: upgrade\r\n"), "{text}");
+    assert!(
+        text.to_lowercase().contains("\r\nupgrade: websocket\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.to_lowercase().contains("\r\nconnection: upgrade\r\n"),
+        "{text}"
+    );
     assert!(text.ends_with(&format!("\r\n\r\n{want}")), "{text}");
 }
 
@@ -478,12 +499,20 @@ async fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
     let (_, closed) = c.read_to_close(PATIENCE).await;
     let after = switched.elapsed();
     assert!(closed, "the idle tunnel was not closed");
-    assert!(after >= Duration::from_millis(2400), "closed after {after:?}");
+    assert!(
+        after >= Duration::from_millis(2400),
+        "closed after {after:?}"
+    );
     let ok = common::eventually(PATIENCE, || !up.closed.lock().unwrap().is_empty()).await;
     assert!(ok, "the upstream did not see the tunnel close");
     let ok = common::eventually(PATIENCE, || !logged(&bus, 101).is_empty()).await;
     assert!(ok, "{}", bus.access_log());
-    assert_eq!(logged(&bus, 101)[0]["error"], "tunnel_idle", "{}", bus.access_log());
+    assert_eq!(
+        logged(&bus, 101)[0]["error"],
+        "tunnel_idle",
+        "{}",
+        bus.access_log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -511,7 +540,9 @@ async fn admission_refuses_an_upgrade_before_any_upstream_connection() {
 async fn a_connect_failure_is_retried_on_another_instance() {
     let backend = WsEcho::start(None).await;
     // A port nothing listens on.
-    let dead: SocketAddr = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
+    let dead: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
     let bus = Busbar::start(&config(&[dead, backend.addr], "", "")).await;
     // Round robin: of two upgrades, one goes to the dead instance first.
     for _ in 0..2 {
@@ -527,7 +558,10 @@ async fn a_connect_failure_is_retried_on_another_instance() {
     // Each upgrade is logged when its tunnel ends; one of them took two tries.
     let ok = common::eventually(PATIENCE, || logged(&bus, 101).len() == 2).await;
     assert!(ok, "{}", bus.access_log());
-    let tries: Vec<_> = logged(&bus, 101).iter().map(|l| l["tries"].as_u64()).collect();
+    let tries: Vec<_> = logged(&bus, 101)
+        .iter()
+        .map(|l| l["tries"].as_u64())
+        .collect();
     assert!(tries.contains(&Some(2)), "{}", bus.access_log());
 }
 
@@ -588,11 +622,17 @@ async fn a_connect_tunnel_is_closed_after_the_idle_timeout() {
     let up = Raw::start(Reply::Switch).await;
     let body = format!(
         "{MESH}{}",
-        config(&[up.addr], "tunnel_idle_timeout = \"1s\"", "path_prefix = \"/api\"")
+        config(
+            &[up.addr],
+            "tunnel_idle_timeout = \"1s\"",
+            "path_prefix = \"/api\""
+        )
     );
     let bus = Busbar::start(&body).await;
     let mut c = Conn::connect(bus.http).await;
-    c.send(b"CONNECT s:80 HTTP/1.1\r\nHost: s:80\r\n\r\n").await.unwrap();
+    c.send(b"CONNECT s:80 HTTP/1.1\r\nHost: s:80\r\n\r\n")
+        .await
+        .unwrap();
     let r = c.read_response(true).await;
     assert_eq!(r.status(), 200, "{r:?}");
     // The tunnel carries bytes both ways: a request head and what follows it, echoed
@@ -603,7 +643,11 @@ async fn a_connect_tunnel_is_closed_after_the_idle_timeout() {
     let opened = Instant::now();
     let (_, closed) = c.read_to_close(PATIENCE).await;
     assert!(closed, "the idle CONNECT tunnel was not closed");
-    assert!(opened.elapsed() >= Duration::from_millis(900), "{:?}", opened.elapsed());
+    assert!(
+        opened.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        opened.elapsed()
+    );
     let ok = common::eventually(PATIENCE, || !up.closed.lock().unwrap().is_empty()).await;
     assert!(ok, "the upstream did not see the tunnel close");
 }

@@ -471,7 +471,10 @@ async fn exchange<S: ClientStream>(
         }
     };
     phases.on_response_head(ctx);
-    if let Some(drain) = sides.upgrade.filter(|_| head.status == StatusCode::SWITCHING_PROTOCOLS) {
+    if let Some(drain) = sides
+        .upgrade
+        .filter(|_| head.status == StatusCode::SWITCHING_PROTOCOLS)
+    {
         let rate = rate.as_ref();
         let switched = Switched {
             up,

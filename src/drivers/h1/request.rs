@@ -375,6 +375,59 @@ mod tests {
     }
 
     #[test]
+    fn upgrades_are_kept_only_where_busbar_passes_them_on() {
+        let p = |h: &[u8]| parse(&Bytes::copy_from_slice(h), &LIMITS);
+        let upgrade = |h: &[u8]| {
+            let got = p(h).unwrap();
+            let kept = got
+                .req
+                .headers
+                .get("upgrade")
+                .map(|v| v.as_bytes().to_vec());
+            assert!(got.req.headers.get("connection").is_none());
+            assert!(got.req.headers.get("http2-settings").is_none());
+            assert_eq!(
+                got.upgrade,
+                kept.is_some(),
+                "{}",
+                String::from_utf8_lossy(h)
+            );
+            kept
+        };
+        let ws = Some(b"websocket".to_vec());
+        assert_eq!(
+            upgrade(b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"),
+            ws
+        );
+        // Firefox's.
+        assert_eq!(
+            upgrade(
+                b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\n"
+            ),
+            ws
+        );
+        for ignored in [
+            // Not named by `Connection`.
+            &b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nConnection: upgrade\r\n\r\n",
+            // HTTP/1.0, h2c, a body.
+            b"GET / HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            b"GET / HTTP/1.1\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMA\r\n\r\n",
+            b"POST / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 1\r\n\r\n",
+        ] {
+            assert_eq!(upgrade(ignored), None, "{}", String::from_utf8_lossy(ignored));
+            assert!(agrees(ignored), "{}", String::from_utf8_lossy(ignored));
+        }
+        // Two `Upgrade` lines, or `Connection` naming another header: not for this path.
+        for other in [
+            &b"GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: a\r\nUpgrade: b\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nConnection: upgrade, x-hop\r\nUpgrade: websocket\r\n\r\n",
+        ] {
+            assert!(p(other).is_none(), "{}", String::from_utf8_lossy(other));
+        }
+    }
+
+    #[test]
     fn parse_takes_only_what_the_front_door_accepts() {
         for ok in [
             &b"GET / HTTP/1.1\r\n\r\n"[..],

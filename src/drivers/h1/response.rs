@@ -327,6 +327,50 @@ mod tests {
         assert_eq!((h.framing, h.reusable), (Framing::Close, false));
     }
 
+    /// A `101`'s head for the client: the upstream's lines less hop-by-hop ones, then
+    /// busbar's, and the switch (`Upgrade` as the upstream chose, `Connection: upgrade`).
+    #[test]
+    fn a_switch_head_names_the_protocol_and_keeps_the_connection_upgraded() {
+        let raw: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: abc=\r\n\r\n";
+        assert_eq!(switched_to(raw), Some(&b"websocket"[..]));
+        let mut out = Vec::new();
+        let head = parse_head(raw, false, &mut out, false).unwrap().unwrap();
+        assert_eq!((head.status.as_u16(), head.framing), (101, Framing::None));
+        finish_switch(&mut out, None, b"websocket");
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with(
+                "HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: abc=\r\nDate: "
+            ),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"),
+            "{text}"
+        );
+        assert_eq!(text.matches("pgrade:").count(), 1, "{text}");
+
+        let mut resp = upstream_header(raw).unwrap();
+        resp.insert_header("x-edit", "1").unwrap();
+        let mut out = Vec::new();
+        write_switch(&mut out, &mut resp, b"websocket");
+        let text = String::from_utf8(out).unwrap().to_lowercase();
+        assert!(text.contains("x-edit: 1\r\n"), "{text}");
+        assert!(
+            text.ends_with("\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"),
+            "{text}"
+        );
+
+        // A 101 that does not say what it switched to (or says it twice).
+        for bad in [
+            &b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n"[..],
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: a\r\nUpgrade: b\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade:\r\n\r\n",
+        ] {
+            assert_eq!(switched_to(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
     /// Heads busbar cannot frame or be sure of are refused (the client gets a 502).
     #[test]
     fn heads_that_cannot_be_framed_are_refused() {
