@@ -476,10 +476,12 @@ async fn exchange<S: ClientStream>(
         .filter(|_| head.status == StatusCode::SWITCHING_PROTOCOLS)
     {
         let rate = rate.as_ref();
+        // What the tunnel does not need is freed before it starts: it may last an hour.
+        drop((wire, chunk));
         let switched = Switched {
             up,
-            lines: std::mem::take(&mut out),
-            buf: &buf,
+            lines: out,
+            buf,
             head: &head,
             edits,
             rate,
@@ -645,7 +647,8 @@ struct Switched<'a> {
     up: pool::Conn,
     /// The 101's lines for the client, as `upstream::round_trip` wrote them.
     lines: Vec<u8>,
-    buf: &'a [u8],
+    /// What was read of the upstream: the 101 head, and perhaps bytes past it.
+    buf: Vec<u8>,
     head: &'a response::Head,
     edits: bool,
     rate: Option<&'a crate::admission::RateInfo>,
@@ -693,12 +696,14 @@ async fn switch<S: ClientStream>(
     } else {
         response::finish_switch(&mut out, rate, protocol);
     }
-    let early = &buf[head.len..];
-    out.extend_from_slice(early);
+    let early = buf.len() - head.len;
+    out.extend_from_slice(&buf[head.len..]);
+    drop(buf);
     phases.on_response_health(ctx, head.status);
     if !down.send(&out).await {
         return Served::cut(101, 0);
     }
+    drop(out);
     let mut to_upstream = conn.len() as u64;
     if !conn.is_empty() {
         let t = route.service.config.read_timeout;
@@ -707,12 +712,13 @@ async fn switch<S: ClientStream>(
             up.flush().await
         })
         .await;
-        conn.clear();
         if !matches!(sent, Ok(Ok(()))) {
             ctx.body_bytes = to_upstream;
-            return Served::cut(101, early.len());
+            return Served::cut(101, early);
         }
     }
+    // The front door's buffer: the connection ends with the tunnel, so it goes now.
+    *conn = Vec::new();
     let bounds = Bounds {
         idle: route.service.config.tunnel_idle_timeout,
         drain: drain.clone(),
@@ -729,7 +735,7 @@ async fn switch<S: ClientStream>(
     ctx.tunnel_end = copied.end.code();
     Served {
         status: 101,
-        body_bytes: early.len() + copied.to_client as usize,
+        body_bytes: early + copied.to_client as usize,
         keep_alive: false,
     }
 }
