@@ -496,9 +496,14 @@ async fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         c.send(b"tick").await.unwrap();
     }
+    let last = Instant::now();
     let (_, closed) = c.read_to_close(PATIENCE).await;
     let after = switched.elapsed();
     assert!(closed, "the idle tunnel was not closed");
+    eprintln!(
+        "idle tunnel closed {after:?} after the switch, {:?} after its last byte",
+        last.elapsed()
+    );
     assert!(
         after >= Duration::from_millis(2400),
         "closed after {after:?}"
@@ -606,6 +611,7 @@ async fn a_drain_gives_tunnels_the_grace_period_then_closes_them() {
     assert!(end.is_ok(), "the tunnel outlived the drain");
     let after = signalled.elapsed();
     assert!(after >= Duration::from_secs(9), "closed after {after:?}");
+    eprintln!("tunnel closed {after:?} after SIGTERM (grace period 10 s)");
     assert_eq!(bus.wait_exit(Duration::from_secs(10)).await, Some(0));
     let line = logged(&bus, 101);
     assert_eq!(line.len(), 1, "{}", bus.access_log());
