@@ -216,6 +216,12 @@ async fn websocket_frames_echo_both_ways_and_the_upgrade_is_logged() {
     let requests =
         r#"busbar_requests_total{class="1xx",method="GET",reason="",route="all",service="s"}"#;
     assert_eq!(bus.metric_settled(requests, 1.0).await, 1.0);
+    // The bytes each way count as the route's body bytes.
+    for way in ["request", "response"] {
+        let sample = format!(r#"busbar_{way}_body_bytes_total{{route="all"}}"#);
+        let n = bus.metric(&sample).await;
+        assert!(n > 70_000.0, "{sample} = {n}");
+    }
 }
 
 /// A self-signed certificate for `localhost` and 127.0.0.1, written as PEM files.
