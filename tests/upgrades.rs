@@ -25,12 +25,15 @@ use tokio_tungstenite::tungstenite::Message;
 /// Generous for a loaded machine; a hang still fails.
 const PATIENCE: Duration = Duration::from_secs(10);
 
+/// Each handshake's request headers (lowercase names), in order.
+type Heads = Arc<Mutex<Vec<Vec<(String, String)>>>>;
+
 /// A WebSocket echo server (tungstenite), plaintext or TLS: every text and binary message
 /// comes back as it was. Records each handshake's request headers (lowercase names) and
 /// counts connections.
 struct WsEcho {
     addr: SocketAddr,
-    heads: Arc<Mutex<Vec<Vec<(String, String)>>>>,
+    heads: Heads,
     conns: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -78,10 +81,9 @@ impl Drop for WsEcho {
     }
 }
 
-async fn echo<S: AsyncRead + AsyncWrite + Unpin>(
-    s: S,
-    heads: Arc<Mutex<Vec<Vec<(String, String)>>>>,
-) {
+// tungstenite's callback type: its error response is large, and returned by value.
+#[allow(clippy::result_large_err)]
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(s: S, heads: Heads) {
     use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
     let record = |req: &Request, resp: Response| {
         let head = req
