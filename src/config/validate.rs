@@ -1173,6 +1173,27 @@ service = "echo"
     }
 
     #[test]
+    fn tunnel_idle_timeout_defaults_to_an_hour_and_is_a_positive_duration() {
+        let c = validate(Path::new("t.toml"), OK).unwrap();
+        assert_eq!(
+            c.services[0].tunnel_idle_timeout,
+            DEFAULT_TUNNEL_IDLE_TIMEOUT
+        );
+        let set = |v: &str| {
+            OK.replace(
+                "name = \"echo\"\n",
+                &format!("name = \"echo\"\ntunnel_idle_timeout = {v}\n"),
+            )
+        };
+        let c = validate(Path::new("t.toml"), &set("\"90s\"")).unwrap();
+        assert_eq!(c.services[0].tunnel_idle_timeout, Duration::from_secs(90));
+        for bad in ["\"0s\"", "\"soon\"", "5"] {
+            let e = errors(&set(bad));
+            assert!(e.iter().any(|e| e.contains("t.toml:7:")), "{bad}: {e:?}");
+        }
+    }
+
+    #[test]
     fn admin_reads_need_the_token_unless_opened() {
         let c = validate(Path::new("t.toml"), OK).unwrap();
         assert!(!c.admin.open_reads);
