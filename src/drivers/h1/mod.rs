@@ -17,8 +17,8 @@
 //! Files: `request` (request codec), `body` (the request body: held, streamed, paced),
 //! `response` + `framing` (response codec, the chunk scanner both directions share),
 //! `client` (client I/O), `upstream` (one try's upstream I/O), `pool`, `head` (the
-//! front door's head check), and this one: the orchestration, a thin loop over the
-//! phases.
+//! front door's head check), `switch` (an upgrade's `101` and the tunnel after it), and
+//! this one: the orchestration, a thin loop over the phases.
 //! Owns: HTTP/1 framing on both sides for these requests. An answer that breaks
 //! `framing`'s rules is a 502, or, once its head went out, a client connection closed;
 //! never bytes passed on that busbar could not frame. A request body that breaks them is
@@ -37,6 +37,7 @@ mod body;
 mod client;
 mod request;
 mod response;
+mod switch;
 mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
@@ -47,12 +48,11 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use pingora_core::server::ShutdownWatch;
 use pingora_http::RequestHeader;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use crate::admission::Refused;
 use crate::base::deadline::within;
 use crate::config::Protocol;
-use crate::drivers::tunnel::{self, Bounds};
 use crate::phases::ctx::RequestCtx;
 use crate::phases::fail::{self, Failure};
 use crate::phases::request::{self as phase, RequestPath};
@@ -478,7 +478,7 @@ async fn exchange<S: ClientStream>(
         let rate = rate.as_ref();
         // What the tunnel does not need is freed before it starts: it may last an hour.
         drop((wire, chunk));
-        let switched = Switched {
+        let switched = switch::Switched {
             up,
             lines: out,
             buf,
@@ -486,7 +486,7 @@ async fn exchange<S: ClientStream>(
             edits,
             rate,
         };
-        return switch(phases, down, route, ctx, sides.conn, switched, drain).await;
+        return switch::switch(phases, down, route, ctx, sides.conn, switched, drain).await;
     }
     let status = head.status.as_u16();
     // Where the body ends in what came with the head, and for a chunked body, that what
@@ -638,104 +638,4 @@ async fn upstream_broke<S: ClientStream>(
 ) -> Served {
     phases.on_malformed_response(ctx);
     down.answer(ctx, Cause::UpstreamError, false).await
-}
-
-/// An upstream that switched protocols for an upgrade: its connection, what was read of
-/// it (the `101` head, and perhaps its first bytes past it), and how busbar's head edits
-/// apply (see `exchange`).
-struct Switched<'a> {
-    up: pool::Conn,
-    /// The 101's lines for the client, as `upstream::round_trip` wrote them.
-    lines: Vec<u8>,
-    /// What was read of the upstream: the 101 head, and perhaps bytes past it.
-    buf: Vec<u8>,
-    head: &'a response::Head,
-    edits: bool,
-    rate: Option<&'a crate::admission::RateInfo>,
-}
-
-/// The upstream answered an upgrade with `101 Switching Protocols`: the 101 goes to the
-/// client, and the two connections become a tunnel (`drivers::tunnel`) until both sides
-/// close, the service's `tunnel_idle_timeout` passes without a byte, or a drain's grace
-/// period ends (`drain`). What each side sent right behind its head goes first: the
-/// upstream's with the 101, the client's (in `conn`, as the front door read it) before
-/// anything the tunnel reads. The upstream connection is never pooled again. The access
-/// log gets the bytes the client received (`bytes`); the bytes it sent count as the
-/// request's (`busbar_request_bytes`).
-async fn switch<S: ClientStream>(
-    phases: &Phases,
-    down: &mut Downstream<'_, S>,
-    route: &Route,
-    ctx: &mut RequestCtx,
-    conn: &mut Vec<u8>,
-    switched: Switched<'_>,
-    drain: &ShutdownWatch,
-) -> Served {
-    let Switched {
-        mut up,
-        lines: mut out,
-        buf,
-        head,
-        edits,
-        rate,
-    } = switched;
-    let raw = &buf[..head.len];
-    // RFC 9110 §15.2.2: a 101 names the protocol it switched to.
-    let Some(protocol) = response::switched_to(raw) else {
-        return upstream_broke(phases, ctx, down).await;
-    };
-    if edits {
-        let Ok(mut resp) = upstream_header(raw) else {
-            return upstream_broke(phases, ctx, down).await;
-        };
-        if response_head::edit(ctx, &mut resp).is_err() {
-            return down.answer(ctx, Cause::UpstreamError, false).await;
-        }
-        out.clear();
-        response::write_switch(&mut out, &mut resp, protocol);
-    } else {
-        response::finish_switch(&mut out, rate, protocol);
-    }
-    let early = buf.len() - head.len;
-    out.extend_from_slice(&buf[head.len..]);
-    drop(buf);
-    phases.on_response_health(ctx, head.status);
-    if !down.send(&out).await {
-        return Served::cut(101, 0);
-    }
-    drop(out);
-    let mut to_upstream = conn.len() as u64;
-    if !conn.is_empty() {
-        let t = route.service.config.read_timeout;
-        let sent = within(t, async {
-            up.write_all(conn).await?;
-            up.flush().await
-        })
-        .await;
-        if !matches!(sent, Ok(Ok(()))) {
-            ctx.body_bytes = to_upstream;
-            return Served::cut(101, early);
-        }
-    }
-    // The front door's buffer: the connection ends with the tunnel, so it goes now.
-    *conn = Vec::new();
-    let bounds = Bounds {
-        idle: route.service.config.tunnel_idle_timeout,
-        drain: drain.clone(),
-        grace: ctx
-            .snapshot
-            .as_ref()
-            .map_or(crate::config::DEFAULT_GRACE_PERIOD, |s| {
-                s.config.server.grace_period
-            }),
-    };
-    let copied = tunnel::copy(&mut *down.client, &mut up, bounds).await;
-    to_upstream += copied.to_upstream;
-    ctx.body_bytes = to_upstream;
-    ctx.tunnel_end = copied.end.code();
-    Served {
-        status: 101,
-        body_bytes: early + copied.to_client as usize,
-        keep_alive: false,
-    }
 }
