@@ -330,6 +330,8 @@ enum Reply {
     SwitchAndWait,
     /// An ordinary answer with this status and a small body; the connection stays open.
     Status(u16),
+    /// `101` without the `Upgrade` a 101 must carry (RFC 9110 §15.2.2).
+    SwitchUnnamed,
 }
 
 /// A raw HTTP/1 upstream: records each head (with its connection's number) and when a
@@ -400,6 +402,13 @@ async fn raw_conn(
                 if s.write_all(answer.as_bytes()).await.is_err() {
                     return;
                 }
+            }
+            Reply::SwitchUnnamed => {
+                let head = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n";
+                let _ = s.write_all(head).await;
+                let _ = s.read(&mut [0u8; 64]).await;
+                closed.lock().unwrap().push(Instant::now());
+                return;
             }
             Reply::Switch | Reply::SwitchAndWait => {
                 let head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
@@ -664,4 +673,17 @@ async fn a_connect_tunnel_is_closed_after_the_idle_timeout() {
     );
     let ok = common::eventually(PATIENCE, || !up.closed.lock().unwrap().is_empty()).await;
     assert!(ok, "the upstream did not see the tunnel close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_101_that_does_not_name_its_protocol_is_a_502() {
+    let up = Raw::start(Reply::SwitchUnnamed).await;
+    let bus = Busbar::start(&config(&[up.addr], "", "")).await;
+    let mut c = Conn::connect(bus.http).await;
+    let r = c.ask(UPGRADE, false).await;
+    assert_eq!(r.status(), 502, "{r:?}");
+    assert!(r.text().contains("upstream_error"), "{r:?}");
+    // busbar dropped that upstream connection.
+    let ok = common::eventually(PATIENCE, || !up.closed.lock().unwrap().is_empty()).await;
+    assert!(ok, "the upstream connection was kept");
 }
