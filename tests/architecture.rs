@@ -35,7 +35,11 @@ const LAYERS: &[(&str, &[&str])] = &[
     // What serves client traffic: the front door (`edge`) hands a connection to a driver
     // (busbar's HTTP/1 engine, the pingora adapter, JSON→gRPC calls) or to the CONNECT
     // tunnel.
-    ("drivers", &["edge", "drivers", "fallback::connect"]),
+    // The tunnel's copy serves both an upgrade (`drivers::h1`) and a CONNECT.
+    (
+        "drivers",
+        &["edge", "drivers", "fallback::connect", "drivers::tunnel"],
+    ),
     // The request phases every driver calls; span export hooks into them and reads the
     // request context; busbar's own answers and the trace context under both.
     (

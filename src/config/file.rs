@@ -165,6 +165,9 @@ pub struct ServiceFile {
     pub connect_timeout: Option<Spanned<String>>,
     pub read_timeout: Option<Spanned<String>>,
     pub timeout: Option<Spanned<String>>,
+    /// How long an upgraded connection (WebSocket) or a `CONNECT` tunnel may stay quiet
+    /// both ways before it is closed (HAProxy's `timeout tunnel`).
+    pub tunnel_idle_timeout: Option<Spanned<String>>,
     pub panic_threshold: Option<Spanned<i64>>,
     pub retry: Option<RetryFile>,
     pub health: Option<HealthFile>,

@@ -24,6 +24,11 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Deadline for an upstream's response headers over all tries (Envoy's route timeout is 15 s).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long an upgraded connection (WebSocket) or a `CONNECT` tunnel may carry no byte
+/// either way before busbar closes it: HAProxy's `timeout tunnel` as it is commonly set
+/// (1 h). nginx closes at `proxy_read_timeout` (60 s), which cuts quiet WebSockets whose
+/// peers ping less often than that; an hour keeps them and still frees abandoned ones.
+pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Below this share of available instances a service balances over all of them (Envoy: 50%).
 pub const DEFAULT_PANIC_THRESHOLD: u8 = 50;
 /// Extra tries after the first (connect failures always, others only for idempotent requests).
@@ -306,6 +311,9 @@ pub struct ServiceConfig {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub timeout: Duration,
+    /// An upgraded connection or a `CONNECT` tunnel to the service with no byte either
+    /// way for this long is closed (`tunnel_idle_timeout`).
+    pub tunnel_idle_timeout: Duration,
     /// Percent of available instances below which the service balances over all of them.
     pub panic_threshold: u8,
     pub retry: RetryPolicy,

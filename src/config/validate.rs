@@ -592,6 +592,8 @@ impl Validator<'_> {
         let connect_timeout = self.duration(&s.connect_timeout, ctx, DEFAULT_CONNECT_TIMEOUT);
         let read_timeout = self.duration(&s.read_timeout, ctx, DEFAULT_READ_TIMEOUT);
         let timeout = self.duration(&s.timeout, ctx, DEFAULT_TIMEOUT);
+        let tunnel_idle_timeout =
+            self.duration(&s.tunnel_idle_timeout, ctx, DEFAULT_TUNNEL_IDLE_TIMEOUT);
         let panic_threshold = self
             .int(&s.panic_threshold, ctx, 0, 100)
             .map_or(DEFAULT_PANIC_THRESHOLD, |n| n as u8);
@@ -651,6 +653,7 @@ impl Validator<'_> {
             connect_timeout,
             read_timeout,
             timeout,
+            tunnel_idle_timeout,
             panic_threshold,
             retry,
             health,
@@ -1167,6 +1170,27 @@ service = "echo"
         assert_eq!(c.services[0].endpoints[0].weight, 3);
         assert_eq!(c.routes[0].rewrite, Rewrite::Prefix("/".into()));
         assert_eq!(c.listen.admin.to_string(), DEFAULT_ADMIN_ADDR);
+    }
+
+    #[test]
+    fn tunnel_idle_timeout_defaults_to_an_hour_and_is_a_positive_duration() {
+        let c = validate(Path::new("t.toml"), OK).unwrap();
+        assert_eq!(
+            c.services[0].tunnel_idle_timeout,
+            DEFAULT_TUNNEL_IDLE_TIMEOUT
+        );
+        let set = |v: &str| {
+            OK.replace(
+                "name = \"echo\"\n",
+                &format!("name = \"echo\"\ntunnel_idle_timeout = {v}\n"),
+            )
+        };
+        let c = validate(Path::new("t.toml"), &set("\"90s\"")).unwrap();
+        assert_eq!(c.services[0].tunnel_idle_timeout, Duration::from_secs(90));
+        for bad in ["\"0s\"", "\"soon\"", "5"] {
+            let e = errors(&set(bad));
+            assert!(e.iter().any(|e| e.contains("t.toml:7:")), "{bad}: {e:?}");
+        }
     }
 
     #[test]

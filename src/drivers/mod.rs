@@ -1,11 +1,13 @@
 //! The drivers: each speaks one shape of traffic to clients and upstreams and is a thin
 //! loop over the request phases (`phases`), so every driver gets every feature.
 //!
-//! - `pingora`: pingora's `ProxyHttp` adapter: TLS, h2/h2c, bodies, upgrades, gRPC and
+//! - `pingora`: pingora's `ProxyHttp` adapter: h2/h2c, translating routes, gRPC and
 //!   gRPC-Web pass-through; and the JSON→gRPC call (`json_grpc`) from its
 //!   `request_filter`.
-//! - `h1`: busbar's own HTTP/1.1 engine for plaintext bodyless requests (the front door,
-//!   `edge`, hands them over).
+//! - `h1`: busbar's own HTTP/1.x engine, plaintext and TLS: bodies, HTTP/1.0, upgrades
+//!   (the front door, `edge`, hands requests over).
+//! - `tunnel`: the byte copy both ways behind an upgrade's `101` and a `CONNECT`'s `200`
+//!   (idle timeout, drain), shared by `h1` and `fallback::connect`.
 //! - `json_grpc`: JSON/HTTP callers → unary and server-streaming gRPC over h2c.
 //! - `gone`: the pingora session's "client went away" future for admission's waits.
 //!
@@ -17,3 +19,4 @@ pub(crate) mod gone;
 pub mod h1;
 pub(crate) mod json_grpc;
 pub mod pingora;
+pub mod tunnel;

@@ -4,10 +4,10 @@
 //! keep-alive loop pingora would otherwise run), it reads the request head under a total
 //! deadline (a client trickling header bytes is cut off: slowloris), refuses ambiguous
 //! framing and oversize heads itself (see `head`), sends `CONNECT` to the mesh tunnel,
-//! serves the everyday request (with or without a body, HTTP/1.1 or 1.0) on busbar's own
-//! HTTP/1 engine (`drivers::h1`, which takes the body's first bytes from this buffer and
-//! leaves the next request's in it), and hands everything else — unchanged, bytes put
-//! back — to the pingora HTTP proxy.
+//! serves the everyday request (with or without a body, HTTP/1.1 or 1.0, upgrades) on
+//! busbar's own HTTP/1 engine (`drivers::h1`, which takes the body's first bytes from
+//! this buffer and leaves the next request's in it), and hands everything else —
+//! unchanged, bytes put back — to the pingora HTTP proxy.
 //! h2c connections (the HTTP/2 preface) and TLS connections whose client chose `h2` by
 //! ALPN go to the proxy whole. A TLS connection arrives after its handshake (`tls`); the
 //! bytes the front door read are put back above the decryption (`tls::TlsClient`).
@@ -204,12 +204,11 @@ impl Edge {
         loop {
             let s = match self.front(conn, &mut head, limits, shutdown).await {
                 Next::Direct(mut c, request) => {
-                    let draining = *shutdown.borrow();
                     let s = c.inner_mut();
                     let peer = crate::base::peer_of(s);
                     // Boxed: inline, its state (a few KiB) would be part of every
                     // connection's task for the connection's life, idle or not.
-                    let serve = h1::serve(&self.phases, s, peer, tls, request, draining, &mut head);
+                    let serve = h1::serve(&self.phases, s, peer, tls, request, shutdown, &mut head);
                     if !Box::pin(serve).await {
                         return None;
                     }
@@ -328,6 +327,7 @@ impl Edge {
                 conn.into_inner(),
                 &buf[..end],
                 &buf[end..],
+                shutdown,
             )
             .await;
             return Next::Done;

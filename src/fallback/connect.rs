@@ -2,7 +2,10 @@
 //! domain>]:<port>` gets 200 and a byte-for-byte TCP tunnel to one of the service's
 //! instances (clients speak TLS end to end); anything that is not a configured service
 //! gets 403 and opens nothing: busbar is not an open proxy.
-//! The front door (`edge`) reads the head and calls [`tunnel`].
+//! The front door (`edge`) reads the head and calls [`tunnel`]; the bytes go through
+//! `drivers::tunnel` (the copy an upgrade uses too), closed after the service's
+//! `tunnel_idle_timeout` without a byte either way, and at the end of a drain's grace
+//! period.
 //! Must not: parse more than the CONNECT head.
 
 use std::time::Duration;
@@ -10,6 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::drivers::tunnel::{self, Bounds};
 use crate::metrics::METRICS;
 use crate::model::health::now_ms;
 use crate::snapshot::State;
@@ -41,12 +45,13 @@ fn target_of(head: &[u8]) -> Option<&str> {
 }
 
 /// Answers a CONNECT whose head is `head` (`rest`: bytes the client sent after it), on a
-/// plaintext or TLS client connection.
+/// plaintext or TLS client connection. `drain`: the server's shutdown watch.
 pub async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
     state: &State,
     mut stream: Box<S>,
     head: &[u8],
     rest: &[u8],
+    drain: &tokio::sync::watch::Receiver<bool>,
 ) {
     {
         let Some(target) = target_of(head) else {
@@ -115,7 +120,12 @@ pub async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
         }
         inst.health.begin_request();
         if rest.is_empty() || upstream.write_all(rest).await.is_ok() {
-            let _ = tokio::io::copy_bidirectional(&mut *stream, &mut upstream).await;
+            let bounds = Bounds {
+                idle: svc.config.tunnel_idle_timeout,
+                drain: drain.clone(),
+                grace: snap.config.server.grace_period,
+            };
+            tunnel::copy(&mut *stream, &mut upstream, bounds).await;
         }
         inst.health.end_request();
     }

@@ -90,6 +90,9 @@ pub struct RequestCtx {
     pub grpc_web: Option<crate::translate::grpc_web::WebCall>,
     /// Gray release: the version chosen for this request and what it was served by.
     pub release: crate::release::RequestRelease,
+    /// Why busbar ended the tunnel an upgrade opened (`tunnel_idle`, `tunnel_drained`),
+    /// for the access log's `error`; `None` when the peers ended it, or there was none.
+    pub tunnel_end: Option<&'static str>,
 }
 
 impl RequestCtx {
@@ -122,6 +125,7 @@ impl RequestCtx {
             admitted: None,
             grpc_web: None,
             release: Default::default(),
+            tunnel_end: None,
         }
     }
 

@@ -94,7 +94,8 @@ impl Phases {
             upstream: ctx.upstream_time,
             tries: ctx.tries,
             trace_id: &trace_id,
-            error,
+            // A tunnel busbar closed (idle, drained) says why; its span is no error.
+            error: error.or(ctx.tunnel_end),
             seen: ctx.seen.as_ref(),
             query: done.query,
             redact: ctx

@@ -3,14 +3,15 @@
 //! Owns: what busbar changes in a request on its way upstream, in order: origin form for
 //! an absolute-form target, the client-sent identity and forwarding headers replaced by
 //! what busbar verified and saw, its `Via` hop and trace context, the route's header
-//! edits and path rewrite, and the translation's edits. The head comes out either as a
+//! edits and path rewrite, the translation's edits, and for an upgrade the `Connection:
+//! upgrade` that goes with its `Upgrade`. The head comes out either as a
 //! header map (pingora's proxy and h2 send it; JSON→gRPC reads its metadata from it)
 //! or as HTTP/1.1 wire lines (busbar's own HTTP/1 engine): [`Output`].
 //! Must not: choose the instance or send anything.
 
 use std::net::IpAddr;
 
-use http::header::{HeaderName, HeaderValue, HOST};
+use http::header::{HeaderName, HeaderValue, HOST, UPGRADE};
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::authority::{is_http_family_scheme, raw_target_authority, RawTargetAuthority};
 use pingora_http::RequestHeader;
@@ -77,6 +78,12 @@ pub(crate) fn build(
         upstream.header_to_h1_wire(wire);
         if let Some(own) = own {
             own.write(ctx, wire);
+        }
+        // An upgrade: busbar's HTTP/1 codec leaves `Upgrade` in the head only for one it
+        // passes on (every other hop-by-hop header is gone), and its `Connection` token
+        // goes with it (RFC 9110 §7.8).
+        if upstream.headers.contains_key(UPGRADE) {
+            wire.extend_from_slice(b"Connection: upgrade\r\n");
         }
         wire.extend_from_slice(b"\r\n");
     }

@@ -1,9 +1,11 @@
-//! busbar's own HTTP/1 engine for the everyday request: a plaintext HTTP/1.1 or HTTP/1.0
-//! request, with or without a body (`Content-Length` or chunked, `Expect:
-//! 100-continue`), on a route that proxies to an HTTP/1 service (cleartext or `https`: the
-//! upstream connection is then TLS, `upstream::connect`) with no translation (admission
-//! included). Everything else (upgrades, other expectations or transfer codings,
-//! translating routes, h2c services) goes to the pingora driver, unchanged.
+//! busbar's own HTTP/1 engine for the everyday request: an HTTP/1.1 or HTTP/1.0 request
+//! (plaintext or TLS), with or without a body (`Content-Length` or chunked, `Expect:
+//! 100-continue`), or an upgrade (WebSocket: a `101` answer opens a tunnel,
+//! `drivers::tunnel`), on a route that proxies to an HTTP/1 service (cleartext or
+//! `https`: the upstream connection is then TLS, `upstream::connect`) with no translation
+//! (admission included). Everything else (other expectations or transfer codings,
+//! `Connection` naming other headers, translating routes, h2c services) goes to the
+//! pingora driver, unchanged.
 //!
 //! pingora 0.9's proxy loop costs several times what a plain tokio proxy costs per
 //! request here (measured in `load-tests/RESULTS.md`): a boxed future per phase, two
@@ -15,8 +17,8 @@
 //! Files: `request` (request codec), `body` (the request body: held, streamed, paced),
 //! `response` + `framing` (response codec, the chunk scanner both directions share),
 //! `client` (client I/O), `upstream` (one try's upstream I/O), `pool`, `head` (the
-//! front door's head check), and this one: the orchestration, a thin loop over the
-//! phases.
+//! front door's head check), `switch` (an upgrade's `101` and the tunnel after it), and
+//! this one: the orchestration, a thin loop over the phases.
 //! Owns: HTTP/1 framing on both sides for these requests. An answer that breaks
 //! `framing`'s rules is a 502, or, once its head went out, a client connection closed;
 //! never bytes passed on that busbar could not frame. A request body that breaks them is
@@ -35,6 +37,7 @@ mod body;
 mod client;
 mod request;
 mod response;
+mod switch;
 mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
@@ -42,7 +45,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::Method;
+use http::{Method, StatusCode};
+use pingora_core::server::ShutdownWatch;
 use pingora_http::RequestHeader;
 use tokio::io::AsyncReadExt;
 
@@ -85,6 +89,8 @@ pub struct FastRequest {
     http10: bool,
     /// The client may wait for `100 Continue` before it sends the body.
     expect: bool,
+    /// An upgrade busbar passes on (`request::Parsed::upgrade`).
+    upgrade: bool,
 }
 
 /// Parses ([`parse`]) and routes a complete head. `None`: not a request for this path
@@ -141,6 +147,7 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
         body: parsed.body,
         http10: parsed.http10,
         expect: parsed.expect,
+        upgrade: parsed.upgrade,
     }))
 }
 
@@ -168,8 +175,9 @@ async fn admit<S: ClientStream>(
 }
 
 /// Serves one request [`take`] accepted, on `client`: a connection from `peer` (the
-/// PROXY header's client, when one was read), over TLS if `tls`. `draining`: the node is
-/// shutting down, so the connection closes after this response. `conn`: what the front
+/// PROXY header's client, when one was read), over TLS if `tls`. `shutdown`: the server's
+/// watch; once the node drains, the connection closes after this response (and a tunnel
+/// an upgrade opened gets the grace period). `conn`: what the front
 /// door read past the head (the body's first bytes, or the client's next, pipelined
 /// request); the body is taken from it, and what the client sent past the body is left
 /// in it. Returns whether the client connection may carry another request.
@@ -180,14 +188,16 @@ pub async fn serve<S: ClientStream>(
     peer: Option<SocketAddr>,
     tls: bool,
     request: Box<FastRequest>,
-    draining: bool,
+    shutdown: &ShutdownWatch,
     conn: &mut Vec<u8>,
 ) -> bool {
+    let draining = *shutdown.borrow();
     // The request stays in its box (the snapshot and the route are moved out): inline,
     // it would be part of this future, copied whole when the connection boxes it.
     let mut request = request;
     let (snapshot, route, close) = (request.snapshot, request.route, request.close);
     let (framing, http10, expect) = (request.body, request.http10, request.expect);
+    let upgrade = request.upgrade.then_some(shutdown);
     let normalized = request.normalized.take();
     let req = &mut request.req;
     // What the access log records of the request as it came (the request itself goes
@@ -263,6 +273,7 @@ pub async fn serve<S: ClientStream>(
                         conn,
                         http10,
                         expect,
+                        upgrade,
                     };
                     exchange(phases, &mut down, &route, req, &mut ctx, &mut sides).await
                 }
@@ -275,7 +286,8 @@ pub async fn serve<S: ClientStream>(
         ..served
     };
     ctx.body_bytes = match framing {
-        BodyFraming::None => 0,
+        // What a tunnel carried upstream, if the request opened one (`switch`).
+        BodyFraming::None => ctx.body_bytes,
         BodyFraming::Length(n) => body.data_read(n),
         BodyFraming::Chunked => body.data_read(0),
     };
@@ -316,6 +328,8 @@ struct Sides<'a> {
     http10: bool,
     /// The client may wait for `100 Continue` before it sends the body.
     expect: bool,
+    /// An upgrade: a `101` answer opens a tunnel, which the drain (this watch) bounds.
+    upgrade: Option<&'a ShutdownWatch>,
 }
 
 /// What busbar answers for a body that could not be read; nothing for a client that left.
@@ -387,6 +401,7 @@ async fn exchange<S: ClientStream>(
         head_request: req.method == Method::HEAD,
         idempotent: req.method.is_idempotent(),
         own_rate: rate.is_some(),
+        upgrade: sides.upgrade.is_some(),
         head_by: ctx
             .deadline
             .unwrap_or_else(|| Instant::now() + route.service.config.timeout),
@@ -454,6 +469,23 @@ async fn exchange<S: ClientStream>(
         }
     };
     phases.on_response_head(ctx);
+    if let Some(drain) = sides
+        .upgrade
+        .filter(|_| head.status == StatusCode::SWITCHING_PROTOCOLS)
+    {
+        let rate = rate.as_ref();
+        // What the tunnel does not need is freed before it starts: it may last an hour.
+        drop((wire, chunk));
+        let switched = switch::Switched {
+            up,
+            lines: out,
+            buf,
+            head: &head,
+            edits,
+            rate,
+        };
+        return switch::switch(phases, down, route, ctx, sides.conn, switched, drain).await;
+    }
     let status = head.status.as_u16();
     // Where the body ends in what came with the head, and for a chunked body, that what
     // came is chunked framing at all: a 502 can still be answered for it.

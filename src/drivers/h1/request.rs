@@ -3,8 +3,9 @@
 //!
 //! Owns: which heads the engine takes (clean, origin-form HTTP/1.1 or HTTP/1.0 within the
 //! limits, a body framed by one plain `Content-Length` or by `Transfer-Encoding: chunked`
-//! alone), how its body is framed, and turning one into a `RequestHeader` without a
-//! second scan.
+//! alone), how its body is framed, whether it is an upgrade busbar passes on (and which
+//! it ignores: `h2c`, HTTP/1.0, with a body), and turning one into a `RequestHeader`
+//! without a second scan.
 //! Must not: route, or write anything.
 
 use bytes::Bytes;
@@ -39,11 +40,32 @@ pub(super) struct Parsed {
     /// `Expect: 100-continue` on an HTTP/1.1 request with a body: the client may wait
     /// for a `100 Continue` before it sends the body (RFC 9110 §10.1.1).
     pub(super) expect: bool,
+    /// An upgrade (`Connection: upgrade` and `Upgrade`, see [`upgrade_of`]): the request
+    /// keeps its `Upgrade` header, and a `101` answer turns the connection into a tunnel.
+    pub(super) upgrade: bool,
 }
 
-/// Does a `Connection` value ask for anything besides `close` / `keep-alive`? Other
-/// tokens name more hop-by-hop headers (or an upgrade): pingora's path handles those.
-/// Sets `close` when it says close.
+/// Is this an upgrade busbar passes on? The client asked for one (`Connection` names
+/// `upgrade`, RFC 9110 §7.8) in an HTTP/1.1 request without a body, and does not offer
+/// `h2c`. Any other upgrade is ignored (as §7.8 lets a server do) and the request is
+/// served as HTTP/1.1: an HTTP/1.0 one must be ignored (§7.8); `h2c` was removed from
+/// HTTP/2 (RFC 9113 §3.1) and nginx ignores it too; and with a body, the switch would
+/// race the body's end (WebSocket's handshake is a bodiless GET).
+fn upgrade_of(value: Option<&[u8]>, named: bool, http10: bool, body: BodyFraming) -> bool {
+    let Some(value) = value else {
+        return false;
+    };
+    named
+        && !http10
+        && body == BodyFraming::None
+        && !value
+            .split(|&b| b == b',')
+            .any(|p| p.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+}
+
+/// Does a `Connection` value (an upstream response's) ask for anything besides `close` /
+/// `keep-alive`? Other tokens name more hop-by-hop headers (or an upgrade), which the
+/// response codec then finds and drops. Sets `close` when it says close.
 pub(super) fn connection_tokens(value: &[u8], close: &mut bool) -> bool {
     value.split(|&b| b == b',').all(|t| {
         let t = t.trim_ascii();
@@ -140,6 +162,8 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<Parsed> {
     let mut length: Option<u64> = None;
     let (mut chunked, mut expect) = (false, false);
     let (mut host, mut authorization) = (false, false);
+    // `Upgrade`'s value, and whether `Connection` names it.
+    let (mut upgrade, mut upgrade_named) = (None, false);
     for h in parsed.headers.iter() {
         // Each line before this one ended in CRLF (the last one: `ends_with` above).
         let at = h.name.as_ptr() as usize - head.as_ptr() as usize;
@@ -148,7 +172,16 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<Parsed> {
         }
         let name = request_name(h.name.as_bytes())?;
         if name == UPGRADE {
-            return None;
+            // One line; it goes upstream only for an upgrade (added below).
+            if upgrade.replace(h.value).is_some() {
+                return None;
+            }
+            continue;
+        }
+        if name.as_str() == HTTP2_SETTINGS {
+            // Connection-specific (RFC 9113 §3.1): only ever part of an h2c upgrade,
+            // which busbar ignores.
+            continue;
         }
         // A framing value is the line's whole rest after `:` and spaces: no tab or
         // trailing whitespace httparse trimmed, which the front door reads otherwise.
@@ -187,13 +220,20 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<Parsed> {
             }
         }
         if name == CONNECTION {
-            if !connection_tokens(h.value, &mut close) {
-                return None;
+            // `close`, `keep-alive`, and the names an upgrade brings; any other token
+            // names one more hop-by-hop header, which pingora's path strips.
+            for t in h.value.split(|&b| b == b',') {
+                let t = t.trim_ascii();
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive = true;
+                } else if t.eq_ignore_ascii_case(b"upgrade") {
+                    upgrade_named = true;
+                } else if !t.is_empty() && !t.eq_ignore_ascii_case(HTTP2_SETTINGS.as_bytes()) {
+                    return None;
+                }
             }
-            keep_alive |= h
-                .value
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"keep-alive"));
         }
         if name == HOST && std::mem::replace(&mut host, true)
             || name == AUTHORIZATION && std::mem::replace(&mut authorization, true)
@@ -214,6 +254,11 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<Parsed> {
         (Some(n), false) => BodyFraming::Length(n),
         (None, true) => BodyFraming::Chunked,
     };
+    let upgrading = upgrade_of(upgrade, upgrade_named, http10, body);
+    if let Some(value) = upgrade.filter(|_| upgrading) {
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(value)).ok()?;
+        parts.headers.insert(UPGRADE, value);
+    }
     // No case map: names go upstream in canonical form.
     Some(Parsed {
         req: RequestHeader::from(parts),
@@ -221,8 +266,12 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<Parsed> {
         expect: expect && !http10 && body != BodyFraming::None,
         body,
         http10,
+        upgrade: upgrading,
     })
 }
+
+/// `HTTP2-Settings`, which only an h2c upgrade sends.
+const HTTP2_SETTINGS: &str = "http2-settings";
 
 #[cfg(test)]
 mod tests {
@@ -322,6 +371,59 @@ mod tests {
             b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
         ] {
             assert!(agrees(ok), "{}", String::from_utf8_lossy(ok));
+        }
+    }
+
+    #[test]
+    fn upgrades_are_kept_only_where_busbar_passes_them_on() {
+        let p = |h: &[u8]| parse(&Bytes::copy_from_slice(h), &LIMITS);
+        let upgrade = |h: &[u8]| {
+            let got = p(h).unwrap();
+            let kept = got
+                .req
+                .headers
+                .get("upgrade")
+                .map(|v| v.as_bytes().to_vec());
+            assert!(got.req.headers.get("connection").is_none());
+            assert!(got.req.headers.get("http2-settings").is_none());
+            assert_eq!(
+                got.upgrade,
+                kept.is_some(),
+                "{}",
+                String::from_utf8_lossy(h)
+            );
+            kept
+        };
+        let ws = Some(b"websocket".to_vec());
+        assert_eq!(
+            upgrade(b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"),
+            ws
+        );
+        // Firefox's.
+        assert_eq!(
+            upgrade(
+                b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\n"
+            ),
+            ws
+        );
+        for ignored in [
+            // Not named by `Connection`.
+            &b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nConnection: upgrade\r\n\r\n",
+            // HTTP/1.0, h2c, a body.
+            b"GET / HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            b"GET / HTTP/1.1\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMA\r\n\r\n",
+            b"POST / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 1\r\n\r\n",
+        ] {
+            assert_eq!(upgrade(ignored), None, "{}", String::from_utf8_lossy(ignored));
+            assert!(agrees(ignored), "{}", String::from_utf8_lossy(ignored));
+        }
+        // Two `Upgrade` lines, or `Connection` naming another header: not for this path.
+        for other in [
+            &b"GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: a\r\nUpgrade: b\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nConnection: upgrade, x-hop\r\nUpgrade: websocket\r\n\r\n",
+        ] {
+            assert!(p(other).is_none(), "{}", String::from_utf8_lossy(other));
         }
     }
 

@@ -10,7 +10,7 @@
 //! Must not: read or write sockets.
 
 use bytes::BufMut;
-use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderName, HeaderValue, StatusCode};
 use pingora_core::protocols::http::date::get_cached_date;
 use pingora_http::ResponseHeader;
@@ -225,6 +225,51 @@ fn end_head(out: &mut Vec<u8>, keep_alive: bool) {
     });
 }
 
+/// The protocol a `101 Switching Protocols` head (`raw`, complete) switched to: its
+/// `Upgrade` value, which RFC 9110 §15.2.2 requires; `None` without one (or with two).
+pub(super) fn switched_to(raw: &[u8]) -> Option<&[u8]> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut slots);
+    parsed.parse(raw).ok()?;
+    let mut lines = parsed
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("upgrade"));
+    match (lines.next(), lines.next()) {
+        (Some(h), None) if !h.value.is_empty() => Some(h.value),
+        _ => None,
+    }
+}
+
+/// Finishes a `101` head [`parse_head`] began: busbar's `RateLimit-*` lines (`rate`),
+/// `Date`, and the switch: `Upgrade` (the upstream's `protocol`) with `Connection:
+/// upgrade` instead of busbar's keep-alive line.
+pub(super) fn finish_switch(out: &mut Vec<u8>, rate: Option<&RateInfo>, protocol: &[u8]) {
+    response_head::own_lines(out, rate);
+    end_switch(out, protocol);
+}
+
+/// A `101` head from a header map (a route that edits response headers) into `out`, with
+/// the switch's lines (see [`finish_switch`]).
+pub(super) fn write_switch(out: &mut Vec<u8>, resp: &mut ResponseHeader, protocol: &[u8]) {
+    for name in [DATE, CONNECTION, UPGRADE] {
+        if resp.headers.contains_key(&name) {
+            resp.remove_header(&name);
+        }
+    }
+    status_line(out, resp.status);
+    resp.header_to_h1_wire(out);
+    end_switch(out, protocol);
+}
+
+fn end_switch(out: &mut Vec<u8>, protocol: &[u8]) {
+    out.put_slice(b"Date: ");
+    out.put_slice(get_cached_date().as_bytes());
+    out.put_slice(b"\r\n");
+    line(out, b"Upgrade", protocol);
+    out.put_slice(b"Connection: upgrade\r\n\r\n");
+}
+
 /// A response head from a header map into `out`: busbar's own answers, and upstream
 /// responses of routes that edit response headers. `Date` and `Connection` are busbar's.
 pub(super) fn write_head(out: &mut Vec<u8>, resp: &mut ResponseHeader, keep_alive: bool) {
@@ -280,6 +325,50 @@ mod tests {
             false,
         );
         assert_eq!((h.framing, h.reusable), (Framing::Close, false));
+    }
+
+    /// A `101`'s head for the client: the upstream's lines less hop-by-hop ones, then
+    /// busbar's, and the switch (`Upgrade` as the upstream chose, `Connection: upgrade`).
+    #[test]
+    fn a_switch_head_names_the_protocol_and_keeps_the_connection_upgraded() {
+        let raw: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: abc=\r\n\r\n";
+        assert_eq!(switched_to(raw), Some(&b"websocket"[..]));
+        let mut out = Vec::new();
+        let head = parse_head(raw, false, &mut out, false).unwrap().unwrap();
+        assert_eq!((head.status.as_u16(), head.framing), (101, Framing::None));
+        finish_switch(&mut out, None, b"websocket");
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with(
+                "HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: abc=\r\nDate: "
+            ),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"),
+            "{text}"
+        );
+        assert_eq!(text.matches("pgrade:").count(), 1, "{text}");
+
+        let mut resp = upstream_header(raw).unwrap();
+        resp.insert_header("x-edit", "1").unwrap();
+        let mut out = Vec::new();
+        write_switch(&mut out, &mut resp, b"websocket");
+        let text = String::from_utf8(out).unwrap().to_lowercase();
+        assert!(text.contains("x-edit: 1\r\n"), "{text}");
+        assert!(
+            text.ends_with("\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"),
+            "{text}"
+        );
+
+        // A 101 that does not say what it switched to (or says it twice).
+        for bad in [
+            &b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n"[..],
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: a\r\nUpgrade: b\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade:\r\n\r\n",
+        ] {
+            assert_eq!(switched_to(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     /// Heads busbar cannot frame or be sure of are refused (the client gets a 502).

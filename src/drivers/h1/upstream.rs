@@ -49,6 +49,8 @@ pub(super) struct Ask<'a> {
     pub(super) idempotent: bool,
     /// busbar sets `RateLimit-*` on the response (see [`parse_head`]).
     pub(super) own_rate: bool,
+    /// The request asks for an upgrade: a `101` is its final answer.
+    pub(super) upgrade: bool,
     /// When the response head must have come, over all tries: the route's `timeout`.
     pub(super) head_by: Instant,
 }
@@ -139,8 +141,12 @@ fn head_of<S: ClientStream>(
         match parse_head(buf, ask.head_request, lines, ask.own_rate) {
             Ok(None) => break,
             Ok(Some(head)) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
-                // Nothing asked for an upgrade.
-                return Err(TripError::Malformed);
+                // Nothing asked for an upgrade, or the body has not all gone: the switch
+                // cannot be where the request ends.
+                if !ask.upgrade || body.as_deref().is_some_and(|st| st.pending()) {
+                    return Err(TripError::Malformed);
+                }
+                return Ok(Some(head));
             }
             Ok(Some(head)) if head.status.is_informational() => {
                 if head.status == StatusCode::CONTINUE {
