@@ -25,7 +25,6 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::admission::Refused;
-use crate::config::Protocol;
 use crate::phases::ctx::RequestCtx;
 use crate::phases::fail::{self, Failure};
 use crate::phases::pace::BodyPace;
@@ -281,7 +280,7 @@ impl ProxyHttp for BusbarProxy {
         if ctx
             .route
             .as_ref()
-            .is_some_and(|r| r.service.config.protocol == Protocol::H2c)
+            .is_some_and(|r| r.service.config.protocol.is_h2())
         {
             opts.set_http_version(2, 2);
             opts.max_h2_streams = UPSTREAM_H2_STREAMS;
