@@ -6,7 +6,8 @@
 //!   `request_filter`.
 //! - `h1`: busbar's own HTTP/1.1 engine for plaintext bodyless requests (the front door,
 //!   `edge`, hands them over).
-//! - `json_grpc`: JSON/HTTP callers → unary and server-streaming gRPC over h2c.
+//! - `h2`: busbar's HTTP/2 engine; `h2::pool` opens every HTTP/2 stream to an instance.
+//! - `json_grpc`: JSON/HTTP callers → unary and streaming gRPC over `h2::pool`.
 //! - `gone`: the pingora session's "client went away" future for admission's waits.
 //!
 //! Must not: hold policy. Route, admission, tries, retries, outlier detection, header
@@ -15,5 +16,6 @@
 
 pub(crate) mod gone;
 pub mod h1;
+pub mod h2;
 pub(crate) mod json_grpc;
 pub mod pingora;

@@ -35,7 +35,7 @@ mod body;
 mod client;
 mod request;
 mod response;
-mod upstream;
+pub(crate) mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
