@@ -269,7 +269,11 @@ impl Validator<'_> {
         let wanted = match (protocol, file) {
             (Protocol::Https | Protocol::H2, _) => true,
             (Protocol::Http1 | Protocol::H2c, Some(t)) if !registration => {
-                let tls = if protocol == Protocol::H2c { "h2" } else { "https" };
+                let tls = if protocol == Protocol::H2c {
+                    "h2"
+                } else {
+                    "https"
+                };
                 self.err(
                     t.span(),
                     ctx,

@@ -630,9 +630,18 @@ impl Validator<'_> {
                 "h2_max_streams applies to protocol = \"h2c\" or \"h2\"",
             );
         }
-        let h2_max_streams = self
-            .int(&s.h2_max_streams, ctx, 1, 10_000)
-            .map_or(DEFAULT_H2_MAX_STREAMS, |n| n as u32);
+        let h2_max_streams = match &s.h2_max_streams {
+            Some(n) if !(1..=10_000).contains(n.get_ref()) => {
+                let msg = format!(
+                    "h2_max_streams must be between 1 and 10000, got {}",
+                    n.get_ref()
+                );
+                self.err(n.span(), ctx, msg);
+                DEFAULT_H2_MAX_STREAMS
+            }
+            Some(n) => *n.get_ref() as u32,
+            None => DEFAULT_H2_MAX_STREAMS,
+        };
         let outlier = match &s.outlier {
             None => OutlierPolicy::default(),
             Some(o) => OutlierPolicy {

@@ -34,12 +34,12 @@ use crate::phases::fail::{self, Failure};
 use crate::phases::upstream_head::{self, Output};
 use crate::phases::{response_head, Phases};
 use crate::proxy::reply::{self, Cause};
+use crate::translate::descriptors;
 use crate::translate::json_grpc::{
     Binding, MessageSplitter, MetadataHeaders, StreamFormat, TranscodeError, Transcoder,
 };
 use crate::translate::status;
 use crate::translate::template::Binding as PathBinding;
-use crate::translate::descriptors;
 
 use super::h2::pool::{self, OpenError};
 

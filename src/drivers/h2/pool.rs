@@ -77,8 +77,8 @@ struct Pooled {
 }
 
 impl Pooled {
-    /// Streams it may carry at once: the instance's limit (unbounded until its SETTINGS
-    /// arrive), capped by the service's.
+    /// Streams it may carry at once: the instance's limit (known before the connection
+    /// joins the pool: `handshake`), capped by the service's.
     fn cap(&self, max_streams: u32) -> u32 {
         let theirs = u32::try_from(self.send.current_max_send_streams()).unwrap_or(u32::MAX);
         theirs.min(max_streams).max(1)
@@ -164,7 +164,9 @@ fn choose(loads: &[(u32, u32)], c: &Counts) -> Choice {
         return Choice::Use(i);
     }
     // Each dial carries its dialler's stream, and room for `expected - 1` more.
-    let room_in_dials = c.dialing.saturating_mul(c.expected.saturating_sub(1) as usize);
+    let room_in_dials = c
+        .dialing
+        .saturating_mul(c.expected.saturating_sub(1) as usize);
     if c.waiting < room_in_dials {
         return Choice::Wait;
     }
@@ -403,7 +405,7 @@ async fn handshake(t: &Try) -> Result<(SendRequest<Bytes>, Arc<Shared>), OpenErr
         ConnectError::Certificate => OpenError::Certificate,
         ConnectError::Failed => OpenError::Connect { timed_out: false },
     })?;
-    let (send, conn) = h2::client::Builder::new()
+    let (send, mut conn) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .handshake::<_, Bytes>(io)
@@ -412,6 +414,7 @@ async fn handshake(t: &Try) -> Result<(SendRequest<Bytes>, Arc<Shared>), OpenErr
             tracing::debug!(upstream = %t.addr, "HTTP/2 handshake failed: {e}");
             OpenError::Connect { timed_out: false }
         })?;
+    let ping = conn.ping_pong();
     let shared = Arc::new(Shared::default());
     let watch = shared.clone();
     let addr = t.addr;
@@ -423,10 +426,16 @@ async fn handshake(t: &Try) -> Result<(SendRequest<Bytes>, Arc<Shared>), OpenErr
         }
         watch.retired.store(true, Relaxed);
     });
-    // The instance sent its SETTINGS on accepting the connection: they are most likely in
-    // by now, and one turn of the connection's task reads them, so the first streams
-    // are counted against its real stream limit rather than the service's.
-    tokio::task::yield_now().await;
+    // The instance's SETTINGS come before its answer to a PING: once the PING is
+    // answered, its stream limit is known, and the first streams are counted against it
+    // rather than opened past it (which a server answers with REFUSED_STREAM). One round
+    // trip per new connection.
+    if let Some(mut ping) = ping {
+        if let Err(e) = ping.ping(h2::Ping::opaque()).await {
+            tracing::debug!(upstream = %addr, "HTTP/2 connection failed before its SETTINGS: {e}");
+            return Err(OpenError::Connect { timed_out: false });
+        }
+    }
     Ok((send, shared))
 }
 
@@ -463,7 +472,10 @@ mod tests {
     #[test]
     fn the_fullest_connection_with_room_is_used() {
         let none = counts(0, 0, 100);
-        assert_eq!(choose(&[(3, 100), (7, 100), (100, 100)], &none), Choice::Use(1));
+        assert_eq!(
+            choose(&[(3, 100), (7, 100), (100, 100)], &none),
+            Choice::Use(1)
+        );
         assert_eq!(choose(&[(0, 1), (1, 1)], &none), Choice::Use(0));
     }
 
@@ -495,7 +507,10 @@ mod tests {
         // Dials in progress count against the cap.
         let some = vec![(2, 1), (1, 1)];
         let dialing = MAX_CONNECTIONS - 2;
-        assert_eq!(choose(&some, &counts(dialing, dialing, 1)), Choice::Queue(1));
+        assert_eq!(
+            choose(&some, &counts(dialing, dialing, 1)),
+            Choice::Queue(1)
+        );
         // Nothing live yet, as many dialling as allowed, all spoken for: wait anyway.
         let all = counts(MAX_CONNECTIONS, 800, 100);
         assert_eq!(choose(&[], &all), Choice::Wait);
@@ -515,16 +530,15 @@ mod tests {
     }
 
     fn request(addr: std::net::SocketAddr) -> http::Request<()> {
-        http::Request::post(format!("http://{addr}/x")).body(()).unwrap()
+        http::Request::post(format!("http://{addr}/x"))
+            .body(())
+            .unwrap()
     }
 
     /// A raw h2 server on loopback; `serve` gets each accepted connection.
     async fn server<F, Fut>(serve: F) -> std::net::SocketAddr
     where
-        F: Fn(h2::server::Connection<tokio::net::TcpStream, Bytes>) -> Fut
-            + Send
-            + Sync
-            + 'static,
+        F: Fn(h2::server::Connection<tokio::net::TcpStream, Bytes>) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -560,13 +574,27 @@ mod tests {
         .await;
         let t = try_to(addr);
         let m = metrics();
-        let first = open(&t, 100, &m).await.ok().unwrap().send(request(addr), true).unwrap();
-        // Let the server's SETTINGS (1 stream) arrive.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let second = open(&t, 100, &m).await.ok().unwrap().send(request(addr), true).unwrap();
+        let first = open(&t, 100, &m)
+            .await
+            .ok()
+            .unwrap()
+            .send(request(addr), true)
+            .unwrap();
+        // The server's SETTINGS (1 stream) were in before the first stream was opened.
+        let second = open(&t, 100, &m)
+            .await
+            .ok()
+            .unwrap()
+            .send(request(addr), true)
+            .unwrap();
         assert_eq!(connections(Key::of(&t)), 2, "one stream each");
         drop(second);
-        let third = open(&t, 100, &m).await.ok().unwrap().send(request(addr), true).unwrap();
+        let third = open(&t, 100, &m)
+            .await
+            .ok()
+            .unwrap()
+            .send(request(addr), true)
+            .unwrap();
         assert_eq!(connections(Key::of(&t)), 2, "the freed slot is taken again");
         drop((first, third));
     }
@@ -575,25 +603,33 @@ mod tests {
     /// a stream above the GOAWAY's last id is reported refused.
     #[tokio::test(flavor = "current_thread")]
     async fn after_goaway_streams_go_to_a_new_connection() {
+        // Each connection answers one stream, then goes away gracefully.
         let addr = server(|mut conn| async move {
-            conn.graceful_shutdown();
-            while let Some(Ok((_, mut respond))) = conn.accept().await {
+            if let Some(Ok((_, mut respond))) = conn.accept().await {
                 let _ = respond.send_response(http::Response::new(()), true);
             }
+            conn.graceful_shutdown();
+            while let Some(Ok(_)) = conn.accept().await {}
         })
         .await;
         let t = try_to(addr);
         let m = metrics();
-        let ex = open(&t, 100, &m).await.ok().unwrap().send(request(addr), true).unwrap();
-        // The server's GOAWAY (last id 2^31-1 first, then the real one) arrives; this
-        // stream was sent before it and may still be answered or refused.
-        let answer = ex.response.await;
-        if let Err(e) = &answer {
-            assert!(refused(e), "{e}");
-        }
+        let ex = open(&t, 100, &m)
+            .await
+            .ok()
+            .unwrap()
+            .send(request(addr), true)
+            .unwrap();
+        assert!(ex.response.await.is_ok());
+        // The GOAWAY arrives after the answer.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let before = m.connection_new.get();
-        let _ex = open(&t, 100, &m).await.ok().unwrap().send(request(addr), true).unwrap();
+        let _ex = open(&t, 100, &m)
+            .await
+            .ok()
+            .unwrap()
+            .send(request(addr), true)
+            .unwrap();
         assert_eq!(m.connection_new.get(), before + 1, "a new connection");
     }
 
@@ -646,7 +682,10 @@ mod tests {
         assert_eq!(e, OpenError::Connect { timed_out: false });
         assert_eq!(connections(Key::of(&t)), 0);
         POOL.with(|p| {
-            assert_eq!(p.borrow().instances.get(&Key::of(&t)).map(|i| i.dialing), Some(0))
+            assert_eq!(
+                p.borrow().instances.get(&Key::of(&t)).map(|i| i.dialing),
+                Some(0)
+            )
         });
     }
 }
