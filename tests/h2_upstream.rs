@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
+use busbar_testkit::pb::bookstore_client::BookstoreClient;
 use busbar_testkit::pb::{PingReply, PingRequest};
 use busbar_testkit::GrpcBackend;
 use bytes::{Buf, Bytes, BytesMut};
@@ -159,6 +160,51 @@ async fn json_to_grpc_reaches_an_h2_service_over_tls_verified_with_a_ca_file() {
     );
 }
 
+/// Health probes of an `h2` service speak HTTP/2 over TLS (ALPN `h2`, the service's CA):
+/// the instance stays healthy through them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_probes_of_an_h2_service_go_over_h2_with_tls() {
+    let pki = Pki::new();
+    let backend = GrpcBackend::start_tls(9, Arc::new(pki.server.clone())).await;
+    let health = "[service.health]\ntype = \"http\"\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"2s\"\nhealthy_threshold = 1\nunhealthy_threshold = 1\n";
+    let extra = format!("{}\n{health}", pki.tls_table("ca.pem"));
+    let bus = Busbar::start(&config("h2", &[backend.addr], &extra)).await;
+    let probed = common::eventually(Duration::from_secs(10), || backend.h2_handshakes() >= 4).await;
+    assert!(probed, "probes connect over TLS with ALPN h2");
+    let healthy = bus
+        .metric_settled("busbar_instances{service=\"books\",state=\"healthy\"}", 1.0)
+        .await;
+    assert_eq!(healthy, 1.0, "{}", bus.metrics().await);
+    assert_eq!(
+        bus.metric("busbar_instances{service=\"books\",state=\"unhealthy\"}")
+            .await,
+        0.0
+    );
+}
+
+/// gRPC pass-through (pingora's path until the HTTP/2 engine takes it) reaches an `h2`
+/// service over TLS with ALPN `h2` too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_pass_through_reaches_an_h2_service_over_tls() {
+    let pki = Pki::new();
+    let backend = GrpcBackend::start_tls(8, Arc::new(pki.server.clone())).await;
+    let body = config("h2", &[backend.addr], &pki.tls_table("ca.pem"))
+        + "\n[[route]]\nname = \"grpc\"\npath_prefix = \"/bookstore.v1.Bookstore/\"\nservice = \"books\"\n";
+    let bus = Busbar::start(&body).await;
+    let mut grpc = BookstoreClient::connect(format!("http://{}", bus.http))
+        .await
+        .unwrap();
+    let reply = grpc
+        .ping(PingRequest {
+            text: "passed".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", bus.stderr()));
+    assert_eq!(reply.get_ref().text, "passed");
+    assert_eq!(reply.get_ref().served_by, 8);
+    assert!(backend.h2_handshakes() >= 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_instance_whose_certificate_fails_verification_is_unavailable_with_the_reason() {
     let pki = Pki::new();
@@ -180,6 +226,68 @@ async fn an_h2_instance_whose_certificate_fails_verification_is_unavailable_with
             .await
             >= 1.0
     );
+}
+
+/// A registered instance of an h2c service that says `"tls": true` is reached over h2
+/// with TLS, as a registered `http1` one is over HTTPS; one that says nothing stays on h2c.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_h2c_instance_that_says_tls_is_reached_over_h2_with_tls() {
+    const TOKEN: &str = "h2-registration-token";
+    let pki = Pki::new();
+    let tls = GrpcBackend::start_tls(5, Arc::new(pki.server.clone())).await;
+    let plain = GrpcBackend::start(6).await;
+    let body = format!(
+        r#"
+[registry]
+listen = "{{registry}}"
+[[registry.token]]
+token_sha256 = "{token}"
+services = ["books"]
+
+[[service]]
+name = "books"
+protocol = "h2c"
+registration = true
+{tls_table}
+
+[[route]]
+name = "ping"
+path = "/ping"
+service = "books"
+[route.translate]
+from = "json"
+protos = ["{proto}"]
+method = "bookstore.v1.Bookstore/Ping"
+emit_defaults = true
+"#,
+        token = common::sha256_hex(TOKEN),
+        tls_table = pki.tls_table("ca.pem"),
+        proto = proto(),
+    );
+    let bus = Busbar::start(&body).await;
+    for (id, addr, said) in [("a", tls.addr, Some(true)), ("b", plain.addr, None)] {
+        let mut reg = json!({ "address": addr.to_string() });
+        if let Some(t) = said {
+            reg["tls"] = json!(t);
+        }
+        let r = client()
+            .put(bus.registry_url(&format!("/v1/services/books/instances/{id}")))
+            .bearer_auth(TOKEN)
+            .json(&reg)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    let mut served = Vec::new();
+    for n in 0..4 {
+        let (status, v) = ping(&bus, &format!("reg {n}")).await;
+        assert_eq!(status, 200, "{v}");
+        served.push(v["servedBy"].as_str().unwrap_or_default().to_string());
+    }
+    served.sort();
+    assert_eq!(served, ["5", "5", "6", "6"], "both instances answer");
+    assert_eq!(tls.h2_handshakes(), 1, "the TLS instance over h2 with TLS");
 }
 
 /// What a raw instance does with each stream.

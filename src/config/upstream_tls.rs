@@ -400,6 +400,10 @@ mod tests {
         assert!(t.client_cert.is_some());
         assert!(t.client.client_auth_cert_resolver.has_certs());
         assert_eq!(t.client.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        // An HTTP/2 service's instances are offered h2 alone.
+        let h2 = TlsSettings { h2: true, ..s };
+        let t = build(&h2, &Arc::new(RootCertStore::empty())).unwrap();
+        assert_eq!(t.client.alpn_protocols, vec![b"h2".to_vec()]);
     }
 
     #[test]
