@@ -161,24 +161,44 @@ async fn json_to_grpc_reaches_an_h2_service_over_tls_verified_with_a_ca_file() {
 }
 
 /// Health probes of an `h2` service speak HTTP/2 over TLS (ALPN `h2`, the service's CA):
-/// the instance stays healthy through them.
+/// the instance stays healthy through them, while the same instance behind a CA that did
+/// not sign its certificate fails them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_probes_of_an_h2_service_go_over_h2_with_tls() {
     let pki = Pki::new();
     let backend = GrpcBackend::start_tls(9, Arc::new(pki.server.clone())).await;
     let health = "[service.health]\ntype = \"http\"\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"2s\"\nhealthy_threshold = 1\nunhealthy_threshold = 1\n";
     let extra = format!("{}\n{health}", pki.tls_table("ca.pem"));
-    let bus = Busbar::start(&config("h2", &[backend.addr], &extra)).await;
-    let probed = common::eventually(Duration::from_secs(10), || backend.h2_handshakes() >= 4).await;
-    assert!(probed, "probes connect over TLS with ALPN h2");
-    let healthy = bus
-        .metric_settled("busbar_instances{service=\"books\",state=\"healthy\"}", 1.0)
-        .await;
-    assert_eq!(healthy, 1.0, "{}", bus.metrics().await);
+    let other = format!(
+        "\n[[service]]\nname = \"other\"\nprotocol = \"h2\"\nendpoints = [{{ addr = \"{}\" }}]\n{}\n{health}",
+        backend.addr,
+        pki.tls_table("other-ca.pem")
+    );
+    let bus = Busbar::start(&(config("h2", &[backend.addr], &extra) + &other)).await;
+    // The gauges have followed the probes once the failing service shows unhealthy.
+    let mut failed = 0.0;
+    for _ in 0..100 {
+        failed = bus
+            .metric("busbar_instances{service=\"other\",state=\"unhealthy\"}")
+            .await;
+        if failed == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(failed, 1.0, "{}", bus.metrics().await);
+    assert!(backend.h2_handshakes() >= 1, "probes connect with ALPN h2");
     assert_eq!(
         bus.metric("busbar_instances{service=\"books\",state=\"unhealthy\"}")
             .await,
-        0.0
+        0.0,
+        "{}",
+        bus.metrics().await
+    );
+    assert_eq!(
+        bus.metric("busbar_instances{service=\"books\",state=\"healthy\"}")
+            .await,
+        1.0
     );
 }
 
@@ -439,6 +459,7 @@ async fn twenty_concurrent_calls_to_an_instance_that_allows_one_stream_all_succe
     }
     assert_eq!(up.answered.load(SeqCst), 20);
     let conns = up.connections.load(SeqCst);
+    eprintln!("20 calls, 1 stream per connection: {conns} connections opened");
     assert!(
         (2..=8).contains(&conns),
         "more than one connection, at most 8 (one thread): {conns}"
@@ -463,6 +484,10 @@ async fn a_refused_stream_is_retried_on_another_instance() {
         "round robin sent some to the refusing instance"
     );
     assert_eq!(good.calls().len(), 6);
+    eprintln!(
+        "REFUSED_STREAM: 6 calls, {} refused and retried, 6 answered",
+        refusing.refused.load(SeqCst)
+    );
     // A refusal is not the instance's fault: it is not ejected for it.
     assert_eq!(
         bus.metric("busbar_outlier_ejections_total{service=\"books\"}")
@@ -642,6 +667,7 @@ async fn a_goaway_mid_load_loses_no_call() {
         by[served] += 1;
     }
     let dropped = going.dropped.load(SeqCst);
+    eprintln!("GOAWAY mid-load: 12 calls, at least {dropped} streams above the last id, answered by instance 1: {}, by instance 2: {}", by[1], by[2]);
     assert!(dropped >= 1, "some streams were above the GOAWAY's last id");
     assert_eq!(by[1], going.answered.load(SeqCst), "{by:?}");
     assert_eq!(by[1] + by[2], 12);
