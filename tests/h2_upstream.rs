@@ -596,27 +596,24 @@ async fn raw_connection(
     tcp.write_all(&frame(SETTINGS, 0, 0, &[])).await?;
     let mut complete: Vec<u32> = Vec::new();
     let started = tokio::time::Instant::now();
+    let mut buf = BytesMut::new();
     loop {
-        let mut head = [0u8; 9];
-        let read = tokio::time::timeout(Duration::from_millis(100), tcp.read_exact(&mut head));
-        match read.await {
-            Ok(r) => {
-                r?;
-                let len = (head[0] as usize) << 16 | (head[1] as usize) << 8 | head[2] as usize;
-                let (kind, flags) = (head[3], head[4]);
-                let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-                let mut payload = vec![0u8; len];
-                tcp.read_exact(&mut payload).await?;
-                match kind {
-                    SETTINGS if flags & 1 == 0 => {
-                        tcp.write_all(&frame(SETTINGS, 1, 0, &[])).await?
-                    }
-                    PING if flags & 1 == 0 => tcp.write_all(&frame(PING, 1, 0, &payload)).await?,
-                    HEADERS | DATA if flags & END_STREAM != 0 => complete.push(id),
-                    _ => {}
-                }
+        // Whole frames off the front of what was read (a read may end mid-frame).
+        while buf.len() >= 9 {
+            let len = (buf[0] as usize) << 16 | (buf[1] as usize) << 8 | buf[2] as usize;
+            if buf.len() < 9 + len {
+                break;
             }
-            Err(_) => {}
+            let (kind, flags) = (buf[3], buf[4]);
+            let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+            buf.advance(9);
+            let payload = buf.split_to(len);
+            match kind {
+                SETTINGS if flags & 1 == 0 => tcp.write_all(&frame(SETTINGS, 1, 0, &[])).await?,
+                PING if flags & 1 == 0 => tcp.write_all(&frame(PING, 1, 0, &payload)).await?,
+                HEADERS | DATA if flags & END_STREAM != 0 => complete.push(id),
+                _ => {}
+            }
         }
         match goaway {
             None => {
@@ -641,6 +638,13 @@ async fn raw_connection(
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     return Ok(());
                 }
+            }
+        }
+        // `read_buf` may be cancelled by the timeout without losing bytes.
+        let read = tokio::time::timeout(Duration::from_millis(100), tcp.read_buf(&mut buf));
+        if let Ok(r) = read.await {
+            if r? == 0 {
+                return Ok(());
             }
         }
     }
