@@ -35,9 +35,6 @@ use crate::phases::{response_head, Done, Phases, Routing, UPSTREAM_IDLE};
 use crate::proxy::reply::{self, Cause};
 use crate::translate::{self, Translation};
 
-/// Most concurrent streams busbar opens on one upstream h2c connection.
-const UPSTREAM_H2_STREAMS: usize = 128;
-
 /// pingora's `ProxyHttp` over the shared phases.
 #[derive(Clone)]
 pub struct BusbarProxy {
@@ -277,13 +274,15 @@ impl ProxyHttp for BusbarProxy {
         opts.read_timeout = Some(t.read_timeout);
         opts.write_timeout = Some(t.read_timeout);
         opts.idle_timeout = Some(UPSTREAM_IDLE);
-        if ctx
+        if let Some(svc) = ctx
             .route
             .as_ref()
-            .is_some_and(|r| r.service.config.protocol.is_h2())
+            .map(|r| &r.service.config)
+            .filter(|c| c.protocol.is_h2())
         {
+            // h2c by prior knowledge, or ALPN `h2` alone over TLS.
             opts.set_http_version(2, 2);
-            opts.max_h2_streams = UPSTREAM_H2_STREAMS;
+            opts.max_h2_streams = svc.h2_max_streams as usize;
         }
         Ok(Box::new(peer))
     }

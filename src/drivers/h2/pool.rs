@@ -12,10 +12,14 @@
 //! through `Phases::on_try_failure`), pick instances, or lock across an await: the pool
 //! is a thread-local map, touched only between awaits.
 //!
-//! When every connection to an instance is full and [`MAX_CONNECTIONS`] are open, a new
-//! stream goes on the least loaded one anyway: the h2 crate holds it until the instance
-//! frees a stream (it is opened then, never dropped), so callers queue rather than fail;
-//! the route's deadline bounds the wait.
+//! A new connection joins the pool once the instance's SETTINGS are in (a PING round
+//! trip after the preface), so no stream is opened past its limit (which a server
+//! answers with REFUSED_STREAM). A burst of streams to an instance with no free
+//! connection waits for a dial in progress while that connection will have room, rather
+//! than each dialling its own. When every connection is full and [`MAX_CONNECTIONS`]
+//! are open, a new stream goes on the least loaded one anyway: the h2 crate holds it
+//! until the instance frees a stream (it is opened then, never dropped), so callers
+//! queue rather than fail; the route's deadline bounds the wait.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -669,6 +673,27 @@ mod tests {
             .await
             .unwrap_err();
         assert!(!refused(&e), "INTERNAL_ERROR may have been processed: {e}");
+    }
+
+    /// An instance that takes the connection and never speaks HTTP/2 (no SETTINGS, no
+    /// answer to the PING) is a connect timeout.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_silent_instance_is_a_connect_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(tcp);
+        });
+        let t = Try {
+            connect_timeout: Duration::from_millis(200),
+            ..try_to(addr)
+        };
+        let e = open(&t, 100, &metrics()).await.err().unwrap();
+        assert_eq!(e, OpenError::Connect { timed_out: true });
+        assert_eq!(connections(Key::of(&t)), 0);
+        held.abort();
     }
 
     #[tokio::test(flavor = "current_thread")]
