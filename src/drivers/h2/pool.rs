@@ -257,6 +257,7 @@ pub(crate) async fn open(
     metrics: &crate::metrics::ServiceMetrics,
 ) -> Result<Lease, OpenError> {
     let key = Key::of(t);
+    let waited_until = Instant::now() + t.connect_timeout;
     // Each turn takes a pooled connection (retiring it if dead), dials, or waits for a
     // dial: bounded by the connections there can be, each dialled and waited for once.
     for _ in 0..=3 * MAX_CONNECTIONS {
@@ -268,8 +269,13 @@ pub(crate) async fn open(
                 (send, shared, true)
             }
             Taken::Wait(dialled) => {
+                // Waiting for others' dials counts against this try's connect timeout.
+                let left = waited_until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(OpenError::Connect { timed_out: true });
+                }
                 // Registered before this task yields, so the dial's end is not missed.
-                let _ = tokio::time::timeout(t.connect_timeout, dialled.notified()).await;
+                let _ = tokio::time::timeout(left, dialled.notified()).await;
                 continue;
             }
         };
