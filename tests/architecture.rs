@@ -103,7 +103,6 @@ const LAYERS: &[(&str, &[&str])] = &[
             "translate::descriptors",
             "translate::status",
             "translate::template",
-            "translate::h2client",
         ],
     ),
     // Instances, instance sets and services with their health, sidecar and version state.

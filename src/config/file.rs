@@ -181,6 +181,8 @@ pub struct ServiceFile {
     pub discovery: Option<DiscoveryFile>,
     /// `[service.tls]`: how instances reached over TLS are verified and what busbar shows them.
     pub tls: Option<Spanned<UpstreamTlsFile>>,
+    /// Streams busbar opens at once on one HTTP/2 connection to an instance (`h2c`, `h2`).
+    pub h2_max_streams: Option<Spanned<i64>>,
 }
 
 /// `[service.tls]`.

@@ -31,6 +31,10 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Below this share of available instances a service balances over all of them (Envoy: 50%).
 pub const DEFAULT_PANIC_THRESHOLD: u8 = 50;
+/// Streams busbar opens at once on one HTTP/2 connection to an instance, when the
+/// instance allows as many (its SETTINGS_MAX_CONCURRENT_STREAMS lowers it): RFC 9113
+/// recommends servers allow at least 100, and 100 is what nginx, Envoy and tonic allow.
+pub const DEFAULT_H2_MAX_STREAMS: u32 = 100;
 /// Extra tries after the first (connect failures always, others only for idempotent requests).
 pub const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
 /// Retries allowed as a share of requests (linkerd and Envoy budgets use 20%).
@@ -234,10 +238,13 @@ pub enum AccessLogTarget {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Http1,
-    /// HTTP/1.1 over TLS (`[service.tls]`). h2 by ALPN comes with HTTP/2 upstreams: busbar
-    /// offers `http/1.1` only.
+    /// HTTP/1.1 over TLS (`[service.tls]`; busbar offers ALPN `http/1.1`).
     Https,
+    /// HTTP/2 in cleartext with prior knowledge; registered instances that say
+    /// `"tls": true` are reached as [`Protocol::H2`] ones are.
     H2c,
+    /// HTTP/2 over TLS (`[service.tls]`; busbar offers ALPN `h2` only).
+    H2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,7 +262,18 @@ impl Protocol {
             Protocol::Http1 => "http1",
             Protocol::Https => "https",
             Protocol::H2c => "h2c",
+            Protocol::H2 => "h2",
         }
+    }
+
+    /// HTTP/2 (`h2c` or `h2`): reached through `drivers::h2::pool`.
+    pub fn is_h2(self) -> bool {
+        matches!(self, Protocol::H2c | Protocol::H2)
+    }
+
+    /// Every instance is reached over TLS (`https`, `h2`).
+    pub fn is_tls(self) -> bool {
+        matches!(self, Protocol::Https | Protocol::H2)
     }
 }
 
@@ -325,6 +343,9 @@ pub struct ServiceConfig {
     /// and the registered instances of an `http1` one that say `"tls": true`. `None` for
     /// a service none of whose instances can speak TLS.
     pub tls: Option<std::sync::Arc<super::UpstreamTls>>,
+    /// `h2_max_streams`: streams busbar opens at once on one HTTP/2 connection to an
+    /// instance (`h2c`, `h2`), at most; the instance's own limit may lower it.
+    pub h2_max_streams: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]

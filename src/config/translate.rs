@@ -14,7 +14,7 @@ use prost_reflect::DescriptorPool;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::model::{Protocol, ServiceConfig};
+use super::model::ServiceConfig;
 use super::validate::Validator;
 use crate::translate::grpc_web::{GrpcWebSettings, DEFAULT_CORS_MAX_AGE};
 use crate::translate::json_grpc::{JsonOptions, MetadataHeaders, StreamFormat, Transcoder};
@@ -95,12 +95,12 @@ impl Validator<'_> {
     ) -> Option<Translation> {
         let f = f?;
         if let Some(svc) = service {
-            if svc.protocol != Protocol::H2c {
+            if !svc.protocol.is_h2() {
                 self.err(
                     f.from.span(),
                     ctx,
                     format!(
-                        "translation calls gRPC, which needs HTTP/2: set protocol = \"h2c\" on service \"{}\"",
+                        "translation calls gRPC, which needs HTTP/2: set protocol = \"h2c\" (or \"h2\" over TLS) on service \"{}\"",
                         svc.name
                     ),
                 );

@@ -25,10 +25,13 @@ use super::file::UpstreamTlsFile;
 use super::validate::Validator;
 use super::Protocol;
 
-/// What busbar offers in ALPN: HTTP/1.1 only. h2 over TLS to instances comes with the
-/// HTTP/2 upstream work; offering it now would let a server pick a protocol this engine
-/// does not speak.
+/// What busbar offers in ALPN to an HTTP/1 service's instances (`https`, registered
+/// `http1` ones over TLS): HTTP/1.1 only, the protocol its engine speaks to them.
 const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// What busbar offers to an HTTP/2 service's instances (`h2`, registered `h2c` ones over
+/// TLS): h2 only, so a server that cannot speak it fails the handshake rather than
+/// answering HTTP/1.1 to an HTTP/2 preface.
+const ALPN_H2: &[u8] = b"h2";
 
 /// How busbar reaches a service's TLS instances.
 #[derive(Debug)]
@@ -55,6 +58,8 @@ pub(super) struct TlsSettings<'a> {
     pub ca_file: Option<&'a Path>,
     pub identity: Option<(&'a Path, &'a Path)>,
     pub insecure_skip_verify: bool,
+    /// The instances speak HTTP/2 (ALPN `h2`), else HTTP/1.1.
+    pub h2: bool,
 }
 
 /// Which setting a problem is in, so the error points at it.
@@ -103,7 +108,7 @@ pub(super) fn build(
         ),
         None => (builder.with_no_client_auth(), None),
     };
-    client.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    client.alpn_protocols = vec![if s.h2 { ALPN_H2 } else { ALPN_HTTP1 }.to_vec()];
     Ok(UpstreamTls {
         server_name: s.server_name.clone(),
         insecure_skip_verify: s.insecure_skip_verify,
@@ -262,26 +267,22 @@ impl Validator<'_> {
         ctx: &str,
     ) -> Option<Arc<UpstreamTls>> {
         let wanted = match (protocol, file) {
-            (Protocol::Https, _) => true,
-            (Protocol::H2c, Some(t)) => {
+            (Protocol::Https | Protocol::H2, _) => true,
+            (Protocol::Http1 | Protocol::H2c, Some(t)) if !registration => {
+                let tls = if protocol == Protocol::H2c {
+                    "h2"
+                } else {
+                    "https"
+                };
                 self.err(
                     t.span(),
                     ctx,
-                    "tls applies to protocol = \"https\" (h2 over TLS to instances is not supported yet; h2c is cleartext)",
-                );
-                return None;
-            }
-            (Protocol::Http1, Some(t)) if !registration => {
-                self.err(
-                    t.span(),
-                    ctx,
-                    "tls applies to protocol = \"https\", or to registered instances that say \"tls\": true (set registration = true)",
+                    format!("tls applies to protocol = \"{tls}\", or to registered instances that say \"tls\": true (set registration = true)"),
                 );
                 return None;
             }
             // Registered instances may say they speak TLS: they get the defaults.
-            (Protocol::Http1, _) => registration,
-            (Protocol::H2c, None) => false,
+            (Protocol::Http1 | Protocol::H2c, _) => registration,
         };
         if !wanted {
             return None;
@@ -325,7 +326,7 @@ impl Validator<'_> {
             .map(|(c, k)| (self.path(c.get_ref()), self.path(k.get_ref())));
         let roots = if ca_path.is_none() && !insecure_skip_verify {
             let roots = self.system_roots();
-            if roots.is_empty() && protocol == Protocol::Https {
+            if roots.is_empty() && protocol.is_tls() {
                 let span = file.map_or(0..0, |f| f.span());
                 self.host_problem(
                     span,
@@ -342,6 +343,7 @@ impl Validator<'_> {
             ca_file: ca_path.as_deref(),
             identity: cert_paths.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
             insecure_skip_verify,
+            h2: protocol.is_h2(),
         };
         match build(&settings, &roots) {
             Ok(built) => {
@@ -391,12 +393,17 @@ mod tests {
             ca_file: Some(&cert),
             identity: Some((&cert, &key)),
             insecure_skip_verify: false,
+            h2: false,
         };
         let t = build(&s, &Arc::new(RootCertStore::empty())).unwrap();
         assert_eq!(t.ca.as_ref().map(|c| c.len()), Some(1));
         assert!(t.client_cert.is_some());
         assert!(t.client.client_auth_cert_resolver.has_certs());
         assert_eq!(t.client.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        // An HTTP/2 service's instances are offered h2 alone.
+        let h2 = TlsSettings { h2: true, ..s };
+        let t = build(&h2, &Arc::new(RootCertStore::empty())).unwrap();
+        assert_eq!(t.client.alpn_protocols, vec![b"h2".to_vec()]);
     }
 
     #[test]
@@ -413,6 +420,7 @@ mod tests {
                 ca_file: ca,
                 identity: id,
                 insecure_skip_verify: false,
+                h2: false,
             };
             build(&s, &roots).err()
         };

@@ -467,12 +467,13 @@ impl Validator<'_> {
             None | Some("http1") => Protocol::Http1,
             Some("https") => Protocol::Https,
             Some("h2c") => Protocol::H2c,
+            Some("h2") => Protocol::H2,
             Some(_) => {
                 let span = s.protocol.as_ref().map_or(0..0, |p| p.span());
                 self.err(
                     span,
                     ctx,
-                    "protocol must be \"http1\", \"https\" or \"h2c\"",
+                    "protocol must be \"http1\", \"https\", \"h2c\" or \"h2\"",
                 );
                 Protocol::Http1
             }
@@ -624,6 +625,25 @@ impl Validator<'_> {
             }
         };
         let health = s.health.as_ref().map(|h| self.health(h, ctx));
+        if let (Some(n), false) = (&s.h2_max_streams, protocol.is_h2()) {
+            self.err(
+                n.span(),
+                ctx,
+                "h2_max_streams applies to protocol = \"h2c\" or \"h2\"",
+            );
+        }
+        let h2_max_streams = match &s.h2_max_streams {
+            Some(n) if !(1..=10_000).contains(n.get_ref()) => {
+                let msg = format!(
+                    "h2_max_streams must be between 1 and 10000, got {}",
+                    n.get_ref()
+                );
+                self.err(n.span(), ctx, msg);
+                DEFAULT_H2_MAX_STREAMS
+            }
+            Some(n) => *n.get_ref() as u32,
+            None => DEFAULT_H2_MAX_STREAMS,
+        };
         let outlier = match &s.outlier {
             None => OutlierPolicy::default(),
             Some(o) => OutlierPolicy {
@@ -662,6 +682,7 @@ impl Validator<'_> {
                 .int(&s.max_in_flight, ctx, 1, 1_000_000)
                 .map(|n| n as u32),
             tls,
+            h2_max_streams,
         })
     }
 

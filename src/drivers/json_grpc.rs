@@ -1,19 +1,20 @@
 //! The JSON → gRPC driver: a JSON/HTTP request answered by a unary, server-streaming or
-//! client-streaming gRPC call over h2c, made from the pingora driver's `request_filter`.
+//! client-streaming gRPC call over HTTP/2, made from the pingora driver's `request_filter`.
 //!
 //! Owns: reading the JSON request (bounded by the route's `max_body`; a client stream's
-//! messages sent as they arrive), the gRPC call
-//! over `translate::h2client`, request metadata (`Grpc-Metadata-X` → `x`), mapping
-//! `grpc-status` from headers or trailers, response metadata (`Grpc-Metadata-<name>` /
+//! messages sent as they arrive), the gRPC call on a stream from `drivers::h2::pool` (h2c,
+//! or h2 over TLS), request metadata (`Grpc-Metadata-X` → `x`), mapping `grpc-status`
+//! from headers or trailers, response metadata (`Grpc-Metadata-<name>` /
 //! `Grpc-Trailer-<name>` headers), writing the JSON response (NDJSON, result lines or a
 //! JSON array for server streaming), and rendering every error this route answers —
 //! the phases' causes included — in the translation's shape `{"code","message","details"}`
-//! with the HTTP status of its gRPC code. The tries are the
-//! phases' like any route's (`Phases::begin_try`: balancer, health, gray release, the
-//! sidecar or the app port through `fallback::target`; connect failures retried within
-//! the retry policy, a dead sidecar switched to the app port; outlier accounting and
-//! upstream metrics), the metadata is the one upstream-head builder's, and the answer's
-//! head gets the one response-head editor's edits.
+//! with the HTTP status of its gRPC code. The tries are the phases' like any route's
+//! (`Phases::begin_try`: balancer, health, gray release, the sidecar or the app port
+//! through `fallback::target`; connect failures, and unary calls the instance refused
+//! unprocessed (`pool::refused`), retried within the retry policy, a dead sidecar
+//! switched to the app port; outlier accounting and upstream metrics), the metadata is
+//! the one upstream-head builder's, and the answer's head gets the one response-head
+//! editor's edits.
 //! Why a driver and not the proxy pipeline: pingora sends response headers before the
 //! upstream trailers arrive, so a status carried in trailers could not become the HTTP
 //! status there. Must not: hold policy beyond the translation.
@@ -33,12 +34,14 @@ use crate::phases::fail::{self, Failure};
 use crate::phases::upstream_head::{self, Output};
 use crate::phases::{response_head, Phases};
 use crate::proxy::reply::{self, Cause};
+use crate::translate::descriptors;
 use crate::translate::json_grpc::{
     Binding, MessageSplitter, MetadataHeaders, StreamFormat, TranscodeError, Transcoder,
 };
 use crate::translate::status;
 use crate::translate::template::Binding as PathBinding;
-use crate::translate::{descriptors, h2client};
+
+use super::h2::pool::{self, OpenError};
 
 /// Largest reply message busbar decodes (gRPC's default receive limit is 4 MiB).
 pub const MAX_REPLY_MESSAGE: usize = 16 * 1024 * 1024;
@@ -276,84 +279,108 @@ async fn call(
     let deadline = ctx
         .deadline
         .unwrap_or_else(|| Instant::now() + svc.config.timeout);
+    // A unary request's one message is held: a stream the instance refused unprocessed
+    // goes to another. A client stream's messages are read as they are sent: not again.
+    let held = match &out {
+        Outgoing::One(frame) => Some(frame.clone()),
+        Outgoing::Stream { .. } => None,
+    };
+    let mut out = Some(out);
+    let mut metadata = Some(metadata);
     // The phases' tries: a connect failure goes to another instance (or, for a dead
-    // sidecar, to the same instance's app port) within the service's retry policy.
-    let (mut sender, addr) = loop {
+    // sidecar, to the same instance's app port) within the service's retry policy, and
+    // so does a stream the instance refused before processing it (`pool::refused`).
+    let (response, _slot) = loop {
         let attempt = match phases.begin_try(ctx) {
             Ok(a) => a,
             Err(cause) => return answer(session, ctx, cause).await,
         };
-        match h2client::sender(attempt.addr, attempt.connect_timeout).await {
-            Ok(s) => break (s, attempt.addr),
+        let lease = match pool::open(&attempt, svc.config.h2_max_streams, &svc.metrics).await {
+            Ok(l) => l,
             Err(e) => {
-                tracing::debug!(upstream = %attempt.addr, "gRPC connect failed: {e}");
-                let timed_out = matches!(e, h2client::ConnectError::Timeout);
-                if !phases.on_connect_failure(ctx, timed_out) {
+                tracing::debug!(upstream = %attempt.addr, "gRPC connect failed: {e:?}");
+                let retry = match e {
+                    OpenError::Certificate => phases.on_certificate_failure(ctx),
+                    OpenError::Connect { timed_out } => phases.on_connect_failure(ctx, timed_out),
+                };
+                if !retry {
                     return upstream_failed(session, ctx).await;
                 }
+                continue;
+            }
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        // The first try takes the metadata built for it; a retry builds it again.
+        let md = match metadata.take() {
+            Some(m) => m,
+            None => self::metadata(session, ctx)?,
+        };
+        let request = grpc_request(&attempt, binding, remaining, md, ctx)?;
+        let this = match (&held, out.take()) {
+            (Some(frame), _) => Outgoing::One(frame.clone()),
+            (None, Some(o)) => o,
+            // A client stream is sent once: it is never retried (below).
+            (None, None) => return upstream_failed(session, ctx).await,
+        };
+        let sent = match lease.send(request, false) {
+            Err(e) => Err(e),
+            Ok(mut ex) => match send_body(session, t, binding, this, &mut ex.body).await {
+                Ok(()) => Ok(ex),
+                Err(Sending::Upstream(e)) => {
+                    ex.slot.failed(&e);
+                    Err(e)
+                }
+                Err(refused) => {
+                    // The caller's body was wrong: the service sees a cancelled call.
+                    ex.body.send_reset(h2::Reason::CANCEL);
+                    ctx.release_instance();
+                    return match refused {
+                        Sending::Bad(e) => transcode_error(session, ctx, &e).await,
+                        Sending::Client(e) => Err(e),
+                        _ => {
+                            session.as_downstream_mut().set_keepalive(None);
+                            answer(session, ctx, Cause::BodyTooLarge).await
+                        }
+                    };
+                }
+            },
+        };
+        let answered = match sent {
+            Ok(ex) => match tokio::time::timeout(remaining, ex.response).await {
+                Err(_) => Err(None),
+                Ok(Err(e)) => {
+                    ex.slot.failed(&e);
+                    Err(Some(e))
+                }
+                Ok(Ok(r)) => Ok((r, ex.slot)),
+            },
+            Err(e) => Err(Some(e)),
+        };
+        match answered {
+            Ok(r) => break r,
+            Err(None) => {
+                // Sent, and unanswered: it may have been acted on, so it is not sent again.
+                phases.on_try_failure(ctx, true, true, false, false);
+                return upstream_failed(session, ctx).await;
+            }
+            Err(Some(e)) if pool::refused(&e) => {
+                // Not processed (RFC 9113 §8.7): not the instance's fault, and safe to
+                // send elsewhere when the message is still held.
+                tracing::debug!(upstream = %attempt.addr, "gRPC stream refused: {e}");
+                if phases.on_try_failure(ctx, false, false, held.is_some(), true) {
+                    continue;
+                }
+                ctx.cause = Some(Cause::UpstreamError);
+                let why = format!("the upstream refused the call before processing it: {e}");
+                return bad_gateway(session, ctx, 14, &why).await;
+            }
+            Err(Some(e)) => {
+                phases.on_try_failure(ctx, true, false, false, false);
+                // A transport failure: gRPC clients report it as UNAVAILABLE.
+                let why = format!("the gRPC call failed: {e}");
+                return bad_gateway(session, ctx, 14, &why).await;
             }
         }
-    };
-    let start = Instant::now();
-    let remaining = deadline.saturating_duration_since(start);
-    let uri = format!("http://{addr}{}", binding.grpc_path);
-    let mut request = http::Request::builder()
-        .method(http::Method::POST)
-        .uri(uri)
-        .header(CONTENT_TYPE, "application/grpc")
-        .header(http::header::TE, "trailers")
-        .header(
-            "grpc-timeout",
-            format!("{}m", remaining.as_millis().clamp(1, 99_999_999)),
-        )
-        .body(())
-        .map_err(|e| {
-            pingora_error::Error::because(
-                pingora_error::ErrorType::InternalError,
-                "gRPC request",
-                e,
-            )
-        })?;
-    request.headers_mut().extend(metadata);
-    crate::otel::retrace_headers(request.headers_mut(), ctx);
-    let sent = match sender.send_request(request, false) {
-        Err(e) => Err(e),
-        Ok((resp, mut stream)) => match send_body(session, t, binding, out, &mut stream).await {
-            Ok(()) => Ok(resp),
-            Err(Sending::Upstream(e)) => Err(e),
-            Err(refused) => {
-                // The caller's body was wrong: the service sees a cancelled call.
-                stream.send_reset(h2::Reason::CANCEL);
-                ctx.release_instance();
-                return match refused {
-                    Sending::Bad(e) => transcode_error(session, ctx, &e).await,
-                    Sending::Client(e) => Err(e),
-                    _ => {
-                        session.as_downstream_mut().set_keepalive(None);
-                        answer(session, ctx, Cause::BodyTooLarge).await
-                    }
-                };
-            }
-        },
-    };
-    let response = match sent {
-        Ok(resp) => tokio::time::timeout(remaining, resp).await,
-        Err(e) => Ok(Err(e)),
-    };
-    let response = match response {
-        Err(_) => {
-            // Sent, and unanswered: it may have been acted on, so it is not sent again.
-            phases.on_try_failure(ctx, true, true, false, false);
-            return upstream_failed(session, ctx).await;
-        }
-        Ok(Err(e)) => {
-            h2client::discard(addr);
-            phases.on_try_failure(ctx, true, false, false, false);
-            // A transport failure: gRPC clients report it as UNAVAILABLE.
-            let why = format!("the gRPC call failed: {e}");
-            return bad_gateway(session, ctx, 14, &why).await;
-        }
-        Ok(Ok(r)) => r,
     };
     phases.on_response_head(ctx);
     let (parts, body) = response.into_parts();
@@ -404,6 +431,38 @@ async fn call(
         }
         Err(ReplyError::Broken(why)) => bad_gateway(session, ctx, 13, &why).await,
     }
+}
+
+/// The gRPC request head for a try: the method's path on the instance, a `grpc-timeout`
+/// of what is left of the deadline, the metadata, and the try's trace context.
+fn grpc_request(
+    attempt: &crate::phases::Try,
+    binding: &Binding,
+    remaining: std::time::Duration,
+    metadata: HeaderMap,
+    ctx: &RequestCtx,
+) -> Result<http::Request<()>> {
+    let uri = format!("{}{}", pool::origin(attempt), binding.grpc_path);
+    let mut request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(uri)
+        .header(CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .header(
+            "grpc-timeout",
+            format!("{}m", remaining.as_millis().clamp(1, 99_999_999)),
+        )
+        .body(())
+        .map_err(|e| {
+            pingora_error::Error::because(
+                pingora_error::ErrorType::InternalError,
+                "gRPC request",
+                e,
+            )
+        })?;
+    request.headers_mut().extend(metadata);
+    crate::otel::retrace_headers(request.headers_mut(), ctx);
+    Ok(request)
 }
 
 /// Reads the reply's messages and status and writes the JSON answer. Errors are only

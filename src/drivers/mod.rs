@@ -8,7 +8,8 @@
 //!   (the front door, `edge`, hands requests over).
 //! - `tunnel`: the byte copy both ways behind an upgrade's `101` and a `CONNECT`'s `200`
 //!   (idle timeout, drain), shared by `h1` and `fallback::connect`.
-//! - `json_grpc`: JSON/HTTP callers → unary and server-streaming gRPC over h2c.
+//! - `h2`: busbar's HTTP/2 engine; `h2::pool` opens every HTTP/2 stream to an instance.
+//! - `json_grpc`: JSON/HTTP callers → unary and streaming gRPC over `h2::pool`.
 //! - `gone`: the pingora session's "client went away" future for admission's waits.
 //!
 //! Must not: hold policy. Route, admission, tries, retries, outlier detection, header
@@ -17,6 +18,7 @@
 
 pub(crate) mod gone;
 pub mod h1;
+pub mod h2;
 pub(crate) mod json_grpc;
 pub mod pingora;
 pub mod tunnel;

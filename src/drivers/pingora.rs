@@ -28,7 +28,6 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::admission::Refused;
-use crate::config::Protocol;
 use crate::phases::ctx::RequestCtx;
 use crate::phases::fail::{self, Failure};
 use crate::phases::pace::BodyPace;
@@ -38,9 +37,6 @@ use crate::phases::upstream_head::{self, Output};
 use crate::phases::{response_head, Done, Phases, Routing, UPSTREAM_IDLE};
 use crate::proxy::reply::Cause;
 use crate::translate::{self, Translation};
-
-/// Most concurrent streams busbar opens on one upstream h2c connection.
-const UPSTREAM_H2_STREAMS: usize = 128;
 
 /// pingora's `ProxyHttp` over the shared phases.
 #[derive(Clone)]
@@ -297,13 +293,15 @@ impl ProxyHttp for BusbarProxy {
         opts.read_timeout = Some(t.read_timeout);
         opts.write_timeout = Some(t.read_timeout);
         opts.idle_timeout = Some(UPSTREAM_IDLE);
-        if ctx
+        if let Some(svc) = ctx
             .route
             .as_ref()
-            .is_some_and(|r| r.service.config.protocol == Protocol::H2c)
+            .map(|r| &r.service.config)
+            .filter(|c| c.protocol.is_h2())
         {
+            // h2c by prior knowledge, or ALPN `h2` alone over TLS.
             opts.set_http_version(2, 2);
-            opts.max_h2_streams = UPSTREAM_H2_STREAMS;
+            opts.max_h2_streams = svc.h2_max_streams as usize;
         }
         Ok(Box::new(peer))
     }

@@ -1,7 +1,7 @@
 //! The background health checker: probes instances, ends ejections whose time is up,
 //! recomputes panic mode and the instance gauges.
 //!
-//! Owns: probe scheduling and the probes themselves (HTTP/1.1, h2c, TCP; over TLS, with
+//! Owns: probe scheduling and the probes themselves (HTTP/1.1, HTTP/2, TCP; over TLS, with
 //! the service's TLS client, for instances reached over TLS).
 //! Must not: block the request path; it only writes the atomics in `InstanceHealth`.
 
@@ -172,10 +172,12 @@ pub async fn probe(
     let attempt = async {
         let stream = TcpStream::connect(addr).await.ok()?;
         let Some(tls) = tls else {
-            return match (&hc.kind, protocol) {
-                (ProbeKind::Tcp, _) => Some(true),
-                (ProbeKind::Http { path }, Protocol::H2c) => h2c_status(stream, addr, path).await,
-                (ProbeKind::Http { path }, _) => http1_status(stream, &addr, path).await,
+            return match &hc.kind {
+                ProbeKind::Tcp => Some(true),
+                ProbeKind::Http { path } if protocol.is_h2() => {
+                    h2_status(stream, "http", &addr, path).await
+                }
+                ProbeKind::Http { path } => http1_status(stream, &addr, path).await,
             };
         };
         let connector = tokio_rustls::TlsConnector::from(tls.config.client.clone());
@@ -188,6 +190,14 @@ pub async fn probe(
         };
         match &hc.kind {
             ProbeKind::Tcp => Some(true),
+            // The service's TLS client offers `h2` alone to an HTTP/2 service's instances.
+            // An instance asked for by its IP address gets `ip:port` (an IPv6 one bracketed).
+            ProbeKind::Http { path } if protocol.is_h2() => match tls.name {
+                rustls::pki_types::ServerName::DnsName(_) => {
+                    h2_status(stream, "https", &tls.sni, path).await
+                }
+                _ => h2_status(stream, "https", &addr, path).await,
+            },
             ProbeKind::Http { path } => http1_status(stream, &tls.sni, path).await,
         }
     };
@@ -226,10 +236,16 @@ async fn http1_status(
     )
 }
 
-/// Sends `GET path` over HTTP/2 with prior knowledge and reports whether the status is 2xx.
-async fn h2c_status(s: TcpStream, addr: SocketAddr, path: &str) -> Option<bool> {
+/// Sends `GET path` over HTTP/2 (prior knowledge on cleartext, ALPN `h2` on TLS) and
+/// reports whether the status is 2xx.
+async fn h2_status(
+    s: impl AsyncRead + AsyncWrite + Unpin,
+    scheme: &str,
+    host: &(dyn std::fmt::Display + Sync),
+    path: &str,
+) -> Option<bool> {
     let (mut client, conn) = h2::client::handshake(s).await.ok()?;
-    let request = http::Request::get(format!("http://{addr}{path}"))
+    let request = http::Request::get(format!("{scheme}://{host}{path}"))
         .header(http::header::USER_AGENT, "busbar-health")
         .body(())
         .ok()?;

@@ -23,7 +23,7 @@ use arc_swap::ArcSwap;
 
 use rustls::pki_types::ServerName;
 
-use crate::config::{Protocol, ServiceConfig, UpstreamTls};
+use crate::config::{ServiceConfig, UpstreamTls};
 use crate::metrics::ServiceMetrics;
 use crate::model::balance::Balancer;
 use crate::model::health::{now_ms, InstanceHealth};
@@ -298,9 +298,10 @@ impl Service {
                 .unwrap_or_default();
             Some((addr, state))
         };
-        // An https service's instances are all reached over TLS; an http1 one's only
-        // those that registered saying so (the service's `tls` is built for those).
-        let https = config.protocol == Protocol::Https;
+        // An https or h2 service's instances are all reached over TLS; an http1 or h2c
+        // one's only those that registered saying so (the service's `tls` is built for
+        // those).
+        let https = config.protocol.is_tls();
         let tls_to = |on: bool, host: Option<&str>, addr: SocketAddr| {
             let config = config.tls.as_ref().filter(|_| on)?;
             Some(Arc::new(TlsPeer::new(config, host, addr)))

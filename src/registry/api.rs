@@ -262,31 +262,26 @@ impl RegistrationApi {
     }
 
     /// Whether the instance's `tls` fits its service: the service's `protocol` is the
-    /// floor (an instance of an `https` service cannot ask for plaintext: the operator
-    /// asked for TLS), and TLS is HTTP/1.1 over TLS (an `h2c` service's instances speak
-    /// cleartext h2).
+    /// floor (an instance of an `https` or `h2` service cannot ask for plaintext: the
+    /// operator asked for TLS). An `http1` service's instances that say `"tls": true` are
+    /// reached over HTTP/1.1 over TLS, an `h2c` one's over h2 over TLS.
     fn check_tls(&self, reg: &Registration) -> Result<(), Response<Vec<u8>>> {
         let snap = self.state.load();
         let Some(svc) = snap.service(&reg.service) else {
             return Ok(());
         };
-        match (svc.config.protocol, reg.tls) {
-            (crate::config::Protocol::Https, Some(false)) => Err(bad_field(
+        let protocol = svc.config.protocol;
+        if protocol.is_tls() && reg.tls == Some(false) {
+            return Err(bad_field(
                 "tls",
                 format!(
-                    "service \"{}\" is protocol = \"https\": its instances are reached over TLS",
-                    reg.service
+                    "service \"{}\" is protocol = \"{}\": its instances are reached over TLS",
+                    reg.service,
+                    protocol.as_str()
                 ),
-            )),
-            (crate::config::Protocol::H2c, Some(true)) => Err(bad_field(
-                "tls",
-                format!(
-                    "service \"{}\" is protocol = \"h2c\": h2 over TLS to instances is not supported",
-                    reg.service
-                ),
-            )),
-            _ => Ok(()),
+            ));
         }
+        Ok(())
     }
 
     /// Whether `addr` reaches the registration listener where it is now: a reload may

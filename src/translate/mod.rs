@@ -1,16 +1,15 @@
 //! Protocol translation: callers and services need not speak the same protocol.
 //!
-//! Owns: one file per protocol pair — `json_grpc` (+ `h2client`) for JSON/HTTP → gRPC,
+//! Owns: one file per protocol pair — `json_grpc` for JSON/HTTP → gRPC,
 //! `grpc_web` for gRPC-Web → gRPC — plus proto compilation (`descriptors`), path
 //! templates and the gRPC status table; and the few hooks below that the pingora driver
 //! calls for gRPC-Web. The JSON→gRPC call itself is a driver (`drivers::json_grpc`).
-//! HTTP/1.1 → h2c needs nothing here: an h2c service is always reached over HTTP/2
-//! (`upstream_peer`).
+//! HTTP/1.1 → HTTP/2 needs nothing here: an h2c or h2 service is always reached over
+//! HTTP/2 (`upstream_peer`, `drivers::h2::pool`).
 //! Must not: hold routing, admission or balancing policy (it uses theirs).
 
 pub mod descriptors;
 pub mod grpc_web;
-pub mod h2client;
 pub mod json_grpc;
 pub mod status;
 pub mod template;

@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
@@ -164,6 +165,48 @@ pub struct GrpcBackend {
     pub addr: SocketAddr,
     calls: Arc<Mutex<Vec<Call>>>,
     stop: Option<oneshot::Sender<()>>,
+    /// TLS connections whose client and server agreed on ALPN `h2` ([`GrpcBackend::serve_tls`]).
+    h2_handshakes: Arc<AtomicUsize>,
+}
+
+/// A TLS connection as tonic's server takes it.
+struct TlsIo(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsIo {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for TlsIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 impl GrpcBackend {
@@ -178,6 +221,64 @@ impl GrpcBackend {
     /// ([`GrpcBackend::calls`] stays empty), for load tests.
     pub fn serve(listener: TcpListener, name: i64, recording: bool) -> GrpcBackend {
         let addr = listener.local_addr().expect("local addr");
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        Self::serve_incoming(addr, incoming, name, recording, Arc::default())
+    }
+
+    /// Serves over TLS with `config` (whose ALPN should offer `h2`: tonic speaks HTTP/2
+    /// only), on 127.0.0.1 and a port the OS picks.
+    pub async fn start_tls(
+        name: i64,
+        config: Arc<tokio_rustls::rustls::ServerConfig>,
+    ) -> GrpcBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let h2 = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<TlsIo, std::io::Error>>(64);
+        let counted = h2.clone();
+        tokio::spawn(async move {
+            loop {
+                let tcp = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok((tcp, _)) => tcp,
+                        Err(_) => continue,
+                    },
+                    // The server stopped and dropped the stream of connections.
+                    _ = tx.closed() => break,
+                };
+                let (acceptor, tx, counted) = (acceptor.clone(), tx.clone(), counted.clone());
+                tokio::spawn(async move {
+                    // A client that fails the handshake is no connection for tonic.
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        let _ = tx.send(Ok(TlsIo(tls))).await;
+                    }
+                });
+            }
+        });
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Self::serve_incoming(addr, incoming, name, true, h2)
+    }
+
+    fn serve_incoming<S, IO>(
+        addr: SocketAddr,
+        incoming: S,
+        name: i64,
+        recording: bool,
+        h2_handshakes: Arc<AtomicUsize>,
+    ) -> GrpcBackend
+    where
+        S: Stream<Item = Result<IO, std::io::Error>> + Send + 'static,
+        IO: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + tonic::transport::server::Connected
+            + Unpin
+            + Send
+            + 'static,
+    {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let svc = Svc {
             name,
@@ -188,19 +289,22 @@ impl GrpcBackend {
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(BookstoreServer::new(svc))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async {
-                        let _ = rx.await;
-                    },
-                )
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = rx.await;
+                })
                 .await;
         });
         GrpcBackend {
             addr,
             calls,
             stop: Some(tx),
+            h2_handshakes,
         }
+    }
+
+    /// TLS connections made with ALPN `h2` ([`GrpcBackend::start_tls`]).
+    pub fn h2_handshakes(&self) -> usize {
+        self.h2_handshakes.load(Ordering::SeqCst)
     }
 
     /// Every call so far, in order.

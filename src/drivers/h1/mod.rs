@@ -38,7 +38,7 @@ mod client;
 mod request;
 mod response;
 mod switch;
-mod upstream;
+pub(crate) mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

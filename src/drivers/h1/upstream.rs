@@ -238,7 +238,7 @@ pub(super) async fn one_try<S: ClientStream>(
 }
 
 /// Why a new connection could not be made.
-enum ConnectError {
+pub(crate) enum ConnectError {
     /// Refused, reset, or a TLS handshake that failed for another reason than the
     /// certificate (the server refused busbar's client certificate, no common version).
     Failed,
@@ -247,8 +247,9 @@ enum ConnectError {
 }
 
 /// A new connection to the try's instance: TCP, then TLS when the instance speaks it,
-/// with its service's client configuration (whose session cache resumes sessions).
-async fn connect(t: &Try) -> Result<Conn, ConnectError> {
+/// with its service's client configuration (whose session cache resumes sessions, and
+/// whose ALPN is the service's protocol: `drivers::h2::pool` connects through here too).
+pub(crate) async fn connect(t: &Try) -> Result<Conn, ConnectError> {
     let tcp = TcpStream::connect(t.addr)
         .await
         .map_err(|_| ConnectError::Failed)?;
