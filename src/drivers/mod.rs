@@ -6,6 +6,8 @@
 //!   `request_filter`.
 //! - `h1`: busbar's own HTTP/1.1 engine for plaintext bodyless requests (the front door,
 //!   `edge`, hands them over).
+//! - `h2`: busbar's own HTTP/2 engine for clients (h2c, TLS with ALPN `h2`) to HTTP/1
+//!   services; the front door hands it whole connections.
 //! - `json_grpc`: JSON/HTTP callers → unary and server-streaming gRPC over h2c.
 //! - `gone`: the pingora session's "client went away" future for admission's waits.
 //!
@@ -15,5 +17,6 @@
 
 pub(crate) mod gone;
 pub mod h1;
+pub(crate) mod h2;
 pub(crate) mod json_grpc;
 pub mod pingora;
