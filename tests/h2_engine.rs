@@ -849,3 +849,71 @@ async fn a_stream_to_a_route_this_engine_does_not_serve_is_refused_and_retried_o
     assert_eq!(body["backend"], "h2c");
     assert_eq!(h2svc.seen()[0].version, "HTTP/2.0");
 }
+
+/// A raw HTTP/1.1 upstream that reads one request through the end of its chunked body
+/// (trailers included) into `got`, then answers chunked with trailers.
+async fn trailer_upstream(got: Arc<std::sync::Mutex<Vec<u8>>>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let got = got.clone();
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                let mut b = [0u8; 4096];
+                // The body's end: the last chunk, its trailers, the empty line.
+                while !all.windows(5).any(|w| w == b"\r\n0\r\n")
+                    || !all.ends_with(b"\r\n\r\n")
+                {
+                    match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await {
+                        Ok(Ok(n)) if n > 0 => all.extend_from_slice(&b[..n]),
+                        _ => return,
+                    }
+                }
+                *got.lock().unwrap() = all;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-head: 1\r\n\r\n\
+                          5\r\nhello\r\n6\r\n world\r\n0\r\ngrpc-status: 0\r\nx-sum: 11\r\n\r\n",
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_go_both_ways_between_h2_and_chunked_http1() {
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let up = trailer_upstream(got.clone()).await;
+    let bus = Busbar::start(&one_service(up, "")).await;
+    let send = h2c(bus.http).await;
+    let req = http::Request::post("http://localhost/t").body(()).unwrap();
+    let (resp, mut tx) = send.ready().await.unwrap().send_request(req, false).unwrap();
+    tx.send_data(Bytes::from_static(b"abc"), false).unwrap();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", "abc1".parse().unwrap());
+    tx.send_trailers(trailers).unwrap();
+    let resp = resp.await.expect("response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-head"], "1");
+    assert!(resp.headers().get("transfer-encoding").is_none());
+    let mut body = resp.into_body();
+    let mut data = Vec::new();
+    while let Some(c) = body.data().await {
+        let c = c.unwrap();
+        let _ = body.flow_control().release_capacity(c.len());
+        data.extend_from_slice(&c);
+    }
+    assert_eq!(data, b"hello world");
+    let t = body.trailers().await.unwrap().expect("response trailers");
+    assert_eq!(t["grpc-status"], "0");
+    assert_eq!(t["x-sum"], "11");
+    let request = String::from_utf8_lossy(&got.lock().unwrap()).to_lowercase();
+    assert!(request.contains("transfer-encoding: chunked\r\n"), "{request}");
+    assert!(
+        request.ends_with("\r\n3\r\nabc\r\n0\r\nx-checksum: abc1\r\n\r\n"),
+        "{request}"
+    );
+}
