@@ -862,9 +862,7 @@ async fn trailer_upstream(got: Arc<std::sync::Mutex<Vec<u8>>>) -> SocketAddr {
                 let mut all = Vec::new();
                 let mut b = [0u8; 4096];
                 // The body's end: the last chunk, its trailers, the empty line.
-                while !all.windows(5).any(|w| w == b"\r\n0\r\n")
-                    || !all.ends_with(b"\r\n\r\n")
-                {
+                while !all.windows(5).any(|w| w == b"\r\n0\r\n") || !all.ends_with(b"\r\n\r\n") {
                     match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await {
                         Ok(Ok(n)) if n > 0 => all.extend_from_slice(&b[..n]),
                         _ => return,
@@ -890,7 +888,12 @@ async fn trailers_go_both_ways_between_h2_and_chunked_http1() {
     let bus = Busbar::start(&one_service(up, "")).await;
     let send = h2c(bus.http).await;
     let req = http::Request::post("http://localhost/t").body(()).unwrap();
-    let (resp, mut tx) = send.ready().await.unwrap().send_request(req, false).unwrap();
+    let (resp, mut tx) = send
+        .ready()
+        .await
+        .unwrap()
+        .send_request(req, false)
+        .unwrap();
     tx.send_data(Bytes::from_static(b"abc"), false).unwrap();
     let mut trailers = http::HeaderMap::new();
     trailers.insert("x-checksum", "abc1".parse().unwrap());
@@ -911,9 +914,33 @@ async fn trailers_go_both_ways_between_h2_and_chunked_http1() {
     assert_eq!(t["grpc-status"], "0");
     assert_eq!(t["x-sum"], "11");
     let request = String::from_utf8_lossy(&got.lock().unwrap()).to_lowercase();
-    assert!(request.contains("transfer-encoding: chunked\r\n"), "{request}");
+    assert!(
+        request.contains("transfer-encoding: chunked\r\n"),
+        "{request}"
+    );
     assert!(
         request.ends_with("\r\n3\r\nabc\r\n0\r\nx-checksum: abc1\r\n\r\n"),
         "{request}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_header_fields_get_431_like_http1() {
+    let a = Backend::start("a").await;
+    let bus = Busbar::start(&one_service(a.addr, "max_headers = 20")).await;
+    let mut send = h2c(bus.http).await;
+    let mut req = get("/many-fields");
+    for i in 0..25 {
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(format!("x-f{i}").as_bytes()).unwrap(),
+            "1".parse().unwrap(),
+        );
+    }
+    let (status, body) = ask(&mut send, req).await;
+    assert_eq!(status, 431);
+    assert_eq!(body["error"], "headers_too_large");
+    assert_eq!(a.hits(), 0);
+    // The connection goes on.
+    let (status, _) = ask(&mut send, get("/few")).await;
+    assert_eq!(status, 200);
 }

@@ -27,6 +27,7 @@ use super::body::Incoming;
 use super::request::{self, Refused};
 use crate::admission::Refused as NotAdmitted;
 use crate::base::deadline::within;
+use crate::base::reply::Refusal;
 use crate::drivers::h1::body::{self as h1body, BodyFail, RequestBody, Streamer};
 use crate::drivers::h1::framing::ChunkScan;
 use crate::drivers::h1::pool;
@@ -41,7 +42,7 @@ use crate::phases::response_head::{self, Kind};
 use crate::phases::setup::{admission_parts, admission_policy};
 use crate::phases::upstream_head::{self, Output};
 use crate::phases::{Done, Phases, Routing};
-use crate::proxy::reply::Cause;
+use crate::proxy::reply::{json_header, Cause};
 use crate::routing::Route;
 use crate::snapshot::Snapshot;
 
@@ -90,6 +91,19 @@ pub(crate) async fn serve(
     // What the access log records of the request as it came (the request itself goes
     // upstream, edited).
     let (method, uri) = (parts.method.clone(), parts.uri.clone());
+    let limits = snapshot.config.limits;
+    // The header list's size is the `h2` crate's limit (`max_header_bytes`); the count
+    // of fields is held to the HTTP/1 front door's.
+    if parts.headers.len() > limits.max_headers {
+        let code = "headers_too_large";
+        let body = Refusal::new(code, "the request has too many header fields").to_json();
+        let head = json_header(431, body.len());
+        reply(&mut respond, head, Bytes::from(body), limits.client_timeout).await;
+        METRICS.edge_refusals.with_label_values(&[code]).inc();
+        let log = &phases.access_log;
+        log.refusal(conn.peer, method.as_str(), 431, code, started);
+        return false;
+    }
     let (mut req, framing) = match request::convert(parts, end_stream) {
         Ok(converted) => converted,
         Err(Refused::Malformed) => {
@@ -103,7 +117,7 @@ pub(crate) async fn serve(
         }
         Err(Refused::Connect) => {
             let cause = Cause::BadRequest;
-            let limit = snapshot.config.limits.client_timeout;
+            let limit = limits.client_timeout;
             reply(&mut respond, cause.header(), cause.body(), limit).await;
             let client = conn.peer;
             phases
@@ -114,7 +128,6 @@ pub(crate) async fn serve(
     };
     let mut ctx = RequestCtx::new();
     ctx.tls = conn.tls;
-    let limits = snapshot.config.limits;
     let set_up = phases.setup(
         &mut ctx,
         snapshot,
