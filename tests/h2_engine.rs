@@ -521,6 +521,7 @@ async fn streams_past_the_concurrency_limit_are_refused_or_queued_and_all_answer
     // stream is answered or refused, none lost.
     assert_eq!(ok + refused, 1000);
     assert!(ok >= 100, "{ok} answered, {refused} refused");
+    eprintln!("1,000 streams through the h2 client: {ok} answered, {refused} refused");
 
     // A client that does not: 150 streams at once, the ones past 100 get REFUSED_STREAM,
     // the rest their 200.
@@ -562,6 +563,11 @@ async fn streams_past_the_concurrency_limit_are_refused_or_queued_and_all_answer
     );
     assert!(answered.len() <= 100, "{} answered at once", answered.len());
     assert!(refused.len() >= 50, "{} refused", refused.len());
+    eprintln!(
+        "150 raw streams: {} answered, {} refused",
+        answered.len(),
+        refused.len()
+    );
 }
 
 /// A raw HTTP/1.1 upstream that answers every request with `total` bytes
@@ -638,6 +644,7 @@ async fn a_slow_reader_throttles_the_upstream_and_busbar_stays_small() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stalled = written.load(Ordering::SeqCst);
     let grown = rss_kib(bus.pid()).saturating_sub(before);
+    eprintln!("slow reader: upstream wrote {stalled} bytes in 2 s, busbar RSS +{grown} KiB");
     assert!(
         stalled < 48 * 1024 * 1024,
         "the upstream wrote {stalled} bytes to a client that read nothing"
@@ -690,6 +697,10 @@ async fn a_rapid_reset_flood_gets_goaway_while_another_connection_is_served() {
     assert!(
         a.hits() < 2000,
         "{} flood streams reached the backend",
+        a.hits()
+    );
+    eprintln!(
+        "rapid reset: {} of 2,000 flood streams reached the backend",
         a.hits()
     );
 }
@@ -943,4 +954,31 @@ async fn too_many_header_fields_get_431_like_http1() {
     // The connection goes on.
     let (status, _) = ask(&mut send, get("/few")).await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_gets_a_graceful_goaway() {
+    let a = Backend::start("a").await;
+    let bus = Busbar::start(&one_service(a.addr, "idle_timeout = \"1s\"")).await;
+    let mut raw = Raw::connect(bus.http).await;
+    raw.send(&frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &block("/once", &[]),
+    ))
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let frames = raw
+        .collect(Duration::from_secs(10), |f| f.ty == GOAWAY || is_200(f))
+        .await;
+    let idle_for = started.elapsed();
+    assert!(is_200(&frames[0]), "the request was answered");
+    let goaway = frames.iter().find(|f| f.ty == GOAWAY).expect("GOAWAY");
+    assert_eq!(goaway.code(), 0, "NO_ERROR");
+    assert!(
+        idle_for >= Duration::from_millis(900) && idle_for < Duration::from_secs(8),
+        "closed after {idle_for:?}"
+    );
 }
