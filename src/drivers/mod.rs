@@ -1,9 +1,9 @@
 //! The drivers: each speaks one shape of traffic to clients and upstreams and is a thin
 //! loop over the request phases (`phases`), so every driver gets every feature.
 //!
-//! - `pingora`: pingora's `ProxyHttp` adapter: TLS, h2/h2c, bodies, upgrades, gRPC and
-//!   gRPC-Web pass-through; and the JSON→gRPC call (`json_grpc`) from its
-//!   `request_filter`.
+//! - `pingora`: pingora's `ProxyHttp` adapter: upgrades, h2c services, gRPC and gRPC-Web
+//!   pass-through, HTTP/2 clients while the snapshot has routes `h2` does not serve; and
+//!   the JSON→gRPC call (`json_grpc`) from its `request_filter`.
 //! - `h1`: busbar's own HTTP/1.1 engine for plaintext bodyless requests (the front door,
 //!   `edge`, hands them over).
 //! - `h2`: busbar's own HTTP/2 engine for clients (h2c, TLS with ALPN `h2`) to HTTP/1

@@ -1,7 +1,8 @@
 //! The pingora driver: pingora's `ProxyHttp` adapter, a thin loop over the phases.
 //!
-//! pingora serves what busbar's own engine does not (`drivers::h1`): TLS, h2/h2c,
-//! request bodies, upgrades, gRPC and gRPC-Web. Each `ProxyHttp` callback below
+//! pingora serves what busbar's own engines (`drivers::h1`, `drivers::h2`) do not:
+//! upgrades, h2c services, gRPC and gRPC-Web, and HTTP/2 clients while the snapshot has
+//! routes `drivers::h2` does not serve. Each `ProxyHttp` callback below
 //! translates between pingora's types (its `Session`, its `Error`s) and the phases'
 //! words, and calls the phase that owns the step: `request_filter` → setup, admission
 //! (with the session's "client went away" future, `drivers::gone`), plan, and for a
