@@ -982,3 +982,60 @@ async fn an_idle_connection_gets_a_graceful_goaway() {
         "closed after {idle_for:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_reset_after_busbar_took_them_also_count_as_a_flood() {
+    // Each stream is reset only once the backend has it: the `h2` crate's limit (resets
+    // before accept) never sees these; busbar's count of abandoned streams does.
+    let a = Backend::start("a").await;
+    let bus = Busbar::start(&one_service(a.addr, "")).await;
+    let mut raw = Raw::connect(bus.http).await;
+    let mut next_id = 1u32;
+    let mut calm = false;
+    'flood: for _ in 0..60 {
+        let ids: Vec<u32> = (0..10).map(|i| next_id + 2 * i).collect();
+        next_id += 20;
+        let before = a.hits();
+        let mut out = Vec::new();
+        for id in &ids {
+            out.extend(frame(
+                HEADERS,
+                END_STREAM | END_HEADERS,
+                *id,
+                &block("/slow?sleep_ms=3000", &[]),
+            ));
+        }
+        if raw.send(&out).await.is_err() {
+            break;
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        while a.hits() < before + ids.len() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut out = Vec::new();
+        for id in &ids {
+            out.extend(frame(RST_STREAM, 0, *id, &8u32.to_be_bytes()));
+        }
+        if raw.send(&out).await.is_err() {
+            break;
+        }
+        while let Some(f) = raw.next(Duration::from_millis(20)).await {
+            if f.ty == GOAWAY {
+                calm = f.code() == ENHANCE_YOUR_CALM;
+                break 'flood;
+            }
+        }
+    }
+    let hits = a.hits();
+    assert!(
+        calm,
+        "GOAWAY ENHANCE_YOUR_CALM after {hits} streams reached the backend"
+    );
+    assert!(
+        (100..400).contains(&hits),
+        "{hits} streams reached the backend"
+    );
+    eprintln!("accepted-then-reset flood: GOAWAY after {hits} streams reached the backend");
+    let mut send = h2c(bus.http).await;
+    assert_eq!(ask(&mut send, get("/calm")).await.0, 200);
+}
