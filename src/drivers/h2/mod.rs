@@ -11,12 +11,14 @@
 //! away gracefully, so the client retries on a new connection.
 //!
 //! Files: `server` (the connection: settings, limits, drain), `stream` (one stream's
-//! exchange), `request` (head conversion, RFC 9113 §8.2.3), `body` (the request body
-//! with flow control, as HTTP/1 body bytes).
+//! exchange), `response` (the upstream's response to the client), `request` (head
+//! conversion, RFC 9113 §8.2.3), `body` (the request body with flow control, as HTTP/1
+//! body bytes).
 //! Must not: hold policy (the phases'), or frame HTTP/1 itself (`drivers::h1`'s codecs).
 
 mod body;
 mod request;
+mod response;
 mod server;
 mod stream;
 

@@ -3,11 +3,9 @@
 //! the HTTP/1 engine's try, pool and response codec (`drivers::h1`).
 //!
 //! Owns: the stream's side of the exchange: its head converted (`request`), its body
-//! read with flow control (`body`), the response head and body sent back within the
-//! client's window (`reserve_capacity` / `poll_capacity`, each wait within
-//! `client_timeout`: a client that stops reading is cut off, and busbar reads no more of
-//! the upstream's body than the client takes), upstream trailers as a trailing HEADERS
-//! frame, and RST_STREAM for what is malformed or not this engine's.
+//! read with flow control (`body`) and held or streamed by the h1 engine's body code,
+//! the tries, busbar's own answers, and RST_STREAM for what is malformed or not this
+//! engine's. The upstream's response goes back through `response`.
 //! Must not: hold policy (the phases'), or frame HTTP/1 (the h1 engine's codecs).
 
 use std::future::poll_fn;
@@ -15,39 +13,31 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use h2::server::SendResponse;
-use h2::{Reason, RecvStream, SendStream};
-use http::header::TRANSFER_ENCODING;
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use h2::{Reason, RecvStream};
+use http::Method;
 use pingora_http::{RequestHeader, ResponseHeader};
-use tokio::io::AsyncReadExt;
 
 use super::body::Incoming;
 use super::request::{self, Refused};
+use super::response::{send, to_h2};
 use crate::admission::Refused as NotAdmitted;
-use crate::base::deadline::within;
 use crate::base::reply::Refusal;
 use crate::drivers::h1::body::{self as h1body, BodyFail, RequestBody, Streamer};
-use crate::drivers::h1::framing::ChunkScan;
 use crate::drivers::h1::pool;
 use crate::drivers::h1::request::BodyFraming;
-use crate::drivers::h1::response::{upstream_header, Framing};
 use crate::drivers::h1::upstream::{one_try, Ask, TryFail, BUF};
 use crate::metrics::METRICS;
 use crate::phases::ctx::RequestCtx;
 use crate::phases::fail::{self, Failure};
 use crate::phases::request as phase;
-use crate::phases::response_head::{self, Kind};
 use crate::phases::setup::{admission_parts, admission_policy};
 use crate::phases::upstream_head::{self, Output};
 use crate::phases::{Done, Phases, Routing};
 use crate::proxy::reply::{json_header, Cause};
 use crate::routing::Route;
 use crate::snapshot::Snapshot;
-
-/// One read of the upstream's response body: a full HTTP/2 DATA frame's worth.
-const READ: usize = 16 * 1024;
 
 /// The connection a stream came on.
 #[derive(Debug, Clone, Copy)]
@@ -58,14 +48,14 @@ pub(crate) struct Conn {
 }
 
 /// What a stream's answer was, for the access log.
-struct Answered {
+pub(super) struct Answered {
     /// 0: nothing was answered (a reset, a client gone).
-    status: u16,
-    body_bytes: usize,
+    pub(super) status: u16,
+    pub(super) body_bytes: usize,
 }
 
 impl Answered {
-    fn nothing() -> Answered {
+    pub(super) fn nothing() -> Answered {
         Answered {
             status: 0,
             body_bytes: 0,
@@ -228,20 +218,6 @@ async fn client_reset(respond: &mut SendResponse<Bytes>) -> Box<pingora_error::E
     )
 }
 
-/// A response head for the client: HTTP/2 has no connection-specific fields (the `h2`
-/// crate refuses to send them).
-fn to_h2(resp: ResponseHeader) -> http::Response<()> {
-    let mut parts: http::response::Parts = resp.into();
-    let h = &mut parts.headers;
-    // Hop-by-hop fields were dropped from the upstream's head (`upstream_header`);
-    // busbar's own answers carry none. `Transfer-Encoding` is framing: HTTP/2 has its own.
-    for name in crate::base::http::HOP_BY_HOP {
-        h.remove(name);
-    }
-    h.remove(TRANSFER_ENCODING);
-    http::Response::from_parts(parts, ())
-}
-
 /// Sends a whole response of busbar's own.
 async fn reply(
     respond: &mut SendResponse<Bytes>,
@@ -278,86 +254,19 @@ async fn answer(
     Box::pin(reply(respond, head, body, limit)).await
 }
 
-/// Why data could not be sent to the client.
-#[derive(Debug)]
-enum SendFail {
-    /// It reset the stream or the connection went.
-    Gone,
-    /// It stopped reading: no window within the client timeout (slow read).
-    Slow,
-}
-
-/// Sends `data` within the client's window: each part waits for capacity, so busbar
-/// holds no more than the window and the `h2` send buffer for a slow reader.
-async fn send(
-    tx: &mut SendStream<Bytes>,
-    mut data: Bytes,
-    end: bool,
-    limit: Duration,
-) -> Result<(), SendFail> {
-    if data.is_empty() {
-        return match end {
-            true => tx.send_data(data, true).map_err(|_| SendFail::Gone),
-            false => Ok(()),
-        };
-    }
-    while !data.is_empty() {
-        tx.reserve_capacity(data.len());
-        let granted = match within(limit, poll_fn(|cx| tx.poll_capacity(cx))).await {
-            Ok(Some(Ok(n))) => n,
-            Ok(_) => return Err(SendFail::Gone),
-            Err(_) => {
-                fail::note(Failure::ClientSendTimeout);
-                return Err(SendFail::Slow);
-            }
-        };
-        if granted == 0 {
-            continue;
-        }
-        let part = data.split_to(granted.min(data.len()));
-        tx.send_data(part, end && data.is_empty())
-            .map_err(|_| SendFail::Gone)?;
-    }
-    Ok(())
-}
-
-/// The upstream's trailer section (its lines and the final empty line) as HTTP/2
-/// trailers, less the fields no trailer may carry on this hop. `None`: no fields.
-fn trailers_of(section: &[u8]) -> Option<HeaderMap> {
-    let mut lines = [httparse::EMPTY_HEADER; 64];
-    let parsed = match httparse::parse_headers(section, &mut lines) {
-        Ok(httparse::Status::Complete((_, parsed))) => parsed,
-        _ => return None,
-    };
-    let mut map = HeaderMap::new();
-    for h in parsed.iter() {
-        let kind = Kind::of(h.name.as_bytes());
-        if kind.hop_by_hop() || matches!(kind, Kind::ContentLength | Kind::TransferEncoding) {
-            continue;
-        }
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(h.value),
-        ) {
-            map.append(n, v);
-        }
-    }
-    (!map.is_empty()).then_some(map)
-}
-
 /// The tries and the response of one admitted stream.
-struct Exchange<'a, 'r> {
-    phases: &'a Phases,
-    route: &'a Route,
-    ctx: &'a mut RequestCtx,
-    respond: &'r mut SendResponse<Bytes>,
+pub(super) struct Exchange<'a, 'r> {
+    pub(super) phases: &'a Phases,
+    pub(super) route: &'a Route,
+    pub(super) ctx: &'a mut RequestCtx,
+    pub(super) respond: &'r mut SendResponse<Bytes>,
     conn: Conn,
     /// Longest a wait for the client's window may take, and a body read's pace grace.
-    limit: Duration,
+    pub(super) limit: Duration,
 }
 
 impl Exchange<'_, '_> {
-    async fn answer(&mut self, cause: Cause) -> Answered {
+    pub(super) async fn answer(&mut self, cause: Cause) -> Answered {
         answer(self.respond, self.ctx, cause, self.limit).await
     }
 
@@ -377,7 +286,7 @@ impl Exchange<'_, '_> {
     }
 
     /// The upstream's answer could not be framed before anything went to the client.
-    async fn upstream_broke(&mut self) -> Answered {
+    pub(super) async fn upstream_broke(&mut self) -> Answered {
         self.phases.on_malformed_response(self.ctx);
         self.answer(Cause::UpstreamError).await
     }
@@ -484,159 +393,5 @@ impl Exchange<'_, '_> {
         };
         self.phases.on_response_head(self.ctx);
         self.respond_with(up, key, head, &buf, body.done()).await
-    }
-
-    /// Sends the upstream's response: its head as a map (edited by the phases), then
-    /// its body as DATA frames within the client's window, then its trailers.
-    async fn respond_with(
-        &mut self,
-        mut up: pool::Conn,
-        key: pool::Key,
-        head: crate::drivers::h1::response::Head,
-        buf: &[u8],
-        body_done: bool,
-    ) -> Answered {
-        let status = head.status.as_u16();
-        let Ok(mut resp) = upstream_header(&buf[..head.len]) else {
-            return self.upstream_broke().await;
-        };
-        if response_head::edit(self.ctx, &mut resp).is_err() {
-            return self.answer(Cause::UpstreamError).await;
-        }
-        // What came with the head: where the body ends in it, and its data.
-        let first = &buf[head.len..];
-        let mut scan = (head.framing == Framing::Chunked).then(ChunkScan::keeping_trailers);
-        let mut data = BytesMut::new();
-        let (end, mut remaining) = match (head.framing, scan.as_mut()) {
-            (Framing::None, _) => (Some(0), 0),
-            (Framing::Length(n), _) => {
-                let take = (first.len() as u64).min(n) as usize;
-                data.extend_from_slice(&first[..take]);
-                let left = n - take as u64;
-                ((left == 0).then_some(take), left)
-            }
-            (Framing::Chunked, Some(s)) => {
-                match s.feed_with(first, |d| data.extend_from_slice(d)) {
-                    Ok(fed) => (fed.end, u64::from(fed.end.is_none())),
-                    Err(_) => return self.upstream_broke().await,
-                }
-            }
-            _ => {
-                data.extend_from_slice(first);
-                (None, 1)
-            }
-        };
-        let mut reusable = head.reusable && body_done && end.is_none_or(|e| e == first.len());
-        let trailers = scan
-            .as_ref()
-            .filter(|s| s.done())
-            .and_then(|s| trailers_of(s.trailers()));
-        let whole = end.is_some() && data.is_empty() && trailers.is_none();
-        let Ok(mut tx) = self.respond.send_response(to_h2(resp), whole) else {
-            return Answered::nothing();
-        };
-        let mut sent = 0;
-        let cut = |sent| Answered {
-            status,
-            body_bytes: sent,
-        };
-        if whole {
-            self.phases.on_response_health(self.ctx, head.status);
-            if reusable {
-                pool::give_back(key, up);
-            }
-            return cut(0);
-        }
-        // The body's end is in what came: the last data carries END_STREAM (or the
-        // trailers do).
-        let ends_here = end.is_some();
-        let n = data.len();
-        if send(
-            &mut tx,
-            data.split().freeze(),
-            ends_here && trailers.is_none(),
-            self.limit,
-        )
-        .await
-        .is_err()
-        {
-            return cut(sent);
-        }
-        sent += n;
-        let mut trailers = trailers;
-        if !ends_here {
-            let t_read = self.route.service.config.read_timeout;
-            let mut rb = BytesMut::with_capacity(READ);
-            loop {
-                rb.clear();
-                rb.reserve(READ);
-                let got = match within(t_read, up.read_buf(&mut rb)).await {
-                    Ok(Ok(0)) if head.framing == Framing::Close => 0,
-                    Ok(Ok(n)) if n > 0 => n,
-                    read => {
-                        let timed_out = read.is_err();
-                        self.phases
-                            .on_try_failure(self.ctx, true, timed_out, false, false);
-                        // The head went out: the stream is cut, not ended cleanly.
-                        tx.send_reset(Reason::INTERNAL_ERROR);
-                        return cut(sent);
-                    }
-                };
-                let (chunk, last) = match (head.framing, scan.as_mut()) {
-                    (Framing::Close, _) if got == 0 => (Bytes::new(), true),
-                    (Framing::Close, _) => (rb.split().freeze(), false),
-                    (Framing::Length(_), _) => {
-                        let take = (got as u64).min(remaining) as usize;
-                        remaining -= take as u64;
-                        if take < got {
-                            reusable = false;
-                        }
-                        (rb.split_to(take).freeze(), remaining == 0)
-                    }
-                    (Framing::Chunked, Some(s)) => {
-                        let mut plain = BytesMut::new();
-                        match s.feed_with(&rb, |d| plain.extend_from_slice(d)) {
-                            Ok(fed) => {
-                                if fed.end.is_some_and(|e| e < got) {
-                                    reusable = false;
-                                }
-                                (plain.freeze(), fed.end.is_some())
-                            }
-                            Err(_) => {
-                                // No part of a bad body goes on: the stream is cut.
-                                self.phases.on_malformed_response(self.ctx);
-                                tx.send_reset(Reason::INTERNAL_ERROR);
-                                return cut(sent);
-                            }
-                        }
-                    }
-                    _ => (Bytes::new(), true),
-                };
-                if last {
-                    trailers = scan.as_ref().and_then(|s| trailers_of(s.trailers()));
-                }
-                let k = chunk.len();
-                if send(&mut tx, chunk, last && trailers.is_none(), self.limit)
-                    .await
-                    .is_err()
-                {
-                    return cut(sent);
-                }
-                sent += k;
-                if last {
-                    break;
-                }
-            }
-        }
-        if let Some(t) = trailers {
-            if tx.send_trailers(t).is_err() {
-                return cut(sent);
-            }
-        }
-        self.phases.on_response_health(self.ctx, head.status);
-        if reusable && head.framing != Framing::Close {
-            pool::give_back(key, up);
-        }
-        cut(sent)
     }
 }
