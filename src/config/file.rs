@@ -150,6 +150,12 @@ pub struct LimitsFile {
     pub max_headers: Option<Spanned<i64>>,
     /// Busbar nodes a request may have passed (by `Via`) before this one.
     pub max_hops: Option<Spanned<i64>>,
+    /// HTTP/2: most streams a client may have open on one connection.
+    pub h2_max_concurrent_streams: Option<Spanned<i64>>,
+    /// HTTP/2: the receive window of each stream (a size).
+    pub h2_stream_window: Option<Spanned<String>>,
+    /// HTTP/2: the receive window of each connection, over all its streams (a size).
+    pub h2_connection_window: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -90,6 +90,22 @@ pub const DEFAULT_MAX_HEADERS: usize = 100;
 pub const DEFAULT_MAX_HOPS: u32 = 8;
 /// Highest `max_hops` accepted.
 pub const MAX_MAX_HOPS: u32 = 64;
+/// Streams an HTTP/2 client may have open at once on one connection: RFC 9113 §6.5.2
+/// recommends no less than 100, and nginx, HAProxy, Envoy's edge guidance and pingora
+/// use 100–128. More concurrency is more connections, each with its own limits.
+pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// An HTTP/2 stream's receive window: 1 MiB lets one upload run at ~1 GB/s over a 1 ms
+/// round trip (the protocol's 64 KiB caps it at ~64 MB/s), and is what one stream can
+/// make busbar buffer while its upstream is slow.
+pub const DEFAULT_H2_STREAM_WINDOW: u32 = 1024 * 1024;
+/// An HTTP/2 connection's receive window over all its streams: 4 MiB, so a few uploads
+/// run at full stream windows, while what one connection can make busbar hold stays
+/// bounded whatever its stream count.
+pub const DEFAULT_H2_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// Highest window HTTP/2 allows (RFC 9113 §6.9.1: 2^31 - 1).
+pub const MAX_H2_WINDOW: u64 = (1 << 31) - 1;
+/// Lowest window accepted: the protocol's initial 65,535 bytes.
+pub const MIN_H2_WINDOW: u64 = 65_535;
 
 /// Limits on what a client may send, and how slowly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +120,12 @@ pub struct Limits {
     pub max_headers: usize,
     /// Other busbar nodes a request may have passed (see `via`); more is a loop: 508.
     pub max_hops: u32,
+    /// HTTP/2 clients: most concurrent streams on one connection (SETTINGS).
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 clients: each stream's receive window, bytes.
+    pub h2_stream_window: u32,
+    /// HTTP/2 clients: each connection's receive window, bytes.
+    pub h2_connection_window: u32,
 }
 
 /// A validated configuration.

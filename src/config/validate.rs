@@ -293,6 +293,34 @@ impl Validator<'_> {
             max_hops: self
                 .int(&l.max_hops, ctx, 0, i64::from(MAX_MAX_HOPS))
                 .map_or(DEFAULT_MAX_HOPS, |n| n as u32),
+            h2_max_concurrent_streams: self
+                .int(&l.h2_max_concurrent_streams, ctx, 1, 10_000)
+                .map_or(DEFAULT_H2_MAX_CONCURRENT_STREAMS, |n| n as u32),
+            h2_stream_window: self.h2_window(&l.h2_stream_window, ctx, DEFAULT_H2_STREAM_WINDOW),
+            h2_connection_window: self.h2_window(
+                &l.h2_connection_window,
+                ctx,
+                DEFAULT_H2_CONNECTION_WINDOW,
+            ),
+        }
+    }
+
+    /// An HTTP/2 window: a size within what the protocol allows.
+    fn h2_window(&mut self, v: &Option<Spanned<String>>, ctx: &str, default: u32) -> u32 {
+        let Some(v) = v else {
+            return default;
+        };
+        match self.size(v, ctx) {
+            Some(n) if (MIN_H2_WINDOW..=MAX_H2_WINDOW).contains(&n) => n as u32,
+            Some(n) => {
+                self.err(
+                    v.span(),
+                    ctx,
+                    format!("must be between {MIN_H2_WINDOW} and {MAX_H2_WINDOW} bytes, got {n}"),
+                );
+                default
+            }
+            None => default,
         }
     }
 
@@ -1361,6 +1389,32 @@ service = "echo"
         assert_eq!(
             e,
             vec!["t.toml:2:12: [limits]: must be between 0 and 64, got 65"]
+        );
+    }
+
+    #[test]
+    fn http2_limits_default_and_are_bounded() {
+        let c = validate(Path::new("t.toml"), OK).unwrap();
+        assert_eq!(c.limits.h2_max_concurrent_streams, 100);
+        assert_eq!(c.limits.h2_stream_window, 1024 * 1024);
+        assert_eq!(c.limits.h2_connection_window, 4 * 1024 * 1024);
+        let c = validate(
+            Path::new("t.toml"),
+            &format!("[limits]\nh2_max_concurrent_streams = 8\nh2_stream_window = \"64KiB\"\n{OK}"),
+        )
+        .unwrap();
+        assert_eq!(c.limits.h2_max_concurrent_streams, 8);
+        assert_eq!(c.limits.h2_stream_window, 65_536);
+        let e = errors(&format!(
+            "[limits]\nh2_max_concurrent_streams = 0\nh2_stream_window = \"lots\"\nh2_connection_window = \"2GiB\"\n{OK}"
+        ));
+        assert_eq!(
+            e,
+            vec![
+                "t.toml:2:29: [limits]: must be between 1 and 10000, got 0",
+                "t.toml:3:20: [limits]: \"lots\" is not a size like \"512KiB\", \"10MiB\" or \"1000\"",
+                "t.toml:4:24: [limits]: must be between 65535 and 2147483647 bytes, got 2147483648",
+            ]
         );
     }
 

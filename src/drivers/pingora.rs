@@ -1,9 +1,10 @@
 //! The pingora driver: pingora's `ProxyHttp` adapter, a thin loop over the phases.
 //!
-//! pingora serves what busbar's own engine does not (`drivers::h1`): h2/h2c (and so
-//! gRPC), HTTP/1 requests on translating routes (JSON→gRPC, gRPC-Web) or to h2c
-//! services, and the rarer HTTP/1 shapes `h1::take` declines (a `Connection` naming
-//! other headers, other `Expect` values or transfer codings, absolute form). Each `ProxyHttp` callback below
+//! pingora serves what busbar's own engines (`drivers::h1`, `drivers::h2`) do not: h2c
+//! services (and so gRPC pass-through), HTTP/1 requests on translating routes (JSON→gRPC,
+//! gRPC-Web), HTTP/2 clients while the snapshot has routes `drivers::h2` does not serve,
+//! and the rarer HTTP/1 shapes `h1::take` declines (a `Connection` naming other headers,
+//! other `Expect` values or transfer codings, absolute form). Each `ProxyHttp` callback below
 //! translates between pingora's types (its `Session`, its `Error`s) and the phases'
 //! words, and calls the phase that owns the step: `request_filter` → setup, admission
 //! (with the session's "client went away" future, `drivers::gone`), plan, and for a

@@ -9,7 +9,8 @@
 //! this buffer and leaves the next request's in it), and hands everything else —
 //! unchanged, bytes put back — to the pingora HTTP proxy.
 //! h2c connections (the HTTP/2 preface) and TLS connections whose client chose `h2` by
-//! ALPN go to the proxy whole. A TLS connection arrives after its handshake (`tls`); the
+//! ALPN go whole to busbar's HTTP/2 engine (`drivers::h2`), or to the proxy when the
+//! snapshot has routes that engine does not serve yet. A TLS connection arrives after its handshake (`tls`); the
 //! bytes the front door read are put back above the decryption (`tls::TlsClient`).
 //! Must not: interpret more than the head (proxying is `h1`'s), or keep any state between
 //! connections.
@@ -31,6 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::base::deadline::{within, Elapsed};
 use crate::config::Limits;
 use crate::drivers::h1::{self, head};
+use crate::drivers::h2;
 use crate::drivers::pingora::BusbarProxy;
 use crate::metrics::METRICS;
 use crate::phases::Phases;
@@ -216,10 +218,10 @@ impl Edge {
                     continue;
                 }
                 Next::Request(s) => s,
-                // The proxy sees the preface again (it was put back) and speaks h2c.
+                // The preface was put back: whoever speaks h2c reads it again.
                 Next::H2(s) => {
                     drop(head);
-                    return ServerApp::process_new(&self.proxy, s, shutdown).await;
+                    return self.h2(s, false, shutdown).await;
                 }
                 Next::Done => return None,
             };
@@ -249,6 +251,26 @@ impl Edge {
             conn = next.into_any().downcast::<Lingering<S>>().ok()?;
             persistent = settings;
         }
+    }
+
+    /// An HTTP/2 connection, for its whole life: busbar's own engine (`drivers::h2`)
+    /// when it serves every route of the current snapshot, pingora's proxy otherwise
+    /// (h2c and gRPC services, translating routes, gRPC-Web).
+    async fn h2(
+        self: &Arc<Self>,
+        stream: Stream,
+        tls: bool,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if !h2::serves_all(&self.state.load()) {
+            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+        }
+        let conn = h2::Conn {
+            peer: crate::base::peer_of(&*stream),
+            tls,
+        };
+        h2::serve(&self.phases, stream, conn, shutdown).await;
+        None
     }
 
     /// Reads and judges the next request head of a connection.
@@ -386,9 +408,8 @@ impl ServerApp for Edge {
             let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
             return self.serve(l4, false, shutdown).await;
         }
-        // HTTP/2 by ALPN: pingora's, for the connection's whole life.
         if stream.selected_alpn_proto() == Some(ALPN::H2) {
-            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+            return self.h2(stream, true, shutdown).await;
         }
         // No other stream comes from busbar's listeners.
         let tls = stream.into_any().downcast::<TlsClient>().ok()?;

@@ -29,7 +29,7 @@ use crate::phases::pace::BodyPace;
 /// Most body bytes (with their chunked framing) held before the upstream is tried: a
 /// body up to 64 KiB of data, with room for the framing of a few chunks, is checked whole
 /// first and kept for a retry (the pingora path's retry buffer is 64 KiB too).
-pub(super) const HOLD: usize = 64 * 1024 + 4096;
+pub(crate) const HOLD: usize = 64 * 1024 + 4096;
 
 /// One read of a streaming body.
 const STREAM_BUF: usize = 32 * 1024;
@@ -43,7 +43,7 @@ const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// Why a request body could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum BodyFail {
+pub(crate) enum BodyFail {
     /// Not chunked framing (400).
     Malformed,
     /// Over the route's `max_body` (413).
@@ -55,7 +55,7 @@ pub(super) enum BodyFail {
 }
 
 /// The body of one request, as it is read.
-pub(super) struct RequestBody {
+pub(crate) struct RequestBody {
     /// `Content-Length` bytes still to come; `None` for a chunked body.
     left: Option<u64>,
     scan: ChunkScan,
@@ -68,7 +68,7 @@ pub(super) struct RequestBody {
 }
 
 impl RequestBody {
-    pub(super) fn new(framing: BodyFraming, limit: u64, pace: BodyPace) -> RequestBody {
+    pub(crate) fn new(framing: BodyFraming, limit: u64, pace: BodyPace) -> RequestBody {
         RequestBody {
             left: match framing {
                 BodyFraming::Chunked => None,
@@ -84,13 +84,13 @@ impl RequestBody {
     }
 
     /// The `Content-Length` bytes still to come; `None` for a chunked body.
-    pub(super) fn declared(&self) -> Option<u64> {
+    pub(crate) fn declared(&self) -> Option<u64> {
         self.left
     }
 
     /// The body's data read so far (without chunked framing): the request's body bytes
     /// in the metrics and the access log.
-    pub(super) fn data_read(&self, declared: u64) -> u64 {
+    pub(crate) fn data_read(&self, declared: u64) -> u64 {
         match self.left {
             Some(left) => declared - left,
             None => self.scan.data_bytes(),
@@ -98,7 +98,7 @@ impl RequestBody {
     }
 
     /// The whole body has been read.
-    pub(super) fn done(&self) -> bool {
+    pub(crate) fn done(&self) -> bool {
         self.done
     }
 
@@ -159,7 +159,7 @@ impl RequestBody {
 /// read with the head (`conn`), then, if `more`, what the client sends until the body
 /// ends or [`HOLD`] bytes are held. Bytes past the body's end stay in (or go back to)
 /// `conn`, the connection's next request.
-pub(super) async fn hold<S: ClientStream>(
+pub(crate) async fn hold<S: ClientStream>(
     body: &mut RequestBody,
     client: &mut S,
     conn: &mut Vec<u8>,
@@ -200,23 +200,23 @@ pub(super) enum PumpFail {
 
 /// The rest of a body that did not fit [`HOLD`], or that a client holds back until it
 /// hears `100 Continue`: copied from the client to the upstream during the try.
-pub(super) struct Streamer<'a, S> {
-    pub(super) client: &'a mut S,
-    pub(super) body: &'a mut RequestBody,
+pub(crate) struct Streamer<'a, S> {
+    pub(crate) client: &'a mut S,
+    pub(crate) body: &'a mut RequestBody,
     /// The connection's buffer: bytes past the body's end go back to it.
-    pub(super) conn: &'a mut Vec<u8>,
+    pub(crate) conn: &'a mut Vec<u8>,
     /// The one buffer the streamed body goes through.
-    pub(super) chunk: &'a mut Vec<u8>,
+    pub(crate) chunk: &'a mut Vec<u8>,
     /// The client sent `Expect: 100-continue` and waits: no body until it is told to go on.
-    pub(super) waiting: bool,
+    pub(crate) waiting: bool,
     /// The upstream said `100 Continue`: no need to wait for it.
-    pub(super) continued: bool,
+    pub(crate) continued: bool,
     /// Longest a write to the client may take.
-    pub(super) send_limit: Duration,
+    pub(crate) send_limit: Duration,
     /// Bytes the client sent went upstream in this try: it cannot be tried again.
-    pub(super) started: bool,
+    pub(crate) started: bool,
     /// The upstream answered before the whole body went: the rest is not sent.
-    pub(super) stopped: bool,
+    pub(crate) stopped: bool,
 }
 
 impl<S: ClientStream> Streamer<'_, S> {

@@ -105,6 +105,9 @@ pub struct ChunkScan {
     line: usize,
     /// Trailer bytes from earlier reads, not passed on yet.
     held: Vec<u8>,
+    /// Keep the whole trailer section in `kept` ([`ChunkScan::keeping_trailers`]).
+    keep: bool,
+    kept: Vec<u8>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -221,7 +224,11 @@ impl ChunkScan {
                 }
                 continue;
             }
+            let trailer_byte = self.keep && self.state.in_trailers();
             self.state = self.step(b)?;
+            if trailer_byte {
+                self.kept.push(b);
+            }
             i += 1;
             if self.state == Chunk::TrailerStart && trailers.is_none() {
                 trailers = Some(i);
@@ -251,6 +258,23 @@ impl ChunkScan {
                 end: None,
             }),
         }
+    }
+
+    /// A scanner that also keeps the trailer section whole ([`ChunkScan::trailers`]),
+    /// for a driver that passes the data on without its framing (HTTP/2 has a HEADERS
+    /// frame for trailers).
+    pub fn keeping_trailers() -> ChunkScan {
+        ChunkScan {
+            keep: true,
+            ..ChunkScan::default()
+        }
+    }
+
+    /// The trailer section read so far (its lines and the final empty line), when
+    /// [`ChunkScan::keeping_trailers`]; complete once [`ChunkScan::done`]. Bounded by
+    /// [`MAX_TRAILERS`].
+    pub fn trailers(&self) -> &[u8] {
+        &self.kept
     }
 
     /// Trailer bytes of earlier reads, for the client once the body has ended.
@@ -339,6 +363,26 @@ impl ChunkScan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scanner_keeping_trailers_has_the_section_whole_across_reads() {
+        let mut s = ChunkScan::keeping_trailers();
+        let mut data = Vec::new();
+        s.feed_with(b"3\r\nabc\r\n0\r\ngrpc-sta", |d| data.extend_from_slice(d))
+            .unwrap();
+        assert!(!s.done());
+        let fed = s.feed(b"tus: 0\r\nx: y\r\n\r\nNEXT").unwrap();
+        assert_eq!(fed.end, Some(16));
+        assert!(s.done());
+        assert_eq!(data, b"abc");
+        assert_eq!(s.trailers(), b"grpc-status: 0\r\nx: y\r\n\r\n");
+        let mut plain = ChunkScan::keeping_trailers();
+        plain.feed(b"0\r\n\r\n").unwrap();
+        assert_eq!(plain.trailers(), b"\r\n");
+        let mut off = ChunkScan::default();
+        off.feed(b"0\r\nx: y\r\n\r\n").unwrap();
+        assert!(off.trailers().is_empty());
+    }
 
     /// Feeds `parts` in order: what the client got and where the body ended (in the
     /// concatenation of `parts`).

@@ -33,10 +33,12 @@ pub mod framing;
 pub mod head;
 pub mod pool;
 
-mod body;
+// `body`, `request`, `response` and `upstream` are shared with the HTTP/2 engine
+// (`drivers::h2`), which reaches HTTP/1 services through them.
+pub(crate) mod body;
 mod client;
-mod request;
-mod response;
+pub(crate) mod request;
+pub(crate) mod response;
 mod switch;
 pub(crate) mod upstream;
 

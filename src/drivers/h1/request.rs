@@ -21,7 +21,7 @@ use crate::phases::response_head::Kind;
 
 /// How a request's body is framed (RFC 9112 §6.3), as [`parse`] read its head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum BodyFraming {
+pub(crate) enum BodyFraming {
     /// No body (no framing header, or `Content-Length: 0`).
     None,
     Length(u64),

@@ -26,7 +26,7 @@ use crate::phases::response_head::{self, Kind};
 pub(super) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// How a response's body ends (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Framing {
+pub(crate) enum Framing {
     None,
     Length(u64),
     Chunked,
@@ -36,13 +36,13 @@ pub(super) enum Framing {
 
 /// An upstream response head, parsed: what framing and reuse need. Its lines for the
 /// client were written by [`parse_head`] (see there).
-pub(super) struct Head {
-    pub(super) status: StatusCode,
-    pub(super) framing: Framing,
+pub(crate) struct Head {
+    pub(crate) status: StatusCode,
+    pub(crate) framing: Framing,
     /// Bytes of the head in the read buffer (the body starts after them).
-    pub(super) len: usize,
+    pub(crate) len: usize,
     /// The upstream connection may carry another request.
-    pub(super) reusable: bool,
+    pub(crate) reusable: bool,
     /// The upstream's `Connection` names more hop-by-hop headers (rare): they are found
     /// by building the whole header map (see [`upstream_header`]).
     pub(super) nominates: bool,
@@ -158,7 +158,7 @@ pub(super) fn parse_head(
 /// The upstream's response head as a header map, less hop-by-hop headers (those its
 /// `Connection` names too): for routes that edit response headers, which need to see
 /// and change the upstream's own.
-pub(super) fn upstream_header(raw: &[u8]) -> Result<ResponseHeader, ()> {
+pub(crate) fn upstream_header(raw: &[u8]) -> Result<ResponseHeader, ()> {
     let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut lines);
     parsed.parse(raw).map_err(|_| ())?;

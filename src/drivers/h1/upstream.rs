@@ -24,7 +24,7 @@ use crate::base::deadline::within;
 use crate::phases::Try;
 
 /// Read buffer for the response.
-pub(super) const BUF: usize = 4096;
+pub(crate) const BUF: usize = 4096;
 
 /// Why a try failed after it was connected.
 #[derive(Clone, Copy)]
@@ -42,17 +42,17 @@ pub(super) enum TripError {
 }
 
 /// What every try of one request sends, and how its response is read.
-pub(super) struct Ask<'a> {
+pub(crate) struct Ask<'a> {
     /// The upstream request head.
-    pub(super) wire: &'a [u8],
-    pub(super) head_request: bool,
-    pub(super) idempotent: bool,
+    pub(crate) wire: &'a [u8],
+    pub(crate) head_request: bool,
+    pub(crate) idempotent: bool,
     /// busbar sets `RateLimit-*` on the response (see [`parse_head`]).
-    pub(super) own_rate: bool,
+    pub(crate) own_rate: bool,
     /// The request asks for an upgrade: a `101` is its final answer.
-    pub(super) upgrade: bool,
+    pub(crate) upgrade: bool,
     /// When the response head must have come, over all tries: the route's `timeout`.
-    pub(super) head_by: Instant,
+    pub(crate) head_by: Instant,
 }
 
 /// Sends the request head (and the body held after it), pumps the rest of a streaming
@@ -170,7 +170,7 @@ fn head_of<S: ClientStream>(
 }
 
 /// Why a try failed.
-pub(super) enum TryFail {
+pub(crate) enum TryFail {
     Connect {
         timed_out: bool,
     },
@@ -190,7 +190,7 @@ pub(super) enum TryFail {
 /// closed the pooled connection (nothing came back), an idempotent request whose body has
 /// not begun to stream goes again on a fresh one; another request fails the try, as it
 /// may have been acted on.
-pub(super) async fn one_try<S: ClientStream>(
+pub(crate) async fn one_try<S: ClientStream>(
     t: &Try,
     ask: &Ask<'_>,
     metrics: &crate::metrics::ServiceMetrics,

@@ -1,10 +1,53 @@
-//! busbar's HTTP/2 engine (the `h2` crate).
+//! busbar's own HTTP/2 engine for clients (h2c with prior knowledge, and TLS with ALPN
+//! `h2`), on hyperium's `h2` crate: framing, HPACK, flow control and the protocol's
+//! checks are the crate's; each stream runs the same phases as an HTTP/1 request.
 //!
-//! - `pool`: the upstream side: per-thread pools of multiplexed connections to instances
-//!   (h2c with prior knowledge, h2 over TLS with ALPN `h2`), the one way busbar opens an
-//!   HTTP/2 stream to an instance. Its first user is the JSON→gRPC driver
-//!   (`drivers::json_grpc`).
+//! Upstream, it reaches HTTP/1 services (`protocol` `http1` and `https`, no translation)
+//! through the HTTP/1 engine's try, per-thread pool and response codec (`drivers::h1`).
+//! What it does not serve yet (h2c and gRPC services, translating routes, gRPC-Web) stays
+//! on pingora's proxy: the front door gives a connection to this engine only when every
+//! route of the snapshot is one it serves ([`serves_all`]); a stream that still reaches
+//! another (a reload added one) is refused with REFUSED_STREAM and the connection goes
+//! away gracefully, so the client retries on a new connection.
 //!
-//! Must not: hold policy (the phases do), as every driver.
+//! Files: `server` (the connection: settings, limits, drain), `stream` (one stream's
+//! exchange), `response` (the upstream's response to the client), `request` (head
+//! conversion, RFC 9113 §8.2.3), `body` (the request body with flow control, as HTTP/1
+//! body bytes), and `pool`: the upstream side, per-thread pools of multiplexed
+//! connections to instances (h2c with prior knowledge, h2 over TLS with ALPN `h2`), the
+//! one way busbar opens an HTTP/2 stream to an instance (its first user is the JSON→gRPC
+//! driver, `drivers::json_grpc`).
+//! Must not: hold policy (the phases'), or frame HTTP/1 itself (`drivers::h1`'s codecs).
 
+mod body;
 pub(crate) mod pool;
+mod request;
+mod response;
+mod server;
+mod stream;
+
+pub(crate) use server::serve;
+pub(crate) use stream::Conn;
+
+use crate::config::Protocol;
+use crate::routing::Route;
+use crate::snapshot::Snapshot;
+
+/// Does this engine serve `route`: an HTTP/1 service, no translation?
+pub(crate) fn serves(snapshot: &Snapshot, route: &Route) -> bool {
+    matches!(
+        route.service.config.protocol,
+        Protocol::Http1 | Protocol::Https
+    ) && !crate::translate::translates(snapshot, route)
+}
+
+/// Does this engine serve every route of `snapshot`, mesh fallback's by service name
+/// included (every service is HTTP/1, nothing translates)? Then an HTTP/2 connection
+/// is this engine's for its whole life.
+pub(crate) fn serves_all(snapshot: &Snapshot) -> bool {
+    snapshot.config.translations.is_empty()
+        && snapshot
+            .services
+            .iter()
+            .all(|s| matches!(s.config.protocol, Protocol::Http1 | Protocol::Https))
+}
