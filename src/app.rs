@@ -47,6 +47,10 @@ pub struct RunOptions {
     pub upgrade: bool,
     /// The log level a reload changes (`None`: busbar did not install the subscriber).
     pub log: Option<crate::logging::LogLevel>,
+    /// Gives the memory the allocator holds freed back to the OS; busbar's housekeeping
+    /// calls it once a second. The binary chooses the allocator, so it says how (`None`:
+    /// nothing to do).
+    pub release_memory: Option<fn()>,
 }
 
 /// Builds and runs the server; returns only on a start-up error.
@@ -343,6 +347,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         "admission sweep",
         AdmissionSweep {
             state: state.clone(),
+            release_memory: opts.release_memory,
         },
     );
     let reopen = background_service(
@@ -425,9 +430,12 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
 }
 
 /// Evicts idle rate-limit cells and samples queue gauges, so per-user state stays bounded;
-/// samples the upstream pool's idle connections per service.
+/// samples the upstream pool's idle connections per service; and lets the allocator give
+/// back what it freed, so a spike of connections does not stay in RSS once it is over.
 struct AdmissionSweep {
     state: Arc<State>,
+    /// [`RunOptions::release_memory`].
+    release_memory: Option<fn()>,
 }
 
 #[async_trait]
@@ -441,6 +449,9 @@ impl BackgroundService for AdmissionSweep {
                     let snapshot = self.state.load();
                     snapshot.admission.stores().sweep();
                     crate::drivers::h1::pool::sample(&snapshot);
+                    if let Some(release) = self.release_memory {
+                        release();
+                    }
                 }
             }
         }

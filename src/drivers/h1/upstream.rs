@@ -206,7 +206,11 @@ pub(crate) async fn one_try<S: ClientStream>(
                 metrics.connection_pooled.inc();
                 up
             }
-            None => match within(t.connect_timeout, connect(t)).await {
+            // Boxed: a connect's state (~2.5 KB: rustls's client connection and its
+            // handshake) inline would make every request's future that much larger, and
+            // the front door boxes that future (copying it whole) for each request. A
+            // new connection is the rare case on keep-alive; it pays the allocation.
+            None => match Box::pin(within(t.connect_timeout, connect(t))).await {
                 Ok(Ok(up)) => {
                     metrics.connection_new.inc();
                     up
