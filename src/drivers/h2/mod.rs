@@ -20,6 +20,7 @@
 //! Must not: hold policy (the phases'), or frame HTTP/1 itself (`drivers::h1`'s codecs).
 
 mod body;
+mod passthrough;
 pub(crate) mod pool;
 mod request;
 mod response;
@@ -29,25 +30,19 @@ mod stream;
 pub(crate) use server::serve;
 pub(crate) use stream::Conn;
 
-use crate::config::Protocol;
 use crate::routing::Route;
 use crate::snapshot::Snapshot;
 
-/// Does this engine serve `route`: an HTTP/1 service, no translation?
+/// Does this engine serve `route`: any service (HTTP/1, or `h2c` / `h2` passed through
+/// as HTTP/2), no translation? Translating routes (JSON→gRPC, gRPC-Web) stay on
+/// pingora's proxy.
 pub(crate) fn serves(snapshot: &Snapshot, route: &Route) -> bool {
-    matches!(
-        route.service.config.protocol,
-        Protocol::Http1 | Protocol::Https
-    ) && !crate::translate::translates(snapshot, route)
+    !crate::translate::translates(snapshot, route)
 }
 
 /// Does this engine serve every route of `snapshot`, mesh fallback's by service name
-/// included (every service is HTTP/1, nothing translates)? Then an HTTP/2 connection
-/// is this engine's for its whole life.
+/// included (nothing translates: every service's protocol is served)? Then an HTTP/2
+/// connection is this engine's for its whole life.
 pub(crate) fn serves_all(snapshot: &Snapshot) -> bool {
     snapshot.config.translations.is_empty()
-        && snapshot
-            .services
-            .iter()
-            .all(|s| matches!(s.config.protocol, Protocol::Http1 | Protocol::Https))
 }

@@ -94,6 +94,9 @@ pub(crate) async fn serve(
         log.refusal(conn.peer, method.as_str(), 431, code, started);
         return false;
     }
+    // `te: trailers` (the only `te` the h2 crate lets through) is kept for an HTTP/2
+    // upstream, and dropped for an HTTP/1.1 one.
+    let had_te = parts.headers.contains_key(http::header::TE);
     let (mut req, framing) = match request::convert(parts, end_stream) {
         Ok(converted) => converted,
         Err(Refused::Malformed) => {
@@ -162,6 +165,20 @@ pub(crate) async fn serve(
                 }
             };
             match admitted {
+                Ok(()) if route.service.config.protocol.is_h2() => {
+                    phases.plan(&mut ctx, &req, &route);
+                    let mut x = Exchange {
+                        phases,
+                        route: &route,
+                        ctx: &mut ctx,
+                        respond: &mut respond,
+                        conn,
+                        limit: limits.client_timeout,
+                    };
+                    let (answered, read) = x.pass(req, recv, had_te).await;
+                    body_bytes = read;
+                    answered
+                }
                 Ok(()) => {
                     phases.plan(&mut ctx, &req, &route);
                     let pace = crate::phases::pace::BodyPace::new(
@@ -260,7 +277,7 @@ pub(super) struct Exchange<'a, 'r> {
     pub(super) route: &'a Route,
     pub(super) ctx: &'a mut RequestCtx,
     pub(super) respond: &'r mut SendResponse<Bytes>,
-    conn: Conn,
+    pub(super) conn: Conn,
     /// Longest a wait for the client's window may take, and a body read's pace grace.
     pub(super) limit: Duration,
 }
