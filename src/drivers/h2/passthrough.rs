@@ -32,6 +32,7 @@ use super::pool::{self, OpenError};
 use super::response::{send, to_h2};
 use super::stream::{Answered, Exchange};
 use crate::base::deadline::within;
+use crate::drivers::h1::body::BodyFail;
 use crate::phases::fail::{self, Failure};
 use crate::phases::response_head;
 use crate::phases::upstream_head::{self, Output};
@@ -67,6 +68,8 @@ enum Fwd {
     ClientGone,
     /// The upstream stream failed (reset, connection lost) or did not open its window.
     Upstream,
+    /// Over the route's `max_body` (the upstream stream is reset with CANCEL).
+    TooLarge,
 }
 
 /// Sends `data` to the upstream within its window, each wait for window within `limit`.
@@ -107,6 +110,7 @@ async fn forward(
     up: &mut SendStream<Bytes>,
     held: &mut Held,
     limit: Duration,
+    max_body: u64,
 ) -> Result<(), Fwd> {
     for c in &held.chunks {
         put(up, c.clone(), limit).await?;
@@ -119,6 +123,10 @@ async fn forward(
             Some(Ok(d)) => {
                 let n = d.len();
                 held.read += n;
+                if held.read as u64 > max_body {
+                    up.send_reset(Reason::CANCEL);
+                    return Err(Fwd::TooLarge);
+                }
                 if !held.spilled {
                     if held.read <= HOLD {
                         held.chunks.push(d.clone());
@@ -194,6 +202,8 @@ enum Tried {
     Gone,
     /// Nothing came by the deadline.
     TimedOut,
+    /// The request body went over the route's `max_body`.
+    TooLarge,
     Failed(h2::Error),
 }
 
@@ -281,7 +291,14 @@ impl Exchange<'_, '_> {
             // The request body goes up while the response head is awaited, and on while
             // the response comes back (a bidirectional call).
             let tried = {
-                let mut fwd = pin!(forward(&mut recv, &mut ex.body, &mut held, t.read_timeout));
+                let max_body = self.route.config.max_body;
+                let mut fwd = pin!(forward(
+                    &mut recv,
+                    &mut ex.body,
+                    &mut held,
+                    t.read_timeout,
+                    max_body
+                ));
                 let mut fwd_done = no_body;
                 let tried = loop {
                     tokio::select! {
@@ -289,10 +306,12 @@ impl Exchange<'_, '_> {
                         _ = poll_fn(|cx| self.respond.poll_reset(cx)) => break Tried::Gone,
                         f = &mut fwd, if !fwd_done => {
                             fwd_done = true;
-                            if let Err(Fwd::ClientGone) = f {
-                                break Tried::Gone;
+                            match f {
+                                Err(Fwd::ClientGone) => break Tried::Gone,
+                                Err(Fwd::TooLarge) => break Tried::TooLarge,
+                                // An upstream failure shows in its response (below).
+                                _ => {}
                             }
-                            // An upstream failure shows in its response (below).
                         }
                         r = &mut ex.response => break match r {
                             Ok(r) => Tried::Head(r),
@@ -322,6 +341,11 @@ impl Exchange<'_, '_> {
                     // Dropping the stream's handles resets it upstream with CANCEL.
                     self.ctx.release_instance();
                     return (Answered::nothing(), read);
+                }
+                Err(Tried::TooLarge) => {
+                    self.phases
+                        .on_try_failure(self.ctx, false, false, false, false);
+                    return (self.body_failed(BodyFail::TooLarge).await, read);
                 }
                 Err(Tried::Failed(e)) if pool::refused(&e) => {
                     ex.slot.failed(&e);
@@ -393,8 +417,15 @@ impl Exchange<'_, '_> {
                 _ = poll_fn(|cx| tx.poll_reset(cx)) => return cut(sent),
                 f = &mut fwd, if !fwd_done => {
                     fwd_done = true;
-                    if let Err(Fwd::ClientGone) = f {
-                        return cut(sent);
+                    match f {
+                        Err(Fwd::ClientGone) => return cut(sent),
+                        Err(Fwd::TooLarge) => {
+                            // The upstream answered early and its stream was reset:
+                            // the client's is cut too.
+                            tx.send_reset(Reason::CANCEL);
+                            return cut(sent);
+                        }
+                        _ => {}
                     }
                 }
                 d = within(read_timeout, body.data()) => match d {

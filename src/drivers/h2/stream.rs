@@ -289,7 +289,7 @@ impl Exchange<'_, '_> {
 
     /// What busbar answers for a body that could not be read; nothing for a client
     /// that left.
-    async fn body_failed(&mut self, f: BodyFail) -> Answered {
+    pub(super) async fn body_failed(&mut self, f: BodyFail) -> Answered {
         let failure = match f {
             BodyFail::Malformed => Failure::ClientBad,
             BodyFail::TooLarge => Failure::BodyTooLarge,
