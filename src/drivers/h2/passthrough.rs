@@ -73,11 +73,7 @@ enum Fwd {
 }
 
 /// Sends `data` to the upstream within its window, each wait for window within `limit`.
-async fn put(
-    up: &mut SendStream<Bytes>,
-    mut data: Bytes,
-    limit: Duration,
-) -> Result<(), Fwd> {
+async fn put(up: &mut SendStream<Bytes>, mut data: Bytes, limit: Duration) -> Result<(), Fwd> {
     while !data.is_empty() {
         up.reserve_capacity(data.len());
         let granted = match within(limit, poll_fn(|cx| up.poll_capacity(cx))).await {
@@ -282,7 +278,10 @@ impl Exchange<'_, '_> {
                 Err(e) => {
                     // Nothing was sent: as a refused stream.
                     tracing::debug!(upstream = %t.addr, "h2 stream not opened: {e}");
-                    if self.phases.on_try_failure(self.ctx, false, false, true, true) {
+                    if self
+                        .phases
+                        .on_try_failure(self.ctx, false, false, true, true)
+                    {
                         continue;
                     }
                     return (self.failed().await, held.read as u64);
@@ -353,7 +352,10 @@ impl Exchange<'_, '_> {
                     // only while the whole body is held.
                     tracing::debug!(upstream = %t.addr, "h2 stream refused: {e}");
                     let safe = held.whole() && another;
-                    if self.phases.on_try_failure(self.ctx, false, false, safe, true) {
+                    if self
+                        .phases
+                        .on_try_failure(self.ctx, false, false, safe, true)
+                    {
                         continue;
                     }
                     self.ctx.cause = Some(Cause::UpstreamError);
@@ -454,12 +456,14 @@ impl Exchange<'_, '_> {
         let trailers = match within(read_timeout, body.trailers()).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
-                self.phases.on_try_failure(self.ctx, true, false, false, false);
+                self.phases
+                    .on_try_failure(self.ctx, true, false, false, false);
                 tx.send_reset(e.reason().unwrap_or(Reason::INTERNAL_ERROR));
                 return cut(sent);
             }
             Err(_) => {
-                self.phases.on_try_failure(self.ctx, true, true, false, false);
+                self.phases
+                    .on_try_failure(self.ctx, true, true, false, false);
                 tx.send_reset(Reason::CANCEL);
                 return cut(sent);
             }
@@ -489,7 +493,8 @@ mod tests {
         let mut req = RequestHeader::build("POST", b"/pkg.Svc/Call", None).unwrap();
         req.insert_header("host", "orders.local").unwrap();
         req.insert_header("transfer-encoding", "chunked").unwrap();
-        req.insert_header("content-type", "application/grpc").unwrap();
+        req.insert_header("content-type", "application/grpc")
+            .unwrap();
         let p = h2_head(req, false, true).unwrap();
         assert_eq!(p.uri.to_string(), "http://orders.local/pkg.Svc/Call");
         assert!(p.headers.get(HOST).is_none());

@@ -1,6 +1,7 @@
 //! One HTTP/2 stream on busbar's own engine: the same phases as an HTTP/1 request
 //! (setup, admission, plan, tries, response head, finish), to an HTTP/1 service through
-//! the HTTP/1 engine's try, pool and response codec (`drivers::h1`).
+//! the HTTP/1 engine's try, pool and response codec (`drivers::h1`), or to an `h2c` /
+//! `h2` service through `passthrough`.
 //!
 //! Owns: the stream's side of the exchange: its head converted (`request`), its body
 //! read with flow control (`body`) and held or streamed by the h1 engine's body code,
