@@ -262,6 +262,7 @@ impl Exchange<'_, '_> {
             } else {
                 http::Request::from_parts(std::mem::replace(&mut template, empty_parts()), ())
             };
+            let tls = t.tls.is_some();
             if request.uri().authority().is_none() {
                 // No `:authority` from the client: the instance's.
                 if let Ok(u) = pool::origin(&t).parse::<Uri>() {
@@ -270,6 +271,18 @@ impl Exchange<'_, '_> {
                     if let Ok(u) = Uri::from_parts(p) {
                         *request.uri_mut() = u;
                     }
+                }
+            } else if tls != (request.uri().scheme() == Some(&http::uri::Scheme::HTTPS)) {
+                // An h2c service's instance registered with `"tls": true`: reached over
+                // TLS, so `https`.
+                let mut p = request.uri().clone().into_parts();
+                p.scheme = Some(if tls {
+                    http::uri::Scheme::HTTPS
+                } else {
+                    http::uri::Scheme::HTTP
+                });
+                if let Ok(u) = Uri::from_parts(p) {
+                    *request.uri_mut() = u;
                 }
             }
             let no_body = held.ended && held.chunks.is_empty() && held.trailers.is_none();
