@@ -56,6 +56,8 @@ enum Mode {
     Hold,
     /// Resets every stream with REFUSED_STREAM (not processed).
     Refuse,
+    /// Answers 200 and one DATA frame, then resets the stream with ENHANCE_YOUR_CALM.
+    ResetMidway,
 }
 
 /// A raw HTTP/2 upstream (the `h2` crate's server) on a run-time port.
@@ -124,6 +126,14 @@ async fn stream(
     let mut body = req.into_body();
     match mode {
         Mode::Refuse => respond.send_reset(Reason::REFUSED_STREAM),
+        Mode::ResetMidway => {
+            let Ok(mut tx) = respond.send_response(head(), false) else {
+                return;
+            };
+            let _ = tx.send_data(Bytes::from_static(b"first"), false);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send_reset(Reason::ENHANCE_YOUR_CALM);
+        }
         Mode::Echo => {
             let Ok(mut tx) = respond.send_response(head(), false) else {
                 return;
@@ -388,4 +398,34 @@ async fn a_stream_reset_before_its_head_is_unavailable_to_a_grpc_caller() {
         .expect_err("refused");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(status.message().starts_with("upstream_error"), "{status:?}");
+}
+
+/// An upstream that resets its stream after the response head: the caller's stream is
+/// reset too, with the upstream's reason (not ended as if complete).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_reset_mid_response_reaches_the_caller_as_a_reset() {
+    let up = Raw::start(Mode::ResetMidway).await;
+    let bus = Busbar::start(&h2c_config(&[up.addr], "")).await;
+    let mut send = h2c(bus.http).await;
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}/stream.Svc/Watch", bus.http))
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (resp, _tx) = send.send_request(req, false).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("a head")
+        .expect("a response");
+    let mut rx = resp.into_body();
+    let first = rx.data().await.unwrap().unwrap();
+    assert_eq!(first, "first");
+    let end = tokio::time::timeout(Duration::from_secs(10), rx.data())
+        .await
+        .expect("the stream ends");
+    let e = end
+        .expect("an error, not a clean end")
+        .expect_err("a reset");
+    assert_eq!(e.reason(), Some(Reason::ENHANCE_YOUR_CALM), "{e}");
 }
