@@ -202,8 +202,8 @@ async fn health_probes_of_an_h2_service_go_over_h2_with_tls() {
     );
 }
 
-/// gRPC pass-through (pingora's path until the HTTP/2 engine takes it) reaches an `h2`
-/// service over TLS with ALPN `h2` too.
+/// gRPC pass-through on pingora's path (the config has a translating route, so HTTP/2
+/// clients go to pingora's proxy) reaches an `h2` service over TLS with ALPN `h2` too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_pass_through_reaches_an_h2_service_over_tls() {
     let pki = Pki::new();
