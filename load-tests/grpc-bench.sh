@@ -36,6 +36,10 @@
 #   BUSBAR=target/release/busbar  GRPC_BACKEND=target/release/grpc-backend
 #   PROXY_CPU=0 LOAD_CPU=1         CPUs for busbar / for backends + h2load
 #   ONLY="grpc json-h2c"           measure only these targets
+#   JSON_ROUTE=0                   leave the JSON route out (with ONLY="grpc-direct grpc
+#                                  http-h2c …"): with no translating route, HTTP/2 clients
+#                                  are served by busbar's own HTTP/2 engine; with one, the
+#                                  front door gives them to pingora's proxy
 #   KEEP_TMP=1                     keep the temp dir (configs, logs, raw output)
 #   CALLGRIND=1                    instead of timing: busbar runs under valgrind's callgrind
 #                                  and each target reports instructions per request, which
@@ -185,6 +189,15 @@ name = "grpc"
 path_prefix = "/bookstore.v1.Bookstore/"
 service = "books"
 
+# Plain HTTP: passed through to nginx.
+[[route]]
+name = "http"
+path = "/http"
+service = "web"
+EOF
+if [[ ${JSON_ROUTE:-1} != 0 ]]; then
+  cat >>busbar/busbar.toml <<EOF
+
 # JSON callers: POST /ping {"text": …} → bookstore.v1.Bookstore/Ping.
 [[route]]
 name = "json"
@@ -194,13 +207,8 @@ service = "books"
 from = "json"
 protos = ["$PROTO"]
 method = "bookstore.v1.Bookstore/Ping"
-
-# Plain HTTP: passed through to nginx.
-[[route]]
-name = "http"
-path = "/http"
-service = "web"
 EOF
+fi
 "$BUSBAR" check busbar/busbar.toml >busbar/check.log 2>&1 \
   || { cat busbar/check.log >&2; die "busbar check failed for $DIR/busbar/busbar.toml"; }
 VALGRIND=()

@@ -819,10 +819,10 @@ async fn a_stream_to_a_route_this_engine_does_not_serve_is_refused_and_retried_o
     let first = raw.collect(Duration::from_millis(1500), is_200).await;
     assert_eq!(first.len(), 1, "served before the reload");
 
-    // A reload adds an h2c service (first: routes match in file order): this engine does
-    // not reach those yet.
+    // A reload adds a translating route (gRPC-Web, to an h2c service; first: routes
+    // match in file order): translations stay on pingora's proxy.
     let body = format!(
-        "[[service]]\nname = \"g\"\nprotocol = \"h2c\"\nendpoints = [{{ addr = \"{}\" }}]\n[[route]]\nname = \"g\"\nservice = \"g\"\npath_prefix = \"/g\"\n{}",
+        "[[service]]\nname = \"g\"\nprotocol = \"h2c\"\nendpoints = [{{ addr = \"{}\" }}]\n[[route]]\nname = \"g\"\nservice = \"g\"\npath_prefix = \"/g\"\n[route.translate]\nfrom = \"grpc-web\"\n{}",
         h2svc.addr,
         one_service(a.addr, ""),
     );

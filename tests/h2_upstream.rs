@@ -202,8 +202,8 @@ async fn health_probes_of_an_h2_service_go_over_h2_with_tls() {
     );
 }
 
-/// gRPC pass-through (pingora's path until the HTTP/2 engine takes it) reaches an `h2`
-/// service over TLS with ALPN `h2` too.
+/// gRPC pass-through on pingora's path (the config has a translating route, so HTTP/2
+/// clients go to pingora's proxy) reaches an `h2` service over TLS with ALPN `h2` too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_pass_through_reaches_an_h2_service_over_tls() {
     let pki = Pki::new();
@@ -250,6 +250,36 @@ async fn an_h2_instance_whose_certificate_fails_verification_is_unavailable_with
 
 /// A registered instance of an h2c service that says `"tls": true` is reached over h2
 /// with TLS, as a registered `http1` one is over HTTPS; one that says nothing stays on h2c.
+/// With no translating route, an HTTP/2 client's call goes through busbar's own engine,
+/// h2 both sides, to an `h2` service over TLS (`:scheme` https, the caller's authority).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_pass_through_on_the_engine_reaches_an_h2_service_over_tls() {
+    let pki = Pki::new();
+    let backend = GrpcBackend::start_tls(9, Arc::new(pki.server.clone())).await;
+    let body = format!(
+        "[[service]]\nname = \"books\"\nprotocol = \"h2\"\nendpoints = [{{ addr = \"{}\" }}]\n{}\n\
+         [[route]]\nname = \"grpc\"\npath_prefix = \"/bookstore.v1.Bookstore/\"\nservice = \"books\"\n",
+        backend.addr,
+        pki.tls_table("ca.pem")
+    );
+    let bus = Busbar::start(&body).await;
+    let mut grpc = BookstoreClient::connect(format!("http://{}", bus.http))
+        .await
+        .unwrap();
+    for n in 0..3 {
+        let reply = grpc
+            .ping(PingRequest {
+                text: format!("engine {n}"),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", bus.stderr()));
+        assert_eq!(reply.get_ref().text, format!("engine {n}"));
+        assert_eq!(reply.get_ref().served_by, 9);
+    }
+    // One pooled connection carried the calls.
+    assert_eq!(backend.h2_handshakes(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registered_h2c_instance_that_says_tls_is_reached_over_h2_with_tls() {
     const TOKEN: &str = "h2-registration-token";

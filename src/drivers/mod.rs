@@ -1,16 +1,17 @@
 //! The drivers: each speaks one shape of traffic to clients and upstreams and is a thin
 //! loop over the request phases (`phases`), so every driver gets every feature.
 //!
-//! - `pingora`: pingora's `ProxyHttp` adapter: h2c services, gRPC and gRPC-Web
-//!   pass-through, translating routes, HTTP/2 clients while the snapshot has routes `h2`
-//!   does not serve; and the JSON→gRPC call (`json_grpc`) from its `request_filter`.
+//! - `pingora`: pingora's `ProxyHttp` adapter: HTTP/1 clients of h2c services (gRPC-Web
+//!   included), translating routes, HTTP/2 clients while the snapshot has a translating
+//!   route; and the JSON→gRPC call (`json_grpc`) from its `request_filter`.
 //! - `h1`: busbar's own HTTP/1.x engine, plaintext and TLS: bodies, HTTP/1.0, upgrades
 //!   (the front door, `edge`, hands requests over).
 //! - `tunnel`: the byte copy both ways behind an upgrade's `101` and a `CONNECT`'s `200`
 //!   (idle timeout, drain), shared by `h1` and `fallback::connect`.
 //! - `h2`: busbar's own HTTP/2 engine for clients (h2c, TLS with ALPN `h2`) to HTTP/1
-//!   services (the front door hands it whole connections); `h2::pool` opens every
-//!   HTTP/2 stream to an instance.
+//!   services and, h2 on both sides, to `h2c` / `h2` ones (gRPC pass-through; the front
+//!   door hands it whole connections); `h2::pool` opens every HTTP/2 stream to an
+//!   instance.
 //! - `json_grpc`: JSON/HTTP callers → unary and streaming gRPC over `h2::pool`.
 //! - `gone`: the pingora session's "client went away" future for admission's waits.
 //!

@@ -2,16 +2,18 @@
 //! `h2`), on hyperium's `h2` crate: framing, HPACK, flow control and the protocol's
 //! checks are the crate's; each stream runs the same phases as an HTTP/1 request.
 //!
-//! Upstream, it reaches HTTP/1 services (`protocol` `http1` and `https`, no translation)
-//! through the HTTP/1 engine's try, per-thread pool and response codec (`drivers::h1`).
-//! What it does not serve yet (h2c and gRPC services, translating routes, gRPC-Web) stays
-//! on pingora's proxy: the front door gives a connection to this engine only when every
-//! route of the snapshot is one it serves ([`serves_all`]); a stream that still reaches
-//! another (a reload added one) is refused with REFUSED_STREAM and the connection goes
-//! away gracefully, so the client retries on a new connection.
+//! Upstream, it reaches HTTP/1 services (`protocol` `http1` and `https`) through the
+//! HTTP/1 engine's try, per-thread pool and response codec (`drivers::h1`), and `h2c` /
+//! `h2` services h2 on both sides through `pool` (`passthrough`: gRPC, or any HTTP/2
+//! request). Translating routes (JSON→gRPC, gRPC-Web) stay on pingora's proxy: the front
+//! door gives a connection to this engine only when no route of the snapshot translates
+//! ([`serves_all`]); a stream that still reaches one (a reload added it) is refused with
+//! REFUSED_STREAM and the connection goes away gracefully, so the client retries on a
+//! new connection.
 //!
 //! Files: `server` (the connection: settings, limits, drain), `stream` (one stream's
-//! exchange), `response` (the upstream's response to the client), `request` (head
+//! exchange), `response` (an HTTP/1 upstream's response to the client), `passthrough`
+//! (a stream to an HTTP/2 upstream, both ways at once), `request` (head
 //! conversion, RFC 9113 §8.2.3), `body` (the request body with flow control, as HTTP/1
 //! body bytes), and `pool`: the upstream side, per-thread pools of multiplexed
 //! connections to instances (h2c with prior knowledge, h2 over TLS with ALPN `h2`), the
@@ -20,6 +22,7 @@
 //! Must not: hold policy (the phases'), or frame HTTP/1 itself (`drivers::h1`'s codecs).
 
 mod body;
+mod passthrough;
 pub(crate) mod pool;
 mod request;
 mod response;
@@ -29,25 +32,19 @@ mod stream;
 pub(crate) use server::serve;
 pub(crate) use stream::Conn;
 
-use crate::config::Protocol;
 use crate::routing::Route;
 use crate::snapshot::Snapshot;
 
-/// Does this engine serve `route`: an HTTP/1 service, no translation?
+/// Does this engine serve `route`: any service (HTTP/1, or `h2c` / `h2` passed through
+/// as HTTP/2), no translation? Translating routes (JSON→gRPC, gRPC-Web) stay on
+/// pingora's proxy.
 pub(crate) fn serves(snapshot: &Snapshot, route: &Route) -> bool {
-    matches!(
-        route.service.config.protocol,
-        Protocol::Http1 | Protocol::Https
-    ) && !crate::translate::translates(snapshot, route)
+    !crate::translate::translates(snapshot, route)
 }
 
 /// Does this engine serve every route of `snapshot`, mesh fallback's by service name
-/// included (every service is HTTP/1, nothing translates)? Then an HTTP/2 connection
-/// is this engine's for its whole life.
+/// included (nothing translates: every service's protocol is served)? Then an HTTP/2
+/// connection is this engine's for its whole life.
 pub(crate) fn serves_all(snapshot: &Snapshot) -> bool {
     snapshot.config.translations.is_empty()
-        && snapshot
-            .services
-            .iter()
-            .all(|s| matches!(s.config.protocol, Protocol::Http1 | Protocol::Https))
 }

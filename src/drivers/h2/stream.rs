@@ -1,6 +1,7 @@
 //! One HTTP/2 stream on busbar's own engine: the same phases as an HTTP/1 request
 //! (setup, admission, plan, tries, response head, finish), to an HTTP/1 service through
-//! the HTTP/1 engine's try, pool and response codec (`drivers::h1`).
+//! the HTTP/1 engine's try, pool and response codec (`drivers::h1`), or to an `h2c` /
+//! `h2` service through `passthrough`.
 //!
 //! Owns: the stream's side of the exchange: its head converted (`request`), its body
 //! read with flow control (`body`) and held or streamed by the h1 engine's body code,
@@ -94,6 +95,9 @@ pub(crate) async fn serve(
         log.refusal(conn.peer, method.as_str(), 431, code, started);
         return false;
     }
+    // `te: trailers` (the only `te` the h2 crate lets through) is kept for an HTTP/2
+    // upstream, and dropped for an HTTP/1.1 one.
+    let had_te = parts.headers.contains_key(http::header::TE);
     let (mut req, framing) = match request::convert(parts, end_stream) {
         Ok(converted) => converted,
         Err(Refused::Malformed) => {
@@ -162,6 +166,20 @@ pub(crate) async fn serve(
                 }
             };
             match admitted {
+                Ok(()) if route.service.config.protocol.is_h2() => {
+                    phases.plan(&mut ctx, &req, &route);
+                    let mut x = Exchange {
+                        phases,
+                        route: &route,
+                        ctx: &mut ctx,
+                        respond: &mut respond,
+                        conn,
+                        limit: limits.client_timeout,
+                    };
+                    let (answered, read) = x.pass(req, recv, had_te).await;
+                    body_bytes = read;
+                    answered
+                }
                 Ok(()) => {
                     phases.plan(&mut ctx, &req, &route);
                     let pace = crate::phases::pace::BodyPace::new(
@@ -260,7 +278,7 @@ pub(super) struct Exchange<'a, 'r> {
     pub(super) route: &'a Route,
     pub(super) ctx: &'a mut RequestCtx,
     pub(super) respond: &'r mut SendResponse<Bytes>,
-    conn: Conn,
+    pub(super) conn: Conn,
     /// Longest a wait for the client's window may take, and a body read's pace grace.
     pub(super) limit: Duration,
 }
@@ -272,7 +290,7 @@ impl Exchange<'_, '_> {
 
     /// What busbar answers for a body that could not be read; nothing for a client
     /// that left.
-    async fn body_failed(&mut self, f: BodyFail) -> Answered {
+    pub(super) async fn body_failed(&mut self, f: BodyFail) -> Answered {
         let failure = match f {
             BodyFail::Malformed => Failure::ClientBad,
             BodyFail::TooLarge => Failure::BodyTooLarge,

@@ -1,0 +1,521 @@
+//! HTTP/2 on both sides: a stream to an `h2c` or `h2` service (gRPC, or any HTTP/2
+//! request) goes to the instance as a stream of one of `pool`'s connections, with no
+//! conversion to HTTP/1.1: protocol-generic pass-through.
+//!
+//! Owns: the upstream head for HTTP/2 (the one builder's map, `Host` back into
+//! `:authority`, `te: trailers` kept), the request's DATA and trailers streamed to the
+//! upstream stream while its response comes back (both at once: bidirectional calls),
+//! flow control both ways (a DATA frame's bytes go back to the sender's window once the
+//! other side accepted them), the retry hold (up to [`HOLD`] bytes of the request body,
+//! kept so a stream the instance refused unprocessed, `pool::refused`, goes to the next
+//! try), and cancellation: a client that resets its stream (or goes) leaves the upstream
+//! stream reset with CANCEL (the `h2` crate resets a stream whose handles are all dropped
+//! before its end), an upstream reset reaches the client as a reset, or before the
+//! response head as busbar's own answer (Trailers-Only UNAVAILABLE for a gRPC caller).
+//! The route's deadline bounds the wait for the response head; the caller's
+//! `grpc-timeout` goes upstream unchanged (as on pingora's path); each wait for response
+//! data is bounded by the service's `read_timeout`.
+//! Must not: decide retries or count outcomes (the phases'), or frame HTTP/2 (the `h2`
+//! crate's).
+
+use std::future::poll_fn;
+use std::pin::pin;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::{Reason, RecvStream, SendStream};
+use http::header::{HOST, TE, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderValue, Uri};
+use pingora_http::{RequestHeader, ResponseHeader};
+
+use super::pool::{self, OpenError};
+use super::response::{send, to_h2};
+use super::stream::{Answered, Exchange};
+use crate::base::deadline::within;
+use crate::drivers::h1::body::BodyFail;
+use crate::phases::fail::{self, Failure};
+use crate::phases::response_head;
+use crate::phases::upstream_head::{self, Output};
+use crate::proxy::reply::Cause;
+
+/// Request body bytes held for a retry of a refused stream (as the HTTP/1 path's hold).
+const HOLD: usize = 64 * 1024;
+
+/// The request body read so far, for a retry.
+#[derive(Default)]
+struct Held {
+    /// The DATA read, while all of it is here (shared with what went upstream: no copy).
+    chunks: Vec<Bytes>,
+    /// Bytes read from the client in all.
+    read: usize,
+    /// More than [`HOLD`] was read: a refused stream cannot be sent again.
+    spilled: bool,
+    /// The client's stream ended (its trailers, if any, are in `trailers`).
+    ended: bool,
+    trailers: Option<HeaderMap>,
+}
+
+impl Held {
+    /// Can the whole request go to another try?
+    fn whole(&self) -> bool {
+        !self.spilled
+    }
+}
+
+/// Why forwarding the request body stopped early.
+enum Fwd {
+    /// The client reset its stream or went.
+    ClientGone,
+    /// The upstream stream failed (reset, connection lost) or did not open its window.
+    Upstream,
+    /// Over the route's `max_body` (the upstream stream is reset with CANCEL).
+    TooLarge,
+}
+
+/// Sends `data` to the upstream within its window, each wait for window within `limit`.
+async fn put(up: &mut SendStream<Bytes>, mut data: Bytes, limit: Duration) -> Result<(), Fwd> {
+    while !data.is_empty() {
+        up.reserve_capacity(data.len());
+        let granted = match within(limit, poll_fn(|cx| up.poll_capacity(cx))).await {
+            Ok(Some(Ok(n))) => n,
+            _ => return Err(Fwd::Upstream),
+        };
+        if granted == 0 {
+            continue;
+        }
+        let part = data.split_to(granted.min(data.len()));
+        up.send_data(part, false).map_err(|_| Fwd::Upstream)?;
+    }
+    Ok(())
+}
+
+/// Ends the upstream stream: with the client's trailers, or an empty END_STREAM DATA.
+fn end(up: &mut SendStream<Bytes>, trailers: Option<HeaderMap>) -> Result<(), Fwd> {
+    let sent = match trailers {
+        Some(t) => up.send_trailers(t),
+        None => up.send_data(Bytes::new(), true),
+    };
+    sent.map_err(|_| Fwd::Upstream)
+}
+
+/// The request body to the upstream: what is held first (a retry), then the client's
+/// DATA as it comes, each frame released to the client's window once the upstream took
+/// it, then its trailers. A client that resets its stream resets the upstream's (CANCEL).
+async fn forward(
+    recv: &mut RecvStream,
+    up: &mut SendStream<Bytes>,
+    held: &mut Held,
+    limit: Duration,
+    max_body: u64,
+) -> Result<(), Fwd> {
+    for c in &held.chunks {
+        put(up, c.clone(), limit).await?;
+    }
+    if held.ended {
+        return end(up, held.trailers.clone());
+    }
+    loop {
+        match recv.data().await {
+            Some(Ok(d)) => {
+                let n = d.len();
+                held.read += n;
+                if held.read as u64 > max_body {
+                    up.send_reset(Reason::CANCEL);
+                    return Err(Fwd::TooLarge);
+                }
+                if !held.spilled {
+                    if held.read <= HOLD {
+                        held.chunks.push(d.clone());
+                    } else {
+                        held.spilled = true;
+                        held.chunks = Vec::new();
+                    }
+                }
+                put(up, d, limit).await?;
+                let _ = recv.flow_control().release_capacity(n);
+            }
+            Some(Err(_)) => {
+                up.send_reset(Reason::CANCEL);
+                return Err(Fwd::ClientGone);
+            }
+            None => break,
+        }
+    }
+    let trailers = match recv.trailers().await {
+        Ok(t) => t,
+        Err(_) => {
+            up.send_reset(Reason::CANCEL);
+            return Err(Fwd::ClientGone);
+        }
+    };
+    held.ended = true;
+    if !held.spilled {
+        held.trailers.clone_from(&trailers);
+    }
+    end(up, trailers)
+}
+
+/// The upstream head as HTTP/2: `Host` (the client's `:authority`, as the route's edits
+/// left it) back into the target with the service's scheme, framing headers gone, and
+/// `te: trailers` when the client sent it (gRPC servers want it).
+fn h2_head(req: RequestHeader, tls: bool, had_te: bool) -> Option<http::request::Parts> {
+    let mut parts: http::request::Parts = req.into();
+    let host = parts.headers.remove(HOST);
+    parts.headers.remove(TRANSFER_ENCODING);
+    if had_te {
+        parts
+            .headers
+            .insert(TE, HeaderValue::from_static("trailers"));
+    }
+    let path = parts.uri.path_and_query().cloned()?;
+    parts.uri = match host {
+        Some(h) => Uri::builder()
+            .scheme(if tls { "https" } else { "http" })
+            .authority(h.as_bytes())
+            .path_and_query(path)
+            .build()
+            .ok()?,
+        // Filled in per try from the instance (`pool::origin`).
+        None => Uri::from(path),
+    };
+    Some(parts)
+}
+
+/// A copy of the head for one try (the template is kept while another try may come).
+fn request_of(parts: &http::request::Parts) -> http::Request<()> {
+    let mut r = http::Request::new(());
+    *r.method_mut() = parts.method.clone();
+    *r.uri_mut() = parts.uri.clone();
+    *r.headers_mut() = parts.headers.clone();
+    r
+}
+
+/// How one try ended before a response head.
+enum Tried {
+    /// The head came.
+    Head(http::Response<RecvStream>),
+    /// The client reset its stream or went: nothing to answer.
+    Gone,
+    /// Nothing came by the deadline.
+    TimedOut,
+    /// The request body went over the route's `max_body`.
+    TooLarge,
+    Failed(h2::Error),
+}
+
+impl Exchange<'_, '_> {
+    /// Serves an admitted, planned stream to an `h2c` / `h2` service. Returns the answer
+    /// and the request body bytes read.
+    pub(super) async fn pass(
+        &mut self,
+        mut req: RequestHeader,
+        mut recv: RecvStream,
+        had_te: bool,
+    ) -> (Answered, u64) {
+        let down = upstream_head::Downstream {
+            peer: self.conn.peer.map(|a| a.ip()),
+            tls: self.conn.tls,
+            h2: true,
+        };
+        if upstream_head::build(self.ctx, &mut req, down, Output::Map).is_err() {
+            return (self.answer(Cause::BadRequest).await, 0);
+        }
+        let svc = &self.route.service;
+        let Some(mut template) = h2_head(req, svc.config.protocol.is_tls(), had_te) else {
+            return (self.answer(Cause::BadRequest).await, 0);
+        };
+        let mut held = Held {
+            ended: recv.is_end_stream(),
+            ..Held::default()
+        };
+        let head_by = self
+            .ctx
+            .deadline
+            .unwrap_or_else(|| Instant::now() + svc.config.timeout);
+        loop {
+            let t = match self.phases.begin_try(self.ctx) {
+                Ok(t) => t,
+                Err(cause) => return (self.answer(cause).await, held.read as u64),
+            };
+            let lease = match pool::open(&t, svc.config.h2_max_streams, &svc.metrics).await {
+                Ok(l) => l,
+                Err(e) => {
+                    let retry = match e {
+                        OpenError::Certificate => self.phases.on_certificate_failure(self.ctx),
+                        OpenError::Connect { timed_out } => {
+                            self.phases.on_connect_failure(self.ctx, timed_out)
+                        }
+                    };
+                    if retry {
+                        continue;
+                    }
+                    return (self.failed().await, held.read as u64);
+                }
+            };
+            if self.ctx.tries > 1 {
+                crate::otel::retrace_headers(&mut template.headers, self.ctx);
+            }
+            // The head is copied only while another try may follow.
+            let another = self.ctx.tries <= svc.config.retry.attempts;
+            let mut request = if another {
+                request_of(&template)
+            } else {
+                http::Request::from_parts(std::mem::replace(&mut template, empty_parts()), ())
+            };
+            let tls = t.tls.is_some();
+            if request.uri().authority().is_none() {
+                // No `:authority` from the client: the instance's.
+                if let Ok(u) = pool::origin(&t).parse::<Uri>() {
+                    let mut p = u.into_parts();
+                    p.path_and_query = request.uri().path_and_query().cloned();
+                    if let Ok(u) = Uri::from_parts(p) {
+                        *request.uri_mut() = u;
+                    }
+                }
+            } else if tls != (request.uri().scheme() == Some(&http::uri::Scheme::HTTPS)) {
+                // An h2c service's instance registered with `"tls": true`: reached over
+                // TLS, so `https`.
+                let mut p = request.uri().clone().into_parts();
+                p.scheme = Some(if tls {
+                    http::uri::Scheme::HTTPS
+                } else {
+                    http::uri::Scheme::HTTP
+                });
+                if let Ok(u) = Uri::from_parts(p) {
+                    *request.uri_mut() = u;
+                }
+            }
+            let no_body = held.ended && held.chunks.is_empty() && held.trailers.is_none();
+            let mut ex = match lease.send(request, no_body) {
+                Ok(ex) => ex,
+                Err(e) => {
+                    // Nothing was sent: as a refused stream.
+                    tracing::debug!(upstream = %t.addr, "h2 stream not opened: {e}");
+                    if self
+                        .phases
+                        .on_try_failure(self.ctx, false, false, true, true)
+                    {
+                        continue;
+                    }
+                    return (self.failed().await, held.read as u64);
+                }
+            };
+            // The request body goes up while the response head is awaited, and on while
+            // the response comes back (a bidirectional call).
+            let tried = {
+                let max_body = self.route.config.max_body;
+                let mut fwd = pin!(forward(
+                    &mut recv,
+                    &mut ex.body,
+                    &mut held,
+                    t.read_timeout,
+                    max_body
+                ));
+                let mut fwd_done = no_body;
+                let tried = loop {
+                    tokio::select! {
+                        biased;
+                        _ = poll_fn(|cx| self.respond.poll_reset(cx)) => break Tried::Gone,
+                        f = &mut fwd, if !fwd_done => {
+                            fwd_done = true;
+                            match f {
+                                Err(Fwd::ClientGone) => break Tried::Gone,
+                                Err(Fwd::TooLarge) => break Tried::TooLarge,
+                                // An upstream failure shows in its response (below).
+                                _ => {}
+                            }
+                        }
+                        r = &mut ex.response => break match r {
+                            Ok(r) => Tried::Head(r),
+                            Err(e) => Tried::Failed(e),
+                        },
+                        _ = tokio::time::sleep_until(head_by.into()) => break Tried::TimedOut,
+                    }
+                };
+                match tried {
+                    Tried::Head(resp) => {
+                        self.phases.on_response_head(self.ctx);
+                        let (parts, body) = resp.into_parts();
+                        let read_timeout = t.read_timeout;
+                        Ok(self.relay(parts, body, fwd, fwd_done, read_timeout).await)
+                    }
+                    other => Err(other),
+                }
+            };
+            let read = held.read as u64;
+            match tried {
+                Ok(answered) => {
+                    drop(ex.slot);
+                    self.ctx.release_instance();
+                    return (answered, read);
+                }
+                Err(Tried::Gone) => {
+                    // Dropping the stream's handles resets it upstream with CANCEL.
+                    self.ctx.release_instance();
+                    return (Answered::nothing(), read);
+                }
+                Err(Tried::TooLarge) => {
+                    self.phases
+                        .on_try_failure(self.ctx, false, false, false, false);
+                    return (self.body_failed(BodyFail::TooLarge).await, read);
+                }
+                Err(Tried::Failed(e)) if pool::refused(&e) => {
+                    ex.slot.failed(&e);
+                    // Not processed (RFC 9113 §8.7): not the instance's fault; sent again
+                    // only while the whole body is held.
+                    tracing::debug!(upstream = %t.addr, "h2 stream refused: {e}");
+                    let safe = held.whole() && another;
+                    if self
+                        .phases
+                        .on_try_failure(self.ctx, false, false, safe, true)
+                    {
+                        continue;
+                    }
+                    self.ctx.cause = Some(Cause::UpstreamError);
+                }
+                Err(Tried::Failed(e)) => {
+                    ex.slot.failed(&e);
+                    self.phases
+                        .on_try_failure(self.ctx, true, false, false, false);
+                }
+                Err(_) => {
+                    self.phases
+                        .on_try_failure(self.ctx, true, true, false, false);
+                }
+            }
+            return (self.failed().await, read);
+        }
+    }
+
+    /// busbar's answer for a call whose tries failed before a response head.
+    async fn failed(&mut self) -> Answered {
+        let cause = fail::cause_of(self.ctx, Failure::Upstream).unwrap_or(Cause::UpstreamError);
+        self.answer(cause).await
+    }
+
+    /// The upstream's response to the client: its head edited by the phases, its DATA
+    /// within the client's window (released to the upstream's as the client takes it),
+    /// its trailers; the request body keeps going up meanwhile (`fwd`).
+    async fn relay<F: std::future::Future<Output = Result<(), Fwd>>>(
+        &mut self,
+        parts: http::response::Parts,
+        mut body: RecvStream,
+        mut fwd: std::pin::Pin<&mut F>,
+        mut fwd_done: bool,
+        read_timeout: Duration,
+    ) -> Answered {
+        let status = parts.status;
+        let mut resp = ResponseHeader::from(parts);
+        if response_head::edit(self.ctx, &mut resp).is_err() {
+            return self.answer(Cause::UpstreamError).await;
+        }
+        let whole = body.is_end_stream();
+        let Ok(mut tx) = self.respond.send_response(to_h2(resp), whole) else {
+            return Answered::nothing();
+        };
+        let code = status.as_u16();
+        let mut sent = 0;
+        if whole {
+            self.phases.on_response_health(self.ctx, status);
+            return Answered {
+                status: code,
+                body_bytes: 0,
+            };
+        }
+        let cut = |sent| Answered {
+            status: code,
+            body_bytes: sent,
+        };
+        loop {
+            tokio::select! {
+                biased;
+                _ = poll_fn(|cx| tx.poll_reset(cx)) => return cut(sent),
+                f = &mut fwd, if !fwd_done => {
+                    fwd_done = true;
+                    match f {
+                        Err(Fwd::ClientGone) => return cut(sent),
+                        Err(Fwd::TooLarge) => {
+                            // The upstream answered early and its stream was reset:
+                            // the client's is cut too.
+                            tx.send_reset(Reason::CANCEL);
+                            return cut(sent);
+                        }
+                        _ => {}
+                    }
+                }
+                d = within(read_timeout, body.data()) => match d {
+                    Ok(Some(Ok(data))) => {
+                        let n = data.len();
+                        if send(&mut tx, data, false, self.limit).await.is_err() {
+                            return cut(sent);
+                        }
+                        let _ = body.flow_control().release_capacity(n);
+                        sent += n;
+                    }
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => {
+                        self.phases.on_try_failure(self.ctx, e.reason() != Some(Reason::CANCEL), false, false, false);
+                        tx.send_reset(e.reason().unwrap_or(Reason::INTERNAL_ERROR));
+                        return cut(sent);
+                    }
+                    Err(_) => {
+                        self.phases.on_try_failure(self.ctx, true, true, false, false);
+                        tx.send_reset(Reason::CANCEL);
+                        return cut(sent);
+                    }
+                },
+            }
+        }
+        let trailers = match within(read_timeout, body.trailers()).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                self.phases
+                    .on_try_failure(self.ctx, true, false, false, false);
+                tx.send_reset(e.reason().unwrap_or(Reason::INTERNAL_ERROR));
+                return cut(sent);
+            }
+            Err(_) => {
+                self.phases
+                    .on_try_failure(self.ctx, true, true, false, false);
+                tx.send_reset(Reason::CANCEL);
+                return cut(sent);
+            }
+        };
+        let ended = match trailers {
+            Some(t) => tx.send_trailers(t),
+            None => tx.send_data(Bytes::new(), true),
+        };
+        if ended.is_ok() {
+            self.phases.on_response_health(self.ctx, status);
+        }
+        cut(sent)
+    }
+}
+
+/// An empty head, left in the template once its last try took it.
+fn empty_parts() -> http::request::Parts {
+    http::Request::new(()).into_parts().0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_head_goes_back_to_h2_with_te_and_authority() {
+        let mut req = RequestHeader::build("POST", b"/pkg.Svc/Call", None).unwrap();
+        req.insert_header("host", "orders.local").unwrap();
+        req.insert_header("transfer-encoding", "chunked").unwrap();
+        req.insert_header("content-type", "application/grpc")
+            .unwrap();
+        let p = h2_head(req, false, true).unwrap();
+        assert_eq!(p.uri.to_string(), "http://orders.local/pkg.Svc/Call");
+        assert!(p.headers.get(HOST).is_none());
+        assert!(p.headers.get(TRANSFER_ENCODING).is_none());
+        assert_eq!(p.headers[TE], "trailers");
+        let req = RequestHeader::build("GET", b"/", None).unwrap();
+        let p = h2_head(req, true, false).unwrap();
+        assert!(p.uri.authority().is_none());
+        assert!(p.headers.get(TE).is_none());
+    }
+}

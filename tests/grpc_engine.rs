@@ -1,0 +1,431 @@
+//! gRPC (and any HTTP/2) pass-through on busbar's own HTTP/2 engine (`drivers::h2`'s
+//! `passthrough`): h2 on both sides to `h2c` services, against the real binary with
+//! testkit's tonic backends and raw `h2` upstreams: unary, server, client and
+//! bidirectional streaming with trailers intact, cancellation reaching the upstream, a
+//! refused stream retried on another instance, and proof that the engine (not pingora's
+//! proxy) served a config with an h2c service.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use busbar_testkit::fidelity::pb::fidelity_client::FidelityClient;
+use busbar_testkit::fidelity::pb::{MetadataRequest, StreamRequest};
+use busbar_testkit::fidelity::FidelityBackend;
+use busbar_testkit::pb::bookstore_client::BookstoreClient;
+use busbar_testkit::pb::{Book, FailRequest, ListBooksRequest, PingRequest};
+use busbar_testkit::GrpcBackend;
+use bytes::Bytes;
+use common::Busbar;
+use h2::Reason;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Service `s` (h2c) at `addrs`, one route to it; `sections` before (e.g. `[limits]`).
+fn h2c_config(addrs: &[SocketAddr], sections: &str) -> String {
+    let endpoints = addrs
+        .iter()
+        .map(|a| format!("{{ addr = \"{a}\" }}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "{sections}\n[[service]]\nname = \"s\"\nprotocol = \"h2c\"\nendpoints = [{endpoints}]\n\
+         [[route]]\nname = \"all\"\nservice = \"s\"\n"
+    )
+}
+
+/// An h2c connection (prior knowledge) to busbar with the `h2` crate.
+async fn h2c(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
+/// What a raw upstream does with each stream.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Answers 200 at once, echoes each DATA frame as it comes, then the request's
+    /// trailers (plus `grpc-status: 0` and `x-echo: done`) as its own.
+    Echo,
+    /// Answers 200 and one DATA frame, then waits: records how the stream ended.
+    Hold,
+    /// Resets every stream with REFUSED_STREAM (not processed).
+    Refuse,
+    /// Answers 200 and one DATA frame, then resets the stream with ENHANCE_YOUR_CALM.
+    ResetMidway,
+}
+
+/// A raw HTTP/2 upstream (the `h2` crate's server) on a run-time port.
+struct Raw {
+    addr: SocketAddr,
+    /// Streams it got.
+    streams: Arc<AtomicUsize>,
+    /// How held streams ended: `reset:<reason>`, `ended`.
+    events: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Raw {
+    async fn start(mode: Mode) -> Raw {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let streams = Arc::new(AtomicUsize::new(0));
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let (s, e) = (streams.clone(), events.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                let (s, e) = (s.clone(), e.clone());
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, respond))) = conn.accept().await {
+                        s.fetch_add(1, SeqCst);
+                        tokio::spawn(stream(mode, req, respond, e.clone()));
+                    }
+                });
+            }
+        });
+        Raw {
+            addr,
+            streams,
+            events,
+            task,
+        }
+    }
+
+    fn events(&self) -> Vec<String> {
+        self.events.lock().unwrap().clone()
+    }
+}
+
+async fn stream(
+    mode: Mode,
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    events: Arc<Mutex<Vec<String>>>,
+) {
+    let head = || {
+        http::Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap()
+    };
+    let mut body = req.into_body();
+    match mode {
+        Mode::Refuse => respond.send_reset(Reason::REFUSED_STREAM),
+        Mode::ResetMidway => {
+            let Ok(mut tx) = respond.send_response(head(), false) else {
+                return;
+            };
+            let _ = tx.send_data(Bytes::from_static(b"first"), false);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send_reset(Reason::ENHANCE_YOUR_CALM);
+        }
+        Mode::Echo => {
+            let Ok(mut tx) = respond.send_response(head(), false) else {
+                return;
+            };
+            while let Some(Ok(d)) = body.data().await {
+                let n = d.len();
+                let _ = body.flow_control().release_capacity(n);
+                if tx.send_data(d, false).is_err() {
+                    return;
+                }
+            }
+            let mut t = body.trailers().await.ok().flatten().unwrap_or_default();
+            t.insert("grpc-status", "0".parse().unwrap());
+            t.insert("x-echo", "done".parse().unwrap());
+            let _ = tx.send_trailers(t);
+        }
+        Mode::Hold => {
+            let Ok(mut tx) = respond.send_response(head(), false) else {
+                return;
+            };
+            let _ = tx.send_data(Bytes::from_static(b"first"), false);
+            let reason = std::future::poll_fn(|cx| tx.poll_reset(cx)).await;
+            let what = match reason {
+                Ok(r) => format!("reset:{r:?}"),
+                Err(e) => format!("error:{e}"),
+            };
+            events.lock().unwrap().push(what);
+        }
+    }
+}
+
+/// Polls `f` until it is true or `within` passes.
+async fn until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
+
+/// The engine, not pingora's proxy, serves a config with an h2c service: the engine
+/// holds an HTTP/2 request to the front door's count of header fields (431, busbar's
+/// own JSON); pingora's proxy passes it on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_serves_a_config_with_an_h2c_service() {
+    let backend = GrpcBackend::start(1).await;
+    let bus = Busbar::start(&h2c_config(&[backend.addr], "[limits]\nmax_headers = 8\n")).await;
+    let mut send = h2c(bus.http).await;
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}/bookstore.v1.Bookstore/Ping", bus.http))
+        .header("content-type", "application/grpc");
+    for i in 0..12 {
+        req = req.header(format!("x-extra-{i}"), "v");
+    }
+    let (resp, _) = send.send_request(req.body(()).unwrap(), true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("an answer")
+        .expect("a response");
+    assert_eq!(resp.status(), 431, "{:?}", resp.headers());
+    assert!(backend.calls().is_empty(), "nothing reached the backend");
+}
+
+/// Unary, server streaming and client streaming through busbar to tonic, with the
+/// status and message of a failed call intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_server_and_client_streaming_calls_pass_through() {
+    let backend = GrpcBackend::start(7).await;
+    let bus = Busbar::start(&h2c_config(&[backend.addr], "")).await;
+    let mut client = BookstoreClient::connect(format!("http://{}", bus.http))
+        .await
+        .unwrap();
+    let r = client
+        .ping(PingRequest { text: "hi".into() })
+        .await
+        .expect("ping");
+    assert_eq!(r.get_ref().text, "hi");
+    assert_eq!(r.get_ref().served_by, 7);
+
+    let mut books = client
+        .list_books(ListBooksRequest { shelf: 3, count: 5 })
+        .await
+        .expect("list")
+        .into_inner();
+    let mut ids = Vec::new();
+    while let Some(b) = books.message().await.expect("a book") {
+        ids.push(b.id);
+    }
+    assert_eq!(ids, [300, 301, 302, 303, 304]);
+
+    let out = tokio_stream::iter((1..=4).map(|id| Book {
+        id,
+        ..Default::default()
+    }));
+    let sum = client.collect_books(out).await.expect("collect");
+    assert_eq!(sum.get_ref().id, 10);
+
+    let failed = client
+        .fail(FailRequest {
+            code: 5,
+            message: "no such shelf".into(),
+        })
+        .await
+        .expect_err("the call fails");
+    assert_eq!(failed.code(), tonic::Code::NotFound);
+    assert_eq!(failed.message(), "no such shelf");
+    let methods: Vec<_> = backend.calls().iter().map(|c| c.method).collect();
+    assert_eq!(methods, ["Ping", "ListBooks", "Fail"]);
+}
+
+/// Custom trailing metadata reaches the caller: on a failed unary call, and after a
+/// server stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailing_metadata_passes_through() {
+    let backend = FidelityBackend::start().await;
+    let bus = Busbar::start(&h2c_config(&[backend.addr], "")).await;
+    let mut client = FidelityClient::connect(format!("http://{}", bus.http))
+        .await
+        .unwrap();
+    let failed = client
+        .metadata(MetadataRequest { code: 9 })
+        .await
+        .expect_err("fails on purpose");
+    assert_eq!(failed.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(failed.metadata().get("x-trailer").unwrap(), "t-value");
+
+    let mut items = client
+        .stream(StreamRequest {
+            count: 3,
+            fail_code: 0,
+        })
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut n = 0;
+    while items.message().await.expect("an item").is_some() {
+        n += 1;
+    }
+    assert_eq!(n, 3);
+    let trailers = items.trailers().await.expect("trailers").expect("some");
+    assert_eq!(trailers.get("x-trailer").unwrap(), "t-value");
+}
+
+/// Bidirectional: each DATA frame comes back before the next is sent (nothing waits
+/// for the request's end), and the request's trailers reach the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bidirectional_stream_flows_both_ways_with_trailers() {
+    let up = Raw::start(Mode::Echo).await;
+    let bus = Busbar::start(&h2c_config(&[up.addr], "")).await;
+    let mut send = h2c(bus.http).await;
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}/echo.Echo/Chat", bus.http))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (resp, mut tx) = send.send_request(req, false).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("a head before the request ends")
+        .expect("a response");
+    assert_eq!(resp.status(), 200);
+    let mut rx = resp.into_body();
+    for i in 0..5 {
+        let msg = Bytes::from(format!("message {i}"));
+        tx.send_data(msg.clone(), false).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.data())
+            .await
+            .expect("the echo before the next message")
+            .expect("data")
+            .expect("no error");
+        let _ = rx.flow_control().release_capacity(got.len());
+        assert_eq!(got, msg);
+    }
+    let mut t = http::HeaderMap::new();
+    t.insert("x-client-trailer", "c".parse().unwrap());
+    tx.send_trailers(t).unwrap();
+    assert!(rx.data().await.is_none());
+    let trailers = rx.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-echo"], "done");
+    assert_eq!(trailers["x-client-trailer"], "c");
+}
+
+/// A caller that resets its stream mid-call: the upstream's stream is reset with CANCEL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_call_reaches_the_upstream_as_a_cancellation() {
+    let up = Raw::start(Mode::Hold).await;
+    let bus = Busbar::start(&h2c_config(&[up.addr], "")).await;
+    let mut send = h2c(bus.http).await;
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}/stream.Svc/Watch", bus.http))
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (resp, mut tx) = send.send_request(req, false).unwrap();
+    tx.send_data(Bytes::from_static(b"\0\0\0\0\0"), false)
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("a head")
+        .expect("a response");
+    let mut rx = resp.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.data())
+        .await
+        .expect("the first message")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, "first");
+    // The client gives up on the call.
+    tx.send_reset(Reason::CANCEL);
+    assert!(
+        until(Duration::from_secs(10), || !up.events().is_empty()).await,
+        "the upstream saw the stream end"
+    );
+    assert_eq!(up.events(), ["reset:CANCEL"]);
+}
+
+/// An instance that refuses every stream (REFUSED_STREAM): each call goes on to the
+/// other instance and is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_is_retried_on_another_instance() {
+    let refusing = Raw::start(Mode::Refuse).await;
+    let good = GrpcBackend::start(2).await;
+    let bus = Busbar::start(&h2c_config(&[refusing.addr, good.addr], "")).await;
+    let mut client = BookstoreClient::connect(format!("http://{}", bus.http))
+        .await
+        .unwrap();
+    for n in 0..6 {
+        let r = client
+            .ping(PingRequest {
+                text: format!("r{n}"),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("call {n}: {s:?}\n{}", bus.stderr()));
+        assert_eq!(r.get_ref().served_by, 2);
+    }
+    let refused = refusing.streams.load(SeqCst);
+    assert!(refused >= 2, "round robin sent some to the refusing one");
+    assert_eq!(good.calls().len(), 6);
+    eprintln!("REFUSED_STREAM: 6 calls, {refused} refused and retried, 6 answered");
+}
+
+/// The only instance refuses the stream: the caller gets busbar's own Trailers-Only
+/// UNAVAILABLE, not an HTTP error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reset_before_its_head_is_unavailable_to_a_grpc_caller() {
+    let refusing = Raw::start(Mode::Refuse).await;
+    let bus = Busbar::start(&h2c_config(&[refusing.addr], "")).await;
+    let mut client = BookstoreClient::connect(format!("http://{}", bus.http))
+        .await
+        .unwrap();
+    let status = client
+        .ping(PingRequest { text: "x".into() })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().starts_with("upstream_error"), "{status:?}");
+}
+
+/// An upstream that resets its stream after the response head: the caller's stream is
+/// reset too, with the upstream's reason (not ended as if complete).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_reset_mid_response_reaches_the_caller_as_a_reset() {
+    let up = Raw::start(Mode::ResetMidway).await;
+    let bus = Busbar::start(&h2c_config(&[up.addr], "")).await;
+    let mut send = h2c(bus.http).await;
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}/stream.Svc/Watch", bus.http))
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (resp, _tx) = send.send_request(req, false).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("a head")
+        .expect("a response");
+    let mut rx = resp.into_body();
+    let first = rx.data().await.unwrap().unwrap();
+    assert_eq!(first, "first");
+    let end = tokio::time::timeout(Duration::from_secs(10), rx.data())
+        .await
+        .expect("the stream ends");
+    let e = end
+        .expect("an error, not a clean end")
+        .expect_err("a reset");
+    assert_eq!(e.reason(), Some(Reason::ENHANCE_YOUR_CALM), "{e}");
+}
