@@ -77,7 +77,7 @@ bench-grpc: release
 
 # Each cargo-fuzz target for FUZZ_SECONDS (60). New inputs go to fuzz/.work/ (not checked
 # in); the seeds in fuzz/corpus/ are read. `make test` replays the seeds (tests/fuzz_corpus.rs).
-FUZZ_TARGETS ?= config route registration translate grpc_web head chunked
+FUZZ_TARGETS ?= config route registration translate grpc_web head chunked h2_request
 FUZZ_SECONDS ?= 60
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz

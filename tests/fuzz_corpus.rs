@@ -51,7 +51,8 @@ fn every_target_has_a_replay_test() {
             "translate",
             "grpc_web",
             "head",
-            "chunked"
+            "chunked",
+            "h2_request"
         ]
     );
 }
@@ -89,4 +90,9 @@ fn head_corpus() {
 #[test]
 fn chunked_corpus() {
     replay("chunked");
+}
+
+#[test]
+fn h2_request_corpus() {
+    replay("h2_request");
 }

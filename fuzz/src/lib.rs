@@ -33,6 +33,7 @@ pub const TARGETS: &[&str] = &[
     "grpc_web",
     "head",
     "chunked",
+    "h2_request",
 ];
 
 /// Runs the harness of `target` on `data`.
@@ -45,6 +46,7 @@ pub fn run(target: &str, data: &[u8]) {
         "grpc_web" => grpc_web(data),
         "head" => head(data),
         "chunked" => chunked(data),
+        "h2_request" => h2_request(data),
         other => panic!("no fuzz target named {other}"),
     }
 }
@@ -365,5 +367,103 @@ pub fn chunked(data: &[u8]) {
         }
         (Ok(None), Ok(None)) | (Err(_), Err(_)) => {}
         _ => panic!("the verdict depends on the cut: {whole:?} vs {split:?}"),
+    }
+}
+
+/// Fields the h2 crate refuses before busbar sees a stream (RFC 9113 §8.2.2); the
+/// harness leaves them out as the crate would.
+const CONNECTION_SPECIFIC: [&str; 5] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// busbar's HTTP/2 engine turning a stream's head into the HTTP/1.1 request it sends an
+/// HTTP/1 service (`drivers::h2`, RFC 9113 §8.2.3). Input: the first byte's low bit is
+/// END_STREAM on the HEADERS frame; then lines: the method, the target (`:scheme` and
+/// `:authority` as a URI's, or a path alone), and `name: value` fields (lowercase names
+/// only, connection-specific ones left out: what the h2 crate hands over).
+/// Asserts, for every head busbar accepts: `Host` is `:authority` when there is one,
+/// once; at most one `cookie` line; no `te`; an origin-form target; a chunked body says
+/// `transfer-encoding: chunked` and no length, a length body one `content-length` of it.
+pub fn h2_request(data: &[u8]) {
+    let end_stream = data.first().is_some_and(|b| b & 1 == 1);
+    let mut lines = data.get(1..).unwrap_or_default().split(|&b| b == b'\n');
+    let Some(Ok(method)) = lines.next().map(Method::from_bytes) else {
+        return;
+    };
+    let Some(Ok(uri)) = lines.next().map(http::Uri::try_from) else {
+        return;
+    };
+    let authority = uri.authority().map(|a| a.as_str().to_owned());
+    let mut fields = HeaderMap::new();
+    for line in lines {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let (name, value) = line.split_at(colon);
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_lowercase(name),
+            HeaderValue::from_bytes(value[1..].trim_ascii()),
+        ) else {
+            continue;
+        };
+        let te_not_trailers = name == http::header::TE && value.as_bytes() != b"trailers";
+        if CONNECTION_SPECIFIC.contains(&name.as_str()) || te_not_trailers {
+            continue;
+        }
+        fields.append(name, value);
+    }
+    let Ok(request) = http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .version(http::Version::HTTP_2)
+        .body(())
+    else {
+        return;
+    };
+    let (mut parts, ()) = request.into_parts();
+    parts.headers = fields;
+    let Some((head, length)) = busbar::drivers::h2::convert_for_fuzzing(parts, end_stream) else {
+        return;
+    };
+    let h = &head.headers;
+    let count = |name: http::header::HeaderName| h.get_all(name).iter().count();
+    if let Some(authority) = authority {
+        assert_eq!(count(http::header::HOST), 1, "one Host: {h:?}");
+        let host = h.get(http::header::HOST).map(|v| v.as_bytes());
+        assert!(
+            host.is_some_and(|v| v.eq_ignore_ascii_case(authority.as_bytes())),
+            "Host is the :authority {authority}: {h:?}"
+        );
+    }
+    assert!(count(http::header::COOKIE) <= 1, "cookies joined: {h:?}");
+    assert_eq!(count(http::header::TE), 0, "te dropped: {h:?}");
+    assert!(
+        head.uri.scheme().is_none() && head.uri.authority().is_none(),
+        "origin form: {}",
+        head.uri
+    );
+    let chunked = h
+        .get(http::header::TRANSFER_ENCODING)
+        .is_some_and(|v| v.as_bytes() == b"chunked");
+    match length {
+        None => {
+            assert!(chunked, "a body of unknown length goes chunked: {h:?}");
+            assert_eq!(count(http::header::CONTENT_LENGTH), 0, "{h:?}");
+        }
+        Some(n) => {
+            assert!(!chunked, "{h:?}");
+            if n > 0 {
+                assert_eq!(count(http::header::CONTENT_LENGTH), 1, "{h:?}");
+                let declared = h
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                assert_eq!(declared, Some(n), "{h:?}");
+            }
+        }
     }
 }

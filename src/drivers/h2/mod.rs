@@ -48,3 +48,22 @@ pub(crate) fn serves(snapshot: &Snapshot, route: &Route) -> bool {
 pub(crate) fn serves_all(snapshot: &Snapshot) -> bool {
     snapshot.config.translations.is_empty()
 }
+
+/// The conversion of a stream's head into the HTTP/1.1 request busbar sends upstream
+/// (`request::convert`, RFC 9113 §8.2.3), for the fuzz harness (`fuzz/src/lib.rs`,
+/// target `h2_request`) and nothing else: `None` when the stream is refused, else the
+/// request and its body framing (`Some(n)`: `n` bytes, 0 for none; `None`: chunked).
+#[doc(hidden)]
+pub fn convert_for_fuzzing(
+    parts: http::request::Parts,
+    end_stream: bool,
+) -> Option<(pingora_http::RequestHeader, Option<u64>)> {
+    use crate::drivers::h1::request::BodyFraming;
+    let (head, framing) = request::convert(parts, end_stream).ok()?;
+    let length = match framing {
+        BodyFraming::None => Some(0),
+        BodyFraming::Length(n) => Some(n),
+        BodyFraming::Chunked => None,
+    };
+    Some((head, length))
+}
