@@ -545,6 +545,20 @@ mod tests {
             .unwrap()
     }
 
+    /// A stream opened through the pool to `addr` (the test fails if it cannot be).
+    async fn stream(
+        t: &Try,
+        m: &crate::metrics::ServiceMetrics,
+        addr: std::net::SocketAddr,
+    ) -> Exchange {
+        open(t, 100, m)
+            .await
+            .ok()
+            .unwrap()
+            .send(request(addr), true)
+            .unwrap()
+    }
+
     /// A raw h2 server on loopback; `serve` gets each accepted connection.
     async fn server<F, Fut>(serve: F) -> std::net::SocketAddr
     where
@@ -584,27 +598,12 @@ mod tests {
         .await;
         let t = try_to(addr);
         let m = metrics();
-        let first = open(&t, 100, &m)
-            .await
-            .ok()
-            .unwrap()
-            .send(request(addr), true)
-            .unwrap();
+        let first = stream(&t, &m, addr).await;
         // The server's SETTINGS (1 stream) were in before the first stream was opened.
-        let second = open(&t, 100, &m)
-            .await
-            .ok()
-            .unwrap()
-            .send(request(addr), true)
-            .unwrap();
+        let second = stream(&t, &m, addr).await;
         assert_eq!(connections(Key::of(&t)), 2, "one stream each");
         drop(second);
-        let third = open(&t, 100, &m)
-            .await
-            .ok()
-            .unwrap()
-            .send(request(addr), true)
-            .unwrap();
+        let third = stream(&t, &m, addr).await;
         assert_eq!(connections(Key::of(&t)), 2, "the freed slot is taken again");
         drop((first, third));
     }
@@ -624,22 +623,12 @@ mod tests {
         .await;
         let t = try_to(addr);
         let m = metrics();
-        let ex = open(&t, 100, &m)
-            .await
-            .ok()
-            .unwrap()
-            .send(request(addr), true)
-            .unwrap();
+        let ex = stream(&t, &m, addr).await;
         assert!(ex.response.await.is_ok());
         // The GOAWAY arrives after the answer.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let before = m.connection_new.get();
-        let _ex = open(&t, 100, &m)
-            .await
-            .ok()
-            .unwrap()
-            .send(request(addr), true)
-            .unwrap();
+        let _ex = stream(&t, &m, addr).await;
         assert_eq!(m.connection_new.get(), before + 1, "a new connection");
     }
 
@@ -659,25 +648,9 @@ mod tests {
         .await;
         let t = try_to(addr);
         let m = metrics();
-        let e = open(&t, 100, &m)
-            .await
-            .ok()
-            .unwrap()
-            .send(request(addr), true)
-            .unwrap()
-            .response
-            .await
-            .unwrap_err();
+        let e = stream(&t, &m, addr).await.response.await.unwrap_err();
         assert!(refused(&e), "REFUSED_STREAM: {e}");
-        let e = open(&t, 100, &m)
-            .await
-            .ok()
-            .unwrap()
-            .send(request(addr), true)
-            .unwrap()
-            .response
-            .await
-            .unwrap_err();
+        let e = stream(&t, &m, addr).await.response.await.unwrap_err();
         assert!(!refused(&e), "INTERNAL_ERROR may have been processed: {e}");
     }
 

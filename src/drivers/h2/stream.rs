@@ -166,28 +166,8 @@ pub(crate) async fn serve(
                 }
             };
             match admitted {
-                Ok(()) if route.service.config.protocol.is_h2() => {
-                    phases.plan(&mut ctx, &req, &route);
-                    let mut x = Exchange {
-                        phases,
-                        route: &route,
-                        ctx: &mut ctx,
-                        respond: &mut respond,
-                        conn,
-                        limit: limits.client_timeout,
-                    };
-                    let (answered, read) = x.pass(req, recv, had_te).await;
-                    body_bytes = read;
-                    answered
-                }
                 Ok(()) => {
                     phases.plan(&mut ctx, &req, &route);
-                    let pace = crate::phases::pace::BodyPace::new(
-                        limits.client_timeout,
-                        limits.body_min_rate,
-                    );
-                    let mut body = RequestBody::new(framing, route.config.max_body, pace);
-                    let mut incoming = Incoming::new(recv, framing == BodyFraming::Chunked);
                     let mut x = Exchange {
                         phases,
                         route: &route,
@@ -196,13 +176,26 @@ pub(crate) async fn serve(
                         conn,
                         limit: limits.client_timeout,
                     };
-                    let answered = x.run(&mut req, &mut body, &mut incoming).await;
-                    body_bytes = match framing {
-                        BodyFraming::None => 0,
-                        BodyFraming::Length(n) => body.data_read(n),
-                        BodyFraming::Chunked => body.data_read(0),
-                    };
-                    answered
+                    if route.service.config.protocol.is_h2() {
+                        // HTTP/2 both sides: the stream is passed through as it is.
+                        let (answered, read) = x.pass(req, recv, had_te).await;
+                        body_bytes = read;
+                        answered
+                    } else {
+                        let pace = crate::phases::pace::BodyPace::new(
+                            limits.client_timeout,
+                            limits.body_min_rate,
+                        );
+                        let mut body = RequestBody::new(framing, route.config.max_body, pace);
+                        let mut incoming = Incoming::new(recv, framing == BodyFraming::Chunked);
+                        let answered = x.run(&mut req, &mut body, &mut incoming).await;
+                        body_bytes = match framing {
+                            BodyFraming::None => 0,
+                            BodyFraming::Length(n) => body.data_read(n),
+                            BodyFraming::Chunked => body.data_read(0),
+                        };
+                        answered
+                    }
                 }
                 Err(answered) => answered,
             }
