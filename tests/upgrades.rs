@@ -687,3 +687,21 @@ async fn a_101_that_does_not_name_its_protocol_is_a_502() {
     let ok = common::eventually(PATIENCE, || !up.closed.lock().unwrap().is_empty()).await;
     assert!(ok, "the upstream connection was kept");
 }
+
+/// RFC 9110 §7.8: a server switches protocols only when the client asked (`Upgrade` in
+/// the request). A `101` to a plain GET would turn the client's connection into a tunnel
+/// to bytes it never asked for: it is an answer busbar cannot frame, a 502, and that
+/// upstream connection is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_101_nobody_asked_for_is_a_502() {
+    let up = Raw::start(Reply::SwitchAndWait).await;
+    let bus = Busbar::start(&config(&[up.addr], "", "")).await;
+    let mut c = Conn::connect(bus.http).await;
+    let r = c
+        .ask(b"GET /plain HTTP/1.1\r\nHost: a\r\n\r\n", false)
+        .await;
+    assert_eq!(r.status(), 502, "{r:?}");
+    assert!(r.text().contains("upstream_error"), "{r:?}");
+    let ok = common::eventually(PATIENCE, || !up.closed.lock().unwrap().is_empty()).await;
+    assert!(ok, "the upstream connection was kept as a tunnel");
+}
