@@ -20,8 +20,33 @@ use std::time::{Duration, Instant};
 
 pub use backend::Backend;
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, taken from below the kernel's ephemeral range.
+///
+/// A port the kernel hands out for `bind(0)` is handed out again as the local port of the
+/// next outgoing connection (the tests make thousands): between this call and busbar's
+/// bind, such a connection could take it. Below `ip_local_port_range` the kernel never
+/// picks a port by itself, so a port found free there stays free unless someone asks for
+/// it by number; a process-wide cursor keeps this process's tests from asking twice.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const BASE: u32 = 10_000;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(0);
+    if low > BASE + 2_000 {
+        let span = low - BASE;
+        // Concurrent test processes start at different places in the range.
+        let seed = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = (BASE + (seed + n) % span) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -83,10 +108,22 @@ impl Busbar {
                 .collect(),
             dir,
         };
-        b.write_config(body, listen_extra);
-        b.spawn();
-        b.wait_ready().await;
-        b
+        // A port can still be taken by number by another process between `free_port`
+        // and busbar's bind: then busbar refuses to start, and a new set of ports is tried.
+        for _ in 0..3 {
+            b.write_config(body, listen_extra);
+            b.spawn();
+            match b.ready().await {
+                Ok(()) => return b,
+                Err(stderr) if stderr.contains("is already used") => {
+                    b.http = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                    b.admin = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                    b.registry = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                }
+                Err(stderr) => panic!("{stderr}"),
+            }
+        }
+        panic!("busbar found no free ports in three tries:\n{}", b.stderr());
     }
 
     pub fn header(&self, listen_extra: &str) -> String {
@@ -128,6 +165,13 @@ impl Busbar {
     }
 
     pub async fn wait_ready(&mut self) {
+        if let Err(e) = self.ready().await {
+            panic!("{e}");
+        }
+    }
+
+    /// Waits until every listener answers; an early exit is an error with busbar's stderr.
+    async fn ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(15);
         let client = client();
         // The registration API is its own listener and may come up after the others: a
@@ -137,7 +181,10 @@ impl Busbar {
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("busbar exited early with {status}:\n{}", self.stderr());
+                    return Err(format!(
+                        "busbar exited early with {status}:\n{}",
+                        self.stderr()
+                    ));
                 }
             }
             let ready = client
@@ -150,7 +197,7 @@ impl Busbar {
                 && (!self.stderr().contains(&registration)
                     || std::net::TcpStream::connect(self.registry).is_ok())
             {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
