@@ -34,6 +34,14 @@
 #   tlsmem   the mem scenario over TLS: busbar, nginx and HAProxy, each started fresh,
 #            RSS idle, with MEM_CONNS idle TLS keep-alive connections, 2 s and 10 s after
 #            they closed (goal: back within 20% of idle 10 s after the spike)
+# Issue 21's shapes (not in the default list either):
+#   h2tls    d over TLS: h2load -c16 -m10 https:// with ALPN h2 → direct (the backend's
+#            TLS listener, http2), nginx (`listen … ssl http2`), HAProxy (`bind … ssl crt …
+#            alpn h2,http/1.1`), busbar's TLS listener; upstream plaintext HTTP/1.1
+#   h2mem    the mem scenario over h2c: busbar, nginx and HAProxy (TLSMEM_TARGETS), each
+#            fresh, MEM_CONNS idle HTTP/2 connections (idle-conns.py --h2; goal: 10,000
+#            under 100 MiB)
+# gRPC pass-through against nginx grpc_pass and HAProxy is load-tests/grpc-bench.sh.
 # POST bodies go to the backend's /post, which reads the whole body before it answers
 # (checked at startup: nginx's `return` alone answers before the body has arrived).
 # TLS everywhere uses one ECDSA P-256 certificate for CN/SAN localhost and 127.0.0.1,
@@ -52,7 +60,7 @@
 #
 # Environment:
 #   SCENARIOS="a b c d f lat mem"  which scenarios to run (in this order; all known:
-#                   a b c d f post1k post64k tls tlsnew upstls lat mem tlsmem). lat takes
+#                   a b c d h2tls f post1k post64k tls tlsnew upstls lat mem tlsmem h2mem). lat takes
 #                   busbar's max rate from the shape's scenario when it ran earlier
 #   DURATION=5      seconds per run
 #   ROUNDS=3        rounds (order rotates each round); the median is reported
@@ -127,7 +135,7 @@ BENCH_NAME="bench"   # prefix of messages and of the temp dir
 # shellcheck source-path=SCRIPTDIR source=bench-lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib/common.sh"
 
-ALL_SCENARIOS="a b c d f post1k post64k tls tlsnew upstls lat mem tlsmem"
+ALL_SCENARIOS="a b c d h2tls f post1k post64k tls tlsnew upstls lat mem tlsmem h2mem"
 for s in $SCENARIOS; do
   [[ " $ALL_SCENARIOS " = *" $s "* ]] || die "SCENARIOS: unknown scenario '$s' (known: $ALL_SCENARIOS)"
 done
@@ -144,7 +152,7 @@ for tool in nginx haproxy wrk curl taskset python3 awk; do
   command -v "$tool" >/dev/null 2>&1 \
     || die "$tool not found (apt-get install -y nginx-light haproxy wrk curl util-linux python3)"
 done
-if has tls || has tlsnew || has upstls || has tlsmem || lat_has tls; then
+if has tls || has tlsnew || has upstls || has tlsmem || has h2tls || has h2mem || lat_has tls; then
   NEED_TLS=1
   command -v openssl >/dev/null 2>&1 || die "openssl not found (apt-get install -y openssl)"
 else
@@ -153,7 +161,7 @@ fi
 if has upstls; then
   [[ -r $BUSBAR_UPSTLS ]] || die "BUSBAR_UPSTLS: $BUSBAR_UPSTLS is not readable"
 fi
-if has d; then
+if has d || has h2tls; then
   command -v h2load >/dev/null 2>&1 || die "h2load not found (apt-get install -y nghttp2-client)"
 fi
 [[ -x $BUSBAR ]] || die "$BUSBAR not found: run 'cargo build --release' first (or 'make bench')"
@@ -179,6 +187,7 @@ estimate() {
   has b && t=$((t + 3 * per))
   has c && t=$((t + 2 * per))
   has d && t=$((t + 4 * per))
+  has h2tls && t=$((t + 4 * per))
   has f && t=$((t + 3 * per))
   local nb=0 shape
   [[ -n $BUSBAR_BASE ]] && nb=1
@@ -197,6 +206,7 @@ estimate() {
   fi
   has mem && t=$((t + 33 * (1 + HAVE_BARE)))
   has tlsmem && t=$((t + 90 * $(wc -w <<<"$TLSMEM_TARGETS")))   # handshakes: ~60 s for 10,000
+  has h2mem && t=$((t + 40 * $(wc -w <<<"$TLSMEM_TARGETS")))
   echo "$t"
 }
 EST=$(estimate)
@@ -354,7 +364,7 @@ start_busbar() {  # name [binary]; sets LAST_PID. Raises the open-files limit to
 # Which servers the chosen scenarios need.
 NEED_NGINX=0; NEED_HAPROXY=0; NEED_BUSBAR=0
 ENGINE_SCENARIOS=0   # issue 20's table scenarios: nginx, HAProxy and busbar all take part
-for s in post1k post64k tls tlsnew upstls; do has $s && ENGINE_SCENARIOS=1; done
+for s in post1k post64k tls tlsnew upstls h2tls; do has $s && ENGINE_SCENARIOS=1; done
 { has a || has b || has c || has d || has lat || ((ENGINE_SCENARIOS)); } && NEED_NGINX=1
 { has a || has d || ((ENGINE_SCENARIOS)); } && NEED_HAPROXY=1
 { has a || has b || has d || has lat || ((ENGINE_SCENARIOS)); } && NEED_BUSBAR=1
@@ -395,6 +405,10 @@ fi
 # 1.22 offers TLS 1.0-1.2 by default (1.3 only from 1.23.4); HAProxy 2.6 and rustls
 # negotiate 1.3, so nginx is told to offer 1.3 too.
 nginx_tls() { echo "ssl_certificate $CERT; ssl_certificate_key $KEY; ssl_protocols TLSv1.2 TLSv1.3;"; }
+# h2tls: nginx's and HAProxy's TLS listeners offer h2 by ALPN too (busbar's always do);
+# only then, so the HTTP/1.1 TLS scenarios keep the configs they were measured with.
+H2_ALPN_NGINX=""; H2_ALPN_HAPROXY=""
+has h2tls && { H2_ALPN_NGINX=" http2"; H2_ALPN_HAPROXY=" alpn h2,http/1.1"; }
 
 # --- backend: nginx answering "ok\n", on the load CPU (an h2c listener too, for d; a TLS
 # listener for the TLS scenarios). GET / answers at once. POST /post reads the whole body
@@ -406,7 +420,7 @@ nginx_tls() { echo "ssl_certificate $CERT; ssl_certificate_key $KEY; ssl_protoco
 # by bench-lib/reads-body.py below; measured here: POST 1 KiB direct costs what GET does.
 take_port P_BACKEND P_BACKEND_H2 P_BACKEND_TLS
 BACKEND_TLS_LISTEN=""
-((NEED_TLS)) && BACKEND_TLS_LISTEN="listen 127.0.0.1:$P_BACKEND_TLS ssl; $(nginx_tls)"
+((NEED_TLS)) && BACKEND_TLS_LISTEN="listen 127.0.0.1:$P_BACKEND_TLS ssl$H2_ALPN_NGINX; $(nginx_tls)"
 start_nginx backend "$LOAD_CPU" "
     server {
         listen 127.0.0.1:$P_BACKEND;
@@ -452,7 +466,7 @@ NGINX_PROXY_UPSTREAM="
 if ((NEED_NGINX)); then
   take_port P_NGINX P_NGINX_H2 P_NGINX_TLS P_NGINX_UPS
   NGINX_TLS_LISTEN=""
-  ((NEED_TLS)) && NGINX_TLS_LISTEN="listen 127.0.0.1:$P_NGINX_TLS ssl; $(nginx_tls)"
+  ((NEED_TLS)) && NGINX_TLS_LISTEN="listen 127.0.0.1:$P_NGINX_TLS ssl$H2_ALPN_NGINX; $(nginx_tls)"
   NGINX_UPSTLS=""
   # proxy_ssl_name: the name to send (SNI) and verify; by default it would be the
   # upstream block's name.
@@ -496,7 +510,7 @@ if ((NEED_HAPROXY)); then
   HAPROXY_MORE=""
   ((NEED_TLS)) && HAPROXY_MORE="
 frontend fe_tls
-    bind 127.0.0.1:$P_HAPROXY_TLS ssl crt $CERT_KEY
+    bind 127.0.0.1:$P_HAPROXY_TLS ssl crt $CERT_KEY$H2_ALPN_HAPROXY
     default_backend be
 "
   has upstls && HAPROXY_MORE+="
@@ -802,6 +816,14 @@ if has d; then
   deftarget d busbar "$P_BUSBAR" "$BUSBAR_PID" h2
   [[ -n ${BASE_PID:-} ]] && deftarget d busbar@base "$P_BASE" "$BASE_PID" h2
 fi
+if has h2tls; then
+  SC_TITLE[h2tls]="(h2tls) h2 over TLS (ALPN h2) downstream, h2load -c$H2_CONNS -m$H2_STREAMS"
+  deftarget h2tls direct "$P_BACKEND_TLS" "" h2 / https
+  deftarget h2tls nginx "$P_NGINX_TLS" "$NGINX_PID" h2 / https
+  deftarget h2tls haproxy "$P_HAPROXY_TLS" "$HAPROXY_PID" h2 / https
+  deftarget h2tls busbar "$P_BUSBAR_TLS" "$BUSBAR_PID" h2 / https
+  [[ -n ${BASE_PID:-} ]] && deftarget h2tls busbar@base "$P_BASE_TLS" "$BASE_PID" h2 / https
+fi
 if has f; then
   SC_TITLE[f]="(f) $ROUTES routes and $ROUTES instances, request on route $((MEAS + 1))"
   deftarget f nginx "$P_NGINX1K" "$NGINX1K_PID" wrk "$MEAS_PATH"
@@ -1016,6 +1038,9 @@ run_scenario() {  # scenario: warm-up, rounds, table
     c) echo "- load: wrk -t1 -c$CONNS -d${DURATION}s --latency -s users.lua: request i as \`x-user-id: u<i mod $USERS>\`, for nginx and busbar+all alike" ;;
     d) echo "- load: h2load -t1 -c$H2_CONNS -m$H2_STREAMS -D $DURATION (h2c, prior knowledge), GET /; p50/p99 from h2load's --log-file"
        echo "- nginx: \`listen … http2\` (h2c), upstream HTTP/1.1 keepalive; HAProxy: \`bind … proto h2\`; busbar: h2c on its HTTP port; direct: the backend's own h2c listener" ;;
+    h2tls) echo "- load: h2load -t1 -c$H2_CONNS -m$H2_STREAMS -D $DURATION https://localhost:PORT/ (TLS, ALPN h2, SNI localhost), GET /; p50/p99 from h2load's --log-file"
+       echo "- certificate: as in (tls); nginx \`listen … ssl http2\`, HAProxy \`bind … ssl crt … alpn h2,http/1.1\`, busbar \`[listen] tls\` (offers h2 and http/1.1); upstream plaintext HTTP/1.1 keep-alive as in (a); direct: the backend's own TLS listener with http2"
+       echo "- negotiated (openssl s_client): $(tls_params "$s")" ;;
     f) echo "- tables: $ROUTES routes (path_prefix /r0000 … /r$(printf %04d $((ROUTES - 1)))), $ROUTES services of one instance each; the request GET $MEAS_PATH matches route $((MEAS + 1)) of $ROUTES"
        echo "- nginx: $ROUTES upstream blocks + $ROUTES prefix locations; HAProxy: $ROUTES backends + $ROUTES \`use_backend … if { path_beg … }\` rules (evaluated in order); busbar: the same in its TOML (routes in file order)"
        echo "- compare busbar here with busbar in (a) for the cost of the tables" ;;
@@ -1075,6 +1100,8 @@ run_scenario() {  # scenario: warm-up, rounds, table
     b) [[ -n ${M_RPS[b/busbar+all]:-} ]] && echo "- goal (issue 7): busbar+all ≥ 0.85× nginx's plain req/s; this run: $(ratio "${M_RPS[b/busbar+all]}" "$ng_rps") (paired: $(ratio "$(paired b busbar+all)" 1))" ;;
     post1k|post64k|tls|upstls)
        [[ -n ${M_RPS[$s/busbar]:-} ]] && echo "- goal (issue 20): busbar ≥ 1.0× nginx req/s; this run: $(ratio "${M_RPS[$s/busbar]}" "$ng_rps") (paired: $(ratio "$(paired "$s" busbar)" 1)); CPU per request $(ratio "${M_CPU[$s/busbar]}" "$ng_cpu")× nginx's" ;;
+    d|h2tls)
+       [[ -n ${M_RPS[$s/busbar]:-} ]] && echo "- goal (issue 21): busbar ≥ 1.0× nginx req/s, target ≥ 1.0× HAProxy; this run: $(ratio "${M_RPS[$s/busbar]}" "$ng_rps")× nginx (paired: $(ratio "$(paired "$s" busbar)" 1)), $(ratio "${M_RPS[$s/busbar]}" "${M_RPS[$s/haproxy]:--}")× HAProxy; CPU per request $(ratio "${M_CPU[$s/busbar]}" "$ng_cpu")× nginx's, $(ratio "${M_CPU[$s/busbar]}" "${M_CPU[$s/haproxy]:--}")× HAProxy's" ;;
     tlsnew)
        [[ -n ${M_RPS[$s/busbar]:-} ]] && echo "- issue 20 (report the ratio): busbar $(ratio "${M_RPS[$s/busbar]}" "$ng_rps")× nginx req/s (paired: $(ratio "$(paired "$s" busbar)" 1)); CPU per request $(ratio "${M_CPU[$s/busbar]}" "$ng_cpu")× nginx's"
        ;;
@@ -1196,7 +1223,7 @@ fd_count() {  # pid -> open fds over the process and its children
   done
   echo "$n"
 }
-mem_one() {  # name plain|tls -> prints a table row; starts the server, loads it, leaves it running
+mem_one() {  # name plain|tls|h2 -> prints a table row; starts the server, loads it, leaves it running
   local name=$1 mode=$2 d="$DIR/mem-$1-$2" port tport pid ready opened ok failed secs i rss0 rss1 rss2 rss10 hwm fds fds10 cpid
   local url tlsargs=() wait_s=60 conns=$MEM_CONNS cap=""
   ready="$d/ready"
@@ -1215,7 +1242,7 @@ mem_one() {  # name plain|tls -> prints a table row; starts the server, loads it
     nginx)   # the proxy of (a) with a TLS listener, room for the connections
       start_nginx "nginx-mem-$mode" "$PROXY_CPU" "$NGINX_PROXY_UPSTREAM
     server {
-        listen 127.0.0.1:$port;
+        listen 127.0.0.1:$port$([[ $mode = h2 ]] && echo " http2");
         listen 127.0.0.1:$tport ssl; $(nginx_tls)
         location / {$NGINX_PROXY_LOCATION
         }
@@ -1232,7 +1259,7 @@ mem_one() {  # name plain|tls -> prints a table row; starts the server, loads it
         MEM_NOTE+=("$name: $conns connections, not $MEM_CONNS: its maxconn $cap needs 2 fds each and the open-files hard limit here is $hard")
       fi
       start_haproxy "haproxy-mem-$mode" "frontend fe
-    bind 127.0.0.1:$port
+    bind 127.0.0.1:$port$([[ $mode = h2 ]] && echo " proto h2")
     bind 127.0.0.1:$tport ssl crt $CERT_KEY
     default_backend be
 
@@ -1243,6 +1270,9 @@ backend be
   if [[ $mode = tls ]]; then
     url="https://127.0.0.1:$tport/"; tlsargs=(--tls "$CA"); wait_s=180; port=$tport
     wait_ready "$name-mem-tls" "$pid" "$url" --cacert "$CA"
+  elif [[ $mode = h2 ]]; then
+    tlsargs=(--h2)
+    wait_ready "$name-mem-h2" "$pid" "http://127.0.0.1:$port/" --http2-prior-knowledge
   else
     wait_ready "$name-mem" "$pid" "http://127.0.0.1:$port/"
   fi
@@ -1282,7 +1312,7 @@ mem_table_head() {
 }
 mem_goals() {  # mode issue
   local mode=$1 k
-  [[ -n ${MEM_RSS1[$mode/busbar]:-} ]] && echo "- goal (issue $2): $MEM_CONNS idle$([[ $mode = tls ]] && echo " TLS") keep-alive connections under 100 MiB RSS (goal stated for 10,000); busbar this run: $(mib "${MEM_RSS1[$mode/busbar]}")"
+  [[ -n ${MEM_RSS1[$mode/busbar]:-} ]] && echo "- goal (issue $2): $MEM_CONNS idle$([[ $mode = tls ]] && echo " TLS")$([[ $mode = h2 ]] && echo " h2c") keep-alive connections under 100 MiB RSS (goal stated for 10,000); busbar this run: $(mib "${MEM_RSS1[$mode/busbar]}")"
   [[ -n ${MEM_RSS1[$mode/busbar]:-} ]] && echo "- goal (issue 20): 10 s after the connections closed, RSS within 20% of idle; busbar this run: $(ratio "${MEM_RSS10[$mode/busbar]}" "${MEM_RSS0[$mode/busbar]}")× idle"
   for k in "${!MEM_OPENED[@]}"; do
     [[ $k = "$mode/"* && ${MEM_OPENED[$k]} != "${MEM_WANT[$k]}" ]] && echo "- WARNING: ${k#*/}: only ${MEM_OPENED[$k]} of ${MEM_WANT[$k]} connections were held"
@@ -1319,6 +1349,20 @@ run_tls_memory() {
   echo
 }
 
+run_h2_memory() {
+  local t
+  echo "## memory over HTTP/2: RSS idle and with $MEM_CONNS idle h2c connections"
+  echo
+  echo "- each target started fresh: busbar with the (a) config (h2c with prior knowledge on its HTTP port); nginx 1 worker, the (a) proxy with \`listen … http2\`; HAProxy nbthread 1, \`bind … proto h2\`; each allows $((MEM_CONNS + 1000)) connections"
+  echo "- connections from idle-conns.py --h2 (asyncio, on CPU $LOAD_CPU): each sends the client preface and SETTINGS, acknowledges the server's, sends one GET / on stream 1 and reads it to its end, then stays open, idle (answering PINGs); RSS read 2 s after the last one answered, then 2 s and 10 s after they closed; nginx: master + worker summed"
+  echo
+  mem_table_head
+  for t in $TLSMEM_TARGETS; do mem_one "$t" h2; done
+  echo
+  mem_goals h2 21
+  echo
+}
+
 BUSY=$(busy_pct)
 ((BUSY <= 10)) || log "WARNING: the machine is ${BUSY}% busy before the run; numbers will be noisy"
 
@@ -1344,6 +1388,7 @@ for s in $SCENARIOS; do
     lat) run_latency ;;
     mem) run_memory ;;
     tlsmem) run_tls_memory ;;
+    h2mem) run_h2_memory ;;
     *) run_scenario "$s" ;;
   esac
 done
