@@ -19,6 +19,12 @@
 #   json-h1      h2load HTTP/1.1 → busbar /ping → tonic
 #   http-h2c     h2load h2c → busbar → nginx          (JSON body passed through)
 #   http-h1      h2load HTTP/1.1 → busbar → nginx
+#   grpc-nginx   h2load h2c → nginx `grpc_pass` → tonic (1 worker, upstream keepalive)
+#   grpc-haproxy h2load h2c → HAProxy (`bind … proto h2`, `server … proto h2`) → tonic
+#
+# The last two run busbar's peers on busbar's CPU, configured as busbar is (one worker or
+# thread, connections kept to the backend), for the gRPC pass-through goal of issue 21
+# (≥ 1.0× nginx, target HAProxy). PEERS=0 leaves them out (no HAProxy installed, say).
 #
 # h2c targets run `h2load -t1 -c$H2_CONNS -m$H2_STREAMS`, HTTP/1.1 targets
 # `h2load --h1 -t1 -c$H1_CONNS -m1`, for DURATION seconds, ROUNDS times in a rotating
@@ -72,6 +78,7 @@ BENCH_NAME="grpc-bench"   # prefix of messages and of the temp dir
 # shellcheck source-path=SCRIPTDIR source=bench-lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib/common.sh"
 
+PEERS=${PEERS:-1}
 for tool in h2load nginx curl taskset python3 awk cmp; do
   command -v "$tool" >/dev/null 2>&1 \
     || die "$tool not found (apt-get install -y nghttp2-client nginx-light curl util-linux python3)"
@@ -95,7 +102,7 @@ CLK_TCK=$(getconf CLK_TCK)
 # ---------------------------------------------------------------------------------
 # Temp dir (cleaned up on exit) and ports.
 make_temp_dir
-read -r P_GRPC P_NGINX P_BUSBAR P_ADMIN P_REG <<<"$(free_ports 5)"
+read -r P_GRPC P_NGINX P_BUSBAR P_ADMIN P_REG P_NGINX_GRPC P_HAPROXY <<<"$(free_ports 7)"
 
 # Until CHECK (a command) succeeds; fail after 15 s (120 s under valgrind) or if PID died.
 wait_for() {
@@ -154,6 +161,50 @@ taskset -c "$LOAD_CPU" nginx -p "$DIR/nginx" -c "$DIR/nginx/nginx.conf" -e "$DIR
   -g "daemon off; pid $DIR/nginx/nginx.pid;" >nginx/stdout.log 2>&1 &
 NGINX_PID=$!
 PIDS+=("$NGINX_PID")
+
+# --- busbar's peers for gRPC pass-through, on the proxy CPU: nginx `grpc_pass` (one
+# worker, upstream keepalive) and HAProxy (one thread, h2 on both sides).
+NGINX_GRPC_PID=""; HAPROXY_PID=""
+if [[ $PEERS = 1 && $CALLGRIND != 1 ]]; then
+  command -v haproxy >/dev/null 2>&1 || die "haproxy not found (apt-get install -y haproxy; or PEERS=0)"
+  mkdir -p nginx-grpc haproxy
+  {
+    echo "$NGINX_USER"
+    echo "worker_processes 1;"
+    echo "error_log $DIR/nginx-grpc/error.log warn;"
+    echo "events { worker_connections 4096; }"
+    echo "http {"
+    echo "  access_log off;"
+    echo "  client_body_temp_path $DIR/nginx-grpc/client_body;"
+    for m in proxy fastcgi uwsgi scgi; do
+      grep -q -- "--without-http_${m}_module" <<<"$NGINX_V" || echo "  ${m}_temp_path $DIR/nginx-grpc/$m;"
+    done
+    echo "  keepalive_requests 1000000;"
+    echo "  keepalive_timeout 75s;"
+    echo "  upstream tonic { server 127.0.0.1:$P_GRPC; keepalive 64; keepalive_requests 1000000; }"
+    echo "  server {"
+    echo "    listen 127.0.0.1:$P_NGINX_GRPC http2;"
+    echo "    location / { grpc_pass grpc://tonic; }"
+    echo "  }"
+    echo "}"
+  } >nginx-grpc/nginx.conf
+  nginx -t -q -p "$DIR/nginx-grpc" -c "$DIR/nginx-grpc/nginx.conf" -e "$DIR/nginx-grpc/error.log" \
+    -g "daemon off; pid $DIR/nginx-grpc/nginx.pid;" || die "nginx config invalid: $DIR/nginx-grpc/nginx.conf"
+  taskset -c "$PROXY_CPU" nginx -p "$DIR/nginx-grpc" -c "$DIR/nginx-grpc/nginx.conf" \
+    -e "$DIR/nginx-grpc/error.log" -g "daemon off; pid $DIR/nginx-grpc/nginx.pid;" \
+    >nginx-grpc/stdout.log 2>&1 &
+  NGINX_GRPC_PID=$!
+  PIDS+=("$NGINX_GRPC_PID")
+  printf '%s\n' "global" "    nbthread 1" "    maxconn 4096" "" "defaults" "    mode http" \
+    "    option http-keep-alive" "    http-reuse always" "    timeout connect 5s" \
+    "    timeout client 60s" "    timeout server 60s" "" "frontend fe" \
+    "    bind 127.0.0.1:$P_HAPROXY proto h2" "    default_backend tonic" "" "backend tonic" \
+    "    server g1 127.0.0.1:$P_GRPC proto h2" >haproxy/haproxy.cfg
+  haproxy -c -q -f haproxy/haproxy.cfg || die "haproxy config invalid: $DIR/haproxy/haproxy.cfg"
+  taskset -c "$PROXY_CPU" haproxy -db -f haproxy/haproxy.cfg >haproxy/stdout.log 2>&1 &
+  HAPROXY_PID=$!
+  PIDS+=("$HAPROXY_PID")
+fi
 
 # --- busbar: one thread, access log off, three routes.
 mkdir -p busbar
@@ -221,6 +272,8 @@ PIDS+=("$BUSBAR_PID")
 wait_for grpc-backend "$GRPC_PID" port_open "$P_GRPC"
 wait_for nginx "$NGINX_PID" curl -fsS --max-time 1 "http://127.0.0.1:$P_NGINX/"
 wait_for busbar "$BUSBAR_PID" curl -fsS --max-time 1 "http://127.0.0.1:$P_ADMIN/healthz"
+[[ -n $NGINX_GRPC_PID ]] && wait_for nginx-grpc "$NGINX_GRPC_PID" port_open "$P_NGINX_GRPC"
+[[ -n $HAPROXY_PID ]] && wait_for haproxy "$HAPROXY_PID" port_open "$P_HAPROXY"
 
 # ---------------------------------------------------------------------------------
 # Targets: URL, client kind, body file, pid of the proxy ("" for direct).
@@ -236,10 +289,16 @@ declare -A KIND=([grpc-direct]=grpc [grpc]=grpc [json-h2c]=h2c [json-h1]=h1
                  [http-h2c]=h2c [http-h1]=h1)
 declare -A PID=([grpc-direct]="" [grpc]=$BUSBAR_PID [json-h2c]=$BUSBAR_PID
                 [json-h1]=$BUSBAR_PID [http-h2c]=$BUSBAR_PID [http-h1]=$BUSBAR_PID)
+URL[grpc-nginx]="http://127.0.0.1:$P_NGINX_GRPC$GRPC_PATH"; KIND[grpc-nginx]=grpc; PID[grpc-nginx]=$NGINX_GRPC_PID
+URL[grpc-haproxy]="http://127.0.0.1:$P_HAPROXY$GRPC_PATH"; KIND[grpc-haproxy]=grpc; PID[grpc-haproxy]=$HAPROXY_PID
+[[ -n $NGINX_GRPC_PID ]] && TARGETS+=(grpc-nginx grpc-haproxy)
 [[ $CALLGRIND = 1 ]] && TARGETS=(grpc json-h2c json-h1 http-h2c http-h1)   # busbar's only
 if [[ -n ${ONLY:-} ]]; then
   sel=()
   for t in $ONLY; do [[ -n ${URL[$t]+x} ]] || die "ONLY: unknown target $t"; sel+=("$t"); done
+  if [[ " $ONLY " = *" grpc-nginx "* || " $ONLY " = *" grpc-haproxy "* ]] && [[ -z $NGINX_GRPC_PID ]]; then
+    die "ONLY: grpc-nginx and grpc-haproxy need PEERS=1"
+  fi
   TARGETS=("${sel[@]}")
 fi
 
@@ -300,7 +359,7 @@ measure() {  # target round
     cpu="-"
   fi
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$rps" "$mean" "$reqs" "$cpu" "$errs" >>"$RAW"
-  printf 'grpc-bench: round %d %-11s %10s req/s  mean %6s us  busbar cpu %6s us/req  errors %s\n' \
+  printf 'grpc-bench: round %d %-12s %10s req/s  mean %6s us  proxy cpu %6s us/req  errors %s\n' \
     "$r" "$t" "$rps" "$mean" "$cpu" "$errs" >&2
 }
 
@@ -359,6 +418,7 @@ echo "- versions: $(h2load --version | head -1), $(nginx -v 2>&1 | sed 's/^nginx
 echo "- busbar: $BUSBAR (git $GIT_REV, binary built $(date -u -r "$BUSBAR" '+%Y-%m-%d %H:%M UTC')); threads=1, access log off"
 echo "- message: PingRequest{text:\"hello\"} (7 bytes; JSON \`{\"text\":\"hello\"}\`) → PingReply (9 bytes; JSON \`$REPLY_JSON\`)"
 echo "- load: h2c targets \`h2load -t1 -c$H2_CONNS -m$H2_STREAMS -D ${DURATION}\`, HTTP/1.1 targets \`h2load --h1 -t1 -c$H1_CONNS -m1 -D ${DURATION}\`, POST"
+[[ -n $NGINX_GRPC_PID ]] && echo "- peers (gRPC pass-through, on CPU $PROXY_CPU): nginx 1 worker \`listen … http2\` + \`grpc_pass\` to an upstream with keepalive 64; HAProxy $(haproxy -v | awk 'NR==1 {print $3}') nbthread 1, \`bind … proto h2\`, \`server … proto h2\`, http-reuse always"
 echo "- pinning: busbar on CPU $PROXY_CPU; tonic backend (1 worker thread), nginx (1 worker) and h2load on CPU $LOAD_CPU"
 echo "- rounds: $ROUNDS, order rotated each round; median per target; warm-up ${WARMUP}s per target"
 echo "- machine busy before the run (2 s sample, all CPUs): ${BUSY}%; loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -375,7 +435,7 @@ for t in "${TARGETS[@]}"; do
   M_ERR[$t]=$(awk -F'\t' -v t="$t" '$1 == t {e += $7} END {print e + 0}' "$RAW")
 done
 
-echo "| target | req/s | mean latency | busbar CPU µs/req | req/s ratio to grpc | CPU ratio to grpc |"
+echo "| target | req/s | mean latency | proxy CPU µs/req | req/s ratio to grpc | CPU ratio to grpc |"
 echo "|---|---:|---:|---:|---:|---:|"
 for t in "${TARGETS[@]}"; do
   printf '| %s | %s | %s | %s | %s | %s |\n' "$t" \
@@ -386,7 +446,10 @@ for t in "${TARGETS[@]}"; do
 done
 echo
 if [[ -n ${M_RPS[grpc]:-} && -n ${M_RPS[json-h2c]:-} ]]; then
-  echo "- JSON→gRPC (json-h2c) / gRPC pass-through (grpc), same client and concurrency: $(ratio "${M_RPS[json-h2c]}" "${M_RPS[grpc]}") of the req/s (goal ≥ 0.70)"
+  echo "- JSON→gRPC (json-h2c) / gRPC pass-through (grpc), same client and concurrency: $(ratio "${M_RPS[json-h2c]}" "${M_RPS[grpc]}") of the req/s (goal ≥ 0.70; issue 21: ≥ 0.9)"
+fi
+if [[ -n ${M_RPS[grpc]:-} && -n ${M_RPS[grpc-nginx]:-} ]]; then
+  echo "- gRPC pass-through (issue 21: ≥ 1.0× nginx, target HAProxy): busbar $(ratio "${M_RPS[grpc]}" "${M_RPS[grpc-nginx]}")× nginx grpc_pass, $(ratio "${M_RPS[grpc]}" "${M_RPS[grpc-haproxy]:--}")× HAProxy req/s; CPU per call $(ratio "${M_CPU[grpc]}" "${M_CPU[grpc-nginx]}")× nginx's, $(ratio "${M_CPU[grpc]}" "${M_CPU[grpc-haproxy]:--}")× HAProxy's"
 fi
 BUSY_END=$(busy_pct)
 echo "- machine busy after the run (2 s sample): ${BUSY_END}%; loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)"
