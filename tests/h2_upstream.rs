@@ -329,14 +329,22 @@ emit_defaults = true
             .unwrap();
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     }
-    let mut served = Vec::new();
-    for n in 0..4 {
+    // Both instances answer (the balancer's order is its own: per worker thread, and a
+    // registration reaches the routing table a moment after its 200).
+    let mut served = std::collections::BTreeSet::new();
+    for n in 0..20 {
         let (status, v) = ping(&bus, &format!("reg {n}")).await;
         assert_eq!(status, 200, "{v}");
-        served.push(v["servedBy"].as_str().unwrap_or_default().to_string());
+        served.insert(v["servedBy"].as_str().unwrap_or_default().to_string());
+        if served.len() == 2 {
+            break;
+        }
     }
-    served.sort();
-    assert_eq!(served, ["5", "5", "6", "6"], "both instances answer");
+    assert_eq!(
+        served.into_iter().collect::<Vec<_>>(),
+        ["5", "6"],
+        "both instances answer"
+    );
     assert_eq!(tls.h2_handshakes(), 1, "the TLS instance over h2 with TLS");
 }
 
