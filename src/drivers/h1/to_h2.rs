@@ -17,7 +17,7 @@
 //! Must not: hold policy (the phases'), or frame HTTP/2 (the `h2` crate's).
 
 use std::io::Write;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -74,41 +74,44 @@ impl Plain {
     }
 }
 
-/// Why streaming the body's rest stopped.
-enum Streamed {
-    Client(BodyFail),
-    /// The upstream stream failed: its response (or its error) says how.
-    Upstream,
+/// The rest of a body that did not fit the hold, read from the client a piece at a
+/// time while the upstream answers (an HTTP/2 service may answer before the request's
+/// end, and read on: a stream both ways).
+struct Upload<'a> {
+    body: &'a mut RequestBody,
+    /// The connection's buffer: bytes past the body's end go back to it.
+    conn: &'a mut Vec<u8>,
+    plain: &'a mut Plain,
+    chunk: Vec<u8>,
 }
 
-/// The rest of a body that did not fit the hold, read from the client and sent up as it
-/// comes; the stream ends with it.
-async fn stream_rest<S: ClientStream>(
-    client: &mut S,
-    body: &mut RequestBody,
-    conn: &mut Vec<u8>,
-    plain: &mut Plain,
-    up: &mut SendStream<Bytes>,
-    limit: std::time::Duration,
-) -> Result<(), Streamed> {
-    let mut chunk = Vec::with_capacity(STREAM_BUF);
-    while !body.done() {
-        chunk.clear();
-        let n = body.read(client, &mut chunk).await.map_err(Streamed::Client)?;
-        let take = body.feed(&chunk[..n]).map_err(Streamed::Client)?;
+impl Upload<'_> {
+    /// The body still has bytes to come.
+    fn pending(&self) -> bool {
+        !self.body.done()
+    }
+
+    /// The body's next piece of data from the client. Only the read waits, so the
+    /// future may be dropped (another branch of a `select!` won) without losing bytes.
+    async fn read<S: ClientStream>(&mut self, client: &mut S) -> Result<Bytes, BodyFail> {
+        self.chunk.clear();
+        if self.chunk.capacity() < STREAM_BUF {
+            self.chunk.reserve(STREAM_BUF);
+        }
+        let n = self.body.read(client, &mut self.chunk).await?;
+        let take = self.body.feed(&self.chunk[..n])?;
         if take < n {
             // The client's next request, pipelined.
-            conn.extend_from_slice(&chunk[take..n]);
+            self.conn.extend_from_slice(&self.chunk[take..n]);
         }
-        let data = plain
-            .data(&chunk[..take], body.done())
-            .map_err(Streamed::Client)?;
-        put(up, data, limit)
-            .await
-            .map_err(|_| Streamed::Upstream)?;
+        self.plain.data(&self.chunk[..take], self.body.done())
     }
-    up.send_data(Bytes::new(), true)
-        .map_err(|_| Streamed::Upstream)
+}
+
+/// Sends a piece of the body up, and the stream's end after the last one. `false`: the
+/// upstream stream failed (its response, or its error, says how).
+async fn upload(up: &mut SendStream<Bytes>, data: Bytes, last: bool, limit: Duration) -> bool {
+    put(up, data, limit).await.is_ok() && (!last || up.send_data(Bytes::new(), true).is_ok())
 }
 
 /// How one try ended before a response head.
@@ -177,10 +180,16 @@ pub(super) async fn exchange<S: ClientStream>(
     }
     let streams = !sides.body.done();
     let no_body = !streams && held.is_empty();
+    let mut rest = Upload {
+        body: &mut *sides.body,
+        conn: &mut *sides.conn,
+        plain: &mut plain,
+        chunk: Vec::new(),
+    };
     let head_by = ctx
         .deadline
         .unwrap_or_else(|| Instant::now() + svc.config.timeout);
-    let (resp, read_timeout) = loop {
+    let (resp, mut ex, read_timeout) = loop {
         let opened = call::open(phases, ctx, svc, &mut template, no_body).await;
         let Opened {
             mut ex,
@@ -192,13 +201,13 @@ pub(super) async fn exchange<S: ClientStream>(
             Err(NotOpened::Cause(cause)) => return down.answer(ctx, cause, false).await,
             Err(NotOpened::Failed) => return failed(down, ctx).await,
         };
-        let tried = send_and_wait(down, sides, &mut plain, &mut ex, &held, head_by, read_timeout);
+        let tried = send_and_wait(down, &mut rest, &mut ex, &held, head_by, read_timeout);
         let tried = tried.await;
         match tried {
             Tried::Head(resp) => {
                 phases.on_response_head(ctx);
-                // The slot is held while the response is read.
-                break ((resp, ex.slot), read_timeout);
+                // The stream (and its slot) is held while the response is read.
+                break (resp, ex, read_timeout);
             }
             Tried::Gone => {
                 // Dropping the stream's handles resets it upstream with CANCEL.
@@ -228,11 +237,21 @@ pub(super) async fn exchange<S: ClientStream>(
         }
         return failed(down, ctx).await;
     };
-    let ((resp, slot), body_done) = (resp, sides.body.done());
     let head_request = req.method == Method::HEAD;
-    let served = relay(phases, down, ctx, resp, head_request, sides.http10, body_done, read_timeout);
+    let http10 = sides.http10;
+    let sending = (&mut ex.body, &mut rest);
+    let served = relay(
+        phases,
+        down,
+        ctx,
+        resp,
+        head_request,
+        http10,
+        sending,
+        read_timeout,
+    );
     let served = served.await;
-    drop(slot);
+    drop(ex);
     ctx.release_instance();
     served
 }
@@ -244,41 +263,33 @@ async fn failed<S: ClientStream>(down: &mut Downstream<'_, S>, ctx: &mut Request
 }
 
 /// One try: the held body, then the rest as it comes while the response head is
-/// awaited (an answer before the body's end stops the body there), then the wait for
-/// the head, watching for a client that leaves.
+/// awaited, then the wait for the head, watching for a client that leaves. The body
+/// goes on during the response (`relay`) if the head comes first.
 async fn send_and_wait<S: ClientStream>(
     down: &mut Downstream<'_, S>,
-    sides: &mut Sides<'_>,
-    plain: &mut Plain,
+    rest: &mut Upload<'_>,
     ex: &mut pool::Exchange,
     held: &Bytes,
     head_by: Instant,
-    limit: std::time::Duration,
+    limit: Duration,
 ) -> Tried {
-    let up = &mut ex.body;
-    let mut sending = true;
-    if !held.is_empty() && put(up, held.clone(), limit).await.is_err() {
-        // The upstream's failure shows in its response.
-        sending = false;
-    }
-    if sending && sides.body.done() && !held.is_empty() {
-        let _ = up.send_data(Bytes::new(), true);
-    }
-    if sending && !sides.body.done() {
-        let rest = stream_rest(down.client, sides.body, sides.conn, plain, up, limit);
+    // A failed upstream stream shows in its response.
+    let mut sending =
+        held.is_empty() || upload(&mut ex.body, held.clone(), !rest.pending(), limit).await;
+    while sending && rest.pending() {
         tokio::select! {
             biased;
             r = &mut ex.response => return head_of(r),
-            s = rest => match s {
-                Ok(()) | Err(Streamed::Upstream) => {}
-                Err(Streamed::Client(f)) => return Tried::Body(f),
+            piece = rest.read(down.client) => match piece {
+                Ok(d) => sending = upload(&mut ex.body, d, !rest.pending(), limit).await,
+                Err(f) => return Tried::Body(f),
             },
             _ = tokio::time::sleep_until(head_by.into()) => return Tried::TimedOut,
         }
     }
     // The request has all been read (or the upstream failed taking it): a client that
     // closes now has left.
-    down.watch = sides.body.done() && sides.conn.is_empty();
+    down.watch = !rest.pending() && rest.conn.is_empty();
     tokio::select! {
         biased;
         r = &mut ex.response => head_of(r),
@@ -316,8 +327,8 @@ async fn relay<S: ClientStream>(
     resp: http::Response<RecvStream>,
     head_request: bool,
     http10: bool,
-    body_done: bool,
-    read_timeout: std::time::Duration,
+    (up, rest): (&mut SendStream<Bytes>, &mut Upload<'_>),
+    read_timeout: Duration,
 ) -> Served {
     let (parts, mut rb) = resp.into_parts();
     let status = parts.status;
@@ -347,7 +358,9 @@ async fn relay<S: ClientStream>(
         let _ = head.insert_header(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         Framing::Chunked
     };
-    let keep_alive = down.keep_alive && body_done && framing != Framing::Close;
+    // The connection goes on if the request's body is read to its end too (the caller
+    // checks once this returns).
+    let keep_alive = down.keep_alive && framing != Framing::Close;
     let code = status.as_u16();
     let mut out = Vec::with_capacity(512);
     write_head(&mut out, &mut head, keep_alive);
@@ -365,8 +378,22 @@ async fn relay<S: ClientStream>(
             keep_alive,
         };
     }
+    // The request's body goes on up while the response comes, until either ends.
+    let mut sending = rest.pending();
     loop {
-        let data = match within(read_timeout, rb.data()).await {
+        let next = tokio::select! {
+            biased;
+            d = within(read_timeout, rb.data()) => d,
+            piece = rest.read(down.client), if sending => {
+                match piece {
+                    Ok(d) => sending = upload(up, d, !rest.pending(), read_timeout).await,
+                    // The response is cut; the client connection closes.
+                    Err(_) => return Served::cut(code, sent),
+                }
+                continue;
+            }
+        };
+        let data = match next {
             Ok(Some(Ok(d))) => d,
             Ok(None) => break,
             Ok(Some(Err(e))) => {

@@ -50,7 +50,11 @@ pub(crate) fn serves(snapshot: &Snapshot, route: &Route) -> bool {
 /// included (no route translates JSON→gRPC)? Then an HTTP/2 connection is this engine's
 /// for its whole life.
 pub(crate) fn serves_all(snapshot: &Snapshot) -> bool {
-    snapshot.config.translations.values().all(serves_translation)
+    snapshot
+        .config
+        .translations
+        .values()
+        .all(serves_translation)
 }
 
 /// The translations this engine serves, by kind.

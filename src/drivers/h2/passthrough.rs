@@ -35,11 +35,11 @@ use super::response::{send, to_h2};
 use super::stream::{Answered, Exchange};
 use crate::base::deadline::within;
 use crate::drivers::h1::body::BodyFail;
-use crate::translate::grpc_web::Decoder;
 use crate::phases::fail::{self, Failure};
 use crate::phases::response_head;
 use crate::phases::upstream_head::{self, Output};
 use crate::proxy::reply::Cause;
+use crate::translate::grpc_web::Decoder;
 
 /// The request body read so far, for a retry.
 #[derive(Default)]
@@ -421,9 +421,7 @@ impl Exchange<'_, '_> {
             (Some(w), t) => {
                 let last = w.finish(t.as_ref());
                 sent += last.len();
-                send(&mut tx, last, true, self.limit)
-                    .await
-                    .map_err(|_| ())
+                send(&mut tx, last, true, self.limit).await.map_err(|_| ())
             }
             (None, Some(t)) => tx.send_trailers(t).map_err(|_| ()),
             (None, None) => tx.send_data(Bytes::new(), true).map_err(|_| ()),
