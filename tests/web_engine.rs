@@ -362,12 +362,14 @@ async fn a_refused_stream_is_retried_for_an_http1_client() {
 }
 
 /// gRPC-Web over HTTP/1.1, binary and text, to tonic: the server stream's messages,
-/// then `grpc-status` and the trailing metadata in the trailers frame; the upstream got
-/// plain gRPC. A CORS preflight is answered by busbar.
+/// then `grpc-status` and the trailing metadata in the trailers frame. A CORS preflight
+/// is answered by busbar. Beside tonic an instance refuses every stream: a call it
+/// refused is sent on to tonic (pingora's proxy sent no POST again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_web_over_http1_binary_text_and_preflight() {
+    let refusing = Raw::start(Mode::Refuse).await;
     let backend = FidelityBackend::start().await;
-    let bus = Busbar::start(&config(&[backend.addr], "")).await;
+    let bus = Busbar::start(&config(&[refusing.addr, backend.addr], "")).await;
     let http = client();
     let url = bus.url("/fidelity.v1.Fidelity/Stream");
     let r = http
@@ -440,6 +442,11 @@ async fn grpc_web_over_http1_binary_text_and_preflight() {
     assert_eq!(
         preflight("https://evil.example").await.unwrap().status(),
         403
+    );
+    // Round robin sent one of the two calls to the refusing instance first.
+    assert!(
+        refusing.streams.load(SeqCst) >= 1,
+        "a refused call was retried"
     );
 }
 
@@ -515,16 +522,27 @@ async fn grpc_web_over_h2c_on_the_engine() {
 }
 
 /// A gRPC-Web server stream reaches an HTTP/1.1 client and an h2c client message by
-/// message: the first message arrives while the upstream still holds the second.
+/// message: the first message arrives while the upstream still holds the second. An
+/// instance beside it refuses every stream: the calls it refused are sent on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_web_server_stream_arrives_message_by_message() {
+    let refusing = Raw::start(Mode::Refuse).await;
     let up = Raw::start(Mode::Drip).await;
-    let bus = Busbar::start(&config(&[up.addr], "")).await;
+    let bus = Busbar::start(&config(&[refusing.addr, up.addr], "")).await;
     let url = bus.url("/drip.Svc/Watch");
+    for _ in 0..2 {
+        drip_over_http1(&bus, &up, &url).await;
+        drip_over_h2c(&bus, &up, &url).await;
+    }
+    // Round robin: every call after the first went to the refusing instance first.
+    assert!(refusing.streams.load(SeqCst) >= 3, "refused calls retried");
+    assert_eq!(up.streams.load(SeqCst), 4);
+}
 
+async fn drip_over_http1(bus: &Busbar, up: &Raw, url: &str) {
     // HTTP/1.1.
     let mut r = client()
-        .post(&url)
+        .post(url)
         .header("content-type", "application/grpc-web")
         .body(frame(b"watch"))
         .send()
@@ -553,12 +571,13 @@ async fn a_grpc_web_server_stream_arrives_message_by_message() {
     let (data, trailer) = split_frames(&got);
     assert_eq!(data, [b"one".to_vec(), b"two".to_vec()]);
     assert_eq!(trailer, "grpc-status:0\r\nx-drip:done\r\n");
+}
 
-    // h2c.
+async fn drip_over_h2c(bus: &Busbar, up: &Raw, url: &str) {
     let mut send = h2c(bus.http).await;
     let req = http::Request::builder()
         .method("POST")
-        .uri(&url)
+        .uri(url)
         .header("content-type", "application/grpc-web")
         .body(())
         .unwrap();
