@@ -4,8 +4,8 @@
 //! answers, by `content-type`), the trace context, the route (on the
 //! normalised path), the refusals that come before a route's policy (duplicate
 //! `Authorization`, an ambiguous path, a loop, a declared body over the route's limit),
-//! and admission, whose waits end early when the driver's "client went away" future
-//! finishes first.
+//! a gRPC-Web route's CORS preflight and call state (`grpc_web`), and admission, whose
+//! waits end early when the driver's "client went away" future finishes first.
 //! Must not: write to the client (the driver writes what the phase returns) or know
 //! which driver it serves.
 
