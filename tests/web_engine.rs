@@ -12,8 +12,8 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use busbar_testkit::fidelity::pb::{Item, StreamRequest};
@@ -23,6 +23,7 @@ use common::http1::Conn;
 use common::{client, Busbar};
 use h2::Reason;
 use prost::Message;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
@@ -78,6 +79,8 @@ enum Mode {
     /// A gRPC server stream: one message, then waits for the test's go, a second
     /// message and the trailers.
     Drip,
+    /// Answers 200 and one DATA frame, then waits: records how the stream ended.
+    Hold,
 }
 
 /// A raw HTTP/2 upstream (the `h2` crate's server) on a run-time port.
@@ -87,6 +90,8 @@ struct Raw {
     streams: Arc<AtomicUsize>,
     /// Lets a `Drip` stream go on.
     go: Arc<Notify>,
+    /// How `Hold` streams ended: `reset:<reason>`, `error:…`.
+    events: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -102,17 +107,18 @@ impl Raw {
         let addr = l.local_addr().unwrap();
         let streams = Arc::new(AtomicUsize::new(0));
         let go = Arc::new(Notify::new());
-        let (s, g) = (streams.clone(), go.clone());
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let (s, g, e) = (streams.clone(), go.clone(), events.clone());
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = l.accept().await {
-                let (s, g) = (s.clone(), g.clone());
+                let (s, g, e) = (s.clone(), g.clone(), e.clone());
                 tokio::spawn(async move {
                     let Ok(mut conn) = h2::server::handshake(tcp).await else {
                         return;
                     };
                     while let Some(Ok((req, respond))) = conn.accept().await {
                         s.fetch_add(1, SeqCst);
-                        tokio::spawn(stream(mode, req, respond, g.clone()));
+                        tokio::spawn(stream(mode, req, respond, g.clone(), e.clone()));
                     }
                 });
             }
@@ -121,6 +127,7 @@ impl Raw {
             addr,
             streams,
             go,
+            events,
             task,
         }
     }
@@ -139,6 +146,7 @@ async fn stream(
     req: http::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     go: Arc<Notify>,
+    events: Arc<Mutex<Vec<String>>>,
 ) {
     let saw = |name: &str| {
         req.headers()
@@ -171,6 +179,18 @@ async fn stream(
                 }
             }
             let _ = tx.send_trailers(trailers);
+        }
+        Mode::Hold => {
+            let Ok(mut tx) = respond.send_response(head, false) else {
+                return;
+            };
+            let _ = tx.send_data(Bytes::from_static(b"first"), false);
+            let reason = std::future::poll_fn(|cx| tx.poll_reset(cx)).await;
+            let what = match reason {
+                Ok(r) => format!("reset:{r:?}"),
+                Err(e) => format!("error:{e}"),
+            };
+            events.lock().unwrap().push(what);
         }
         Mode::Drip => {
             while let Some(Ok(d)) = body.data().await {
@@ -603,4 +623,38 @@ async fn drip_over_h2c(bus: &Busbar, up: &Raw, url: &str) {
     let (data, trailer) = split_frames(&rest);
     assert_eq!(data, [b"two".to_vec()]);
     assert_eq!(trailer, "grpc-status:0\r\nx-drip:done\r\n");
+}
+
+/// An HTTP/1 client that closes its connection mid-response: the upstream's stream is
+/// reset with CANCEL at once, not left to run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_that_leaves_cancels_the_upstream_stream() {
+    let up = Raw::start(Mode::Hold).await;
+    let bus = Busbar::start(&config(&[up.addr], "")).await;
+    let mut conn = TcpStream::connect(bus.http).await.unwrap();
+    conn.write_all(b"POST /watch HTTP/1.1\r\nHost: s\r\nContent-Length: 2\r\n\r\nhi")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        while !buf.windows(5).any(|w| w == b"first") {
+            use tokio::io::AsyncReadExt;
+            if conn.read_buf(&mut buf).await.unwrap() == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        got.is_ok(),
+        "the first data: {}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert!(up.events.lock().unwrap().is_empty(), "the stream is open");
+    drop(conn);
+    let end = Instant::now() + Duration::from_secs(10);
+    while up.events.lock().unwrap().is_empty() && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*up.events.lock().unwrap(), ["reset:CANCEL"]);
 }

@@ -9,7 +9,9 @@
 //! codec changes the body), chunked otherwise (an HTTP/1.0 client: ended by the
 //! close). HTTP/1 has no place for the upstream's trailers here: they are dropped, as
 //! pingora's proxy dropped them, except for a gRPC-Web call, whose trailers become the
-//! body's last frame (`translate::grpc_web`).
+//! body's last frame (`translate::grpc_web`). A client that closes its connection
+//! mid-response (once its body has all been read) leaves the upstream stream reset
+//! with CANCEL at once.
 //!
 //! Owns: HTTP/1 framing of both sides for these requests, `Expect: 100-continue` (said
 //! at once: an HTTP/2 service has no interim answer to wait for), and the gRPC-Web codec
@@ -379,18 +381,31 @@ async fn relay<S: ClientStream>(
         };
     }
     // The request's body goes on up while the response comes, until either ends.
+    // Once it has all gone, a client that closes its connection has left: the
+    // upstream's stream is reset (CANCEL, as the handles drop), not read to its end.
     let mut sending = rest.pending();
     loop {
-        let next = tokio::select! {
-            biased;
-            d = within(read_timeout, rb.data()) => d,
-            piece = rest.read(down.client), if sending => {
-                match piece {
-                    Ok(d) => sending = upload(up, d, !rest.pending(), read_timeout).await,
-                    // The response is cut; the client connection closes.
-                    Err(_) => return Served::cut(code, sent),
+        let next = if sending {
+            tokio::select! {
+                biased;
+                d = within(read_timeout, rb.data()) => d,
+                piece = rest.read(down.client) => {
+                    match piece {
+                        Ok(d) => sending = upload(up, d, !rest.pending(), read_timeout).await,
+                        // The response is cut; the client connection closes.
+                        Err(_) => return Served::cut(code, sent),
+                    }
+                    if !rest.pending() {
+                        down.watch = rest.conn.is_empty();
+                    }
+                    continue;
                 }
-                continue;
+            }
+        } else {
+            tokio::select! {
+                biased;
+                d = within(read_timeout, rb.data()) => d,
+                _ = down.left() => return Served::cut(code, sent),
             }
         };
         let data = match next {
