@@ -309,7 +309,9 @@ async fn h2_call(
 
 /// An HTTP/1.1 client posts a body larger than busbar holds for a retry (it streams)
 /// to an h2c-only upstream, chunked and with a length: the upstream gets it over
-/// HTTP/2 and its echo comes back whole, chunked (HTTP/1 has no trailers for it here).
+/// HTTP/2 and its echo comes back whole, chunked (HTTP/1 has no trailers for it here),
+/// and the connection carries the next request (pingora's proxy closed it after a
+/// chunked body). An HTTP/1.0 client gets the echo ended by the close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http1_client_streams_a_body_to_an_h2c_service_and_back() {
     let up = Raw::start(Mode::Echo).await;
@@ -352,7 +354,19 @@ async fn an_http1_client_streams_a_body_to_an_h2c_service_and_back() {
         .await;
     assert_eq!(r.status(), 200);
     assert_eq!(dechunk(&r.body), b"hello");
-    assert_eq!(up.streams.load(SeqCst), 3);
+    // HTTP/1.0: no chunked framing; the close ends the body.
+    let mut conn = Conn::connect(bus.http).await;
+    let r = conn
+        .ask(
+            b"POST /echo/ten HTTP/1.0\r\nHost: s\r\nContent-Length: 3\r\n\r\nabc",
+            false,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.header("transfer-encoding"), None);
+    assert!(r.closed && r.complete, "{}", r.head);
+    assert_eq!(r.body, b"abc");
+    assert_eq!(up.streams.load(SeqCst), 4);
 }
 
 /// A POST from an HTTP/1 client whose stream an instance refuses (REFUSED_STREAM: not
