@@ -819,11 +819,12 @@ async fn a_stream_to_a_route_this_engine_does_not_serve_is_refused_and_retried_o
     let first = raw.collect(Duration::from_millis(1500), is_200).await;
     assert_eq!(first.len(), 1, "served before the reload");
 
-    // A reload adds a translating route (gRPC-Web, to an h2c service; first: routes
-    // match in file order): translations stay on pingora's proxy.
+    // A reload adds a translating route (JSON→gRPC, to an h2c service; first: routes
+    // match in file order): JSON→gRPC routes stay on pingora's proxy.
     let body = format!(
-        "[[service]]\nname = \"g\"\nprotocol = \"h2c\"\nendpoints = [{{ addr = \"{}\" }}]\n[[route]]\nname = \"g\"\nservice = \"g\"\npath_prefix = \"/g\"\n[route.translate]\nfrom = \"grpc-web\"\n{}",
+        "[[service]]\nname = \"g\"\nprotocol = \"h2c\"\nendpoints = [{{ addr = \"{}\" }}]\n[[route]]\nname = \"g\"\nservice = \"g\"\npath_prefix = \"/g\"\n[route.translate]\nfrom = \"json\"\nprotos = [\"{}/tests/protos/bookstore.proto\"]\n{}",
         h2svc.addr,
+        env!("CARGO_MANIFEST_DIR"),
         one_service(a.addr, ""),
     );
     bus.write_config(&body, "");
@@ -853,9 +854,14 @@ async fn a_stream_to_a_route_this_engine_does_not_serve_is_refused_and_retried_o
         "graceful GOAWAY"
     );
     assert_eq!(h2svc.hits(), 0);
-    // The client's retry, on a new connection, is served (by pingora's proxy).
+    // The client's retry, on a new connection, is served (by pingora's proxy, which
+    // passes a gRPC caller of a JSON route through).
     let mut send = h2c(bus.http).await;
-    let (status, body) = ask(&mut send, get("/g/x")).await;
+    let mut retry = get("/g/x");
+    retry
+        .headers_mut()
+        .insert("content-type", "application/grpc".parse().unwrap());
+    let (status, body) = ask(&mut send, retry).await;
     assert_eq!(status, 200);
     assert_eq!(body["backend"], "h2c");
     assert_eq!(h2svc.seen()[0].version, "HTTP/2.0");

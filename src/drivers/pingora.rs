@@ -1,8 +1,7 @@
 //! The pingora driver: pingora's `ProxyHttp` adapter, a thin loop over the phases.
 //!
 //! pingora serves what busbar's own engines (`drivers::h1`, `drivers::h2`) do not: HTTP/1
-//! clients of h2c services, HTTP/1 requests on translating routes (JSON→gRPC,
-//! gRPC-Web), HTTP/2 clients while the snapshot has a translating route,
+//! requests on JSON→gRPC routes, HTTP/2 clients while the snapshot has one,
 //! and the rarer HTTP/1 shapes `h1::take` declines (a `Connection` naming other headers,
 //! other `Expect` values or transfer codings, absolute form). Each `ProxyHttp` callback below
 //! translates between pingora's types (its `Session`, its `Error`s) and the phases'
@@ -175,14 +174,9 @@ impl BusbarProxy {
             .as_deref()
             .and_then(|s| translate::of(s, &route))
             .cloned();
-        // CORS preflights carry no credentials: answered before admission.
-        if let Some(Translation::GrpcWeb(s)) = &translation {
-            if let Some(h) = translate::grpc_web::preflight(session.req_header(), s) {
-                session.write_response_header(Box::new(h), true).await?;
-                return Ok(true);
-            }
-            // Before admission: its refusals carry the call's CORS headers too.
-            ctx.grpc_web = translate::grpc_web::WebCall::detect(session.req_header(), s);
+        if let Some(h) = crate::phases::setup::grpc_web(ctx, session.req_header(), &route) {
+            session.write_response_header(Box::new(h), true).await?;
+            return Ok(true);
         }
         if let Some(policy) = admission_policy(ctx, &route) {
             let checked = policy.check(&admission_parts(ctx, peer, session.req_header(), &path));

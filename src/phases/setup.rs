@@ -4,8 +4,8 @@
 //! answers, by `content-type`), the trace context, the route (on the
 //! normalised path), the refusals that come before a route's policy (duplicate
 //! `Authorization`, an ambiguous path, a loop, a declared body over the route's limit),
-//! and admission, whose waits end early when the driver's "client went away" future
-//! finishes first.
+//! a gRPC-Web route's CORS preflight and call state (`grpc_web`), and admission, whose
+//! waits end early when the driver's "client went away" future finishes first.
 //! Must not: write to the client (the driver writes what the phase returns) or know
 //! which driver it serves.
 
@@ -25,6 +25,7 @@ use crate::proxy::reply::Cause;
 use crate::proxy::trace::TraceContext;
 use crate::routing::Route;
 use crate::snapshot::Snapshot;
+use crate::translate::{grpc_web, Translation};
 
 /// How the driver hands the request's route to [`Phases::setup`].
 pub(crate) enum Routing {
@@ -166,4 +167,24 @@ pub(crate) fn admission_policy(ctx: &RequestCtx, route: &Route) -> Option<Arc<Ro
     ctx.snapshot
         .as_deref()
         .and_then(|s| s.admission.policy(route.name()).cloned())
+}
+
+/// A gRPC-Web route's own steps before admission, for every driver: the answer to a
+/// CORS preflight (it carries no credentials, so it is answered before admission), or
+/// `None`, with the call's codec state in `ctx.grpc_web` when the caller speaks
+/// gRPC-Web (set before admission: its refusals carry the call's CORS headers too).
+pub(crate) fn grpc_web(
+    ctx: &mut RequestCtx,
+    req: &RequestHeader,
+    route: &Route,
+) -> Option<pingora_http::ResponseHeader> {
+    let snapshot = ctx.snapshot.as_deref()?;
+    let Some(Translation::GrpcWeb(s)) = crate::translate::of(snapshot, route) else {
+        return None;
+    };
+    if let Some(h) = grpc_web::preflight(req, s) {
+        return Some(h);
+    }
+    ctx.grpc_web = grpc_web::WebCall::detect(req, s);
+    None
 }

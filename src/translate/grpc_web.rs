@@ -56,8 +56,8 @@ pub struct WebCall {
     suffix: String,
     /// Origin to allow in the response, when CORS allows it.
     origin: Option<HeaderValue>,
-    /// Text mode: base64 characters not yet decoded (fewer than a quantum).
-    decode_carry: Vec<u8>,
+    /// Text mode: the request body's decoding.
+    decoder: Decoder,
     /// Text mode: response bytes not yet encoded (fewer than 3).
     encode_carry: Vec<u8>,
 }
@@ -88,7 +88,7 @@ impl WebCall {
             content_type: ct.clone(),
             suffix: suffix.to_string(),
             origin,
-            decode_carry: Vec::new(),
+            decoder: Decoder::default(),
             encode_carry: Vec::new(),
         })
     }
@@ -117,16 +117,15 @@ impl WebCall {
         if self.mode == Mode::Binary {
             return Ok(());
         }
-        if let Some(b) = body.as_ref() {
-            self.decode_carry
-                .extend(b.iter().copied().filter(|c| !c.is_ascii_whitespace()));
-        }
-        let out = decode_text(&mut self.decode_carry)?;
-        if eos && !self.decode_carry.is_empty() {
-            return Err("the base64 body ends in the middle of a quantum".to_string());
-        }
-        *body = Some(Bytes::from(out));
+        let data = body.as_deref().unwrap_or_default();
+        *body = Some(self.decoder.decode(data, eos)?);
         Ok(())
+    }
+
+    /// The request body's decoder, for an engine that decodes the body apart from the
+    /// call (the response goes back meanwhile): `None` in binary mode (nothing to decode).
+    pub fn decoder(&self) -> Option<Decoder> {
+        (self.mode == Mode::Text).then(Decoder::default)
     }
 
     /// Gives the response its gRPC-Web content type and CORS headers.
@@ -160,9 +159,17 @@ impl WebCall {
         if self.mode == Mode::Binary {
             return;
         }
-        if let Some(b) = body.as_ref() {
-            self.encode_carry.extend_from_slice(b);
+        let data = body.take().unwrap_or_default();
+        *body = Some(self.encode(data, eos));
+    }
+
+    /// A piece of the response body as the caller reads it: as it is in binary mode,
+    /// base64 in text mode (whole quanta only until `eos`; the rest is carried).
+    pub fn encode(&mut self, data: Bytes, eos: bool) -> Bytes {
+        if self.mode == Mode::Binary {
+            return data;
         }
+        self.encode_carry.extend_from_slice(&data);
         let whole = if eos {
             self.encode_carry.len()
         } else {
@@ -171,7 +178,16 @@ impl WebCall {
         let rest = self.encode_carry.split_off(whole);
         let text = B64.encode(&self.encode_carry);
         self.encode_carry = rest;
-        *body = Some(Bytes::from(text));
+        Bytes::from(text)
+    }
+
+    /// The end of the response body: the trailers frame ([`WebCall::trailers`]), or
+    /// with no trailers what text mode still carries.
+    pub fn finish(&mut self, trailers: Option<&HeaderMap>) -> Bytes {
+        match trailers {
+            Some(t) => self.trailers(t),
+            None => self.encode(Bytes::new(), true),
+        }
     }
 
     /// The trailers as the body's last frame (base64 in text mode, after any carried bytes).
@@ -185,6 +201,28 @@ impl WebCall {
                 Bytes::from(B64.encode(all))
             }
         }
+    }
+}
+
+/// Text mode's request body decoding: base64 → bytes, across pieces and mid-stream
+/// padding.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    /// Base64 characters not yet decoded (fewer than a quantum).
+    carry: Vec<u8>,
+}
+
+impl Decoder {
+    /// The bytes of the next piece of base64 `text` (whitespace ignored); `eos`: the
+    /// body ends with it. `Err` names what is not base64.
+    pub fn decode(&mut self, text: &[u8], eos: bool) -> Result<Bytes, String> {
+        self.carry
+            .extend(text.iter().copied().filter(|c| !c.is_ascii_whitespace()));
+        let out = decode_text(&mut self.carry)?;
+        if eos && !self.carry.is_empty() {
+            return Err("the base64 body ends in the middle of a quantum".to_string());
+        }
+        Ok(Bytes::from(out))
     }
 }
 

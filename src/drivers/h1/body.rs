@@ -134,7 +134,7 @@ impl RequestBody {
     }
 
     /// Reads what the client sends next into `into`'s spare capacity, within the pace.
-    async fn read<S: ClientStream>(
+    pub(super) async fn read<S: ClientStream>(
         &mut self,
         client: &mut S,
         into: &mut Vec<u8>,

@@ -2,10 +2,11 @@
 //! (plaintext or TLS), with or without a body (`Content-Length` or chunked, `Expect:
 //! 100-continue`), or an upgrade (WebSocket: a `101` answer opens a tunnel,
 //! `drivers::tunnel`), on a route that proxies to an HTTP/1 service (cleartext or
-//! `https`: the upstream connection is then TLS, `upstream::connect`) with no translation
-//! (admission included). Everything else (other expectations or transfer codings,
-//! `Connection` naming other headers, translating routes, h2c services) goes to the
-//! pingora driver, unchanged.
+//! `https`: the upstream connection is then TLS, `upstream::connect`), or to an `h2c` /
+//! `h2` service (`to_h2`: a stream of `drivers::h2::pool`; gRPC-Web routes there, with
+//! their codec), admission included. Everything else (other expectations or transfer
+//! codings, `Connection` naming other headers, JSON→gRPC routes, an upgrade to an HTTP/2
+//! service) goes to the pingora driver, unchanged.
 //!
 //! pingora 0.9's proxy loop costs several times what a plain tokio proxy costs per
 //! request here (measured in `load-tests/RESULTS.md`): a boxed future per phase, two
@@ -17,8 +18,8 @@
 //! Files: `request` (request codec), `body` (the request body: held, streamed, paced),
 //! `response` + `framing` (response codec, the chunk scanner both directions share),
 //! `client` (client I/O), `upstream` (one try's upstream I/O), `pool`, `head` (the
-//! front door's head check), `switch` (an upgrade's `101` and the tunnel after it), and
-//! this one: the orchestration, a thin loop over the phases.
+//! front door's head check), `switch` (an upgrade's `101` and the tunnel after it),
+//! `to_h2` (a request to an HTTP/2 service), and this one: the orchestration, a thin loop over the phases.
 //! Owns: HTTP/1 framing on both sides for these requests. An answer that breaks
 //! `framing`'s rules is a 502, or, once its head went out, a client connection closed;
 //! never bytes passed on that busbar could not frame. A request body that breaks them is
@@ -40,6 +41,7 @@ mod client;
 pub(crate) mod request;
 pub(crate) mod response;
 mod switch;
+mod to_h2;
 pub(crate) mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
@@ -59,7 +61,7 @@ use crate::phases::ctx::RequestCtx;
 use crate::phases::fail::{self, Failure};
 use crate::phases::request::{self as phase, RequestPath};
 use crate::phases::response_head::{self, Form};
-use crate::phases::setup::{admission_parts, admission_policy};
+use crate::phases::setup::{self, admission_parts, admission_policy};
 use crate::phases::upstream_head::{self, Output};
 use crate::phases::{Done, Phases, Routing};
 use crate::proxy::reply::Cause;
@@ -97,7 +99,7 @@ pub struct FastRequest {
 
 /// Parses ([`parse`]) and routes a complete head. `None`: not a request for this path
 /// (an upgrade, an `Expect` other than `100-continue`, absolute form, more than
-/// [`MAX_HEADERS`] lines, a `;` in the path, a translating route, an h2c service…), or a
+/// [`MAX_HEADERS`] lines, a `;` in the path, a JSON→gRPC route…), or a
 /// head the front door must judge; the caller checks it and hands it to pingora, which
 /// sees the same bytes.
 pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastRequest>> {
@@ -126,12 +128,11 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
     let route = match found {
         None => None,
         Some((route, fallback)) => {
-            // https services too: the upstream connection is TLS (`upstream::connect`).
-            let plain = matches!(
-                route.service.config.protocol,
-                Protocol::Http1 | Protocol::Https
-            ) && !crate::translate::translates(&snapshot, &route);
-            if !plain {
+            // Every protocol: https (the upstream connection is TLS, `upstream::connect`),
+            // h2c and h2 (`to_h2`), but no upgrade to an HTTP/2 service (RFC 9113 §8.6).
+            let h2 = matches!(route.service.config.protocol, Protocol::H2c | Protocol::H2);
+            let ours = crate::translate::of(&snapshot, &route).is_none_or(serves_translation);
+            if !ours || h2 && parsed.upgrade {
                 return None;
             }
             if fallback {
@@ -151,6 +152,16 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
         expect: parsed.expect,
         upgrade: parsed.upgrade,
     }))
+}
+
+/// The translations this engine serves, by kind: gRPC-Web (the codec on an HTTP/2
+/// service's stream, `to_h2`); JSON→gRPC routes are the JSON driver's, on pingora's
+/// adapter.
+fn serves_translation(t: &crate::translate::Translation) -> bool {
+    match t {
+        crate::translate::Translation::GrpcWeb(_) => true,
+        crate::translate::Translation::Json(_) => false,
+    }
 }
 
 /// Admission on this connection: the route's policy, its waits raced against the
@@ -249,6 +260,12 @@ pub async fn serve<S: ClientStream>(
         // A declared length over the limit is refused before anything is read.
         Ok((route, _)) if matches!(framing, BodyFraming::Length(n) if n > route.config.max_body) => {
             down.answer(&mut ctx, Cause::BodyTooLarge, false).await
+        }
+        Ok((route, _)) if let Some(h) = setup::grpc_web(&mut ctx, req, &route) => {
+            // A gRPC-Web route's CORS preflight.
+            down.keep_alive &= skip_held(&mut body, conn);
+            let keep_alive = down.keep_alive;
+            down.reply(h, Bytes::new(), keep_alive).await
         }
         Ok((route, path)) => {
             let admitted = match admission_policy(&ctx, &route) {
@@ -361,6 +378,11 @@ async fn exchange<S: ClientStream>(
     ctx: &mut RequestCtx,
     sides: &mut Sides<'_>,
 ) -> Served {
+    if route.service.config.protocol.is_h2() {
+        // Boxed: the HTTP/1 service's exchange is the everyday one, and this one's state
+        // would otherwise be part of its future.
+        return Box::pin(to_h2::exchange(phases, down, route, req, ctx, sides)).await;
+    }
     let client_ip: Option<IpAddr> = down.peer.map(|a| a.ip());
     // The head, and after it the body's first bytes (up to `HOLD`): one upstream write.
     let held = match sides.body.declared() {

@@ -5,15 +5,17 @@
 //! Upstream, it reaches HTTP/1 services (`protocol` `http1` and `https`) through the
 //! HTTP/1 engine's try, per-thread pool and response codec (`drivers::h1`), and `h2c` /
 //! `h2` services h2 on both sides through `pool` (`passthrough`: gRPC, or any HTTP/2
-//! request). Translating routes (JSON→gRPC, gRPC-Web) stay on pingora's proxy: the front
-//! door gives a connection to this engine only when no route of the snapshot translates
-//! ([`serves_all`]); a stream that still reaches one (a reload added it) is refused with
-//! REFUSED_STREAM and the connection goes away gracefully, so the client retries on a
-//! new connection.
+//! request). gRPC-Web routes are served with the codec of `translate::grpc_web` on the
+//! pass-through. JSON→gRPC routes stay on pingora's proxy: the front door gives a
+//! connection to this engine only when no route of the snapshot has one
+//! ([`serves_all`]); a stream that still reaches one (a reload added it) is refused
+//! with REFUSED_STREAM and the connection goes away gracefully, so the client retries
+//! on a new connection.
 //!
 //! Files: `server` (the connection: settings, limits, drain), `stream` (one stream's
 //! exchange), `response` (an HTTP/1 upstream's response to the client), `passthrough`
-//! (a stream to an HTTP/2 upstream, both ways at once), `request` (head
+//! (a stream to an HTTP/2 upstream, both ways at once), `call` (the tries' streams to an
+//! HTTP/2 upstream, shared with the HTTP/1 engine), `request` (head
 //! conversion, RFC 9113 §8.2.3), `body` (the request body with flow control, as HTTP/1
 //! body bytes), and `pool`: the upstream side, per-thread pools of multiplexed
 //! connections to instances (h2c with prior knowledge, h2 over TLS with ALPN `h2`), the
@@ -22,6 +24,7 @@
 //! Must not: hold policy (the phases'), or frame HTTP/1 itself (`drivers::h1`'s codecs).
 
 mod body;
+pub(crate) mod call;
 mod passthrough;
 pub(crate) mod pool;
 mod request;
@@ -34,19 +37,32 @@ pub(crate) use stream::Conn;
 
 use crate::routing::Route;
 use crate::snapshot::Snapshot;
+use crate::translate::Translation;
 
 /// Does this engine serve `route`: any service (HTTP/1, or `h2c` / `h2` passed through
-/// as HTTP/2), no translation? Translating routes (JSON→gRPC, gRPC-Web) stay on
-/// pingora's proxy.
+/// as HTTP/2), gRPC-Web routes included (the codec on the pass-through)? JSON→gRPC
+/// routes stay on pingora's proxy.
 pub(crate) fn serves(snapshot: &Snapshot, route: &Route) -> bool {
-    !crate::translate::translates(snapshot, route)
+    crate::translate::of(snapshot, route).is_none_or(serves_translation)
 }
 
 /// Does this engine serve every route of `snapshot`, mesh fallback's by service name
-/// included (nothing translates: every service's protocol is served)? Then an HTTP/2
-/// connection is this engine's for its whole life.
+/// included (no route translates JSON→gRPC)? Then an HTTP/2 connection is this engine's
+/// for its whole life.
 pub(crate) fn serves_all(snapshot: &Snapshot) -> bool {
-    snapshot.config.translations.is_empty()
+    snapshot
+        .config
+        .translations
+        .values()
+        .all(serves_translation)
+}
+
+/// The translations this engine serves, by kind.
+fn serves_translation(t: &Translation) -> bool {
+    match t {
+        Translation::GrpcWeb(_) => true,
+        Translation::Json(_) => false,
+    }
 }
 
 /// The conversion of a stream's head into the HTTP/1.1 request busbar sends upstream

@@ -2,8 +2,7 @@
 //! request) goes to the instance as a stream of one of `pool`'s connections, with no
 //! conversion to HTTP/1.1: protocol-generic pass-through.
 //!
-//! Owns: the upstream head for HTTP/2 (the one builder's map, `Host` back into
-//! `:authority`, `te: trailers` kept), the request's DATA and trailers streamed to the
+//! Owns: the request's DATA and trailers streamed to the
 //! upstream stream while its response comes back (both at once: bidirectional calls),
 //! flow control both ways (a DATA frame's bytes go back to the sender's window once the
 //! other side accepted them), the retry hold (up to [`HOLD`] bytes of the request body,
@@ -14,7 +13,10 @@
 //! response head as busbar's own answer (Trailers-Only UNAVAILABLE for a gRPC caller).
 //! The route's deadline bounds the wait for the response head; the caller's
 //! `grpc-timeout` goes upstream unchanged (as on pingora's path); each wait for response
-//! data is bounded by the service's `read_timeout`.
+//! data is bounded by the service's `read_timeout`. A gRPC-Web call (`ctx.grpc_web`) goes
+//! through the codec of `translate::grpc_web`: a text body decoded on the way up, the
+//! response encoded on the way down, its trailers the body's last frame. The head and
+//! the tries' streams are `call`'s (shared with HTTP/1 clients of HTTP/2 services).
 //! Must not: decide retries or count outcomes (the phases'), or frame HTTP/2 (the `h2`
 //! crate's).
 
@@ -24,11 +26,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
-use http::header::{HOST, TE, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderValue, Uri};
+use http::HeaderMap;
 use pingora_http::{RequestHeader, ResponseHeader};
 
-use super::pool::{self, OpenError};
+use super::call::{self, put, NotOpened, Opened, HOLD};
+use super::pool;
 use super::response::{send, to_h2};
 use super::stream::{Answered, Exchange};
 use crate::base::deadline::within;
@@ -37,9 +39,7 @@ use crate::phases::fail::{self, Failure};
 use crate::phases::response_head;
 use crate::phases::upstream_head::{self, Output};
 use crate::proxy::reply::Cause;
-
-/// Request body bytes held for a retry of a refused stream (as the HTTP/1 path's hold).
-const HOLD: usize = 64 * 1024;
+use crate::translate::grpc_web::Decoder;
 
 /// The request body read so far, for a retry.
 #[derive(Default)]
@@ -70,23 +70,14 @@ enum Fwd {
     Upstream,
     /// Over the route's `max_body` (the upstream stream is reset with CANCEL).
     TooLarge,
+    /// A gRPC-Web text body that is not base64 (the upstream stream is reset with CANCEL).
+    Malformed,
 }
 
-/// Sends `data` to the upstream within its window, each wait for window within `limit`.
-async fn put(up: &mut SendStream<Bytes>, mut data: Bytes, limit: Duration) -> Result<(), Fwd> {
-    while !data.is_empty() {
-        up.reserve_capacity(data.len());
-        let granted = match within(limit, poll_fn(|cx| up.poll_capacity(cx))).await {
-            Ok(Some(Ok(n))) => n,
-            _ => return Err(Fwd::Upstream),
-        };
-        if granted == 0 {
-            continue;
-        }
-        let part = data.split_to(granted.min(data.len()));
-        up.send_data(part, false).map_err(|_| Fwd::Upstream)?;
+impl From<call::UpstreamFailed> for Fwd {
+    fn from(_: call::UpstreamFailed) -> Fwd {
+        Fwd::Upstream
     }
-    Ok(())
 }
 
 /// Ends the upstream stream: with the client's trailers, or an empty END_STREAM DATA.
@@ -101,12 +92,14 @@ fn end(up: &mut SendStream<Bytes>, trailers: Option<HeaderMap>) -> Result<(), Fw
 /// The request body to the upstream: what is held first (a retry), then the client's
 /// DATA as it comes, each frame released to the client's window once the upstream took
 /// it, then its trailers. A client that resets its stream resets the upstream's (CANCEL).
+/// `text`: a gRPC-Web text call's decoder, each frame's base64 decoded on the way.
 async fn forward(
     recv: &mut RecvStream,
     up: &mut SendStream<Bytes>,
     held: &mut Held,
     limit: Duration,
     max_body: u64,
+    text: &mut Option<Decoder>,
 ) -> Result<(), Fwd> {
     for c in &held.chunks {
         put(up, c.clone(), limit).await?;
@@ -123,6 +116,15 @@ async fn forward(
                     up.send_reset(Reason::CANCEL);
                     return Err(Fwd::TooLarge);
                 }
+                // What goes upstream is held (a text call's decoded bytes).
+                let d = match text.as_mut().map(|t| t.decode(&d, false)) {
+                    None => d,
+                    Some(Ok(plain)) => plain,
+                    Some(Err(_)) => {
+                        up.send_reset(Reason::CANCEL);
+                        return Err(Fwd::Malformed);
+                    }
+                };
                 if !held.spilled {
                     if held.read <= HOLD {
                         held.chunks.push(d.clone());
@@ -141,6 +143,10 @@ async fn forward(
             None => break,
         }
     }
+    if text.as_mut().is_some_and(|t| t.decode(&[], true).is_err()) {
+        up.send_reset(Reason::CANCEL);
+        return Err(Fwd::Malformed);
+    }
     let trailers = match recv.trailers().await {
         Ok(t) => t,
         Err(_) => {
@@ -155,41 +161,6 @@ async fn forward(
     end(up, trailers)
 }
 
-/// The upstream head as HTTP/2: `Host` (the client's `:authority`, as the route's edits
-/// left it) back into the target with the service's scheme, framing headers gone, and
-/// `te: trailers` when the client sent it (gRPC servers want it).
-fn h2_head(req: RequestHeader, tls: bool, had_te: bool) -> Option<http::request::Parts> {
-    let mut parts: http::request::Parts = req.into();
-    let host = parts.headers.remove(HOST);
-    parts.headers.remove(TRANSFER_ENCODING);
-    if had_te {
-        parts
-            .headers
-            .insert(TE, HeaderValue::from_static("trailers"));
-    }
-    let path = parts.uri.path_and_query().cloned()?;
-    parts.uri = match host {
-        Some(h) => Uri::builder()
-            .scheme(if tls { "https" } else { "http" })
-            .authority(h.as_bytes())
-            .path_and_query(path)
-            .build()
-            .ok()?,
-        // Filled in per try from the instance (`pool::origin`).
-        None => Uri::from(path),
-    };
-    Some(parts)
-}
-
-/// A copy of the head for one try (the template is kept while another try may come).
-fn request_of(parts: &http::request::Parts) -> http::Request<()> {
-    let mut r = http::Request::new(());
-    *r.method_mut() = parts.method.clone();
-    *r.uri_mut() = parts.uri.clone();
-    *r.headers_mut() = parts.headers.clone();
-    r
-}
-
 /// How one try ended before a response head.
 enum Tried {
     /// The head came.
@@ -200,6 +171,8 @@ enum Tried {
     TimedOut,
     /// The request body went over the route's `max_body`.
     TooLarge,
+    /// A gRPC-Web text body was not base64.
+    Malformed,
     Failed(h2::Error),
 }
 
@@ -221,7 +194,7 @@ impl Exchange<'_, '_> {
             return (self.answer(Cause::BadRequest).await, 0);
         }
         let svc = &self.route.service;
-        let Some(mut template) = h2_head(req, svc.config.protocol.is_tls(), had_te) else {
+        let Some(mut template) = call::h2_head(req, svc.config.protocol.is_tls(), had_te) else {
             return (self.answer(Cause::BadRequest).await, 0);
         };
         let mut held = Held {
@@ -232,73 +205,23 @@ impl Exchange<'_, '_> {
             .ctx
             .deadline
             .unwrap_or_else(|| Instant::now() + svc.config.timeout);
+        // A gRPC-Web text call's body is decoded on the way (kept across tries: it may
+        // carry part of a quantum).
+        let mut text = self.ctx.grpc_web.as_ref().and_then(|w| w.decoder());
         loop {
-            let t = match self.phases.begin_try(self.ctx) {
-                Ok(t) => t,
-                Err(cause) => return (self.answer(cause).await, held.read as u64),
-            };
-            let lease = match pool::open(&t, svc.config.h2_max_streams, &svc.metrics).await {
-                Ok(l) => l,
-                Err(e) => {
-                    let retry = match e {
-                        OpenError::Certificate => self.phases.on_certificate_failure(self.ctx),
-                        OpenError::Connect { timed_out } => {
-                            self.phases.on_connect_failure(self.ctx, timed_out)
-                        }
-                    };
-                    if retry {
-                        continue;
-                    }
-                    return (self.failed().await, held.read as u64);
-                }
-            };
-            if self.ctx.tries > 1 {
-                crate::otel::retrace_headers(&mut template.headers, self.ctx);
-            }
-            // The head is copied only while another try may follow.
-            let another = self.ctx.tries <= svc.config.retry.attempts;
-            let mut request = if another {
-                request_of(&template)
-            } else {
-                http::Request::from_parts(std::mem::replace(&mut template, empty_parts()), ())
-            };
-            let tls = t.tls.is_some();
-            if request.uri().authority().is_none() {
-                // No `:authority` from the client: the instance's.
-                if let Ok(u) = pool::origin(&t).parse::<Uri>() {
-                    let mut p = u.into_parts();
-                    p.path_and_query = request.uri().path_and_query().cloned();
-                    if let Ok(u) = Uri::from_parts(p) {
-                        *request.uri_mut() = u;
-                    }
-                }
-            } else if tls != (request.uri().scheme() == Some(&http::uri::Scheme::HTTPS)) {
-                // An h2c service's instance registered with `"tls": true`: reached over
-                // TLS, so `https`.
-                let mut p = request.uri().clone().into_parts();
-                p.scheme = Some(if tls {
-                    http::uri::Scheme::HTTPS
-                } else {
-                    http::uri::Scheme::HTTP
-                });
-                if let Ok(u) = Uri::from_parts(p) {
-                    *request.uri_mut() = u;
-                }
-            }
             let no_body = held.ended && held.chunks.is_empty() && held.trailers.is_none();
-            let mut ex = match lease.send(request, no_body) {
-                Ok(ex) => ex,
-                Err(e) => {
-                    // Nothing was sent: as a refused stream.
-                    tracing::debug!(upstream = %t.addr, "h2 stream not opened: {e}");
-                    if self
-                        .phases
-                        .on_try_failure(self.ctx, false, false, true, true)
-                    {
-                        continue;
-                    }
-                    return (self.failed().await, held.read as u64);
+            let opened = call::open(self.phases, self.ctx, svc, &mut template, no_body).await;
+            let Opened {
+                mut ex,
+                addr,
+                read_timeout,
+                another,
+            } = match opened {
+                Ok(o) => o,
+                Err(NotOpened::Cause(cause)) => {
+                    return (self.answer(cause).await, held.read as u64)
                 }
+                Err(NotOpened::Failed) => return (self.failed().await, held.read as u64),
             };
             // The request body goes up while the response head is awaited, and on while
             // the response comes back (a bidirectional call).
@@ -308,8 +231,9 @@ impl Exchange<'_, '_> {
                     &mut recv,
                     &mut ex.body,
                     &mut held,
-                    t.read_timeout,
-                    max_body
+                    read_timeout,
+                    max_body,
+                    &mut text
                 ));
                 let mut fwd_done = no_body;
                 let tried = loop {
@@ -321,6 +245,7 @@ impl Exchange<'_, '_> {
                             match f {
                                 Err(Fwd::ClientGone) => break Tried::Gone,
                                 Err(Fwd::TooLarge) => break Tried::TooLarge,
+                                Err(Fwd::Malformed) => break Tried::Malformed,
                                 // An upstream failure shows in its response (below).
                                 _ => {}
                             }
@@ -336,7 +261,6 @@ impl Exchange<'_, '_> {
                     Tried::Head(resp) => {
                         self.phases.on_response_head(self.ctx);
                         let (parts, body) = resp.into_parts();
-                        let read_timeout = t.read_timeout;
                         Ok(self.relay(parts, body, fwd, fwd_done, read_timeout).await)
                     }
                     other => Err(other),
@@ -359,11 +283,16 @@ impl Exchange<'_, '_> {
                         .on_try_failure(self.ctx, false, false, false, false);
                     return (self.body_failed(BodyFail::TooLarge).await, read);
                 }
+                Err(Tried::Malformed) => {
+                    self.phases
+                        .on_try_failure(self.ctx, false, false, false, false);
+                    return (self.body_failed(BodyFail::Malformed).await, read);
+                }
                 Err(Tried::Failed(e)) if pool::refused(&e) => {
                     ex.slot.failed(&e);
                     // Not processed (RFC 9113 §8.7): not the instance's fault; sent again
                     // only while the whole body is held.
-                    tracing::debug!(upstream = %t.addr, "h2 stream refused: {e}");
+                    tracing::debug!(upstream = %addr, "h2 stream refused: {e}");
                     let safe = held.whole() && another;
                     if self
                         .phases
@@ -434,7 +363,7 @@ impl Exchange<'_, '_> {
                     fwd_done = true;
                     match f {
                         Err(Fwd::ClientGone) => return cut(sent),
-                        Err(Fwd::TooLarge) => {
+                        Err(Fwd::TooLarge | Fwd::Malformed) => {
                             // The upstream answered early and its stream was reset:
                             // the client's is cut too.
                             tx.send_reset(Reason::CANCEL);
@@ -446,11 +375,17 @@ impl Exchange<'_, '_> {
                 d = within(read_timeout, body.data()) => match d {
                     Ok(Some(Ok(data))) => {
                         let n = data.len();
+                        // A gRPC-Web caller reads it in its mode (text: base64).
+                        let data = match self.ctx.grpc_web.as_mut() {
+                            Some(w) => w.encode(data, false),
+                            None => data,
+                        };
+                        let k = data.len();
                         if send(&mut tx, data, false, self.limit).await.is_err() {
                             return cut(sent);
                         }
                         let _ = body.flow_control().release_capacity(n);
-                        sent += n;
+                        sent += k;
                     }
                     Ok(None) => break,
                     Ok(Some(Err(e))) => {
@@ -481,41 +416,19 @@ impl Exchange<'_, '_> {
                 return cut(sent);
             }
         };
-        let ended = match trailers {
-            Some(t) => tx.send_trailers(t),
-            None => tx.send_data(Bytes::new(), true),
+        let ended = match (self.ctx.grpc_web.as_mut(), trailers) {
+            // gRPC-Web: the trailers are the body's last frame.
+            (Some(w), t) => {
+                let last = w.finish(t.as_ref());
+                sent += last.len();
+                send(&mut tx, last, true, self.limit).await.map_err(|_| ())
+            }
+            (None, Some(t)) => tx.send_trailers(t).map_err(|_| ()),
+            (None, None) => tx.send_data(Bytes::new(), true).map_err(|_| ()),
         };
         if ended.is_ok() {
             self.phases.on_response_health(self.ctx, status);
         }
         cut(sent)
-    }
-}
-
-/// An empty head, left in the template once its last try took it.
-fn empty_parts() -> http::request::Parts {
-    http::Request::new(()).into_parts().0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_head_goes_back_to_h2_with_te_and_authority() {
-        let mut req = RequestHeader::build("POST", b"/pkg.Svc/Call", None).unwrap();
-        req.insert_header("host", "orders.local").unwrap();
-        req.insert_header("transfer-encoding", "chunked").unwrap();
-        req.insert_header("content-type", "application/grpc")
-            .unwrap();
-        let p = h2_head(req, false, true).unwrap();
-        assert_eq!(p.uri.to_string(), "http://orders.local/pkg.Svc/Call");
-        assert!(p.headers.get(HOST).is_none());
-        assert!(p.headers.get(TRANSFER_ENCODING).is_none());
-        assert_eq!(p.headers[TE], "trailers");
-        let req = RequestHeader::build("GET", b"/", None).unwrap();
-        let p = h2_head(req, true, false).unwrap();
-        assert!(p.uri.authority().is_none());
-        assert!(p.headers.get(TE).is_none());
     }
 }

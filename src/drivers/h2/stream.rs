@@ -33,7 +33,7 @@ use crate::metrics::METRICS;
 use crate::phases::ctx::RequestCtx;
 use crate::phases::fail::{self, Failure};
 use crate::phases::request as phase;
-use crate::phases::setup::{admission_parts, admission_policy};
+use crate::phases::setup::{admission_parts, admission_policy, grpc_web};
 use crate::phases::upstream_head::{self, Output};
 use crate::phases::{Done, Phases, Routing};
 use crate::proxy::reply::{json_header, Cause};
@@ -142,6 +142,10 @@ pub(crate) async fn serve(
             respond.send_reset(Reason::REFUSED_STREAM);
             refused = true;
             Answered::nothing()
+        }
+        Ok((route, _)) if let Some(h) = grpc_web(&mut ctx, &req, &route) => {
+            // A gRPC-Web route's CORS preflight.
+            reply(&mut respond, h, Bytes::new(), limits.client_timeout).await
         }
         Ok((route, path)) => {
             let admitted = match admission_policy(&ctx, &route) {
