@@ -407,6 +407,34 @@ endpoints = [{{ addr = "{}" }}]
     assert_eq!(up.got().len(), 2, "nothing refused went upstream");
 }
 
+/// RFC 9112 §3.2.4: `OPTIONS *` asks about the server as a whole: it goes upstream as it
+/// came; `*` with any other method is refused (pingora's proxy forwarded `GET *`).
+#[tokio::test]
+async fn options_asterisk_is_served_and_the_asterisk_is_for_options_only() {
+    let up = Upstream::start().await;
+    let bus = bus(&up, "").await;
+    assert_engine(
+        &ask(&bus, b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n").await,
+        "OPTIONS *",
+    );
+    let r = ask(&bus, b"GET * HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let (status, error, message) = refusal(&r);
+    assert_eq!(
+        (status, error.as_str()),
+        (400, "malformed_request"),
+        "{}",
+        r.text()
+    );
+    assert!(message.contains("OPTIONS"), "{message}");
+    let got = up.got();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        got[0].head.starts_with("options * http/1.1\r\n"),
+        "{}",
+        got[0].head
+    );
+}
+
 /// A `;` in the path gives it two readings (`/api;x/admin` is `/api/admin` to Tomcat):
 /// the engine serves it, the ACL judges both readings, and readings that pick two
 /// routes are refused. The path goes upstream as it came.

@@ -3,8 +3,8 @@
 //! pingora serves what busbar's own engines (`drivers::h1`, `drivers::h2`) do not: HTTP/1
 //! clients of h2c services, HTTP/1 requests on translating routes (JSON→gRPC,
 //! gRPC-Web), HTTP/2 clients while the snapshot has a translating route,
-//! and the HTTP/1 heads `h1::take` declines that the front door's check lets through: an
-//! asterisk-form `OPTIONS *`, and bytes httparse refuses (which pingora refuses too).
+//! and the HTTP/1 heads `h1::take` declines that the front door's check lets through:
+//! bytes in the head httparse or the URI parser refuse (which pingora refuses or keeps).
 //! Each `ProxyHttp` callback below
 //! translates between pingora's types (its `Session`, its `Error`s) and the phases'
 //! words, and calls the phase that owns the step: `request_filter` → setup, admission

@@ -101,6 +101,19 @@ pub fn transfer_codings(value: &[u8]) -> Refusal {
     }
 }
 
+/// Judges a request target that is not origin form (`/…`), of a request that is not a
+/// `CONNECT`: `*` is `OPTIONS`'s alone (RFC 9112 §3.2.4); any other must be an
+/// absolute-form target ([`absolute_target`]).
+pub fn other_target(method: &[u8], target: &[u8], host: Option<&[u8]>) -> Result<(), Refusal> {
+    if target == b"*" {
+        return match method {
+            b"OPTIONS" => Ok(()),
+            _ => Err(bad("the target * is for OPTIONS only")),
+        };
+    }
+    absolute_target(target, host).map(|_| ())
+}
+
 /// Judges a request target that is not origin form (`/…`) or `*`: an absolute-form
 /// target (RFC 9112 §3.2.2), `http`, `https`, `ws` or `wss`, whose authority is a host
 /// without userinfo (RFC 9110 §4.2.4) and is what `Host` says, byte for byte, when the
@@ -193,6 +206,16 @@ mod tests {
     }
 
     #[test]
+    fn the_asterisk_is_for_options_only() {
+        assert_eq!(other_target(b"OPTIONS", b"*", None), Ok(()));
+        assert_eq!(
+            other_target(b"GET", b"*", None).map_err(|r| r.status),
+            Err(400)
+        );
+        assert_eq!(other_target(b"GET", b"http://a/", Some(b"a")), Ok(()));
+    }
+
+    #[test]
     fn absolute_targets_name_a_host_that_agrees_with_host() {
         assert_eq!(absolute_target(b"http://a/x?q", None), Ok(&b"a"[..]));
         assert_eq!(
@@ -215,6 +238,7 @@ mod tests {
             (b"ftp://a/x", None),
             (b"a/b", None),
             (b"", None),
+            (b"*", None),
         ] {
             assert_eq!(
                 absolute_target(target, host).map_err(|r| r.status),

@@ -199,10 +199,10 @@ pub fn check(head: &[u8], limits: &HeadLimits) -> Result<Body, Refusal> {
             }
         }
     }
-    // Origin form and `*` say nothing of the host; `CONNECT`'s authority form is the
-    // tunnel's (`fallback::connect`), not checked here.
-    if !target.starts_with(b"/") && target != b"*" && method != b"CONNECT" {
-        fields::absolute_target(target, host_value)?;
+    // Origin form says nothing of the host; `CONNECT`'s authority form is the tunnel's
+    // (`fallback::connect`), not checked here.
+    if !target.starts_with(b"/") && method != b"CONNECT" {
+        fields::other_target(method, target, host_value)?;
     }
     if transfer_encoding && content_length.is_some() {
         return Err(bad("both Content-Length and Transfer-Encoding"));
@@ -305,6 +305,7 @@ mod tests {
             Ok(Body::Length(0))
         );
         assert_eq!(verdict(b"OPTIONS * HTTP/1.1\r\n\r\n"), Ok(Body::Length(0)));
+        assert_eq!(verdict(b"GET * HTTP/1.1\r\n\r\n"), Err(400));
         assert_eq!(
             verdict(b"GET http://a/ HTTP/1.1\r\nHost: b\r\n\r\n"),
             Err(400)

@@ -5,8 +5,8 @@
 //! clients), with `Connection` naming headers to drop, a `;` in its path, as many header
 //! lines as `limits.max_headers` allows, on a route that proxies to an HTTP/1 service
 //! (cleartext or `https`: the upstream connection is then TLS, `upstream::connect`) with
-//! no translation (admission included). Translating routes and h2c services go to the
-//! pingora driver, unchanged; so does an asterisk-form (`OPTIONS *`) request.
+//! no translation (admission included), `OPTIONS *` included. Translating routes and h2c
+//! services go to the pingora driver, unchanged.
 //!
 //! pingora 0.9's proxy loop costs several times what a plain tokio proxy costs per
 //! request here (measured in `load-tests/RESULTS.md`): a boxed future per phase, two
@@ -101,7 +101,7 @@ pub struct FastRequest {
 }
 
 /// Parses ([`parse`]) and routes a complete head. `None`: not a request for this path
-/// (a translating route, an h2c service, an `OPTIONS *`), or a head the front door must
+/// (a translating route, an h2c service), or a head the front door must
 /// judge (and nearly always refuse: `request::parse`); the caller checks it and hands
 /// it to pingora, which sees the same bytes.
 pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastRequest>> {

@@ -113,8 +113,8 @@ fn request_name(raw: &[u8]) -> Option<HeaderName> {
 /// Parses a complete head for this path: the request for upstream, its body's framing
 /// and how the connection goes on. `None`: not for this path, or not clean enough to be
 /// sure; [`head::check`](super::head::check) then judges the head (and refuses every head
-/// this declines but a few rare shapes — `*` targets, bytes httparse refuses that the
-/// check lets through —, which pingora serves).
+/// this declines but bytes httparse or the URI parser refuse that the check lets through,
+/// which pingora serves or refuses).
 ///
 /// This is also the front door's check for the heads it accepts, so a head is not scanned
 /// a second time: everything accepted here is a head `head::check` accepts, with the same
@@ -184,8 +184,12 @@ fn parse_lines(head: &Bytes, limits: &HeadLimits, parsed: &httparse::Request) ->
         return None;
     }
     // An absolute-form target (a client whose `HTTP_PROXY` is busbar) is checked once
-    // its `Host` is known (below); `*` is not for this path.
-    let absolute = !path.starts_with('/');
+    // its `Host` is known (below). `*` is `OPTIONS`'s alone (RFC 9112 §3.2.4).
+    let asterisk = path == "*";
+    if asterisk && method != Method::OPTIONS {
+        return None;
+    }
+    let absolute = !path.starts_with('/') && !asterisk;
     // Set field by field: the builder moves the whole head through a closure per step.
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
@@ -531,6 +535,7 @@ mod tests {
             b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\nE: 5\r\n\r\n",
             b"GET http://a/ HTTP/1.1\r\nHost: b\r\n\r\n",
             b"GET http://u@a/ HTTP/1.1\r\n\r\n",
+            b"GET * HTTP/1.1\r\n\r\n",
             b"GET ftp://a/ HTTP/1.1\r\n\r\n",
             b"GET http:/\\a/ HTTP/1.1\r\n\r\n",
             b"GET / HTTP/1.1\r\nConnection: x-forwarded-for\r\n\r\n",
@@ -555,6 +560,7 @@ mod tests {
             b"POST / HTTP/1.1\r\nContent-Length: 5 \r\n\r\n",
             b"GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
             b"GET http://a:8080?q HTTP/1.0\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\n\r\n",
             b"GET /a;b/c HTTP/1.1\r\n\r\n",
         ] {
             assert!(agrees(ok), "{}", String::from_utf8_lossy(ok));
