@@ -1,9 +1,10 @@
 //! The pingora driver: pingora's `ProxyHttp` adapter, a thin loop over the phases.
 //!
 //! pingora serves what busbar's own engines (`drivers::h1`, `drivers::h2`) do not: HTTP/1
-//! requests on JSON→gRPC routes, HTTP/2 clients while the snapshot has one,
-//! and the rarer HTTP/1 shapes `h1::take` declines (a `Connection` naming other headers,
-//! other `Expect` values or transfer codings, absolute form). Each `ProxyHttp` callback below
+//! requests on JSON→gRPC routes, HTTP/2 clients while the snapshot has one, an upgrade
+//! to an HTTP/2 service, and the HTTP/1 heads `h1::take` declines that the front door's
+//! check lets through: bytes in the head httparse or the URI parser refuse (which
+//! pingora refuses or keeps). Each `ProxyHttp` callback below
 //! translates between pingora's types (its `Session`, its `Error`s) and the phases'
 //! words, and calls the phase that owns the step: `request_filter` → setup, admission
 //! (with the session's "client went away" future, `drivers::gone`), plan, and for a

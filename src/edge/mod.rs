@@ -155,12 +155,14 @@ async fn refuse<S: Client>(
         408 => "408 Request Timeout",
         414 => "414 URI Too Long",
         431 => "431 Request Header Fields Too Large",
+        501 => "501 Not Implemented",
         _ => "400 Bad Request",
     };
     let code = match status {
         408 => "header_timeout",
         414 => "request_line_too_long",
         431 => "headers_too_large",
+        501 => "unsupported_transfer_coding",
         _ => "malformed_request",
     };
     let body = crate::base::reply::Refusal::new(code, reason).to_json();

@@ -32,9 +32,10 @@ pub(crate) enum Routing {
     /// Find it here: the path normalised, both its readings judged, a mesh fallback
     /// counted, a second `Authorization` and a declared body over the limit refused.
     Find,
-    /// The driver's codec already looked it up, to decide that the request is its own
-    /// (busbar's HTTP/1 engine). It takes only requests without a body, with one reading
-    /// of their path and at most one `Authorization`, so those checks are not repeated.
+    /// The driver's codec already looked it up (on the normalised path), to decide that
+    /// the request is its own (busbar's HTTP/1 engine). It takes only requests with at
+    /// most one `Authorization` and judges a declared body against the route's limit
+    /// itself, so those checks are not repeated; a path's two readings are judged here.
     Found {
         route: Option<Arc<Route>>,
         path: RequestPath,
@@ -129,7 +130,14 @@ fn setup_on(
             }
             (route, path)
         }
-        Routing::Found { route, path } => (route.ok_or(Cause::NoRoute)?, path),
+        Routing::Found { route, path } => {
+            let route = route.ok_or(Cause::NoRoute)?;
+            // One flag read for a path without `;`.
+            if !request::readings_agree(snapshot, req, &path, &route) {
+                return Err(Cause::AmbiguousPath);
+            }
+            (route, path)
+        }
     };
     ctx.route = Some(route.clone());
     // Before admission: a looping request spends no rate-limit token or queue slot.

@@ -63,8 +63,6 @@ impl ClientStream for L4Stream {
 pub(super) struct Downstream<'a, S> {
     pub(super) client: &'a mut S,
     pub(super) peer: Option<SocketAddr>,
-    /// The connection is TLS (for the upstream head's `X-Forwarded-Proto`).
-    pub(super) tls: bool,
     /// The connection may carry another request after this one.
     pub(super) keep_alive: bool,
     /// Watch the client for leaving while the request waits (see [`Downstream::left`]).

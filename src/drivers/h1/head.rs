@@ -3,10 +3,15 @@
 //! pingora tolerates things a front proxy must refuse: with both `Content-Length` and
 //! `Transfer-Encoding` it drops the length instead of rejecting, and its size limits
 //! answer 400. Request smuggling lives in exactly these gaps, so busbar refuses
-//! ambiguous framing outright (as HAProxy and Envoy do) and answers 414/431 for size.
+//! ambiguous framing outright (as HAProxy and Envoy do) and answers 414/431 for size,
+//! 501 for a transfer coding it does not implement (RFC 9112 §6.1).
 //! A second `Host` is refused here too (RFC 9112 §3.2), so busbar never routes by one
-//! `Host` while the upstream reads another.
+//! `Host` while the upstream reads another, and so is an absolute-form target whose
+//! authority `Host` contradicts. `Connection` tokens, `Transfer-Encoding` lists and the
+//! target's form are judged by `fields`, as the engine's parse judges them.
 //! Owns: the verdict on one head. Pure: no I/O, no allocation.
+
+use super::fields::{self, MAX_CONNECTION_TOKENS, TOO_MANY_TOKENS};
 
 /// Why a head is refused; `status` and `reason` go to the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +110,14 @@ pub fn check(head: &[u8], limits: &HeadLimits) -> Result<Body, Refusal> {
         return Err(bad("bare LF line ending"));
     };
     let http10 = request_line.ends_with(b" HTTP/1.0");
+    let mut words = request_line.splitn(3, |&b| b == b' ');
+    let (method, target) = (
+        words.next().unwrap_or_default(),
+        words.next().unwrap_or_default(),
+    );
     let mut headers = 0usize;
+    let mut connection_tokens = 0usize;
+    let mut host_value: Option<&[u8]> = None;
     let mut content_length: Option<&[u8]> = None;
     let mut transfer_encoding = false;
     let mut host = false;
@@ -156,6 +168,8 @@ pub fn check(head: &[u8], limits: &HeadLimits) -> Result<Body, Refusal> {
                 return Err(bad("more than one Host"));
             }
             host = true;
+            // Without the whitespace around it, as httparse gives it to the engine.
+            host_value = Some(value.trim_ascii());
         } else if name.eq_ignore_ascii_case(b"content-length") {
             let v = trim_ows(value);
             if v.is_empty() || !v.iter().all(u8::is_ascii_digit) || v.len() > 19 {
@@ -169,11 +183,26 @@ pub fn check(head: &[u8], limits: &HeadLimits) -> Result<Body, Refusal> {
             if transfer_encoding {
                 return Err(bad("more than one Transfer-Encoding"));
             }
-            if !trim_ows(value).eq_ignore_ascii_case(b"chunked") {
-                return Err(bad("Transfer-Encoding other than exactly \"chunked\""));
+            let value = trim_ows(value);
+            if !value.eq_ignore_ascii_case(b"chunked") {
+                return Err(fields::transfer_codings(value));
             }
             transfer_encoding = true;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in value.split(|&b| b == b',') {
+                if fields::connection_token(token)?.is_some() {
+                    connection_tokens += 1;
+                }
+            }
+            if connection_tokens > MAX_CONNECTION_TOKENS {
+                return Err(TOO_MANY_TOKENS);
+            }
         }
+    }
+    // Origin form says nothing of the host; `CONNECT`'s authority form is the tunnel's
+    // (`fallback::connect`), not checked here.
+    if !target.starts_with(b"/") && method != b"CONNECT" {
+        fields::other_target(method, target, host_value)?;
     }
     if transfer_encoding && content_length.is_some() {
         return Err(bad("both Content-Length and Transfer-Encoding"));
@@ -255,6 +284,33 @@ mod tests {
         ] {
             assert_eq!(verdict(head), Err(400), "{}", String::from_utf8_lossy(head));
         }
+    }
+
+    #[test]
+    fn codings_named_headers_and_absolute_targets_are_judged_by_fields() {
+        let te = |v: &str| format!("POST / HTTP/1.1\r\nTransfer-Encoding: {v}\r\n\r\n");
+        assert_eq!(verdict(te("gzip, chunked").as_bytes()), Err(501));
+        assert_eq!(verdict(te("chunked, gzip").as_bytes()), Err(400));
+        assert_eq!(verdict(te("chunked  ").as_bytes()), Ok(Body::Chunked));
+        let named = |v: &str| format!("GET / HTTP/1.1\r\nConnection: {v}\r\n\r\n");
+        assert_eq!(verdict(named("x-a, close").as_bytes()), Ok(Body::Length(0)));
+        assert_eq!(
+            verdict(named("a,b,c,d,e,f,g,h,i").as_bytes()),
+            Ok(Body::Length(0))
+        );
+        assert_eq!(verdict(named("a,b,c,d,e,f,g,h,i,j").as_bytes()), Err(400));
+        assert_eq!(verdict(named("Host").as_bytes()), Err(400));
+        assert_eq!(
+            verdict(b"GET http://a/ HTTP/1.1\r\nHost:  a\t\r\n\r\n"),
+            Ok(Body::Length(0))
+        );
+        assert_eq!(verdict(b"OPTIONS * HTTP/1.1\r\n\r\n"), Ok(Body::Length(0)));
+        assert_eq!(verdict(b"GET * HTTP/1.1\r\n\r\n"), Err(400));
+        assert_eq!(
+            verdict(b"GET http://a/ HTTP/1.1\r\nHost: b\r\n\r\n"),
+            Err(400)
+        );
+        assert_eq!(verdict(b"GET a/b HTTP/1.1\r\n\r\n"), Err(400));
     }
 
     #[test]

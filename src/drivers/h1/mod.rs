@@ -1,12 +1,14 @@
 //! busbar's own HTTP/1 engine for the everyday request: an HTTP/1.1 or HTTP/1.0 request
 //! (plaintext or TLS), with or without a body (`Content-Length` or chunked, `Expect:
-//! 100-continue`), or an upgrade (WebSocket: a `101` answer opens a tunnel,
-//! `drivers::tunnel`), on a route that proxies to an HTTP/1 service (cleartext or
-//! `https`: the upstream connection is then TLS, `upstream::connect`), or to an `h2c` /
-//! `h2` service (`to_h2`: a stream of `drivers::h2::pool`; gRPC-Web routes there, with
-//! their codec), admission included. Everything else (other expectations or transfer
-//! codings, `Connection` naming other headers, JSON→gRPC routes, an upgrade to an HTTP/2
-//! service) goes to the pingora driver, unchanged.
+//! 100-continue` or any other expectation), or an upgrade (WebSocket: a `101` answer
+//! opens a tunnel, `drivers::tunnel`), in origin or absolute form (`HTTP_PROXY`
+//! clients), with `Connection` naming headers to drop, a `;` in its path, as many header
+//! lines as `limits.max_headers` allows, `OPTIONS *` included, on a route that proxies
+//! to an HTTP/1 service (cleartext or `https`: the upstream connection is then TLS,
+//! `upstream::connect`), or to an `h2c` / `h2` service (`to_h2`: a stream of
+//! `drivers::h2::pool`; gRPC-Web routes there, with their codec), admission included.
+//! JSON→gRPC routes and an upgrade to an HTTP/2 service go to the pingora driver,
+//! unchanged.
 //!
 //! pingora 0.9's proxy loop costs several times what a plain tokio proxy costs per
 //! request here (measured in `load-tests/RESULTS.md`): a boxed future per phase, two
@@ -30,6 +32,7 @@
 //! edits, metrics and the access log are the phases' (`phases::Phases`), the same calls
 //! the pingora driver makes.
 
+pub mod fields;
 pub mod framing;
 pub mod head;
 pub mod pool;
@@ -76,16 +79,17 @@ use request::BodyFraming;
 use response::{finish_head, upstream_header, write_head, Framing};
 use upstream::{one_try, Ask, TryFail, BUF};
 
-/// Most header lines in a request or response head this path parses; a head with more
-/// goes to pingora (request) or is refused as a bad upstream response.
+/// Most header lines in a response head this path parses (a head with more is refused as
+/// a bad upstream response), and the room a request head gets on the stack (one with
+/// more lines, within `limits.max_headers`, gets it on the heap: `request::parse`).
 const MAX_HEADERS: usize = 128;
 /// A request this path serves, parsed and routed by [`take`].
 pub struct FastRequest {
     req: RequestHeader,
     snapshot: Arc<Snapshot>,
     route: Option<Arc<Route>>,
-    /// The path routing and ACLs saw, when normalising changed it.
-    normalized: Option<String>,
+    /// The readings of the path routing and ACLs judge (a `;` gives two).
+    path: RequestPath,
     /// The client said `Connection: close` (or spoke HTTP/1.0 without keep-alive).
     close: bool,
     body: BodyFraming,
@@ -95,13 +99,14 @@ pub struct FastRequest {
     expect: bool,
     /// An upgrade busbar passes on (`request::Parsed::upgrade`).
     upgrade: bool,
+    /// The headers `Connection` names: removed before the request goes upstream.
+    nominated: Vec<http::HeaderName>,
 }
 
 /// Parses ([`parse`]) and routes a complete head. `None`: not a request for this path
-/// (an upgrade, an `Expect` other than `100-continue`, absolute form, more than
-/// [`MAX_HEADERS`] lines, a `;` in the path, a JSON→gRPC route…), or a
-/// head the front door must judge; the caller checks it and hands it to pingora, which
-/// sees the same bytes.
+/// (a JSON→gRPC route, an upgrade to an HTTP/2 service), or a head the front door must
+/// judge (and nearly always refuse: `request::parse`); the caller checks it and hands
+/// it to pingora, which sees the same bytes.
 pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastRequest>> {
     // One copy of the head; the path and the header values are slices of it.
     let head = Bytes::copy_from_slice(head);
@@ -117,14 +122,10 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
     );
     let req = parsed.req;
     let snapshot = state.load();
+    // A `;` in the path gives it two readings: setup refuses one whose readings pick two
+    // routes, and admission judges both (`Routing::Found`).
     let path = phase::request_path(&req);
-    if path.literal.is_some() {
-        // `;` in the path: two readings for the ACL, perhaps two routes. The proxy's
-        // phases judge those (rare) paths.
-        return None;
-    }
-    let normalized = path.normalized;
-    let found = phase::lookup_route(&snapshot, &req, normalized.as_deref());
+    let found = phase::lookup_route(&snapshot, &req, path.normalized.as_deref());
     let route = match found {
         None => None,
         Some((route, fallback)) => {
@@ -145,12 +146,13 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
         req,
         snapshot,
         route,
-        normalized,
+        path,
         close: parsed.close,
         body: parsed.body,
         http10: parsed.http10,
         expect: parsed.expect,
         upgrade: parsed.upgrade,
+        nominated: parsed.nominated,
     }))
 }
 
@@ -211,7 +213,8 @@ pub async fn serve<S: ClientStream>(
     let (snapshot, route, close) = (request.snapshot, request.route, request.close);
     let (framing, http10, expect) = (request.body, request.http10, request.expect);
     let upgrade = request.upgrade.then_some(shutdown);
-    let normalized = request.normalized.take();
+    let path = std::mem::take(&mut request.path);
+    let nominated = std::mem::take(&mut request.nominated);
     let req = &mut request.req;
     // What the access log records of the request as it came (the request itself goes
     // upstream, edited): cheap clones of shared bytes.
@@ -221,17 +224,14 @@ pub async fn serve<S: ClientStream>(
         req.headers.get(http::header::HOST).cloned(),
     );
     let mut ctx = RequestCtx::new();
+    // The one record of the connection's TLS: `X-Forwarded-Proto`, `Forwarded` and the
+    // access log's protocol read it.
+    ctx.tls = tls;
     let limits = snapshot.config.limits;
     let limit = limits.client_timeout;
     let pace = crate::phases::pace::BodyPace::new(limits.client_timeout, limits.body_min_rate);
-    // `take` routed the request (and took it only with one reading of its path).
-    let routing = Routing::Found {
-        route,
-        path: RequestPath {
-            normalized,
-            ..RequestPath::default()
-        },
-    };
+    // `take` routed the request; setup judges the readings of its path.
+    let routing = Routing::Found { route, path };
     let set_up = phases.setup(&mut ctx, snapshot, req, peer.map(|a| a.ip()), routing);
     // Where the body ends in what the front door read, if it is all there.
     let held = RequestBody::new(framing, u64::MAX, pace).whole_in(conn);
@@ -239,7 +239,6 @@ pub async fn serve<S: ClientStream>(
     let mut down = Downstream {
         client,
         peer,
-        tls,
         keep_alive: !close && !draining,
         // Only when the body (if any) is all read, and nothing after it: the client's
         // socket then holds nothing but its next request, and watching it for a close
@@ -285,6 +284,11 @@ pub async fn serve<S: ClientStream>(
             };
             match admitted {
                 Ok(()) => {
+                    // RFC 9110 §7.6.1: what `Connection` names stays on the client's hop
+                    // (routing and admission saw it, as on pingora's path).
+                    for name in &nominated {
+                        req.remove_header(name);
+                    }
                     phases.plan(&mut ctx, req, &route);
                     body = RequestBody::new(framing, route.config.max_body, pace);
                     let mut sides = Sides {
@@ -392,7 +396,7 @@ async fn exchange<S: ClientStream>(
     let mut wire = Vec::with_capacity(512 + held);
     let conn = upstream_head::Downstream {
         peer: client_ip,
-        tls: down.tls,
+        tls: ctx.tls,
         h2: false,
     };
     if upstream_head::build(ctx, req, conn, Output::Wire(&mut wire)).is_err() {

@@ -1,11 +1,11 @@
 //! The HTTP/1.1 request codec of busbar's own engine: a complete request head, as the
 //! front door read it, parsed once (httparse) into the request for upstream.
 //!
-//! Owns: which heads the engine takes (clean, origin-form HTTP/1.1 or HTTP/1.0 within the
-//! limits, a body framed by one plain `Content-Length` or by `Transfer-Encoding: chunked`
-//! alone), how its body is framed, whether it is an upgrade busbar passes on (and which
-//! it ignores: `h2c`, HTTP/1.0, with a body), and turning one into a `RequestHeader`
-//! without a second scan.
+//! Owns: which heads the engine takes (clean HTTP/1.1 or HTTP/1.0 within the limits, in
+//! origin or absolute form, a body framed by one plain `Content-Length` or by
+//! `Transfer-Encoding: chunked` alone), how its body is framed, whether it is an upgrade
+//! busbar passes on (and which it ignores: `h2c`, HTTP/1.0, with a body), which headers
+//! `Connection` names, and turning one into a `RequestHeader` without a second scan.
 //! Must not: route, or write anything.
 
 use bytes::Bytes;
@@ -15,6 +15,7 @@ use http::header::{
 use http::{HeaderName, HeaderValue, Method};
 use pingora_http::RequestHeader;
 
+use super::fields::{self, Token, MAX_CONNECTION_TOKENS};
 use super::head::HeadLimits;
 use super::MAX_HEADERS;
 use crate::phases::response_head::Kind;
@@ -43,6 +44,9 @@ pub(super) struct Parsed {
     /// An upgrade (`Connection: upgrade` and `Upgrade`, see [`upgrade_of`]): the request
     /// keeps its `Upgrade` header, and a `101` answer turns the connection into a tunnel.
     pub(super) upgrade: bool,
+    /// The headers `Connection` names (RFC 9110 §7.6.1): busbar's phases see them, the
+    /// upstream does not. Empty (no allocation) for nearly every request.
+    pub(super) nominated: Vec<HeaderName>,
 }
 
 /// Is this an upgrade busbar passes on? The client asked for one (`Connection` names
@@ -108,7 +112,9 @@ fn request_name(raw: &[u8]) -> Option<HeaderName> {
 
 /// Parses a complete head for this path: the request for upstream, its body's framing
 /// and how the connection goes on. `None`: not for this path, or not clean enough to be
-/// sure; [`head::check`](super::head::check) then judges the head and pingora serves it.
+/// sure; [`head::check`](super::head::check) then judges the head (and refuses every head
+/// this declines but bytes httparse or the URI parser refuse that the check lets through,
+/// which pingora serves or refuses).
 ///
 /// This is also the front door's check for the heads it accepts, so a head is not scanned
 /// a second time: everything accepted here is a head `head::check` accepts, with the same
@@ -118,18 +124,50 @@ fn request_name(raw: &[u8]) -> Option<HeaderName> {
 /// checked here: bare LF line endings, empty lines before the request line, the size
 /// limits, a `Content-Length` that is not one line of 1 to 19 digits, a
 /// `Transfer-Encoding` other than one line of exactly `chunked` (or beside a length, or
-/// in HTTP/1.0), an `Expect` other than `100-continue`. A second `Host` (which the front
-/// door refuses) or a second `Authorization` (which the phases refuse) is not
-/// for this path either.
+/// in HTTP/1.0), a `Connection` token `fields` refuses, an absolute-form target `fields`
+/// refuses. A second `Host` (which the front door refuses) or a second `Authorization`
+/// (which the phases refuse) is not for this path either.
 pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<Parsed> {
     if head.len() > limits.max_head_bytes || !head.ends_with(b"\r\n\r\n") {
         return None;
     }
     let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut lines);
-    if parsed.parse(head) != Ok(httparse::Status::Complete(head.len())) {
-        return None;
+    match parse_in(head, limits, &mut lines) {
+        // More lines than the usual head has room for: allowed by the limits, so this
+        // rare head gets room for all of them, on the heap.
+        Err(Declined::TooManyLines) if limits.max_headers > MAX_HEADERS => {
+            let mut lines = vec![httparse::EMPTY_HEADER; limits.max_headers];
+            parse_in(head, limits, &mut lines).ok()
+        }
+        parsed => parsed.ok(),
     }
+}
+
+/// Why [`parse_in`] did not take a head.
+enum Declined {
+    /// More header lines than it was given room for.
+    TooManyLines,
+    /// Anything else: not for this path.
+    No,
+}
+
+/// [`parse`] with room for `lines.len()` header lines.
+fn parse_in<'h>(
+    head: &'h Bytes,
+    limits: &HeadLimits,
+    lines: &mut [httparse::Header<'h>],
+) -> Result<Parsed, Declined> {
+    let mut parsed = httparse::Request::new(lines);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
+        Err(httparse::Error::TooManyHeaders) => return Err(Declined::TooManyLines),
+        _ => return Err(Declined::No),
+    }
+    parse_lines(head, limits, &parsed).ok_or(Declined::No)
+}
+
+/// The request in a head httparse parsed whole.
+fn parse_lines(head: &Bytes, limits: &HeadLimits, parsed: &httparse::Request) -> Option<Parsed> {
     let (method, path) = (parsed.method?, parsed.path?);
     // Strict httparse: `METHOD SP path SP HTTP/1.1`, so its line feed is at this index.
     // The method starts the head: httparse skips empty lines before it.
@@ -138,7 +176,6 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<Parsed> {
         || request_line > limits.max_request_line
         || !matches!(parsed.version, Some(0 | 1))
         || parsed.headers.len() > limits.max_headers
-        || !path.starts_with('/')
     {
         return None;
     }
@@ -146,11 +183,19 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<Parsed> {
     if method == Method::CONNECT {
         return None;
     }
-    let uri = http::Uri::from_maybe_shared(head.slice_ref(path.as_bytes())).ok()?;
+    // An absolute-form target (a client whose `HTTP_PROXY` is busbar) is checked once
+    // its `Host` is known (below). `*` is `OPTIONS`'s alone (RFC 9112 §3.2.4).
+    let asterisk = path == "*";
+    if asterisk && method != Method::OPTIONS {
+        return None;
+    }
+    let absolute = !path.starts_with('/') && !asterisk;
     // Set field by field: the builder moves the whole head through a closure per step.
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
-    parts.uri = uri;
+    if !absolute {
+        parts.uri = http::Uri::from_maybe_shared(head.slice_ref(path.as_bytes())).ok()?;
+    }
     // `Via` and the access log name the client's protocol.
     if parsed.version == Some(0) {
         parts.version = http::Version::HTTP_10;
@@ -161,9 +206,12 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<Parsed> {
     let mut keep_alive = false;
     let mut length: Option<u64> = None;
     let (mut chunked, mut expect) = (false, false);
-    let (mut host, mut authorization) = (false, false);
+    let (mut host, mut authorization) = (None, false);
     // `Upgrade`'s value, and whether `Connection` names it.
     let (mut upgrade, mut upgrade_named) = (None, false);
+    // The headers `Connection` names: removed before the request goes upstream.
+    let mut tokens = 0;
+    let mut nominated = Vec::new();
     for h in parsed.headers.iter() {
         // Each line before this one ended in CRLF (the last one: `ends_with` above).
         let at = h.name.as_ptr() as usize - head.as_ptr() as usize;
@@ -183,25 +231,27 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<Parsed> {
             // which busbar ignores.
             continue;
         }
-        // A framing value is the line's whole rest after `:` and spaces: no tab or
-        // trailing whitespace httparse trimmed, which the front door reads otherwise.
+        // A framing value is the line's rest after `:` and spaces, up to spaces: no tab
+        // httparse trimmed, which the front door reads otherwise.
         if name == TRANSFER_ENCODING || name == CONTENT_LENGTH {
             let value_at = h.value.as_ptr() as usize - head.as_ptr() as usize;
             let between = head.get(at + h.name.len()..value_at)?;
             let clean = matches!(between.split_first(), Some((b':', rest)) if rest.iter().all(|&b| b == b' '));
-            if !clean || head.get(value_at + h.value.len()) != Some(&b'\r') {
+            let after = head.get(value_at + h.value.len()..)?;
+            let end = after.iter().position(|&b| b != b' ')?;
+            if !clean || after[end] != b'\r' {
                 return None;
             }
         }
         if name == TRANSFER_ENCODING {
-            // Exactly `chunked`, once: the front door refuses the rest, or pingora reads it.
+            // Exactly `chunked`, once: the front door refuses the rest (400 or 501).
             if chunked || http10 || !h.value.eq_ignore_ascii_case(b"chunked") {
                 return None;
             }
             chunked = true;
         }
         if name == CONTENT_LENGTH {
-            // The value has no whitespace around it (checked above): the response side's
+            // The value has no tab around it (checked above): the response side's
             // reading of a length is this one's.
             if length.is_some() {
                 return None;
@@ -209,33 +259,41 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<Parsed> {
             length = Some(super::framing::content_length(h.value)?);
         }
         if name == EXPECT {
-            if expect || !h.value.eq_ignore_ascii_case(b"100-continue") {
-                return None;
-            }
-            expect = true;
-            if http10 {
+            // A list (RFC 9110 §10.1.1): a `100-continue` member is the client's promise
+            // to wait; any other goes upstream as it came (as pingora's proxy, HAProxy
+            // and Envoy pass it; RFC 9110 lets a server refuse it with 417, busbar's
+            // upstream can).
+            let continues = h
+                .value
+                .split(|&b| b == b',')
+                .any(|m| m.trim_ascii().eq_ignore_ascii_case(b"100-continue"));
+            expect |= continues;
+            if http10 && continues {
                 // RFC 9110 §10.1.1: an HTTP/1.0 request's expectation is ignored; not
                 // forwarded either, or the upstream would answer it with a 100.
                 continue;
             }
         }
         if name == CONNECTION {
-            // `close`, `keep-alive`, and the names an upgrade brings; any other token
-            // names one more hop-by-hop header, which pingora's path strips.
             for t in h.value.split(|&b| b == b',') {
-                let t = t.trim_ascii();
-                if t.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive = true;
-                } else if t.eq_ignore_ascii_case(b"upgrade") {
-                    upgrade_named = true;
-                } else if !t.is_empty() && !t.eq_ignore_ascii_case(HTTP2_SETTINGS.as_bytes()) {
-                    return None;
+                let Some(token) = fields::connection_token(t).ok()? else {
+                    continue;
+                };
+                tokens += 1;
+                match token {
+                    Token::Close => close = true,
+                    Token::KeepAlive => keep_alive = true,
+                    Token::Upgrade => upgrade_named = true,
+                    Token::Http2Settings | Token::Framing => {}
+                    // Rare: the one allocation is for requests that name one.
+                    Token::Names(n) => nominated.push(HeaderName::from_bytes(n).ok()?),
                 }
             }
+            if tokens > MAX_CONNECTION_TOKENS {
+                return None;
+            }
         }
-        if name == HOST && std::mem::replace(&mut host, true)
+        if name == HOST && host.replace(h.value).is_some()
             || name == AUTHORIZATION && std::mem::replace(&mut authorization, true)
         {
             return None;
@@ -259,14 +317,31 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<Parsed> {
         let value = HeaderValue::from_maybe_shared(head.slice_ref(value)).ok()?;
         parts.headers.insert(UPGRADE, value);
     }
+    if absolute {
+        // RFC 9112 §3.2.2: the target's authority replaces `Host` (which, when sent, must
+        // say the same: `fields::absolute_target`).
+        let authority = fields::absolute_target(path.as_bytes(), host).ok()?;
+        if host.is_none() {
+            let value = HeaderValue::from_maybe_shared(head.slice_ref(authority)).ok()?;
+            parts.headers.insert(HOST, value);
+        }
+    }
     // No case map: names go upstream in canonical form.
+    let mut req = RequestHeader::from(parts);
+    if absolute {
+        // Kept as it came, as pingora keeps it: the path in the URI, the whole target
+        // for the phases (routing's host, the mesh fallback's count, origin form
+        // upstream: `phases::upstream_head`).
+        req.set_raw_path(path.as_bytes()).ok()?;
+    }
     Some(Parsed {
-        req: RequestHeader::from(parts),
+        req,
         close: close || http10 && !keep_alive,
         expect: expect && !http10 && body != BodyFraming::None,
         body,
         http10,
         upgrade: upgrading,
+        nominated,
     })
 }
 
@@ -359,7 +434,7 @@ mod tests {
             &b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
             b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-            b"POST / HTTP/1.1\r\nExpect: something\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\t\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding:\tchunked\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length:\t5\r\n\r\n",
         ] {
@@ -418,13 +493,13 @@ mod tests {
             assert_eq!(upgrade(ignored), None, "{}", String::from_utf8_lossy(ignored));
             assert!(agrees(ignored), "{}", String::from_utf8_lossy(ignored));
         }
-        // Two `Upgrade` lines, or `Connection` naming another header: not for this path.
-        for other in [
-            &b"GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: a\r\nUpgrade: b\r\n\r\n"[..],
-            b"GET / HTTP/1.1\r\nConnection: upgrade, x-hop\r\nUpgrade: websocket\r\n\r\n",
-        ] {
-            assert!(p(other).is_none(), "{}", String::from_utf8_lossy(other));
-        }
+        // `Connection` naming another header too: that one is dropped, the upgrade kept.
+        let named = b"GET / HTTP/1.1\r\nConnection: upgrade, x-hop\r\nUpgrade: websocket\r\n\r\n";
+        assert_eq!(upgrade(named), ws);
+        assert_eq!(p(named).unwrap().nominated, ["x-hop"]);
+        // Two `Upgrade` lines: not for this path.
+        let two = b"GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: a\r\nUpgrade: b\r\n\r\n";
+        assert!(p(two).is_none());
     }
 
     #[test]
@@ -458,12 +533,80 @@ mod tests {
             b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n",
             b"GET / HTTP/1.2\r\n\r\n",
             b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\nE: 5\r\n\r\n",
-            b"GET http://a/ HTTP/1.1\r\n\r\n",
+            b"GET http://a/ HTTP/1.1\r\nHost: b\r\n\r\n",
+            b"GET http://u@a/ HTTP/1.1\r\n\r\n",
+            b"GET * HTTP/1.1\r\n\r\n",
+            b"GET ftp://a/ HTTP/1.1\r\n\r\n",
+            b"GET http:/\\a/ HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nConnection: x-forwarded-for\r\n\r\n",
+            b"GET / HTTP/1.1\r\nConnection: \"x\"\r\n\r\n",
+            b"GET / HTTP/1.1\r\nConnection: a,b,c,d,e,f,g,h,i,j\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
             b"GET / HTTP/1.1\r\nAuthorization: a\r\nAUTHORIZATION: b\r\n\r\n",
         ] {
             assert!(!agrees(refused), "{}", String::from_utf8_lossy(refused));
         }
+    }
+
+    #[test]
+    fn named_headers_expectations_and_absolute_targets_are_taken() {
+        let p = |h: &[u8]| parse(&Bytes::copy_from_slice(h), &LIMITS);
+        for ok in [
+            &b"GET / HTTP/1.1\r\nConnection: x-a, close\r\nX-A: 1\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nConnection: content-length\r\n\r\n",
+            b"GET / HTTP/1.1\r\nConnection: a,b,c,d,e,f,g,h,i\r\n\r\n",
+            b"POST / HTTP/1.1\r\nExpect: something\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding:  chunked  \r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5 \r\n\r\n",
+            b"GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET http://a:8080?q HTTP/1.0\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\n\r\n",
+            b"GET /a;b/c HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(agrees(ok), "{}", String::from_utf8_lossy(ok));
+        }
+        // Named headers stay in the request (routing and admission read them) and are
+        // listed for removal; framing ones are not.
+        let got = p(
+            b"GET / HTTP/1.1\r\nX-A: 1\r\nConnection: X-A, content-length, close\r\nX-B: 2\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(got.nominated, ["x-a"]);
+        assert!(got.close && got.req.headers.contains_key("x-a"));
+        // Any expectation goes on; only `100-continue` makes the client wait.
+        let got = p(b"POST / HTTP/1.1\r\nExpect: a=b, 100-Continue\r\nContent-Length: 1\r\n\r\n")
+            .unwrap();
+        assert!(got.expect);
+        assert_eq!(got.req.headers["expect"], "a=b, 100-Continue");
+        let got = p(b"POST / HTTP/1.1\r\nExpect: a=b\r\nContent-Length: 1\r\n\r\n").unwrap();
+        assert!(!got.expect);
+        assert_eq!(got.req.headers["expect"], "a=b");
+        // Absolute form: the target's authority is the Host; the target stays whole for
+        // the phases (they route on its host and send it in origin form).
+        let got = p(b"GET http://a:8080/x?q HTTP/1.0\r\n\r\n").unwrap();
+        assert_eq!(got.req.headers["host"], "a:8080");
+        assert_eq!(got.req.raw_path(), b"http://a:8080/x?q");
+        assert_eq!(got.req.uri.path(), "/x");
+    }
+
+    #[test]
+    fn a_head_with_more_lines_than_the_usual_room_is_taken_within_the_limit() {
+        let limits = HeadLimits {
+            max_request_line: 64,
+            max_head_bytes: 65536,
+            max_headers: 200,
+        };
+        let head = |n: usize| {
+            let lines: String = (0..n).map(|i| format!("X-{i}: v\r\n")).collect();
+            Bytes::from(format!("GET / HTTP/1.1\r\n{lines}\r\n"))
+        };
+        let got = parse(&head(MAX_HEADERS + 50), &limits).unwrap();
+        assert_eq!(got.req.headers.len(), MAX_HEADERS + 50);
+        assert!(parse(&head(201), &limits).is_none());
+        assert_eq!(
+            super::super::head::check(&head(200), &limits),
+            Ok(super::super::head::Body::Length(0))
+        );
     }
 
     #[test]

@@ -140,7 +140,7 @@ pub(super) async fn exchange<S: ClientStream>(
 ) -> Served {
     let conn = upstream_head::Downstream {
         peer: down.peer.map(|a| a.ip()),
-        tls: down.tls,
+        tls: ctx.tls,
         h2: false,
     };
     let mut up = req.clone();
