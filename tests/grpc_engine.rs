@@ -123,6 +123,11 @@ async fn stream(
             .body(())
             .unwrap()
     };
+    let req_timeout = req
+        .headers()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let mut body = req.into_body();
     match mode {
         Mode::Refuse => respond.send_reset(Reason::REFUSED_STREAM),
@@ -151,6 +156,9 @@ async fn stream(
             let _ = tx.send_trailers(t);
         }
         Mode::Hold => {
+            if let Some(t) = req_timeout {
+                events.lock().unwrap().push(format!("grpc-timeout:{t}"));
+            }
             let Ok(mut tx) = respond.send_response(head(), false) else {
                 return;
             };
@@ -428,4 +436,162 @@ async fn an_upstream_reset_mid_response_reaches_the_caller_as_a_reset() {
         .expect("an error, not a clean end")
         .expect_err("a reset");
     assert_eq!(e.reason(), Some(Reason::ENHANCE_YOUR_CALM), "{e}");
+}
+
+/// A `grpc-timeout` value as a duration (the test's own reading of the header).
+fn grpc_timeout(v: &str) -> Duration {
+    let (n, unit) = v.split_at(v.len() - 1);
+    let n: u64 = n.parse().expect("digits");
+    match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => panic!("unit of {v:?}"),
+    }
+}
+
+/// The `grpc-timeout` the tonic backend got with its calls.
+fn timeouts_seen(b: &GrpcBackend) -> Vec<Duration> {
+    b.calls()
+        .iter()
+        .flat_map(|c| c.metadata.iter())
+        .filter(|(k, _)| k == "grpc-timeout")
+        .map(|(_, v)| grpc_timeout(v))
+        .collect()
+}
+
+/// A unary `Ping` sent with the `h2` crate (a tonic client would enforce the
+/// `grpc-timeout` itself and race busbar's answer), with `grpc-timeout: timeout`: the
+/// response's `grpc-status`, and how long it took.
+async fn ping_within(bus: SocketAddr, text: &str, timeout: &str) -> (String, Duration) {
+    let mut send = h2c(bus).await;
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{bus}/bookstore.v1.Bookstore/Ping"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .body(())
+        .unwrap();
+    // PingRequest { text }: field 1, length-delimited; in one gRPC message frame.
+    let mut msg = vec![0x0a, text.len() as u8];
+    msg.extend_from_slice(text.as_bytes());
+    let mut frame = vec![0];
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    let started = Instant::now();
+    let (resp, mut tx) = send.send_request(req, false).unwrap();
+    tx.send_data(Bytes::from(frame), true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(20), resp)
+        .await
+        .expect("an answer")
+        .expect("a response");
+    let took = started.elapsed();
+    if let Some(s) = resp.headers().get("grpc-status") {
+        // Trailers-Only: the status in the head, nothing after it.
+        assert!(resp.body().is_end_stream(), "Trailers-Only");
+        return (s.to_str().unwrap().to_string(), took);
+    }
+    let mut body = resp.into_body();
+    while let Some(d) = body.data().await {
+        let _ = d.expect("data");
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    (trailers["grpc-status"].to_str().unwrap().to_string(), took)
+}
+
+/// A slow unary call with the caller's 600 ms `grpc-timeout`: the backend is told what
+/// remains of it (less than 600 ms), and at 600 ms the caller gets busbar's
+/// DEADLINE_EXCEEDED (4), not the backend's own timeout's CANCELLED (1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_grpc_timeout_bounds_the_call_and_is_lowered_upstream() {
+    let slow = GrpcBackend::start(1).await;
+    let bus = Busbar::start(&h2c_config(&[slow.addr], "")).await;
+    let (status, took) = ping_within(bus.http, "sleep:5000", "600m").await;
+    assert_eq!(status, "4", "DEADLINE_EXCEEDED");
+    assert!(
+        took >= Duration::from_millis(550) && took < Duration::from_secs(4),
+        "answered after {took:?}"
+    );
+    let seen = timeouts_seen(&slow);
+    assert_eq!(seen.len(), 1, "{:?}", slow.calls());
+    assert!(
+        seen[0] < Duration::from_millis(600) && seen[0] > Duration::from_millis(100),
+        "the backend's grpc-timeout: {:?}",
+        seen[0]
+    );
+    eprintln!(
+        "grpc-timeout 600m: upstream told {:?}, DEADLINE_EXCEEDED after {took:?}",
+        seen[0]
+    );
+    // A call within its deadline is answered as usual.
+    let (status, _) = ping_within(bus.http, "quick", "5S").await;
+    assert_eq!(status, "0");
+}
+
+/// The route's 400 ms timeout is shorter than the caller's 30 s `grpc-timeout`: the
+/// backend is told at most 400 ms, and the call ends with DEADLINE_EXCEEDED then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_routes_timeout_caps_a_longer_grpc_timeout() {
+    let slow = GrpcBackend::start(1).await;
+    let config = h2c_config(&[slow.addr], "") + "timeout = \"400ms\"\n";
+    let bus = Busbar::start(&config).await;
+    let (status, took) = ping_within(bus.http, "sleep:5000", "30S").await;
+    assert_eq!(status, "4", "DEADLINE_EXCEEDED");
+    assert!(took < Duration::from_secs(4), "answered after {took:?}");
+    let seen = timeouts_seen(&slow);
+    assert_eq!(seen.len(), 1, "{:?}", slow.calls());
+    assert!(
+        seen[0] <= Duration::from_millis(400),
+        "the backend's grpc-timeout: {:?}",
+        seen[0]
+    );
+}
+
+/// The deadline passes after the response head: the caller's stream is reset with
+/// CANCEL, and so is the upstream's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_after_the_head_resets_both_streams_with_cancel() {
+    let up = Raw::start(Mode::Hold).await;
+    let bus = Busbar::start(&h2c_config(&[up.addr], "")).await;
+    let mut send = h2c(bus.http).await;
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}/stream.Svc/Watch", bus.http))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "700m")
+        .body(())
+        .unwrap();
+    let started = Instant::now();
+    let (resp, _tx) = send.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("a head")
+        .expect("a response");
+    let mut rx = resp.into_body();
+    let first = rx.data().await.unwrap().unwrap();
+    assert_eq!(first, "first");
+    let end = tokio::time::timeout(Duration::from_secs(10), rx.data())
+        .await
+        .expect("the stream ends at the deadline");
+    let took = started.elapsed();
+    let e = end.expect("a reset, not a clean end").expect_err("a reset");
+    assert_eq!(e.reason(), Some(Reason::CANCEL), "{e}");
+    assert!(
+        took >= Duration::from_millis(650) && took < Duration::from_secs(5),
+        "reset after {took:?}"
+    );
+    assert!(
+        until(Duration::from_secs(10), || up.events().len() >= 2).await,
+        "the upstream saw its stream end: {:?}",
+        up.events()
+    );
+    let events = up.events();
+    assert_eq!(events[1], "reset:CANCEL");
+    let told = grpc_timeout(events[0].strip_prefix("grpc-timeout:").unwrap());
+    assert!(told < Duration::from_millis(700), "upstream told {told:?}");
 }

@@ -13,7 +13,8 @@
 //!
 //! Files: `server` (the connection: settings, limits, drain), `stream` (one stream's
 //! exchange), `response` (an HTTP/1 upstream's response to the client), `passthrough`
-//! (a stream to an HTTP/2 upstream, both ways at once), `request` (head
+//! (a stream to an HTTP/2 upstream, both ways at once), `grpc_timeout` (the header's
+//! syntax), `request` (head
 //! conversion, RFC 9113 §8.2.3), `body` (the request body with flow control, as HTTP/1
 //! body bytes), and `pool`: the upstream side, per-thread pools of multiplexed
 //! connections to instances (h2c with prior knowledge, h2 over TLS with ALPN `h2`), the
@@ -22,6 +23,7 @@
 //! Must not: hold policy (the phases'), or frame HTTP/1 itself (`drivers::h1`'s codecs).
 
 mod body;
+mod grpc_timeout;
 mod passthrough;
 pub(crate) mod pool;
 mod request;

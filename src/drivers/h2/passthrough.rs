@@ -12,9 +12,13 @@
 //! stream reset with CANCEL (the `h2` crate resets a stream whose handles are all dropped
 //! before its end), an upstream reset reaches the client as a reset, or before the
 //! response head as busbar's own answer (Trailers-Only UNAVAILABLE for a gRPC caller).
-//! The route's deadline bounds the wait for the response head; the caller's
-//! `grpc-timeout` goes upstream unchanged (as on pingora's path); each wait for response
-//! data is bounded by the service's `read_timeout`.
+//! The route's deadline bounds the wait for the response head; each wait for response
+//! data is bounded by the service's `read_timeout`. A gRPC caller's `grpc-timeout` makes
+//! the call's deadline the earlier of it and the route's, and that deadline bounds the
+//! whole call: each try's upstream gets a `grpc-timeout` of what remains of it (grpc-go's
+//! and Envoy's propagation), and at the deadline the caller gets DEADLINE_EXCEEDED
+//! (Trailers-Only, when no head went out yet) or RST_STREAM CANCEL (after it), and the
+//! upstream stream is reset with CANCEL.
 //! Must not: decide retries or count outcomes (the phases'), or frame HTTP/2 (the `h2`
 //! crate's).
 
@@ -28,6 +32,7 @@ use http::header::{HOST, TE, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Uri};
 use pingora_http::{RequestHeader, ResponseHeader};
 
+use super::grpc_timeout;
 use super::pool::{self, OpenError};
 use super::response::{send, to_h2};
 use super::stream::{Answered, Exchange};
@@ -36,6 +41,7 @@ use crate::drivers::h1::body::BodyFail;
 use crate::phases::fail::{self, Failure};
 use crate::phases::response_head;
 use crate::phases::upstream_head::{self, Output};
+use crate::proxy::grpc::trailers_only;
 use crate::proxy::reply::Cause;
 
 /// Request body bytes held for a retry of a refused stream (as the HTTP/1 path's hold).
@@ -228,13 +234,31 @@ impl Exchange<'_, '_> {
             ended: recv.is_end_stream(),
             ..Held::default()
         };
-        let head_by = self
+        let mut head_by = self
             .ctx
             .deadline
             .unwrap_or_else(|| Instant::now() + svc.config.timeout);
+        // A gRPC caller's own deadline, from when its request came (a value that is not
+        // the header's syntax counts as none, and goes on as it is): the earlier one
+        // bounds the call, its tries' timeouts and its retries (through the context).
+        let theirs = match template.headers.get(grpc_timeout::NAME) {
+            Some(v) if self.ctx.caller.is_grpc() => grpc_timeout::parse(v),
+            _ => None,
+        };
+        let bounded = theirs.is_some();
+        let call_by = theirs
+            .and_then(|t| self.ctx.start.checked_add(t))
+            .map_or(head_by, |by| by.min(head_by));
+        if bounded {
+            head_by = call_by;
+            self.ctx.deadline = Some(call_by);
+        }
         loop {
             let t = match self.phases.begin_try(self.ctx) {
                 Ok(t) => t,
+                Err(Cause::UpstreamTimeout) if bounded => {
+                    return (self.deadline_exceeded().await, held.read as u64)
+                }
                 Err(cause) => return (self.answer(cause).await, held.read as u64),
             };
             let lease = match pool::open(&t, svc.config.h2_max_streams, &svc.metrics).await {
@@ -262,6 +286,13 @@ impl Exchange<'_, '_> {
             } else {
                 http::Request::from_parts(std::mem::replace(&mut template, empty_parts()), ())
             };
+            if bounded {
+                // What remains of the call's deadline, for the upstream to work to.
+                let left = call_by.saturating_duration_since(Instant::now());
+                request
+                    .headers_mut()
+                    .insert(grpc_timeout::NAME, grpc_timeout::encode(left));
+            }
             let tls = t.tls.is_some();
             if request.uri().authority().is_none() {
                 // No `:authority` from the client: the instance's.
@@ -325,11 +356,13 @@ impl Exchange<'_, '_> {
                                 _ => {}
                             }
                         }
+                        // Before the response: an upstream that gave up at the same
+                        // deadline (its `grpc-timeout`) does not answer for busbar.
+                        _ = tokio::time::sleep_until(head_by.into()) => break Tried::TimedOut,
                         r = &mut ex.response => break match r {
                             Ok(r) => Tried::Head(r),
                             Err(e) => Tried::Failed(e),
                         },
-                        _ = tokio::time::sleep_until(head_by.into()) => break Tried::TimedOut,
                     }
                 };
                 match tried {
@@ -337,7 +370,10 @@ impl Exchange<'_, '_> {
                         self.phases.on_response_head(self.ctx);
                         let (parts, body) = resp.into_parts();
                         let read_timeout = t.read_timeout;
-                        Ok(self.relay(parts, body, fwd, fwd_done, read_timeout).await)
+                        let by = bounded.then_some(call_by);
+                        Ok(self
+                            .relay(parts, body, fwd, fwd_done, read_timeout, by)
+                            .await)
                     }
                     other => Err(other),
                 }
@@ -381,6 +417,9 @@ impl Exchange<'_, '_> {
                 Err(_) => {
                     self.phases
                         .on_try_failure(self.ctx, true, true, false, false);
+                    if bounded {
+                        return (self.deadline_exceeded().await, read);
+                    }
                 }
             }
             return (self.failed().await, read);
@@ -393,9 +432,30 @@ impl Exchange<'_, '_> {
         self.answer(cause).await
     }
 
+    /// A gRPC call's deadline passed before a response head: DEADLINE_EXCEEDED,
+    /// Trailers-Only (the access log names the cause `upstream_timeout`).
+    async fn deadline_exceeded(&mut self) -> Answered {
+        self.ctx.cause = Some(Cause::UpstreamTimeout);
+        let head = trailers_only(
+            self.ctx.caller,
+            4,
+            "deadline_exceeded",
+            "the call's deadline (its grpc-timeout, or the route's timeout) passed before the upstream answered",
+        );
+        let Ok(_) = self.respond.send_response(to_h2(head), true) else {
+            return Answered::nothing();
+        };
+        Answered {
+            status: 200,
+            body_bytes: 0,
+        }
+    }
+
     /// The upstream's response to the client: its head edited by the phases, its DATA
     /// within the client's window (released to the upstream's as the client takes it),
-    /// its trailers; the request body keeps going up meanwhile (`fwd`).
+    /// its trailers; the request body keeps going up meanwhile (`fwd`). At `call_by` (a
+    /// gRPC caller's deadline) the client's stream is reset with CANCEL, and the
+    /// upstream's with it (its handles are dropped).
     async fn relay<F: std::future::Future<Output = Result<(), Fwd>>>(
         &mut self,
         parts: http::response::Parts,
@@ -403,6 +463,7 @@ impl Exchange<'_, '_> {
         mut fwd: std::pin::Pin<&mut F>,
         mut fwd_done: bool,
         read_timeout: Duration,
+        call_by: Option<Instant>,
     ) -> Answered {
         let status = parts.status;
         let mut resp = ResponseHeader::from(parts);
@@ -426,10 +487,19 @@ impl Exchange<'_, '_> {
             status: code,
             body_bytes: sent,
         };
+        // No deadline: a timer that never fires (not polled: its arm is off).
+        let expiry = tokio::time::sleep_until(call_by.unwrap_or_else(Instant::now).into());
+        let mut expiry = pin!(expiry);
+        let timed = call_by.is_some();
         loop {
             tokio::select! {
                 biased;
                 _ = poll_fn(|cx| tx.poll_reset(cx)) => return cut(sent),
+                _ = expiry.as_mut(), if timed => {
+                    self.ctx.cause = Some(Cause::UpstreamTimeout);
+                    tx.send_reset(Reason::CANCEL);
+                    return cut(sent);
+                }
                 f = &mut fwd, if !fwd_done => {
                     fwd_done = true;
                     match f {
@@ -466,7 +536,10 @@ impl Exchange<'_, '_> {
                 },
             }
         }
-        let trailers = match within(read_timeout, body.trailers()).await {
+        let wait = call_by.map_or(read_timeout, |by| {
+            read_timeout.min(by.saturating_duration_since(Instant::now()))
+        });
+        let trailers = match within(wait, body.trailers()).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
                 self.phases
