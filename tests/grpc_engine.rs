@@ -595,3 +595,61 @@ async fn a_deadline_after_the_head_resets_both_streams_with_cancel() {
     let told = grpc_timeout(events[0].strip_prefix("grpc-timeout:").unwrap());
     assert!(told < Duration::from_millis(700), "upstream told {told:?}");
 }
+
+/// The access log's lines once it has at least `n` (the flusher writes every 200 ms).
+async fn log_lines(bus: &Busbar, n: usize) -> Vec<serde_json::Value> {
+    let read = || -> Vec<serde_json::Value> {
+        bus.access_log()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    };
+    until(Duration::from_secs(10), || read().len() >= n).await;
+    read()
+}
+
+/// Passed-through calls carry their `grpc-status` in the access log: from the trailers
+/// (0, and the backend's NOT_FOUND 5 sent Trailers-Only by tonic), and busbar's own
+/// DEADLINE_EXCEEDED; a plain HTTP/2 request has no such key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_names_each_calls_grpc_status() {
+    let b = GrpcBackend::start(1).await;
+    let bus = Busbar::start(&h2c_config(&[b.addr], "")).await;
+    let mut client = BookstoreClient::connect(format!("http://{}", bus.http))
+        .await
+        .unwrap();
+    client
+        .ping(PingRequest { text: "ok".into() })
+        .await
+        .expect("answered");
+    let status = client
+        .fail(FailRequest {
+            code: 5,
+            message: "nope".into(),
+        })
+        .await
+        .expect_err("NOT_FOUND");
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    let (status, _) = ping_within(bus.http, "sleep:3000", "300m").await;
+    assert_eq!(status, "4");
+    let lines = log_lines(&bus, 3).await;
+    let of = |path: &str| {
+        lines
+            .iter()
+            .find(|l| l["path"] == path)
+            .unwrap_or_else(|| panic!("no line for {path}: {lines:?}"))
+            .clone()
+    };
+    let ok = of("/bookstore.v1.Bookstore/Ping");
+    assert_eq!(ok["grpc_status"], 0, "{ok}");
+    assert_eq!(ok["protocol"], "grpc", "{ok}");
+    let failed = of("/bookstore.v1.Bookstore/Fail");
+    assert_eq!(failed["grpc_status"], 5, "{failed}");
+    let late = lines
+        .iter()
+        .filter(|l| l["path"] == "/bookstore.v1.Bookstore/Ping")
+        .nth(1)
+        .expect("the late call's line");
+    assert_eq!(late["grpc_status"], 4, "{late}");
+    assert_eq!(late["error"], "upstream_timeout", "{late}");
+}

@@ -1155,3 +1155,43 @@ async fn a_silent_client_is_closed_after_its_goaway() {
     assert!(after < Duration::from_secs(10), "closed after {after:?}");
     eprintln!("silent client: GOAWAY after {goaway:?}, closed after {after:?}");
 }
+
+/// A stream busbar resets for a malformed head (here a `Host` that disagrees with
+/// `:authority`) has its access-log line (status 0: nothing was answered;
+/// `malformed_request`; the protocol), as an HTTP/1 refusal has. (What the `h2` crate
+/// resets itself, connection-specific headers for one, never reaches busbar.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reset_as_malformed_has_an_access_log_line() {
+    let a = Backend::start("a").await;
+    let bus = Busbar::start(&one_service(a.addr, "")).await;
+    let mut raw = Raw::connect(bus.http).await;
+    raw.send(&frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &block("/bad", &[("host", "elsewhere")]),
+    ))
+    .await
+    .unwrap();
+    let reset = raw
+        .collect(Duration::from_secs(3), |f| f.ty == RST_STREAM)
+        .await;
+    assert!(!reset.is_empty(), "the stream was reset");
+    let until = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let log = bus.access_log();
+        if let Some(l) = log.lines().find(|l| l.contains("malformed_request")) {
+            break serde_json::from_str::<Value>(l).unwrap();
+        }
+        assert!(
+            Instant::now() < until,
+            "no line for the reset stream: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(line["status"], 0, "{line}");
+    assert_eq!(line["error"], "malformed_request", "{line}");
+    assert_eq!(line["protocol"], "h2c", "{line}");
+    assert_eq!(line["method"], "GET", "{line}");
+    assert_eq!(a.hits(), 0);
+}

@@ -436,6 +436,7 @@ impl Exchange<'_, '_> {
     /// Trailers-Only (the access log names the cause `upstream_timeout`).
     async fn deadline_exceeded(&mut self) -> Answered {
         self.ctx.cause = Some(Cause::UpstreamTimeout);
+        self.ctx.grpc_status = Some(4);
         let head = trailers_only(
             self.ctx.caller,
             4,
@@ -466,6 +467,12 @@ impl Exchange<'_, '_> {
         call_by: Option<Instant>,
     ) -> Answered {
         let status = parts.status;
+        // The access log's `grpc_status`: in the head of a Trailers-Only answer, else in
+        // the trailers (below). Looked up only while the log is on.
+        let logged = self.ctx.caller.is_grpc() && self.phases.access_log.enabled();
+        if logged {
+            self.ctx.grpc_status = grpc_status(&parts.headers);
+        }
         let mut resp = ResponseHeader::from(parts);
         if response_head::edit(self.ctx, &mut resp).is_err() {
             return self.answer(Cause::UpstreamError).await;
@@ -555,7 +562,12 @@ impl Exchange<'_, '_> {
             }
         };
         let ended = match trailers {
-            Some(t) => tx.send_trailers(t),
+            Some(t) => {
+                if logged {
+                    self.ctx.grpc_status = grpc_status(&t).or(self.ctx.grpc_status);
+                }
+                tx.send_trailers(t)
+            }
             None => tx.send_data(Bytes::new(), true),
         };
         if ended.is_ok() {
@@ -563,6 +575,16 @@ impl Exchange<'_, '_> {
         }
         cut(sent)
     }
+}
+
+/// A `grpc-status` field's value: 1 to 3 digits (gRPC's codes are 0 to 16; another
+/// number is logged as it came), else `None`.
+fn grpc_status(h: &HeaderMap) -> Option<u16> {
+    let v = h.get("grpc-status")?.as_bytes();
+    if v.is_empty() || v.len() > 3 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0, |n, d| n * 10 + u16::from(d - b'0')))
 }
 
 /// An empty head, left in the template once its last try took it.
