@@ -58,6 +58,9 @@ enum Mode {
     Refuse,
     /// Answers 200 and one DATA frame, then resets the stream with ENHANCE_YOUR_CALM.
     ResetMidway,
+    /// Reads the whole request body, then answers 200 with it: records `ended:<bytes>`
+    /// or how the body failed (`reset:<reason>`).
+    Drain,
 }
 
 /// A raw HTTP/2 upstream (the `h2` crate's server) on a run-time port.
@@ -154,6 +157,30 @@ async fn stream(
             t.insert("grpc-status", "0".parse().unwrap());
             t.insert("x-echo", "done".parse().unwrap());
             let _ = tx.send_trailers(t);
+        }
+        Mode::Drain => {
+            let mut got = Vec::new();
+            while let Some(d) = body.data().await {
+                match d {
+                    Ok(d) => {
+                        let _ = body.flow_control().release_capacity(d.len());
+                        got.extend_from_slice(&d);
+                    }
+                    Err(e) => {
+                        let what = match e.reason() {
+                            Some(r) => format!("reset:{r:?}"),
+                            None => format!("error:{e}"),
+                        };
+                        events.lock().unwrap().push(what);
+                        return;
+                    }
+                }
+            }
+            events.lock().unwrap().push(format!("ended:{}", got.len()));
+            let Ok(mut tx) = respond.send_response(head(), false) else {
+                return;
+            };
+            let _ = tx.send_data(Bytes::from(got), true);
         }
         Mode::Hold => {
             if let Some(t) = req_timeout {
@@ -652,4 +679,71 @@ async fn the_access_log_names_each_calls_grpc_status() {
         .expect("the late call's line");
     assert_eq!(late["grpc_status"], 4, "{late}");
     assert_eq!(late["error"], "upstream_timeout", "{late}");
+}
+
+/// A client that stops sending its request body mid-way, before the upstream answered:
+/// after `client_timeout` it gets 408 `body_timeout` and the upstream's stream is reset
+/// (CANCEL), while another stream of the same connection is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_body_gets_408_and_the_connections_other_streams_go_on() {
+    let up = Raw::start(Mode::Drain).await;
+    let limits = "[limits]\nclient_timeout = \"1s\"\n";
+    let bus = Busbar::start(&h2c_config(&[up.addr], limits)).await;
+    let mut send = h2c(bus.http).await;
+    let post = |path: &str| {
+        http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{}{path}", bus.http))
+            .header("content-type", "application/octet-stream")
+            .body(())
+            .unwrap()
+    };
+    let started = Instant::now();
+    let (stalled, mut tx) = send.send_request(post("/stalls"), false).unwrap();
+    tx.send_data(Bytes::from_static(b"the first part"), false)
+        .unwrap();
+    // Another stream of the connection, whole, while the first is stalled.
+    let (other, mut other_tx) = send.send_request(post("/whole"), false).unwrap();
+    other_tx
+        .send_data(Bytes::from_static(b"all of it"), true)
+        .unwrap();
+    let other = tokio::time::timeout(Duration::from_secs(10), other)
+        .await
+        .expect("the other stream's answer")
+        .expect("a response");
+    assert_eq!(other.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "served at once"
+    );
+    let resp = tokio::time::timeout(Duration::from_secs(10), stalled)
+        .await
+        .expect("an answer to the stalled stream")
+        .expect("a response");
+    let took = started.elapsed();
+    assert_eq!(resp.status(), 408);
+    let mut body = resp.into_body();
+    let mut text = Vec::new();
+    while let Some(Ok(d)) = body.data().await {
+        text.extend_from_slice(&d);
+    }
+    let json: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    assert_eq!(json["error"], "body_timeout", "{json}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(8),
+        "408 after {took:?}"
+    );
+    assert!(
+        until(Duration::from_secs(10), || up.events().len() >= 2).await,
+        "{:?}",
+        up.events()
+    );
+    let mut events = up.events();
+    events.sort();
+    assert_eq!(events, ["ended:9", "reset:CANCEL"]);
+    // The connection still serves new streams.
+    let (again, mut again_tx) = send.send_request(post("/again"), false).unwrap();
+    again_tx.send_data(Bytes::from_static(b"x"), true).unwrap();
+    assert_eq!(again.await.unwrap().status(), 200);
+    eprintln!("stalled h2 body: 408 after {took:?}; the connection's other streams served");
 }

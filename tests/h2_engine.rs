@@ -1195,3 +1195,35 @@ async fn a_stream_reset_as_malformed_has_an_access_log_line() {
     assert_eq!(line["method"], "GET", "{line}");
     assert_eq!(a.hits(), 0);
 }
+
+/// The same to an HTTP/1 service: a stream whose body stops mid-way gets 408
+/// `body_timeout` after `client_timeout`, while the connection serves other streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_body_to_an_http1_service_gets_408() {
+    let a = Backend::start("a").await;
+    let bus = Busbar::start(&one_service(a.addr, "client_timeout = \"1s\"")).await;
+    let mut send = h2c(bus.http).await;
+    let req = http::Request::post("http://localhost/stalls")
+        .header("content-length", "100")
+        .body(())
+        .unwrap();
+    let started = Instant::now();
+    let (resp, mut tx) = send.clone().send_request(req, false).unwrap();
+    tx.send_data(Bytes::from_static(b"ten bytes."), false)
+        .unwrap();
+    assert_eq!(ask(&mut send, get("/meanwhile")).await.0, 200);
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("an answer")
+        .expect("a response");
+    let took = started.elapsed();
+    assert_eq!(resp.status(), 408);
+    let body = read_body(resp.into_body()).await;
+    let json: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"], "body_timeout", "{json}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(8),
+        "408 after {took:?}"
+    );
+    assert_eq!(ask(&mut send, get("/after")).await.0, 200);
+}

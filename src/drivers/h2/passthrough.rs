@@ -24,6 +24,7 @@
 
 use std::future::poll_fn;
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -39,6 +40,7 @@ use super::stream::{Answered, Exchange};
 use crate::base::deadline::within;
 use crate::drivers::h1::body::BodyFail;
 use crate::phases::fail::{self, Failure};
+use crate::phases::pace::BodyPace;
 use crate::phases::response_head;
 use crate::phases::upstream_head::{self, Output};
 use crate::proxy::grpc::trailers_only;
@@ -76,6 +78,9 @@ enum Fwd {
     Upstream,
     /// Over the route's `max_body` (the upstream stream is reset with CANCEL).
     TooLarge,
+    /// The client's DATA fell behind the body pace before the upstream answered (the
+    /// upstream stream is reset with CANCEL).
+    Slow,
 }
 
 /// Sends `data` to the upstream within its window, each wait for window within `limit`.
@@ -104,15 +109,43 @@ fn end(up: &mut SendStream<Bytes>, trailers: Option<HeaderMap>) -> Result<(), Fw
     sent.map_err(|_| Fwd::Upstream)
 }
 
+/// The next DATA of the client's stream, at `pace` until the upstream has answered
+/// (`answered`): from then on the call is the two ends' (a bidirectional call's client
+/// may rightly say nothing for long), and the upstream's `read_timeout` and the caller's
+/// deadline bound it. `Err` when the body fell behind its pace.
+async fn paced_data(
+    recv: &mut RecvStream,
+    pace: &mut BodyPace,
+    received: usize,
+    answered: &AtomicBool,
+) -> Result<Option<Result<Bytes, h2::Error>>, ()> {
+    loop {
+        if answered.load(Relaxed) {
+            return Ok(recv.data().await);
+        }
+        let wait = pace.next_wait(received as u64, Instant::now()).ok_or(())?;
+        match within(wait, recv.data()).await {
+            Ok(d) => return Ok(d),
+            // The upstream answered meanwhile: wait on, unpaced.
+            Err(_) if answered.load(Relaxed) => continue,
+            // A read that waited its whole grace, or the pace's deadline: too slow.
+            Err(_) => return Err(()),
+        }
+    }
+}
+
 /// The request body to the upstream: what is held first (a retry), then the client's
-/// DATA as it comes, each frame released to the client's window once the upstream took
-/// it, then its trailers. A client that resets its stream resets the upstream's (CANCEL).
+/// DATA as it comes (at the body pace until the upstream answers), each frame released
+/// to the client's window once the upstream took it, then its trailers. A client that
+/// resets its stream resets the upstream's (CANCEL).
 async fn forward(
     recv: &mut RecvStream,
     up: &mut SendStream<Bytes>,
     held: &mut Held,
     limit: Duration,
     max_body: u64,
+    pace: &mut BodyPace,
+    answered: &AtomicBool,
 ) -> Result<(), Fwd> {
     for c in &held.chunks {
         put(up, c.clone(), limit).await?;
@@ -121,7 +154,11 @@ async fn forward(
         return end(up, held.trailers.clone());
     }
     loop {
-        match recv.data().await {
+        let Ok(next) = paced_data(recv, pace, held.read, answered).await else {
+            up.send_reset(Reason::CANCEL);
+            return Err(Fwd::Slow);
+        };
+        match next {
             Some(Ok(d)) => {
                 let n = d.len();
                 held.read += n;
@@ -206,6 +243,8 @@ enum Tried {
     TimedOut,
     /// The request body went over the route's `max_body`.
     TooLarge,
+    /// The request body fell behind its pace.
+    Slow,
     Failed(h2::Error),
 }
 
@@ -253,6 +292,14 @@ impl Exchange<'_, '_> {
             head_by = call_by;
             self.ctx.deadline = Some(call_by);
         }
+        // The body pace of the HTTP/1 engine's bodies (`client_timeout`, `body_min_rate`),
+        // over all tries; off once the upstream answered.
+        let limits = self.ctx.snapshot.as_ref().map(|s| s.config.limits);
+        let mut pace = BodyPace::new(
+            limits.map_or(crate::config::DEFAULT_CLIENT_TIMEOUT, |l| l.client_timeout),
+            limits.map_or(0, |l| l.body_min_rate),
+        );
+        let answered = AtomicBool::new(false);
         loop {
             let t = match self.phases.begin_try(self.ctx) {
                 Ok(t) => t,
@@ -340,7 +387,9 @@ impl Exchange<'_, '_> {
                     &mut ex.body,
                     &mut held,
                     t.read_timeout,
-                    max_body
+                    max_body,
+                    &mut pace,
+                    &answered,
                 ));
                 let mut fwd_done = no_body;
                 let tried = loop {
@@ -352,6 +401,7 @@ impl Exchange<'_, '_> {
                             match f {
                                 Err(Fwd::ClientGone) => break Tried::Gone,
                                 Err(Fwd::TooLarge) => break Tried::TooLarge,
+                                Err(Fwd::Slow) => break Tried::Slow,
                                 // An upstream failure shows in its response (below).
                                 _ => {}
                             }
@@ -367,6 +417,7 @@ impl Exchange<'_, '_> {
                 };
                 match tried {
                     Tried::Head(resp) => {
+                        answered.store(true, Relaxed);
                         self.phases.on_response_head(self.ctx);
                         let (parts, body) = resp.into_parts();
                         let read_timeout = t.read_timeout;
@@ -394,6 +445,12 @@ impl Exchange<'_, '_> {
                     self.phases
                         .on_try_failure(self.ctx, false, false, false, false);
                     return (self.body_failed(BodyFail::TooLarge).await, read);
+                }
+                Err(Tried::Slow) => {
+                    // The client's fault, not the instance's: 408 (or its gRPC shape).
+                    self.phases
+                        .on_try_failure(self.ctx, false, false, false, false);
+                    return (self.body_failed(BodyFail::Slow).await, read);
                 }
                 Err(Tried::Failed(e)) if pool::refused(&e) => {
                     ex.slot.failed(&e);
@@ -511,7 +568,8 @@ impl Exchange<'_, '_> {
                     fwd_done = true;
                     match f {
                         Err(Fwd::ClientGone) => return cut(sent),
-                        Err(Fwd::TooLarge) => {
+                        // Not paced once the head came: cannot happen here.
+                        Err(Fwd::TooLarge | Fwd::Slow) => {
                             // The upstream answered early and its stream was reset:
                             // the client's is cut too.
                             tx.send_reset(Reason::CANCEL);
