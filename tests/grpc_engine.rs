@@ -747,3 +747,77 @@ async fn a_stalled_request_body_gets_408_and_the_connections_other_streams_go_on
     assert_eq!(again.await.unwrap().status(), 200);
     eprintln!("stalled h2 body: 408 after {took:?}; the connection's other streams served");
 }
+
+/// An h2c upstream whose first connection answers one stream and then goes silent (the
+/// socket held, never read: a host gone without a FIN); later connections answer every
+/// stream 200. Counts its connections.
+async fn goes_silent() -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c = conns.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let n = c.fetch_add(1, SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    let _ = respond.send_response(http::Response::new(()), true);
+                    if n == 0 {
+                        // Flushed by polling on a little, then silence.
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(50), conn.accept()).await;
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns, task)
+}
+
+/// A pooled upstream connection that went silent: the stream sent on it times out, the
+/// connection is then PINGed, found dead and closed, and the next request goes on a new
+/// connection and is answered (it was reused, and timed out, for as long as it lived).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_upstream_connection_gone_silent_is_replaced() {
+    let (addr, conns, task) = goes_silent().await;
+    let config = h2c_config(&[addr], "") + "timeout = \"500ms\"\n";
+    let bus = Busbar::start(&config).await;
+    let mut send = h2c(bus.http).await;
+    let get = |path: &str| {
+        http::Request::get(format!("http://{}{path}", bus.http))
+            .body(())
+            .unwrap()
+    };
+    let status = |r: http::Response<h2::RecvStream>| r.status().as_u16();
+    let (r, _) = send.send_request(get("/one"), true).unwrap();
+    assert_eq!(status(r.await.unwrap()), 200);
+    let (r, _) = send.send_request(get("/two"), true).unwrap();
+    assert_eq!(
+        status(r.await.unwrap()),
+        504,
+        "the silent connection times out"
+    );
+    // The PING's answer is waited for within the try's connect timeout (here the 500 ms
+    // left of the route's); then the next request is served on a new connection.
+    let started = Instant::now();
+    let mut served = false;
+    while !served && started.elapsed() < Duration::from_secs(10) {
+        let (r, _) = send.send_request(get("/three"), true).unwrap();
+        served = status(r.await.unwrap()) == 200;
+        if !served {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    eprintln!(
+        "silent upstream connection replaced {:?} after the timed-out stream",
+        started.elapsed()
+    );
+    assert!(served, "a later request was answered");
+    assert_eq!(conns.load(SeqCst), 2, "on a second connection");
+    task.abort();
+}

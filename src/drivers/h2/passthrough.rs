@@ -472,6 +472,8 @@ impl Exchange<'_, '_> {
                         .on_try_failure(self.ctx, true, false, false, false);
                 }
                 Err(_) => {
+                    // No head by the deadline: is the connection itself still alive?
+                    ex.slot.suspect();
                     self.phases
                         .on_try_failure(self.ctx, true, true, false, false);
                     if bounded {
