@@ -280,9 +280,13 @@ impl Exchange<'_, '_> {
         // A gRPC caller's own deadline, from when its request came (a value that is not
         // the header's syntax counts as none, and goes on as it is): the earlier one
         // bounds the call, its tries' timeouts and its retries (through the context).
-        let theirs = match template.headers.get(grpc_timeout::NAME) {
-            Some(v) if self.ctx.caller.is_grpc() => grpc_timeout::parse(v),
-            _ => None,
+        let theirs = if self.ctx.caller.is_grpc() {
+            template
+                .headers
+                .get(grpc_timeout::NAME)
+                .and_then(grpc_timeout::parse)
+        } else {
+            None
         };
         let bounded = theirs.is_some();
         let call_by = theirs
@@ -553,10 +557,15 @@ impl Exchange<'_, '_> {
             status: code,
             body_bytes: sent,
         };
-        // No deadline: a timer that never fires (not polled: its arm is off).
-        let expiry = tokio::time::sleep_until(call_by.unwrap_or_else(Instant::now).into());
-        let mut expiry = pin!(expiry);
+        // The timer is made only when first polled, and only a call with a deadline
+        // polls it (its arm is off otherwise).
         let timed = call_by.is_some();
+        let mut expiry = pin!(async {
+            match call_by {
+                Some(by) => tokio::time::sleep_until(by.into()).await,
+                None => std::future::pending().await,
+            }
+        });
         loop {
             tokio::select! {
                 biased;
