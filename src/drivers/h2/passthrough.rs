@@ -18,7 +18,12 @@
 //! whole call: each try's upstream gets a `grpc-timeout` of what remains of it (grpc-go's
 //! and Envoy's propagation), and at the deadline the caller gets DEADLINE_EXCEEDED
 //! (Trailers-Only, when no head went out yet) or RST_STREAM CANCEL (after it), and the
-//! upstream stream is reset with CANCEL.
+//! upstream stream is reset with CANCEL. Until the response head, the request body
+//! keeps the HTTP/1 engine's pace (`client_timeout`, `body_min_rate`; 408 `body_timeout`
+//! past it); after it the call is the two ends' (a bidirectional call's client may rightly
+//! be quiet). A stream that got no head by its deadline has its connection PINGed
+//! (`pool::Slot::suspect`). The access log's `grpc_status` is read from the head or the
+//! trailers while the log is on.
 //! Must not: decide retries or count outcomes (the phases'), or frame HTTP/2 (the `h2`
 //! crate's).
 
