@@ -130,6 +130,8 @@ pub struct Entry<'a> {
     pub user: Option<&'a str>,
     /// The release version of the instance that served the request.
     pub version: Option<&'a str>,
+    /// A gRPC call's `grpc-status` as the caller got it (written only when known).
+    pub grpc_status: Option<u16>,
 }
 
 fn open_file(p: &std::path::Path) -> io::Result<File> {
@@ -233,13 +235,41 @@ impl AccessLog {
         started: std::time::Instant,
     ) {
         crate::metrics::count_refusal(status, reason, method);
+        self.early(client, method, status, reason, started, "http/1.1");
+    }
+
+    /// The line of an HTTP/2 stream busbar reset for what its head carried (a stream
+    /// error, RFC 9113 §8.1.1: `malformed_request`) before it reached the phases: status
+    /// 0 (nothing was answered), the reason, and `protocol` (`h2` or `h2c`). The
+    /// refusal is counted where it happens (`busbar_edge_refusals_total`).
+    pub fn stream_reset(
+        &self,
+        client: Option<std::net::SocketAddr>,
+        method: &str,
+        reason: &'static str,
+        started: std::time::Instant,
+        protocol: &'static str,
+    ) {
+        self.early(client, method, 0, reason, started, protocol);
+    }
+
+    /// The line of a request ended before it had a route.
+    fn early(
+        &self,
+        client: Option<std::net::SocketAddr>,
+        method: &str,
+        status: u16,
+        reason: &'static str,
+        started: std::time::Instant,
+        protocol: &'static str,
+    ) {
         if !self.enabled() {
             return;
         }
         let trace = crate::proxy::trace::new_trace_id_hex();
         let seen = Seen {
             kept_id: None,
-            protocol: "http/1.1",
+            protocol,
             user_agent: None,
         };
         self.write(&Entry {
@@ -262,6 +292,7 @@ impl AccessLog {
             redact: &[],
             user: None,
             version: None,
+            grpc_status: None,
         });
     }
 
@@ -369,6 +400,10 @@ fn write_entry(w: &mut Vec<u8>, e: &Entry<'_>) {
     text_or_null(w, e.user);
     w.put(b",\"version\":");
     text_or_null(w, e.version.filter(|v| !v.is_empty()));
+    if let Some(g) = e.grpc_status {
+        w.put(b",\"grpc_status\":");
+        text::decimal(w, u64::from(g));
+    }
     if let Some(err) = e.error {
         w.put(b",\"error\":\"");
         json_text(w, err);
@@ -517,6 +552,7 @@ mod tests {
             redact: &["token".to_string()],
             user: Some("alice"),
             version: Some(""),
+            grpc_status: Some(14),
         };
         write_entry(&mut out, &e);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
@@ -529,6 +565,18 @@ mod tests {
         assert_eq!(v["user"], "alice");
         assert_eq!(v["version"], serde_json::Value::Null);
         assert_eq!(v["protocol"], serde_json::Value::Null);
+        assert_eq!(v["grpc_status"], 14);
+        // Not a gRPC call: no `grpc_status` key at all.
+        let mut out = Vec::new();
+        write_entry(
+            &mut out,
+            &Entry {
+                grpc_status: None,
+                ..e
+            },
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert!(v.get("grpc_status").is_none(), "{v}");
     }
 
     #[test]

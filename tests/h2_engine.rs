@@ -310,6 +310,8 @@ impl Frame {
 struct Raw {
     s: TcpStream,
     buf: Vec<u8>,
+    /// Acknowledge busbar's PINGs (a live client); off: a client that stopped answering.
+    pong: bool,
 }
 
 impl Raw {
@@ -318,7 +320,11 @@ impl Raw {
         let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         hello.extend(frame(SETTINGS, 0, 0, &[]));
         s.write_all(&hello).await.unwrap();
-        Raw { s, buf: Vec::new() }
+        Raw {
+            s,
+            buf: Vec::new(),
+            pong: true,
+        }
     }
 
     async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -350,7 +356,7 @@ impl Raw {
                     if f.ty == SETTINGS && f.flags & 1 == 0 {
                         let _ = self.s.write_all(&frame(SETTINGS, 1, 0, &[])).await;
                     }
-                    if f.ty == PING && f.flags & 1 == 0 {
+                    if f.ty == PING && f.flags & 1 == 0 && self.pong {
                         let _ = self.s.write_all(&frame(PING, 1, 0, &f.payload)).await;
                     }
                     return Some(f);
@@ -360,6 +366,21 @@ impl Raw {
             match tokio::time::timeout_at(until, self.s.read(&mut chunk)).await {
                 Ok(Ok(n)) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
                 _ => return None,
+            }
+        }
+    }
+
+    /// Reads frames until busbar closes the connection: how long that took, or `None`
+    /// when it was still open after `within`.
+    async fn closed_within(&mut self, within: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        let until = tokio::time::Instant::now() + within;
+        let mut chunk = [0u8; 16384];
+        loop {
+            match tokio::time::timeout_at(until, self.s.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(_) => return Some(started.elapsed()),
+                Err(_) => return None,
             }
         }
     }
@@ -1044,4 +1065,171 @@ async fn streams_reset_after_busbar_took_them_also_count_as_a_flood() {
     eprintln!("accepted-then-reset flood: GOAWAY after {hits} streams reached the backend");
     let mut send = h2c(bus.http).await;
     assert_eq!(ask(&mut send, get("/calm")).await.0, 200);
+}
+
+/// A client that stops answering busbar's PINGs while its stream waits on the backend
+/// (Envoy's `connection_keepalive`): its connection is closed once a PING goes
+/// unanswered for `h2_keepalive_timeout`, while a live connection keeps being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_answering_ping_is_closed_and_others_are_served() {
+    let a = Backend::start("a").await;
+    let limits = "h2_keepalive_interval = \"1s\"\nh2_keepalive_timeout = \"1s\"";
+    let bus = Busbar::start(&one_service(a.addr, limits)).await;
+    let mut dead = Raw::connect(bus.http).await;
+    // The handshake first (SETTINGS both ways), then the client goes silent.
+    assert!(dead.next(Duration::from_secs(10)).await.is_some());
+    dead.pong = false;
+    dead.send(&frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &block("/hold?sleep_ms=30000", &[]),
+    ))
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let watch = tokio::spawn(async move {
+        let mut pings = 0;
+        let closed = loop {
+            match dead.next(Duration::from_secs(20)).await {
+                Some(f) if f.ty == PING && f.flags & 1 == 0 => pings += 1,
+                Some(_) => {}
+                None => break dead.closed_within(Duration::from_millis(100)).await,
+            }
+        };
+        (pings, closed)
+    });
+    // A live connection (the `h2` crate answers PINGs) is served throughout.
+    let mut live = h2c(bus.http).await;
+    let mut served = 0;
+    while !watch.is_finished() && started.elapsed() < Duration::from_secs(25) {
+        assert_eq!(ask(&mut live, get("/live")).await.0, 200);
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (pings, closed) = watch.await.unwrap();
+    let after = started.elapsed();
+    assert!(pings >= 1, "busbar sent a PING");
+    assert!(closed.is_some(), "the silent connection was closed");
+    // The first PING after 1 s, unanswered for 1 s: closed after about 2 s.
+    assert!(
+        after >= Duration::from_millis(1800) && after < Duration::from_secs(15),
+        "closed after {after:?}"
+    );
+    assert_eq!(ask(&mut live, get("/after")).await.0, 200);
+    eprintln!("unanswered PING: connection closed after {after:?}; {served} requests served meanwhile on another");
+}
+
+/// An idle client that gets its GOAWAY but answers nothing (gone without a FIN): the
+/// `h2` crate waits for its PING's answer before closing, so the connection would stay
+/// open for ever; busbar closes it `h2_keepalive_timeout` after the GOAWAY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_closed_after_its_goaway() {
+    let a = Backend::start("a").await;
+    let limits = "idle_timeout = \"1s\"\nh2_keepalive_timeout = \"1s\"";
+    let bus = Busbar::start(&one_service(a.addr, limits)).await;
+    let mut raw = Raw::connect(bus.http).await;
+    raw.send(&frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &block("/once", &[]),
+    ))
+    .await
+    .unwrap();
+    let mut answered = false;
+    while let Some(f) = raw.next(Duration::from_secs(10)).await {
+        if is_200(&f) {
+            answered = true;
+            break;
+        }
+    }
+    assert!(answered, "the request was answered");
+    raw.pong = false;
+    let started = Instant::now();
+    let mut goaway = None;
+    while let Some(f) = raw.next(Duration::from_secs(10)).await {
+        if f.ty == GOAWAY {
+            goaway = Some(started.elapsed());
+            break;
+        }
+    }
+    assert!(goaway.is_some(), "a graceful GOAWAY once idle");
+    let closed = raw.closed_within(Duration::from_secs(15)).await;
+    let after = started.elapsed();
+    assert!(closed.is_some(), "still open {after:?} after going idle");
+    assert!(after < Duration::from_secs(10), "closed after {after:?}");
+    eprintln!("silent client: GOAWAY after {goaway:?}, closed after {after:?}");
+}
+
+/// A stream busbar resets for a malformed head (here a `Host` that disagrees with
+/// `:authority`) has its access-log line (status 0: nothing was answered;
+/// `malformed_request`; the protocol), as an HTTP/1 refusal has. (What the `h2` crate
+/// resets itself, connection-specific headers for one, never reaches busbar.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reset_as_malformed_has_an_access_log_line() {
+    let a = Backend::start("a").await;
+    let bus = Busbar::start(&one_service(a.addr, "")).await;
+    let mut raw = Raw::connect(bus.http).await;
+    raw.send(&frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &block("/bad", &[("host", "elsewhere")]),
+    ))
+    .await
+    .unwrap();
+    let reset = raw
+        .collect(Duration::from_secs(3), |f| f.ty == RST_STREAM)
+        .await;
+    assert!(!reset.is_empty(), "the stream was reset");
+    let until = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let log = bus.access_log();
+        if let Some(l) = log.lines().find(|l| l.contains("malformed_request")) {
+            break serde_json::from_str::<Value>(l).unwrap();
+        }
+        assert!(
+            Instant::now() < until,
+            "no line for the reset stream: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(line["status"], 0, "{line}");
+    assert_eq!(line["error"], "malformed_request", "{line}");
+    assert_eq!(line["protocol"], "h2c", "{line}");
+    assert_eq!(line["method"], "GET", "{line}");
+    assert_eq!(a.hits(), 0);
+}
+
+/// The same to an HTTP/1 service: a stream whose body stops mid-way gets 408
+/// `body_timeout` after `client_timeout`, while the connection serves other streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_body_to_an_http1_service_gets_408() {
+    let a = Backend::start("a").await;
+    let bus = Busbar::start(&one_service(a.addr, "client_timeout = \"1s\"")).await;
+    let mut send = h2c(bus.http).await;
+    let req = http::Request::post("http://localhost/stalls")
+        .header("content-length", "100")
+        .body(())
+        .unwrap();
+    let started = Instant::now();
+    let (resp, mut tx) = send.clone().send_request(req, false).unwrap();
+    tx.send_data(Bytes::from_static(b"ten bytes."), false)
+        .unwrap();
+    assert_eq!(ask(&mut send, get("/meanwhile")).await.0, 200);
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("an answer")
+        .expect("a response");
+    let took = started.elapsed();
+    assert_eq!(resp.status(), 408);
+    let body = read_body(resp.into_body()).await;
+    let json: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"], "body_timeout", "{json}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(8),
+        "408 after {took:?}"
+    );
+    assert_eq!(ask(&mut send, get("/after")).await.0, 200);
 }

@@ -156,6 +156,12 @@ pub struct LimitsFile {
     pub h2_stream_window: Option<Spanned<String>>,
     /// HTTP/2: the receive window of each connection, over all its streams (a size).
     pub h2_connection_window: Option<Spanned<String>>,
+    /// HTTP/2: how often busbar PINGs each client connection (a duration); absent: never,
+    /// except with each GOAWAY.
+    pub h2_keepalive_interval: Option<Spanned<String>>,
+    /// HTTP/2: how long a client has to answer busbar's PING before its connection is
+    /// closed (a duration).
+    pub h2_keepalive_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

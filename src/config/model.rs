@@ -102,6 +102,12 @@ pub const DEFAULT_H2_STREAM_WINDOW: u32 = 1024 * 1024;
 /// run at full stream windows, while what one connection can make busbar hold stays
 /// bounded whatever its stream count.
 pub const DEFAULT_H2_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// How long an HTTP/2 client has to answer busbar's PING (with its GOAWAY, or every
+/// `h2_keepalive_interval`) before the connection is closed: hyper's and grpc-go's
+/// default keepalive timeout. A client that stopped answering (gone without a FIN, a
+/// dead NAT entry) would otherwise hold the connection after its GOAWAY for ever: the
+/// `h2` crate waits for that PING's answer before it closes.
+pub const DEFAULT_H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Highest window HTTP/2 allows (RFC 9113 §6.9.1: 2^31 - 1).
 pub const MAX_H2_WINDOW: u64 = (1 << 31) - 1;
 /// Lowest window accepted: the protocol's initial 65,535 bytes.
@@ -126,6 +132,14 @@ pub struct Limits {
     pub h2_stream_window: u32,
     /// HTTP/2 clients: each connection's receive window, bytes.
     pub h2_connection_window: u32,
+    /// HTTP/2 clients: a PING this often on each connection (Envoy's
+    /// `connection_keepalive.interval`); `None`: only with a GOAWAY (off by default, as
+    /// in Envoy, hyper and grpc-go: streams are already bounded by `client_timeout` and
+    /// the services' `read_timeout`, idle connections by `idle_timeout`).
+    pub h2_keepalive_interval: Option<Duration>,
+    /// HTTP/2 clients: how long a PING may go unanswered before the connection is closed
+    /// (Envoy's `connection_keepalive.timeout`).
+    pub h2_keepalive_timeout: Duration,
 }
 
 /// A validated configuration.

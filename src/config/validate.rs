@@ -302,6 +302,17 @@ impl Validator<'_> {
                 ctx,
                 DEFAULT_H2_CONNECTION_WINDOW,
             ),
+            // Absent: off (a bad value is reported, and leaves it off).
+            h2_keepalive_interval: l
+                .h2_keepalive_interval
+                .is_some()
+                .then(|| self.duration(&l.h2_keepalive_interval, ctx, Duration::ZERO))
+                .filter(|d| !d.is_zero()),
+            h2_keepalive_timeout: self.duration(
+                &l.h2_keepalive_timeout,
+                ctx,
+                DEFAULT_H2_KEEPALIVE_TIMEOUT,
+            ),
         }
     }
 
@@ -1389,6 +1400,37 @@ service = "echo"
         assert_eq!(
             e,
             vec!["t.toml:2:12: [limits]: must be between 0 and 64, got 65"]
+        );
+    }
+
+    #[test]
+    fn http2_keepalive_is_off_by_default_and_takes_durations() {
+        let c = validate(Path::new("t.toml"), OK).unwrap();
+        assert_eq!(c.limits.h2_keepalive_interval, None);
+        assert_eq!(c.limits.h2_keepalive_timeout, Duration::from_secs(20));
+        let c = validate(
+            Path::new("t.toml"),
+            &format!(
+                "[limits]\nh2_keepalive_interval = \"30s\"\nh2_keepalive_timeout = \"5s\"\n{OK}"
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            c.limits.h2_keepalive_interval,
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(c.limits.h2_keepalive_timeout, Duration::from_secs(5));
+        let e = errors(&format!(
+            "[limits]\nh2_keepalive_interval = \"0s\"\nh2_keepalive_timeout = \"soon\"\n{OK}"
+        ));
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].starts_with("t.toml:2:25: [limits]: a duration must be greater than zero"),
+            "{e:?}"
+        );
+        assert!(
+            e[1].starts_with("t.toml:3:24: [limits]: \"soon\" is not a duration"),
+            "{e:?}"
         );
     }
 

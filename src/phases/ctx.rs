@@ -93,6 +93,9 @@ pub struct RequestCtx {
     /// Why busbar ended the tunnel an upgrade opened (`tunnel_idle`, `tunnel_drained`),
     /// for the access log's `error`; `None` when the peers ended it, or there was none.
     pub tunnel_end: Option<&'static str>,
+    /// The `grpc-status` the caller got (the upstream's trailers, its Trailers-Only head,
+    /// or busbar's own answer), for the access log; set only while the log is on.
+    pub grpc_status: Option<u16>,
 }
 
 impl RequestCtx {
@@ -126,6 +129,7 @@ impl RequestCtx {
             grpc_web: None,
             release: Default::default(),
             tunnel_end: None,
+            grpc_status: None,
         }
     }
 

@@ -72,6 +72,9 @@ pub(crate) fn note(failure: Failure) {
 /// head ends the response (a gRPC caller's Trailers-Only answer).
 pub(crate) fn answer(ctx: &mut RequestCtx, cause: Cause) -> (ResponseHeader, Bytes) {
     ctx.cause = Some(cause);
+    if ctx.caller.is_grpc() {
+        ctx.grpc_status = Some(u16::from(cause.grpc_status()));
+    }
     let (mut head, body) = cause.answer(ctx.caller);
     cors(ctx, &mut head);
     (head, body)

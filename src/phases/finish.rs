@@ -107,6 +107,7 @@ impl Phases {
                 (Some(set), Some(i)) => Some(set.versions.name_of(i)),
                 _ => None,
             },
+            grpc_status: ctx.grpc_status,
         });
     }
 }

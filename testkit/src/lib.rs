@@ -151,8 +151,13 @@ impl Bookstore for Svc {
         }))
     }
 
+    /// `text: "sleep:N"` answers after N ms (a slow method: deadlines, cancellation).
     async fn ping(&self, req: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
         self.record("Ping", &req);
+        let ms = req.get_ref().text.strip_prefix("sleep:");
+        if let Some(ms) = ms.and_then(|ms| ms.parse().ok()) {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
         Ok(Response::new(PingReply {
             text: req.into_inner().text,
             served_by: self.name,

@@ -192,7 +192,7 @@ pub(super) async fn exchange<S: ClientStream>(
         .deadline
         .unwrap_or_else(|| Instant::now() + svc.config.timeout);
     let (resp, mut ex, read_timeout) = loop {
-        let opened = call::open(phases, ctx, svc, &mut template, no_body).await;
+        let opened = call::open(phases, ctx, svc, &mut template, no_body, None).await;
         let Opened {
             mut ex,
             addr,

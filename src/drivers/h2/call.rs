@@ -12,7 +12,7 @@
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::SendStream;
@@ -116,13 +116,15 @@ pub(crate) enum NotOpened {
 /// the head (from [`h2_head`]), taken by the last try; `no_body`: the head ends the
 /// request. Connect and certificate failures, and a connection that takes no new
 /// stream (nothing was sent: as a refused stream), go to the next try as the phases
-/// decide.
+/// decide. `grpc_by`: a gRPC call's deadline; each try's head carries a `grpc-timeout`
+/// of what remains of it (grpc-go's and Envoy's propagation).
 pub(crate) async fn open(
     phases: &Phases,
     ctx: &mut RequestCtx,
     svc: &crate::model::Service,
     template: &mut http::request::Parts,
     no_body: bool,
+    grpc_by: Option<Instant>,
 ) -> Result<Opened, NotOpened> {
     loop {
         let t = phases.begin_try(ctx).map_err(NotOpened::Cause)?;
@@ -141,6 +143,13 @@ pub(crate) async fn open(
         };
         if ctx.tries > 1 {
             crate::otel::retrace_headers(&mut template.headers, ctx);
+        }
+        if let Some(by) = grpc_by {
+            // What remains of the call's deadline, for the upstream to work to.
+            let left = by.saturating_duration_since(Instant::now());
+            template
+                .headers
+                .insert(super::grpc_timeout::NAME, super::grpc_timeout::encode(left));
         }
         // The head is copied only while another try may follow.
         let another = ctx.tries <= svc.config.retry.attempts;

@@ -15,7 +15,8 @@
 //! Files: `server` (the connection: settings, limits, drain), `stream` (one stream's
 //! exchange), `response` (an HTTP/1 upstream's response to the client), `passthrough`
 //! (a stream to an HTTP/2 upstream, both ways at once), `call` (the tries' streams to an
-//! HTTP/2 upstream, shared with the HTTP/1 engine), `request` (head
+//! HTTP/2 upstream, shared with the HTTP/1 engine), `grpc_timeout` (the header's
+//! syntax), `request` (head
 //! conversion, RFC 9113 §8.2.3), `body` (the request body with flow control, as HTTP/1
 //! body bytes), and `pool`: the upstream side, per-thread pools of multiplexed
 //! connections to instances (h2c with prior knowledge, h2 over TLS with ALPN `h2`), the
@@ -25,6 +26,7 @@
 
 mod body;
 pub(crate) mod call;
+mod grpc_timeout;
 mod passthrough;
 pub(crate) mod pool;
 mod request;

@@ -11,9 +11,18 @@
 //! stream reset with CANCEL (the `h2` crate resets a stream whose handles are all dropped
 //! before its end), an upstream reset reaches the client as a reset, or before the
 //! response head as busbar's own answer (Trailers-Only UNAVAILABLE for a gRPC caller).
-//! The route's deadline bounds the wait for the response head; the caller's
-//! `grpc-timeout` goes upstream unchanged (as on pingora's path); each wait for response
-//! data is bounded by the service's `read_timeout`. A gRPC-Web call (`ctx.grpc_web`) goes
+//! The route's deadline bounds the wait for the response head; each wait for response
+//! data is bounded by the service's `read_timeout`. A gRPC caller's `grpc-timeout` makes
+//! the call's deadline the earlier of it and the route's, and that deadline bounds the
+//! whole call: each try's upstream gets a `grpc-timeout` of what remains of it (grpc-go's
+//! and Envoy's propagation), and at the deadline the caller gets DEADLINE_EXCEEDED
+//! (Trailers-Only, when no head went out yet) or RST_STREAM CANCEL (after it), and the
+//! upstream stream is reset with CANCEL. Until the response head, the request body
+//! keeps the HTTP/1 engine's pace (`client_timeout`, `body_min_rate`; 408 `body_timeout`
+//! past it); after it the call is the two ends' (a bidirectional call's client may rightly
+//! be quiet). A stream that got no head by its deadline has its connection PINGed
+//! (`pool::Slot::suspect`). The access log's `grpc_status` is read from the head or the
+//! trailers while the log is on. A gRPC-Web call (`ctx.grpc_web`) goes
 //! through the codec of `translate::grpc_web`: a text body decoded on the way up, the
 //! response encoded on the way down, its trailers the body's last frame. The head and
 //! the tries' streams are `call`'s (shared with HTTP/1 clients of HTTP/2 services).
@@ -22,6 +31,7 @@
 
 use std::future::poll_fn;
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,14 +40,17 @@ use http::HeaderMap;
 use pingora_http::{RequestHeader, ResponseHeader};
 
 use super::call::{self, put, NotOpened, Opened, HOLD};
+use super::grpc_timeout;
 use super::pool;
 use super::response::{send, to_h2};
 use super::stream::{Answered, Exchange};
 use crate::base::deadline::within;
 use crate::drivers::h1::body::BodyFail;
 use crate::phases::fail::{self, Failure};
+use crate::phases::pace::BodyPace;
 use crate::phases::response_head;
 use crate::phases::upstream_head::{self, Output};
+use crate::proxy::grpc::trailers_only;
 use crate::proxy::reply::Cause;
 use crate::translate::grpc_web::Decoder;
 
@@ -72,6 +85,9 @@ enum Fwd {
     TooLarge,
     /// A gRPC-Web text body that is not base64 (the upstream stream is reset with CANCEL).
     Malformed,
+    /// The client's DATA fell behind the body pace before the upstream answered (the
+    /// upstream stream is reset with CANCEL).
+    Slow,
 }
 
 impl From<call::UpstreamFailed> for Fwd {
@@ -89,9 +105,35 @@ fn end(up: &mut SendStream<Bytes>, trailers: Option<HeaderMap>) -> Result<(), Fw
     sent.map_err(|_| Fwd::Upstream)
 }
 
+/// The next DATA of the client's stream, at `pace` until the upstream has answered
+/// (`answered`): from then on the call is the two ends' (a bidirectional call's client
+/// may rightly say nothing for long), and the upstream's `read_timeout` and the caller's
+/// deadline bound it. `Err` when the body fell behind its pace.
+async fn paced_data(
+    recv: &mut RecvStream,
+    pace: &mut BodyPace,
+    received: usize,
+    answered: &AtomicBool,
+) -> Result<Option<Result<Bytes, h2::Error>>, ()> {
+    loop {
+        if answered.load(Relaxed) {
+            return Ok(recv.data().await);
+        }
+        let wait = pace.next_wait(received as u64, Instant::now()).ok_or(())?;
+        match within(wait, recv.data()).await {
+            Ok(d) => return Ok(d),
+            // The upstream answered meanwhile: wait on, unpaced.
+            Err(_) if answered.load(Relaxed) => continue,
+            // A read that waited its whole grace, or the pace's deadline: too slow.
+            Err(_) => return Err(()),
+        }
+    }
+}
+
 /// The request body to the upstream: what is held first (a retry), then the client's
-/// DATA as it comes, each frame released to the client's window once the upstream took
-/// it, then its trailers. A client that resets its stream resets the upstream's (CANCEL).
+/// DATA as it comes (at the body pace until the upstream answers), each frame released
+/// to the client's window once the upstream took it, then its trailers. A client that
+/// resets its stream resets the upstream's (CANCEL).
 /// `text`: a gRPC-Web text call's decoder, each frame's base64 decoded on the way.
 async fn forward(
     recv: &mut RecvStream,
@@ -100,6 +142,8 @@ async fn forward(
     limit: Duration,
     max_body: u64,
     text: &mut Option<Decoder>,
+    pace: &mut BodyPace,
+    answered: &AtomicBool,
 ) -> Result<(), Fwd> {
     for c in &held.chunks {
         put(up, c.clone(), limit).await?;
@@ -108,7 +152,11 @@ async fn forward(
         return end(up, held.trailers.clone());
     }
     loop {
-        match recv.data().await {
+        let Ok(next) = paced_data(recv, pace, held.read, answered).await else {
+            up.send_reset(Reason::CANCEL);
+            return Err(Fwd::Slow);
+        };
+        match next {
             Some(Ok(d)) => {
                 let n = d.len();
                 held.read += n;
@@ -173,6 +221,8 @@ enum Tried {
     TooLarge,
     /// A gRPC-Web text body was not base64.
     Malformed,
+    /// The request body fell behind its pace.
+    Slow,
     Failed(h2::Error),
 }
 
@@ -201,16 +251,45 @@ impl Exchange<'_, '_> {
             ended: recv.is_end_stream(),
             ..Held::default()
         };
-        let head_by = self
+        let mut head_by = self
             .ctx
             .deadline
             .unwrap_or_else(|| Instant::now() + svc.config.timeout);
+        // A gRPC caller's own deadline, from when its request came (a value that is not
+        // the header's syntax counts as none, and goes on as it is): the earlier one
+        // bounds the call, its tries' timeouts and its retries (through the context).
+        let theirs = if self.ctx.caller.is_grpc() {
+            template
+                .headers
+                .get(grpc_timeout::NAME)
+                .and_then(grpc_timeout::parse)
+        } else {
+            None
+        };
+        let bounded = theirs.is_some();
+        let call_by = theirs
+            .and_then(|t| self.ctx.start.checked_add(t))
+            .map_or(head_by, |by| by.min(head_by));
+        if bounded {
+            head_by = call_by;
+            self.ctx.deadline = Some(call_by);
+        }
+        // The body pace of the HTTP/1 engine's bodies (`client_timeout`, `body_min_rate`),
+        // over all tries; off once the upstream answered.
+        let limits = self.ctx.snapshot.as_ref().map(|s| s.config.limits);
+        let mut pace = BodyPace::new(
+            limits.map_or(crate::config::DEFAULT_CLIENT_TIMEOUT, |l| l.client_timeout),
+            limits.map_or(0, |l| l.body_min_rate),
+        );
+        let answered = AtomicBool::new(false);
         // A gRPC-Web text call's body is decoded on the way (kept across tries: it may
         // carry part of a quantum).
         let mut text = self.ctx.grpc_web.as_ref().and_then(|w| w.decoder());
         loop {
             let no_body = held.ended && held.chunks.is_empty() && held.trailers.is_none();
-            let opened = call::open(self.phases, self.ctx, svc, &mut template, no_body).await;
+            let grpc_by = bounded.then_some(call_by);
+            let opened =
+                call::open(self.phases, self.ctx, svc, &mut template, no_body, grpc_by).await;
             let Opened {
                 mut ex,
                 addr,
@@ -218,6 +297,9 @@ impl Exchange<'_, '_> {
                 another,
             } = match opened {
                 Ok(o) => o,
+                Err(NotOpened::Cause(Cause::UpstreamTimeout)) if bounded => {
+                    return (self.deadline_exceeded().await, held.read as u64)
+                }
                 Err(NotOpened::Cause(cause)) => {
                     return (self.answer(cause).await, held.read as u64)
                 }
@@ -233,7 +315,9 @@ impl Exchange<'_, '_> {
                     &mut held,
                     read_timeout,
                     max_body,
-                    &mut text
+                    &mut text,
+                    &mut pace,
+                    &answered,
                 ));
                 let mut fwd_done = no_body;
                 let tried = loop {
@@ -246,22 +330,28 @@ impl Exchange<'_, '_> {
                                 Err(Fwd::ClientGone) => break Tried::Gone,
                                 Err(Fwd::TooLarge) => break Tried::TooLarge,
                                 Err(Fwd::Malformed) => break Tried::Malformed,
+                                Err(Fwd::Slow) => break Tried::Slow,
                                 // An upstream failure shows in its response (below).
                                 _ => {}
                             }
                         }
+                        // Before the response: an upstream that gave up at the same
+                        // deadline (its `grpc-timeout`) does not answer for busbar.
+                        _ = tokio::time::sleep_until(head_by.into()) => break Tried::TimedOut,
                         r = &mut ex.response => break match r {
                             Ok(r) => Tried::Head(r),
                             Err(e) => Tried::Failed(e),
                         },
-                        _ = tokio::time::sleep_until(head_by.into()) => break Tried::TimedOut,
                     }
                 };
                 match tried {
                     Tried::Head(resp) => {
+                        answered.store(true, Relaxed);
                         self.phases.on_response_head(self.ctx);
                         let (parts, body) = resp.into_parts();
-                        Ok(self.relay(parts, body, fwd, fwd_done, read_timeout).await)
+                        Ok(self
+                            .relay(parts, body, fwd, fwd_done, read_timeout, grpc_by)
+                            .await)
                     }
                     other => Err(other),
                 }
@@ -288,6 +378,12 @@ impl Exchange<'_, '_> {
                         .on_try_failure(self.ctx, false, false, false, false);
                     return (self.body_failed(BodyFail::Malformed).await, read);
                 }
+                Err(Tried::Slow) => {
+                    // The client's fault, not the instance's: 408 (or its gRPC shape).
+                    self.phases
+                        .on_try_failure(self.ctx, false, false, false, false);
+                    return (self.body_failed(BodyFail::Slow).await, read);
+                }
                 Err(Tried::Failed(e)) if pool::refused(&e) => {
                     ex.slot.failed(&e);
                     // Not processed (RFC 9113 §8.7): not the instance's fault; sent again
@@ -308,8 +404,13 @@ impl Exchange<'_, '_> {
                         .on_try_failure(self.ctx, true, false, false, false);
                 }
                 Err(_) => {
+                    // No head by the deadline: is the connection itself still alive?
+                    ex.slot.suspect();
                     self.phases
                         .on_try_failure(self.ctx, true, true, false, false);
+                    if bounded {
+                        return (self.deadline_exceeded().await, read);
+                    }
                 }
             }
             return (self.failed().await, read);
@@ -322,9 +423,31 @@ impl Exchange<'_, '_> {
         self.answer(cause).await
     }
 
+    /// A gRPC call's deadline passed before a response head: DEADLINE_EXCEEDED,
+    /// Trailers-Only (the access log names the cause `upstream_timeout`).
+    async fn deadline_exceeded(&mut self) -> Answered {
+        self.ctx.cause = Some(Cause::UpstreamTimeout);
+        self.ctx.grpc_status = Some(4);
+        let head = trailers_only(
+            self.ctx.caller,
+            4,
+            "deadline_exceeded",
+            "the call's deadline (its grpc-timeout, or the route's timeout) passed before the upstream answered",
+        );
+        let Ok(_) = self.respond.send_response(to_h2(head), true) else {
+            return Answered::nothing();
+        };
+        Answered {
+            status: 200,
+            body_bytes: 0,
+        }
+    }
+
     /// The upstream's response to the client: its head edited by the phases, its DATA
     /// within the client's window (released to the upstream's as the client takes it),
-    /// its trailers; the request body keeps going up meanwhile (`fwd`).
+    /// its trailers; the request body keeps going up meanwhile (`fwd`). At `call_by` (a
+    /// gRPC caller's deadline) the client's stream is reset with CANCEL, and the
+    /// upstream's with it (its handles are dropped).
     async fn relay<F: std::future::Future<Output = Result<(), Fwd>>>(
         &mut self,
         parts: http::response::Parts,
@@ -332,8 +455,15 @@ impl Exchange<'_, '_> {
         mut fwd: std::pin::Pin<&mut F>,
         mut fwd_done: bool,
         read_timeout: Duration,
+        call_by: Option<Instant>,
     ) -> Answered {
         let status = parts.status;
+        // The access log's `grpc_status`: in the head of a Trailers-Only answer, else in
+        // the trailers (below). Looked up only while the log is on.
+        let logged = self.ctx.caller.is_grpc() && self.phases.access_log.enabled();
+        if logged {
+            self.ctx.grpc_status = grpc_status(&parts.headers);
+        }
         let mut resp = ResponseHeader::from(parts);
         if response_head::edit(self.ctx, &mut resp).is_err() {
             return self.answer(Cause::UpstreamError).await;
@@ -355,15 +485,30 @@ impl Exchange<'_, '_> {
             status: code,
             body_bytes: sent,
         };
+        // The timer is made only when first polled, and only a call with a deadline
+        // polls it (its arm is off otherwise).
+        let timed = call_by.is_some();
+        let mut expiry = pin!(async {
+            match call_by {
+                Some(by) => tokio::time::sleep_until(by.into()).await,
+                None => std::future::pending().await,
+            }
+        });
         loop {
             tokio::select! {
                 biased;
                 _ = poll_fn(|cx| tx.poll_reset(cx)) => return cut(sent),
+                _ = expiry.as_mut(), if timed => {
+                    self.ctx.cause = Some(Cause::UpstreamTimeout);
+                    tx.send_reset(Reason::CANCEL);
+                    return cut(sent);
+                }
                 f = &mut fwd, if !fwd_done => {
                     fwd_done = true;
                     match f {
                         Err(Fwd::ClientGone) => return cut(sent),
-                        Err(Fwd::TooLarge | Fwd::Malformed) => {
+                        // Slow: not paced once the head came, cannot happen here.
+                        Err(Fwd::TooLarge | Fwd::Malformed | Fwd::Slow) => {
                             // The upstream answered early and its stream was reset:
                             // the client's is cut too.
                             tx.send_reset(Reason::CANCEL);
@@ -401,7 +546,10 @@ impl Exchange<'_, '_> {
                 },
             }
         }
-        let trailers = match within(read_timeout, body.trailers()).await {
+        let wait = call_by.map_or(read_timeout, |by| {
+            read_timeout.min(by.saturating_duration_since(Instant::now()))
+        });
+        let trailers = match within(wait, body.trailers()).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
                 self.phases
@@ -419,11 +567,20 @@ impl Exchange<'_, '_> {
         let ended = match (self.ctx.grpc_web.as_mut(), trailers) {
             // gRPC-Web: the trailers are the body's last frame.
             (Some(w), t) => {
+                if logged {
+                    self.ctx.grpc_status =
+                        t.as_ref().and_then(grpc_status).or(self.ctx.grpc_status);
+                }
                 let last = w.finish(t.as_ref());
                 sent += last.len();
                 send(&mut tx, last, true, self.limit).await.map_err(|_| ())
             }
-            (None, Some(t)) => tx.send_trailers(t).map_err(|_| ()),
+            (None, Some(t)) => {
+                if logged {
+                    self.ctx.grpc_status = grpc_status(&t).or(self.ctx.grpc_status);
+                }
+                tx.send_trailers(t).map_err(|_| ())
+            }
             (None, None) => tx.send_data(Bytes::new(), true).map_err(|_| ()),
         };
         if ended.is_ok() {
@@ -431,4 +588,14 @@ impl Exchange<'_, '_> {
         }
         cut(sent)
     }
+}
+
+/// A `grpc-status` field's value: 1 to 3 digits (gRPC's codes are 0 to 16; another
+/// number is logged as it came), else `None`.
+fn grpc_status(h: &HeaderMap) -> Option<u16> {
+    let v = h.get("grpc-status")?.as_bytes();
+    if v.is_empty() || v.len() > 3 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0, |n, d| n * 10 + u16::from(d - b'0')))
 }

@@ -6,7 +6,9 @@
 //! timeout), each connection's stream count and cap (the instance's
 //! SETTINGS_MAX_CONCURRENT_STREAMS, capped by the service's `h2_max_streams`), choosing a
 //! connection with room or dialling another (at most [`MAX_CONNECTIONS`] per instance),
-//! retiring a connection that got GOAWAY or broke, dropping idle ones, and telling a
+//! retiring a connection that got GOAWAY or broke, or that leaves a PING unanswered
+//! once a stream on it went past its deadline ([`Slot::suspect`]), dropping idle ones,
+//! and telling a
 //! stream the instance refused before processing it ([`refused`]) from one that failed.
 //! Must not: decide retries (`phases::attempt`; the caller retries a refused stream
 //! through `Phases::on_try_failure`), pick instances, or lock across an await: the pool
@@ -70,6 +72,9 @@ struct Shared {
     in_flight: AtomicU32,
     /// Got GOAWAY, failed, or closed: takes no new stream.
     retired: AtomicBool,
+    /// A stream on it went unanswered past its deadline ([`Slot::suspect`]): its task
+    /// PINGs the instance, and closes the connection if no answer comes.
+    check: tokio::sync::Notify,
 }
 
 /// A pooled connection.
@@ -192,6 +197,18 @@ impl Slot {
         if e.is_go_away() || e.is_io() {
             self.0.retired.store(true, Relaxed);
         }
+    }
+}
+
+impl Slot {
+    /// The stream got no answer by its deadline: is the connection still alive? One PING
+    /// (not a periodic one: grpc-go servers take pings more often than every 5 minutes
+    /// as abuse and answer GOAWAY); unanswered within the connect timeout, the
+    /// connection is closed, its streams fail and the next go on a new one. A dead
+    /// instance (gone without a FIN, a dropped NAT entry) otherwise keeps its pooled
+    /// connection, and every stream sent on it waits out its deadline.
+    pub(crate) fn suspect(&self) {
+        self.0.check.notify_one();
     }
 }
 
@@ -428,25 +445,82 @@ async fn handshake(t: &Try) -> Result<(SendRequest<Bytes>, Arc<Shared>), OpenErr
     let shared = Arc::new(Shared::default());
     let watch = shared.clone();
     let addr = t.addr;
-    // The connection's own task: it ends when the instance closes the connection or
-    // when the pool and every stream have let go of it; the pool stops using it then.
+    let patience = t.connect_timeout;
+    let (ready, settled) = tokio::sync::oneshot::channel();
+    // The connection's own task: it ends when the instance closes the connection, when
+    // the pool and every stream have let go of it, or when the instance stopped
+    // answering; the pool stops using it then.
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(upstream = %addr, "upstream HTTP/2 connection closed: {e}");
+        let mut conn = std::pin::pin!(conn);
+        let Some(mut ping) = ping else {
+            let _ = ready.send(true);
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %addr, "upstream HTTP/2 connection closed: {e}");
+            }
+            watch.retired.store(true, Relaxed);
+            return;
+        };
+        // The instance's SETTINGS come before its answer to a PING: once the PING is
+        // answered, its stream limit is known, and the first streams are counted against
+        // it rather than opened past it (which a server answers with REFUSED_STREAM).
+        // One round trip per new connection.
+        let up = answers(&mut conn, &mut ping, patience, addr).await;
+        let _ = ready.send(up);
+        if !up {
+            watch.retired.store(true, Relaxed);
+            return;
+        }
+        loop {
+            tokio::select! {
+                closed = &mut conn => {
+                    if let Err(e) = closed {
+                        tracing::debug!(upstream = %addr, "upstream HTTP/2 connection closed: {e}");
+                    }
+                    break;
+                }
+                _ = watch.check.notified() => {
+                    if !answers(&mut conn, &mut ping, patience, addr).await {
+                        // Dropped below: the socket closes, its streams fail.
+                        tracing::info!(upstream = %addr, "upstream HTTP/2 connection did not answer PING: closed");
+                        break;
+                    }
+                }
+            }
         }
         watch.retired.store(true, Relaxed);
     });
-    // The instance's SETTINGS come before its answer to a PING: once the PING is
-    // answered, its stream limit is known, and the first streams are counted against it
-    // rather than opened past it (which a server answers with REFUSED_STREAM). One round
-    // trip per new connection.
-    if let Some(mut ping) = ping {
-        if let Err(e) = ping.ping(h2::Ping::opaque()).await {
-            tracing::debug!(upstream = %addr, "HTTP/2 connection failed before its SETTINGS: {e}");
-            return Err(OpenError::Connect { timed_out: false });
-        }
+    match settled.await {
+        Ok(true) => Ok((send, shared)),
+        _ => Err(OpenError::Connect { timed_out: false }),
     }
-    Ok((send, shared))
+}
+
+/// Does the instance answer a PING on `conn` within `patience`? `conn` is driven
+/// meanwhile; `false` when it closed.
+async fn answers<F>(
+    conn: &mut std::pin::Pin<&mut F>,
+    ping: &mut h2::PingPong,
+    patience: Duration,
+    addr: std::net::SocketAddr,
+) -> bool
+where
+    F: std::future::Future<Output = Result<(), h2::Error>>,
+{
+    if let Err(e) = ping.send_ping(h2::Ping::opaque()) {
+        // One already out (its answer pending): this check rides on it.
+        tracing::debug!(upstream = %addr, "HTTP/2 PING not sent: {e}");
+    }
+    let pong = std::future::poll_fn(|cx| ping.poll_pong(cx));
+    let pong = tokio::time::timeout(patience, pong);
+    tokio::select! {
+        closed = conn.as_mut() => {
+            if let Err(e) = closed {
+                tracing::debug!(upstream = %addr, "HTTP/2 connection failed before its PING's answer: {e}");
+            }
+            false
+        }
+        answered = pong => matches!(answered, Ok(Ok(_))),
+    }
 }
 
 /// The `:scheme` and `:authority` of a request to the try's instance: `https` and the
@@ -673,6 +747,57 @@ mod tests {
         assert_eq!(e, OpenError::Connect { timed_out: true });
         assert_eq!(connections(Key::of(&t)), 0);
         held.abort();
+    }
+
+    /// An instance that goes silent (no FIN, nothing read or answered) after a stream
+    /// was sent: once the stream is suspected, the connection's PING goes unanswered,
+    /// the connection is closed (the stream fails), and the next stream is dialled anew.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_that_stops_answering_is_closed_once_suspected() {
+        let frozen = Arc::new(AtomicBool::new(false));
+        let f = frozen.clone();
+        let addr = server(move |mut conn| {
+            let f = f.clone();
+            async move {
+                let mut held = Vec::new();
+                // Served until frozen: then the socket is held, never read again.
+                while !f.load(Relaxed) {
+                    if let Ok(Some(Ok(s))) =
+                        tokio::time::timeout(Duration::from_millis(20), conn.accept()).await
+                    {
+                        held.push(s);
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                drop((conn, held));
+            }
+        })
+        .await;
+        let t = Try {
+            connect_timeout: Duration::from_millis(300),
+            ..try_to(addr)
+        };
+        let m = metrics();
+        let ex = stream(&t, &m, addr).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        frozen.store(true, Relaxed);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        ex.slot.suspect();
+        let failed = tokio::time::timeout(Duration::from_secs(5), ex.response).await;
+        assert!(
+            matches!(failed, Ok(Err(_))),
+            "the stream failed with its connection"
+        );
+        let before = m.connection_new.get();
+        drop(ex.body);
+        drop(ex.slot);
+        // A new connection (its server side is frozen too, so the dial's PING times out:
+        // what matters is that the dead connection was not reused).
+        let _ = open(&t, 100, &m).await;
+        assert!(
+            m.connection_new.get() > before || connections(Key::of(&t)) == 0,
+            "the silent connection was not reused"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]

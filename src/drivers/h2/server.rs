@@ -6,13 +6,18 @@
 //! size, windows, rapid reset: the `h2` crate's pending-accept and local-error reset
 //! limits, past which it sends GOAWAY ENHANCE_YOUR_CALM), the idle timeout (a
 //! connection without streams for `idle_timeout` gets a graceful GOAWAY), the drain
-//! (SIGTERM: GOAWAY with the last stream id; streams in flight complete), and going
-//! away gracefully when a reload brings routes this engine does not serve.
+//! (SIGTERM: GOAWAY with the last stream id; streams in flight complete), going
+//! away gracefully when a reload brings routes this engine does not serve, and liveness:
+//! a PING every `h2_keepalive_interval` (when set) and with every GOAWAY, and a client
+//! that leaves one unanswered for `h2_keepalive_timeout` has its connection closed (its
+//! streams end, their upstream streams are reset).
 //! Must not: serve a stream itself (`stream`), or hold policy.
 
+use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -79,8 +84,14 @@ where
     let abandoned = Arc::new(AtomicU64::new(0));
     let mut accepted: u64 = 0;
     let mut going = *watch.borrow();
+    let mut alive = Liveness::new(
+        h2.ping_pong(),
+        limits.h2_keepalive_interval,
+        limits.h2_keepalive_timeout,
+    );
     if going {
         h2.graceful_shutdown();
+        alive.going_away();
     }
     loop {
         tokio::select! {
@@ -93,6 +104,7 @@ where
                         tracing::info!(client = ?conn.peer, "HTTP/2 rapid reset: GOAWAY");
                         h2.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
                         going = true;
+                        alive.going_away();
                         continue;
                     }
                     // The one snapshot load for this stream.
@@ -104,6 +116,7 @@ where
                         if !going && !super::serves_all(&snapshot) {
                             going = true;
                             h2.graceful_shutdown();
+                            alive.going_away();
                         }
                     }
                     let phases = phases.clone();
@@ -126,6 +139,16 @@ where
             _ = watch.changed(), if !going => {
                 going = true;
                 h2.graceful_shutdown();
+                alive.going_away();
+            }
+            beat = alive.next(), if alive.active() => {
+                if !alive.on(beat) {
+                    // Not answered: the client is gone or stuck. No GOAWAY (it would wait
+                    // for a socket nobody reads): the connection is dropped, its streams
+                    // end, and their upstream streams are reset.
+                    tracing::info!(client = ?conn.peer, "HTTP/2 client did not answer PING: connection closed");
+                    return;
+                }
             }
             _ = &mut quiet, if !going => {
                 let due = last + idle;
@@ -134,8 +157,119 @@ where
                 } else {
                     going = true;
                     h2.graceful_shutdown();
+                    alive.going_away();
                 }
             }
         }
+    }
+}
+
+/// What [`Liveness::next`] saw.
+enum Beat {
+    /// The PING was answered (`true`), or the connection closed (`false`).
+    Answered(bool),
+    /// The timer fired: the next PING is due, or the one out went unanswered.
+    Due,
+}
+
+/// A connection's liveness check: one PING at a time, sent on a schedule (the keepalive
+/// interval) or when the connection goes away, and a deadline for its answer.
+struct Liveness {
+    /// `None` when the `h2` crate gave no handle (it gives one per connection).
+    pings: Option<h2::PingPong>,
+    interval: Option<Duration>,
+    timeout: Duration,
+    /// A PING is out, unanswered; the timer is its deadline.
+    out: bool,
+    /// The timer is set: the next PING, or the deadline of the one out.
+    armed: bool,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Liveness {
+    fn new(pings: Option<h2::PingPong>, interval: Option<Duration>, timeout: Duration) -> Self {
+        let first = interval.unwrap_or(timeout);
+        Liveness {
+            armed: interval.is_some() && pings.is_some(),
+            pings,
+            interval,
+            timeout,
+            out: false,
+            timer: Box::pin(tokio::time::sleep(first)),
+        }
+    }
+
+    /// Is there anything to wait for: a PING's answer, or the timer?
+    fn active(&self) -> bool {
+        self.out || self.armed
+    }
+
+    /// The next thing that happens: the answer to the PING that is out (`Ok`; `Err`
+    /// when the connection closed), or the timer.
+    async fn next(&mut self) -> Beat {
+        let Liveness {
+            pings,
+            out,
+            armed,
+            timer,
+            ..
+        } = self;
+        tokio::select! {
+            pong = async {
+                match pings {
+                    Some(p) => poll_fn(|cx| p.poll_pong(cx)).await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            }, if *out => Beat::Answered(pong),
+            _ = timer.as_mut(), if *armed => Beat::Due,
+        }
+    }
+
+    /// Acts on `beat`; `false` when the PING out went unanswered: the client is gone.
+    fn on(&mut self, beat: Beat) -> bool {
+        match beat {
+            Beat::Answered(ok) => {
+                self.out = false;
+                match self.interval {
+                    Some(every) if ok => self.arm(every),
+                    _ => self.armed = false,
+                }
+                true
+            }
+            Beat::Due if self.out => false,
+            Beat::Due => {
+                self.send();
+                true
+            }
+        }
+    }
+
+    /// The connection is going away (GOAWAY sent): its client must still answer, or the
+    /// `h2` crate (which waits for its own PING's answer before closing) would hold the
+    /// connection for as long as the socket lives.
+    fn going_away(&mut self) {
+        if !self.out {
+            self.send();
+        }
+    }
+
+    fn send(&mut self) {
+        let Some(p) = &mut self.pings else {
+            return;
+        };
+        if p.send_ping(h2::Ping::opaque()).is_ok() {
+            self.out = true;
+            let timeout = self.timeout;
+            self.arm(timeout);
+        } else {
+            // The connection is closing: nothing to watch.
+            self.armed = false;
+        }
+    }
+
+    fn arm(&mut self, after: Duration) {
+        self.armed = true;
+        let at = tokio::time::Instant::now() + after;
+        self.timer.as_mut().reset(at);
     }
 }

@@ -103,10 +103,11 @@ pub(crate) async fn serve(
         Err(Refused::Malformed) => {
             // RFC 9113 §8.1.1: a stream error; the connection's other streams go on.
             respond.send_reset(Reason::PROTOCOL_ERROR);
-            METRICS
-                .edge_refusals
-                .with_label_values(&["malformed_request"])
-                .inc();
+            let code = "malformed_request";
+            METRICS.edge_refusals.with_label_values(&[code]).inc();
+            let protocol = if conn.tls { "h2" } else { "h2c" };
+            let log = &phases.access_log;
+            log.stream_reset(conn.peer, method.as_str(), code, started, protocol);
             return false;
         }
         Err(Refused::Connect) => {
