@@ -40,8 +40,9 @@ fn release_freed_memory() {
 /// mode (Debian's default) each 2 MiB of the arena it touches becomes resident whole:
 /// every idle connection's buffers, and whatever is freed but not yet purged, then cost
 /// their full size in RSS, not just the pages written. Measured with 2,000 idle h2c
-/// connections (release): 40.0 → 25.7 KiB each, idle RSS 32.5 → 23.0 MiB; h2c under
-/// `h2load -c16 -m10`: 13.9 → 14.0 µs CPU a request, within the noise. mimalloc does the
+/// connections (release): 40.0 → 25.7 KiB each, idle RSS 32.5 → 23.0 MiB. h2c under
+/// `h2load -c16 -m10` on a busy machine: 13.9 → 14.0 and 14.6 → 14.9 µs CPU a request in
+/// two runs, within their noise (a proxy's hot set is small). mimalloc does the
 /// same `prctl` itself only with `MIMALLOC_ALLOW_THP=0` in the environment at start (idle
 /// 18.4 MiB then: the few pages touched before `main` are huge ones here).
 fn no_transparent_huge_pages() {
