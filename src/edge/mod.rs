@@ -196,6 +196,8 @@ fn method_of(head: &[u8]) -> &str {
 impl Edge {
     /// The HTTP/1 keep-alive loop pingora would run on a connection, with the front door
     /// before each request. `tls`: the connection is TLS (for `X-Forwarded-Proto`).
+    /// `Some`: the client spoke HTTP/2 with prior knowledge; the stream, its preface put
+    /// back, for [`Edge::h2`] (run by the caller, once this loop's state is freed).
     async fn serve<S: Client>(
         self: &Arc<Self>,
         stream: Box<S>,
@@ -222,10 +224,7 @@ impl Edge {
                 }
                 Next::Request(s) => s,
                 // The preface was put back: whoever speaks h2c reads it again.
-                Next::H2(s) => {
-                    drop(head);
-                    return self.h2(s, false, shutdown).await;
-                }
+                Next::H2(s) => return Some(s),
                 Next::Done => return None,
             };
             // If the proxy drops the connection (an answer before the whole body was
@@ -272,7 +271,8 @@ impl Edge {
             peer: crate::base::peer_of(&*stream),
             tls,
         };
-        h2::serve(&self.phases, stream, conn, shutdown).await;
+        // Boxed: see `process_new`.
+        Box::pin(h2::serve(&self.phases, stream, conn, shutdown)).await;
         None
     }
 
@@ -347,13 +347,14 @@ impl Edge {
             }
         };
         if buf.starts_with(b"CONNECT ") {
-            crate::fallback::connect::tunnel(
+            // Boxed, as a rare path: inline, its state would size every connection's task.
+            Box::pin(crate::fallback::connect::tunnel(
                 &self.state,
                 conn.into_inner(),
                 &buf[..end],
                 &buf[end..],
                 shutdown,
-            )
+            ))
             .await;
             return Next::Done;
         }
@@ -407,16 +408,22 @@ impl ServerApp for Edge {
             Some(h) => h.accept(stream).await?,
             None => stream,
         };
+        // The HTTP/1 loop and the HTTP/2 engine each run in a box of their own: this
+        // task, which lives as long as the connection, then holds neither's state inline,
+        // and an idle connection costs only what its protocol keeps (an HTTP/1 one none
+        // of HTTP/2's, an h2c one none of the HTTP/1 loop's once it was handed over).
         if stream.as_any().is::<L4Stream>() {
             let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
-            return self.serve(l4, false, shutdown).await;
+            let h2c = Box::pin(self.serve(l4, false, shutdown)).await?;
+            return self.h2(h2c, false, shutdown).await;
         }
         if stream.selected_alpn_proto() == Some(ALPN::H2) {
             return self.h2(stream, true, shutdown).await;
         }
         // No other stream comes from busbar's listeners.
         let tls = stream.into_any().downcast::<TlsClient>().ok()?;
-        self.serve(tls, true, shutdown).await
+        let h2 = Box::pin(self.serve(tls, true, shutdown)).await?;
+        self.h2(h2, false, shutdown).await
     }
     async fn cleanup(&self) {
         ServerApp::cleanup(&*self.proxy).await;
