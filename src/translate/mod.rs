@@ -48,6 +48,39 @@ pub fn translates(snapshot: &Snapshot, route: &Route) -> bool {
     of(snapshot, route).is_some()
 }
 
+/// What a route translates, for the drivers' "is this mine" checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// JSON/HTTP → gRPC.
+    Json,
+    /// gRPC-Web → gRPC.
+    GrpcWeb,
+}
+
+impl Translation {
+    /// Its kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Translation::Json(_) => Kind::Json,
+            Translation::GrpcWeb(_) => Kind::GrpcWeb,
+        }
+    }
+}
+
+/// What `route` translates, if anything.
+pub fn kind(snapshot: &Snapshot, route: &Route) -> Option<Kind> {
+    of(snapshot, route).map(Translation::kind)
+}
+
+/// Does any route of `snapshot` translate as `kind`?
+pub fn any(snapshot: &Snapshot, kind: Kind) -> bool {
+    snapshot
+        .config
+        .translations
+        .values()
+        .any(|t| t.kind() == kind)
+}
+
 /// Is this a plain gRPC request (`content-type: application/grpc`, `application/grpc+proto`,
 /// …, not gRPC-Web)? A JSON route passes those through as they are.
 pub fn is_plain_grpc(req: &RequestHeader) -> bool {

@@ -37,6 +37,7 @@ pub mod pool;
 // (`drivers::h2`), which reaches HTTP/1 services through them.
 pub(crate) mod body;
 mod client;
+mod json;
 pub(crate) mod request;
 pub(crate) mod response;
 mod switch;
@@ -65,6 +66,7 @@ use crate::phases::{Done, Phases, Routing};
 use crate::proxy::reply::Cause;
 use crate::routing::Route;
 use crate::snapshot::{Snapshot, State};
+use crate::translate::Kind;
 use body::{BodyFail, RequestBody, Streamer};
 pub use client::ClientStream;
 use client::{Downstream, Served};
@@ -127,11 +129,17 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
         None => None,
         Some((route, fallback)) => {
             // https services too: the upstream connection is TLS (`upstream::connect`).
-            let plain = matches!(
-                route.service.config.protocol,
-                Protocol::Http1 | Protocol::Https
-            ) && !crate::translate::translates(&snapshot, &route);
-            if !plain {
+            // A JSON→gRPC route's JSON callers are answered by its gRPC call (`json`);
+            // its plain gRPC callers (HTTP/1 to an h2c service) are pingora's.
+            let ours = match crate::translate::kind(&snapshot, &route) {
+                None => matches!(
+                    route.service.config.protocol,
+                    Protocol::Http1 | Protocol::Https
+                ),
+                Some(Kind::Json) => !parsed.upgrade && !crate::translate::is_plain_grpc(&req),
+                Some(Kind::GrpcWeb) => false,
+            };
+            if !ours {
                 return None;
             }
             if fallback {
@@ -267,18 +275,29 @@ pub async fn serve<S: ClientStream>(
                 }
             };
             match admitted {
-                Ok(()) => {
-                    phases.plan(&mut ctx, req, &route);
-                    body = RequestBody::new(framing, route.config.max_body, pace);
-                    let mut sides = Sides {
-                        body: &mut body,
-                        conn,
-                        http10,
-                        expect,
-                        upgrade,
-                    };
-                    exchange(phases, &mut down, &route, req, &mut ctx, &mut sides).await
-                }
+                Ok(()) => match crate::drivers::json_grpc::transcoder(&ctx, &route, req) {
+                    Some(t) => {
+                        phases.plan(&mut ctx, req, &route);
+                        // The call holds the body to `max_body`, refusing it in the
+                        // translation's shape.
+                        body = RequestBody::new(framing, u64::MAX, pace);
+                        let (b, c) = (&mut body, &mut *conn);
+                        json::serve(phases, &mut down, req, &mut ctx, &t, b, c, http10, expect)
+                            .await
+                    }
+                    None => {
+                        phases.plan(&mut ctx, req, &route);
+                        body = RequestBody::new(framing, route.config.max_body, pace);
+                        let mut sides = Sides {
+                            body: &mut body,
+                            conn,
+                            http10,
+                            expect,
+                            upgrade,
+                        };
+                        exchange(phases, &mut down, &route, req, &mut ctx, &mut sides).await
+                    }
+                },
                 Err(served) => served,
             }
         }

@@ -22,6 +22,7 @@
 //! Must not: hold policy (the phases'), or frame HTTP/1 itself (`drivers::h1`'s codecs).
 
 mod body;
+mod json;
 mod passthrough;
 pub(crate) mod pool;
 mod request;
@@ -34,19 +35,20 @@ pub(crate) use stream::Conn;
 
 use crate::routing::Route;
 use crate::snapshot::Snapshot;
+use crate::translate::{self, Kind};
 
 /// Does this engine serve `route`: any service (HTTP/1, or `h2c` / `h2` passed through
-/// as HTTP/2), no translation? Translating routes (JSON→gRPC, gRPC-Web) stay on
+/// as HTTP/2), with no translation or JSON→gRPC (`json`)? gRPC-Web routes stay on
 /// pingora's proxy.
 pub(crate) fn serves(snapshot: &Snapshot, route: &Route) -> bool {
-    !crate::translate::translates(snapshot, route)
+    translate::kind(snapshot, route) != Some(Kind::GrpcWeb)
 }
 
 /// Does this engine serve every route of `snapshot`, mesh fallback's by service name
-/// included (nothing translates: every service's protocol is served)? Then an HTTP/2
-/// connection is this engine's for its whole life.
+/// included (no route translates gRPC-Web)? Then an HTTP/2 connection is this engine's
+/// for its whole life.
 pub(crate) fn serves_all(snapshot: &Snapshot) -> bool {
-    snapshot.config.translations.is_empty()
+    !translate::any(snapshot, Kind::GrpcWeb)
 }
 
 /// The conversion of a stream's head into the HTTP/1.1 request busbar sends upstream

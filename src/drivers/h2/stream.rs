@@ -21,6 +21,7 @@ use http::Method;
 use pingora_http::{RequestHeader, ResponseHeader};
 
 use super::body::Incoming;
+use super::json;
 use super::request::{self, Refused};
 use super::response::{send, to_h2};
 use crate::admission::Refused as NotAdmitted;
@@ -29,6 +30,7 @@ use crate::drivers::h1::body::{self as h1body, BodyFail, RequestBody, Streamer};
 use crate::drivers::h1::pool;
 use crate::drivers::h1::request::BodyFraming;
 use crate::drivers::h1::upstream::{one_try, Ask, TryFail, BUF};
+use crate::drivers::json_grpc;
 use crate::metrics::METRICS;
 use crate::phases::ctx::RequestCtx;
 use crate::phases::fail::{self, Failure};
@@ -168,33 +170,52 @@ pub(crate) async fn serve(
             match admitted {
                 Ok(()) => {
                     phases.plan(&mut ctx, &req, &route);
-                    let mut x = Exchange {
-                        phases,
-                        route: &route,
-                        ctx: &mut ctx,
-                        respond: &mut respond,
-                        conn,
-                        limit: limits.client_timeout,
-                    };
-                    if route.service.config.protocol.is_h2() {
-                        // HTTP/2 both sides: the stream is passed through as it is.
-                        let (answered, read) = x.pass(req, recv, had_te).await;
+                    let pace = crate::phases::pace::BodyPace::new(
+                        limits.client_timeout,
+                        limits.body_min_rate,
+                    );
+                    // A JSON caller of a JSON→gRPC route: answered by the route's call.
+                    if let Some(t) = json_grpc::transcoder(&ctx, &route, &req) {
+                        let limit = limits.client_timeout;
+                        let (answered, read) = json::serve(
+                            phases,
+                            &req,
+                            conn,
+                            recv,
+                            &mut respond,
+                            &mut ctx,
+                            &t,
+                            limit,
+                            pace,
+                        )
+                        .await;
                         body_bytes = read;
                         answered
                     } else {
-                        let pace = crate::phases::pace::BodyPace::new(
-                            limits.client_timeout,
-                            limits.body_min_rate,
-                        );
-                        let mut body = RequestBody::new(framing, route.config.max_body, pace);
-                        let mut incoming = Incoming::new(recv, framing == BodyFraming::Chunked);
-                        let answered = x.run(&mut req, &mut body, &mut incoming).await;
-                        body_bytes = match framing {
-                            BodyFraming::None => 0,
-                            BodyFraming::Length(n) => body.data_read(n),
-                            BodyFraming::Chunked => body.data_read(0),
+                        let mut x = Exchange {
+                            phases,
+                            route: &route,
+                            ctx: &mut ctx,
+                            respond: &mut respond,
+                            conn,
+                            limit: limits.client_timeout,
                         };
-                        answered
+                        if route.service.config.protocol.is_h2() {
+                            // HTTP/2 both sides: the stream is passed through as it is.
+                            let (answered, read) = x.pass(req, recv, had_te).await;
+                            body_bytes = read;
+                            answered
+                        } else {
+                            let mut body = RequestBody::new(framing, route.config.max_body, pace);
+                            let mut incoming = Incoming::new(recv, framing == BodyFraming::Chunked);
+                            let answered = x.run(&mut req, &mut body, &mut incoming).await;
+                            body_bytes = match framing {
+                                BodyFraming::None => 0,
+                                BodyFraming::Length(n) => body.data_read(n),
+                                BodyFraming::Chunked => body.data_read(0),
+                            };
+                            answered
+                        }
                     }
                 }
                 Err(answered) => answered,
@@ -255,7 +276,7 @@ async fn reply(
 }
 
 /// busbar's answer for `cause`, named in the context for the access log.
-async fn answer(
+pub(super) async fn answer(
     respond: &mut SendResponse<Bytes>,
     ctx: &mut RequestCtx,
     cause: Cause,
