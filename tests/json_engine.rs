@@ -132,8 +132,33 @@ async fn an_http1_json_caller_is_served_by_the_engine_with_100_continue() {
     }
     assert_eq!(backend.calls().len(), 2);
     assert_eq!(backend.calls()[0].method, "Echo");
-    let line = common::eventually(WAIT, || bus.access_log().contains("/v1/echo")).await;
-    assert!(line, "logged: {}", bus.access_log());
+    // Logged and counted as on every route.
+    let line = access_line(&bus, "/v1/echo").await;
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["method"], "POST", "{line}");
+    let sample = r#"busbar_requests_total{class="2xx",method="POST",reason="",route="json",service="books"}"#;
+    assert_eq!(bus.metric_settled(sample, 2.0).await, 2.0);
+}
+
+/// The access-log line of the request for `path` (waits for it).
+async fn access_line(bus: &Busbar, path: &str) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let found = bus
+            .access_log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["path"] == path);
+        if let Some(v) = found {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access-log line for {path}:\n{}",
+            bus.access_log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Takes any certificate: the test looks at the answer, not the certificate.
@@ -301,6 +326,10 @@ async fn an_h2c_json_caller_is_served_by_the_engine() {
     assert_eq!(status, 404, "{v}");
     assert_eq!(v["code"], 5, "{v}");
     assert_eq!(backend.calls().len(), 3);
+    let line = access_line(&bus, "/v1/fail").await;
+    assert_eq!(line["status"], 404, "{line}");
+    let sample = r#"busbar_requests_total{class="2xx",method="POST",reason="",route="json",service="books"}"#;
+    assert_eq!(bus.metric_settled(sample, 1.0).await, 1.0);
 }
 
 /// What a raw gRPC upstream does with each stream.

@@ -1,10 +1,10 @@
 //! The pingora driver: pingora's `ProxyHttp` adapter, a thin loop over the phases.
 //!
 //! pingora serves what busbar's own engines (`drivers::h1`, `drivers::h2`) do not: HTTP/1
-//! clients of h2c services, HTTP/1 requests on translating routes (JSON→gRPC,
-//! gRPC-Web), HTTP/2 clients while the snapshot has a translating route,
-//! and the rarer HTTP/1 shapes `h1::take` declines (a `Connection` naming other headers,
-//! other `Expect` values or transfer codings, absolute form). Each `ProxyHttp` callback below
+//! clients of h2c services, HTTP/1 requests on gRPC-Web routes, HTTP/2 clients while the
+//! snapshot has a gRPC-Web route, and the rarer HTTP/1 shapes `h1::take` declines (a
+//! `Connection` naming other headers, other `Expect` values or transfer codings,
+//! absolute form), JSON→gRPC routes' included. Each `ProxyHttp` callback below
 //! translates between pingora's types (its `Session`, its `Error`s) and the phases'
 //! words, and calls the phase that owns the step: `request_filter` → setup, admission
 //! (with the session's "client went away" future, `drivers::gone`), plan, and for a

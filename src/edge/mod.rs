@@ -10,8 +10,7 @@
 //! unchanged, bytes put back — to the pingora HTTP proxy.
 //! h2c connections (the HTTP/2 preface) and TLS connections whose client chose `h2` by
 //! ALPN go whole to busbar's HTTP/2 engine (`drivers::h2`), or to the proxy when the
-//! snapshot has a translating route (JSON→gRPC, gRPC-Web), which that engine does not
-//! serve. A TLS connection arrives after its handshake (`tls`); the
+//! snapshot has a gRPC-Web route, which that engine does not serve. A TLS connection arrives after its handshake (`tls`); the
 //! bytes the front door read are put back above the decryption (`tls::TlsClient`).
 //! Must not: interpret more than the head (proxying is `h1`'s), or keep any state between
 //! connections.
@@ -256,7 +255,7 @@ impl Edge {
 
     /// An HTTP/2 connection, for its whole life: busbar's own engine (`drivers::h2`)
     /// when it serves every route of the current snapshot, pingora's proxy otherwise
-    /// (translating routes: JSON→gRPC, gRPC-Web).
+    /// (a gRPC-Web route).
     async fn h2(
         self: &Arc<Self>,
         stream: Stream,

@@ -2,8 +2,9 @@
 //!
 //! Owns: one file per protocol pair — `json_grpc` for JSON/HTTP → gRPC,
 //! `grpc_web` for gRPC-Web → gRPC — plus proto compilation (`descriptors`), path
-//! templates and the gRPC status table; and the few hooks below that the pingora driver
-//! calls for gRPC-Web. The JSON→gRPC call itself is a driver (`drivers::json_grpc`).
+//! templates and the gRPC status table; the few hooks below that the pingora driver
+//! calls for gRPC-Web; and what a route translates ([`kind`]), which the drivers ask to
+//! decide whose a request is. The JSON→gRPC call itself is a driver (`drivers::json_grpc`).
 //! HTTP/1.1 → HTTP/2 needs nothing here: an h2c or h2 service is always reached over
 //! HTTP/2 (`upstream_peer`, `drivers::h2::pool`).
 //! Must not: hold routing, admission or balancing policy (it uses theirs).

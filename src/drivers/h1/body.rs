@@ -415,6 +415,40 @@ mod tests {
         assert!(b.done());
     }
 
+    #[tokio::test]
+    async fn next_data_gives_the_data_without_framing_and_leaves_the_next_request() {
+        let (mut client, mut peer) = tokio::io::duplex(1 << 20);
+        let mut b = body(BodyFraming::Chunked, 1 << 20);
+        let mut conn = b"5\r\nhel".to_vec();
+        peer.write_all(b"lo\r\n2\r\n!!\r\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut data = Vec::new();
+        while let Some(d) = next_data(&mut b, &mut client, &mut conn).await.unwrap() {
+            data.extend_from_slice(&d);
+        }
+        assert_eq!(data, b"hello!!");
+        assert_eq!(conn, b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(b.data_read(0), 7);
+        // A length: its bytes, then nothing.
+        let mut b = body(BodyFraming::Length(3), 100);
+        let mut conn = b"abcGET".to_vec();
+        assert_eq!(
+            next_data(&mut b, &mut client, &mut conn).await.unwrap(),
+            Some(Bytes::from_static(b"abc"))
+        );
+        assert_eq!(
+            next_data(&mut b, &mut client, &mut conn).await.unwrap(),
+            None
+        );
+        assert_eq!(conn, b"GET");
+        // Broken framing is the caller's 400.
+        let mut b = body(BodyFraming::Chunked, 100);
+        let mut conn = b"zz\r\n".to_vec();
+        let got = next_data(&mut b, &mut client, &mut conn).await;
+        assert_eq!(got, Err(BodyFail::Malformed));
+    }
+
     impl ClientStream for tokio::io::DuplexStream {
         fn unread(&mut self, _bytes: &[u8]) {}
     }

@@ -3,9 +3,10 @@
 //! 100-continue`), or an upgrade (WebSocket: a `101` answer opens a tunnel,
 //! `drivers::tunnel`), on a route that proxies to an HTTP/1 service (cleartext or
 //! `https`: the upstream connection is then TLS, `upstream::connect`) with no translation
-//! (admission included). Everything else (other expectations or transfer codings,
-//! `Connection` naming other headers, translating routes, h2c services) goes to the
-//! pingora driver, unchanged.
+//! (admission included), and a JSON caller of a JSON→gRPC route (answered by the route's
+//! gRPC call, `drivers::json_grpc`, through `json`). Everything else (other expectations
+//! or transfer codings, `Connection` naming other headers, gRPC-Web routes, h2c services,
+//! plain gRPC over HTTP/1) goes to the pingora driver, unchanged.
 //!
 //! pingora 0.9's proxy loop costs several times what a plain tokio proxy costs per
 //! request here (measured in `load-tests/RESULTS.md`): a boxed future per phase, two
@@ -17,8 +18,9 @@
 //! Files: `request` (request codec), `body` (the request body: held, streamed, paced),
 //! `response` + `framing` (response codec, the chunk scanner both directions share),
 //! `client` (client I/O), `upstream` (one try's upstream I/O), `pool`, `head` (the
-//! front door's head check), `switch` (an upgrade's `101` and the tunnel after it), and
-//! this one: the orchestration, a thin loop over the phases.
+//! front door's head check), `switch` (an upgrade's `101` and the tunnel after it),
+//! `json` (a JSON→gRPC call's caller on this engine), and this one: the orchestration,
+//! a thin loop over the phases.
 //! Owns: HTTP/1 framing on both sides for these requests. An answer that breaks
 //! `framing`'s rules is a 502, or, once its head went out, a client connection closed;
 //! never bytes passed on that busbar could not frame. A request body that breaks them is
@@ -99,7 +101,7 @@ pub struct FastRequest {
 
 /// Parses ([`parse`]) and routes a complete head. `None`: not a request for this path
 /// (an upgrade, an `Expect` other than `100-continue`, absolute form, more than
-/// [`MAX_HEADERS`] lines, a `;` in the path, a translating route, an h2c service…), or a
+/// [`MAX_HEADERS`] lines, a `;` in the path, a gRPC-Web route, an h2c service…), or a
 /// head the front door must judge; the caller checks it and hands it to pingora, which
 /// sees the same bytes.
 pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastRequest>> {

@@ -5,14 +5,16 @@
 //! Upstream, it reaches HTTP/1 services (`protocol` `http1` and `https`) through the
 //! HTTP/1 engine's try, per-thread pool and response codec (`drivers::h1`), and `h2c` /
 //! `h2` services h2 on both sides through `pool` (`passthrough`: gRPC, or any HTTP/2
-//! request). Translating routes (JSON→gRPC, gRPC-Web) stay on pingora's proxy: the front
-//! door gives a connection to this engine only when no route of the snapshot translates
-//! ([`serves_all`]); a stream that still reaches one (a reload added it) is refused with
-//! REFUSED_STREAM and the connection goes away gracefully, so the client retries on a
-//! new connection.
+//! request). A JSON caller of a JSON→gRPC route is answered by the route's gRPC call
+//! (`drivers::json_grpc`, through `json`); its plain gRPC callers pass through. gRPC-Web
+//! routes stay on pingora's proxy: the front door gives a connection to this engine only
+//! when no route of the snapshot is one ([`serves_all`]); a stream that still reaches one
+//! (a reload added it) is refused with REFUSED_STREAM and the connection goes away
+//! gracefully, so the client retries on a new connection.
 //!
 //! Files: `server` (the connection: settings, limits, drain), `stream` (one stream's
-//! exchange), `response` (an HTTP/1 upstream's response to the client), `passthrough`
+//! exchange), `json` (a JSON→gRPC call's caller on a stream), `response` (an HTTP/1
+//! upstream's response to the client), `passthrough`
 //! (a stream to an HTTP/2 upstream, both ways at once), `request` (head
 //! conversion, RFC 9113 §8.2.3), `body` (the request body with flow control, as HTTP/1
 //! body bytes), and `pool`: the upstream side, per-thread pools of multiplexed

@@ -1,7 +1,8 @@
 //! One HTTP/2 stream on busbar's own engine: the same phases as an HTTP/1 request
 //! (setup, admission, plan, tries, response head, finish), to an HTTP/1 service through
-//! the HTTP/1 engine's try, pool and response codec (`drivers::h1`), or to an `h2c` /
-//! `h2` service through `passthrough`.
+//! the HTTP/1 engine's try, pool and response codec (`drivers::h1`), to an `h2c` /
+//! `h2` service through `passthrough`, or, for a JSON caller of a JSON→gRPC route, as
+//! the route's gRPC call (`json`).
 //!
 //! Owns: the stream's side of the exchange: its head converted (`request`), its body
 //! read with flow control (`body`) and held or streamed by the h1 engine's body code,
