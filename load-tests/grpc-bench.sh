@@ -43,9 +43,9 @@
 #   PROXY_CPU=0 LOAD_CPU=1         CPUs for busbar / for backends + h2load
 #   ONLY="grpc json-h2c"           measure only these targets
 #   JSON_ROUTE=0                   leave the JSON route out (with ONLY="grpc-direct grpc
-#                                  http-h2c …"): with no translating route, HTTP/2 clients
-#                                  are served by busbar's own HTTP/2 engine; with one, the
-#                                  front door gives them to pingora's proxy
+#                                  http-h2c …"). HTTP/2 and HTTP/1.1 clients are served by
+#                                  busbar's own engines with it or without it (only a
+#                                  gRPC-Web route sends HTTP/2 clients to pingora's proxy)
 #   KEEP_TMP=1                     keep the temp dir (configs, logs, raw output)
 #   CALLGRIND=1                    instead of timing: busbar runs under valgrind's callgrind
 #                                  and each target reports instructions per request, which

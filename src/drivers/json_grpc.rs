@@ -1,5 +1,9 @@
 //! The JSON → gRPC driver: a JSON/HTTP request answered by a unary, server-streaming or
-//! client-streaming gRPC call over HTTP/2, made from the pingora driver's `request_filter`.
+//! client-streaming gRPC call over HTTP/2, made by whichever driver serves the JSON caller:
+//! busbar's HTTP/1 engine (`drivers::h1::json`), its HTTP/2 engine (`drivers::h2::json`),
+//! or the pingora driver's `request_filter` (an HTTP/1 request the engine declines). Each
+//! gives the call its caller's side as a [`JsonIo`]: the request head, the body's data,
+//! the response head and body, and "the client went away"; everything else is here, once.
 //!
 //! Owns: reading the JSON request (bounded by the route's `max_body`; a client stream's
 //! messages sent as they arrive), the gRPC call on a stream from `drivers::h2::pool` (h2c,
@@ -17,16 +21,19 @@
 //! editor's edits.
 //! Why a driver and not the proxy pipeline: pingora sends response headers before the
 //! upstream trailers arrive, so a status carried in trailers could not become the HTTP
-//! status there. Must not: hold policy beyond the translation.
+//! status there. A caller that goes away (closes, resets its stream) while the call
+//! waits for the service ends it: the upstream stream is reset with CANCEL.
+//! Must not: hold policy beyond the translation, or frame the caller's protocol (the
+//! drivers' [`JsonIo`]).
 
+use std::future::Future;
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use pingora_error::Result;
-use pingora_http::RequestHeader;
-use pingora_proxy::Session;
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
 
 use crate::base::http::is_hop_by_hop;
 use crate::phases::ctx::RequestCtx;
@@ -40,6 +47,7 @@ use crate::translate::json_grpc::{
 };
 use crate::translate::status;
 use crate::translate::template::Binding as PathBinding;
+use crate::translate::Translation;
 
 use super::h2::pool::{self, OpenError};
 
@@ -87,56 +95,103 @@ enum ReplyError {
     Timeout,
 }
 
-/// Serves one JSON request through gRPC; always writes the response.
+/// The JSON caller's side of a call, as the driver that serves it reads and writes it.
+/// Every method's error is the client's side failing (it left, it was too slow, its
+/// body is malformed): nothing more can be answered on it, and the driver says what
+/// the access log records.
+pub(crate) trait JsonIo: Send {
+    /// The request's head, as the driver read it.
+    fn head(&self) -> &RequestHeader;
+
+    /// The client's connection, for the metadata the upstream-head builder adds.
+    fn connection(&self) -> upstream_head::Downstream;
+
+    /// The body's next data (any framing removed), `Ok(None)` at its end. A client that
+    /// waits for `100 Continue` is told to send it on the first read; a body read while
+    /// the request was queued comes first.
+    fn read_body(&mut self) -> impl Future<Output = Result<Option<Bytes>>> + Send;
+
+    /// The body will not be read to its end: the connection carries no other request.
+    fn close(&mut self);
+
+    /// Writes the response head; a body (perhaps empty) always follows.
+    fn write_head(&mut self, head: ResponseHeader) -> impl Future<Output = Result<()>> + Send;
+
+    /// Writes body data; `end` ends the response.
+    fn write_body(&mut self, data: Bytes, end: bool) -> impl Future<Output = Result<()>> + Send;
+
+    /// Finishes when the client has gone away (closed its connection, reset its
+    /// stream) while the call waits on the service; pending for good where the driver
+    /// cannot tell without reading what is not its to read.
+    fn gone(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// The transcoder of `route`, when it is a JSON→gRPC route and `req` a JSON caller's
+/// (a plain gRPC caller of the route passes through untouched): the engines' check.
+pub(crate) fn transcoder(
+    ctx: &RequestCtx,
+    route: &crate::routing::Route,
+    req: &RequestHeader,
+) -> Option<std::sync::Arc<Transcoder>> {
+    match crate::translate::of(ctx.snapshot.as_deref()?, route)? {
+        Translation::Json(t) if !crate::translate::is_plain_grpc(req) => Some(t.clone()),
+        _ => None,
+    }
+}
+
+/// The client left while its call waited: nothing can be answered.
+fn client_left() -> Box<Error> {
+    Error::explain(
+        ErrorType::ConnectionClosed,
+        "client went away before its JSON call was answered",
+    )
+    .into_down()
+}
+
+/// Serves one JSON request through gRPC; always writes the response, unless the client
+/// side fails (`Err`).
 pub(crate) async fn serve(
     phases: &Phases,
-    session: &mut Session,
+    io: &mut impl JsonIo,
     ctx: &mut RequestCtx,
     t: &Transcoder,
 ) -> Result<()> {
-    let req = session.req_header();
+    let req = io.head();
     let path = req.uri.path().to_string();
     let query = req.uri.query().map(str::to_string);
     let method = req.method.clone();
     let (binding, vars) = match t.find(&method, &path) {
         Ok(found) => found,
-        Err(e) => return transcode_error(session, ctx, &e).await,
+        Err(e) => return transcode_error(io, ctx, &e).await,
     };
     let Some(max_body) = ctx.route.as_ref().map(|r| r.config.max_body) else {
-        return answer(session, ctx, Cause::NoRoute).await;
+        return answer(io, ctx, Cause::NoRoute).await;
     };
     if binding.method.is_client_streaming() {
         // The body's messages go to the service as they arrive, once the call is open.
-        let metadata = metadata(session, ctx)?;
+        let metadata = metadata(io, ctx)?;
         let out = Outgoing::Stream {
             vars,
             query: query.as_deref(),
             max_body,
         };
-        return call(phases, session, ctx, t, binding, out, metadata).await;
+        return call(phases, io, ctx, t, binding, out, metadata).await;
     }
-    // A body read while the request was queued is in the retry buffer (`drivers::gone`).
-    let mut body = BytesMut::from(session.as_ref().get_retry_buffer().unwrap_or_default());
-    loop {
-        match session.read_request_body().await {
-            Ok(Some(chunk)) => {
-                if (body.len() + chunk.len()) as u64 > max_body {
-                    session.as_downstream_mut().set_keepalive(None);
-                    return answer(session, ctx, Cause::BodyTooLarge).await;
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(None) => break,
-            Err(e) => return Err(e),
+    let mut body = BytesMut::new();
+    while let Some(chunk) = io.read_body().await? {
+        if (body.len() + chunk.len()) as u64 > max_body {
+            io.close();
+            return answer(io, ctx, Cause::BodyTooLarge).await;
         }
+        body.extend_from_slice(&chunk);
     }
     let message = match t.request(binding, vars, query.as_deref(), &body) {
         Ok(m) => m,
-        Err(e) => return transcode_error(session, ctx, &e).await,
+        Err(e) => return transcode_error(io, ctx, &e).await,
     };
-    let metadata = metadata(session, ctx)?;
+    let metadata = metadata(io, ctx)?;
     let out = Outgoing::One(grpc_frame(&message));
-    call(phases, session, ctx, t, binding, out, metadata).await
+    call(phases, io, ctx, t, binding, out, metadata).await
 }
 
 /// A message as one length-prefixed gRPC frame (uncompressed).
@@ -175,7 +230,7 @@ enum Sending {
 
 /// Sends the request's messages and ends the stream.
 async fn send_body(
-    session: &mut Session,
+    io: &mut impl JsonIo,
     t: &Transcoder,
     binding: &Binding,
     out: Outgoing<'_>,
@@ -192,29 +247,20 @@ async fn send_body(
     let mut splitter = MessageSplitter::default();
     let mut messages = Vec::new();
     let mut read: u64 = 0;
-    // A body read while the request was queued is in the retry buffer (`drivers::gone`).
-    let mut chunk = session.as_ref().get_retry_buffer();
-    loop {
-        if let Some(c) = chunk.take() {
-            read += c.len() as u64;
-            if read > max_body {
-                return Err(Sending::TooLarge);
-            }
-            splitter.push(&c, &mut messages).map_err(Sending::Bad)?;
-            for m in messages.drain(..) {
-                let msg = t
-                    .request(binding, vars.clone(), query, &m)
-                    .map_err(Sending::Bad)?;
-                // h2 queues what the window does not take yet; `max_body` bounds it.
-                stream
-                    .send_data(grpc_frame(&msg), false)
-                    .map_err(Sending::Upstream)?;
-            }
+    while let Some(c) = io.read_body().await.map_err(Sending::Client)? {
+        read += c.len() as u64;
+        if read > max_body {
+            return Err(Sending::TooLarge);
         }
-        match session.read_request_body().await {
-            Ok(Some(c)) => chunk = Some(c),
-            Ok(None) => break,
-            Err(e) => return Err(Sending::Client(e)),
+        splitter.push(&c, &mut messages).map_err(Sending::Bad)?;
+        for m in messages.drain(..) {
+            let msg = t
+                .request(binding, vars.clone(), query, &m)
+                .map_err(Sending::Bad)?;
+            // h2 queues what the window does not take yet; `max_body` bounds it.
+            stream
+                .send_data(grpc_frame(&msg), false)
+                .map_err(Sending::Upstream)?;
         }
     }
     splitter.finish().map_err(Sending::Bad)?;
@@ -225,20 +271,9 @@ async fn send_body(
 
 /// The request's headers as gRPC metadata: the one upstream-head builder's head (after
 /// admission and the route's edits), less what is not metadata.
-fn metadata(session: &Session, ctx: &RequestCtx) -> Result<HeaderMap> {
-    let mut up: RequestHeader = session.req_header().clone();
-    let down = upstream_head::Downstream {
-        peer: session
-            .as_downstream()
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip()),
-        tls: session
-            .as_downstream()
-            .digest()
-            .is_some_and(|d| d.ssl_digest.is_some()),
-        h2: up.version == http::Version::HTTP_2,
-    };
+fn metadata(io: &impl JsonIo, ctx: &RequestCtx) -> Result<HeaderMap> {
+    let mut up: RequestHeader = io.head().clone();
+    let down = io.connection();
     upstream_head::build(ctx, &mut up, down, Output::Map)?;
     let mut out = HeaderMap::with_capacity(up.headers.len());
     for (k, v) in up.headers.iter() {
@@ -265,7 +300,7 @@ fn metadata(session: &Session, ctx: &RequestCtx) -> Result<HeaderMap> {
 
 async fn call(
     phases: &Phases,
-    session: &mut Session,
+    io: &mut impl JsonIo,
     ctx: &mut RequestCtx,
     t: &Transcoder,
     binding: &Binding,
@@ -273,7 +308,7 @@ async fn call(
     metadata: HeaderMap,
 ) -> Result<()> {
     let Some(route) = ctx.route.clone() else {
-        return answer(session, ctx, Cause::NoRoute).await;
+        return answer(io, ctx, Cause::NoRoute).await;
     };
     let svc = &route.service;
     let deadline = ctx
@@ -293,7 +328,7 @@ async fn call(
     let (response, _slot) = loop {
         let attempt = match phases.begin_try(ctx) {
             Ok(a) => a,
-            Err(cause) => return answer(session, ctx, cause).await,
+            Err(cause) => return answer(io, ctx, cause).await,
         };
         let lease = match pool::open(&attempt, svc.config.h2_max_streams, &svc.metrics).await {
             Ok(l) => l,
@@ -304,7 +339,7 @@ async fn call(
                     OpenError::Connect { timed_out } => phases.on_connect_failure(ctx, timed_out),
                 };
                 if !retry {
-                    return upstream_failed(session, ctx).await;
+                    return upstream_failed(io, ctx).await;
                 }
                 continue;
             }
@@ -313,18 +348,18 @@ async fn call(
         // The first try takes the metadata built for it; a retry builds it again.
         let md = match metadata.take() {
             Some(m) => m,
-            None => self::metadata(session, ctx)?,
+            None => self::metadata(io, ctx)?,
         };
         let request = grpc_request(&attempt, binding, remaining, md, ctx)?;
         let this = match (&held, out.take()) {
             (Some(frame), _) => Outgoing::One(frame.clone()),
             (None, Some(o)) => o,
             // A client stream is sent once: it is never retried (below).
-            (None, None) => return upstream_failed(session, ctx).await,
+            (None, None) => return upstream_failed(io, ctx).await,
         };
         let sent = match lease.send(request, false) {
             Err(e) => Err(e),
-            Ok(mut ex) => match send_body(session, t, binding, this, &mut ex.body).await {
+            Ok(mut ex) => match send_body(io, t, binding, this, &mut ex.body).await {
                 Ok(()) => Ok(ex),
                 Err(Sending::Upstream(e)) => {
                     ex.slot.failed(&e);
@@ -335,25 +370,37 @@ async fn call(
                     ex.body.send_reset(h2::Reason::CANCEL);
                     ctx.release_instance();
                     return match refused {
-                        Sending::Bad(e) => transcode_error(session, ctx, &e).await,
+                        Sending::Bad(e) => transcode_error(io, ctx, &e).await,
                         Sending::Client(e) => Err(e),
                         _ => {
-                            session.as_downstream_mut().set_keepalive(None);
-                            answer(session, ctx, Cause::BodyTooLarge).await
+                            io.close();
+                            answer(io, ctx, Cause::BodyTooLarge).await
                         }
                     };
                 }
             },
         };
         let answered = match sent {
-            Ok(ex) => match tokio::time::timeout(remaining, ex.response).await {
-                Err(_) => Err(None),
-                Ok(Err(e)) => {
-                    ex.slot.failed(&e);
-                    Err(Some(e))
+            Ok(ex) => {
+                // A client that leaves while the service works ends the call: the
+                // stream's handles are dropped, and the `h2` crate resets it with CANCEL.
+                let waited = tokio::select! {
+                    biased;
+                    r = tokio::time::timeout(remaining, ex.response) => r,
+                    () = io.gone() => {
+                        ctx.release_instance();
+                        return Err(client_left());
+                    }
+                };
+                match waited {
+                    Err(_) => Err(None),
+                    Ok(Err(e)) => {
+                        ex.slot.failed(&e);
+                        Err(Some(e))
+                    }
+                    Ok(Ok(r)) => Ok((r, ex.slot)),
                 }
-                Ok(Ok(r)) => Ok((r, ex.slot)),
-            },
+            }
             Err(e) => Err(Some(e)),
         };
         match answered {
@@ -361,7 +408,7 @@ async fn call(
             Err(None) => {
                 // Sent, and unanswered: it may have been acted on, so it is not sent again.
                 phases.on_try_failure(ctx, true, true, false, false);
-                return upstream_failed(session, ctx).await;
+                return upstream_failed(io, ctx).await;
             }
             Err(Some(e)) if pool::refused(&e) => {
                 // Not processed (RFC 9113 §8.7): not the instance's fault, and safe to
@@ -372,13 +419,13 @@ async fn call(
                 }
                 ctx.cause = Some(Cause::UpstreamError);
                 let why = format!("the upstream refused the call before processing it: {e}");
-                return bad_gateway(session, ctx, 14, &why).await;
+                return bad_gateway(io, ctx, 14, &why).await;
             }
             Err(Some(e)) => {
                 phases.on_try_failure(ctx, true, false, false, false);
                 // A transport failure: gRPC clients report it as UNAVAILABLE.
                 let why = format!("the gRPC call failed: {e}");
-                return bad_gateway(session, ctx, 14, &why).await;
+                return bad_gateway(io, ctx, 14, &why).await;
             }
         }
     };
@@ -394,7 +441,7 @@ async fn call(
             parts.status.as_u16()
         );
         let code = status::code_of_http(parts.status.as_u16());
-        return bad_gateway(session, ctx, code, &why).await;
+        return bad_gateway(io, ctx, code, &why).await;
     }
     let is_grpc = parts
         .headers
@@ -409,11 +456,11 @@ async fn call(
                 String::from_utf8_lossy(v.as_bytes()).into_owned()
             });
         let why = format!("the upstream is not a gRPC server (content-type: {ct})");
-        return bad_gateway(session, ctx, 13, &why).await;
+        return bad_gateway(io, ctx, 13, &why).await;
     }
     phases.on_response_health(ctx, parts.status);
     let result = relay(
-        session,
+        io,
         ctx,
         t,
         binding,
@@ -427,9 +474,9 @@ async fn call(
         Ok(()) => Ok(()),
         Err(ReplyError::Timeout) => {
             svc.metrics.timeouts.inc();
-            answer(session, ctx, Cause::UpstreamTimeout).await
+            answer(io, ctx, Cause::UpstreamTimeout).await
         }
-        Err(ReplyError::Broken(why)) => bad_gateway(session, ctx, 13, &why).await,
+        Err(ReplyError::Broken(why)) => bad_gateway(io, ctx, 13, &why).await,
     }
 }
 
@@ -468,7 +515,7 @@ fn grpc_request(
 /// Reads the reply's messages and status and writes the JSON answer. Errors are only
 /// returned while nothing has been written downstream.
 async fn relay(
-    session: &mut Session,
+    io: &mut impl JsonIo,
     ctx: &mut RequestCtx,
     t: &Transcoder,
     binding: &Binding,
@@ -493,17 +540,22 @@ async fn relay(
             &mut shown,
         );
         loop {
-            let next = tokio::time::timeout(read_timeout, body.data()).await;
+            let next = tokio::select! {
+                biased;
+                next = tokio::time::timeout(read_timeout, body.data()) => next,
+                // The client left: the stream is dropped (CANCEL upstream).
+                () = io.gone() => return Ok(()),
+            };
             let chunk = match next {
                 Err(_) if started => {
                     let why = "the upstream did not answer in time";
-                    return finish_stream_error(session, format, 4, why).await;
+                    return finish_stream_error(io, format, 4, why).await;
                 }
                 Err(_) => return Err(ReplyError::Timeout),
                 Ok(None) => break,
                 Ok(Some(Err(e))) if started => {
                     let why = format!("the stream broke: {e}");
-                    return finish_stream_error(session, format, 14, &why).await;
+                    return finish_stream_error(io, format, 14, &why).await;
                 }
                 Ok(Some(Err(e))) => {
                     return Err(ReplyError::Broken(format!("the gRPC reply broke off: {e}")))
@@ -519,13 +571,9 @@ async fn relay(
                     if !started {
                         started = true;
                         let ct = stream_content_type(format);
-                        let _ = write_head(session, ctx, 200, ct, None, &shown).await;
+                        let _ = write_head(io, ctx, 200, ct, None, &shown).await;
                     }
-                    if session
-                        .write_response_body(Some(Bytes::from(item)), false)
-                        .await
-                        .is_err()
-                    {
+                    if io.write_body(Bytes::from(item), false).await.is_err() {
                         return Ok(());
                     }
                 } else {
@@ -563,7 +611,7 @@ async fn relay(
     else {
         if started {
             let why = "the upstream sent no grpc-status";
-            return finish_stream_error(session, format, 13, why).await;
+            return finish_stream_error(io, format, 13, why).await;
         }
         return Err(ReplyError::Broken(
             "the upstream sent no grpc-status".into(),
@@ -575,11 +623,11 @@ async fn relay(
     if started {
         // The head is gone: trailers cannot become headers any more.
         if code == 0 {
-            let end = stream_end(format, false).map(Bytes::from_static);
-            let _ = session.write_response_body(end, true).await;
+            let end = stream_end(format, false).unwrap_or_default();
+            let _ = io.write_body(Bytes::from_static(end), true).await;
             return Ok(());
         }
-        return finish_stream_error(session, format, code, &message).await;
+        return finish_stream_error(io, format, code, &message).await;
     }
     response_metadata(
         trailers.as_ref().unwrap_or(headers),
@@ -592,16 +640,14 @@ async fn relay(
             &[&t.pool, &descriptors::RPC],
         );
         let body = status::error_body(code, &message, details);
-        let _ = write_json(session, ctx, status::http_status(code), body, &shown).await;
+        let _ = write_json(io, ctx, status::http_status(code), body, &shown).await;
         return Ok(());
     }
     if streaming {
         let end = stream_end(format, true).unwrap_or_default();
         let ct = stream_content_type(format);
-        let _ = write_head(session, ctx, 200, ct, Some(end.len()), &shown).await;
-        let _ = session
-            .write_response_body(Some(Bytes::from_static(end)), true)
-            .await;
+        let _ = write_head(io, ctx, 200, ct, Some(end.len()), &shown).await;
+        let _ = io.write_body(Bytes::from_static(end), true).await;
         return Ok(());
     }
     let Some(json) = messages.into_iter().next() else {
@@ -609,7 +655,7 @@ async fn relay(
             "the upstream replied OK without a message".into(),
         ));
     };
-    let _ = write_json(session, ctx, 200, json, &shown).await;
+    let _ = write_json(io, ctx, 200, json, &shown).await;
     Ok(())
 }
 
@@ -706,7 +752,7 @@ fn next_frame(buf: &mut BytesMut) -> std::result::Result<Option<Vec<u8>>, ReplyE
 /// for NDJSON and result lines (grpc-gateway's), the array's last element for a JSON
 /// array.
 async fn finish_stream_error(
-    session: &mut Session,
+    io: &mut impl JsonIo,
     format: StreamFormat,
     code: u32,
     message: &str,
@@ -723,14 +769,12 @@ async fn finish_stream_error(
         StreamFormat::JsonArray => b']',
         _ => b'\n',
     });
-    let _ = session
-        .write_response_body(Some(Bytes::from(out)), true)
-        .await;
+    let _ = io.write_body(Bytes::from(out), true).await;
     Ok(())
 }
 
 async fn write_head(
-    session: &mut Session,
+    io: &mut impl JsonIo,
     ctx: &RequestCtx,
     status: u16,
     content_type: &str,
@@ -750,11 +794,11 @@ async fn write_head(
         h.append_header(k.clone(), v.clone())?;
     }
     response_head::edit(ctx, &mut h)?;
-    session.write_response_header(Box::new(h), false).await
+    io.write_head(h).await
 }
 
 async fn write_json(
-    session: &mut Session,
+    io: &mut impl JsonIo,
     ctx: &RequestCtx,
     status: u16,
     body: Vec<u8>,
@@ -765,14 +809,12 @@ async fn write_json(
         h.append_header(k.clone(), v.clone())?;
     }
     response_head::edit(ctx, &mut h)?;
-    session.write_response_header(Box::new(h), false).await?;
-    session
-        .write_response_body(Some(Bytes::from(body)), true)
-        .await
+    io.write_head(h).await?;
+    io.write_body(Bytes::from(body), true).await
 }
 
 async fn transcode_error(
-    session: &mut Session,
+    io: &mut impl JsonIo,
     ctx: &mut RequestCtx,
     e: &TranscodeError,
 ) -> Result<()> {
@@ -782,7 +824,7 @@ async fn transcode_error(
         _ => Cause::BadRequest,
     });
     let body = status::error_body(code, &e.to_string(), Vec::new());
-    write_json(session, ctx, http, body, &[]).await
+    write_json(io, ctx, http, body, &[]).await
 }
 
 /// (HTTP status, gRPC code) of busbar's own answer for `cause` on a JSON route: the
@@ -817,29 +859,29 @@ fn translated(cause: Cause) -> (u16, u32) {
 }
 
 /// busbar's own answer for `cause` (named by the phases), in the translation's shape.
-async fn answer(session: &mut Session, ctx: &mut RequestCtx, cause: Cause) -> Result<()> {
+async fn answer(io: &mut impl JsonIo, ctx: &mut RequestCtx, cause: Cause) -> Result<()> {
     ctx.cause = Some(cause);
     let (http, code) = translated(cause);
     let body = status::error_body(code, cause.message(), Vec::new());
-    write_json(session, ctx, http, body, &[]).await
+    write_json(io, ctx, http, body, &[]).await
 }
 
 /// The try failed on the upstream's side: the cause the phases named.
-async fn upstream_failed(session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+async fn upstream_failed(io: &mut impl JsonIo, ctx: &mut RequestCtx) -> Result<()> {
     let cause = fail::cause_of(ctx, Failure::Upstream).unwrap_or(Cause::UpstreamError);
-    answer(session, ctx, cause).await
+    answer(io, ctx, cause).await
 }
 
 /// The reply could not be translated: the gRPC `code` a client would report, and why.
 async fn bad_gateway(
-    session: &mut Session,
+    io: &mut impl JsonIo,
     ctx: &mut RequestCtx,
     code: u32,
     why: &str,
 ) -> Result<()> {
     ctx.cause = Some(Cause::UpstreamError);
     let body = status::error_body(code, why, Vec::new());
-    write_json(session, ctx, status::http_status(code), body, &[]).await
+    write_json(io, ctx, status::http_status(code), body, &[]).await
 }
 
 #[cfg(test)]

@@ -2,8 +2,9 @@
 //! loop over the request phases (`phases`), so every driver gets every feature.
 //!
 //! - `pingora`: pingora's `ProxyHttp` adapter: HTTP/1 clients of h2c services (gRPC-Web
-//!   included), translating routes, HTTP/2 clients while the snapshot has a translating
-//!   route; and the JSON→gRPC call (`json_grpc`) from its `request_filter`.
+//!   included), gRPC-Web routes, HTTP/2 clients while the snapshot has a gRPC-Web route,
+//!   the HTTP/1 shapes `h1` declines; and the JSON→gRPC call (`json_grpc`) from its
+//!   `request_filter` for a JSON request among those.
 //! - `h1`: busbar's own HTTP/1.x engine, plaintext and TLS: bodies, HTTP/1.0, upgrades
 //!   (the front door, `edge`, hands requests over).
 //! - `tunnel`: the byte copy both ways behind an upgrade's `101` and a `CONNECT`'s `200`
@@ -12,7 +13,8 @@
 //!   services and, h2 on both sides, to `h2c` / `h2` ones (gRPC pass-through; the front
 //!   door hands it whole connections); `h2::pool` opens every HTTP/2 stream to an
 //!   instance.
-//! - `json_grpc`: JSON/HTTP callers → unary and streaming gRPC over `h2::pool`.
+//! - `json_grpc`: JSON/HTTP callers → unary and streaming gRPC over `h2::pool`, on
+//!   whichever driver serves the caller (`h1::json`, `h2::json`, `pingora`).
 //! - `gone`: the pingora session's "client went away" future for admission's waits.
 //!
 //! Must not: hold policy. Route, admission, tries, retries, outlier detection, header

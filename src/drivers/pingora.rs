@@ -1,10 +1,10 @@
 //! The pingora driver: pingora's `ProxyHttp` adapter, a thin loop over the phases.
 //!
 //! pingora serves what busbar's own engines (`drivers::h1`, `drivers::h2`) do not: HTTP/1
-//! requests on JSON→gRPC routes, HTTP/2 clients while the snapshot has one, an upgrade
-//! to an HTTP/2 service, and the HTTP/1 heads `h1::take` declines that the front door's
-//! check lets through: bytes in the head httparse or the URI parser refuse (which
-//! pingora refuses or keeps). Each `ProxyHttp` callback below
+//! plain gRPC callers over HTTP/1 (of a JSON→gRPC route), an upgrade to an HTTP/2
+//! service, and the HTTP/1 heads `h1::take` declines that the front door's check lets
+//! through: bytes in the head httparse or the URI parser refuse (which pingora refuses or
+//! keeps). No HTTP/2 connection reaches it. Each `ProxyHttp` callback below
 //! translates between pingora's types (its `Session`, its `Error`s) and the phases'
 //! words, and calls the phase that owns the step: `request_filter` → setup, admission
 //! (with the session's "client went away" future, `drivers::gone`), plan, and for a
@@ -28,6 +28,7 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use super::json_grpc::JsonIo;
 use crate::admission::Refused;
 use crate::phases::ctx::RequestCtx;
 use crate::phases::fail::{self, Failure};
@@ -200,11 +201,64 @@ impl BusbarProxy {
                 Ok(false)
             }
             Some(Translation::Json(t)) => {
-                super::json_grpc::serve(&self.phases, session, ctx, &t).await?;
+                // A body read while the request was queued is in the retry buffer
+                // (`drivers::gone`): the call's body starts from it.
+                let queued = session.as_ref().get_retry_buffer();
+                let mut io = PingoraJson { session, queued };
+                super::json_grpc::serve(&self.phases, &mut io, ctx, &t).await?;
                 Ok(true)
             }
             Some(Translation::GrpcWeb(_)) | None => Ok(false),
         }
+    }
+}
+
+/// A JSON→gRPC call's caller on pingora's session (`drivers::json_grpc`).
+struct PingoraJson<'a> {
+    session: &'a mut Session,
+    /// What was read of the body while the request was queued.
+    queued: Option<Bytes>,
+}
+
+impl JsonIo for PingoraJson<'_> {
+    fn head(&self) -> &RequestHeader {
+        self.session.req_header()
+    }
+
+    fn connection(&self) -> upstream_head::Downstream {
+        upstream_head::Downstream {
+            peer: client_ip(self.session),
+            tls: is_tls(self.session),
+            h2: self.session.req_header().version == http::Version::HTTP_2,
+        }
+    }
+
+    async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        if let Some(queued) = self.queued.take().filter(|b| !b.is_empty()) {
+            return Ok(Some(queued));
+        }
+        self.session.read_request_body().await
+    }
+
+    fn close(&mut self) {
+        self.session.as_downstream_mut().set_keepalive(None);
+    }
+
+    async fn write_head(&mut self, head: ResponseHeader) -> Result<()> {
+        self.session
+            .write_response_header(Box::new(head), false)
+            .await
+    }
+
+    async fn write_body(&mut self, data: Bytes, end: bool) -> Result<()> {
+        let data = (!data.is_empty()).then_some(data);
+        self.session.write_response_body(data, end).await
+    }
+
+    async fn gone(&mut self) {
+        // pingora's session is not watched during the call (as before the engines took
+        // JSON routes): the call ends at its deadline.
+        std::future::pending().await
     }
 }
 

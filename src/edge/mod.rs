@@ -9,9 +9,8 @@
 //! this buffer and leaves the next request's in it), and hands everything else —
 //! unchanged, bytes put back — to the pingora HTTP proxy.
 //! h2c connections (the HTTP/2 preface) and TLS connections whose client chose `h2` by
-//! ALPN go whole to busbar's HTTP/2 engine (`drivers::h2`), or to the proxy when the
-//! snapshot has a JSON→gRPC route, which that engine does not
-//! serve. A TLS connection arrives after its handshake (`tls`); the
+//! ALPN go whole to busbar's HTTP/2 engine (`drivers::h2`). A TLS connection arrives
+//! after its handshake (`tls`); the
 //! bytes the front door read are put back above the decryption (`tls::TlsClient`).
 //! Must not: interpret more than the head (proxying is `h1`'s), or keep any state between
 //! connections.
@@ -255,18 +254,13 @@ impl Edge {
         }
     }
 
-    /// An HTTP/2 connection, for its whole life: busbar's own engine (`drivers::h2`)
-    /// when it serves every route of the current snapshot, pingora's proxy otherwise
-    /// (JSON→gRPC routes).
+    /// An HTTP/2 connection, for its whole life: busbar's own engine (`drivers::h2`).
     async fn h2(
         self: &Arc<Self>,
         stream: Stream,
         tls: bool,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        if !h2::serves_all(&self.state.load()) {
-            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
-        }
         let conn = h2::Conn {
             peer: crate::base::peer_of(&*stream),
             tls,

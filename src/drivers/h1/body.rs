@@ -17,6 +17,8 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::client::ClientStream;
@@ -39,7 +41,7 @@ const STREAM_BUF: usize = 32 * 1024;
 /// and sends the body (an upstream may ignore the expectation; curl waits 1 s too).
 pub(super) const CONTINUE_WAIT: Duration = Duration::from_secs(1);
 
-const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+pub(super) const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// Why a request body could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +107,12 @@ impl RequestBody {
     /// Takes the body's next bytes: how many of `bytes` belong to it (the rest is the
     /// client's next request). Counts the data against the limit.
     pub(super) fn feed(&mut self, bytes: &[u8]) -> Result<usize, BodyFail> {
+        self.feed_with(bytes, |_| {})
+    }
+
+    /// [`RequestBody::feed`], handing the body's data in `bytes` (its chunked framing
+    /// removed) to `data`.
+    fn feed_with(&mut self, bytes: &[u8], mut data: impl FnMut(&[u8])) -> Result<usize, BodyFail> {
         if self.done {
             return Ok(0);
         }
@@ -113,10 +121,14 @@ impl RequestBody {
                 let take = (*left).min(bytes.len() as u64);
                 *left -= take;
                 self.done = *left == 0;
+                data(&bytes[..take as usize]);
                 (take as usize, 0)
             }
             None => {
-                let fed = self.scan.feed(bytes).map_err(|_| BodyFail::Malformed)?;
+                let fed = self
+                    .scan
+                    .feed_with(bytes, &mut data)
+                    .map_err(|_| BodyFail::Malformed)?;
                 self.done = fed.end.is_some();
                 (fed.end.unwrap_or(bytes.len()), self.scan.data_bytes())
             }
@@ -151,6 +163,32 @@ impl RequestBody {
                 Ok(n)
             }
             Err(_) => Err(BodyFail::Slow),
+        }
+    }
+}
+
+/// The body's next data, its framing removed, for a driver that reads the body itself
+/// (a JSON→gRPC call, `drivers::h1::json`): first from what the front door read
+/// (`conn`), then from the client within the pace. Bytes past the body's end stay in
+/// `conn`, the connection's next request. `Ok(None)`: the body has ended.
+pub(crate) async fn next_data<S: ClientStream>(
+    body: &mut RequestBody,
+    client: &mut S,
+    conn: &mut Vec<u8>,
+) -> Result<Option<Bytes>, BodyFail> {
+    loop {
+        if body.done {
+            return Ok(None);
+        }
+        if conn.is_empty() {
+            conn.reserve(STREAM_BUF);
+            body.read(client, conn).await?;
+        }
+        let mut data = BytesMut::new();
+        let take = body.feed_with(conn, |d| data.extend_from_slice(d))?;
+        conn.drain(..take);
+        if !data.is_empty() {
+            return Ok(Some(data.freeze()));
         }
     }
 }
@@ -375,6 +413,40 @@ mod tests {
         assert_eq!(wire, b"HEAD5\r\nhello\r\n0\r\n\r\n");
         assert_eq!(conn, b"GET / HTTP/1.1\r\n\r\n");
         assert!(b.done());
+    }
+
+    #[tokio::test]
+    async fn next_data_gives_the_data_without_framing_and_leaves_the_next_request() {
+        let (mut client, mut peer) = tokio::io::duplex(1 << 20);
+        let mut b = body(BodyFraming::Chunked, 1 << 20);
+        let mut conn = b"5\r\nhel".to_vec();
+        peer.write_all(b"lo\r\n2\r\n!!\r\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut data = Vec::new();
+        while let Some(d) = next_data(&mut b, &mut client, &mut conn).await.unwrap() {
+            data.extend_from_slice(&d);
+        }
+        assert_eq!(data, b"hello!!");
+        assert_eq!(conn, b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(b.data_read(0), 7);
+        // A length: its bytes, then nothing.
+        let mut b = body(BodyFraming::Length(3), 100);
+        let mut conn = b"abcGET".to_vec();
+        assert_eq!(
+            next_data(&mut b, &mut client, &mut conn).await.unwrap(),
+            Some(Bytes::from_static(b"abc"))
+        );
+        assert_eq!(
+            next_data(&mut b, &mut client, &mut conn).await.unwrap(),
+            None
+        );
+        assert_eq!(conn, b"GET");
+        // Broken framing is the caller's 400.
+        let mut b = body(BodyFraming::Chunked, 100);
+        let mut conn = b"zz\r\n".to_vec();
+        let got = next_data(&mut b, &mut client, &mut conn).await;
+        assert_eq!(got, Err(BodyFail::Malformed));
     }
 
     impl ClientStream for tokio::io::DuplexStream {

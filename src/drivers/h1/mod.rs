@@ -6,9 +6,10 @@
 //! lines as `limits.max_headers` allows, `OPTIONS *` included, on a route that proxies
 //! to an HTTP/1 service (cleartext or `https`: the upstream connection is then TLS,
 //! `upstream::connect`), or to an `h2c` / `h2` service (`to_h2`: a stream of
-//! `drivers::h2::pool`; gRPC-Web routes there, with their codec), admission included.
-//! JSON→gRPC routes and an upgrade to an HTTP/2 service go to the pingora driver,
-//! unchanged.
+//! `drivers::h2::pool`; gRPC-Web routes there, with their codec), admission included;
+//! and a JSON caller of a JSON→gRPC route (answered by the route's gRPC call,
+//! `drivers::json_grpc`, through `json`). Plain gRPC over HTTP/1 and an upgrade to an
+//! HTTP/2 service go to the pingora driver, unchanged.
 //!
 //! pingora 0.9's proxy loop costs several times what a plain tokio proxy costs per
 //! request here (measured in `load-tests/RESULTS.md`): a boxed future per phase, two
@@ -21,7 +22,8 @@
 //! `response` + `framing` (response codec, the chunk scanner both directions share),
 //! `client` (client I/O), `upstream` (one try's upstream I/O), `pool`, `head` (the
 //! front door's head check), `switch` (an upgrade's `101` and the tunnel after it),
-//! `to_h2` (a request to an HTTP/2 service), and this one: the orchestration, a thin loop over the phases.
+//! `to_h2` (a request to an HTTP/2 service), `json` (a JSON→gRPC call's caller on this
+//! engine), and this one: the orchestration, a thin loop over the phases.
 //! Owns: HTTP/1 framing on both sides for these requests. An answer that breaks
 //! `framing`'s rules is a 502, or, once its head went out, a client connection closed;
 //! never bytes passed on that busbar could not frame. A request body that breaks them is
@@ -41,6 +43,7 @@ pub mod pool;
 // (`drivers::h2`), which reaches HTTP/1 services through them.
 pub(crate) mod body;
 mod client;
+mod json;
 pub(crate) mod request;
 pub(crate) mod response;
 mod switch;
@@ -70,6 +73,7 @@ use crate::phases::{Done, Phases, Routing};
 use crate::proxy::reply::Cause;
 use crate::routing::Route;
 use crate::snapshot::{Snapshot, State};
+use crate::translate::Kind;
 use body::{BodyFail, RequestBody, Streamer};
 pub use client::ClientStream;
 use client::{Downstream, Served};
@@ -104,9 +108,9 @@ pub struct FastRequest {
 }
 
 /// Parses ([`parse`]) and routes a complete head. `None`: not a request for this path
-/// (a JSON→gRPC route, an upgrade to an HTTP/2 service), or a head the front door must
-/// judge (and nearly always refuse: `request::parse`); the caller checks it and hands
-/// it to pingora, which sees the same bytes.
+/// (plain gRPC over HTTP/1, an upgrade to an HTTP/2 service), or a head the front door
+/// must judge (and nearly always refuse: `request::parse`); the caller checks it and
+/// hands it to pingora, which sees the same bytes.
 pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastRequest>> {
     // One copy of the head; the path and the header values are slices of it.
     let head = Bytes::copy_from_slice(head);
@@ -131,8 +135,13 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
         Some((route, fallback)) => {
             // Every protocol: https (the upstream connection is TLS, `upstream::connect`),
             // h2c and h2 (`to_h2`), but no upgrade to an HTTP/2 service (RFC 9113 §8.6).
+            // A JSON→gRPC route's JSON callers are answered by its gRPC call (`json`);
+            // its plain gRPC callers over HTTP/1 are pingora's.
             let h2 = matches!(route.service.config.protocol, Protocol::H2c | Protocol::H2);
-            let ours = crate::translate::of(&snapshot, &route).is_none_or(serves_translation);
+            let ours = match crate::translate::kind(&snapshot, &route) {
+                None | Some(Kind::GrpcWeb) => true,
+                Some(Kind::Json) => !parsed.upgrade && !crate::translate::is_plain_grpc(&req),
+            };
             if !ours || h2 && parsed.upgrade {
                 return None;
             }
@@ -154,16 +163,6 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
         upgrade: parsed.upgrade,
         nominated: parsed.nominated,
     }))
-}
-
-/// The translations this engine serves, by kind: gRPC-Web (the codec on an HTTP/2
-/// service's stream, `to_h2`); JSON→gRPC routes are the JSON driver's, on pingora's
-/// adapter.
-fn serves_translation(t: &crate::translate::Translation) -> bool {
-    match t {
-        crate::translate::Translation::GrpcWeb(_) => true,
-        crate::translate::Translation::Json(_) => false,
-    }
 }
 
 /// Admission on this connection: the route's policy, its waits raced against the
@@ -289,16 +288,29 @@ pub async fn serve<S: ClientStream>(
                     for name in &nominated {
                         req.remove_header(name);
                     }
-                    phases.plan(&mut ctx, req, &route);
-                    body = RequestBody::new(framing, route.config.max_body, pace);
-                    let mut sides = Sides {
-                        body: &mut body,
-                        conn,
-                        http10,
-                        expect,
-                        upgrade,
-                    };
-                    exchange(phases, &mut down, &route, req, &mut ctx, &mut sides).await
+                    match crate::drivers::json_grpc::transcoder(&ctx, &route, req) {
+                        Some(t) => {
+                            phases.plan(&mut ctx, req, &route);
+                            // The call holds the body to `max_body`, refusing it in the
+                            // translation's shape.
+                            body = RequestBody::new(framing, u64::MAX, pace);
+                            let (b, c) = (&mut body, &mut *conn);
+                            json::serve(phases, &mut down, req, &mut ctx, &t, b, c, http10, expect)
+                                .await
+                        }
+                        None => {
+                            phases.plan(&mut ctx, req, &route);
+                            body = RequestBody::new(framing, route.config.max_body, pace);
+                            let mut sides = Sides {
+                                body: &mut body,
+                                conn,
+                                http10,
+                                expect,
+                                upgrade,
+                            };
+                            exchange(phases, &mut down, &route, req, &mut ctx, &mut sides).await
+                        }
+                    }
                 }
                 Err(served) => served,
             }

@@ -6,17 +6,16 @@
 //! HTTP/1 engine's try, per-thread pool and response codec (`drivers::h1`), and `h2c` /
 //! `h2` services h2 on both sides through `pool` (`passthrough`: gRPC, or any HTTP/2
 //! request). gRPC-Web routes are served with the codec of `translate::grpc_web` on the
-//! pass-through. JSON→gRPC routes stay on pingora's proxy: the front door gives a
-//! connection to this engine only when no route of the snapshot has one
-//! ([`serves_all`]); a stream that still reaches one (a reload added it) is refused
-//! with REFUSED_STREAM and the connection goes away gracefully, so the client retries
-//! on a new connection.
+//! pass-through; a JSON caller of a JSON→gRPC route is answered by the route's gRPC call
+//! (`drivers::json_grpc`, through `json`), its plain gRPC callers pass through. Every
+//! route of every snapshot is this engine's: the front door gives it every HTTP/2
+//! connection.
 //!
 //! Files: `server` (the connection: settings, limits, drain), `stream` (one stream's
-//! exchange), `response` (an HTTP/1 upstream's response to the client), `passthrough`
-//! (a stream to an HTTP/2 upstream, both ways at once), `call` (the tries' streams to an
-//! HTTP/2 upstream, shared with the HTTP/1 engine), `grpc_timeout` (the header's
-//! syntax), `request` (head
+//! exchange), `json` (a JSON→gRPC call's caller on a stream), `response` (an HTTP/1
+//! upstream's response to the client), `passthrough` (a stream to an HTTP/2 upstream,
+//! both ways at once), `call` (the tries' streams to an HTTP/2 upstream, shared with the
+//! HTTP/1 engine), `grpc_timeout` (the header's syntax), `request` (head
 //! conversion, RFC 9113 §8.2.3), `body` (the request body with flow control, as HTTP/1
 //! body bytes), and `pool`: the upstream side, per-thread pools of multiplexed
 //! connections to instances (h2c with prior knowledge, h2 over TLS with ALPN `h2`), the
@@ -27,6 +26,7 @@
 mod body;
 pub(crate) mod call;
 mod grpc_timeout;
+mod json;
 mod passthrough;
 pub(crate) mod pool;
 mod request;
@@ -36,36 +36,6 @@ mod stream;
 
 pub(crate) use server::serve;
 pub(crate) use stream::Conn;
-
-use crate::routing::Route;
-use crate::snapshot::Snapshot;
-use crate::translate::Translation;
-
-/// Does this engine serve `route`: any service (HTTP/1, or `h2c` / `h2` passed through
-/// as HTTP/2), gRPC-Web routes included (the codec on the pass-through)? JSON→gRPC
-/// routes stay on pingora's proxy.
-pub(crate) fn serves(snapshot: &Snapshot, route: &Route) -> bool {
-    crate::translate::of(snapshot, route).is_none_or(serves_translation)
-}
-
-/// Does this engine serve every route of `snapshot`, mesh fallback's by service name
-/// included (no route translates JSON→gRPC)? Then an HTTP/2 connection is this engine's
-/// for its whole life.
-pub(crate) fn serves_all(snapshot: &Snapshot) -> bool {
-    snapshot
-        .config
-        .translations
-        .values()
-        .all(serves_translation)
-}
-
-/// The translations this engine serves, by kind.
-fn serves_translation(t: &Translation) -> bool {
-    match t {
-        Translation::GrpcWeb(_) => true,
-        Translation::Json(_) => false,
-    }
-}
 
 /// The conversion of a stream's head into the HTTP/1.1 request busbar sends upstream
 /// (`request::convert`, RFC 9113 §8.2.3), for the fuzz harness (`fuzz/src/lib.rs`,

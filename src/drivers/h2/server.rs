@@ -6,8 +6,7 @@
 //! size, windows, rapid reset: the `h2` crate's pending-accept and local-error reset
 //! limits, past which it sends GOAWAY ENHANCE_YOUR_CALM), the idle timeout (a
 //! connection without streams for `idle_timeout` gets a graceful GOAWAY), the drain
-//! (SIGTERM: GOAWAY with the last stream id; streams in flight complete), going
-//! away gracefully when a reload brings routes this engine does not serve, and liveness:
+//! (SIGTERM: GOAWAY with the last stream id; streams in flight complete), and liveness:
 //! a PING every `h2_keepalive_interval` (when set) and with every GOAWAY, and a client
 //! that leaves one unanswered for `h2_keepalive_timeout` has its connection closed (its
 //! streams end, their upstream streams are reset).
@@ -56,7 +55,6 @@ where
 {
     let snapshot = phases.state.load();
     let limits = snapshot.config.limits;
-    let mut generation = snapshot.generation;
     drop(snapshot);
     let mut builder = h2::server::Builder::new();
     builder
@@ -109,16 +107,6 @@ where
                     }
                     // The one snapshot load for this stream.
                     let snapshot = phases.state.load();
-                    if snapshot.generation != generation {
-                        generation = snapshot.generation;
-                        // A reload brought routes this engine does not serve: new
-                        // streams go to a new connection, which pingora then takes.
-                        if !going && !super::serves_all(&snapshot) {
-                            going = true;
-                            h2.graceful_shutdown();
-                            alive.going_away();
-                        }
-                    }
                     let phases = phases.clone();
                     let abandoned = abandoned.clone();
                     tokio::spawn(async move {

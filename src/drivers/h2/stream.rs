@@ -1,7 +1,8 @@
 //! One HTTP/2 stream on busbar's own engine: the same phases as an HTTP/1 request
 //! (setup, admission, plan, tries, response head, finish), to an HTTP/1 service through
-//! the HTTP/1 engine's try, pool and response codec (`drivers::h1`), or to an `h2c` /
-//! `h2` service through `passthrough`.
+//! the HTTP/1 engine's try, pool and response codec (`drivers::h1`), to an `h2c` /
+//! `h2` service through `passthrough`, or, for a JSON caller of a JSON→gRPC route, as
+//! the route's gRPC call (`json`).
 //!
 //! Owns: the stream's side of the exchange: its head converted (`request`), its body
 //! read with flow control (`body`) and held or streamed by the h1 engine's body code,
@@ -21,6 +22,7 @@ use http::Method;
 use pingora_http::{RequestHeader, ResponseHeader};
 
 use super::body::Incoming;
+use super::json;
 use super::request::{self, Refused};
 use super::response::{send, to_h2};
 use crate::admission::Refused as NotAdmitted;
@@ -29,6 +31,7 @@ use crate::drivers::h1::body::{self as h1body, BodyFail, RequestBody, Streamer};
 use crate::drivers::h1::pool;
 use crate::drivers::h1::request::BodyFraming;
 use crate::drivers::h1::upstream::{one_try, Ask, TryFail, BUF};
+use crate::drivers::json_grpc;
 use crate::metrics::METRICS;
 use crate::phases::ctx::RequestCtx;
 use crate::phases::fail::{self, Failure};
@@ -65,10 +68,8 @@ impl Answered {
 }
 
 /// Serves one stream: `snapshot` is the one its connection loaded when it accepted it.
-/// A stream that reaches a route this engine does not serve (a reload added one) is
-/// refused with REFUSED_STREAM, which tells the client it may retry it (the connection
-/// goes away gracefully: see `server`), untouched. Returns whether the client abandoned
-/// the stream (reset it, or went) before any answer: what a rapid-reset flood does.
+/// Returns whether the client abandoned the stream (reset it, or went) before any
+/// answer: what a rapid-reset flood does.
 pub(crate) async fn serve(
     phases: &Phases,
     snapshot: Arc<Snapshot>,
@@ -131,19 +132,8 @@ pub(crate) async fn serve(
         Routing::Find,
     );
     let mut body_bytes = 0;
-    let mut refused = false;
     let answered = match set_up {
         Err(cause) => answer(&mut respond, &mut ctx, cause, limits.client_timeout).await,
-        Ok((route, _))
-            if !ctx
-                .snapshot
-                .as_deref()
-                .is_some_and(|s| super::serves(s, &route)) =>
-        {
-            respond.send_reset(Reason::REFUSED_STREAM);
-            refused = true;
-            Answered::nothing()
-        }
         Ok((route, _)) if let Some(h) = grpc_web(&mut ctx, &req, &route) => {
             // A gRPC-Web route's CORS preflight.
             reply(&mut respond, h, Bytes::new(), limits.client_timeout).await
@@ -173,33 +163,52 @@ pub(crate) async fn serve(
             match admitted {
                 Ok(()) => {
                     phases.plan(&mut ctx, &req, &route);
-                    let mut x = Exchange {
-                        phases,
-                        route: &route,
-                        ctx: &mut ctx,
-                        respond: &mut respond,
-                        conn,
-                        limit: limits.client_timeout,
-                    };
-                    if route.service.config.protocol.is_h2() {
-                        // HTTP/2 both sides: the stream is passed through as it is.
-                        let (answered, read) = x.pass(req, recv, had_te).await;
+                    let pace = crate::phases::pace::BodyPace::new(
+                        limits.client_timeout,
+                        limits.body_min_rate,
+                    );
+                    // A JSON caller of a JSON→gRPC route: answered by the route's call.
+                    if let Some(t) = json_grpc::transcoder(&ctx, &route, &req) {
+                        let limit = limits.client_timeout;
+                        let (answered, read) = json::serve(
+                            phases,
+                            &req,
+                            conn,
+                            recv,
+                            &mut respond,
+                            &mut ctx,
+                            &t,
+                            limit,
+                            pace,
+                        )
+                        .await;
                         body_bytes = read;
                         answered
                     } else {
-                        let pace = crate::phases::pace::BodyPace::new(
-                            limits.client_timeout,
-                            limits.body_min_rate,
-                        );
-                        let mut body = RequestBody::new(framing, route.config.max_body, pace);
-                        let mut incoming = Incoming::new(recv, framing == BodyFraming::Chunked);
-                        let answered = x.run(&mut req, &mut body, &mut incoming).await;
-                        body_bytes = match framing {
-                            BodyFraming::None => 0,
-                            BodyFraming::Length(n) => body.data_read(n),
-                            BodyFraming::Chunked => body.data_read(0),
+                        let mut x = Exchange {
+                            phases,
+                            route: &route,
+                            ctx: &mut ctx,
+                            respond: &mut respond,
+                            conn,
+                            limit: limits.client_timeout,
                         };
-                        answered
+                        if route.service.config.protocol.is_h2() {
+                            // HTTP/2 both sides: the stream is passed through as it is.
+                            let (answered, read) = x.pass(req, recv, had_te).await;
+                            body_bytes = read;
+                            answered
+                        } else {
+                            let mut body = RequestBody::new(framing, route.config.max_body, pace);
+                            let mut incoming = Incoming::new(recv, framing == BodyFraming::Chunked);
+                            let answered = x.run(&mut req, &mut body, &mut incoming).await;
+                            body_bytes = match framing {
+                                BodyFraming::None => 0,
+                                BodyFraming::Length(n) => body.data_read(n),
+                                BodyFraming::Chunked => body.data_read(0),
+                            };
+                            answered
+                        }
                     }
                 }
                 Err(answered) => answered,
@@ -221,7 +230,7 @@ pub(crate) async fn serve(
             error: false,
         },
     );
-    answered.status == 0 && !refused
+    answered.status == 0
 }
 
 /// Finishes when the client resets the stream (or the connection goes), for admission's
@@ -260,7 +269,7 @@ async fn reply(
 }
 
 /// busbar's answer for `cause`, named in the context for the access log.
-async fn answer(
+pub(super) async fn answer(
     respond: &mut SendResponse<Bytes>,
     ctx: &mut RequestCtx,
     cause: Cause,
