@@ -135,6 +135,7 @@ async fn paced_data(
 /// to the client's window once the upstream took it, then its trailers. A client that
 /// resets its stream resets the upstream's (CANCEL).
 /// `text`: a gRPC-Web text call's decoder, each frame's base64 decoded on the way.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     recv: &mut RecvStream,
     up: &mut SendStream<Bytes>,
