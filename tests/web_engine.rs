@@ -30,7 +30,8 @@ use tokio::sync::Notify;
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 /// Service `s` (h2c) at `addrs`; route `web` (gRPC-Web, CORS for `https://app.example`)
-/// for `/fidelity.v1.Fidelity/`, route `drip` (gRPC-Web, no CORS) for `/drip.Svc/`, route `plain` for everything else;
+/// for `/fidelity.v1.Fidelity/`, route `drip` (gRPC-Web, no CORS) for `/drip.Svc/`, route
+/// `json` (JSON→gRPC) for `/json/`, route `plain` for everything else;
 /// `sections` first (e.g. `[limits]`).
 fn config(addrs: &[SocketAddr], sections: &str) -> String {
     let endpoints = addrs
@@ -61,10 +62,19 @@ service = "s"
 from = "grpc-web"
 
 [[route]]
+name = "json"
+path_prefix = "/json/"
+service = "s"
+[route.translate]
+from = "json"
+protos = ["{protos}/tests/protos/bookstore.proto"]
+
+[[route]]
 name = "plain"
 path_prefix = "/"
 service = "s"
-"#
+"#,
+        protos = env!("CARGO_MANIFEST_DIR"),
     )
 }
 
@@ -393,6 +403,38 @@ async fn a_refused_stream_is_retried_for_an_http1_client() {
     assert!(refused >= 2, "round robin sent some to the refusing one");
     assert_eq!(good.streams.load(SeqCst), 6);
     eprintln!("REFUSED_STREAM, HTTP/1 client: 6 POSTs, {refused} refused and retried, 6 answered");
+}
+
+/// A plain gRPC caller over HTTP/1.1 on a JSON→gRPC route goes to the route's service as
+/// it is (only JSON callers are translated), on the engine: a stream the instance refused
+/// is sent again (pingora's proxy, which had these, answered 502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_grpc_caller_of_a_json_route_over_http1_is_passed_through() {
+    let refusing = Raw::start(Mode::Refuse).await;
+    let good = Raw::start(Mode::Echo).await;
+    let bus = Busbar::start(&config(&[refusing.addr, good.addr], "")).await;
+    let http = client();
+    for n in 0..6u8 {
+        let body = frame(&[n; 5]);
+        let r = http
+            .post(bus.url("/json/bookstore.v1.Bookstore/Ping"))
+            .header("content-type", "application/grpc")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "call {n}\n{}", bus.stderr());
+        assert_eq!(
+            r.bytes().await.unwrap().as_ref(),
+            &body[..],
+            "call {n}: echoed as sent"
+        );
+    }
+    assert!(
+        refusing.streams.load(SeqCst) >= 2,
+        "round robin sent some to the refusing one"
+    );
+    assert_eq!(good.streams.load(SeqCst), 6);
 }
 
 /// gRPC-Web over HTTP/1.1, binary and text, to tonic: the server stream's messages,

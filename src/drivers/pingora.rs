@@ -1,10 +1,10 @@
 //! The pingora driver: pingora's `ProxyHttp` adapter, a thin loop over the phases.
 //!
-//! pingora serves what busbar's own engines (`drivers::h1`, `drivers::h2`) do not: HTTP/1
-//! plain gRPC callers over HTTP/1 (of a JSON→gRPC route), an upgrade to an HTTP/2
-//! service, and the HTTP/1 heads `h1::take` declines that the front door's check lets
-//! through: bytes in the head httparse or the URI parser refuse (which pingora refuses or
-//! keeps). No HTTP/2 connection reaches it. Each `ProxyHttp` callback below
+//! pingora serves what busbar's own engines (`drivers::h1`, `drivers::h2`) do not: an
+//! HTTP/1 upgrade to an HTTP/2 service or on a JSON→gRPC route, and the HTTP/1 heads
+//! `h1::take` declines that the front door's check lets through: bytes in the head
+//! httparse or the URI parser refuse (which pingora refuses or keeps). No HTTP/2
+//! connection reaches it. Each `ProxyHttp` callback below
 //! translates between pingora's types (its `Session`, its `Error`s) and the phases'
 //! words, and calls the phase that owns the step: `request_filter` → setup, admission
 //! (with the session's "client went away" future, `drivers::gone`), plan, and for a

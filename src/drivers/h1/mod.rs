@@ -8,8 +8,9 @@
 //! `upstream::connect`), or to an `h2c` / `h2` service (`to_h2`: a stream of
 //! `drivers::h2::pool`; gRPC-Web routes there, with their codec), admission included;
 //! and a JSON caller of a JSON→gRPC route (answered by the route's gRPC call,
-//! `drivers::json_grpc`, through `json`). Plain gRPC over HTTP/1 and an upgrade to an
-//! HTTP/2 service go to the pingora driver, unchanged.
+//! `drivers::json_grpc`, through `json`; its plain gRPC callers go to its service as any
+//! request does). An upgrade to an HTTP/2 service or on a JSON→gRPC route goes to the
+//! pingora driver, unchanged.
 //!
 //! pingora 0.9's proxy loop costs several times what a plain tokio proxy costs per
 //! request here (measured in `load-tests/RESULTS.md`): a boxed future per phase, two
@@ -108,7 +109,7 @@ pub struct FastRequest {
 }
 
 /// Parses ([`parse`]) and routes a complete head. `None`: not a request for this path
-/// (plain gRPC over HTTP/1, an upgrade to an HTTP/2 service), or a head the front door
+/// (an upgrade to an HTTP/2 service or on a JSON→gRPC route), or a head the front door
 /// must judge (and nearly always refuse: `request::parse`); the caller checks it and
 /// hands it to pingora, which sees the same bytes.
 pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastRequest>> {
@@ -136,11 +137,11 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
             // Every protocol: https (the upstream connection is TLS, `upstream::connect`),
             // h2c and h2 (`to_h2`), but no upgrade to an HTTP/2 service (RFC 9113 §8.6).
             // A JSON→gRPC route's JSON callers are answered by its gRPC call (`json`);
-            // its plain gRPC callers over HTTP/1 are pingora's.
+            // its plain gRPC callers go through as any request to its service (`to_h2`).
             let h2 = matches!(route.service.config.protocol, Protocol::H2c | Protocol::H2);
             let ours = match crate::translate::kind(&snapshot, &route) {
                 None | Some(Kind::GrpcWeb) => true,
-                Some(Kind::Json) => !parsed.upgrade && !crate::translate::is_plain_grpc(&req),
+                Some(Kind::Json) => !parsed.upgrade,
             };
             if !ours || h2 && parsed.upgrade {
                 return None;
