@@ -22,8 +22,7 @@ use prost::Message;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::rustls;
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio_rustls::rustls::pki_types::ServerName;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -161,44 +160,6 @@ async fn access_line(bus: &Busbar, path: &str) -> Value {
     }
 }
 
-/// Takes any certificate: the test looks at the answer, not the certificate.
-#[derive(Debug)]
-struct AnyCert;
-
-impl rustls::client::danger::ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_json_caller_is_served_by_the_engine_with_100_continue() {
     let backend = GrpcBackend::start(1).await;
@@ -221,15 +182,7 @@ async fn a_tls_json_caller_is_served_by_the_engine_with_100_continue() {
         "TLS listener up: {}",
         bus.stderr()
     );
-    let mut tls_config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .dangerous()
-    .with_custom_certificate_verifier(Arc::new(AnyCert))
-    .with_no_client_auth();
-    tls_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls_config = common::tls::trusting_client(&[b"http/1.1"]);
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from("books.test".to_string()).unwrap();
     let mut s = tokio_rustls::TlsConnector::from(Arc::new(tls_config))
