@@ -19,6 +19,7 @@ use busbar_testkit::pb::bookstore_client::BookstoreClient;
 use busbar_testkit::pb::{Book, FailRequest, ListBooksRequest, PingRequest};
 use busbar_testkit::GrpcBackend;
 use bytes::Bytes;
+use common::h2raw::RawH2;
 use common::Busbar;
 use h2::Reason;
 use tokio::net::{TcpListener, TcpStream};
@@ -63,48 +64,26 @@ enum Mode {
     Drain,
 }
 
-/// A raw HTTP/2 upstream (the `h2` crate's server) on a run-time port.
+/// A raw HTTP/2 upstream (`common::h2raw`) serving each stream by `mode`.
 struct Raw {
     addr: SocketAddr,
     /// Streams it got.
     streams: Arc<AtomicUsize>,
     /// How held streams ended: `reset:<reason>`, `ended`.
     events: Arc<Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Raw {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _server: RawH2,
 }
 
 impl Raw {
     async fn start(mode: Mode) -> Raw {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let streams = Arc::new(AtomicUsize::new(0));
         let events = Arc::new(Mutex::new(Vec::new()));
-        let (s, e) = (streams.clone(), events.clone());
-        let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = l.accept().await {
-                let (s, e) = (s.clone(), e.clone());
-                tokio::spawn(async move {
-                    let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                        return;
-                    };
-                    while let Some(Ok((req, respond))) = conn.accept().await {
-                        s.fetch_add(1, SeqCst);
-                        tokio::spawn(stream(mode, req, respond, e.clone()));
-                    }
-                });
-            }
-        });
+        let e = events.clone();
+        let server = RawH2::start(move |req, respond| stream(mode, req, respond, e.clone())).await;
         Raw {
-            addr,
-            streams,
+            addr: server.addr,
+            streams: server.streams.clone(),
             events,
-            task,
+            _server: server,
         }
     }
 

@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 use busbar_testkit::pb::Book;
 use busbar_testkit::GrpcBackend;
 use bytes::Bytes;
+use common::h2raw::RawH2;
 use common::Busbar;
 use h2::Reason;
 use prost::Message;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -296,17 +297,11 @@ enum Mode {
     Collect,
 }
 
-/// A raw gRPC upstream (the `h2` crate's server) on a run-time port.
+/// A raw gRPC upstream (`common::h2raw`) serving each stream by its mode.
 struct Raw {
     addr: SocketAddr,
     events: Arc<Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Raw {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _server: RawH2,
 }
 
 fn frame(book: &Book) -> Bytes {
@@ -319,24 +314,15 @@ fn frame(book: &Book) -> Bytes {
 
 impl Raw {
     async fn start(mode: Mode) -> Raw {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
         let events = Arc::new(Mutex::new(Vec::new()));
         let e = events.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = l.accept().await {
-                let e = e.clone();
-                tokio::spawn(async move {
-                    let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                        return;
-                    };
-                    while let Some(Ok((req, respond))) = conn.accept().await {
-                        tokio::spawn(raw_stream(mode, req, respond, e.clone()));
-                    }
-                });
-            }
-        });
-        Raw { addr, events, task }
+        let server =
+            RawH2::start(move |req, respond| raw_stream(mode, req, respond, e.clone())).await;
+        Raw {
+            addr: server.addr,
+            events,
+            _server: server,
+        }
     }
 
     fn events(&self) -> Vec<String> {

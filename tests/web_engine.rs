@@ -19,12 +19,13 @@ use base64::Engine;
 use busbar_testkit::fidelity::pb::{Item, StreamRequest};
 use busbar_testkit::fidelity::FidelityBackend;
 use bytes::Bytes;
+use common::h2raw::RawH2;
 use common::http1::Conn;
 use common::{client, Busbar};
 use h2::Reason;
 use prost::Message;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -93,7 +94,7 @@ enum Mode {
     Hold,
 }
 
-/// A raw HTTP/2 upstream (the `h2` crate's server) on a run-time port.
+/// A raw HTTP/2 upstream (`common::h2raw`) serving each stream by `mode`.
 struct Raw {
     addr: SocketAddr,
     /// Streams it got.
@@ -102,43 +103,23 @@ struct Raw {
     go: Arc<Notify>,
     /// How `Hold` streams ended: `reset:<reason>`, `error:…`.
     events: Arc<Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Raw {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _server: RawH2,
 }
 
 impl Raw {
     async fn start(mode: Mode) -> Raw {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let streams = Arc::new(AtomicUsize::new(0));
         let go = Arc::new(Notify::new());
         let events = Arc::new(Mutex::new(Vec::new()));
-        let (s, g, e) = (streams.clone(), go.clone(), events.clone());
-        let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = l.accept().await {
-                let (s, g, e) = (s.clone(), g.clone(), e.clone());
-                tokio::spawn(async move {
-                    let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                        return;
-                    };
-                    while let Some(Ok((req, respond))) = conn.accept().await {
-                        s.fetch_add(1, SeqCst);
-                        tokio::spawn(stream(mode, req, respond, g.clone(), e.clone()));
-                    }
-                });
-            }
-        });
+        let (g, e) = (go.clone(), events.clone());
+        let server =
+            RawH2::start(move |req, respond| stream(mode, req, respond, g.clone(), e.clone()))
+                .await;
         Raw {
-            addr,
-            streams,
+            addr: server.addr,
+            streams: server.streams.clone(),
             go,
             events,
-            task,
+            _server: server,
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod dns;
 pub mod etcd;
 pub mod forwarder;
+pub mod h2raw;
 pub mod http1;
 pub mod redis;
 pub mod tls;
