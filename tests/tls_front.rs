@@ -504,6 +504,31 @@ async fn a_tls_keep_alive_connection_goes_back_and_forth_between_the_engines() {
     assert_eq!(seen[1].body, b"hello");
 }
 
+/// A TLS client that chose `http/1.1` by ALPN and then speaks HTTP/2 (the preface) is
+/// served by the HTTP/2 engine, and the request still says it came over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_over_a_tls_connection_that_chose_http1_still_says_https() {
+    let a = Backend::start("a").await;
+    let (bus, addr, _dir) = tls_bus_with_limits(&a, "header_timeout = \"5s\"").await;
+    let tls = connect(addr, Some("localhost")).await.unwrap();
+    let (mut send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri("https://localhost/h2-over-tls")
+        .body(())
+        .unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", bus.stderr());
+    let seen = a.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/h2-over-tls");
+    assert_eq!(seen[0].headers["x-forwarded-proto"], "https");
+}
+
 /// The process a graceful upgrade started; killed by pid when the test ends.
 struct Upgraded(std::process::Child);
 

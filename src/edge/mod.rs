@@ -416,8 +416,10 @@ impl ServerApp for Edge {
         }
         // No other stream comes from busbar's listeners.
         let tls = stream.into_any().downcast::<TlsClient>().ok()?;
+        // A TLS client that chose `http/1.1` (or nothing) by ALPN and then sent the
+        // HTTP/2 preface: still TLS.
         let h2 = Box::pin(self.serve(tls, true, shutdown)).await?;
-        self.h2(h2, false, shutdown).await
+        self.h2(h2, true, shutdown).await
     }
     async fn cleanup(&self) {
         ServerApp::cleanup(&*self.proxy).await;
