@@ -48,6 +48,9 @@ async fn smuggling_attempts_get_400_and_reach_nobody() {
         b"GET / HTTP/1.1\r\nHost: a\0\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nX-Folded: a\r\n b\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+        // RFC 9112 §3.2: an HTTP/1.1 request without Host (nginx and Envoy answer 400).
+        b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
     ];
     for case in cases {
         let reply = raw(&bus, case).await;
@@ -67,6 +70,12 @@ async fn smuggling_attempts_get_400_and_reach_nobody() {
     .await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert_eq!(backend.hits(), 1);
+    // HTTP/1.0 needs no Host; the upstream request (HTTP/1.1) gets the service's name,
+    // as nginx sends its upstream's.
+    let reply = raw(&bus, b"GET /old HTTP/1.0\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(backend.hits(), 2);
+    assert_eq!(backend.seen()[1].headers["host"], "s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

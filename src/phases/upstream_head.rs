@@ -56,6 +56,12 @@ pub(crate) fn build(
     };
     if !down.h2 {
         origin_form(upstream)?;
+        if !upstream.headers.contains_key(HOST) {
+            // RFC 9112 §3.2: every HTTP/1.1 request carries `Host`, and an HTTP/1.0
+            // client may have sent none (the front door refuses HTTP/1.1 without one).
+            // The service's name stands in, as nginx sends its upstream's name.
+            upstream.insert_header(HOST, route.service.config.name.as_str())?;
+        }
     }
     let as_lines = matches!(out, Output::Wire(_)) && route.config.request_headers.is_empty();
     let own = Own::take(ctx, upstream, down)?;

@@ -204,6 +204,12 @@ pub fn check(head: &[u8], limits: &HeadLimits) -> Result<Body, Refusal> {
     if !target.starts_with(b"/") && method != b"CONNECT" {
         fields::other_target(method, target, host_value)?;
     }
+    // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without `Host` (as
+    // nginx and Envoy do); an absolute-form target names its authority, and `CONNECT`'s
+    // is the tunnel's.
+    if !host && !http10 && (target.starts_with(b"/") || target == b"*") && method != b"CONNECT" {
+        return Err(bad("no Host in an HTTP/1.1 request"));
+    }
     if transfer_encoding && content_length.is_some() {
         return Err(bad("both Content-Length and Transfer-Encoding"));
     }
@@ -251,12 +257,24 @@ mod tests {
             Ok(Body::Chunked)
         );
         assert_eq!(
-            verdict(b"GET / HTTP/1.1\r\nX:\tv\r\n\r\n"),
+            verdict(b"GET / HTTP/1.1\r\nHost: a\r\nX:\tv\r\n\r\n"),
             Ok(Body::Length(0))
         );
         assert_eq!(
-            verdict(b"PUT / HTTP/1.1\r\nContent-Length: 9999999999999999999\r\n\r\n"),
+            verdict(b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 9999999999999999999\r\n\r\n"),
             Ok(Body::Length(9_999_999_999_999_999_999))
+        );
+    }
+
+    #[test]
+    fn an_http11_request_without_host_is_refused() {
+        assert_eq!(verdict(b"GET / HTTP/1.1\r\n\r\n"), Err(400));
+        assert_eq!(verdict(b"OPTIONS * HTTP/1.1\r\n\r\n"), Err(400));
+        // HTTP/1.0 has no Host requirement; an absolute-form target names its authority.
+        assert_eq!(verdict(b"GET / HTTP/1.0\r\n\r\n"), Ok(Body::Length(0)));
+        assert_eq!(
+            verdict(b"GET http://a/ HTTP/1.1\r\n\r\n"),
+            Ok(Body::Length(0))
         );
     }
 
@@ -264,15 +282,15 @@ mod tests {
     fn smuggling_shapes_are_refused() {
         for head in [
             &b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 0x5\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding:\tchunked\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\tchunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"GET / HTTP/1.1\nHost: a\n\n",
             b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n",
@@ -288,11 +306,11 @@ mod tests {
 
     #[test]
     fn codings_named_headers_and_absolute_targets_are_judged_by_fields() {
-        let te = |v: &str| format!("POST / HTTP/1.1\r\nTransfer-Encoding: {v}\r\n\r\n");
+        let te = |v: &str| format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {v}\r\n\r\n");
         assert_eq!(verdict(te("gzip, chunked").as_bytes()), Err(501));
         assert_eq!(verdict(te("chunked, gzip").as_bytes()), Err(400));
         assert_eq!(verdict(te("chunked  ").as_bytes()), Ok(Body::Chunked));
-        let named = |v: &str| format!("GET / HTTP/1.1\r\nConnection: {v}\r\n\r\n");
+        let named = |v: &str| format!("GET / HTTP/1.1\r\nHost: a\r\nConnection: {v}\r\n\r\n");
         assert_eq!(verdict(named("x-a, close").as_bytes()), Ok(Body::Length(0)));
         assert_eq!(
             verdict(named("a,b,c,d,e,f,g,h,i").as_bytes()),
@@ -304,8 +322,11 @@ mod tests {
             verdict(b"GET http://a/ HTTP/1.1\r\nHost:  a\t\r\n\r\n"),
             Ok(Body::Length(0))
         );
-        assert_eq!(verdict(b"OPTIONS * HTTP/1.1\r\n\r\n"), Ok(Body::Length(0)));
-        assert_eq!(verdict(b"GET * HTTP/1.1\r\n\r\n"), Err(400));
+        assert_eq!(
+            verdict(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Ok(Body::Length(0))
+        );
+        assert_eq!(verdict(b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"), Err(400));
         assert_eq!(
             verdict(b"GET http://a/ HTTP/1.1\r\nHost: b\r\n\r\n"),
             Err(400)
@@ -315,21 +336,24 @@ mod tests {
 
     #[test]
     fn sizes_get_414_and_431() {
-        let long_line = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(9000));
+        let long_line = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(9000));
         assert_eq!(verdict(long_line.as_bytes()), Err(414));
-        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(70_000));
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+            "a".repeat(70_000)
+        );
         assert_eq!(verdict(big.as_bytes()), Err(431));
         let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
         assert_eq!(
-            verdict(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes()),
+            verdict(format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n").as_bytes()),
             Err(431)
         );
     }
 
     #[test]
     fn head_end_finds_crlf_and_bare_lf() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some(18));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody"), Some(27));
         assert_eq!(head_end(b"GET / HTTP/1.1\n\nbody"), Some(16));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\n"), None);
     }
 }

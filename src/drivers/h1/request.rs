@@ -317,6 +317,10 @@ fn parse_lines(head: &Bytes, limits: &HeadLimits, parsed: &httparse::Request) ->
         let value = HeaderValue::from_maybe_shared(head.slice_ref(value)).ok()?;
         parts.headers.insert(UPGRADE, value);
     }
+    if host.is_none() && !http10 && !absolute {
+        // RFC 9112 §3.2: an HTTP/1.1 request without `Host` (the front door's 400).
+        return None;
+    }
     if absolute {
         // RFC 9112 §3.2.2: the target's authority replaces `Host` (which, when sent, must
         // say the same: `fields::absolute_target`).
@@ -416,13 +420,13 @@ mod tests {
     #[test]
     fn bodies_and_http10_are_framed_as_the_front_door_frames_them() {
         let p = |h: &[u8]| parse(&Bytes::copy_from_slice(h), &LIMITS);
-        let got = p(b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n").unwrap();
+        let got = p(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n").unwrap();
         assert_eq!(
             (got.body, got.close, got.expect),
             (BodyFraming::Length(12), false, false)
         );
         let got =
-            p(b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\nExpect: 100-continue\r\n\r\n")
+            p(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\nExpect: 100-continue\r\n\r\n")
                 .unwrap();
         assert_eq!((got.body, got.expect), (BodyFraming::Chunked, true));
         let got = p(b"GET / HTTP/1.0\r\n\r\n").unwrap();
@@ -431,18 +435,18 @@ mod tests {
         assert!(got.http10 && !got.close && !got.expect);
         assert!(got.req.headers.get("expect").is_none());
         for h in [
-            &b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            &b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
             b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\t\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding:\tchunked\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length:\t5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\t\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\tchunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length:\t5\r\n\r\n",
         ] {
             assert!(p(h).is_none(), "{}", String::from_utf8_lossy(h));
         }
         for ok in [
-            &b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\n"[..],
-            b"PUT /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            &b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n"[..],
+            b"PUT /a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
         ] {
             assert!(agrees(ok), "{}", String::from_utf8_lossy(ok));
@@ -471,47 +475,53 @@ mod tests {
         };
         let ws = Some(b"websocket".to_vec());
         assert_eq!(
-            upgrade(b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"),
+            upgrade(
+                b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+            ),
             ws
         );
         // Firefox's.
         assert_eq!(
             upgrade(
-                b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\n"
+                b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\n"
             ),
             ws
         );
         for ignored in [
             // Not named by `Connection`.
-            &b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"[..],
-            b"GET / HTTP/1.1\r\nConnection: upgrade\r\n\r\n",
+            &b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n\r\n",
             // HTTP/1.0, h2c, a body.
             b"GET / HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
-            b"GET / HTTP/1.1\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMA\r\n\r\n",
-            b"POST / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMA\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 1\r\n\r\n",
         ] {
             assert_eq!(upgrade(ignored), None, "{}", String::from_utf8_lossy(ignored));
             assert!(agrees(ignored), "{}", String::from_utf8_lossy(ignored));
         }
         // `Connection` naming another header too: that one is dropped, the upgrade kept.
-        let named = b"GET / HTTP/1.1\r\nConnection: upgrade, x-hop\r\nUpgrade: websocket\r\n\r\n";
+        let named = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade, x-hop\r\nUpgrade: websocket\r\n\r\n";
         assert_eq!(upgrade(named), ws);
         assert_eq!(p(named).unwrap().nominated, ["x-hop"]);
         // Two `Upgrade` lines: not for this path.
-        let two = b"GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: a\r\nUpgrade: b\r\n\r\n";
+        let two =
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: a\r\nUpgrade: b\r\n\r\n";
         assert!(p(two).is_none());
     }
 
     #[test]
     fn parse_takes_only_what_the_front_door_accepts() {
         for ok in [
-            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            &b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..],
             b"GET /a?b=c HTTP/1.1\r\nHost: a\r\nX:\tv \r\nContent-Length: 0\r\n\r\n",
-            b"DELETE /x HTTP/1.1\r\nConnection: close\r\nX-Empty:\r\n\r\n",
+            b"DELETE /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Empty:\r\n\r\n",
         ] {
             assert!(agrees(ok), "{}", String::from_utf8_lossy(ok));
         }
-        let line = |n: usize| format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(n));
+        // RFC 9112 §3.2: no Host in HTTP/1.1 is the front door's 400; not in HTTP/1.0.
+        assert!(!agrees(b"GET / HTTP/1.1\r\n\r\n"));
+        assert!(agrees(b"GET / HTTP/1.0\r\n\r\n"));
+        let line = |n: usize| format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(n));
         // The request line's LF at index 64 is within the limit; at 65 it is not.
         assert!(agrees(line(64 - 15).as_bytes()));
         assert!(!agrees(line(64 - 14).as_bytes()));
@@ -528,21 +538,21 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
             b"GET / HTTP/1.1\r\n Host: a\r\n\r\n",
             b"GET  / HTTP/1.1\r\n\r\n",
-            b"GET / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
-            b"GET / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
-            b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n",
             b"GET / HTTP/1.2\r\n\r\n",
-            b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\nE: 5\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\nE: 5\r\n\r\n",
             b"GET http://a/ HTTP/1.1\r\nHost: b\r\n\r\n",
             b"GET http://u@a/ HTTP/1.1\r\n\r\n",
-            b"GET * HTTP/1.1\r\n\r\n",
+            b"GET * HTTP/1.1\r\nHost: a\r\n\r\n",
             b"GET ftp://a/ HTTP/1.1\r\n\r\n",
             b"GET http:/\\a/ HTTP/1.1\r\n\r\n",
-            b"GET / HTTP/1.1\r\nConnection: x-forwarded-for\r\n\r\n",
-            b"GET / HTTP/1.1\r\nConnection: \"x\"\r\n\r\n",
-            b"GET / HTTP/1.1\r\nConnection: a,b,c,d,e,f,g,h,i,j\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: x-forwarded-for\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: \"x\"\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: a,b,c,d,e,f,g,h,i,j\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
-            b"GET / HTTP/1.1\r\nAuthorization: a\r\nAUTHORIZATION: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nAuthorization: a\r\nAUTHORIZATION: b\r\n\r\n",
         ] {
             assert!(!agrees(refused), "{}", String::from_utf8_lossy(refused));
         }
@@ -552,33 +562,36 @@ mod tests {
     fn named_headers_expectations_and_absolute_targets_are_taken() {
         let p = |h: &[u8]| parse(&Bytes::copy_from_slice(h), &LIMITS);
         for ok in [
-            &b"GET / HTTP/1.1\r\nConnection: x-a, close\r\nX-A: 1\r\n\r\n"[..],
-            b"GET / HTTP/1.1\r\nConnection: content-length\r\n\r\n",
-            b"GET / HTTP/1.1\r\nConnection: a,b,c,d,e,f,g,h,i\r\n\r\n",
-            b"POST / HTTP/1.1\r\nExpect: something\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding:  chunked  \r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 5 \r\n\r\n",
+            &b"GET / HTTP/1.1\r\nHost: a\r\nConnection: x-a, close\r\nX-A: 1\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: content-length\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: a,b,c,d,e,f,g,h,i\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nExpect: something\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:  chunked  \r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5 \r\n\r\n",
             b"GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
             b"GET http://a:8080?q HTTP/1.0\r\n\r\n",
-            b"OPTIONS * HTTP/1.1\r\n\r\n",
-            b"GET /a;b/c HTTP/1.1\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /a;b/c HTTP/1.1\r\nHost: a\r\n\r\n",
         ] {
             assert!(agrees(ok), "{}", String::from_utf8_lossy(ok));
         }
         // Named headers stay in the request (routing and admission read them) and are
         // listed for removal; framing ones are not.
         let got = p(
-            b"GET / HTTP/1.1\r\nX-A: 1\r\nConnection: X-A, content-length, close\r\nX-B: 2\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nConnection: X-A, content-length, close\r\nX-B: 2\r\n\r\n",
         )
         .unwrap();
         assert_eq!(got.nominated, ["x-a"]);
         assert!(got.close && got.req.headers.contains_key("x-a"));
         // Any expectation goes on; only `100-continue` makes the client wait.
-        let got = p(b"POST / HTTP/1.1\r\nExpect: a=b, 100-Continue\r\nContent-Length: 1\r\n\r\n")
-            .unwrap();
+        let got = p(
+            b"POST / HTTP/1.1\r\nHost: a\r\nExpect: a=b, 100-Continue\r\nContent-Length: 1\r\n\r\n",
+        )
+        .unwrap();
         assert!(got.expect);
         assert_eq!(got.req.headers["expect"], "a=b, 100-Continue");
-        let got = p(b"POST / HTTP/1.1\r\nExpect: a=b\r\nContent-Length: 1\r\n\r\n").unwrap();
+        let got =
+            p(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: a=b\r\nContent-Length: 1\r\n\r\n").unwrap();
         assert!(!got.expect);
         assert_eq!(got.req.headers["expect"], "a=b");
         // Absolute form: the target's authority is the Host; the target stays whole for
@@ -596,9 +609,10 @@ mod tests {
             max_head_bytes: 65536,
             max_headers: 200,
         };
+        // `n` header lines, `Host` among them.
         let head = |n: usize| {
-            let lines: String = (0..n).map(|i| format!("X-{i}: v\r\n")).collect();
-            Bytes::from(format!("GET / HTTP/1.1\r\n{lines}\r\n"))
+            let lines: String = (1..n).map(|i| format!("X-{i}: v\r\n")).collect();
+            Bytes::from(format!("GET / HTTP/1.1\r\nHost: a\r\n{lines}\r\n"))
         };
         let got = parse(&head(MAX_HEADERS + 50), &limits).unwrap();
         assert_eq!(got.req.headers.len(), MAX_HEADERS + 50);
