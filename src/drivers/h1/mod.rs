@@ -296,8 +296,13 @@ pub async fn serve<S: ClientStream>(
                             // translation's shape.
                             body = RequestBody::new(framing, u64::MAX, pace);
                             let (b, c) = (&mut body, &mut *conn);
-                            json::serve(phases, &mut down, req, &mut ctx, &t, b, c, http10, expect)
-                                .await
+                            // Boxed: a JSON call's state would otherwise be part of every
+                            // request's future, which the connection moves into a box
+                            // (`Edge::serve`), and so copied for every plain request.
+                            let call = json::serve(
+                                phases, &mut down, req, &mut ctx, &t, b, c, http10, expect,
+                            );
+                            Box::pin(call).await
                         }
                         None => {
                             phases.plan(&mut ctx, req, &route);
