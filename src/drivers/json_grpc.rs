@@ -49,6 +49,7 @@ use crate::translate::status;
 use crate::translate::template::Binding as PathBinding;
 use crate::translate::Translation;
 
+use super::h2::grpc_timeout;
 use super::h2::pool::{self, OpenError};
 
 /// Largest reply message busbar decodes (gRPC's default receive limit is 4 MiB).
@@ -495,10 +496,7 @@ fn grpc_request(
         .uri(uri)
         .header(CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
-        .header(
-            "grpc-timeout",
-            format!("{}m", remaining.as_millis().clamp(1, 99_999_999)),
-        )
+        .header(grpc_timeout::NAME, grpc_timeout::encode(remaining))
         .body(())
         .map_err(|e| {
             pingora_error::Error::because(

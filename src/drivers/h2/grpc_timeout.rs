@@ -4,21 +4,21 @@
 //! Owns: the header's syntax both ways; writing rounds up to the smallest unit that
 //! holds the value in 8 digits (as grpc-go does), so the deadline an upstream works to
 //! never ends before busbar's own.
-//! Must not: decide which deadline bounds a call (`passthrough`).
+//! Must not: decide which deadline bounds a call (`passthrough`, `drivers::json_grpc`).
 
 use std::time::Duration;
 
 use http::HeaderValue;
 
 /// The header's name.
-pub(super) const NAME: &str = "grpc-timeout";
+pub(crate) const NAME: &str = "grpc-timeout";
 
 /// Largest value the header carries in one unit: 8 digits.
 const MAX: u128 = 99_999_999;
 
 /// The caller's timeout, or `None` when the value is not the header's syntax (gRPC says
 /// to treat it as absent).
-pub(super) fn parse(v: &HeaderValue) -> Option<Duration> {
+pub(crate) fn parse(v: &HeaderValue) -> Option<Duration> {
     let b = v.as_bytes();
     let (&unit, digits) = b.split_last()?;
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
@@ -39,7 +39,7 @@ pub(super) fn parse(v: &HeaderValue) -> Option<Duration> {
 }
 
 /// `d` as the header's value, rounded up; at least `1n`.
-pub(super) fn encode(d: Duration) -> HeaderValue {
+pub(crate) fn encode(d: Duration) -> HeaderValue {
     let nanos = d.as_nanos().max(1);
     const UNITS: [(u128, u8); 6] = [
         (1, b'n'),

@@ -25,7 +25,7 @@
 
 mod body;
 pub(crate) mod call;
-mod grpc_timeout;
+pub(crate) mod grpc_timeout;
 mod json;
 mod passthrough;
 pub(crate) mod pool;
