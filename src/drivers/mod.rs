@@ -1,12 +1,13 @@
 //! The drivers: each speaks one shape of traffic to clients and upstreams and is a thin
 //! loop over the request phases (`phases`), so every driver gets every feature.
 //!
-//! - `pingora`: pingora's `ProxyHttp` adapter: HTTP/1 clients of h2c services (gRPC-Web
-//!   included), gRPC-Web routes, HTTP/2 clients while the snapshot has a gRPC-Web route,
-//!   the HTTP/1 shapes `h1` declines; and the JSON→gRPC call (`json_grpc`) from its
-//!   `request_filter` for a JSON request among those.
-//! - `h1`: busbar's own HTTP/1.x engine, plaintext and TLS: bodies, HTTP/1.0, upgrades
-//!   (the front door, `edge`, hands requests over).
+//! - `pingora`: pingora's `ProxyHttp` adapter for the HTTP/1 requests `h1` declines (an
+//!   upgrade to an HTTP/2 service or on a JSON→gRPC route, heads httparse refuses); no
+//!   HTTP/2. The JSON→gRPC call (`json_grpc`) runs from its `request_filter` for a JSON
+//!   request among those.
+//! - `h1`: busbar's own HTTP/1.x engine, plaintext and TLS: bodies, HTTP/1.0, upgrades,
+//!   HTTP/2 services (`to_h2`), JSON→gRPC callers (the front door, `edge`, hands
+//!   requests over).
 //! - `tunnel`: the byte copy both ways behind an upgrade's `101` and a `CONNECT`'s `200`
 //!   (idle timeout, drain), shared by `h1` and `fallback::connect`.
 //! - `h2`: busbar's own HTTP/2 engine for clients (h2c, TLS with ALPN `h2`) to HTTP/1

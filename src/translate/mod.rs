@@ -3,8 +3,8 @@
 //! Owns: one file per protocol pair — `json_grpc` for JSON/HTTP → gRPC,
 //! `grpc_web` for gRPC-Web → gRPC — plus proto compilation (`descriptors`), path
 //! templates and the gRPC status table; the few hooks below that the pingora driver
-//! calls for gRPC-Web; and what a route translates ([`kind`]), which the drivers ask to
-//! decide whose a request is. The JSON→gRPC call itself is a driver (`drivers::json_grpc`).
+//! calls for gRPC-Web; and what a route translates ([`of`]). The JSON→gRPC call itself is
+//! a driver (`drivers::json_grpc`).
 //! HTTP/1.1 → HTTP/2 needs nothing here: an h2c or h2 service is always reached over
 //! HTTP/2 (`upstream_peer`, `drivers::h2::pool`).
 //! Must not: hold routing, admission or balancing policy (it uses theirs).
@@ -42,44 +42,6 @@ pub fn of<'a>(snapshot: &'a Snapshot, route: &Route) -> Option<&'a Translation> 
         return None;
     }
     snapshot.config.translations.get(route.name())
-}
-
-/// Does `route` translate anything (JSON→gRPC, gRPC-Web)?
-pub fn translates(snapshot: &Snapshot, route: &Route) -> bool {
-    of(snapshot, route).is_some()
-}
-
-/// What a route translates, for the drivers' "is this mine" checks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// JSON/HTTP → gRPC.
-    Json,
-    /// gRPC-Web → gRPC.
-    GrpcWeb,
-}
-
-impl Translation {
-    /// Its kind.
-    pub fn kind(&self) -> Kind {
-        match self {
-            Translation::Json(_) => Kind::Json,
-            Translation::GrpcWeb(_) => Kind::GrpcWeb,
-        }
-    }
-}
-
-/// What `route` translates, if anything.
-pub fn kind(snapshot: &Snapshot, route: &Route) -> Option<Kind> {
-    of(snapshot, route).map(Translation::kind)
-}
-
-/// Does any route of `snapshot` translate as `kind`?
-pub fn any(snapshot: &Snapshot, kind: Kind) -> bool {
-    snapshot
-        .config
-        .translations
-        .values()
-        .any(|t| t.kind() == kind)
 }
 
 /// Is this a plain gRPC request (`content-type: application/grpc`, `application/grpc+proto`,

@@ -74,7 +74,7 @@ use crate::phases::{Done, Phases, Routing};
 use crate::proxy::reply::Cause;
 use crate::routing::Route;
 use crate::snapshot::{Snapshot, State};
-use crate::translate::Kind;
+use crate::translate::Translation;
 use body::{BodyFail, RequestBody, Streamer};
 pub use client::ClientStream;
 use client::{Downstream, Served};
@@ -139,11 +139,11 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
             // A JSON→gRPC route's JSON callers are answered by its gRPC call (`json`);
             // its plain gRPC callers go through as any request to its service (`to_h2`).
             let h2 = matches!(route.service.config.protocol, Protocol::H2c | Protocol::H2);
-            let ours = match crate::translate::kind(&snapshot, &route) {
-                None | Some(Kind::GrpcWeb) => true,
-                Some(Kind::Json) => !parsed.upgrade,
-            };
-            if !ours || h2 && parsed.upgrade {
+            let json = matches!(
+                crate::translate::of(&snapshot, &route),
+                Some(Translation::Json(_))
+            );
+            if parsed.upgrade && (h2 || json) {
                 return None;
             }
             if fallback {
@@ -289,9 +289,9 @@ pub async fn serve<S: ClientStream>(
                     for name in &nominated {
                         req.remove_header(name);
                     }
+                    phases.plan(&mut ctx, req, &route);
                     match crate::drivers::json_grpc::transcoder(&ctx, &route, req) {
                         Some(t) => {
-                            phases.plan(&mut ctx, req, &route);
                             // The call holds the body to `max_body`, refusing it in the
                             // translation's shape.
                             body = RequestBody::new(framing, u64::MAX, pace);
@@ -305,7 +305,6 @@ pub async fn serve<S: ClientStream>(
                             Box::pin(call).await
                         }
                         None => {
-                            phases.plan(&mut ctx, req, &route);
                             body = RequestBody::new(framing, route.config.max_body, pace);
                             let mut sides = Sides {
                                 body: &mut body,
