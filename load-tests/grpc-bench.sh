@@ -336,14 +336,15 @@ run_h2load() {  # target seconds|-nREQUESTS -> h2load output
   timeout $((secs + 30)) taskset -c "$LOAD_CPU" h2load -t1 "${limit[@]}" "${args[@]}" "${URL[$t]}"
 }
 
-RAW="$DIR/results.tsv"   # target round rps mean_us requests cpu_us_per_req errors
+RAW="$DIR/results.tsv"   # target round rps mean_us requests cpu_us_per_req errors proxy_busy load_busy
 : >"$RAW"
 
 measure() {  # target round
-  local t=$1 r=$2 pid=${PID[$1]} before after out rps mean reqs cpu errs
-  before=$(cpu_ticks "$pid")
+  local t=$1 r=$2 pid=${PID[$1]} before after out rps mean reqs cpu errs p0 p1 l0 l1 pbusy lbusy
+  before=$(cpu_ticks "$pid"); p0=$(cpu_line_ticks "$PROXY_CPU"); l0=$(cpu_line_ticks "$LOAD_CPU")
   out=$(run_h2load "$t" "$DURATION") || die "h2load failed against $t: $out"
-  after=$(cpu_ticks "$pid")
+  after=$(cpu_ticks "$pid"); p1=$(cpu_line_ticks "$PROXY_CPU"); l1=$(cpu_line_ticks "$LOAD_CPU")
+  pbusy=$(cpu_busy_pct "$p0" "$p1"); lbusy=$(cpu_busy_pct "$l0" "$l1")
   echo "$out" >"$DIR/h2load-$t-$r.txt"
   rps=$(awk '/^finished in/ {print $4}' <<<"$out")
   reqs=$(awk '/^requests:/ {print $8}' <<<"$out")
@@ -358,9 +359,10 @@ measure() {  # target round
   else
     cpu="-"
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$rps" "$mean" "$reqs" "$cpu" "$errs" >>"$RAW"
-  printf 'grpc-bench: round %d %-12s %10s req/s  mean %6s us  proxy cpu %6s us/req  errors %s\n' \
-    "$r" "$t" "$rps" "$mean" "$cpu" "$errs" >&2
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$rps" "$mean" "$reqs" "$cpu" "$errs" \
+    "$pbusy" "$lbusy" >>"$RAW"
+  printf 'grpc-bench: round %d %-12s %10s req/s  mean %6s us  proxy cpu %6s us/req  errors %s  CPU %s%% busy %s%% (proxy, load)\n' \
+    "$r" "$t" "$rps" "$mean" "$cpu" "$errs" "$pbusy" "$lbusy" >&2
 }
 
 # ---------------------------------------------------------------------------------
@@ -429,22 +431,25 @@ run_rounds run_h2load
 median() {  # target column
   awk -F'\t' -v t="$1" -v c="$2" '$1 == t && $c != "-" {print $c}' "$RAW" | median_of
 }
-declare -A M_RPS M_MEAN M_CPU M_ERR
+declare -A M_RPS M_MEAN M_CPU M_ERR M_PBUSY M_LBUSY
 for t in "${TARGETS[@]}"; do
   M_RPS[$t]=$(median "$t" 3); M_MEAN[$t]=$(median "$t" 4); M_CPU[$t]=$(median "$t" 6)
+  M_PBUSY[$t]=$(median "$t" 8); M_LBUSY[$t]=$(median "$t" 9)
   M_ERR[$t]=$(awk -F'\t' -v t="$t" '$1 == t {e += $7} END {print e + 0}' "$RAW")
 done
 
-echo "| target | req/s | mean latency | proxy CPU µs/req | req/s ratio to grpc | CPU ratio to grpc |"
-echo "|---|---:|---:|---:|---:|---:|"
+echo "| target | req/s | mean latency | proxy CPU µs/req | req/s ratio to grpc | CPU ratio to grpc | CPU $PROXY_CPU / CPU $LOAD_CPU busy |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
 for t in "${TARGETS[@]}"; do
-  printf '| %s | %s | %s | %s | %s | %s |\n' "$t" \
+  printf '| %s | %s | %s | %s | %s | %s | %s%% / %s%% |\n' "$t" \
     "$(awk -v v="${M_RPS[$t]}" 'BEGIN {printf "%.0f", v}')" \
     "$(fmt_us "${M_MEAN[$t]}")" \
     "$(awk -v v="${M_CPU[$t]}" 'BEGIN {if (v == "-") print "-"; else printf "%.1f", v}')" \
-    "$(ratio "${M_RPS[$t]}" "${M_RPS[grpc]:--}")" "$(ratio "${M_CPU[$t]}" "${M_CPU[grpc]:--}")"
+    "$(ratio "${M_RPS[$t]}" "${M_RPS[grpc]:--}")" "$(ratio "${M_CPU[$t]}" "${M_CPU[grpc]:--}")" \
+    "${M_PBUSY[$t]}" "${M_LBUSY[$t]}"
 done
 echo
+echo "- CPU busy: how busy the proxy's CPU and the load CPU (backends + h2load) were during each run (median); a target whose load CPU is ~100% and proxy CPU is not was bounded by the load side, and its req/s says more about the client and backend than about the proxy: its CPU per request is then the proxy's figure"
 if [[ -n ${M_RPS[grpc]:-} && -n ${M_RPS[json-h2c]:-} ]]; then
   echo "- JSON→gRPC (json-h2c) / gRPC pass-through (grpc), same client and concurrency: $(ratio "${M_RPS[json-h2c]}" "${M_RPS[grpc]}") of the req/s (goal ≥ 0.70; issue 21: ≥ 0.9)"
 fi

@@ -88,6 +88,18 @@ stat_sum() {  # pid index...
 # utime+stime ticks (fields 14 and 15).
 cpu_ticks() { stat_sum "$1" 11 12; }
 
+# Busy and total ticks of one CPU since boot, "busy total", from its /proc/stat line:
+# busy is everything but idle and iowait. Two readings give how busy that CPU was between
+# them (`cpu_busy_pct`): whether a run was bounded by the proxy or by the load side.
+cpu_line_ticks() {  # cpu -> "busy total"
+  awk -v c="cpu$1" '$1 == c {t = 0; for (i = 2; i <= 9; i++) t += $i
+                              print t - $5 - $6, t; exit}' /proc/stat
+}
+cpu_busy_pct() {  # "busy total" "busy total" -> percent
+  awk -v a="$1" -v b="$2" 'BEGIN {split(a, x, " "); split(b, y, " ")
+    t = y[2] - x[2]; if (t <= 0) {print "-"; exit}; printf "%.0f", 100 * (y[1] - x[1]) / t}'
+}
+
 # Minor page faults (field 10): a proxy whose allocator hands memory back to the kernel
 # and takes it again pays a fault per page, which shows in its system time but not in an
 # instruction count.
