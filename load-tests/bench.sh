@@ -1147,7 +1147,7 @@ run_scenario() {  # scenario: warm-up, rounds, table
 # (GET / over TLS, ALPN h2), paced by h2pace, HAProxy measured too. busbar's max rate is
 # its median in the shape's own scenario when that ran earlier in this run, else one wrk
 # (h2load for the HTTP/2 shapes) run just before.
-LRAW="$DIR/latency.tsv"   # shape target round achieved p50 p99 p999 max requests errors
+LRAW="$DIR/latency.tsv"   # shape target round achieved p50 p99 p999 max requests errors send_p99 (h2pace; "-" for wrk)
 run_latency() {
   local shape
   : >"$LRAW"
@@ -1215,13 +1215,13 @@ latency_shape() {  # shape
       out=$(run_load "$key/$t" "$LAT_DURATION" 2>&1) || die "paced $kind failed against $t ($shape): $out"
       echo "$out" >"$DIR/out-$key-$t-$r.txt"
       check_servers
-      local achieved errs
+      local achieved errs late=""
       if [[ $kind = h2paced ]]; then
         # H2PACE asked=… achieved=… requests=… errors=… p50=… p90=… p99=… p99.9=… max=… send_p99=…
         p=$(awk '/^H2PACE / {for (i = 2; i <= NF; i++) {split($i, kv, "="); v[kv[1]] = kv[2]}
-                 print v["p50"], v["p99"], v["p99.9"], v["max"], v["requests"], v["achieved"], v["errors"]}' <<<"$out")
+                 print v["p50"], v["p99"], v["p99.9"], v["max"], v["requests"], v["achieved"], v["errors"], v["send_p99"]}' <<<"$out")
         [[ -n $p ]] || die "could not parse h2pace output for $t ($shape): $out"
-        read -r p50 p99 p999 pmax reqs achieved errs <<<"$p"
+        read -r p50 p99 p999 pmax reqs achieved errs late <<<"$p"
         [[ $reqs -gt 0 ]] || die "h2pace: no request answered by $t ($shape): $out"
       else
         p=$(awk '/^PACED / {print $2, $3, $4, $5, $6}' <<<"$out")
@@ -1232,9 +1232,9 @@ latency_shape() {  # shape
                     END {print e + 0}' <<<"$out")
         read -r p50 p99 p999 pmax reqs <<<"$p"
       fi
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$shape" "$t" "$r" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$reqs" "$errs" >>"$LRAW"
-      printf 'bench: (lat %s) round %d %-8s %8s req/s  p50 %6s us  p99 %6s us  p99.9 %6s us  max %6s us  errors %s\n' \
-        "$shape" "$r" "$t" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$errs" >&2
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$shape" "$t" "$r" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$reqs" "$errs" "${late:--}" >>"$LRAW"
+      printf 'bench: (lat %s) round %d %-8s %8s req/s  p50 %6s us  p99 %6s us  p99.9 %6s us  max %6s us  errors %s%s\n' \
+        "$shape" "$r" "$t" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$errs" "${late:+  send p99 $late us}" >&2
     done
   done
   lmed() { awk -F'\t' -v s="$shape" -v t="$1" -v c="$2" '$1 == s && $2 == t {print $c}' "$LRAW" | median_of; }
@@ -1252,6 +1252,7 @@ latency_shape() {  # shape
   b99=$(lmed busbar 6)
   if [[ $kind = h2paced ]]; then
     echo "- added p99 = the target's p99 − direct's p99 (medians of $LAT_ROUNDS rounds' p99s); direct: the backend nginx's own HTTP/2 listener, so a proxy's figure is what it adds over the backend reached without it"
+    echo "- the generator's own lateness (h2pace's send_p99: how late requests were handed to h2, already inside the figures above; median of the rounds): $(for t in "${targets[@]}"; do printf '%s %s; ' "$t" "$(fmt_us "$(lmed "$t" 11)")"; done | sed 's/; $//') — far above ~100 µs means the load CPU was short"
     echo "- issue 21 (report the added p99 at ${LAT_LOAD}% load): busbar $(fmt_us "$(awk -v a="$b99" -v b="$d99" 'BEGIN {print a - b}')"), nginx $(fmt_us "$(awk -v a="$(lmed nginx 6)" -v b="$d99" 'BEGIN {print a - b}')"), HAProxy $(fmt_us "$(awk -v a="$(lmed haproxy 6)" -v b="$d99" 'BEGIN {print a - b}')")"
   else
     echo "- goal (issue $([[ $shape = get ]] && echo 7 || echo 20)): busbar's added p99 under 1 ms; this run: $(fmt_us "$(awk -v a="$b99" -v b="$d99" 'BEGIN {print a - b}')") (median of $LAT_ROUNDS rounds' p99s)"

@@ -473,7 +473,8 @@ fi
 # --- LAT=1: gRPC pass-through latency at LAT_LOAD% of busbar's max (issue 21).
 run_latency() {
   local max src rate targets=() t r i n out p p50 p99 p999 pmax reqs achieved errs
-  local lraw="$DIR/latency.tsv"   # target round achieved p50 p99 p999 max requests errors
+  local lraw="$DIR/latency.tsv"   # target round achieved p50 p99 p999 max requests errors send_p99
+  local late
   : >"$lraw"
   if [[ -n ${M_RPS[grpc]:-} && ${M_RPS[grpc]} != - ]]; then
     max=${M_RPS[grpc]}; src="busbar's \`grpc\` median above"
@@ -502,13 +503,13 @@ run_latency() {
         || die "h2pace failed against $t: $out"
       echo "$out" >"$DIR/h2pace-$t-$r.txt"
       p=$(awk '/^H2PACE / {for (i = 2; i <= NF; i++) {split($i, kv, "="); v[kv[1]] = kv[2]}
-               print v["p50"], v["p99"], v["p99.9"], v["max"], v["requests"], v["achieved"], v["errors"]}' <<<"$out")
+               print v["p50"], v["p99"], v["p99.9"], v["max"], v["requests"], v["achieved"], v["errors"], v["send_p99"]}' <<<"$out")
       [[ -n $p ]] || die "could not parse h2pace output for $t: $out"
-      read -r p50 p99 p999 pmax reqs achieved errs <<<"$p"
+      read -r p50 p99 p999 pmax reqs achieved errs late <<<"$p"
       [[ $reqs -gt 0 ]] || die "h2pace: no call answered by $t: $out"
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$reqs" "$errs" >>"$lraw"
-      printf 'grpc-bench: (lat) round %d %-12s %8s calls/s  p50 %6s us  p99 %6s us  p99.9 %6s us  max %6s us  errors %s\n' \
-        "$r" "$t" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$errs" >&2
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$reqs" "$errs" "$late" >>"$lraw"
+      printf 'grpc-bench: (lat) round %d %-12s %8s calls/s  p50 %6s us  p99 %6s us  p99.9 %6s us  max %6s us  errors %s  send p99 %s us\n' \
+        "$r" "$t" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$errs" "$late" >&2
     done
   done
   lmed() { awk -F'\t' -v t="$1" -v c="$2" '$1 == t {print $c}' "$lraw" | median_of; }
@@ -524,6 +525,7 @@ run_latency() {
   done
   echo
   echo "- added p99 = the target's p99 − grpc-direct's (h2pace → tonic, no proxy), medians of $LAT_ROUNDS rounds' p99s"
+  echo "- the generator's own lateness (h2pace's send_p99, already inside the figures; median of the rounds): $(for t in "${targets[@]}"; do printf '%s %s; ' "$t" "$(fmt_us "$(lmed "$t" 10)")"; done | sed 's/; $//') — far above ~100 µs means the load CPU was short"
   echo "- issue 21 (report the added p99 at ${LAT_LOAD}% load): busbar (grpc) $(added grpc)$([[ -n $NGINX_GRPC_PID ]] && echo ", nginx grpc_pass $(added grpc-nginx), HAProxy $(added grpc-haproxy)")"
   awk -F'\t' '$9 > 0 {e[$1] += $9} END {for (t in e) printf "- WARNING: %s had %d failed calls\n", t, e[t]}' "$lraw"
   echo
