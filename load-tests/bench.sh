@@ -17,7 +17,9 @@
 #   f    1,000 routes and 1,000 instances in the tables; the request hits route 999
 #   lat  latency under load: paced load at 50% of busbar's max rate (from the shape's own
 #        scenario in the same run), against direct, nginx and busbar; busbar's added p99
-#        over direct. LAT_SHAPES picks the shapes: get (a), post1k, tls
+#        over direct. LAT_SHAPES picks the shapes: get (a), post1k, tls, and issue 21's
+#        h2c (d) and h2tls (h2tls), paced by testkit's h2pace with HAProxy measured too
+#        (gRPC's paced shape is grpc-bench.sh's LAT=1)
 #   mem  busbar's RSS idle, with 10,000 idle keep-alive connections open, and 2 s and
 #        10 s after they closed
 # Issue 20's shapes (not in the default list: with them a run takes ~20 minutes; `make
@@ -74,7 +76,10 @@
 #                   is one slow moment of the machine away from doubling: more, shorter
 #                   alternating rounds make its median steadier)
 #   LAT_SHAPES=get  scenario lat: the shapes to pace, each its own table: get (GET /, the
-#                   (a) proxies), post1k (POST 1 KiB), tls (GET over TLS, keep-alive)
+#                   (a) proxies), post1k (POST 1 KiB), tls (GET over TLS, keep-alive), h2c
+#                   (GET / over h2c, the (d) proxies), h2tls (GET / over TLS with ALPN h2)
+#   H2PACE=target/release/h2pace   lat's h2c and h2tls shapes: the paced HTTP/2 client
+#                   (`cargo build --release -p busbar-testkit --bin h2pace --tests`)
 #   MEM_CONNS=10000 scenarios mem and tlsmem: idle keep-alive connections
 #   TLSMEM_TARGETS="busbar nginx haproxy"   scenario tlsmem: which servers (each fresh)
 #   POST_CHUNK=4096 scenario post64k: bytes per chunk of the 64 KiB chunked body
@@ -130,6 +135,8 @@ LEAN=${LEAN:-target/release/examples/lean-proxy}
 [[ $LEAN = /* ]] || LEAN="$ROOT/$LEAN"
 BUSBAR_UPSTLS=${BUSBAR_UPSTLS:-load-tests/bench-lib/busbar-upstls.toml}
 [[ $BUSBAR_UPSTLS = /* ]] || BUSBAR_UPSTLS="$ROOT/$BUSBAR_UPSTLS"
+H2PACE=${H2PACE:-target/release/h2pace}
+[[ $H2PACE = /* ]] || H2PACE="$ROOT/$H2PACE"
 
 BENCH_NAME="bench"   # prefix of messages and of the temp dir
 # shellcheck source-path=SCRIPTDIR source=bench-lib/common.sh
@@ -141,7 +148,8 @@ for s in $SCENARIOS; do
 done
 has() { [[ " $SCENARIOS " = *" $1 "* ]]; }
 for s in $LAT_SHAPES; do
-  [[ " get post1k tls " = *" $s "* ]] || die "LAT_SHAPES: unknown shape '$s' (known: get post1k tls)"
+  [[ $s = grpc ]] && die "LAT_SHAPES: gRPC's paced shape is load-tests/grpc-bench.sh's (LAT=1)"
+  [[ " get post1k tls h2c h2tls " = *" $s "* ]] || die "LAT_SHAPES: unknown shape '$s' (known: get post1k tls h2c h2tls)"
 done
 for s in $TLSMEM_TARGETS; do
   [[ " busbar nginx haproxy " = *" $s "* ]] || die "TLSMEM_TARGETS: unknown target '$s' (known: busbar nginx haproxy)"
@@ -152,7 +160,7 @@ for tool in nginx haproxy wrk curl taskset python3 awk; do
   command -v "$tool" >/dev/null 2>&1 \
     || die "$tool not found (apt-get install -y nginx-light haproxy wrk curl util-linux python3)"
 done
-if has tls || has tlsnew || has upstls || has tlsmem || has h2tls || has h2mem || lat_has tls; then
+if has tls || has tlsnew || has upstls || has tlsmem || has h2tls || has h2mem || lat_has tls || lat_has h2tls; then
   NEED_TLS=1
   command -v openssl >/dev/null 2>&1 || die "openssl not found (apt-get install -y openssl)"
 else
@@ -161,8 +169,11 @@ fi
 if has upstls; then
   [[ -r $BUSBAR_UPSTLS ]] || die "BUSBAR_UPSTLS: $BUSBAR_UPSTLS is not readable"
 fi
-if has d || has h2tls; then
+if has d || has h2tls || lat_has h2c || lat_has h2tls; then
   command -v h2load >/dev/null 2>&1 || die "h2load not found (apt-get install -y nghttp2-client)"
+fi
+if lat_has h2c || lat_has h2tls; then
+  [[ -x $H2PACE ]] || die "$H2PACE not found: run 'cargo build --release -p busbar-testkit --bin h2pace --tests' (lat's h2c and h2tls shapes)"
 fi
 [[ -x $BUSBAR ]] || die "$BUSBAR not found: run 'cargo build --release' first (or 'make bench')"
 [[ -z $BUSBAR_BASE || -x $BUSBAR_BASE ]] || die "BUSBAR_BASE: $BUSBAR_BASE is not an executable"
@@ -200,6 +211,8 @@ estimate() {
     for shape in $LAT_SHAPES; do
       case $shape in
         get) t=$((t + (3 + HAVE_BARE) * LAT_ROUNDS * LAT_DURATION)); has a || t=$((t + DURATION)) ;;
+        h2c) t=$((t + 4 * LAT_ROUNDS * LAT_DURATION)); has d || t=$((t + DURATION)) ;;
+        h2tls) t=$((t + 4 * LAT_ROUNDS * LAT_DURATION)); has h2tls || t=$((t + DURATION)) ;;
         *) t=$((t + 3 * LAT_ROUNDS * LAT_DURATION)); has "$shape" || t=$((t + DURATION)) ;;
       esac
     done
@@ -366,11 +379,12 @@ NEED_NGINX=0; NEED_HAPROXY=0; NEED_BUSBAR=0
 ENGINE_SCENARIOS=0   # issue 20's table scenarios: nginx, HAProxy and busbar all take part
 for s in post1k post64k tls tlsnew upstls h2tls; do has $s && ENGINE_SCENARIOS=1; done
 { has a || has b || has c || has d || has lat || ((ENGINE_SCENARIOS)); } && NEED_NGINX=1
-{ has a || has d || ((ENGINE_SCENARIOS)); } && NEED_HAPROXY=1
+{ has a || has d || ((ENGINE_SCENARIOS)) || lat_has h2c || lat_has h2tls; } && NEED_HAPROXY=1
 { has a || has b || has d || has lat || ((ENGINE_SCENARIOS)); } && NEED_BUSBAR=1
 
 # Targets. Keys are "<scenario>/<name>"; the same name (nginx, busbar) may appear in
-# several scenarios. KIND: wrk | h2 (h2load h2c) | paced (scenario lat).
+# several scenarios. KIND: wrk | h2 (h2load h2c) | paced (scenario lat, wrk) | h2paced
+# (scenario lat, h2pace).
 declare -A T_PORT T_PID T_KIND T_PATH T_SCHEME T_HDR T_SCRIPT T_SCRIPT_ARGS
 declare -A SC_TARGETS SC_TITLE
 deftarget() {  # scenario name port pid kind [path] [scheme]
@@ -405,10 +419,10 @@ fi
 # 1.22 offers TLS 1.0-1.2 by default (1.3 only from 1.23.4); HAProxy 2.6 and rustls
 # negotiate 1.3, so nginx is told to offer 1.3 too.
 nginx_tls() { echo "ssl_certificate $CERT; ssl_certificate_key $KEY; ssl_protocols TLSv1.2 TLSv1.3;"; }
-# h2tls: nginx's and HAProxy's TLS listeners offer h2 by ALPN too (busbar's always do);
+# h2tls (and lat's h2tls shape): nginx's and HAProxy's TLS listeners offer h2 by ALPN too (busbar's always do);
 # only then, so the HTTP/1.1 TLS scenarios keep the configs they were measured with.
 H2_ALPN_NGINX=""; H2_ALPN_HAPROXY=""
-has h2tls && { H2_ALPN_NGINX=" http2"; H2_ALPN_HAPROXY=" alpn h2,http/1.1"; }
+{ has h2tls || lat_has h2tls; } && { H2_ALPN_NGINX=" http2"; H2_ALPN_HAPROXY=" alpn h2,http/1.1"; }
 
 # --- backend: nginx answering "ok\n", on the load CPU (an h2c listener too, for d; a TLS
 # listener for the TLS scenarios). GET / answers at once. POST /post reads the whole body
@@ -729,17 +743,17 @@ fi
 # --- wait for everything, checking each listener answers "ok".
 if ((NEED_NGINX)); then
   wait_ready nginx "$NGINX_PID" "http://127.0.0.1:$P_NGINX/"
-  has d && wait_ready nginx "$NGINX_PID" "http://127.0.0.1:$P_NGINX_H2/" --http2-prior-knowledge
+  { has d || lat_has h2c; } && wait_ready nginx "$NGINX_PID" "http://127.0.0.1:$P_NGINX_H2/" --http2-prior-knowledge
 fi
 if ((NEED_HAPROXY)); then
   wait_ready haproxy "$HAPROXY_PID" "http://127.0.0.1:$P_HAPROXY/"
-  has d && wait_ready haproxy "$HAPROXY_PID" "http://127.0.0.1:$P_HAPROXY_H2/" --http2-prior-knowledge
+  { has d || lat_has h2c; } && wait_ready haproxy "$HAPROXY_PID" "http://127.0.0.1:$P_HAPROXY_H2/" --http2-prior-knowledge
 fi
 [[ -n ${BARE_PID:-} ]] && wait_ready bare-pingora "$BARE_PID" "http://127.0.0.1:$P_BARE/"
 [[ -n ${LEAN_PID:-} ]] && wait_ready lean-proxy "$LEAN_PID" "http://127.0.0.1:$P_LEAN/"
 if ((NEED_BUSBAR)); then
   wait_ready busbar "$BUSBAR_PID" "http://127.0.0.1:$P_BUSBAR/"
-  has d && wait_ready busbar "$BUSBAR_PID" "http://127.0.0.1:$P_BUSBAR/" --http2-prior-knowledge
+  { has d || lat_has h2c; } && wait_ready busbar "$BUSBAR_PID" "http://127.0.0.1:$P_BUSBAR/" --http2-prior-knowledge
 fi
 for r in "${!TRACE_PID[@]}"; do
   wait_ready "busbar+trace$r" "${TRACE_PID[$r]}" "http://127.0.0.1:${TRACE_PORT[$r]}/"
@@ -751,7 +765,7 @@ if [[ -n ${BASE_PID:-} ]]; then
   has d && wait_ready busbar@base "$BASE_PID" "http://127.0.0.1:$P_BASE/" --http2-prior-knowledge
 fi
 [[ -n ${ALLBASE_PID:-} ]] && wait_ready busbar+all@base "$ALLBASE_PID" "http://127.0.0.1:$P_ALLBASE/" -H 'x-user-id: ready'
-has d && wait_ready backend "$BACKEND_PID" "http://127.0.0.1:$P_BACKEND_H2/" --http2-prior-knowledge
+{ has d || lat_has h2c; } && wait_ready backend "$BACKEND_PID" "http://127.0.0.1:$P_BACKEND_H2/" --http2-prior-knowledge
 if has f; then
   wait_ready nginx-1k "$NGINX1K_PID" "http://127.0.0.1:$P_NGINX1K$MEAS_PATH"
   wait_ready haproxy-1k "$HAPROXY1K_PID" "http://127.0.0.1:$P_HAPROXY1K$MEAS_PATH"
@@ -938,6 +952,13 @@ run_load() {  # key seconds [h2load log file] -> prints the generator's output
       timeout $((secs + 30)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${secs}s" --timeout 5s \
         -s "$LIB/paced.lua" "$url" -- ${T_SCRIPT_ARGS[$k]}
       ;;
+    h2paced)  # T_SCRIPT_ARGS = "RATE CONNS"
+      local rate conns
+      read -r rate conns <<<"${T_SCRIPT_ARGS[$k]}"
+      args=(--url "$url" --rate "$rate" --conns "$conns" --duration "$secs")
+      [[ ${T_SCHEME[$k]} = https ]] && args+=(--ca "$CA")
+      timeout $((secs + 30)) taskset -c "$LOAD_CPU" "$H2PACE" "${args[@]}"
+      ;;
   esac
 }
 
@@ -1122,17 +1143,19 @@ run_scenario() {  # scenario: warm-up, rounds, table
 
 # --- lat: paced load at LAT_LOAD% of busbar's max rate against direct, nginx, busbar, one
 # table per shape in LAT_SHAPES: get (GET /), post1k (POST 1 KiB, Content-Length), tls
-# (GET over TLS, keep-alive). busbar's max rate is its median in the shape's own scenario
-# when that ran earlier in this run, else one wrk run just before.
-LRAW="$DIR/latency.tsv"   # shape target round achieved p50 p99 p999 max requests errors
+# (GET over TLS, keep-alive), paced by wrk + paced.lua; h2c (GET / over h2c) and h2tls
+# (GET / over TLS, ALPN h2), paced by h2pace, HAProxy measured too. busbar's max rate is
+# its median in the shape's own scenario when that ran earlier in this run, else one wrk
+# (h2load for the HTTP/2 shapes) run just before.
+LRAW="$DIR/latency.tsv"   # shape target round achieved p50 p99 p999 max requests errors send_p99 (h2pace; "-" for wrk)
 run_latency() {
   local shape
   : >"$LRAW"
   for shape in $LAT_SHAPES; do latency_shape "$shape"; done
 }
 latency_shape() {  # shape
-  local shape=$1 sc title body="" path=/ scheme=http pd pn pb key max src rate t r i out p n
-  local targets=(direct nginx busbar)
+  local shape=$1 sc title body="" path=/ scheme=http pd pn ph="" pb key max src rate t r i out p n
+  local targets=(direct nginx busbar) kind=paced maxkind=wrk conns=$CONNS
   case $shape in
     get) sc=a; title="GET /"; pd=$P_BACKEND pn=$P_NGINX pb=$P_BUSBAR
          # bare pingora, when built: how much of busbar's latency is pingora's own.
@@ -1141,6 +1164,15 @@ latency_shape() {  # shape
             pd=$P_BACKEND pn=$P_NGINX pb=$P_BUSBAR ;;
     tls) sc=tls; title="GET / over TLS, keep-alive"; scheme=https
          pd=$P_BACKEND_TLS pn=$P_NGINX_TLS pb=$P_BUSBAR_TLS ;;
+    h2c|h2tls)
+         kind=h2paced maxkind=h2 conns=$H2_CONNS targets=(direct nginx haproxy busbar)
+         if [[ $shape = h2c ]]; then
+           sc=d; title="GET / over h2c (HTTP/2, prior knowledge)"
+           pd=$P_BACKEND_H2 pn=$P_NGINX_H2 ph=$P_HAPROXY_H2 pb=$P_BUSBAR
+         else
+           sc=h2tls; title="GET / over HTTP/2 with TLS (ALPN h2)"; scheme=https
+           pd=$P_BACKEND_TLS pn=$P_NGINX_TLS ph=$P_HAPROXY_TLS pb=$P_BUSBAR_TLS
+         fi ;;
   esac
   key="lat-$shape"
   n=${#targets[@]}
@@ -1149,40 +1181,60 @@ latency_shape() {  # shape
   if [[ -n ${M_RPS[$sc/busbar]:-} && ${M_RPS[$sc/busbar]} != - ]]; then
     max=${M_RPS[$sc/busbar]}; src="busbar's median in ($sc) of this run"
   else
-    deftarget "$key" max "$pb" "$BUSBAR_PID" wrk "$path" "$scheme"
+    deftarget "$key" max "$pb" "$BUSBAR_PID" "$maxkind" "$path" "$scheme"
     [[ -n $body ]] && T_SCRIPT[$key/max]="$LIB/body.lua" T_SCRIPT_ARGS[$key/max]="$body length"
-    out=$(run_load "$key/max" "$DURATION") || die "wrk failed measuring busbar's max rate ($shape): $out"
-    max=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
-    src="one ${DURATION}s wrk -c$CONNS run against busbar just before"
+    out=$(run_load "$key/max" "$DURATION") || die "$maxkind failed measuring busbar's max rate ($shape): $out"
+    if [[ $maxkind = h2 ]]; then
+      max=$(awk '/^finished in/ {gsub(/,/, "", $4); print $4}' <<<"$out")
+      src="one ${DURATION}s h2load -c$H2_CONNS -m$H2_STREAMS run against busbar just before"
+    else
+      max=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+      src="one ${DURATION}s wrk -c$CONNS run against busbar just before"
+    fi
   fi
   rate=$(awk -v m="$max" -v p="$LAT_LOAD" 'BEGIN {printf "%.0f", m * p / 100}')
   ((rate >= 1)) || die "busbar's max rate ($max, $shape) is too low to pace"
   echo "- busbar max: $(printf '%.0f' "$max") req/s ($src); paced rate: $rate req/s"
   echo "- rounds: $LAT_ROUNDS × ${LAT_DURATION}s per target, order rotated each round; median per target"
-  echo "- load: wrk -t1 -c$CONNS -d${LAT_DURATION}s -s paced.lua${body:+ (with a $body-byte POST body)}$([[ $scheme = https ]] && echo ", https:// (TLS keep-alive; direct: the backend's TLS listener)"): each connection waits an exponential random time (mean $CONNS/$rate s) before each request, so the connections send a Poisson stream at ~$rate req/s out of phase (h2load --rps fires all clients in step and prints no percentiles); latency from wrk's histogram (exact µs, from the moment wrk writes the request)"
+  if [[ $kind = h2paced ]]; then
+    echo "- load: h2pace (testkit) --conns $conns --duration $LAT_DURATION$([[ $scheme = https ]] && echo " https://localhost:PORT/ (TLS, ALPN h2, SNI localhost; direct: the backend's TLS listener with http2)" || echo " (h2c prior knowledge; direct: the backend's own h2c listener)"): a Poisson stream at $rate req/s over $conns HTTP/2 connections (each connection its own Poisson stream, mean gap $conns/$rate s; every request its own stream, many in flight on a connection), sent by a pacer thread on the kernel's high-resolution timer; latency from the *scheduled* send time to the end of the answer, so a late send counts its lateness (no coordinated omission); nearest-rank percentiles over every answered request (µs)"
+    echo "- proxies: those of ($sc): nginx \`listen … $([[ $scheme = https ]] && echo "ssl http2" || echo http2)\`, HAProxy \`bind … $([[ $scheme = https ]] && echo "ssl crt … alpn h2,http/1.1" || echo "proto h2")\`, busbar $([[ $scheme = https ]] && echo "\`[listen] tls\`" || echo "h2c on its HTTP port"); upstream HTTP/1.1 keep-alive to the backend"
+  else
+    echo "- load: wrk -t1 -c$CONNS -d${LAT_DURATION}s -s paced.lua${body:+ (with a $body-byte POST body)}$([[ $scheme = https ]] && echo ", https:// (TLS keep-alive; direct: the backend's TLS listener)"): each connection waits an exponential random time (mean $CONNS/$rate s) before each request, so the connections send a Poisson stream at ~$rate req/s out of phase (h2load --rps fires all clients in step and prints no percentiles); latency from wrk's histogram (exact µs, from the moment wrk writes the request)"
+  fi
   echo
-  deftarget "$key" direct "$pd" "" paced "$path" "$scheme"
-  deftarget "$key" nginx "$pn" "$NGINX_PID" paced "$path" "$scheme"
-  deftarget "$key" busbar "$pb" "$BUSBAR_PID" paced "$path" "$scheme"
+  deftarget "$key" direct "$pd" "" "$kind" "$path" "$scheme"
+  deftarget "$key" nginx "$pn" "$NGINX_PID" "$kind" "$path" "$scheme"
+  [[ -n $ph ]] && deftarget "$key" haproxy "$ph" "$HAPROXY_PID" "$kind" "$path" "$scheme"
+  deftarget "$key" busbar "$pb" "$BUSBAR_PID" "$kind" "$path" "$scheme"
   [[ " ${targets[*]} " = *" bare-pingora "* ]] && deftarget "$key" bare-pingora "$P_BARE" "$BARE_PID" paced
-  for t in "${targets[@]}"; do T_SCRIPT_ARGS[$key/$t]="$rate $CONNS $body"; done
+  for t in "${targets[@]}"; do T_SCRIPT_ARGS[$key/$t]="$rate $conns $body"; done
   for ((r = 1; r <= LAT_ROUNDS; r++)); do
     for ((i = 0; i < n; i++)); do
       t=${targets[$(((i + r - 1) % n))]}
-      out=$(run_load "$key/$t" "$LAT_DURATION") || die "paced wrk failed against $t ($shape): $out"
+      out=$(run_load "$key/$t" "$LAT_DURATION" 2>&1) || die "paced $kind failed against $t ($shape): $out"
       echo "$out" >"$DIR/out-$key-$t-$r.txt"
       check_servers
-      p=$(awk '/^PACED / {print $2, $3, $4, $5, $6}' <<<"$out")
-      [[ -n $p ]] || die "could not parse paced wrk output for $t ($shape): $out"
-      local achieved errs
-      achieved=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
-      errs=$(awk '/Non-2xx or 3xx responses:/ {e += $NF}
-                  /Socket errors:/ {for (i = 3; i <= NF; i += 2) {g = $(i + 1); gsub(/,/, "", g); e += g}}
-                  END {print e + 0}' <<<"$out")
-      read -r p50 p99 p999 pmax reqs <<<"$p"
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$shape" "$t" "$r" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$reqs" "$errs" >>"$LRAW"
-      printf 'bench: (lat %s) round %d %-8s %8s req/s  p50 %6s us  p99 %6s us  p99.9 %6s us  max %6s us  errors %s\n' \
-        "$shape" "$r" "$t" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$errs" >&2
+      local achieved errs late=""
+      if [[ $kind = h2paced ]]; then
+        # H2PACE asked=… achieved=… requests=… errors=… p50=… p90=… p99=… p99.9=… max=… send_p99=…
+        p=$(awk '/^H2PACE / {for (i = 2; i <= NF; i++) {split($i, kv, "="); v[kv[1]] = kv[2]}
+                 print v["p50"], v["p99"], v["p99.9"], v["max"], v["requests"], v["achieved"], v["errors"], v["send_p99"]}' <<<"$out")
+        [[ -n $p ]] || die "could not parse h2pace output for $t ($shape): $out"
+        read -r p50 p99 p999 pmax reqs achieved errs late <<<"$p"
+        [[ $reqs -gt 0 ]] || die "h2pace: no request answered by $t ($shape): $out"
+      else
+        p=$(awk '/^PACED / {print $2, $3, $4, $5, $6}' <<<"$out")
+        [[ -n $p ]] || die "could not parse paced wrk output for $t ($shape): $out"
+        achieved=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+        errs=$(awk '/Non-2xx or 3xx responses:/ {e += $NF}
+                    /Socket errors:/ {for (i = 3; i <= NF; i += 2) {g = $(i + 1); gsub(/,/, "", g); e += g}}
+                    END {print e + 0}' <<<"$out")
+        read -r p50 p99 p999 pmax reqs <<<"$p"
+      fi
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$shape" "$t" "$r" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$reqs" "$errs" "${late:--}" >>"$LRAW"
+      printf 'bench: (lat %s) round %d %-8s %8s req/s  p50 %6s us  p99 %6s us  p99.9 %6s us  max %6s us  errors %s%s\n' \
+        "$shape" "$r" "$t" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$errs" "${late:+  send p99 $late us}" >&2
     done
   done
   lmed() { awk -F'\t' -v s="$shape" -v t="$1" -v c="$2" '$1 == s && $2 == t {print $c}' "$LRAW" | median_of; }
@@ -1198,7 +1250,13 @@ latency_shape() {  # shape
   done
   echo
   b99=$(lmed busbar 6)
-  echo "- goal (issue $([[ $shape = get ]] && echo 7 || echo 20)): busbar's added p99 under 1 ms; this run: $(fmt_us "$(awk -v a="$b99" -v b="$d99" 'BEGIN {print a - b}')") (median of $LAT_ROUNDS rounds' p99s)"
+  if [[ $kind = h2paced ]]; then
+    echo "- added p99 = the target's p99 − direct's p99 (medians of $LAT_ROUNDS rounds' p99s); direct: the backend nginx's own HTTP/2 listener, so a proxy's figure is what it adds over the backend reached without it"
+    echo "- the generator's own lateness (h2pace's send_p99: how late requests were handed to h2, already inside the figures above; median of the rounds): $(for t in "${targets[@]}"; do printf '%s %s; ' "$t" "$(fmt_us "$(lmed "$t" 11)")"; done | sed 's/; $//') — far above ~100 µs means the load CPU was short"
+    echo "- issue 21 (report the added p99 at ${LAT_LOAD}% load): busbar $(fmt_us "$(awk -v a="$b99" -v b="$d99" 'BEGIN {print a - b}')"), nginx $(fmt_us "$(awk -v a="$(lmed nginx 6)" -v b="$d99" 'BEGIN {print a - b}')"), HAProxy $(fmt_us "$(awk -v a="$(lmed haproxy 6)" -v b="$d99" 'BEGIN {print a - b}')")"
+  else
+    echo "- goal (issue $([[ $shape = get ]] && echo 7 || echo 20)): busbar's added p99 under 1 ms; this run: $(fmt_us "$(awk -v a="$b99" -v b="$d99" 'BEGIN {print a - b}')") (median of $LAT_ROUNDS rounds' p99s)"
+  fi
   awk -F'\t' -v s="$shape" '$1 == s && $10 > 0 {e[$2] += $10} END {for (t in e) printf "- WARNING: %s had %d errors\n", t, e[t]}' "$LRAW"
   echo
 }

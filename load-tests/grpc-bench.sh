@@ -47,6 +47,14 @@
 #                                  busbar's own engines with it or without it (only a
 #                                  gRPC-Web route sends HTTP/2 clients to pingora's proxy)
 #   KEEP_TMP=1                     keep the temp dir (configs, logs, raw output)
+#   LAT=1                          after the table, issue 21's latency under load for gRPC
+#                                  pass-through: testkit's h2pace sends unary calls as a
+#                                  Poisson stream at LAT_LOAD% of busbar's `grpc` median of
+#                                  this run (one h2load run first if `grpc` is not in ONLY)
+#                                  to grpc-direct, grpc-nginx, grpc-haproxy and grpc, in
+#                                  LAT_ROUNDS rotating rounds of LAT_DURATION seconds; the
+#                                  table gives each p99's excess over grpc-direct's
+#   LAT_LOAD=50 LAT_ROUNDS=7 LAT_DURATION=3   H2PACE=target/release/h2pace
 #   CALLGRIND=1                    instead of timing: busbar runs under valgrind's callgrind
 #                                  and each target reports instructions per request, which
 #                                  other load on the machine does not change (one round of
@@ -70,8 +78,14 @@ LOAD_CPU=${LOAD_CPU:-1}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUSBAR=${BUSBAR:-target/release/busbar}
 GRPC_BACKEND=${GRPC_BACKEND:-target/release/grpc-backend}
+H2PACE=${H2PACE:-target/release/h2pace}
+LAT=${LAT:-0}
+LAT_LOAD=${LAT_LOAD:-50}
+LAT_ROUNDS=${LAT_ROUNDS:-7}
+LAT_DURATION=${LAT_DURATION:-3}
 [[ $BUSBAR = /* ]] || BUSBAR="$ROOT/$BUSBAR"
 [[ $GRPC_BACKEND = /* ]] || GRPC_BACKEND="$ROOT/$GRPC_BACKEND"
+[[ $H2PACE = /* ]] || H2PACE="$ROOT/$H2PACE"
 PROTO="$ROOT/tests/protos/bookstore.proto"
 
 BENCH_NAME="grpc-bench"   # prefix of messages and of the temp dir
@@ -91,7 +105,12 @@ if [[ $CALLGRIND = 1 ]]; then
     command -v "$tool" >/dev/null 2>&1 || die "$tool not found (apt-get install -y valgrind)"
   done
 fi
-for v in DURATION ROUNDS H2_CONNS H2_STREAMS H1_CONNS CG_REQUESTS; do
+if [[ $LAT = 1 ]]; then
+  [[ -x $H2PACE ]] || die "$H2PACE not found: run 'cargo build --release -p busbar-testkit --bin h2pace --tests' (LAT=1)"
+  [[ $CALLGRIND != 1 ]] || die "LAT=1 and CALLGRIND=1 do not go together"
+  [[ $LAT_LOAD =~ ^[0-9]+$ && $LAT_LOAD -ge 1 && $LAT_LOAD -le 100 ]] || die "LAT_LOAD must be 1..100"
+fi
+for v in DURATION ROUNDS H2_CONNS H2_STREAMS H1_CONNS CG_REQUESTS LAT_ROUNDS LAT_DURATION; do
   [[ ${!v} =~ ^[0-9]+$ && ${!v} -ge 1 ]] || die "$v must be a whole number >= 1"
 done
 [[ $WARMUP =~ ^[0-9]+$ ]] || die "WARMUP must be a whole number of seconds"
@@ -456,6 +475,71 @@ fi
 if [[ -n ${M_RPS[grpc]:-} && -n ${M_RPS[grpc-nginx]:-} ]]; then
   echo "- gRPC pass-through (issue 21: ≥ 1.0× nginx, target HAProxy): busbar $(ratio "${M_RPS[grpc]}" "${M_RPS[grpc-nginx]}")× nginx grpc_pass, $(ratio "${M_RPS[grpc]}" "${M_RPS[grpc-haproxy]:--}")× HAProxy req/s; CPU per call $(ratio "${M_CPU[grpc]}" "${M_CPU[grpc-nginx]}")× nginx's, $(ratio "${M_CPU[grpc]}" "${M_CPU[grpc-haproxy]:--}")× HAProxy's"
 fi
+# --- LAT=1: gRPC pass-through latency at LAT_LOAD% of busbar's max (issue 21).
+run_latency() {
+  local max src rate targets=() t r i n out p p50 p99 p999 pmax reqs achieved errs
+  local lraw="$DIR/latency.tsv"   # target round achieved p50 p99 p999 max requests errors send_p99
+  local late
+  : >"$lraw"
+  if [[ -n ${M_RPS[grpc]:-} && ${M_RPS[grpc]} != - ]]; then
+    max=${M_RPS[grpc]}; src="busbar's \`grpc\` median above"
+  else
+    out=$(run_h2load grpc "$DURATION") || die "h2load failed measuring busbar's max gRPC rate: $out"
+    max=$(awk '/^finished in/ {print $4}' <<<"$out")
+    src="one ${DURATION}s h2load -c$H2_CONNS -m$H2_STREAMS run against busbar just before"
+  fi
+  rate=$(awk -v m="$max" -v p="$LAT_LOAD" 'BEGIN {printf "%.0f", m * p / 100}')
+  ((rate >= 1)) || die "busbar's max gRPC rate ($max) is too low to pace"
+  targets=(grpc-direct)
+  [[ -n $NGINX_GRPC_PID ]] && targets+=(grpc-nginx grpc-haproxy)
+  targets+=(grpc)
+  n=${#targets[@]}
+  echo "## gRPC pass-through latency under load: ${LAT_LOAD}% of busbar's max rate"
+  echo
+  echo "- busbar max: $(printf '%.0f' "$max") calls/s ($src); paced rate: $rate calls/s"
+  echo "- load: h2pace (testkit) --grpc --conns $H2_CONNS --duration $LAT_DURATION, the same PingRequest frame as above, \`te: trailers\`; a call counts only with status 200 and grpc-status 0: a Poisson stream at $rate calls/s over $H2_CONNS h2c connections (each its own Poisson stream; every call its own stream), latency from the *scheduled* send time to the trailers (no coordinated omission), nearest-rank percentiles in µs"
+  echo "- rounds: $LAT_ROUNDS × ${LAT_DURATION}s per target, order rotated each round; median per target"
+  echo
+  for ((r = 1; r <= LAT_ROUNDS; r++)); do
+    for ((i = 0; i < n; i++)); do
+      t=${targets[$(((i + r - 1) % n))]}
+      out=$(timeout $((LAT_DURATION + 30)) taskset -c "$LOAD_CPU" "$H2PACE" --url "${URL[$t]}" --grpc \
+        --rate "$rate" --conns "$H2_CONNS" --duration "$LAT_DURATION" 2>&1) \
+        || die "h2pace failed against $t: $out"
+      echo "$out" >"$DIR/h2pace-$t-$r.txt"
+      p=$(awk '/^H2PACE / {for (i = 2; i <= NF; i++) {split($i, kv, "="); v[kv[1]] = kv[2]}
+               print v["p50"], v["p99"], v["p99.9"], v["max"], v["requests"], v["achieved"], v["errors"], v["send_p99"]}' <<<"$out")
+      [[ -n $p ]] || die "could not parse h2pace output for $t: $out"
+      read -r p50 p99 p999 pmax reqs achieved errs late <<<"$p"
+      [[ $reqs -gt 0 ]] || die "h2pace: no call answered by $t: $out"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$reqs" "$errs" "$late" >>"$lraw"
+      printf 'grpc-bench: (lat) round %d %-12s %8s calls/s  p50 %6s us  p99 %6s us  p99.9 %6s us  max %6s us  errors %s  send p99 %s us\n' \
+        "$r" "$t" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$errs" "$late" >&2
+    done
+  done
+  lmed() { awk -F'\t' -v t="$1" -v c="$2" '$1 == t {print $c}' "$lraw" | median_of; }
+  added() { fmt_us "$(awk -v a="$(lmed "$1" 5)" -v b="$(lmed grpc-direct 5)" 'BEGIN {print a - b}')"; }
+  echo "| target | asked calls/s | achieved calls/s | p50 | p99 | p99.9 | max | p99 added over grpc-direct |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+  local extra
+  for t in "${targets[@]}"; do
+    if [[ $t = grpc-direct ]]; then extra=-; else extra=$(added "$t"); fi
+    printf '| %s | %s | %.0f | %s | %s | %s | %s | %s |\n' "$t" "$rate" "$(lmed "$t" 3)" \
+      "$(fmt_us "$(lmed "$t" 4)")" "$(fmt_us "$(lmed "$t" 5)")" "$(fmt_us "$(lmed "$t" 6)")" \
+      "$(fmt_us "$(lmed "$t" 7)")" "$extra"
+  done
+  echo
+  echo "- added p99 = the target's p99 − grpc-direct's (h2pace → tonic, no proxy), medians of $LAT_ROUNDS rounds' p99s"
+  echo "- the generator's own lateness (h2pace's send_p99, already inside the figures; median of the rounds): $(for t in "${targets[@]}"; do printf '%s %s; ' "$t" "$(fmt_us "$(lmed "$t" 10)")"; done | sed 's/; $//') — far above ~100 µs means the load CPU was short"
+  echo "- issue 21 (report the added p99 at ${LAT_LOAD}% load): busbar (grpc) $(added grpc)$([[ -n $NGINX_GRPC_PID ]] && echo ", nginx grpc_pass $(added grpc-nginx), HAProxy $(added grpc-haproxy)")"
+  awk -F'\t' '$9 > 0 {e[$1] += $9} END {for (t in e) printf "- WARNING: %s had %d failed calls\n", t, e[t]}' "$lraw"
+  echo
+}
+if [[ $LAT = 1 ]]; then
+  echo
+  run_latency
+fi
+
 BUSY_END=$(busy_pct)
 echo "- machine busy after the run (2 s sample): ${BUSY_END}%; loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 ((BUSY <= 10 && BUSY_END <= 10)) || echo "- WARNING: something else was using the CPUs; rerun on a quiet machine"
