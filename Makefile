@@ -51,8 +51,10 @@ check-conf: build
 		target/debug/busbar check "$$f" || exit 1; \
 	done
 
+# testkit's h2pace paces lat's HTTP/2 shapes (h2c, h2tls) and grpc-bench's LAT=1.
 bench: release
 	$(CARGO) build --release --example bare-pingora --example lean-proxy
+	$(CARGO) build --release -p busbar-testkit --bin h2pace --tests
 	bash load-tests/bench.sh
 
 # Issue 20's shapes (load-tests/README.md): POST 1 KiB and 64 KiB chunked, GET over TLS
@@ -72,7 +74,7 @@ bench-admission: release
 # against testkit's tonic backend (its `grpc-backend` bin, built here too; `--tests`
 # because testkit is a dev-dependency: without it cargo 1.95 panics resolving features).
 bench-grpc: release
-	$(CARGO) build --release -p busbar-testkit --bin grpc-backend --tests
+	$(CARGO) build --release -p busbar-testkit --bin grpc-backend --bin h2pace --tests
 	bash load-tests/grpc-bench.sh
 
 # Each cargo-fuzz target for FUZZ_SECONDS (60). New inputs go to fuzz/.work/ (not checked
