@@ -82,7 +82,7 @@ fn millis(d: Duration) -> u64 {
 
 impl ResolvesServerCert for ServedCerts {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        HELLO_NAME.with(|n| *n.borrow_mut() = hello.server_name().map(Box::from));
+        note_server_name(&hello);
         Some(self.current.load().pick(hello.server_name()).clone())
     }
 }
@@ -335,19 +335,10 @@ impl TlsClient {
         }
     }
 
-    /// Records `e` as the connection's failure: rustls queued its alert for it, and one
-    /// more pass encodes it (anything else received is dropped).
+    /// Records `e` as the connection's failure, with the alert rustls queued for it
+    /// encoded to be sent; what else was received is dropped.
     fn fail(&mut self, e: rustls::Error) -> io::Error {
-        let TlsClient {
-            conn,
-            incoming,
-            plain,
-            out,
-            peer_closed,
-            ..
-        } = self;
-        let (used, _) = records::turn(conn, incoming, out, plain, peer_closed, &mut Ask::Nothing);
-        self.consume(used);
+        records::alerts(&mut self.conn, &mut self.incoming, &mut self.out);
         self.incoming = Vec::new();
         self.failed = Some(e.clone());
         invalid(e)
@@ -415,6 +406,11 @@ thread_local! {
     /// `ServedCerts::resolve` inside `process_tls_records`, on the handshake's own thread,
     /// and the handshake takes the name right after that call.
     static HELLO_NAME: RefCell<Option<Box<str>>> = const { RefCell::new(None) };
+}
+
+/// Keeps the ClientHello's server name for the handshake running on this thread.
+fn note_server_name(hello: &ClientHello<'_>) {
+    HELLO_NAME.with(|n| *n.borrow_mut() = hello.server_name().map(Box::from));
 }
 
 impl AsyncRead for TlsClient {
@@ -575,5 +571,124 @@ impl GetSocketDigest for TlsClient {
 
     fn set_socket_digest(&mut self, digest: SocketDigest) {
         self.l4.set_socket_digest(digest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::{PrivateKeyDer, ServerName};
+    use tokio::io::AsyncReadExt;
+
+    /// One certificate, the server name noted as `ServedCerts` notes it.
+    #[derive(Debug)]
+    struct One(Arc<CertifiedKey>);
+
+    impl ResolvesServerCert for One {
+        fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+            note_server_name(&hello);
+            Some(self.0.clone())
+        }
+    }
+
+    /// A handshaken pair over loopback: busbar's side and a rustls client (TLS 1.3).
+    async fn pair() -> (
+        TlsClient,
+        tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    ) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let key = PrivateKeyDer::Pkcs8(c.signing_key.serialize_der().into());
+        let key = rustls::crypto::ring::sign::any_supported_type(&key).unwrap();
+        let one = Arc::new(CertifiedKey::new(vec![c.cert.der().clone()], key));
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(One(one)));
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(c.cert.der().clone()).unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connect = async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tokio_rustls::TlsConnector::from(Arc::new(client))
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap()
+        };
+        let accept = async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            accept(Arc::new(server), Box::new(L4Stream::from(tcp)))
+                .await
+                .unwrap()
+        };
+        let (c, s) = tokio::join!(connect, accept);
+        (s, c)
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_holds_no_buffer() {
+        let (mut s, mut c) = pair().await;
+        assert_eq!(s.alpn(), Some(ALPN::H1));
+        assert_eq!(s.server_name(), Some("localhost"));
+        assert!(s.get_ssl_digest().is_some());
+        // Session tickets went out with the handshake: nothing waits.
+        assert_eq!(s.held(), 0, "{s:?}");
+
+        // A request read through a buffer too small for it, then a large answer.
+        c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        c.flush().await.unwrap();
+        let mut small = [0u8; 5];
+        s.read_exact(&mut small).await.unwrap();
+        assert_eq!(&small, b"GET /");
+        assert!(s.held() > 0, "the rest of the record is kept");
+        s.unread(b"GET /");
+        let mut head = [0u8; 18];
+        s.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"GET / HTTP/1.1\r\n\r\n");
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let read = async {
+            let mut got = vec![0u8; big.len()];
+            c.read_exact(&mut got).await.unwrap();
+            got
+        };
+        let write = async {
+            s.write_all(&big).await.unwrap();
+            s.flush().await.unwrap();
+        };
+        let (got, ()) = tokio::join!(read, write);
+        assert!(got == big, "the answer arrived changed");
+        // Idle again: no read, plaintext or write buffer.
+        assert_eq!(s.held(), 0, "{s:?}");
+
+        // close_notify from the client reads as EOF.
+        c.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(s.read_to_end(&mut rest).await.unwrap(), 0);
+        assert_eq!(s.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn garbage_after_the_handshake_is_an_error_not_a_panic() {
+        let (mut s, mut c) = pair().await;
+        c.get_mut()
+            .0
+            .write_all(b"\x17\x03\x03\x00\x10not a real record, nor this")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let e = s.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        // And it stays failed.
+        assert!(s.read(&mut buf).await.is_err());
+        assert!(s.write(b"x").await.is_err());
     }
 }

@@ -139,6 +139,21 @@ pub fn turn(
     }
 }
 
+/// Encodes what rustls queued to send after a fatal error (its alert), without processing
+/// anything more of `input`: rustls hands queued messages out before it deframes, and
+/// going on past an error would make it raise (and assert on) a second alert.
+pub fn alerts(conn: &mut UnbufferedServerConnection, input: &mut [u8], out: &mut Out) {
+    for _ in 0..8 {
+        if !conn.wants_write() {
+            return;
+        }
+        match conn.process_tls_records(input).state {
+            Ok(ConnectionState::EncodeTlsData(mut e)) => out.encode(|buf| e.encode(buf)),
+            _ => return,
+        }
+    }
+}
+
 fn encrypt_to_encode(e: EncryptError) -> EncodeError {
     match e {
         EncryptError::InsufficientSize(s) => EncodeError::InsufficientSize(s),
