@@ -375,3 +375,52 @@ async fn many_small_pipelined_requests_on_one_tls_connection() {
         );
     }
 }
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// A TLS connection that has had one GET answered, then left idle.
+async fn idle_tls(addr: SocketAddr) -> Tls {
+    let mut tls = connect(addr).await;
+    let mut got = Vec::new();
+    tls.write_all(b"GET /big/10 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(answer(&mut tls, &mut got).await.0, 200);
+    tls
+}
+
+/// 1,000 idle TLS connections, each after one answered GET: busbar's resident memory per
+/// connection. An idle connection keeps no record, plaintext or write buffer (rustls's
+/// buffered connection kept a 4 KiB read buffer for each for its life).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tls_connection_costs_under_8_kib() {
+    const CONNS: u64 = 1000;
+    let up = Upstream::start().await;
+    let (bus, addr, _dir) = tls_bus(up.addr).await;
+    // One connection first, so what every connection shares is in the baseline.
+    let warm = idle_tls(addr).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(bus.pid());
+    let mut held = Vec::new();
+    for _ in 0..CONNS {
+        held.push(idle_tls(addr).await);
+    }
+    // Past the front door's 1 s before an idle connection's head buffer goes back.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = rss_kib(bus.pid());
+    let per = after.saturating_sub(before) as f64 / CONNS as f64;
+    eprintln!("{CONNS} idle TLS connections: busbar {before} → {after} KiB, {per:.1} KiB each");
+    assert!(
+        per < 8.0,
+        "an idle TLS connection costs busbar {per:.1} KiB ({before} → {after} KiB for {CONNS})"
+    );
+    drop((warm, held));
+}
