@@ -48,9 +48,10 @@ pub struct RunOptions {
     /// The log level a reload changes (`None`: busbar did not install the subscriber).
     pub log: Option<crate::logging::LogLevel>,
     /// Gives the memory the allocator holds freed back to the OS; busbar's housekeeping
-    /// calls it once a second. The binary chooses the allocator, so it says how (`None`:
-    /// nothing to do).
-    pub release_memory: Option<fn()>,
+    /// calls it once a second, with `true` (all of it at once, not only what is due) when
+    /// a spike of connections is over (`base::memory::AfterSpike`). The binary chooses
+    /// the allocator, so it says how (`None`: nothing to do).
+    pub release_memory: Option<fn(bool)>,
 }
 
 /// Builds and runs the server; returns only on a start-up error.
@@ -435,13 +436,14 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
 struct AdmissionSweep {
     state: Arc<State>,
     /// [`RunOptions::release_memory`].
-    release_memory: Option<fn()>,
+    release_memory: Option<fn(bool)>,
 }
 
 #[async_trait]
 impl BackgroundService for AdmissionSweep {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut tick = tokio::time::interval(crate::admission::SWEEP_EVERY);
+        let mut spike = crate::base::memory::AfterSpike::default();
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -450,7 +452,11 @@ impl BackgroundService for AdmissionSweep {
                     snapshot.admission.stores().sweep();
                     crate::drivers::h1::pool::sample(&snapshot);
                     if let Some(release) = self.release_memory {
-                        release();
+                        let all = spike.tick(METRICS.connections.get());
+                        if all {
+                            METRICS.memory_released_after_spike.inc();
+                        }
+                        release(all);
                     }
                 }
             }

@@ -22,16 +22,18 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// quiet after a spike kept the spike's memory for good: 10 s after 10,000 idle
 /// connections closed, RSS was 2.4× idle (TLS: 2.6×); with this called each second,
 /// 1.09× (TLS: 0.98×), back within 1 s of the close.
-/// `false`: only what is due, nothing forced; the purge is process-wide, whichever
-/// thread calls it.
-fn release_freed_memory() {
+/// `all = false`: only what is due; the purge is process-wide, whichever thread calls it.
+/// `all = true` (once a spike of connections is over, `base::memory::AfterSpike`): every
+/// freed page now, due or not, also those a purge racing with frees on another thread
+/// left unmarked, which the due-only purge never finds again.
+fn release_freed_memory(all: bool) {
     // The crate declares it only with its `extended` feature (and another dependency);
     // the symbol is in the mimalloc that `GLOBAL` links.
     extern "C" {
         fn mi_collect(force: bool);
     }
     // SAFETY: a mimalloc entry point with no preconditions, callable from any thread.
-    unsafe { mi_collect(false) }
+    unsafe { mi_collect(all) }
 }
 
 /// Turns transparent huge pages off for this process, before the server allocates.
@@ -262,7 +264,7 @@ mod tests {
         // Past mimalloc's purge delay (1 s); nothing allocates meanwhile, as on a quiet node.
         std::thread::sleep(std::time::Duration::from_millis(1500));
         let before = rss_kib();
-        super::release_freed_memory();
+        super::release_freed_memory(false);
         let after = rss_kib();
         assert!(
             before > after + 24 * 1024,

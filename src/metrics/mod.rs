@@ -97,6 +97,9 @@ pub struct Metrics {
     /// Spans a collector accepted, and spans in exports that failed (sent, or not).
     pub trace_spans_exported: IntCounter,
     pub trace_spans_failed: IntCounter,
+    /// Times the allocator gave back all it held freed at once, a spike of client
+    /// connections being over (`base::memory::AfterSpike`).
+    pub memory_released_after_spike: IntCounter,
     pub edge_refusals: IntCounterVec,
     pub self_preservation: IntGauge,
     pub registrations: IntCounterVec,
@@ -393,6 +396,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &mut r,
             "busbar_trace_spans_export_failed_total",
             "Spans lost in exports that failed: no connection, a timeout, or a refusal by the collector.",
+        ),
+        memory_released_after_spike: int_counter(
+            &mut r,
+            "busbar_memory_released_after_spike_total",
+            "Times busbar made the allocator give back to the OS all the memory it held freed, because the open client connections had dropped to half their peak or less (by at least 64) and stopped dropping.",
         ),
         registry_expired: int_counter(
             &mut r,
