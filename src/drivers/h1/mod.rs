@@ -452,8 +452,9 @@ async fn exchange<S: ClientStream>(
             .unwrap_or_else(|| Instant::now() + route.service.config.timeout),
     };
     let mut buf = Vec::with_capacity(BUF);
-    // The response head for the client, and the first of its body: one write.
-    let mut out = Vec::with_capacity(512);
+    // The response head for the client, and the first of its body: one write. Allocated
+    // when the head has come, to its size (`response::parse_head`).
+    let mut out = Vec::new();
     let (mut up, key, mut head) = loop {
         let t = match phases.begin_try(ctx) {
             Ok(t) => t,
