@@ -217,12 +217,14 @@ pub async fn serve<S: ClientStream>(
     let nominated = std::mem::take(&mut request.nominated);
     let req = &mut request.req;
     // What the access log records of the request as it came (the request itself goes
-    // upstream, edited): cheap clones of shared bytes.
-    let (method, uri, host) = (
-        req.method.clone(),
-        req.uri.clone(),
-        req.headers.get(http::header::HOST).cloned(),
-    );
+    // upstream, edited): cheap clones of shared bytes. `Host` only for a log that is on:
+    // nothing else reads it (a map lookup and a clone a request, ~150 instructions).
+    let logged = phases.access_log.enabled();
+    let (method, uri) = (req.method.clone(), req.uri.clone());
+    let host = match logged {
+        true => req.headers.get(http::header::HOST).cloned(),
+        false => None,
+    };
     let mut ctx = RequestCtx::new();
     // The one record of the connection's TLS: `X-Forwarded-Proto`, `Forwarded` and the
     // access log's protocol read it.
@@ -335,7 +337,10 @@ pub async fn serve<S: ClientStream>(
         &mut ctx,
         &Done {
             method: method.as_str(),
-            host: phase::host_of(&uri, host.as_ref()),
+            host: match logged {
+                true => phase::host_of(&uri, host.as_ref()),
+                false => "",
+            },
             path: uri.path(),
             query: uri.query(),
             client: phase::logged_client(peer, real),
