@@ -208,6 +208,40 @@ async fn a_connection_idle_past_its_buffer_still_serves_its_next_requests() {
     assert_eq!(paths, ["/1", "/2", "/3"]);
 }
 
+/// A keep-alive connection's requests are served whether the next one comes at once
+/// (pipelined, or while the connection is busy), after a pause in which the connection
+/// went back to its idle wait (longer than the 100 ms a busy connection waits), or after
+/// several such pauses: each on the same connection, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_serves_requests_after_short_and_longer_pauses() {
+    let backend = Backend::start("b").await;
+    let bus = bus(&backend).await;
+    let mut s = TcpStream::connect(bus.http).await.unwrap();
+    let mut got = Vec::new();
+    for (i, pause) in [0u64, 0, 300, 10, 400, 250].into_iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let req = format!("GET /{i} HTTP/1.1\r\nHost: a\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        // Read until this request's answer is whole (the backend's body is small).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while String::from_utf8_lossy(&got)
+            .matches("HTTP/1.1 200")
+            .count()
+            <= i
+        {
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+                .await
+                .expect("an answer within 10 s")
+                .unwrap();
+            assert!(n > 0, "the connection closed after {i} answers");
+            got.extend_from_slice(&chunk[..n]);
+        }
+    }
+    let paths: Vec<String> = backend.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(paths, ["/0", "/1", "/2", "/3", "/4", "/5"]);
+}
+
 /// A keep-alive connection with no next request is closed once `idle_timeout` passes
 /// (the one second it keeps its head buffer included), not before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,6 +129,16 @@ pub struct Edge {
     pub handed_over: Option<Arc<crate::listeners::HandedOver>>,
 }
 
+/// How a busy spell of a connection ended ([`Edge::busy`]).
+enum Spell<S: Client> {
+    /// No request came for `QUIET`: the connection, for the idle wait.
+    Quiet(Box<Lingering<S>>),
+    /// HTTP/2 with prior knowledge: the stream, its preface put back.
+    H2(Stream),
+    /// Closed, refused, or tunnelled: nothing left to do.
+    Done,
+}
+
 /// What the front door decided for the next request on a connection.
 enum Next<S: Client> {
     /// An HTTP/1 request whose head passed: the proxy handles it.
@@ -197,6 +207,12 @@ impl Edge {
     /// before each request. `tls`: the connection is TLS (for `X-Forwarded-Proto`).
     /// `Some`: the client spoke HTTP/2 with prior knowledge; the stream, its preface put
     /// back, for [`Edge::h2`] (run by the caller, once this loop's state is freed).
+    ///
+    /// The requests themselves are served by [`Edge::busy`], in a box of its own for as
+    /// long as they keep coming: an idle connection holds none of a request's state (a
+    /// few KiB), and a busy one allocates and fills that box once per busy spell, not
+    /// once per request (which cost ~830 instructions a request: mimalloc's slow path for
+    /// a block that size, and the copy of the whole future into it).
     async fn serve<S: Client>(
         self: &Arc<Self>,
         stream: Box<S>,
@@ -208,23 +224,72 @@ impl Edge {
         let mut head = Vec::with_capacity(HEAD_BUF);
         let mut conn = Box::new(Lingering::new(stream));
         loop {
-            let s = match self.front(conn, &mut head, limits, shutdown).await {
+            let busy = self.busy(conn, &mut head, limits, tls, shutdown, &mut persistent);
+            conn = match Box::pin(busy).await {
+                Spell::Quiet(c) => c,
+                Spell::H2(s) => return Some(s),
+                Spell::Done => return None,
+            };
+            // No request for `QUIET` (less than `idle_timeout`): wait for the next one until
+            // `idle_timeout`, and watch for a drain.
+            let left = limits.idle_timeout - QUIET.min(limits.idle_timeout);
+            let mut watch = shutdown.clone();
+            let s = conn.inner_mut();
+            let first = tokio::select! {
+                r = read_first(s, &mut head, left) => r,
+                // Draining: closing an idle keep-alive connection now races a request the
+                // client may be sending on it. Give such a request a moment to arrive; it
+                // is answered with `Connection: close`. A quiet connection is closed after.
+                _ = watch.changed() => within(DRAIN_LINGER, read_more(s, &mut head)).await,
+            };
+            if !matches!(first, Ok(Ok(n)) if n > 0) {
+                return None;
+            }
+        }
+    }
+
+    /// Serves a connection's requests while they keep coming: each within `QUIET` of the
+    /// last one's end (or pipelined). [`Spell::Quiet`]: none came, the connection goes
+    /// back to [`Edge::serve`]'s idle wait with `head` empty.
+    async fn busy<S: Client>(
+        self: &Arc<Self>,
+        mut conn: Box<Lingering<S>>,
+        head: &mut Vec<u8>,
+        limits: Limits,
+        tls: bool,
+        shutdown: &ShutdownWatch,
+        persistent: &mut Option<HttpPersistentSettings>,
+    ) -> Spell<S> {
+        loop {
+            // `head` may already hold the start of a pipelined request (see `front`), or
+            // the first bytes the idle wait read.
+            if head.is_empty() {
+                // A busy connection's next request comes within `QUIET`: this wait does
+                // not watch for a drain (the watch's clone and select showed in the
+                // profiles: `load-tests/RESULTS.md`).
+                let quiet = QUIET.min(limits.idle_timeout);
+                match within(quiet, read_more(conn.inner_mut(), head)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    Err(Elapsed) if limits.idle_timeout > quiet => return Spell::Quiet(conn),
+                    _ => return Spell::Done,
+                }
+            }
+            let s = match self.front(conn, head, limits, shutdown).await {
                 Next::Direct(mut c, request) => {
                     let s = c.inner_mut();
                     let peer = crate::base::peer_of(s);
-                    // Boxed: inline, its state (a few KiB) would be part of every
-                    // connection's task for the connection's life, idle or not.
-                    let serve = h1::serve(&self.phases, s, peer, tls, request, shutdown, &mut head);
-                    if !Box::pin(serve).await {
-                        return None;
+                    // Inline: this spell's box holds its state (see `serve`).
+                    let serve = h1::serve(&self.phases, s, peer, tls, request, shutdown, head);
+                    if !serve.await {
+                        return Spell::Done;
                     }
                     conn = c;
                     continue;
                 }
                 Next::Request(s) => s,
                 // The preface was put back: whoever speaks h2c reads it again.
-                Next::H2(s) => return Some(s),
-                Next::Done => return None,
+                Next::H2(s) => return Spell::H2(s),
+                Next::Done => return Spell::Done,
             };
             // If the proxy drops the connection (an answer before the whole body was
             // read, `Connection: close`), it is closed lingering, not reset.
@@ -243,14 +308,16 @@ impl Edge {
                     );
                 }
             }
-            let (next, settings) = self
-                .proxy
-                .process_new_http(session, shutdown)
-                .await?
-                .consume();
+            let Some(served) = self.proxy.process_new_http(session, shutdown).await else {
+                return Spell::Done;
+            };
+            let (next, settings) = served.consume();
             // The proxy gives the stream back still wrapped for a lingering close.
-            conn = next.into_any().downcast::<Lingering<S>>().ok()?;
-            persistent = settings;
+            let Ok(next) = next.into_any().downcast::<Lingering<S>>() else {
+                return Spell::Done;
+            };
+            conn = next;
+            *persistent = settings;
         }
     }
 
@@ -272,8 +339,8 @@ impl Edge {
 
     /// Reads and judges the next request head of a connection.
     ///
-    /// `buf` is the connection's head buffer, kept across its requests; it holds what
-    /// the client pipelined after the last request handed on, if anything.
+    /// `buf` is the connection's head buffer, kept across its requests; it holds the
+    /// head's first bytes, and what the client pipelined after it, if anything.
     async fn front<S: Client>(
         &self,
         mut conn: Box<Lingering<S>>,
@@ -288,31 +355,7 @@ impl Edge {
         };
         let log = &*self.phases.access_log;
         let s = conn.inner_mut();
-        // `buf` may already hold the start of a pipelined request (see below).
-        if buf.is_empty() {
-            // Idle until the first byte; from then on the whole head has `header_timeout`.
-            // A busy connection's next request comes within `QUIET`: that wait does not
-            // watch for a drain (the watch's clone and select showed in the profiles:
-            // `load-tests/RESULTS.md`).
-            let quiet = QUIET.min(limits.idle_timeout);
-            let first = match within(quiet, read_more(s, buf)).await {
-                Err(Elapsed) if limits.idle_timeout > quiet => {
-                    let mut watch = shutdown.clone();
-                    tokio::select! {
-                        r = read_first(s, buf, limits.idle_timeout - quiet) => r,
-                        // Draining: closing an idle keep-alive connection now races a
-                        // request the client may be sending on it. Give such a request a
-                        // moment to arrive; it is answered with `Connection: close`. A
-                        // quiet connection is closed after.
-                        _ = watch.changed() => within(DRAIN_LINGER, read_more(s, buf)).await,
-                    }
-                }
-                first => first,
-            };
-            if !matches!(first, Ok(Ok(n)) if n > 0) {
-                return Next::Done;
-            }
-        }
+        // `buf` holds the head's first bytes (`busy` read them, or they were pipelined).
         // Set when the head does not come whole in the first read.
         let mut deadline: Option<Instant> = None;
         let end = loop {

@@ -217,12 +217,14 @@ pub async fn serve<S: ClientStream>(
     let nominated = std::mem::take(&mut request.nominated);
     let req = &mut request.req;
     // What the access log records of the request as it came (the request itself goes
-    // upstream, edited): cheap clones of shared bytes.
-    let (method, uri, host) = (
-        req.method.clone(),
-        req.uri.clone(),
-        req.headers.get(http::header::HOST).cloned(),
-    );
+    // upstream, edited): cheap clones of shared bytes. `Host` only for a log that is on:
+    // nothing else reads it (a map lookup and a clone a request, ~150 instructions).
+    let logged = phases.access_log.enabled();
+    let (method, uri) = (req.method.clone(), req.uri.clone());
+    let host = match logged {
+        true => req.headers.get(http::header::HOST).cloned(),
+        false => None,
+    };
     let mut ctx = RequestCtx::new();
     // The one record of the connection's TLS: `X-Forwarded-Proto`, `Forwarded` and the
     // access log's protocol read it.
@@ -335,7 +337,10 @@ pub async fn serve<S: ClientStream>(
         &mut ctx,
         &Done {
             method: method.as_str(),
-            host: phase::host_of(&uri, host.as_ref()),
+            host: match logged {
+                true => phase::host_of(&uri, host.as_ref()),
+                false => "",
+            },
             path: uri.path(),
             query: uri.query(),
             client: phase::logged_client(peer, real),
@@ -452,8 +457,9 @@ async fn exchange<S: ClientStream>(
             .unwrap_or_else(|| Instant::now() + route.service.config.timeout),
     };
     let mut buf = Vec::with_capacity(BUF);
-    // The response head for the client, and the first of its body: one write.
-    let mut out = Vec::with_capacity(512);
+    // The response head for the client, and the first of its body: one write. Allocated
+    // when the head has come, to its size (`response::parse_head`).
+    let mut out = Vec::new();
     let (mut up, key, mut head) = loop {
         let t = match phases.begin_try(ctx) {
             Ok(t) => t,

@@ -48,6 +48,10 @@ pub(crate) struct Head {
     pub(super) nominates: bool,
 }
 
+/// Room for the lines busbar adds to a response head: `Date`, `Connection`, and the
+/// `RateLimit-*` set.
+const OWN_LINES: usize = 256;
+
 /// Parses the response head at the start of `buf`: `Ok(None)` while incomplete.
 ///
 /// A complete head is also written into `lines` (replacing what was there) as the
@@ -118,6 +122,10 @@ pub(super) fn parse_head(
     }
     let chunked = codings.chunked;
     lines.clear();
+    // Room for the head, the body bytes that came with it (the caller appends them: one
+    // write to the client) and busbar's own lines (`finish_head`): one allocation, where
+    // a fixed first size grew by a copy for most answers (~300 instructions a request).
+    lines.reserve(buf.len() + OWN_LINES);
     status_line(lines, status);
     // Which lines go on is the response-head editor's call.
     for (h, kind) in parsed.headers.iter().zip(kinds) {
