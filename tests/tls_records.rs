@@ -1,7 +1,7 @@
 //! TLS connections on busbar's own record layer (`tls`, rustls's unbuffered API), against
 //! the real binary: large bodies both ways byte-exact, a TLS 1.3 KeyUpdate from the
-//! client mid-connection, the client's close_notify, garbage after the handshake, and
-//! many small pipelined requests on one connection.
+//! client mid-connection, the client's close_notify, garbage after the handshake,
+//! many small pipelined requests on one connection, and a TLS 1.2 client.
 
 mod common;
 
@@ -424,4 +424,48 @@ async fn an_idle_tls_connection_costs_under_9_kib() {
         "an idle TLS connection costs busbar {per:.1} KiB ({before} → {after} KiB for {CONNS})"
     );
     drop((warm, held));
+}
+
+/// A client that speaks only TLS 1.2 (the same record layer, other key schedule and
+/// handshake): a 300,000-byte answer and a 200,000-byte echoed body, byte for byte, then
+/// a second request on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_1_2_client_is_served_both_ways() {
+    let up = Upstream::start().await;
+    let (bus, addr, _dir) = tls_bus(up.addr).await;
+    let config =
+        common::tls::trusting_client_of(&[&tokio_rustls::rustls::version::TLS12], &[b"http/1.1"]);
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio::time::timeout(
+        Duration::from_secs(15),
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp),
+    )
+    .await
+    .expect("handshake in time")
+    .unwrap_or_else(|e| panic!("TLS 1.2 handshake: {e}\n{}", bus.stderr()));
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(tokio_rustls::rustls::ProtocolVersion::TLSv1_2)
+    );
+    let mut got = Vec::new();
+    tls.write_all(b"GET /big/300000 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, body) = answer(&mut tls, &mut got).await;
+    assert_eq!(status, 200, "{}", bus.stderr());
+    assert!(body == pattern(300_000), "the answer arrived changed");
+
+    let sent = pattern(200_000);
+    let mut req = format!(
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+        sent.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&sent);
+    tls.write_all(&req).await.unwrap();
+    let (status, body) = answer(&mut tls, &mut got).await;
+    assert_eq!(status, 200, "{}", bus.stderr());
+    assert!(body == sent, "the echoed body arrived changed");
+    assert!(up.bodies.lock().unwrap().contains(&sent));
 }

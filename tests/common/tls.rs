@@ -78,10 +78,18 @@ impl Drop for TlsBackend {
 /// A TLS client config that takes whatever certificate the server shows (tests that look
 /// at the answer, or at which certificate it is), offering `alpn`.
 pub fn trusting_client(alpn: &[&[u8]]) -> rustls::ClientConfig {
+    trusting_client_of(rustls::DEFAULT_VERSIONS, alpn)
+}
+
+/// [`trusting_client`] speaking only the TLS `versions` given.
+pub fn trusting_client_of(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    alpn: &[&[u8]],
+) -> rustls::ClientConfig {
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
-    .with_safe_default_protocol_versions()
+    .with_protocol_versions(versions)
     .unwrap()
     .dangerous()
     .with_custom_certificate_verifier(Arc::new(AnyCert))
