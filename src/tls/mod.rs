@@ -288,12 +288,13 @@ impl TlsClient {
         }
     }
 
-    /// Reads what the socket has and runs rustls over it, plaintext into `ask`'s buffer.
-    /// `Ok(false)`: the peer closed the TCP connection.
-    fn poll_receive(
+    /// One read from the socket into `read` (a buffer on the caller's stack); refused once
+    /// `MAX_INCOMING` bytes wait unprocessed. `Ok(false)`: the peer closed the TCP
+    /// connection.
+    fn poll_read_socket(
         &mut self,
         cx: &mut Context<'_>,
-        ask: &mut Ask<'_, '_>,
+        read: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<bool>> {
         if self.incoming.len() >= MAX_INCOMING {
             return Poll::Ready(Err(io::Error::new(
@@ -301,10 +302,20 @@ impl TlsClient {
                 "TLS message too large",
             )));
         }
+        ready!(Pin::new(&mut self.l4).poll_read(cx, read))?;
+        Poll::Ready(Ok(!read.filled().is_empty()))
+    }
+
+    /// Reads what the socket has and runs rustls over it, plaintext into `ask`'s buffer.
+    /// `Ok(false)`: the peer closed the TCP connection.
+    fn poll_receive(
+        &mut self,
+        cx: &mut Context<'_>,
+        ask: &mut Ask<'_, '_>,
+    ) -> Poll<io::Result<bool>> {
         let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
         let mut read = ReadBuf::uninit(&mut stack);
-        ready!(Pin::new(&mut self.l4).poll_read(cx, &mut read))?;
-        if read.filled().is_empty() {
+        if !ready!(self.poll_read_socket(cx, &mut read))? {
             return Poll::Ready(Ok(false));
         }
         let came = if self.incoming.is_empty() && self.failed.is_none() {
@@ -382,16 +393,9 @@ impl TlsClient {
             if !self.out.is_empty() || !self.conn.is_handshaking() {
                 continue;
             }
-            if self.incoming.len() >= MAX_INCOMING {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "TLS handshake message too large",
-                )));
-            }
             let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
             let mut read = ReadBuf::uninit(&mut stack);
-            ready!(Pin::new(&mut self.l4).poll_read(cx, &mut read))?;
-            if read.filled().is_empty() {
+            if !ready!(self.poll_read_socket(cx, &mut read))? {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "tls handshake eof",
