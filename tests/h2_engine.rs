@@ -631,23 +631,13 @@ async fn big_upstream(total: usize, written: Arc<AtomicU64>) -> SocketAddr {
     addr
 }
 
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_throttles_the_upstream_and_busbar_stays_small() {
     const TOTAL: usize = 256 * 1024 * 1024;
     let written = Arc::new(AtomicU64::new(0));
     let up = big_upstream(TOTAL, written.clone()).await;
     let bus = Busbar::start(&one_service(up, "client_timeout = \"60s\"")).await;
-    let before = rss_kib(bus.pid());
+    let before = common::rss_kib(bus.pid());
 
     let mut send = h2c(bus.http).await;
     let (resp, _) = send
@@ -664,7 +654,7 @@ async fn a_slow_reader_throttles_the_upstream_and_busbar_stays_small() {
     // and the sockets' buffers may fill.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stalled = written.load(Ordering::SeqCst);
-    let grown = rss_kib(bus.pid()).saturating_sub(before);
+    let grown = common::rss_kib(bus.pid()).saturating_sub(before);
     eprintln!("slow reader: upstream wrote {stalled} bytes in 2 s, busbar RSS +{grown} KiB");
     assert!(
         stalled < 48 * 1024 * 1024,

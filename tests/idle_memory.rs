@@ -9,22 +9,8 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Backend, Busbar};
+use common::{rss_kib, status_field, Backend, Busbar};
 use tokio::net::TcpStream;
-
-/// A field of `/proc/<pid>/status` in its unit (kB for sizes), if the kernel has it.
-fn status_field(pid: i32, name: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    status_field(pid, "VmRSS").expect("VmRSS in /proc/<pid>/status")
-}
 
 /// An h2c connection that has had one GET answered, kept open and idle by its task.
 async fn idle_h2c(addr: std::net::SocketAddr) -> h2::client::SendRequest<Bytes> {

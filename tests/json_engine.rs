@@ -165,10 +165,7 @@ async fn access_line(bus: &Busbar, path: &str) -> Value {
 async fn a_tls_json_caller_is_served_by_the_engine_with_100_continue() {
     let backend = GrpcBackend::start(1).await;
     let dir = tempfile::tempdir().unwrap();
-    let c = rcgen::generate_simple_self_signed(vec!["books.test".to_string()]).unwrap();
-    let (cert, key) = (dir.path().join("c.crt"), dir.path().join("c.key"));
-    std::fs::write(&cert, c.cert.pem()).unwrap();
-    std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+    let (cert, key) = common::tls::self_signed_files(dir.path(), &["books.test"]);
     let addr: SocketAddr = format!("127.0.0.1:{}", common::free_port())
         .parse()
         .unwrap();

@@ -345,27 +345,8 @@ async fn a_handshake_that_never_starts_is_closed_after_the_timeout() {
 /// Reads one HTTP/1.1 answer with a `Content-Length` from `tls`: head and body. `got`
 /// keeps what was read past it (the next pipelined answer).
 async fn read_answer(tls: &mut Tls, got: &mut Vec<u8>) -> String {
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if got.len() >= end + 4 + len {
-                let answer: Vec<u8> = got.drain(..end + 4 + len).collect();
-                return String::from_utf8_lossy(&answer).into_owned();
-            }
-        }
-        let n = tokio::time::timeout(Duration::from_secs(15), tls.read(&mut buf))
-            .await
-            .unwrap_or_else(|_| panic!("no answer in time; got {:?}", String::from_utf8_lossy(got)))
-            .expect("read");
-        assert!(n > 0, "closed mid-answer: {}", String::from_utf8_lossy(got));
-        got.extend_from_slice(&buf[..n]);
-    }
+    let answer = common::read_answer(tls, got, Duration::from_secs(15)).await;
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 /// The access log's lines once `n` are there (it is flushed in the background).

@@ -88,11 +88,7 @@ impl Upstream {
 /// busbar with one TLS listener (a fresh self-signed certificate) routing to `up`.
 async fn tls_bus(up: SocketAddr) -> (Busbar, SocketAddr, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let cert = dir.path().join("s.crt");
-    let key = dir.path().join("s.key");
-    std::fs::write(&cert, c.cert.pem()).unwrap();
-    std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+    let (cert, key) = common::tls::self_signed_files(dir.path(), &["localhost"]);
     let addr: SocketAddr = format!("127.0.0.1:{}", common::free_port())
         .parse()
         .unwrap();
@@ -136,33 +132,17 @@ async fn connect(addr: SocketAddr) -> Tls {
 /// Reads one answer with a `Content-Length`: its status and body. `got` keeps what was
 /// read past it.
 async fn answer(tls: &mut Tls, got: &mut Vec<u8>) -> (u16, Vec<u8>) {
-    let mut buf = vec![0u8; 65536];
-    loop {
-        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if got.len() >= end + 4 + len {
-                let status = head
-                    .split(' ')
-                    .nth(1)
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
-                let body = got[end + 4..end + 4 + len].to_vec();
-                got.drain(..end + 4 + len);
-                return (status, body);
-            }
-        }
-        let n = tokio::time::timeout(Duration::from_secs(20), tls.read(&mut buf))
-            .await
-            .expect("an answer in time")
-            .expect("read");
-        assert!(n > 0, "closed mid-answer after {} bytes", got.len());
-        got.extend_from_slice(&buf[..n]);
-    }
+    let mut whole = common::read_answer(tls, got, Duration::from_secs(20)).await;
+    let end = whole
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head");
+    let status = String::from_utf8_lossy(&whole[..end])
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, whole.split_off(end + 4))
 }
 
 /// A 1.5 MiB answer and a 1 MiB request body (echoed back) cross TLS byte for byte,
@@ -376,16 +356,6 @@ async fn many_small_pipelined_requests_on_one_tls_connection() {
     }
 }
 
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
-}
-
 /// A TLS connection that has had one GET answered, then left idle.
 async fn idle_tls(addr: SocketAddr) -> Tls {
     let mut tls = connect(addr).await;
@@ -409,14 +379,14 @@ async fn an_idle_tls_connection_costs_under_9_kib() {
     // One connection first, so what every connection shares is in the baseline.
     let warm = idle_tls(addr).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = rss_kib(bus.pid());
+    let before = common::rss_kib(bus.pid());
     let mut held = Vec::new();
     for _ in 0..CONNS {
         held.push(idle_tls(addr).await);
     }
     // Past the front door's 1 s before an idle connection's head buffer goes back.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let after = rss_kib(bus.pid());
+    let after = common::rss_kib(bus.pid());
     let per = after.saturating_sub(before) as f64 / CONNS as f64;
     eprintln!("{CONNS} idle TLS connections: busbar {before} → {after} KiB, {per:.1} KiB each");
     assert!(

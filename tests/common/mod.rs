@@ -454,6 +454,42 @@ pub async fn read_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Opti
     }
 }
 
+/// Reads one HTTP/1.1 answer framed by its `Content-Length` (none: no body) from `s`,
+/// each read within `within`: the answer's bytes, head and body. `got` holds what was
+/// read before and keeps what was read past the answer (the next pipelined one).
+pub async fn read_answer<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    got: &mut Vec<u8>,
+    within: Duration,
+) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                return got.drain(..end + 4 + len).collect();
+            }
+        }
+        let n = tokio::time::timeout(within, s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no answer in time; got {:?}", String::from_utf8_lossy(got)))
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed mid-answer after {} bytes: {}",
+            got.len(),
+            String::from_utf8_lossy(got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// 1-based line and column (in characters, as busbar's config errors count them) of the
 /// byte offset `at` in `text`.
 pub fn line_col_at(text: &str, at: usize) -> (usize, usize) {
@@ -472,6 +508,21 @@ pub fn line_col(text: &str, needle: &str) -> (usize, usize) {
         .find(needle)
         .unwrap_or_else(|| panic!("{needle:?} not in:\n{text}"));
     line_col_at(text, at)
+}
+
+/// A field of `/proc/<pid>/status` in its unit (kB for sizes), if the kernel has it.
+pub fn status_field(pid: i32, name: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The resident memory of process `pid` (`VmRSS`), in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    status_field(pid, "VmRSS").expect("VmRSS in /proc/<pid>/status")
 }
 
 /// Polls `done` every 20 ms until it holds or `within` has passed; returns whether it held.

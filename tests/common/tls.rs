@@ -1,7 +1,9 @@
-//! An HTTPS backend with a self-signed certificate for a given name.
+//! An HTTPS backend with a self-signed certificate for a given name, self-signed
+//! certificate files for busbar's own TLS listeners, and clients that trust any server.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -10,6 +12,18 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::rustls;
+
+/// A fresh self-signed certificate for `names` and its key, written as PEM into `dir`
+/// (`s.crt`, `s.key`): what a `listen.tls` entry of a test's busbar points at.
+pub fn self_signed_files(dir: &Path, names: &[&str]) -> (PathBuf, PathBuf) {
+    let c =
+        rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    let (cert, key) = (dir.join("s.crt"), dir.join("s.key"));
+    std::fs::write(&cert, c.cert.pem()).unwrap();
+    std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
 
 pub struct TlsBackend {
     pub addr: SocketAddr,
