@@ -439,3 +439,59 @@ async fn a_tls_1_2_client_is_served_both_ways() {
     assert!(body == sent, "the echoed body arrived changed");
     assert!(up.bodies.lock().unwrap().contains(&sent));
 }
+
+/// What a hostile client sends instead of a handshake, now that busbar drives the
+/// handshake itself: plain HTTP on the TLS port, a ClientHello that announces a 16 MiB
+/// handshake message and then streams it, and a record that claims to be longer than any
+/// record may be. Each is refused as a failed handshake well before the 10 s handshake
+/// timeout (the streamed one by the bound on unprocessed bytes, ~100 KiB, not by memory),
+/// and the listener keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_handshake_is_refused_without_waiting_for_the_timeout() {
+    let up = Upstream::start().await;
+    let (bus, addr, _dir) = tls_bus(up.addr).await;
+    // Record header (handshake, 16 KiB) + handshake header (ClientHello, 16 MiB - 1).
+    let mut endless = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0xff, 0xff, 0xff];
+    endless.resize(5 + 0x4000, 0);
+    for _ in 0..63 {
+        let mut record = vec![0x16, 0x03, 0x01, 0x40, 0x00];
+        record.resize(5 + 0x4000, 0);
+        endless.extend_from_slice(&record);
+    }
+    let attempts: [&[u8]; 3] = [
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        &endless,
+        b"\x16\x03\x01\xff\xff\x01\x00\x00\x10",
+    ];
+    // The readiness probe's bare TCP connections already count as failed handshakes.
+    let failed = r#"busbar_edge_refusals_total{reason="tls_handshake_failed"}"#;
+    let base = bus.metric(failed).await;
+    for (i, hostile) in attempts.into_iter().enumerate() {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        // The write may fail part-way once busbar has closed: that is the point.
+        let _ = tcp.write_all(hostile).await;
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok(),
+            "attempt {i}: still open after {:?}",
+            started.elapsed()
+        );
+        let want = base + (i + 1) as f64;
+        assert_eq!(
+            bus.metric_settled(failed, want).await,
+            want,
+            "attempt {i}: {failed}"
+        );
+        let mut ok = connect(addr).await;
+        let mut got = Vec::new();
+        ok.write_all(b"GET /big/10 HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(answer(&mut ok, &mut got).await.0, 200, "{}", bus.stderr());
+    }
+    let timeouts = r#"busbar_edge_refusals_total{reason="tls_handshake_timeout"}"#;
+    assert_eq!(bus.metric(timeouts).await, 0.0, "{timeouts}");
+    assert!(bus.stderr().find("panicked").is_none(), "{}", bus.stderr());
+}
