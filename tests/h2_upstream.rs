@@ -754,3 +754,112 @@ fn h2_settings_are_validated_with_their_place() {
         "{err}"
     );
 }
+
+/// An h2c instance written frame by frame that keeps the header block of every request
+/// it gets (HEADERS frames whole, as busbar's h2 encoder wrote them) and answers each
+/// stream `200` with no body.
+async fn recording_instance() -> (
+    SocketAddr,
+    Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    JoinHandle<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let blocks = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = blocks.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                tcp.read_exact(&mut preface).await?;
+                tcp.write_all(&frame(SETTINGS, 0, 0, &[])).await?;
+                let mut buf = BytesMut::new();
+                loop {
+                    while buf.len() >= 9 {
+                        let len =
+                            (buf[0] as usize) << 16 | (buf[1] as usize) << 8 | buf[2] as usize;
+                        if buf.len() < 9 + len {
+                            break;
+                        }
+                        let (kind, flags) = (buf[3], buf[4]);
+                        let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+                        buf.advance(9);
+                        let payload = buf.split_to(len);
+                        match kind {
+                            SETTINGS if flags & 1 == 0 => {
+                                tcp.write_all(&frame(SETTINGS, 1, 0, &[])).await?
+                            }
+                            PING if flags & 1 == 0 => {
+                                tcp.write_all(&frame(PING, 1, 0, &payload)).await?
+                            }
+                            HEADERS => {
+                                kept.lock().unwrap().push(payload.to_vec());
+                                // 0x88: `:status: 200` from the static table.
+                                let end = END_HEADERS | END_STREAM;
+                                tcp.write_all(&frame(HEADERS, end, id, &[0x88])).await?;
+                            }
+                            _ => {}
+                        }
+                    }
+                    if tcp.read_buf(&mut buf).await? == 0 {
+                        return Ok::<_, std::io::Error>(());
+                    }
+                }
+            });
+        }
+    });
+    (addr, blocks, task)
+}
+
+/// Streams of many clients share an upstream connection, and so its HPACK dynamic
+/// table: busbar sends `authorization`, `proxy-authorization` and a short `cookie` as
+/// never-indexed literals (RFC 7541 §7.1.3; nghttp2's rule), so no client's credentials
+/// enter a table another client's requests are compressed against, here or at a later
+/// hop. On the wire that is the 4-bit-prefix form `0001xxxx` with the static table's name
+/// index: `authorization` (23) is `1f 08`, `cookie` (32) `1f 11`, `proxy-authorization`
+/// (49) `1f 22`. Before, the first two went as "without indexing" (`0f 08`, `0f 11`),
+/// which a later hop may index, and `proxy-authorization` was indexed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_reach_an_h2_instance_as_never_indexed_fields() {
+    let (addr, blocks, task) = recording_instance().await;
+    let bus = Busbar::start(&format!(
+        r#"
+[[service]]
+name = "web"
+protocol = "h2c"
+endpoints = [{{ addr = "{addr}" }}]
+
+[[route]]
+name = "all"
+path_prefix = "/"
+service = "web"
+"#
+    ))
+    .await;
+    for _ in 0..2 {
+        let r = client()
+            .get(bus.url("/account"))
+            .header("authorization", "Bearer s3cret-token")
+            .header("proxy-authorization", "Basic eDp5")
+            .header("cookie", "sid=42")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let blocks = blocks.lock().unwrap().clone();
+    task.abort();
+    assert_eq!(blocks.len(), 2, "two requests reached the instance");
+    let has = |block: &[u8], bytes: &[u8]| block.windows(2).any(|w| w == bytes);
+    for (n, block) in blocks.iter().enumerate() {
+        assert!(
+            has(block, &[0x1f, 0x08]),
+            "request {n}: authorization never indexed: {block:02x?}"
+        );
+        assert!(
+            has(block, &[0x1f, 0x11]),
+            "request {n}: short cookie never indexed: {block:02x?}"
+        );
+    }
+}

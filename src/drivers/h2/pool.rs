@@ -230,9 +230,10 @@ impl Lease {
     /// in between): nothing of the request was sent, as with a refused stream.
     pub(crate) fn send(
         mut self,
-        request: http::Request<()>,
+        mut request: http::Request<()>,
         end_of_stream: bool,
     ) -> Result<Exchange, h2::Error> {
+        never_indexed(request.headers_mut());
         match self.send.send_request(request, end_of_stream) {
             Ok((response, body)) => Ok(Exchange {
                 response,
@@ -242,6 +243,35 @@ impl Lease {
             Err(e) => {
                 self.slot.0.retired.store(true, Relaxed);
                 Err(e)
+            }
+        }
+    }
+}
+
+/// Marks credentials as never-indexed fields (RFC 7541 §7.1.3): `authorization` and
+/// `proxy-authorization`, and a `cookie` shorter than 20 bytes (nghttp2's rule: a short
+/// value can be guessed). Streams of many clients share one upstream connection and so
+/// one compression context. The `h2` crate already leaves `authorization` and `cookie`
+/// out of the dynamic table, but would index `proxy-authorization`, and sends the others
+/// as plain "without indexing" literals, which a proxy behind the instance may index
+/// again; the never-indexed form binds every later hop. (The crate does not keep a
+/// downstream client's own never-indexed flag, so busbar sets it here, for every stream
+/// it opens: pass-through, JSON→gRPC, HTTP/1 to an h2 instance.)
+fn never_indexed(headers: &mut http::HeaderMap) {
+    use http::header::{Entry, AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION};
+    for name in [AUTHORIZATION, PROXY_AUTHORIZATION] {
+        if let Some(v) = headers.get_mut(name) {
+            v.set_sensitive(true);
+        }
+    }
+    if !headers.contains_key(COOKIE) {
+        // `entry` may grow a full map to make room for a field it would not add.
+        return;
+    }
+    if let Entry::Occupied(mut cookies) = headers.entry(COOKIE) {
+        for v in cookies.iter_mut() {
+            if v.len() < 20 {
+                v.set_sensitive(true);
             }
         }
     }
@@ -551,6 +581,32 @@ mod tests {
             waiting,
             expected,
         }
+    }
+
+    #[test]
+    fn credentials_and_short_cookies_are_never_indexed() {
+        let mut h = http::HeaderMap::new();
+        h.insert("authorization", "Bearer s3cret".parse().unwrap());
+        h.insert("proxy-authorization", "Basic eDp5".parse().unwrap());
+        h.append("cookie", "sid=42".parse().unwrap());
+        h.append("cookie", "theme=dark-with-a-long-name".parse().unwrap());
+        h.insert("x-trace", "abc".parse().unwrap());
+        never_indexed(&mut h);
+        assert!(h["authorization"].is_sensitive());
+        assert!(h["proxy-authorization"].is_sensitive());
+        let cookies: Vec<bool> = h
+            .get_all("cookie")
+            .iter()
+            .map(|v| v.is_sensitive())
+            .collect();
+        assert_eq!(cookies, [true, false]);
+        assert!(!h["x-trace"].is_sensitive());
+        // A map without any of them is left as it was, and not grown.
+        let mut plain = http::HeaderMap::with_capacity(1);
+        plain.insert("x-a", "1".parse().unwrap());
+        let room = plain.capacity();
+        never_indexed(&mut plain);
+        assert_eq!(plain.capacity(), room);
     }
 
     #[test]
