@@ -82,6 +82,9 @@ const NOT_RESPONSE_METADATA: [&str; 9] = [
     "trailer",
 ];
 
+/// `grpc_timeout::NAME`, parsed once.
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static(grpc_timeout::NAME);
+
 /// grpc-gateway's prefix for request headers that are metadata, and for the reply's
 /// initial metadata.
 const METADATA_PREFIX: &str = "grpc-metadata-";
@@ -270,33 +273,67 @@ async fn send_body(
         .map_err(Sending::Upstream)
 }
 
-/// The request's headers as gRPC metadata: the one upstream-head builder's head (after
-/// admission and the route's edits), less what is not metadata.
-fn metadata(io: &impl JsonIo, ctx: &RequestCtx) -> Result<HeaderMap> {
-    let mut up: RequestHeader = io.head().clone();
-    let down = io.connection();
-    upstream_head::build(ctx, &mut up, down, Output::Map)?;
-    let mut out = HeaderMap::with_capacity(up.headers.len());
-    for (k, v) in up.headers.iter() {
-        let name = k.as_str();
-        if is_hop_by_hop(name.as_bytes()) || NOT_METADATA.contains(&name) {
+/// The gRPC request's headers before a try: `content-type`, `te` and a `grpc-timeout`
+/// slot (each try fills it), then the request's headers as gRPC metadata — the one
+/// upstream-head builder's head (after admission and the route's edits), less what is
+/// not metadata. Built straight into the map the request is sent with: no second map.
+struct CallHeaders {
+    headers: HeaderMap,
+    /// The client sent a `grpc-timeout` of its own: it goes on, as it always did.
+    timeout_given: bool,
+}
+
+fn metadata(io: &impl JsonIo, ctx: &RequestCtx) -> Result<CallHeaders> {
+    let head = io.head();
+    // The builder's copy without the client's header-name case (metadata is lowercase
+    // on the wire): every insert it makes is then one map's, not two. Only an
+    // origin-form target may lose its raw form: the builder reads it for nothing else.
+    let mut up = if head.raw_path().first() == Some(&b'/') {
+        RequestHeader::from(http::request::Parts::clone(head))
+    } else {
+        head.clone()
+    };
+    upstream_head::build(ctx, &mut up, io.connection(), Output::Map)?;
+    let parts: http::request::Parts = up.into();
+    let mut out = HeaderMap::with_capacity(parts.headers.len() + 3);
+    out.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    out.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    out.insert(GRPC_TIMEOUT, HeaderValue::from_static("1n"));
+    let mut timeout_given = false;
+    // Names and values are moved, not copied; a name's later values come as `None`.
+    let mut name: Option<HeaderName> = None;
+    for (k, v) in parts.headers {
+        if let Some(k) = k {
+            name = Some(k);
+        }
+        let Some(k) = &name else { continue };
+        let n = k.as_str();
+        if is_hop_by_hop(n.as_bytes()) || NOT_METADATA.contains(&n) {
             continue;
         }
-        match name.strip_prefix(METADATA_PREFIX) {
+        match n.strip_prefix(METADATA_PREFIX) {
             // grpc-gateway: `Grpc-Metadata-X: v` is metadata `x: v`; gRPC's own
             // reserved names (`grpc-*`, `te`, `content-type`) are never taken from it.
             Some(md) => {
                 let reserved = md.starts_with("grpc-") || NOT_METADATA.contains(&md) || md == "te";
                 if let (false, Ok(n)) = (reserved, HeaderName::from_bytes(md.as_bytes())) {
-                    out.append(n, v.clone());
+                    out.append(n, v);
                 }
             }
+            // A client's own `grpc-timeout` takes the slot's place (its first value).
+            None if !timeout_given && *k == GRPC_TIMEOUT => {
+                timeout_given = true;
+                out.insert(k.clone(), v);
+            }
             None => {
-                out.append(k.clone(), v.clone());
+                out.append(k.clone(), v);
             }
         }
     }
-    Ok(out)
+    Ok(CallHeaders {
+        headers: out,
+        timeout_given,
+    })
 }
 
 async fn call(
@@ -306,7 +343,7 @@ async fn call(
     t: &Transcoder,
     binding: &Binding,
     out: Outgoing<'_>,
-    metadata: HeaderMap,
+    metadata: CallHeaders,
 ) -> Result<()> {
     let Some(route) = ctx.route.clone() else {
         return answer(io, ctx, Cause::NoRoute).await;
@@ -482,32 +519,68 @@ async fn call(
 }
 
 /// The gRPC request head for a try: the method's path on the instance, a `grpc-timeout`
-/// of what is left of the deadline, the metadata, and the try's trace context.
+/// of what is left of the deadline (unless the client sent its own), the metadata, and
+/// the try's trace context.
 fn grpc_request(
     attempt: &crate::phases::Try,
     binding: &Binding,
     remaining: std::time::Duration,
-    metadata: HeaderMap,
+    mut metadata: CallHeaders,
     ctx: &RequestCtx,
 ) -> Result<http::Request<()>> {
-    let uri = format!("{}{}", pool::origin(attempt), binding.grpc_path);
-    let mut request = http::Request::builder()
-        .method(http::Method::POST)
-        .uri(uri)
-        .header(CONTENT_TYPE, "application/grpc")
-        .header(http::header::TE, "trailers")
-        .header(grpc_timeout::NAME, grpc_timeout::encode(remaining))
-        .body(())
-        .map_err(|e| {
-            pingora_error::Error::because(
-                pingora_error::ErrorType::InternalError,
-                "gRPC request",
-                e,
-            )
-        })?;
-    request.headers_mut().extend(metadata);
+    // The instance's scheme and authority, the method's path parsed once at load.
+    let mut uri = origin(attempt)?;
+    uri.path_and_query = Some(binding.grpc_target.clone());
+    let uri = http::Uri::from_parts(uri).map_err(request_error)?;
+    if !metadata.timeout_given {
+        metadata
+            .headers
+            .insert(GRPC_TIMEOUT, grpc_timeout::encode(remaining));
+    }
+    let mut request = http::Request::new(());
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = metadata.headers;
     crate::otel::retrace_headers(request.headers_mut(), ctx);
     Ok(request)
+}
+
+/// `pool::origin` of a try as URI parts. The last plain (h2c) instance's is kept per
+/// thread: most calls go where the last one went, and formatting an address is most of
+/// the cost of a request head.
+fn origin(attempt: &crate::phases::Try) -> Result<http::uri::Parts> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(std::net::SocketAddr, http::uri::Authority)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let plain = attempt.tls.is_none();
+    if plain {
+        let kept = LAST.with(|l| match &*l.borrow() {
+            Some((addr, a)) if *addr == attempt.addr => Some(a.clone()),
+            _ => None,
+        });
+        if let Some(authority) = kept {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(http::uri::Scheme::HTTP);
+            parts.authority = Some(authority);
+            return Ok(parts);
+        }
+    }
+    let parts = http::Uri::from_maybe_shared(Bytes::from(pool::origin(attempt)))
+        .map_err(request_error)?
+        .into_parts();
+    if let (true, Some(a)) = (
+        plain && parts.scheme == Some(http::uri::Scheme::HTTP),
+        &parts.authority,
+    ) {
+        let kept = (attempt.addr, a.clone());
+        LAST.with(|l| *l.borrow_mut() = Some(kept));
+    }
+    Ok(parts)
+}
+
+fn request_error(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Box<Error> {
+    Error::because(ErrorType::InternalError, "gRPC request", e)
 }
 
 /// Reads the reply's messages and status and writes the JSON answer. Errors are only

@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 
+use http::uri::PathAndQuery;
 use http::Method;
 use prost::Message;
 use prost_reflect::{
@@ -42,6 +43,8 @@ pub struct Binding {
     pub response_body: Option<FieldDescriptor>,
     /// `/package.Service/Method`.
     pub grpc_path: String,
+    /// `grpc_path` as the request target, parsed once when the config loads.
+    pub grpc_target: PathAndQuery,
 }
 
 /// JSON options of a route.
@@ -142,6 +145,12 @@ fn grpc_path(m: &MethodDescriptor) -> String {
     format!("/{}/{}", m.parent_service().full_name(), m.name())
 }
 
+/// The method's path as a request target.
+fn grpc_target(m: &MethodDescriptor) -> Result<PathAndQuery, String> {
+    PathAndQuery::try_from(grpc_path(m))
+        .map_err(|e| format!("{}: not a request path: {e}", m.full_name()))
+}
+
 impl Transcoder {
     /// Bindings from the `google.api.http` annotations of `services` (all services in the
     /// pool when empty). Methods without an annotation are skipped.
@@ -214,6 +223,7 @@ impl Transcoder {
                         http_method,
                         template: Some(template),
                         grpc_path: grpc_path(&m),
+                        grpc_target: grpc_target(&m)?,
                         method: m.clone(),
                         body,
                         response_body,
@@ -266,6 +276,7 @@ impl Transcoder {
                 http_method: verb,
                 template: None,
                 grpc_path: grpc_path(&m),
+                grpc_target: grpc_target(&m)?,
                 method: m.clone(),
                 body,
                 response_body: None,
