@@ -85,6 +85,11 @@ const NOT_RESPONSE_METADATA: [&str; 9] = [
 /// `grpc_timeout::NAME`, parsed once.
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static(grpc_timeout::NAME);
 
+/// The reply's status fields, parsed once (a `&str` name is parsed at every lookup).
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+const GRPC_DETAILS: HeaderName = HeaderName::from_static("grpc-status-details-bin");
+
 /// grpc-gateway's prefix for request headers that are metadata, and for the reply's
 /// initial metadata.
 const METADATA_PREFIX: &str = "grpc-metadata-";
@@ -181,30 +186,33 @@ pub(crate) async fn serve(
         };
         return call(phases, io, ctx, t, binding, out, metadata).await;
     }
-    let mut body = BytesMut::new();
+    // A body that comes in one piece (most do) is read where it lies.
+    let mut body = Bytes::new();
+    let mut gathered = BytesMut::new();
     while let Some(chunk) = io.read_body().await? {
-        if (body.len() + chunk.len()) as u64 > max_body {
+        if (body.len() + gathered.len() + chunk.len()) as u64 > max_body {
             io.close();
             return answer(io, ctx, Cause::BodyTooLarge).await;
         }
-        body.extend_from_slice(&chunk);
+        if body.is_empty() && gathered.is_empty() {
+            body = chunk;
+        } else {
+            if !body.is_empty() {
+                gathered.extend_from_slice(&std::mem::take(&mut body));
+            }
+            gathered.extend_from_slice(&chunk);
+        }
     }
-    let message = match t.request(binding, vars, query.as_deref(), &body) {
-        Ok(m) => m,
+    if !gathered.is_empty() {
+        body = gathered.freeze();
+    }
+    let frame = match t.request_frame(binding, vars, query.as_deref(), &body) {
+        Ok(f) => f,
         Err(e) => return transcode_error(io, ctx, &e).await,
     };
     let metadata = metadata(io, ctx)?;
-    let out = Outgoing::One(grpc_frame(&message));
+    let out = Outgoing::One(frame);
     call(phases, io, ctx, t, binding, out, metadata).await
-}
-
-/// A message as one length-prefixed gRPC frame (uncompressed).
-fn grpc_frame(message: &[u8]) -> Bytes {
-    let mut frame = BytesMut::with_capacity(5 + message.len());
-    frame.extend_from_slice(&[0]);
-    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    frame.extend_from_slice(message);
-    frame.freeze()
 }
 
 /// What the gRPC request carries.
@@ -258,13 +266,11 @@ async fn send_body(
         }
         splitter.push(&c, &mut messages).map_err(Sending::Bad)?;
         for m in messages.drain(..) {
-            let msg = t
-                .request(binding, vars.clone(), query, &m)
+            let frame = t
+                .request_frame(binding, vars.clone(), query, &m)
                 .map_err(Sending::Bad)?;
             // h2 queues what the window does not take yet; `max_body` bounds it.
-            stream
-                .send_data(grpc_frame(&msg), false)
-                .map_err(Sending::Upstream)?;
+            stream.send_data(frame, false).map_err(Sending::Upstream)?;
         }
     }
     splitter.finish().map_err(Sending::Bad)?;
@@ -597,9 +603,10 @@ async fn relay(
     let streaming = binding.method.is_server_streaming();
     let format = t.options.stream;
     let mut buf = BytesMut::new();
-    let mut messages: Vec<Vec<u8>> = Vec::new();
+    // A unary reply's message (a second one is read, and dropped, as before).
+    let mut first: Option<Vec<u8>> = None;
     let mut started = false;
-    let mut trailers_only = headers.contains_key("grpc-status");
+    let mut trailers_only = headers.contains_key(&GRPC_STATUS);
     // The reply's metadata as response headers; a Trailers-Only reply's headers are its
     // trailers.
     let mut shown = Vec::new();
@@ -634,8 +641,15 @@ async fn relay(
                 Ok(Some(Ok(c))) => c,
             };
             let _ = body.flow_control().release_capacity(chunk.len());
-            buf.extend_from_slice(&chunk);
-            while let Some(msg) = next_frame(&mut buf)? {
+            // Messages are read where they lie in the chunk; only a message split across
+            // chunks is gathered in `buf`.
+            let mut data = if buf.is_empty() {
+                chunk
+            } else {
+                buf.extend_from_slice(&chunk);
+                buf.split().freeze()
+            };
+            while let Some(msg) = next_frame(&mut data)? {
                 let json = t.response(binding, &msg).map_err(ReplyError::Broken)?;
                 if streaming {
                     let item = stream_item(format, !started, json);
@@ -647,9 +661,12 @@ async fn relay(
                     if io.write_body(Bytes::from(item), false).await.is_err() {
                         return Ok(());
                     }
-                } else {
-                    messages.push(json);
+                } else if first.is_none() {
+                    first = Some(json);
                 }
+            }
+            if !data.is_empty() {
+                buf.extend_from_slice(&data);
             }
         }
         if !buf.is_empty() {
@@ -674,10 +691,10 @@ async fn relay(
     // Trailers-Only replies carry the status in the headers.
     let st = trailers
         .as_ref()
-        .filter(|t| t.contains_key("grpc-status"))
+        .filter(|t| t.contains_key(&GRPC_STATUS))
         .unwrap_or(headers);
     let Some(code) = st
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .and_then(|v| status::parse_code(v.as_bytes()))
     else {
         if started {
@@ -689,7 +706,7 @@ async fn relay(
         ));
     };
     let message = st
-        .get("grpc-message")
+        .get(&GRPC_MESSAGE)
         .map_or_else(String::new, |v| status::decode_message(v.as_bytes()));
     if started {
         // The head is gone: trailers cannot become headers any more.
@@ -707,7 +724,7 @@ async fn relay(
     );
     if code != 0 {
         let details = status::details(
-            st.get("grpc-status-details-bin").map(|v| v.as_bytes()),
+            st.get(&GRPC_DETAILS).map(|v| v.as_bytes()),
             &[&t.pool, &descriptors::RPC],
         );
         let body = status::error_body(code, &message, details);
@@ -721,7 +738,7 @@ async fn relay(
         let _ = io.write_body(Bytes::from_static(end), true).await;
         return Ok(());
     }
-    let Some(json) = messages.into_iter().next() else {
+    let Some(json) = first else {
         return Err(ReplyError::Broken(
             "the upstream replied OK without a message".into(),
         ));
@@ -795,13 +812,12 @@ fn stream_end(format: StreamFormat, first: bool) -> Option<&'static [u8]> {
     }
 }
 
-/// Takes one length-prefixed message off the front of `buf`, if complete.
-fn next_frame(buf: &mut BytesMut) -> std::result::Result<Option<Vec<u8>>, ReplyError> {
-    if buf.len() < 5 {
+/// Takes one length-prefixed message off the front of `buf`, if complete (no copy).
+fn next_frame(buf: &mut Bytes) -> std::result::Result<Option<Bytes>, ReplyError> {
+    let Some(&[compressed, a, b, c, d]) = buf.get(..5) else {
         return Ok(None);
-    }
-    let compressed = buf[0];
-    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    };
+    let len = u32::from_be_bytes([a, b, c, d]) as usize;
     if compressed != 0 {
         return Err(ReplyError::Broken(
             "the upstream sent a compressed message busbar did not ask for".into(),
@@ -816,7 +832,7 @@ fn next_frame(buf: &mut BytesMut) -> std::result::Result<Option<Vec<u8>>, ReplyE
         return Ok(None);
     }
     buf.advance(5);
-    Ok(Some(buf.split_to(len).to_vec()))
+    Ok(Some(buf.split_to(len)))
 }
 
 /// Ends a stream whose head is already sent with the status as `{"error": {…}}`: a line
@@ -868,6 +884,18 @@ async fn write_head(
     io.write_head(h).await
 }
 
+/// `reply::json_header(200, len)`, copied from one built once per thread: building a
+/// head (its fields and their case) costs several times the copy.
+fn ok_json_header(len: usize) -> ResponseHeader {
+    thread_local! {
+        static OK: ResponseHeader = reply::json_header(200, 0);
+    }
+    let mut h = OK.with(ResponseHeader::clone);
+    // The field is there: its value changes in place, where `json_header` put it.
+    let _ = h.insert_header(CONTENT_LENGTH, len);
+    h
+}
+
 async fn write_json(
     io: &mut impl JsonIo,
     ctx: &RequestCtx,
@@ -875,7 +903,11 @@ async fn write_json(
     body: Vec<u8>,
     shown: &[(String, HeaderValue)],
 ) -> Result<()> {
-    let mut h = reply::json_header(status, body.len());
+    let mut h = if status == 200 {
+        ok_json_header(body.len())
+    } else {
+        reply::json_header(status, body.len())
+    };
     for (k, v) in shown {
         h.append_header(k.clone(), v.clone())?;
     }
