@@ -82,6 +82,14 @@ const NOT_RESPONSE_METADATA: [&str; 9] = [
     "trailer",
 ];
 
+/// `grpc_timeout::NAME`, parsed once.
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static(grpc_timeout::NAME);
+
+/// The reply's status fields, parsed once (a `&str` name is parsed at every lookup).
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+const GRPC_DETAILS: HeaderName = HeaderName::from_static("grpc-status-details-bin");
+
 /// grpc-gateway's prefix for request headers that are metadata, and for the reply's
 /// initial metadata.
 const METADATA_PREFIX: &str = "grpc-metadata-";
@@ -178,30 +186,33 @@ pub(crate) async fn serve(
         };
         return call(phases, io, ctx, t, binding, out, metadata).await;
     }
-    let mut body = BytesMut::new();
+    // A body that comes in one piece (most do) is read where it lies.
+    let mut body = Bytes::new();
+    let mut gathered = BytesMut::new();
     while let Some(chunk) = io.read_body().await? {
-        if (body.len() + chunk.len()) as u64 > max_body {
+        if (body.len() + gathered.len() + chunk.len()) as u64 > max_body {
             io.close();
             return answer(io, ctx, Cause::BodyTooLarge).await;
         }
-        body.extend_from_slice(&chunk);
+        if body.is_empty() && gathered.is_empty() {
+            body = chunk;
+        } else {
+            if !body.is_empty() {
+                gathered.extend_from_slice(&std::mem::take(&mut body));
+            }
+            gathered.extend_from_slice(&chunk);
+        }
     }
-    let message = match t.request(binding, vars, query.as_deref(), &body) {
-        Ok(m) => m,
+    if !gathered.is_empty() {
+        body = gathered.freeze();
+    }
+    let frame = match t.request_frame(binding, vars, query.as_deref(), &body) {
+        Ok(f) => f,
         Err(e) => return transcode_error(io, ctx, &e).await,
     };
     let metadata = metadata(io, ctx)?;
-    let out = Outgoing::One(grpc_frame(&message));
+    let out = Outgoing::One(frame);
     call(phases, io, ctx, t, binding, out, metadata).await
-}
-
-/// A message as one length-prefixed gRPC frame (uncompressed).
-fn grpc_frame(message: &[u8]) -> Bytes {
-    let mut frame = BytesMut::with_capacity(5 + message.len());
-    frame.extend_from_slice(&[0]);
-    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    frame.extend_from_slice(message);
-    frame.freeze()
 }
 
 /// What the gRPC request carries.
@@ -255,13 +266,11 @@ async fn send_body(
         }
         splitter.push(&c, &mut messages).map_err(Sending::Bad)?;
         for m in messages.drain(..) {
-            let msg = t
-                .request(binding, vars.clone(), query, &m)
+            let frame = t
+                .request_frame(binding, vars.clone(), query, &m)
                 .map_err(Sending::Bad)?;
             // h2 queues what the window does not take yet; `max_body` bounds it.
-            stream
-                .send_data(grpc_frame(&msg), false)
-                .map_err(Sending::Upstream)?;
+            stream.send_data(frame, false).map_err(Sending::Upstream)?;
         }
     }
     splitter.finish().map_err(Sending::Bad)?;
@@ -270,33 +279,67 @@ async fn send_body(
         .map_err(Sending::Upstream)
 }
 
-/// The request's headers as gRPC metadata: the one upstream-head builder's head (after
-/// admission and the route's edits), less what is not metadata.
-fn metadata(io: &impl JsonIo, ctx: &RequestCtx) -> Result<HeaderMap> {
-    let mut up: RequestHeader = io.head().clone();
-    let down = io.connection();
-    upstream_head::build(ctx, &mut up, down, Output::Map)?;
-    let mut out = HeaderMap::with_capacity(up.headers.len());
-    for (k, v) in up.headers.iter() {
-        let name = k.as_str();
-        if is_hop_by_hop(name.as_bytes()) || NOT_METADATA.contains(&name) {
+/// The gRPC request's headers before a try: `content-type`, `te` and a `grpc-timeout`
+/// slot (each try fills it), then the request's headers as gRPC metadata — the one
+/// upstream-head builder's head (after admission and the route's edits), less what is
+/// not metadata. Built straight into the map the request is sent with: no second map.
+struct CallHeaders {
+    headers: HeaderMap,
+    /// The client sent a `grpc-timeout` of its own: it goes on, as it always did.
+    timeout_given: bool,
+}
+
+fn metadata(io: &impl JsonIo, ctx: &RequestCtx) -> Result<CallHeaders> {
+    let head = io.head();
+    // The builder's copy without the client's header-name case (metadata is lowercase
+    // on the wire): every insert it makes is then one map's, not two. Only an
+    // origin-form target may lose its raw form: the builder reads it for nothing else.
+    let mut up = if head.raw_path().first() == Some(&b'/') {
+        RequestHeader::from(http::request::Parts::clone(head))
+    } else {
+        head.clone()
+    };
+    upstream_head::build(ctx, &mut up, io.connection(), Output::Map)?;
+    let parts: http::request::Parts = up.into();
+    let mut out = HeaderMap::with_capacity(parts.headers.len() + 3);
+    out.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    out.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    out.insert(GRPC_TIMEOUT, HeaderValue::from_static("1n"));
+    let mut timeout_given = false;
+    // Names and values are moved, not copied; a name's later values come as `None`.
+    let mut name: Option<HeaderName> = None;
+    for (k, v) in parts.headers {
+        if let Some(k) = k {
+            name = Some(k);
+        }
+        let Some(k) = &name else { continue };
+        let n = k.as_str();
+        if is_hop_by_hop(n.as_bytes()) || NOT_METADATA.contains(&n) {
             continue;
         }
-        match name.strip_prefix(METADATA_PREFIX) {
+        match n.strip_prefix(METADATA_PREFIX) {
             // grpc-gateway: `Grpc-Metadata-X: v` is metadata `x: v`; gRPC's own
             // reserved names (`grpc-*`, `te`, `content-type`) are never taken from it.
             Some(md) => {
                 let reserved = md.starts_with("grpc-") || NOT_METADATA.contains(&md) || md == "te";
                 if let (false, Ok(n)) = (reserved, HeaderName::from_bytes(md.as_bytes())) {
-                    out.append(n, v.clone());
+                    out.append(n, v);
                 }
             }
+            // A client's own `grpc-timeout` takes the slot's place (its first value).
+            None if !timeout_given && *k == GRPC_TIMEOUT => {
+                timeout_given = true;
+                out.insert(k.clone(), v);
+            }
             None => {
-                out.append(k.clone(), v.clone());
+                out.append(k.clone(), v);
             }
         }
     }
-    Ok(out)
+    Ok(CallHeaders {
+        headers: out,
+        timeout_given,
+    })
 }
 
 async fn call(
@@ -306,7 +349,7 @@ async fn call(
     t: &Transcoder,
     binding: &Binding,
     out: Outgoing<'_>,
-    metadata: HeaderMap,
+    metadata: CallHeaders,
 ) -> Result<()> {
     let Some(route) = ctx.route.clone() else {
         return answer(io, ctx, Cause::NoRoute).await;
@@ -482,32 +525,68 @@ async fn call(
 }
 
 /// The gRPC request head for a try: the method's path on the instance, a `grpc-timeout`
-/// of what is left of the deadline, the metadata, and the try's trace context.
+/// of what is left of the deadline (unless the client sent its own), the metadata, and
+/// the try's trace context.
 fn grpc_request(
     attempt: &crate::phases::Try,
     binding: &Binding,
     remaining: std::time::Duration,
-    metadata: HeaderMap,
+    mut metadata: CallHeaders,
     ctx: &RequestCtx,
 ) -> Result<http::Request<()>> {
-    let uri = format!("{}{}", pool::origin(attempt), binding.grpc_path);
-    let mut request = http::Request::builder()
-        .method(http::Method::POST)
-        .uri(uri)
-        .header(CONTENT_TYPE, "application/grpc")
-        .header(http::header::TE, "trailers")
-        .header(grpc_timeout::NAME, grpc_timeout::encode(remaining))
-        .body(())
-        .map_err(|e| {
-            pingora_error::Error::because(
-                pingora_error::ErrorType::InternalError,
-                "gRPC request",
-                e,
-            )
-        })?;
-    request.headers_mut().extend(metadata);
+    // The instance's scheme and authority, the method's path parsed once at load.
+    let mut uri = origin(attempt)?;
+    uri.path_and_query = Some(binding.grpc_target.clone());
+    let uri = http::Uri::from_parts(uri).map_err(request_error)?;
+    if !metadata.timeout_given {
+        metadata
+            .headers
+            .insert(GRPC_TIMEOUT, grpc_timeout::encode(remaining));
+    }
+    let mut request = http::Request::new(());
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = metadata.headers;
     crate::otel::retrace_headers(request.headers_mut(), ctx);
     Ok(request)
+}
+
+/// `pool::origin` of a try as URI parts. The last plain (h2c) instance's is kept per
+/// thread: most calls go where the last one went, and formatting an address is most of
+/// the cost of a request head.
+fn origin(attempt: &crate::phases::Try) -> Result<http::uri::Parts> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(std::net::SocketAddr, http::uri::Authority)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let plain = attempt.tls.is_none();
+    if plain {
+        let kept = LAST.with(|l| match &*l.borrow() {
+            Some((addr, a)) if *addr == attempt.addr => Some(a.clone()),
+            _ => None,
+        });
+        if let Some(authority) = kept {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(http::uri::Scheme::HTTP);
+            parts.authority = Some(authority);
+            return Ok(parts);
+        }
+    }
+    let parts = http::Uri::from_maybe_shared(Bytes::from(pool::origin(attempt)))
+        .map_err(request_error)?
+        .into_parts();
+    if let (true, Some(a)) = (
+        plain && parts.scheme == Some(http::uri::Scheme::HTTP),
+        &parts.authority,
+    ) {
+        let kept = (attempt.addr, a.clone());
+        LAST.with(|l| *l.borrow_mut() = Some(kept));
+    }
+    Ok(parts)
+}
+
+fn request_error(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Box<Error> {
+    Error::because(ErrorType::InternalError, "gRPC request", e)
 }
 
 /// Reads the reply's messages and status and writes the JSON answer. Errors are only
@@ -524,9 +603,10 @@ async fn relay(
     let streaming = binding.method.is_server_streaming();
     let format = t.options.stream;
     let mut buf = BytesMut::new();
-    let mut messages: Vec<Vec<u8>> = Vec::new();
+    // A unary reply's message (a second one is read, and dropped, as before).
+    let mut first: Option<Vec<u8>> = None;
     let mut started = false;
-    let mut trailers_only = headers.contains_key("grpc-status");
+    let mut trailers_only = headers.contains_key(&GRPC_STATUS);
     // The reply's metadata as response headers; a Trailers-Only reply's headers are its
     // trailers.
     let mut shown = Vec::new();
@@ -561,8 +641,15 @@ async fn relay(
                 Ok(Some(Ok(c))) => c,
             };
             let _ = body.flow_control().release_capacity(chunk.len());
-            buf.extend_from_slice(&chunk);
-            while let Some(msg) = next_frame(&mut buf)? {
+            // Messages are read where they lie in the chunk; only a message split across
+            // chunks is gathered in `buf`.
+            let mut data = if buf.is_empty() {
+                chunk
+            } else {
+                buf.extend_from_slice(&chunk);
+                buf.split().freeze()
+            };
+            while let Some(msg) = next_frame(&mut data)? {
                 let json = t.response(binding, &msg).map_err(ReplyError::Broken)?;
                 if streaming {
                     let item = stream_item(format, !started, json);
@@ -574,9 +661,12 @@ async fn relay(
                     if io.write_body(Bytes::from(item), false).await.is_err() {
                         return Ok(());
                     }
-                } else {
-                    messages.push(json);
+                } else if first.is_none() {
+                    first = Some(json);
                 }
+            }
+            if !data.is_empty() {
+                buf.extend_from_slice(&data);
             }
         }
         if !buf.is_empty() {
@@ -601,10 +691,10 @@ async fn relay(
     // Trailers-Only replies carry the status in the headers.
     let st = trailers
         .as_ref()
-        .filter(|t| t.contains_key("grpc-status"))
+        .filter(|t| t.contains_key(&GRPC_STATUS))
         .unwrap_or(headers);
     let Some(code) = st
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .and_then(|v| status::parse_code(v.as_bytes()))
     else {
         if started {
@@ -616,7 +706,7 @@ async fn relay(
         ));
     };
     let message = st
-        .get("grpc-message")
+        .get(&GRPC_MESSAGE)
         .map_or_else(String::new, |v| status::decode_message(v.as_bytes()));
     if started {
         // The head is gone: trailers cannot become headers any more.
@@ -634,7 +724,7 @@ async fn relay(
     );
     if code != 0 {
         let details = status::details(
-            st.get("grpc-status-details-bin").map(|v| v.as_bytes()),
+            st.get(&GRPC_DETAILS).map(|v| v.as_bytes()),
             &[&t.pool, &descriptors::RPC],
         );
         let body = status::error_body(code, &message, details);
@@ -648,7 +738,7 @@ async fn relay(
         let _ = io.write_body(Bytes::from_static(end), true).await;
         return Ok(());
     }
-    let Some(json) = messages.into_iter().next() else {
+    let Some(json) = first else {
         return Err(ReplyError::Broken(
             "the upstream replied OK without a message".into(),
         ));
@@ -722,13 +812,12 @@ fn stream_end(format: StreamFormat, first: bool) -> Option<&'static [u8]> {
     }
 }
 
-/// Takes one length-prefixed message off the front of `buf`, if complete.
-fn next_frame(buf: &mut BytesMut) -> std::result::Result<Option<Vec<u8>>, ReplyError> {
-    if buf.len() < 5 {
+/// Takes one length-prefixed message off the front of `buf`, if complete (no copy).
+fn next_frame(buf: &mut Bytes) -> std::result::Result<Option<Bytes>, ReplyError> {
+    let Some(&[compressed, a, b, c, d]) = buf.get(..5) else {
         return Ok(None);
-    }
-    let compressed = buf[0];
-    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    };
+    let len = u32::from_be_bytes([a, b, c, d]) as usize;
     if compressed != 0 {
         return Err(ReplyError::Broken(
             "the upstream sent a compressed message busbar did not ask for".into(),
@@ -743,7 +832,7 @@ fn next_frame(buf: &mut BytesMut) -> std::result::Result<Option<Vec<u8>>, ReplyE
         return Ok(None);
     }
     buf.advance(5);
-    Ok(Some(buf.split_to(len).to_vec()))
+    Ok(Some(buf.split_to(len)))
 }
 
 /// Ends a stream whose head is already sent with the status as `{"error": {…}}`: a line
@@ -795,6 +884,18 @@ async fn write_head(
     io.write_head(h).await
 }
 
+/// `reply::json_header(200, len)`, copied from one built once per thread: building a
+/// head (its fields and their case) costs several times the copy.
+fn ok_json_header(len: usize) -> ResponseHeader {
+    thread_local! {
+        static OK: ResponseHeader = reply::json_header(200, 0);
+    }
+    let mut h = OK.with(ResponseHeader::clone);
+    // The field is there: its value changes in place, where `json_header` put it.
+    let _ = h.insert_header(CONTENT_LENGTH, len);
+    h
+}
+
 async fn write_json(
     io: &mut impl JsonIo,
     ctx: &RequestCtx,
@@ -802,7 +903,11 @@ async fn write_json(
     body: Vec<u8>,
     shown: &[(String, HeaderValue)],
 ) -> Result<()> {
-    let mut h = reply::json_header(status, body.len());
+    let mut h = if status == 200 {
+        ok_json_header(body.len())
+    } else {
+        reply::json_header(status, body.len())
+    };
     for (k, v) in shown {
         h.append_header(k.clone(), v.clone())?;
     }

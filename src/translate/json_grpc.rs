@@ -9,6 +9,8 @@
 
 use std::collections::HashSet;
 
+use bytes::{BufMut, Bytes, BytesMut};
+use http::uri::PathAndQuery;
 use http::Method;
 use prost::Message;
 use prost_reflect::{
@@ -42,6 +44,8 @@ pub struct Binding {
     pub response_body: Option<FieldDescriptor>,
     /// `/package.Service/Method`.
     pub grpc_path: String,
+    /// `grpc_path` as the request target, parsed once when the config loads.
+    pub grpc_target: PathAndQuery,
 }
 
 /// JSON options of a route.
@@ -142,6 +146,12 @@ fn grpc_path(m: &MethodDescriptor) -> String {
     format!("/{}/{}", m.parent_service().full_name(), m.name())
 }
 
+/// The method's path as a request target.
+fn grpc_target(m: &MethodDescriptor) -> Result<PathAndQuery, String> {
+    PathAndQuery::try_from(grpc_path(m))
+        .map_err(|e| format!("{}: not a request path: {e}", m.full_name()))
+}
+
 impl Transcoder {
     /// Bindings from the `google.api.http` annotations of `services` (all services in the
     /// pool when empty). Methods without an annotation are skipped.
@@ -214,6 +224,7 @@ impl Transcoder {
                         http_method,
                         template: Some(template),
                         grpc_path: grpc_path(&m),
+                        grpc_target: grpc_target(&m)?,
                         method: m.clone(),
                         body,
                         response_body,
@@ -266,6 +277,7 @@ impl Transcoder {
                 http_method: verb,
                 template: None,
                 grpc_path: grpc_path(&m),
+                grpc_target: grpc_target(&m)?,
                 method: m.clone(),
                 body,
                 response_body: None,
@@ -311,6 +323,40 @@ impl Transcoder {
         query: Option<&str>,
         body: &[u8],
     ) -> Result<Vec<u8>, TranscodeError> {
+        Ok(self.message(b, vars, query, body)?.encode_to_vec())
+    }
+
+    /// [`Transcoder::request`]'s message as one uncompressed gRPC frame, its 5-byte
+    /// prefix and the message encoded into one buffer (no second copy).
+    pub fn request_frame(
+        &self,
+        b: &Binding,
+        vars: Vec<PathBinding>,
+        query: Option<&str>,
+        body: &[u8],
+    ) -> Result<Bytes, TranscodeError> {
+        let msg = self.message(b, vars, query, body)?;
+        let len = msg.encoded_len();
+        let prefix = u32::try_from(len).map_err(|_| {
+            TranscodeError::BadRequest("the request message is over 4 GiB".to_string())
+        })?;
+        let mut frame = BytesMut::with_capacity(5 + len);
+        frame.put_u8(0);
+        frame.put_u32(prefix);
+        // `encode_raw` is what `encode_to_vec` does after sizing the buffer: `encode`
+        // would size the message a second time.
+        msg.encode_raw(&mut frame);
+        Ok(frame.freeze())
+    }
+
+    /// The request message: body, then path variables, then query parameters.
+    fn message(
+        &self,
+        b: &Binding,
+        vars: Vec<PathBinding>,
+        query: Option<&str>,
+        body: &[u8],
+    ) -> Result<DynamicMessage, TranscodeError> {
         let input = b.method.input();
         let bad = TranscodeError::BadRequest;
         let has_body = body.iter().any(|c| !c.is_ascii_whitespace());
@@ -363,15 +409,14 @@ impl Transcoder {
         let opts = DeserializeOptions::new().deny_unknown_fields(self.options.deny_unknown_fields);
         let mut track = serde_path_to_error::Track::new();
         let de = serde_path_to_error::Deserializer::new(Value::Object(obj), &mut track);
-        let msg = DynamicMessage::deserialize_with_options(input, de, &opts).map_err(|e| {
+        DynamicMessage::deserialize_with_options(input, de, &opts).map_err(|e| {
             let path = track.path().to_string();
             if path == "." || path.is_empty() {
                 bad(format!("invalid request: {e}"))
             } else {
                 bad(format!("invalid value for field \"{path}\": {e}"))
             }
-        })?;
-        Ok(msg.encode_to_vec())
+        })
     }
 
     /// The JSON for one reply message of `b`'s method (its `response_body` field only,
