@@ -455,6 +455,8 @@ impl BackgroundService for AdmissionSweep {
                         let all = spike.tick(METRICS.connections.get());
                         if all {
                             METRICS.memory_released_after_spike.inc();
+                            // Each thread's heap is collected only on that thread.
+                            crate::base::memory::ServingThreads::release_each(release);
                         }
                         release(all);
                     }

@@ -10,7 +10,9 @@
 //! (`listening::Service::handle_event`, ~100 bytes) with the bare stream, as pingora
 //! does after a handshake: TCP_NODELAY, the socket digest with the peer address, and a
 //! task on one of the service's runtimes (`current_handle`). The bare stream has no L4
-//! write buffer; the front door's `Lingering` wrapper buffers writes instead.
+//! write buffer; the front door's `Lingering` wrapper buffers writes instead. Each task
+//! first notes its thread as one that serves connections (`base::memory::ServingThreads`:
+//! the release after a spike must run on it).
 //!
 //! And for draining: on SIGTERM the accept loops stop, and busbar then accepts what the
 //! kernel still queued and hands it to the app (the front door answers it with
@@ -47,6 +49,7 @@ use pingora_core::server::{ListenFds, RuntimeOpts, ShutdownWatch};
 use pingora_core::services::listening::Service as ListeningService;
 use pingora_core::services::Service;
 
+use crate::base::memory::ServingThreads;
 use crate::config::Config;
 use crate::metrics::METRICS;
 use crate::tls::TlsEndpoint;
@@ -227,11 +230,11 @@ fn serve<A: ServerApp + Send + Sync + 'static>(
     // What pingora sets on every accepted stream; a failure only costs latency.
     let _ = s.set_nodelay(true);
     if proxied.is_none() && tls.is_none() {
-        pingora_runtime::current_handle().spawn(ListeningService::handle_event(
-            stream(s, peer),
-            app.clone(),
-            shutdown.clone(),
-        ));
+        let serve = ListeningService::handle_event(stream(s, peer), app.clone(), shutdown.clone());
+        pingora_runtime::current_handle().spawn(async move {
+            ServingThreads::note();
+            serve.await
+        });
         return;
     }
     let (app, shutdown, proxied, tls) = (
@@ -241,6 +244,7 @@ fn serve<A: ServerApp + Send + Sync + 'static>(
         tls.cloned(),
     );
     pingora_runtime::current_handle().spawn(async move {
+        ServingThreads::note();
         let opening = Opening::new();
         // Boxed: its state is freed once the connection is the app's.
         let before = Box::pin(before_app(

@@ -22,6 +22,10 @@ use tokio::sync::Notify;
 /// How often a thread's table is looked at while it holds a deadline.
 pub const TICK: Duration = Duration::from_millis(10);
 
+/// Slots a table keeps allocated once every one of them is free again (40 KiB of slots):
+/// a spike of connections past this leaves nothing behind when it is over.
+const KEEP_SLOTS: usize = 1024;
+
 /// The limit passed before the future finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Elapsed;
@@ -93,6 +97,16 @@ impl Table {
         slot.state = State::Free;
         slot.waker = None;
         self.free.push(i);
+        if self.free.len() == self.slots.len() && self.slots.capacity() > KEEP_SLOTS {
+            // Every slot is free, so no `Armed` holds an index: the storage a spike grew
+            // goes back. Kept, the slots (40 B each) and the free list (8 B each) stayed
+            // at the spike's size for good, and with them the allocator pages they sit
+            // on: after 10,000 idle TLS connections closed, 0.4–3.7 MiB RSS (the slots'
+            // 640 KiB block; the free list's 128 KiB block, grown as they closed, on a
+            // 4 MiB page that still held the spike's freed memory).
+            self.slots = Vec::new();
+            self.free = Vec::new();
+        }
     }
 
     /// Marks what is due by `now` expired and hands back their wakers.
@@ -169,6 +183,10 @@ async fn sweeper(sweep: Arc<Sweep>, _running: Running) {
         tokio::time::sleep(TICK).await;
         sweep.lock().sweep(Instant::now(), &mut due);
         due.drain(..).for_each(Waker::wake);
+        if due.capacity() > KEEP_SLOTS {
+            // A spike of deadlines that passed at once: not kept for the next one.
+            due = Vec::new();
+        }
     }
 }
 
@@ -265,6 +283,42 @@ mod tests {
         let (short, long) = tokio::join!(short, long);
         assert_eq!(short, Err(Elapsed));
         assert_eq!(long, Ok("done"));
+    }
+
+    #[test]
+    fn a_table_gives_back_what_a_spike_grew_once_every_slot_is_free() {
+        let mut table = Table::default();
+        let at = Instant::now();
+        let spike: Vec<usize> = (0..3 * KEEP_SLOTS)
+            .map(|_| table.arm(at, Waker::noop().clone()))
+            .collect();
+        // While one slot is held, its index must stay valid: nothing is released.
+        for &i in &spike[1..] {
+            table.disarm(i);
+        }
+        assert_eq!(table.slots.len(), 3 * KEEP_SLOTS);
+        assert!(table.slots[spike[0]].state == State::Armed);
+        table.disarm(spike[0]);
+        assert_eq!(table.armed, 0);
+        assert_eq!((table.slots.capacity(), table.free.capacity()), (0, 0));
+        // And the table serves on.
+        let i = table.arm(at, Waker::noop().clone());
+        assert_eq!((i, table.armed), (0, 1));
+    }
+
+    #[test]
+    fn a_table_within_its_keep_is_not_reallocated() {
+        let mut table = Table::default();
+        let at = Instant::now();
+        let held: Vec<usize> = (0..KEEP_SLOTS)
+            .map(|_| table.arm(at, Waker::noop().clone()))
+            .collect();
+        let slots = table.slots.as_ptr();
+        for i in held {
+            table.disarm(i);
+        }
+        assert_eq!(table.slots.as_ptr(), slots);
+        assert_eq!(table.free.len(), KEEP_SLOTS);
     }
 
     #[test]
