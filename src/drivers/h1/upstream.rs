@@ -5,9 +5,9 @@
 //! one connect timeout, raced against a connection given back meanwhile), connection
 //! reuse and the stale-connection case (a pooled connection the upstream had closed: the
 //! try goes again on a fresh one, for an idempotent request whose body is still all
-//! held), the head's deadline over the whole head, when a streaming body (`body::Streamer`) is pumped and when it stops (an answer
-//! before its end), and telling the orchestration how a try failed, in the words the
-//! phases' outcome calls take.
+//! held), the head's deadline over the whole head, when a streaming body
+//! (`body::Streamer`) is pumped and when it stops (an answer before its end), and telling
+//! the orchestration how a try failed, in the words the phases' outcome calls take.
 //! Must not: decide retries or count failures against instances (`phases::attempt`).
 
 use std::net::SocketAddr;
