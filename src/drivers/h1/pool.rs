@@ -436,6 +436,38 @@ mod tests {
         assert!(take(addr.into()).is_none(), "nothing else is pooled");
     }
 
+    /// A connection given back goes to the oldest try still waiting; a wait withdrawn
+    /// (its own connect came first) is passed over; with nobody waiting it is pooled.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_given_back_goes_to_the_oldest_waiting_try() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let key: Key = "127.0.0.1:13".parse::<SocketAddr>().unwrap().into();
+        let mut peers = Vec::new();
+        let conn = || async {
+            let s = TcpStream::connect(addr).await.unwrap();
+            (Conn::Plain(s), listener.accept().await.unwrap())
+        };
+        let withdrawn = wait(key);
+        let mut first = wait(key);
+        let mut second = wait(key);
+        drop(withdrawn);
+        let (a, pa) = conn().await;
+        let a_port = pa.1.port();
+        peers.push(pa);
+        give_back(key, a);
+        let Ok(Conn::Plain(got)) = first.try_recv() else {
+            panic!("the oldest live waiter gets it")
+        };
+        assert_eq!(got.local_addr().unwrap().port(), a_port);
+        assert!(second.try_recv().is_err(), "one connection, one waiter");
+        drop(second);
+        let (b, pb) = conn().await;
+        peers.push(pb);
+        give_back(key, b);
+        assert!(take(key).is_some(), "nobody waits: pooled");
+    }
+
     /// The count over threads follows what is pooled, taken, capped and expired.
     #[tokio::test(flavor = "current_thread")]
     async fn idle_connections_are_counted_per_address() {
