@@ -91,7 +91,7 @@
 #                   on the load CPU); empty (the default): none
 #   BUSBAR_BASE=path                a second busbar binary (an earlier build) measured in
 #                   the same run as `busbar@base` (a, d, post1k, post64k, tls, tlsnew,
-#                   upstls) and `busbar+all@base` (b, c), so a
+#                   upstls, every lat shape) and `busbar+all@base` (b, c), so a
 #                   change is compared with what it replaces, rounds interleaved
 #   BARE=target/release/examples/bare-pingora   (skipped with a note when missing)
 #   LEAN=target/release/examples/lean-proxy     (skipped when missing)
@@ -210,10 +210,10 @@ estimate() {
   if has lat; then
     for shape in $LAT_SHAPES; do
       case $shape in
-        get) t=$((t + (3 + HAVE_BARE) * LAT_ROUNDS * LAT_DURATION)); has a || t=$((t + DURATION)) ;;
-        h2c) t=$((t + 4 * LAT_ROUNDS * LAT_DURATION)); has d || t=$((t + DURATION)) ;;
-        h2tls) t=$((t + 4 * LAT_ROUNDS * LAT_DURATION)); has h2tls || t=$((t + DURATION)) ;;
-        *) t=$((t + 3 * LAT_ROUNDS * LAT_DURATION)); has "$shape" || t=$((t + DURATION)) ;;
+        get) t=$((t + (3 + nb + HAVE_BARE) * LAT_ROUNDS * LAT_DURATION)); has a || t=$((t + DURATION)) ;;
+        h2c) t=$((t + (4 + nb) * LAT_ROUNDS * LAT_DURATION)); has d || t=$((t + DURATION)) ;;
+        h2tls) t=$((t + (4 + nb) * LAT_ROUNDS * LAT_DURATION)); has h2tls || t=$((t + DURATION)) ;;
+        *) t=$((t + (3 + nb) * LAT_ROUNDS * LAT_DURATION)); has "$shape" || t=$((t + DURATION)) ;;
       esac
     done
   fi
@@ -1147,7 +1147,15 @@ run_scenario() {  # scenario: warm-up, rounds, table
 # (GET / over TLS, ALPN h2), paced by h2pace, HAProxy measured too. busbar's max rate is
 # its median in the shape's own scenario when that ran earlier in this run, else one wrk
 # (h2load for the HTTP/2 shapes) run just before.
-LRAW="$DIR/latency.tsv"   # shape target round achieved p50 p99 p999 max requests errors send_p99 (h2pace; "-" for wrk)
+LRAW="$DIR/latency.tsv"   # shape target round achieved p50 p99 p999 max requests errors send_p99 (h2pace; "-" for wrk) backend_accepts listen_overflows
+# The backend's accepted connections so far (stub_status: GET /post), and the machine's
+# listen-queue overflows so far (0 when nstat is missing).
+backend_accepts() {
+  curl -s --max-time 2 "http://127.0.0.1:$P_BACKEND/post" | awk 'NR == 3 {print $1; f = 1} END {if (!f) print 0}'
+}
+listen_overflows() {
+  { nstat -az TcpExtListenOverflows 2>/dev/null || true; } | awk '$1 == "TcpExtListenOverflows" {print $2; f = 1} END {if (!f) print 0}'
+}
 run_latency() {
   local shape
   : >"$LRAW"
@@ -1207,12 +1215,24 @@ latency_shape() {  # shape
   deftarget "$key" nginx "$pn" "$NGINX_PID" "$kind" "$path" "$scheme"
   [[ -n $ph ]] && deftarget "$key" haproxy "$ph" "$HAPROXY_PID" "$kind" "$path" "$scheme"
   deftarget "$key" busbar "$pb" "$BUSBAR_PID" "$kind" "$path" "$scheme"
+  # BUSBAR_BASE: the earlier build paced the same way, rounds interleaved.
+  if [[ -n ${BASE_PID:-} ]]; then
+    targets+=(busbar@base); n=${#targets[@]}
+    deftarget "$key" busbar@base "$([[ $scheme = https ]] && echo "$P_BASE_TLS" || echo "$P_BASE")" "$BASE_PID" "$kind" "$path" "$scheme"
+  fi
   [[ " ${targets[*]} " = *" bare-pingora "* ]] && deftarget "$key" bare-pingora "$P_BARE" "$BARE_PID" paced
   for t in "${targets[@]}"; do T_SCRIPT_ARGS[$key/$t]="$rate $conns $body"; done
   for ((r = 1; r <= LAT_ROUNDS; r++)); do
     for ((i = 0; i < n; i++)); do
       t=${targets[$(((i + r - 1) % n))]}
+      # What the round cost the backend: connections it accepted (nginx's stub_status,
+      # which the backend serves for GET /post) and SYNs or handshakes dropped past a
+      # full listen queue anywhere on the machine (TcpExtListenOverflows; the backend's
+      # queue is nginx's default 511).
+      local acc0 ovf0
+      acc0=$(backend_accepts); ovf0=$(listen_overflows)
       out=$(run_load "$key/$t" "$LAT_DURATION" 2>&1) || die "paced $kind failed against $t ($shape): $out"
+      local accepted=$(($(backend_accepts) - acc0)) overflows=$(($(listen_overflows) - ovf0))
       echo "$out" >"$DIR/out-$key-$t-$r.txt"
       check_servers
       local achieved errs late=""
@@ -1232,9 +1252,9 @@ latency_shape() {  # shape
                     END {print e + 0}' <<<"$out")
         read -r p50 p99 p999 pmax reqs <<<"$p"
       fi
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$shape" "$t" "$r" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$reqs" "$errs" "${late:--}" >>"$LRAW"
-      printf 'bench: (lat %s) round %d %-8s %8s req/s  p50 %6s us  p99 %6s us  p99.9 %6s us  max %6s us  errors %s%s\n' \
-        "$shape" "$r" "$t" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$errs" "${late:+  send p99 $late us}" >&2
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$shape" "$t" "$r" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$reqs" "$errs" "${late:--}" "$accepted" "$overflows" >>"$LRAW"
+      printf 'bench: (lat %s) round %d %-8s %8s req/s  p50 %6s us  p99 %6s us  p99.9 %6s us  max %6s us  errors %s%s  backend accepted %s  listen overflows %s\n' \
+        "$shape" "$r" "$t" "$achieved" "$p50" "$p99" "$p999" "$pmax" "$errs" "${late:+  send p99 $late us}" "$accepted" "$overflows" >&2
     done
   done
   lmed() { awk -F'\t' -v s="$shape" -v t="$1" -v c="$2" '$1 == s && $2 == t {print $c}' "$LRAW" | median_of; }
@@ -1257,6 +1277,7 @@ latency_shape() {  # shape
   else
     echo "- goal (issue $([[ $shape = get ]] && echo 7 || echo 20)): busbar's added p99 under 1 ms; this run: $(fmt_us "$(awk -v a="$b99" -v b="$d99" 'BEGIN {print a - b}')") (median of $LAT_ROUNDS rounds' p99s)"
   fi
+  echo "- connections the backend accepted per round (median; the proxy's new upstream connections, h2pace's own 16 for direct) and listen-queue overflows over all rounds (TcpExtListenOverflows, machine-wide): $(for t in "${targets[@]}"; do printf '%s %s, %s; ' "$t" "$(lmed "$t" 12)" "$(awk -F'\t' -v s="$shape" -v t="$t" '$1 == s && $2 == t {o += $13} END {print o + 0}' "$LRAW")"; done | sed 's/; $//')"
   awk -F'\t' -v s="$shape" '$1 == s && $10 > 0 {e[$2] += $10} END {for (t in e) printf "- WARNING: %s had %d errors\n", t, e[t]}' "$LRAW"
   echo
 }

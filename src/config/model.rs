@@ -18,8 +18,12 @@ pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
 pub const DEFAULT_UPSTREAM_KEEPALIVE_POOL: usize = 1024;
 /// Admin listener: loopback only, so nothing off the host reaches it unless the operator says so.
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9901";
-/// Connect timeout to an upstream: long enough for a loaded peer on a LAN, short enough to fail over fast.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Connect timeout to an upstream: Envoy's default. Not 1 s, Linux's initial SYN
+/// retransmission timeout: a SYN an instance's full listen queue dropped is sent again
+/// after 1 s (and 3 s), and a 1 s timeout gave up just as that retry would have
+/// connected (issue 21: 504s in bursts). A dead host's instance is ejected by outlier
+/// detection and health checks; a refused connect fails at once whatever this is.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Per-read timeout on an upstream connection.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Deadline for an upstream's response headers over all tries (Envoy's route timeout is 15 s).

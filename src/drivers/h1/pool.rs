@@ -2,7 +2,8 @@
 //!
 //! Owns: the upstream stream type ([`Conn`]: plaintext or TLS), keeping a connection
 //! whose response ended cleanly for the next request to the same address (and, for TLS,
-//! the same name and configuration: [`Key`]), and telling a live one from one the
+//! the same name and configuration: [`Key`]), handing one given back to a try that is
+//! waiting for its own new connection ([`wait`]), and telling a live one from one the
 //! upstream has closed meanwhile.
 //! Must not: decide which instance to use (the phases do), or keep more than
 //! [`MAX_IDLE_PER_ADDR`] connections per address or any of them past [`IDLE`].
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tokio_rustls::client::TlsStream;
 
 /// An upstream connection: plaintext, or TLS (`protocol = "https"`, `"tls": true`).
@@ -151,8 +153,12 @@ impl From<SocketAddr> for Key {
     }
 }
 
-/// Most idle connections kept per upstream address (per thread).
-pub const MAX_IDLE_PER_ADDR: usize = 256;
+/// Most idle connections kept per upstream address (per thread): Envoy's default
+/// `max_connections` per cluster. Below the connections a busy address keeps in use,
+/// every give-back past the cap closes one that the next burst reopens: at 256, HTTP/2
+/// clients at 30k req/s (up to 100 streams a connection) made busbar open 1,200–2,500
+/// upstream connections every 3 s (issue 21; 1 at 1024, once the pool had filled).
+pub const MAX_IDLE_PER_ADDR: usize = 1024;
 
 /// How long a connection may stay idle in the pool.
 pub const IDLE: Duration = crate::phases::UPSTREAM_IDLE;
@@ -165,6 +171,9 @@ struct Idle {
     conns: VecDeque<(Conn, Instant)>,
     /// The address's idle connections over every thread (`busbar_upstream_idle_connections`).
     count: Arc<AtomicI64>,
+    /// Tries whose new connection is still being made ([`wait`]), oldest first: a
+    /// connection given back goes to the first still waiting instead of the idle list.
+    waiters: VecDeque<oneshot::Sender<Conn>>,
 }
 
 impl Idle {
@@ -172,6 +181,7 @@ impl Idle {
         Idle {
             conns: VecDeque::new(),
             count: counter(key),
+            waiters: VecDeque::new(),
         }
     }
 
@@ -269,8 +279,24 @@ pub fn take(key: Key) -> Option<Conn> {
     })
 }
 
-/// Keeps `s` for the next request under `key`; drops the oldest past the cap or the
-/// idle time.
+/// Waits for the next connection given back under `key` on this thread: a try that
+/// found none idle waits here while its own connect is under way, and takes whichever
+/// comes first (`upstream::one_try`). When streams bunch up, a connection freed a
+/// moment later serves a waiting request sooner than a new connect whose SYN the
+/// upstream's full listen queue dropped (Linux sends it again after 1 s). Dropping the
+/// receiver withdraws the wait.
+pub(crate) fn wait(key: Key) -> oneshot::Receiver<Conn> {
+    let (tx, rx) = oneshot::channel();
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let idle = p.idle.entry(key).or_insert_with(|| Idle::new(key));
+        idle.waiters.push_back(tx);
+    });
+    rx
+}
+
+/// Keeps `s` for the next request under `key` (the oldest try still [`wait`]ing for
+/// one, if any); drops the oldest past the cap or the idle time.
 pub fn give_back(key: Key, s: Conn) {
     give_back_at(key, s, Instant::now());
 }
@@ -283,10 +309,19 @@ fn give_back_at(key: Key, s: Conn, now: Instant) {
             p.puts = 0;
             p.idle.retain(|_, idle| {
                 expire(idle, now);
-                !idle.conns.is_empty()
+                idle.waiters.retain(|w| !w.is_closed());
+                !idle.conns.is_empty() || !idle.waiters.is_empty()
             });
         }
         let idle = p.idle.entry(key).or_insert_with(|| Idle::new(key));
+        let mut s = s;
+        // Waits withdrawn (their own connect came first) are dropped on the way.
+        while let Some(waiter) = idle.waiters.pop_front() {
+            match waiter.send(s) {
+                Ok(()) => return,
+                Err(back) => s = back,
+            }
+        }
         expire(idle, now);
         if idle.conns.len() >= MAX_IDLE_PER_ADDR {
             idle.pop_front();
@@ -403,6 +438,38 @@ mod tests {
             server_a.peer_addr().unwrap().port()
         );
         assert!(take(addr.into()).is_none(), "nothing else is pooled");
+    }
+
+    /// A connection given back goes to the oldest try still waiting; a wait withdrawn
+    /// (its own connect came first) is passed over; with nobody waiting it is pooled.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_given_back_goes_to_the_oldest_waiting_try() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let key: Key = "127.0.0.1:13".parse::<SocketAddr>().unwrap().into();
+        let mut peers = Vec::new();
+        let conn = || async {
+            let s = TcpStream::connect(addr).await.unwrap();
+            (Conn::Plain(s), listener.accept().await.unwrap())
+        };
+        let withdrawn = wait(key);
+        let mut first = wait(key);
+        let mut second = wait(key);
+        drop(withdrawn);
+        let (a, pa) = conn().await;
+        let a_port = pa.1.port();
+        peers.push(pa);
+        give_back(key, a);
+        let Ok(Conn::Plain(got)) = first.try_recv() else {
+            panic!("the oldest live waiter gets it")
+        };
+        assert_eq!(got.local_addr().unwrap().port(), a_port);
+        assert!(second.try_recv().is_err(), "one connection, one waiter");
+        drop(second);
+        let (b, pb) = conn().await;
+        peers.push(pb);
+        give_back(key, b);
+        assert!(take(key).is_some(), "nobody waits: pooled");
     }
 
     /// The count over threads follows what is pooled, taken, capped and expired.

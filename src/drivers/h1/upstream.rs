@@ -2,14 +2,16 @@
 //! request head out, the response head in.
 //!
 //! Owns: the connect (TCP, then the TLS handshake for an instance reached over TLS, under
-//! one connect timeout), connection reuse and the stale-connection case (a pooled
-//! connection the upstream had closed: the try goes again on a fresh one, for an
-//! idempotent request whose body is still all held), the head's deadline over the whole
-//! head, when a streaming body (`body::Streamer`) is pumped and when it stops (an answer
-//! before its end), and telling the orchestration how a try failed, in the words the
-//! phases' outcome calls take.
+//! one connect timeout, raced against a connection given back meanwhile), connection
+//! reuse and the stale-connection case (a pooled connection the upstream had closed: the
+//! try goes again on a fresh one, for an idempotent request whose body is still all
+//! held), the head's deadline over the whole head, when a streaming body
+//! (`body::Streamer`) is pumped and when it stops (an answer before its end), and telling
+//! the orchestration how a try failed, in the words the phases' outcome calls take.
 //! Must not: decide retries or count failures against instances (`phases::attempt`).
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -21,6 +23,8 @@ use super::client::ClientStream;
 use super::pool::{self, Conn};
 use super::response::{parse_head, Head};
 use crate::base::deadline::within;
+use crate::metrics::ServiceMetrics;
+use crate::model::TlsPeer;
 use crate::phases::Try;
 
 /// Read buffer for the response.
@@ -193,31 +197,37 @@ pub(crate) enum TryFail {
 pub(crate) async fn one_try<S: ClientStream>(
     t: &Try,
     ask: &Ask<'_>,
-    metrics: &crate::metrics::ServiceMetrics,
+    metrics: &ServiceMetrics,
     buf: &mut Vec<u8>,
     lines: &mut Vec<u8>,
     mut body: Option<&mut Streamer<'_, S>>,
 ) -> Result<(Conn, Head), TryFail> {
-    let mut pooled = pool::take(pool::Key::of(t));
+    let key = pool::Key::of(t);
+    let mut pooled = pool::take(key);
     loop {
-        let reused = pooled.is_some();
-        let mut up = match pooled.take() {
+        let (mut up, reused) = match pooled.take() {
             Some(up) => {
                 metrics.connection_pooled.inc();
-                up
+                (up, true)
             }
             // Boxed: a connect's state (~2.5 KB: rustls's client connection and its
             // handshake) inline would make every request's future that much larger, and
             // the front door boxes that future (copying it whole) for each request. A
             // new connection is the rare case on keep-alive; it pays the allocation.
-            None => match Box::pin(within(t.connect_timeout, connect(t))).await {
-                Ok(Ok(up)) => {
-                    metrics.connection_new.inc();
-                    up
+            None => match Box::pin(connect_or_given(t, key, metrics)).await {
+                Fresh::Given(up) => {
+                    metrics.connection_pooled.inc();
+                    (up, true)
                 }
-                Ok(Err(ConnectError::Certificate)) => return Err(TryFail::Certificate),
-                Ok(Err(ConnectError::Failed)) => return Err(TryFail::Connect { timed_out: false }),
-                Err(_) => return Err(TryFail::Connect { timed_out: true }),
+                Fresh::Made(Ok(up)) => {
+                    metrics.connection_new.inc();
+                    (up, false)
+                }
+                Fresh::Made(Err(ConnectError::Certificate)) => return Err(TryFail::Certificate),
+                Fresh::Made(Err(ConnectError::Failed)) => {
+                    return Err(TryFail::Connect { timed_out: false })
+                }
+                Fresh::TimedOut => return Err(TryFail::Connect { timed_out: true }),
             },
         };
         let trip = round_trip(
@@ -241,6 +251,56 @@ pub(crate) async fn one_try<S: ClientStream>(
     }
 }
 
+/// How a try that found no idle connection got one.
+enum Fresh {
+    /// Its own new connection, or why there is none.
+    Made(Result<Conn, ConnectError>),
+    /// Its own connect did not complete within the connect timeout.
+    TimedOut,
+    /// A connection another request gave back while the connect was under way.
+    Given(Conn),
+}
+
+/// A new connection to the try's instance, or one given back to the pool meanwhile,
+/// whichever comes first (as hyper's client races a checkout against a connect). When
+/// streams bunch up, the connections in use come back within a response time, while a
+/// connect whose SYN an upstream's full listen queue dropped waits for the kernel's
+/// retransmission (1 s, then 3 s), and a connect timeout of 1 s turned that into a 504.
+/// A connect that loses goes on by itself and pools its connection (or hands it to the
+/// next waiting try); if it fails, it counts as a connect failure of the service, not of
+/// any request.
+async fn connect_or_given(t: &Try, key: pool::Key, metrics: &ServiceMetrics) -> Fresh {
+    let mut made = Box::pin(within(t.connect_timeout, connect_to(t.addr, t.tls.clone())));
+    let mut given = pool::wait(key);
+    let first = tokio::select! {
+        biased;
+        r = &mut made => Ok(r),
+        Ok(up) = &mut given => Err(up),
+    };
+    match first {
+        Ok(r) => {
+            // A connection given back just as the connect completed stays pooled.
+            if let Ok(up) = given.try_recv() {
+                pool::give_back(key, up);
+            }
+            match r {
+                Ok(r) => Fresh::Made(r),
+                Err(_) => Fresh::TimedOut,
+            }
+        }
+        Err(up) => {
+            let failures = metrics.connect_failures.clone();
+            tokio::spawn(async move {
+                match made.await {
+                    Ok(Ok(up)) => pool::give_back(key, up),
+                    _ => failures.inc(),
+                }
+            });
+            Fresh::Given(up)
+        }
+    }
+}
+
 /// Why a new connection could not be made.
 pub(crate) enum ConnectError {
     /// Refused, reset, or a TLS handshake that failed for another reason than the
@@ -254,22 +314,28 @@ pub(crate) enum ConnectError {
 /// with its service's client configuration (whose session cache resumes sessions, and
 /// whose ALPN is the service's protocol: `drivers::h2::pool` connects through here too).
 pub(crate) async fn connect(t: &Try) -> Result<Conn, ConnectError> {
-    let tcp = TcpStream::connect(t.addr)
+    connect_to(t.addr, t.tls.clone()).await
+}
+
+/// [`connect`] from owned parts, so a connect can go on after its try has taken another
+/// connection ([`connect_or_given`]).
+async fn connect_to(addr: SocketAddr, tls: Option<Arc<TlsPeer>>) -> Result<Conn, ConnectError> {
+    let tcp = TcpStream::connect(addr)
         .await
         .map_err(|_| ConnectError::Failed)?;
     let _ = tcp.set_nodelay(true);
-    let Some(tls) = &t.tls else {
+    let Some(tls) = &tls else {
         return Ok(Conn::Plain(tcp));
     };
     let connector = tokio_rustls::TlsConnector::from(tls.config.client.clone());
     match connector.connect(tls.name.clone(), tcp).await {
         Ok(s) => Ok(Conn::Tls(Box::new(s))),
         Err(e) if certificate_rejected(&e) => {
-            tracing::debug!(upstream = %t.addr, name = ?tls.name, "upstream TLS certificate verification failed: {e}");
+            tracing::debug!(upstream = %addr, name = ?tls.name, "upstream TLS certificate verification failed: {e}");
             Err(ConnectError::Certificate)
         }
         Err(e) => {
-            tracing::debug!(upstream = %t.addr, "upstream TLS handshake failed: {e}");
+            tracing::debug!(upstream = %addr, "upstream TLS handshake failed: {e}");
             Err(ConnectError::Failed)
         }
     }
