@@ -13,6 +13,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use http::header::CONTENT_TYPE;
 use pingora_http::RequestHeader;
 
 use super::ctx::RequestCtx;
@@ -58,14 +59,29 @@ impl Phases {
         ctx.counted = true;
         // Before any refusal: each is answered in the caller's shape (and the access log
         // names the protocol from it).
-        ctx.caller = Caller::of(&req.headers);
-        ctx.seen = Some(crate::accesslog::Seen::from_headers(
-            &req.headers,
-            req.version,
-            ctx.tls,
-            ctx.caller,
-            self.access_log.enabled(),
-        ));
+        // Headers the request surely lacks are not looked up (`RequestCtx::names`).
+        let names = ctx.names;
+        if !names.lacks(&CONTENT_TYPE) {
+            ctx.caller = Caller::of(&req.headers);
+        }
+        let logged = self.access_log.enabled();
+        ctx.seen = Some(
+            match names.lacks(&crate::accesslog::REQUEST_ID) && !logged {
+                // What `from_headers` makes of a request without one, for a log that is off.
+                true => crate::accesslog::Seen {
+                    kept_id: None,
+                    protocol: "",
+                    user_agent: None,
+                },
+                false => crate::accesslog::Seen::from_headers(
+                    &req.headers,
+                    req.version,
+                    ctx.tls,
+                    ctx.caller,
+                    logged,
+                ),
+            },
+        );
         let set_up = setup_on(ctx, &snapshot, req, peer, routing);
         ctx.snapshot = Some(snapshot);
         set_up
@@ -109,10 +125,12 @@ fn setup_on(
 ) -> Result<(Arc<Route>, RequestPath), Cause> {
     ctx.client_version = req.version;
     ctx.client = request::real_client(snapshot, peer, req);
+    let traceparent = &super::forwarding::TRACEPARENT;
     ctx.trace = TraceContext::from_header(
-        req.headers
-            .get(&super::forwarding::TRACEPARENT)
-            .map(|v| v.as_bytes()),
+        match ctx.names.lacks(traceparent) {
+            true => None,
+            false => req.headers.get(traceparent).map(|v| v.as_bytes()),
+        },
         &snapshot.config.tracing,
     );
     let checked = matches!(routing, Routing::Find);
@@ -141,7 +159,9 @@ fn setup_on(
     };
     ctx.route = Some(route.clone());
     // Before admission: a looping request spends no rate-limit token or queue slot.
-    if crate::via::node().looped(&req.headers, snapshot.config.limits.max_hops) {
+    if !ctx.names.lacks(&http::header::VIA)
+        && crate::via::node().looped(&req.headers, snapshot.config.limits.max_hops)
+    {
         return Err(Cause::LoopDetected);
     }
     if checked

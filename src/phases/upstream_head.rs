@@ -87,8 +87,10 @@ pub(crate) fn build(
         }
         // An upgrade: busbar's HTTP/1 codec leaves `Upgrade` in the head only for one it
         // passes on (every other hop-by-hop header is gone), and its `Connection` token
-        // goes with it (RFC 9110 §7.8).
-        if upstream.headers.contains_key(UPGRADE) {
+        // goes with it (RFC 9110 §7.8). Only the route's edits could have added one the
+        // client did not send.
+        let unedited = route.config.request_headers.is_empty();
+        if !(unedited && ctx.names.lacks(&UPGRADE)) && upstream.headers.contains_key(UPGRADE) {
             wire.extend_from_slice(b"Connection: upgrade\r\n");
         }
         wire.extend_from_slice(b"\r\n");
@@ -118,9 +120,9 @@ impl<'c> Own<'c> {
         }
         let chain = peer_trusted(ctx, down.peer);
         let forwarding = Forwarding::of(upstream, down.peer, down.tls, chain);
-        forwarding::clear_forwarded(upstream);
+        forwarding::clear_forwarded(upstream, ctx.names);
         // The request id goes out as the access log has it (kept or made): once.
-        if ctx.seen.is_some() {
+        if ctx.seen.is_some() && !ctx.names.lacks(&crate::accesslog::REQUEST_ID) {
             upstream.remove_header(&crate::accesslog::REQUEST_ID);
         }
         Ok(Own {
@@ -180,11 +182,11 @@ fn clear_identity<'c>(
 ) -> Option<(&'c HeaderName, &'c str)> {
     match &ctx.admitted {
         Some(a) => {
-            a.clear_upstream(upstream);
+            a.clear_upstream(upstream, ctx.names);
             a.identity()
         }
         None => {
-            admission::strip_identity(upstream);
+            admission::strip_identity(upstream, ctx.names);
             None
         }
     }

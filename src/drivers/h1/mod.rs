@@ -106,6 +106,8 @@ pub struct FastRequest {
     upgrade: bool,
     /// The headers `Connection` names: removed before the request goes upstream.
     nominated: Vec<http::HeaderName>,
+    /// The names of its header lines, for the phases (`RequestCtx::names`).
+    names: crate::base::http::Names,
 }
 
 /// Parses ([`parse`]) and routes a complete head. `None`: not a request for this path
@@ -163,6 +165,7 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
         expect: parsed.expect,
         upgrade: parsed.upgrade,
         nominated: parsed.nominated,
+        names: parsed.names,
     }))
 }
 
@@ -229,6 +232,7 @@ pub async fn serve<S: ClientStream>(
     // The one record of the connection's TLS: `X-Forwarded-Proto`, `Forwarded` and the
     // access log's protocol read it.
     ctx.tls = tls;
+    ctx.names = request.names;
     let limits = snapshot.config.limits;
     let limit = limits.client_timeout;
     let pace = crate::phases::pace::BodyPace::new(limits.client_timeout, limits.body_min_rate);
