@@ -106,7 +106,8 @@ pub struct RequestCtx {
 impl RequestCtx {
     pub fn new() -> Self {
         RequestCtx {
-            start: Instant::now(),
+            // The turn's reading (`base::clock`): the request came in this poll.
+            start: crate::base::clock::now(),
             snapshot: None,
             route: None,
             set: None,
