@@ -461,3 +461,50 @@ async fn headers_busbar_reads_or_replaces_are_found_whatever_the_case_of_their_n
     assert!(head.starts_with("http/1.1 508"), "{head}");
     assert_eq!(up.got().len(), 2);
 }
+
+/// A busy connection keeps its exchange buffers from one request to the next
+/// (`drivers::h1::Scratch`): after an answer whose head and body grew them past what is
+/// kept, and after a small one, each answer arrives whole and alone, on one connection
+/// both ways.
+#[tokio::test]
+async fn answers_of_every_size_in_turn_on_one_connection_arrive_whole() {
+    let up = Scripted::start(|path, _| match path {
+        "/big" => {
+            let filler = "f".repeat(20_000);
+            let body = "b".repeat(50_000);
+            Some((
+                format!(
+                    "HTTP/1.1 200 OK\r\nX-Big: {filler}\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes(),
+                false,
+            ))
+        }
+        _ => ok("small"),
+    })
+    .await;
+    let bus = bus(&up).await;
+    let mut c = connect(&bus).await;
+    for path in ["/small", "/big", "/small", "/big", "/big", "/small"] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+        let (head, body) = ask(&mut c, request.as_bytes(), false).await;
+        assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
+        match path {
+            "/big" => {
+                assert!(head.contains(&format!("x-big: {}\r\n", "f".repeat(20_000))));
+                assert_eq!(body, "b".repeat(50_000).as_bytes(), "{path}");
+            }
+            _ => {
+                assert!(!head.contains("x-big"), "{head}");
+                assert_eq!(body, b"small", "{path}");
+            }
+        }
+    }
+    let got = up.got();
+    assert_eq!(got.len(), 6);
+    assert!(
+        got.iter().all(|g| g.conn == 1),
+        "one upstream connection: {got:?}"
+    );
+}

@@ -261,6 +261,9 @@ impl Edge {
         shutdown: &ShutdownWatch,
         persistent: &mut Option<HttpPersistentSettings>,
     ) -> Spell<S> {
+        // The own engine's buffers for its upstream exchanges, kept while requests keep
+        // coming (and freed with this spell's box).
+        let mut scratch = h1::Scratch::default();
         loop {
             // `head` may already hold the start of a pipelined request (see `front`), or
             // the first bytes the idle wait read.
@@ -280,7 +283,16 @@ impl Edge {
                     let s = c.inner_mut();
                     let peer = crate::base::peer_of(s);
                     // Inline: this spell's box holds its state (see `serve`).
-                    let serve = h1::serve(&self.phases, s, peer, tls, request, shutdown, head);
+                    let serve = h1::serve(
+                        &self.phases,
+                        s,
+                        peer,
+                        tls,
+                        request,
+                        shutdown,
+                        head,
+                        &mut scratch,
+                    );
                     if !serve.await {
                         return Spell::Done;
                     }
