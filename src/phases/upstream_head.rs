@@ -158,13 +158,13 @@ impl<'c> Own<'c> {
         }
         self.forwarding.write(wire);
         wire.extend_from_slice(crate::via::node().line(ctx.client_version));
-        line(
-            wire,
-            forwarding::TRACEPARENT_NAME.as_bytes(),
-            &ctx.trace.header_value(),
-        );
+        let traceparent = ctx.trace.header_value();
+        line(wire, forwarding::TRACEPARENT_NAME.as_bytes(), &traceparent);
         if let Some(seen) = &ctx.seen {
-            let trace_id = ctx.trace.trace_id_hex();
+            // The trace id in hex is part of `traceparent` (`00-<trace id>-…`): taken
+            // from there, not formatted a second time.
+            let mut trace_id = [0u8; 32];
+            trace_id.copy_from_slice(&traceparent[3..35]);
             line(
                 wire,
                 crate::accesslog::REQUEST_ID.as_str().as_bytes(),
