@@ -58,23 +58,45 @@ impl Names {
     /// A head with no header lines yet.
     pub const NONE: Names = Names(0);
 
-    /// The bit of a name, in any case (a name is never empty; an empty one gets bit 0).
-    #[inline]
-    fn bit(name: &[u8]) -> u64 {
-        let last = name.last().map_or(0, |b| b.to_ascii_lowercase());
-        1 << ((name.len().wrapping_mul(7) ^ last as usize) & 63)
-    }
-
     /// Records a header line's name, as it came (any case).
     #[inline]
     pub fn add(&mut self, name: &[u8]) {
-        self.0 |= Names::bit(name);
+        self.0 |= Name::bit(name);
     }
 
     /// Is `name` surely not in the head?
     #[inline]
     pub fn lacks(&self, name: &HeaderName) -> bool {
-        self.0 & Names::bit(name.as_str().as_bytes()) == 0
+        self.0 & Name::bit(name.as_str().as_bytes()) == 0
+    }
+
+    /// [`Names::lacks`] for a name's bit worked out at compile time ([`Name::of`]): one
+    /// `and`, where a `HeaderName` costs its spelling's lookup.
+    #[inline]
+    pub fn lacks_name(&self, name: Name) -> bool {
+        self.0 & name.0 == 0
+    }
+}
+
+/// A header name's bit in [`Names`], for a name known when busbar is compiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Name(u64);
+
+impl Name {
+    /// The bit of `name`, in any case.
+    pub const fn of(name: &str) -> Name {
+        Name(Name::bit(name.as_bytes()))
+    }
+
+    /// The bit of a name, in any case (a name is never empty; an empty one gets bit 0):
+    /// chosen by its length and its last byte.
+    #[inline]
+    const fn bit(name: &[u8]) -> u64 {
+        let last = match name.last() {
+            Some(b) => b.to_ascii_lowercase(),
+            None => 0,
+        };
+        1 << ((name.len().wrapping_mul(7) ^ last as usize) & 63)
     }
 }
 
@@ -154,6 +176,12 @@ mod tests {
             .count();
         assert!(lacked >= absent.len() - 1, "{lacked}");
         assert!(!Names::ANY.lacks(&HeaderName::from_static("via")));
+        // A name's bit made at compile time is the one made at run time, in any case.
+        for n in absent.iter().chain(["X-Request-Id", "Via"].iter()) {
+            let name = HeaderName::from_bytes(n.as_bytes()).unwrap();
+            assert_eq!(names.lacks(&name), names.lacks_name(Name::of(n)), "{n}");
+        }
+        assert!(!names.lacks_name(Name::of("TRACEPARENT")));
         assert!(Names::NONE.lacks(&HeaderName::from_static("via")));
     }
 

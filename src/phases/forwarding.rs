@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use http::header::{HeaderName, HeaderValue, HOST};
 use pingora_http::{RequestHeader, ResponseHeader};
 
-use crate::base::http::{line, Names};
+use crate::base::http::{line, Name, Names};
 use crate::config::HeaderEdit;
 use crate::text::Sink;
 
@@ -183,7 +183,15 @@ pub fn clear_forwarded(req: &mut RequestHeader, sent: Names) {
     // Usually there is nothing to remove: the filter says so for a few bit tests, else
     // one pass over the request's few names does (cheaper than hashing each of these
     // names for a lookup).
-    if names.iter().all(|n| sent.lacks(n)) || !req.headers.keys().any(|k| names.contains(&k)) {
+    // Their bits in `Names`, worked out when busbar is compiled.
+    const BITS: [Name; 5] = [
+        Name::of(XFF_NAME),
+        Name::of(XFP_NAME),
+        Name::of(XFH_NAME),
+        Name::of(FORWARDED_NAME),
+        Name::of(TRACEPARENT_NAME),
+    ];
+    if BITS.iter().all(|&b| sent.lacks_name(b)) || !req.headers.keys().any(|k| names.contains(&k)) {
         return;
     }
     for name in names {

@@ -19,7 +19,7 @@ use pingora_http::RequestHeader;
 use super::ctx::RequestCtx;
 use super::forwarding::{self, Forwarding};
 use crate::admission;
-use crate::base::http::{line, value_fits_line};
+use crate::base::http::{line, value_fits_line, Name};
 use crate::routing;
 
 /// The connection a request came on, as the upstream head needs it.
@@ -90,7 +90,10 @@ pub(crate) fn build(
         // goes with it (RFC 9110 §7.8). Only the route's edits could have added one the
         // client did not send.
         let unedited = route.config.request_headers.is_empty();
-        if !(unedited && ctx.names.lacks(&UPGRADE)) && upstream.headers.contains_key(UPGRADE) {
+        const UPGRADE_NAME: Name = Name::of("upgrade");
+        if !(unedited && ctx.names.lacks_name(UPGRADE_NAME))
+            && upstream.headers.contains_key(UPGRADE)
+        {
             wire.extend_from_slice(b"Connection: upgrade\r\n");
         }
         wire.extend_from_slice(b"\r\n");
@@ -122,7 +125,7 @@ impl<'c> Own<'c> {
         let forwarding = Forwarding::of(upstream, down.peer, down.tls, chain);
         forwarding::clear_forwarded(upstream, ctx.names);
         // The request id goes out as the access log has it (kept or made): once.
-        if ctx.seen.is_some() && !ctx.names.lacks(&crate::accesslog::REQUEST_ID) {
+        if ctx.seen.is_some() && !ctx.names.lacks_name(super::setup::REQUEST_ID_NAME) {
             upstream.remove_header(&crate::accesslog::REQUEST_ID);
         }
         Ok(Own {
