@@ -412,3 +412,99 @@ service = "s"
     );
     upstream.abort();
 }
+
+/// The headers busbar reads or replaces are found whatever case the client wrote their
+/// names in (the engine records the head's names as it parses it, `base::http::Names`,
+/// and skips the lookups of headers a request surely lacks): a request id and a trace
+/// kept, forwarding headers and a spoofed identity replaced, a `Via` past the hop limit
+/// refused; and a request without them gets busbar's own.
+#[tokio::test]
+async fn headers_busbar_reads_or_replaces_are_found_whatever_the_case_of_their_names() {
+    let up = Scripted::start(|_, _| ok("fine")).await;
+    let bus = Busbar::start(&common::one_route(up.addr, "[limits]\nmax_hops = 1\n", "")).await;
+    let mut c = connect(&bus).await;
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let request = format!(
+        "GET /a HTTP/1.1\r\nHOST: a\r\nX-REQUEST-ID: req-7\r\nTRACEPARENT: 00-{trace}-b7ad6b7169203331-01\r\nX-FORWARDED-FOR: 6.6.6.6\r\nFORWARDED: for=6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-BUSBAR-USER: mallory\r\n\r\n"
+    );
+    let (head, body) = ask(&mut c, request.as_bytes(), false).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, b"fine");
+    let sent = up.got()[0].head.to_lowercase();
+    assert!(sent.contains("x-request-id: req-7\r\n"), "{sent}");
+    assert!(
+        sent.contains(&format!("traceparent: 00-{trace}-")),
+        "{sent}"
+    );
+    assert!(sent.contains("x-forwarded-for: 127.0.0.1\r\n"), "{sent}");
+    assert!(!sent.contains("6.6.6.6"), "{sent}");
+    assert!(sent.contains("x-forwarded-proto: http\r\n"), "{sent}");
+    assert!(!sent.contains("mallory"), "{sent}");
+    assert_eq!(sent.matches("traceparent:").count(), 1, "{sent}");
+    assert_eq!(sent.matches("x-request-id:").count(), 1, "{sent}");
+
+    // Nothing of the kind sent: busbar's own request id and trace go.
+    let (head, _) = ask(&mut c, b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n", false).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let sent = up.got()[1].head.to_lowercase();
+    assert_eq!(sent.matches("x-request-id: ").count(), 1, "{sent}");
+    assert_eq!(sent.matches("traceparent: 00-").count(), 1, "{sent}");
+    assert!(!sent.contains(trace), "{sent}");
+
+    // Two busbar hops in an upper-case `VIA`, one allowed: refused, and not sent on.
+    let (head, _) = ask(
+        &mut c,
+        b"GET /c HTTP/1.1\r\nHost: a\r\nVIA: 1.1 busbar-000000000001, 1.1 busbar-000000000002\r\n\r\n",
+        false,
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 508"), "{head}");
+    assert_eq!(up.got().len(), 2);
+}
+
+/// A busy connection keeps its exchange buffers from one request to the next
+/// (`drivers::h1::Scratch`): after an answer whose head and body grew them past what is
+/// kept, and after a small one, each answer arrives whole and alone, on one connection
+/// both ways.
+#[tokio::test]
+async fn answers_of_every_size_in_turn_on_one_connection_arrive_whole() {
+    let up = Scripted::start(|path, _| match path {
+        "/big" => {
+            let filler = "f".repeat(20_000);
+            let body = "b".repeat(50_000);
+            Some((
+                format!(
+                    "HTTP/1.1 200 OK\r\nX-Big: {filler}\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes(),
+                false,
+            ))
+        }
+        _ => ok("small"),
+    })
+    .await;
+    let bus = bus(&up).await;
+    let mut c = connect(&bus).await;
+    for path in ["/small", "/big", "/small", "/big", "/big", "/small"] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+        let (head, body) = ask(&mut c, request.as_bytes(), false).await;
+        assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
+        match path {
+            "/big" => {
+                assert!(head.contains(&format!("x-big: {}\r\n", "f".repeat(20_000))));
+                assert_eq!(body, "b".repeat(50_000).as_bytes(), "{path}");
+            }
+            _ => {
+                assert!(!head.contains("x-big"), "{head}");
+                assert_eq!(body, b"small", "{path}");
+            }
+        }
+    }
+    let got = up.got();
+    assert_eq!(got.len(), 6);
+    assert!(
+        got.iter().all(|g| g.conn == 1),
+        "one upstream connection: {got:?}"
+    );
+}

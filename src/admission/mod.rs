@@ -29,6 +29,7 @@ use dashmap::DashMap;
 use http::{HeaderMap, HeaderName};
 use pingora_http::{RequestHeader, ResponseHeader};
 
+use crate::base::http::Names;
 use crate::config::{Config, LimitScope, QueuePolicy, RateLimitConfig, DEFAULT_IDENTITY_HEADER};
 use crate::metrics::{AdmissionMetrics, METRICS};
 
@@ -91,13 +92,16 @@ impl Admitted {
     /// busbar did not believe) and applies a normalised path; the caller then sends
     /// [`identity`](Self::identity) (inserted into the map, or written as a line by
     /// busbar's own HTTP/1 path).
-    pub fn clear_upstream(&self, upstream: &mut RequestHeader) {
+    ///
+    /// `sent`: the names of the request's header lines (`Names::ANY` when not known); a
+    /// name it surely lacks is not looked up.
+    pub fn clear_upstream(&self, upstream: &mut RequestHeader, sent: Names) {
         let name = self.identity_name();
-        if upstream.headers.contains_key(name) {
+        if !sent.lacks(name) && upstream.headers.contains_key(name) {
             upstream.remove_header(name);
         }
         for name in self.unbelieved.iter().flat_map(|names| names.iter()) {
-            if upstream.headers.contains_key(name) {
+            if !sent.lacks(name) && upstream.headers.contains_key(name) {
                 upstream.remove_header(name);
             }
         }
@@ -143,8 +147,8 @@ impl Admitted {
 }
 
 /// Removes a client-sent identity header from a request of a route without admission.
-pub fn strip_identity(upstream: &mut RequestHeader) {
-    Admitted::default().clear_upstream(upstream);
+pub fn strip_identity(upstream: &mut RequestHeader, sent: Names) {
+    Admitted::default().clear_upstream(upstream, sent);
 }
 
 /// One route's compiled admission.

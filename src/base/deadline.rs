@@ -8,7 +8,8 @@
 //! `Arc`, a boxed future, a `Notify`; profiles in `load-tests/RESULTS.md`); tokio's timer
 //! wakes a parked runtime through its eventfd (see `edge::read_first`).
 //! Must not: be exact. A deadline fires up to one [`TICK`] after it passes, as pingora's
-//! and nginx's coarse timers do.
+//! and nginx's coarse timers do; it is armed from the turn's reading of the clock
+//! (`clock::now`), which may be the poll's own work (microseconds) old.
 
 use std::future::Future;
 use std::pin::pin;
@@ -18,6 +19,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
+
+use super::clock;
 
 /// How often a thread's table is looked at while it holds a deadline.
 pub const TICK: Duration = Duration::from_millis(10);
@@ -33,13 +36,32 @@ pub struct Elapsed;
 /// Runs `fut` until it finishes or `limit` passes, whichever is first. The future is
 /// polled before a deadline is armed, so one that is ready at once arms none.
 pub async fn within<F: Future>(limit: Duration, fut: F) -> Result<F::Output, Elapsed> {
+    wait(limit, None, fut).await
+}
+
+/// [`within`], and also no later than `by`: the deadline is whichever comes first,
+/// worked out only if the future has to wait (a wait that ends at once costs no clock
+/// read and no arithmetic on `Instant`s).
+pub async fn within_by<F: Future>(
+    limit: Duration,
+    by: Instant,
+    fut: F,
+) -> Result<F::Output, Elapsed> {
+    wait(limit, Some(by), fut).await
+}
+
+async fn wait<F: Future>(
+    limit: Duration,
+    by: Option<Instant>,
+    fut: F,
+) -> Result<F::Output, Elapsed> {
     let mut fut = pin!(fut);
     let mut armed = Armed(None);
     std::future::poll_fn(|cx| {
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(out));
         }
-        armed.poll(limit, cx)
+        armed.poll(limit, by, cx)
     })
     .await
 }
@@ -196,11 +218,20 @@ struct Armed(Option<(Arc<Sweep>, usize)>);
 impl Armed {
     /// Pending until the deadline passes: arms it at the first call, then checks it and
     /// keeps the waker current.
-    fn poll<T>(&mut self, limit: Duration, cx: &mut Context<'_>) -> Poll<Result<T, Elapsed>> {
+    fn poll<T>(
+        &mut self,
+        limit: Duration,
+        by: Option<Instant>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<T, Elapsed>> {
         let Some((sweep, i)) = &self.0 else {
             // Outside a runtime nothing can time out; the wait is only the future's.
-            // A limit past the clock's range never passes.
-            let at = Instant::now().checked_add(limit);
+            // A limit past the clock's range never passes. "Now" is the turn's
+            // (`clock`): the deadline is at most a poll's work early.
+            let at = match (clock::now().checked_add(limit), by) {
+                (Some(at), Some(by)) => Some(at.min(by)),
+                (at, by) => at.or(by),
+            };
             if let (Some(sweep), Some(at)) = (Sweep::here(), at) {
                 let (i, first) = {
                     let mut table = sweep.lock();
@@ -271,6 +302,21 @@ mod tests {
         assert_eq!(within(Duration::from_secs(5), rx).await, Ok(Ok(5)));
         let sweep = Sweep::here().unwrap();
         assert_eq!(sweep.lock().armed, 0);
+    }
+
+    #[tokio::test]
+    async fn a_wait_ends_at_its_limit_or_its_instant_whichever_is_first() {
+        let start = Instant::now();
+        let by = start + Duration::from_millis(40);
+        let r = within_by(Duration::from_secs(30), by, std::future::pending::<()>()).await;
+        assert_eq!(r, Err(Elapsed));
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(40), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        let far = Instant::now() + Duration::from_secs(30);
+        let r = within_by(Duration::from_millis(30), far, std::future::pending::<()>()).await;
+        assert_eq!(r, Err(Elapsed));
+        assert_eq!(within_by(Duration::ZERO, start, async { 3 }).await, Ok(3));
     }
 
     #[tokio::test]

@@ -2,12 +2,13 @@
 //! drivers read them from one place (and none of them imports another for them).
 //!
 //! Owns: the one list of hop-by-hop header names, how an HTTP/1 header line is written,
-//! and what a request's `Content-Length` declares.
+//! what a request's `Content-Length` declares, and the filter of a request's header
+//! names ([`Names`]) that spares the phases looking up headers a request does not have.
 //! Must not: import anything of busbar's, or hold policy (which headers busbar edits is
 //! the phases' business).
 
 use http::header::CONTENT_LENGTH;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 /// Headers that describe one connection and are never forwarded (RFC 9110 §7.6.1), as
 /// every proxy strips them (pingora's `proxy_common.rs`, nginx, HAProxy). `Connection`
@@ -37,6 +38,72 @@ pub fn line(wire: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     wire.extend_from_slice(b": ");
     wire.extend_from_slice(value);
     wire.extend_from_slice(b"\r\n");
+}
+
+/// Which header names a request may have: a 64-bit filter (one bit per name, chosen by
+/// its length and last byte) of the names in its head, built by the codec that parsed
+/// it. [`Names::lacks`] is sure: a name whose bit is clear is not in the head, and its
+/// map lookup (a hash of the name and a probe, ~60–170 instructions each, and the phases
+/// make about ten for names nearly no request carries) can be skipped. A set bit only
+/// says "maybe": the lookup is made. A driver that built no filter uses [`Names::ANY`].
+///
+/// The filter describes the head as the client sent it: a name busbar itself inserts
+/// later is not in it, so it must not be asked about once busbar may have inserted one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Names(u64);
+
+impl Names {
+    /// Nothing known: every name may be there.
+    pub const ANY: Names = Names(u64::MAX);
+    /// A head with no header lines yet.
+    pub const NONE: Names = Names(0);
+
+    /// Records a header line's name, as it came (any case).
+    #[inline]
+    pub fn add(&mut self, name: &[u8]) {
+        self.0 |= Name::bit(name);
+    }
+
+    /// Is `name` surely not in the head?
+    #[inline]
+    pub fn lacks(&self, name: &HeaderName) -> bool {
+        self.0 & Name::bit(name.as_str().as_bytes()) == 0
+    }
+
+    /// [`Names::lacks`] for a name's bit worked out at compile time ([`Name::of`]): one
+    /// `and`, where a `HeaderName` costs its spelling's lookup.
+    #[inline]
+    pub fn lacks_name(&self, name: Name) -> bool {
+        self.0 & name.0 == 0
+    }
+}
+
+/// A header name's bit in [`Names`], for a name known when busbar is compiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Name(u64);
+
+impl Name {
+    /// The bit of `name`, in any case.
+    pub const fn of(name: &str) -> Name {
+        Name(Name::bit(name.as_bytes()))
+    }
+
+    /// The bit of a name, in any case (a name is never empty; an empty one gets bit 0):
+    /// chosen by its length and its last byte.
+    #[inline]
+    const fn bit(name: &[u8]) -> u64 {
+        let last = match name.last() {
+            Some(b) => b.to_ascii_lowercase(),
+            None => 0,
+        };
+        1 << ((name.len().wrapping_mul(7) ^ last as usize) & 63)
+    }
+}
+
+impl Default for Names {
+    fn default() -> Names {
+        Names::ANY
+    }
 }
 
 /// The `Content-Length` a request declares, when it declares a valid one.
@@ -74,6 +141,48 @@ mod tests {
         ] {
             assert!(!is_hop_by_hop(name.as_bytes()), "{name}");
         }
+    }
+
+    /// A name in the head is never reported missing, whatever its case; names that are
+    /// not there mostly are.
+    #[test]
+    fn the_name_filter_never_misses_a_name_it_saw() {
+        let seen = [
+            "Host",
+            "USER-AGENT",
+            "accept",
+            "X-Request-Id",
+            "traceparent",
+        ];
+        let mut names = Names::NONE;
+        for n in seen {
+            names.add(n.as_bytes());
+        }
+        for n in seen {
+            let name = HeaderName::from_bytes(n.as_bytes()).unwrap();
+            assert!(!names.lacks(&name), "{n}");
+        }
+        let absent = [
+            "content-type",
+            "via",
+            "x-forwarded-for",
+            "forwarded",
+            "upgrade",
+            "x-user-id",
+        ];
+        let lacked = absent
+            .iter()
+            .filter(|n| names.lacks(&HeaderName::from_static(n)))
+            .count();
+        assert!(lacked >= absent.len() - 1, "{lacked}");
+        assert!(!Names::ANY.lacks(&HeaderName::from_static("via")));
+        // A name's bit made at compile time is the one made at run time, in any case.
+        for n in absent.iter().chain(["X-Request-Id", "Via"].iter()) {
+            let name = HeaderName::from_bytes(n.as_bytes()).unwrap();
+            assert_eq!(names.lacks(&name), names.lacks_name(Name::of(n)), "{n}");
+        }
+        assert!(!names.lacks_name(Name::of("TRACEPARENT")));
+        assert!(Names::NONE.lacks(&HeaderName::from_static("via")));
     }
 
     #[test]

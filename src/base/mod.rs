@@ -4,12 +4,14 @@
 //! plumbing the control APIs share ([`api`]: JSON replies, a size-capped body read, the
 //! refusal of forwarded requests), HTTP facts that are no one's policy ([`http`]: the
 //! hop-by-hop list, header lines, a declared body length), path normalisation
-//! ([`path`]), cheap deadlines for socket waits ([`deadline`]), a connection's peer
+//! ([`path`]), the clock read once per turn of a connection's task ([`clock`]), cheap
+//! deadlines for socket waits ([`deadline`]), a connection's peer
 //! address ([`peer_of`]) and when the allocator should give back all it holds freed
 //! ([`memory`]).
 //! Must not: import anything of busbar's above it (see ARCHITECTURE.md).
 
 pub mod api;
+pub mod clock;
 pub mod deadline;
 pub mod http;
 pub mod memory;

@@ -29,7 +29,8 @@ use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::base::deadline::{within, Elapsed};
+use crate::base::clock;
+use crate::base::deadline::{within, within_by, Elapsed};
 use crate::config::Limits;
 use crate::drivers::h1::{self, head};
 use crate::drivers::h2;
@@ -260,6 +261,9 @@ impl Edge {
         shutdown: &ShutdownWatch,
         persistent: &mut Option<HttpPersistentSettings>,
     ) -> Spell<S> {
+        // The own engine's buffers for its upstream exchanges, kept while requests keep
+        // coming (and freed with this spell's box).
+        let mut scratch = h1::Scratch::default();
         loop {
             // `head` may already hold the start of a pipelined request (see `front`), or
             // the first bytes the idle wait read.
@@ -279,7 +283,16 @@ impl Edge {
                     let s = c.inner_mut();
                     let peer = crate::base::peer_of(s);
                     // Inline: this spell's box holds its state (see `serve`).
-                    let serve = h1::serve(&self.phases, s, peer, tls, request, shutdown, head);
+                    let serve = h1::serve(
+                        &self.phases,
+                        s,
+                        peer,
+                        tls,
+                        request,
+                        shutdown,
+                        head,
+                        &mut scratch,
+                    );
                     if !serve.await {
                         return Spell::Done;
                     }
@@ -372,9 +385,8 @@ impl Edge {
                 refuse(log, s, buf, r.status, r.reason).await;
                 return Next::Done;
             }
-            let deadline = *deadline.get_or_insert_with(|| Instant::now() + limits.header_timeout);
-            let left = deadline.saturating_duration_since(Instant::now());
-            match within(left, read_more(s, buf)).await {
+            let deadline = *deadline.get_or_insert_with(|| clock::now() + limits.header_timeout);
+            match within_by(limits.header_timeout, deadline, read_more(s, buf)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return Next::Done,
                 Err(_) => {
@@ -449,9 +461,10 @@ impl ServerApp for Edge {
         // task, which lives as long as the connection, then holds neither's state inline,
         // and an idle connection costs only what its protocol keeps (an HTTP/1 one none
         // of HTTP/2's, an h2c one none of the HTTP/1 loop's once it was handed over).
+        // The HTTP/1 loop reads the clock once a poll (`clock::turns`).
         if stream.as_any().is::<L4Stream>() {
             let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
-            let h2c = Box::pin(self.serve(l4, false, shutdown)).await?;
+            let h2c = Box::pin(clock::turns(self.serve(l4, false, shutdown))).await?;
             return self.h2(h2c, false, shutdown).await;
         }
         if stream.selected_alpn_proto() == Some(ALPN::H2) {
@@ -461,7 +474,7 @@ impl ServerApp for Edge {
         let tls = stream.into_any().downcast::<TlsClient>().ok()?;
         // A TLS client that chose `http/1.1` (or nothing) by ALPN and then sent the
         // HTTP/2 preface: still TLS.
-        let h2 = Box::pin(self.serve(tls, true, shutdown)).await?;
+        let h2 = Box::pin(clock::turns(self.serve(tls, true, shutdown))).await?;
         self.h2(h2, true, shutdown).await
     }
     async fn cleanup(&self) {

@@ -8,7 +8,7 @@
 //! send again (the driver knows whether its body is still held and its answer not
 //! started, and says so).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::ctx::RequestCtx;
 use super::Phases;
@@ -40,7 +40,7 @@ impl Phases {
             return Err(Cause::UpstreamError);
         };
         let svc = &route.service;
-        let now = Instant::now();
+        let now = crate::base::clock::now();
         let remaining = ctx
             .deadline
             .map_or(svc.config.timeout, |d| d.saturating_duration_since(now));
@@ -165,7 +165,7 @@ impl Phases {
     /// every time).
     pub(crate) fn on_response_head(&self, ctx: &mut RequestCtx) {
         if let (Some(route), Some(start)) = (&ctx.route, ctx.upstream_start) {
-            let t = start.elapsed();
+            let t = crate::base::clock::now().saturating_duration_since(start);
             ctx.upstream_time = Some(t);
             route
                 .service
@@ -236,7 +236,7 @@ impl Phases {
         if ctx.tries > svc.config.retry.attempts {
             return false;
         }
-        if ctx.deadline.is_some_and(|d| d <= Instant::now()) {
+        if ctx.deadline.is_some_and(|d| d <= crate::base::clock::now()) {
             return false;
         }
         if !svc.retry_budget.try_withdraw() {

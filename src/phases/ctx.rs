@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::pace::BodyPace;
+use crate::base::http::Names;
 use crate::model::{Instance, InstanceSet};
 use crate::proxy::grpc::Caller;
 use crate::proxy::reply::Cause;
@@ -72,6 +73,10 @@ pub struct RequestCtx {
     pub trace: TraceContext,
     /// The client's connection is TLS (set by the driver before `setup`).
     pub tls: bool,
+    /// The names of the request's header lines as the client sent them, when the
+    /// driver's codec recorded them (`Names::ANY` otherwise): lookups of a header the
+    /// request surely lacks are skipped (set by the driver before `setup`).
+    pub names: Names,
     /// The request as the client sent it, for the access log (and its request id).
     pub seen: Option<crate::accesslog::Seen>,
     /// The HTTP version the client spoke: the protocol of busbar's `Via` entry.
@@ -101,7 +106,8 @@ pub struct RequestCtx {
 impl RequestCtx {
     pub fn new() -> Self {
         RequestCtx {
-            start: Instant::now(),
+            // The turn's reading (`base::clock`): the request came in this poll.
+            start: crate::base::clock::now(),
             snapshot: None,
             route: None,
             set: None,
@@ -118,6 +124,7 @@ impl RequestCtx {
             client: None,
             trace: TraceContext::default(),
             tls: false,
+            names: Names::ANY,
             seen: None,
             client_version: http::Version::HTTP_11,
             caller: Caller::Http,

@@ -48,7 +48,7 @@ impl Phases {
         // Read before `finish` takes it: the access log's release version.
         let served = ctx.release.served_instance();
         ctx.release.finish(ctx.set.as_deref(), judged(ctx, status));
-        let total = ctx.start.elapsed();
+        let total = crate::base::clock::now().saturating_duration_since(ctx.start);
         if let Some(route) = &ctx.route {
             let m = &route.metrics;
             if status > 0 {

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use http::header::{HeaderName, HeaderValue, HOST};
 use pingora_http::{RequestHeader, ResponseHeader};
 
-use crate::base::http::line;
+use crate::base::http::{line, Name, Names};
 use crate::config::HeaderEdit;
 use crate::text::Sink;
 
@@ -171,7 +171,8 @@ fn chain_line(wire: &mut Vec<u8>, name: &str, chain: Option<&[u8]>, own: Option<
 }
 
 /// Removes client-sent forwarding headers and trace context (busbar writes its own).
-pub fn clear_forwarded(req: &mut RequestHeader) {
+/// `sent`: the names of the request's header lines (`Names::ANY` when not known).
+pub fn clear_forwarded(req: &mut RequestHeader, sent: Names) {
     let names = [
         &X_FORWARDED_FOR,
         &X_FORWARDED_PROTO,
@@ -179,9 +180,18 @@ pub fn clear_forwarded(req: &mut RequestHeader) {
         &FORWARDED,
         &TRACEPARENT,
     ];
-    // One pass over the request's few names says whether there is anything to remove
-    // (usually not): cheaper than hashing each of these names for a lookup.
-    if !req.headers.keys().any(|k| names.contains(&k)) {
+    // Usually there is nothing to remove: the filter says so for a few bit tests, else
+    // one pass over the request's few names does (cheaper than hashing each of these
+    // names for a lookup).
+    // Their bits in `Names`, worked out when busbar is compiled.
+    const BITS: [Name; 5] = [
+        Name::of(XFF_NAME),
+        Name::of(XFP_NAME),
+        Name::of(XFH_NAME),
+        Name::of(FORWARDED_NAME),
+        Name::of(TRACEPARENT_NAME),
+    ];
+    if BITS.iter().all(|&b| sent.lacks_name(b)) || !req.headers.keys().any(|k| names.contains(&k)) {
         return;
     }
     for name in names {

@@ -19,6 +19,7 @@ use super::ctx::RequestCtx;
 use super::request::{self, RequestPath};
 use super::Phases;
 use crate::admission::{self, Admitted, Refused, Rejection, RoutePolicy};
+use crate::base::http::Name;
 use crate::metrics::METRICS;
 use crate::proxy::grpc::Caller;
 use crate::proxy::reply::Cause;
@@ -26,6 +27,13 @@ use crate::proxy::trace::TraceContext;
 use crate::routing::Route;
 use crate::snapshot::Snapshot;
 use crate::translate::{grpc_web, Translation};
+
+// The bits (`base::http::Names`) of the headers setup reads, which most requests lack.
+const CONTENT_TYPE_NAME: Name = Name::of("content-type");
+/// `accesslog::REQUEST_ID` (a unit test holds them together).
+pub(crate) const REQUEST_ID_NAME: Name = Name::of("x-request-id");
+const TRACEPARENT_NAME: Name = Name::of(super::forwarding::TRACEPARENT_NAME);
+const VIA_NAME: Name = Name::of(crate::via::VIA_NAME);
 
 /// How the driver hands the request's route to [`Phases::setup`].
 pub(crate) enum Routing {
@@ -58,14 +66,27 @@ impl Phases {
         ctx.counted = true;
         // Before any refusal: each is answered in the caller's shape (and the access log
         // names the protocol from it).
-        ctx.caller = Caller::of(&req.headers);
-        ctx.seen = Some(crate::accesslog::Seen::from_headers(
-            &req.headers,
-            req.version,
-            ctx.tls,
-            ctx.caller,
-            self.access_log.enabled(),
-        ));
+        // Headers the request surely lacks are not looked up (`RequestCtx::names`).
+        let names = ctx.names;
+        if !names.lacks_name(CONTENT_TYPE_NAME) {
+            ctx.caller = Caller::of(&req.headers);
+        }
+        let logged = self.access_log.enabled();
+        ctx.seen = Some(match names.lacks_name(REQUEST_ID_NAME) && !logged {
+            // What `from_headers` makes of a request without one, for a log that is off.
+            true => crate::accesslog::Seen {
+                kept_id: None,
+                protocol: "",
+                user_agent: None,
+            },
+            false => crate::accesslog::Seen::from_headers(
+                &req.headers,
+                req.version,
+                ctx.tls,
+                ctx.caller,
+                logged,
+            ),
+        });
         let set_up = setup_on(ctx, &snapshot, req, peer, routing);
         ctx.snapshot = Some(snapshot);
         set_up
@@ -109,10 +130,12 @@ fn setup_on(
 ) -> Result<(Arc<Route>, RequestPath), Cause> {
     ctx.client_version = req.version;
     ctx.client = request::real_client(snapshot, peer, req);
+    let traceparent = &super::forwarding::TRACEPARENT;
     ctx.trace = TraceContext::from_header(
-        req.headers
-            .get(&super::forwarding::TRACEPARENT)
-            .map(|v| v.as_bytes()),
+        match ctx.names.lacks_name(TRACEPARENT_NAME) {
+            true => None,
+            false => req.headers.get(traceparent).map(|v| v.as_bytes()),
+        },
         &snapshot.config.tracing,
     );
     let checked = matches!(routing, Routing::Find);
@@ -141,7 +164,9 @@ fn setup_on(
     };
     ctx.route = Some(route.clone());
     // Before admission: a looping request spends no rate-limit token or queue slot.
-    if crate::via::node().looped(&req.headers, snapshot.config.limits.max_hops) {
+    if !ctx.names.lacks_name(VIA_NAME)
+        && crate::via::node().looped(&req.headers, snapshot.config.limits.max_hops)
+    {
         return Err(Cause::LoopDetected);
     }
     if checked
@@ -195,4 +220,33 @@ pub(crate) fn grpc_web(
     }
     ctx.grpc_web = grpc_web::WebCall::detect(req, s);
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::base::http::Names;
+
+    /// The bits made from spellings are those of the names the phases look up.
+    #[test]
+    fn the_names_setup_skips_are_the_ones_it_looks_up() {
+        let mut names = Names::NONE;
+        for n in [
+            http::header::CONTENT_TYPE.as_str(),
+            crate::accesslog::REQUEST_ID.as_str(),
+            super::super::forwarding::TRACEPARENT.as_str(),
+            http::header::VIA.as_str(),
+        ] {
+            names.add(n.as_bytes());
+        }
+        for bit in [
+            CONTENT_TYPE_NAME,
+            REQUEST_ID_NAME,
+            TRACEPARENT_NAME,
+            VIA_NAME,
+        ] {
+            assert!(!names.lacks_name(bit), "{bit:?}");
+            assert!(Names::NONE.lacks_name(bit));
+        }
+    }
 }

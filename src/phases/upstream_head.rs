@@ -19,7 +19,7 @@ use pingora_http::RequestHeader;
 use super::ctx::RequestCtx;
 use super::forwarding::{self, Forwarding};
 use crate::admission;
-use crate::base::http::{line, value_fits_line};
+use crate::base::http::{line, value_fits_line, Name};
 use crate::routing;
 
 /// The connection a request came on, as the upstream head needs it.
@@ -87,8 +87,13 @@ pub(crate) fn build(
         }
         // An upgrade: busbar's HTTP/1 codec leaves `Upgrade` in the head only for one it
         // passes on (every other hop-by-hop header is gone), and its `Connection` token
-        // goes with it (RFC 9110 §7.8).
-        if upstream.headers.contains_key(UPGRADE) {
+        // goes with it (RFC 9110 §7.8). Only the route's edits could have added one the
+        // client did not send.
+        let unedited = route.config.request_headers.is_empty();
+        const UPGRADE_NAME: Name = Name::of("upgrade");
+        if !(unedited && ctx.names.lacks_name(UPGRADE_NAME))
+            && upstream.headers.contains_key(UPGRADE)
+        {
             wire.extend_from_slice(b"Connection: upgrade\r\n");
         }
         wire.extend_from_slice(b"\r\n");
@@ -118,9 +123,9 @@ impl<'c> Own<'c> {
         }
         let chain = peer_trusted(ctx, down.peer);
         let forwarding = Forwarding::of(upstream, down.peer, down.tls, chain);
-        forwarding::clear_forwarded(upstream);
+        forwarding::clear_forwarded(upstream, ctx.names);
         // The request id goes out as the access log has it (kept or made): once.
-        if ctx.seen.is_some() {
+        if ctx.seen.is_some() && !ctx.names.lacks_name(super::setup::REQUEST_ID_NAME) {
             upstream.remove_header(&crate::accesslog::REQUEST_ID);
         }
         Ok(Own {
@@ -156,13 +161,13 @@ impl<'c> Own<'c> {
         }
         self.forwarding.write(wire);
         wire.extend_from_slice(crate::via::node().line(ctx.client_version));
-        line(
-            wire,
-            forwarding::TRACEPARENT_NAME.as_bytes(),
-            &ctx.trace.header_value(),
-        );
+        let traceparent = ctx.trace.header_value();
+        line(wire, forwarding::TRACEPARENT_NAME.as_bytes(), &traceparent);
         if let Some(seen) = &ctx.seen {
-            let trace_id = ctx.trace.trace_id_hex();
+            // The trace id in hex is part of `traceparent` (`00-<trace id>-…`): taken
+            // from there, not formatted a second time.
+            let mut trace_id = [0u8; 32];
+            trace_id.copy_from_slice(&traceparent[3..35]);
             line(
                 wire,
                 crate::accesslog::REQUEST_ID.as_str().as_bytes(),
@@ -180,11 +185,11 @@ fn clear_identity<'c>(
 ) -> Option<(&'c HeaderName, &'c str)> {
     match &ctx.admitted {
         Some(a) => {
-            a.clear_upstream(upstream);
+            a.clear_upstream(upstream, ctx.names);
             a.identity()
         }
         None => {
-            admission::strip_identity(upstream);
+            admission::strip_identity(upstream, ctx.names);
             None
         }
     }

@@ -106,6 +106,37 @@ pub struct FastRequest {
     upgrade: bool,
     /// The headers `Connection` names: removed before the request goes upstream.
     nominated: Vec<http::HeaderName>,
+    /// The names of its header lines, for the phases (`RequestCtx::names`).
+    names: crate::base::http::Names,
+}
+
+/// The buffers of an exchange with an HTTP/1 upstream, kept by a busy connection from one
+/// request to the next (`edge::Edge::busy`): each request took them from the allocator
+/// (the 4 KiB read buffer through mimalloc's slow path), ~300 instructions a request.
+/// A buffer a large head or body grew is freed after its request ([`Scratch::settle`]).
+#[derive(Default)]
+pub struct Scratch {
+    /// The upstream request head, and the body's first bytes after it.
+    wire: Vec<u8>,
+    /// The upstream's response as it is read.
+    buf: Vec<u8>,
+    /// The response head for the client, and the first of its body.
+    out: Vec<u8>,
+}
+
+impl Scratch {
+    /// Largest buffer kept for the next request.
+    const KEEP: usize = 16 * 1024;
+
+    /// After a request: what grew past [`Scratch::KEEP`] goes back to the allocator.
+    fn settle(&mut self) {
+        for b in [&mut self.wire, &mut self.buf, &mut self.out] {
+            b.clear();
+            if b.capacity() > Scratch::KEEP {
+                *b = Vec::new();
+            }
+        }
+    }
 }
 
 /// Parses ([`parse`]) and routes a complete head. `None`: not a request for this path
@@ -163,6 +194,7 @@ pub fn take(state: &State, head: &[u8], limits: &HeadLimits) -> Option<Box<FastR
         expect: parsed.expect,
         upgrade: parsed.upgrade,
         nominated: parsed.nominated,
+        names: parsed.names,
     }))
 }
 
@@ -195,7 +227,8 @@ async fn admit<S: ClientStream>(
 /// an upgrade opened gets the grace period). `conn`: what the front
 /// door read past the head (the body's first bytes, or the client's next, pipelined
 /// request); the body is taken from it, and what the client sent past the body is left
-/// in it. Returns whether the client connection may carry another request.
+/// in it. `scratch`: the connection's buffers for the upstream exchange. Returns whether
+/// the client connection may carry another request.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<S: ClientStream>(
     phases: &Phases,
@@ -205,6 +238,7 @@ pub async fn serve<S: ClientStream>(
     request: Box<FastRequest>,
     shutdown: &ShutdownWatch,
     conn: &mut Vec<u8>,
+    scratch: &mut Scratch,
 ) -> bool {
     let draining = *shutdown.borrow();
     // The request stays in its box (the snapshot and the route are moved out): inline,
@@ -229,6 +263,7 @@ pub async fn serve<S: ClientStream>(
     // The one record of the connection's TLS: `X-Forwarded-Proto`, `Forwarded` and the
     // access log's protocol read it.
     ctx.tls = tls;
+    ctx.names = request.names;
     let limits = snapshot.config.limits;
     let limit = limits.client_timeout;
     let pace = crate::phases::pace::BodyPace::new(limits.client_timeout, limits.body_min_rate);
@@ -314,6 +349,7 @@ pub async fn serve<S: ClientStream>(
                                 http10,
                                 expect,
                                 upgrade,
+                                scratch: &mut *scratch,
                             };
                             exchange(phases, &mut down, &route, req, &mut ctx, &mut sides).await
                         }
@@ -323,6 +359,7 @@ pub async fn serve<S: ClientStream>(
             }
         }
     };
+    scratch.settle();
     let served = Served {
         keep_alive: served.keep_alive && body.done(),
         ..served
@@ -375,6 +412,8 @@ struct Sides<'a> {
     expect: bool,
     /// An upgrade: a `101` answer opens a tunnel, which the drain (this watch) bounds.
     upgrade: Option<&'a ShutdownWatch>,
+    /// The connection's buffers for the exchange.
+    scratch: &'a mut Scratch,
 }
 
 /// What busbar answers for a body that could not be read; nothing for a client that left.
@@ -415,13 +454,14 @@ async fn exchange<S: ClientStream>(
         Some(n) => n.min(body::HOLD as u64) as usize,
         None => sides.conn.len(),
     };
-    let mut wire = Vec::with_capacity(512 + held);
+    let Scratch { wire, buf, out } = &mut *sides.scratch;
+    wire.reserve(512 + held);
     let conn = upstream_head::Downstream {
         peer: client_ip,
         tls: ctx.tls,
         h2: false,
     };
-    if upstream_head::build(ctx, req, conn, Output::Wire(&mut wire)).is_err() {
+    if upstream_head::build(ctx, req, conn, Output::Wire(wire)).is_err() {
         return down.answer(ctx, Cause::BadRequest, false).await;
     }
     let head_len = wire.len();
@@ -429,7 +469,7 @@ async fn exchange<S: ClientStream>(
     // read before the upstream is asked.
     let mut waiting = sides.expect && sides.conn.is_empty() && !sides.body.done();
     if !sides.body.done() {
-        let held = body::hold(sides.body, down.client, sides.conn, &mut wire, !waiting);
+        let held = body::hold(sides.body, down.client, sides.conn, wire, !waiting);
         if let Err(f) = held.await {
             return body_failed(down, ctx, f).await;
         }
@@ -456,17 +496,16 @@ async fn exchange<S: ClientStream>(
             .deadline
             .unwrap_or_else(|| Instant::now() + route.service.config.timeout),
     };
-    let mut buf = Vec::with_capacity(BUF);
-    // The response head for the client, and the first of its body: one write. Allocated
-    // when the head has come, to its size (`response::parse_head`).
-    let mut out = Vec::new();
+    buf.reserve(BUF);
+    // The response head for the client, and the first of its body: one write. Sized
+    // when the head has come (`response::parse_head`).
     let (mut up, key, mut head) = loop {
         let t = match phases.begin_try(ctx) {
             Ok(t) => t,
             Err(cause) => return down.answer(ctx, cause, false).await,
         };
         crate::otel::retrace(&mut wire[..head_len], ctx);
-        let ask = Ask { wire: &wire, ..ask };
+        let ask = Ask { wire, ..ask };
         let metrics = &route.service.metrics;
         let mut started = false;
         let tried = if streams {
@@ -482,7 +521,7 @@ async fn exchange<S: ClientStream>(
                 started: false,
                 stopped: false,
             };
-            let tried = one_try(&t, &ask, metrics, &mut buf, &mut out, Some(&mut st)).await;
+            let tried = one_try(&t, &ask, metrics, buf, out, Some(&mut st)).await;
             (started, waiting) = (st.started, st.waiting);
             tried
         } else {
@@ -490,7 +529,7 @@ async fn exchange<S: ClientStream>(
             // pingora's path): its instance, and its admission slot, are free at once.
             tokio::select! {
                 biased;
-                r = one_try(&t, &ask, metrics, &mut buf, &mut out, None::<&mut Streamer<'_, S>>) => r,
+                r = one_try(&t, &ask, metrics, buf, out, None::<&mut Streamer<'_, S>>) => r,
                 _ = down.left() => {
                     ctx.release_instance();
                     return Served::nothing();
@@ -526,11 +565,12 @@ async fn exchange<S: ClientStream>(
     {
         let rate = rate.as_ref();
         // What the tunnel does not need is freed before it starts: it may last an hour.
-        drop((wire, chunk));
+        drop(chunk);
+        *wire = Vec::new();
         let switched = switch::Switched {
             up,
-            lines: out,
-            buf,
+            lines: std::mem::take(out),
+            buf: std::mem::take(buf),
             head: &head,
             edits,
             rate,
@@ -574,9 +614,9 @@ async fn exchange<S: ClientStream>(
             return down.answer(ctx, Cause::UpstreamError, false).await;
         }
         out.clear();
-        write_head(&mut out, &mut resp, keep_alive);
+        write_head(out, &mut resp, keep_alive);
     } else {
-        finish_head(&mut out, rate.as_ref(), keep_alive);
+        finish_head(out, rate.as_ref(), keep_alive);
     }
     let first = if dechunk {
         out.extend_from_slice(&plain);
@@ -586,7 +626,7 @@ async fn exchange<S: ClientStream>(
         first
     };
     let mut sent = first;
-    if !down.send(&out).await {
+    if !down.send(out).await {
         return Served::cut(status, 0);
     }
     plain.clear();
@@ -600,7 +640,7 @@ async fn exchange<S: ClientStream>(
         loop {
             buf.clear();
             buf.reserve(BUF);
-            let n = match within(t_read, up.read_buf(&mut buf)).await {
+            let n = match within(t_read, up.read_buf(buf)).await {
                 Ok(Ok(0)) if head.framing == Framing::Close => break,
                 Ok(Ok(n)) if n > 0 => n,
                 read => {

@@ -269,7 +269,8 @@ pub fn take(key: Key) -> Option<Conn> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let idle = p.idle.get_mut(&key)?;
-        let now = Instant::now();
+        // The turn's reading (`base::clock`): an idle age needs no finer one.
+        let now = crate::base::clock::now();
         while let Some((mut s, since)) = idle.pop_back() {
             if now.duration_since(since) < IDLE && s.alive() {
                 return Some(s);
@@ -298,7 +299,7 @@ pub(crate) fn wait(key: Key) -> oneshot::Receiver<Conn> {
 /// Keeps `s` for the next request under `key` (the oldest try still [`wait`]ing for
 /// one, if any); drops the oldest past the cap or the idle time.
 pub fn give_back(key: Key, s: Conn) {
-    give_back_at(key, s, Instant::now());
+    give_back_at(key, s, crate::base::clock::now());
 }
 
 fn give_back_at(key: Key, s: Conn, now: Instant) {

@@ -18,6 +18,7 @@ use pingora_http::RequestHeader;
 use super::fields::{self, Token, MAX_CONNECTION_TOKENS};
 use super::head::HeadLimits;
 use super::MAX_HEADERS;
+use crate::base::http::Names;
 use crate::phases::response_head::Kind;
 
 /// How a request's body is framed (RFC 9112 §6.3), as [`parse`] read its head.
@@ -47,6 +48,8 @@ pub(super) struct Parsed {
     /// The headers `Connection` names (RFC 9110 §7.6.1): busbar's phases see them, the
     /// upstream does not. Empty (no allocation) for nearly every request.
     pub(super) nominated: Vec<HeaderName>,
+    /// The names of the head's header lines (`base::http::Names`), for the phases.
+    pub(super) names: Names,
 }
 
 /// Is this an upgrade busbar passes on? The client asked for one (`Connection` names
@@ -200,7 +203,10 @@ fn parse_lines(head: &Bytes, limits: &HeadLimits, parsed: &httparse::Request) ->
     // The headers `Connection` names: removed before the request goes upstream.
     let mut tokens = 0;
     let mut nominated = Vec::new();
+    let mut names = Names::NONE;
     for h in parsed.headers.iter() {
+        // Every line's name, also those that do not go into the map.
+        names.add(h.name.as_bytes());
         // Each line before this one ended in CRLF (the last one: `ends_with` above).
         let at = h.name.as_ptr() as usize - head.as_ptr() as usize;
         if head[at - 2] != b'\r' {
@@ -316,6 +322,7 @@ fn parse_lines(head: &Bytes, limits: &HeadLimits, parsed: &httparse::Request) ->
         if host.is_none() {
             let value = HeaderValue::from_maybe_shared(head.slice_ref(authority)).ok()?;
             parts.headers.insert(HOST, value);
+            names.add(HOST.as_str().as_bytes());
         }
     }
     // No case map: names go upstream in canonical form.
@@ -334,6 +341,7 @@ fn parse_lines(head: &Bytes, limits: &HeadLimits, parsed: &httparse::Request) ->
         http10,
         upgrade: upgrading,
         nominated,
+        names,
     })
 }
 

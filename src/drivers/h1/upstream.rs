@@ -22,7 +22,8 @@ use super::body::{BodyFail, PumpFail, Streamer};
 use super::client::ClientStream;
 use super::pool::{self, Conn};
 use super::response::{parse_head, Head};
-use crate::base::deadline::within;
+use crate::base::clock;
+use crate::base::deadline::{within, within_by};
 use crate::metrics::ServiceMetrics;
 use crate::model::TlsPeer;
 use crate::phases::Try;
@@ -76,14 +77,15 @@ pub(super) async fn round_trip<S: ClientStream>(
     let timed_out = TripError::Upstream { timed_out: true };
     // Each wait ends at `read_timeout` or at the head's deadline, whichever is first: the
     // deadline bounds the whole head, so an upstream trickling header lines (each read
-    // well within `read_timeout`) does not get through it.
-    let limit = || read_timeout.min(ask.head_by.saturating_duration_since(Instant::now()));
+    // well within `read_timeout`) does not get through it. Worked out only for a wait
+    // that has to wait (`within_by`).
+    let limit = || read_timeout.min(ask.head_by.saturating_duration_since(clock::now()));
     // A TLS session buffers what it encrypts: the flush sends it (a no-op on TCP).
     let sent = async {
         up.write_all(ask.wire).await?;
         up.flush().await
     };
-    match within(limit(), sent).await {
+    match within_by(read_timeout, ask.head_by, sent).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) if reused => return Err(TripError::Stale),
         Ok(Err(_)) => return Err(failed),
@@ -115,7 +117,7 @@ pub(super) async fn round_trip<S: ClientStream>(
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(BUF);
         }
-        let n = match within(limit(), up.read_buf(buf)).await {
+        let n = match within_by(read_timeout, ask.head_by, up.read_buf(buf)).await {
             Ok(Ok(n)) => n,
             Ok(Err(_)) if reused && buf.is_empty() => return Err(TripError::Stale),
             Ok(Err(_)) => return Err(failed),
