@@ -230,10 +230,12 @@ fn serve<A: ServerApp + Send + Sync + 'static>(
     // What pingora sets on every accepted stream; a failure only costs latency.
     let _ = s.set_nodelay(true);
     if proxied.is_none() && tls.is_none() {
-        let serve = ListeningService::handle_event(stream(s, peer), app.clone(), shutdown.clone());
+        let (app, shutdown) = (app.clone(), shutdown.clone());
+        // The connection's future is made inside the task, not captured by it: an async
+        // block that awaits a future it captured keeps room for it twice.
         pingora_runtime::current_handle().spawn(async move {
             ServingThreads::note();
-            serve.await
+            ListeningService::handle_event(stream(s, peer), app, shutdown).await
         });
         return;
     }

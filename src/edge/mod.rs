@@ -464,7 +464,7 @@ impl ServerApp for Edge {
         // The HTTP/1 loop reads the clock once a poll (`clock::turns`).
         if stream.as_any().is::<L4Stream>() {
             let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
-            let h2c = Box::pin(clock::turns(self.serve(l4, false, shutdown))).await?;
+            let h2c = clock::turns(Box::pin(self.serve(l4, false, shutdown))).await?;
             return self.h2(h2c, false, shutdown).await;
         }
         if stream.selected_alpn_proto() == Some(ALPN::H2) {
@@ -474,7 +474,7 @@ impl ServerApp for Edge {
         let tls = stream.into_any().downcast::<TlsClient>().ok()?;
         // A TLS client that chose `http/1.1` (or nothing) by ALPN and then sent the
         // HTTP/2 preface: still TLS.
-        let h2 = Box::pin(clock::turns(self.serve(tls, true, shutdown))).await?;
+        let h2 = clock::turns(Box::pin(self.serve(tls, true, shutdown))).await?;
         self.h2(h2, true, shutdown).await
     }
     async fn cleanup(&self) {
