@@ -12,7 +12,7 @@
 //! (`clock::now`), which may be the poll's own work (microseconds) old.
 
 use std::future::Future;
-use std::pin::pin;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -35,35 +35,51 @@ pub struct Elapsed;
 
 /// Runs `fut` until it finishes or `limit` passes, whichever is first. The future is
 /// polled before a deadline is armed, so one that is ready at once arms none.
-pub async fn within<F: Future>(limit: Duration, fut: F) -> Result<F::Output, Elapsed> {
-    wait(limit, None, fut).await
+pub fn within<F: Future>(limit: Duration, fut: F) -> Within<F> {
+    Within {
+        fut,
+        limit,
+        by: None,
+        armed: Armed(None),
+    }
 }
 
 /// [`within`], and also no later than `by`: the deadline is whichever comes first,
 /// worked out only if the future has to wait (a wait that ends at once costs no clock
 /// read and no arithmetic on `Instant`s).
-pub async fn within_by<F: Future>(
-    limit: Duration,
-    by: Instant,
-    fut: F,
-) -> Result<F::Output, Elapsed> {
-    wait(limit, Some(by), fut).await
+pub fn within_by<F: Future>(limit: Duration, by: Instant, fut: F) -> Within<F> {
+    Within {
+        fut,
+        limit,
+        by: Some(by),
+        armed: Armed(None),
+    }
 }
 
-async fn wait<F: Future>(
-    limit: Duration,
-    by: Option<Instant>,
-    fut: F,
-) -> Result<F::Output, Elapsed> {
-    let mut fut = pin!(fut);
-    let mut armed = Armed(None);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+pin_project_lite::pin_project! {
+    /// [`within`]'s future: the wrapped future held once, in place. (An `async fn`
+    /// taking the future by value keeps room for it twice, the argument and its pinned
+    /// local, and a wrapper around that three times: every idle HTTP/2 connection's
+    /// future carried its handshake's so, ~2 KiB.)
+    pub struct Within<F> {
+        #[pin]
+        fut: F,
+        limit: Duration,
+        by: Option<Instant>,
+        armed: Armed,
+    }
+}
+
+impl<F: Future> Future for Within<F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.fut.poll(cx) {
             return Poll::Ready(Ok(out));
         }
-        armed.poll(limit, by, cx)
-    })
-    .await
+        this.armed.poll(*this.limit, *this.by, cx)
+    }
 }
 
 #[derive(PartialEq, Eq)]
