@@ -554,6 +554,22 @@ const GOAWAY: u8 = 7;
 const END_STREAM: u8 = 1;
 const END_HEADERS: u8 = 4;
 
+/// The next whole frame at the front of `buf` (type, flags, stream id, payload), taken
+/// off it; `None` while the frame is not all there.
+fn next_frame(buf: &mut BytesMut) -> Option<(u8, u8, u32, BytesMut)> {
+    if buf.len() < 9 {
+        return None;
+    }
+    let len = (buf[0] as usize) << 16 | (buf[1] as usize) << 8 | buf[2] as usize;
+    if buf.len() < 9 + len {
+        return None;
+    }
+    let (kind, flags) = (buf[3], buf[4]);
+    let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+    buf.advance(9);
+    Some((kind, flags, id, buf.split_to(len)))
+}
+
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len() as u32;
     let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
@@ -637,15 +653,7 @@ async fn raw_connection(
     let mut buf = BytesMut::new();
     loop {
         // Whole frames off the front of what was read (a read may end mid-frame).
-        while buf.len() >= 9 {
-            let len = (buf[0] as usize) << 16 | (buf[1] as usize) << 8 | buf[2] as usize;
-            if buf.len() < 9 + len {
-                break;
-            }
-            let (kind, flags) = (buf[3], buf[4]);
-            let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
-            buf.advance(9);
-            let payload = buf.split_to(len);
+        while let Some((kind, flags, id, payload)) = next_frame(&mut buf) {
             match kind {
                 SETTINGS if flags & 1 == 0 => tcp.write_all(&frame(SETTINGS, 1, 0, &[])).await?,
                 PING if flags & 1 == 0 => tcp.write_all(&frame(PING, 1, 0, &payload)).await?,
@@ -776,16 +784,7 @@ async fn recording_instance() -> (
                 tcp.write_all(&frame(SETTINGS, 0, 0, &[])).await?;
                 let mut buf = BytesMut::new();
                 loop {
-                    while buf.len() >= 9 {
-                        let len =
-                            (buf[0] as usize) << 16 | (buf[1] as usize) << 8 | buf[2] as usize;
-                        if buf.len() < 9 + len {
-                            break;
-                        }
-                        let (kind, flags) = (buf[3], buf[4]);
-                        let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
-                        buf.advance(9);
-                        let payload = buf.split_to(len);
+                    while let Some((kind, flags, id, payload)) = next_frame(&mut buf) {
                         match kind {
                             SETTINGS if flags & 1 == 0 => {
                                 tcp.write_all(&frame(SETTINGS, 1, 0, &[])).await?
