@@ -43,11 +43,7 @@ impl Upstream {
                             return;
                         };
                         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse().ok())
-                            .unwrap_or(0);
+                        let len = common::content_length(&buf[..end]);
                         buf.drain(..end);
                         while buf.len() < len {
                             let mut chunk = [0u8; 65536];

@@ -454,6 +454,19 @@ pub async fn read_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Opti
     }
 }
 
+/// The `Content-Length` of an HTTP/1.1 head (0 when it has none).
+pub fn content_length(head: &[u8]) -> usize {
+    String::from_utf8_lossy(head)
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("content-length:")
+                .map(|v| v.trim().to_string())
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Reads one HTTP/1.1 answer framed by its `Content-Length` (none: no body) from `s`,
 /// each read within `within`: the answer's bytes, head and body. `got` holds what was
 /// read before and keeps what was read past the answer (the next pipelined one).
@@ -466,12 +479,7 @@ pub async fn read_answer<S: tokio::io::AsyncRead + Unpin>(
     let mut buf = vec![0u8; 65536];
     loop {
         if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
+            let len = content_length(&got[..end]);
             if got.len() >= end + 4 + len {
                 return got.drain(..end + 4 + len).collect();
             }
