@@ -281,14 +281,19 @@ async fn garbage_after_the_handshake_closes_only_that_connection() {
             "connection still open after {:?}",
             String::from_utf8_lossy(garbage)
         );
-        let mut ok = connect(addr).await;
-        let mut got = Vec::new();
-        ok.write_all(b"GET /big/10 HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
-        assert_eq!(answer(&mut ok, &mut got).await.0, 200, "{}", bus.stderr());
+        still_serves(&bus, addr).await;
     }
     assert!(bus.stderr().find("panicked").is_none(), "{}", bus.stderr());
+}
+
+/// A new TLS connection to `addr` is still answered 200.
+async fn still_serves(bus: &Busbar, addr: SocketAddr) {
+    let mut ok = connect(addr).await;
+    let mut got = Vec::new();
+    ok.write_all(b"GET /big/10 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(answer(&mut ok, &mut got).await.0, 200, "{}", bus.stderr());
 }
 
 /// Many small requests written at once on one TLS connection are all answered, in order.
@@ -480,12 +485,7 @@ async fn a_hostile_handshake_is_refused_without_waiting_for_the_timeout() {
             want,
             "attempt {i}: {failed}"
         );
-        let mut ok = connect(addr).await;
-        let mut got = Vec::new();
-        ok.write_all(b"GET /big/10 HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
-        assert_eq!(answer(&mut ok, &mut got).await.0, 200, "{}", bus.stderr());
+        still_serves(&bus, addr).await;
     }
     let timeouts = r#"busbar_edge_refusals_total{reason="tls_handshake_timeout"}"#;
     assert_eq!(bus.metric(timeouts).await, 0.0, "{timeouts}");
