@@ -294,6 +294,45 @@ async fn connect_tunnels_only_to_registered_services() {
         ) >= 1.0
     );
     assert!(common::metric_value(&m, "busbar_connect_refused_total") >= 1.0);
+    assert_eq!(
+        common::metric_value(
+            &m,
+            r#"busbar_requests_total{class="4xx",method="CONNECT",reason="not_a_service",route="_no_route",service=""}"#
+        ),
+        1.0,
+        "{m}"
+    );
+
+    // Each CONNECT has its access log line: the refusal at once, the tunnel once it
+    // closes (the client's pooled connection goes with the client).
+    drop(c);
+    let connects = || -> Vec<Value> {
+        bus.access_log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["method"] == "CONNECT")
+            .collect()
+    };
+    let logged = common::eventually(Duration::from_secs(10), || connects().len() == 2).await;
+    let lines = connects();
+    assert!(logged, "{}", bus.access_log());
+    let refused = lines
+        .iter()
+        .find(|e| e["status"] == 403)
+        .expect("the 403's line");
+    assert_eq!(refused["host"], "example.com:443");
+    assert_eq!(refused["error"], "not_a_service");
+    assert_eq!(refused["service"], "");
+    let tunnel = lines
+        .iter()
+        .find(|e| e["status"] == 200)
+        .expect("the tunnel's line");
+    assert_eq!(tunnel["host"], "orders:443");
+    assert_eq!(tunnel["service"], "orders");
+    assert_eq!(tunnel["instance"], tls.addr.to_string());
+    assert!(tunnel["error"].is_null(), "{tunnel}");
+    // The TLS handshake and the answer came back through it.
+    assert!(tunnel["bytes"].as_u64().unwrap() > 100, "{tunnel}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -396,6 +396,11 @@ impl Edge {
             }
         };
         if buf.starts_with(b"CONNECT ") {
+            let log = crate::fallback::connect::Log {
+                log,
+                client: crate::base::peer_of(&*conn),
+                started: Instant::now(),
+            };
             // Boxed, as a rare path: inline, its state would size every connection's task.
             Box::pin(crate::fallback::connect::tunnel(
                 &self.state,
@@ -403,6 +408,7 @@ impl Edge {
                 &buf[..end],
                 &buf[end..],
                 shutdown,
+                log,
             ))
             .await;
             return Next::Done;

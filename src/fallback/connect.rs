@@ -6,6 +6,11 @@
 //! `drivers::tunnel` (the copy an upgrade uses too), closed after the service's
 //! `tunnel_idle_timeout` without a byte either way, and at the end of a drain's grace
 //! period.
+//! Every CONNECT gets one access log line when it ends, as Envoy and HAProxy log a
+//! tunnel: a refusal at once (and counted in `busbar_requests_total` with its reason), a
+//! tunnel when it closes (status 200, `bytes` the upstream sent the client, `duration_ms`
+//! its life, `error` busbar's reason when busbar ended it: `tunnel_idle`,
+//! `tunnel_drained`).
 //! Must not: parse more than the CONNECT head.
 
 use std::time::Duration;
@@ -13,6 +18,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::accesslog::{AccessLog, Entry, Seen};
 use crate::drivers::tunnel::{self, Bounds};
 use crate::metrics::METRICS;
 use crate::model::health::now_ms;
@@ -21,7 +27,13 @@ use crate::snapshot::State;
 /// Connecting to the chosen instance must succeed within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-async fn respond<S: AsyncWrite + Unpin>(stream: &mut S, status: &str, code: &str, message: &str) {
+/// Writes a refusal; the number of bytes it was (head and body).
+async fn respond<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: &str,
+    code: &str,
+    message: &str,
+) -> usize {
     let body = crate::base::reply::Refusal::new(code, message).to_json();
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -31,6 +43,7 @@ async fn respond<S: AsyncWrite + Unpin>(stream: &mut S, status: &str, code: &str
     out.extend_from_slice(&body);
     let _ = stream.write_all(&out).await;
     let _ = stream.flush().await;
+    body.len()
 }
 
 /// The target authority of a CONNECT head.
@@ -44,89 +57,186 @@ fn target_of(head: &[u8]) -> Option<&str> {
     }
 }
 
+/// Where a CONNECT's access log line goes, and what busbar knows of its caller.
+pub struct Log<'a> {
+    pub log: &'a AccessLog,
+    pub client: Option<std::net::SocketAddr>,
+    /// When the head had been read.
+    pub started: std::time::Instant,
+}
+
+/// How a CONNECT ended, for its access log line and `busbar_requests_total`.
+struct Ended<'a> {
+    /// The authority the client asked for (`""` when the head was malformed).
+    target: &'a str,
+    route: &'a str,
+    service: &'a str,
+    instance: Option<std::net::SocketAddr>,
+    status: u16,
+    /// Bytes sent to the client: the refusal's body, or what the tunnel carried.
+    bytes: u64,
+    /// busbar's reason code when busbar refused or ended it.
+    error: Option<&'static str>,
+}
+
+impl Log<'_> {
+    /// The line of one CONNECT, and a refusal counted as busbar's own answers are.
+    fn ended(&self, e: Ended<'_>) {
+        if e.status >= 400 {
+            if let Some(reason) = e.error {
+                crate::metrics::count_answer(e.route, e.service, e.status, reason, "CONNECT");
+            }
+        }
+        if !self.log.enabled() {
+            return;
+        }
+        let trace = crate::proxy::trace::new_trace_id_hex();
+        let seen = Seen {
+            kept_id: None,
+            protocol: "http/1.1",
+            user_agent: None,
+        };
+        self.log.write(&Entry {
+            client: self.client,
+            method: "CONNECT",
+            host: e.target,
+            path: "",
+            route: e.route,
+            service: e.service,
+            instance: e.instance,
+            status: e.status,
+            bytes: e.bytes as usize,
+            total: self.started.elapsed(),
+            upstream: None,
+            tries: u32::from(e.instance.is_some()),
+            trace_id: &trace,
+            error: e.error,
+            seen: Some(&seen),
+            query: None,
+            redact: &[],
+            user: None,
+            version: None,
+            grpc_status: None,
+        });
+    }
+}
+
 /// Answers a CONNECT whose head is `head` (`rest`: bytes the client sent after it), on a
-/// plaintext or TLS client connection. `drain`: the server's shutdown watch.
+/// plaintext or TLS client connection, and writes its access log line when it ends.
+/// `drain`: the server's shutdown watch.
 pub async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
     state: &State,
     mut stream: Box<S>,
     head: &[u8],
     rest: &[u8],
     drain: &tokio::sync::watch::Receiver<bool>,
+    log: Log<'_>,
 ) {
+    let Some(target) = target_of(head) else {
+        let message = "malformed CONNECT request";
+        let bytes = respond(&mut stream, "400 Bad Request", "bad_request", message).await;
+        log.ended(Ended {
+            target: "",
+            route: crate::metrics::NO_ROUTE,
+            service: "",
+            instance: None,
+            status: 400,
+            bytes: bytes as u64,
+            error: Some("bad_request"),
+        });
+        return;
+    };
+    let snap = state.load();
+    let host = target.rsplit_once(':').map_or(target, |(h, _)| h);
+    let route = super::route_for_host(&snap.mesh_routes, host, &snap.config.mesh.domains);
+    let Some(route) = route else {
+        METRICS.connect_refused.inc();
+        let message = "CONNECT only reaches services registered with busbar";
+        let bytes = respond(&mut stream, "403 Forbidden", "not_a_service", message).await;
+        log.ended(Ended {
+            target,
+            route: crate::metrics::NO_ROUTE,
+            service: "",
+            instance: None,
+            status: 403,
+            bytes: bytes as u64,
+            error: Some("not_a_service"),
+        });
+        return;
+    };
+    let svc = &route.service;
+    let refused = |status, bytes: usize, error| Ended {
+        target,
+        route: route.name(),
+        service: &svc.config.name,
+        instance: None,
+        status,
+        bytes: bytes as u64,
+        error: Some(error),
+    };
+    let set = svc.instances();
+    let panic = svc.panic.load(std::sync::atomic::Ordering::Relaxed);
+    let Some(inst) = set
+        .balancer
+        .pick(&set.instances, 0, |i| {
+            panic || set.instances.get(i).is_some_and(|x| x.is_available())
+        })
+        .and_then(|i| set.instances.get(i).cloned())
+    else {
+        let (status, code) = ("503 Service Unavailable", "no_healthy_instance");
+        let bytes = respond(
+            &mut stream,
+            status,
+            code,
+            "the service has no healthy instance",
+        )
+        .await;
+        log.ended(refused(503, bytes, code));
+        return;
+    };
+    let (addr, _path) = super::target(svc, &inst, now_ms());
+    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await;
+    let Ok(Ok(mut upstream)) = upstream else {
+        let (status, code) = ("502 Bad Gateway", "connect_failed");
+        let bytes = respond(
+            &mut stream,
+            status,
+            code,
+            "could not connect to the service",
+        )
+        .await;
+        log.ended(Ended {
+            instance: Some(addr),
+            ..refused(502, bytes, code)
+        });
+        return;
+    };
+    svc.metrics.fallback_connect.inc();
+    let mut ended = Ended {
+        instance: Some(addr),
+        error: None,
+        ..refused(200, 0, "")
+    };
+    if stream
+        .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        .await
+        .is_err()
+        || stream.flush().await.is_err()
     {
-        let Some(target) = target_of(head) else {
-            respond(
-                &mut stream,
-                "400 Bad Request",
-                "bad_request",
-                "malformed CONNECT request",
-            )
-            .await;
-            return;
-        };
-        let snap = state.load();
-        let host = target.rsplit_once(':').map_or(target, |(h, _)| h);
-        let route = super::route_for_host(&snap.mesh_routes, host, &snap.config.mesh.domains);
-        let Some(route) = route else {
-            METRICS.connect_refused.inc();
-            respond(
-                &mut stream,
-                "403 Forbidden",
-                "not_a_service",
-                "CONNECT only reaches services registered with busbar",
-            )
-            .await;
-            return;
-        };
-        let svc = &route.service;
-        let set = svc.instances();
-        let panic = svc.panic.load(std::sync::atomic::Ordering::Relaxed);
-        let Some(inst) = set
-            .balancer
-            .pick(&set.instances, 0, |i| {
-                panic || set.instances.get(i).is_some_and(|x| x.is_available())
-            })
-            .and_then(|i| set.instances.get(i).cloned())
-        else {
-            respond(
-                &mut stream,
-                "503 Service Unavailable",
-                "no_healthy_instance",
-                "the service has no healthy instance",
-            )
-            .await;
-            return;
-        };
-        let (addr, _path) = super::target(svc, &inst, now_ms());
-        let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await;
-        let Ok(Ok(mut upstream)) = upstream else {
-            respond(
-                &mut stream,
-                "502 Bad Gateway",
-                "connect_failed",
-                "could not connect to the service",
-            )
-            .await;
-            return;
-        };
-        svc.metrics.fallback_connect.inc();
-        if stream
-            .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-            .await
-            .is_err()
-            || stream.flush().await.is_err()
-        {
-            return;
-        }
-        inst.health.begin_request();
-        if rest.is_empty() || upstream.write_all(rest).await.is_ok() {
-            let bounds = Bounds {
-                idle: svc.config.tunnel_idle_timeout,
-                drain: drain.clone(),
-                grace: snap.config.server.grace_period,
-            };
-            tunnel::copy(&mut *stream, &mut upstream, bounds).await;
-        }
-        inst.health.end_request();
+        log.ended(ended);
+        return;
     }
+    inst.health.begin_request();
+    if rest.is_empty() || upstream.write_all(rest).await.is_ok() {
+        let bounds = Bounds {
+            idle: svc.config.tunnel_idle_timeout,
+            drain: drain.clone(),
+            grace: snap.config.server.grace_period,
+        };
+        let copied = tunnel::copy(&mut *stream, &mut upstream, bounds).await;
+        ended.bytes = copied.to_client;
+        ended.error = copied.end.code();
+    }
+    inst.health.end_request();
+    log.ended(ended);
 }
