@@ -69,6 +69,36 @@ async fn ask(send: &mut h2::client::SendRequest<Bytes>, req: http::Request<()>) 
     (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
+/// An HTTP/2 client's request to an h2c service carries busbar's own headers as an
+/// HTTP/1 one does: the client-sent forwarding headers replaced by what busbar saw, its
+/// `Via` hop after the client's, a `traceparent` and an `x-request-id` of the same trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_service_gets_busbars_own_headers_and_no_client_sent_forwarding() {
+    let a = Backend::start("a").await;
+    let bus = Busbar::start(&common::one_route(a.addr, "", r#"protocol = "h2c""#)).await;
+    let mut send = h2c(bus.http).await;
+    let req = http::Request::get("http://svc.example/who")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("forwarded", "for=203.0.113.9")
+        .header("x-forwarded-host", "evil.example")
+        .header("via", "1.1 edge")
+        .body(())
+        .unwrap();
+    let (status, _) = ask(&mut send, req).await;
+    assert_eq!(status, 200, "{}", bus.stderr());
+    let seen = a.seen();
+    assert_eq!(seen[0].version, "HTTP/2.0");
+    let h = &seen[0].headers;
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1", "{h:?}");
+    assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http", "{h:?}");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "svc.example");
+    assert!(h["via"].starts_with("1.1 edge, 2 busbar-"), "{h:?}");
+    let traceparent = &h["traceparent"];
+    assert_eq!(traceparent.len(), 55, "{traceparent}");
+    assert_eq!(h["x-request-id"], traceparent[3..35], "{h:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_get_and_a_streamed_post_reach_an_http1_backend() {
     let a = Backend::start("a").await;

@@ -28,6 +28,81 @@ const XFH_NAME: &str = "X-Forwarded-Host";
 const FORWARDED_NAME: &str = "Forwarded";
 pub const TRACEPARENT_NAME: &str = "traceparent";
 
+/// A header busbar sets upstream: its name, and the same as busbar writes it on an
+/// HTTP/1 wire (pingora's case-keeping map takes a static name without copying it).
+pub struct Field {
+    pub name: &'static HeaderName,
+    pub cased: &'static str,
+}
+
+const XFF: Field = Field {
+    name: &X_FORWARDED_FOR,
+    cased: XFF_NAME,
+};
+const FWD: Field = Field {
+    name: &FORWARDED,
+    cased: FORWARDED_NAME,
+};
+const XFP: Field = Field {
+    name: &X_FORWARDED_PROTO,
+    cased: XFP_NAME,
+};
+const XFH: Field = Field {
+    name: &X_FORWARDED_HOST,
+    cased: XFH_NAME,
+};
+pub const TRACEPARENT_FIELD: Field = Field {
+    name: &TRACEPARENT,
+    cased: TRACEPARENT_NAME,
+};
+
+/// Where busbar's own headers go: a head that keeps the case of its names (pingora's
+/// `insert_header`, which parses the name it is given into a new `HeaderName`: an
+/// allocation for any name `http` does not know), or a plain map, which takes the
+/// static names as they are (an HTTP/2 head: names go lower case on its wire).
+pub trait Put {
+    /// Replaces every value of `f` with `v`.
+    fn set(&mut self, f: &Field, v: HeaderValue) -> pingora_error::Result<()>;
+    /// Adds `v` after `f`'s values.
+    fn add(&mut self, f: &Field, v: HeaderValue) -> pingora_error::Result<()>;
+    /// Replaces every value of a name known only at run time (a configured one).
+    fn set_name(&mut self, name: &HeaderName, v: HeaderValue) -> pingora_error::Result<()>;
+    fn unset(&mut self, name: &HeaderName);
+}
+
+impl Put for RequestHeader {
+    fn set(&mut self, f: &Field, v: HeaderValue) -> pingora_error::Result<()> {
+        self.insert_header(f.cased, v)
+    }
+    fn add(&mut self, f: &Field, v: HeaderValue) -> pingora_error::Result<()> {
+        self.append_header(f.cased, v).map(|_| ())
+    }
+    fn set_name(&mut self, name: &HeaderName, v: HeaderValue) -> pingora_error::Result<()> {
+        self.insert_header(name.clone(), v)
+    }
+    fn unset(&mut self, name: &HeaderName) {
+        self.remove_header(name);
+    }
+}
+
+impl Put for http::HeaderMap {
+    fn set(&mut self, f: &Field, v: HeaderValue) -> pingora_error::Result<()> {
+        self.insert(f.name.clone(), v);
+        Ok(())
+    }
+    fn add(&mut self, f: &Field, v: HeaderValue) -> pingora_error::Result<()> {
+        self.append(f.name.clone(), v);
+        Ok(())
+    }
+    fn set_name(&mut self, name: &HeaderName, v: HeaderValue) -> pingora_error::Result<()> {
+        self.insert(name.clone(), v);
+        Ok(())
+    }
+    fn unset(&mut self, name: &HeaderName) {
+        self.remove(name);
+    }
+}
+
 /// The forwarding headers busbar sends upstream, from what it saw itself.
 pub struct Forwarding {
     /// `X-Forwarded-For`; none when the client's address is unknown.
@@ -88,28 +163,22 @@ impl Forwarding {
     }
 
     /// Replaces the request's forwarding headers with these (one insert each).
-    pub fn apply(self, req: &mut RequestHeader) -> pingora_error::Result<()> {
+    pub fn apply(self, req: &mut impl Put) -> pingora_error::Result<()> {
         match (&self.xff, &self.xff_chain) {
-            (Some(addr), None) => req.insert_header(XFF_NAME, value(addr.as_bytes())?)?,
-            (Some(addr), Some(chain)) => {
-                req.insert_header(XFF_NAME, value(&chained(chain, addr.as_bytes()))?)?
-            }
-            (None, Some(chain)) => req.insert_header(XFF_NAME, value(chain)?)?,
-            (None, None) => {
-                req.remove_header(&X_FORWARDED_FOR);
-            }
+            (Some(addr), None) => req.set(&XFF, value(addr.as_bytes())?)?,
+            (Some(addr), Some(chain)) => req.set(&XFF, value(&chained(chain, addr.as_bytes()))?)?,
+            (None, Some(chain)) => req.set(&XFF, value(chain)?)?,
+            (None, None) => req.unset(&X_FORWARDED_FOR),
         }
         let own = self.forwarded.as_bytes();
         match &self.forwarded_chain {
-            Some(chain) => req.insert_header(FORWARDED_NAME, value(&chained(chain, own))?)?,
-            None => req.insert_header(FORWARDED_NAME, value(own)?)?,
+            Some(chain) => req.set(&FWD, value(&chained(chain, own))?)?,
+            None => req.set(&FWD, value(own)?)?,
         }
-        req.insert_header(XFP_NAME, HeaderValue::from_static(self.proto))?;
+        req.set(&XFP, HeaderValue::from_static(self.proto))?;
         match self.host {
-            Some(h) => req.insert_header(XFH_NAME, h)?,
-            None => {
-                req.remove_header(&X_FORWARDED_HOST);
-            }
+            Some(h) => req.set(&XFH, h)?,
+            None => req.unset(&X_FORWARDED_HOST),
         }
         Ok(())
     }

@@ -17,7 +17,7 @@ use pingora_http::authority::{is_http_family_scheme, raw_target_authority, RawTa
 use pingora_http::RequestHeader;
 
 use super::ctx::RequestCtx;
-use super::forwarding::{self, Forwarding};
+use super::forwarding::{self, Field, Forwarding, Put};
 use crate::admission;
 use crate::base::http::{line, value_fits_line, Name};
 use crate::routing;
@@ -69,7 +69,7 @@ pub(crate) fn build(
         Some(own)
     } else {
         // Inserted before the route's edits, which may change or remove them.
-        own.insert(ctx, upstream)?;
+        own.insert(ctx, upstream, down.h2)?;
         if !route.config.request_headers.is_empty() {
             forwarding::edit_request(upstream, &route.config.request_headers)?;
         }
@@ -99,6 +99,27 @@ pub(crate) fn build(
         wire.extend_from_slice(b"\r\n");
     }
     Ok(())
+}
+
+const VIA: Field = Field {
+    name: &http::header::VIA,
+    cased: crate::via::VIA_NAME,
+};
+static REQUEST_ID_NAME: HeaderName = crate::accesslog::REQUEST_ID;
+const REQUEST_ID: Field = Field {
+    name: &REQUEST_ID_NAME,
+    cased: "X-Request-Id",
+};
+
+/// An empty head, to stand in while the request's is taken apart.
+fn empty_parts() -> http::request::Parts {
+    http::Request::new(()).into_parts().0
+}
+
+/// A value busbar formatted itself (hex, `traceparent`): always a valid one.
+fn header_value(bytes: &[u8]) -> Result<HeaderValue> {
+    HeaderValue::from_bytes(bytes)
+        .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "busbar's own header value"))
 }
 
 /// busbar's own headers for a request, taken (and their client-sent versions removed)
@@ -134,24 +155,45 @@ impl<'c> Own<'c> {
         })
     }
 
-    /// Into the request's map.
-    fn insert(self, ctx: &RequestCtx, upstream: &mut RequestHeader) -> Result<()> {
+    /// Into the request's map. A head that keeps no case of its names (an HTTP/2
+    /// client's) is taken apart for it, so the static names go in as they are: pingora's
+    /// `insert_header` would parse each into a new `HeaderName`, six allocations a request.
+    fn insert(self, ctx: &RequestCtx, upstream: &mut RequestHeader, h2: bool) -> Result<()> {
+        if !h2 || upstream.has_case() {
+            return self.put(ctx, upstream);
+        }
+        // An HTTP/2 client's head keeps its target in the URI (`:path`), which the
+        // conversion back keeps; `send_end_stream` is carried over by hand.
+        let end = upstream.send_end_stream();
+        let mut parts: http::request::Parts =
+            std::mem::replace(upstream, RequestHeader::from(empty_parts())).into();
+        let put = self.put(ctx, &mut parts.headers);
+        *upstream = RequestHeader::from(parts);
+        if let Some(end) = end {
+            upstream.set_send_end_stream(end);
+        }
+        put
+    }
+
+    fn put(self, ctx: &RequestCtx, to: &mut impl Put) -> Result<()> {
         if let Some((name, user)) = self.identity {
-            upstream.insert_header(name.clone(), user)?;
+            let user = HeaderValue::from_str(user)
+                .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "identity value"))?;
+            to.set_name(name, user)?;
         }
-        self.forwarding.apply(upstream)?;
-        upstream.append_header(
-            crate::via::VIA_NAME,
-            crate::via::node().value(ctx.client_version).clone(),
-        )?;
+        self.forwarding.apply(to)?;
+        to.add(&VIA, crate::via::node().value(ctx.client_version).clone())?;
         if let Some(seen) = &ctx.seen {
-            match &seen.kept_id {
-                Some(v) => upstream.insert_header(crate::accesslog::REQUEST_ID, v.clone())?,
-                None => upstream
-                    .insert_header(crate::accesslog::REQUEST_ID, &ctx.trace.trace_id_hex()[..])?,
-            }
+            let id = match &seen.kept_id {
+                Some(v) => v.clone(),
+                None => header_value(&ctx.trace.trace_id_hex())?,
+            };
+            to.set(&REQUEST_ID, id)?;
         }
-        upstream.insert_header(forwarding::TRACEPARENT_NAME, &ctx.trace.header_value()[..])
+        to.set(
+            &forwarding::TRACEPARENT_FIELD,
+            header_value(&ctx.trace.header_value())?,
+        )
     }
 
     /// As lines after the request's own.
