@@ -862,3 +862,49 @@ service = "web"
         );
     }
 }
+
+/// busbar's per-request values (`traceparent`, `x-request-id`) are never-indexed literals
+/// on a shared upstream connection: indexed, each request's would push ~170 bytes of
+/// older entries out of the 4 KiB HPACK table, and every ~20 requests the fields all
+/// requests share (`:authority`, `via`, the forwarding headers…) would go whole again.
+/// So after the first request every header block is about the same size: the shared
+/// fields one byte each from the table, the two per-request values literal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_request_values_do_not_churn_the_upstream_hpack_table() {
+    let (addr, blocks, task) = recording_instance().await;
+    let bus = Busbar::start(&format!(
+        r#"
+[[service]]
+name = "web"
+protocol = "h2c"
+endpoints = [{{ addr = "{addr}" }}]
+
+[[route]]
+name = "all"
+path_prefix = "/"
+service = "web"
+"#
+    ))
+    .await;
+    let c = client();
+    for _ in 0..60 {
+        let r = c
+            .get(bus.url("/same/path"))
+            .header("user-agent", "probe/1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let blocks = blocks.lock().unwrap().clone();
+    task.abort();
+    assert_eq!(blocks.len(), 60);
+    let sizes: Vec<usize> = blocks.iter().map(Vec::len).collect();
+    let (least, most) = (sizes[1..].iter().min(), sizes[1..].iter().max());
+    // The random hex values' Huffman codes differ by a few bytes, no more.
+    assert!(
+        most.unwrap() - least.unwrap() <= 8,
+        "header block sizes vary (the table churns): {sizes:?}"
+    );
+    assert!(*most.unwrap() < sizes[0], "{sizes:?}");
+}
