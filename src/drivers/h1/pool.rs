@@ -174,7 +174,15 @@ struct Idle {
     /// Tries whose new connection is still being made ([`wait`]), oldest first: a
     /// connection given back goes to the first still waiting instead of the idle list.
     waiters: VecDeque<oneshot::Sender<Conn>>,
+    /// [`wait`] drops the withdrawn waits once there are this many (twice the live ones
+    /// found last time, at least [`PRUNE_WAITERS`]).
+    prune_at: usize,
 }
+
+/// Waits kept before [`wait`] looks for withdrawn ones to drop. Against an upstream that
+/// never keeps a connection alive nothing is ever given back, which is where withdrawn
+/// waits are otherwise dropped: without this, each request left one behind for good.
+const PRUNE_WAITERS: usize = 64;
 
 impl Idle {
     fn new(key: Key) -> Idle {
@@ -182,6 +190,7 @@ impl Idle {
             conns: VecDeque::new(),
             count: counter(key),
             waiters: VecDeque::new(),
+            prune_at: PRUNE_WAITERS,
         }
     }
 
@@ -291,9 +300,19 @@ pub(crate) fn wait(key: Key) -> oneshot::Receiver<Conn> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let idle = p.idle.entry(key).or_insert_with(|| Idle::new(key));
+        if idle.waiters.len() >= idle.prune_at {
+            idle.waiters.retain(|w| !w.is_closed());
+            idle.prune_at = (2 * idle.waiters.len()).max(PRUNE_WAITERS);
+        }
         idle.waiters.push_back(tx);
     });
     rx
+}
+
+/// Waits kept under `key` on this thread, withdrawn or not.
+#[cfg(test)]
+fn waiters(key: Key) -> usize {
+    POOL.with(|p| p.borrow().idle.get(&key).map_or(0, |i| i.waiters.len()))
 }
 
 /// Keeps `s` for the next request under `key` (the oldest try still [`wait`]ing for
@@ -471,6 +490,28 @@ mod tests {
         peers.push(pb);
         give_back(key, b);
         assert!(take(key).is_some(), "nobody waits: pooled");
+    }
+
+    /// Against an upstream that closes every connection nothing is given back: the waits
+    /// of tries that ended must not pile up (before: one kept for every request).
+    #[test]
+    fn withdrawn_waits_do_not_pile_up_when_nothing_is_given_back() {
+        let key: Key = "127.0.0.1:14".parse::<SocketAddr>().unwrap().into();
+        for _ in 0..10_000 {
+            drop(wait(key));
+        }
+        assert!(waiters(key) <= PRUNE_WAITERS, "{} waits kept", waiters(key));
+        // Live waits are kept, however many, and withdrawn ones still go.
+        let live: Vec<_> = (0..500).map(|_| wait(key)).collect();
+        for _ in 0..10_000 {
+            drop(wait(key));
+        }
+        assert!(
+            waiters(key) <= 2 * live.len() + 1,
+            "{} waits kept",
+            waiters(key)
+        );
+        assert!(waiters(key) >= live.len());
     }
 
     /// The count over threads follows what is pooled, taken, capped and expired.
