@@ -56,8 +56,9 @@ where
     let snapshot = phases.state.load();
     let limits = snapshot.config.limits;
     drop(snapshot);
-    let mut builder = h2::server::Builder::new();
-    builder
+    // The builder is dropped before the first await: kept, it would sit in this future's
+    // state (152 bytes) for the connection's whole life.
+    let handshake = h2::server::Builder::new()
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
         .initial_window_size(limits.h2_stream_window)
         .initial_connection_window_size(limits.h2_connection_window)
@@ -65,9 +66,10 @@ where
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_send_buffer_size(SEND_BUFFER)
         .max_pending_accept_reset_streams(PENDING_ACCEPT_RESETS)
-        .max_local_error_reset_streams(Some(LOCAL_ERROR_RESETS));
+        .max_local_error_reset_streams(Some(LOCAL_ERROR_RESETS))
+        .handshake(io);
     // The preface and SETTINGS exchange within the head deadline, as an HTTP/1 head.
-    let mut h2 = match within(limits.header_timeout, builder.handshake(io)).await {
+    let mut h2 = match within(limits.header_timeout, handshake).await {
         Ok(Ok(h2)) => h2,
         Ok(Err(e)) => {
             tracing::debug!(client = ?conn.peer, "HTTP/2 handshake failed: {e}");
@@ -77,19 +79,22 @@ where
     };
     let idle = limits.idle_timeout;
     let mut last = Instant::now();
-    let mut quiet = Box::pin(tokio::time::sleep(idle));
+    // Inline: this future is boxed already (`edge::Edge::h2`); a box of its own would be
+    // one more allocation an idle connection keeps.
+    let quiet = tokio::time::sleep(idle);
+    tokio::pin!(quiet);
     let mut watch = shutdown.clone();
     let abandoned = Arc::new(AtomicU64::new(0));
     let mut accepted: u64 = 0;
     let mut going = *watch.borrow();
     let mut alive = Liveness::new(
-        h2.ping_pong(),
+        &mut h2,
         limits.h2_keepalive_interval,
         limits.h2_keepalive_timeout,
     );
     if going {
         h2.graceful_shutdown();
-        alive.going_away();
+        alive.going_away(&mut h2);
     }
     loop {
         tokio::select! {
@@ -102,7 +107,7 @@ where
                         tracing::info!(client = ?conn.peer, "HTTP/2 rapid reset: GOAWAY");
                         h2.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
                         going = true;
-                        alive.going_away();
+                        alive.going_away(&mut h2);
                         continue;
                     }
                     // The one snapshot load for this stream.
@@ -131,10 +136,10 @@ where
             _ = watch.changed(), if !going => {
                 going = true;
                 h2.graceful_shutdown();
-                alive.going_away();
+                alive.going_away(&mut h2);
             }
             beat = alive.next(), if alive.active() => {
-                if !alive.on(beat) {
+                if !alive.on(beat, &mut h2) {
                     // Not answered: the client is gone or stuck. No GOAWAY (it would wait
                     // for a socket nobody reads): the connection is dropped, its streams
                     // end, and their upstream streams are reset.
@@ -149,7 +154,7 @@ where
                 } else {
                     going = true;
                     h2.graceful_shutdown();
-                    alive.going_away();
+                    alive.going_away(&mut h2);
                 }
             }
         }
@@ -166,8 +171,13 @@ enum Beat {
 
 /// A connection's liveness check: one PING at a time, sent on a schedule (the keepalive
 /// interval) or when the connection goes away, and a deadline for its answer.
+///
+/// Its PING handle and timer are taken when first needed: a connection without a
+/// keepalive interval that never goes away (most idle ones) holds neither (the handle is
+/// an allocation of the `h2` crate's, the timer a box of its own).
 struct Liveness {
-    /// `None` when the `h2` crate gave no handle (it gives one per connection).
+    /// Taken from the connection at the first PING; `None` before, or when the `h2`
+    /// crate gave none (it gives one per connection).
     pings: Option<h2::PingPong>,
     interval: Option<Duration>,
     timeout: Duration,
@@ -175,20 +185,33 @@ struct Liveness {
     out: bool,
     /// The timer is set: the next PING, or the deadline of the one out.
     armed: bool,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Made when first armed.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
+/// The connection a [`Liveness`] watches.
+type Connection<T> = h2::server::Connection<T, bytes::Bytes>;
+
 impl Liveness {
-    fn new(pings: Option<h2::PingPong>, interval: Option<Duration>, timeout: Duration) -> Self {
-        let first = interval.unwrap_or(timeout);
-        Liveness {
-            armed: interval.is_some() && pings.is_some(),
-            pings,
+    fn new<T>(h2: &mut Connection<T>, interval: Option<Duration>, timeout: Duration) -> Self
+    where
+        T: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut alive = Liveness {
+            pings: None,
             interval,
             timeout,
             out: false,
-            timer: Box::pin(tokio::time::sleep(first)),
+            armed: false,
+            timer: None,
+        };
+        if let Some(every) = interval {
+            alive.pings = h2.ping_pong();
+            if alive.pings.is_some() {
+                alive.arm(every);
+            }
         }
+        alive
     }
 
     /// Is there anything to wait for: a PING's answer, or the timer?
@@ -213,12 +236,20 @@ impl Liveness {
                     None => std::future::pending().await,
                 }
             }, if *out => Beat::Answered(pong),
-            _ = timer.as_mut(), if *armed => Beat::Due,
+            _ = async {
+                match timer {
+                    Some(t) => t.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            }, if *armed => Beat::Due,
         }
     }
 
     /// Acts on `beat`; `false` when the PING out went unanswered: the client is gone.
-    fn on(&mut self, beat: Beat) -> bool {
+    fn on<T>(&mut self, beat: Beat, h2: &mut Connection<T>) -> bool
+    where
+        T: AsyncRead + AsyncWrite + Unpin,
+    {
         match beat {
             Beat::Answered(ok) => {
                 self.out = false;
@@ -230,7 +261,7 @@ impl Liveness {
             }
             Beat::Due if self.out => false,
             Beat::Due => {
-                self.send();
+                self.send(h2);
                 true
             }
         }
@@ -239,14 +270,24 @@ impl Liveness {
     /// The connection is going away (GOAWAY sent): its client must still answer, or the
     /// `h2` crate (which waits for its own PING's answer before closing) would hold the
     /// connection for as long as the socket lives.
-    fn going_away(&mut self) {
+    fn going_away<T>(&mut self, h2: &mut Connection<T>)
+    where
+        T: AsyncRead + AsyncWrite + Unpin,
+    {
         if !self.out {
-            self.send();
+            self.send(h2);
         }
     }
 
-    fn send(&mut self) {
+    fn send<T>(&mut self, h2: &mut Connection<T>)
+    where
+        T: AsyncRead + AsyncWrite + Unpin,
+    {
+        if self.pings.is_none() {
+            self.pings = h2.ping_pong();
+        }
         let Some(p) = &mut self.pings else {
+            self.armed = false;
             return;
         };
         if p.send_ping(h2::Ping::opaque()).is_ok() {
@@ -262,6 +303,9 @@ impl Liveness {
     fn arm(&mut self, after: Duration) {
         self.armed = true;
         let at = tokio::time::Instant::now() + after;
-        self.timer.as_mut().reset(at);
+        match &mut self.timer {
+            Some(t) => t.as_mut().reset(at),
+            None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
     }
 }
