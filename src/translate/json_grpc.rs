@@ -336,16 +336,18 @@ impl Transcoder {
         body: &[u8],
     ) -> Result<Bytes, TranscodeError> {
         let msg = self.message(b, vars, query, body)?;
-        let len = msg.encoded_len();
-        let prefix = u32::try_from(len).map_err(|_| {
+        // The message is encoded after a 5-byte gap, then its length written in it:
+        // sizing it first (`encoded_len`) walks the whole message once more. Protobuf
+        // is seldom longer than the JSON it came from; if it is, the buffer grows.
+        let mut frame = BytesMut::with_capacity(5 + body.len() + 16);
+        frame.put_bytes(0, 5);
+        msg.encode_raw(&mut frame);
+        let prefix = u32::try_from(frame.len() - 5).map_err(|_| {
             TranscodeError::BadRequest("the request message is over 4 GiB".to_string())
         })?;
-        let mut frame = BytesMut::with_capacity(5 + len);
-        frame.put_u8(0);
-        frame.put_u32(prefix);
-        // `encode_raw` is what `encode_to_vec` does after sizing the buffer: `encode`
-        // would size the message a second time.
-        msg.encode_raw(&mut frame);
+        if let Some(at) = frame.get_mut(1..5) {
+            at.copy_from_slice(&prefix.to_be_bytes());
+        }
         Ok(frame.freeze())
     }
 

@@ -275,3 +275,38 @@ fn a_whole_body_message_is_read_as_the_long_way_reads_it() {
         assert_eq!(page(direct), Some(2));
     }
 }
+
+#[test]
+fn a_request_frame_is_the_message_after_its_prefix() {
+    let t = transcoder(true);
+    for (method, path, query, body) in [
+        (
+            Method::POST,
+            "/v1/echo",
+            None,
+            r#"{"title":"T","tags":["a","b"],"price":2.5}"#,
+        ),
+        (Method::POST, "/v1/echo", None, "{}"),
+        (Method::POST, "/v1/echo", None, r#"{"price":1}"#),
+        (
+            Method::GET,
+            "/v1/shelves/3/books/42",
+            Some("with_reviews=true&tags=x"),
+            "",
+        ),
+        // Longer than the room made for it (no body): the buffer grows.
+        (
+            Method::GET,
+            "/v1/shelves/3/books/42",
+            Some("tags=aaaaaaaaaaaa&tags=bbbbbbbbbbbb&tags=cccccccccccc"),
+            "",
+        ),
+    ] {
+        let (b, vars) = t.find(&method, path).unwrap();
+        let message = t.request(b, vars.clone(), query, body.as_bytes()).unwrap();
+        let frame = t.request_frame(b, vars, query, body.as_bytes()).unwrap();
+        let len = u32::try_from(message.len()).unwrap().to_be_bytes();
+        assert_eq!(frame[..5], [0, len[0], len[1], len[2], len[3]], "{body}");
+        assert_eq!(frame[5..], message[..], "{body}");
+    }
+}
