@@ -763,6 +763,108 @@ fn h2_settings_are_validated_with_their_place() {
     );
 }
 
+/// busbar's own per-request fields (`traceparent`, `x-request-id`; a JSON call's
+/// `grpc-timeout` too) have a new value on every request. Indexed, each would take room
+/// in the upstream connection's HPACK dynamic table that no later request uses, and
+/// push out the fields that do repeat, sent again as literals. They go as never-indexed
+/// literals: once the first request has put the repeating fields in the table, later
+/// requests add nothing to it and name those fields by their index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_request_fields_stay_out_of_the_hpack_table() {
+    let (addr, blocks, task) = recording_instance().await;
+    let bus = Busbar::start(&format!(
+        r#"
+[[service]]
+name = "web"
+protocol = "h2c"
+endpoints = [{{ addr = "{addr}" }}]
+
+[[route]]
+name = "all"
+path_prefix = "/"
+service = "web"
+"#
+    ))
+    .await;
+    const REQUESTS: usize = 40;
+    for _ in 0..REQUESTS {
+        let r = client().get(bus.url("/books")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let blocks = blocks.lock().unwrap().clone();
+    task.abort();
+    assert_eq!(blocks.len(), REQUESTS, "every request reached the instance");
+    for (n, block) in blocks.iter().enumerate().skip(1) {
+        let [indexed, inserted, never, _] = representations(block);
+        assert_eq!(inserted, 0, "request {n} added to the table: {block:02x?}");
+        assert!(
+            never >= 2,
+            "request {n}: trace context and id never indexed: {block:02x?}"
+        );
+        assert!(
+            indexed >= 4,
+            "request {n}: repeating fields by index: {block:02x?}"
+        );
+    }
+}
+
+/// A header block's representations (RFC 7541 §6) by kind: indexed fields, literals
+/// added to the table, never-indexed literals, other literals. Strings are skipped by
+/// their length, not decoded.
+fn representations(mut b: &[u8]) -> [usize; 4] {
+    fn int(b: &mut &[u8], prefix: u8) -> usize {
+        let max = (1usize << prefix) - 1;
+        let mut v = usize::from(b[0]) & max;
+        *b = &b[1..];
+        if v < max {
+            return v;
+        }
+        // Continuation bytes, seven bits each, least significant first.
+        let mut shift = 0;
+        loop {
+            let byte = b[0];
+            *b = &b[1..];
+            v += usize::from(byte & 0x7f) << shift;
+            shift += 7;
+            if byte & 0x80 == 0 {
+                return v;
+            }
+        }
+    }
+    fn literal(b: &mut &[u8], prefix: u8) {
+        for _ in 0..1 + usize::from(int(b, prefix) == 0) {
+            let n = int(b, 7);
+            *b = &b[n..];
+        }
+    }
+    let mut counts = [0; 4];
+    while let Some(&first) = b.first() {
+        match first {
+            0x80.. => {
+                int(&mut b, 7);
+                counts[0] += 1;
+            }
+            0x40.. => {
+                literal(&mut b, 6);
+                counts[1] += 1;
+            }
+            // A dynamic table size update.
+            0x20.. => {
+                int(&mut b, 5);
+            }
+            0x10.. => {
+                literal(&mut b, 4);
+                counts[2] += 1;
+            }
+            _ => {
+                literal(&mut b, 4);
+                counts[3] += 1;
+            }
+        }
+    }
+    counts
+}
+
 /// An h2c instance written frame by frame that keeps the header block of every request
 /// it gets (HEADERS frames whole, as busbar's h2 encoder wrote them) and answers each
 /// stream `200` with no body.

@@ -229,3 +229,84 @@ fn client_streams_split_as_arrays_and_lines_in_any_pieces() {
         assert!(s.finish().is_err(), "{open:?}");
     }
 }
+
+#[test]
+fn a_whole_body_message_is_read_as_the_long_way_reads_it() {
+    for deny in [true, false] {
+        let t = transcoder(deny);
+        let (b, _) = t.find(&Method::POST, "/v1/echo").unwrap();
+        for body in [
+            r#"{"id":"9007199254740993","genre":"FICTION","published":"2024-05-01T12:00:00Z","stock_by_store":{"a":"5"},"inPrint":true}"#,
+            " \n{\"title\":\"t\\u00e9\\\"x\",\"author\":{\"name\":\"n\",\"born\":1970},\"tags\":[\"a\",\"b\"],\"price\":1.5e2}\r\n",
+            r#"{"id":1,"id":2,"tags":["a"],"tags":["b"],"price":null}"#,
+            r#"{}"#,
+        ] {
+            let direct = t.message(b, Vec::new(), None, body.as_bytes()).unwrap();
+            let long = t
+                .message_via_value(b, Vec::new(), None, body.as_bytes())
+                .unwrap();
+            assert_eq!(direct.encode_to_vec(), long.encode_to_vec(), "{body}");
+        }
+        // What the direct read refuses gets the long way's error, word for word.
+        for body in [
+            r#"{"id": "x1"}"#,
+            r#"{"author": {"born": "old"}}"#,
+            r#"{"id": 1"#,
+            r#"{"id": 1} x"#,
+            r#"{"id": 1}{"id": 2}"#,
+            "[1]",
+            "\"x\"",
+            "\u{c}{}",
+        ] {
+            let direct = t.message(b, Vec::new(), None, body.as_bytes()).unwrap_err();
+            let long = t
+                .message_via_value(b, Vec::new(), None, body.as_bytes())
+                .unwrap_err();
+            assert_eq!(direct, long, "{body}");
+        }
+        // The one difference, and the sign the direct read is taken: a field given by
+        // both its names takes the later value (the long way's map sorts the keys).
+        let body = br#"{"pageCount":"2","page_count":"1"}"#;
+        let page = |m: DynamicMessage| m.get_field_by_name("page_count").unwrap().as_u64();
+        let direct = t.message(b, Vec::new(), None, body).unwrap();
+        assert_eq!(page(direct), Some(1));
+        let body = br#"{"page_count":"1","pageCount":"2"}"#;
+        let direct = t.message(b, Vec::new(), None, body).unwrap();
+        assert_eq!(page(direct), Some(2));
+    }
+}
+
+#[test]
+fn a_request_frame_is_the_message_after_its_prefix() {
+    let t = transcoder(true);
+    for (method, path, query, body) in [
+        (
+            Method::POST,
+            "/v1/echo",
+            None,
+            r#"{"title":"T","tags":["a","b"],"price":2.5}"#,
+        ),
+        (Method::POST, "/v1/echo", None, "{}"),
+        (Method::POST, "/v1/echo", None, r#"{"price":1}"#),
+        (
+            Method::GET,
+            "/v1/shelves/3/books/42",
+            Some("with_reviews=true&tags=x"),
+            "",
+        ),
+        // Longer than the room made for it (no body): the buffer grows.
+        (
+            Method::GET,
+            "/v1/shelves/3/books/42",
+            Some("tags=aaaaaaaaaaaa&tags=bbbbbbbbbbbb&tags=cccccccccccc"),
+            "",
+        ),
+    ] {
+        let (b, vars) = t.find(&method, path).unwrap();
+        let message = t.request(b, vars.clone(), query, body.as_bytes()).unwrap();
+        let frame = t.request_frame(b, vars, query, body.as_bytes()).unwrap();
+        let len = u32::try_from(message.len()).unwrap().to_be_bytes();
+        assert_eq!(frame[..5], [0, len[0], len[1], len[2], len[3]], "{body}");
+        assert_eq!(frame[5..], message[..], "{body}");
+    }
+}

@@ -23,6 +23,10 @@ use crate::phases::ctx::RequestCtx;
 use crate::phases::{upstream_head, Phases};
 use crate::translate::json_grpc::Transcoder;
 
+/// Bytes the answer's buffer starts with: a head (status line, a few fields, `Date`)
+/// and a small body.
+const HEAD_ROOM: usize = 512;
+
 /// The caller of one JSON→gRPC call on an HTTP/1 connection.
 pub(super) struct H1Json<'a, 'd, S> {
     pub(super) down: &'a mut Downstream<'d, S>,
@@ -181,6 +185,9 @@ impl<S: ClientStream> JsonIo for H1Json<'_, '_, S> {
         // The connection goes on only once the whole request was read.
         self.keep_alive &= self.body.done();
         self.out.clear();
+        // Room for the head and a small answer at once: written a field at a time into
+        // an empty buffer, the head grew it six times.
+        self.out.reserve(HEAD_ROOM);
         write_head(&mut self.out, &mut head, self.keep_alive);
         // Sent with the first body bytes (`send`): one write for a whole answer.
         self.pending = head.status.as_u16();

@@ -248,6 +248,14 @@ impl Lease {
     }
 }
 
+/// Request fields busbar sets to a value of their own for every request: the trace
+/// context, the request id, and a call's `grpc-timeout` (what is left of its deadline).
+const UNIQUE: [http::HeaderName; 3] = [
+    http::HeaderName::from_static(crate::phases::forwarding::TRACEPARENT_NAME),
+    crate::accesslog::REQUEST_ID,
+    http::HeaderName::from_static(super::grpc_timeout::NAME),
+];
+
 /// Marks credentials as never-indexed fields (RFC 7541 §7.1.3): `authorization` and
 /// `proxy-authorization`, and a `cookie` shorter than 20 bytes (nghttp2's rule: a short
 /// value can be guessed). Streams of many clients share one upstream connection and so
@@ -257,22 +265,25 @@ impl Lease {
 /// again; the never-indexed form binds every later hop. (The crate does not keep a
 /// downstream client's own never-indexed flag, so busbar sets it here, for every stream
 /// it opens: pass-through, JSON→gRPC, HTTP/1 to an h2 instance.)
+///
+/// Fields whose value is new on every request ([`UNIQUE`]) are sent never-indexed too:
+/// an entry for them would never be used again, yet each would push out of the dynamic
+/// table the fields that repeat (`user-agent`, `via`, the forwarding fields), which
+/// then go out again as literals, and the encoder walks every kept value of a name
+/// before it adds one: with a trace id per request, tens of compares a stream.
+///
+/// One pass over the fields, not a lookup per name: a lookup hashes its name, and a
+/// request has only a dozen fields.
 fn never_indexed(headers: &mut http::HeaderMap) {
-    use http::header::{Entry, AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION};
-    for name in [AUTHORIZATION, PROXY_AUTHORIZATION] {
-        if let Some(v) = headers.get_mut(name) {
+    use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION};
+    for (name, v) in headers.iter_mut() {
+        let hidden = if *name == COOKIE {
+            v.len() < 20
+        } else {
+            *name == AUTHORIZATION || *name == PROXY_AUTHORIZATION || UNIQUE.contains(name)
+        };
+        if hidden {
             v.set_sensitive(true);
-        }
-    }
-    if !headers.contains_key(COOKIE) {
-        // `entry` may grow a full map to make room for a field it would not add.
-        return;
-    }
-    if let Entry::Occupied(mut cookies) = headers.entry(COOKIE) {
-        for v in cookies.iter_mut() {
-            if v.len() < 20 {
-                v.set_sensitive(true);
-            }
         }
     }
 }
