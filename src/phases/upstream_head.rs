@@ -116,17 +116,6 @@ fn empty_parts() -> http::request::Parts {
     http::Request::new(()).into_parts().0
 }
 
-/// A value that differs for every request (a trace id): sent as an HPACK literal never
-/// indexed, so it does not enter the upstream connection's dynamic table. Indexed, each
-/// request's would push out ~170 bytes of the 4 KiB table: every ~20 requests the fields
-/// all requests share (`:authority`, `via`, the forwarding headers, …) would be evicted
-/// and sent whole again, and the encoder would compare each new value with every older
-/// one kept under the same name. (The price: the name goes literal, ~17 bytes a request.)
-fn once(mut v: HeaderValue) -> HeaderValue {
-    v.set_sensitive(true);
-    v
-}
-
 /// A value busbar formatted itself (hex, `traceparent`): always a valid one.
 fn header_value(bytes: &[u8]) -> Result<HeaderValue> {
     HeaderValue::from_bytes(bytes)
@@ -199,10 +188,10 @@ impl<'c> Own<'c> {
                 Some(v) => v.clone(),
                 None => header_value(&ctx.trace.trace_id_hex())?,
             };
-            to.set(&REQUEST_ID, once(id))?;
+            to.set(&REQUEST_ID, id)?;
         }
         let traceparent = header_value(&ctx.trace.header_value())?;
-        to.set(&forwarding::TRACEPARENT_FIELD, once(traceparent))
+        to.set(&forwarding::TRACEPARENT_FIELD, traceparent)
     }
 
     /// As lines after the request's own.

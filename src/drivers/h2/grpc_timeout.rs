@@ -69,12 +69,7 @@ pub(crate) fn encode(d: Duration) -> HeaderValue {
             break;
         }
     }
-    let mut v =
-        HeaderValue::from_bytes(&buf[i..]).unwrap_or_else(|_| HeaderValue::from_static("1n"));
-    // What remains of a call's deadline differs for every call: never indexed, so it
-    // does not churn the upstream connection's HPACK table (see `upstream_head::once`).
-    v.set_sensitive(true);
-    v
+    HeaderValue::from_bytes(&buf[i..]).unwrap_or_else(|_| HeaderValue::from_static("1n"))
 }
 
 #[cfg(test)]
