@@ -69,7 +69,7 @@ pub(crate) fn build(
         Some(own)
     } else {
         // Inserted before the route's edits, which may change or remove them.
-        own.insert(ctx, upstream, down.h2)?;
+        own.insert(ctx, upstream)?;
         if !route.config.request_headers.is_empty() {
             forwarding::edit_request(upstream, &route.config.request_headers)?;
         }
@@ -110,6 +110,12 @@ const REQUEST_ID: Field = Field {
     name: &REQUEST_ID_NAME,
     cased: "X-Request-Id",
 };
+
+/// The head's target is its URI's path and query as they are (an origin-form target, or
+/// an HTTP/2 `:path`): a head rebuilt from its `Parts` writes the same target.
+fn target_in_uri(h: &RequestHeader) -> bool {
+    h.uri.path_and_query().map(|p| p.as_str().as_bytes()) == Some(h.raw_path())
+}
 
 /// An empty head, to stand in while the request's is taken apart.
 fn empty_parts() -> http::request::Parts {
@@ -156,14 +162,15 @@ impl<'c> Own<'c> {
     }
 
     /// Into the request's map. A head that keeps no case of its names (an HTTP/2
-    /// client's) is taken apart for it, so the static names go in as they are: pingora's
-    /// `insert_header` would parse each into a new `HeaderName`, six allocations a request.
-    fn insert(self, ctx: &RequestCtx, upstream: &mut RequestHeader, h2: bool) -> Result<()> {
-        if !h2 || upstream.has_case() {
+    /// client's, JSON→gRPC's copy) is taken apart for it, so the static names go in as
+    /// they are: pingora's `insert_header` would parse each into a new `HeaderName`, six
+    /// allocations a request.
+    fn insert(self, ctx: &RequestCtx, upstream: &mut RequestHeader) -> Result<()> {
+        if upstream.has_case() || !target_in_uri(upstream) {
             return self.put(ctx, upstream);
         }
-        // An HTTP/2 client's head keeps its target in the URI (`:path`), which the
-        // conversion back keeps; `send_end_stream` is carried over by hand.
+        // The conversion back keeps the target its URI holds; `send_end_stream` is
+        // carried over by hand.
         let end = upstream.send_end_stream();
         let mut parts: http::request::Parts =
             std::mem::replace(upstream, RequestHeader::from(empty_parts())).into();
