@@ -9,6 +9,8 @@
 //! (`framing`) is refused.
 //! Must not: read or write sockets.
 
+use std::mem::MaybeUninit;
+
 use bytes::BufMut;
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderName, HeaderValue, StatusCode};
@@ -70,9 +72,12 @@ pub(super) fn parse_head(
     lines: &mut Vec<u8>,
     own_rate: bool,
 ) -> Result<Option<Head>, ()> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut slots);
-    let len = match parsed.parse(buf) {
+    // Left uninitialized: httparse writes the lines it finds (an initialized array was
+    // 4 KiB of stores a response, ~300 instructions).
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => return Ok(None),
         _ => return Err(()),
