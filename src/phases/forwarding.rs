@@ -87,8 +87,9 @@ impl Forwarding {
         }
     }
 
-    /// Replaces the request's forwarding headers with these (one insert each).
-    pub fn apply(self, req: &mut RequestHeader) -> pingora_error::Result<()> {
+    /// Replaces the request's forwarding headers with these (one insert each; the host
+    /// value is moved into the request, taken out of these).
+    pub fn apply(&mut self, req: &mut RequestHeader) -> pingora_error::Result<()> {
         match (&self.xff, &self.xff_chain) {
             (Some(addr), None) => req.insert_header(XFF_NAME, value(addr.as_bytes())?)?,
             (Some(addr), Some(chain)) => {
@@ -105,7 +106,7 @@ impl Forwarding {
             None => req.insert_header(FORWARDED_NAME, value(own)?)?,
         }
         req.insert_header(XFP_NAME, HeaderValue::from_static(self.proto))?;
-        match self.host {
+        match self.host.take() {
             Some(h) => req.insert_header(XFH_NAME, h)?,
             None => {
                 req.remove_header(&X_FORWARDED_HOST);
