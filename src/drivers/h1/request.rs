@@ -20,8 +20,7 @@ use pingora_http::RequestHeader;
 use super::fields::{self, Token, MAX_CONNECTION_TOKENS};
 use super::head::HeadLimits;
 use super::MAX_HEADERS;
-use crate::base::http::Names;
-use crate::phases::response_head::Kind;
+use crate::base::http::{is_hop_by_hop, Names};
 
 /// How a request's body is framed (RFC 9112 §6.3), as [`parse`] read its head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -297,7 +296,7 @@ fn parse_lines(head: &Bytes, limits: &HeadLimits, parsed: &httparse::Request) ->
         {
             return None;
         }
-        if Kind::of(name.as_str().as_bytes()).hop_by_hop() {
+        if is_hop_by_hop(name.as_str().as_bytes()) {
             continue;
         }
         let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value)).ok()?;
