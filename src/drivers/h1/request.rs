@@ -20,7 +20,7 @@ use pingora_http::RequestHeader;
 use super::fields::{self, Token, MAX_CONNECTION_TOKENS};
 use super::head::HeadLimits;
 use super::MAX_HEADERS;
-use crate::base::http::{is_hop_by_hop, Names};
+use crate::base::http::{eq_token_lower, is_hop_by_hop, Names};
 
 /// How a request's body is framed (RFC 9112 §6.3), as [`parse`] read its head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,14 +87,15 @@ pub(super) fn connection_tokens(value: &[u8], close: &mut bool) -> bool {
 }
 
 /// The header name `raw` is. The names clients send most are matched here (by length,
-/// then case-insensitively); `HeaderName::from_bytes` (a lower-casing copy and a table
-/// walk, several times the cost of these compares) parses the rest.
+/// then case-insensitively, a word at a time: `raw` is a token, as httparse parses
+/// names, see `eq_token_lower`); `HeaderName::from_bytes` (a lower-casing copy and a
+/// table walk, several times the cost of these compares) parses the rest.
 fn request_name(raw: &[u8]) -> Option<HeaderName> {
     use http::header::{
         ACCEPT, ACCEPT_ENCODING, ACCEPT_LANGUAGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE,
         COOKIE, HOST, ORIGIN, REFERER, USER_AGENT,
     };
-    let is = |s: &str| raw.eq_ignore_ascii_case(s.as_bytes());
+    let is = |s: &str| eq_token_lower(raw, s.as_bytes());
     let known = match raw.len() {
         4 if is("host") => HOST,
         6 if is("accept") => ACCEPT,
