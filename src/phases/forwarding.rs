@@ -162,8 +162,9 @@ impl Forwarding {
         }
     }
 
-    /// Replaces the request's forwarding headers with these (one insert each).
-    pub fn apply(self, req: &mut impl Put) -> pingora_error::Result<()> {
+    /// Replaces the request's forwarding headers with these (one insert each; the host
+    /// value is moved into the request, taken out of these).
+    pub fn apply(&mut self, req: &mut impl Put) -> pingora_error::Result<()> {
         match (&self.xff, &self.xff_chain) {
             (Some(addr), None) => req.set(&XFF, value(addr.as_bytes())?)?,
             (Some(addr), Some(chain)) => req.set(&XFF, value(&chained(chain, addr.as_bytes()))?)?,
@@ -176,7 +177,7 @@ impl Forwarding {
             None => req.set(&FWD, value(own)?)?,
         }
         req.set(&XFP, HeaderValue::from_static(self.proto))?;
-        match self.host {
+        match self.host.take() {
             Some(h) => req.set(&XFH, h)?,
             None => req.unset(&X_FORWARDED_HOST),
         }

@@ -14,7 +14,7 @@ use super::ctx::RequestCtx;
 use super::forwarding;
 use crate::admission::reject::{rate_lines, RATE_HEADERS};
 use crate::admission::RateInfo;
-use crate::base::http::is_hop_by_hop;
+use crate::base::http::{eq_token_lower, is_hop_by_hop};
 
 /// Edits a response head held as a map: admission's `RateLimit-*`, the route's edits,
 /// the translation's headers. (Hop-by-hop headers are removed by whoever built the map:
@@ -84,8 +84,9 @@ pub(crate) enum Kind {
 
 impl Kind {
     /// Compares only names of the right length: a few instructions for most names.
+    /// `name` is a token, as httparse and `HeaderName` give it (`eq_token_lower`).
     pub(crate) fn of(name: &[u8]) -> Kind {
-        let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+        let is = |s: &str| eq_token_lower(name, s.as_bytes());
         match name.len() {
             4 if is("date") => Kind::Date,
             10 if is("connection") => Kind::Connection,

@@ -64,17 +64,16 @@ pub(crate) fn build(
         }
     }
     let as_lines = matches!(out, Output::Wire(_)) && route.config.request_headers.is_empty();
-    let own = Own::take(ctx, upstream, down)?;
-    let own = if as_lines {
-        Some(own)
-    } else {
+    // Built where it stays (this frame) and used by reference: moved into an `Option`
+    // and into each call, its ~350 bytes were copied three times a request.
+    let mut own = Own::take(ctx, upstream, down)?;
+    if !as_lines {
         // Inserted before the route's edits, which may change or remove them.
         own.insert(ctx, upstream)?;
         if !route.config.request_headers.is_empty() {
             forwarding::edit_request(upstream, &route.config.request_headers)?;
         }
-        None
-    };
+    }
     upstream_target(ctx, route, upstream)?;
     if let Output::Wire(wire) = out {
         wire.extend_from_slice(upstream.method.as_str().as_bytes());
@@ -82,7 +81,7 @@ pub(crate) fn build(
         wire.extend_from_slice(upstream.raw_path());
         wire.extend_from_slice(b" HTTP/1.1\r\n");
         upstream.header_to_h1_wire(wire);
-        if let Some(own) = own {
+        if as_lines {
             own.write(ctx, wire);
         }
         // An upgrade: busbar's HTTP/1 codec leaves `Upgrade` in the head only for one it
@@ -136,6 +135,7 @@ struct Own<'c> {
 }
 
 impl<'c> Own<'c> {
+    #[inline(always)]
     fn take(ctx: &'c RequestCtx, upstream: &mut RequestHeader, down: Downstream) -> Result<Self> {
         let identity = clear_identity(ctx, upstream);
         if let Some((_, user)) = identity {
@@ -161,11 +161,11 @@ impl<'c> Own<'c> {
         })
     }
 
-    /// Into the request's map. A head that keeps no case of its names (an HTTP/2
-    /// client's, JSON→gRPC's copy) is taken apart for it, so the static names go in as
-    /// they are: pingora's `insert_header` would parse each into a new `HeaderName`, six
-    /// allocations a request.
-    fn insert(self, ctx: &RequestCtx, upstream: &mut RequestHeader) -> Result<()> {
+    /// Into the request's map (what is moved into it is taken out of these). A head that
+    /// keeps no case of its names (an HTTP/2 client's, JSON→gRPC's copy) is taken apart
+    /// for it, so the static names go in as they are: pingora's `insert_header` would
+    /// parse each into a new `HeaderName`, six allocations a request.
+    fn insert(&mut self, ctx: &RequestCtx, upstream: &mut RequestHeader) -> Result<()> {
         if upstream.has_case() || !target_in_uri(upstream) {
             return self.put(ctx, upstream);
         }
@@ -182,7 +182,7 @@ impl<'c> Own<'c> {
         put
     }
 
-    fn put(self, ctx: &RequestCtx, to: &mut impl Put) -> Result<()> {
+    fn put(&mut self, ctx: &RequestCtx, to: &mut impl Put) -> Result<()> {
         if let Some((name, user)) = self.identity {
             let user = HeaderValue::from_str(user)
                 .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "identity value"))?;
@@ -202,7 +202,7 @@ impl<'c> Own<'c> {
     }
 
     /// As lines after the request's own.
-    fn write(self, ctx: &RequestCtx, wire: &mut Vec<u8>) {
+    fn write(&self, ctx: &RequestCtx, wire: &mut Vec<u8>) {
         if let Some((name, user)) = self.identity {
             line(wire, name.as_str().as_bytes(), user.as_bytes());
         }

@@ -8,6 +8,8 @@
 //! `Connection` names, and turning one into a `RequestHeader` without a second scan.
 //! Must not: route, or write anything.
 
+use std::mem::MaybeUninit;
+
 use bytes::Bytes;
 use http::header::{
     AUTHORIZATION, CONNECTION, CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING, UPGRADE,
@@ -18,8 +20,7 @@ use pingora_http::RequestHeader;
 use super::fields::{self, Token, MAX_CONNECTION_TOKENS};
 use super::head::HeadLimits;
 use super::MAX_HEADERS;
-use crate::base::http::Names;
-use crate::phases::response_head::Kind;
+use crate::base::http::{eq_token_lower, is_hop_by_hop, Names};
 
 /// How a request's body is framed (RFC 9112 §6.3), as [`parse`] read its head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,14 +87,15 @@ pub(super) fn connection_tokens(value: &[u8], close: &mut bool) -> bool {
 }
 
 /// The header name `raw` is. The names clients send most are matched here (by length,
-/// then case-insensitively); `HeaderName::from_bytes` (a lower-casing copy and a table
-/// walk, several times the cost of these compares) parses the rest.
+/// then case-insensitively, a word at a time: `raw` is a token, as httparse parses
+/// names, see `eq_token_lower`); `HeaderName::from_bytes` (a lower-casing copy and a
+/// table walk, several times the cost of these compares) parses the rest.
 fn request_name(raw: &[u8]) -> Option<HeaderName> {
     use http::header::{
         ACCEPT, ACCEPT_ENCODING, ACCEPT_LANGUAGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE,
         COOKIE, HOST, ORIGIN, REFERER, USER_AGENT,
     };
-    let is = |s: &str| raw.eq_ignore_ascii_case(s.as_bytes());
+    let is = |s: &str| eq_token_lower(raw, s.as_bytes());
     let known = match raw.len() {
         4 if is("host") => HOST,
         6 if is("accept") => ACCEPT,
@@ -134,11 +136,14 @@ pub(super) fn parse(head: &Bytes, limits: &HeadLimits) -> Option<Parsed> {
     if head.len() > limits.max_head_bytes || !head.ends_with(b"\r\n\r\n") {
         return None;
     }
-    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    // Left uninitialized: httparse writes the lines it finds (an initialized array was
+    // 4 KiB of stores a request, ~300 instructions).
+    let mut lines = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     // Room for more lines than the usual head has, should this one need it.
     let mut more;
-    let mut parsed = httparse::Request::new(&mut lines);
-    match parsed.parse(head) {
+    let mut parsed = httparse::Request::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    match config.parse_request_with_uninit_headers(&mut parsed, head, &mut lines) {
         Ok(httparse::Status::Complete(n)) if n == head.len() => {}
         // More lines than the usual head has room for: allowed by the limits, so this
         // rare head gets room for all of them, on the heap.
@@ -292,7 +297,7 @@ fn parse_lines(head: &Bytes, limits: &HeadLimits, parsed: &httparse::Request) ->
         {
             return None;
         }
-        if Kind::of(name.as_str().as_bytes()).hop_by_hop() {
+        if is_hop_by_hop(name.as_str().as_bytes()) {
             continue;
         }
         let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value)).ok()?;

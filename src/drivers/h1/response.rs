@@ -9,6 +9,10 @@
 //! (`framing`) is refused.
 //! Must not: read or write sockets.
 
+use std::cell::RefCell;
+use std::mem::MaybeUninit;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
 use bytes::BufMut;
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderName, HeaderValue, StatusCode};
@@ -18,6 +22,7 @@ use pingora_http::ResponseHeader;
 use super::request::connection_tokens;
 use super::{framing, MAX_HEADERS};
 use crate::admission::RateInfo;
+use crate::base::clock;
 use crate::base::http::line;
 use crate::phases::response_head::{self, Kind};
 
@@ -70,9 +75,12 @@ pub(super) fn parse_head(
     lines: &mut Vec<u8>,
     own_rate: bool,
 ) -> Result<Option<Head>, ()> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut slots);
-    let len = match parsed.parse(buf) {
+    // Left uninitialized: httparse writes the lines it finds (an initialized array was
+    // 4 KiB of stores a response, ~300 instructions).
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => return Ok(None),
         _ => return Err(()),
@@ -207,6 +215,11 @@ pub(crate) fn upstream_header(raw: &[u8]) -> Result<ResponseHeader, ()> {
 
 /// `HTTP/1.1 <status> <canonical reason>` and CRLF.
 fn status_line(out: &mut Vec<u8>, status: StatusCode) {
+    if status == StatusCode::OK {
+        // Nearly every answer: one copy, no reason lookup (~80 instructions less).
+        out.put_slice(b"HTTP/1.1 200 OK\r\n");
+        return;
+    }
     out.put_slice(b"HTTP/1.1 ");
     out.put_slice(status.as_str().as_bytes());
     out.put_u8(b' ');
@@ -225,11 +238,47 @@ pub(super) fn finish_head(out: &mut Vec<u8>, rate: Option<&RateInfo>, keep_alive
 /// rest of a small head), and the head's end.
 fn end_head(out: &mut Vec<u8>, keep_alive: bool) {
     out.put_slice(b"Date: ");
-    out.put_slice(get_cached_date().as_bytes());
+    date(out);
     out.put_slice(if keep_alive {
         b"\r\nConnection: keep-alive\r\n\r\n".as_slice()
     } else {
         b"\r\nConnection: close\r\n\r\n".as_slice()
+    });
+}
+
+/// The `Date` value, from this thread's copy while the second it names lasts: pingora's
+/// `get_cached_date` reads the system clock and hands out a shared `HeaderValue` each
+/// call (~120 instructions a response); this reads the turn's clock (`clock::now`),
+/// which the request path has read already. The copy is refreshed no later than the
+/// second's end (its end is worked out from a reading of the system clock taken before
+/// the text, and from the turn's start, both no later than the text's).
+fn date(out: &mut Vec<u8>) {
+    struct Cached {
+        /// When the second in `text` may have ended; `None`: no text yet.
+        until: Option<Instant>,
+        text: [u8; 32],
+        len: usize,
+    }
+    thread_local! {
+        static DATE: RefCell<Cached> =
+            const { RefCell::new(Cached { until: None, text: [0; 32], len: 0 }) };
+    }
+    DATE.with(|cached| {
+        let mut c = cached.borrow_mut();
+        let now = clock::now();
+        if c.until.is_none_or(|until| now >= until) {
+            let wall = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            let value = get_cached_date();
+            let text = value.as_bytes();
+            let len = text.len().min(c.text.len());
+            c.text[..len].copy_from_slice(&text[..len]);
+            c.len = len;
+            let left = Duration::from_secs(1) - Duration::from_nanos(wall.subsec_nanos().into());
+            c.until = now.checked_add(left);
+        }
+        out.put_slice(&c.text[..c.len]);
     });
 }
 
@@ -272,7 +321,7 @@ pub(super) fn write_switch(out: &mut Vec<u8>, resp: &mut ResponseHeader, protoco
 
 fn end_switch(out: &mut Vec<u8>, protocol: &[u8]) {
     out.put_slice(b"Date: ");
-    out.put_slice(get_cached_date().as_bytes());
+    date(out);
     out.put_slice(b"\r\n");
     line(out, b"Upgrade", protocol);
     out.put_slice(b"Connection: upgrade\r\n\r\n");
@@ -295,6 +344,40 @@ pub(super) fn write_head(out: &mut Vec<u8>, resp: &mut ResponseHeader, keep_aliv
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The thread's copy names the system's second: what pingora's date says just
+    /// before or just after (the second may turn between the readings).
+    #[test]
+    fn the_date_is_the_current_second() {
+        for _ in 0..3 {
+            let before = get_cached_date();
+            let mut out = Vec::new();
+            date(&mut out);
+            let after = get_cached_date();
+            assert!(
+                out == before.as_bytes() || out == after.as_bytes(),
+                "{:?} not {before:?} or {after:?}",
+                String::from_utf8_lossy(&out)
+            );
+            std::thread::sleep(Duration::from_millis(600));
+        }
+    }
+
+    #[test]
+    fn status_lines() {
+        for (status, line) in [
+            (StatusCode::OK, "HTTP/1.1 200 OK\r\n"),
+            (StatusCode::NOT_FOUND, "HTTP/1.1 404 Not Found\r\n"),
+            (
+                StatusCode::from_u16(299).unwrap(),
+                "HTTP/1.1 299 Unknown\r\n",
+            ),
+        ] {
+            let mut out = Vec::new();
+            status_line(&mut out, status);
+            assert_eq!(String::from_utf8_lossy(&out), line);
+        }
+    }
 
     #[test]
     fn response_framing() {
