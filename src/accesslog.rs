@@ -134,6 +134,24 @@ pub struct Entry<'a> {
     pub grpc_status: Option<u16>,
 }
 
+/// What busbar ended outside the request phases, as its access log line has it: a
+/// refusal before the head was read whole, an HTTP/2 stream reset for its head, a
+/// `CONNECT`. No path, query, request id or user; a fresh trace id.
+pub struct Bare<'a> {
+    pub client: Option<std::net::SocketAddr>,
+    pub method: &'a str,
+    pub host: &'a str,
+    pub route: &'a str,
+    pub service: &'a str,
+    /// The instance reached (counted as one try), if any.
+    pub instance: Option<std::net::SocketAddr>,
+    pub status: u16,
+    pub bytes: usize,
+    pub started: std::time::Instant,
+    pub error: Option<&'a str>,
+    pub protocol: &'static str,
+}
+
 fn open_file(p: &std::path::Path) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).open(p)
 }
@@ -263,30 +281,47 @@ impl AccessLog {
         started: std::time::Instant,
         protocol: &'static str,
     ) {
+        self.bare(&Bare {
+            client,
+            method,
+            host: "",
+            route: crate::metrics::NO_ROUTE,
+            service: "",
+            instance: None,
+            status,
+            bytes: 0,
+            started,
+            error: Some(reason),
+            protocol,
+        });
+    }
+
+    /// The line of what busbar ended outside the request phases (see [`Bare`]).
+    pub fn bare(&self, b: &Bare<'_>) {
         if !self.enabled() {
             return;
         }
         let trace = crate::proxy::trace::new_trace_id_hex();
         let seen = Seen {
             kept_id: None,
-            protocol,
+            protocol: b.protocol,
             user_agent: None,
         };
         self.write(&Entry {
-            client,
-            method,
-            host: "",
+            client: b.client,
+            method: b.method,
+            host: b.host,
             path: "",
-            route: crate::metrics::NO_ROUTE,
-            service: "",
-            instance: None,
-            status,
-            bytes: 0,
-            total: started.elapsed(),
+            route: b.route,
+            service: b.service,
+            instance: b.instance,
+            status: b.status,
+            bytes: b.bytes,
+            total: b.started.elapsed(),
             upstream: None,
-            tries: 0,
+            tries: u32::from(b.instance.is_some()),
             trace_id: &trace,
-            error: Some(reason),
+            error: b.error,
             seen: Some(&seen),
             query: None,
             redact: &[],

@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::accesslog::{AccessLog, Entry, Seen};
+use crate::accesslog::{AccessLog, Bare};
 use crate::drivers::tunnel::{self, Bounds};
 use crate::metrics::METRICS;
 use crate::model::health::now_ms;
@@ -87,36 +87,18 @@ impl Log<'_> {
                 crate::metrics::count_answer(e.route, e.service, e.status, reason, "CONNECT");
             }
         }
-        if !self.log.enabled() {
-            return;
-        }
-        let trace = crate::proxy::trace::new_trace_id_hex();
-        let seen = Seen {
-            kept_id: None,
-            protocol: "http/1.1",
-            user_agent: None,
-        };
-        self.log.write(&Entry {
+        self.log.bare(&Bare {
             client: self.client,
             method: "CONNECT",
             host: e.target,
-            path: "",
             route: e.route,
             service: e.service,
             instance: e.instance,
             status: e.status,
             bytes: e.bytes as usize,
-            total: self.started.elapsed(),
-            upstream: None,
-            tries: u32::from(e.instance.is_some()),
-            trace_id: &trace,
+            started: self.started,
             error: e.error,
-            seen: Some(&seen),
-            query: None,
-            redact: &[],
-            user: None,
-            version: None,
-            grpc_status: None,
+            protocol: "http/1.1",
         });
     }
 }
