@@ -772,20 +772,7 @@ fn h2_settings_are_validated_with_their_place() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_request_fields_stay_out_of_the_hpack_table() {
     let (addr, blocks, task) = recording_instance().await;
-    let bus = Busbar::start(&format!(
-        r#"
-[[service]]
-name = "web"
-protocol = "h2c"
-endpoints = [{{ addr = "{addr}" }}]
-
-[[route]]
-name = "all"
-path_prefix = "/"
-service = "web"
-"#
-    ))
-    .await;
+    let bus = Busbar::start(&common::one_route(addr, "", r#"protocol = "h2c""#)).await;
     const REQUESTS: usize = 40;
     for _ in 0..REQUESTS {
         let r = client().get(bus.url("/books")).send().await.unwrap();
@@ -924,20 +911,7 @@ async fn recording_instance() -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_reach_an_h2_instance_as_never_indexed_fields() {
     let (addr, blocks, task) = recording_instance().await;
-    let bus = Busbar::start(&format!(
-        r#"
-[[service]]
-name = "web"
-protocol = "h2c"
-endpoints = [{{ addr = "{addr}" }}]
-
-[[route]]
-name = "all"
-path_prefix = "/"
-service = "web"
-"#
-    ))
-    .await;
+    let bus = Busbar::start(&common::one_route(addr, "", r#"protocol = "h2c""#)).await;
     for _ in 0..2 {
         let r = client()
             .get(bus.url("/account"))
