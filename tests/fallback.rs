@@ -276,6 +276,15 @@ async fn connect_tunnels_only_to_registered_services() {
     let n = s.read(&mut buf).await.unwrap();
     let head = String::from_utf8_lossy(&buf[..n]);
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    // A target made to break the access log's JSON is refused and written escaped.
+    const HOSTILE: &str = r#"x"},{"status":200,"y:443"#;
+    let mut s = tokio::net::TcpStream::connect(bus.http).await.unwrap();
+    s.write_all(format!("CONNECT {HOSTILE} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
 
     // A registered service: TLS end to end through the tunnel (HTTPS through HTTP_PROXY).
     let c = reqwest::Client::builder()
@@ -299,7 +308,7 @@ async fn connect_tunnels_only_to_registered_services() {
             &m,
             r#"busbar_requests_total{class="4xx",method="CONNECT",reason="not_a_service",route="_no_route",service=""}"#
         ),
-        1.0,
+        2.0,
         "{m}"
     );
 
@@ -313,13 +322,13 @@ async fn connect_tunnels_only_to_registered_services() {
             .filter(|e| e["method"] == "CONNECT")
             .collect()
     };
-    let logged = common::eventually(Duration::from_secs(10), || connects().len() == 2).await;
+    let logged = common::eventually(Duration::from_secs(10), || connects().len() == 3).await;
     let lines = connects();
     assert!(logged, "{}", bus.access_log());
-    let refused = lines
-        .iter()
-        .find(|e| e["status"] == 403)
-        .expect("the 403's line");
+    let refused: Vec<&Value> = lines.iter().filter(|e| e["status"] == 403).collect();
+    assert_eq!(refused.len(), 2, "{lines:?}");
+    assert_eq!(refused[1]["host"], HOSTILE);
+    let refused = refused[0];
     assert_eq!(refused["host"], "example.com:443");
     assert_eq!(refused["error"], "not_a_service");
     assert_eq!(refused["service"], "");
