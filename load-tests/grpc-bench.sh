@@ -355,14 +355,17 @@ run_h2load() {  # target seconds|-nREQUESTS -> h2load output
   timeout $((secs + 30)) taskset -c "$LOAD_CPU" h2load -t1 "${limit[@]}" "${args[@]}" "${URL[$t]}"
 }
 
-RAW="$DIR/results.tsv"   # target round rps mean_us requests cpu_us_per_req errors proxy_busy load_busy
+RAW="$DIR/results.tsv"   # target round rps mean_us requests cpu_us_per_req errors proxy_busy load_busy sys_us_per_req
 : >"$RAW"
 
 measure() {  # target round
-  local t=$1 r=$2 pid=${PID[$1]} before after out rps mean reqs cpu errs p0 p1 l0 l1 pbusy lbusy
-  before=$(cpu_ticks "$pid"); p0=$(cpu_line_ticks "$PROXY_CPU"); l0=$(cpu_line_ticks "$LOAD_CPU")
+  local t=$1 r=$2 pid=${PID[$1]} before after out rps mean reqs cpu sys errs p0 p1 l0 l1 pbusy lbusy
+  local s0 s1
+  before=$(cpu_ticks "$pid"); s0=$(sys_ticks "$pid")
+  p0=$(cpu_line_ticks "$PROXY_CPU"); l0=$(cpu_line_ticks "$LOAD_CPU")
   out=$(run_h2load "$t" "$DURATION") || die "h2load failed against $t: $out"
-  after=$(cpu_ticks "$pid"); p1=$(cpu_line_ticks "$PROXY_CPU"); l1=$(cpu_line_ticks "$LOAD_CPU")
+  after=$(cpu_ticks "$pid"); s1=$(sys_ticks "$pid")
+  p1=$(cpu_line_ticks "$PROXY_CPU"); l1=$(cpu_line_ticks "$LOAD_CPU")
   pbusy=$(cpu_busy_pct "$p0" "$p1"); lbusy=$(cpu_busy_pct "$l0" "$l1")
   echo "$out" >"$DIR/h2load-$t-$r.txt"
   rps=$(awk '/^finished in/ {print $4}' <<<"$out")
@@ -375,13 +378,14 @@ measure() {  # target round
               END {print e + 0}' <<<"$out")
   if [[ -n $pid ]]; then
     cpu=$(awk -v d=$((after - before)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN {printf "%.2f", d * 1e6 / hz / n}')
+    sys=$(awk -v d=$((s1 - s0)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN {printf "%.2f", d * 1e6 / hz / n}')
   else
-    cpu="-"
+    cpu="-"; sys="-"
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$rps" "$mean" "$reqs" "$cpu" "$errs" \
-    "$pbusy" "$lbusy" >>"$RAW"
-  printf 'grpc-bench: round %d %-12s %10s req/s  mean %6s us  proxy cpu %6s us/req  errors %s  CPU %s%% busy %s%% (proxy, load)\n' \
-    "$r" "$t" "$rps" "$mean" "$cpu" "$errs" "$pbusy" "$lbusy" >&2
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$rps" "$mean" "$reqs" "$cpu" "$errs" \
+    "$pbusy" "$lbusy" "$sys" >>"$RAW"
+  printf 'grpc-bench: round %d %-12s %10s req/s  mean %6s us  proxy cpu %6s us/req (system %s)  errors %s  CPU %s%% busy %s%% (proxy, load)\n' \
+    "$r" "$t" "$rps" "$mean" "$cpu" "$sys" "$errs" "$pbusy" "$lbusy" >&2
 }
 
 # ---------------------------------------------------------------------------------
@@ -450,20 +454,22 @@ run_rounds run_h2load
 median() {  # target column
   awk -F'\t' -v t="$1" -v c="$2" '$1 == t && $c != "-" {print $c}' "$RAW" | median_of
 }
-declare -A M_RPS M_MEAN M_CPU M_ERR M_PBUSY M_LBUSY
+declare -A M_RPS M_MEAN M_CPU M_SYS M_ERR M_PBUSY M_LBUSY
 for t in "${TARGETS[@]}"; do
   M_RPS[$t]=$(median "$t" 3); M_MEAN[$t]=$(median "$t" 4); M_CPU[$t]=$(median "$t" 6)
+  M_SYS[$t]=$(median "$t" 10)
   M_PBUSY[$t]=$(median "$t" 8); M_LBUSY[$t]=$(median "$t" 9)
   M_ERR[$t]=$(awk -F'\t' -v t="$t" '$1 == t {e += $7} END {print e + 0}' "$RAW")
 done
 
-echo "| target | req/s | mean latency | proxy CPU µs/req | req/s ratio to grpc | CPU ratio to grpc | CPU $PROXY_CPU / CPU $LOAD_CPU busy |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
+echo "| target | req/s | mean latency | proxy CPU µs/req | of which system | req/s ratio to grpc | CPU ratio to grpc | CPU $PROXY_CPU / CPU $LOAD_CPU busy |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 for t in "${TARGETS[@]}"; do
-  printf '| %s | %s | %s | %s | %s | %s | %s%% / %s%% |\n' "$t" \
+  printf '| %s | %s | %s | %s | %s | %s | %s | %s%% / %s%% |\n' "$t" \
     "$(awk -v v="${M_RPS[$t]}" 'BEGIN {printf "%.0f", v}')" \
     "$(fmt_us "${M_MEAN[$t]}")" \
     "$(awk -v v="${M_CPU[$t]}" 'BEGIN {if (v == "-") print "-"; else printf "%.1f", v}')" \
+    "$(awk -v v="${M_SYS[$t]:--}" 'BEGIN {if (v == "-" || v == "") print "-"; else printf "%.1f", v}')" \
     "$(ratio "${M_RPS[$t]}" "${M_RPS[grpc]:--}")" "$(ratio "${M_CPU[$t]}" "${M_CPU[grpc]:--}")" \
     "${M_PBUSY[$t]}" "${M_LBUSY[$t]}"
 done

@@ -85,8 +85,10 @@ stat_sum() {  # pid index...
   echo "$total"
 }
 
-# utime+stime ticks (fields 14 and 15).
+# utime+stime ticks (fields 14 and 15); stime alone (the kernel's share: system calls and
+# the loopback TCP work they do for the peer).
 cpu_ticks() { stat_sum "$1" 11 12; }
+sys_ticks() { stat_sum "$1" 12; }
 
 # Busy and total ticks of one CPU since boot, "busy total", from its /proc/stat line:
 # busy is everything but idle and iowait. Two readings give how busy that CPU was between
