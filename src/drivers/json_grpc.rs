@@ -113,7 +113,7 @@ pub(crate) trait JsonIo: Send {
     fn head(&self) -> &RequestHeader;
 
     /// The client's connection, for the metadata the upstream-head builder adds.
-    fn connection(&self) -> upstream_head::Downstream;
+    fn connection(&self) -> upstream_head::Downstream<'_>;
 
     /// The body's next data (any framing removed), `Ok(None)` at its end. A client that
     /// waits for `100 Continue` is told to send it on the first read; a body read while

@@ -225,11 +225,12 @@ impl JsonIo for PingoraJson<'_> {
         self.session.req_header()
     }
 
-    fn connection(&self) -> upstream_head::Downstream {
+    fn connection(&self) -> upstream_head::Downstream<'_> {
         upstream_head::Downstream {
             peer: client_ip(self.session),
             tls: is_tls(self.session),
             h2: self.session.req_header().version == http::Version::HTTP_2,
+            rendered: None,
         }
     }
 
@@ -416,6 +417,7 @@ impl ProxyHttp for BusbarProxy {
             peer: client_ip(session),
             tls: is_tls(session),
             h2: session.req_header().version == http::Version::HTTP_2,
+            rendered: None,
         };
         upstream_head::build(ctx, upstream, down, Output::Map)
     }

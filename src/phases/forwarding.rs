@@ -103,34 +103,25 @@ impl Put for http::HeaderMap {
     }
 }
 
-/// The forwarding headers busbar sends upstream, from what it saw itself.
-pub struct Forwarding {
-    /// `X-Forwarded-For`; none when the client's address is unknown.
-    xff: Option<StackBuf>,
-    forwarded: StackBuf,
-    /// A trusted peer's chains, kept before busbar's entries (`a, b`); none otherwise.
-    xff_chain: Option<Vec<u8>>,
-    forwarded_chain: Option<Vec<u8>>,
-    proto: &'static str,
-    /// `X-Forwarded-Host`: the request's `Host` (or authority).
-    host: Option<HeaderValue>,
+/// busbar's own forwarding entries for one peer address and scheme: the same for every
+/// request a connection carries, so busbar's HTTP/1 engine renders them once a connection
+/// (`drivers::h1::Scratch`) and the other drivers once a request. Formatted on the stack.
+pub(crate) struct Peer {
+    ip: Option<IpAddr>,
+    tls: bool,
+    /// `X-Forwarded-For`'s entry; none when the client's address is unknown.
+    xff: Option<StackBuf<48>>,
+    /// `Forwarded`'s entry.
+    forwarded: StackBuf<96>,
+    /// The `X-Forwarded-For`, `Forwarded` and `X-Forwarded-Proto` lines as they go on an
+    /// HTTP/1 wire for a request whose peer's chains are not kept.
+    lines: StackBuf<256>,
 }
 
-impl Forwarding {
-    /// The values for a request from the peer `client` (over TLS or not). Formatted on
-    /// the stack: no `format!`. `chain`: the peer is a trusted proxy, whose chains are
-    /// kept (allocated, only then).
-    pub fn of(req: &RequestHeader, client: Option<IpAddr>, tls: bool, chain: bool) -> Forwarding {
-        let proto: &'static str = if tls { "https" } else { "http" };
-        let host = match req.headers.get(HOST) {
-            Some(h) => Some(h.clone()),
-            None => req
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-        };
+impl Peer {
+    pub(crate) fn new(ip: Option<IpAddr>, tls: bool) -> Peer {
         let mut forwarded = StackBuf::new();
-        let xff = client.map(|ip| {
+        let xff = ip.map(|ip| {
             let mut addr = StackBuf::new();
             crate::text::ip(&mut addr, ip);
             // RFC 7239: IPv6 addresses are quoted and bracketed.
@@ -146,18 +137,73 @@ impl Forwarding {
         if xff.is_none() {
             forwarded.put(b"proto=");
         }
-        forwarded.put(proto.as_bytes());
+        forwarded.put(proto(tls).as_bytes());
+        let mut lines = StackBuf::new();
+        if let Some(addr) = &xff {
+            line_into(&mut lines, XFF_NAME, addr.as_bytes());
+        }
+        line_into(&mut lines, FORWARDED_NAME, forwarded.as_bytes());
+        line_into(&mut lines, XFP_NAME, proto(tls).as_bytes());
+        Peer {
+            ip,
+            tls,
+            xff,
+            forwarded,
+            lines,
+        }
+    }
+
+    /// These are the entries of a connection from `ip` (over TLS or not).
+    pub(crate) fn is(&self, ip: Option<IpAddr>, tls: bool) -> bool {
+        self.ip == ip && self.tls == tls
+    }
+}
+
+fn proto(tls: bool) -> &'static str {
+    if tls {
+        "https"
+    } else {
+        "http"
+    }
+}
+
+fn line_into<const N: usize>(buf: &mut StackBuf<N>, name: &str, value: &[u8]) {
+    buf.put(name.as_bytes());
+    buf.put(b": ");
+    buf.put(value);
+    buf.put(b"\r\n");
+}
+
+/// The forwarding headers busbar sends upstream, from what it saw itself.
+pub(crate) struct Forwarding<'p> {
+    peer: &'p Peer,
+    /// A trusted peer's chains, kept before busbar's entries (`a, b`); none otherwise.
+    xff_chain: Option<Vec<u8>>,
+    forwarded_chain: Option<Vec<u8>>,
+    /// `X-Forwarded-Host`: the request's `Host` (or authority).
+    host: Option<HeaderValue>,
+}
+
+impl<'p> Forwarding<'p> {
+    /// The values for a request from `peer`. `chain`: the peer is a trusted proxy, whose
+    /// chains are kept (allocated, only then).
+    pub(crate) fn of(req: &RequestHeader, peer: &'p Peer, chain: bool) -> Forwarding<'p> {
+        let host = match req.headers.get(HOST) {
+            Some(h) => Some(h.clone()),
+            None => req
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
         let (xff_chain, forwarded_chain) = if chain {
             (joined(req, &X_FORWARDED_FOR), joined(req, &FORWARDED))
         } else {
             (None, None)
         };
         Forwarding {
-            xff,
-            forwarded,
+            peer,
             xff_chain,
             forwarded_chain,
-            proto,
             host,
         }
     }
@@ -165,18 +211,19 @@ impl Forwarding {
     /// Replaces the request's forwarding headers with these (one insert each; the host
     /// value is moved into the request, taken out of these).
     pub fn apply(&mut self, req: &mut impl Put) -> pingora_error::Result<()> {
-        match (&self.xff, &self.xff_chain) {
+        let xff = self.peer.xff.as_ref();
+        match (xff, &self.xff_chain) {
             (Some(addr), None) => req.set(&XFF, value(addr.as_bytes())?)?,
             (Some(addr), Some(chain)) => req.set(&XFF, value(&chained(chain, addr.as_bytes()))?)?,
             (None, Some(chain)) => req.set(&XFF, value(chain)?)?,
             (None, None) => req.unset(&X_FORWARDED_FOR),
         }
-        let own = self.forwarded.as_bytes();
+        let own = self.peer.forwarded.as_bytes();
         match &self.forwarded_chain {
             Some(chain) => req.set(&FWD, value(&chained(chain, own))?)?,
             None => req.set(&FWD, value(own)?)?,
         }
-        req.set(&XFP, HeaderValue::from_static(self.proto))?;
+        req.set(&XFP, HeaderValue::from_static(proto(self.peer.tls)))?;
         match self.host.take() {
             Some(h) => req.set(&XFH, h)?,
             None => req.unset(&X_FORWARDED_HOST),
@@ -188,11 +235,16 @@ impl Forwarding {
     /// were removed ([`clear_forwarded`]): what [`Forwarding::apply`] then serialising
     /// writes, without the inserts.
     pub fn write(&self, wire: &mut Vec<u8>) {
-        let own = self.xff.as_ref().map(StackBuf::as_bytes);
-        chain_line(wire, XFF_NAME, self.xff_chain.as_deref(), own);
-        let own = Some(self.forwarded.as_bytes());
-        chain_line(wire, FORWARDED_NAME, self.forwarded_chain.as_deref(), own);
-        line(wire, XFP_NAME.as_bytes(), self.proto.as_bytes());
+        if self.xff_chain.is_none() && self.forwarded_chain.is_none() {
+            // The peer's lines, rendered once.
+            wire.extend_from_slice(self.peer.lines.as_bytes());
+        } else {
+            let own = self.peer.xff.as_ref().map(StackBuf::as_bytes);
+            chain_line(wire, XFF_NAME, self.xff_chain.as_deref(), own);
+            let own = Some(self.peer.forwarded.as_bytes());
+            chain_line(wire, FORWARDED_NAME, self.forwarded_chain.as_deref(), own);
+            line(wire, XFP_NAME.as_bytes(), proto(self.peer.tls).as_bytes());
+        }
         if let Some(h) = &self.host {
             line(wire, XFH_NAME.as_bytes(), h.as_bytes());
         }
@@ -277,16 +329,17 @@ fn value(bytes: &[u8]) -> pingora_error::Result<HeaderValue> {
     })
 }
 
-/// A small stack buffer for header values (the longest, an IPv6 `Forwarded`, is < 80 bytes).
-struct StackBuf {
-    buf: [u8; 96],
+/// A small stack buffer for header values and lines (the longest value, an IPv6
+/// `Forwarded`, is < 80 bytes; the three lines of one, < 200).
+struct StackBuf<const N: usize> {
+    buf: [u8; N],
     len: usize,
 }
 
-impl StackBuf {
-    fn new() -> StackBuf {
+impl<const N: usize> StackBuf<N> {
+    fn new() -> StackBuf<N> {
         StackBuf {
-            buf: [0; 96],
+            buf: [0; N],
             len: 0,
         }
     }
@@ -296,7 +349,7 @@ impl StackBuf {
     }
 }
 
-impl Sink for StackBuf {
+impl<const N: usize> Sink for StackBuf<N> {
     /// Appends `bytes` if they fit (the values written here always do), else nothing.
     fn put(&mut self, bytes: &[u8]) {
         let end = self.len + bytes.len();
@@ -346,9 +399,71 @@ mod tests {
             "::ffff:192.0.2.1",
         ] {
             let ip: IpAddr = ip.parse().unwrap();
-            let mut out = StackBuf::new();
+            let mut out = StackBuf::<48>::new();
             crate::text::ip(&mut out, ip);
             assert_eq!(out.as_bytes(), ip.to_string().as_bytes());
         }
+    }
+
+    /// A connection's rendered lines are the three headers RFC 7239 and the de-facto
+    /// `X-Forwarded-*` convention give for its peer: an IPv6 address quoted and
+    /// bracketed in `Forwarded`, no `X-Forwarded-For` for an unknown peer.
+    #[test]
+    fn a_peers_lines_are_rendered_once_as_the_headers_say() {
+        let cases: [(Option<&str>, bool, &str); 4] = [
+            (
+                Some("192.0.2.1"),
+                false,
+                "X-Forwarded-For: 192.0.2.1\r\nForwarded: for=192.0.2.1;proto=http\r\n\
+                 X-Forwarded-Proto: http\r\n",
+            ),
+            (
+                Some("2001:db8::8a2e:370:7334"),
+                true,
+                "X-Forwarded-For: 2001:db8::8a2e:370:7334\r\n\
+                 Forwarded: for=\"[2001:db8::8a2e:370:7334]\";proto=https\r\n\
+                 X-Forwarded-Proto: https\r\n",
+            ),
+            (
+                Some("::ffff:255.255.255.255"),
+                true,
+                "X-Forwarded-For: ::ffff:255.255.255.255\r\n\
+                 Forwarded: for=\"[::ffff:255.255.255.255]\";proto=https\r\n\
+                 X-Forwarded-Proto: https\r\n",
+            ),
+            (
+                None,
+                false,
+                "Forwarded: proto=http\r\nX-Forwarded-Proto: http\r\n",
+            ),
+        ];
+        for (ip, tls, want) in cases {
+            let ip = ip.map(|a| a.parse::<IpAddr>().unwrap());
+            let peer = Peer::new(ip, tls);
+            assert!(peer.is(ip, tls) && !peer.is(ip, !tls));
+            let req = RequestHeader::build("GET", b"/", None).unwrap();
+            let mut wire = Vec::new();
+            Forwarding::of(&req, &peer, false).write(&mut wire);
+            assert_eq!(String::from_utf8(wire).unwrap(), want);
+        }
+    }
+
+    /// A trusted peer's chains go first, busbar's entry after them, whatever was
+    /// rendered for the connection.
+    #[test]
+    fn a_trusted_peers_chain_goes_before_the_rendered_entry() {
+        let peer = Peer::new(Some("10.0.0.2".parse().unwrap()), false);
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("x-forwarded-for", "203.0.113.7").unwrap();
+        req.append_header("forwarded", "for=203.0.113.7").unwrap();
+        req.append_header("host", "api.example").unwrap();
+        let mut wire = Vec::new();
+        Forwarding::of(&req, &peer, true).write(&mut wire);
+        assert_eq!(
+            String::from_utf8(wire).unwrap(),
+            "X-Forwarded-For: 203.0.113.7, 10.0.0.2\r\n\
+             Forwarded: for=203.0.113.7, for=10.0.0.2;proto=http\r\n\
+             X-Forwarded-Proto: http\r\nX-Forwarded-Host: api.example\r\n"
+        );
     }
 }

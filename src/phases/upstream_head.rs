@@ -17,19 +17,22 @@ use pingora_http::authority::{is_http_family_scheme, raw_target_authority, RawTa
 use pingora_http::RequestHeader;
 
 use super::ctx::RequestCtx;
-use super::forwarding::{self, Field, Forwarding, Put};
+use super::forwarding::{self, Field, Forwarding, Peer, Put};
 use crate::admission;
 use crate::base::http::{line, value_fits_line, Name};
 use crate::routing;
 
 /// The connection a request came on, as the upstream head needs it.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Downstream {
+#[derive(Clone, Copy)]
+pub(crate) struct Downstream<'c> {
     /// The peer's address (a trusted proxy's chains are kept: see `forwarding`).
     pub peer: Option<IpAddr>,
     pub tls: bool,
     /// HTTP/2: the target always carries `:authority`, and there is no `Host` to set.
     pub h2: bool,
+    /// busbar's forwarding entries for this peer, if the connection keeps them rendered
+    /// (made here otherwise).
+    pub rendered: Option<&'c Peer>,
 }
 
 /// Where the upstream head goes.
@@ -48,7 +51,7 @@ pub(crate) enum Output<'a> {
 pub(crate) fn build(
     ctx: &RequestCtx,
     upstream: &mut RequestHeader,
-    down: Downstream,
+    down: Downstream<'_>,
     out: Output<'_>,
 ) -> Result<()> {
     let Some(route) = ctx.route.as_deref() else {
@@ -66,7 +69,15 @@ pub(crate) fn build(
     let as_lines = matches!(out, Output::Wire(_)) && route.config.request_headers.is_empty();
     // Built where it stays (this frame) and used by reference: moved into an `Option`
     // and into each call, its ~350 bytes were copied three times a request.
-    let mut own = Own::take(ctx, upstream, down)?;
+    let made;
+    let peer = match down.rendered {
+        Some(p) if p.is(down.peer, down.tls) => p,
+        _ => {
+            made = Peer::new(down.peer, down.tls);
+            &made
+        }
+    };
+    let mut own = Own::take(ctx, upstream, down.peer, peer)?;
     if !as_lines {
         // Inserted before the route's edits, which may change or remove them.
         own.insert(ctx, upstream)?;
@@ -131,12 +142,17 @@ fn header_value(bytes: &[u8]) -> Result<HeaderValue> {
 /// before they are inserted or written.
 struct Own<'c> {
     identity: Option<(&'c HeaderName, &'c str)>,
-    forwarding: Forwarding,
+    forwarding: Forwarding<'c>,
 }
 
 impl<'c> Own<'c> {
     #[inline(always)]
-    fn take(ctx: &'c RequestCtx, upstream: &mut RequestHeader, down: Downstream) -> Result<Self> {
+    fn take(
+        ctx: &'c RequestCtx,
+        upstream: &mut RequestHeader,
+        client: Option<IpAddr>,
+        peer: &'c Peer,
+    ) -> Result<Self> {
         let identity = clear_identity(ctx, upstream);
         if let Some((_, user)) = identity {
             // The one check of the identity's value, for both outputs: nothing may end
@@ -148,8 +164,8 @@ impl<'c> Own<'c> {
                 ));
             }
         }
-        let chain = peer_trusted(ctx, down.peer);
-        let forwarding = Forwarding::of(upstream, down.peer, down.tls, chain);
+        let chain = peer_trusted(ctx, client);
+        let forwarding = Forwarding::of(upstream, peer, chain);
         forwarding::clear_forwarded(upstream, ctx.names);
         // The request id goes out as the access log has it (kept or made): once.
         if ctx.seen.is_some() && !ctx.names.lacks_name(super::setup::REQUEST_ID_NAME) {

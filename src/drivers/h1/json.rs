@@ -136,11 +136,12 @@ impl<S: ClientStream> JsonIo for H1Json<'_, '_, S> {
         self.req
     }
 
-    fn connection(&self) -> upstream_head::Downstream {
+    fn connection(&self) -> upstream_head::Downstream<'_> {
         upstream_head::Downstream {
             peer: self.down.peer.map(|a| a.ip()),
             tls: self.tls,
             h2: false,
+            rendered: None,
         }
     }
 

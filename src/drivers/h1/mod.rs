@@ -66,6 +66,7 @@ use crate::base::deadline::within;
 use crate::config::Protocol;
 use crate::phases::ctx::RequestCtx;
 use crate::phases::fail::{self, Failure};
+use crate::phases::forwarding::Peer;
 use crate::phases::request::{self as phase, RequestPath};
 use crate::phases::response_head::{self, Form};
 use crate::phases::setup::{self, admission_parts, admission_policy};
@@ -122,6 +123,9 @@ pub struct Scratch {
     buf: Vec<u8>,
     /// The response head for the client, and the first of its body.
     out: Vec<u8>,
+    /// busbar's forwarding lines for this connection's peer, rendered for its first
+    /// request (its address and scheme do not change): ~650 instructions a request.
+    peer: Option<Peer>,
 }
 
 impl Scratch {
@@ -454,12 +458,22 @@ async fn exchange<S: ClientStream>(
         Some(n) => n.min(body::HOLD as u64) as usize,
         None => sides.conn.len(),
     };
-    let Scratch { wire, buf, out } = &mut *sides.scratch;
+    let Scratch {
+        wire,
+        buf,
+        out,
+        peer,
+    } = &mut *sides.scratch;
     wire.reserve(512 + held);
+    let peer = match peer {
+        Some(p) if p.is(client_ip, ctx.tls) => p,
+        _ => peer.insert(Peer::new(client_ip, ctx.tls)),
+    };
     let conn = upstream_head::Downstream {
         peer: client_ip,
         tls: ctx.tls,
         h2: false,
+        rendered: Some(peer),
     };
     if upstream_head::build(ctx, req, conn, Output::Wire(wire)).is_err() {
         return down.answer(ctx, Cause::BadRequest, false).await;

@@ -142,6 +142,7 @@ pub(super) async fn exchange<S: ClientStream>(
         peer: down.peer.map(|a| a.ip()),
         tls: ctx.tls,
         h2: false,
+        rendered: None,
     };
     let mut up = req.clone();
     if upstream_head::build(ctx, &mut up, conn, Output::Map).is_err() {

@@ -50,11 +50,12 @@ impl JsonIo for H2Json<'_> {
         self.req
     }
 
-    fn connection(&self) -> upstream_head::Downstream {
+    fn connection(&self) -> upstream_head::Downstream<'_> {
         upstream_head::Downstream {
             peer: self.conn.peer.map(|a| a.ip()),
             tls: self.conn.tls,
             h2: true,
+            rendered: None,
         }
     }
 

@@ -240,6 +240,7 @@ impl Exchange<'_, '_> {
             peer: self.conn.peer.map(|a| a.ip()),
             tls: self.conn.tls,
             h2: true,
+            rendered: None,
         };
         if upstream_head::build(self.ctx, &mut req, down, Output::Map).is_err() {
             return (self.answer(Cause::BadRequest).await, 0);

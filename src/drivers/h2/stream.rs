@@ -326,6 +326,7 @@ impl Exchange<'_, '_> {
             peer: self.conn.peer.map(|a| a.ip()),
             tls: self.conn.tls,
             h2: true,
+            rendered: None,
         };
         let mut wire = Vec::with_capacity(512);
         if upstream_head::build(self.ctx, req, down, Output::Wire(&mut wire)).is_err() {
