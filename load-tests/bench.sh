@@ -400,19 +400,7 @@ deftarget() {  # scenario name port pid kind [path] [scheme]
 # webpki, which rustls uses, refuses a certificate marked CA:TRUE as an end entity.)
 CERT=""; KEY=""; CA=""; CERT_KEY=""
 if ((NEED_TLS)); then
-  mkdir -p "$DIR/tls"
-  (
-    cd "$DIR/tls"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-      -subj "/CN=busbar bench CA" -keyout ca.key -out ca.pem
-    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-      -subj /CN=localhost -keyout key.pem -out cert.csr
-    printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=critical,CA:FALSE" \
-      "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" >cert.ext
-    openssl x509 -req -in cert.csr -CA ca.pem -CAkey ca.key -set_serial 2 -days 2 \
-      -extfile cert.ext -out cert.pem
-    cat cert.pem key.pem >cert+key.pem   # HAProxy's `crt` takes both in one file
-  ) >"$DIR/tls/openssl.log" 2>&1 || die "openssl could not make the run's certificates; see $DIR/tls/openssl.log"
+  make_tls_material "$DIR/tls"
   CERT="$DIR/tls/cert.pem"; KEY="$DIR/tls/key.pem"; CA="$DIR/tls/ca.pem"; CERT_KEY="$DIR/tls/cert+key.pem"
 fi
 # nginx's TLS lines for a server block (the same certificate and key everywhere). nginx

@@ -7,7 +7,11 @@
 # `callgrind_control --dump`, and total Ir ÷ requests. An instruction count does not
 # change with the load on the machine, so before/after figures compare on a busy box.
 #
-#   SHAPES="get post1k"   get: GET /; post1k: POST /post with a 1 KiB body (Content-Length)
+#   SHAPES="get post1k"   get: GET /; post1k: POST /post with a 1 KiB body (Content-Length);
+#                         upstls: GET /upstls to an HTTPS upstream (needs nginx and openssl:
+#                         an nginx TLS backend, not under callgrind, answers "ok"; busbar
+#                         `protocol = "https"` verifying it against a CA made for the run,
+#                         nginx `proxy_pass https://` with keepalive and session reuse)
 #   REQUESTS=20000        requests per measured run (all must answer 2xx)
 #   WARMUP=2000           requests per shape before the counters are zeroed
 #   CONNS=16              h2load connections (-c)
@@ -43,12 +47,22 @@ done
 for v in REQUESTS WARMUP CONNS; do
   [[ ${!v} =~ ^[0-9]+$ && ${!v} -ge 1 ]] || die "$v must be a whole number >= 1"
 done
+UPSTLS=0
 for s in $SHAPES; do
-  [[ $s = get || $s = post1k ]] || die "SHAPES: unknown shape '$s' (known: get post1k)"
+  case $s in
+    get | post1k) ;;
+    upstls) UPSTLS=1 ;;
+    *) die "SHAPES: unknown shape '$s' (known: get post1k upstls)" ;;
+  esac
 done
+if ((UPSTLS)); then
+  for tool in nginx openssl; do
+    command -v "$tool" >/dev/null 2>&1 || die "$tool not found (SHAPES=upstls: apt-get install -y nginx-light openssl)"
+  done
+fi
 
 make_temp_dir
-read -r P_DEMO P_BUSBAR P_ADMIN P_REG P_NGINX <<<"$(free_ports 5)"
+read -r P_DEMO P_BUSBAR P_ADMIN P_REG P_NGINX P_TLSB <<<"$(free_ports 6)"
 
 # Until CHECK (a command) succeeds; fail after 120 s (valgrind starts slowly) or if PID died.
 wait_for() {
@@ -70,7 +84,74 @@ DEMO_PID=$!
 PIDS+=("$DEMO_PID")
 wait_for demo "$DEMO_PID" curl -fsS --max-time 1 "http://127.0.0.1:$P_DEMO/"
 
-# --- busbar: one thread, one route, access log off, under callgrind.
+NGINX_USER=""
+[[ $(id -u) = 0 ]] && NGINX_USER="user root;"
+NGINX_V=$(nginx -V 2>&1 || true)
+# nginx's temp paths in DIR (as root its workers stay root: only on loopback, this run).
+nginx_paths() {  # dir
+  echo "  client_body_temp_path $1/client_body;"
+  for m in proxy fastcgi uwsgi scgi; do
+    grep -q -- "--without-http_${m}_module" <<<"$NGINX_V" || echo "  ${m}_temp_path $1/$m;"
+  done
+}
+
+# --- upstls: an nginx TLS backend (not measured), one worker, answering "ok".
+TLS_ROUTE=""
+NGINX_UPSTLS=""
+if ((UPSTLS)); then
+  make_tls_material "$DIR/tls"
+  mkdir -p tlsb
+  {
+    echo "$NGINX_USER"
+    echo "worker_processes 1;"
+    echo "error_log $DIR/tlsb/error.log warn;"
+    echo "events { worker_connections 4096; }"
+    echo "http {"
+    echo "  access_log off;"
+    nginx_paths "$DIR/tlsb"
+    echo "  keepalive_requests 1000000;"
+    echo "  server {"
+    echo "    listen 127.0.0.1:$P_TLSB ssl;"
+    echo "    ssl_certificate $DIR/tls/cert.pem; ssl_certificate_key $DIR/tls/key.pem;"
+    echo "    ssl_protocols TLSv1.2 TLSv1.3;"
+    echo "    location / { return 200 \"ok\\n\"; }"
+    echo "  }"
+    echo "}"
+  } >tlsb/nginx.conf
+  env -u NGINX nginx -t -q -p "$DIR/tlsb" -c "$DIR/tlsb/nginx.conf" -e "$DIR/tlsb/error.log" \
+    -g "daemon off; pid $DIR/tlsb/nginx.pid;" || die "nginx config invalid: $DIR/tlsb/nginx.conf"
+  env -u NGINX nginx -p "$DIR/tlsb" -c "$DIR/tlsb/nginx.conf" -e "$DIR/tlsb/error.log" \
+    -g "daemon off; pid $DIR/tlsb/nginx.pid;" >tlsb/stdout.log 2>&1 &
+  TLSB_PID=$!
+  PIDS+=("$TLSB_PID")
+  wait_for tls-backend "$TLSB_PID" curl -fsS --max-time 1 --cacert "$DIR/tls/ca.pem" \
+    "https://localhost:$P_TLSB/" --resolve "localhost:$P_TLSB:127.0.0.1"
+  TLS_ROUTE="
+[[service]]
+name = \"tls\"
+balance = \"round_robin\"
+protocol = \"https\"
+endpoints = [{ addr = \"127.0.0.1:$P_TLSB\" }]
+
+[service.tls]
+ca_file = \"$DIR/tls/ca.pem\"
+server_name = \"localhost\"
+
+[[route]]
+name = \"tls\"
+path_prefix = \"/upstls\"
+service = \"tls\"
+"
+  NGINX_UPSTLS="
+    upstream backend_tls { server 127.0.0.1:$P_TLSB; keepalive 64; keepalive_requests 1000000; }"
+  NGINX_UPSTLS_LOCATION="
+    location /upstls { proxy_pass https://backend_tls; proxy_http_version 1.1;
+                       proxy_set_header Connection \"\"; proxy_ssl_session_reuse on;
+                       proxy_ssl_server_name on; proxy_ssl_name localhost; proxy_ssl_verify on;
+                       proxy_ssl_trusted_certificate $DIR/tls/ca.pem; }"
+fi
+
+# --- busbar: one thread, one route (and upstls's), access log off, under callgrind.
 mkdir -p busbar
 cat >busbar/busbar.toml <<EOF
 [server]
@@ -94,6 +175,7 @@ name = "bench"
 balance = "round_robin"
 endpoints = [{ addr = "127.0.0.1:$P_DEMO" }]
 
+$TLS_ROUTE
 [[route]]
 name = "all"
 service = "bench"
@@ -111,9 +193,6 @@ wait_for busbar "$BUSBAR_PID" curl -fsS --max-time 1 "http://127.0.0.1:$P_BUSBAR
 NGINX_PID=""
 if [[ $NGINX = 1 ]]; then
   mkdir -p nginx
-  NGINX_USER=""
-  [[ $(id -u) = 0 ]] && NGINX_USER="user root;"
-  NGINX_V=$(nginx -V 2>&1)
   {
     echo "$NGINX_USER"
     echo "master_process off;"
@@ -122,18 +201,17 @@ if [[ $NGINX = 1 ]]; then
     echo "events { worker_connections 4096; }"
     echo "http {"
     echo "  access_log off;"
-    echo "  client_body_temp_path $DIR/nginx/client_body;"
-    for m in proxy fastcgi uwsgi scgi; do
-      grep -q -- "--without-http_${m}_module" <<<"$NGINX_V" || echo "  ${m}_temp_path $DIR/nginx/$m;"
-    done
+    nginx_paths "$DIR/nginx"
     echo "  keepalive_requests 1000000;"
     echo "  keepalive_timeout 75s;"
     echo "  upstream backend { server 127.0.0.1:$P_DEMO; keepalive 64; keepalive_requests 1000000; }"
+    echo "$NGINX_UPSTLS"
     echo "  server {"
     echo "    listen 127.0.0.1:$P_NGINX;"
     echo "    client_body_buffer_size 128k;"
     echo "    location / { proxy_pass http://backend; proxy_http_version 1.1;"
     echo "                 proxy_set_header Connection \"\"; proxy_request_buffering off; }"
+    echo "${NGINX_UPSTLS_LOCATION:-}"
     echo "  }"
     echo "}"
   } >nginx/nginx.conf
@@ -152,7 +230,10 @@ fi
 load() {  # port shape n
   local args=(--h1 "-c$CONNS" "-n$3")
   [[ $2 = post1k ]] && args+=(-d body1k)
-  h2load "${args[@]}" "http://127.0.0.1:$1/${2/get/}" 2>&1
+  local path=/
+  [[ $2 = post1k ]] && path=/post1k
+  [[ $2 = upstls ]] && path=/upstls
+  h2load "${args[@]}" "http://127.0.0.1:$1$path" 2>&1
 }
 
 # Instructions per request of server NAME (pid PID, port PORT, dumps in DIR/NAME) for SHAPE.

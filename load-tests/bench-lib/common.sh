@@ -159,3 +159,23 @@ run_rounds() {
     done
   done
 }
+
+# A CA made for the run and one ECDSA P-256 certificate it signs, for localhost and
+# 127.0.0.1, in DIR: ca.pem, cert.pem, key.pem, and cert+key.pem (HAProxy's `crt` takes
+# both in one file). A self-signed leaf would not do as its own CA: webpki, which rustls
+# uses, refuses a certificate marked CA:TRUE as an end entity.
+make_tls_material() {  # dir
+  mkdir -p "$1"
+  (
+    cd "$1"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+      -subj "/CN=busbar bench CA" -keyout ca.key -out ca.pem
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+      -subj /CN=localhost -keyout key.pem -out cert.csr
+    printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=critical,CA:FALSE" \
+      "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" >cert.ext
+    openssl x509 -req -in cert.csr -CA ca.pem -CAkey ca.key -set_serial 2 -days 2 \
+      -extfile cert.ext -out cert.pem
+    cat cert.pem key.pem >cert+key.pem
+  ) >"$1/openssl.log" 2>&1 || die "openssl could not make the run's certificates; see $1/openssl.log"
+}
