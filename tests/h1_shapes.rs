@@ -514,22 +514,8 @@ async fn a_head_with_many_lines_within_the_limit_is_served_by_the_engine() {
 async fn over_tls_the_engine_says_https_upstream() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let (cert, key) = (dir.path().join("bus.crt"), dir.path().join("bus.key"));
-    std::fs::write(&cert, c.cert.pem()).unwrap();
-    std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
-    let tls: SocketAddr = format!("127.0.0.1:{}", common::free_port())
-        .parse()
-        .unwrap();
-    let _bus = Busbar::start_with_header(
-        &common::one_route(up.addr, "", ""),
-        &format!(
-            "tls = [{{ addr = \"{tls}\", cert = \"{}\", key = \"{}\" }}]",
-            cert.display(),
-            key.display()
-        ),
-    )
-    .await;
+    let (_bus, tls, _) =
+        common::tls::busbar_with_tls(&common::one_route(up.addr, "", ""), dir.path()).await;
     let client = reqwest::Client::builder()
         .resolve("localhost", tls)
         .danger_accept_invalid_certs(true)

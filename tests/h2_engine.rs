@@ -209,33 +209,8 @@ async fn several_cookie_fields_reach_an_http1_backend_as_one() {
 async fn h2_over_tls_with_alpn_is_served_and_converted() {
     let a = Backend::start("a").await;
     let certs = tempfile::tempdir().unwrap();
-    let issued = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let cert_pem = issued.cert.pem();
-    let cert = certs.path().join("busbar.crt");
-    let key = certs.path().join("busbar.key");
-    std::fs::write(&cert, &cert_pem).unwrap();
-    std::fs::write(&key, issued.signing_key.serialize_pem()).unwrap();
-    let tls: SocketAddr = format!("127.0.0.1:{}", common::free_port())
-        .parse()
-        .unwrap();
-    let bus = Busbar::start_with_header(
-        &one_service(a.addr, ""),
-        &format!(
-            "tls = [{{ addr = \"{tls}\", cert = \"{}\", key = \"{}\" }}]",
-            cert.display(),
-            key.display()
-        ),
-    )
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(tls).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "TLS listener not up:\n{}",
-            bus.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (_bus, tls, cert_pem) =
+        common::tls::busbar_with_tls(&one_service(a.addr, ""), certs.path()).await;
     let https = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
         .https_only(true)

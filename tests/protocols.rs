@@ -3,7 +3,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{client, h2c_client, Backend, Busbar};
 use reqwest::Version;
@@ -36,33 +36,8 @@ async fn h2c_downstream_to_an_http1_service() {
 async fn tls_listener_negotiates_h2_with_alpn() {
     let a = Backend::start("a").await;
     let certs = tempfile::tempdir().unwrap();
-    let issued = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let cert_pem = issued.cert.pem();
-    let cert = certs.path().join("busbar.crt");
-    let key = certs.path().join("busbar.key");
-    std::fs::write(&cert, &cert_pem).unwrap();
-    std::fs::write(&key, issued.signing_key.serialize_pem()).unwrap();
-    let tls: SocketAddr = format!("127.0.0.1:{}", common::free_port())
-        .parse()
-        .unwrap();
-    let bus = Busbar::start_with_header(
-        &one_service(a.addr, "http1"),
-        &format!(
-            "tls = [{{ addr = \"{tls}\", cert = \"{}\", key = \"{}\" }}]",
-            cert.display(),
-            key.display()
-        ),
-    )
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while tokio::net::TcpStream::connect(tls).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "TLS listener not up:\n{}",
-            bus.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (bus, tls, cert_pem) =
+        common::tls::busbar_with_tls(&one_service(a.addr, "http1"), certs.path()).await;
 
     let https = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())

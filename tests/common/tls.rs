@@ -25,6 +25,32 @@ pub fn self_signed_files(dir: &Path, names: &[&str]) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
+/// A busbar on `body` with a TLS listener besides its plaintext one: a free loopback port
+/// serving a fresh self-signed certificate for `localhost`, its files in `certs` (which
+/// the caller keeps). Returned once that port accepts, with its address and the
+/// certificate's PEM (for a client that trusts it).
+pub async fn busbar_with_tls(body: &str, certs: &Path) -> (super::Busbar, SocketAddr, String) {
+    let (cert, key) = self_signed_files(certs, &["localhost"]);
+    let cert_pem = std::fs::read_to_string(&cert).unwrap();
+    let tls: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
+    let entry = format!(
+        "tls = [{{ addr = \"{tls}\", cert = \"{}\", key = \"{}\" }}]",
+        cert.display(),
+        key.display()
+    );
+    let bus = super::Busbar::start_with_header(body, &entry).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(tls).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "TLS listener not up:\n{}",
+            bus.stderr()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    (bus, tls, cert_pem)
+}
+
 pub struct TlsBackend {
     pub addr: SocketAddr,
     pub cert_pem: String,
