@@ -140,6 +140,55 @@ async fn an_http1_json_caller_is_served_by_the_engine_with_100_continue() {
     assert_eq!(bus.metric_settled(sample, 2.0).await, 2.0);
 }
 
+/// The engine renders a plain `200` JSON answer's head itself: it carries what every
+/// JSON answer does (`Content-Type`, `Content-Length` of the body, `Cache-Control:
+/// no-store`, `Date`) and, on a rate-limited route, admission's `RateLimit-*` fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_json_answer_carries_its_fields_and_the_rate_limit() {
+    let backend = GrpcBackend::start(1).await;
+    let config = config(backend.addr, "").replace(
+        "[route.translate]",
+        "[route.admission]\nidentity = [\"client_ip\"]\n\
+         rate_limit = { rate = \"1/m\", burst = 3 }\n[route.translate]",
+    );
+    let bus = Busbar::start(&config).await;
+    let body = br#"{"title":"Dune","pageCount":"412"}"#;
+    let req = format!(
+        "POST /v1/echo HTTP/1.1\r\nHost: books\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{}",
+        body.len(),
+        String::from_utf8_lossy(body)
+    );
+    let (text, _) = common::http1::exchange(bus.http, req.as_bytes(), WAIT).await;
+    let (head, json) = text.split_once("\r\n\r\n").expect("a head");
+    let fields: Vec<(String, String)> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .collect();
+    let field = |name: &str| {
+        let all: Vec<&str> = fields
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(all.len(), 1, "one {name} in:\n{head}");
+        all[0].to_string()
+    };
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert_eq!(field("content-type"), "application/json");
+    assert_eq!(field("content-length"), json.len().to_string());
+    assert_eq!(field("cache-control"), "no-store");
+    assert!(field("date").ends_with(" GMT"), "{head}");
+    assert_eq!(field("connection"), "close");
+    assert_eq!(field("ratelimit-limit"), "3");
+    assert_eq!(field("ratelimit-remaining"), "2");
+    let v: Value = serde_json::from_str(json).unwrap();
+    assert_eq!(v, json!({"title": "Dune", "pageCount": "412"}));
+    assert_eq!(backend.calls().len(), 1);
+}
+
 /// The access-log line of the request for `path` (waits for it).
 async fn access_line(bus: &Busbar, path: &str) -> Value {
     let deadline = Instant::now() + WAIT;

@@ -129,6 +129,17 @@ pub(crate) trait JsonIo: Send {
     /// Writes body data; `end` ends the response.
     fn write_body(&mut self, data: Bytes, end: bool) -> impl Future<Output = Result<()>> + Send;
 
+    /// Writes a whole `200` JSON answer without metadata fields (the same head
+    /// [`write_json`] sends) from a head the driver renders itself, when it can for this
+    /// request; `Ok(false)`: it cannot, and nothing was written.
+    fn write_ok(
+        &mut self,
+        _ctx: &RequestCtx,
+        _body: &[u8],
+    ) -> impl Future<Output = Result<bool>> + Send {
+        std::future::ready(Ok(false))
+    }
+
     /// Finishes when the client has gone away (closed its connection, reset its
     /// stream) while the call waits on the service; pending for good where the driver
     /// cannot tell without reading what is not its to read.
@@ -903,6 +914,11 @@ async fn write_json(
     body: Vec<u8>,
     shown: &[(String, HeaderValue)],
 ) -> Result<()> {
+    // The everyday answer: a driver that writes its heads as lines renders it without
+    // building a header map (~3,600 instructions a call on the HTTP/1 engine).
+    if status == 200 && shown.is_empty() && io.write_ok(ctx, &body).await? {
+        return Ok(());
+    }
     let mut h = if status == 200 {
         ok_json_header(body.len())
     } else {

@@ -16,10 +16,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::body::{self, BodyFail, RequestBody, CONTINUE};
 use super::client::{ClientStream, Downstream, Served};
-use super::response::write_head;
+use super::response::{finish_head, status_line, write_head};
 use crate::base::deadline::within;
 use crate::drivers::json_grpc::{self, JsonIo};
 use crate::phases::ctx::RequestCtx;
+use crate::phases::response_head::{self, Form};
 use crate::phases::{upstream_head, Phases};
 use crate::translate::json_grpc::Transcoder;
 
@@ -195,6 +196,24 @@ impl<S: ClientStream> JsonIo for H1Json<'_, '_, S> {
         Ok(())
     }
 
+    async fn write_ok(&mut self, ctx: &RequestCtx, body: &[u8]) -> Result<bool> {
+        // Only where busbar's edits are lines (`Form::Lines`: admission's `RateLimit-*`);
+        // a route that edits response headers gets them through the map.
+        let Form::Lines { rate } = response_head::form(ctx) else {
+            return Ok(false);
+        };
+        self.keep_alive &= self.body.done();
+        self.out.clear();
+        self.out.reserve(HEAD_ROOM + body.len());
+        if !ok_head(&mut self.out, body.len()) {
+            return Ok(false);
+        }
+        finish_head(&mut self.out, rate.as_ref(), self.keep_alive);
+        self.pending = 200;
+        self.send(body, true).await?;
+        Ok(true)
+    }
+
     async fn write_body(&mut self, data: Bytes, end: bool) -> Result<()> {
         self.send(&data, end).await
     }
@@ -215,6 +234,36 @@ impl<S: ClientStream> JsonIo for H1Json<'_, '_, S> {
             }
         }
     }
+}
+
+/// The status line and fields of `reply::json_header(200, len)` as `write_head` writes
+/// them, from a copy rendered once a thread and split around the length's value; `false`
+/// (nothing written) if that copy has no `Content-Length: 0` line to split at.
+fn ok_head(out: &mut Vec<u8>, len: usize) -> bool {
+    thread_local! {
+        static OK: Option<(Vec<u8>, Vec<u8>)> = {
+            let h = crate::proxy::reply::json_header(200, 0);
+            let mut wire = Vec::new();
+            status_line(&mut wire, h.status);
+            h.header_to_h1_wire(&mut wire);
+            const FIELD: &[u8] = b"\r\ncontent-length: ";
+            wire.windows(FIELD.len() + 3)
+                .position(|w| w[..FIELD.len()].eq_ignore_ascii_case(FIELD) && &w[FIELD.len()..] == b"0\r\n")
+                .map(|at| {
+                    let value = at + FIELD.len();
+                    (wire[..value].to_vec(), wire[value + 1..].to_vec())
+                })
+        };
+    }
+    OK.with(|ok| {
+        let Some((before, after)) = ok else {
+            return false;
+        };
+        out.extend_from_slice(before);
+        out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
+        out.extend_from_slice(after);
+        true
+    })
 }
 
 fn body_error(f: BodyFail) -> Box<Error> {

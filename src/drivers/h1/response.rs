@@ -214,7 +214,7 @@ pub(crate) fn upstream_header(raw: &[u8]) -> Result<ResponseHeader, ()> {
 }
 
 /// `HTTP/1.1 <status> <canonical reason>` and CRLF.
-fn status_line(out: &mut Vec<u8>, status: StatusCode) {
+pub(super) fn status_line(out: &mut Vec<u8>, status: StatusCode) {
     if status == StatusCode::OK {
         // Nearly every answer: one copy, no reason lookup (~80 instructions less).
         out.put_slice(b"HTTP/1.1 200 OK\r\n");
