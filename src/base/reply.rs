@@ -71,6 +71,24 @@ impl<'a> Refusal<'a> {
         out
     }
 
+    /// A whole HTTP/1.1 answer that ends its connection, for the places that write raw
+    /// bytes (the front door's refusals, a refused `CONNECT`): `status`'s line,
+    /// `Content-Type: application/json`, the body's `Content-Length`,
+    /// `Connection: close`, then this body. With the body's length.
+    pub fn to_closing_answer(&self, status: http::StatusCode) -> (Vec<u8>, usize) {
+        let body = self.to_json();
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("Unknown"),
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(&body);
+        (out, body.len())
+    }
+
     /// The same object as a JSON value, for the control APIs that build theirs so.
     pub fn to_value(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or_default()
@@ -102,5 +120,25 @@ mod tests {
         assert_eq!(r["reason"], "rate_limit");
         assert_eq!(r["retry_after"], 3);
         assert!(r.get("field").is_none());
+    }
+
+    /// RFC 9112: the status line with its reason phrase, a `Content-Length` that frames
+    /// exactly the body, and the close the answer promises.
+    #[test]
+    fn a_closing_answer_is_framed_by_its_length() {
+        let r = Refusal::new("not_a_service", "CONNECT only reaches services");
+        let (answer, body) = r.to_closing_answer(http::StatusCode::FORBIDDEN);
+        let text = String::from_utf8(answer).unwrap();
+        let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+        assert_eq!(
+            head,
+            format!(
+                "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close",
+                rest.len()
+            )
+        );
+        assert_eq!(body, rest.len());
+        assert_eq!(rest.as_bytes(), r.to_json());
     }
 }

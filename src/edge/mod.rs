@@ -161,29 +161,23 @@ async fn refuse<S: Client>(
     status: u16,
     reason: &str,
 ) {
-    let text = match status {
-        408 => "408 Request Timeout",
-        414 => "414 URI Too Long",
-        431 => "431 Request Header Fields Too Large",
-        501 => "501 Not Implemented",
-        _ => "400 Bad Request",
+    let (line, code) = match status {
+        408 => (http::StatusCode::REQUEST_TIMEOUT, "header_timeout"),
+        414 => (http::StatusCode::URI_TOO_LONG, "request_line_too_long"),
+        431 => (
+            http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+        ),
+        501 => (
+            http::StatusCode::NOT_IMPLEMENTED,
+            "unsupported_transfer_coding",
+        ),
+        _ => (http::StatusCode::BAD_REQUEST, "malformed_request"),
     };
-    let code = match status {
-        408 => "header_timeout",
-        414 => "request_line_too_long",
-        431 => "headers_too_large",
-        501 => "unsupported_transfer_coding",
-        _ => "malformed_request",
-    };
-    let body = crate::base::reply::Refusal::new(code, reason).to_json();
-    let reply = format!(
-        "HTTP/1.1 {text}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
+    let (reply, _) = crate::base::reply::Refusal::new(code, reason).to_closing_answer(line);
     METRICS.edge_refusals.with_label_values(&[code]).inc();
     let started = Instant::now();
-    let _ = stream.write_all(reply.as_bytes()).await;
-    let _ = stream.write_all(&body).await;
+    let _ = stream.write_all(&reply).await;
     let _ = stream.flush().await;
     let client = crate::base::peer_of(stream);
     log.refusal(client, method_of(head), status, code, started);

@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::accesslog::{AccessLog, Bare};
+use crate::base::reply::Refusal;
 use crate::drivers::tunnel::{self, Bounds};
 use crate::metrics::METRICS;
 use crate::model::health::now_ms;
@@ -26,25 +27,6 @@ use crate::snapshot::State;
 
 /// Connecting to the chosen instance must succeed within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Writes a refusal; the number of bytes it was (head and body).
-async fn respond<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    status: &str,
-    code: &str,
-    message: &str,
-) -> usize {
-    let body = crate::base::reply::Refusal::new(code, message).to_json();
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let mut out = head.into_bytes();
-    out.extend_from_slice(&body);
-    let _ = stream.write_all(&out).await;
-    let _ = stream.flush().await;
-    body.len()
-}
 
 /// The target authority of a CONNECT head.
 fn target_of(head: &[u8]) -> Option<&str> {
@@ -80,6 +62,20 @@ struct Ended<'a> {
 }
 
 impl Log<'_> {
+    /// Answers a refusal (`e`'s status and reason code, `message` for a person) and
+    /// writes its line, with the bytes of the answer's body.
+    async fn refuse<S: AsyncWrite + Unpin>(&self, stream: &mut S, e: Ended<'_>, message: &str) {
+        let status = http::StatusCode::from_u16(e.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+        let code = e.error.unwrap_or("");
+        let (answer, body) = Refusal::new(code, message).to_closing_answer(status);
+        let _ = stream.write_all(&answer).await;
+        let _ = stream.flush().await;
+        self.ended(Ended {
+            bytes: body as u64,
+            ..e
+        });
+    }
+
     /// The line of one CONNECT, and a refusal counted as busbar's own answers are.
     fn ended(&self, e: Ended<'_>) {
         if e.status >= 400 {
@@ -103,6 +99,19 @@ impl Log<'_> {
     }
 }
 
+/// A CONNECT refused before it named a service: no route, no service, no instance.
+fn not_a_service(status: u16, error: &'static str) -> Ended<'static> {
+    Ended {
+        target: "",
+        route: crate::metrics::NO_ROUTE,
+        service: "",
+        instance: None,
+        status,
+        bytes: 0,
+        error: Some(error),
+    }
+}
+
 /// Answers a CONNECT whose head is `head` (`rest`: bytes the client sent after it), on a
 /// plaintext or TLS client connection, and writes its access log line when it ends.
 /// `drain`: the server's shutdown watch.
@@ -115,17 +124,12 @@ pub async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
     log: Log<'_>,
 ) {
     let Some(target) = target_of(head) else {
-        let message = "malformed CONNECT request";
-        let bytes = respond(&mut stream, "400 Bad Request", "bad_request", message).await;
-        log.ended(Ended {
+        let e = Ended {
             target: "",
-            route: crate::metrics::NO_ROUTE,
-            service: "",
-            instance: None,
-            status: 400,
-            bytes: bytes as u64,
-            error: Some("bad_request"),
-        });
+            ..not_a_service(400, "bad_request")
+        };
+        log.refuse(&mut stream, e, "malformed CONNECT request")
+            .await;
         return;
     };
     let snap = state.load();
@@ -134,26 +138,21 @@ pub async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(route) = route else {
         METRICS.connect_refused.inc();
         let message = "CONNECT only reaches services registered with busbar";
-        let bytes = respond(&mut stream, "403 Forbidden", "not_a_service", message).await;
-        log.ended(Ended {
+        let e = Ended {
             target,
-            route: crate::metrics::NO_ROUTE,
-            service: "",
-            instance: None,
-            status: 403,
-            bytes: bytes as u64,
-            error: Some("not_a_service"),
-        });
+            ..not_a_service(403, "not_a_service")
+        };
+        log.refuse(&mut stream, e, message).await;
         return;
     };
     let svc = &route.service;
-    let refused = |status, bytes: usize, error| Ended {
+    let refused = |status, error| Ended {
         target,
         route: route.name(),
         service: &svc.config.name,
         instance: None,
         status,
-        bytes: bytes as u64,
+        bytes: 0,
         error: Some(error),
     };
     let set = svc.instances();
@@ -165,39 +164,27 @@ pub async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
         })
         .and_then(|i| set.instances.get(i).cloned())
     else {
-        let (status, code) = ("503 Service Unavailable", "no_healthy_instance");
-        let bytes = respond(
-            &mut stream,
-            status,
-            code,
-            "the service has no healthy instance",
-        )
-        .await;
-        log.ended(refused(503, bytes, code));
+        let e = refused(503, "no_healthy_instance");
+        log.refuse(&mut stream, e, "the service has no healthy instance")
+            .await;
         return;
     };
     let (addr, _path) = super::target(svc, &inst, now_ms());
     let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await;
     let Ok(Ok(mut upstream)) = upstream else {
-        let (status, code) = ("502 Bad Gateway", "connect_failed");
-        let bytes = respond(
-            &mut stream,
-            status,
-            code,
-            "could not connect to the service",
-        )
-        .await;
-        log.ended(Ended {
+        let e = Ended {
             instance: Some(addr),
-            ..refused(502, bytes, code)
-        });
+            ..refused(502, "connect_failed")
+        };
+        log.refuse(&mut stream, e, "could not connect to the service")
+            .await;
         return;
     };
     svc.metrics.fallback_connect.inc();
     let mut ended = Ended {
         instance: Some(addr),
         error: None,
-        ..refused(200, 0, "")
+        ..refused(200, "")
     };
     if stream
         .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
