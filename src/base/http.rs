@@ -63,11 +63,11 @@ pub fn eq_token_lower(name: &[u8], lower: &[u8]) -> bool {
 }
 
 /// One HTTP/1 header line: `name: value` and CRLF.
-pub fn line(wire: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    wire.extend_from_slice(name);
-    wire.extend_from_slice(b": ");
-    wire.extend_from_slice(value);
-    wire.extend_from_slice(b"\r\n");
+pub fn line(wire: &mut impl crate::text::Sink, name: &[u8], value: &[u8]) {
+    wire.put(name);
+    wire.put(b": ");
+    wire.put(value);
+    wire.put(b"\r\n");
 }
 
 /// Which header names a request may have: a 64-bit filter (one bit per name, chosen by

@@ -35,26 +35,17 @@ pub struct Field {
     pub cased: &'static str,
 }
 
-const XFF: Field = Field {
-    name: &X_FORWARDED_FOR,
-    cased: XFF_NAME,
-};
-const FWD: Field = Field {
-    name: &FORWARDED,
-    cased: FORWARDED_NAME,
-};
-const XFP: Field = Field {
-    name: &X_FORWARDED_PROTO,
-    cased: XFP_NAME,
-};
-const XFH: Field = Field {
-    name: &X_FORWARDED_HOST,
-    cased: XFH_NAME,
-};
-pub const TRACEPARENT_FIELD: Field = Field {
-    name: &TRACEPARENT,
-    cased: TRACEPARENT_NAME,
-};
+impl Field {
+    pub const fn new(name: &'static HeaderName, cased: &'static str) -> Field {
+        Field { name, cased }
+    }
+}
+
+const XFF: Field = Field::new(&X_FORWARDED_FOR, XFF_NAME);
+const FWD: Field = Field::new(&FORWARDED, FORWARDED_NAME);
+const XFP: Field = Field::new(&X_FORWARDED_PROTO, XFP_NAME);
+const XFH: Field = Field::new(&X_FORWARDED_HOST, XFH_NAME);
+pub const TRACEPARENT_FIELD: Field = Field::new(&TRACEPARENT, TRACEPARENT_NAME);
 
 /// Where busbar's own headers go: a head that keeps the case of its names (pingora's
 /// `insert_header`, which parses the name it is given into a new `HeaderName`: an
@@ -140,10 +131,10 @@ impl Peer {
         forwarded.put(proto(tls).as_bytes());
         let mut lines = StackBuf::new();
         if let Some(addr) = &xff {
-            line_into(&mut lines, XFF_NAME, addr.as_bytes());
+            line(&mut lines, XFF_NAME.as_bytes(), addr.as_bytes());
         }
-        line_into(&mut lines, FORWARDED_NAME, forwarded.as_bytes());
-        line_into(&mut lines, XFP_NAME, proto(tls).as_bytes());
+        line(&mut lines, FORWARDED_NAME.as_bytes(), forwarded.as_bytes());
+        line(&mut lines, XFP_NAME.as_bytes(), proto(tls).as_bytes());
         Peer {
             ip,
             tls,
@@ -165,13 +156,6 @@ fn proto(tls: bool) -> &'static str {
     } else {
         "http"
     }
-}
-
-fn line_into<const N: usize>(buf: &mut StackBuf<N>, name: &str, value: &[u8]) {
-    buf.put(name.as_bytes());
-    buf.put(b": ");
-    buf.put(value);
-    buf.put(b"\r\n");
 }
 
 /// The forwarding headers busbar sends upstream, from what it saw itself.

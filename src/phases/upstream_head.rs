@@ -111,15 +111,10 @@ pub(crate) fn build(
     Ok(())
 }
 
-const VIA: Field = Field {
-    name: &http::header::VIA,
-    cased: crate::via::VIA_NAME,
-};
+static VIA_NAME: HeaderName = http::header::VIA;
+const VIA: Field = Field::new(&VIA_NAME, crate::via::VIA_NAME);
 static REQUEST_ID_NAME: HeaderName = crate::accesslog::REQUEST_ID;
-const REQUEST_ID: Field = Field {
-    name: &REQUEST_ID_NAME,
-    cased: "X-Request-Id",
-};
+const REQUEST_ID: Field = Field::new(&REQUEST_ID_NAME, "X-Request-Id");
 
 /// The head's target is its URI's path and query as they are (an origin-form target, or
 /// an HTTP/2 `:path`): a head rebuilt from its `Parts` writes the same target.
