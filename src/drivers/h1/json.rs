@@ -103,6 +103,15 @@ impl<'a, 'd, S: ClientStream> H1Json<'a, 'd, S> {
         })
     }
 
+    /// Before a head goes into `out`: the connection goes on only once the whole request
+    /// was read; room for the head and `body` bytes at once (written a field at a time
+    /// into an empty buffer, a head grew it six times).
+    fn start_head(&mut self, body: usize) {
+        self.keep_alive &= self.body.done();
+        self.out.clear();
+        self.out.reserve(HEAD_ROOM + body);
+    }
+
     /// Writes `data` (framed), after the head if it is waiting; `end` ends the answer.
     async fn send(&mut self, data: &[u8], end: bool) -> Result<()> {
         // A `HEAD` answer is its head alone.
@@ -184,12 +193,7 @@ impl<S: ClientStream> JsonIo for H1Json<'_, '_, S> {
                 head.insert_header(TRANSFER_ENCODING, "chunked")?;
             }
         }
-        // The connection goes on only once the whole request was read.
-        self.keep_alive &= self.body.done();
-        self.out.clear();
-        // Room for the head and a small answer at once: written a field at a time into
-        // an empty buffer, the head grew it six times.
-        self.out.reserve(HEAD_ROOM);
+        self.start_head(0);
         write_head(&mut self.out, &mut head, self.keep_alive);
         // Sent with the first body bytes (`send`): one write for a whole answer.
         self.pending = head.status.as_u16();
@@ -202,9 +206,7 @@ impl<S: ClientStream> JsonIo for H1Json<'_, '_, S> {
         let Form::Lines { rate } = response_head::form(ctx) else {
             return Ok(false);
         };
-        self.keep_alive &= self.body.done();
-        self.out.clear();
-        self.out.reserve(HEAD_ROOM + body.len());
+        self.start_head(body.len());
         if !ok_head(&mut self.out, body.len()) {
             return Ok(false);
         }
