@@ -87,11 +87,7 @@ where
     let abandoned = Arc::new(AtomicU64::new(0));
     let mut accepted: u64 = 0;
     let mut going = *watch.borrow();
-    let mut alive = Liveness::new(
-        &mut h2,
-        limits.h2_keepalive_interval,
-        limits.h2_keepalive_timeout,
-    );
+    let mut alive = Liveness::new(limits.h2_keepalive_interval, limits.h2_keepalive_timeout);
     if going {
         h2.graceful_shutdown();
         alive.going_away(&mut h2);
@@ -193,10 +189,7 @@ struct Liveness {
 type Connection<T> = h2::server::Connection<T, bytes::Bytes>;
 
 impl Liveness {
-    fn new<T>(h2: &mut Connection<T>, interval: Option<Duration>, timeout: Duration) -> Self
-    where
-        T: AsyncRead + AsyncWrite + Unpin,
-    {
+    fn new(interval: Option<Duration>, timeout: Duration) -> Self {
         let mut alive = Liveness {
             pings: None,
             interval,
@@ -205,11 +198,9 @@ impl Liveness {
             armed: false,
             timer: None,
         };
+        // The first PING takes the handle (`send`): a connection without one disarms then.
         if let Some(every) = interval {
-            alive.pings = h2.ping_pong();
-            if alive.pings.is_some() {
-                alive.arm(every);
-            }
+            alive.arm(every);
         }
         alive
     }
