@@ -99,10 +99,7 @@ mkdir -p "$DIR/backend"
   echo "events { worker_connections 4096; }"
   echo "http {"
   echo "    access_log off;"
-  echo "    client_body_temp_path $DIR/backend/client_body;"
-  for m in proxy fastcgi uwsgi scgi; do
-    grep -q -- "--without-http_${m}_module" <<<"$NGINX_V" || echo "    ${m}_temp_path $DIR/backend/$m;"
-  done
+  nginx_temp_paths "$DIR/backend"
   echo "    keepalive_requests 1000000;"
   echo "    keepalive_timeout 75s;"
   echo "    server { listen 127.0.0.1:$P_BACKEND; location / { default_type text/plain; return 200 \"ok\n\"; } }"

@@ -258,15 +258,8 @@ wait_ready() {  # name pid url [curl args...]
 }
 
 # ---------------------------------------------------------------------------------
-# nginx. Temp paths for the modules this nginx has, all inside $DIR.
+# nginx. Temp paths (`nginx_temp_paths`, bench-lib/common.sh) all inside $DIR.
 NGINX_V=$(nginx -V 2>&1)
-nginx_temp_paths() {  # $1 = per-instance dir
-  local d=$1 m
-  echo "client_body_temp_path $d/client_body;"
-  for m in proxy fastcgi uwsgi scgi; do
-    grep -q -- "--without-http_${m}_module" <<<"$NGINX_V" || echo "${m}_temp_path $d/$m;"
-  done
-}
 # As root, nginx workers would switch to nobody/www-data, who can't enter the 0700
 # mktemp dir; keep them as root (only on loopback, only for this run).
 NGINX_USER=""

@@ -84,16 +84,9 @@ DEMO_PID=$!
 PIDS+=("$DEMO_PID")
 wait_for demo "$DEMO_PID" curl -fsS --max-time 1 "http://127.0.0.1:$P_DEMO/"
 
+# As root, nginx workers stay root (the 0700 temp dir): only on loopback, this run.
 NGINX_USER=""
 [[ $(id -u) = 0 ]] && NGINX_USER="user root;"
-NGINX_V=$(nginx -V 2>&1 || true)
-# nginx's temp paths in DIR (as root its workers stay root: only on loopback, this run).
-nginx_paths() {  # dir
-  echo "  client_body_temp_path $1/client_body;"
-  for m in proxy fastcgi uwsgi scgi; do
-    grep -q -- "--without-http_${m}_module" <<<"$NGINX_V" || echo "  ${m}_temp_path $1/$m;"
-  done
-}
 
 # --- upstls: an nginx TLS backend (not measured), one worker, answering "ok".
 TLS_ROUTE=""
@@ -108,7 +101,7 @@ if ((UPSTLS)); then
     echo "events { worker_connections 4096; }"
     echo "http {"
     echo "  access_log off;"
-    nginx_paths "$DIR/tlsb"
+    nginx_temp_paths "$DIR/tlsb"
     echo "  keepalive_requests 1000000;"
     echo "  server {"
     echo "    listen 127.0.0.1:$P_TLSB ssl;"
@@ -201,7 +194,7 @@ if [[ $NGINX = 1 ]]; then
     echo "events { worker_connections 4096; }"
     echo "http {"
     echo "  access_log off;"
-    nginx_paths "$DIR/nginx"
+    nginx_temp_paths "$DIR/nginx"
     echo "  keepalive_requests 1000000;"
     echo "  keepalive_timeout 75s;"
     echo "  upstream backend { server 127.0.0.1:$P_DEMO; keepalive 64; keepalive_requests 1000000; }"

@@ -162,10 +162,7 @@ mkdir -p nginx
   echo "events { worker_connections 4096; }"
   echo "http {"
   echo "  access_log off;"
-  echo "  client_body_temp_path $DIR/nginx/client_body;"
-  for m in proxy fastcgi uwsgi scgi; do
-    grep -q -- "--without-http_${m}_module" <<<"$NGINX_V" || echo "  ${m}_temp_path $DIR/nginx/$m;"
-  done
+  nginx_temp_paths "$DIR/nginx"
   echo "  keepalive_requests 1000000;"
   echo "  keepalive_timeout 75s;"
   echo "  server {"
@@ -194,10 +191,7 @@ if [[ $PEERS = 1 && $CALLGRIND != 1 ]]; then
     echo "events { worker_connections 4096; }"
     echo "http {"
     echo "  access_log off;"
-    echo "  client_body_temp_path $DIR/nginx-grpc/client_body;"
-    for m in proxy fastcgi uwsgi scgi; do
-      grep -q -- "--without-http_${m}_module" <<<"$NGINX_V" || echo "  ${m}_temp_path $DIR/nginx-grpc/$m;"
-    done
+    nginx_temp_paths "$DIR/nginx-grpc"
     echo "  keepalive_requests 1000000;"
     echo "  keepalive_timeout 75s;"
     echo "  upstream tonic { server 127.0.0.1:$P_GRPC; keepalive 64; keepalive_requests 1000000; }"

@@ -179,3 +179,14 @@ make_tls_material() {  # dir
     cat cert.pem key.pem >cert+key.pem
   ) >"$1/openssl.log" 2>&1 || die "openssl could not make the run's certificates; see $1/openssl.log"
 }
+
+# nginx's temp paths, all inside DIR, for the modules this nginx was built with (it
+# refuses a path for a module it lacks). Reads `nginx -V` once a script (NGINX_V).
+nginx_temp_paths() {  # dir
+  local m
+  [[ -n ${NGINX_V:-} ]] || NGINX_V=$(nginx -V 2>&1 || true)
+  echo "client_body_temp_path $1/client_body;"
+  for m in proxy fastcgi uwsgi scgi; do
+    grep -q -- "--without-http_${m}_module" <<<"$NGINX_V" || echo "${m}_temp_path $1/$m;"
+  done
+}
