@@ -64,17 +64,8 @@ fi
 make_temp_dir
 read -r P_DEMO P_BUSBAR P_ADMIN P_REG P_NGINX P_TLSB <<<"$(free_ports 6)"
 
-# Until CHECK (a command) succeeds; fail after 120 s (valgrind starts slowly) or if PID died.
-wait_for() {
-  local name=$1 pid=$2 i
-  shift 2
-  for ((i = 0; i < 1200; i++)); do
-    kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) exited during startup; see $DIR/"
-    "$@" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  die "$name not ready within 120 s; see $DIR/"
-}
+# `wait_for` (bench-lib/common.sh): busbar starts slowly under valgrind.
+WAIT_S=120
 
 head -c 1024 /dev/zero | tr '\0' x >body1k
 

@@ -123,18 +123,9 @@ CLK_TCK=$(getconf CLK_TCK)
 make_temp_dir
 read -r P_GRPC P_NGINX P_BUSBAR P_ADMIN P_REG P_NGINX_GRPC P_HAPROXY <<<"$(free_ports 7)"
 
-# Until CHECK (a command) succeeds; fail after 15 s (120 s under valgrind) or if PID died.
-wait_for() {
-  local name=$1 pid=$2 i tries=150
-  [[ $CALLGRIND = 1 ]] && tries=1200
-  shift 2
-  for ((i = 0; i < tries; i++)); do
-    kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) exited during startup; see $DIR/"
-    "$@" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  die "$name not ready within $((tries / 10)) s; see $DIR/"
-}
+# `wait_for` (bench-lib/common.sh) waits 15 s, 120 s under valgrind.
+WAIT_S=15
+[[ $CALLGRIND = 1 ]] && WAIT_S=120
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # ---------------------------------------------------------------------------------

@@ -190,3 +190,16 @@ nginx_temp_paths() {  # dir
     grep -q -- "--without-http_${m}_module" <<<"$NGINX_V" || echo "${m}_temp_path $1/$m;"
   done
 }
+
+# Until CHECK (a command and its arguments) succeeds; fails the run if process PID has
+# exited, or after WAIT_S seconds (default 15; a server under valgrind starts slowly).
+wait_for() {  # name pid check...
+  local name=$1 pid=$2 i tries=$((${WAIT_S:-15} * 10))
+  shift 2
+  for ((i = 0; i < tries; i++)); do
+    kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) exited during startup; see $DIR/"
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  die "$name not ready within ${WAIT_S:-15} s; see $DIR/"
+}
