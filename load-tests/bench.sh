@@ -96,6 +96,8 @@
 #   BARE=target/release/examples/bare-pingora   (skipped with a note when missing)
 #   LEAN=target/release/examples/lean-proxy     (skipped when missing)
 #   PROXY_CPU=0 LOAD_CPU=1         CPUs for the proxies / for backend + load generator
+#   FORWARDING=1    nginx and HAProxy add the seven forwarding headers busbar adds by
+#                   default (bench-lib/common.sh), checked at startup; 0: they add none
 #   ONLY="nginx busbar"            measure only these targets (names as in the tables;
 #                   the table scenarios, not lat, mem, tlsmem)
 #   KEEP_TMP=1      keep the temp dir (configs, logs) after the run
@@ -414,6 +416,8 @@ H2_ALPN_NGINX=""; H2_ALPN_HAPROXY=""
 # that into the same 200 "ok\n". Bodies stay in memory (client_body_buffer_size). Checked
 # by bench-lib/reads-body.py below; measured here: POST 1 KiB direct costs what GET does.
 take_port P_BACKEND P_BACKEND_H2 P_BACKEND_TLS
+# /_forwarded echoes the forwarding headers a request arrived with (check_forwarding).
+FORWARDED_ECHO='xff=$http_x_forwarded_for|fwd=$http_forwarded|proto=$http_x_forwarded_proto|host=$http_x_forwarded_host|via=$http_via|tp=$http_traceparent|rid=$http_x_request_id'
 BACKEND_TLS_LISTEN=""
 ((NEED_TLS)) && BACKEND_TLS_LISTEN="listen 127.0.0.1:$P_BACKEND_TLS ssl$H2_ALPN_NGINX; $(nginx_tls)"
 start_nginx backend "$LOAD_CPU" "
@@ -431,6 +435,10 @@ start_nginx backend "$LOAD_CPU" "
             error_page 405 =200 @ok;
         }
         location = /_drained { internal; return 204; }
+        location = /_forwarded {
+            default_type text/plain;
+            return 200 \"$FORWARDED_ECHO\";
+        }
         location @ok { default_type text/plain; return 200 \"ok\n\"; }
     }"
 BACKEND_PID=$LAST_PID
@@ -448,10 +456,15 @@ fi
 # rather than the 8 KiB default. (With nginx's default buffering, the whole body read
 # first, in memory up to 128 KiB, nginx measured the same within this machine's noise.)
 # NGINX_PROXY_* are reused by tlsmem's fresh nginx.
-NGINX_PROXY_LOCATION='
+# Every proxying location also adds the request headers busbar adds by default
+# (`nginx_forwarding`, bench-lib/common.sh), and HAProxy's frontends the same
+# (`haproxy_forwarding`): FORWARDING=0 leaves them out.
+NGINX_FWD=$(nginx_forwarding | tr '\n' ' ')
+NGINX_PROXY_LOCATION="
             proxy_pass http://backend;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";'
+            proxy_set_header Connection \"\";
+            $NGINX_FWD"
 NGINX_PROXY_UPSTREAM="
     upstream backend {
         server 127.0.0.1:$P_BACKEND;
@@ -482,6 +495,7 @@ if ((NEED_NGINX)); then
             proxy_ssl_name localhost;
             proxy_ssl_verify on;
             proxy_ssl_trusted_certificate $CA;
+            $NGINX_FWD
         }
     }"
   start_nginx nginx "$PROXY_CPU" "$NGINX_PROXY_UPSTREAM
@@ -506,11 +520,13 @@ if ((NEED_HAPROXY)); then
   ((NEED_TLS)) && HAPROXY_MORE="
 frontend fe_tls
     bind 127.0.0.1:$P_HAPROXY_TLS ssl crt $CERT_KEY$H2_ALPN_HAPROXY
+$(haproxy_forwarding https)
     default_backend be
 "
   has upstls && HAPROXY_MORE+="
 frontend fe_ups
     bind 127.0.0.1:$P_HAPROXY_UPS
+$(haproxy_forwarding http)
     default_backend be_tls
 
 backend be_tls
@@ -518,10 +534,12 @@ backend be_tls
 "
   start_haproxy haproxy "frontend fe
     bind 127.0.0.1:$P_HAPROXY
+$(haproxy_forwarding http)
     default_backend be
 
 frontend fe_h2
     bind 127.0.0.1:$P_HAPROXY_H2 proto h2
+$(haproxy_forwarding http)
     default_backend be
 $HAPROXY_MORE
 backend be
@@ -688,7 +706,7 @@ endpoints = [{ addr = \"$a\" }]
 "
     ng_up+="    upstream u$n { server $a; keepalive 64; keepalive_requests 1000000; }
 "
-    ng_loc+="        location /r$n/ { proxy_pass http://u$n; proxy_http_version 1.1; proxy_set_header Connection \"\"; }
+    ng_loc+="        location /r$n/ { proxy_pass http://u$n; proxy_http_version 1.1; proxy_set_header Connection \"\"; $NGINX_FWD}
 "
     ha_fe+="    use_backend b$n if { path_beg /r$n/ }
 "
@@ -714,6 +732,7 @@ $ng_loc        location / { return 404; }
   NGINX1K_PID=$LAST_PID
   start_haproxy haproxy-1k "frontend fe
     bind 127.0.0.1:$P_HAPROXY1K
+$(haproxy_forwarding http)
 $ha_fe
 $ha_be"
   HAPROXY1K_PID=$LAST_PID
@@ -763,6 +782,32 @@ if has upstls; then
   wait_ready haproxy "$HAPROXY_PID" "http://127.0.0.1:$P_HAPROXY_UPS/"
   for t in "${!UPSTLS_PID[@]}"; do
     wait_ready "${t/busbar/busbar-upstls}" "${UPSTLS_PID[$t]}" "http://127.0.0.1:${UPSTLS_PORT[$t]}/"
+  done
+fi
+
+# Each proxy sends the backend the same forwarding headers (see `nginx_forwarding` in
+# bench-lib/common.sh): every one of them present, or (FORWARDING=0) none from nginx and
+# HAProxy.
+check_forwarding() {  # name url [curl args...]
+  local name=$1 url=$2 got field
+  shift 2
+  got=$(curl -fsS --max-time 2 "$@" "$url") || die "$name: $url failed"
+  for field in ${got//|/ }; do
+    if ((${FORWARDING:-1})) || [[ $name = busbar* ]]; then
+      [[ $field != *= ]] || die "$name sent the backend no ${field%=} header ($got): see nginx_forwarding in bench-lib/common.sh"
+    else
+      [[ $field = *= ]] || die "$name sent the backend a ${field%%=*} header with FORWARDING=0 ($got)"
+    fi
+  done
+}
+((NEED_NGINX)) && check_forwarding nginx "http://127.0.0.1:$P_NGINX/_forwarded"
+((NEED_HAPROXY)) && check_forwarding haproxy "http://127.0.0.1:$P_HAPROXY/_forwarded"
+((NEED_BUSBAR)) && check_forwarding busbar "http://127.0.0.1:$P_BUSBAR/_forwarded"
+if has upstls; then
+  check_forwarding nginx "http://127.0.0.1:$P_NGINX_UPS/_forwarded"
+  check_forwarding haproxy "http://127.0.0.1:$P_HAPROXY_UPS/_forwarded"
+  for t in "${!UPSTLS_PID[@]}"; do
+    check_forwarding "$t" "http://127.0.0.1:${UPSTLS_PORT[$t]}/_forwarded"
   done
 fi
 
@@ -1321,6 +1366,7 @@ mem_one() {  # name plain|tls|h2 -> prints a table row; starts the server, loads
       start_haproxy "haproxy-mem-$mode" "frontend fe
     bind 127.0.0.1:$port$([[ $mode = h2 ]] && echo " proto h2")
     bind 127.0.0.1:$tport ssl crt $CERT_KEY
+$(haproxy_forwarding '%[ssl_fc,iif(https,http)]')
     default_backend be
 
 backend be
@@ -1439,6 +1485,11 @@ echo "- busbar: $BUSBAR (git $GIT_REV, binary built $(date -u -r "$BUSBAR" '+%Y-
 ((HAVE_LEAN)) && echo "- lean-proxy: $LEAN (built $(date -u -r "$LEAN" '+%Y-%m-%d %H:%M UTC'))"
 echo "- scenarios: $SCENARIOS (estimated ${EST}s)"
 echo "- pinning: proxy under test on CPU $PROXY_CPU (taskset); backend nginx (1 worker) and the load generator on CPU $LOAD_CPU"
+if ((${FORWARDING:-1})); then
+  echo "- forwarding headers: nginx and HAProxy add the seven busbar adds (X-Forwarded-For, Forwarded, X-Forwarded-Proto, X-Forwarded-Host, Via, traceparent, X-Request-Id; checked at startup), so the backend gets the same request from each"
+else
+  echo "- forwarding headers: FORWARDING=0: nginx and HAProxy add none, busbar its seven (~270 bytes more a request to the backend)"
+fi
 echo "- rounds: $ROUNDS × ${DURATION}s per target, order rotated each round; median per target; warm-up ${WARMUP}s per target"
 echo "- machine busy before the run (2 s sample, all CPUs): ${BUSY}%; loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo

@@ -16,7 +16,9 @@
 #   WARMUP=2000           requests per shape before the counters are zeroed
 #   CONNS=16              h2load connections (-c)
 #   NGINX=0               1: nginx (one worker, `master_process off`, upstream keepalive
-#                         64, same backend) under callgrind the same way, for comparison
+#                         64, same backend) under callgrind the same way, for comparison;
+#                         it adds the forwarding headers busbar adds (`nginx_forwarding`,
+#                         bench-lib/common.sh; FORWARDING=0: none)
 #   BUSBAR=target/release/busbar   the binary measured (and the demo backend)
 #   KEEP_TMP=0            1: keep the temp dir (dumps: callgrind-<server>-<shape>.out;
 #                         read them with `callgrind_annotate --inclusive=yes FILE`)
@@ -132,7 +134,8 @@ service = \"tls\"
     location /upstls { proxy_pass https://backend_tls; proxy_http_version 1.1;
                        proxy_set_header Connection \"\"; proxy_ssl_session_reuse on;
                        proxy_ssl_server_name on; proxy_ssl_name localhost; proxy_ssl_verify on;
-                       proxy_ssl_trusted_certificate $DIR/tls/ca.pem; }"
+                       proxy_ssl_trusted_certificate $DIR/tls/ca.pem;
+                       $(nginx_forwarding | tr '\n' ' ')}"
 fi
 
 # --- busbar: one thread, one route (and upstls's), access log off, under callgrind.
@@ -194,7 +197,8 @@ if [[ $NGINX = 1 ]]; then
     echo "    listen 127.0.0.1:$P_NGINX;"
     echo "    client_body_buffer_size 128k;"
     echo "    location / { proxy_pass http://backend; proxy_http_version 1.1;"
-    echo "                 proxy_set_header Connection \"\"; proxy_request_buffering off; }"
+    echo "                 proxy_set_header Connection \"\"; proxy_request_buffering off;"
+    echo "                 $(nginx_forwarding | tr '\n' ' ')}"
     echo "${NGINX_UPSTLS_LOCATION:-}"
     echo "  }"
     echo "}"
