@@ -21,6 +21,9 @@
 #   http-h1      h2load HTTP/1.1 → busbar → nginx
 #   grpc-nginx   h2load h2c → nginx `grpc_pass` → tonic (1 worker, upstream keepalive)
 #   grpc-haproxy h2load h2c → HAProxy (`bind … proto h2`, `server … proto h2`) → tonic
+#   (nginx and HAProxy add the seven forwarding headers busbar adds to every call,
+#   `nginx_forwarding grpc` and `haproxy_forwarding` in bench-lib/common.sh; FORWARDING=0:
+#   none, as every run recorded before 2026-12-07 05:00 UTC)
 #
 # The last two run busbar's peers on busbar's CPU, configured as busbar is (one worker or
 # thread, connections kept to the backend), for the gRPC pass-through goal of issue 21
@@ -188,7 +191,7 @@ if [[ $PEERS = 1 && $CALLGRIND != 1 ]]; then
     echo "  upstream tonic { server 127.0.0.1:$P_GRPC; keepalive 64; keepalive_requests 1000000; }"
     echo "  server {"
     echo "    listen 127.0.0.1:$P_NGINX_GRPC http2;"
-    echo "    location / { grpc_pass grpc://tonic; }"
+    echo "    location / { grpc_pass grpc://tonic; $(nginx_forwarding grpc | tr '\n' ' ')}"
     echo "  }"
     echo "}"
   } >nginx-grpc/nginx.conf
@@ -202,7 +205,7 @@ if [[ $PEERS = 1 && $CALLGRIND != 1 ]]; then
   printf '%s\n' "global" "    nbthread 1" "    maxconn 4096" "" "defaults" "    mode http" \
     "    option http-keep-alive" "    http-reuse always" "    timeout connect 5s" \
     "    timeout client 60s" "    timeout server 60s" "" "frontend fe" \
-    "    bind 127.0.0.1:$P_HAPROXY proto h2" "    default_backend tonic" "" "backend tonic" \
+    "    bind 127.0.0.1:$P_HAPROXY proto h2" "$(haproxy_forwarding http)" "    default_backend tonic" "" "backend tonic" \
     "    server g1 127.0.0.1:$P_GRPC proto h2" >haproxy/haproxy.cfg
   haproxy -c -q -f haproxy/haproxy.cfg || die "haproxy config invalid: $DIR/haproxy/haproxy.cfg"
   taskset -c "$PROXY_CPU" haproxy -db -f haproxy/haproxy.cfg >haproxy/stdout.log 2>&1 &
@@ -430,6 +433,13 @@ echo "- message: PingRequest{text:\"hello\"} (7 bytes; JSON \`{\"text\":\"hello\
 echo "- load: h2c targets \`h2load -t1 -c$H2_CONNS -m$H2_STREAMS -D ${DURATION}\`, HTTP/1.1 targets \`h2load --h1 -t1 -c$H1_CONNS -m1 -D ${DURATION}\`, POST"
 [[ -n $NGINX_GRPC_PID ]] && echo "- peers (gRPC pass-through, on CPU $PROXY_CPU): nginx 1 worker \`listen … http2\` + \`grpc_pass\` to an upstream with keepalive 64; HAProxy $(haproxy -v | awk 'NR==1 {print $3}') nbthread 1, \`bind … proto h2\`, \`server … proto h2\`, http-reuse always"
 echo "- pinning: busbar on CPU $PROXY_CPU; tonic backend (1 worker thread), nginx (1 worker) and h2load on CPU $LOAD_CPU"
+if [[ $PEERS = 1 ]]; then
+  if ((${FORWARDING:-1})); then
+    echo "- forwarding headers: grpc-nginx and grpc-haproxy add the seven busbar adds to each call (X-Forwarded-For, Forwarded, X-Forwarded-Proto, X-Forwarded-Host, Via, traceparent, X-Request-Id)"
+  else
+    echo "- forwarding headers: FORWARDING=0: grpc-nginx and grpc-haproxy add none, busbar its seven"
+  fi
+fi
 echo "- rounds: $ROUNDS, order rotated each round; median per target; warm-up ${WARMUP}s per target"
 echo "- machine busy before the run (2 s sample, all CPUs): ${BUSY}%; loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo

@@ -191,15 +191,16 @@ make_tls_material() {  # dir
 # the trace id and X-Request-Id; the span id is a constant rather than a regex `map`
 # over $request_id), HAProxy's come from `rand` (16 hex digits, the first 8 zero; no
 # `regsub` over a uuid).
-nginx_forwarding() {
+nginx_forwarding() {  # [module: proxy (default) or grpc]
   ((${FORWARDING:-1})) || return 0
-  echo 'proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;'
-  echo 'proxy_set_header Forwarded "for=$remote_addr;proto=$scheme";'
-  echo 'proxy_set_header X-Forwarded-Proto $scheme;'
-  echo 'proxy_set_header X-Forwarded-Host $http_host;'
-  echo 'proxy_set_header Via "1.1 nginx-bench";'
-  echo 'proxy_set_header traceparent "00-$request_id-b7ad6b7169203331-00";'
-  echo 'proxy_set_header X-Request-Id $request_id;'
+  local d=${1:-proxy}_set_header
+  echo "$d X-Forwarded-For \$proxy_add_x_forwarded_for;"
+  echo "$d Forwarded \"for=\$remote_addr;proto=\$scheme\";"
+  echo "$d X-Forwarded-Proto \$scheme;"
+  echo "$d X-Forwarded-Host \$http_host;"
+  echo "$d Via \"1.1 nginx-bench\";"
+  echo "$d traceparent \"00-\$request_id-b7ad6b7169203331-00\";"
+  echo "$d X-Request-Id \$request_id;"
 }
 # HAProxy, in a frontend: the same seven (PROTO: http, https, or a sample expression).
 haproxy_forwarding() {  # proto
