@@ -99,10 +99,11 @@ impl Log<'_> {
     }
 }
 
-/// A CONNECT refused before it named a service: no route, no service, no instance.
-fn not_a_service(status: u16, error: &'static str) -> Ended<'static> {
+/// A CONNECT to `target` refused before it named a service: no route, no service, no
+/// instance.
+fn not_a_service<'a>(target: &'a str, status: u16, error: &'static str) -> Ended<'a> {
     Ended {
-        target: "",
+        target,
         route: crate::metrics::NO_ROUTE,
         service: "",
         instance: None,
@@ -124,10 +125,7 @@ pub async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
     log: Log<'_>,
 ) {
     let Some(target) = target_of(head) else {
-        let e = Ended {
-            target: "",
-            ..not_a_service(400, "bad_request")
-        };
+        let e = not_a_service("", 400, "bad_request");
         log.refuse(&mut stream, e, "malformed CONNECT request")
             .await;
         return;
@@ -138,10 +136,7 @@ pub async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(route) = route else {
         METRICS.connect_refused.inc();
         let message = "CONNECT only reaches services registered with busbar";
-        let e = Ended {
-            target,
-            ..not_a_service(403, "not_a_service")
-        };
+        let e = not_a_service(target, 403, "not_a_service");
         log.refuse(&mut stream, e, message).await;
         return;
     };
