@@ -183,6 +183,7 @@ for v in DURATION ROUNDS CONNS USERS H2_CONNS H2_STREAMS MEM_CONNS POST_CHUNK; d
   [[ ${!v} =~ ^[0-9]+$ && ${!v} -ge 1 ]] || die "$v must be a whole number >= 1"
 done
 [[ $WARMUP =~ ^[0-9]+$ ]] || die "WARMUP must be a whole number of seconds"
+[[ ${FORWARDING:=1} =~ ^[01]$ ]] || die "FORWARDING must be 0 or 1"
 [[ $ROUTES =~ ^[0-9]+$ && $ROUTES -ge 2 && $ROUTES -le 9999 ]] || die "ROUTES must be 2..9999"
 [[ $LAT_LOAD =~ ^[0-9]+$ && $LAT_LOAD -ge 1 && $LAT_LOAD -le 100 ]] || die "LAT_LOAD must be 1..100"
 NCPU=$(nproc)
@@ -459,7 +460,7 @@ fi
 # Every proxying location also adds the request headers busbar adds by default
 # (`nginx_forwarding`, bench-lib/common.sh), and HAProxy's frontends the same
 # (`haproxy_forwarding`): FORWARDING=0 leaves them out.
-NGINX_FWD=$(nginx_forwarding | tr '\n' ' ')
+NGINX_FWD=$(nginx_forwarding)
 NGINX_PROXY_LOCATION="
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -1485,11 +1486,7 @@ echo "- busbar: $BUSBAR (git $GIT_REV, binary built $(date -u -r "$BUSBAR" '+%Y-
 ((HAVE_LEAN)) && echo "- lean-proxy: $LEAN (built $(date -u -r "$LEAN" '+%Y-%m-%d %H:%M UTC'))"
 echo "- scenarios: $SCENARIOS (estimated ${EST}s)"
 echo "- pinning: proxy under test on CPU $PROXY_CPU (taskset); backend nginx (1 worker) and the load generator on CPU $LOAD_CPU"
-if ((${FORWARDING:-1})); then
-  echo "- forwarding headers: nginx and HAProxy add the seven busbar adds (X-Forwarded-For, Forwarded, X-Forwarded-Proto, X-Forwarded-Host, Via, traceparent, X-Request-Id; checked at startup), so the backend gets the same request from each"
-else
-  echo "- forwarding headers: FORWARDING=0: nginx and HAProxy add none, busbar its seven (~270 bytes more a request to the backend)"
-fi
+forwarding_report "nginx and HAProxy"
 echo "- rounds: $ROUNDS × ${DURATION}s per target, order rotated each round; median per target; warm-up ${WARMUP}s per target"
 echo "- machine busy before the run (2 s sample, all CPUs): ${BUSY}%; loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo

@@ -49,6 +49,7 @@ done
 for v in REQUESTS WARMUP CONNS; do
   [[ ${!v} =~ ^[0-9]+$ && ${!v} -ge 1 ]] || die "$v must be a whole number >= 1"
 done
+[[ ${FORWARDING:=1} =~ ^[01]$ ]] || die "FORWARDING must be 0 or 1"
 UPSTLS=0
 for s in $SHAPES; do
   case $s in
@@ -135,7 +136,7 @@ service = \"tls\"
                        proxy_set_header Connection \"\"; proxy_ssl_session_reuse on;
                        proxy_ssl_server_name on; proxy_ssl_name localhost; proxy_ssl_verify on;
                        proxy_ssl_trusted_certificate $DIR/tls/ca.pem;
-                       $(nginx_forwarding | tr '\n' ' ')}"
+                       $(nginx_forwarding)}"
 fi
 
 # --- busbar: one thread, one route (and upstls's), access log off, under callgrind.
@@ -198,7 +199,7 @@ if [[ $NGINX = 1 ]]; then
     echo "    client_body_buffer_size 128k;"
     echo "    location / { proxy_pass http://backend; proxy_http_version 1.1;"
     echo "                 proxy_set_header Connection \"\"; proxy_request_buffering off;"
-    echo "                 $(nginx_forwarding | tr '\n' ' ')}"
+    echo "                 $(nginx_forwarding)}"
     echo "${NGINX_UPSTLS_LOCATION:-}"
     echo "  }"
     echo "}"

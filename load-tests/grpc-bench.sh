@@ -117,6 +117,7 @@ for v in DURATION ROUNDS H2_CONNS H2_STREAMS H1_CONNS CG_REQUESTS LAT_ROUNDS LAT
   [[ ${!v} =~ ^[0-9]+$ && ${!v} -ge 1 ]] || die "$v must be a whole number >= 1"
 done
 [[ $WARMUP =~ ^[0-9]+$ ]] || die "WARMUP must be a whole number of seconds"
+[[ ${FORWARDING:=1} =~ ^[01]$ ]] || die "FORWARDING must be 0 or 1"
 NCPU=$(nproc)
 (( PROXY_CPU < NCPU && LOAD_CPU < NCPU )) || die "PROXY_CPU/LOAD_CPU must be < nproc ($NCPU)"
 CLK_TCK=$(getconf CLK_TCK)
@@ -191,7 +192,7 @@ if [[ $PEERS = 1 && $CALLGRIND != 1 ]]; then
     echo "  upstream tonic { server 127.0.0.1:$P_GRPC; keepalive 64; keepalive_requests 1000000; }"
     echo "  server {"
     echo "    listen 127.0.0.1:$P_NGINX_GRPC http2;"
-    echo "    location / { grpc_pass grpc://tonic; $(nginx_forwarding grpc | tr '\n' ' ')}"
+    echo "    location / { grpc_pass grpc://tonic; $(nginx_forwarding grpc)}"
     echo "  }"
     echo "}"
   } >nginx-grpc/nginx.conf
@@ -433,13 +434,7 @@ echo "- message: PingRequest{text:\"hello\"} (7 bytes; JSON \`{\"text\":\"hello\
 echo "- load: h2c targets \`h2load -t1 -c$H2_CONNS -m$H2_STREAMS -D ${DURATION}\`, HTTP/1.1 targets \`h2load --h1 -t1 -c$H1_CONNS -m1 -D ${DURATION}\`, POST"
 [[ -n $NGINX_GRPC_PID ]] && echo "- peers (gRPC pass-through, on CPU $PROXY_CPU): nginx 1 worker \`listen … http2\` + \`grpc_pass\` to an upstream with keepalive 64; HAProxy $(haproxy -v | awk 'NR==1 {print $3}') nbthread 1, \`bind … proto h2\`, \`server … proto h2\`, http-reuse always"
 echo "- pinning: busbar on CPU $PROXY_CPU; tonic backend (1 worker thread), nginx (1 worker) and h2load on CPU $LOAD_CPU"
-if [[ $PEERS = 1 ]]; then
-  if ((${FORWARDING:-1})); then
-    echo "- forwarding headers: grpc-nginx and grpc-haproxy add the seven busbar adds to each call (X-Forwarded-For, Forwarded, X-Forwarded-Proto, X-Forwarded-Host, Via, traceparent, X-Request-Id)"
-  else
-    echo "- forwarding headers: FORWARDING=0: grpc-nginx and grpc-haproxy add none, busbar its seven"
-  fi
-fi
+[[ $PEERS = 1 ]] && forwarding_report "grpc-nginx and grpc-haproxy"
 echo "- rounds: $ROUNDS, order rotated each round; median per target; warm-up ${WARMUP}s per target"
 echo "- machine busy before the run (2 s sample, all CPUs): ${BUSY}%; loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo

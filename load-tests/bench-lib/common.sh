@@ -191,16 +191,14 @@ make_tls_material() {  # dir
 # the trace id and X-Request-Id; the span id is a constant rather than a regex `map`
 # over $request_id), HAProxy's come from `rand` (16 hex digits, the first 8 zero; no
 # `regsub` over a uuid).
-nginx_forwarding() {  # [module: proxy (default) or grpc]
+# The scripts check FORWARDING is 0 or 1 with their other settings.
+nginx_forwarding() {  # [module: proxy (default) or grpc] -> one line of directives
   ((${FORWARDING:-1})) || return 0
   local d=${1:-proxy}_set_header
-  echo "$d X-Forwarded-For \$proxy_add_x_forwarded_for;"
-  echo "$d Forwarded \"for=\$remote_addr;proto=\$scheme\";"
-  echo "$d X-Forwarded-Proto \$scheme;"
-  echo "$d X-Forwarded-Host \$http_host;"
-  echo "$d Via \"1.1 nginx-bench\";"
-  echo "$d traceparent \"00-\$request_id-b7ad6b7169203331-00\";"
-  echo "$d X-Request-Id \$request_id;"
+  printf '%s ' "$d X-Forwarded-For \$proxy_add_x_forwarded_for;" \
+    "$d Forwarded \"for=\$remote_addr;proto=\$scheme\";" "$d X-Forwarded-Proto \$scheme;" \
+    "$d X-Forwarded-Host \$http_host;" "$d Via \"1.1 nginx-bench\";" \
+    "$d traceparent \"00-\$request_id-b7ad6b7169203331-00\";" "$d X-Request-Id \$request_id;"
 }
 # HAProxy, in a frontend: the same seven (PROTO: http, https, or a sample expression).
 haproxy_forwarding() {  # proto
@@ -212,6 +210,14 @@ haproxy_forwarding() {  # proto
   echo "    http-request set-header Via \"1.1 haproxy-bench\""
   echo "    http-request set-header traceparent \"00-%[rand,hex,lower]%[rand,hex,lower]-%[rand,hex,lower]-00\""
   echo "    http-request set-header X-Request-Id %[rand,hex,lower]%[rand,hex,lower]"
+}
+# The report's line on them; WHO: the proxies that add them.
+forwarding_report() {  # who
+  if ((${FORWARDING:-1})); then
+    echo "- forwarding headers: $1 add the seven busbar adds (X-Forwarded-For, Forwarded, X-Forwarded-Proto, X-Forwarded-Host, Via, traceparent, X-Request-Id), so the backend gets the same request from each"
+  else
+    echo "- forwarding headers: FORWARDING=0: $1 add none, busbar its seven (~270 bytes more a request to the backend)"
+  fi
 }
 
 # nginx's temp paths, all inside DIR, for the modules this nginx was built with (it
