@@ -15,6 +15,8 @@
 #
 #   grpc-direct  h2load h2c → tonic, no proxy (ceiling of the load side)
 #   grpc         h2load h2c → busbar → tonic          (gRPC frame, application/grpc)
+#   grpc-c1      the same, on H1_CONNS connections with one call in flight on each: the
+#                HTTP/1.1 targets' shape, for JSON over HTTP/1.1 against gRPC like for like
 #   json-h2c     h2load h2c → busbar /ping → tonic    (JSON in, JSON out)
 #   json-h1      h2load HTTP/1.1 → busbar /ping → tonic
 #   http-h2c     h2load h2c → busbar → nginx          (JSON body passed through)
@@ -29,8 +31,8 @@
 # thread, connections kept to the backend), for the gRPC pass-through goal of issue 21
 # (≥ 1.0× nginx, target HAProxy). PEERS=0 leaves them out (no HAProxy installed, say).
 #
-# h2c targets run `h2load -t1 -c$H2_CONNS -m$H2_STREAMS`, HTTP/1.1 targets
-# `h2load --h1 -t1 -c$H1_CONNS -m1`, for DURATION seconds, ROUNDS times in a rotating
+# h2c targets run `h2load -t1 -c$H2_CONNS -m$H2_STREAMS`, HTTP/1.1 targets and grpc-c1
+# `h2load [--h1] -t1 -c$H1_CONNS -m1`, for DURATION seconds, ROUNDS times in a rotating
 # order; the table shows the median per target. CPU per request of busbar comes from
 # /proc/<pid>/stat (utime+stime before and after each run). Every target is checked with
 # curl first (gRPC: the reply frame byte for byte); h2load's failed/errored requests and
@@ -286,21 +288,22 @@ wait_for busbar "$BUSBAR_PID" curl -fsS --max-time 1 "http://127.0.0.1:$P_ADMIN/
 # ---------------------------------------------------------------------------------
 # Targets: URL, client kind, body file, pid of the proxy ("" for direct).
 GRPC_PATH=/bookstore.v1.Bookstore/Ping
-TARGETS=(grpc-direct grpc json-h2c json-h1 http-h2c http-h1)
+TARGETS=(grpc-direct grpc grpc-c1 json-h2c json-h1 http-h2c http-h1)
 declare -A URL=([grpc-direct]="http://127.0.0.1:$P_GRPC$GRPC_PATH"
                 [grpc]="http://127.0.0.1:$P_BUSBAR$GRPC_PATH"
+                [grpc-c1]="http://127.0.0.1:$P_BUSBAR$GRPC_PATH"
                 [json-h2c]="http://127.0.0.1:$P_BUSBAR/ping"
                 [json-h1]="http://127.0.0.1:$P_BUSBAR/ping"
                 [http-h2c]="http://127.0.0.1:$P_BUSBAR/http"
                 [http-h1]="http://127.0.0.1:$P_BUSBAR/http")
-declare -A KIND=([grpc-direct]=grpc [grpc]=grpc [json-h2c]=h2c [json-h1]=h1
+declare -A KIND=([grpc-direct]=grpc [grpc]=grpc [grpc-c1]=grpc1 [json-h2c]=h2c [json-h1]=h1
                  [http-h2c]=h2c [http-h1]=h1)
-declare -A PID=([grpc-direct]="" [grpc]=$BUSBAR_PID [json-h2c]=$BUSBAR_PID
+declare -A PID=([grpc-direct]="" [grpc]=$BUSBAR_PID [grpc-c1]=$BUSBAR_PID [json-h2c]=$BUSBAR_PID
                 [json-h1]=$BUSBAR_PID [http-h2c]=$BUSBAR_PID [http-h1]=$BUSBAR_PID)
 URL[grpc-nginx]="http://127.0.0.1:$P_NGINX_GRPC$GRPC_PATH"; KIND[grpc-nginx]=grpc; PID[grpc-nginx]=$NGINX_GRPC_PID
 URL[grpc-haproxy]="http://127.0.0.1:$P_HAPROXY$GRPC_PATH"; KIND[grpc-haproxy]=grpc; PID[grpc-haproxy]=$HAPROXY_PID
 [[ -n $NGINX_GRPC_PID ]] && TARGETS+=(grpc-nginx grpc-haproxy)
-[[ $CALLGRIND = 1 ]] && TARGETS=(grpc json-h2c json-h1 http-h2c http-h1)   # busbar's only
+[[ $CALLGRIND = 1 ]] && TARGETS=(grpc grpc-c1 json-h2c json-h1 http-h2c http-h1)   # busbar's only
 if [[ -n ${ONLY:-} ]]; then
   sel=()
   for t in $ONLY; do [[ -n ${URL[$t]+x} ]] || die "ONLY: unknown target $t"; sel+=("$t"); done
@@ -314,7 +317,7 @@ fi
 check_target() {
   local t=$1 url=${URL[$1]} got
   case ${KIND[$t]} in
-    grpc)
+    grpc | grpc1)
       curl -fsS --max-time 5 --http2-prior-knowledge -H 'content-type: application/grpc' \
         -H 'te: trailers' --data-binary @ping.grpc -o "check-$t.bin" "$url" \
         || die "$t: the gRPC call failed"
@@ -338,6 +341,8 @@ run_h2load() {  # target seconds|-nREQUESTS -> h2load output
   case ${KIND[$t]} in
     grpc) args=(-c"$H2_CONNS" -m"$H2_STREAMS" -d ping.grpc
                 -H 'content-type: application/grpc' -H 'te: trailers') ;;
+    grpc1) args=(-c"$H1_CONNS" -m1 -d ping.grpc
+                 -H 'content-type: application/grpc' -H 'te: trailers') ;;
     h2c) args=(-c"$H2_CONNS" -m"$H2_STREAMS" -d ping.json -H 'content-type: application/json') ;;
     h1) args=(--h1 -c"$H1_CONNS" -m1 -d ping.json -H 'content-type: application/json') ;;
   esac
@@ -386,7 +391,7 @@ if [[ $CALLGRIND = 1 ]]; then
   echo "# busbar gRPC bench, callgrind — $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
   echo
   echo "- busbar: $BUSBAR (git $GIT_REV, binary built $(date -u -r "$BUSBAR" '+%Y-%m-%d %H:%M UTC')) under $(valgrind --version) --tool=callgrind, threads=1"
-  echo "- per target: ${WARMUP}s warm-up, zero the counters, $CG_REQUESTS requests (h2c: -c$H2_CONNS -m$H2_STREAMS, HTTP/1.1: -c$H1_CONNS), dump"
+  echo "- per target: ${WARMUP}s warm-up, zero the counters, $CG_REQUESTS requests (h2c: -c$H2_CONNS -m$H2_STREAMS, HTTP/1.1 and grpc-c1: -c$H1_CONNS -m1), dump"
   echo
   echo "| target | requests | busbar instructions/req | ratio to grpc |"
   echo "|---|---:|---:|---:|"
@@ -431,7 +436,7 @@ echo "- machine: $NCPU CPUs (nproc), $MODEL; kernel $(uname -r)"
 echo "- versions: $(h2load --version | head -1), $(nginx -v 2>&1 | sed 's/^nginx version: //')"
 echo "- busbar: $BUSBAR (git $GIT_REV, binary built $(date -u -r "$BUSBAR" '+%Y-%m-%d %H:%M UTC')); threads=1, access log off"
 echo "- message: PingRequest{text:\"hello\"} (7 bytes; JSON \`{\"text\":\"hello\"}\`) → PingReply (9 bytes; JSON \`$REPLY_JSON\`)"
-echo "- load: h2c targets \`h2load -t1 -c$H2_CONNS -m$H2_STREAMS -D ${DURATION}\`, HTTP/1.1 targets \`h2load --h1 -t1 -c$H1_CONNS -m1 -D ${DURATION}\`, POST"
+echo "- load: h2c targets \`h2load -t1 -c$H2_CONNS -m$H2_STREAMS -D ${DURATION}\`, HTTP/1.1 targets \`h2load --h1 -t1 -c$H1_CONNS -m1 -D ${DURATION}\` (grpc-c1: the same without \`--h1\`), POST"
 [[ -n $NGINX_GRPC_PID ]] && echo "- peers (gRPC pass-through, on CPU $PROXY_CPU): nginx 1 worker \`listen … http2\` + \`grpc_pass\` to an upstream with keepalive 64; HAProxy $(haproxy -v | awk 'NR==1 {print $3}') nbthread 1, \`bind … proto h2\`, \`server … proto h2\`, http-reuse always"
 echo "- pinning: busbar on CPU $PROXY_CPU; tonic backend (1 worker thread), nginx (1 worker) and h2load on CPU $LOAD_CPU"
 [[ $PEERS = 1 ]] && forwarding_report "grpc-nginx and grpc-haproxy"
@@ -467,6 +472,9 @@ echo
 echo "- CPU busy: how busy the proxy's CPU and the load CPU (backends + h2load) were during each run (median); a target whose load CPU is ~100% and proxy CPU is not was bounded by the load side, and its req/s says more about the client and backend than about the proxy: its CPU per request is then the proxy's figure"
 if [[ -n ${M_RPS[grpc]:-} && -n ${M_RPS[json-h2c]:-} ]]; then
   echo "- JSON→gRPC (json-h2c) / gRPC pass-through (grpc), same client and concurrency: $(ratio "${M_RPS[json-h2c]}" "${M_RPS[grpc]}") of the req/s (goal ≥ 0.70; issue 21: ≥ 0.9)"
+fi
+if [[ -n ${M_RPS[json-h1]:-} ]] && [[ -n ${M_RPS[grpc]:-} || -n ${M_RPS[grpc-c1]:-} ]]; then
+  echo "- JSON→gRPC over HTTP/1.1 (json-h1, issue 21: ≥ 0.9× gRPC pass-through): $(ratio "${M_RPS[json-h1]}" "${M_RPS[grpc-c1]:--}")× grpc-c1 (the same $H1_CONNS connections, one call in flight on each), $(ratio "${M_RPS[json-h1]}" "${M_RPS[grpc]:--}")× grpc ($H2_CONNS connections × $H2_STREAMS streams: HTTP/2 carries ~$H2_STREAMS calls a read and a write, HTTP/1.1 one)"
 fi
 if [[ -n ${M_RPS[grpc]:-} && -n ${M_RPS[grpc-nginx]:-} ]]; then
   echo "- gRPC pass-through (issue 21: ≥ 1.0× nginx, target HAProxy): busbar $(ratio "${M_RPS[grpc]}" "${M_RPS[grpc-nginx]}")× nginx grpc_pass, $(ratio "${M_RPS[grpc]}" "${M_RPS[grpc-haproxy]:--}")× HAProxy req/s; CPU per call $(ratio "${M_CPU[grpc]}" "${M_CPU[grpc-nginx]}")× nginx's, $(ratio "${M_CPU[grpc]}" "${M_CPU[grpc-haproxy]:--}")× HAProxy's"
